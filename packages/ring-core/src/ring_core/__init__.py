@@ -1,0 +1,76 @@
+"""ring-core: exact long-context attention for PyTorch.
+
+The contract (SPEC.md), the plugin registry, the factory, the float64 reference,
+the blockwise engine, ``DilatedAttention`` and ``RingDilatedAttention``.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata as _metadata
+
+from .deprecation import aliases_for, deprecated_getattr, warn_deprecated
+from .dilated import DilatedAttention, DilatedSchedule, dilated_attention
+from .engine import Accumulator, BlockKernel, BlockSchedule, blockwise_attention, merge_into
+from .factory import (
+    UnknownImplementationError,
+    create_attention,
+    create_multihead_attention,
+    explain_auto,
+    resolve_implementation,
+)
+from .hookspecs import hookimpl
+from .kernels import CPUFlashKernel, KernelBackend, KernelRequest, MathKernel
+from .reference import branch_counts, reference_attention
+from .registry import (
+    Implementation,
+    KernelNotAvailableError,
+    get_registry,
+    list_implementations,
+    list_kernels,
+    plugin_errors,
+    reset_registry,
+    select_kernel,
+)
+from .validation import check_dilated_config, check_qkv
+
+try:
+    __version__ = _metadata.version("ring-core")
+except _metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = [
+    "Accumulator",
+    "BlockKernel",
+    "BlockSchedule",
+    "CPUFlashKernel",
+    "DilatedAttention",
+    "DilatedSchedule",
+    "Implementation",
+    "KernelBackend",
+    "KernelNotAvailableError",
+    "KernelRequest",
+    "MathKernel",
+    "UnknownImplementationError",
+    "__version__",
+    "aliases_for",
+    "blockwise_attention",
+    "branch_counts",
+    "check_dilated_config",
+    "check_qkv",
+    "create_attention",
+    "create_multihead_attention",
+    "deprecated_getattr",
+    "dilated_attention",
+    "explain_auto",
+    "get_registry",
+    "hookimpl",
+    "list_implementations",
+    "list_kernels",
+    "merge_into",
+    "plugin_errors",
+    "reference_attention",
+    "reset_registry",
+    "resolve_implementation",
+    "select_kernel",
+    "warn_deprecated",
+]

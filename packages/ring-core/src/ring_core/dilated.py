@@ -1,0 +1,239 @@
+"""Dilated attention (LongNet) on one device, as a schedule of the blockwise engine.
+
+For branch ``(w, r)`` and offset ``o``, the selected positions ``o, o+r, o+2r, ...``
+form a strided view of the sequence; because ``w % r == 0`` their segments are
+consecutive runs of ``w // r`` selected positions. So a branch is: a strided
+gather, one kernel call over all full segments as a batch (plus one for a shorter
+last segment), and a merge back through the same strided view.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .engine import Accumulator, BlockKernel, BlockSchedule, blockwise_attention
+from .kernels import KernelRequest, default_scale
+from .registry import select_kernel
+from .validation import check_dilated_config, check_dropout, check_qkv
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One dilated branch applied to the contiguous query heads ``[head_start, head_stop)``."""
+
+    segment: int
+    rate: int
+    head_start: int
+    head_stop: int
+
+
+def branches(
+    segment_lengths: Sequence[int], dilation_rates: Sequence[int], merge: str, num_heads: int
+) -> list[Branch]:
+    """The branches of a configuration; ``head_groups`` splits heads, larger groups first."""
+    m = len(segment_lengths)
+    if merge == "lse":
+        return [Branch(w, r, 0, num_heads) for w, r in zip(segment_lengths, dilation_rates)]
+    if num_heads < m:
+        raise ValueError(
+            f"merge='head_groups' needs at least one head per branch: num_heads={num_heads} < "
+            f"{m} branches (segment_lengths={list(segment_lengths)})"
+        )
+    sizes = [num_heads // m + (1 if i < num_heads % m else 0) for i in range(m)]
+    starts = [0, *itertools.accumulate(sizes)]
+    return [Branch(w, r, starts[i], starts[i + 1]) for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates))]
+
+
+@dataclass(frozen=True)
+class Part:
+    """Selected positions ``[start, stop)`` (in units of ``rate``) cut into segments of ``length``."""
+
+    offset: int
+    rate: int
+    start: int
+    stop: int
+    length: int
+    heads: slice
+    kv_heads: torch.Tensor | slice
+
+    def positions(self) -> slice:
+        first = self.offset + self.rate * self.start
+        return slice(first, self.offset + self.rate * (self.stop - 1) + 1, self.rate)
+
+    def view(self, x: torch.Tensor, heads: slice | None = None) -> torch.Tensor:
+        """``(B, nseg, length, h, ...)`` strided view of ``x`` (``(B, N, H, ...)``)."""
+        return x[:, self.positions(), heads or self.heads].unflatten(1, (-1, self.length))
+
+    def gather_kv(self, x: torch.Tensor) -> torch.Tensor:
+        y = x[:, self.positions()]
+        y = y[:, :, self.kv_heads] if isinstance(self.kv_heads, slice) else y.index_select(2, self.kv_heads)
+        return y.unflatten(1, (-1, self.length)).flatten(0, 1)
+
+    def add_kv_grad(self, grad: torch.Tensor, block_grad: torch.Tensor) -> None:
+        view = grad[:, self.positions()].unflatten(1, (-1, self.length))
+        if isinstance(self.kv_heads, slice):
+            view[:, :, :, self.kv_heads] += block_grad.unflatten(0, view.shape[:2])
+        else:
+            view.index_add_(3, self.kv_heads, block_grad.unflatten(0, view.shape[:2]))
+
+    def key_mask(self, key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Bool ``(B*nseg, 1, 1, length)``, True where a key is allowed."""
+        if key_padding_mask is None:
+            return None
+        kept = ~key_padding_mask[:, self.positions()].unflatten(1, (-1, self.length))
+        return kept.flatten(0, 1)[:, None, None, :]
+
+
+def dilated_parts(seq_len: int, branch: Branch, groups: int, device: torch.device) -> Iterator[Part]:
+    """Every kernel call of one branch: per offset, the full segments and the shorter last one.
+
+    ``groups`` is ``H // H_kv``: query head ``h`` reads key/value head ``h // groups``.
+    """
+    r = branch.rate
+    for offset in range(r):
+        first_head = branch.head_start + (offset - branch.head_start) % r
+        count = len(range(offset, seq_len, r))
+        if first_head >= branch.head_stop or count == 0:
+            continue
+        heads = slice(first_head, branch.head_stop, r)
+        kv_heads: torch.Tensor | slice = heads
+        if groups > 1:
+            kv_heads = torch.arange(first_head, branch.head_stop, r, device=device) // groups
+        length = min(branch.segment // r, count)
+        full = count - count % length
+        if full:
+            yield Part(offset, r, 0, full, length, heads, kv_heads)
+        if full < count:
+            yield Part(offset, r, full, count, count - full, heads, kv_heads)
+
+
+class DilatedSchedule(BlockSchedule):
+    """LongNet dilated attention on one device: all branches, offsets and segments."""
+
+    def __init__(
+        self,
+        kernel: BlockKernel,
+        branch_list: Sequence[Branch],
+        *,
+        causal: bool,
+        key_padding_mask: torch.Tensor | None,
+    ) -> None:
+        self.kernel = kernel
+        self.branches = list(branch_list)
+        self.causal = causal
+        self.key_padding_mask = key_padding_mask
+
+    def _parts(self, q: torch.Tensor, k: torch.Tensor) -> Iterator[Part]:
+        for branch in self.branches:
+            yield from dilated_parts(q.shape[1], branch, q.shape[2] // k.shape[2], q.device)
+
+    def forward(self, q, k, v, acc: Accumulator) -> None:
+        for block_id, part in enumerate(self._parts(q, k)):
+            self.kernel.forward_into(
+                part.view(acc.out), part.view(acc.lse),
+                part.view(q).flatten(0, 1), part.gather_kv(k), part.gather_kv(v),
+                causal=self.causal, mask=part.key_mask(self.key_padding_mask), block_id=block_id,
+            )
+
+    def backward(self, q, k, v, out, lse, dout, grads) -> None:
+        dq, dk, dv = grads
+        for block_id, part in enumerate(self._parts(q, k)):
+            block_dq, block_dk, block_dv = self.kernel.backward(
+                part.view(dout).flatten(0, 1), part.view(q).flatten(0, 1),
+                part.gather_kv(k), part.gather_kv(v),
+                part.view(out).flatten(0, 1), part.view(lse).flatten(0, 1),
+                causal=self.causal, mask=part.key_mask(self.key_padding_mask), block_id=block_id,
+            )
+            part.view(dq).add_(block_dq.unflatten(0, part.view(dq).shape[:2]))
+            part.add_kv_grad(dk, block_dk)
+            part.add_kv_grad(dv, block_dv)
+
+
+def dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    merge: str = "lse",
+    is_causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
+    kernel: str | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """LongNet dilated attention of ``(B, N, H, D)`` tensors, exactly as SPEC.md defines it.
+
+    ``key_padding_mask`` is bool ``(B, N)``, True where a key is padding. With
+    ``return_lse`` also returns the log-sum-exp ``(B, H, N)`` (float32, or float64).
+    ``kernel`` forces a kernel backend by name (else ``RING_ATTENTION_KERNEL`` or
+    the first that supports the request).
+    """
+    segments, rates = check_dilated_config(segment_lengths, dilation_rates, merge)
+    dropout_p = check_dropout(dropout_p)
+    check_qkv(q, k, v, key_padding_mask)
+    request = KernelRequest.for_tensors(
+        q, k, causal=is_causal, has_mask=key_padding_mask is not None, dropout_p=dropout_p
+    )
+    backend = select_kernel(request, kernel)
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
+    block_kernel = BlockKernel(backend, default_scale(q.shape[-1], softmax_scale), dropout_p, seed)
+    schedule = DilatedSchedule(
+        block_kernel, branches(segments, rates, merge, q.shape[2]),
+        causal=is_causal, key_padding_mask=key_padding_mask,
+    )
+    out, lse = blockwise_attention(schedule, q, k, v)
+    return (out, lse.transpose(1, 2)) if return_lse else out
+
+
+class DilatedAttention(nn.Module):
+    """LongNet dilated attention on one device; a thin wrapper of :func:`dilated_attention`.
+
+    Forward: ``attn(q, k, v, *, is_causal=False, key_padding_mask=None)`` on
+    ``(B, N, H, D)`` tensors; any ``N``, GQA, key padding, causal, both merges.
+    """
+
+    def __init__(
+        self,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        merge: str = "lse",
+        softmax_scale: float | None = None,
+        dropout: float = 0.0,
+        kernel: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.segment_lengths, self.dilation_rates = check_dilated_config(segment_lengths, dilation_rates, merge)
+        self.merge = merge
+        self.softmax_scale = softmax_scale
+        self.dropout = check_dropout(dropout)
+        self.kernel = kernel
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        is_causal: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return dilated_attention(
+            q, k, v, segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates,
+            merge=self.merge, is_causal=is_causal, key_padding_mask=key_padding_mask,
+            softmax_scale=self.softmax_scale, dropout_p=self.dropout if self.training else 0.0,
+            kernel=self.kernel,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"segment_lengths={list(self.segment_lengths)}, dilation_rates={list(self.dilation_rates)}, "
+            f"merge={self.merge!r}, dropout={self.dropout}"
+        )

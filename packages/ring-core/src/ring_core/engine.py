@@ -1,0 +1,156 @@
+"""The blockwise attention engine: one autograd function for every implementation.
+
+An implementation is a :class:`BlockSchedule`: it says which blocks
+``(query rows, key rows, mask)`` exist and where their keys come from. The
+engine owns the float32 (float64 for float64 inputs) accumulators and the LSE
+merge. Backward needs no per-block state: each block's kernel backward is called
+with the block's ``q, k, v`` and the *final* ``out`` and ``lse`` of its rows.
+
+Accumulators use the ``(B, N, H, D)`` layout for ``out`` and ``(B, N, H)`` for
+``lse`` so a schedule can address both with the same (strided) views.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from .kernels import KernelBackend, accumulation_dtype
+
+
+def merge_into(
+    out_acc: torch.Tensor, lse_acc: torch.Tensor, out_block: torch.Tensor, lse_block: torch.Tensor
+) -> None:
+    """Merge a block's ``(out, lse)`` into accumulator views, in place, exactly.
+
+    ``lse = logaddexp(lse_a, lse_b)``; ``out = e^(lse_a-lse) out_a + e^(lse_b-lse) out_b``.
+    Rows where both are ``-inf`` stay ``out = 0, lse = -inf``.
+    """
+    lse_block = lse_block.to(lse_acc.dtype)
+    lse_new = torch.logaddexp(lse_acc, lse_block)
+    safe = lse_new.masked_fill(torch.isinf(lse_new), 0.0)
+    weight_acc = torch.exp(lse_acc - safe).unsqueeze(-1)
+    weight_block = torch.exp(lse_block - safe).unsqueeze(-1)
+    out_acc.mul_(weight_acc).add_(out_block.to(out_acc.dtype) * weight_block)
+    lse_acc.copy_(lse_new)
+
+
+@dataclass
+class BlockKernel:
+    """A kernel bound to the call's constants (scale, dropout)."""
+
+    backend: KernelBackend
+    scale: float
+    dropout_p: float = 0.0
+    seed: int = 0
+
+    def forward_into(
+        self,
+        out_view: torch.Tensor,
+        lse_view: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        causal: bool = False,
+        mask: torch.Tensor | None = None,
+        block_id: int = 0,
+    ) -> None:
+        """Compute one block and merge it into ``out_view`` / ``lse_view``.
+
+        ``q, k, v`` are ``(b, n, h, d)``; the views may have more leading dims
+        (e.g. segments unfolded), as long as they hold the same elements.
+        """
+        out, lse = self.backend.forward(
+            q, k, v, scale=self.scale, causal=causal, mask=mask,
+            dropout_p=self.dropout_p, seed=self.seed + block_id,
+        )
+        merge_into(
+            out_view, lse_view, out.reshape(out_view.shape),
+            lse.transpose(1, 2).reshape(lse_view.shape),
+        )
+
+    def backward(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        *,
+        causal: bool = False,
+        mask: torch.Tensor | None = None,
+        block_id: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Exact ``dq, dk, dv`` contributions of one block; ``lse`` is ``(b, n, h)``."""
+        return self.backend.backward(
+            dout, q, k, v, out, lse.transpose(1, 2), scale=self.scale, causal=causal,
+            mask=mask, dropout_p=self.dropout_p, seed=self.seed + block_id,
+        )
+
+
+class Accumulator:
+    """Running ``out`` (``(B, N, H, D)``) and ``lse`` (``(B, N, H)``) of a forward pass."""
+
+    def __init__(self, q: torch.Tensor, value_dim: int | None = None) -> None:
+        dtype = accumulation_dtype(q.dtype)
+        b, n, h, d = q.shape
+        self.out = torch.zeros(b, n, h, value_dim or d, dtype=dtype, device=q.device)
+        self.lse = torch.full((b, n, h), float("-inf"), dtype=dtype, device=q.device)
+
+
+class BlockSchedule(ABC):
+    """Which blocks exist and how they are fed to a kernel, forward and backward."""
+
+    @abstractmethod
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, acc: Accumulator) -> None:
+        """Merge every block into ``acc``."""
+
+    @abstractmethod
+    def backward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        dout: torch.Tensor,
+        grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> None:
+        """Add every block's exact contribution to ``grads = (dq, dk, dv)`` (accumulation dtype)."""
+
+
+class _BlockwiseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, schedule: BlockSchedule, q, k, v):  # type: ignore[override]
+        acc = Accumulator(q, v.shape[-1])
+        schedule.forward(q, k, v, acc)
+        out = acc.out.to(q.dtype)
+        lse = acc.lse
+        del acc
+        ctx.schedule = schedule
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        dtype = accumulation_dtype(q.dtype)
+        grads = tuple(torch.zeros(t.shape, dtype=dtype, device=t.device) for t in (q, k, v))
+        ctx.schedule.backward(q, k, v, out, lse, dout.contiguous(), grads)
+        return None, grads[0].to(q.dtype), grads[1].to(k.dtype), grads[2].to(v.dtype)
+
+
+def blockwise_attention(
+    schedule: BlockSchedule, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``schedule`` forward (and, through autograd, backward).
+
+    Returns ``out`` (``(B, N, H, D)``, dtype of ``q``) and ``lse`` (``(B, N, H)``,
+    accumulation dtype, not differentiable).
+    """
+    return _BlockwiseAttention.apply(schedule, q, k, v)

@@ -1,0 +1,119 @@
+"""``create_attention`` / ``create_multihead_attention``: names to modules.
+
+A name may be canonical (``ring_dilated``), a class name (``RingDilatedAttention``)
+or a deprecated alias (warns). ``"auto"`` picks the best available implementation
+for the device and the current process group.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import torch
+from torch import nn
+
+from .deprecation import warn_deprecated
+from .registry import Implementation, list_implementations
+
+# Names provided by sibling packages, so a missing one says what to install.
+KNOWN_PROVIDERS: dict[str, tuple[str, str]] = {
+    # name -> (distribution, extra of ring-core)
+    "ring_dilated_flash": ("ring-flash", "flash"),
+    "RingDilatedAttentionFlash": ("ring-flash", "flash"),
+    "RingDilatedAttentionV2Flash": ("ring-flash", "flash"),
+    "ring_distributed_dilated": ("ring-distributed", "distributed"),
+    "RingDistributedDilatedAttention": ("ring-distributed", "distributed"),
+    "ring_dilated_production": ("ring-distributed", "distributed"),
+    "RingDilatedAttentionProduction": ("ring-distributed", "distributed"),
+    "block_sparse_ring_dilated": ("ring-blocksparse", "blocksparse"),
+    "BlockSparseRingDilatedAttention": ("ring-blocksparse", "blocksparse"),
+    "multihead_dilated": ("ring-multihead", "multihead"),
+    "MultiheadDilatedAttention": ("ring-multihead", "multihead"),
+    "ring_multihead_dilated": ("ring-multihead", "multihead"),
+    "RingMultiheadDilatedAttention": ("ring-multihead", "multihead"),
+}
+
+
+class UnknownImplementationError(KeyError):
+    """A name that no installed plugin registers."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; show it plainly
+        return str(self.args[0])
+
+
+def resolve_implementation(name: str, kind: str = "attention") -> Implementation:
+    """Find an implementation by canonical name, class name or deprecated alias (which warns)."""
+    implementations = list_implementations(kind)
+    for impl in implementations:
+        if name in (impl.name, impl.cls.__name__):
+            return impl
+    for impl in implementations:
+        if name in impl.aliases:
+            warn_deprecated(name, impl.cls.__name__, impl.aliases[name], impl.package, stacklevel=4)
+            return impl
+    other_kind = [i for i in list_implementations() if name in (i.name, i.cls.__name__, *i.aliases)]
+    if other_kind:
+        factory = "create_multihead_attention" if other_kind[0].kind == "multihead" else "create_attention"
+        raise UnknownImplementationError(f"{name!r} is a {other_kind[0].kind} implementation: use {factory}()")
+    if name in KNOWN_PROVIDERS:
+        dist, extra = KNOWN_PROVIDERS[name]
+        raise UnknownImplementationError(
+            f"{name!r} is provided by {dist}, which is not installed: pip install \"ring-core[{extra}]\""
+        )
+    known = sorted({n for i in implementations for n in (i.name, i.cls.__name__)})
+    close = difflib.get_close_matches(name, known + list(KNOWN_PROVIDERS), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise UnknownImplementationError(f"unknown {kind} implementation {name!r}.{hint} Known: {', '.join(known)}")
+
+
+def _current_world_size(process_group: Any = None) -> int:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(process_group)
+
+
+def explain_auto(
+    kind: str = "attention", device: str | torch.device | None = None, world_size: int | None = None
+) -> tuple[Implementation, list[str]]:
+    """The implementation ``"auto"`` picks, and one line per candidate saying why (not)."""
+    device_type = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    world_size = _current_world_size() if world_size is None else world_size
+    lines, candidates = [], []
+    for impl in list_implementations(kind):
+        reasons = impl.reasons
+        if device_type not in impl.devices:
+            reasons.append(f"does not run on {device_type}")
+        if world_size > 1 and not impl.distributed:
+            reasons.append(f"not sequence-parallel (world size {world_size})")
+        lines.append(f"{impl.name}: " + ("; ".join(reasons) if reasons else f"candidate, priority {impl.priority}"))
+        if not reasons:
+            candidates.append(impl)
+    if not candidates:
+        raise UnknownImplementationError(f"no {kind} implementation is available here:\n" + "\n".join(lines))
+    best = max(candidates, key=lambda i: (i.priority, i.distributed))
+    lines.append(f"-> {best.name}")
+    return best, lines
+
+
+def _create(name: str, kind: str, config: dict[str, Any]) -> nn.Module:
+    if name == "auto":
+        impl, _ = explain_auto(kind, config.get("device"), _current_world_size(config.get("process_group")))
+    else:
+        impl = resolve_implementation(name, kind)
+    reasons = impl.reasons
+    if reasons:
+        raise RuntimeError(f"implementation {impl.name!r} is not available here: " + "; ".join(reasons))
+    return impl.cls(**config)
+
+
+def create_attention(name: str = "auto", **config: Any) -> nn.Module:
+    """Build an attention module ``attn(q, k, v, *, is_causal, key_padding_mask)`` by name."""
+    return _create(name, "attention", config)
+
+
+def create_multihead_attention(name: str = "auto", *, embed_dim: int, num_heads: int, **config: Any) -> nn.Module:
+    """Build an ``nn.MultiheadAttention`` drop-in by name."""
+    return _create(name, "multihead", {"embed_dim": embed_dim, "num_heads": num_heads, **config})

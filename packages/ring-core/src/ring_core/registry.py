@@ -1,0 +1,244 @@
+"""The plugin registry: loads ``ring_attention`` entry points once, lazily.
+
+Environment:
+
+- ``RING_ATTENTION_DISABLE_PLUGINS=a,b`` blocks the named plugins (entry-point names).
+- ``RING_ATTENTION_LOAD_PLUGINS=a,b`` loads only those (empty: none but core).
+- ``RING_ATTENTION_KERNEL=name`` forces a kernel backend.
+
+A plugin that fails to import or to register is recorded in :func:`plugin_errors`
+and skipped; the host keeps working.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .kernels import KernelBackend, KernelRequest
+
+CORE_PLUGIN = "core"
+
+
+@dataclass
+class Implementation:
+    """An attention implementation as registered by a plugin."""
+
+    name: str
+    cls: type
+    package: str
+    description: str
+    aliases: dict[str, str] = field(default_factory=dict)  # deprecated name -> removal version
+    kind: str = "attention"  # "attention" (q, k, v) or "multihead" (nn.MultiheadAttention-like)
+    distributed: bool = False  # shards the sequence over a process group
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    priority: int = 0  # for "auto": higher wins among the available
+    check: Callable[[], list[str]] | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments for tests/verify
+
+    @property
+    def reasons(self) -> list[str]:
+        """Why it cannot be used here (empty when available)."""
+        if self.check is None:
+            return []
+        try:
+            return list(self.check())
+        except Exception as exc:  # a broken check must not break the host
+            return [f"availability check failed: {exc!r}"]
+
+    @property
+    def available(self) -> bool:
+        return not self.reasons
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    package: str | None
+    version: str | None
+    error: str | None = None
+
+
+class Registry:
+    """Everything the loaded plugins registered; build one with :func:`get_registry`."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self.pm.add_hookspecs(hookspecs)
+        self.plugins: list[PluginInfo] = []
+        self.implementations: dict[str, Implementation] = {}
+        self.kernels: dict[str, KernelBackend] = {}
+        self.patterns: dict[str, Callable[..., Any]] = {}
+        self.errors: list[PluginInfo] = []
+
+    # -- loading -------------------------------------------------------------
+    def load_entry_points(self) -> None:
+        disabled = _env_list("RING_ATTENTION_DISABLE_PLUGINS") or set()
+        allowed = _env_list("RING_ATTENTION_LOAD_PLUGINS")
+        for ep in sorted(metadata.entry_points(group=hookspecs.PROJECT_NAME), key=lambda e: e.name):
+            if ep.name in disabled or (allowed is not None and ep.name not in allowed and ep.name != CORE_PLUGIN):
+                continue
+            if self.pm.has_plugin(ep.name):
+                continue
+            dist = getattr(ep, "dist", None)
+            info = PluginInfo(ep.name, dist.name if dist else None, dist.version if dist else None)
+            try:
+                self.pm.register(ep.load(), name=ep.name)
+            except Exception as exc:
+                info.error = f"{type(exc).__name__}: {exc}"
+                self.errors.append(info)
+                continue
+            self.plugins.append(info)
+
+    def register_plugin(self, plugin: object, name: str) -> None:
+        """Register a plugin object directly (tests, notebooks) and collect what it registers."""
+        self.pm.register(plugin, name=name)
+        self.plugins.append(PluginInfo(name, None, None))
+        self._collect(only=plugin, name=name)
+
+    def unregister_plugin(self, name: str) -> None:
+        self.pm.unregister(name=name)
+        self.plugins = [p for p in self.plugins if p.name != name]
+        self.implementations.clear()
+        self.kernels.clear()
+        self.patterns.clear()
+        self.collect_all()
+
+    def _collect(self, only: object, name: str) -> None:
+        hooks = (
+            ("register_kernels", self._add_kernel),
+            ("register_implementations", self._add_implementation),
+            ("register_patterns", self._add_pattern),
+        )
+        for hook_name, add in hooks:
+            caller = self.pm.subset_hook_caller(
+                hook_name, remove_plugins=[p for p in self.pm.get_plugins() if p is not only]
+            )
+            try:
+                caller(register=add)
+            except Exception as exc:
+                self.errors.append(PluginInfo(name, None, None, f"{hook_name}: {type(exc).__name__}: {exc}"))
+                self.plugins = [p for p in self.plugins if p.name != name]
+                self.pm.unregister(name=name)
+                return
+
+    def collect_all(self) -> None:
+        for name, plugin in list(self.pm.list_name_plugin()):
+            self._collect(only=plugin, name=name)
+
+    # -- register callbacks ---------------------------------------------------
+    def _add_kernel(self, backend: KernelBackend) -> None:
+        if not isinstance(backend, KernelBackend):
+            raise TypeError(f"register_kernels expects KernelBackend instances, got {backend!r}")
+        self.kernels[backend.name] = backend
+
+    def _add_implementation(self, implementation: Implementation) -> None:
+        if not isinstance(implementation, Implementation):
+            raise TypeError(f"register_implementations expects Implementation records, got {implementation!r}")
+        self.implementations[implementation.name] = implementation
+
+    def _add_pattern(self, name: str, builder: Callable[..., Any]) -> None:
+        self.patterns[name] = builder
+
+    # -- queries ---------------------------------------------------------------
+    def sorted_kernels(self) -> list[KernelBackend]:
+        return sorted(self.kernels.values(), key=lambda k: (-k.priority, k.name))
+
+
+def _env_list(variable: str) -> set[str] | None:
+    value = os.environ.get(variable)
+    if value is None:
+        return None
+    return {item.strip() for item in value.split(",") if item.strip()}
+
+
+_lock = threading.Lock()
+_registry: Registry | None = None
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, loaded on first use."""
+    global _registry
+    with _lock:
+        if _registry is None:
+            registry = Registry()
+            from . import builtins
+
+            registry.pm.register(builtins, name=CORE_PLUGIN)
+            registry.plugins.append(PluginInfo(CORE_PLUGIN, "ring-core", _version("ring-core")))
+            registry.load_entry_points()
+            registry.collect_all()
+            _registry = registry
+        return _registry
+
+
+def reset_registry() -> None:
+    """Forget the loaded registry; the next use reloads (tests, after changing the env)."""
+    global _registry
+    with _lock:
+        _registry = None
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def list_implementations(kind: str | None = None) -> list[Implementation]:
+    """Every registered implementation (available or not), optionally of one ``kind``."""
+    items = get_registry().implementations.values()
+    return sorted((i for i in items if kind is None or i.kind == kind), key=lambda i: i.name)
+
+
+def list_kernels() -> list[KernelBackend]:
+    """Every registered kernel backend in dispatch order (highest priority first)."""
+    return get_registry().sorted_kernels()
+
+
+def plugin_errors() -> list[PluginInfo]:
+    """Plugins that failed to load or register, with their errors."""
+    return list(get_registry().errors)
+
+
+class KernelNotAvailableError(RuntimeError):
+    """No kernel backend (or not the forced one) can compute a request."""
+
+
+def select_kernel(request: KernelRequest, name: str | None = None) -> KernelBackend:
+    """The first backend in priority order with no reasons against ``request``.
+
+    ``name`` (or ``RING_ATTENTION_KERNEL``) forces one backend; it raises with its
+    reasons when it cannot serve the request.
+    """
+    registry = get_registry()
+    name = name or os.environ.get("RING_ATTENTION_KERNEL") or None
+    if name is not None:
+        backend = registry.kernels.get(name)
+        if backend is None:
+            raise KernelNotAvailableError(
+                f"kernel {name!r} is not registered; known kernels: {sorted(registry.kernels)}"
+            )
+        reasons = backend.not_supported_reasons(request)
+        if reasons:
+            raise KernelNotAvailableError(
+                f"kernel {name!r} cannot run {request.describe()}: " + "; ".join(reasons)
+            )
+        return backend
+    table = []
+    for backend in registry.sorted_kernels():
+        reasons = backend.not_supported_reasons(request)
+        if not reasons:
+            return backend
+        table.append(f"  {backend.name}: " + "; ".join(reasons))
+    raise KernelNotAvailableError(
+        f"no kernel backend supports {request.describe()}:\n" + "\n".join(table or ["  (none registered)"])
+    )

@@ -1,0 +1,108 @@
+"""Input checks shared by every implementation: clear errors before any work starts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+MERGES = ("lse", "head_groups")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_dilated_config(
+    segment_lengths: Sequence[int], dilation_rates: Sequence[int], merge: str = "lse"
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Validate a LongNet configuration; returns it as tuples of ints."""
+    for param, values in (("segment_lengths", segment_lengths), ("dilation_rates", dilation_rates)):
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise TypeError(f"{param} must be a sequence of ints, got {values!r}")
+        if len(values) == 0:
+            raise ValueError(f"{param} must not be empty, got {list(values)!r}")
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{param} must hold ints, got {value!r} in {list(values)!r}")
+    if len(segment_lengths) != len(dilation_rates):
+        raise ValueError(
+            f"segment_lengths and dilation_rates must have the same length, got "
+            f"{len(segment_lengths)} ({list(segment_lengths)}) and {len(dilation_rates)} ({list(dilation_rates)})"
+        )
+    if any(w < 1 for w in segment_lengths):
+        raise ValueError(f"segment_lengths must be positive, got {list(segment_lengths)}")
+    if any(b <= a for a, b in zip(segment_lengths, segment_lengths[1:])):
+        raise ValueError(f"segment_lengths must be strictly increasing, got {list(segment_lengths)}")
+    if any(r < 1 for r in dilation_rates):
+        raise ValueError(f"dilation_rates must be >= 1, got {list(dilation_rates)}")
+    for w, r in zip(segment_lengths, dilation_rates):
+        if w % r != 0:
+            raise ValueError(
+                f"each segment length must be a multiple of its dilation rate, got segment_lengths "
+                f"{list(segment_lengths)} and dilation_rates {list(dilation_rates)} ({w} % {r} != 0)"
+            )
+    if merge not in MERGES:
+        raise ValueError(f"merge must be one of {list(MERGES)}, got {merge!r}")
+    return tuple(segment_lengths), tuple(dilation_rates)
+
+
+def check_dropout(dropout: float) -> float:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+    return float(dropout)
+
+
+def check_qkv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    *,
+    same_length: bool = True,
+) -> None:
+    """Check shapes, dtypes and devices of ``(B, N, H, D)`` inputs and the padding mask."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dims (B, N, H, D), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(
+                f"{name} must be a floating-point tensor (float64, float32, float16, bfloat16), "
+                f"got {_dtype_name(t.dtype)}"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(
+            f"q, k, v must share one dtype, got {_dtype_name(q.dtype)}, {_dtype_name(k.dtype)}, "
+            f"{_dtype_name(v.dtype)}"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    (b, n, h, d), (bk, nk, hk, dk), (bv, nv, hv, _) = q.shape, k.shape, v.shape
+    if not b == bk == bv:
+        raise ValueError(f"q, k, v must share the batch size, got {b}, {bk}, {bv}")
+    if nk != nv:
+        raise ValueError(f"k and v must share the sequence length, got {nk} and {nv}")
+    if same_length and n != nk:
+        raise ValueError(f"q and k must have the same sequence length here, got {n} and {nk}")
+    if d != dk:
+        raise ValueError(f"q and k must share the head dim, got {d} and {dk}")
+    if hk != hv:
+        raise ValueError(f"k and v must have the same number of heads, got {hk} and {hv}")
+    if hk == 0 or h % hk != 0:
+        raise ValueError(
+            f"the number of query heads must be a multiple of the key/value heads (GQA), got {h} and {hk}"
+        )
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            got = _dtype_name(key_padding_mask.dtype) if isinstance(key_padding_mask, torch.Tensor) else type(
+                key_padding_mask
+            ).__name__
+            raise TypeError(f"key_padding_mask must be a bool tensor (True = masked), got {got}")
+        if tuple(key_padding_mask.shape) != (b, nk):
+            raise ValueError(
+                f"key_padding_mask must have shape (B, N) = {(b, nk)}, got {tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.device != k.device:
+            raise ValueError(f"key_padding_mask must be on {k.device}, got {key_padding_mask.device}")
