@@ -1,0 +1,63 @@
+"""Sessions: tests (cpu default, cuda), lint, demo. Run `nox -l` to list them.
+
+The CPU torch on this kind of machine is `torch==2.13.0` (installed from local
+disk, no multi-GB CUDA download); set RING_ATTENTION_TORCH to another requirement
+(e.g. "torch" or "torch==2.11.0") elsewhere, or to "" to keep the torch already
+visible to the session's interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import nox
+
+nox.needs_version = ">=2024.3.2"
+nox.options.sessions = ["tests", "lint"]
+nox.options.reuse_venv = "yes"
+nox.options.default_venv_backend = "venv"
+
+ROOT = Path(__file__).parent
+PACKAGES = ["ring-core", "ring-flash", "ring-distributed", "ring-multihead", "ring-blocksparse"]
+TORCH = os.environ.get("RING_ATTENTION_TORCH", "torch==2.13.0")
+
+
+def install_project(session: nox.Session, *extra: str) -> None:
+    if TORCH:
+        session.install(TORCH)
+    session.install(*(arg for pkg in PACKAGES for arg in ("-e", f"packages/{pkg}")), "tqdm", *extra)
+
+
+@nox.session
+@nox.parametrize("backend", [nox.param("cpu", id="cpu"), nox.param("cuda", id="cuda")])
+def tests(session: nox.Session, backend: str) -> None:
+    """Run pytest: the CPU suite, or only the CUDA-marked tests on a GPU machine."""
+    if backend == "cuda" and shutil.which("nvidia-smi") is None:
+        session.skip("no NVIDIA GPU on this machine")
+    install_project(session, "pytest", "pytest-timeout", "matplotlib")
+    marker = "not cuda" if backend == "cpu" else "cuda"
+    session.run("pytest", "-m", marker, "--timeout=900", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and format check."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """info, verify and a short CPU bench (a few minutes on 2 cores)."""
+    install_project(session, "matplotlib")
+    out = ROOT / "bench-results"
+    out.mkdir(exist_ok=True)
+    session.run("ring-attention", "info")
+    session.run("ring-attention", "verify")
+    session.run(
+        "ring-attention", "bench", "--device", "cpu", "--seq-lens", "1024", "4096",
+        "--json", str(out / "demo-bench.json"), "--plot", str(out / "demo-bench.png"),
+    )

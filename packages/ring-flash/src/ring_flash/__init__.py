@@ -1,0 +1,10 @@
+"""ring-flash: Fast GPU kernels with LSE and RingDilatedAttentionFlash."""
+
+from __future__ import annotations
+
+from importlib import metadata as _metadata
+
+try:
+    __version__ = _metadata.version("ring-flash")
+except _metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0"
