@@ -1,0 +1,181 @@
+"""The ``ring-attention`` command: ``info``, ``verify`` and ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from . import bench as bench_lib
+from .factory import create_attention, explain_auto
+from .registry import get_registry, list_implementations, list_kernels, plugin_errors
+from .testing import CASES, QUICK_CASES, check_attention, format_table
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _yes_or_reasons(reasons: Sequence[str]) -> str:
+    return "yes" if not reasons else "no: " + "; ".join(reasons)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    registry = get_registry()
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA device: {cuda}\n")
+    print("Plugins")
+    rows = [(p.name, p.package or "-", p.version or "-", "loaded") for p in registry.plugins]
+    rows += [(p.name, p.package or "-", p.version or "-", f"FAILED: {p.error}") for p in plugin_errors()]
+    print(format_table(rows, ["plugin", "package", "version", "status"]))
+    print("\nImplementations")
+    rows = [
+        (
+            i.name, i.cls.__name__, i.package, i.kind, _yes_or_reasons(i.reasons),
+            ", ".join(f"{a} (removed in {v})" for a, v in i.aliases.items()) or "-",
+        )
+        for i in list_implementations()
+    ]
+    print(format_table(rows, ["name", "class", "package", "kind", "available", "deprecated aliases"]))
+    print("\nKernel backends (dispatch order)")
+    rows = [
+        (k.name, k.priority, ",".join(k.devices) or "any", _yes_or_reasons(k.availability_reasons()), k.description)
+        for k in list_kernels()
+    ]
+    print(format_table(rows, ["kernel", "priority", "devices", "available", "description"]))
+    try:
+        _, lines = explain_auto("attention")
+        print("\n'auto' (attention): " + lines[-1])
+    except KeyError as exc:
+        print(f"\n'auto' (attention): {exc}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    cases = CASES if args.full else QUICK_CASES
+    dtypes = [DTYPES[d] for d in args.dtype]
+    impls = [i for i in list_implementations("attention") if i.available and (not args.impl or i.name in args.impl)]
+    if not impls:
+        print("no available attention implementation matches", args.impl or "")
+        return 1
+    rows, failures = [], 0
+    for impl in impls:
+        for case in cases:
+            for dtype in dtypes:
+                module = create_attention(impl.name, **case.config, **impl.options)
+                try:
+                    result = check_attention(module, case, dtype, device=args.device, seed=len(rows))
+                    errors, passed = result.errors, result.passed
+                    status = "PASS" if passed else "FAIL"
+                except Exception as exc:  # report, keep going
+                    errors, passed, status = {}, False, f"ERROR {type(exc).__name__}: {exc}"
+                failures += not passed
+                grad = max((e for n, e in errors.items() if n != "out"), default=float("nan"))
+                rows.append(
+                    (impl.name, case.name, str(dtype).replace("torch.", ""),
+                     f"{errors.get('out', float('nan')):.1e}", f"{grad:.1e}", status)
+                )
+    print(format_table(rows, ["implementation", "case", "dtype", "err out", "max err grad", "result"]))
+    print(f"\n{len(rows) - failures} passed, {failures} failed")
+    return 1 if failures else 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    config = {"segment_lengths": args.segments, "dilation_rates": args.rates}
+    impls = [
+        i for i in list_implementations("attention")
+        if i.available and device.type in i.devices and (not args.impl or i.name in args.impl)
+    ]
+    b, h, d = args.batch, args.heads, args.head_dim
+    jobs = [(n, None) for n in args.seq_lens] + [(n, impl) for n in args.seq_lens for impl in impls]
+    results: list[bench_lib.BenchResult] = []
+    for n, impl in tqdm(jobs, desc="bench", unit="run", file=sys.stderr):
+        q, k, v = (torch.randn(b, n, h, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        if impl is None:
+            name, pairs = "sdpa", bench_lib.dense_pairs(n, h, args.causal)
+
+            def fn(q=q, k=k, v=v):
+                return torch.nn.functional.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=args.causal
+                )
+        else:
+            module = create_attention(impl.name, **config, **impl.options)
+            name, pairs = impl.name, bench_lib.useful_pairs(n, h, args.segments, args.rates, causal=args.causal)
+
+            def fn(q=q, k=k, v=v, module=module):
+                return module(q, k, v, is_causal=args.causal)
+
+        results.append(bench_lib.measure(name, fn, pairs, d, b, n, device, args.repeats))
+        del q, k, v
+    baseline = {r.seq_len: r.time_ms for r in results if r.name == "sdpa"}
+    for r in results:
+        r.ratio_to_sdpa = r.time_ms / baseline[r.seq_len]
+    results.sort(key=lambda r: (r.seq_len, r.name != "sdpa", r.name))
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    title = (
+        f"{card}, {args.dtype}, B={b} H={h} D={d}, segments {args.segments} rates {args.rates}"
+        f"{', causal' if args.causal else ''}; fwd+bwd"
+    )
+    print(title)
+    rows = [
+        (r.name, r.seq_len, f"{r.time_ms:.2f}", f"{r.ratio_to_sdpa:.2f}x", f"{r.tflops:.3f}", f"{r.peak_mem_mib:.0f}")
+        for r in results
+    ]
+    print(format_table(rows, ["implementation", "N", "time ms", "vs sdpa", "useful TFLOP/s", "peak MiB"]))
+    meta = {"card": card, "torch": torch.__version__, "title": title, **vars(args)}
+    meta.pop("func", None)
+    if args.json:
+        bench_lib.write_json(args.json, meta, results)
+        print(f"wrote {args.json}")
+    if args.plot:
+        bench_lib.plot(args.plot, results, title)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ring-attention", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="plugins, implementations and kernel backends")
+    info.set_defaults(func=cmd_info)
+
+    verify = sub.add_parser("verify", help="check every available implementation against the reference")
+    verify.add_argument("--impl", nargs="*", help="only these implementations")
+    verify.add_argument("--dtype", nargs="*", default=["float64", "float32"], choices=list(DTYPES))
+    verify.add_argument("--device", default="cpu")
+    verify.add_argument("--full", action="store_true", help="every conformance case, not a quick subset")
+    verify.set_defaults(func=cmd_verify)
+
+    bench = sub.add_parser("bench", help="time implementations against plain SDPA")
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
+    bench.add_argument("--seq-lens", nargs="+", type=int, default=[1024, 2048, 4096])
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--heads", type=int, default=8)
+    bench.add_argument("--head-dim", type=int, default=64)
+    bench.add_argument("--segments", nargs="+", type=int, default=[512, 1024, 2048])
+    bench.add_argument("--rates", nargs="+", type=int, default=[1, 2, 4])
+    bench.add_argument("--causal", action="store_true")
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--impl", nargs="*", help="only these implementations")
+    bench.add_argument("--json", help="write results as JSON")
+    bench.add_argument("--plot", help="write a PNG plot")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "dtype", None) is None and args.command == "bench":
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
