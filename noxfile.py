@@ -58,6 +58,15 @@ def demo(session: nox.Session) -> None:
     session.run("ring-attention", "info")
     session.run("ring-attention", "verify")
     session.run(
-        "ring-attention", "bench", "--device", "cpu", "--seq-lens", "1024", "4096",
-        "--json", str(out / "demo-bench.json"), "--plot", str(out / "demo-bench.png"),
+        "ring-attention",
+        "bench",
+        "--device",
+        "cpu",
+        "--seq-lens",
+        "1024",
+        "4096",
+        "--json",
+        str(out / "demo-bench.json"),
+        "--plot",
+        str(out / "demo-bench.png"),
     )

@@ -32,7 +32,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("\nImplementations")
     rows = [
         (
-            i.name, i.cls.__name__, i.package, i.kind, _yes_or_reasons(i.reasons),
+            i.name,
+            i.cls.__name__,
+            i.package,
+            i.kind,
+            _yes_or_reasons(i.reasons),
             ", ".join(f"{a} (removed in {v})" for a, v in i.aliases.items()) or "-",
         )
         for i in list_implementations()
@@ -73,8 +77,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 failures += not passed
                 grad = max((e for n, e in errors.items() if n != "out"), default=float("nan"))
                 rows.append(
-                    (impl.name, case.name, str(dtype).replace("torch.", ""),
-                     f"{errors.get('out', float('nan')):.1e}", f"{grad:.1e}", status)
+                    (
+                        impl.name,
+                        case.name,
+                        str(dtype).replace("torch.", ""),
+                        f"{errors.get('out', float('nan')):.1e}",
+                        f"{grad:.1e}",
+                        status,
+                    )
                 )
     print(format_table(rows, ["implementation", "case", "dtype", "err out", "max err grad", "result"]))
     print(f"\n{len(rows) - failures} passed, {failures} failed")
@@ -88,7 +98,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype]
     config = {"segment_lengths": args.segments, "dilation_rates": args.rates}
     impls = [
-        i for i in list_implementations("attention")
+        i
+        for i in list_implementations("attention")
         if i.available and device.type in i.devices and (not args.impl or i.name in args.impl)
     ]
     b, h, d = args.batch, args.heads, args.head_dim

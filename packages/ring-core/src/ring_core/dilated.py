@@ -32,9 +32,7 @@ class Branch:
     head_stop: int
 
 
-def branches(
-    segment_lengths: Sequence[int], dilation_rates: Sequence[int], merge: str, num_heads: int
-) -> list[Branch]:
+def branches(segment_lengths: Sequence[int], dilation_rates: Sequence[int], merge: str, num_heads: int) -> list[Branch]:
     """The branches of a configuration; ``head_groups`` splits heads, larger groups first."""
     m = len(segment_lengths)
     if merge == "lse":
@@ -135,19 +133,29 @@ class DilatedSchedule(BlockSchedule):
     def forward(self, q, k, v, acc: Accumulator) -> None:
         for block_id, part in enumerate(self._parts(q, k)):
             self.kernel.forward_into(
-                part.view(acc.out), part.view(acc.lse),
-                part.view(q).flatten(0, 1), part.gather_kv(k), part.gather_kv(v),
-                causal=self.causal, mask=part.key_mask(self.key_padding_mask), block_id=block_id,
+                part.view(acc.out),
+                part.view(acc.lse),
+                part.view(q).flatten(0, 1),
+                part.gather_kv(k),
+                part.gather_kv(v),
+                causal=self.causal,
+                mask=part.key_mask(self.key_padding_mask),
+                block_id=block_id,
             )
 
     def backward(self, q, k, v, out, lse, dout, grads) -> None:
         dq, dk, dv = grads
         for block_id, part in enumerate(self._parts(q, k)):
             block_dq, block_dk, block_dv = self.kernel.backward(
-                part.view(dout).flatten(0, 1), part.view(q).flatten(0, 1),
-                part.gather_kv(k), part.gather_kv(v),
-                part.view(out).flatten(0, 1), part.view(lse).flatten(0, 1),
-                causal=self.causal, mask=part.key_mask(self.key_padding_mask), block_id=block_id,
+                part.view(dout).flatten(0, 1),
+                part.view(q).flatten(0, 1),
+                part.gather_kv(k),
+                part.gather_kv(v),
+                part.view(out).flatten(0, 1),
+                part.view(lse).flatten(0, 1),
+                causal=self.causal,
+                mask=part.key_mask(self.key_padding_mask),
+                block_id=block_id,
             )
             part.view(dq).add_(block_dq.unflatten(0, part.view(dq).shape[:2]))
             part.add_kv_grad(dk, block_dk)
@@ -186,8 +194,10 @@ def dilated_attention(
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
     block_kernel = BlockKernel(backend, default_scale(q.shape[-1], softmax_scale), dropout_p, seed)
     schedule = DilatedSchedule(
-        block_kernel, branches(segments, rates, merge, q.shape[2]),
-        causal=is_causal, key_padding_mask=key_padding_mask,
+        block_kernel,
+        branches(segments, rates, merge, q.shape[2]),
+        causal=is_causal,
+        key_padding_mask=key_padding_mask,
     )
     out, lse = blockwise_attention(schedule, q, k, v)
     return (out, lse.transpose(1, 2)) if return_lse else out
@@ -226,9 +236,16 @@ class DilatedAttention(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return dilated_attention(
-            q, k, v, segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates,
-            merge=self.merge, is_causal=is_causal, key_padding_mask=key_padding_mask,
-            softmax_scale=self.softmax_scale, dropout_p=self.dropout if self.training else 0.0,
+            q,
+            k,
+            v,
+            segment_lengths=self.segment_lengths,
+            dilation_rates=self.dilation_rates,
+            merge=self.merge,
+            is_causal=is_causal,
+            key_padding_mask=key_padding_mask,
+            softmax_scale=self.softmax_scale,
+            dropout_p=self.dropout if self.training else 0.0,
             kernel=self.kernel,
         )
 

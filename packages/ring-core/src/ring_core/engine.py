@@ -20,9 +20,7 @@ import torch
 from .kernels import KernelBackend, accumulation_dtype
 
 
-def merge_into(
-    out_acc: torch.Tensor, lse_acc: torch.Tensor, out_block: torch.Tensor, lse_block: torch.Tensor
-) -> None:
+def merge_into(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_block: torch.Tensor, lse_block: torch.Tensor) -> None:
     """Merge a block's ``(out, lse)`` into accumulator views, in place, exactly.
 
     ``lse = logaddexp(lse_a, lse_b)``; ``out = e^(lse_a-lse) out_a + e^(lse_b-lse) out_b``.
@@ -64,11 +62,19 @@ class BlockKernel:
         (e.g. segments unfolded), as long as they hold the same elements.
         """
         out, lse = self.backend.forward(
-            q, k, v, scale=self.scale, causal=causal, mask=mask,
-            dropout_p=self.dropout_p, seed=self.seed + block_id,
+            q,
+            k,
+            v,
+            scale=self.scale,
+            causal=causal,
+            mask=mask,
+            dropout_p=self.dropout_p,
+            seed=self.seed + block_id,
         )
         merge_into(
-            out_view, lse_view, out.reshape(out_view.shape),
+            out_view,
+            lse_view,
+            out.reshape(out_view.shape),
             lse.transpose(1, 2).reshape(lse_view.shape),
         )
 
@@ -87,8 +93,17 @@ class BlockKernel:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Exact ``dq, dk, dv`` contributions of one block; ``lse`` is ``(b, n, h)``."""
         return self.backend.backward(
-            dout, q, k, v, out, lse.transpose(1, 2), scale=self.scale, causal=causal,
-            mask=mask, dropout_p=self.dropout_p, seed=self.seed + block_id,
+            dout,
+            q,
+            k,
+            v,
+            out,
+            lse.transpose(1, 2),
+            scale=self.scale,
+            causal=causal,
+            mask=mask,
+            dropout_p=self.dropout_p,
+            seed=self.seed + block_id,
         )
 
 

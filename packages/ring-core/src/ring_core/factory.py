@@ -59,7 +59,7 @@ def resolve_implementation(name: str, kind: str = "attention") -> Implementation
     if name in KNOWN_PROVIDERS:
         dist, extra = KNOWN_PROVIDERS[name]
         raise UnknownImplementationError(
-            f"{name!r} is provided by {dist}, which is not installed: pip install \"ring-core[{extra}]\""
+            f'{name!r} is provided by {dist}, which is not installed: pip install "ring-core[{extra}]"'
         )
     known = sorted({n for i in implementations for n in (i.name, i.cls.__name__)})
     close = difflib.get_close_matches(name, known + list(KNOWN_PROVIDERS), n=1)

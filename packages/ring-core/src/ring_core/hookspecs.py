@@ -6,7 +6,7 @@ things in one call and the host controls the record type (the simonw/llm style).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pluggy
 

@@ -112,9 +112,7 @@ class KernelBackend:
             and request.compute_capability is not None
             and request.compute_capability < self.min_compute_capability
         ):
-            reasons.append(
-                f"compute capability {request.compute_capability} < {self.min_compute_capability}"
-            )
+            reasons.append(f"compute capability {request.compute_capability} < {self.min_compute_capability}")
         return reasons
 
     def supports(self, request: KernelRequest) -> bool:
@@ -162,9 +160,7 @@ def causal_mask(n: int, m: int, device: torch.device) -> torch.Tensor:
     return torch.ones(n, m, dtype=torch.bool, device=device).tril()
 
 
-def combined_mask(
-    n: int, m: int, device: torch.device, causal: bool, mask: torch.Tensor | None
-) -> torch.Tensor | None:
+def combined_mask(n: int, m: int, device: torch.device, causal: bool, mask: torch.Tensor | None) -> torch.Tensor | None:
     """The causal and explicit masks as one bool mask (``None`` when neither)."""
     if not causal:
         return mask
@@ -297,8 +293,13 @@ class CPUFlashKernel(KernelBackend):
     def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
         bias, allowed = self._additive(q, causal, mask)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0,
-            causal and bias is None, attn_mask=bias, scale=scale,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            0.0,
+            causal and bias is None,
+            attn_mask=bias,
+            scale=scale,
         )
         lse = lse.to(accumulation_dtype(q.dtype))
         if allowed is not None:  # the op reports lse = 0 for rows that see no key
@@ -312,9 +313,16 @@ class CPUFlashKernel(KernelBackend):
         if q.dtype in (torch.float32, torch.float64):
             lse = lse.to(q.dtype)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.transpose(1, 2).contiguous(), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            out.transpose(1, 2).contiguous(), lse.contiguous(), 0.0, causal and bias is None,
-            attn_mask=bias, scale=scale,
+            dout.transpose(1, 2).contiguous(),
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            out.transpose(1, 2).contiguous(),
+            lse.contiguous(),
+            0.0,
+            causal and bias is None,
+            attn_mask=bias,
+            scale=scale,
         )
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 

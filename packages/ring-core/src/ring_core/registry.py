@@ -229,9 +229,7 @@ def select_kernel(request: KernelRequest, name: str | None = None) -> KernelBack
             )
         reasons = backend.not_supported_reasons(request)
         if reasons:
-            raise KernelNotAvailableError(
-                f"kernel {name!r} cannot run {request.describe()}: " + "; ".join(reasons)
-            )
+            raise KernelNotAvailableError(f"kernel {name!r} cannot run {request.describe()}: " + "; ".join(reasons))
         return backend
     table = []
     for backend in registry.sorted_kernels():

@@ -128,8 +128,11 @@ def reference_outputs(
     """The float64 reference output and gradients for ``dout``."""
     leaves = [x.detach().double().cpu().requires_grad_() for x in (q, k, v)]
     ref = reference_attention(
-        *leaves, **case.config, is_causal=case.causal,
-        key_padding_mask=None if mask is None else mask.cpu(), **reference_options,
+        *leaves,
+        **case.config,
+        is_causal=case.causal,
+        key_padding_mask=None if mask is None else mask.cpu(),
+        **reference_options,
     )
     grads = torch.autograd.grad(ref, leaves, dout.double().cpu())
     return {"out": ref.detach(), "dq": grads[0], "dk": grads[1], "dv": grads[2]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -32,7 +33,7 @@ def check_dilated_config(
         )
     if any(w < 1 for w in segment_lengths):
         raise ValueError(f"segment_lengths must be positive, got {list(segment_lengths)}")
-    if any(b <= a for a, b in zip(segment_lengths, segment_lengths[1:])):
+    if any(b <= a for a, b in itertools.pairwise(segment_lengths)):
         raise ValueError(f"segment_lengths must be strictly increasing, got {list(segment_lengths)}")
     if any(r < 1 for r in dilation_rates):
         raise ValueError(f"dilation_rates must be >= 1, got {list(dilation_rates)}")
@@ -74,8 +75,7 @@ def check_qkv(
             )
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(
-            f"q, k, v must share one dtype, got {_dtype_name(q.dtype)}, {_dtype_name(k.dtype)}, "
-            f"{_dtype_name(v.dtype)}"
+            f"q, k, v must share one dtype, got {_dtype_name(q.dtype)}, {_dtype_name(k.dtype)}, {_dtype_name(v.dtype)}"
         )
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
@@ -91,14 +91,14 @@ def check_qkv(
     if hk != hv:
         raise ValueError(f"k and v must have the same number of heads, got {hk} and {hv}")
     if hk == 0 or h % hk != 0:
-        raise ValueError(
-            f"the number of query heads must be a multiple of the key/value heads (GQA), got {h} and {hk}"
-        )
+        raise ValueError(f"the number of query heads must be a multiple of the key/value heads (GQA), got {h} and {hk}")
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-            got = _dtype_name(key_padding_mask.dtype) if isinstance(key_padding_mask, torch.Tensor) else type(
-                key_padding_mask
-            ).__name__
+            got = (
+                _dtype_name(key_padding_mask.dtype)
+                if isinstance(key_padding_mask, torch.Tensor)
+                else type(key_padding_mask).__name__
+            )
             raise TypeError(f"key_padding_mask must be a bool tensor (True = masked), got {got}")
         if tuple(key_padding_mask.shape) != (b, nk):
             raise ValueError(

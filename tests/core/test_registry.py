@@ -1,0 +1,207 @@
+"""Plugin registry, factory names and kernel dispatch."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import ring_core
+from ring_core import Implementation, KernelBackend, KernelRequest, hookimpl
+from ring_core.deprecation import version_tuple
+
+
+class EchoAttention(torch.nn.Module):
+    def __init__(self, **config):
+        super().__init__()
+        self.config = config
+
+
+class SamplePlugin:
+    @hookimpl
+    def register_implementations(self, register):
+        register(
+            Implementation(
+                name="sample_echo",
+                cls=EchoAttention,
+                package="sample",
+                description="test double",
+                aliases={"SampleEchoV2": "9.0.0"},
+            )
+        )
+
+    @hookimpl
+    def register_kernels(self, register):
+        register(NeverKernel())
+
+
+class NeverKernel(KernelBackend):
+    name = "never"
+    priority = 100
+
+    def availability_reasons(self):
+        return ["the library 'never' is not installed"]
+
+
+class BrokenPlugin:
+    @hookimpl
+    def register_implementations(self, register):
+        raise RuntimeError("boom")
+
+
+@pytest.fixture
+def registry(fresh_registry):
+    return fresh_registry()
+
+
+def test_core_registers_through_its_own_hooks(registry):
+    assert "core" in [p.name for p in registry.plugins]
+    assert registry.implementations["dilated"].cls is ring_core.DilatedAttention
+    assert [k.name for k in ring_core.list_kernels()][-1] == "math"
+
+
+def test_plugin_object_registers_and_unregisters(registry):
+    registry.register_plugin(SamplePlugin(), name="sample")
+    try:
+        assert isinstance(ring_core.create_attention("sample_echo", a=1), EchoAttention)
+        assert isinstance(ring_core.create_attention("EchoAttention"), EchoAttention)
+        with pytest.warns(FutureWarning, match=r"SampleEchoV2 is deprecated .* 9\.0\.0; use EchoAttention"):
+            ring_core.create_attention("SampleEchoV2")
+    finally:
+        registry.unregister_plugin("sample")
+    assert "sample_echo" not in registry.implementations
+    assert "never" not in registry.kernels
+
+
+def test_broken_plugin_is_reported_and_skipped(registry):
+    registry.register_plugin(BrokenPlugin(), name="broken")
+    assert any(e.name == "broken" and "boom" in e.error for e in ring_core.plugin_errors())
+    assert "dilated" in registry.implementations  # the host keeps working
+    assert not registry.pm.has_plugin("broken")
+
+
+def test_broken_entry_point_is_reported(monkeypatch, fresh_registry):
+    from importlib import metadata
+
+    class FakeEntryPoint:
+        name, dist = "exploding", None
+
+        def load(self):
+            raise ImportError("no module named exploding")
+
+    real = metadata.entry_points
+    monkeypatch.setattr(
+        metadata,
+        "entry_points",
+        lambda **kw: [*real(**kw), FakeEntryPoint()] if kw.get("group") == "ring_attention" else real(**kw),
+    )
+    fresh_registry()
+    errors = {e.name: e.error for e in ring_core.plugin_errors()}
+    assert "exploding" in errors and "no module named exploding" in errors["exploding"]
+
+
+def test_disable_and_allow_lists(monkeypatch, fresh_registry):
+    monkeypatch.setenv("RING_ATTENTION_DISABLE_PLUGINS", "flash, multihead")
+    names = [p.name for p in fresh_registry().plugins]
+    assert "flash" not in names and "multihead" not in names and "core" in names
+    ring_core.reset_registry()
+    monkeypatch.delenv("RING_ATTENTION_DISABLE_PLUGINS")
+    monkeypatch.setenv("RING_ATTENTION_LOAD_PLUGINS", "")
+    assert [p.name for p in fresh_registry().plugins] == ["core"]
+    ring_core.reset_registry()
+    monkeypatch.setenv("RING_ATTENTION_LOAD_PLUGINS", "blocksparse")
+    assert sorted(p.name for p in fresh_registry().plugins) == ["blocksparse", "core"]
+
+
+def test_unknown_name_lists_known_and_closest(registry):
+    with pytest.raises(KeyError, match=r"Did you mean 'dilated'\?.*Known: .*DilatedAttention"):
+        ring_core.create_attention("dilatd")
+
+
+def test_name_of_missing_package_says_what_to_install(monkeypatch, fresh_registry):
+    monkeypatch.setenv("RING_ATTENTION_LOAD_PLUGINS", "")
+    fresh_registry()
+    with pytest.raises(KeyError, match=r'ring-flash.*pip install "ring-core\[flash\]"'):
+        ring_core.create_attention("ring_dilated_flash")
+
+
+def test_auto_picks_an_available_implementation_and_explains(registry):
+    impl, lines = ring_core.explain_auto("attention", device="cpu", world_size=1)
+    assert impl.available and "cpu" in impl.devices
+    assert lines[-1] == f"-> {impl.name}"
+    module = ring_core.create_attention("auto", segment_lengths=[8], dilation_rates=[1])
+    assert isinstance(module, torch.nn.Module)
+
+
+def test_unavailable_implementation_refuses_with_reasons(registry):
+    registry.register_plugin(UnavailablePlugin(), name="unavailable")
+    try:
+        with pytest.raises(RuntimeError, match="needs a quantum computer"):
+            ring_core.create_attention("unavailable_impl")
+    finally:
+        registry.unregister_plugin("unavailable")
+
+
+class UnavailablePlugin:
+    @hookimpl
+    def register_implementations(self, register):
+        register(
+            Implementation(
+                name="unavailable_impl",
+                cls=EchoAttention,
+                package="x",
+                description="-",
+                check=lambda: ["needs a quantum computer"],
+            )
+        )
+
+
+def test_dispatch_lists_every_backend_when_none_fits(registry):
+    request = KernelRequest("cpu", torch.int32, 8, 2, 2)
+    with pytest.raises(
+        ring_core.KernelNotAvailableError, match=r"(?s)dtype=int32.*cpu_flash: dtype int32.*math: dtype int32"
+    ):
+        ring_core.select_kernel(request)
+
+
+def test_forced_kernel(monkeypatch, registry):
+    request = KernelRequest("cpu", torch.float32, 8, 2, 2)
+    assert ring_core.select_kernel(request).name == "cpu_flash"
+    assert ring_core.select_kernel(request, "math").name == "math"
+    monkeypatch.setenv("RING_ATTENTION_KERNEL", "math")
+    assert ring_core.select_kernel(request).name == "math"
+    with pytest.raises(ring_core.KernelNotAvailableError, match="known kernels"):
+        ring_core.select_kernel(request, "nope")
+    with pytest.raises(ring_core.KernelNotAvailableError, match="cpu_flash.*dropout is not supported"):
+        ring_core.select_kernel(KernelRequest("cpu", torch.float32, 8, 2, 2, dropout_p=0.1), "cpu_flash")
+
+
+def test_every_deprecated_alias_is_removed_on_schedule(registry):
+    """Fails once a package's version reaches the removal version of one of its aliases."""
+    for impl in ring_core.list_implementations():
+        dist = impl.package
+        version = ring_core.__version__ if dist == "ring-core" else _version(dist)
+        for alias, removal in impl.aliases.items():
+            assert version_tuple(version) < version_tuple(removal), (
+                f"{alias} of {dist} was due for removal in {removal}; the package is at {version}"
+            )
+
+
+def _version(dist):
+    from importlib import metadata
+
+    return metadata.version(dist)
+
+
+def test_module_getattr_deprecation():
+    from ring_core.deprecation import deprecated_getattr
+
+    getter = deprecated_getattr("ring_core", "ring-core", {"OldDilated": ("DilatedAttention", "1.0.0")})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert getter("OldDilated") is ring_core.DilatedAttention
+    assert caught[0].category is FutureWarning and "ring-core 1.0.0" in str(caught[0].message)
+    with pytest.raises(AttributeError):
+        getter("Nope")
+    assert version_tuple("0.3.0rc1") == (0, 3, 0)
