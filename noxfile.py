@@ -70,3 +70,33 @@ def demo(session: nox.Session) -> None:
         "--plot",
         str(out / "demo-bench.png"),
     )
+
+
+# Pinned so that `mkdocs build --strict` gives the same result everywhere.
+DOCS_REQUIREMENTS = [
+    "mkdocs==1.6.1",
+    "mkdocs-material==9.8.2",
+    "mkdocstrings==1.0.8",
+    "mkdocstrings-python==2.0.11",
+    "griffelib==2.4.1",
+    "mkdocs-autorefs==1.4.5",
+    "pymdown-extensions==13.1.2",
+]
+
+
+@nox.session(default=False)
+def docs(session: nox.Session) -> None:
+    """Build the documentation site into site/ with `mkdocs build --strict` (figures generated from the code)."""
+    install_project(session, "matplotlib", *DOCS_REQUIREMENTS)
+    session.run("mkdocs", "build", "--strict", *session.posargs)
+
+
+@nox.session(default=False)
+def build(session: nox.Session) -> None:
+    """sdist + wheel of all five packages into one wheelhouse (./wheelhouse, or the first posarg)."""
+    session.install("build==1.6.1")
+    wheelhouse = Path(session.posargs[0]) if session.posargs else ROOT / "wheelhouse"
+    for pkg in PACKAGES:
+        session.run("python", "-m", "build", "--outdir", str(wheelhouse), str(ROOT / "packages" / pkg))
+    session.run("python", "tools/bump_version.py", "--check")
+    session.log(f"wheelhouse: {wheelhouse}")
