@@ -35,6 +35,10 @@ class SamplePlugin:
     def register_kernels(self, register):
         register(NeverKernel())
 
+    @hookimpl
+    def register_patterns(self, register):
+        register("sample_pattern", lambda num_blocks: None)
+
 
 class NeverKernel(KernelBackend):
     name = "never"
@@ -65,6 +69,7 @@ def test_plugin_object_registers_and_unregisters(registry):
     registry.register_plugin(SamplePlugin(), name="sample")
     try:
         assert isinstance(ring_core.create_attention("sample_echo", a=1), EchoAttention)
+        assert "sample_pattern" in registry.patterns and "never" in registry.kernels
         assert isinstance(ring_core.create_attention("EchoAttention"), EchoAttention)
         with pytest.warns(FutureWarning, match=r"SampleEchoV2 is deprecated .* 9\.0\.0; use EchoAttention"):
             ring_core.create_attention("SampleEchoV2")
@@ -205,3 +210,16 @@ def test_module_getattr_deprecation():
     with pytest.raises(AttributeError):
         getter("Nope")
     assert version_tuple("0.3.0rc1") == (0, 3, 0)
+
+
+def test_every_hook_is_documented_and_exercised():
+    """Each hookspec has a docstring and a test that registers through it (datasette's meta-test)."""
+    import pathlib
+
+    from ring_core import hookspecs
+
+    tests_dir = pathlib.Path(__file__).parents[1]
+    sources = "\n".join(p.read_text() for p in tests_dir.rglob("test_*.py"))
+    for name in ("register_kernels", "register_implementations", "register_patterns"):
+        assert getattr(hookspecs, name).__doc__, name
+        assert f"def {name}(" in sources, f"no test registers through {name}"

@@ -63,9 +63,9 @@ class Part:
         first = self.offset + self.rate * self.start
         return slice(first, self.offset + self.rate * (self.stop - 1) + 1, self.rate)
 
-    def view(self, x: torch.Tensor, heads: slice | None = None) -> torch.Tensor:
+    def view(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, nseg, length, h, ...)`` strided view of ``x`` (``(B, N, H, ...)``)."""
-        return x[:, self.positions(), heads or self.heads].unflatten(1, (-1, self.length))
+        return x[:, self.positions(), self.heads].unflatten(1, (-1, self.length))
 
     def gather_kv(self, x: torch.Tensor) -> torch.Tensor:
         y = x[:, self.positions()]

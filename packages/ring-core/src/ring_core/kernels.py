@@ -182,8 +182,9 @@ class MathKernel(KernelBackend):
     supports_dropout = True
     max_scores_per_chunk = 1 << 24
 
-    def _chunk(self, b: int, h: int, n: int, m: int) -> int:
-        return max(1, min(n, self.max_scores_per_chunk // max(1, b * h * m)))
+    def _chunk(self, b: int, h: int, n: int, m: int, device: torch.device) -> int:
+        budget = self.max_scores_per_chunk * (4 if device.type == "cuda" else 1)
+        return max(1, min(n, budget // max(1, b * h * m)))
 
     @staticmethod
     def _dropout_keep(
@@ -221,7 +222,7 @@ class MathKernel(KernelBackend):
         kf, vf = k.to(acc), v.to(acc)
         out = torch.empty(b, n, h, v.shape[-1], dtype=q.dtype, device=q.device)
         lse = torch.empty(b, h, n, dtype=acc, device=q.device)
-        step = self._chunk(b, h, n, k.shape[1])
+        step = self._chunk(b, h, n, k.shape[1], q.device)
         for index, row0 in enumerate(range(0, n, step)):
             qc = q[:, row0 : row0 + step].to(acc)
             s = self._scores(qc, kf, scale, row0, causal, mask)
@@ -244,7 +245,7 @@ class MathKernel(KernelBackend):
         dk = torch.zeros(k.shape, dtype=acc, device=q.device)
         dv = torch.zeros(v.shape, dtype=acc, device=q.device)
         lse = lse.to(acc).masked_fill(torch.isinf(lse), 0.0)
-        step = self._chunk(b, h, n, k.shape[1])
+        step = self._chunk(b, h, n, k.shape[1], q.device)
         for index, row0 in enumerate(range(0, n, step)):
             rows = slice(row0, row0 + step)
             qc, doc = q[:, rows].to(acc), dout[:, rows].to(acc)
