@@ -1,10 +1,35 @@
-"""Entry point of ring-flash in the ``ring_attention`` group."""
+"""Entry point of ring-flash in the ``ring_attention`` group: kernels and ``ring_dilated_flash``."""
 
 from __future__ import annotations
 
 from ring_core import hookimpl
+from ring_core.deprecation import aliases_for
+from ring_core.registry import Implementation
+
+
+@hookimpl
+def register_kernels(register):
+    """The GPU backends, available or not (``ring-attention info`` lists the reasons)."""
+    from .kernels import all_kernels
+
+    for backend in all_kernels():
+        register(backend)
 
 
 @hookimpl
 def register_implementations(register):
-    """Nothing registered yet: the implementations land with this package's issue."""
+    from . import DEPRECATED
+    from .attention import RingDilatedAttentionFlash, ring_available
+
+    register(
+        Implementation(
+            name="ring_dilated_flash",
+            cls=RingDilatedAttentionFlash,
+            package="ring-flash",
+            description="ring dilated attention on fast GPU kernels (cuDNN/flash/efficient SDPA, flash-attn)",
+            aliases=aliases_for(DEPRECATED, "RingDilatedAttentionFlash"),
+            distributed=not ring_available(),
+            devices=("cuda",),  # "auto" picks it on CUDA; it also runs on the CPU with the core kernels
+            priority=20,
+        )
+    )

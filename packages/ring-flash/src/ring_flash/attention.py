@@ -1,0 +1,135 @@
+"""``RingDilatedAttentionFlash``: ring dilated attention on the fast GPU kernels of this package.
+
+Same arguments and semantics as ``ring_dilated`` (:class:`ring_core.RingDilatedAttention`).
+With one process (no process group, or a group of one) it runs the fused
+single-device path of :mod:`ring_flash.fused`; with several it runs core's ring
+with the kernel dispatch of this package. The kernel is the first registered
+backend that supports the request (cuDNN on Hopper), unless ``kernel=`` or
+``RING_ATTENTION_KERNEL`` forces one; on the CPU the core kernels serve, exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ring_core.dilated import dilated_attention
+from ring_core.kernels import KernelRequest, default_scale
+from ring_core.registry import select_kernel
+from ring_core.validation import check_dilated_config, check_dropout, check_qkv
+
+from .fused import fused_dilated_attention
+
+LAYOUTS = ("contiguous", "zigzag")
+
+
+def world_size(process_group: Any = None) -> int:
+    """Size of ``process_group`` (the default group when initialised), else 1."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if process_group is not None:
+            raise ValueError("process_group was given but torch.distributed is not initialised")
+        return 1
+    return dist.get_world_size(process_group)
+
+
+def ring_available() -> list[str]:
+    """Reasons the multi-process ring cannot be used (empty when ``ring_core.ring`` exists)."""
+    try:
+        from ring_core.ring import RingDilatedAttention  # noqa: F401
+    except ImportError as exc:
+        return [f"ring_core.ring.RingDilatedAttention is not available: {exc}"]
+    return []
+
+
+class RingDilatedAttentionFlash(nn.Module):
+    """Exact LongNet dilated attention on fast kernels; sequence-parallel over a process group.
+
+    ``attn(q, k, v, *, is_causal=False, key_padding_mask=None)`` on ``(B, N, H, D)``
+    tensors (this rank's shard when the group has several processes).
+    """
+
+    def __init__(
+        self,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        merge: str = "lse",
+        layout: str = "contiguous",
+        process_group: Any = None,
+        softmax_scale: float | None = None,
+        dropout: float = 0.0,
+        kernel: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.segment_lengths, self.dilation_rates = check_dilated_config(segment_lengths, dilation_rates, merge)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
+        if kernel is not None and not isinstance(kernel, str):
+            raise TypeError(f"kernel must be a kernel backend name or None, got {kernel!r}")
+        self.merge = merge
+        self.layout = layout
+        self.process_group = process_group
+        self.softmax_scale = softmax_scale
+        self.dropout = check_dropout(dropout)
+        self.kernel = kernel
+        self._ring: nn.Module | None = None
+
+    def _ring_module(self) -> nn.Module:
+        if self._ring is None:
+            reasons = ring_available()
+            if reasons:
+                raise RuntimeError("RingDilatedAttentionFlash with several processes needs " + reasons[0])
+            from ring_core.ring import RingDilatedAttention
+
+            self._ring = RingDilatedAttention(
+                self.segment_lengths, self.dilation_rates, merge=self.merge, layout=self.layout,
+                process_group=self.process_group, softmax_scale=self.softmax_scale, dropout=self.dropout,
+                kernel=self.kernel,
+            )  # fmt: skip
+        self._ring.train(self.training)
+        return self._ring
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        is_causal: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if world_size(self.process_group) > 1:
+            return self._ring_module()(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask)
+        dropout_p = self.dropout if self.training else 0.0
+        config = {
+            "segment_lengths": self.segment_lengths, "dilation_rates": self.dilation_rates, "merge": self.merge,
+            "is_causal": is_causal, "key_padding_mask": key_padding_mask,
+        }  # fmt: skip
+        if dropout_p > 0:  # dropout: the generic engine (kernels with dropout)
+            return dilated_attention(
+                q, k, v, softmax_scale=self.softmax_scale, dropout_p=dropout_p, kernel=self.kernel, **config
+            )
+        check_qkv(q, k, v, key_padding_mask)
+        backend = select_kernel(self.request(q, k, is_causal, key_padding_mask), self.kernel)
+        out, _ = fused_dilated_attention(
+            q, k, v, backend=backend, scale=default_scale(q.shape[-1], self.softmax_scale), **config
+        )
+        return out
+
+    @staticmethod
+    def request(
+        q: torch.Tensor, k: torch.Tensor, is_causal: bool = False, key_padding_mask: torch.Tensor | None = None
+    ) -> KernelRequest:
+        """What each kernel call of the fused path asks for (key/value heads are expanded per call)."""
+        request = KernelRequest.for_tensors(q, q, causal=is_causal, has_mask=key_padding_mask is not None)
+        del k
+        return request
+
+    def extra_repr(self) -> str:
+        return (
+            f"segment_lengths={list(self.segment_lengths)}, dilation_rates={list(self.dilation_rates)}, "
+            f"merge={self.merge!r}, layout={self.layout!r}, dropout={self.dropout}, kernel={self.kernel!r}"
+        )
