@@ -4,7 +4,20 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
+from .magneto import magneto_gamma, magneto_gamma_encoder_decoder
+from .multihead import MultiheadDilatedAttention, dilated_attention_with_extra_keys
+from .ring import RingMultiheadDilatedAttention
+
 try:
     __version__ = _metadata.version("ring-multihead")
 except _metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
+
+__all__ = [
+    "MultiheadDilatedAttention",
+    "RingMultiheadDilatedAttention",
+    "__version__",
+    "dilated_attention_with_extra_keys",
+    "magneto_gamma",
+    "magneto_gamma_encoder_decoder",
+]

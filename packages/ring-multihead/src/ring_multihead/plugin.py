@@ -7,4 +7,29 @@ from ring_core import hookimpl
 
 @hookimpl
 def register_implementations(register):
-    """Nothing registered yet: the implementations land with this package's issue."""
+    from ring_core.registry import Implementation
+
+    from .multihead import MultiheadDilatedAttention
+    from .ring import RingMultiheadDilatedAttention
+
+    register(
+        Implementation(
+            name="multihead_dilated",
+            cls=MultiheadDilatedAttention,
+            package="ring-multihead",
+            description="nn.MultiheadAttention drop-in on dilated attention (masks, weights, MAGNETO)",
+            kind="multihead",
+            priority=0,
+        )
+    )
+    register(
+        Implementation(
+            name="ring_multihead_dilated",
+            cls=RingMultiheadDilatedAttention,
+            package="ring-multihead",
+            description="nn.MultiheadAttention drop-in, sequence sharded over a process group (ring)",
+            kind="multihead",
+            distributed=True,
+            priority=0,
+        )
+    )

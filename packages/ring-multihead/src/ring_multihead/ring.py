@@ -1,0 +1,185 @@
+"""``RingMultiheadDilatedAttention``: the ``nn.MultiheadAttention`` drop-in, sequence-parallel.
+
+Each rank of ``process_group`` passes its shard of the sequence (``layout``
+``"contiguous"`` or ``"zigzag"``, SPEC.md) as ``query``/``key``/``value`` and of
+``key_padding_mask``, and gets its shard of the output. The projections are
+per-token, so only the attention core communicates: ``ring_core``'s
+``RingDilatedAttention`` on the fast path; on the dense path
+(``need_weights=True``, float key padding) keys and values are all-gathered
+(short sequences only, as for the single-device module). Parameter gradients
+are this rank's contribution: sum them over the group (as DDP does) to train.
+With one rank it is exactly :class:`MultiheadDilatedAttention`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .multihead import MultiheadDilatedAttention
+
+LAYOUTS = ("contiguous", "zigzag")
+
+
+def ring_attention_class() -> type | None:
+    """ring_core's ``RingDilatedAttention`` when this ring-core has it, else None."""
+    try:
+        from ring_core.ring import RingDilatedAttention
+    except ImportError:
+        return None
+    return RingDilatedAttention
+
+
+class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
+    """:class:`MultiheadDilatedAttention` over a sequence sharded on the ranks of ``process_group``.
+
+    Extra keyword arguments: ``process_group`` (None: the default group, or one
+    process without ``torch.distributed``) and ``layout``. Inputs are this rank's
+    shard; ``N = P * local length`` must satisfy SPEC.md's divisibility. Across
+    ranks, ``attn_mask`` must be None (use ``is_causal=True``), key and query
+    shards have the same length, and ``add_bias_kv`` / ``add_zero_attn`` need the
+    dense path (``need_weights=True``).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        segment_lengths: Sequence[int] | None = None,
+        dilation_rates: Sequence[int] | None = None,
+        merge: str = "lse",
+        layer_norm: bool = False,
+        layer_norm_eps: float = 1e-5,
+        gamma_init: float = 1.0,
+        process_group: Any = None,
+        layout: str = "contiguous",
+    ) -> None:
+        super().__init__(
+            embed_dim,
+            num_heads,
+            dropout,
+            bias,
+            add_bias_kv,
+            add_zero_attn,
+            kdim,
+            vdim,
+            batch_first,
+            device,
+            dtype,
+            segment_lengths=segment_lengths,
+            dilation_rates=dilation_rates,
+            merge=merge,
+            layer_norm=layer_norm,
+            layer_norm_eps=layer_norm_eps,
+            gamma_init=gamma_init,
+        )
+        self.process_group = process_group
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
+        self.layout = layout
+
+    def _world(self) -> tuple[int, int]:
+        """``(rank, P)`` in ``process_group``; ``(0, 1)`` without torch.distributed."""
+        if not (dist.is_available() and dist.is_initialized()):
+            if self.process_group is not None:
+                raise ValueError("process_group was given but torch.distributed is not initialised")
+            return 0, 1
+        return dist.get_rank(self.process_group), dist.get_world_size(self.process_group)
+
+    def _global_keys(self, q, k, v, key_padding_mask):
+        rank, world = self._world()
+        if world == 1:
+            return super()._global_keys(q, k, v, key_padding_mask)
+        from ring_core.sharding import shard_positions, unshard_sequence
+
+        n = q.shape[1] * world
+        k = unshard_sequence(k, self.layout, self.process_group, dim=1)
+        v = unshard_sequence(v, self.layout, self.process_group, dim=1)
+        if key_padding_mask is not None:
+            gathered = unshard_sequence(key_padding_mask.to(torch.float64), self.layout, self.process_group, dim=1)
+            key_padding_mask = gathered.bool() if key_padding_mask.dtype == torch.bool else gathered
+        positions = shard_positions(n, rank, world, self.layout).to(q.device)
+        return k, v, key_padding_mask, positions, n
+
+    def _sequence_attention(self, q, k, v, extra, *, is_causal, key_padding_mask, dropout_p):
+        _, world = self._world()
+        if world == 1:
+            return super()._sequence_attention(
+                q, k, v, extra, is_causal=is_causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p
+            )
+        if extra is not None:
+            raise ValueError(
+                "add_bias_kv / add_zero_attn across ranks need the dense path: pass need_weights=True "
+                "(short sequences), or use one rank"
+            )
+        if dropout_p > 0:
+            raise ValueError(
+                f"attention dropout (dropout={self.dropout}) is not supported across ranks; "
+                "use dropout=0.0 or call .eval()"
+            )
+        ring_cls = ring_attention_class()
+        if ring_cls is None:
+            raise RuntimeError(
+                "this ring-core has no ring_core.ring.RingDilatedAttention: sequence parallelism over "
+                f"{world} ranks is unavailable (upgrade ring-core, or use one rank)"
+            )
+        segments, rates = self._config(q.shape[1] * world)
+        ring = ring_cls(
+            segment_lengths=segments,
+            dilation_rates=rates,
+            merge=self.merge,
+            process_group=self.process_group,
+            layout=self.layout,
+        )
+        return ring(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As :meth:`MultiheadDilatedAttention.forward`, on this rank's shard; weights are ``(B, L_local, N)``."""
+        _, world = self._world()
+        if world > 1:
+            if attn_mask is not None:
+                raise ValueError(
+                    f"attn_mask is not supported across {world} ranks (got shape {tuple(attn_mask.shape)}); "
+                    "pass attn_mask=None and is_causal=True for causal attention"
+                )
+            seq_dim = 0 if (query.dim() == 2 or not self.batch_first) else 1
+            if isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor):
+                local_q, local_k = query.shape[seq_dim], key.shape[seq_dim]
+                if local_q != local_k:
+                    raise ValueError(
+                        f"across ranks query and key shards must have the same length, got {local_q} and {local_k}"
+                    )
+                if self.layout == "zigzag" and local_q % 2:
+                    raise ValueError(
+                        f"layout='zigzag' needs an even local length (N divisible by 2P), got {local_q} on each of "
+                        f"{world} ranks"
+                    )
+        return super().forward(
+            query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, layout={self.layout!r}"
