@@ -16,7 +16,9 @@ Writes JSON and a plot into ``--out`` (default ``bench-results/``).
 from __future__ import annotations
 
 import argparse
+import datetime
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -79,7 +81,14 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"core-{device.type}"
-    write_json(out / f"{stem}.json", {"card": card, "title": title, "torch": torch.__version__}, results)
+    meta = {
+        "card": card,
+        "title": title,
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "command": "python " + " ".join(sys.argv),
+    }
+    write_json(out / f"{stem}.json", meta, results)
     plot(out / f"{stem}.png", results, title)
 
 

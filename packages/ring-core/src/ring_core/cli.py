@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import platform
 import sys
 from collections.abc import Sequence
@@ -138,7 +139,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for r in results
     ]
     print(format_table(rows, ["implementation", "N", "time ms", "vs sdpa", "useful TFLOP/s", "peak MiB"]))
-    meta = {"card": card, "torch": torch.__version__, "title": title, **vars(args)}
+    meta = {
+        "card": card,
+        "torch": torch.__version__,
+        "title": title,
+        "date": datetime.date.today().isoformat(),
+        "command": "ring-attention " + " ".join(sys.argv[1:]),
+        **vars(args),
+    }
     meta.pop("func", None)
     if args.json:
         bench_lib.write_json(args.json, meta, results)
