@@ -52,6 +52,8 @@ class RingDilatedAttentionFlash(nn.Module):
     tensors (this rank's shard when the group has several processes).
     """
 
+    fold = False  # all offsets of a branch in one kernel call (gathers q, k, v); see ring_flash.fused
+
     def __init__(
         self,
         segment_lengths: Sequence[int],
@@ -115,7 +117,7 @@ class RingDilatedAttentionFlash(nn.Module):
         check_qkv(q, k, v, key_padding_mask)
         backend = select_kernel(self.request(q, k, is_causal, key_padding_mask), self.kernel)
         out, _ = fused_dilated_attention(
-            q, k, v, backend=backend, scale=default_scale(q.shape[-1], self.softmax_scale), **config
+            q, k, v, backend=backend, scale=default_scale(q.shape[-1], self.softmax_scale), fold=self.fold, **config
         )
         return out
 
@@ -123,10 +125,8 @@ class RingDilatedAttentionFlash(nn.Module):
     def request(
         q: torch.Tensor, k: torch.Tensor, is_causal: bool = False, key_padding_mask: torch.Tensor | None = None
     ) -> KernelRequest:
-        """What each kernel call of the fused path asks for (key/value heads are expanded per call)."""
-        request = KernelRequest.for_tensors(q, q, causal=is_causal, has_mask=key_padding_mask is not None)
-        del k
-        return request
+        """What each kernel call of the fused path asks for: key/value heads are expanded per call, no GQA."""
+        return KernelRequest.for_tensors(q, q, causal=is_causal, has_mask=key_padding_mask is not None)
 
     def extra_repr(self) -> str:
         return (

@@ -43,15 +43,76 @@ class FusedPlan:
     key_padding_mask: torch.Tensor | None
     accumulate_fp32: bool = False
     max_rows: int = MAX_ROWS
+    fold: bool = False  # all offsets of a branch in one call (B == 1, no GQA): gathers q, k, v
+
+
+@dataclass(frozen=True)
+class FoldedPart:
+    """Every offset of one branch in one kernel call (batch of 1, heads split evenly by the rate).
+
+    Offset ``o`` pairs positions ``o, o+r, ...`` with heads ``o, o+r, ...`` of ``[head_start,
+    head_stop)``: the diagonal of ``x`` viewed as ``(N/r, r, h/r, r)``. Views have the
+    leading dims ``(r, nseg)`` where :class:`Part` has ``(B, nseg)``; feeding a kernel
+    gathers the strided rows into one contiguous batch (one copy).
+    """
+
+    rate: int
+    start: int
+    stop: int
+    length: int
+    head_start: int
+    head_stop: int
+
+    @property
+    def heads(self) -> slice:
+        return slice(self.head_start, self.head_stop, self.rate)
+
+    def _diagonal(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.rate
+        y = x[0, :, self.head_start : self.head_stop].unflatten(0, (-1, r)).unflatten(2, (-1, r))
+        return y.diagonal(dim1=1, dim2=3).movedim(-1, 0)[:, self.start : self.stop]  # (r, n/r, h/r, ...)
+
+    def view(self, x: torch.Tensor) -> torch.Tensor:
+        """``(r, nseg, length, h/r, ...)`` strided view of ``x`` (``(1, N, H, ...)``)."""
+        return self._diagonal(x).unflatten(1, (-1, self.length))
+
+    def gather_kv(self, x: torch.Tensor) -> torch.Tensor:
+        return self.view(x).flatten(0, 1)
+
+    def add_kv_grad(self, grad: torch.Tensor, block_grad: torch.Tensor) -> None:
+        view = self.view(grad)
+        view += block_grad.unflatten(0, view.shape[:2])
+
+    def key_mask(self, key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
+        if key_padding_mask is None:
+            return None
+        kept = ~key_padding_mask[0].unflatten(0, (-1, self.rate)).t()[:, self.start : self.stop]
+        return kept.unflatten(1, (-1, self.length)).flatten(0, 1)[:, None, None, :]
+
+
+def folded_parts(seq_len: int, num_heads: int, branch: Branch) -> list[FoldedPart] | None:
+    """The branch as :class:`FoldedPart` calls (full segments, shorter last), or ``None`` when it cannot fold."""
+    r = branch.rate
+    if r == 1 or seq_len % r or branch.head_start % r or (branch.head_stop - branch.head_start) % r:
+        return None
+    count = seq_len // r
+    length = min(branch.segment // r, count)
+    full = count - count % length
+    parts = [FoldedPart(r, 0, full, length, branch.head_start, branch.head_stop)] if full else []
+    if full < count:
+        parts.append(FoldedPart(r, full, count, count - full, branch.head_start, branch.head_stop))
+    return parts
 
 
 def _heads(part: Part, num_heads: int) -> int:
     return len(range(*part.heads.indices(num_heads)))
 
 
-def _chunks(part: Part, batch: int, num_heads: int, max_rows: int) -> Iterator[Part]:
+def _chunks(part: Part | FoldedPart, batch: int, num_heads: int, max_rows: int) -> Iterator[Part | FoldedPart]:
     """``part`` cut into pieces of whole segments with at most ``max_rows`` query rows each."""
     rows_per_segment = part.length * _heads(part, num_heads) * batch
+    if isinstance(part, FoldedPart):
+        rows_per_segment *= part.rate
     step = max(1, max_rows // max(1, rows_per_segment)) * part.length
     if part.stop - part.start <= step:
         yield part
@@ -69,7 +130,8 @@ def _plan_parts(plan: FusedPlan, q: torch.Tensor, k: torch.Tensor) -> list[tuple
     )
     calls = []
     for index, branch in enumerate(plan.branches):
-        for part in dilated_parts(n, branch, groups, q.device):
+        folded = folded_parts(n, h, branch) if plan.fold and b == 1 and groups == 1 else None
+        for part in folded or dilated_parts(n, branch, groups, q.device):
             for chunk in _chunks(part, b, h, plan.max_rows):
                 calls.append((chunk, index == covering))
     calls.sort(key=lambda call: not call[1])
@@ -205,6 +267,7 @@ def fused_dilated_attention(
     key_padding_mask: torch.Tensor | None = None,
     accumulate_fp32: bool = False,
     max_rows: int = MAX_ROWS,
+    fold: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dilated attention through ``backend``; returns ``out`` (B, N, H, D) and ``lse`` (B, N, H).
 
@@ -212,6 +275,6 @@ def fused_dilated_attention(
     """
     plan = FusedPlan(
         backend, scale, branches(segment_lengths, dilation_rates, merge, q.shape[2]), is_causal,
-        key_padding_mask, accumulate_fp32, max_rows,
+        key_padding_mask, accumulate_fp32, max_rows, fold,
     )  # fmt: skip
     return _FusedDilated.apply(plan, q, k, v)

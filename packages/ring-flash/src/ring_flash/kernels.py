@@ -110,21 +110,39 @@ class SDPACuDNNKernel(GPUKernel):
     max_head_dim = 128
     priorities = (((9, 0), 100), ((8, 0), 40))
 
+    strided_inputs = True  # cleared if this cuDNN rejects strided views (then inputs are made contiguous)
+
+    def _retry_contiguous(self, fn, *tensors):
+        if self.strided_inputs:
+            try:
+                return fn(*tensors)
+            except RuntimeError:
+                type(self).strided_inputs = False
+        return fn(*(t.contiguous() for t in tensors))
+
     def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
         b, n, h, _ = q.shape
-        out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, causal, False, scale=scale
-        )
+
+        def run(q, k, v):
+            return torch.ops.aten._scaled_dot_product_cudnn_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, causal, False, scale=scale
+            )
+
+        out, lse, *_ = self._retry_contiguous(run, q, k, v)
         return out.transpose(1, 2), lse.reshape(b, h, n)
 
     def backward(self, dout, q, k, v, out, lse, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
         n, m = q.shape[1], k.shape[1]
         seed_t = _philox(q.device)
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            out.transpose(1, 2), lse.float().contiguous(), seed_t, seed_t, None, None, None,
-            n, m, 0.0, causal, scale=scale,
-        )  # fmt: skip
+        lse = lse.float().contiguous()
+
+        def run(dout, q, k, v, out):
+            return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                out.transpose(1, 2), lse, seed_t, seed_t, None, None, None, n, m, 0.0, causal, scale=scale,
+            )  # fmt: skip
+
+        dq, dk, dv = self._retry_contiguous(run, dout, q, k, v, out)
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
