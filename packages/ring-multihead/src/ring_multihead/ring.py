@@ -90,6 +90,7 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
         self.layout = layout
+        self._rings: dict[tuple, torch.nn.Module] = {}  # ring_core RingDilatedAttention per configuration
 
     def _world(self) -> tuple[int, int]:
         """``(rank, P)`` in ``process_group``; ``(0, 1)`` without torch.distributed."""
@@ -120,16 +121,6 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
             return super()._sequence_attention(
                 q, k, v, extra, is_causal=is_causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p
             )
-        if extra is not None:
-            raise ValueError(
-                "add_bias_kv / add_zero_attn across ranks need the dense path: pass need_weights=True "
-                "(short sequences), or use one rank"
-            )
-        if dropout_p > 0:
-            raise ValueError(
-                f"attention dropout (dropout={self.dropout}) is not supported across ranks; "
-                "use dropout=0.0 or call .eval()"
-            )
         ring_cls = ring_attention_class()
         if ring_cls is None:
             raise RuntimeError(
@@ -137,13 +128,18 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
                 f"{world} ranks is unavailable (upgrade ring-core, or use one rank)"
             )
         segments, rates = self._config(q.shape[1] * world)
-        ring = ring_cls(
-            segment_lengths=segments,
-            dilation_rates=rates,
-            merge=self.merge,
-            process_group=self.process_group,
-            layout=self.layout,
-        )
+        key = (segments, rates, dropout_p)
+        ring = self._rings.get(key)
+        if ring is None:
+            ring = ring_cls(
+                segments,
+                rates,
+                merge=self.merge,
+                layout=self.layout,
+                process_group=self.process_group,
+                dropout=dropout_p,
+            )
+            self._rings[key] = ring
         return ring(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask)
 
     def forward(
@@ -164,6 +160,11 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
                 raise ValueError(
                     f"attn_mask is not supported across {world} ranks (got shape {tuple(attn_mask.shape)}); "
                     "pass attn_mask=None and is_causal=True for causal attention"
+                )
+            if not need_weights and (self.bias_k is not None or self.add_zero_attn):
+                raise ValueError(
+                    f"add_bias_kv / add_zero_attn across {world} ranks need the dense path: pass need_weights=True "
+                    "(short sequences), or use one rank"
                 )
             seq_dim = 0 if (query.dim() == 2 or not self.batch_first) else 1
             if isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor):

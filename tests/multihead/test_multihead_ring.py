@@ -1,0 +1,132 @@
+"""RingMultiheadDilatedAttention: one rank equals the single-device module; 2 gloo ranks equal its shards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mh_helpers import F64, assert_close, randn
+
+from ring_multihead import MultiheadDilatedAttention, RingMultiheadDilatedAttention
+from ring_multihead.ring import ring_attention_class
+
+E, H, N = 12, 4, 16
+CASES = {
+    # name: (constructor options, forward options, layout)
+    "dilated-causal-pad": (
+        {"segment_lengths": [4, 8], "dilation_rates": [1, 2]},
+        {"is_causal": True, "pad": True},
+        "contiguous",
+    ),
+    "zigzag-causal": ({"segment_lengths": [2, 16], "dilation_rates": [1, 4]}, {"is_causal": True}, "zigzag"),
+    "dense-subln-seqfirst": ({"layer_norm": True, "batch_first": False}, {"pad": True}, "contiguous"),
+    "head-groups": ({"segment_lengths": [4, 8], "dilation_rates": [2, 4], "merge": "head_groups"}, {}, "zigzag"),
+    "weights": (
+        {"segment_lengths": [4, 8], "dilation_rates": [1, 2]},
+        {"is_causal": True, "pad": True, "need_weights": True},
+        "zigzag",
+    ),
+    "weights-bias-kv": (
+        {"add_bias_kv": True, "add_zero_attn": True},
+        {"pad": True, "need_weights": True},
+        "contiguous",
+    ),
+}
+
+
+def build(cls, options, **extra):
+    torch.manual_seed(0)
+    module = cls(E, H, dtype=F64, **{"batch_first": True, **options}, **extra)
+    if module.norm is not None:
+        torch.nn.init.normal_(module.norm.weight)
+    return module
+
+
+def run_case(module, inputs, mask, forward, grad_out, grad_weights):
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    module.zero_grad(set_to_none=True)
+    out, weights = module(*leaves, key_padding_mask=mask, average_attn_weights=False, **forward)
+    loss = (out * grad_out).sum() + (0 if weights is None else (weights * grad_weights).sum())
+    loss.backward()
+    result = {"out": out.detach(), **{f"d{i}": x.grad for i, x in enumerate(leaves)}}
+    result.update({f"d{name}": p.grad for name, p in module.named_parameters()})
+    if weights is not None:
+        result["weights"] = weights.detach()
+    return result
+
+
+def ring_worker(rank: int, world_size: int) -> dict[str, str]:
+    """Every case on this rank; returns {case: error message} for the failures."""
+    from ring_core.sharding import shard_sequence
+
+    failures = {}
+    for name, (options, forward, layout) in CASES.items():
+        forward = dict(forward)
+        pad = forward.pop("pad", False)
+        forward.setdefault("need_weights", False)
+        batch_first = options.get("batch_first", True)
+        seq_dim = 1 if batch_first else 0
+        shape = (2, N, E) if batch_first else (N, 2, E)
+        inputs = [randn(*shape, seed=i) for i in range(3)]
+        mask = None
+        if pad:
+            mask = torch.rand(2, N, generator=torch.Generator().manual_seed(9)) < 0.3
+            mask[:, 0] = False
+        grad_out = randn(*shape, seed=5)
+        extra_keys = int(options.get("add_bias_kv", False)) + int(options.get("add_zero_attn", False))
+        grad_weights = randn(2, H, N, N + extra_keys, seed=6)
+        single = build(MultiheadDilatedAttention, options)
+        expected = run_case(single, inputs, mask, forward, grad_out, grad_weights)
+        ring = build(RingMultiheadDilatedAttention, options, layout=layout)
+
+        def local(x, dim=seq_dim, layout=layout):
+            return None if x is None else shard_sequence(x, layout, dim=dim)
+
+        actual = run_case(
+            ring, [local(x) for x in inputs], local(mask, 1), forward, local(grad_out), local(grad_weights, 2)
+        )
+        for key in list(actual):
+            if key.startswith("d") and key[1:] not in ("0", "1", "2"):  # parameter grads: this rank's part
+                torch.distributed.all_reduce(actual[key])
+        wanted = {key: local(value, seq_dim) for key, value in expected.items() if key in ("out", "d0", "d1", "d2")}
+        wanted.update({key: value for key, value in expected.items() if key not in wanted})
+        if "weights" in wanted:
+            wanted["weights"] = local(expected["weights"], 2)
+        try:
+            assert_close(actual, wanted)
+        except AssertionError as error:
+            failures[name] = str(error)
+    return failures
+
+
+needs_ring = pytest.mark.skipif(ring_attention_class() is None, reason="ring_core.ring is not available yet")
+
+
+@needs_ring
+@pytest.mark.distributed
+def test_two_gloo_ranks_equal_the_single_device_module():
+    distributed_helpers = pytest.importorskip("distributed_helpers")
+    results = distributed_helpers.run_distributed(ring_worker, 2)
+    failures = {
+        f"rank {rank}: {case}": message for rank, result in enumerate(results) for case, message in result.items()
+    }
+    assert not failures, failures
+
+
+def test_one_rank_is_the_single_device_module():
+    for options, forward, layout in CASES.values():
+        forward = {k: v for k, v in forward.items() if k != "pad"}
+        single = build(MultiheadDilatedAttention, options)
+        ring = build(RingMultiheadDilatedAttention, options, layout=layout)
+        shape = (2, N, E) if options.get("batch_first", True) else (N, 2, E)
+        x = randn(*shape, seed=1)
+        expected = single(x, x, x, **forward)
+        actual = ring(x, x, x, **forward)
+        torch.testing.assert_close(actual[0], expected[0], rtol=0, atol=0)
+        assert (actual[1] is None) == (expected[1] is None)
+
+
+def test_process_group_without_distributed_is_an_error():
+    ring = RingMultiheadDilatedAttention(E, H, process_group=object())
+    x = torch.randn(N, 2, E)
+    with pytest.raises(ValueError, match="process_group was given but torch.distributed is not initialised"):
+        ring(x, x, x)
