@@ -74,3 +74,22 @@ __all__ = [
     "select_kernel",
     "warn_deprecated",
 ]
+
+# Sequence parallelism: the ring and the sharding helpers (issue 3).
+from .builtins import DEPRECATED_NAMES as _DEPRECATED_NAMES
+from .ring import RingCommStats, RingConfigError, RingDilatedAttention, ring_dilated_attention
+from .sharding import shard_positions, shard_ranges, shard_sequence, unshard_sequence
+
+__all__ += [
+    "RingCommStats",
+    "RingConfigError",
+    "RingDilatedAttention",
+    "ring_dilated_attention",
+    "shard_positions",
+    "shard_ranges",
+    "shard_sequence",
+    "unshard_sequence",
+]
+
+# Deprecated names (FutureWarning naming the replacement and the removal version).
+__getattr__ = deprecated_getattr(__name__, "ring-core", _DEPRECATED_NAMES)

@@ -26,3 +26,26 @@ def register_implementations(register):
             priority=0,
         )
     )
+
+
+# Deprecated names of ring-core: {old: (new, removal version)}; served by ring_core.__getattr__ too.
+DEPRECATED_NAMES = {"RingDilatedAttentionV2Collective": ("RingDilatedAttention", "0.3.0")}
+
+
+@hookimpl(specname="register_implementations")
+def register_ring_implementations(register):
+    from .deprecation import aliases_for
+    from .registry import Implementation
+    from .ring import RingDilatedAttention
+
+    register(
+        Implementation(
+            name="ring_dilated",
+            cls=RingDilatedAttention,
+            package="ring-core",
+            description="exact ring attention (dense and dilated) over a torch.distributed group, P2P overlapped",
+            aliases=aliases_for(DEPRECATED_NAMES, "RingDilatedAttention"),
+            distributed=True,
+            priority=1,
+        )
+    )

@@ -169,3 +169,212 @@ def format_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# -- distributed checks: real gloo processes (torch.multiprocessing) ---------------------------
+
+
+class DistributedRunError(RuntimeError):
+    """A spawned rank raised, died, or did not finish within the timeout."""
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (for ``init_method``)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _gloo_worker(rank, world_size, port, timeout, fn, args, results) -> None:  # runs in a child process
+    import datetime
+    import traceback
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout),
+        )  # fmt: skip
+        value = fn(rank, world_size, *args)
+        results.put((rank, True, value))
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_gloo(fn: Callable[..., object], world_size: int, *args: object, timeout: float = 120.0) -> list[object]:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes of one gloo group.
+
+    ``fn`` must be importable (a module-level function) and its result picklable.
+    Returns the results in rank order; raises :class:`DistributedRunError` with every
+    failing rank's traceback, or when ranks are still running after ``timeout`` seconds
+    (they are killed: a failing check never hangs).
+    """
+    import queue as queue_module
+    import time
+
+    import torch.multiprocessing as mp
+
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    processes = [
+        context.Process(target=_gloo_worker, args=(rank, world_size, port, timeout, fn, args, results), daemon=True)
+        for rank in range(world_size)
+    ]
+    for process in processes:
+        process.start()
+    collected: dict[int, tuple[bool, object]] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(collected) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = sorted(set(range(world_size)) - set(collected))
+                raise DistributedRunError(f"ranks {missing} of {world_size} did not finish within {timeout:.0f} s")
+            try:
+                rank, ok, value = results.get(timeout=min(remaining, 1.0))
+                collected[rank] = (ok, value)
+            except queue_module.Empty:
+                dead = [r for r, p in enumerate(processes) if r not in collected and p.exitcode is not None]
+                if dead:
+                    time.sleep(0.5)  # a result may still be in flight
+                    while not results.empty():
+                        rank, ok, value = results.get()
+                        collected[rank] = (ok, value)
+                    dead = [r for r in dead if r not in collected]
+                    if dead:
+                        codes = {r: processes[r].exitcode for r in dead}
+                        raise DistributedRunError(f"ranks {dead} died without a result (exit codes {codes})") from None
+    finally:
+        for process in processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+    failures = [f"rank {r}:\n{value}" for r, (ok, value) in sorted(collected.items()) if not ok]
+    if failures:
+        raise DistributedRunError("\n".join(failures))
+    return [collected[r][1] for r in range(world_size)]
+
+
+def fit_case(case: Case, world_size: int, layout: str = "contiguous") -> Case:
+    """``case`` with its sequence length rounded up to a multiple of ``P`` (``2P`` for zigzag)."""
+    import dataclasses
+
+    multiple = world_size * (2 if layout == "zigzag" and world_size > 1 else 1)
+    seq_len = -(-case.seq_len // multiple) * multiple
+    return dataclasses.replace(case, seq_len=seq_len) if seq_len != case.seq_len else case
+
+
+@dataclass
+class DistributedCaseResult:
+    """Per-rank errors (``out``, ``dq``, ``dk``, ``dv`` vs the reference rows) of one case and layout."""
+
+    case: Case
+    layout: str
+    world_size: int
+    dtype: torch.dtype
+    rank_errors: list[dict[str, float]]
+    tolerance: tuple[float, float]
+
+    @property
+    def passed(self) -> bool:
+        limit_out, limit_grad = self.tolerance
+        return all(
+            err <= (limit_out if name == "out" else limit_grad)
+            for errors in self.rank_errors
+            for name, err in errors.items()
+        )
+
+    @property
+    def worst(self) -> float:
+        return max(err for errors in self.rank_errors for err in errors.values())
+
+
+def sharded_case_errors(
+    module: nn.Module | Callable[..., torch.Tensor],
+    case: Case,
+    rank: int,
+    world_size: int,
+    layout: str = "contiguous",
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+) -> dict[str, float]:
+    """On rank ``rank`` of a running group: ``module`` on this rank's shards vs the reference rows.
+
+    Every rank builds the same full inputs (``case.seq_len`` must fit the layout), runs
+    forward and backward on its shard and returns the relative errors of its ``out``,
+    ``dq``, ``dk``, ``dv`` shards.
+    """
+    from .sharding import shard_sequence
+
+    q, k, v, mask = make_inputs(case, dtype, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    dout = torch.randn(q.shape[:3] + v.shape[3:], generator=generator, dtype=torch.float64)
+    expected = reference_outputs(case, q, k, v, mask, dout)
+
+    def shard(x: torch.Tensor) -> torch.Tensor:
+        return shard_sequence(x, layout, rank=rank, world_size=world_size)
+
+    leaves = [shard(x).clone().requires_grad_() for x in (q, k, v)]
+    out = module(*leaves, is_causal=case.causal, key_padding_mask=None if mask is None else shard(mask))
+    out.backward(shard(dout).to(out.dtype))
+    actual = {"out": out, "dq": leaves[0].grad, "dk": leaves[1].grad, "dv": leaves[2].grad}
+    return {
+        key: float("inf") if actual[key] is None else relative_error(actual[key], shard(expected[key]))
+        for key in expected
+    }
+
+
+def _distributed_check_worker(rank, world_size, name, cases, layouts, dtype, options, seed):
+    from .factory import create_attention
+
+    rows = []
+    for case in cases:
+        for layout in layouts:
+            fitted = fit_case(case, world_size, layout or "contiguous")
+            config = {**fitted.config, **(options or {})}
+            if layout is not None:
+                config["layout"] = layout
+            module = create_attention(name, **config)
+            errors = sharded_case_errors(module, fitted, rank, world_size, layout or "contiguous", dtype, seed)
+            rows.append((fitted, layout or "contiguous", errors))
+    return rows
+
+
+def check_distributed(
+    name: str,
+    cases: Sequence[Case] = QUICK_CASES,
+    world_size: int = 2,
+    dtype: torch.dtype = torch.float64,
+    layouts: Sequence[str | None] = (None,),
+    options: dict | None = None,
+    seed: int = 0,
+    timeout: float = 300.0,
+) -> list[DistributedCaseResult]:
+    """Run implementation ``name`` on ``world_size`` gloo ranks with sharded inputs, forward and backward.
+
+    Every rank builds the same full inputs, takes its shard (``layouts``: ``None``
+    passes no ``layout`` argument, i.e. the implementation's default, contiguous), and
+    compares its output and ``dq, dk, dv`` shards with the matching rows of the float64
+    reference. Each case's ``N`` is rounded up to fit ``P`` (:func:`fit_case`). All
+    cases run in one process group (spawning costs seconds).
+    """
+    per_rank = run_gloo(
+        _distributed_check_worker, world_size, name, tuple(cases), tuple(layouts), dtype, options, seed,
+        timeout=timeout,
+    )  # fmt: skip
+    results = []
+    for index, (case, layout, _) in enumerate(per_rank[0]):
+        rank_errors = [rows[index][2] for rows in per_rank]
+        results.append(DistributedCaseResult(case, layout, world_size, dtype, rank_errors, TOLERANCES[dtype]))
+    return results

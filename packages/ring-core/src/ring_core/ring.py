@@ -1,0 +1,780 @@
+"""Ring attention over a ``torch.distributed`` process group: exact dilated (and dense) attention.
+
+Each rank holds a shard of the sequence (layout ``"contiguous"`` or ``"zigzag"``,
+see :mod:`ring_core.sharding`). A shard is one or two contiguous *pieces* of
+global positions. For a dilated branch ``(w, r)`` and offset ``o`` the selected
+positions of a piece fall into *runs*, one per segment they touch:
+
+- runs inside one piece are computed locally, batched by segment, exactly like
+  :class:`~ring_core.dilated.DilatedSchedule` (causal within the run);
+- two pieces share at most one segment; when a piece of rank ``s`` shares a
+  segment with a piece of rank ``t``, ``s`` sends ``t`` only the selected rows of
+  that run, and only the key/value heads of the offset's query heads. Causally,
+  a piece that lies entirely after the query piece is skipped (nothing sent).
+
+So a branch whose segments fit inside every shard sends nothing, and dense
+attention (``segment_lengths=[w >= N]``, rate 1) is the classic ring with the
+causal blocks skipped. At step ``j`` of ``P - 1``, rank ``t`` receives from
+``t - j`` and sends to ``t + j`` (one ``batch_isend_irecv``), while the blocks of
+step ``j - 1`` are computed. Backward fetches K/V again and returns the dK/dV of
+remote keys to their owner in float32 (float64 for float64 inputs).
+
+Everything is one :class:`~ring_core.engine.BlockSchedule` run through
+:func:`~ring_core.engine.blockwise_attention`.
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .dilated import Branch, Part, branches
+from .engine import Accumulator, BlockKernel, BlockSchedule, blockwise_attention
+from .kernels import FLOAT_DTYPES, KernelRequest, default_scale
+from .registry import select_kernel
+from .sharding import LAYOUTS, check_layout, group_rank_and_size, shard_ranges
+from .validation import MERGES, check_dilated_config, check_dropout, check_qkv
+
+__all__ = [
+    "RingCommStats",
+    "RingDilatedAttention",
+    "RingPlan",
+    "build_ring_plan",
+    "ring_dilated_attention",
+]
+
+
+# -- the plan: which blocks exist and who sends what to whom ------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    """Selected positions ``[i0, i1)`` (units of the rate) of one piece, in segments of ``length``."""
+
+    segment: int  # global index of the first segment
+    i0: int
+    i1: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Item:
+    """One cross-piece block: the receiver's ``q_part`` rows see key slot ``slot`` of a :class:`Transfer`."""
+
+    q_part: Part
+    slot: int
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """What one rank sends another: each key run once (sender's coordinates), and the blocks that use them."""
+
+    kv_parts: tuple[Part, ...] = ()
+    items: tuple[Item, ...] = ()
+
+
+@dataclass(frozen=True)
+class Step:
+    """Step ``j`` of the ring: receive ``recv`` from ``recv_from`` and send ``send`` to ``send_to``."""
+
+    recv_from: int
+    recv: Transfer
+    send_to: int
+    send: Transfer
+
+
+@dataclass(frozen=True)
+class RingPlan:
+    """Every block of one rank: runs inside its pieces, blocks between its own pieces, one step per peer."""
+
+    local_parts: tuple[Part, ...]
+    local: Transfer
+    steps: tuple[Step, ...]
+
+
+def part_rows(part: Part) -> int:
+    return part.stop - part.start
+
+
+def part_kv_heads(part: Part, num_kv_heads: int) -> int:
+    heads = part.kv_heads
+    return len(range(*heads.indices(num_kv_heads))) if isinstance(heads, slice) else int(heads.numel())
+
+
+def _offset_heads(branch: Branch, offset: int, groups: int, device: torch.device) -> tuple[slice, Any] | None:
+    """Query heads of one offset, and the key/value heads they read (a slice when the kernel's GQA fits)."""
+    r = branch.rate
+    first = branch.head_start + (offset - branch.head_start) % r
+    if first >= branch.head_stop:
+        return None
+    heads = slice(first, branch.head_stop, r)
+    if groups == 1:
+        return heads, heads
+    kv = [h // groups for h in range(first, branch.head_stop, r)]
+    unique = sorted(set(kv))
+    repeat = len(kv) // len(unique)
+    if len(kv) == repeat * len(unique) and all(
+        kv[i] == unique[i // repeat] for i in range(len(kv))
+    ):  # each kv head for `repeat` q heads: GQA
+        step = unique[1] - unique[0] if len(unique) > 1 else 1
+        if unique == list(range(unique[0], unique[-1] + 1, step)):
+            return heads, slice(unique[0], unique[-1] + 1, step)
+        return heads, torch.tensor(unique, device=device)
+    return heads, torch.tensor(kv, device=device)
+
+
+def _runs(start: int, stop: int, branch: Branch, offset: int) -> tuple[int, list[Run]]:
+    """The first selected position of global piece ``[start, stop)`` and its runs (head, full, tail)."""
+    w, r = branch.segment, branch.rate
+    first = start + (offset - start) % r
+    if first >= stop:
+        return first, []
+    count = (stop - 1 - first) // r + 1
+    m = w // r
+    seg0 = first // w
+    head = min(count, -(-((seg0 + 1) * w - first) // r))
+    full, tail = divmod(count - head, m)
+    if head == m:  # the piece starts on a segment boundary: one batch of full segments
+        runs = [Run(seg0, 0, head + full * m, m)]
+    else:
+        runs = [Run(seg0, 0, head, head)]
+        if full:
+            runs.append(Run(seg0 + 1, head, head + full * m, m))
+    if tail:
+        runs.append(Run(seg0 + 1 + full, head + full * m, count, tail))
+    return first, runs
+
+
+def _run_for_segment(runs: list[Run], segment: int) -> tuple[int, int] | None:
+    for run in runs:
+        nseg = (run.i1 - run.i0) // run.length
+        if run.segment <= segment < run.segment + nseg:
+            i0 = run.i0 + (segment - run.segment) * run.length
+            return i0, min(run.i1, i0 + run.length)
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def build_ring_plan(
+    seq_len: int,
+    world_size: int,
+    rank: int,
+    layout: str,
+    branch_list: tuple[Branch, ...],
+    num_heads: int,
+    num_kv_heads: int,
+    causal: bool,
+    device: torch.device,
+) -> RingPlan:
+    """The blocks of ``rank`` for a global sequence of ``seq_len`` (cached)."""
+    groups = num_heads // num_kv_heads
+    pieces = [shard_ranges(seq_len, p, world_size, layout) for p in range(world_size)]
+
+    def local_start(p: int, index: int) -> int:
+        return sum(b - a for a, b in pieces[p][:index])
+
+    # runs[p][piece][(branch, offset)] = (first local position, runs)
+    runs: list[list[dict[tuple[int, int], tuple[int, list[Run]]]]] = []
+    heads_of: dict[tuple[int, int], tuple[slice, Any]] = {}
+    for bi, branch in enumerate(branch_list):
+        for offset in range(branch.rate):
+            selected = _offset_heads(branch, offset, groups, device)
+            if selected is not None:
+                heads_of[bi, offset] = selected
+    for p in range(world_size):
+        per_piece = []
+        for index, (a, b) in enumerate(pieces[p]):
+            table = {}
+            for bi, offset in heads_of:
+                first, piece_runs = _runs(a, b, branch_list[bi], offset)
+                table[bi, offset] = (local_start(p, index) + first - a, piece_runs)
+            per_piece.append(table)
+        runs.append(per_piece)
+
+    def part(p: int, index: int, key: tuple[int, int], i0: int, i1: int, length: int) -> Part:
+        heads, kv_heads = heads_of[key]
+        base, _ = runs[p][index][key]
+        return Part(base, branch_list[key[0]].rate, i0, i1, length, heads, kv_heads)
+
+    def transfer(src: int, dst: int) -> Transfer:
+        slots: dict[tuple, tuple[int, Part]] = {}  # each distinct key run travels once
+        found = []
+        for key in heads_of:
+            for qi, (_, qb) in enumerate(pieces[dst]):
+                for ki, (ka, _) in enumerate(pieces[src]):
+                    if (src, ki) == (dst, qi) or (causal and ka >= qb):
+                        continue
+                    q_runs, k_runs = runs[dst][qi][key][1], runs[src][ki][key][1]
+                    if not q_runs or not k_runs:
+                        continue
+                    low = max(q_runs[0].segment, k_runs[0].segment)
+                    high = min(_last_segment(q_runs), _last_segment(k_runs))
+                    for segment in range(low, high + 1):
+                        q_span, k_span = _run_for_segment(q_runs, segment), _run_for_segment(k_runs, segment)
+                        if q_span and k_span:
+                            slot_key = (key, ki, k_span)
+                            if slot_key not in slots:
+                                slots[slot_key] = (len(slots), part(src, ki, key, *k_span, k_span[1] - k_span[0]))
+                            q_part = part(dst, qi, key, *q_span, q_span[1] - q_span[0])
+                            found.append(Item(q_part, slots[slot_key][0]))
+        return Transfer(tuple(p for _, p in slots.values()), tuple(found))
+
+    local_parts = []
+    for index in range(len(pieces[rank])):
+        for key in heads_of:
+            piece_runs = runs[rank][index][key][1]
+            for run in piece_runs:
+                local_parts.append(part(rank, index, key, run.i0, run.i1, run.length))
+    steps = tuple(
+        Step(
+            (rank - j) % world_size,
+            transfer((rank - j) % world_size, rank),
+            (rank + j) % world_size,
+            transfer(rank, (rank + j) % world_size),
+        )
+        for j in range(1, world_size)
+    )
+    return RingPlan(tuple(local_parts), transfer(rank, rank), steps)
+
+
+def _last_segment(runs: list[Run]) -> int:
+    last = runs[-1]
+    return last.segment + (last.i1 - last.i0) // last.length - 1
+
+
+# -- communication -----------------------------------------------------------------------------
+
+
+@dataclass
+class RingCommStats:
+    """Bytes this rank sent: in the last forward, the last backward, in total, and per peer (group rank)."""
+
+    forward_bytes: int = 0
+    backward_bytes: int = 0
+    total_bytes: int = 0
+    calls: int = 0
+    peer_bytes: dict[int, int] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.forward_bytes = self.backward_bytes = self.total_bytes = self.calls = 0
+        self.peer_bytes = {}
+
+
+@dataclass
+class _Exchange:
+    """One posted ``batch_isend_irecv``: keeps the buffers alive until :meth:`wait`."""
+
+    works: list[Any]
+    send: torch.Tensor | None
+    recv: torch.Tensor | None
+
+    def wait(self) -> torch.Tensor | None:
+        for work in self.works:
+            work.wait()
+        self.works = []
+        return self.recv
+
+
+@dataclass
+class _Comm:
+    group: Any
+    rank: int
+    world_size: int
+    stats: RingCommStats
+    phase: str = "forward"
+    peers: dict[int, int] = field(default_factory=dict)
+
+    def global_rank(self, group_rank: int) -> int:
+        if self.group is None:
+            return group_rank
+        if group_rank not in self.peers:
+            self.peers[group_rank] = dist.get_global_rank(self.group, group_rank)
+        return self.peers[group_rank]
+
+    def exchange(
+        self, send: torch.Tensor | None, send_to: int, recv_numel: int, recv_from: int, like: torch.Tensor
+    ) -> _Exchange:
+        """Post the send of the flat ``send`` buffer and the receive of ``recv_numel`` elements."""
+        ops, recv = [], None
+        if send is not None and send.numel():
+            ops.append(dist.P2POp(dist.isend, send, self.global_rank(send_to), self.group))
+            sent = send.numel() * send.element_size()
+            self.stats.total_bytes += sent
+            self.stats.peer_bytes[send_to] = self.stats.peer_bytes.get(send_to, 0) + sent
+            if self.phase == "forward":
+                self.stats.forward_bytes += sent
+            else:
+                self.stats.backward_bytes += sent
+        if recv_numel:
+            recv = torch.empty(recv_numel, dtype=like.dtype, device=like.device)
+            ops.append(dist.P2POp(dist.irecv, recv, self.global_rank(recv_from), self.group))
+        works = dist.batch_isend_irecv(ops) if ops else []
+        return _Exchange(list(works), send, recv)
+
+
+# -- the schedule --------------------------------------------------------------------------------
+
+
+class RingDilatedSchedule(BlockSchedule):
+    """Dilated (and dense) attention of this rank's shard; key runs come from the peers that hold them."""
+
+    def __init__(
+        self,
+        kernel: BlockKernel,
+        plan: RingPlan,
+        comm: _Comm,
+        *,
+        causal: bool,
+        key_padding_mask: torch.Tensor | None,
+    ) -> None:
+        self.kernel = kernel
+        self.plan = plan
+        self.comm = comm
+        self.causal = causal
+        self.key_padding_mask = key_padding_mask
+        self.block_base = comm.rank * 1_000_003
+
+    # -- payloads: per key run its k rows, v rows and (with padding) kept-key flags, flat ------------
+    def _shapes(self, parts: tuple[Part, ...], k: torch.Tensor, v: torch.Tensor, grads: bool = False):
+        shapes = []
+        for part in parts:
+            b, rows, heads = k.shape[0], part_rows(part), part_kv_heads(part, k.shape[2])
+            shapes.append([(b, rows, heads, k.shape[3]), (b, rows, heads, v.shape[3])])
+            if self.key_padding_mask is not None and not grads:
+                shapes[-1].append((b, rows))
+        return shapes
+
+    @staticmethod
+    def _numel(shapes) -> int:
+        return sum(int(torch.Size(s).numel()) for group in shapes for s in group)
+
+    @staticmethod
+    def _unpack(buffer: torch.Tensor, shapes) -> list[list[torch.Tensor]]:
+        flat = [s for group in shapes for s in group]
+        tensors = [t.view(s) for t, s in zip(buffer.split([int(torch.Size(s).numel()) for s in flat]), flat)]
+        out, index = [], 0
+        for group in shapes:
+            out.append(tensors[index : index + len(group)])
+            index += len(group)
+        return out
+
+    def _local_kv(self, part: Part, k: torch.Tensor, v: torch.Tensor):
+        return part.gather_kv(k), part.gather_kv(v), part.key_mask(self.key_padding_mask)
+
+    def _start_kv(self, j: int, k: torch.Tensor, v: torch.Tensor) -> _Exchange | None:
+        if j > len(self.plan.steps):
+            return None
+        step = self.plan.steps[j - 1]
+        send = None
+        if step.send.kv_parts:
+            chunks = []
+            for part in step.send.kv_parts:
+                chunks += [part.gather_kv(k).reshape(-1), part.gather_kv(v).reshape(-1)]
+                if self.key_padding_mask is not None:
+                    chunks.append((~self.key_padding_mask[:, part.positions()]).to(k.dtype).reshape(-1))
+            send = torch.cat(chunks)
+        recv_numel = self._numel(self._shapes(step.recv.kv_parts, k, v))
+        return self.comm.exchange(send, step.send_to, recv_numel, step.recv_from, k)
+
+    def _received(self, transfer: Transfer, buffer: torch.Tensor | None, k, v):
+        """``(k_block, v_block, mask)`` per key slot of a received transfer."""
+        if not transfer.kv_parts:
+            return []
+        slots = []
+        for kb, vb, *kept in self._unpack(buffer, self._shapes(transfer.kv_parts, k, v)):
+            slots.append((kb, vb, kept[0].bool()[:, None, None, :] if kept else None))
+        return slots
+
+    # -- forward ---------------------------------------------------------------------------------------
+    def forward(self, q, k, v, acc: Accumulator) -> None:
+        self.comm.phase = "forward"
+        self.comm.stats.forward_bytes = 0
+        pending = self._start_kv(1, k, v)
+        block_id = self.block_base
+        for part in self.plan.local_parts:
+            kb, vb, mask = self._local_kv(part, k, v)
+            self._forward_block(part, q, kb, vb, mask, acc, self.causal, block_id)
+            block_id += 1
+        local = [self._local_kv(part, k, v) for part in self.plan.local.kv_parts]
+        for item in self.plan.local.items:
+            self._forward_block(item.q_part, q, *local[item.slot], acc, False, block_id)
+            block_id += 1
+        for j, step in enumerate(self.plan.steps, start=1):
+            buffer = pending.wait() if pending is not None else None
+            pending = self._start_kv(j + 1, k, v)
+            slots = self._received(step.recv, buffer, k, v)
+            for item in step.recv.items:
+                self._forward_block(item.q_part, q, *slots[item.slot], acc, False, block_id)
+                block_id += 1
+
+    def _forward_block(self, part: Part, q, kb, vb, mask, acc: Accumulator, causal: bool, block_id: int) -> None:
+        self.kernel.forward_into(
+            part.view(acc.out), part.view(acc.lse), part.view(q).flatten(0, 1), kb, vb,
+            causal=causal, mask=mask, block_id=block_id,
+        )  # fmt: skip
+
+    # -- backward --------------------------------------------------------------------------------------
+    def _backward_block(self, part: Part, q, kb, vb, mask, out, lse, dout, dq, causal: bool, block_id: int):
+        block_dq, block_dk, block_dv = self.kernel.backward(
+            part.view(dout).flatten(0, 1), part.view(q).flatten(0, 1), kb, vb,
+            part.view(out).flatten(0, 1), part.view(lse).flatten(0, 1),
+            causal=causal, mask=mask, block_id=block_id,
+        )  # fmt: skip
+        part.view(dq).add_(block_dq.unflatten(0, part.view(dq).shape[:2]))
+        return block_dk, block_dv
+
+    def backward(self, q, k, v, out, lse, dout, grads) -> None:
+        self.comm.phase = "backward"
+        self.comm.stats.backward_bytes = 0
+        dq, dk, dv = grads
+        pending = self._start_kv(1, k, v)
+        block_id = self.block_base
+        for part in self.plan.local_parts:
+            kb, vb, mask = self._local_kv(part, k, v)
+            block_dk, block_dv = self._backward_block(part, q, kb, vb, mask, out, lse, dout, dq, self.causal, block_id)
+            part.add_kv_grad(dk, block_dk)
+            part.add_kv_grad(dv, block_dv)
+            block_id += 1
+        local = [self._local_kv(part, k, v) for part in self.plan.local.kv_parts]
+        for item in self.plan.local.items:
+            part = self.plan.local.kv_parts[item.slot]
+            block_dk, block_dv = self._backward_block(
+                item.q_part, q, *local[item.slot], out, lse, dout, dq, False, block_id
+            )
+            part.add_kv_grad(dk, block_dk)
+            part.add_kv_grad(dv, block_dv)
+            block_id += 1
+        returning: tuple[_Exchange, Step] | None = None
+        for j, step in enumerate(self.plan.steps, start=1):
+            buffer = pending.wait() if pending is not None else None
+            pending = self._start_kv(j + 1, k, v)
+            slots = self._received(step.recv, buffer, k, v)
+            # dK/dV of the sender's key runs, accumulated per slot, go back to it
+            slot_grads = [[torch.zeros(kb.shape, dtype=dk.dtype, device=dk.device),
+                           torch.zeros(vb.shape, dtype=dv.dtype, device=dv.device)] for kb, vb, _ in slots]  # fmt: skip
+            for item in step.recv.items:
+                block_dk, block_dv = self._backward_block(
+                    item.q_part, q, *slots[item.slot], out, lse, dout, dq, False, block_id
+                )
+                slot_grads[item.slot][0] += block_dk
+                slot_grads[item.slot][1] += block_dv
+                block_id += 1
+            send = torch.cat([g.reshape(-1) for pair in slot_grads for g in pair]) if slot_grads else None
+            recv_numel = self._numel(self._shapes(step.send.kv_parts, k, v, grads=True))
+            exchange = self.comm.exchange(send, step.recv_from, recv_numel, step.send_to, dk)
+            if returning is not None:
+                self._add_returned(*returning, k, v, dk, dv)
+            returning = (exchange, step)
+        if returning is not None:
+            self._add_returned(*returning, k, v, dk, dv)
+
+    def _add_returned(self, exchange: _Exchange, step: Step, k, v, dk, dv) -> None:
+        buffer = exchange.wait()
+        if not step.send.kv_parts:
+            return
+        returned = self._unpack(buffer, self._shapes(step.send.kv_parts, k, v, grads=True))
+        for part, (part_dk, part_dv) in zip(step.send.kv_parts, returned):
+            part.add_kv_grad(dk, part_dk)
+            part.add_kv_grad(dv, part_dv)
+
+
+# -- validation: once per new shape/config, the same error on every rank ----------------------
+
+
+class RingConfigError(ValueError):
+    """Ranks disagree on shapes, dtypes or configuration, or one rank rejected its inputs."""
+
+
+_DESCRIPTOR_FIELDS = (
+    "ok",
+    "batch",
+    "local_len",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "value_dim",
+    "dtype",
+    "device_type",
+    "causal",
+    "padding",
+    "layout",
+    "merge",
+    "config",
+    "scale",
+)
+
+
+def _describe(q, k, v, key_padding_mask, causal: bool, layout: str, merge: str, config: tuple, scale) -> list[int]:
+    b, n, h, d = q.shape
+    return [
+        1,
+        b,
+        n,
+        h,
+        k.shape[2],
+        d,
+        v.shape[3],
+        FLOAT_DTYPES.index(q.dtype) if q.dtype in FLOAT_DTYPES else -1,
+        0 if q.device.type == "cpu" else 1,
+        int(causal),
+        int(key_padding_mask is not None),
+        LAYOUTS.index(layout),
+        MERGES.index(merge),
+        zlib.crc32(repr(config).encode()),
+        zlib.crc32(repr(scale).encode()),
+    ]
+
+
+def _descriptor_device(group: Any, q: Any) -> torch.device:
+    if isinstance(q, torch.Tensor) and q.device.type != "cpu":
+        return q.device
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def validate_ring_inputs(
+    q, k, v, key_padding_mask, *, causal: bool, layout: str, merge: str, config: tuple, scale, comm: _Comm
+) -> None:
+    """Local checks, then one small ``all_gather`` so every rank raises the same error (or none)."""
+    local_error: Exception | None = None
+    try:
+        check_qkv(q, k, v, key_padding_mask)
+        descriptor = _describe(q, k, v, key_padding_mask, causal, layout, merge, config, scale)
+    except (TypeError, ValueError) as exc:
+        local_error = exc
+        descriptor = [0] * len(_DESCRIPTOR_FIELDS)
+    if comm.world_size > 1:
+        mine = torch.tensor(descriptor, dtype=torch.int64, device=_descriptor_device(comm.group, q))
+        gathered = [torch.empty_like(mine) for _ in range(comm.world_size)]
+        dist.all_gather(gathered, mine, group=comm.group)
+        table = [t.tolist() for t in gathered]
+    else:
+        table = [descriptor]
+    if local_error is not None:
+        raise local_error
+    failed = [r for r, row in enumerate(table) if row[0] == 0]
+    if failed:
+        raise RingConfigError(
+            f"RingDilatedAttention: rank(s) {failed} of {comm.world_size} rejected their inputs (see the error "
+            f"raised there); nothing was computed"
+        )
+    differing = [name for i, name in enumerate(_DESCRIPTOR_FIELDS) if len({row[i] for row in table}) > 1]
+    if differing:
+        details = "; ".join(
+            f"{name}: " + ", ".join(f"rank {r}={row[_DESCRIPTOR_FIELDS.index(name)]}" for r, row in enumerate(table))
+            for name in differing
+        )
+        hint = ""
+        if "local_len" in differing:
+            hint = " (the global sequence length N must be divisible by the world size P, every rank holding N/P)"
+        raise RingConfigError(
+            f"RingDilatedAttention: ranks passed different shapes/dtypes/configurations: {details}{hint}; "
+            f"dtype codes index {[str(d).replace('torch.', '') for d in FLOAT_DTYPES]}"
+        )
+    local_len = table[0][2]
+    if layout == "zigzag" and comm.world_size > 1 and local_len % 2 != 0:
+        raise RingConfigError(
+            f"layout='zigzag' needs N divisible by 2*P: each of the {comm.world_size} ranks holds {local_len} "
+            f"positions (N={local_len * comm.world_size}), which is odd"
+        )
+
+
+# -- public API ----------------------------------------------------------------------------------
+
+
+def _make_comm(process_group: Any, stats: RingCommStats) -> _Comm:
+    rank, world_size = group_rank_and_size(process_group)
+    return _Comm(process_group, rank, world_size, stats)
+
+
+def _run(
+    q,
+    k,
+    v,
+    *,
+    comm: _Comm,
+    branch_cfg,
+    merge,
+    layout,
+    is_causal,
+    key_padding_mask,
+    softmax_scale,
+    dropout_p,
+    kernel,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    segments, rates = branch_cfg
+    seq_len = q.shape[1] * comm.world_size
+    branch_list = tuple(branches(segments, rates, merge, q.shape[2]))
+    plan = build_ring_plan(
+        seq_len, comm.world_size, comm.rank, layout, branch_list, q.shape[2], k.shape[2], bool(is_causal), q.device
+    )
+    request = KernelRequest.for_tensors(
+        q, k, causal=is_causal, has_mask=key_padding_mask is not None, dropout_p=dropout_p
+    )
+    backend = select_kernel(request, kernel)
+    seed = int(torch.randint(0, 2**40, (1,)).item()) if dropout_p > 0 else 0
+    block_kernel = BlockKernel(backend, default_scale(q.shape[-1], softmax_scale), dropout_p, seed)
+    comm.stats.calls += 1
+    schedule = RingDilatedSchedule(block_kernel, plan, comm, causal=is_causal, key_padding_mask=key_padding_mask)
+    return blockwise_attention(schedule, q, k, v)
+
+
+def ring_dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    merge: str = "lse",
+    layout: str = "contiguous",
+    process_group: Any = None,
+    is_causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
+    kernel: str | None = None,
+    stats: RingCommStats | None = None,
+) -> torch.Tensor:
+    """Ring dilated attention of this rank's shard ``(B, N/P, H, D)``; returns this rank's output shard.
+
+    ``key_padding_mask`` is this rank's shard ``(B, N/P)`` (True = padding). Validates
+    (collectively) on every call; :class:`RingDilatedAttention` validates once per shape.
+    """
+    segments, rates = check_dilated_config(segment_lengths, dilation_rates, merge)
+    check_layout(layout)
+    dropout_p = check_dropout(dropout_p)
+    comm = _make_comm(process_group, stats or RingCommStats())
+    config = (segments, rates, merge, layout, dropout_p)
+    validate_ring_inputs(
+        q,
+        k,
+        v,
+        key_padding_mask,
+        causal=bool(is_causal),
+        layout=layout,
+        merge=merge,
+        config=config,
+        scale=softmax_scale,
+        comm=comm,
+    )
+    out, _ = _run(
+        q,
+        k,
+        v,
+        comm=comm,
+        branch_cfg=(segments, rates),
+        merge=merge,
+        layout=layout,
+        is_causal=bool(is_causal),
+        key_padding_mask=key_padding_mask,
+        softmax_scale=softmax_scale,
+        dropout_p=dropout_p,
+        kernel=kernel,
+    )
+    return out
+
+
+class RingDilatedAttention(nn.Module):
+    """Exact LongNet dilated (and dense) attention with the sequence sharded over a process group.
+
+    ``attn(q_local, k_local, v_local, *, is_causal=False, key_padding_mask=None)`` takes
+    this rank's shard ``(B, N/P, H, D)`` (layout ``"contiguous"`` or ``"zigzag"``, see
+    :func:`ring_core.shard_sequence`) and returns this rank's output shard.
+    ``process_group=None`` is the default group when one is initialised, else one
+    process. Bytes sent by this rank are counted in :attr:`comm_stats`.
+    """
+
+    def __init__(
+        self,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        merge: str = "lse",
+        layout: str = "contiguous",
+        process_group: Any = None,
+        softmax_scale: float | None = None,
+        dropout: float = 0.0,
+        kernel: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.segment_lengths, self.dilation_rates = check_dilated_config(segment_lengths, dilation_rates, merge)
+        self.merge = merge
+        self.layout = check_layout(layout)
+        self.process_group = process_group
+        self.softmax_scale = softmax_scale
+        self.dropout = check_dropout(dropout)
+        self.kernel = kernel
+        self.comm_stats = RingCommStats()
+        self._validated: set[tuple] = set()
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        is_causal: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        comm = _make_comm(self.process_group, self.comm_stats)
+        dropout_p = self.dropout if self.training else 0.0
+        config = (self.segment_lengths, self.dilation_rates, self.merge, self.layout, dropout_p)
+        key = _validation_key(q, k, v, key_padding_mask, bool(is_causal), config, comm.world_size)
+        if key not in self._validated:
+            validate_ring_inputs(
+                q,
+                k,
+                v,
+                key_padding_mask,
+                causal=bool(is_causal),
+                layout=self.layout,
+                merge=self.merge,
+                config=config,
+                scale=self.softmax_scale,
+                comm=comm,
+            )
+            self._validated.add(key)
+        out, _ = _run(
+            q,
+            k,
+            v,
+            comm=comm,
+            branch_cfg=(self.segment_lengths, self.dilation_rates),
+            merge=self.merge,
+            layout=self.layout,
+            is_causal=bool(is_causal),
+            key_padding_mask=key_padding_mask,
+            softmax_scale=self.softmax_scale,
+            dropout_p=dropout_p,
+            kernel=self.kernel,
+        )
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"segment_lengths={list(self.segment_lengths)}, dilation_rates={list(self.dilation_rates)}, "
+            f"merge={self.merge!r}, layout={self.layout!r}, dropout={self.dropout}"
+        )
+
+
+def _validation_key(q, k, v, key_padding_mask, causal: bool, config: tuple, world_size: int) -> tuple:
+    def sig(t: Any) -> Any:
+        return (tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor) else type(t)
+
+    return (
+        sig(q),
+        sig(k),
+        sig(v),
+        None if key_padding_mask is None else sig(key_padding_mask),
+        causal,
+        config,
+        world_size,
+    )
