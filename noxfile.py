@@ -81,6 +81,7 @@ DOCS_REQUIREMENTS = [
     "griffelib==2.4.1",
     "mkdocs-autorefs==1.4.5",
     "pymdown-extensions==13.1.2",
+    "ruff==0.17.6",  # mkdocstrings formats signatures with it
 ]
 
 

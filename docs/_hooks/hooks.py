@@ -28,6 +28,7 @@ BENCH_DIRS = (ROOT / "docs" / "benchmarks", ROOT / "bench-results")
 BENCH_BLOCK = re.compile(r"<!-- bench: (?P<glob>\S+) -->\n(?P<body>.*?)<!-- /bench -->", re.S)
 GENERATED = re.compile(r"<!-- generated: (?P<name>[a-z-]+) -->")
 META_KEYS = ("card", "device", "date", "command", "torch", "title")
+LOCAL_KEYS = ("json", "plot", "out")  # where the run wrote its files: meaningless on the site
 
 
 # -- API reference -------------------------------------------------------------
@@ -189,7 +190,7 @@ def bench_markdown(path: Path) -> str:
         lines.append(f"{meta['title']}\n")
     facts = [f"**{key}**: `{meta[key]}`" for key in META_KEYS[:5] if key in meta]
     missing = [key for key in ("card", "date", "command") if key not in meta]
-    extra = [f"{key}: `{value}`" for key, value in meta.items() if key not in META_KEYS]
+    extra = [f"{key}: `{value}`" for key, value in meta.items() if key not in META_KEYS + LOCAL_KEYS]
     lines.append("; ".join(facts + extra) + ("\n" if facts or extra else ""))
     if missing:
         lines.append(f"*Not recorded in the JSON: {', '.join(missing)}.*\n")
