@@ -18,7 +18,7 @@ from distributed_helpers import run_distributed
 from ring_core import RingDilatedAttention, shard_sequence, unshard_sequence
 from ring_core.dilated import branches
 from ring_core.ring import build_ring_plan, part_rows
-from ring_core.testing import CASES, QUICK_CASES, TOLERANCES, check_distributed, fit_case, sharded_case_errors
+from ring_core.testing import CASES, QUICK_CASES, TOLERANCES, fit_case, sharded_case_errors
 
 LAYOUTS = ("contiguous", "zigzag")
 WORLD = 4
@@ -245,11 +245,13 @@ def test_unshard_inverts_shard_and_sums_gradients(world):
 
 
 @pytest.mark.distributed
-def test_check_distributed_helper(monkeypatch):
-    """The helper behind ``ring-attention verify --world-size P`` (through the factory, default layout)."""
-    results = check_distributed("ring_dilated", QUICK_CASES[:2], world_size=2)
-    assert [r.case.seq_len % 2 for r in results] == [0, 0]
-    assert all(r.passed and len(r.rank_errors) == 2 for r in results), [r.rank_errors for r in results]
+def test_verify_world_size_runs_the_distributed_check(capsys):
+    """``ring-attention verify --world-size 2``: check_distributed through the factory, every rank's rows."""
+    from ring_core.cli import main
+
+    assert main(["verify", "--impl", "ring_dilated", "--dtype", "float64", "--world-size", "2"]) == 0
+    output = capsys.readouterr().out
+    assert f"{len(QUICK_CASES)} passed, 0 failed" in output and "world size 2" in output
 
 
 # -- no processes ---------------------------------------------------------------------------------

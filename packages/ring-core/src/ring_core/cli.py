@@ -61,9 +61,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     cases = CASES if args.full else QUICK_CASES
     dtypes = [DTYPES[d] for d in args.dtype]
     impls = [i for i in list_implementations("attention") if i.available and (not args.impl or i.name in args.impl)]
+    if args.world_size > 1:
+        impls = [i for i in impls if i.distributed]
     if not impls:
         print("no available attention implementation matches", args.impl or "")
         return 1
+    if args.world_size > 1:
+        return _verify_distributed(args, impls, cases, dtypes)
     rows, failures = [], 0
     for impl in impls:
         for case in cases:
@@ -87,6 +91,38 @@ def cmd_verify(args: argparse.Namespace) -> int:
                         status,
                     )
                 )
+    print(format_table(rows, ["implementation", "case", "dtype", "err out", "max err grad", "result"]))
+    print(f"\n{len(rows) - failures} passed, {failures} failed")
+    return 1 if failures else 0
+
+
+def _verify_distributed(args: argparse.Namespace, impls, cases, dtypes) -> int:
+    """Each distributed implementation on ``--world-size`` gloo processes, every rank vs the reference rows."""
+    from .testing import check_distributed
+
+    if args.device != "cpu":
+        print(f"--world-size runs gloo processes on the CPU; got --device {args.device}")
+        return 1
+    rows, failures = [], 0
+    for impl in impls:
+        for dtype in dtypes:
+            name = str(dtype).replace("torch.", "")
+            try:
+                results = check_distributed(
+                    impl.name, cases, args.world_size, dtype, options=impl.options, seed=len(rows)
+                )
+            except Exception as exc:  # report, keep going
+                failures += 1
+                rows.append((impl.name, "(all)", name, "nan", "nan", f"ERROR {type(exc).__name__}: {exc}"))
+                continue
+            for result in results:
+                failures += not result.passed
+                out = max(errors["out"] for errors in result.rank_errors)
+                grad = max(e for errors in result.rank_errors for n, e in errors.items() if n != "out")
+                status = "PASS" if result.passed else "FAIL"
+                case = f"{result.case.name} (N={result.case.seq_len})"
+                rows.append((impl.name, case, name, f"{out:.1e}", f"{grad:.1e}", status))
+    print(f"world size {args.world_size} (gloo processes); errors are the worst over the ranks")
     print(format_table(rows, ["implementation", "case", "dtype", "err out", "max err grad", "result"]))
     print(f"\n{len(rows) - failures} passed, {failures} failed")
     return 1 if failures else 0
@@ -169,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--dtype", nargs="*", default=["float64", "float32"], choices=list(DTYPES))
     verify.add_argument("--device", default="cpu")
     verify.add_argument("--full", action="store_true", help="every conformance case, not a quick subset")
+    verify.add_argument(
+        "--world-size", type=int, default=1, help="run the distributed implementations on P gloo processes"
+    )
     verify.set_defaults(func=cmd_verify)
 
     bench = sub.add_parser("bench", help="time implementations against plain SDPA")
@@ -186,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", help="write results as JSON")
     bench.add_argument("--plot", help="write a PNG plot")
     bench.set_defaults(func=cmd_bench)
+
+    try:  # `pattern` comes with ring-blocksparse
+        from ring_blocksparse.cli import add_pattern_parser
+    except ImportError:
+        pass
+    else:
+        add_pattern_parser(sub)
     return parser
 
 
