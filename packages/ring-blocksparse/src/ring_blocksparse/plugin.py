@@ -7,4 +7,26 @@ from ring_core import hookimpl
 
 @hookimpl
 def register_implementations(register):
-    """Nothing registered yet: the implementations land with this package's issue."""
+    from ring_core import Implementation
+
+    from .attention import BlockSparseRingDilatedAttention
+
+    register(
+        Implementation(
+            name="block_sparse_ring_dilated",
+            cls=BlockSparseRingDilatedAttention,
+            package="ring-blocksparse",
+            description="dilated attention restricted to a block layout; skips empty tiles and unneeded K/V",
+            distributed=True,
+            priority=-10,  # never "auto": a pattern changes what is computed
+            options={"block_size": 4},
+        )
+    )
+
+
+@hookimpl
+def register_patterns(register):
+    from .patterns import BUILTIN_PATTERNS
+
+    for name, builder in BUILTIN_PATTERNS.items():
+        register(name, builder)

@@ -1,0 +1,281 @@
+"""Planning block-sparse dilated attention: which (query tile, key tile) pairs exist and who needs what.
+
+For each dilated branch ``(w, r)`` and offset ``o`` (the heads ``h = o mod r``), the
+selected positions ``o + r*j`` are cut into **tiles**: runs of consecutive ``j`` inside
+one segment, one shard chunk and one stretch of ``max(1, b // r)`` (so a tile spans at
+most two layout blocks). A (query tile, key tile) pair of one segment is classified
+from the block layout and causality:
+
+- ``skip``: no allowed (query, key) pair for any head of the branch offset;
+- ``full``: every pair allowed for every head (no mask needed);
+- ``causal``: a tile with itself under ``is_causal``, layout full (kernel's causal flag);
+- ``masked``: anything else (an explicit bool mask: layout and causality).
+
+Pairs are batched into :class:`Group`\\ s: query tiles with the same length and the same
+total length of their key tiles from one source rank become one kernel call. Every
+rank computes the same global plan, so each knows, without talking, which of its key
+rows each other rank needs (``send``) and which rows it gets (``recv``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ring_core.dilated import Branch
+from ring_core.sharding import shard_ranges
+
+FULL, CAUSAL, MASKED = "full", "causal", "masked"
+
+
+@dataclass
+class Group:
+    """One batched kernel call: ``G`` query tiles of ``Tq`` rows, each with ``K`` gathered key rows."""
+
+    category: str
+    source: int
+    heads: slice
+    kv_heads: slice | torch.Tensor
+    q_pos: torch.Tensor  # (G, Tq) global positions
+    k_pos: torch.Tensor  # (G, K) global positions
+    q_rows: torch.Tensor = field(default=None)  # (G*Tq,) rows of the local shard
+    k_rows: torch.Tensor = field(default=None)  # (G*K,) rows of the source buffer
+    mask: torch.Tensor | None = None  # (G, h', Tq, K) bool, masked groups only
+    block_id: int = 0
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.q_pos.shape[0], self.q_pos.shape[1], self.k_pos.shape[1]
+
+
+@dataclass
+class Plan:
+    """Everything one rank does in one call, for one ``(N, H, H_kv, causal)``."""
+
+    rank: int
+    world_size: int
+    local_positions: torch.Tensor
+    groups: dict[int, list[Group]]  # source rank -> kernel calls
+    recv_positions: dict[int, torch.Tensor]  # source rank -> sorted global positions received
+    send_rows: dict[int, torch.Tensor]  # destination rank -> local rows sent
+    computed_pairs: int = 0  # (query, key) token pairs given to kernels, summed over heads, this rank
+
+    def to(self, device: torch.device) -> Plan:
+        for groups in self.groups.values():
+            for g in groups:
+                g.q_rows, g.k_rows = g.q_rows.to(device), g.k_rows.to(device)
+                if isinstance(g.kv_heads, torch.Tensor):
+                    g.kv_heads = g.kv_heads.to(device)
+                if g.mask is not None:
+                    g.mask = g.mask.to(device)
+        self.send_rows = {d: rows.to(device) for d, rows in self.send_rows.items()}
+        return self
+
+
+@dataclass
+class _Tiles:
+    first: torch.Tensor  # first position of each tile
+    length: torch.Tensor
+    seg: torch.Tensor
+    owner: torch.Tensor
+    rate: int
+
+    @property
+    def last(self) -> torch.Tensor:
+        return self.first + self.rate * (self.length - 1)
+
+
+def _ownership(seq_len: int, world_size: int, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted chunk starts and their owners (ranks)."""
+    starts, owners = [], []
+    for rank in range(world_size):
+        for a, _ in shard_ranges(seq_len, rank, world_size, layout):
+            starts.append(a)
+            owners.append(rank)
+    order = sorted(range(len(starts)), key=starts.__getitem__)
+    return torch.tensor([starts[i] for i in order]), torch.tensor([owners[i] for i in order])
+
+
+def _tiles(seq_len: int, segment: int, rate: int, offset: int, tile: int, chunk_starts, chunk_owner) -> _Tiles:
+    count = len(range(offset, seq_len, rate))
+    j = torch.arange(count)
+    pos = offset + rate * j
+    seg = j // (segment // rate)
+    chunk = torch.searchsorted(chunk_starts, pos, right=True) - 1
+    change = torch.ones(count, dtype=torch.bool)
+    change[1:] = (seg[1:] != seg[:-1]) | (chunk[1:] != chunk[:-1]) | (j[1:] // tile != j[:-1] // tile)
+    starts = change.nonzero().flatten()
+    length = torch.diff(starts, append=torch.tensor([count]))
+    return _Tiles(pos[starts], length, seg[starts], chunk_owner[chunk[starts]], rate)
+
+
+def _segment_pairs(seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (query tile, key tile) of the same segment, ordered by query tile then key tile."""
+    _, counts = torch.unique_consecutive(seg, return_counts=True)
+    per_tile = torch.repeat_interleave(counts, counts)
+    per_tile_start = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    q = torch.repeat_interleave(torch.arange(seg.numel()), per_tile)
+    within = torch.arange(q.numel()) - torch.repeat_interleave(torch.cumsum(per_tile, 0) - per_tile, per_tile)
+    return q, per_tile_start[q] + within
+
+
+def _block_counts(tiles: _Tiles, block_size: int) -> tuple[torch.Tensor, ...]:
+    """A tile spans at most two blocks: ``(block0, count0, block1, count1)``."""
+    b0, b1 = tiles.first // block_size, tiles.last // block_size
+    c0 = torch.minimum(tiles.length, -(-((b0 + 1) * block_size - tiles.first) // tiles.rate))
+    return b0, c0, b1, tiles.length - c0
+
+
+def _classify(
+    tiles: _Tiles,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    heads_layout: torch.Tensor | None,
+    block_size: int,
+    causal: bool,
+) -> torch.Tensor:
+    """Per pair: category code (-1 skip, 0 full, 1 causal, 2 masked)."""
+    total = tiles.length[q] * tiles.length[k]
+    if heads_layout is None:
+        counts = total[None]
+    else:
+        qb0, qc0, qb1, qc1 = (x[q] for x in _block_counts(tiles, block_size))
+        kb0, kc0, kb1, kc1 = (x[k] for x in _block_counts(tiles, block_size))
+        counts = torch.zeros(heads_layout.shape[0], q.numel(), dtype=torch.long)
+        for qb, qc in ((qb0, qc0), (qb1, qc1)):
+            for kb, kc in ((kb0, kc0), (kb1, kc1)):
+                counts += heads_layout[:, qb, kb] * (qc * kc)
+    full = (counts == total).all(0)
+    nonempty = (counts > 0).any(0)
+    code = torch.full_like(q, -1)
+    code[nonempty] = 2
+    code[nonempty & full] = 0
+    if causal:
+        code[(q == k) & full] = 1
+    return code
+
+
+def _head_sets(
+    branch: Branch, offset: int, num_kv_heads: int, num_heads: int
+) -> tuple[slice, slice | torch.Tensor] | None:
+    """The query heads using ``offset`` of ``branch`` and their key/value heads (``None``: no head)."""
+    first = branch.head_start + (offset - branch.head_start) % branch.rate
+    if first >= branch.head_stop:
+        return None
+    heads = slice(first, branch.head_stop, branch.rate)
+    groups = num_heads // num_kv_heads
+    if groups == 1:
+        return heads, heads
+    if branch.rate == 1 and first % groups == 0 and branch.head_stop % groups == 0:
+        return heads, slice(first // groups, branch.head_stop // groups)  # the kernel's own GQA
+    return heads, torch.arange(first, branch.head_stop, branch.rate) // groups
+
+
+def build_plan(
+    *,
+    seq_len: int,
+    num_heads: int,
+    num_kv_heads: int,
+    branch_list: Sequence[Branch],
+    block_size: int,
+    block_layout: torch.Tensor | None,
+    causal: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    layout: str = "contiguous",
+) -> Plan:
+    """The plan of ``rank``: its kernel calls per source rank, and its send/receive rows."""
+    chunk_starts, chunk_owner = _ownership(seq_len, world_size, layout)
+    owner_of = chunk_owner[torch.searchsorted(chunk_starts, torch.arange(seq_len), right=True) - 1]
+    local_positions = (owner_of == rank).nonzero().flatten()
+    need = torch.zeros(world_size, seq_len, dtype=torch.bool)
+    groups: dict[int, list[Group]] = {p: [] for p in range(world_size)}
+    computed = 0
+    layout_cpu = None if block_layout is None else block_layout.cpu()
+    for branch in branch_list:
+        tile = max(1, block_size // branch.rate)
+        for offset in range(branch.rate):
+            if offset >= seq_len:
+                continue
+            head_sets = _head_sets(branch, offset, num_kv_heads, num_heads)
+            if head_sets is None:
+                continue
+            heads, kv_heads = head_sets
+            heads_layout = None
+            if layout_cpu is not None:
+                heads_layout = layout_cpu[heads] if layout_cpu.shape[0] > 1 else layout_cpu
+            tiles = _tiles(seq_len, branch.segment, branch.rate, offset, tile, chunk_starts, chunk_owner)
+            q, k = _segment_pairs(tiles.seg)
+            if causal:
+                keep = tiles.first[k] <= tiles.last[q]
+                q, k = q[keep], k[keep]
+            code = _classify(tiles, q, k, heads_layout, block_size, causal)
+            keep = code >= 0
+            q, k, code = q[keep], k[keep], code[keep]
+            mine = tiles.owner[q] == rank
+            n_heads = len(range(heads.start, heads.stop, heads.step))
+            computed += int((tiles.length[q[mine]] * tiles.length[k[mine]]).sum()) * n_heads
+            # who needs which key rows: mark tiles, then their positions
+            remote = tiles.owner[q] != tiles.owner[k]
+            need_tile = torch.zeros(world_size, tiles.first.numel(), dtype=torch.bool)
+            need_tile[tiles.owner[q[remote]], k[remote]] = True
+            tile_of = torch.repeat_interleave(torch.arange(tiles.first.numel()), tiles.length)
+            positions = torch.arange(offset, seq_len, branch.rate)
+            need[:, positions] |= need_tile[:, tile_of]
+            for code_value, category in enumerate((FULL, CAUSAL, MASKED)):
+                for source in range(world_size):
+                    select = mine & (code == code_value) & (tiles.owner[k] == source)
+                    if select.any():
+                        groups[source] += _make_groups(tiles, q[select], k[select], category, source, heads, kv_heads)
+    plan = Plan(rank, world_size, local_positions, groups, {}, {}, computed)
+    for p in range(world_size):
+        if p != rank:
+            plan.recv_positions[p] = (need[rank] & (owner_of == p)).nonzero().flatten()
+            sent = (need[p] & (owner_of == rank)).nonzero().flatten()
+            plan.send_rows[p] = torch.searchsorted(local_positions, sent)
+    block_id = 0
+    for source, source_groups in groups.items():
+        buffer = local_positions if source == rank else plan.recv_positions[source]
+        for g in source_groups:
+            g.q_rows = torch.searchsorted(local_positions, g.q_pos.flatten())
+            g.k_rows = torch.searchsorted(buffer, g.k_pos.flatten())
+            g.block_id = block_id
+            block_id += 1
+            if g.category == MASKED:
+                g.mask = _mask(g, layout_cpu, block_size, causal)
+    return plan
+
+
+def _make_groups(tiles: _Tiles, q, k, category: str, source: int, heads, kv_heads) -> list[Group]:
+    klen = tiles.length[k]
+    uq, inverse = torch.unique_consecutive(q, return_inverse=True)
+    ktot = torch.zeros(uq.numel(), dtype=torch.long).index_add_(0, inverse, klen)
+    flat_start = torch.repeat_interleave(torch.cumsum(klen, 0) - klen, klen)
+    flat_pos = torch.repeat_interleave(tiles.first[k], klen) + tiles.rate * (
+        torch.arange(flat_start.numel()) - flat_start
+    )
+    q_start = torch.cumsum(ktot, 0) - ktot
+    qlen = tiles.length[uq]
+    key = qlen * (int(ktot.max()) + 1) + ktot
+    out = []
+    for value in torch.unique(key).tolist():
+        members = (key == value).nonzero().flatten()
+        tq, kk = int(qlen[members[0]]), int(ktot[members[0]])
+        q_pos = tiles.first[uq[members]][:, None] + tiles.rate * torch.arange(tq)
+        k_pos = flat_pos[q_start[members][:, None] + torch.arange(kk)]
+        out.append(Group(category, source, heads, kv_heads, q_pos, k_pos))
+    return out
+
+
+def _mask(g: Group, layout: torch.Tensor | None, block_size: int, causal: bool) -> torch.Tensor:
+    qb, kb = g.q_pos // block_size, g.k_pos // block_size
+    allowed = torch.ones(1, *qb.shape, kb.shape[1], dtype=torch.bool)
+    if layout is not None:
+        heads_layout = layout[g.heads] if layout.shape[0] > 1 else layout
+        allowed = heads_layout[:, qb[:, :, None], kb[:, None, :]]
+    allowed = allowed.permute(1, 0, 2, 3)
+    if causal:
+        allowed = allowed & (g.k_pos[:, None, :] <= g.q_pos[:, :, None])[:, None]
+    return allowed.contiguous()
