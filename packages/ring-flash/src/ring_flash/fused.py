@@ -29,7 +29,7 @@ from ring_core.dilated import Branch, Part, branches, dilated_parts
 from ring_core.kernels import KernelBackend
 
 # Query rows (positions x heads x batch) per kernel call; bigger blocks are cut by segments.
-MAX_ROWS = 1 << 24
+MAX_ROWS = 1 << 23
 
 
 @dataclass
