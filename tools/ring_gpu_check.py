@@ -1,0 +1,372 @@
+"""RingDilatedAttention on several GPUs (NCCL): bf16 error vs P, and throughput vs PyTorch's context parallel.
+
+For each world size P (default 1, 2, 4) one group of P processes (torch.multiprocessing, NCCL):
+
+- ``accuracy``: global N=4096, B=1, H=8, D=64; bf16 ring vs the float64 reference (computed on
+  the GPU) for dense causal zigzag, dense contiguous, dilated [256, 1024, 4096] / [1, 2, 4]
+  causal contiguous and zigzag. Errors are global (all ranks' rows): ``||out - ref|| / ||ref||``
+  and the worst gradient. Next to them, plain SDPA bf16 on the same inputs (one GPU).
+- ``timing``: bf16, B=1, H=16, D=128, 32K tokens per GPU, forward+backward, median of a few
+  steps (slowest rank): our ring (dense causal zigzag, dense non-causal, dilated [2048, 8192,
+  32768] / [1, 2, 4]) vs PyTorch's context parallel (``context_parallel``, allgather rotation;
+  plain SDPA at P=1) on the dense cases. Per-GPU useful TFLOP/s, weak-scaling efficiency against
+  P=1 measured in the same run, and the ratio ours / context parallel.
+
+Writes ``ring_gpu_check.json``, ``ring_gpu_check.md`` and ``ring_gpu_check.png`` into ``--out``;
+prints the tables last.
+
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
+        python tools/ring_gpu_check.py --out DIR [--world-sizes 1 2 4] [--sections accuracy,timing]
+
+``--device cpu`` runs a tiny smoke version with gloo (no context parallel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+FWD_BWD = 3.5
+
+ACCURACY_CASES = [  # name, segments, rates, layout, causal (segments relative to N)
+    ("dense causal zigzag", None, [1], "zigzag", True),
+    ("dense contiguous", None, [1], "contiguous", False),
+    ("dilated causal contiguous", [256, 1024, 4096], [1, 2, 4], "contiguous", True),
+    ("dilated causal zigzag", [256, 1024, 4096], [1, 2, 4], "zigzag", True),
+]
+TIMING_CASES = [  # name, segments (None: dense), rates, layout, causal, compare with context parallel
+    ("dense causal zigzag", None, [1], "zigzag", True, True),
+    ("dense non-causal", None, [1], "contiguous", False, True),
+    ("dilated [2048,8192,32768] r[1,2,4]", [2048, 8192, 32768], [1, 2, 4], "contiguous", False, False),
+]
+
+
+def _global_error(parts: list[tuple[torch.Tensor, torch.Tensor]], device) -> float:
+    """sqrt(sum ||a - r||^2) / sqrt(sum ||r||^2) over this rank's pieces and all ranks."""
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for actual, reference in parts:
+        if not torch.isfinite(actual).all():
+            sums[0] += float("inf")
+        sums[0] += (actual.double() - reference.double()).pow(2).sum()
+        sums[1] += reference.double().pow(2).sum()
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    return (sums[0].sqrt() / sums[1].sqrt()).item()
+
+
+def accuracy(rank: int, world_size: int, device: torch.device, quick: bool) -> list[dict]:
+    import ring_core
+    from ring_core import RingDilatedAttention, reference_attention, shard_sequence
+
+    b, n, h, d = (1, 256, 4, 16) if quick else (1, 4096, 8, 64)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    for name, segments, rates, layout, causal in ACCURACY_CASES:
+        segments = [n] if segments is None else [s * n // 4096 for s in segments]
+        generator = torch.Generator().manual_seed(0)
+        q, k, v, dout = (torch.randn(b, n, h, d, generator=generator, dtype=torch.float64) for _ in range(4))
+        q, k, v, dout = (x.to(device) for x in (q, k, v, dout))
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        config = {"segment_lengths": segments, "dilation_rates": rates}
+        ref = reference_attention(*leaves, **config, is_causal=causal)
+        ref_grads = torch.autograd.grad(ref, leaves, dout)
+        ref = ref.detach()
+        del leaves
+
+        def shard(x, layout=layout):
+            return shard_sequence(x, layout)
+
+        local = [shard(x).to(dtype).requires_grad_() for x in (q, k, v)]
+        module = RingDilatedAttention(**config, layout=layout)
+        out = module(*local, is_causal=causal)
+        out.backward(shard(dout).to(dtype))
+        err_out = _global_error([(out.detach(), shard(ref))], device)
+        err_grad = max(_global_error([(leaf.grad, shard(g))], device) for leaf, g in zip(local, ref_grads, strict=True))
+        row = {
+            "section": "accuracy", "case": name, "P": world_size, "dtype": str(dtype).replace("torch.", ""),
+            "N": n, "err_out": err_out, "err_grad": err_grad,
+            "kernel": ring_core.select_kernel(ring_core.KernelRequest.for_tensors(local[0], local[1])).name,
+        }  # fmt: skip
+        if segments == [n] and rank == 0:  # plain SDPA on one GPU, same inputs and dtype
+            qs, ks, vs = (x.to(dtype).transpose(1, 2).requires_grad_() for x in (q, k, v))
+            sdpa = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
+            sdpa.backward(dout.to(dtype).transpose(1, 2))
+            row["sdpa_err_out"] = (sdpa.transpose(1, 2).double() - ref).norm().item() / ref.norm().item()
+            row["sdpa_err_grad"] = max(
+                (x.grad.transpose(1, 2).double() - g).norm().item() / g.norm().item()
+                for x, g in zip((qs, ks, vs), ref_grads, strict=True)
+            )
+        rows.append(row)
+        del ref, ref_grads, out, local
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _median_ms(step, iters: int, warmup: int, device: torch.device) -> float:
+    import time
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if dist.is_initialized():
+            dist.barrier()
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    slowest = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    return slowest.item()
+
+
+def _context_parallel_step(world_size, b, n_local, h, d, causal, dtype, device, backend):
+    """PyTorch's context parallel (P > 1) or plain SDPA (P = 1) on (B, H, N, D) tensors."""
+    from torch.nn.attention import sdpa_kernel
+
+    n = n_local * world_size
+    q, k, v = (torch.randn(b, h, n, d, dtype=dtype, device=device) for _ in range(3))
+    context = None
+    if world_size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.experimental import context_parallel
+
+        mesh = init_device_mesh(device.type, (world_size,))
+        context = context_parallel(mesh, buffers=[q, k, v], buffer_seq_dims=[2, 2, 2])
+        context.__enter__()
+
+    def step():
+        qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+        with sdpa_kernel([backend]):
+            F.scaled_dot_product_attention(qq, kk, vv, is_causal=causal).sum().backward()
+
+    return step, context
+
+
+def _time_context_parallel(world_size, b, n_local, h, d, causal, dtype, device, iters, warmup) -> dict:
+    """The fastest of cuDNN and flash SDPA under context parallel (each as PyTorch dispatches it)."""
+    from torch.nn.attention import SDPBackend
+
+    found, errors = {}, []
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
+        context = None
+        try:
+            step, context = _context_parallel_step(world_size, b, n_local, h, d, causal, dtype, device, backend)
+            ms = _median_ms(step, iters, warmup, device)
+            if not found or ms < found["cp_ms"]:
+                found = {"cp_ms": ms, "cp_backend": backend.name}
+        except Exception as exc:  # report, try the next backend
+            errors.append(f"{backend.name}: {type(exc).__name__}: {exc}"[:200])
+        finally:
+            if context is not None:
+                context.__exit__(None, None, None)
+    if errors:
+        found["cp_error"] = " | ".join(errors)
+    return found
+
+
+def timing(rank: int, world_size: int, device: torch.device, quick: bool) -> list[dict]:
+    from ring_core import RingDilatedAttention
+    from ring_core.bench import dense_pairs, useful_pairs
+
+    b, n_local, h, d = (1, 256, 4, 16) if quick else (1, 32768, 16, 128)
+    iters, warmup = (2, 1) if quick else (5, 2)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = n_local * world_size
+    rows = []
+    for name, segments, rates, layout, causal, compare in TIMING_CASES:
+        config_segments = [n] if segments is None else [s * n_local // 32768 for s in segments]
+        module = RingDilatedAttention(config_segments, rates, layout=layout)
+        q, k, v = (torch.randn(b, n_local, h, d, dtype=dtype, device=device) for _ in range(3))
+
+        def ours(module=module, q=q, k=k, v=v, causal=causal):
+            qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+            module(qq, kk, vv, is_causal=causal).sum().backward()
+
+        if segments is None:
+            pairs = b * dense_pairs(n, h, causal)
+        else:
+            pairs = b * useful_pairs(n, h, config_segments, rates, causal=causal)
+        flops_per_gpu = FWD_BWD * 2 * 2 * pairs * d / world_size
+        ms = _median_ms(ours, iters, warmup, device)
+        row = {
+            "section": "timing", "case": name, "P": world_size, "N_per_gpu": n_local, "ms": ms,
+            "tflops_per_gpu": flops_per_gpu / ms / 1e9, "bytes_fwd": module.comm_stats.forward_bytes,
+            "bytes_bwd": module.comm_stats.backward_bytes,
+        }  # fmt: skip
+        if compare and device.type == "cuda":
+            row.update(_time_context_parallel(world_size, b, n_local, h, d, causal, dtype, device, iters, warmup))
+            if "cp_ms" in row:
+                row["cp_tflops_per_gpu"] = flops_per_gpu / row["cp_ms"] / 1e9
+                row["ours_over_cp"] = row["cp_ms"] / ms
+        rows.append(row)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def worker(rank: int, world_size: int, port: int, device_type: str, sections, quick: bool, results) -> None:
+    os.environ.update(ENV)
+    try:
+        if device_type == "cuda":
+            torch.cuda.set_device(rank)
+            device = torch.device("cuda", rank)
+            backend = "nccl"
+        else:
+            device, backend = torch.device("cpu"), "gloo"
+            torch.set_num_threads(1)
+        dist.init_process_group(
+            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(seconds=300),
+        )  # fmt: skip
+        rows = []
+        for section in sections:
+            try:
+                rows += {"accuracy": accuracy, "timing": timing}[section](rank, world_size, device, quick)
+            except Exception:
+                rows.append({"section": section, "P": world_size, "error": traceback.format_exc()[-1500:]})
+        if rank == 0:
+            results.put(rows)
+        dist.barrier()
+        dist.destroy_process_group()
+    except Exception:
+        if rank == 0:
+            results.put([{"section": "worker", "P": world_size, "error": traceback.format_exc()[-1500:]}])
+
+
+def _markdown(rows: list[dict], card: str) -> str:
+    lines = [f"Card: {card}", ""]
+    acc = [r for r in rows if r["section"] == "accuracy" and "error" not in r]
+    if acc:
+        lines += ["| case | P | dtype | err out | err grad | SDPA err out | SDPA err grad | kernel |", "|---" * 8 + "|"]
+        for r in acc:
+            sdpa = (f"{r['sdpa_err_out']:.2e}", f"{r['sdpa_err_grad']:.2e}") if "sdpa_err_out" in r else ("", "")
+            lines.append(
+                f"| {r['case']} | {r['P']} | {r['dtype']} | {r['err_out']:.2e} | {r['err_grad']:.2e} | "
+                f"{sdpa[0]} | {sdpa[1]} | {r['kernel']} |"
+            )
+        lines.append("")
+    timed = [r for r in rows if r["section"] == "timing" and "error" not in r]
+    if timed:
+        base = {r["case"]: r["tflops_per_gpu"] for r in timed if r["P"] == 1}
+        lines += [
+            "| case | P | ms | TFLOP/s per GPU | weak-scaling eff. | CP ms | CP TFLOP/s per GPU | ours / CP |",
+            "|---" * 8 + "|",
+        ]
+        for r in timed:
+            eff = r["tflops_per_gpu"] / base[r["case"]] if r["case"] in base else float("nan")
+            cp = (f"{r['cp_ms']:.1f} ({r['cp_backend']})", f"{r['cp_tflops_per_gpu']:.0f}", f"{r['ours_over_cp']:.2f}x") if "cp_ms" in r else (
+                r.get("cp_error", "")[:60], "", "")  # fmt: skip
+            lines.append(
+                f"| {r['case']} | {r['P']} | {r['ms']:.1f} | {r['tflops_per_gpu']:.0f} | {eff:.2f} | "
+                f"{cp[0]} | {cp[1]} | {cp[2]} |"
+            )
+    errors = [r for r in rows if "error" in r]
+    for r in errors:
+        lines += ["", f"ERROR in {r['section']} P={r['P']}:", "```", r["error"], "```"]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, card: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for case in dict.fromkeys(r["case"] for r in rows if r["section"] == "accuracy" and "error" not in r):
+        points = [(r["P"], r["err_out"]) for r in rows if r["section"] == "accuracy" and r.get("case") == case]
+        left.plot(*zip(*points), marker="o", label=case)
+    left.set(xlabel="P (GPUs)", ylabel="relative error of out (bf16 vs float64)", title="error vs P")
+    left.legend(fontsize=7)
+    for case in dict.fromkeys(r["case"] for r in rows if r["section"] == "timing" and "error" not in r):
+        points = [(r["P"], r["tflops_per_gpu"]) for r in rows if r["section"] == "timing" and r.get("case") == case]
+        right.plot(*zip(*points), marker="o", label=f"ours: {case}")
+        cp = [(r["P"], r["cp_tflops_per_gpu"]) for r in rows if r.get("case") == case and "cp_tflops_per_gpu" in r]
+        if cp:
+            right.plot(*zip(*cp), marker="x", linestyle="--", label=f"context parallel: {case}")
+    right.set(xlabel="P (GPUs)", ylabel="useful TFLOP/s per GPU", title="32K tokens per GPU, fwd+bwd, bf16")
+    right.legend(fontsize=7)
+    fig.suptitle(card)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--world-sizes", nargs="+", type=int, default=[1, 2, 4])
+    parser.add_argument("--sections", default="accuracy,timing")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
+    parser.add_argument("--plot-only", help="re-plot from a JSON written before")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.plot_only:
+        data = json.loads(Path(args.plot_only).read_text())
+        plot(data["rows"], out / "ring_gpu_check.png", data["card"])
+        return 0
+    os.environ.update(ENV)
+    card = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu (gloo)"
+    quick = args.quick or args.device != "cuda"
+    sections = args.sections.split(",")
+    rows: list[dict] = []
+    from ring_core.testing import free_port
+
+    context = mp.get_context("spawn")
+    for world_size in args.world_sizes:
+        if args.device == "cuda" and world_size > torch.cuda.device_count():
+            print(f"skip P={world_size}: only {torch.cuda.device_count()} GPUs")
+            continue
+        results = context.Queue()
+        port = free_port()
+        procs = [
+            context.Process(target=worker, args=(r, world_size, port, args.device, sections, quick, results))
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        try:
+            got = results.get(timeout=420)
+        except Exception:
+            got = [{"section": "worker", "P": world_size, "error": "no result within 420 s"}]
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+        rows += got
+        print(_markdown(got, card), flush=True)
+        meta = {"card": card, "torch": torch.__version__, "date": datetime.datetime.now(datetime.UTC).isoformat()}
+        (out / "ring_gpu_check.json").write_text(
+            json.dumps({**meta, "command": " ".join(sys.argv), "rows": rows}, indent=1)
+        )
+    markdown = _markdown(rows, card)
+    (out / "ring_gpu_check.md").write_text(markdown + "\n")
+    try:
+        plot(rows, out / "ring_gpu_check.png", card)
+    except Exception as exc:
+        print(f"plot failed: {exc}")
+    print("\n" + markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
