@@ -51,7 +51,10 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """info, verify and a short CPU bench (a few minutes on 2 cores)."""
+    """info, verify, a short CPU bench, then a LongNet LM trained with sequences sharded over 2 gloo processes.
+
+    A few minutes on 2 cores; results (bench JSON/PNG, LongNet loss curve PNG and summary) in bench-results/.
+    """
     install_project(session, "matplotlib")
     out = ROOT / "bench-results"
     out.mkdir(exist_ok=True)
@@ -70,6 +73,8 @@ def demo(session: nox.Session) -> None:
         "--plot",
         str(out / "demo-bench.png"),
     )
+    # LongNet LM (examples/longnet_lm.py): ~1 minute, the loss falls from ~4.6 to ~2.0 nats/char.
+    session.run("python", "examples/longnet_lm.py", "--world-size", "2", "--steps", "300", "--out", str(out))
 
 
 # Pinned so that `mkdocs build --strict` gives the same result everywhere.
