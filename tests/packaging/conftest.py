@@ -10,6 +10,7 @@ the editable ``ring-*`` installs of this machine stay invisible there.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -129,8 +130,10 @@ def wheel_venv(tmp_path_factory, wheelhouse) -> WheelVenv:
     venv.EnvBuilder(with_pip=False, system_site_packages=False).create(env_dir)
     python = env_dir / "bin" / "python"
     site = Path(run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]).stdout.strip())
-    needed = sorted({Requirement(r).name for p in PACKAGES for r in metadata.requires(p) or [] if "extra" not in r})
-    borrow(dependency_closure(needed), root / "borrowed")
+    needed = {Requirement(r).name for p in PACKAGES for r in metadata.requires(p) or [] if "extra" not in r}
+    if importlib.util.find_spec("numpy") is not None:  # torch warns at import without it
+        needed.add("numpy")
+    borrow(dependency_closure(sorted(needed)), root / "borrowed")
     (site / "_borrowed_dependencies.pth").write_text(str(root / "borrowed") + "\n")
     env = WheelVenv(root, wheelhouse, python, env_dir / "bin")
     env.pip_install("ring-core[all]")
