@@ -186,3 +186,11 @@ def test_parameter_names_and_shapes_match():
         expected = {name: tuple(p.shape) for name, p in reference.named_parameters()}
         assert {name: tuple(p.shape) for name, p in ours.named_parameters()} == expected
         assert ours.state_dict().keys() == reference.state_dict().keys()
+
+
+def test_cross_attention_fast_path_has_no_length_limit():
+    """need_weights=False with L != S runs on the engine (no dense probabilities), extra keys included."""
+    reference, ours = pair(batch_first=True, add_bias_kv=True, add_zero_attn=True)
+    ours.max_dense_scores = 1  # any dense computation would raise
+    q, k, v = randn(2, 3, 12, seed=1), randn(2, L, 12, seed=2), randn(2, L, 12, seed=3)
+    compare(reference, ours, [q, k, v], key_padding_mask=key_padding("bool", "batch_first"), need_weights=False)

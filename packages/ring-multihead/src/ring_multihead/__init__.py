@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib import metadata as _metadata
 
 from .magneto import magneto_gamma, magneto_gamma_encoder_decoder
-from .multihead import MultiheadDilatedAttention, dilated_attention_with_extra_keys
+from .multihead import MultiheadDilatedAttention, dense_cross_attention, dilated_attention_with_extra_keys
 from .ring import RingMultiheadDilatedAttention
 
 try:
@@ -17,6 +17,7 @@ __all__ = [
     "MultiheadDilatedAttention",
     "RingMultiheadDilatedAttention",
     "__version__",
+    "dense_cross_attention",
     "dilated_attention_with_extra_keys",
     "magneto_gamma",
     "magneto_gamma_encoder_decoder",

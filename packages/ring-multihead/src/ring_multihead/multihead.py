@@ -92,6 +92,42 @@ def dilated_attention_with_extra_keys(
     return out
 
 
+class CrossSchedule(BlockSchedule):
+    """Dense attention of every query to every key: query and key of different lengths (cross-attention)."""
+
+    def __init__(self, kernel: BlockKernel, key_padding_mask: torch.Tensor | None) -> None:
+        self.kernel = kernel
+        self.mask = None if key_padding_mask is None else (~key_padding_mask)[:, None, None, :]
+
+    def forward(self, q, k, v, acc: Accumulator) -> None:
+        self.kernel.forward_into(acc.out, acc.lse, q, k, v, mask=self.mask)
+
+    def backward(self, q, k, v, out, lse, dout, grads) -> None:
+        for grad, block_grad in zip(grads, self.kernel.backward(dout, q, k, v, out, lse, mask=self.mask)):
+            grad.add_(block_grad)
+
+
+def dense_cross_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    extra: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Dense attention of ``q`` ``(B, L, H, D)`` to ``k``, ``v`` ``(B, S, H, D)``, any ``L`` and ``S``; O(L+S) memory."""
+    request = KernelRequest.for_tensors(q, k, has_mask=key_padding_mask is not None, dropout_p=dropout_p)
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
+    kernel = BlockKernel(select_kernel(request), default_scale(q.shape[-1], None), dropout_p, seed)
+    schedule: BlockSchedule = CrossSchedule(kernel, key_padding_mask)
+    if extra is not None:
+        schedule = WithExtraKeys(schedule, kernel, k.shape[1])
+        k, v = torch.cat([k, extra[0]], 1), torch.cat([v, extra[1]], 1)
+    out, _ = blockwise_attention(schedule, q, k, v)
+    return out
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -245,6 +281,8 @@ class MultiheadDilatedAttention(nn.Module):
         dropout_p: float,
     ) -> torch.Tensor:
         """The fast path on ``(B, N, H, D)`` tensors: ``ring_core.dilated_attention``."""
+        if q.shape[1] != k.shape[1]:  # dense configuration only (checked by forward)
+            return dense_cross_attention(q, k, v, extra, key_padding_mask=key_padding_mask, dropout_p=dropout_p)
         segments, rates = self._config(q.shape[1])
         if extra is None:
             return dilated_attention(
@@ -482,7 +520,8 @@ class MultiheadDilatedAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         float_padding = key_padding_mask is not None and key_padding_mask.dtype != torch.bool
         weights = None
-        if need_weights or general_mask is not None or float_padding or q_len != k_len:
+        dilated_cross = q_len != k_len and self.segment_lengths is not None  # refused there, clearly
+        if need_weights or general_mask is not None or float_padding or dilated_cross:
             out, weights = self._dense_attention(
                 q,
                 k,
