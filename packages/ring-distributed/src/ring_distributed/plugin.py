@@ -7,4 +7,28 @@ from ring_core import hookimpl
 
 @hookimpl
 def register_implementations(register):
-    """Nothing registered yet: the implementations land with this package's issue."""
+    from ring_core.registry import Implementation
+
+    from .attention import RingDistributedDilatedAttention
+    from .production import RingDilatedAttentionProduction
+
+    register(
+        Implementation(
+            name="ring_distributed_dilated",
+            cls=RingDistributedDilatedAttention,
+            package="ring-distributed",
+            description="exact dilated attention over a Ulysses (all-to-all) x ring (P2P) mesh, or all-gather",
+            distributed=True,
+            priority=0,  # "auto" keeps ring_dilated; pick this one by name (strategies, meshes)
+        )
+    )
+    register(
+        Implementation(
+            name="ring_dilated_production",
+            cls=RingDilatedAttentionProduction,
+            package="ring-distributed",
+            description="the ring hardened: checkpointing, reused buffers, timeouts, non-finite guard, determinism",
+            distributed=True,
+            priority=-1,
+        )
+    )

@@ -1,0 +1,368 @@
+"""RingDistributedDilatedAttention: exact dilated (and dense) attention over a 2-D mesh.
+
+Per call, on each rank of ``P = R * u`` (see :mod:`ring_distributed.mesh`):
+
+1. Ulysses (``u > 1``): an all-to-all inside the Ulysses group turns the ``(B, N/P, H, D)``
+   sequence shards into ``(B, N/R, H/u, D)``: the ring-level shard of the sequence (same
+   layout, contiguous or zigzag, over ``R`` ranks) for a chunk of ``H/u`` heads.
+2. The ring's plan (:func:`ring_core.ring.build_ring_plan`, global head numbering, so each
+   head keeps its dilation offset ``h mod r``) restricted to this rank's head chunk, run
+   by the ring's schedule over the ring group (``"ring"``, ``"hybrid"``, ``"ulysses"``
+   where ``R = 1``), or with K/V all-gathered over the ring group first (``"allgather"``).
+3. The all-to-all back.
+
+Everything runs through :func:`ring_core.engine.blockwise_attention`; the all-to-alls
+and the all-gather are autograd functions, so gradients are exact too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ring_core.dilated import Branch, Part, branches
+from ring_core.engine import BlockKernel, blockwise_attention
+from ring_core.kernels import KernelRequest, default_scale
+from ring_core.registry import select_kernel
+from ring_core.ring import (
+    RingCommStats,
+    RingDilatedSchedule,
+    RingPlan,
+    Transfer,
+    _Comm,
+    _offset_heads,
+    build_ring_plan,
+    validate_ring_inputs,
+)
+from ring_core.sharding import check_layout
+from ring_core.validation import check_dilated_config, check_dropout
+
+from .comm import GatherShards, HeadsToSeq, SeqToHeads, gather_mask
+from .mesh import STRATEGIES, MeshGroups, default_node_size, device_mesh_groups, mesh_groups, resolve_strategy
+
+__all__ = ["RingDistributedDilatedAttention", "mesh_plan"]
+
+
+# -- the ring plan restricted to a chunk of heads ----------------------------------------------------
+
+
+def _local_part(part: Part, head_start: int, num_heads: int, groups: int, device: torch.device) -> Part | None:
+    """``part`` (global head numbering) for heads ``[head_start, head_start + num_heads)``, local numbering."""
+    heads = part.heads
+    rate = heads.step or 1
+    first, stop = heads.start, min(heads.stop, head_start + num_heads)
+    if first < head_start:
+        first += -(-(head_start - first) // rate) * rate
+    if first >= stop:
+        return None
+    local = first - head_start
+    q_heads, kv_heads = _offset_heads(Branch(0, rate, local, stop - head_start), local % rate, groups, device)
+    return dataclasses.replace(part, heads=q_heads, kv_heads=kv_heads)
+
+
+def _local_transfer(transfer: Transfer, *args) -> Transfer:
+    slots, kv_parts = {}, []
+    for index, part in enumerate(transfer.kv_parts):
+        local = _local_part(part, *args)
+        if local is not None:
+            slots[index] = len(kv_parts)
+            kv_parts.append(local)
+    items = []
+    for item in transfer.items:
+        if item.slot in slots:
+            q_part = _local_part(item.q_part, *args)
+            if q_part is not None:
+                items.append(dataclasses.replace(item, q_part=q_part, slot=slots[item.slot]))
+    return Transfer(tuple(kv_parts), tuple(items))
+
+
+@functools.lru_cache(maxsize=64)
+def mesh_plan(
+    seq_len: int,
+    ring_size: int,
+    ring_rank: int,
+    layout: str,
+    branch_list: tuple[Branch, ...],
+    num_heads: int,
+    num_kv_heads: int,
+    causal: bool,
+    device: torch.device,
+    head_start: int,
+    num_local_heads: int,
+) -> RingPlan:
+    """The ring plan of ``ring_rank`` for the query heads ``[head_start, head_start + num_local_heads)``.
+
+    The plan is built with the global head count (each head keeps its offset
+    ``h mod r`` and its ``head_groups`` branch) and then restricted to the chunk, in
+    local head numbering; blocks without heads in the chunk disappear. Every rank of a
+    ring group holds the same chunk, so senders and receivers agree on the payloads.
+    """
+    plan = build_ring_plan(seq_len, ring_size, ring_rank, layout, branch_list, num_heads, num_kv_heads, causal, device)
+    if num_local_heads == num_heads:
+        return plan
+    groups = num_heads // num_kv_heads
+    args = (head_start, num_local_heads, groups, device)
+    local_parts = tuple(p for p in (_local_part(part, *args) for part in plan.local_parts) if p is not None)
+    steps = tuple(
+        dataclasses.replace(step, recv=_local_transfer(step.recv, *args), send=_local_transfer(step.send, *args))
+        for step in plan.steps
+    )
+    return RingPlan(local_parts, _local_transfer(plan.local, *args), steps)
+
+
+# -- the all-gather schedule -------------------------------------------------------------------------
+
+
+class AllGatherSchedule(RingDilatedSchedule):
+    """The ring's blocks, with every rank's K/V shard already gathered: no P2P, one all-gather.
+
+    ``k`` and ``v`` are the ring group's shards concatenated in rank order,
+    ``(B, R * n, H_kv, D)``; ``key_padding_mask`` likewise ``(B, R * n)``.
+    """
+
+    def __init__(self, kernel, plan, comm, *, causal, key_padding_mask, shard_len: int) -> None:
+        super().__init__(kernel, plan, comm, causal=causal, key_padding_mask=None)
+        self.gathered_mask = key_padding_mask
+        self.shard_len = shard_len
+
+    def _shard(self, x: torch.Tensor, source: int) -> torch.Tensor:
+        return x.narrow(1, source * self.shard_len, self.shard_len)
+
+    def _blocks(self) -> Iterator[tuple[Part, Part, int, bool]]:
+        """``(query part, key part, source rank, causal)`` of every block, in a fixed order."""
+        plan, rank = self.plan, self.comm.rank
+        for part in plan.local_parts:
+            yield part, part, rank, self.causal
+        for item in plan.local.items:
+            yield item.q_part, plan.local.kv_parts[item.slot], rank, False
+        for step in plan.steps:
+            for item in step.recv.items:
+                yield item.q_part, step.recv.kv_parts[item.slot], step.recv_from, False
+
+    def _kv(self, part: Part, source: int, k, v):
+        mask = None if self.gathered_mask is None else part.key_mask(self._shard(self.gathered_mask, source))
+        return part.gather_kv(self._shard(k, source)), part.gather_kv(self._shard(v, source)), mask
+
+    def forward(self, q, k, v, acc) -> None:
+        for index, (q_part, kv_part, source, causal) in enumerate(self._blocks()):
+            kb, vb, mask = self._kv(kv_part, source, k, v)
+            self._forward_block(q_part, q, kb, vb, mask, acc, causal, self.block_base + index)
+
+    def backward(self, q, k, v, out, lse, dout, grads) -> None:
+        dq, dk, dv = grads
+        for index, (q_part, kv_part, source, causal) in enumerate(self._blocks()):
+            kb, vb, mask = self._kv(kv_part, source, k, v)
+            block_dk, block_dv = self._backward_block(
+                q_part, q, kb, vb, mask, out, lse, dout, dq, causal, self.block_base + index
+            )
+            kv_part.add_kv_grad(self._shard(dk, source), block_dk)
+            kv_part.add_kv_grad(self._shard(dv, source), block_dv)
+
+
+# -- the module ----------------------------------------------------------------------------------------
+
+
+class RingDistributedDilatedAttention(nn.Module):
+    """Exact LongNet dilated (and dense) attention, sequence-parallel over a Ulysses x ring mesh.
+
+    Same arguments and call as :class:`ring_core.RingDilatedAttention` (each rank passes
+    its shard ``(B, N/P, H, D)`` in ``layout`` and gets its output shard back), plus:
+
+    - ``strategy``: ``"ring"`` (P2P ring over all ranks), ``"ulysses"`` (one all-to-all
+      group of all ranks: needs ``H`` and ``H_kv`` divisible by ``P``), ``"hybrid"``
+      (Ulysses groups of ``ulysses_degree`` inside a node, ring across them),
+      ``"allgather"`` (gather K/V over the ring groups, after an optional Ulysses
+      all-to-all of ``ulysses_degree``) or ``"auto"`` (see :func:`~ring_distributed.mesh.resolve_strategy`).
+    - ``process_group`` (``None``: the default group) is split into the mesh, or
+      ``device_mesh``, a 2-D ``DeviceMesh`` with dims ``("ring", "ulysses")``.
+    - ``node_size``: ranks per node (default ``LOCAL_WORLD_SIZE``, else all ranks);
+      Ulysses groups never straddle nodes.
+
+    The sequence shard index of a rank is its rank in ``process_group`` (with a
+    ``device_mesh``: ``ring_index * u + ulysses_index``).
+    """
+
+    default_strategy = "auto"
+
+    def __init__(
+        self,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        merge: str = "lse",
+        layout: str = "contiguous",
+        process_group: Any = None,
+        softmax_scale: float | None = None,
+        dropout: float = 0.0,
+        kernel: str | None = None,
+        *,
+        strategy: str | None = None,
+        ulysses_degree: int | None = None,
+        device_mesh: Any = None,
+        node_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.segment_lengths, self.dilation_rates = check_dilated_config(segment_lengths, dilation_rates, merge)
+        self.merge = merge
+        self.layout = check_layout(layout)
+        strategy = self.default_strategy if strategy is None else strategy
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
+        if ulysses_degree is not None and (
+            isinstance(ulysses_degree, bool) or not isinstance(ulysses_degree, int) or ulysses_degree < 1
+        ):
+            raise ValueError(f"ulysses_degree must be a positive int or None, got {ulysses_degree!r}")
+        if node_size is not None and (isinstance(node_size, bool) or not isinstance(node_size, int) or node_size < 1):
+            raise ValueError(f"node_size must be a positive int or None, got {node_size!r}")
+        if device_mesh is not None and process_group is not None:
+            raise ValueError("pass either process_group or device_mesh, not both")
+        self.strategy = strategy
+        self.ulysses_degree = ulysses_degree
+        self.process_group = process_group
+        self.device_mesh = device_mesh
+        self.node_size = node_size
+        self.softmax_scale = softmax_scale
+        self.dropout = check_dropout(dropout)
+        self.kernel = kernel
+        self.comm_stats = RingCommStats()
+        self.last_strategy: tuple[str, int] | None = None  # (strategy, ulysses degree) of the last call
+        self._validated: set[tuple] = set()
+
+    # -- mesh and validation -----------------------------------------------------------------------
+    def _validation_comms(self) -> list[_Comm]:
+        """Groups whose all-gather of descriptors makes every rank agree (the parent, or both mesh dims)."""
+        if self.device_mesh is not None:
+            groups = device_mesh_groups(self.device_mesh)
+            comms = []
+            if groups.ulysses_size > 1:
+                comms.append(_Comm(groups.ulysses_group, groups.ulysses_rank, groups.ulysses_size, RingCommStats()))
+            if groups.ring_size > 1:
+                comms.append(_Comm(groups.ring_group, groups.ring_rank, groups.ring_size, RingCommStats()))
+            return comms or [_Comm(None, 0, 1, RingCommStats())]
+        from ring_core.sharding import group_rank_and_size
+
+        rank, size = group_rank_and_size(self.process_group)
+        return [_Comm(self.process_group, rank, size, RingCommStats())]
+
+    def _world_size(self) -> int:
+        if self.device_mesh is not None:
+            return int(self.device_mesh.mesh.numel())
+        from ring_core.sharding import group_rank_and_size
+
+        return group_rank_and_size(self.process_group)[1]
+
+    def _resolve(self, q: torch.Tensor, k: torch.Tensor) -> tuple[str, MeshGroups]:
+        world_size = self._world_size()
+        if self.device_mesh is not None:
+            groups = device_mesh_groups(self.device_mesh)
+            u = groups.ulysses_size
+            if self.strategy == "ring" and u > 1:
+                raise ValueError(f"strategy='ring' needs a device_mesh with a Ulysses dim of 1, got {u}")
+            strategy = self.strategy if self.strategy != "auto" else ("ring" if u == 1 else "hybrid")
+            if strategy == "ulysses" and groups.ring_size > 1:
+                raise ValueError(f"strategy='ulysses' needs a device_mesh with a ring dim of 1, got {groups.ring_size}")
+            resolve_strategy("allgather", u, world_size, world_size, q.shape[2], k.shape[2])  # head checks
+            return strategy, groups
+        node_size = self.node_size or default_node_size(world_size)
+        strategy, u = resolve_strategy(
+            self.strategy, self.ulysses_degree, world_size, node_size, q.shape[2], k.shape[2]
+        )
+        return strategy, mesh_groups(self.process_group, u, node_size)
+
+    def _validation_key(self, q, k, v, key_padding_mask, causal: bool, dropout_p: float) -> tuple:
+        config = (self.segment_lengths, self.dilation_rates, self.merge, self.layout, dropout_p, self.strategy)
+        return (
+            *((tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor) else type(t) for t in (q, k, v)),
+            None if key_padding_mask is None else tuple(key_padding_mask.shape),
+            causal,
+            config,
+        )
+
+    def _validate(self, q, k, v, key_padding_mask, causal: bool, dropout_p: float) -> None:
+        """Every rank checks its inputs and that all ranks agree (once per shape); same error everywhere."""
+        key = self._validation_key(q, k, v, key_padding_mask, causal, dropout_p)
+        if key in self._validated:
+            return
+        config = key[-1]
+        for comm in self._validation_comms():
+            validate_ring_inputs(
+                q, k, v, key_padding_mask, causal=causal, layout=self.layout, merge=self.merge,
+                config=config, scale=self.softmax_scale, comm=comm,
+            )  # fmt: skip
+        self._validated.add(key)
+
+    # -- hooks for RingDilatedAttentionProduction ---------------------------------------------------
+    timeout: float | None = None
+
+    def _make_comm(self, group: Any, rank: int, size: int) -> _Comm:
+        return _Comm(group, rank, size, self.comm_stats)
+
+    def _ring_schedule(self, kernel: BlockKernel, plan: RingPlan, comm: _Comm, causal: bool, mask) -> Any:
+        return RingDilatedSchedule(kernel, plan, comm, causal=causal, key_padding_mask=mask)
+
+    def _dropout_seed(self) -> int:
+        return int(torch.randint(0, 2**40, (1,)).item())
+
+    # -- forward -----------------------------------------------------------------------------------
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        is_causal: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        dropout_p = self.dropout if self.training else 0.0
+        self._validate(q, k, v, key_padding_mask, bool(is_causal), dropout_p)
+        return self._attend(q, k, v, bool(is_causal), key_padding_mask, dropout_p)
+
+    def _attend(self, q, k, v, causal: bool, key_padding_mask, dropout_p: float) -> torch.Tensor:
+        strategy, groups = self._resolve(q, k)
+        u, ring_size = groups.ulysses_size, groups.ring_size
+        self.last_strategy = (strategy, u)
+        num_heads, num_kv_heads = q.shape[2], k.shape[2]
+        seq_len = q.shape[1] * groups.world_size
+        mask = key_padding_mask
+        if u > 1:
+            args = (groups.ulysses_group, u, self.layout, self.timeout)
+            q, k, v = (SeqToHeads.apply(x, *args) for x in (q, k, v))
+            if mask is not None:
+                mask = gather_mask(mask, groups.ulysses_group, u, self.layout, self.timeout)
+        local_heads = num_heads // u
+        plan = mesh_plan(
+            seq_len, ring_size, groups.ring_rank, self.layout,
+            tuple(branches(self.segment_lengths, self.dilation_rates, self.merge, num_heads)),
+            num_heads, num_kv_heads, causal, q.device, groups.ulysses_rank * local_heads, local_heads,
+        )  # fmt: skip
+        request = KernelRequest.for_tensors(q, k, causal=causal, has_mask=mask is not None, dropout_p=dropout_p)
+        seed = self._dropout_seed() + groups.ulysses_rank * 7_919 * 1_000_003 if dropout_p > 0 else 0
+        scale = default_scale(q.shape[-1], self.softmax_scale)
+        block_kernel = BlockKernel(select_kernel(request, self.kernel), scale, dropout_p, seed)
+        comm = self._make_comm(groups.ring_group, groups.ring_rank, ring_size)
+        comm.stats.calls += 1
+        if strategy == "allgather" and ring_size > 1:
+            shard_len = q.shape[1]
+            k, v = (GatherShards.apply(x, groups.ring_group, ring_size, self.timeout) for x in (k, v))
+            if mask is not None:
+                mask = gather_mask(mask, groups.ring_group, ring_size, None, self.timeout)
+            schedule = AllGatherSchedule(
+                block_kernel, plan, comm, causal=causal, key_padding_mask=mask, shard_len=shard_len
+            )
+        else:
+            schedule = self._ring_schedule(block_kernel, plan, comm, causal, mask)
+        out, _ = blockwise_attention(schedule, q, k, v)
+        if u > 1:
+            out = HeadsToSeq.apply(out, groups.ulysses_group, u, self.layout, self.timeout)
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"segment_lengths={list(self.segment_lengths)}, dilation_rates={list(self.dilation_rates)}, "
+            f"merge={self.merge!r}, layout={self.layout!r}, strategy={self.strategy!r}, "
+            f"ulysses_degree={self.ulysses_degree}, dropout={self.dropout}"
+        )

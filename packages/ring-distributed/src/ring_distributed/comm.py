@@ -1,0 +1,238 @@
+"""Collectives of the 2-D mesh: Ulysses all-to-all, K/V all-gather, timed waits, reusable buffers.
+
+Every collective is posted asynchronously and waited with an optional timeout, so a
+stalled or dead peer becomes a :class:`CollectiveError` naming the operation instead
+of a hang. The all-to-alls and the all-gather are autograd functions (their backward
+is the opposite collective).
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ring_core.ring import RingCommStats, _Comm, _Exchange
+
+
+class CollectiveError(RuntimeError):
+    """A collective did not complete: a peer stalled (timeout) or died (connection closed)."""
+
+
+def wait(work: Any, timeout: float | None, what: str) -> None:
+    """Wait for ``work``; raise :class:`CollectiveError` naming ``what`` when it times out or fails."""
+    try:
+        if timeout is None:
+            work.wait()
+        else:
+            work.wait(datetime.timedelta(seconds=timeout))
+    except RuntimeError as exc:
+        limit = "" if timeout is None else f" within timeout={timeout:g} s"
+        raise CollectiveError(
+            f"rank {dist.get_rank()}: {what} did not complete{limit}: a peer stalled or died ({exc}). "
+            f"The process group is no longer usable: stop this job and restart from a checkpoint."
+        ) from exc
+
+
+# -- Ulysses: sequence shard <-> head shard ----------------------------------------------------------
+
+
+def _to_ring_order(chunks: torch.Tensor, layout: str) -> torch.Tensor:
+    """``(u, B, n, ...)`` shards of the group's ranks -> ``(B, u*n, ...)`` in the ring shard's order.
+
+    Contiguous: the shards follow each other. Zigzag: the group's first halves in rank
+    order, then its second halves in reverse rank order (the ring-level zigzag shard).
+    """
+    u, b, n = chunks.shape[:3]
+    x = chunks.movedim(0, 1)  # (B, u, n, ...)
+    if layout == "zigzag" and u > 1:
+        halves = x.unflatten(2, (2, n // 2))
+        x = torch.cat([halves[:, :, 0], halves[:, :, 1].flip(1)], dim=1)
+    return x.reshape(b, u * n, *chunks.shape[3:])
+
+
+def _from_ring_order(x: torch.Tensor, u: int, layout: str) -> torch.Tensor:
+    """Inverse of :func:`_to_ring_order`: ``(B, u*n, ...)`` -> ``(u, B, n, ...)``."""
+    n = x.shape[1] // u
+    if layout == "zigzag" and u > 1:
+        y = x.unflatten(1, (2 * u, n // 2))
+        y = torch.stack([y[:, :u], y[:, u:].flip(1)], dim=2).flatten(2, 3)  # (B, u, n, ...)
+    else:
+        y = x.unflatten(1, (u, n))
+    return y.movedim(1, 0)
+
+
+def _all_to_all(send: torch.Tensor, group: Any, timeout: float | None, what: str) -> torch.Tensor:
+    recv = torch.empty_like(send)
+    wait(dist.all_to_all_single(recv, send, group=group, async_op=True), timeout, what)
+    return recv
+
+
+def seq_to_heads_forward(x: torch.Tensor, group: Any, u: int, layout: str, timeout: float | None) -> torch.Tensor:
+    b, n, h, d = x.shape
+    send = x.reshape(b, n, u, h // u, d).permute(2, 0, 1, 3, 4).contiguous()  # chunk s -> rank s
+    recv = _all_to_all(send, group, timeout, "Ulysses all-to-all (sequence -> heads)")
+    return _to_ring_order(recv, layout)
+
+
+def heads_to_seq_forward(y: torch.Tensor, group: Any, u: int, layout: str, timeout: float | None) -> torch.Tensor:
+    b, m, hl, d = y.shape
+    send = _from_ring_order(y, u, layout).contiguous()  # chunk s: rank s's positions
+    recv = _all_to_all(send, group, timeout, "Ulysses all-to-all (heads -> sequence)")  # chunk s: head chunk s
+    return recv.permute(1, 2, 0, 3, 4).reshape(b, m // u, u * hl, d)
+
+
+class SeqToHeads(torch.autograd.Function):
+    """``(B, N/P, H, D)`` shards of a Ulysses group -> ``(B, u*N/P, H/u, D)``: all positions, a head chunk."""
+
+    @staticmethod
+    def forward(ctx, x, group, u, layout, timeout):  # type: ignore[override]
+        ctx.args = (group, u, layout, timeout)
+        return seq_to_heads_forward(x, group, u, layout, timeout)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return heads_to_seq_forward(grad.contiguous(), *ctx.args), None, None, None, None
+
+
+class HeadsToSeq(torch.autograd.Function):
+    """Inverse of :class:`SeqToHeads`."""
+
+    @staticmethod
+    def forward(ctx, y, group, u, layout, timeout):  # type: ignore[override]
+        ctx.args = (group, u, layout, timeout)
+        return heads_to_seq_forward(y, group, u, layout, timeout)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return seq_to_heads_forward(grad.contiguous(), *ctx.args), None, None, None, None
+
+
+def gather_mask(mask: torch.Tensor, group: Any, size: int, layout: str | None, timeout: float | None) -> torch.Tensor:
+    """The group's ``(B, n)`` padding masks as one ``(B, size*n)`` mask (ring order, or rank order if no layout)."""
+    flat = mask.to(torch.uint8).contiguous()
+    parts = [torch.empty_like(flat) for _ in range(size)]
+    wait(dist.all_gather(parts, flat, group=group, async_op=True), timeout, "all-gather of the padding mask")
+    stacked = torch.stack(parts)
+    if layout is None:
+        return stacked.movedim(0, 1).flatten(1, 2).bool()
+    return _to_ring_order(stacked, layout).bool()
+
+
+# -- all-gather of K/V shards (the "allgather" strategy) ----------------------------------------------
+
+
+class GatherShards(torch.autograd.Function):
+    """Concatenate the group's ``(B, n, ...)`` shards in rank order; backward reduce-scatters the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group, size, timeout):  # type: ignore[override]
+        ctx.args = (group, size, timeout)
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(size)]
+        wait(dist.all_gather(parts, x, group=group, async_op=True), timeout, "all-gather of K/V")
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        group, size, timeout = ctx.args
+        chunks = [c.contiguous() for c in grad.chunk(size, dim=1)]
+        out = torch.empty_like(chunks[0])
+        wait(dist.reduce_scatter(out, chunks, group=group, async_op=True), timeout, "reduce-scatter of dK/dV")
+        return out, None, None, None
+
+
+# -- ring P2P with timeouts and reused buffers --------------------------------------------------------
+
+
+class BufferPool:
+    """Communication buffers allocated once per (use, shape, dtype, device) and reused on every call."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}
+        self.allocations = 0
+
+    def get(self, key: tuple, numel: int, like: torch.Tensor) -> torch.Tensor:
+        full = (*key, numel, like.dtype, like.device)
+        buffer = self.buffers.get(full)
+        if buffer is None:
+            buffer = torch.empty(numel, dtype=like.dtype, device=like.device)
+            self.buffers[full] = buffer
+            self.allocations += 1
+        return buffer
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+
+class _TimedExchange(_Exchange):
+    def __init__(self, works, send, recv, timeout: float | None, what: str) -> None:
+        super().__init__(works, send, recv)
+        self.timeout, self.what = timeout, what
+
+    def wait(self) -> torch.Tensor | None:
+        for work in self.works:
+            wait(work, self.timeout, self.what)
+        self.works = []
+        return self.recv
+
+
+class ManagedComm(_Comm):
+    """The ring's communicator with a timeout on every wait and (optionally) pooled buffers.
+
+    Buffer ``c`` of a phase is the ``c``-th exchange of that phase, so a buffer is only
+    reused by the next call (never while a step of this call may still read it).
+    """
+
+    def __init__(
+        self,
+        group: Any,
+        rank: int,
+        world_size: int,
+        stats: RingCommStats,
+        *,
+        timeout: float | None = None,
+        pool: BufferPool | None = None,
+        context: str = "",
+    ) -> None:
+        super().__init__(group, rank, world_size, stats)
+        self.timeout, self.pool, self.context = timeout, pool, context
+        self.call = 0
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "phase":  # the schedule sets the phase at the start of forward / backward
+            object.__setattr__(self, "call", 0)
+        object.__setattr__(self, name, value)
+
+    def buffer(self, use: str, numel: int, like: torch.Tensor) -> torch.Tensor:
+        if self.pool is None:
+            return torch.empty(numel, dtype=like.dtype, device=like.device)
+        return self.pool.get((self.phase, use, self.call), numel, like)
+
+    def exchange(
+        self, send: torch.Tensor | None, send_to: int, recv_numel: int, recv_from: int, like: torch.Tensor
+    ) -> _Exchange:
+        ops, recv = [], None
+        if send is not None and send.numel():
+            ops.append(dist.P2POp(dist.isend, send, self.global_rank(send_to), self.group))
+            sent = send.numel() * send.element_size()
+            self.stats.total_bytes += sent
+            self.stats.peer_bytes[send_to] = self.stats.peer_bytes.get(send_to, 0) + sent
+            if self.phase == "forward":
+                self.stats.forward_bytes += sent
+            else:
+                self.stats.backward_bytes += sent
+        if recv_numel:
+            recv = self.buffer("recv", recv_numel, like)
+            ops.append(dist.P2POp(dist.irecv, recv, self.global_rank(recv_from), self.group))
+        works = dist.batch_isend_irecv(ops) if ops else []
+        what = (
+            f"{self.context}ring exchange ({self.phase}, exchange {self.call + 1}: receive from ring rank "
+            f"{recv_from} = global rank {self.global_rank(recv_from)}, send to ring rank {send_to} = global rank "
+            f"{self.global_rank(send_to)})"
+        )
+        self.call += 1
+        return _TimedExchange(list(works), send, recv, self.timeout, what)

@@ -1,0 +1,307 @@
+"""RingDilatedAttentionProduction: the ring hardened for long training runs.
+
+On top of :class:`~ring_distributed.RingDistributedDilatedAttention` (default strategy
+``"ring"``):
+
+- ``checkpoint=True``: the attention block (communication included) is recomputed in
+  backward instead of keeping its output, log-sum-exp and (Ulysses) head-sharded copies;
+- ring communication buffers come from a :class:`~ring_distributed.comm.BufferPool`:
+  allocated on the first call of a shape, reused on every later call (``reuse_buffers``);
+- ``timeout=`` seconds on every collective and P2P wait: a stalled or dead peer raises
+  :class:`~ring_distributed.comm.CollectiveError` on every other rank instead of a hang;
+- ``on_nonfinite="raise" | "skip"``: inputs, output and gradients are checked on every
+  rank, and every rank learns which rank, step and tensor had NaN/Inf (one tiny
+  all-reduce each); ``"raise"`` raises :class:`NonFiniteError` everywhere, ``"skip"``
+  warns, records the event and makes this step's attention output (or gradients) zero;
+- ``deterministic=True``: dropout seeds derive from ``seed`` and the step, and the call
+  (forward and backward) runs under ``torch.use_deterministic_algorithms``; repeated runs
+  on the same inputs are bitwise identical.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from ring_core.ring import RingDilatedSchedule
+
+from .attention import RingDistributedDilatedAttention
+from .comm import BufferPool, ManagedComm, wait
+
+NONFINITE_MODES = (None, "raise", "skip")
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or Inf in an input, the output or a gradient of an attention call (on some rank)."""
+
+
+class PooledRingSchedule(RingDilatedSchedule):
+    """The ring schedule packing its K/V payloads into the communicator's reused buffers."""
+
+    def _start_kv(self, j: int, k: torch.Tensor, v: torch.Tensor):
+        if j > len(self.plan.steps):
+            return None
+        step = self.plan.steps[j - 1]
+        send = None
+        if step.send.kv_parts:
+            chunks = []
+            for part in step.send.kv_parts:
+                chunks += [part.gather_kv(k), part.gather_kv(v)]
+                if self.key_padding_mask is not None:
+                    chunks.append((~self.key_padding_mask[:, part.positions()]).to(k.dtype))
+            send = self.comm.buffer("send", sum(c.numel() for c in chunks), k)
+            offset = 0
+            for chunk in chunks:
+                send.narrow(0, offset, chunk.numel()).view(chunk.shape).copy_(chunk)
+                offset += chunk.numel()
+        recv_numel = self._numel(self._shapes(step.recv.kv_parts, k, v))
+        return self.comm.exchange(send, step.send_to, recv_numel, step.recv_from, k)
+
+
+class _ZeroAttention(torch.autograd.Function):
+    """A skipped step: output zeros, gradients zeros (never NaN times zero)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):  # type: ignore[override]
+        ctx.metas = [(t.shape, t.dtype, t.device) for t in (q, k, v)]
+        return torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.metas)
+
+
+class _GradientGuard(torch.autograd.Function):
+    """Identity on ``q, k, v``; its backward checks ``dq, dk, dv`` on every rank."""
+
+    @staticmethod
+    def forward(ctx, check, q, k, v):  # type: ignore[override]
+        ctx.check = check
+        return q.view_as(q), k.view_as(k), v.view_as(v)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):  # type: ignore[override]
+        return (None, *ctx.check(dq, dk, dv))
+
+
+_deterministic_stack: list[tuple[bool, bool]] = []
+
+
+def _enter_deterministic() -> None:
+    _deterministic_stack.append(
+        (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    )
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _leave_deterministic() -> None:
+    enabled, warn_only = _deterministic_stack.pop()
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+class _DeterministicBackward(torch.autograd.Function):
+    """Identity; in backward, ``enter`` (placed on the output) switches deterministic algorithms on
+    before the attention's backward and ``leave`` (placed on the inputs) restores them after."""
+
+    @staticmethod
+    def forward(ctx, enter, *tensors):  # type: ignore[override]
+        ctx.enter = enter
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        _enter_deterministic() if ctx.enter else _leave_deterministic()
+        return (None, *grads)
+
+
+class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
+    """:class:`RingDistributedDilatedAttention` (default ``strategy="ring"``) hardened for training.
+
+    Extra arguments: ``checkpoint`` (bool), ``timeout`` (seconds or ``None``),
+    ``on_nonfinite`` (``None``, ``"raise"`` or ``"skip"``), ``deterministic`` (bool),
+    ``seed`` (int, dropout seed base in deterministic mode), ``reuse_buffers`` (bool).
+    :attr:`step` counts calls; :attr:`buffers` is the buffer pool;
+    :attr:`nonfinite_events` lists what ``"skip"`` skipped.
+    """
+
+    default_strategy = "ring"
+
+    def __init__(
+        self,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        merge: str = "lse",
+        layout: str = "contiguous",
+        process_group: Any = None,
+        softmax_scale: float | None = None,
+        dropout: float = 0.0,
+        kernel: str | None = None,
+        *,
+        checkpoint: bool = False,
+        timeout: float | None = None,
+        on_nonfinite: str | None = None,
+        deterministic: bool = False,
+        seed: int = 0,
+        reuse_buffers: bool = True,
+        strategy: str | None = None,
+        ulysses_degree: int | None = None,
+        device_mesh: Any = None,
+        node_size: int | None = None,
+    ) -> None:
+        super().__init__(
+            segment_lengths, dilation_rates, merge, layout, process_group, softmax_scale, dropout, kernel,
+            strategy=strategy, ulysses_degree=ulysses_degree, device_mesh=device_mesh, node_size=node_size,
+        )  # fmt: skip
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+        if on_nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"on_nonfinite must be one of {list(NONFINITE_MODES)}, got {on_nonfinite!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.checkpoint = bool(checkpoint)
+        self.timeout = None if timeout is None else float(timeout)
+        self.on_nonfinite = on_nonfinite
+        self.deterministic = bool(deterministic)
+        self.seed = seed
+        self.reuse_buffers = bool(reuse_buffers)
+        self.buffers = BufferPool()
+        self.step = 0
+        self.nonfinite_events: list[dict[str, Any]] = []
+        self._call_step = 0
+
+    # -- hooks of the base class ---------------------------------------------------------------------
+    def _make_comm(self, group: Any, rank: int, size: int) -> ManagedComm:
+        return ManagedComm(
+            group, rank, size, self.comm_stats, timeout=self.timeout,
+            pool=self.buffers if self.reuse_buffers else None, context=f"{self._where()}: ",
+        )  # fmt: skip
+
+    def _ring_schedule(self, kernel, plan, comm, causal, mask):
+        schedule_class = PooledRingSchedule if self.reuse_buffers else RingDilatedSchedule
+        return schedule_class(kernel, plan, comm, causal=causal, key_padding_mask=mask)
+
+    def _dropout_seed(self) -> int:
+        if self.deterministic:
+            return self.seed + self._call_step * 1_000_003_000
+        return super()._dropout_seed()
+
+    def _where(self) -> str:
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        return f"RingDilatedAttentionProduction rank {rank}, step {self._call_step}"
+
+    def _validate(self, q, k, v, key_padding_mask, causal: bool, dropout_p: float) -> None:
+        key = self._validation_key(q, k, v, key_padding_mask, causal, dropout_p)
+        if self.timeout is not None and key not in self._validated:
+            self._heartbeat(q)  # the validation's all-gather blocks: first make sure every peer is there
+        super()._validate(q, k, v, key_padding_mask, causal, dropout_p)
+
+    def _heartbeat(self, q: torch.Tensor) -> None:
+        for comm in self._validation_comms():
+            if comm.world_size > 1:
+                beat = torch.ones(1, device=q.device if q.device.type == "cuda" else "cpu")
+                work = dist.all_reduce(beat, group=comm.group, async_op=True)
+                wait(work, self.timeout, f"{self._where()}: health check (all-reduce) before validation")
+
+    # -- non-finite guard ----------------------------------------------------------------------------
+    def _nonfinite_report(self, tensors: dict[str, torch.Tensor | None], groups, stage: str) -> list[tuple]:
+        """``(global rank, tensor, count)`` for every non-finite tensor on any rank (a collective)."""
+        names = list(tensors)
+        table = torch.zeros(groups.world_size, len(names), dtype=torch.int64)
+        device = torch.device("cpu")
+        for index, name in enumerate(names):
+            tensor = tensors[name]
+            if tensor is not None:
+                table[groups.shard_index, index] = int((~torch.isfinite(tensor)).sum().item())
+                device = tensor.device if tensor.device.type == "cuda" else device
+        table = table.to(device)
+        for group, size in ((groups.ulysses_group, groups.ulysses_size), (groups.ring_group, groups.ring_size)):
+            if size > 1:
+                work = dist.all_reduce(table, group=group, async_op=True)
+                wait(work, self.timeout, f"{self._where()}: non-finite check of the {stage}")
+        return [(groups.global_ranks[p], names[i], int(table[p, i])) for p, i in torch.nonzero(table.cpu()).tolist()]
+
+    def _handle_nonfinite(self, found: list[tuple], stage: str) -> bool:
+        """Raise, or record and warn; ``True`` when the step's values must be replaced by zeros."""
+        if not found:
+            return False
+        what = ", ".join(f"{name} on rank {rank} ({count} non-finite elements)" for rank, name, count in found)
+        message = f"RingDilatedAttentionProduction step {self._call_step}: NaN/Inf in the {stage}: {what}"
+        if self.on_nonfinite == "raise":
+            raise NonFiniteError(message)
+        self.nonfinite_events.append({"step": self._call_step, "stage": stage, "found": found})
+        warnings.warn(message + "; skipped (zeros)", RuntimeWarning, stacklevel=3)
+        return True
+
+    def _check_gradients(self, step: int, groups, dq, dk, dv):
+        previous, self._call_step = self._call_step, step
+        try:
+            found = self._nonfinite_report({"dq": dq, "dk": dk, "dv": dv}, groups, "gradients")
+            if self._handle_nonfinite(found, "gradients"):
+                return tuple(None if g is None else torch.zeros_like(g) for g in (dq, dk, dv))
+            return dq, dk, dv
+        finally:
+            self._call_step = previous
+
+    # -- forward -------------------------------------------------------------------------------------
+    def _attend_at(self, step: int, q, k, v, causal, key_padding_mask, dropout_p):
+        previous, self._call_step = self._call_step, step
+        try:
+            return self._attend(q, k, v, causal, key_padding_mask, dropout_p)
+        finally:
+            self._call_step = previous
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        is_causal: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        self.step += 1
+        step = self._call_step = self.step
+        causal = bool(is_causal)
+        dropout_p = self.dropout if self.training else 0.0
+        self._validate(q, k, v, key_padding_mask, causal, dropout_p)
+        if self.on_nonfinite is not None:
+            _, groups = self._resolve(q, k)
+            found = self._nonfinite_report({"q": q, "k": k, "v": v}, groups, "inputs")
+            if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+                q, k, v = _GradientGuard.apply(functools.partial(self._check_gradients, step, groups), q, k, v)
+            if self._handle_nonfinite(found, "inputs"):
+                return _ZeroAttention.apply(q, k, v)
+        if self.deterministic:
+            q, k, v = _DeterministicBackward.apply(False, q, k, v)
+            _enter_deterministic()
+        try:
+            attend = functools.partial(self._attend_at, step)
+            if self.checkpoint and torch.is_grad_enabled():
+                out = activation_checkpoint(
+                    attend, q, k, v, causal, key_padding_mask, dropout_p, use_reentrant=False, preserve_rng_state=True
+                )
+            else:
+                out = attend(q, k, v, causal, key_padding_mask, dropout_p)
+        finally:
+            if self.deterministic:
+                _leave_deterministic()
+        if self.deterministic:
+            (out,) = _DeterministicBackward.apply(True, out)
+        if self.on_nonfinite is not None:
+            found = self._nonfinite_report({"output": out.detach()}, groups, "output")
+            if self._handle_nonfinite(found, "output"):
+                return _ZeroAttention.apply(q, k, v)
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            super().extra_repr()
+            + f", checkpoint={self.checkpoint}, timeout={self.timeout}, on_nonfinite={self.on_nonfinite!r}, "
+            f"deterministic={self.deterministic}, reuse_buffers={self.reuse_buffers}"
+        )
