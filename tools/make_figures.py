@@ -80,7 +80,7 @@ def dilated_pattern(
 
 
 def ring_schedule(world_size: int = 4) -> Figure:
-    """Ring steps: rank r computes with the K/V shard of rank (r - step) mod P, then passes it on."""
+    """Ring steps: at step j rank r computes with the K/V shard of rank (r - j) mod P."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.9), constrained_layout=True)
     cmap = ListedColormap(RANK_COLORS[:world_size])
     for ax, causal in zip(axes, (False, True)):
@@ -101,8 +101,8 @@ def ring_schedule(world_size: int = 4) -> Figure:
         ax.set_yticks(range(world_size), [f"step {s}" for s in range(world_size)])
         ax.set_title("causal, contiguous layout" if causal else "non-causal")
     fig.suptitle(
-        f"Ring of P={world_size}: at each step every rank computes with the K/V shard it holds "
-        "while it sends that shard to rank+1"
+        f"Ring of P={world_size}: at step j rank r computes with the K/V of rank (r - j) mod P "
+        "while the K/V for step j+1 is in flight"
     )
     return fig
 
@@ -146,11 +146,13 @@ def ring_dilated_sends(
         image = torch.where(needed[p], owner + 1, torch.zeros_like(owner))
         image[:, owner == p] = 0  # its own shard needs no communication
         received = int((image > 0).sum())
+        sent = planned_rows(seq_len, world_size, p, num_heads, segment_lengths, dilation_rates)
+        plan = "" if sent is None else f"; RingDilatedAttention's plan receives {sent}"
         ax.imshow(image.numpy(), cmap=cmap, vmin=-0.5, vmax=world_size + 0.5, aspect="auto", interpolation="nearest")
         ax.set_yticks(range(num_heads), [f"h{h}" for h in range(num_heads)], fontsize=7)
         ax.set_ylabel(f"rank {p}", rotation=0, ha="right", va="center")
         ax.set_title(
-            f"rank {p} receives {received} (head, key) rows; a dense ring would send it {dense_rows}",
+            f"rank {p} needs {received} (head, key) rows from the others{plan}; a dense ring sends it {dense_rows}",
             fontsize=9,
             loc="left",
         )
@@ -162,6 +164,32 @@ def ring_dilated_sends(
         f"dilation_rates={list(dilation_rates)}"
     )
     return fig
+
+
+def planned_rows(
+    seq_len: int,
+    world_size: int,
+    rank: int,
+    num_heads: int,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+) -> int | None:
+    """(head, key) rows ``rank`` receives in ``ring_core.ring``'s plan (None if that module has no plan)."""
+    try:
+        from ring_core.dilated import branches
+        from ring_core.ring import build_ring_plan
+
+        branch_list = tuple(branches(segment_lengths, dilation_rates, "lse", num_heads))
+        plan = build_ring_plan(
+            seq_len, world_size, rank, "contiguous", branch_list, num_heads, num_heads, False, torch.device("cpu")
+        )
+        return sum(
+            (part.stop - part.start) * len(range(num_heads)[part.heads])
+            for step in plan.steps
+            for part in step.recv.kv_parts
+        )
+    except (ImportError, AttributeError, TypeError):  # the ring module changed shape: show the minimum only
+        return None
 
 
 def causal_work(seq_len: int, world_size: int, layout: str) -> torch.Tensor:
