@@ -420,6 +420,7 @@ def main() -> int:
     parser.add_argument("--memory-step", type=int, default=65536)
     parser.add_argument("--accuracy-len", type=int, default=4096)
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    parser.add_argument("--merge", action="store_true", help="keep the sections already in the JSON (one process each)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_dilated_gpu.py needs a CUDA GPU", file=sys.stderr)
@@ -428,7 +429,9 @@ def main() -> int:
         args.seq_len, args.dense_lens, args.iters = 16384, [4096], 3
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {
+    path = out / "bench_dilated_gpu.json"
+    report = json.loads(path.read_text()) if args.merge and path.exists() else {}
+    report |= {
         "card": torch.cuda.get_device_name(0),
         "capability": torch.cuda.get_device_capability(0),
         "torch": torch.__version__,
@@ -437,7 +440,7 @@ def main() -> int:
     }
     sections = {"kernels": bench_kernels, "dilated": bench_dilated, "dense": bench_dense, "memory": bench_memory,
                 "accuracy": bench_accuracy}  # fmt: skip
-    for name in args.sections.split(","):
+    for name in filter(None, args.sections.split(",")):
         begin = time.perf_counter()
         try:
             report[name] = sections[name](args)
@@ -445,9 +448,9 @@ def main() -> int:
             traceback.print_exc()
             report[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         print(f"[{name}] {time.perf_counter() - begin:.1f} s", flush=True)
-        (out / "bench_dilated_gpu.json").write_text(json.dumps(report, indent=2, default=str))
+        path.write_text(json.dumps(report, indent=2, default=str))
     report["plot"] = plot(out / "bench_dilated_gpu.png", report)
-    (out / "bench_dilated_gpu.json").write_text(json.dumps(report, indent=2, default=str))
+    path.write_text(json.dumps(report, indent=2, default=str))
     print(summary(report))
     return 0
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import os
 from functools import cache
 from typing import ClassVar
 
@@ -97,10 +98,6 @@ class GPUKernel(KernelBackend):
         return reasons
 
 
-def _philox(device: torch.device) -> torch.Tensor:
-    return torch.zeros((), dtype=torch.int64, device=device)
-
-
 class SDPACuDNNKernel(GPUKernel):
     """cuDNN fused attention through ``aten._scaled_dot_product_cudnn_attention``."""
 
@@ -131,16 +128,27 @@ class SDPACuDNNKernel(GPUKernel):
         out, lse, *_ = self._retry_contiguous(run, q, k, v)
         return out.transpose(1, 2), lse.reshape(b, h, n)
 
+    # How the backward op is called; tools/probe_cudnn.py tries each in a subprocess on a GPU.
+    backward_variants = ("lse3", "lse4", "lse4-long1", "contiguous", "flash")
+    backward_variant = os.environ.get("RING_FLASH_CUDNN_BACKWARD", "lse3")
+
     def backward(self, dout, q, k, v, out, lse, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+        variant = self.backward_variant
+        if variant == "flash":  # FlashAttention-2's backward: the same gradients from any out/lse
+            return SDPAFlashKernel().backward(dout, q, k, v, out, lse, scale=scale, causal=causal)
         n, m = q.shape[1], k.shape[1]
-        seed_t = _philox(q.device)
+        seed_t = torch.zeros(1 if variant == "lse4-long1" else (), dtype=torch.int64, device=q.device)
         lse = lse.float().contiguous()
+        if variant != "lse3":
+            lse = lse.unsqueeze(-1)
 
         def run(dout, q, k, v, out):
+            bhsd = [x.transpose(1, 2) for x in (dout, q, k, v, out)]
+            if variant == "contiguous":
+                bhsd = [x.contiguous() for x in bhsd]
             return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-                dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                out.transpose(1, 2), lse, seed_t, seed_t, None, None, None, n, m, 0.0, causal, scale=scale,
-            )  # fmt: skip
+                *bhsd[:5], lse, seed_t, seed_t, None, None, None, n, m, 0.0, causal, scale=scale
+            )
 
         dq, dk, dv = self._retry_contiguous(run, dout, q, k, v, out)
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
