@@ -26,7 +26,9 @@ def build(impl, case, **extra):
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=lambda i: i.name)
 def test_matches_reference(impl, case, dtype):
-    result = check_attention(build(impl, case), case, dtype, seed=zlib.crc32(f"{impl.name}/{case.name}".encode()) % 1000)
+    result = check_attention(
+        build(impl, case), case, dtype, seed=zlib.crc32(f"{impl.name}/{case.name}".encode()) % 1000
+    )
     assert result.passed, f"{impl.name} {case} {dtype}: errors {result.errors} > {result.tolerance}"
 
 
