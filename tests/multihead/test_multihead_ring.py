@@ -95,6 +95,31 @@ def ring_worker(rank: int, world_size: int) -> dict[str, str]:
             assert_close(actual, wanted)
         except AssertionError as error:
             failures[name] = str(error)
+    failures.update(error_checks(rank))
+    return failures
+
+
+def error_checks(rank: int) -> dict[str, str]:
+    """Bad input on one rank, or calls that differ, raise on every rank (nobody waits in a collective)."""
+    ring = build(RingMultiheadDilatedAttention, {"segment_lengths": [4, 8], "dilation_rates": [1, 2]})
+    x = randn(2, N // 2, E, seed=rank)
+    good = torch.zeros(2, N // 2, dtype=torch.bool)
+    cases = {
+        "bad mask on rank 1": (
+            {"key_padding_mask": good if rank == 0 else good[:, :3], "need_weights": False},
+            "rejected their inputs" if rank == 0 else "key_padding_mask must have shape",
+        ),
+        "need_weights differs": ({"need_weights": rank == 0}, "calls differ: need_weights"),
+        "attn_mask": ({"attn_mask": torch.ones(N // 2, N // 2, dtype=torch.bool).triu(1)}, "is_causal=True"),
+    }
+    failures = {}
+    for name, (kwargs, match) in cases.items():
+        try:
+            ring(x, x, x, **kwargs)
+            failures[name] = "no error"
+        except ValueError as error:
+            if match not in str(error):
+                failures[name] = f"unexpected message: {error}"
     return failures
 
 

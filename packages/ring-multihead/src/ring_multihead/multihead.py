@@ -266,9 +266,6 @@ class MultiheadDilatedAttention(nn.Module):
         """For the dense path: every key of the sequence, its mask, the queries' global positions and ``N``."""
         return k, v, key_padding_mask, torch.arange(q.shape[1], device=q.device), k.shape[1]
 
-    def _check_attn_mask_allowed(self, attn_mask: torch.Tensor | None, causal: bool) -> None:
-        """The ring variant refuses general masks across ranks."""
-
     def _sequence_attention(
         self,
         q: torch.Tensor,
@@ -514,7 +511,6 @@ class MultiheadDilatedAttention(nn.Module):
         b, q_len, k_len = query.shape[0], query.shape[1], key.shape[1]
         key_padding_mask = self._key_padding_mask(key_padding_mask, b, k_len, batched)
         causal, general_mask = self._attn_mask(attn_mask, b, q_len, k_len, batched, is_causal)
-        self._check_attn_mask_allowed(general_mask, causal)
         q, k, v = self._project(query, key, value)
         extra = self._extra_keys(k)
         dropout_p = self.dropout if self.training else 0.0

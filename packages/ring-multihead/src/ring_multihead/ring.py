@@ -153,34 +153,74 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """As :meth:`MultiheadDilatedAttention.forward`, on this rank's shard; weights are ``(B, L_local, N)``."""
+        """As :meth:`MultiheadDilatedAttention.forward`, on this rank's shard; weights are ``(B, L_local, N)``.
+
+        Across ranks every rank checks its inputs, then one small ``all_gather`` makes
+        every rank raise when any rank's inputs (or the ranks' calls) disagree: an
+        error never leaves the other ranks waiting in a collective.
+        """
         _, world = self._world()
         if world > 1:
-            if attn_mask is not None:
-                raise ValueError(
-                    f"attn_mask is not supported across {world} ranks (got shape {tuple(attn_mask.shape)}); "
-                    "pass attn_mask=None and is_causal=True for causal attention"
-                )
-            if not need_weights and (self.bias_k is not None or self.add_zero_attn):
-                raise ValueError(
-                    f"add_bias_kv / add_zero_attn across {world} ranks need the dense path: pass need_weights=True "
-                    "(short sequences), or use one rank"
-                )
-            seq_dim = 0 if (query.dim() == 2 or not self.batch_first) else 1
-            if isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor):
-                local_q, local_k = query.shape[seq_dim], key.shape[seq_dim]
-                if local_q != local_k:
-                    raise ValueError(
-                        f"across ranks query and key shards must have the same length, got {local_q} and {local_k}"
-                    )
-                if self.layout == "zigzag" and local_q % 2:
-                    raise ValueError(
-                        f"layout='zigzag' needs an even local length (N divisible by 2P), got {local_q} on each of "
-                        f"{world} ranks"
-                    )
+            self._check_across_ranks(world, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
         return super().forward(
             query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
         )
+
+    def _check_local(self, world, query, key, value, key_padding_mask, need_weights, attn_mask) -> tuple[int, int]:
+        """This rank's checks; returns ``(batch, local length)``."""
+        batched = self._check_inputs(query, key, value)
+        if attn_mask is not None:
+            raise ValueError(
+                f"attn_mask is not supported across {world} ranks (got shape {tuple(attn_mask.shape)}); "
+                "pass attn_mask=None and is_causal=True for causal attention"
+            )
+        if not need_weights and (self.bias_k is not None or self.add_zero_attn):
+            raise ValueError(
+                f"add_bias_kv / add_zero_attn across {world} ranks need the dense path: pass need_weights=True "
+                "(short sequences), or use one rank"
+            )
+        seq_dim = 0 if (not batched or not self.batch_first) else 1
+        local_q, local_k = query.shape[seq_dim], key.shape[seq_dim]
+        if local_q != local_k:
+            raise ValueError(
+                f"across ranks query and key shards must have the same length, got {local_q} and {local_k}"
+            )
+        if self.layout == "zigzag" and local_q % 2:
+            raise ValueError(
+                f"layout='zigzag' needs N divisible by 2*P: each rank's shard must have an even length, got {local_q}"
+            )
+        batch = query.shape[1 - seq_dim] if batched else 1
+        self._key_padding_mask(key_padding_mask, batch, local_k, batched)
+        return batch, local_q
+
+    def _check_across_ranks(self, world, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal):
+        error: Exception | None = None
+        try:
+            batch, length = self._check_local(world, query, key, value, key_padding_mask, need_weights, attn_mask)
+        except (TypeError, ValueError) as exc:
+            error, batch, length = exc, 0, 0
+        mine = torch.tensor([error is None, batch, length, bool(need_weights), bool(is_causal)], dtype=torch.int64)
+        if dist.get_backend(self.process_group) == "nccl":
+            mine = mine.cuda()
+        table = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(table, mine, group=self.process_group)
+        rows = [t.tolist() for t in table]
+        if error is not None:
+            raise error
+        failed = [rank for rank, row in enumerate(rows) if row[0] == 0]
+        if failed:
+            raise ValueError(
+                f"{type(self).__name__}: rank(s) {failed} of {world} rejected their inputs (see the error raised "
+                "there); nothing was computed"
+            )
+        names = ("batch size", "local length", "need_weights", "is_causal")
+        differing = [name for i, name in enumerate(names, 1) if len({row[i] for row in rows}) > 1]
+        if differing:
+            details = "; ".join(
+                f"{name}: " + ", ".join(f"rank {r}={row[names.index(name) + 1]}" for r, row in enumerate(rows))
+                for name in differing
+            )
+            raise ValueError(f"{type(self).__name__}: the ranks' calls differ: {details}; nothing was computed")
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, layout={self.layout!r}"
