@@ -119,6 +119,10 @@ def test_dropout_train_and_eval():
         (lambda: MultiheadDilatedAttention(8, 2, segment_lengths=[8, 4]), "strictly increasing"),
         (lambda: MultiheadDilatedAttention(8, 2, segment_lengths=[4], merge="sum"), "merge must be one of"),
         (lambda: MultiheadDilatedAttention(8, 2, dropout=1.0), "dropout must be"),
+        (
+            lambda: MultiheadDilatedAttention(8, 2, segment_lengths=[2, 4, 8], merge="head_groups"),
+            "at least one head per branch",
+        ),
         (lambda: MultiheadDilatedAttention(8, 2, gamma_init=0), "gamma_init"),
         (lambda: RingMultiheadDilatedAttention(8, 2, layout="spiral"), "layout must be one of"),
     ],

@@ -203,6 +203,7 @@ class MultiheadDilatedAttention(nn.Module):
         else:
             rates = [1] * len(segment_lengths) if dilation_rates is None else dilation_rates
             self.segment_lengths, self.dilation_rates = check_dilated_config(segment_lengths, rates, merge)
+            branches(self.segment_lengths, self.dilation_rates, merge, num_heads)  # head_groups: a head per branch
         factory = {"device": device, "dtype": dtype}
         super().__init__()
         self.embed_dim = embed_dim
