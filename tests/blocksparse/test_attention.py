@@ -170,3 +170,35 @@ def test_layout_shape_checked_before_work():
         attn(q, q, q)
     with pytest.raises(ValueError, match="window must be a multiple of block_size"):
         BlockSparseRingDilatedAttention([8], [1], block_size=4, pattern="local_window", window=6)(q, q, q)
+
+
+def test_large_batches_are_split(monkeypatch):
+    """Bounding the gathered rows per call, cutting key lists into chunks and padding batches to
+    powers of two change the calls, never the result."""
+    import ring_blocksparse.plan
+
+    case = Case("split", 64, 2, (64,), (1,), causal=True, padding=True)
+    whole = BlockSparseRingDilatedAttention(**case.config, block_size=4, pattern="random", density=0.5)
+    _check(whole, case, whole.layout_for(64, 2), 4)
+    monkeypatch.setattr(ring_blocksparse.plan, "MAX_GATHERED_ROWS", 100)
+    monkeypatch.setattr(ring_blocksparse.plan, "MAX_CHUNK_TILES", 3)
+    split = BlockSparseRingDilatedAttention(**case.config, block_size=4, pattern="random", density=0.5)
+    _check(split, case, split.layout_for(64, 2), 4)
+    calls = [g for gs in split.last_plan.groups.values() for g in gs]
+    assert all(g.shape[0] * g.shape[2] <= 100 or g.shape[0] == 1 for g in calls)  # one query tile is never cut
+    assert all(g.shape[2] <= 3 * 4 for g in calls)  # at most 3 key tiles of 4 per call
+    assert any(g.real < g.shape[0] for g in split.last_plan.all_groups())  # some batches were padded
+    assert len(calls) > sum(len(gs) for gs in whole.last_plan.groups.values())
+    assert split.last_plan.computed_pairs == whole.last_plan.computed_pairs
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["by-query-tile", "by-key-tile"])
+def test_both_backward_batchings(transposed):
+    """The backward batched by query tile (as the forward) and by key tile give the same exact gradients."""
+    case = Case("gqa-pad-causal-dilated", 37, 4, (6, 12, 36), (1, 2, 3), kv_heads=2, causal=True, padding=True)
+    layout = build_pattern("random", density=0.5, seed=2, per_head=True).layout(case.seq_len, 5, case.heads)
+    attn = BlockSparseRingDilatedAttention(
+        **case.config, block_size=5, block_layout=layout, transposed_backward=transposed
+    )
+    _check(attn, case, layout, 5, seed=9)
+    assert (attn.last_plan.backward_groups is not None) == transposed

@@ -18,7 +18,7 @@ from torch import nn
 
 from ring_core import select_kernel
 from ring_core.dilated import branches
-from ring_core.engine import Accumulator, BlockKernel, BlockSchedule, blockwise_attention
+from ring_core.engine import Accumulator, BlockKernel, BlockSchedule, blockwise_attention, merge_into
 from ring_core.kernels import KernelRequest, default_scale
 from ring_core.sharding import check_divisible, check_layout, group_rank_and_size
 from ring_core.validation import check_dilated_config, check_dropout, check_qkv
@@ -91,9 +91,9 @@ def _gather_rows(x: torch.Tensor, heads: slice | torch.Tensor, rows: torch.Tenso
 
 
 def _add_rows(target: torch.Tensor, heads: slice | torch.Tensor, rows: torch.Tensor, grad: torch.Tensor) -> None:
-    """``target[:, rows, heads] += grad`` with repeated rows (and heads) accumulated."""
+    """``target[:, rows, heads] += grad`` (``grad``: ``(B, G, rows/G, h, D)``), repeated rows accumulated."""
     b = target.shape[0]
-    grad = grad.reshape(b, rows.numel(), grad.shape[2], grad.shape[3]).to(target.dtype)
+    grad = grad.reshape(b, rows.numel(), grad.shape[-2], grad.shape[-1]).to(target.dtype)
     if isinstance(heads, slice):
         target[:, :, heads].index_add_(1, rows, grad)
     else:
@@ -114,6 +114,8 @@ class BlockSparseSchedule(BlockSchedule):
         group: Any = None,
         stats: CommStats | None = None,
     ) -> None:
+        """``plan.backward_groups`` (batched by key tile) serve the backward when present and
+        there is no dropout (dropout masks follow the forward's batching)."""
         self.plan = plan
         self.kernel, self.masked_kernel = kernel, masked_kernel
         self.key_padding_mask = key_padding_mask
@@ -174,26 +176,33 @@ class BlockSparseSchedule(BlockSchedule):
         b = q.shape[0]
         for source, k_buf, v_buf, pad in self._sources(k, v, "forward"):
             for g in self.plan.groups[source] if k_buf is not None else ():
-                groups = g.shape[0]
+                groups, tq, _ = g.shape
                 kernel, args = self._call_args(g, pad, b)
-                out_rows = acc.out[:, :, g.heads].index_select(1, g.q_rows)
-                lse_rows = acc.lse[:, :, g.heads].index_select(1, g.q_rows)
-                kernel.forward_into(
-                    out_rows,
-                    lse_rows,
+                out, lse = kernel.backend.forward(
                     _gather_rows(q, g.heads, g.q_rows, groups),
                     _gather_rows(k_buf, g.kv_heads, g.k_rows, groups),
                     _gather_rows(v_buf, g.kv_heads, g.k_rows, groups),
-                    **args,
-                )
-                acc.out[:, :, g.heads].index_copy_(1, g.q_rows, out_rows)
-                acc.lse[:, :, g.heads].index_copy_(1, g.q_rows, lse_rows)
+                    scale=kernel.scale, causal=args["causal"], mask=args["mask"],
+                    dropout_p=kernel.dropout_p, seed=kernel.seed + g.block_id,
+                )  # fmt: skip
+                h = out.shape[2]
+                rows = g.q_rows[: g.real * tq]  # padded entries are dropped here
+                out = out.unflatten(0, (b, groups))[:, : g.real].reshape(b, -1, h, out.shape[-1])
+                lse = lse.unflatten(0, (b, groups))[:, : g.real].transpose(2, 3).reshape(b, -1, h)
+                out_rows = acc.out[:, :, g.heads].index_select(1, rows)
+                lse_rows = acc.lse[:, :, g.heads].index_select(1, rows)
+                merge_into(out_rows, lse_rows, out, lse)
+                acc.out[:, :, g.heads].index_copy_(1, rows, out_rows)
+                acc.lse[:, :, g.heads].index_copy_(1, rows, lse_rows)
 
     def backward(self, q, k, v, out, lse, dout, grads) -> None:
         plan, b = self.plan, q.shape[0]
         dq, dk, dv = grads
         d = k.shape[-1]
         returning = []
+        table = plan.groups
+        if plan.backward_groups is not None and self.kernel.dropout_p == 0:
+            table = plan.backward_groups
         for source, k_buf, v_buf, pad in self._sources(k, v, "backward"):
             dkv = None
             if source == plan.rank:
@@ -201,7 +210,7 @@ class BlockSparseSchedule(BlockSchedule):
             elif k_buf is not None:
                 dkv = torch.zeros(*k_buf.shape[:3], d + v_buf.shape[3], dtype=dk.dtype, device=dk.device)
                 dk_buf, dv_buf = dkv[..., :d], dkv[..., d:]
-            for g in plan.groups[source]:
+            for g in table[source] if k_buf is not None else ():
                 groups = g.shape[0]
                 kernel, args = self._call_args(g, pad, b)
                 lse_rows = lse[:, :, g.heads].index_select(1, g.q_rows)
@@ -214,9 +223,10 @@ class BlockSparseSchedule(BlockSchedule):
                     lse_rows.reshape(b * groups, -1, lse_rows.shape[-1]),
                     **args,
                 )
-                _add_rows(dq, g.heads, g.q_rows, block_dq)
-                _add_rows(dk_buf, g.kv_heads, g.k_rows, block_dk)
-                _add_rows(dv_buf, g.kv_heads, g.k_rows, block_dv)
+                real, tq, kk = g.real, g.shape[1], g.shape[2]  # padded entries are dropped here
+                _add_rows(dq, g.heads, g.q_rows[: real * tq], block_dq.unflatten(0, (b, groups))[:, :real])
+                _add_rows(dk_buf, g.kv_heads, g.k_rows[: real * kk], block_dk.unflatten(0, (b, groups))[:, :real])
+                _add_rows(dv_buf, g.kv_heads, g.k_rows[: real * kk], block_dv.unflatten(0, (b, groups))[:, :real])
             if source != plan.rank:
                 returning.append(self._post_grads(dkv, source, dk, v.shape[-1]))
         for exchange, received, rows in returning:
@@ -270,6 +280,7 @@ def block_sparse_dilated_attention(
     layout: str = "contiguous",
     process_group: Any = None,
     stats: CommStats | None = None,
+    transposed_backward: bool = True,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dilated attention restricted to a block layout (SPEC.md), ``(B, N, H, D)`` shards in and out.
@@ -277,8 +288,9 @@ def block_sparse_dilated_attention(
     Under a process group of ``P`` ranks each rank passes its shard (``layout``
     ``"contiguous"`` or ``"zigzag"``) and the layout is over the global ``N = n * P``.
     ``block_layout=None`` allows every block (plain dilated attention). ``stats``
-    collects the bytes sent and received. With ``return_lse`` also returns the
-    log-sum-exp ``(B, H, n)``.
+    collects the bytes sent and received. ``transposed_backward`` batches the backward by
+    key tile (whole dK/dV per call; the default) instead of by query tile. With
+    ``return_lse`` also returns the log-sum-exp ``(B, H, n)``.
     """
     plan, schedule_args = _prepare(
         q,
@@ -293,6 +305,7 @@ def block_sparse_dilated_attention(
         key_padding_mask=key_padding_mask,
         layout=layout,
         process_group=process_group,
+        transposed_backward=transposed_backward,
     )
     dropout_p = check_dropout(dropout_p)
     scale = default_scale(q.shape[-1], softmax_scale)
@@ -318,6 +331,7 @@ def _prepare(
     key_padding_mask,
     layout,
     process_group,
+    transposed_backward: bool = True,
     cache: dict | None = None,
 ) -> tuple[Plan, dict]:
     """Validate everything (before any communication) and build or reuse the plan."""
@@ -330,7 +344,7 @@ def _prepare(
     check_divisible(seq_len, world, layout)
     if block_layout is not None:
         check_block_layout(block_layout, seq_len, block_size, q.shape[2])
-    key = (seq_len, q.shape[2], k.shape[2], bool(is_causal), rank, world, layout, str(q.device))
+    key = (seq_len, q.shape[2], k.shape[2], bool(is_causal), rank, world, layout, str(q.device), transposed_backward)
     plan = None if cache is None else cache.get(key)
     if plan is None:
         plan = build_plan(
@@ -344,6 +358,7 @@ def _prepare(
             rank=rank,
             world_size=world,
             layout=layout,
+            transposed_backward=transposed_backward,
         ).to(q.device)
         if cache is not None:
             cache[key] = plan
@@ -357,7 +372,8 @@ class BlockSparseRingDilatedAttention(nn.Module):
     :class:`~ring_blocksparse.Pattern`; ``block_layout`` is an explicit bool
     ``(H or 1, ceil(N/b), ceil(N/b))`` over the global sequence; neither means every
     block (plain dilated attention). Forward: ``attn(q, k, v, *, is_causal=False,
-    key_padding_mask=None)`` on this rank's ``(B, n, H, D)`` shard. After each call,
+    key_padding_mask=None)`` on this rank's ``(B, n, H, D)`` shard. ``transposed_backward``
+    batches the backward by key tile (each call yields whole dK/dV rows). After each call,
     ``comm_stats`` holds the bytes this rank sent and received, and ``last_plan`` the plan.
     """
 
@@ -374,6 +390,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
         softmax_scale: float | None = None,
         dropout: float = 0.0,
         kernel: str | None = None,
+        transposed_backward: bool = True,
         **pattern_options: Any,
     ) -> None:
         super().__init__()
@@ -401,6 +418,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
         self.softmax_scale = softmax_scale
         self.dropout = check_dropout(dropout)
         self.kernel = kernel
+        self.transposed_backward = bool(transposed_backward)
         self.comm_stats = CommStats()
         self.last_plan: Plan | None = None
         self._plans: dict = {}
@@ -440,6 +458,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
             key_padding_mask=key_padding_mask,
             layout=self.layout,
             process_group=self.process_group,
+            transposed_backward=self.transposed_backward,
             cache=self._plans,
         )
         dropout_p = self.dropout if self.training else 0.0

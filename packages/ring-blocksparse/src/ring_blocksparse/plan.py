@@ -11,8 +11,10 @@ from the block layout and causality:
 - ``causal``: a tile with itself under ``is_causal``, layout full (kernel's causal flag);
 - ``masked``: anything else (an explicit bool mask: layout and causality).
 
-Pairs are batched into :class:`Group`\\ s: query tiles with the same length and the same
-total length of their key tiles from one source rank become one kernel call. Every
+Pairs are batched into :class:`Group`\\ s: a query tile's key tiles from one source rank
+are cut into chunks (32 tiles, then powers of two), and query tiles whose chunks have the
+same shape become one kernel call, its batch padded to ``2^k`` or ``3 * 2^k``; so a layout of any
+shape gives few distinct kernel shapes. Every
 rank computes the same global plan, so each knows, without talking, which of its key
 rows each other rank needs (``send``) and which rows it gets (``recv``).
 """
@@ -29,6 +31,11 @@ from ring_core.sharding import shard_ranges
 
 FULL, CAUSAL, MASKED = "full", "causal", "masked"
 
+# Largest number of gathered key rows in one kernel call (bounds the gathered K/V and their gradients).
+MAX_GATHERED_ROWS = 1 << 19
+# Largest number of key tiles a query tile gives one kernel call (longer lists are split, LSE-merged).
+MAX_CHUNK_TILES = 32
+
 
 @dataclass
 class Group:
@@ -44,6 +51,7 @@ class Group:
     k_rows: torch.Tensor = field(default=None)  # (G*K,) rows of the source buffer
     mask: torch.Tensor | None = None  # (G, h', Tq, K) bool, masked groups only
     block_id: int = 0
+    real: int = 0  # the first ``real`` of the G entries are real; the rest repeat entry 0 (padding)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -57,19 +65,27 @@ class Plan:
     rank: int
     world_size: int
     local_positions: torch.Tensor
-    groups: dict[int, list[Group]]  # source rank -> kernel calls
+    groups: dict[int, list[Group]]  # source rank -> kernel calls (a batch of query tiles each)
     recv_positions: dict[int, torch.Tensor]  # source rank -> sorted global positions received
     send_rows: dict[int, torch.Tensor]  # destination rank -> local rows sent
     computed_pairs: int = 0  # (query, key) token pairs given to kernels, summed over heads, this rank
+    # source rank -> the same pairs batched by key tile (each call: one key tile, its query rows),
+    # for a backward whose dK/dV come out whole per call (None: not built)
+    backward_groups: dict[int, list[Group]] | None = None
+
+    def all_groups(self):
+        """Every group of both batchings."""
+        for table in (self.groups, self.backward_groups or {}):
+            for groups in table.values():
+                yield from groups
 
     def to(self, device: torch.device) -> Plan:
-        for groups in self.groups.values():
-            for g in groups:
-                g.q_rows, g.k_rows = g.q_rows.to(device), g.k_rows.to(device)
-                if isinstance(g.kv_heads, torch.Tensor):
-                    g.kv_heads = g.kv_heads.to(device)
-                if g.mask is not None:
-                    g.mask = g.mask.to(device)
+        for g in self.all_groups():
+            g.q_rows, g.k_rows = g.q_rows.to(device), g.k_rows.to(device)
+            if isinstance(g.kv_heads, torch.Tensor):
+                g.kv_heads = g.kv_heads.to(device)
+            if g.mask is not None:
+                g.mask = g.mask.to(device)
         self.send_rows = {d: rows.to(device) for d, rows in self.send_rows.items()}
         return self
 
@@ -185,13 +201,22 @@ def build_plan(
     rank: int = 0,
     world_size: int = 1,
     layout: str = "contiguous",
+    max_gathered_rows: int | None = None,
+    transposed_backward: bool = True,
 ) -> Plan:
-    """The plan of ``rank``: its kernel calls per source rank, and its send/receive rows."""
+    """The plan of ``rank``: its kernel calls per source rank, and its send/receive rows.
+
+    A kernel call gathers at most ``max_gathered_rows`` key rows (default
+    :data:`MAX_GATHERED_ROWS`; larger batches are split). With ``transposed_backward`` the
+    plan also batches the same pairs by key tile (``Plan.backward_groups``).
+    """
+    max_gathered_rows = max_gathered_rows or MAX_GATHERED_ROWS
     chunk_starts, chunk_owner = _ownership(seq_len, world_size, layout)
     owner_of = chunk_owner[torch.searchsorted(chunk_starts, torch.arange(seq_len), right=True) - 1]
     local_positions = (owner_of == rank).nonzero().flatten()
     need = torch.zeros(world_size, seq_len, dtype=torch.bool)
     groups: dict[int, list[Group]] = {p: [] for p in range(world_size)}
+    backward_groups: dict[int, list[Group]] = {p: [] for p in range(world_size)}
     computed = 0
     layout_cpu = None if block_layout is None else block_layout.cpu()
     for branch in branch_list:
@@ -228,44 +253,121 @@ def build_plan(
                 for source in range(world_size):
                     select = mine & (code == code_value) & (tiles.owner[k] == source)
                     if select.any():
-                        groups[source] += _make_groups(tiles, q[select], k[select], category, source, heads, kv_heads)
+                        groups[source] += _make_groups(
+                            tiles, q[select], k[select], category, source, heads, kv_heads, max_gathered_rows
+                        )
+                        if transposed_backward:
+                            backward_groups[source] += _make_transposed_groups(
+                                tiles, q[select], k[select], category, source, heads, kv_heads, max_gathered_rows
+                            )
     plan = Plan(rank, world_size, local_positions, groups, {}, {}, computed)
+    if transposed_backward:
+        plan.backward_groups = backward_groups
+    local_row = _row_lookup(local_positions, seq_len)
     for p in range(world_size):
         if p != rank:
             plan.recv_positions[p] = (need[rank] & (owner_of == p)).nonzero().flatten()
-            sent = (need[p] & (owner_of == rank)).nonzero().flatten()
-            plan.send_rows[p] = torch.searchsorted(local_positions, sent)
-    block_id = 0
-    for source, source_groups in groups.items():
-        buffer = local_positions if source == rank else plan.recv_positions[source]
-        for g in source_groups:
-            g.q_rows = torch.searchsorted(local_positions, g.q_pos.flatten())
-            g.k_rows = torch.searchsorted(buffer, g.k_pos.flatten())
-            g.block_id = block_id
-            block_id += 1
-            if g.category == MASKED:
-                g.mask = _mask(g, layout_cpu, block_size, causal)
+            plan.send_rows[p] = local_row[(need[p] & (owner_of == rank)).nonzero().flatten()]
+    buffer_row = {
+        p: local_row if p == rank else _row_lookup(plan.recv_positions[p], seq_len) for p in range(world_size)
+    }
+    for block_id, g in enumerate(plan.all_groups()):
+        g.q_rows = local_row[g.q_pos.flatten()]
+        g.k_rows = buffer_row[g.source][g.k_pos.flatten()]
+        g.block_id = block_id
+        if g.category == MASKED:
+            g.mask = _mask(g, layout_cpu, block_size, causal)
     return plan
 
 
-def _make_groups(tiles: _Tiles, q, k, category: str, source: int, heads, kv_heads) -> list[Group]:
+def _chunks(count: int, max_tiles: int) -> list[tuple[int, int]]:
+    """``(first, size)`` of the key-tile chunks of a query tile with ``count`` key tiles.
+
+    Whole chunks of ``max_tiles``, then the rest in descending powers of two: any
+    layout yields few distinct kernel shapes (kernels such as cuDNN build one graph per
+    shape), at the price of a few more LSE merges.
+    """
+    chunks, first = [], 0
+    while count - first >= max_tiles:
+        chunks.append((first, max_tiles))
+        first += max_tiles
+    rest = count - first
+    bit = 1 << (rest.bit_length() - 1) if rest else 0
+    while bit:
+        if rest & bit:
+            chunks.append((first, bit))
+            first += bit
+        bit >>= 1
+    return chunks
+
+
+def _power_of_two_at_most(x: int) -> int:
+    return 1 << (max(1, x).bit_length() - 1)
+
+
+def _row_lookup(positions: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Global position -> row of a buffer holding ``positions`` (``-1`` where absent)."""
+    rows = torch.full((seq_len,), -1, dtype=torch.long)
+    rows[positions] = torch.arange(positions.numel())
+    return rows
+
+
+def _batch_bucket(real: int) -> int:
+    """The padded batch size: the smallest ``2^k`` or ``3 * 2^k`` that holds ``real`` (waste < 1/3)."""
+    power = 1 << (real - 1).bit_length()
+    return 3 * power // 4 if power >= 4 and 3 * power // 4 >= real else power
+
+
+def _make_groups(tiles: _Tiles, q, k, category: str, source: int, heads, kv_heads, max_rows: int) -> list[Group]:
+    """Batch the pairs ``(q[i], k[i])`` (sorted by query tile) into kernel calls of few distinct shapes.
+
+    A batch of ``G`` query tiles is padded (to ``2^k`` or ``3 * 2^k``) by repeating its first
+    entry (``Group.real`` counts the real ones); padded entries are computed and dropped.
+    """
     klen = tiles.length[k]
-    uq, inverse = torch.unique_consecutive(q, return_inverse=True)
-    ktot = torch.zeros(uq.numel(), dtype=torch.long).index_add_(0, inverse, klen)
-    flat_start = torch.repeat_interleave(torch.cumsum(klen, 0) - klen, klen)
+    uq, counts = torch.unique_consecutive(q, return_counts=True)
+    pair_start = torch.cumsum(counts, 0) - counts
+    flat_start = torch.cumsum(klen, 0) - klen
     flat_pos = torch.repeat_interleave(tiles.first[k], klen) + tiles.rate * (
-        torch.arange(flat_start.numel()) - flat_start
+        torch.arange(int(klen.sum())) - torch.repeat_interleave(flat_start, klen)
     )
-    q_start = torch.cumsum(ktot, 0) - ktot
-    qlen = tiles.length[uq]
-    key = qlen * (int(ktot.max()) + 1) + ktot
+    flat_end = flat_start + klen
+    entries: dict[tuple[int, int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for count in torch.unique(counts).tolist():
+        members = (counts == count).nonzero().flatten()
+        qlen = tiles.length[uq[members]]
+        for index, (first, size) in enumerate(_chunks(count, MAX_CHUNK_TILES)):
+            first_pair = pair_start[members] + first
+            start = flat_start[first_pair]
+            length = flat_end[first_pair + size - 1] - start
+            key = qlen * (int(length.max()) + 1) + length
+            for value in torch.unique(key).tolist():
+                chosen = key == value
+                shape = (index, int(qlen[chosen][0]), int(length[chosen][0]))
+                entries.setdefault(shape, []).append((members[chosen], start[chosen]))
     out = []
-    for value in torch.unique(key).tolist():
-        members = (key == value).nonzero().flatten()
-        tq, kk = int(qlen[members[0]]), int(ktot[members[0]])
-        q_pos = tiles.first[uq[members]][:, None] + tiles.rate * torch.arange(tq)
-        k_pos = flat_pos[q_start[members][:, None] + torch.arange(kk)]
-        out.append(Group(category, source, heads, kv_heads, q_pos, k_pos))
+    for (_, tq, kk), parts in sorted(entries.items()):
+        members = torch.cat([m for m, _ in parts])
+        starts = torch.cat([s for _, s in parts])
+        batch = _power_of_two_at_most(max_rows // kk)
+        for chunk_members, chunk_starts in zip(members.split(batch), starts.split(batch)):
+            real = chunk_members.numel()
+            padded = _batch_bucket(real)
+            if padded > real:
+                chunk_members = torch.cat([chunk_members, chunk_members[:1].expand(padded - real)])
+                chunk_starts = torch.cat([chunk_starts, chunk_starts[:1].expand(padded - real)])
+            q_pos = tiles.first[uq[chunk_members]][:, None] + tiles.rate * torch.arange(tq)
+            k_pos = flat_pos[chunk_starts[:, None] + torch.arange(kk)]
+            out.append(Group(category, source, heads, kv_heads, q_pos, k_pos, real=real))
+    return out
+
+
+def _make_transposed_groups(tiles: _Tiles, q, k, *args) -> list[Group]:
+    """The pairs batched by key tile: each call has one key tile and its (gathered) query rows."""
+    order = torch.argsort(k * tiles.first.numel() + q)
+    out = _make_groups(tiles, k[order], q[order], *args)
+    for g in out:
+        g.q_pos, g.k_pos = g.k_pos, g.q_pos
     return out
 
 
