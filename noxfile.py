@@ -94,7 +94,7 @@ DOCS_REQUIREMENTS = [
 def docs(session: nox.Session) -> None:
     """Build the documentation site into site/ with `mkdocs build --strict` (figures generated from the code)."""
     install_project(session, "matplotlib", *DOCS_REQUIREMENTS)
-    session.run("mkdocs", "build", "--strict", *session.posargs)
+    session.run("mkdocs", "build", "--strict", *session.posargs, env={"NO_MKDOCS_2_WARNING": "1"})
 
 
 @nox.session(default=False)
