@@ -29,6 +29,7 @@ import json
 import os
 import statistics
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -53,6 +54,15 @@ TIMING_CASES = [  # name, segments (None: dense), rates, layout, causal, compare
 ]
 
 
+_T0 = time.monotonic()
+
+
+def log(rank: int, message: str) -> None:
+    """Progress on stderr (rank 0), with seconds since start, so a partial log shows where a run stopped."""
+    if rank == 0:
+        print(f"[{time.monotonic() - _T0:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+
 def _global_error(parts: list[tuple[torch.Tensor, torch.Tensor]], device) -> float:
     """sqrt(sum ||a - r||^2) / sqrt(sum ||r||^2) over this rank's pieces and all ranks."""
     sums = torch.zeros(2, dtype=torch.float64, device=device)
@@ -74,6 +84,7 @@ def accuracy(rank: int, world_size: int, device: torch.device, quick: bool) -> l
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []
     for name, segments, rates, layout, causal in ACCURACY_CASES:
+        log(rank, f"P={world_size} accuracy: {name}")
         segments = [n] if segments is None else [s * n // 4096 for s in segments]
         generator = torch.Generator().manual_seed(0)
         q, k, v, dout = (torch.randn(b, n, h, d, generator=generator, dtype=torch.float64) for _ in range(4))
@@ -116,8 +127,6 @@ def accuracy(rank: int, world_size: int, device: torch.device, quick: bool) -> l
 
 
 def _median_ms(step, iters: int, warmup: int, device: torch.device) -> float:
-    import time
-
     for _ in range(warmup):
         step()
     times = []
@@ -183,6 +192,7 @@ def _time_context_parallel(world_size, b, n_local, h, d, causal, dtype, device, 
 
 
 def timing(rank: int, world_size: int, device: torch.device, quick: bool) -> list[dict]:
+    import ring_core
     from ring_core import RingDilatedAttention
     from ring_core.bench import dense_pairs, useful_pairs
 
@@ -192,6 +202,7 @@ def timing(rank: int, world_size: int, device: torch.device, quick: bool) -> lis
     n = n_local * world_size
     rows = []
     for name, segments, rates, layout, causal, compare in TIMING_CASES:
+        log(rank, f"P={world_size} timing: {name}")
         config_segments = [n] if segments is None else [s * n_local // 32768 for s in segments]
         module = RingDilatedAttention(config_segments, rates, layout=layout)
         q, k, v = (torch.randn(b, n_local, h, d, dtype=dtype, device=device) for _ in range(3))
@@ -210,6 +221,7 @@ def timing(rank: int, world_size: int, device: torch.device, quick: bool) -> lis
             "section": "timing", "case": name, "P": world_size, "N_per_gpu": n_local, "ms": ms,
             "tflops_per_gpu": flops_per_gpu / ms / 1e9, "bytes_fwd": module.comm_stats.forward_bytes,
             "bytes_bwd": module.comm_stats.backward_bytes,
+            "kernel": ring_core.select_kernel(ring_core.KernelRequest.for_tensors(q, k, causal=causal)).name,
         }  # fmt: skip
         if compare and device.type == "cuda":
             row.update(_time_context_parallel(world_size, b, n_local, h, d, causal, dtype, device, iters, warmup))
@@ -223,6 +235,9 @@ def timing(rank: int, world_size: int, device: torch.device, quick: bool) -> lis
 
 
 def worker(rank: int, world_size: int, port: int, device_type: str, sections, quick: bool, results) -> None:
+    import faulthandler
+
+    faulthandler.enable()  # a hard crash still prints where it happened
     os.environ.update(ENV)
     try:
         if device_type == "cuda":
@@ -317,6 +332,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
     parser.add_argument("--plot-only", help="re-plot from a JSON written before")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per world size")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -344,10 +360,17 @@ def main(argv=None) -> int:
         ]
         for p in procs:
             p.start()
-        try:
-            got = results.get(timeout=420)
-        except Exception:
-            got = [{"section": "worker", "P": world_size, "error": "no result within 420 s"}]
+        got = None
+        deadline = time.monotonic() + args.timeout
+        while got is None and time.monotonic() < deadline:
+            try:
+                got = results.get(timeout=2)
+            except Exception:
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    codes = [p.exitcode for p in procs]
+                    got = [{"section": "worker", "P": world_size, "error": f"a rank died: exit codes {codes}"}]
+        if got is None:
+            got = [{"section": "worker", "P": world_size, "error": f"no result within {args.timeout} s"}]
         for p in procs:
             p.join(timeout=30)
             if p.is_alive():
