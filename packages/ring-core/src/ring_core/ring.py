@@ -456,17 +456,19 @@ class RingDilatedSchedule(BlockSchedule):
             buffer = pending.wait() if pending is not None else None
             pending = self._start_kv(j + 1, k, v)
             slots = self._received(step.recv, buffer, k, v)
-            # dK/dV of the sender's key runs, accumulated per slot, go back to it
-            slot_grads = [[torch.zeros(kb.shape, dtype=dk.dtype, device=dk.device),
-                           torch.zeros(vb.shape, dtype=dv.dtype, device=dv.device)] for kb, vb, _ in slots]  # fmt: skip
+            # dK/dV of the sender's key runs, summed per slot in one flat buffer, go back to it
+            send, slot_grads = None, []
+            if slots:
+                grad_shapes = self._shapes(step.recv.kv_parts, k, v, grads=True)
+                send = torch.zeros(self._numel(grad_shapes), dtype=dk.dtype, device=dk.device)
+                slot_grads = self._unpack(send, grad_shapes)
             for item in step.recv.items:
                 block_dk, block_dv = self._backward_block(
                     item.q_part, q, *slots[item.slot], out, lse, dout, dq, False, block_id
                 )
-                slot_grads[item.slot][0] += block_dk
-                slot_grads[item.slot][1] += block_dv
+                slot_grads[item.slot][0].add_(block_dk)
+                slot_grads[item.slot][1].add_(block_dv)
                 block_id += 1
-            send = torch.cat([g.reshape(-1) for pair in slot_grads for g in pair]) if slot_grads else None
             recv_numel = self._numel(self._shapes(step.send.kv_parts, k, v, grads=True))
             exchange = self.comm.exchange(send, step.recv_from, recv_numel, step.send_to, dk)
             if returning is not None:
