@@ -48,20 +48,38 @@ SECTIONS = ("kernels", "dilated", "dense", "memory", "accuracy")
 DEVICE = "cuda"  # the smoke test in tests/flash runs the sections on the CPU
 
 
-def timed(step: Callable[[], object], iters: int, warmup: int = 2) -> float:
-    """Median milliseconds of ``step`` (CUDA events)."""
+def timed(step: Callable[[], object], iters: int, warmup: int = 2, repeats: int = 3) -> float:
+    """Milliseconds per ``step`` in steady state: ``iters`` steps back to back (as in training),
+    median over ``repeats`` (CUDA events; one synchronisation per repeat)."""
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
     times = []
-    for _ in range(iters):
+    for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        step()
+        for _ in range(iters):
+            step()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / iters)
     return statistics.median(times)
+
+
+def profile_step(step: Callable[[], object], top: int = 12) -> list[dict]:
+    """The GPU kernels of one step, most GPU time first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        rows.append({"kernel": event.key[:90], "ms": us / 1e3, "calls": event.count})
+    return sorted(rows, key=lambda r: -r["ms"])[:top]
 
 
 def randn(*shape, dtype=torch.bfloat16, grad=False, seed=0):
@@ -137,7 +155,7 @@ def bare_cudnn_step(n: int, h: int, d: int, causal: bool) -> Callable[[], object
 
 def bench_dilated(args) -> dict:
     n, h, d = args.seq_len, 16, 128
-    rows = []
+    rows, profiles = [], {}
     for causal in (False, True):
         pairs = useful_pairs(n, h, SEGMENTS, RATES, causal=causal)
         q, k, v = (randn(1, n, h, d, grad=True, seed=i) for i in range(3))
@@ -170,12 +188,16 @@ def bench_dilated(args) -> dict:
                 "name": name, "causal": causal, "kernel": kernel, "ms": ms, "tflops": tflops(pairs, d, ms),
                 "bare_over_ours": bare_ms / ms, "extra_peak_gib": peak,
             })  # fmt: skip
+            if args.profile and name in ("bare cuDNN calls", "ring_dilated_flash"):
+                profiles[f"{name}, {'causal' if causal else 'full'}"] = profile_step(step)
         del q, k, v, dout
     return {
         "config": {"B": 1, "N": n, "H": h, "D": d, "segments": SEGMENTS, "rates": RATES, "dtype": "bfloat16"},
         "target": "bare/ours >= 0.90",
         "cudnn_strided_inputs": SDPACuDNNKernel.strided_inputs,
+        "cudnn_backward_variant": SDPACuDNNKernel.backward_variant,
         "rows": rows,
+        "profiles": profiles,
     }
 
 
@@ -198,7 +220,7 @@ def bench_dense(args) -> dict:
             ours_step = fwd_bwd(partial(ours, is_causal=causal), q, k, v, dout)
             # interleave repeats so clock drift hits both alike
             sdpa_ms, ours_ms = [], []
-            for _ in range(3):
+            for _ in range(2):
                 sdpa_ms.append(timed(sdpa_step, args.iters))
                 ours_ms.append(timed(ours_step, args.iters))
             s, o = statistics.median(sdpa_ms), statistics.median(ours_ms)
@@ -406,6 +428,11 @@ def summary(report: dict) -> str:
                      f"grads {max(r['dq'], r['dk'], r['dv']):.2e}",
                      f"x{r['out_over_sdpa']:.2f} {'ok' if r['passes'] else 'FAIL'}"))  # fmt: skip
     lines.append(format_table(rows, ["what", "who", "mask", "value", "rate", "ratio"]))
+    for name, top in report.get("dilated", {}).get("profiles", {}).items():
+        lines.append(
+            f"GPU time of one step, {name}: "
+            + "; ".join(f"{r['kernel'][:40]} {r['ms']:.2f} ms x{r['calls']}" for r in top[:8])
+        )
     return "\n".join(lines)
 
 
@@ -420,6 +447,7 @@ def main() -> int:
     parser.add_argument("--memory-step", type=int, default=65536)
     parser.add_argument("--accuracy-len", type=int, default=4096)
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    parser.add_argument("--profile", action="store_true", help="GPU kernel breakdown of one dilated step")
     parser.add_argument("--merge", action="store_true", help="keep the sections already in the JSON (one process each)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -449,7 +477,11 @@ def main() -> int:
             report[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         print(f"[{name}] {time.perf_counter() - begin:.1f} s", flush=True)
         path.write_text(json.dumps(report, indent=2, default=str))
-    report["plot"] = plot(out / "bench_dilated_gpu.png", report)
+    if not args.sections:  # the last call of a --merge series: plot everything
+        try:
+            report["plot"] = plot(out / "bench_dilated_gpu.png", report)
+        except Exception as exc:
+            report["plot"] = f"plot failed: {type(exc).__name__}: {exc}"
     path.write_text(json.dumps(report, indent=2, default=str))
     print(summary(report))
     return 0

@@ -73,6 +73,7 @@ class Part:
         return y.unflatten(1, (-1, self.length)).flatten(0, 1)
 
     def add_kv_grad(self, grad: torch.Tensor, block_grad: torch.Tensor) -> None:
+        block_grad = block_grad.to(grad.dtype)  # kernels may return the input dtype (index_add_ needs one dtype)
         view = grad[:, self.positions()].unflatten(1, (-1, self.length))
         if isinstance(self.kv_heads, slice):
             view[:, :, :, self.kv_heads] += block_grad.unflatten(0, view.shape[:2])

@@ -29,7 +29,7 @@ from ring_core.dilated import Branch, Part, branches, dilated_parts
 from ring_core.kernels import KernelBackend
 
 # Query rows (positions x heads x batch) per kernel call; bigger blocks are cut by segments.
-MAX_ROWS = 1 << 23
+MAX_ROWS = 1 << 22
 
 
 @dataclass
@@ -172,7 +172,9 @@ class _FusedDilated(torch.autograd.Function):
             blocks.append((o, block_lse))
         weighted = len(calls) > 1 and _overlap(plan.branches)
         out = None
-        for (part, write), (o, block_lse) in zip(calls, blocks):
+        blocks.reverse()
+        for part, write in calls:
+            o, block_lse = blocks.pop()  # dropped once merged
             lse_view = part.view(lse)
             o = o.reshape(*lse_view.shape, dv_)
             weight = _weight(block_lse, lse_view) if weighted else None
@@ -217,6 +219,7 @@ class _FusedDilated(torch.autograd.Function):
             dq = _accumulate(dq, q.shape, part, bq, write, writes, grad_dtype)
             dk = _accumulate(dk, k.shape, part, bk, write and groups == 1, writes, grad_dtype, kv=True)
             dv = _accumulate(dv, v.shape, part, bv, write and groups == 1, writes, grad_dtype, kv=True)
+            del bq, bk, bv  # before the next call allocates its own
         return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

@@ -26,7 +26,7 @@ from typing import ClassVar
 
 import torch
 
-from ring_core.kernels import KernelBackend, KernelRequest, combined_mask
+from ring_core.kernels import KernelBackend, KernelRequest, MathKernel, combined_mask
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -110,15 +110,27 @@ class SDPACuDNNKernel(GPUKernel):
     strided_inputs = True  # cleared if this cuDNN rejects strided views (then inputs are made contiguous)
 
     def _retry_contiguous(self, fn, *tensors):
+        """Call ``fn`` on strided views; if cuDNN rejects them, once more on contiguous copies."""
         if self.strided_inputs:
             try:
                 return fn(*tensors)
             except RuntimeError:
+                if all(t.is_contiguous() for t in tensors):
+                    raise
+                result = fn(*(t.contiguous() for t in tensors))
                 type(self).strided_inputs = False
+                return result
         return fn(*(t.contiguous() for t in tensors))
+
+    @staticmethod
+    def _tiny(q: torch.Tensor, k: torch.Tensor) -> bool:
+        """cuDNN rejects single-row blocks (``s_q = s_kv = 1``): those go to the math kernel."""
+        return q.shape[1] == 1 or k.shape[1] == 1
 
     def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
         b, n, h, _ = q.shape
+        if self._tiny(q, k):
+            return MathKernel().forward(q, k, v, scale=scale, causal=causal)
 
         def run(q, k, v):
             return torch.ops.aten._scaled_dot_product_cudnn_attention(
@@ -129,11 +141,14 @@ class SDPACuDNNKernel(GPUKernel):
         return out.transpose(1, 2), lse.reshape(b, h, n)
 
     # How the backward op is called; tools/probe_cudnn.py tries each in a subprocess on a GPU.
-    backward_variants = ("lse3", "lse4", "lse4-long1", "contiguous", "flash")
-    backward_variant = os.environ.get("RING_FLASH_CUDNN_BACKWARD", "lse3")
+    backward_variants = ("lse4", "lse4-long1", "contiguous", "flash", "lse3")
+    backward_variant = os.environ.get("RING_FLASH_CUDNN_BACKWARD", "lse4")  # lse3 fails: "dim for Stats is invalid"
 
     def backward(self, dout, q, k, v, out, lse, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
         variant = self.backward_variant
+        if self._tiny(q, k):
+            grads = MathKernel().backward(dout, q, k, v, out, lse, scale=scale, causal=causal)
+            return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v)))
         if variant == "flash":  # FlashAttention-2's backward: the same gradients from any out/lse
             return SDPAFlashKernel().backward(dout, q, k, v, out, lse, scale=scale, causal=causal)
         n, m = q.shape[1], k.shape[1]
@@ -229,6 +244,8 @@ class SDPAEfficientKernel(GPUKernel):
         padded = torch.zeros(b, h, n + (-n % self.lse_align), dtype=torch.float32, device=q.device)
         padded[:, :, :n] = lse.masked_fill(torch.isinf(lse), 0.0)
         seed_t = torch.zeros((), dtype=torch.int64)
+        # the CUTLASS backward assumes packed (B, M, H, K) out/grad_out (strided views give wrong dq, dk)
+        dout, q, k, v, out = (x.contiguous() for x in (dout, q, k, v, out))
         dq, dk, dv, _ = torch.ops.aten._efficient_attention_backward(
             dout, q, k, v, bias, out, None, None, n, k.shape[1], padded, 0.0, seed_t, seed_t,
             mask_type, False, scale=scale,
