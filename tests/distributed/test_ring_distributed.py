@@ -38,7 +38,7 @@ MESHES = {
     "ulysses 4x1": ({"strategy": "ulysses"}, ("ulysses", 4)),
     "allgather": ({"strategy": "allgather"}, ("allgather", 1)),
     "allgather u=2": ({"strategy": "allgather", "ulysses_degree": 2}, ("allgather", 2)),
-    "auto, 2 nodes of 2": ({"node_size": 2}, ("hybrid", 2)),
+    "hybrid, 2 nodes of 2": ({"strategy": "hybrid", "node_size": 2}, ("hybrid", 2)),
 }
 
 
@@ -107,11 +107,16 @@ def _errors(rank):
     out["ring-with-degree"] = _expect_error(lambda: call(8, 8, strategy="ring", ulysses_degree=2))
     out["straddles-nodes"] = _expect_error(lambda: call(8, 8, strategy="hybrid", ulysses_degree=2, node_size=3))
     out["shapes-differ"] = _expect_error(lambda: call(8, 8, n=8 if rank else 4, strategy="hybrid", ulysses_degree=2))
-    out["auto-falls-back-to-ring"] = None
-    module = RingDistributedDilatedAttention([32], [1])
-    q, k, v = (torch.randn(1, 8, 3, 8, dtype=torch.float64) for _ in range(3))
-    module(q, k, v)  # 3 heads: no Ulysses degree > 1 fits
-    out["auto-falls-back-to-ring"] = module.last_strategy
+    for name, config, heads in (
+        ("auto-crossing-3-heads", ([4, 32], [1, 2]), 3),  # no Ulysses degree > 1 fits 3 heads
+        ("auto-crossing", ([4, 32], [1, 2]), 4),
+        ("auto-dense", ([32], [1]), 4),
+        ("auto-in-shard", ([4, 8], [1, 2]), 4),
+    ):
+        module = RingDistributedDilatedAttention(*config)
+        q, k, v = (torch.randn(1, 8, heads, 8, dtype=torch.float64) for _ in range(3))
+        module(q, k, v)
+        out[name] = module.last_strategy
     out["still-works"] = call(8, 8, strategy="hybrid", ulysses_degree=2).shape
     return out
 
@@ -187,7 +192,9 @@ def test_errors_are_raised_on_every_rank(world):
         for key, (kind, pattern) in expected.items():
             assert errors[key] is not None, (rank, key)
             assert errors[key][0] == kind and re.search(pattern, errors[key][1]), (rank, key, errors[key])
-        assert errors["auto-falls-back-to-ring"] == ("ring", 1)
+        assert errors["auto-crossing-3-heads"] == ("ring", 1)
+        assert errors["auto-crossing"] == ("ulysses", 4)
+        assert errors["auto-dense"] == errors["auto-in-shard"] == ("ring", 1)
         assert errors["still-works"] == (1, 8, 8, 8)
 
 
@@ -217,10 +224,24 @@ def test_auto_strategy_uses_the_node_and_the_heads(monkeypatch):
     assert resolve_strategy("auto", None, 4, 4, 16, 2) == ("hybrid", 2)  # GQA: 2 kv heads
     assert resolve_strategy("auto", None, 4, 4, 5, 5) == ("ring", 1)
     assert resolve_strategy("auto", None, 1, 1, 5, 5) == ("ring", 1)
+    assert resolve_strategy("auto", None, 4, 4, 16, 16, crosses_shards=False) == ("ring", 1)
+    assert resolve_strategy("hybrid", None, 8, 4, 16, 16, crosses_shards=False) == ("hybrid", 4)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     from ring_distributed.mesh import default_node_size
 
     assert default_node_size(8) == 2
+
+
+def test_auto_uses_the_ring_unless_dilated_segments_cross_shards():
+    """What tools/bench_distributed.py measured: the ring for dense and in-shard segments, else Ulysses."""
+    from ring_distributed.mesh import segments_cross_shards
+
+    n = 4 * 32768
+    assert not segments_cross_shards((n,), (1,), n, 4, "zigzag")  # dense
+    assert not segments_cross_shards((2048, 8192, 32768), (1, 2, 4), n, 4, "contiguous")
+    assert segments_cross_shards((2048, 8192, 32768), (1, 2, 4), n, 4, "zigzag")  # pieces of 16K
+    assert segments_cross_shards((8192, 32768, n), (1, 4, 16), n, 4, "contiguous")
+    assert segments_cross_shards((3000,), (1,), n, 4, "contiguous")  # boundaries not aligned
 
 
 def test_registered_and_single_process_is_plain_attention():

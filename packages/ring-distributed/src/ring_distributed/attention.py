@@ -43,7 +43,15 @@ from ring_core.sharding import check_layout
 from ring_core.validation import check_dilated_config, check_dropout
 
 from .comm import GatherShards, HeadsToSeq, SeqToHeads, gather_mask
-from .mesh import STRATEGIES, MeshGroups, default_node_size, device_mesh_groups, mesh_groups, resolve_strategy
+from .mesh import (
+    STRATEGIES,
+    MeshGroups,
+    default_node_size,
+    device_mesh_groups,
+    mesh_groups,
+    resolve_strategy,
+    segments_cross_shards,
+)
 
 __all__ = ["RingDistributedDilatedAttention", "mesh_plan"]
 
@@ -268,8 +276,11 @@ class RingDistributedDilatedAttention(nn.Module):
             resolve_strategy("allgather", u, world_size, world_size, q.shape[2], k.shape[2])  # head checks
             return strategy, groups
         node_size = self.node_size or default_node_size(world_size)
+        crosses = segments_cross_shards(
+            self.segment_lengths, self.dilation_rates, q.shape[1] * world_size, world_size, self.layout
+        )
         strategy, u = resolve_strategy(
-            self.strategy, self.ulysses_degree, world_size, node_size, q.shape[2], k.shape[2]
+            self.strategy, self.ulysses_degree, world_size, node_size, q.shape[2], k.shape[2], crosses_shards=crosses
         )
         return strategy, mesh_groups(self.process_group, u, node_size)
 

@@ -212,19 +212,18 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
     def _nonfinite_report(self, tensors: dict[str, torch.Tensor | None], groups, stage: str) -> list[tuple]:
         """``(global rank, tensor, count)`` for every non-finite tensor on any rank (a collective)."""
         names = list(tensors)
-        table = torch.zeros(groups.world_size, len(names), dtype=torch.int64)
-        device = torch.device("cpu")
-        for index, name in enumerate(names):
-            tensor = tensors[name]
-            if tensor is not None:
-                table[groups.shard_index, index] = int((~torch.isfinite(tensor)).sum().item())
-                device = tensor.device if tensor.device.type == "cuda" else device
-        table = table.to(device)
+        present = [t for t in tensors.values() if t is not None]
+        device = present[0].device if present and present[0].device.type == "cuda" else torch.device("cpu")
+        table = torch.zeros(groups.world_size, len(names), dtype=torch.int64, device=device)
+        for index, tensor in enumerate(tensors.values()):
+            if tensor is not None:  # counted on the device: one host sync per check, after the all-reduce
+                table[groups.shard_index, index] = (~torch.isfinite(tensor)).sum().to(device)
         for group, size in ((groups.ulysses_group, groups.ulysses_size), (groups.ring_group, groups.ring_size)):
             if size > 1:
                 work = dist.all_reduce(table, group=group, async_op=True)
                 wait(work, self.timeout, f"{self._where()}: non-finite check of the {stage}")
-        return [(groups.global_ranks[p], names[i], int(table[p, i])) for p, i in torch.nonzero(table.cpu()).tolist()]
+        table = table.cpu()
+        return [(groups.global_ranks[p], names[i], int(table[p, i])) for p, i in torch.nonzero(table).tolist()]
 
     def _handle_nonfinite(self, found: list[tuple], stage: str) -> bool:
         """Raise, or record and warn; ``True`` when the step's values must be replaced by zeros."""
