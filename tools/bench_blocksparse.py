@@ -1,23 +1,25 @@
 """Block-sparse attention: time vs density against dense SDPA (cuDNN), in one run.
 
-    python tools/bench_blocksparse.py --json bench-results/blocksparse.json --plot bench-results/blocksparse.png
+    python tools/bench_blocksparse.py --check --json bench-results/blocksparse.json --plot bench-results/blocksparse.png
 
 For each pattern (``random``: blocks drawn with a probability; ``local``: a sliding band
-of key blocks) and each density, times forward and forward+backward (CUDA events) of:
+of key blocks) and each density, times forward and forward+backward (CUDA events) of
+``BlockSparseRingDilatedAttention`` on one device (``segment_lengths=[N]``,
+``dilation_rates=[1]``: pure block sparsity) with:
 
-- ``gather``: ``BlockSparseRingDilatedAttention`` (one device, ``segment_lengths=[N]``,
-  ``dilation_rates=[1]``: pure block sparsity): allowed key tiles gathered into dense
-  blocks, run by the registry's kernel (cuDNN on Hopper), backward batched by key tile;
-- ``gather-bwd-by-query``: the same with the backward batched like the forward;
-- ``flex`` (``--flex``): FlexAttention on the same block mask (a BlockMask built from the
-  layout, no mask_mod), compiled once.
+- ``flex``: ``method="flex"``, one compiled FlexAttention kernel on a BlockMask built
+  from the layout (what ``method="auto"`` picks on CUDA);
+- ``gather``: ``method="gather"``, allowed key tiles gathered into dense blocks for the
+  registry's kernel (cuDNN on Hopper), backward batched by key tile (what the ring uses);
+- ``gather-bwd-by-query``: the same with the backward batched like the forward.
 
 The baseline is dense ``scaled_dot_product_attention`` forced to the cuDNN backend on the
-same shapes, measured in the same run; ratios are ``time / dense time``. The target
-density is measured first for every method, then the rest of the curve, until
-``--time-budget`` seconds. ``--check`` first verifies bf16 outputs and gradients against the float64
-reference on a small dilated + per-head-random + causal case. JSON is rewritten after
-every measurement, so a run cut short keeps what it measured.
+same shapes and causality, measured in the same run; ratios are ``time / dense time``.
+The target density comes first (both methods, and flex causal), then the curve, until
+``--time-budget`` seconds. ``--check`` first verifies bf16 outputs and gradients of the
+gather path against the float64 reference on a small dilated + per-head-random + causal
+case. JSON is rewritten after every measurement, so a run cut short keeps what it
+measured; ``--replot`` redraws the plot from it where matplotlib is installed.
 """
 
 from __future__ import annotations
@@ -98,37 +100,6 @@ def check_small(device: torch.device, dtype: torch.dtype) -> dict:
     return {"errors": errors, "passed": passed, "categories": kernels}
 
 
-_FLEX = {}
-
-
-def _compiled_flex(flex_attention):
-    """One compiled FlexAttention for the whole run (block masks are inputs: no recompiles)."""
-    if "fn" not in _FLEX:
-        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
-    return _FLEX["fn"]
-
-
-def flex_time(q, k, v, dout, layout: torch.Tensor, block: int, repeats: int, device) -> dict:
-    """FlexAttention fwd and fwd+bwd with a BlockMask built directly from the layout (no mask_mod)."""
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
-
-    flex = _compiled_flex(flex_attention)
-    rows = layout[0].to(device)
-    counts = rows.sum(-1, dtype=torch.int32)[None, None]
-    indices = torch.argsort((~rows).to(torch.int8), dim=-1, stable=True).to(torch.int32)[None, None]
-    zero_counts = torch.zeros_like(counts)
-    block_mask = BlockMask.from_kv_blocks(zero_counts, indices, counts, indices, BLOCK_SIZE=block)
-    qt, kt, vt = (x.transpose(1, 2).detach().requires_grad_() for x in (q, k, v))
-    dout_t = dout.transpose(1, 2)
-    t0 = time.perf_counter()
-    flex(qt, kt, vt, block_mask=block_mask).backward(dout_t)
-    torch.cuda.synchronize()
-    compile_s = time.perf_counter() - t0
-    fwd = timed(lambda: flex(qt, kt, vt, block_mask=block_mask), repeats, device)
-    both = timed(lambda: flex(qt, kt, vt, block_mask=block_mask).backward(dout_t), repeats, device)
-    return {"fwd_ms": fwd, "fwd_bwd_ms": both, "compile_s": compile_s}
-
-
 def plot(path: str, record: dict) -> None:
     import matplotlib
 
@@ -137,10 +108,14 @@ def plot(path: str, record: dict) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 5))
     rows = [r for r in record["results"] if "error" not in r]
-    for method, kind in sorted({(r["method"], r["pattern"]) for r in rows}):
-        line = sorted((r for r in rows if (r["method"], r["pattern"]) == (method, kind)), key=lambda r: r["density"])
-        style = "s--" if method == "flex" else "o-"
-        ax.plot([r["density"] for r in line], [r["ratio_fwd_bwd"] for r in line], style, label=f"{method}, {kind}")
+    for method, kind, causal in sorted({(r["method"], r["pattern"], r.get("causal", False)) for r in rows}):
+        line = sorted(
+            (r for r in rows if (r["method"], r["pattern"], r.get("causal", False)) == (method, kind, causal)),
+            key=lambda r: r["density"],
+        )
+        style = ("s" if method == "flex" else "o") + (":" if causal else "-")
+        label = f"{method}, {kind}{', causal' if causal else ''}"
+        ax.plot([r["density"] for r in line], [r["ratio_fwd_bwd"] for r in line], style, label=label)
     ax.plot([0, 1], [0, 1], ":", color="grey", label="time = density x dense")
     ax.plot([0.1], [0.15], "r*", markersize=12, label="target: <= 0.15x at density 0.1")
     ax.set_xlabel("block density (fraction of allowed block pairs)")
@@ -166,7 +141,6 @@ def main(argv=None) -> int:
     parser.add_argument("--patterns", nargs="+", default=["local", "random"], choices=["local", "random"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--target-density", type=float, default=0.1, help="measured first, every method")
-    parser.add_argument("--flex", action="store_true", help="also time FlexAttention on the same block masks")
     parser.add_argument("--check", action="store_true", help="first check bf16 accuracy on a small case")
     parser.add_argument("--time-budget", type=float, default=1e9, help="stop starting new measurements after this")
     parser.add_argument("--json", default="bench-results/blocksparse.json")
@@ -181,7 +155,7 @@ def main(argv=None) -> int:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     b, n, h, d, block = args.batch, args.seq_len, args.heads, args.head_dim, args.block_size
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    title = f"{card}, {args.dtype}, B={b} N={n} H={h} D={d}, block {block}, non-causal; ratios vs dense SDPA cuDNN"
+    title = f"{card}, {args.dtype}, B={b} N={n} H={h} D={d}, block {block}; ratios vs dense SDPA cuDNN (same causality)"
     record = {
         "title": title,
         "card": card,
@@ -205,77 +179,87 @@ def main(argv=None) -> int:
     for x in (q, k, v):
         x.requires_grad_()
 
-    def sdpa():
-        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    def sdpa(causal: bool):
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
+        ).transpose(1, 2)
 
-    backend = None
-    if device.type == "cuda":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        backend = sdpa_kernel(SDPBackend.CUDNN_ATTENTION)
-        backend.__enter__()
-    dense_fwd = timed(sdpa, args.repeats, device)
-    dense_both = timed(lambda: sdpa().backward(dout), args.repeats, device)
-    if backend is not None:
-        backend.__exit__(None, None, None)
     flops = 4 * b * h * n * n * d
-    record["dense"] = {
-        "fwd_ms": dense_fwd,
-        "fwd_bwd_ms": dense_both,
-        "tflops_fwd": flops / dense_fwd / 1e9,
-        "tflops_fwd_bwd": 3.5 * flops / dense_both / 1e9,
-    }
-    print(f"{title}\ndense SDPA cuDNN: fwd {dense_fwd:.1f} ms, fwd+bwd {dense_both:.1f} ms")
+    record["dense"] = {}
+    for causal in (False, True):
+        backend = None
+        if device.type == "cuda":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            backend = sdpa_kernel(SDPBackend.CUDNN_ATTENTION)
+            backend.__enter__()
+        fwd = timed(lambda causal=causal: sdpa(causal), args.repeats, device)
+        both = timed(lambda causal=causal: sdpa(causal).backward(dout), args.repeats, device)
+        if backend is not None:
+            backend.__exit__(None, None, None)
+        useful = flops / (2 if causal else 1)
+        label = "causal" if causal else "full"
+        record["dense"][label] = {
+            "fwd_ms": fwd,
+            "fwd_bwd_ms": both,
+            "tflops_fwd": useful / fwd / 1e9,
+            "tflops_fwd_bwd": 3.5 * useful / both / 1e9,
+        }
+        print(f"dense SDPA cuDNN ({label}): fwd {fwd:.1f} ms, fwd+bwd {both:.1f} ms")
     save()
-    # (method, pattern, density) in priority order: the target density first, then the curve
-    tasks = [("gather", kind, args.target_density) for kind in args.patterns]
-    if args.flex:
-        tasks += [("flex", kind, args.target_density) for kind in args.patterns]
-    tasks += [("gather-bwd-by-query", kind, args.target_density) for kind in args.patterns[:1]]
-    others = [d for d in args.densities if d != args.target_density]
-    tasks += [("gather", kind, d) for d in others for kind in args.patterns]
-    if args.flex:
-        tasks += [("flex", kind, d) for d in others for kind in args.patterns]
-    for method, kind, density in tasks:
+    # (method, pattern, density, causal) in priority order: the target density first, then the curve
+    methods = ["flex", "gather"]
+    target = args.target_density
+    others = [x for x in args.densities if x != target]
+    tasks = [(m, kind, target, False) for m in methods for kind in args.patterns]
+    tasks += [("flex", kind, target, True) for kind in args.patterns]
+    tasks += [("flex", kind, x, False) for x in others for kind in args.patterns]
+    tasks += [("gather-bwd-by-query", args.patterns[0], target, False)]
+    tasks += [("gather", kind, x, False) for x in others for kind in args.patterns]
+    for method, kind, density, causal in tasks:
         if time.perf_counter() - started > args.time_budget:
-            print(f"time budget reached; skipping {method} {kind} {density}")
+            print(f"time budget reached; skipping {method} {kind} {density}{' causal' if causal else ''}")
             continue
         pattern = pattern_for(kind, density, n, block, 0)
         layout = pattern.layout(n, block, h)
         actual = layout.float().mean().item()
-        row = {"method": method, "pattern": kind, "target_density": density, "density": actual}
+        row = {"method": method, "pattern": kind, "causal": causal, "target_density": density, "density": actual}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         try:
-            if method == "flex":
-                row.update(flex_time(q, k, v, dout, layout, block, args.repeats, device))
-            else:
-                attn = BlockSparseRingDilatedAttention(
-                    [n], [1], block_size=block, pattern=pattern, transposed_backward=method == "gather"
-                )
-                t0 = time.perf_counter()
-                attn(q, k, v).backward(dout)  # builds and caches the plan, warms the kernels up
-                row["first_call_s"] = time.perf_counter() - t0
-                row["fwd_ms"] = timed(lambda attn=attn: attn(q, k, v), args.repeats, device)
-                row["fwd_bwd_ms"] = timed(lambda attn=attn: attn(q, k, v).backward(dout), args.repeats, device)
+            attn = BlockSparseRingDilatedAttention(
+                [n], [1], block_size=block, pattern=pattern, transposed_backward=method != "gather-bwd-by-query",
+                method="flex" if method == "flex" else "gather",
+            )  # fmt: skip
+            t0 = time.perf_counter()
+            attn(q, k, v, is_causal=causal).backward(dout)  # builds the plan / block mask, compiles, warms up
+            row["first_call_s"] = time.perf_counter() - t0
+            row["fwd_ms"] = timed(
+                lambda attn=attn, causal=causal: attn(q, k, v, is_causal=causal), args.repeats, device
+            )
+            row["fwd_bwd_ms"] = timed(
+                lambda attn=attn, causal=causal: attn(q, k, v, is_causal=causal).backward(dout), args.repeats, device
+            )
+            if attn.last_plan is not None:
                 row["kernel_calls_fwd"] = sum(len(g) for g in attn.last_plan.groups.values())
-                del attn
+            del attn
         except Exception as exc:  # report, keep the rest
             row["error"] = f"{type(exc).__name__}: {exc}"
             print(f"{method} {kind} {density}: {row['error']}")
             record["results"].append(row)
             save()
             continue
+        dense = record["dense"]["causal" if causal else "full"]
         row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-        row["ratio_fwd"] = row["fwd_ms"] / dense_fwd
-        row["ratio_fwd_bwd"] = row["fwd_bwd_ms"] / dense_both
-        row["useful_tflops_fwd_bwd"] = 3.5 * flops * actual / row["fwd_bwd_ms"] / 1e9
+        row["ratio_fwd"] = row["fwd_ms"] / dense["fwd_ms"]
+        row["ratio_fwd_bwd"] = row["fwd_bwd_ms"] / dense["fwd_bwd_ms"]
+        row["useful_tflops_fwd_bwd"] = 3.5 * flops * actual / (2 if causal else 1) / row["fwd_bwd_ms"] / 1e9
         record["results"].append(row)
-        extra = f"compile {row['compile_s']:.0f} s" if method == "flex" else f"first call {row['first_call_s']:.1f} s"
         print(
-            f"{method:20s} {kind:6s} density {actual:.3f}: fwd {row['fwd_ms']:8.1f} ms ({row['ratio_fwd']:.3f}x)  "
-            f"fwd+bwd {row['fwd_bwd_ms']:8.1f} ms ({row['ratio_fwd_bwd']:.3f}x)  "
-            f"{row['useful_tflops_fwd_bwd']:.0f} useful TFLOP/s  {extra}, peak {row['peak_gib']:.1f} GiB"
+            f"{method:20s} {kind:6s} density {actual:.3f}{' causal' if causal else ''}: fwd {row['fwd_ms']:8.1f} ms "
+            f"({row['ratio_fwd']:.3f}x)  fwd+bwd {row['fwd_bwd_ms']:8.1f} ms ({row['ratio_fwd_bwd']:.3f}x)  "
+            f"{row['useful_tflops_fwd_bwd']:.0f} useful TFLOP/s  first call {row['first_call_s']:.1f} s, "
+            f"peak {row['peak_gib']:.1f} GiB"
         )
         save()
     if args.plot and record["results"]:
@@ -287,16 +271,15 @@ def main(argv=None) -> int:
     print(f"wrote {args.json}")
     # short table last
     print(f"\n{title}")
-    print(f"{'method':20s} {'pattern':8s} {'density':>8s} {'fwd+bwd ms':>11s} {'vs dense':>9s}")
-    print(f"{'sdpa-cudnn (dense)':20s} {'-':8s} {1.0:8.3f} {dense_both:11.1f} {1.0:9.3f}")
-    for r in sorted(record["results"], key=lambda r: (r["method"], r["pattern"], r["density"])):
+    print(f"{'method':20s} {'pattern':14s} {'density':>8s} {'fwd+bwd ms':>11s} {'vs dense':>9s}")
+    for label, dense in record["dense"].items():
+        print(f"{'sdpa-cudnn':20s} {'dense ' + label:14s} {1.0:8.3f} {dense['fwd_bwd_ms']:11.1f} {1.0:9.3f}")
+    for r in sorted(record["results"], key=lambda r: (r["method"], r["causal"], r["pattern"], r["density"])):
+        name = r["pattern"] + (" causal" if r["causal"] else "")
         if "error" in r:
-            print(f"{r['method']:20s} {r['pattern']:8s} {r['density']:8.3f} ERROR {r['error'][:60]}")
+            print(f"{r['method']:20s} {name:14s} {r['density']:8.3f} ERROR {r['error'][:60]}")
         else:
-            print(
-                f"{r['method']:20s} {r['pattern']:8s} {r['density']:8.3f} {r['fwd_bwd_ms']:11.1f} "
-                f"{r['ratio_fwd_bwd']:9.3f}"
-            )
+            print(f"{r['method']:20s} {name:14s} {r['density']:8.3f} {r['fwd_bwd_ms']:11.1f} {r['ratio_fwd_bwd']:9.3f}")
     return 0 if record.get("check", {}).get("passed", True) else 1
 
 

@@ -31,3 +31,18 @@ def test_bf16_on_gpu(case, transposed):
         attn, case, torch.bfloat16, device="cuda", reference_options={"block_layout": layout, "block_size": 64}
     )
     assert result.passed, f"{case}: {result.errors} > {result.tolerance}"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_flex_bf16_on_gpu(causal):
+    """The fused FlexAttention path, forward and backward, per-head layout and GQA."""
+    case = Case("flex", 1024, 4, (1024,), (1,), kv_heads=2, head_dim=64, causal=causal)
+    attn = BlockSparseRingDilatedAttention(
+        **case.config, block_size=128, pattern="random", density=0.3, seed=2, per_head=True, method="flex"
+    )
+    layout = attn.layout_for(case.seq_len, case.heads)
+    result = check_attention(
+        attn, case, torch.bfloat16, device="cuda", reference_options={"block_layout": layout, "block_size": 128}
+    )
+    assert attn.last_method == "flex"
+    assert result.passed, f"{case}: {result.errors} > {result.tolerance}"

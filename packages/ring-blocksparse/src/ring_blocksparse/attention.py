@@ -23,8 +23,11 @@ from ring_core.kernels import KernelRequest, default_scale
 from ring_core.sharding import check_divisible, check_layout, group_rank_and_size
 from ring_core.validation import check_dilated_config, check_dropout, check_qkv
 
+from .flex import build_block_mask, flex_block_sparse, flex_reasons
 from .patterns import Pattern, build_pattern, check_block_layout, check_block_size
 from .plan import CAUSAL, MASKED, Group, Plan, build_plan
+
+METHODS = ("auto", "gather", "flex")
 
 
 class CommStats:
@@ -333,8 +336,9 @@ def _prepare(
     process_group,
     transposed_backward: bool = True,
     cache: dict | None = None,
-) -> tuple[Plan, dict]:
-    """Validate everything (before any communication) and build or reuse the plan."""
+    build: bool = True,
+) -> tuple[Plan | None, dict]:
+    """Validate everything (before any communication) and build or reuse the plan (if ``build``)."""
     segments, rates = check_dilated_config(segment_lengths, dilation_rates, merge)
     check_block_size(block_size)
     check_layout(layout)
@@ -346,7 +350,7 @@ def _prepare(
         check_block_layout(block_layout, seq_len, block_size, q.shape[2])
     key = (seq_len, q.shape[2], k.shape[2], bool(is_causal), rank, world, layout, str(q.device), transposed_backward)
     plan = None if cache is None else cache.get(key)
-    if plan is None:
+    if plan is None and build:
         plan = build_plan(
             seq_len=seq_len,
             num_heads=q.shape[2],
@@ -373,7 +377,11 @@ class BlockSparseRingDilatedAttention(nn.Module):
     ``(H or 1, ceil(N/b), ceil(N/b))`` over the global sequence; neither means every
     block (plain dilated attention). Forward: ``attn(q, k, v, *, is_causal=False,
     key_padding_mask=None)`` on this rank's ``(B, n, H, D)`` shard. ``transposed_backward``
-    batches the backward by key tile (each call yields whole dK/dV rows). After each call,
+    batches the backward by key tile (each call yields whole dK/dV rows). ``method``:
+    ``"gather"`` (tiles gathered into dense blocks, the blockwise engine; everything,
+    including the ring), ``"flex"`` (one FlexAttention kernel on a BlockMask; one process,
+    one rate-1 branch, no padding/dropout; raises otherwise) or ``"auto"`` (flex on CUDA
+    when it applies, else gather). After each call,
     ``comm_stats`` holds the bytes this rank sent and received, and ``last_plan`` the plan.
     """
 
@@ -391,6 +399,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
         dropout: float = 0.0,
         kernel: str | None = None,
         transposed_backward: bool = True,
+        method: str = "auto",
         **pattern_options: Any,
     ) -> None:
         super().__init__()
@@ -419,6 +428,11 @@ class BlockSparseRingDilatedAttention(nn.Module):
         self.dropout = check_dropout(dropout)
         self.kernel = kernel
         self.transposed_backward = bool(transposed_backward)
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+        self.method = method
+        self.last_method: str | None = None
+        self._block_masks: dict = {}
         self.comm_stats = CommStats()
         self.last_plan: Plan | None = None
         self._plans: dict = {}
@@ -445,6 +459,9 @@ class BlockSparseRingDilatedAttention(nn.Module):
         check_qkv(q, k, v, key_padding_mask)
         _, world = group_rank_and_size(self.process_group)
         block_layout = self.layout_for(q.shape[1] * world, q.shape[2])
+        dropout_p = self.dropout if self.training else 0.0
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        use_flex = self._use_flex(q, world, key_padding_mask, dropout_p, needs_grad)
         plan, schedule_args = _prepare(
             q,
             k,
@@ -460,24 +477,57 @@ class BlockSparseRingDilatedAttention(nn.Module):
             process_group=self.process_group,
             transposed_backward=self.transposed_backward,
             cache=self._plans,
+            build=not use_flex,
         )
-        dropout_p = self.dropout if self.training else 0.0
+        self.comm_stats = CommStats()
+        self.last_plan = plan
+        self.last_method = "flex" if use_flex else "gather"
+        scale = default_scale(q.shape[-1], self.softmax_scale)
+        if use_flex:
+            key = (q.shape[1], q.shape[2], bool(is_causal), str(q.device))
+            if key not in self._block_masks:
+                self._block_masks[key] = build_block_mask(
+                    block_layout,
+                    seq_len=q.shape[1],
+                    num_heads=q.shape[2],
+                    block_size=self.block_size,
+                    segment=self.segment_lengths[0],
+                    causal=bool(is_causal),
+                    device=q.device,
+                )
+            return flex_block_sparse(q, k, v, self._block_masks[key], scale=scale)
         full, masked = _kernels(
             q,
             k,
             causal=is_causal,
             padded=key_padding_mask is not None,
             dropout_p=dropout_p,
-            scale=default_scale(q.shape[-1], self.softmax_scale),
+            scale=scale,
             kernel=self.kernel,
         )
-        self.comm_stats = CommStats()
-        self.last_plan = plan
         schedule = BlockSparseSchedule(
             plan, full, masked, key_padding_mask=key_padding_mask, stats=self.comm_stats, **schedule_args
         )
         out, _ = blockwise_attention(schedule, q, k, v)
         return out
+
+    def _use_flex(self, q: torch.Tensor, world: int, key_padding_mask, dropout_p: float, needs_grad: bool) -> bool:
+        if self.method == "gather":
+            return False
+        reasons = flex_reasons(
+            q,
+            world_size=world,
+            segment_lengths=self.segment_lengths,
+            dilation_rates=self.dilation_rates,
+            merge=self.merge,
+            block_size=self.block_size,
+            key_padding_mask=key_padding_mask,
+            dropout_p=dropout_p,
+            needs_grad=needs_grad,
+        )
+        if self.method == "flex" and reasons:
+            raise ValueError("method='flex' cannot run this call: " + "; ".join(reasons))
+        return not reasons and (self.method == "flex" or q.device.type == "cuda")
 
     def extra_repr(self) -> str:
         pattern = "none" if self.pattern is None else repr(self.pattern)

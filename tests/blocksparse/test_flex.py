@@ -1,0 +1,80 @@
+"""The FlexAttention path (one process, one rate-1 branch): exact vs the reference, and when it applies.
+
+On the CPU FlexAttention runs eagerly and has no backward, so these check forward only;
+tests/blocksparse/test_cuda.py checks forward and backward of the fused kernel.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ring_blocksparse import BlockSparseRingDilatedAttention, build_pattern
+from ring_core import reference_attention
+
+pytest.importorskip("torch.nn.attention.flex_attention")
+# eager FlexAttention (CPU) warns that it is unfused: expected here
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+
+@pytest.mark.parametrize(
+    ("n", "heads", "kv_heads", "segment", "causal", "pattern", "options"),
+    [
+        (64, 4, 4, 64, False, "random", {"density": 0.3, "per_head": True}),
+        (64, 4, 4, 64, True, "local_window", {"window": 16}),
+        (64, 4, 2, 32, True, "random", {"density": 0.5}),  # segments of whole blocks, GQA
+        (48, 2, 2, 64, True, "strided", {"stride": 16}),  # a segment longer than N
+        (64, 2, 2, 64, True, None, {}),  # no layout: dense causal
+    ],
+)
+def test_flex_forward_matches_reference(n, heads, kv_heads, segment, causal, pattern, options):
+    attn = BlockSparseRingDilatedAttention([segment], [1], block_size=8, pattern=pattern, method="flex", **options)
+    generator = torch.Generator().manual_seed(n + heads)
+    q = torch.randn(2, n, heads, 8, generator=generator, dtype=torch.float64)
+    k, v = (torch.randn(2, n, kv_heads, 8, generator=generator, dtype=torch.float64) for _ in range(2))
+    with torch.no_grad():
+        out = attn(q, k, v, is_causal=causal)
+    assert attn.last_method == "flex"
+    layout = attn.layout_for(n, heads)
+    expected = reference_attention(
+        q, k, v, segment_lengths=[segment], dilation_rates=[1], is_causal=causal, block_layout=layout,
+        block_size=None if layout is None else 8,
+    )  # fmt: skip
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_flex_rows_with_no_allowed_key_give_zero():
+    layout = torch.ones(1, 4, 4, dtype=torch.bool)
+    layout[0, 2] = False
+    attn = BlockSparseRingDilatedAttention([32], [1], block_size=8, block_layout=layout, method="flex")
+    q = torch.randn(1, 32, 2, 4, dtype=torch.float64)
+    with torch.no_grad():
+        out = attn(q, q, q)
+    assert torch.isfinite(out).all() and out[:, 16:24].abs().max() == 0
+
+
+@pytest.mark.parametrize(
+    ("config", "call", "match"),
+    [
+        ({"segment_lengths": [8, 16], "dilation_rates": [1, 2]}, {}, r"dilated branches \[8, 16\] / \[1, 2\]"),
+        ({"segment_lengths": [12], "dilation_rates": [1]}, {}, "segment length 12 is not a multiple of block_size 8"),
+        ({"segment_lengths": [32], "dilation_rates": [1]}, {"pad": True}, "key_padding_mask"),
+        ({"segment_lengths": [32], "dilation_rates": [1]}, {"grad": True}, "FlexAttention has no backward on cpu"),
+    ],
+)
+def test_flex_says_why_it_cannot_run(config, call, match):
+    attn = BlockSparseRingDilatedAttention(**config, block_size=8, method="flex")
+    q = torch.randn(1, 32, 2, 4, requires_grad=call.get("grad", False))
+    mask = torch.zeros(1, 32, dtype=torch.bool) if call.get("pad") else None
+    with pytest.raises(ValueError, match=f"method='flex' cannot run this call: .*{match}"):
+        attn(q, q, q, key_padding_mask=mask)
+
+
+def test_auto_uses_gather_on_cpu():
+    attn = BlockSparseRingDilatedAttention([32], [1], block_size=8, pattern="local_window", window=16)
+    q = torch.randn(1, 32, 2, 4, dtype=torch.float64)
+    attn(q, q, q)
+    assert attn.last_method == "gather"
+    with pytest.raises(ValueError, match="method must be one of"):
+        BlockSparseRingDilatedAttention([32], [1], block_size=8, method="fast")
+    assert build_pattern("local_window", window=16).density(32, 8) == 0.5
