@@ -60,6 +60,7 @@ def demo(session: nox.Session) -> None:
     out.mkdir(exist_ok=True)
     session.run("ring-attention", "info")
     session.run("ring-attention", "verify")
+    session.run("ring-attention", "verify", "--world-size", "2")
     session.run(
         "ring-attention",
         "bench",
