@@ -242,3 +242,16 @@ def test_dropout_in_training_uses_the_engine_and_is_off_in_eval():
     torch.testing.assert_close(attn(q, k, v), reference)
     attn.train()
     assert not torch.allclose(attn(q, k, v), reference)
+
+
+def test_info_shows_the_backends_and_their_reasons(capsys):
+    from ring_core.cli import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.split()}
+    for name in GPU_KERNELS:
+        assert name in lines, name
+        if not torch.cuda.is_available():
+            assert "no: " in lines[name], lines[name]
+    assert "RingDilatedAttentionV2Flash (removed in 0.3.0)" in lines["ring_dilated_flash"]

@@ -39,10 +39,6 @@ def _capability() -> tuple[int, int] | None:
     return torch.cuda.get_device_capability()
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 class GPUKernel(KernelBackend):
     """Common capability data of the CUDA backends."""
 
@@ -383,23 +379,3 @@ def all_kernels() -> list[KernelBackend]:
         FlashAttn3Kernel(),
         FlashAttn4Kernel(),
     ]
-
-
-GPU_KERNELS = tuple(k.name for k in all_kernels())
-
-
-def describe_support(backend: KernelBackend) -> dict[str, object]:
-    """Capability data of a backend as a dict (for ``info`` tables and docs)."""
-    return {
-        "name": backend.name,
-        "priority": backend.priority,
-        "devices": list(backend.devices),
-        "dtypes": [_dtype_name(d) for d in backend.dtypes],
-        "max_head_dim": backend.max_head_dim,
-        "mask": backend.supports_mask,
-        "dropout": backend.supports_dropout,
-        "gqa": getattr(backend, "supports_gqa", True),
-        "min_compute_capability": backend.min_compute_capability,
-        "available": not backend.availability_reasons(),
-        "reasons": backend.availability_reasons(),
-    }
