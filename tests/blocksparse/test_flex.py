@@ -6,6 +6,8 @@ tests/blocksparse/test_cuda.py checks forward and backward of the fused kernel.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -78,3 +80,29 @@ def test_auto_uses_gather_on_cpu():
     with pytest.raises(ValueError, match="method must be one of"):
         BlockSparseRingDilatedAttention([32], [1], block_size=8, method="fast")
     assert build_pattern("local_window", window=16).density(32, 8) == 0.5
+
+
+def test_auto_falls_back_to_gather_when_flex_fails(monkeypatch):
+    """'auto' warns once and computes the same result through the gather path; 'flex' raises."""
+    import ring_blocksparse.attention as attention
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setattr(attention, "flex_block_sparse", broken)
+    monkeypatch.setattr(attention.BlockSparseRingDilatedAttention, "_use_flex", lambda self, *a: not self._flex_failed)
+    attn = BlockSparseRingDilatedAttention([32], [1], block_size=8, pattern="local_window", window=16)
+    q = torch.randn(1, 32, 2, 4, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="FlexAttention failed .*no kernel for this GPU.*gather path"):
+        out = attn(q, q, q)
+    assert attn.last_method == "gather"
+    expected = reference_attention(
+        q, q, q, segment_lengths=[32], dilation_rates=[1], block_layout=attn.layout_for(32, 2), block_size=8
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attn(q, q, q)  # no second warning: flex is not tried again
+    forced = BlockSparseRingDilatedAttention([32], [1], block_size=8, method="flex")
+    with pytest.raises(RuntimeError, match="no kernel for this GPU"):
+        forced(q, q, q)

@@ -9,6 +9,8 @@ when no tile needs them).
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -433,6 +435,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
         self.method = method
         self.last_method: str | None = None
         self._block_masks: dict = {}
+        self._flex_failed = False
         self.comm_stats = CommStats()
         self.last_plan: Plan | None = None
         self._plans: dict = {}
@@ -462,7 +465,8 @@ class BlockSparseRingDilatedAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         use_flex = self._use_flex(q, world, key_padding_mask, dropout_p, needs_grad)
-        plan, schedule_args = _prepare(
+        prepare = functools.partial(
+            _prepare,
             q,
             k,
             v,
@@ -477,25 +481,27 @@ class BlockSparseRingDilatedAttention(nn.Module):
             process_group=self.process_group,
             transposed_backward=self.transposed_backward,
             cache=self._plans,
-            build=not use_flex,
         )
+        plan, schedule_args = prepare(build=not use_flex)  # validates everything first
         self.comm_stats = CommStats()
-        self.last_plan = plan
-        self.last_method = "flex" if use_flex else "gather"
         scale = default_scale(q.shape[-1], self.softmax_scale)
         if use_flex:
-            key = (q.shape[1], q.shape[2], bool(is_causal), str(q.device))
-            if key not in self._block_masks:
-                self._block_masks[key] = build_block_mask(
-                    block_layout,
-                    seq_len=q.shape[1],
-                    num_heads=q.shape[2],
-                    block_size=self.block_size,
-                    segment=self.segment_lengths[0],
-                    causal=bool(is_causal),
-                    device=q.device,
+            try:
+                out = self._flex_forward(q, k, v, block_layout, bool(is_causal), scale)
+                self.last_plan, self.last_method = None, "flex"
+                return out
+            except Exception as exc:
+                if self.method == "flex":
+                    raise
+                warnings.warn(
+                    f"FlexAttention failed ({type(exc).__name__}: {exc}); method='auto' uses the gather path "
+                    "from now on",
+                    RuntimeWarning,
+                    stacklevel=2,
                 )
-            return flex_block_sparse(q, k, v, self._block_masks[key], scale=scale)
+                self._flex_failed = True
+                plan, schedule_args = prepare(build=True)
+        self.last_plan, self.last_method = plan, "gather"
         full, masked = _kernels(
             q,
             k,
@@ -511,8 +517,22 @@ class BlockSparseRingDilatedAttention(nn.Module):
         out, _ = blockwise_attention(schedule, q, k, v)
         return out
 
+    def _flex_forward(self, q, k, v, block_layout, causal: bool, scale: float) -> torch.Tensor:
+        key = (q.shape[1], q.shape[2], causal, str(q.device))
+        if key not in self._block_masks:
+            self._block_masks[key] = build_block_mask(
+                block_layout,
+                seq_len=q.shape[1],
+                num_heads=q.shape[2],
+                block_size=self.block_size,
+                segment=self.segment_lengths[0],
+                causal=causal,
+                device=q.device,
+            )
+        return flex_block_sparse(q, k, v, self._block_masks[key], scale=scale)
+
     def _use_flex(self, q: torch.Tensor, world: int, key_padding_mask, dropout_p: float, needs_grad: bool) -> bool:
-        if self.method == "gather":
+        if self.method == "gather" or (self.method == "auto" and self._flex_failed):
             return False
         reasons = flex_reasons(
             q,
