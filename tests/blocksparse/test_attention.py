@@ -202,3 +202,18 @@ def test_both_backward_batchings(transposed):
     )
     _check(attn, case, layout, 5, seed=9)
     assert (attn.last_plan.backward_groups is not None) == transposed
+
+
+def test_dropout_backward_is_the_gradient_of_the_forward():
+    """With dropout (same seed each call) the backward (batched like the forward) is the true gradient."""
+    attn = BlockSparseRingDilatedAttention([8, 16], [1, 2], block_size=4, pattern="random", density=0.6, dropout=0.3)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 16, 2, 4, generator=generator, dtype=torch.float64, requires_grad=True) for _ in range(3))
+
+    def run(q, k, v):
+        torch.manual_seed(1)  # the same dropout masks on every call
+        return attn(q, k, v, is_causal=True)
+
+    assert not torch.equal(run(q, k, v), attn.eval()(q, k, v, is_causal=True))  # dropout is on in training
+    attn.train()
+    assert torch.autograd.gradcheck(run, (q, k, v))

@@ -274,7 +274,7 @@ def build_plan(
     for block_id, g in enumerate(plan.all_groups()):
         g.q_rows = local_row[g.q_pos.flatten()]
         g.k_rows = buffer_row[g.source][g.k_pos.flatten()]
-        g.block_id = block_id
+        g.block_id = rank * 1_000_003 + block_id  # dropout streams differ between ranks
         if g.category == MASKED:
             g.mask = _mask(g, layout_cpu, block_size, causal)
     return plan
