@@ -34,6 +34,19 @@ SPECS = {
     "window-inside-shard": (32, 2, 2, (32,), (1,), 4, "local_window", {"window": 4}, True, False, "lse"),
     "no-pattern": (32, 2, 2, (32,), (1,), 4, None, {}, False, False, "lse"),
     "sliding-window": (32, 2, 2, (32,), (1,), 4, "local_window", {"window": 5, "sliding": True}, False, False, "lse"),
+    "empty-rows": (
+        32,
+        2,
+        2,
+        (16, 32),
+        (1, 2),
+        4,
+        "random",
+        {"density": 0.2, "include_diagonal": False},
+        True,
+        False,
+        "lse",
+    ),
 }
 
 
@@ -137,6 +150,10 @@ def test_two_ranks():
     for result in (r[layout] for r in by_rank for layout in LAYOUTS):
         stats = result["window-inside-shard"]
         assert sum(stats["sent"].values()) == 0 and sum(stats["received"].values()) == 0
+    # rows whose keys the layout removes entirely give exactly 0 on every rank
+    zero_rows = sum(int((torch.from_numpy(r[lay]["empty-rows"]["out"]).abs().amax((0, 2, 3)) == 0).sum())
+                    for r in by_rank for lay in LAYOUTS)  # fmt: skip
+    assert zero_rows > 0
     for result in (r["contiguous"] for r in by_rank):
         # plain dense ring: the whole shard (16 rows) goes each way
         assert result["no-pattern"]["sent"]["forward"] == 16 * _row_bytes("no-pattern")
