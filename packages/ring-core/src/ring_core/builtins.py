@@ -5,6 +5,9 @@ from __future__ import annotations
 from .hookspecs import hookimpl
 from .kernels import CPUFlashKernel, MathKernel
 
+# Deprecated names of ring-core: {old: (new, removal version)}; served by ring_core.__getattr__ too.
+DEPRECATED_NAMES = {"RingDilatedAttentionV2Collective": ("RingDilatedAttention", "0.3.0")}
+
 
 @hookimpl
 def register_kernels(register):
@@ -14,8 +17,10 @@ def register_kernels(register):
 
 @hookimpl
 def register_implementations(register):
+    from .deprecation import aliases_for
     from .dilated import DilatedAttention
     from .registry import Implementation
+    from .ring import RingDilatedAttention
 
     register(
         Implementation(
@@ -26,18 +31,6 @@ def register_implementations(register):
             priority=0,
         )
     )
-
-
-# Deprecated names of ring-core: {old: (new, removal version)}; served by ring_core.__getattr__ too.
-DEPRECATED_NAMES = {"RingDilatedAttentionV2Collective": ("RingDilatedAttention", "0.3.0")}
-
-
-@hookimpl(specname="register_implementations")
-def register_ring_implementations(register):
-    from .deprecation import aliases_for
-    from .registry import Implementation
-    from .ring import RingDilatedAttention
-
     register(
         Implementation(
             name="ring_dilated",
