@@ -198,6 +198,14 @@ def bench_markdown(path: Path) -> str:
     if rows:
         header = list(dict.fromkeys(key for row in rows for key in row))
         lines.append(_table(header, [[_cell(row.get(key)) for key in header] for row in rows]) + "\n")
+    if isinstance(data, dict):  # sections of their own: {"name": {"config": ..., "rows": [...]}}
+        for name, section in data.items():
+            if isinstance(section, dict) and isinstance(section.get("rows"), list) and section["rows"]:
+                rows = [r for r in section["rows"] if isinstance(r, dict)]
+                header = list(dict.fromkeys(key for row in rows for key in row))
+                notes = [f"{key}: `{value}`" for key, value in section.items() if key != "rows" and len(str(value)) < 200]
+                lines.append(f"**{name}** " + "; ".join(notes) + "\n")
+                lines.append(_table(header, [[_cell(row.get(key)) for key in header] for row in rows]) + "\n")
     plot = path.with_suffix(".png")
     if plot.is_file():
         lines.append(f"![{path.stem}](benchmarks/{plot.name})\n")  # the page is docs/benchmarks.md
