@@ -43,11 +43,18 @@ from .sharding import LAYOUTS, check_layout, group_rank_and_size, shard_ranges
 from .validation import MERGES, check_dilated_config, check_dropout, check_qkv
 
 __all__ = [
+    "Exchange",
+    "RingComm",
     "RingCommStats",
+    "RingConfigError",
     "RingDilatedAttention",
+    "RingDilatedSchedule",
     "RingPlan",
+    "Transfer",
     "build_ring_plan",
+    "offset_heads",
     "ring_dilated_attention",
+    "validate_ring_inputs",
 ]
 
 
@@ -108,8 +115,13 @@ def part_kv_heads(part: Part, num_kv_heads: int) -> int:
     return len(range(*heads.indices(num_kv_heads))) if isinstance(heads, slice) else int(heads.numel())
 
 
-def _offset_heads(branch: Branch, offset: int, groups: int, device: torch.device) -> tuple[slice, Any] | None:
-    """Query heads of one offset, and the key/value heads they read (a slice when the kernel's GQA fits)."""
+def offset_heads(branch: Branch, offset: int, groups: int, device: torch.device) -> tuple[slice, Any] | None:
+    """Query heads of ``branch`` at dilation ``offset`` and the key/value heads they read, or None if none.
+
+    ``groups`` is ``H // H_kv``. The key/value heads are a slice when the kernel's GQA
+    can serve them (each one read by the same number of consecutive query heads), else an
+    index tensor on ``device``.
+    """
     r = branch.rate
     first = branch.head_start + (offset - branch.head_start) % r
     if first >= branch.head_stop:
@@ -185,7 +197,7 @@ def build_ring_plan(
     heads_of: dict[tuple[int, int], tuple[slice, Any]] = {}
     for bi, branch in enumerate(branch_list):
         for offset in range(branch.rate):
-            selected = _offset_heads(branch, offset, groups, device)
+            selected = offset_heads(branch, offset, groups, device)
             if selected is not None:
                 heads_of[bi, offset] = selected
     for p in range(world_size):
@@ -268,8 +280,8 @@ class RingCommStats:
 
 
 @dataclass
-class _Exchange:
-    """One posted ``batch_isend_irecv``: keeps the buffers alive until :meth:`wait`."""
+class Exchange:
+    """One posted ``batch_isend_irecv``: keeps the buffers alive until :meth:`wait` returns the received one."""
 
     works: list[Any]
     send: torch.Tensor | None
@@ -283,13 +295,26 @@ class _Exchange:
 
 
 @dataclass
-class _Comm:
+class RingComm:
+    """The ring's communicator: P2P exchanges of flat buffers in ``group`` (group ranks), bytes counted in ``stats``.
+
+    Hooks for subclasses (a communicator with timeouts or pooled buffers):
+    :meth:`begin` starts a phase (``"forward"`` or ``"backward"``), :meth:`empty` allocates
+    every flat buffer the schedule sends or receives, :meth:`exchange` posts one exchange.
+    """
+
     group: Any
     rank: int
     world_size: int
     stats: RingCommStats
     phase: str = "forward"
     peers: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def for_group(cls, process_group: Any, stats: RingCommStats) -> RingComm:
+        """A communicator over ``process_group`` (``None``: the default group, or one process)."""
+        rank, world_size = group_rank_and_size(process_group)
+        return cls(process_group, rank, world_size, stats)
 
     def global_rank(self, group_rank: int) -> int:
         if self.group is None:
@@ -298,9 +323,22 @@ class _Comm:
             self.peers[group_rank] = dist.get_global_rank(self.group, group_rank)
         return self.peers[group_rank]
 
+    def begin(self, phase: str) -> None:
+        """Start the forward or backward pass of one call: bytes of this phase count from zero."""
+        self.phase = phase
+        if phase == "forward":
+            self.stats.forward_bytes = 0
+        else:
+            self.stats.backward_bytes = 0
+
+    def empty(self, use: str, numel: int, like: torch.Tensor) -> torch.Tensor:
+        """A flat buffer of ``numel`` elements of ``like``'s dtype and device for ``use`` (``"send"``, ``"recv"``,
+        ``"grad"``) of the next exchange; its contents are undefined."""
+        return torch.empty(numel, dtype=like.dtype, device=like.device)
+
     def exchange(
         self, send: torch.Tensor | None, send_to: int, recv_numel: int, recv_from: int, like: torch.Tensor
-    ) -> _Exchange:
+    ) -> Exchange:
         """Post the send of the flat ``send`` buffer and the receive of ``recv_numel`` elements."""
         ops, recv = [], None
         if send is not None and send.numel():
@@ -313,10 +351,10 @@ class _Comm:
             else:
                 self.stats.backward_bytes += sent
         if recv_numel:
-            recv = torch.empty(recv_numel, dtype=like.dtype, device=like.device)
+            recv = self.empty("recv", recv_numel, like)
             ops.append(dist.P2POp(dist.irecv, recv, self.global_rank(recv_from), self.group))
         works = dist.batch_isend_irecv(ops) if ops else []
-        return _Exchange(list(works), send, recv)
+        return Exchange(list(works), send, recv)
 
 
 # -- the schedule --------------------------------------------------------------------------------
@@ -329,7 +367,7 @@ class RingDilatedSchedule(BlockSchedule):
         self,
         kernel: BlockKernel,
         plan: RingPlan,
-        comm: _Comm,
+        comm: RingComm,
         *,
         causal: bool,
         key_padding_mask: torch.Tensor | None,
@@ -368,18 +406,19 @@ class RingDilatedSchedule(BlockSchedule):
     def _local_kv(self, part: Part, k: torch.Tensor, v: torch.Tensor):
         return part.gather_kv(k), part.gather_kv(v), part.key_mask(self.key_padding_mask)
 
-    def _start_kv(self, j: int, k: torch.Tensor, v: torch.Tensor) -> _Exchange | None:
+    def _start_kv(self, j: int, k: torch.Tensor, v: torch.Tensor) -> Exchange | None:
         if j > len(self.plan.steps):
             return None
         step = self.plan.steps[j - 1]
         send = None
         if step.send.kv_parts:
-            chunks = []
-            for part in step.send.kv_parts:
-                chunks += [part.gather_kv(k).reshape(-1), part.gather_kv(v).reshape(-1)]
-                if self.key_padding_mask is not None:
-                    chunks.append((~self.key_padding_mask[:, part.positions()]).to(k.dtype).reshape(-1))
-            send = torch.cat(chunks)
+            shapes = self._shapes(step.send.kv_parts, k, v)
+            send = self.comm.empty("send", self._numel(shapes), k)
+            for part, (kb, vb, *kept) in zip(step.send.kv_parts, self._unpack(send, shapes)):
+                kb.copy_(part.gather_kv(k))
+                vb.copy_(part.gather_kv(v))
+                if kept:
+                    kept[0].copy_(~self.key_padding_mask[:, part.positions()])
         recv_numel = self._numel(self._shapes(step.recv.kv_parts, k, v))
         return self.comm.exchange(send, step.send_to, recv_numel, step.recv_from, k)
 
@@ -394,8 +433,7 @@ class RingDilatedSchedule(BlockSchedule):
 
     # -- forward ---------------------------------------------------------------------------------------
     def forward(self, q, k, v, acc: Accumulator) -> None:
-        self.comm.phase = "forward"
-        self.comm.stats.forward_bytes = 0
+        self.comm.begin("forward")
         pending = self._start_kv(1, k, v)
         block_id = self.block_base
         for part in self.plan.local_parts:
@@ -431,8 +469,7 @@ class RingDilatedSchedule(BlockSchedule):
         return block_dk, block_dv
 
     def backward(self, q, k, v, out, lse, dout, grads) -> None:
-        self.comm.phase = "backward"
-        self.comm.stats.backward_bytes = 0
+        self.comm.begin("backward")
         dq, dk, dv = grads
         pending = self._start_kv(1, k, v)
         block_id = self.block_base
@@ -451,7 +488,7 @@ class RingDilatedSchedule(BlockSchedule):
             part.add_kv_grad(dk, block_dk)
             part.add_kv_grad(dv, block_dv)
             block_id += 1
-        returning: tuple[_Exchange, Step] | None = None
+        returning: tuple[Exchange, Step] | None = None
         for j, step in enumerate(self.plan.steps, start=1):
             buffer = pending.wait() if pending is not None else None
             pending = self._start_kv(j + 1, k, v)
@@ -460,7 +497,7 @@ class RingDilatedSchedule(BlockSchedule):
             send, slot_grads = None, []
             if slots:
                 grad_shapes = self._shapes(step.recv.kv_parts, k, v, grads=True)
-                send = torch.zeros(self._numel(grad_shapes), dtype=dk.dtype, device=dk.device)
+                send = self.comm.empty("grad", self._numel(grad_shapes), dk).zero_()
                 slot_grads = self._unpack(send, grad_shapes)
             for item in step.recv.items:
                 block_dk, block_dv = self._backward_block(
@@ -477,7 +514,7 @@ class RingDilatedSchedule(BlockSchedule):
         if returning is not None:
             self._add_returned(*returning, k, v, dk, dv)
 
-    def _add_returned(self, exchange: _Exchange, step: Step, k, v, dk, dv) -> None:
+    def _add_returned(self, exchange: Exchange, step: Step, k, v, dk, dv) -> None:
         buffer = exchange.wait()
         if not step.send.kv_parts:
             return
@@ -543,9 +580,23 @@ def _descriptor_device(group: Any, q: Any) -> torch.device:
 
 
 def validate_ring_inputs(
-    q, k, v, key_padding_mask, *, causal: bool, layout: str, merge: str, config: tuple, scale, comm: _Comm
+    q,
+    k,
+    v,
+    key_padding_mask,
+    *,
+    causal: bool,
+    layout: str,
+    merge: str,
+    config: tuple,
+    scale,
+    comm: RingComm,
+    name: str = "RingDilatedAttention",
 ) -> None:
-    """Local checks, then one small ``all_gather`` so every rank raises the same error (or none)."""
+    """Local checks, then one small ``all_gather`` in ``comm`` so every rank raises the same error (or none).
+
+    ``config`` (any repr-able tuple) and ``scale`` must match on every rank; errors start with ``name``.
+    """
     local_error: Exception | None = None
     try:
         check_qkv(q, k, v, key_padding_mask)
@@ -565,7 +616,7 @@ def validate_ring_inputs(
     failed = [r for r, row in enumerate(table) if row[0] == 0]
     if failed:
         raise RingConfigError(
-            f"RingDilatedAttention: rank(s) {failed} of {comm.world_size} rejected their inputs (see the error "
+            f"{name}: rank(s) {failed} of {comm.world_size} rejected their inputs (see the error "
             f"raised there); nothing was computed"
         )
     differing = [name for i, name in enumerate(_DESCRIPTOR_FIELDS) if len({row[i] for row in table}) > 1]
@@ -578,7 +629,7 @@ def validate_ring_inputs(
         if "local_len" in differing:
             hint = " (the global sequence length N must be divisible by the world size P, every rank holding N/P)"
         raise RingConfigError(
-            f"RingDilatedAttention: ranks passed different shapes/dtypes/configurations: {details}{hint}; "
+            f"{name}: ranks passed different shapes/dtypes/configurations: {details}{hint}; "
             f"dtype codes index {[str(d).replace('torch.', '') for d in FLOAT_DTYPES]}"
         )
     local_len = table[0][2]
@@ -592,17 +643,12 @@ def validate_ring_inputs(
 # -- public API ----------------------------------------------------------------------------------
 
 
-def _make_comm(process_group: Any, stats: RingCommStats) -> _Comm:
-    rank, world_size = group_rank_and_size(process_group)
-    return _Comm(process_group, rank, world_size, stats)
-
-
 def _run(
     q,
     k,
     v,
     *,
-    comm: _Comm,
+    comm: RingComm,
     branch_cfg,
     merge,
     layout,
@@ -654,7 +700,7 @@ def ring_dilated_attention(
     segments, rates = check_dilated_config(segment_lengths, dilation_rates, merge)
     check_layout(layout)
     dropout_p = check_dropout(dropout_p)
-    comm = _make_comm(process_group, stats or RingCommStats())
+    comm = RingComm.for_group(process_group, stats or RingCommStats())
     config = (segments, rates, merge, layout, dropout_p)
     validate_ring_inputs(
         q,
@@ -726,7 +772,7 @@ class RingDilatedAttention(nn.Module):
         is_causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        comm = _make_comm(self.process_group, self.comm_stats)
+        comm = RingComm.for_group(self.process_group, self.comm_stats)
         dropout_p = self.dropout if self.training else 0.0
         config = (self.segment_lengths, self.dilation_rates, self.merge, self.layout, dropout_p)
         key = _validation_key(q, k, v, key_padding_mask, bool(is_causal), config, comm.world_size)
@@ -742,6 +788,7 @@ class RingDilatedAttention(nn.Module):
                 config=config,
                 scale=self.softmax_scale,
                 comm=comm,
+                name=type(self).__name__,
             )
             self._validated.add(key)
         out, _ = _run(

@@ -30,16 +30,16 @@ from ring_core.engine import BlockKernel, blockwise_attention
 from ring_core.kernels import KernelRequest, default_scale
 from ring_core.registry import select_kernel
 from ring_core.ring import (
+    RingComm,
     RingCommStats,
     RingDilatedSchedule,
     RingPlan,
     Transfer,
-    _Comm,
-    _offset_heads,
     build_ring_plan,
+    offset_heads,
     validate_ring_inputs,
 )
-from ring_core.sharding import check_layout
+from ring_core.sharding import check_layout, group_rank_and_size
 from ring_core.validation import check_dilated_config, check_dropout
 
 from .comm import GatherShards, HeadsToSeq, SeqToHeads, gather_mask
@@ -69,7 +69,7 @@ def _local_part(part: Part, head_start: int, num_heads: int, groups: int, device
     if first >= stop:
         return None
     local = first - head_start
-    q_heads, kv_heads = _offset_heads(Branch(0, rate, local, stop - head_start), local % rate, groups, device)
+    q_heads, kv_heads = offset_heads(Branch(0, rate, local, stop - head_start), local % rate, groups, device)
     return dataclasses.replace(part, heads=q_heads, kv_heads=kv_heads)
 
 
@@ -241,26 +241,21 @@ class RingDistributedDilatedAttention(nn.Module):
         self._validated: set[tuple] = set()
 
     # -- mesh and validation -----------------------------------------------------------------------
-    def _validation_comms(self) -> list[_Comm]:
+    def _validation_comms(self) -> list[RingComm]:
         """Groups whose all-gather of descriptors makes every rank agree (the parent, or both mesh dims)."""
         if self.device_mesh is not None:
             groups = device_mesh_groups(self.device_mesh)
             comms = []
             if groups.ulysses_size > 1:
-                comms.append(_Comm(groups.ulysses_group, groups.ulysses_rank, groups.ulysses_size, RingCommStats()))
+                comms.append(RingComm(groups.ulysses_group, groups.ulysses_rank, groups.ulysses_size, RingCommStats()))
             if groups.ring_size > 1:
-                comms.append(_Comm(groups.ring_group, groups.ring_rank, groups.ring_size, RingCommStats()))
-            return comms or [_Comm(None, 0, 1, RingCommStats())]
-        from ring_core.sharding import group_rank_and_size
-
-        rank, size = group_rank_and_size(self.process_group)
-        return [_Comm(self.process_group, rank, size, RingCommStats())]
+                comms.append(RingComm(groups.ring_group, groups.ring_rank, groups.ring_size, RingCommStats()))
+            return comms or [RingComm(None, 0, 1, RingCommStats())]
+        return [RingComm.for_group(self.process_group, RingCommStats())]
 
     def _world_size(self) -> int:
         if self.device_mesh is not None:
             return int(self.device_mesh.mesh.numel())
-        from ring_core.sharding import group_rank_and_size
-
         return group_rank_and_size(self.process_group)[1]
 
     def _resolve(self, q: torch.Tensor, k: torch.Tensor) -> tuple[str, MeshGroups]:
@@ -302,18 +297,15 @@ class RingDistributedDilatedAttention(nn.Module):
         for comm in self._validation_comms():
             validate_ring_inputs(
                 q, k, v, key_padding_mask, causal=causal, layout=self.layout, merge=self.merge,
-                config=config, scale=self.softmax_scale, comm=comm,
+                config=config, scale=self.softmax_scale, comm=comm, name=type(self).__name__,
             )  # fmt: skip
         self._validated.add(key)
 
     # -- hooks for RingDilatedAttentionProduction ---------------------------------------------------
     timeout: float | None = None
 
-    def _make_comm(self, group: Any, rank: int, size: int) -> _Comm:
-        return _Comm(group, rank, size, self.comm_stats)
-
-    def _ring_schedule(self, kernel: BlockKernel, plan: RingPlan, comm: _Comm, causal: bool, mask) -> Any:
-        return RingDilatedSchedule(kernel, plan, comm, causal=causal, key_padding_mask=mask)
+    def _make_comm(self, group: Any, rank: int, size: int) -> RingComm:
+        return RingComm(group, rank, size, self.comm_stats)
 
     def _dropout_seed(self) -> int:
         return int(torch.randint(0, 2**40, (1,)).item())
@@ -365,7 +357,7 @@ class RingDistributedDilatedAttention(nn.Module):
                 block_kernel, plan, comm, causal=causal, key_padding_mask=mask, shard_len=shard_len
             )
         else:
-            schedule = self._ring_schedule(block_kernel, plan, comm, causal, mask)
+            schedule = RingDilatedSchedule(block_kernel, plan, comm, causal=causal, key_padding_mask=mask)
         out, _ = blockwise_attention(schedule, q, k, v)
         if u > 1:
             out = HeadsToSeq.apply(out, groups.ulysses_group, u, self.layout, self.timeout)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ring_core.ring import RingCommStats, _Comm, _Exchange
+from ring_core.ring import Exchange, RingComm, RingCommStats
 
 
 class CollectiveError(RuntimeError):
@@ -168,9 +168,11 @@ class BufferPool:
         return sum(b.numel() * b.element_size() for b in self.buffers.values())
 
 
-class _TimedExchange(_Exchange):
-    def __init__(self, works, send, recv, timeout: float | None, what: str) -> None:
-        super().__init__(works, send, recv)
+class TimedExchange(Exchange):
+    """An :class:`~ring_core.ring.Exchange` whose waits raise :class:`CollectiveError` after ``timeout`` seconds."""
+
+    def __init__(self, exchange: Exchange, timeout: float | None, what: str) -> None:
+        super().__init__(exchange.works, exchange.send, exchange.recv)
         self.timeout, self.what = timeout, what
 
     def wait(self) -> torch.Tensor | None:
@@ -180,7 +182,7 @@ class _TimedExchange(_Exchange):
         return self.recv
 
 
-class ManagedComm(_Comm):
+class ManagedComm(RingComm):
     """The ring's communicator with a timeout on every wait and (optionally) pooled buffers.
 
     Buffer ``c`` of a phase is the ``c``-th exchange of that phase, so a buffer is only
@@ -202,37 +204,23 @@ class ManagedComm(_Comm):
         self.timeout, self.pool, self.context = timeout, pool, context
         self.call = 0
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "phase":  # the schedule sets the phase at the start of forward / backward
-            object.__setattr__(self, "call", 0)
-        object.__setattr__(self, name, value)
+    def begin(self, phase: str) -> None:
+        super().begin(phase)
+        self.call = 0
 
-    def buffer(self, use: str, numel: int, like: torch.Tensor) -> torch.Tensor:
+    def empty(self, use: str, numel: int, like: torch.Tensor) -> torch.Tensor:
         if self.pool is None:
-            return torch.empty(numel, dtype=like.dtype, device=like.device)
+            return super().empty(use, numel, like)
         return self.pool.get((self.phase, use, self.call), numel, like)
 
     def exchange(
         self, send: torch.Tensor | None, send_to: int, recv_numel: int, recv_from: int, like: torch.Tensor
-    ) -> _Exchange:
-        ops, recv = [], None
-        if send is not None and send.numel():
-            ops.append(dist.P2POp(dist.isend, send, self.global_rank(send_to), self.group))
-            sent = send.numel() * send.element_size()
-            self.stats.total_bytes += sent
-            self.stats.peer_bytes[send_to] = self.stats.peer_bytes.get(send_to, 0) + sent
-            if self.phase == "forward":
-                self.stats.forward_bytes += sent
-            else:
-                self.stats.backward_bytes += sent
-        if recv_numel:
-            recv = self.buffer("recv", recv_numel, like)
-            ops.append(dist.P2POp(dist.irecv, recv, self.global_rank(recv_from), self.group))
-        works = dist.batch_isend_irecv(ops) if ops else []
+    ) -> Exchange:
+        posted = super().exchange(send, send_to, recv_numel, recv_from, like)
         what = (
             f"{self.context}ring exchange ({self.phase}, exchange {self.call + 1}: receive from ring rank "
             f"{recv_from} = global rank {self.global_rank(recv_from)}, send to ring rank {send_to} = global rank "
             f"{self.global_rank(send_to)})"
         )
         self.call += 1
-        return _TimedExchange(list(works), send, recv, self.timeout, what)
+        return TimedExchange(posted, self.timeout, what)

@@ -29,8 +29,6 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from ring_core.ring import RingDilatedSchedule
-
 from .attention import RingDistributedDilatedAttention
 from .comm import BufferPool, ManagedComm, wait
 
@@ -39,29 +37,6 @@ NONFINITE_MODES = (None, "raise", "skip")
 
 class NonFiniteError(FloatingPointError):
     """NaN or Inf in an input, the output or a gradient of an attention call (on some rank)."""
-
-
-class PooledRingSchedule(RingDilatedSchedule):
-    """The ring schedule packing its K/V payloads into the communicator's reused buffers."""
-
-    def _start_kv(self, j: int, k: torch.Tensor, v: torch.Tensor):
-        if j > len(self.plan.steps):
-            return None
-        step = self.plan.steps[j - 1]
-        send = None
-        if step.send.kv_parts:
-            chunks = []
-            for part in step.send.kv_parts:
-                chunks += [part.gather_kv(k), part.gather_kv(v)]
-                if self.key_padding_mask is not None:
-                    chunks.append((~self.key_padding_mask[:, part.positions()]).to(k.dtype))
-            send = self.comm.buffer("send", sum(c.numel() for c in chunks), k)
-            offset = 0
-            for chunk in chunks:
-                send.narrow(0, offset, chunk.numel()).view(chunk.shape).copy_(chunk)
-                offset += chunk.numel()
-        recv_numel = self._numel(self._shapes(step.recv.kv_parts, k, v))
-        return self.comm.exchange(send, step.send_to, recv_numel, step.recv_from, k)
 
 
 class _ZeroAttention(torch.autograd.Function):
@@ -181,10 +156,6 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
             group, rank, size, self.comm_stats, timeout=self.timeout,
             pool=self.buffers if self.reuse_buffers else None, context=f"{self._where()}: ",
         )  # fmt: skip
-
-    def _ring_schedule(self, kernel, plan, comm, causal, mask):
-        schedule_class = PooledRingSchedule if self.reuse_buffers else RingDilatedSchedule
-        return schedule_class(kernel, plan, comm, causal=causal, key_padding_mask=mask)
 
     def _dropout_seed(self) -> int:
         if self.deterministic:
