@@ -7,7 +7,6 @@ import torch
 from mh_helpers import F64, assert_close, randn
 
 from ring_multihead import MultiheadDilatedAttention, RingMultiheadDilatedAttention
-from ring_multihead.ring import ring_attention_class
 
 E, H, N = 12, 4, 16
 CASES = {
@@ -123,10 +122,6 @@ def error_checks(rank: int) -> dict[str, str]:
     return failures
 
 
-needs_ring = pytest.mark.skipif(ring_attention_class() is None, reason="ring_core.ring is not available yet")
-
-
-@needs_ring
 @pytest.mark.distributed
 def test_two_gloo_ranks_equal_the_single_device_module():
     distributed_helpers = pytest.importorskip("distributed_helpers")

@@ -20,6 +20,7 @@ from torch import nn
 from ring_core.dilated import dilated_attention
 from ring_core.kernels import KernelRequest, default_scale
 from ring_core.registry import select_kernel
+from ring_core.ring import RingDilatedAttention
 from ring_core.validation import check_dilated_config, check_dropout, check_qkv
 
 from .fused import fused_dilated_attention
@@ -34,15 +35,6 @@ def world_size(process_group: Any = None) -> int:
             raise ValueError("process_group was given but torch.distributed is not initialised")
         return 1
     return dist.get_world_size(process_group)
-
-
-def ring_available() -> list[str]:
-    """Reasons the multi-process ring cannot be used (empty when ``ring_core.ring`` exists)."""
-    try:
-        from ring_core.ring import RingDilatedAttention  # noqa: F401
-    except ImportError as exc:
-        return [f"ring_core.ring.RingDilatedAttention is not available: {exc}"]
-    return []
 
 
 class RingDilatedAttentionFlash(nn.Module):
@@ -77,15 +69,10 @@ class RingDilatedAttentionFlash(nn.Module):
         self.softmax_scale = softmax_scale
         self.dropout = check_dropout(dropout)
         self.kernel = kernel
-        self._ring: nn.Module | None = None
+        self._ring: RingDilatedAttention | None = None
 
-    def _ring_module(self) -> nn.Module:
+    def _ring_module(self) -> RingDilatedAttention:
         if self._ring is None:
-            reasons = ring_available()
-            if reasons:
-                raise RuntimeError("RingDilatedAttentionFlash with several processes needs " + reasons[0])
-            from ring_core.ring import RingDilatedAttention
-
             self._ring = RingDilatedAttention(
                 self.segment_lengths, self.dilation_rates, merge=self.merge, layout=self.layout,
                 process_group=self.process_group, softmax_scale=self.softmax_scale, dropout=self.dropout,

@@ -19,7 +19,7 @@ def register_kernels(register):
 @hookimpl
 def register_implementations(register):
     from . import DEPRECATED
-    from .attention import RingDilatedAttentionFlash, ring_available
+    from .attention import RingDilatedAttentionFlash
 
     register(
         Implementation(
@@ -28,7 +28,7 @@ def register_implementations(register):
             package="ring-flash",
             description="ring dilated attention on fast GPU kernels (cuDNN/flash/efficient SDPA, flash-attn)",
             aliases=aliases_for(DEPRECATED, "RingDilatedAttentionFlash"),
-            distributed=not ring_available(),
+            distributed=True,
             devices=("cuda",),  # "auto" picks it on CUDA; it also runs on the CPU with the core kernels
             priority=20,
         )

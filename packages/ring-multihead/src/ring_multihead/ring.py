@@ -19,18 +19,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ring_core.ring import RingDilatedAttention
+
 from .multihead import MultiheadDilatedAttention
 
 LAYOUTS = ("contiguous", "zigzag")
-
-
-def ring_attention_class() -> type | None:
-    """ring_core's ``RingDilatedAttention`` when this ring-core has it, else None."""
-    try:
-        from ring_core.ring import RingDilatedAttention
-    except ImportError:
-        return None
-    return RingDilatedAttention
 
 
 class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
@@ -90,7 +83,7 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
         self.layout = layout
-        self._rings: dict[tuple, torch.nn.Module] = {}  # ring_core RingDilatedAttention per configuration
+        self._rings: dict[tuple, RingDilatedAttention] = {}  # ring_core RingDilatedAttention per configuration
 
     def _world(self) -> tuple[int, int]:
         """``(rank, P)`` in ``process_group``; ``(0, 1)`` without torch.distributed."""
@@ -121,17 +114,11 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
             return super()._sequence_attention(
                 q, k, v, extra, is_causal=is_causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p
             )
-        ring_cls = ring_attention_class()
-        if ring_cls is None:
-            raise RuntimeError(
-                "this ring-core has no ring_core.ring.RingDilatedAttention: sequence parallelism over "
-                f"{world} ranks is unavailable (upgrade ring-core, or use one rank)"
-            )
         segments, rates = self._config(q.shape[1] * world)
         key = (segments, rates, dropout_p)
         ring = self._rings.get(key)
         if ring is None:
-            ring = ring_cls(
+            ring = RingDilatedAttention(
                 segments,
                 rates,
                 merge=self.merge,
