@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
 from ring_core import create_attention
-from ring_core.bench import BenchResult, dense_pairs, measure, plot, useful_pairs, write_json
+from ring_core.bench import BenchResult, dense_pairs, device_name, measure, plot, useful_pairs, write_json
 from ring_core.testing import format_table
 
 
@@ -41,7 +40,7 @@ def main() -> None:
     n = args.seq_len or (32768 if cuda else 65536)
     dtype = torch.bfloat16 if cuda else torch.float32
     segments, rates = [2048, 4096, 8192], [1, 2, 4]
-    card = torch.cuda.get_device_name(device) if cuda else (platform.processor() or "cpu")
+    card = device_name(device)
     repeats = 5 if cuda else 1
 
     q, k, v = (torch.randn(b, n, h, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))

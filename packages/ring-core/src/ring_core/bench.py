@@ -8,6 +8,8 @@ baseline, sampled every millisecond).
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import threading
 import time
@@ -38,6 +40,19 @@ def useful_pairs(
             per_segment = part.length * (part.length + 1) // 2 if causal else part.length**2
             total += heads * (part.stop - part.start) // part.length * per_segment
     return total
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model and core count (for benchmark metadata)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores)"
 
 
 def dense_pairs(seq_len: int, num_heads: int, causal: bool = False) -> int:

@@ -164,7 +164,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for r in results:
         r.ratio_to_sdpa = r.time_ms / baseline[r.seq_len]
     results.sort(key=lambda r: (r.seq_len, r.name != "sdpa", r.name))
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    card = bench_lib.device_name(device)
     title = (
         f"{card}, {args.dtype}, B={b} H={h} D={d}, segments {args.segments} rates {args.rates}"
         f"{', causal' if args.causal else ''}; fwd+bwd"
