@@ -44,6 +44,7 @@ from .validation import MERGES, check_dilated_config, check_dropout, check_qkv
 
 __all__ = [
     "Exchange",
+    "RingAttentionBase",
     "RingComm",
     "RingCommStats",
     "RingConfigError",
@@ -731,14 +732,13 @@ def ring_dilated_attention(
     return out
 
 
-class RingDilatedAttention(nn.Module):
-    """Exact LongNet dilated (and dense) attention with the sequence sharded over a process group.
+class RingAttentionBase(nn.Module):
+    """The constructor of the ring attention modules: checks, normalises and stores their common arguments.
 
-    ``attn(q_local, k_local, v_local, *, is_causal=False, key_padding_mask=None)`` takes
-    this rank's shard ``(B, N/P, H, D)`` (layout ``"contiguous"`` or ``"zigzag"``, see
-    :func:`ring_core.shard_sequence`) and returns this rank's output shard.
-    ``process_group=None`` is the default group when one is initialised, else one
-    process. Bytes sent by this rank are counted in :attr:`comm_stats`.
+    ``segment_lengths`` and ``dilation_rates`` become tuples of ints; ``layout``,
+    ``merge`` and ``dropout`` are checked. Subclasses get :attr:`comm_stats` (bytes
+    this rank sends) and an empty ``_validated`` set (keys of the input signatures
+    already validated across ranks), and define ``forward``.
     """
 
     def __init__(
@@ -762,6 +762,23 @@ class RingDilatedAttention(nn.Module):
         self.kernel = kernel
         self.comm_stats = RingCommStats()
         self._validated: set[tuple] = set()
+
+    def extra_repr(self) -> str:
+        return (
+            f"segment_lengths={list(self.segment_lengths)}, dilation_rates={list(self.dilation_rates)}, "
+            f"merge={self.merge!r}, layout={self.layout!r}, dropout={self.dropout}"
+        )
+
+
+class RingDilatedAttention(RingAttentionBase):
+    """Exact LongNet dilated (and dense) attention with the sequence sharded over a process group.
+
+    ``attn(q_local, k_local, v_local, *, is_causal=False, key_padding_mask=None)`` takes
+    this rank's shard ``(B, N/P, H, D)`` (layout ``"contiguous"`` or ``"zigzag"``, see
+    :func:`ring_core.shard_sequence`) and returns this rank's output shard.
+    ``process_group=None`` is the default group when one is initialised, else one
+    process. Bytes sent by this rank are counted in :attr:`comm_stats`.
+    """
 
     def forward(
         self,
@@ -806,12 +823,6 @@ class RingDilatedAttention(nn.Module):
             kernel=self.kernel,
         )
         return out
-
-    def extra_repr(self) -> str:
-        return (
-            f"segment_lengths={list(self.segment_lengths)}, dilation_rates={list(self.dilation_rates)}, "
-            f"merge={self.merge!r}, layout={self.layout!r}, dropout={self.dropout}"
-        )
 
 
 def _validation_key(q, k, v, key_padding_mask, causal: bool, config: tuple, world_size: int) -> tuple:

@@ -23,13 +23,13 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from ring_core.dilated import Branch, Part, branches
 from ring_core.engine import BlockKernel, blockwise_attention
 from ring_core.kernels import KernelRequest, default_scale
 from ring_core.registry import select_kernel
 from ring_core.ring import (
+    RingAttentionBase,
     RingComm,
     RingCommStats,
     RingDilatedSchedule,
@@ -39,8 +39,7 @@ from ring_core.ring import (
     offset_heads,
     validate_ring_inputs,
 )
-from ring_core.sharding import check_layout, group_rank_and_size
-from ring_core.validation import check_dilated_config, check_dropout
+from ring_core.sharding import group_rank_and_size
 
 from .comm import GatherShards, HeadsToSeq, SeqToHeads, gather_mask
 from .mesh import (
@@ -175,7 +174,7 @@ class AllGatherSchedule(RingDilatedSchedule):
 # -- the module ----------------------------------------------------------------------------------------
 
 
-class RingDistributedDilatedAttention(nn.Module):
+class RingDistributedDilatedAttention(RingAttentionBase):
     """Exact LongNet dilated (and dense) attention, sequence-parallel over a Ulysses x ring mesh.
 
     Same arguments and call as :class:`ring_core.RingDilatedAttention` (each rank passes
@@ -213,10 +212,7 @@ class RingDistributedDilatedAttention(nn.Module):
         device_mesh: Any = None,
         node_size: int | None = None,
     ) -> None:
-        super().__init__()
-        self.segment_lengths, self.dilation_rates = check_dilated_config(segment_lengths, dilation_rates, merge)
-        self.merge = merge
-        self.layout = check_layout(layout)
+        super().__init__(segment_lengths, dilation_rates, merge, layout, process_group, softmax_scale, dropout, kernel)
         strategy = self.default_strategy if strategy is None else strategy
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
@@ -230,15 +226,9 @@ class RingDistributedDilatedAttention(nn.Module):
             raise ValueError("pass either process_group or device_mesh, not both")
         self.strategy = strategy
         self.ulysses_degree = ulysses_degree
-        self.process_group = process_group
         self.device_mesh = device_mesh
         self.node_size = node_size
-        self.softmax_scale = softmax_scale
-        self.dropout = check_dropout(dropout)
-        self.kernel = kernel
-        self.comm_stats = RingCommStats()
         self.last_strategy: tuple[str, int] | None = None  # (strategy, ulysses degree) of the last call
-        self._validated: set[tuple] = set()
 
     # -- mesh and validation -----------------------------------------------------------------------
     def _validation_comms(self) -> list[RingComm]:

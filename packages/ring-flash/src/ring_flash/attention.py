@@ -14,34 +14,23 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch import nn
 
 from ring_core.dilated import dilated_attention
 from ring_core.kernels import KernelRequest, default_scale
 from ring_core.registry import select_kernel
 from ring_core.ring import RingDilatedAttention
-from ring_core.validation import check_dilated_config, check_dropout, check_qkv
+from ring_core.sharding import group_rank_and_size
+from ring_core.validation import check_qkv
 
 from .fused import fused_dilated_attention
 
-LAYOUTS = ("contiguous", "zigzag")
 
-
-def world_size(process_group: Any = None) -> int:
-    """Size of ``process_group`` (the default group when initialised), else 1."""
-    if not (dist.is_available() and dist.is_initialized()):
-        if process_group is not None:
-            raise ValueError("process_group was given but torch.distributed is not initialised")
-        return 1
-    return dist.get_world_size(process_group)
-
-
-class RingDilatedAttentionFlash(nn.Module):
+class RingDilatedAttentionFlash(RingDilatedAttention):
     """Exact LongNet dilated attention on fast kernels; sequence-parallel over a process group.
 
     ``attn(q, k, v, *, is_causal=False, key_padding_mask=None)`` on ``(B, N, H, D)``
-    tensors (this rank's shard when the group has several processes).
+    tensors (this rank's shard when the group has several processes: then it is
+    :class:`ring_core.RingDilatedAttention`'s forward, errors naming this class).
     """
 
     fold = False  # all offsets of a branch in one kernel call (gathers q, k, v); see ring_flash.fused
@@ -57,29 +46,9 @@ class RingDilatedAttentionFlash(nn.Module):
         dropout: float = 0.0,
         kernel: str | None = None,
     ) -> None:
-        super().__init__()
-        self.segment_lengths, self.dilation_rates = check_dilated_config(segment_lengths, dilation_rates, merge)
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
+        super().__init__(segment_lengths, dilation_rates, merge, layout, process_group, softmax_scale, dropout, kernel)
         if kernel is not None and not isinstance(kernel, str):
             raise TypeError(f"kernel must be a kernel backend name or None, got {kernel!r}")
-        self.merge = merge
-        self.layout = layout
-        self.process_group = process_group
-        self.softmax_scale = softmax_scale
-        self.dropout = check_dropout(dropout)
-        self.kernel = kernel
-        self._ring: RingDilatedAttention | None = None
-
-    def _ring_module(self) -> RingDilatedAttention:
-        if self._ring is None:
-            self._ring = RingDilatedAttention(
-                self.segment_lengths, self.dilation_rates, merge=self.merge, layout=self.layout,
-                process_group=self.process_group, softmax_scale=self.softmax_scale, dropout=self.dropout,
-                kernel=self.kernel,
-            )  # fmt: skip
-        self._ring.train(self.training)
-        return self._ring
 
     def forward(
         self,
@@ -90,8 +59,8 @@ class RingDilatedAttentionFlash(nn.Module):
         is_causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if world_size(self.process_group) > 1:
-            return self._ring_module()(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask)
+        if group_rank_and_size(self.process_group)[1] > 1:
+            return super().forward(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask)
         dropout_p = self.dropout if self.training else 0.0
         config = {
             "segment_lengths": self.segment_lengths, "dilation_rates": self.dilation_rates, "merge": self.merge,
@@ -116,7 +85,4 @@ class RingDilatedAttentionFlash(nn.Module):
         return KernelRequest.for_tensors(q, q, causal=is_causal, has_mask=key_padding_mask is not None)
 
     def extra_repr(self) -> str:
-        return (
-            f"segment_lengths={list(self.segment_lengths)}, dilation_rates={list(self.dilation_rates)}, "
-            f"merge={self.merge!r}, layout={self.layout!r}, dropout={self.dropout}, kernel={self.kernel!r}"
-        )
+        return f"{super().extra_repr()}, kernel={self.kernel!r}"
