@@ -25,22 +25,15 @@ Writes ``bench_distributed.json``, ``bench_distributed.md`` and ``bench_distribu
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
-import statistics
 import sys
-import time
-import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-FWD_BWD = 3.5
+import multigpu
+from multigpu import FWD_BWD, log, max_over_ranks, median_ms
+
 TIMING_CASES = [  # name, segments relative to 32K per GPU (None: dense), rates, layout, causal
     ("dense causal", None, [1], "zigzag", True),
     ("dilated causal, in-shard segments", [2048, 8192, 32768], [1, 2, 4], "contiguous", True),
@@ -50,12 +43,6 @@ ACCURACY_CASES = [  # name, segments relative to N=4096 (None: dense), rates, la
     ("dense causal zigzag", None, [1], "zigzag", True),
     ("dilated causal", [256, 1024, 4096], [1, 2, 4], "contiguous", True),
 ]
-_T0 = time.monotonic()
-
-
-def log(rank: int, message: str) -> None:
-    if rank == 0:
-        print(f"[{time.monotonic() - _T0:6.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 def strategies(world_size: int) -> list[tuple[str, dict]]:
@@ -64,30 +51,6 @@ def strategies(world_size: int) -> list[tuple[str, dict]]:
         found.append(("hybrid u=2", {"strategy": "hybrid", "ulysses_degree": 2}))
     found.append(("allgather", {"strategy": "allgather"}))
     return found
-
-
-def _median_ms(step, iters: int, warmup: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dist.barrier()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    slowest = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    return slowest.item()
-
-
-def _max_over_ranks(value: float, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
 
 
 def accuracy(rank: int, world_size: int, device: torch.device, quick: bool) -> list[dict]:
@@ -159,7 +122,7 @@ def timing(rank: int, world_size: int, device: torch.device, quick: bool) -> lis
                     qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
                     module(qq, kk, vv, is_causal=causal).sum().backward()
 
-                ms = _median_ms(step, iters, warmup, device)
+                ms = median_ms(step, iters, warmup, device)
                 row.update(ms=ms, tflops_per_gpu=flops_per_gpu / ms / 1e9)
                 if device.type == "cuda":  # memory held between forward and backward, and the peak of a step
                     torch.cuda.synchronize()
@@ -171,8 +134,8 @@ def timing(rank: int, world_size: int, device: torch.device, quick: bool) -> lis
                     out.sum().backward()
                     del out, qq, kk, vv
                     torch.cuda.synchronize()
-                    row["kept_mib"] = _max_over_ranks(kept / 2**20, device)
-                    row["peak_mib"] = _max_over_ranks((torch.cuda.max_memory_allocated() - before) / 2**20, device)
+                    row["kept_mib"] = max_over_ranks(kept / 2**20, device)
+                    row["peak_mib"] = max_over_ranks((torch.cuda.max_memory_allocated() - before) / 2**20, device)
                 strategy = getattr(module, "last_strategy", None)
                 row["strategy"] = f"{strategy[0]} u={strategy[1]}" if strategy else "ring"
                 if baseline is None:
@@ -214,37 +177,6 @@ def determinism(rank: int, world_size: int, device: torch.device, quick: bool) -
 
 
 SECTIONS = {"accuracy": accuracy, "timing": timing, "determinism": determinism}
-
-
-def worker(rank: int, world_size: int, port: int, device_type: str, sections, quick: bool, results) -> None:
-    import faulthandler
-
-    faulthandler.enable()
-    os.environ.update(ENV)
-    try:
-        if device_type == "cuda":
-            torch.cuda.set_device(rank)
-            device, backend = torch.device("cuda", rank), "nccl"
-        else:
-            device, backend = torch.device("cpu"), "gloo"
-            torch.set_num_threads(1)
-        dist.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-            timeout=datetime.timedelta(seconds=300),
-        )  # fmt: skip
-        rows = []
-        for section in sections:
-            try:
-                rows += SECTIONS[section](rank, world_size, device, quick)
-            except Exception:
-                rows.append({"section": section, "P": world_size, "error": traceback.format_exc()[-1500:]})
-        if rank == 0:
-            results.put(rows)
-        dist.barrier()
-        dist.destroy_process_group()
-    except Exception:
-        if rank == 0:
-            results.put([{"section": "worker", "P": world_size, "error": traceback.format_exc()[-1500:]}])
 
 
 def _fmt(value, spec: str) -> str:
@@ -316,69 +248,10 @@ def plot(rows: list[dict], path: Path, card: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=".")
-    parser.add_argument("--world-sizes", nargs="+", type=int, default=[4, 2])
-    parser.add_argument("--sections", default="accuracy,timing,determinism")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
-    parser.add_argument("--plot-only", help="re-plot from a JSON written before")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per world size")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.plot_only:
-        data = json.loads(Path(args.plot_only).read_text())
-        plot(data["rows"], out / "bench_distributed.png", data["card"])
-        (out / "bench_distributed.md").write_text(markdown(data["rows"], data["card"]) + "\n")
-        return 0
-    os.environ.update(ENV)
-    card = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu (gloo)"
-    quick = args.quick or args.device != "cuda"
-    sections = [s for s in args.sections.split(",") if s]
-    rows: list[dict] = []
-    from ring_core.testing import free_port
-
-    context = mp.get_context("spawn")
-    for world_size in args.world_sizes:
-        if args.device == "cuda" and world_size > torch.cuda.device_count():
-            print(f"skip P={world_size}: only {torch.cuda.device_count()} GPUs")
-            continue
-        results = context.Queue()
-        port = free_port()
-        procs = [
-            context.Process(target=worker, args=(r, world_size, port, args.device, sections, quick, results))
-            for r in range(world_size)
-        ]
-        for p in procs:
-            p.start()
-        got = None
-        deadline = time.monotonic() + args.timeout
-        while got is None and time.monotonic() < deadline:
-            try:
-                got = results.get(timeout=2)
-            except Exception:
-                if any(p.exitcode not in (None, 0) for p in procs):
-                    got = [{"section": "worker", "P": world_size, "error": f"exit codes {[p.exitcode for p in procs]}"}]
-        if got is None:
-            got = [{"section": "worker", "P": world_size, "error": f"no result within {args.timeout} s"}]
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-        rows += got
-        print(markdown(got, card), flush=True)
-        meta = {"card": card, "torch": torch.__version__, "date": datetime.datetime.now(datetime.UTC).isoformat(),
-                "command": "python tools/bench_distributed.py " + " ".join(sys.argv[1:])}  # fmt: skip
-        (out / "bench_distributed.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
-    text = markdown(rows, card)
-    (out / "bench_distributed.md").write_text(text + "\n")
-    try:
-        plot(rows, out / "bench_distributed.png", card)
-    except Exception as exc:
-        print(f"plot failed: {exc}")
-    print("\n" + text)
-    return 0
+    return multigpu.main(
+        argv, name="bench_distributed", description=__doc__.splitlines()[0], sections=SECTIONS, world_sizes=[4, 2],
+        markdown=markdown, plot=plot,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

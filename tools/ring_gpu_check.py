@@ -23,23 +23,15 @@ prints the tables last.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
-import statistics
 import sys
-import time
-import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-FWD_BWD = 3.5
+import multigpu
+from multigpu import FWD_BWD, log, median_ms
 
 ACCURACY_CASES = [  # name, segments, rates, layout, causal (segments relative to N)
     ("dense causal zigzag", None, [1], "zigzag", True),
@@ -52,15 +44,6 @@ TIMING_CASES = [  # name, segments (None: dense), rates, layout, causal, compare
     ("dense non-causal", None, [1], "contiguous", False, True),
     ("dilated [2048,8192,32768] r[1,2,4]", [2048, 8192, 32768], [1, 2, 4], "contiguous", False, False),
 ]
-
-
-_T0 = time.monotonic()
-
-
-def log(rank: int, message: str) -> None:
-    """Progress on stderr (rank 0), with seconds since start, so a partial log shows where a run stopped."""
-    if rank == 0:
-        print(f"[{time.monotonic() - _T0:7.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 def _global_error(parts: list[tuple[torch.Tensor, torch.Tensor]], device) -> float:
@@ -126,26 +109,6 @@ def accuracy(rank: int, world_size: int, device: torch.device, quick: bool) -> l
     return rows
 
 
-def _median_ms(step, iters: int, warmup: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if dist.is_initialized():
-            dist.barrier()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    slowest = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    return slowest.item()
-
-
 def _context_parallel_step(world_size, b, n_local, h, d, causal, dtype, device, backend):
     """PyTorch's context parallel (P > 1) or plain SDPA (P = 1) on (B, H, N, D) tensors."""
     from torch.nn.attention import sdpa_kernel
@@ -178,7 +141,7 @@ def _time_context_parallel(world_size, b, n_local, h, d, causal, dtype, device, 
         context = None
         try:
             step, context = _context_parallel_step(world_size, b, n_local, h, d, causal, dtype, device, backend)
-            ms = _median_ms(step, iters, warmup, device)
+            ms = median_ms(step, iters, warmup, device)
             if not found or ms < found["cp_ms"]:
                 found = {"cp_ms": ms, "cp_backend": backend.name}
         except Exception as exc:  # report, try the next backend
@@ -216,7 +179,7 @@ def timing(rank: int, world_size: int, device: torch.device, quick: bool) -> lis
         else:
             pairs = b * useful_pairs(n, h, config_segments, rates, causal=causal)
         flops_per_gpu = FWD_BWD * 2 * 2 * pairs * d / world_size
-        ms = _median_ms(ours, iters, warmup, device)
+        ms = median_ms(ours, iters, warmup, device)
         row = {
             "section": "timing", "case": name, "P": world_size, "N_per_gpu": n_local, "ms": ms,
             "tflops_per_gpu": flops_per_gpu / ms / 1e9, "bytes_fwd": module.comm_stats.forward_bytes,
@@ -232,38 +195,6 @@ def timing(rank: int, world_size: int, device: torch.device, quick: bool) -> lis
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
-
-
-def worker(rank: int, world_size: int, port: int, device_type: str, sections, quick: bool, results) -> None:
-    import faulthandler
-
-    faulthandler.enable()  # a hard crash still prints where it happened
-    os.environ.update(ENV)
-    try:
-        if device_type == "cuda":
-            torch.cuda.set_device(rank)
-            device = torch.device("cuda", rank)
-            backend = "nccl"
-        else:
-            device, backend = torch.device("cpu"), "gloo"
-            torch.set_num_threads(1)
-        dist.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-            timeout=datetime.timedelta(seconds=300),
-        )  # fmt: skip
-        rows = []
-        for section in sections:
-            try:
-                rows += {"accuracy": accuracy, "timing": timing}[section](rank, world_size, device, quick)
-            except Exception:
-                rows.append({"section": section, "P": world_size, "error": traceback.format_exc()[-1500:]})
-        if rank == 0:
-            results.put(rows)
-        dist.barrier()
-        dist.destroy_process_group()
-    except Exception:
-        if rank == 0:
-            results.put([{"section": "worker", "P": world_size, "error": traceback.format_exc()[-1500:]}])
 
 
 def _markdown(rows: list[dict], card: str) -> str:
@@ -324,71 +255,14 @@ def plot(rows: list[dict], path: Path, card: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=".")
-    parser.add_argument("--world-sizes", nargs="+", type=int, default=[1, 2, 4])
-    parser.add_argument("--sections", default="accuracy,timing")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
-    parser.add_argument("--plot-only", help="re-plot from a JSON written before")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per world size")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.plot_only:
-        data = json.loads(Path(args.plot_only).read_text())
-        plot(data["rows"], out / "ring_gpu_check.png", data["card"])
-        return 0
-    os.environ.update(ENV)
-    card = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu (gloo)"
-    quick = args.quick or args.device != "cuda"
-    sections = args.sections.split(",")
-    rows: list[dict] = []
-    from ring_core.testing import free_port
+SECTIONS = {"accuracy": accuracy, "timing": timing}
 
-    context = mp.get_context("spawn")
-    for world_size in args.world_sizes:
-        if args.device == "cuda" and world_size > torch.cuda.device_count():
-            print(f"skip P={world_size}: only {torch.cuda.device_count()} GPUs")
-            continue
-        results = context.Queue()
-        port = free_port()
-        procs = [
-            context.Process(target=worker, args=(r, world_size, port, args.device, sections, quick, results))
-            for r in range(world_size)
-        ]
-        for p in procs:
-            p.start()
-        got = None
-        deadline = time.monotonic() + args.timeout
-        while got is None and time.monotonic() < deadline:
-            try:
-                got = results.get(timeout=2)
-            except Exception:
-                if any(p.exitcode not in (None, 0) for p in procs):
-                    codes = [p.exitcode for p in procs]
-                    got = [{"section": "worker", "P": world_size, "error": f"a rank died: exit codes {codes}"}]
-        if got is None:
-            got = [{"section": "worker", "P": world_size, "error": f"no result within {args.timeout} s"}]
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-        rows += got
-        print(_markdown(got, card), flush=True)
-        meta = {"card": card, "torch": torch.__version__, "date": datetime.datetime.now(datetime.UTC).isoformat()}
-        (out / "ring_gpu_check.json").write_text(
-            json.dumps({**meta, "command": " ".join(sys.argv), "rows": rows}, indent=1)
-        )
-    markdown = _markdown(rows, card)
-    (out / "ring_gpu_check.md").write_text(markdown + "\n")
-    try:
-        plot(rows, out / "ring_gpu_check.png", card)
-    except Exception as exc:
-        print(f"plot failed: {exc}")
-    print("\n" + markdown)
-    return 0
+
+def main(argv=None) -> int:
+    return multigpu.main(
+        argv, name="ring_gpu_check", description=__doc__.splitlines()[0], sections=SECTIONS, world_sizes=[1, 2, 4],
+        markdown=_markdown, plot=plot,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
