@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 import multigpu
-from multigpu import FWD_BWD, log, max_over_ranks, median_ms
+from multigpu import flops_per_gpu, log, max_over_ranks, median_ms
 
 TIMING_CASES = [  # name, segments relative to 32K per GPU (None: dense), rates, layout, causal
     ("dense causal", None, [1], "zigzag", True),
@@ -87,7 +87,6 @@ def accuracy(rank: int, world_size: int, device: torch.device, quick: bool) -> l
 
 def timing(rank: int, world_size: int, device: torch.device, quick: bool) -> list[dict]:
     from ring_core import RingDilatedAttention
-    from ring_core.bench import dense_pairs, useful_pairs
     from ring_distributed import RingDilatedAttentionProduction, RingDistributedDilatedAttention
 
     b, n_local, h, d = (1, 256, 4, 16) if quick else (1, 32768, 16, 128)
@@ -98,11 +97,9 @@ def timing(rank: int, world_size: int, device: torch.device, quick: bool) -> lis
     for name, segments, rates, layout, causal in TIMING_CASES:
         config = {"segment_lengths": [n] if segments is None else [s * n_local // 32768 for s in segments],
                   "dilation_rates": rates, "layout": layout}  # fmt: skip
-        if segments is None:
-            pairs = b * dense_pairs(n, h, causal)
-        else:
-            pairs = b * useful_pairs(n, h, config["segment_lengths"], rates, causal=causal)
-        flops_per_gpu = FWD_BWD * 2 * 2 * pairs * d / world_size
+        flops = flops_per_gpu(
+            b, n, h, d, None if segments is None else config["segment_lengths"], rates, causal, world_size
+        )
         q, k, v = (torch.randn(b, n_local, h, d, dtype=dtype, device=device) for _ in range(3))
         production = {"timeout": 120.0, "on_nonfinite": "raise"}
         variants = [("baseline: ring_core RingDilatedAttention", RingDilatedAttention, {})]
@@ -123,7 +120,7 @@ def timing(rank: int, world_size: int, device: torch.device, quick: bool) -> lis
                     module(qq, kk, vv, is_causal=causal).sum().backward()
 
                 ms = median_ms(step, iters, warmup, device)
-                row.update(ms=ms, tflops_per_gpu=flops_per_gpu / ms / 1e9)
+                row.update(ms=ms, tflops_per_gpu=flops / ms / 1e9)
                 if device.type == "cuda":  # memory held between forward and backward, and the peak of a step
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()

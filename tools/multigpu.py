@@ -62,6 +62,14 @@ def median_ms(step: Callable[[], None], iters: int, warmup: int, device: torch.d
     return max_over_ranks(statistics.median(times), device)
 
 
+def flops_per_gpu(b: int, n: int, h: int, d: int, segments, rates, causal: bool, world_size: int) -> float:
+    """Useful forward+backward FLOPs per GPU of attention over ``n`` tokens (``segments=None``: dense)."""
+    from ring_core.bench import dense_pairs, useful_pairs
+
+    pairs = dense_pairs(n, h, causal) if segments is None else useful_pairs(n, h, segments, rates, causal=causal)
+    return FWD_BWD * 2 * 2 * b * pairs * d / world_size
+
+
 def worker(
     rank: int, world_size: int, port: int, device_type: str, sections: dict[str, Section], quick: bool, results
 ) -> None:

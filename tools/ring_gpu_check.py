@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import multigpu
-from multigpu import FWD_BWD, log, median_ms
+from multigpu import flops_per_gpu, log, median_ms
 
 ACCURACY_CASES = [  # name, segments, rates, layout, causal (segments relative to N)
     ("dense causal zigzag", None, [1], "zigzag", True),
@@ -157,7 +157,6 @@ def _time_context_parallel(world_size, b, n_local, h, d, causal, dtype, device, 
 def timing(rank: int, world_size: int, device: torch.device, quick: bool) -> list[dict]:
     import ring_core
     from ring_core import RingDilatedAttention
-    from ring_core.bench import dense_pairs, useful_pairs
 
     b, n_local, h, d = (1, 256, 4, 16) if quick else (1, 32768, 16, 128)
     iters, warmup = (2, 1) if quick else (5, 2)
@@ -174,22 +173,18 @@ def timing(rank: int, world_size: int, device: torch.device, quick: bool) -> lis
             qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
             module(qq, kk, vv, is_causal=causal).sum().backward()
 
-        if segments is None:
-            pairs = b * dense_pairs(n, h, causal)
-        else:
-            pairs = b * useful_pairs(n, h, config_segments, rates, causal=causal)
-        flops_per_gpu = FWD_BWD * 2 * 2 * pairs * d / world_size
+        flops = flops_per_gpu(b, n, h, d, None if segments is None else config_segments, rates, causal, world_size)
         ms = median_ms(ours, iters, warmup, device)
         row = {
             "section": "timing", "case": name, "P": world_size, "N_per_gpu": n_local, "ms": ms,
-            "tflops_per_gpu": flops_per_gpu / ms / 1e9, "bytes_fwd": module.comm_stats.forward_bytes,
+            "tflops_per_gpu": flops / ms / 1e9, "bytes_fwd": module.comm_stats.forward_bytes,
             "bytes_bwd": module.comm_stats.backward_bytes,
             "kernel": ring_core.select_kernel(ring_core.KernelRequest.for_tensors(q, k, causal=causal)).name,
         }  # fmt: skip
         if compare and device.type == "cuda":
             row.update(_time_context_parallel(world_size, b, n_local, h, d, causal, dtype, device, iters, warmup))
             if "cp_ms" in row:
-                row["cp_tflops_per_gpu"] = flops_per_gpu / row["cp_ms"] / 1e9
+                row["cp_tflops_per_gpu"] = flops / row["cp_ms"] / 1e9
                 row["ours_over_cp"] = row["cp_ms"] / ms
         rows.append(row)
         if device.type == "cuda":

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +52,9 @@ __all__ = [
     "RingDilatedSchedule",
     "RingPlan",
     "Transfer",
+    "agree_across_ranks",
     "build_ring_plan",
+    "differing_fields",
     "offset_heads",
     "ring_dilated_attention",
     "validate_ring_inputs",
@@ -580,6 +582,51 @@ def _descriptor_device(group: Any, q: Any) -> torch.device:
     return torch.device("cpu")
 
 
+def agree_across_ranks(
+    check: Callable[[], Sequence[int]], fields: Sequence[str], comm: RingComm, *, name: str, like: Any = None
+) -> list[list[int]]:
+    """Run this rank's ``check``, then one small ``all_gather`` in ``comm``, so every rank raises (or none does).
+
+    ``check`` raises ``TypeError``/``ValueError`` on bad input, else returns one int per
+    entry of ``fields`` (the first, ``"ok"``, is 1). A rank whose check failed raises its
+    error after the all-gather; the others raise :class:`RingConfigError` naming it (messages
+    start with ``name``). Returns the gathered table, one row per rank; ``like`` (a tensor
+    or None) picks the device of the all-gather with the group's backend.
+    """
+    local_error: Exception | None = None
+    try:
+        descriptor = list(check())
+    except (TypeError, ValueError) as exc:
+        local_error = exc
+        descriptor = [0] * len(fields)
+    if comm.world_size > 1:
+        mine = torch.tensor(descriptor, dtype=torch.int64, device=_descriptor_device(comm.group, like))
+        gathered = [torch.empty_like(mine) for _ in range(comm.world_size)]
+        dist.all_gather(gathered, mine, group=comm.group)
+        table = [t.tolist() for t in gathered]
+    else:
+        table = [descriptor]
+    if local_error is not None:
+        raise local_error
+    failed = [r for r, row in enumerate(table) if row[0] == 0]
+    if failed:
+        raise RingConfigError(
+            f"{name}: rank(s) {failed} of {comm.world_size} rejected their inputs (see the error "
+            f"raised there); nothing was computed"
+        )
+    return table
+
+
+def differing_fields(table: list[list[int]], fields: Sequence[str]) -> tuple[list[str], str]:
+    """The ``fields`` whose values differ between the rows (ranks) of ``table``, and ``"field: rank 0=a, ..."``."""
+    differing = [field for i, field in enumerate(fields) if len({row[i] for row in table}) > 1]
+    details = "; ".join(
+        f"{field}: " + ", ".join(f"rank {r}={row[fields.index(field)]}" for r, row in enumerate(table))
+        for field in differing
+    )
+    return differing, details
+
+
 def validate_ring_inputs(
     q,
     k,
@@ -598,34 +645,14 @@ def validate_ring_inputs(
 
     ``config`` (any repr-able tuple) and ``scale`` must match on every rank; errors start with ``name``.
     """
-    local_error: Exception | None = None
-    try:
+
+    def check() -> list[int]:
         check_qkv(q, k, v, key_padding_mask)
-        descriptor = _describe(q, k, v, key_padding_mask, causal, layout, merge, config, scale)
-    except (TypeError, ValueError) as exc:
-        local_error = exc
-        descriptor = [0] * len(_DESCRIPTOR_FIELDS)
-    if comm.world_size > 1:
-        mine = torch.tensor(descriptor, dtype=torch.int64, device=_descriptor_device(comm.group, q))
-        gathered = [torch.empty_like(mine) for _ in range(comm.world_size)]
-        dist.all_gather(gathered, mine, group=comm.group)
-        table = [t.tolist() for t in gathered]
-    else:
-        table = [descriptor]
-    if local_error is not None:
-        raise local_error
-    failed = [r for r, row in enumerate(table) if row[0] == 0]
-    if failed:
-        raise RingConfigError(
-            f"{name}: rank(s) {failed} of {comm.world_size} rejected their inputs (see the error "
-            f"raised there); nothing was computed"
-        )
-    differing = [name for i, name in enumerate(_DESCRIPTOR_FIELDS) if len({row[i] for row in table}) > 1]
+        return _describe(q, k, v, key_padding_mask, causal, layout, merge, config, scale)
+
+    table = agree_across_ranks(check, _DESCRIPTOR_FIELDS, comm, name=name, like=q)
+    differing, details = differing_fields(table, _DESCRIPTOR_FIELDS)
     if differing:
-        details = "; ".join(
-            f"{name}: " + ", ".join(f"rank {r}={row[_DESCRIPTOR_FIELDS.index(name)]}" for r, row in enumerate(table))
-            for name in differing
-        )
         hint = ""
         if "local_len" in differing:
             hint = " (the global sequence length N must be divisible by the world size P, every rank holding N/P)"
@@ -736,7 +763,7 @@ class RingAttentionBase(nn.Module):
     """The constructor of the ring attention modules: checks, normalises and stores their common arguments.
 
     ``segment_lengths`` and ``dilation_rates`` become tuples of ints; ``layout``,
-    ``merge`` and ``dropout`` are checked. Subclasses get :attr:`comm_stats` (bytes
+    ``merge``, ``dropout`` and ``kernel`` (a kernel backend name or None) are checked. Subclasses get :attr:`comm_stats` (bytes
     this rank sends) and an empty ``_validated`` set (keys of the input signatures
     already validated across ranks), and define ``forward``.
     """
@@ -759,6 +786,8 @@ class RingAttentionBase(nn.Module):
         self.process_group = process_group
         self.softmax_scale = softmax_scale
         self.dropout = check_dropout(dropout)
+        if kernel is not None and not isinstance(kernel, str):
+            raise TypeError(f"kernel must be a kernel backend name or None, got {kernel!r}")
         self.kernel = kernel
         self.comm_stats = RingCommStats()
         self._validated: set[tuple] = set()

@@ -45,6 +45,7 @@ from .comm import GatherShards, HeadsToSeq, SeqToHeads, gather_mask
 from .mesh import (
     STRATEGIES,
     MeshGroups,
+    check_positive,
     default_node_size,
     device_mesh_groups,
     mesh_groups,
@@ -216,18 +217,12 @@ class RingDistributedDilatedAttention(RingAttentionBase):
         strategy = self.default_strategy if strategy is None else strategy
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
-        if ulysses_degree is not None and (
-            isinstance(ulysses_degree, bool) or not isinstance(ulysses_degree, int) or ulysses_degree < 1
-        ):
-            raise ValueError(f"ulysses_degree must be a positive int or None, got {ulysses_degree!r}")
-        if node_size is not None and (isinstance(node_size, bool) or not isinstance(node_size, int) or node_size < 1):
-            raise ValueError(f"node_size must be a positive int or None, got {node_size!r}")
+        self.ulysses_degree = check_positive("ulysses_degree", ulysses_degree, optional=True)
+        self.node_size = check_positive("node_size", node_size, optional=True)
         if device_mesh is not None and process_group is not None:
             raise ValueError("pass either process_group or device_mesh, not both")
         self.strategy = strategy
-        self.ulysses_degree = ulysses_degree
         self.device_mesh = device_mesh
-        self.node_size = node_size
         self.last_strategy: tuple[str, int] | None = None  # (strategy, ulysses degree) of the last call
 
     # -- mesh and validation -----------------------------------------------------------------------

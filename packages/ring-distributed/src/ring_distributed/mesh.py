@@ -41,9 +41,12 @@ class MeshLayout:
         return divmod(rank, self.ulysses_degree)
 
 
-def _check_positive(name: str, value: Any) -> int:
+def check_positive(name: str, value: Any, *, optional: bool = False) -> Any:
+    """``value`` if it is a positive int (or None when ``optional``), else a ``ValueError`` naming ``name``."""
+    if optional and value is None:
+        return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise ValueError(f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}")
     return value
 
 
@@ -54,9 +57,9 @@ def mesh_layout(world_size: int, ulysses_degree: int, node_size: int | None = No
     Ulysses group would straddle a node boundary (``ulysses_degree`` must divide the node
     size, or be a multiple of it).
     """
-    world_size = _check_positive("world_size", world_size)
-    u = _check_positive("ulysses_degree", ulysses_degree)
-    node = world_size if node_size is None else _check_positive("node_size", node_size)
+    world_size = check_positive("world_size", world_size)
+    u = check_positive("ulysses_degree", ulysses_degree)
+    node = world_size if node_size is None else check_positive("node_size", node_size)
     if world_size % u != 0:
         raise ValueError(
             f"ulysses_degree must divide the world size: ulysses_degree={u}, P={world_size}; "

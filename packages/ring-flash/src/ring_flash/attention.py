@@ -10,9 +10,6 @@ backend that supports the request (cuDNN on Hopper), unless ``kernel=`` or
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import torch
 
 from ring_core.dilated import dilated_attention
@@ -34,21 +31,6 @@ class RingDilatedAttentionFlash(RingDilatedAttention):
     """
 
     fold = False  # all offsets of a branch in one kernel call (gathers q, k, v); see ring_flash.fused
-
-    def __init__(
-        self,
-        segment_lengths: Sequence[int],
-        dilation_rates: Sequence[int],
-        merge: str = "lse",
-        layout: str = "contiguous",
-        process_group: Any = None,
-        softmax_scale: float | None = None,
-        dropout: float = 0.0,
-        kernel: str | None = None,
-    ) -> None:
-        super().__init__(segment_lengths, dilation_rates, merge, layout, process_group, softmax_scale, dropout, kernel)
-        if kernel is not None and not isinstance(kernel, str):
-            raise TypeError(f"kernel must be a kernel backend name or None, got {kernel!r}")
 
     def forward(
         self,

@@ -17,13 +17,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from ring_core.ring import RingDilatedAttention
+from ring_core.ring import RingComm, RingCommStats, RingDilatedAttention, agree_across_ranks, differing_fields
+from ring_core.sharding import check_layout, group_rank_and_size, shard_positions, unshard_sequence
 
 from .multihead import MultiheadDilatedAttention
-
-LAYOUTS = ("contiguous", "zigzag")
 
 
 class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
@@ -80,25 +78,17 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
             gamma_init=gamma_init,
         )
         self.process_group = process_group
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
-        self.layout = layout
+        self.layout = check_layout(layout)
         self._rings: dict[tuple, RingDilatedAttention] = {}  # ring_core RingDilatedAttention per configuration
 
     def _world(self) -> tuple[int, int]:
         """``(rank, P)`` in ``process_group``; ``(0, 1)`` without torch.distributed."""
-        if not (dist.is_available() and dist.is_initialized()):
-            if self.process_group is not None:
-                raise ValueError("process_group was given but torch.distributed is not initialised")
-            return 0, 1
-        return dist.get_rank(self.process_group), dist.get_world_size(self.process_group)
+        return group_rank_and_size(self.process_group)
 
     def _global_keys(self, q, k, v, key_padding_mask):
         rank, world = self._world()
         if world == 1:
             return super()._global_keys(q, k, v, key_padding_mask)
-        from ring_core.sharding import shard_positions, unshard_sequence
-
         n = q.shape[1] * world
         k = unshard_sequence(k, self.layout, self.process_group, dim=1)
         v = unshard_sequence(v, self.layout, self.process_group, dim=1)
@@ -181,32 +171,15 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         return batch, local_q
 
     def _check_across_ranks(self, world, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal):
-        error: Exception | None = None
-        try:
+        def check() -> list[int]:
             batch, length = self._check_local(world, query, key, value, key_padding_mask, need_weights, attn_mask)
-        except (TypeError, ValueError) as exc:
-            error, batch, length = exc, 0, 0
-        mine = torch.tensor([error is None, batch, length, bool(need_weights), bool(is_causal)], dtype=torch.int64)
-        if dist.get_backend(self.process_group) == "nccl":
-            mine = mine.cuda()
-        table = [torch.empty_like(mine) for _ in range(world)]
-        dist.all_gather(table, mine, group=self.process_group)
-        rows = [t.tolist() for t in table]
-        if error is not None:
-            raise error
-        failed = [rank for rank, row in enumerate(rows) if row[0] == 0]
-        if failed:
-            raise ValueError(
-                f"{type(self).__name__}: rank(s) {failed} of {world} rejected their inputs (see the error raised "
-                "there); nothing was computed"
-            )
-        names = ("batch size", "local length", "need_weights", "is_causal")
-        differing = [name for i, name in enumerate(names, 1) if len({row[i] for row in rows}) > 1]
+            return [1, batch, length, int(bool(need_weights)), int(bool(is_causal))]
+
+        fields = ("ok", "batch size", "local length", "need_weights", "is_causal")
+        comm = RingComm.for_group(self.process_group, RingCommStats())
+        table = agree_across_ranks(check, fields, comm, name=type(self).__name__)
+        differing, details = differing_fields(table, fields)
         if differing:
-            details = "; ".join(
-                f"{name}: " + ", ".join(f"rank {r}={row[names.index(name) + 1]}" for r, row in enumerate(rows))
-                for name in differing
-            )
             raise ValueError(f"{type(self).__name__}: the ranks' calls differ: {details}; nothing was computed")
 
     def extra_repr(self) -> str:
