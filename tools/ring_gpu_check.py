@@ -119,7 +119,10 @@ def _context_parallel_step(world_size, b, n_local, h, d, causal, dtype, device, 
     if world_size > 1:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor.experimental import context_parallel
+        from torch.distributed.tensor.experimental._attention import _cp_options
 
+        # Its head-tail load balancing is only valid for causal attention.
+        _cp_options.enable_load_balance = causal
         mesh = init_device_mesh(device.type, (world_size,))
         context = context_parallel(mesh, buffers=[q, k, v], buffer_seq_dims=[2, 2, 2])
         context.__enter__()
