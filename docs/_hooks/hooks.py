@@ -203,7 +203,9 @@ def bench_markdown(path: Path) -> str:
             if isinstance(section, dict) and isinstance(section.get("rows"), list) and section["rows"]:
                 rows = [r for r in section["rows"] if isinstance(r, dict)]
                 header = list(dict.fromkeys(key for row in rows for key in row))
-                notes = [f"{key}: `{value}`" for key, value in section.items() if key != "rows" and len(str(value)) < 200]
+                notes = [
+                    f"{key}: `{value}`" for key, value in section.items() if key != "rows" and len(str(value)) < 200
+                ]
                 lines.append(f"**{name}** " + "; ".join(notes) + "\n")
                 lines.append(_table(header, [[_cell(row.get(key)) for key in header] for row in rows]) + "\n")
     plot = path.with_suffix(".png")
