@@ -19,7 +19,8 @@ def register_implementations(register):
             description="dilated attention restricted to a block layout; skips empty tiles and unneeded K/V",
             distributed=True,
             priority=-10,  # never "auto": a pattern changes what is computed
-            options={"block_size": 4},
+            options={"block_size": 4},  # tiny blocks, so the conformance shapes cut across blocks
+            bench_options={"block_size": 128},
         )
     )
 

@@ -152,7 +152,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=args.causal
                 )
         else:
-            module = create_attention(impl.name, **config, **impl.options)
+            options = impl.options if impl.bench_options is None else impl.bench_options
+            module = create_attention(impl.name, **config, **options)
             name, pairs = impl.name, bench_lib.useful_pairs(n, h, args.segments, args.rates, causal=args.causal)
 
             def fn(q=q, k=k, v=v, module=module):

@@ -42,6 +42,7 @@ class Implementation:
     priority: int = 0  # for "auto": higher wins among the available
     check: Callable[[], list[str]] | None = None
     options: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments for tests/verify
+    bench_options: dict[str, Any] | None = None  # for `ring-attention bench` (long sequences); default: options
 
     @property
     def reasons(self) -> list[str]:
