@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .dilated import Branch, Part, branches
+from .dilated import Branch, DilatedSchedule, Part, branches
 from .engine import Accumulator, BlockKernel, BlockSchedule, blockwise_attention
 from .kernels import FLOAT_DTYPES, KernelRequest, default_scale
 from .registry import select_kernel
@@ -689,9 +689,6 @@ def _run(
     segments, rates = branch_cfg
     seq_len = q.shape[1] * comm.world_size
     branch_list = tuple(branches(segments, rates, merge, q.shape[2]))
-    plan = build_ring_plan(
-        seq_len, comm.world_size, comm.rank, layout, branch_list, q.shape[2], k.shape[2], bool(is_causal), q.device
-    )
     request = KernelRequest.for_tensors(
         q, k, causal=is_causal, has_mask=key_padding_mask is not None, dropout_p=dropout_p
     )
@@ -699,7 +696,13 @@ def _run(
     seed = int(torch.randint(0, 2**40, (1,)).item()) if dropout_p > 0 else 0
     block_kernel = BlockKernel(backend, default_scale(q.shape[-1], softmax_scale), dropout_p, seed)
     comm.stats.calls += 1
-    schedule = RingDilatedSchedule(block_kernel, plan, comm, causal=is_causal, key_padding_mask=key_padding_mask)
+    if comm.world_size == 1:  # nothing to exchange: the single-device schedule computes the same blocks
+        schedule = DilatedSchedule(block_kernel, branch_list, causal=is_causal, key_padding_mask=key_padding_mask)
+    else:
+        plan = build_ring_plan(
+            seq_len, comm.world_size, comm.rank, layout, branch_list, q.shape[2], k.shape[2], bool(is_causal), q.device
+        )
+        schedule = RingDilatedSchedule(block_kernel, plan, comm, causal=is_causal, key_padding_mask=key_padding_mask)
     return blockwise_attention(schedule, q, k, v)
 
 
