@@ -10,18 +10,20 @@ when no tile needs them).
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ring_core import select_kernel
 from ring_core.dilated import branches
 from ring_core.engine import Accumulator, BlockKernel, BlockSchedule, blockwise_attention, merge_into
 from ring_core.kernels import KernelRequest, default_scale
+from ring_core.ring import Exchange, RingComm, RingCommStats
 from ring_core.sharding import check_divisible, check_layout, group_rank_and_size
 from ring_core.validation import check_dilated_config, check_dropout, check_qkv
 
@@ -32,12 +34,20 @@ from .plan import CAUSAL, MASKED, Group, Plan, build_plan
 METHODS = ("auto", "gather", "flex")
 
 
-class CommStats:
-    """Bytes of key/value rows (and their gradients) this rank sent and received."""
+@dataclass(repr=False)
+class CommStats(RingCommStats):
+    """Bytes of key/value rows (and their gradients) this rank sent and received.
 
-    def __init__(self) -> None:
-        self.sent = {"forward": 0, "backward": 0}
-        self.received = {"forward": 0, "backward": 0}
+    A :class:`~ring_core.RingCommStats` (``forward_bytes``, ``backward_bytes``, ``total_bytes``,
+    ``peer_bytes`` count what was sent; they accumulate over the calls that share these stats)
+    that also counts what was received; :attr:`sent` and :attr:`received` give both per phase.
+    """
+
+    received: dict[str, int] = field(default_factory=lambda: {"forward": 0, "backward": 0})
+
+    @property
+    def sent(self) -> dict[str, int]:
+        return {"forward": self.forward_bytes, "backward": self.backward_bytes}
 
     @property
     def total_sent(self) -> int:
@@ -47,43 +57,12 @@ class CommStats:
     def total_received(self) -> int:
         return sum(self.received.values())
 
+    def reset(self) -> None:
+        super().reset()
+        self.received = {"forward": 0, "backward": 0}
+
     def __repr__(self) -> str:
         return f"CommStats(sent={self.sent}, received={self.received})"
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-class _Exchange:
-    """Point-to-point sends and receives posted together (``batch_isend_irecv``), waited on later."""
-
-    def __init__(self, group: Any, stats: CommStats, phase: str) -> None:
-        self.group, self.stats, self.phase = group, stats, phase
-        self.ops: list[dist.P2POp] = []
-        self.works: list[Any] = []
-
-    def _peer(self, rank: int) -> int:
-        return rank if self.group is None else dist.get_global_rank(self.group, rank)
-
-    def send(self, tensor: torch.Tensor, rank: int) -> None:
-        self.ops.append(dist.P2POp(dist.isend, tensor, self._peer(rank), self.group))
-        self.stats.sent[self.phase] += _nbytes(tensor)
-
-    def recv(self, tensor: torch.Tensor, rank: int) -> torch.Tensor:
-        self.ops.append(dist.P2POp(dist.irecv, tensor, self._peer(rank), self.group))
-        self.stats.received[self.phase] += _nbytes(tensor)
-        return tensor
-
-    def start(self) -> _Exchange:
-        if self.ops:
-            self.works = dist.batch_isend_irecv(self.ops)
-        return self
-
-    def wait(self) -> None:
-        for work in self.works:
-            work.wait()
-        self.works = []
 
 
 def _gather_rows(x: torch.Tensor, heads: slice | torch.Tensor, rows: torch.Tensor, groups: int) -> torch.Tensor:
@@ -126,8 +105,19 @@ class BlockSparseSchedule(BlockSchedule):
         self.key_padding_mask = key_padding_mask
         self.group = group
         self.stats = stats or CommStats()
+        self.comm = RingComm(group, plan.rank, plan.world_size, self.stats)
 
     # -- communication -----------------------------------------------------------
+    def _exchange(
+        self, phase: str, send: torch.Tensor | None, send_to: int, recv_numel: int, recv_from: int, like: torch.Tensor
+    ) -> Exchange:
+        """:meth:`RingComm.exchange` in ``phase`` (bytes accumulate, never reset), counting the received bytes too."""
+        self.comm.phase = phase
+        exchange = self.comm.exchange(send, send_to, recv_numel, recv_from, like)
+        if exchange.recv is not None:
+            self.stats.received[phase] += exchange.recv.numel() * exchange.recv.element_size()
+        return exchange
+
     def _sources(self, k: torch.Tensor, v: torch.Tensor, phase: str):
         """Yield ``(source, k_buf, v_buf, padding_buf)`` per ring step (buffers ``None`` when
         nothing comes from that rank), prefetching the next step's rows while this one computes."""
@@ -136,33 +126,36 @@ class BlockSparseSchedule(BlockSchedule):
         pending = self._post_kv(k, v, 1, phase) if world > 1 else None
         yield plan.rank, k, v, self.key_padding_mask
         for step in range(1, world):
-            exchange, source, kv, pad = pending
-            exchange.wait()
+            source, shape, kv_exchange, pad_exchange = pending
+            kv = kv_exchange.wait()
+            pad = None if pad_exchange is None else pad_exchange.wait()
             pending = self._post_kv(k, v, step + 1, phase) if step + 1 < world else None
             if kv is None:
                 yield source, None, None, None
             else:
                 d = k.shape[-1]
-                yield source, kv[..., :d], kv[..., d:], None if pad is None else pad.bool()
+                kv = kv.view(shape)
+                yield source, kv[..., :d], kv[..., d:], None if pad is None else pad.view(shape[:2]).bool()
 
     def _post_kv(self, k: torch.Tensor, v: torch.Tensor, step: int, phase: str):
+        """Post this step's rows: K|V (one flat buffer) and, with padding, the uint8 padding flags (a second one)."""
         plan = self.plan
         source, dest = (plan.rank - step) % plan.world_size, (plan.rank + step) % plan.world_size
-        exchange = _Exchange(self.group, self.stats, phase)
         pad = self.key_padding_mask
         rows = plan.send_rows[dest]
+        send = pad_send = None
         if rows.numel():
-            exchange.send(torch.cat([k.index_select(1, rows), v.index_select(1, rows)], -1).contiguous(), dest)
+            send = torch.cat([k.index_select(1, rows), v.index_select(1, rows)], -1).view(-1)
             if pad is not None:
-                exchange.send(pad.index_select(1, rows).to(torch.uint8).contiguous(), dest)
-        kv = pad_buf = None
-        count = plan.recv_positions[source].numel()
-        if count:
-            b, _, h, d = k.shape
-            kv = exchange.recv(torch.empty(b, count, h, d + v.shape[-1], dtype=k.dtype, device=k.device), source)
-            if pad is not None:
-                pad_buf = exchange.recv(torch.empty(b, count, dtype=torch.uint8, device=k.device), source)
-        return exchange.start(), source, kv, pad_buf
+                pad_send = pad.index_select(1, rows).to(torch.uint8).view(-1)
+        b, _, h, d = k.shape
+        shape = (b, plan.recv_positions[source].numel(), h, d + v.shape[-1])
+        kv_exchange = self._exchange(phase, send, dest, math.prod(shape), source, k)
+        pad_exchange = None
+        if pad is not None:
+            flags = torch.empty(0, dtype=torch.uint8, device=k.device)
+            pad_exchange = self._exchange(phase, pad_send, dest, math.prod(shape[:2]), source, flags)
+        return source, shape, kv_exchange, pad_exchange
 
     # -- per group -----------------------------------------------------------------
     def _call_args(self, g: Group, pad: torch.Tensor | None, b: int) -> tuple[BlockKernel, dict]:
@@ -179,6 +172,7 @@ class BlockSparseSchedule(BlockSchedule):
 
     def forward(self, q, k, v, acc: Accumulator) -> None:
         b = q.shape[0]
+        self.stats.calls += 1
         for source, k_buf, v_buf, pad in self._sources(k, v, "forward"):
             for g in self.plan.groups[source] if k_buf is not None else ():
                 groups, tq, _ = g.shape
@@ -213,7 +207,8 @@ class BlockSparseSchedule(BlockSchedule):
             if source == plan.rank:
                 dk_buf, dv_buf = dk, dv
             elif k_buf is not None:
-                dkv = torch.zeros(*k_buf.shape[:3], d + v_buf.shape[3], dtype=dk.dtype, device=dk.device)
+                shape = (*k_buf.shape[:3], d + v_buf.shape[3])
+                dkv = self.comm.empty("grad", math.prod(shape), dk).zero_().view(shape)
                 dk_buf, dv_buf = dkv[..., :d], dkv[..., d:]
             for g in table[source] if k_buf is not None else ():
                 groups = g.shape[0]
@@ -234,9 +229,10 @@ class BlockSparseSchedule(BlockSchedule):
                 _add_rows(dv_buf, g.kv_heads, g.k_rows[: real * kk], block_dv.unflatten(0, (b, groups))[:, :real])
             if source != plan.rank:
                 returning.append(self._post_grads(dkv, source, dk, v.shape[-1]))
-        for exchange, received, rows in returning:
-            exchange.wait()
+        for exchange, shape, rows in returning:
+            received = exchange.wait()
             if received is not None:
+                received = received.view(shape)
                 dk.index_add_(1, rows, received[..., :d])
                 dv.index_add_(1, rows, received[..., d:])
 
@@ -244,15 +240,10 @@ class BlockSparseSchedule(BlockSchedule):
         """Send the gradients of ``source``'s rows back; receive ours from the rank we sent rows to."""
         plan = self.plan
         dest = (2 * plan.rank - source) % plan.world_size  # the rank that got our rows at this step
-        exchange = _Exchange(self.group, self.stats, "backward")
-        if dkv is not None:
-            exchange.send(dkv, source)
-        received = None
         rows = plan.send_rows[dest]
-        if rows.numel():
-            shape = (dk.shape[0], rows.numel(), dk.shape[2], dk.shape[3] + value_dim)
-            received = exchange.recv(torch.empty(shape, dtype=dk.dtype, device=dk.device), dest)
-        return exchange.start(), received, rows
+        shape = (dk.shape[0], rows.numel(), dk.shape[2], dk.shape[3] + value_dim)
+        send = None if dkv is None else dkv.view(-1)
+        return self._exchange("backward", send, source, math.prod(shape), dest, dk), shape, rows
 
 
 def _kernels(
