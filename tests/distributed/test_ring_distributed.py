@@ -8,6 +8,7 @@ dense and dilated, causal and not, contiguous and zigzag, GQA, padding, both mer
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
@@ -17,7 +18,13 @@ import torch.distributed as dist
 import ring_core
 from distributed_helpers import run_distributed
 from ring_core.testing import Case, fit_case, sharded_case_errors
-from ring_distributed import RingDistributedDilatedAttention, mesh_layout, resolve_strategy
+from ring_distributed import (
+    RingDilatedAttentionProduction,
+    RingDistributedDilatedAttention,
+    mesh_layout,
+    resolve_strategy,
+)
+from ring_flash import RingDilatedAttentionFlash
 
 WORLD = 4
 LAYOUTS = ("contiguous", "zigzag")
@@ -107,6 +114,16 @@ def _errors(rank):
     out["ring-with-degree"] = _expect_error(lambda: call(8, 8, strategy="ring", ulysses_degree=2))
     out["straddles-nodes"] = _expect_error(lambda: call(8, 8, strategy="hybrid", ulysses_degree=2, node_size=3))
     out["shapes-differ"] = _expect_error(lambda: call(8, 8, n=8 if rank else 4, strategy="hybrid", ulysses_degree=2))
+    # the same mismatch through each ring class: validate_ring_inputs(name=) names the calling class
+    q, k, v = (torch.randn(1, 8 if rank else 4, 4, 8, dtype=torch.float64) for _ in range(3))
+    out["named"] = {
+        cls.__name__: _expect_error(functools.partial(cls([32], [1], **options), q, k, v))
+        for cls, options in (
+            (RingDilatedAttentionFlash, {}),
+            (RingDistributedDilatedAttention, {"strategy": "ring"}),
+            (RingDilatedAttentionProduction, {"strategy": "ring"}),
+        )
+    }
     for name, config, heads in (
         ("auto-crossing-3-heads", ([4, 32], [1, 2]), 3),  # no Ulysses degree > 1 fits 3 heads
         ("auto-crossing", ([4, 32], [1, 2]), 4),
@@ -196,6 +213,21 @@ def test_errors_are_raised_on_every_rank(world):
         assert errors["auto-crossing"] == ("ulysses", 4)
         assert errors["auto-dense"] == errors["auto-in-shard"] == ("ring", 1)
         assert errors["still-works"] == (1, 8, 8, 8)
+
+
+@pytest.mark.distributed
+def test_mismatch_errors_name_the_calling_class(world):
+    """Rank 0 passes N/P = 4, the others 8: every rank raises RingConfigError starting with the module's class."""
+    names = ["RingDilatedAttentionFlash", "RingDistributedDilatedAttention", "RingDilatedAttentionProduction"]
+    for rank, result in enumerate(world):
+        named = result["errors"]["named"]
+        assert sorted(named) == sorted(names), (rank, named)
+        for name in names:
+            assert named[name] is not None, (rank, name)
+            kind, message = named[name]
+            assert kind == "RingConfigError", (rank, name, named[name])
+            assert message.startswith(f"{name}: ranks passed different shapes"), (rank, name, message)
+            assert "local_len: rank 0=4, rank 1=8" in message, (rank, name, message)
 
 
 # -- no processes needed ------------------------------------------------------------------------------
