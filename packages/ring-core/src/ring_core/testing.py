@@ -97,6 +97,12 @@ def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     return difference / denominator if denominator > 0 else difference
 
 
+def within_tolerance(errors: dict[str, float], tolerance: tuple[float, float]) -> bool:
+    """Every error within its bound: the output's for ``"out"``, the gradients' for the rest."""
+    limit_out, limit_grad = tolerance
+    return all(err <= (limit_out if name == "out" else limit_grad) for name, err in errors.items())
+
+
 @dataclass
 class CaseResult:
     """Errors of one case: ``out``, ``dq``, ``dk``, ``dv`` against the reference."""
@@ -108,12 +114,7 @@ class CaseResult:
 
     @property
     def passed(self) -> bool:
-        limit_out, limit_grad = self.tolerance
-        return all(err <= (limit_out if name == "out" else limit_grad) for name, err in self.errors.items())
-
-    @property
-    def worst(self) -> float:
-        return max(self.errors.values())
+        return within_tolerance(self.errors, self.tolerance)
 
 
 def reference_outputs(
@@ -288,16 +289,7 @@ class DistributedCaseResult:
 
     @property
     def passed(self) -> bool:
-        limit_out, limit_grad = self.tolerance
-        return all(
-            err <= (limit_out if name == "out" else limit_grad)
-            for errors in self.rank_errors
-            for name, err in errors.items()
-        )
-
-    @property
-    def worst(self) -> float:
-        return max(err for errors in self.rank_errors for err in errors.values())
+        return all(within_tolerance(errors, self.tolerance) for errors in self.rank_errors)
 
 
 def sharded_case_errors(
