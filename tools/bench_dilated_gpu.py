@@ -5,8 +5,8 @@ Sections (bf16, one card, forward+backward unless said):
 - ``kernels``: every available backend on one segmented batch (32 x 2048, H=16, D=128):
   measured order next to the registered priorities.
 - ``dilated``: segments [2048, 4096, 8192], rates [1, 2, 4], N=65536, B=1, H=16, D=128,
-  causal and not: ``ring_dilated_flash`` (per-offset strided calls, and folded calls),
-  core's engine with the same kernel, against the bare SDPA cuDNN calls on tensors
+  causal and not: ``ring_dilated_flash`` (Triton merges; with the backward adds on a
+  second stream; with torch merges), core's engine with the same kernel, against the bare SDPA cuDNN calls on tensors
   already laid out as ``(B*N/w, w/r, H, D)`` (no gather, scatter or merge). Ratio
   bare/ours (target >= 0.90), useful TFLOP/s (only the pairs the pattern allows).
 - ``dense``: ``segment_lengths=[N]``, rate 1 against plain SDPA cuDNN (target <= 1.03).
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -97,6 +98,19 @@ def fwd_bwd(fn: Callable[..., torch.Tensor], q, k, v, dout) -> Callable[[], obje
     return step
 
 
+def without_triton(step: Callable[[], object]) -> Callable[[], object]:
+    """``step`` with the fused path's merges as torch ops (``RING_FLASH_TRITON=0``)."""
+
+    def run():
+        os.environ["RING_FLASH_TRITON"] = "0"
+        try:
+            return step()
+        finally:
+            del os.environ["RING_FLASH_TRITON"]
+
+    return run
+
+
 def tflops(pairs: int, head_dim: int, ms: float) -> float:
     return FWD_BWD * 4 * head_dim * pairs / (ms * 1e-3) / 1e12
 
@@ -162,13 +176,14 @@ def bench_dilated(args) -> dict:
         dout = randn(1, n, h, d, seed=3)
         kernel = ring_core.select_kernel(RingDilatedAttentionFlash.request(q, k, causal)).name
         ours = RingDilatedAttentionFlash(SEGMENTS, RATES)
-        folded = RingDilatedAttentionFlash(SEGMENTS, RATES)
-        folded.fold = True
+        overlapped = RingDilatedAttentionFlash(SEGMENTS, RATES)
+        overlapped.overlap = True
         engine = ring_core.DilatedAttention(SEGMENTS, RATES, kernel=kernel)
         candidates = {
             "bare cuDNN calls": bare_cudnn_step(n, h, d, causal),
             "ring_dilated_flash": fwd_bwd(partial(ours, is_causal=causal), q, k, v, dout),
-            "ring_dilated_flash (folded)": fwd_bwd(partial(folded, is_causal=causal), q, k, v, dout),
+            "ring_dilated_flash, overlap": fwd_bwd(partial(overlapped, is_causal=causal), q, k, v, dout),
+            "ring_dilated_flash, torch merges": without_triton(fwd_bwd(partial(ours, is_causal=causal), q, k, v, dout)),
             "core engine (dilated)": fwd_bwd(partial(engine, is_causal=causal), q, k, v, dout),
         }
         bare_ms = None
@@ -188,7 +203,7 @@ def bench_dilated(args) -> dict:
                 "name": name, "causal": causal, "kernel": kernel, "ms": ms, "tflops": tflops(pairs, d, ms),
                 "bare_over_ours": bare_ms / ms, "extra_peak_gib": peak,
             })  # fmt: skip
-            if args.profile and name in ("bare cuDNN calls", "ring_dilated_flash"):
+            if args.profile and name in ("bare cuDNN calls", "ring_dilated_flash", "ring_dilated_flash, overlap"):
                 profiles[f"{name}, {'causal' if causal else 'full'}"] = profile_step(step)
         del q, k, v, dout
     return {
@@ -203,7 +218,7 @@ def bench_dilated(args) -> dict:
 
 def bench_dense(args) -> dict:
     h, d = 16, 128
-    rows = []
+    rows, profiles = [], {}
     for n in args.dense_lens:
         for causal in (False, True):
             q, k, v = (randn(1, n, h, d, grad=True, seed=i) for i in range(3))
@@ -229,8 +244,16 @@ def bench_dense(args) -> dict:
                 "N": n, "causal": causal, "sdpa_cudnn_ms": s, "ours_ms": o, "ours_over_sdpa": o / s,
                 "sdpa_tflops": tflops(pairs, d, s), "ours_tflops": tflops(pairs, d, o),
             })  # fmt: skip
+            if args.profile and n == min(args.dense_lens):
+                for name, step in (("SDPA cuDNN", sdpa_step), ("ring_dilated_flash", ours_step)):
+                    profiles[f"dense N={n} {'causal' if causal else 'full'}, {name}"] = profile_step(step)
             del q, k, v, dout
-    return {"config": {"B": 1, "H": h, "D": d, "dtype": "bfloat16"}, "target": "ours/sdpa <= 1.03", "rows": rows}
+    return {
+        "config": {"B": 1, "H": h, "D": d, "dtype": "bfloat16"},
+        "target": "ours/sdpa <= 1.03",
+        "rows": rows,
+        "profiles": profiles,
+    }
 
 
 def bench_memory(args) -> dict:
@@ -428,7 +451,8 @@ def summary(report: dict) -> str:
                      f"grads {max(r['dq'], r['dk'], r['dv']):.2e}",
                      f"x{r['out_over_sdpa']:.2f} {'ok' if r['passes'] else 'FAIL'}"))  # fmt: skip
     lines.append(format_table(rows, ["what", "who", "mask", "value", "rate", "ratio"]))
-    for name, top in report.get("dilated", {}).get("profiles", {}).items():
+    profiles = {**report.get("dilated", {}).get("profiles", {}), **report.get("dense", {}).get("profiles", {})}
+    for name, top in profiles.items():
         lines.append(
             f"GPU time of one step, {name}: "
             + "; ".join(f"{r['kernel'][:40]} {r['ms']:.2f} ms x{r['calls']}" for r in top[:8])
@@ -447,7 +471,7 @@ def main() -> int:
     parser.add_argument("--memory-step", type=int, default=65536)
     parser.add_argument("--accuracy-len", type=int, default=4096)
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
-    parser.add_argument("--profile", action="store_true", help="GPU kernel breakdown of one dilated step")
+    parser.add_argument("--profile", action="store_true", help="GPU kernel breakdown of one dilated and one dense step")
     parser.add_argument("--merge", action="store_true", help="keep the sections already in the JSON (one process each)")
     args = parser.parse_args()
     if not torch.cuda.is_available():

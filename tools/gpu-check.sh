@@ -5,7 +5,8 @@
 #   tools/gpu-check.sh [OUT_DIR] [PYTEST_PATHS...]      (defaults: bench-results, tests)
 #
 # Needs: python3 with torch (CUDA), pluggy, pytest, setuptools; no network.
-# Env: TESTS_TIMEOUT, BENCH_TIMEOUT (seconds per step), BENCH_ARGS (extra bench arguments).
+# Env: TESTS_TIMEOUT, BENCH_TIMEOUT (seconds per step), BENCH_ARGS (extra bench arguments),
+# SECTIONS (bench sections, default: kernels dilated dense memory accuracy).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -45,7 +46,7 @@ echo "pytest -m cuda: rc=$tests_rc in $(( $(date +%s) - begin )) s"
 
 begin=$(date +%s)
 bench_rc=0
-for section in kernels dilated dense memory accuracy; do
+for section in ${SECTIONS:-kernels dilated dense memory accuracy}; do
   timeout "${BENCH_TIMEOUT:-300}" python3 tools/bench_dilated_gpu.py --out "$OUT" --merge --sections "$section" \
     ${BENCH_ARGS:-} >>"$OUT/bench.log" 2>&1 || { bench_rc=$?; echo "bench section $section: rc=$bench_rc"; }
 done

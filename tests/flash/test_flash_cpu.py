@@ -23,11 +23,11 @@ DIVISIBLE_CASES = (
     Case("owned-dilated-causal-pad", 48, 4, (8, 16, 48), (1, 2, 4), causal=True, padding=True),
     Case("owned-head-groups", 32, 4, (8, 16), (1, 2), merge="head_groups", causal=True),
 )
-# Batch of one, heads divisible by the rates: all offsets of a branch in one call.
-FOLD_CASES = (
-    Case("fold", 48, 4, (8, 16, 48), (1, 2, 4), batch=1, causal=True, padding=True),
-    Case("fold-tail", 40, 4, (16, 32), (2, 4), batch=1),
-    Case("fold-head-groups", 32, 8, (8, 16), (2, 4), merge="head_groups", batch=1, causal=True),
+# Batch of one (the benchmarks' shape), heads divisible by the rates.
+BATCH1_CASES = (
+    Case("batch1", 48, 4, (8, 16, 48), (1, 2, 4), batch=1, causal=True, padding=True),
+    Case("batch1-tail", 40, 4, (16, 32), (2, 4), batch=1),
+    Case("batch1-head-groups", 32, 8, (8, 16), (2, 4), merge="head_groups", batch=1, causal=True),
 )
 GPU_KERNELS = ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flash_attn2", "flash_attn3", "flash_attn4"]
 
@@ -203,16 +203,15 @@ class Fused(torch.nn.Module):
         return out
 
 
-@pytest.mark.parametrize("case", CASES + DIVISIBLE_CASES + FOLD_CASES, ids=str)
+@pytest.mark.parametrize("case", CASES + DIVISIBLE_CASES + BATCH1_CASES, ids=str)
 @pytest.mark.parametrize(
     ("kernel", "options"),
     [
         ("math", {}),
-        ("cpu_flash", {"fold": True, "max_rows": 40}),
         ("cpu_flash", {"max_rows": 24}),  # cut every kernel call into chunks of segments
         ("cpu_flash", {"accumulate_fp32": True}),
     ],
-    ids=["math", "fold-chunked", "chunked", "fp32-accumulators"],
+    ids=["math", "chunked", "fp32-accumulators"],
 )
 def test_fused_path_is_exact(case, kernel, options):
     result = check_attention(Fused(case, kernel, **options), case, torch.float64, seed=11)

@@ -18,10 +18,11 @@ DIVISIBLE_CASES = (
     Case("dilated-256", 256, 4, (64, 128, 256), (1, 2, 4), head_dim=64),
     Case("dilated-256-causal", 256, 4, (64, 128, 256), (1, 2, 4), head_dim=64, causal=True),
 )
-FOLD_CASES = (
-    Case("fold-256-causal", 256, 8, (64, 128, 256), (1, 2, 4), head_dim=64, batch=1, causal=True),
-    Case("fold-tail", 200, 8, (64, 128), (2, 4), head_dim=64, batch=1),
-    Case("fold-pad", 256, 8, (64, 128), (1, 2), head_dim=64, batch=1, padding=True),
+BATCH1_CASES = (
+    Case("batch1-256-causal", 256, 8, (64, 128, 256), (1, 2, 4), head_dim=64, batch=1, causal=True),
+    Case("batch1-tail", 200, 8, (64, 128), (2, 4), head_dim=64, batch=1),
+    Case("batch1-pad", 256, 8, (64, 128), (1, 2), head_dim=64, batch=1, padding=True),
+    Case("batch1-gqa-chunked", 256, 8, (64, 128), (1, 2), head_dim=64, batch=1, kv_heads=2, causal=True),
 )
 
 
@@ -137,18 +138,47 @@ def test_each_backend_through_both_paths(name, case):
         backend_or_skip(name, request)
 
 
-@pytest.mark.parametrize("case", FOLD_CASES, ids=str)
-def test_folded_calls_on_cuda(case):
+@pytest.mark.parametrize("triton", ["1", "0"], ids=["triton-merge", "torch-merge"])
+@pytest.mark.parametrize("overlap", [False, True], ids=["one-stream", "overlap"])
+@pytest.mark.parametrize("case", BATCH1_CASES, ids=str)
+def test_fused_merges_on_cuda(case, overlap, triton, monkeypatch):
+    """The fused path's merges (Triton or torch, backward adds on one or two streams; small chunks)."""
     from ring_flash.fused import fused_dilated_attention
 
-    class Folded(torch.nn.Module):
+    monkeypatch.setenv("RING_FLASH_TRITON", triton)
+
+    class Fused(torch.nn.Module):
         def forward(self, q, k, v, *, is_causal=False, key_padding_mask=None):
             backend = ring_core.select_kernel(RingDilatedAttentionFlash.request(q, k, is_causal, key_padding_mask))
             return fused_dilated_attention(q, k, v, backend=backend, scale=q.shape[-1] ** -0.5, is_causal=is_causal,
-                                           key_padding_mask=key_padding_mask, fold=True, **case.config)[0]  # fmt: skip
+                                           key_padding_mask=key_padding_mask, overlap=overlap, max_rows=1024,
+                                           **case.config)[0]  # fmt: skip
 
-    result = check_attention(Folded(), case, torch.bfloat16, device="cuda", seed=4)
+    result = check_attention(Fused(), case, torch.bfloat16, device="cuda", seed=4)
     assert result.passed, result.errors
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+def test_triton_merge_equals_torch_merge(dtype, monkeypatch):
+    from ring_flash.merge import merge_block
+
+    full = torch.randn(2, 96, 8, 64, device="cuda", dtype=dtype)
+    src = torch.randn(2, 3, 16, 4, 64, device="cuda", dtype=dtype)
+    lse = torch.randn(2, 96, 8, device="cuda")
+    lse[0, 1, 1] = float("-inf")
+    src_lse = torch.randn(6, 4, 16, device="cuda").unflatten(0, (2, 3)).transpose(-1, -2)  # strided, as kernels give
+    src_lse[0, 0, 0, 0] = float("-inf")
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("RING_FLASH_TRITON", flag)
+        for accumulate in (False, True):
+            for weights in ({}, {"src_lse": src_lse, "lse": lse[:, 1::2, 1::2].unflatten(1, (3, 16))}):
+                dst = full.clone()
+                merge_block(dst[:, 1::2, 1::2].unflatten(1, (3, 16)), src, accumulate=accumulate, **weights)
+                results.append(dst.float())
+    for triton, torch_ in zip(results[:4], results[4:]):
+        assert rel(triton, torch_) < (1e-6 if dtype == torch.float32 else 4e-3)
+        assert torch.isfinite(triton).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])

@@ -67,6 +67,10 @@ class Part:
         """``(B, nseg, length, h, ...)`` strided view of ``x`` (``(B, N, H, ...)``)."""
         return x[:, self.positions(), self.heads].unflatten(1, (-1, self.length))
 
+    def kv_view(self, x: torch.Tensor) -> torch.Tensor:
+        """Like :meth:`view` with the key/value heads (a slice: no grouped-query heads)."""
+        return x[:, self.positions(), self.kv_heads].unflatten(1, (-1, self.length))
+
     def gather_kv(self, x: torch.Tensor) -> torch.Tensor:
         y = x[:, self.positions()]
         y = y[:, :, self.kv_heads] if isinstance(self.kv_heads, slice) else y.index_select(2, self.kv_heads)

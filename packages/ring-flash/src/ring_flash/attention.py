@@ -30,7 +30,7 @@ class RingDilatedAttentionFlash(RingDilatedAttention):
     :class:`ring_core.RingDilatedAttention`'s forward, errors naming this class).
     """
 
-    fold = False  # all offsets of a branch in one kernel call (gathers q, k, v); see ring_flash.fused
+    overlap = False  # backward adds on a second CUDA stream; see ring_flash.fused
 
     def forward(
         self,
@@ -55,7 +55,13 @@ class RingDilatedAttentionFlash(RingDilatedAttention):
         check_qkv(q, k, v, key_padding_mask)
         backend = select_kernel(self.request(q, k, is_causal, key_padding_mask), self.kernel)
         out, _ = fused_dilated_attention(
-            q, k, v, backend=backend, scale=default_scale(q.shape[-1], self.softmax_scale), fold=self.fold, **config
+            q,
+            k,
+            v,
+            backend=backend,
+            scale=default_scale(q.shape[-1], self.softmax_scale),
+            overlap=self.overlap,
+            **config,
         )
         return out
 

@@ -11,6 +11,9 @@ offset over all its segments, strided views, no gather for ``q``), but:
   nothing else;
 - backward writes each kernel's ``dq, dk, dv`` straight into the gradients (the
   covering block takes ownership of its tensors, others add into strided views);
+- every write into a strided view is one pass (:func:`ring_flash.merge.merge_block`,
+  a Triton kernel on CUDA); with ``overlap`` the backward's adds run on a second
+  CUDA stream while the next kernel call computes;
 - blocks larger than :data:`MAX_ROWS` query rows are cut into chunks of segments,
   so peak memory stays a fixed multiple of the inputs at any length.
 
@@ -19,6 +22,7 @@ Exact like the engine: float64 inputs give float64 results to rounding.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -28,8 +32,11 @@ import torch
 from ring_core.dilated import Branch, Part, branches, dilated_parts
 from ring_core.kernels import KernelBackend
 
+from .merge import merge_block
+
 # Query rows (positions x heads x batch) per kernel call; bigger blocks are cut by segments.
-MAX_ROWS = 1 << 22
+# 2**20 rows of D=128 in bf16 are 256 MiB per tensor: chunk temporaries stay small at 4M tokens.
+MAX_ROWS = 1 << 20
 
 
 @dataclass
@@ -43,76 +50,16 @@ class FusedPlan:
     key_padding_mask: torch.Tensor | None
     accumulate_fp32: bool = False
     max_rows: int = MAX_ROWS
-    fold: bool = False  # all offsets of a branch in one call (B == 1, no GQA): gathers q, k, v
-
-
-@dataclass(frozen=True)
-class FoldedPart:
-    """Every offset of one branch in one kernel call (batch of 1, heads split evenly by the rate).
-
-    Offset ``o`` pairs positions ``o, o+r, ...`` with heads ``o, o+r, ...`` of ``[head_start,
-    head_stop)``: the diagonal of ``x`` viewed as ``(N/r, r, h/r, r)``. Views have the
-    leading dims ``(r, nseg)`` where :class:`Part` has ``(B, nseg)``; feeding a kernel
-    gathers the strided rows into one contiguous batch (one copy).
-    """
-
-    rate: int
-    start: int
-    stop: int
-    length: int
-    head_start: int
-    head_stop: int
-
-    @property
-    def heads(self) -> slice:
-        return slice(self.head_start, self.head_stop, self.rate)
-
-    def _diagonal(self, x: torch.Tensor) -> torch.Tensor:
-        r = self.rate
-        y = x[0, :, self.head_start : self.head_stop].unflatten(0, (-1, r)).unflatten(2, (-1, r))
-        return y.diagonal(dim1=1, dim2=3).movedim(-1, 0)[:, self.start : self.stop]  # (r, n/r, h/r, ...)
-
-    def view(self, x: torch.Tensor) -> torch.Tensor:
-        """``(r, nseg, length, h/r, ...)`` strided view of ``x`` (``(1, N, H, ...)``)."""
-        return self._diagonal(x).unflatten(1, (-1, self.length))
-
-    def gather_kv(self, x: torch.Tensor) -> torch.Tensor:
-        return self.view(x).flatten(0, 1)
-
-    def add_kv_grad(self, grad: torch.Tensor, block_grad: torch.Tensor) -> None:
-        view = self.view(grad)
-        view += block_grad.unflatten(0, view.shape[:2])
-
-    def key_mask(self, key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
-        if key_padding_mask is None:
-            return None
-        kept = ~key_padding_mask[0].unflatten(0, (-1, self.rate)).t()[:, self.start : self.stop]
-        return kept.unflatten(1, (-1, self.length)).flatten(0, 1)[:, None, None, :]
-
-
-def folded_parts(seq_len: int, num_heads: int, branch: Branch) -> list[FoldedPart] | None:
-    """The branch as :class:`FoldedPart` calls (full segments, shorter last), or ``None`` when it cannot fold."""
-    r = branch.rate
-    if r == 1 or seq_len % r or branch.head_start % r or (branch.head_stop - branch.head_start) % r:
-        return None
-    count = seq_len // r
-    length = min(branch.segment // r, count)
-    full = count - count % length
-    parts = [FoldedPart(r, 0, full, length, branch.head_start, branch.head_stop)] if full else []
-    if full < count:
-        parts.append(FoldedPart(r, full, count, count - full, branch.head_start, branch.head_stop))
-    return parts
+    overlap: bool = False  # backward adds on a second CUDA stream, beside the next kernel call
 
 
 def _heads(part: Part, num_heads: int) -> int:
     return len(range(*part.heads.indices(num_heads)))
 
 
-def _chunks(part: Part | FoldedPart, batch: int, num_heads: int, max_rows: int) -> Iterator[Part | FoldedPart]:
+def _chunks(part: Part, batch: int, num_heads: int, max_rows: int) -> Iterator[Part]:
     """``part`` cut into pieces of whole segments with at most ``max_rows`` query rows each."""
     rows_per_segment = part.length * _heads(part, num_heads) * batch
-    if isinstance(part, FoldedPart):
-        rows_per_segment *= part.rate
     step = max(1, max_rows // max(1, rows_per_segment)) * part.length
     if part.stop - part.start <= step:
         yield part
@@ -130,8 +77,7 @@ def _plan_parts(plan: FusedPlan, q: torch.Tensor, k: torch.Tensor) -> list[tuple
     )
     calls = []
     for index, branch in enumerate(plan.branches):
-        folded = folded_parts(n, h, branch) if plan.fold and b == 1 and groups == 1 else None
-        for part in folded or dilated_parts(n, branch, groups, q.device):
+        for part in dilated_parts(n, branch, groups, q.device):
             for chunk in _chunks(part, b, h, plan.max_rows):
                 calls.append((chunk, index == covering))
     calls.sort(key=lambda call: not call[1])
@@ -167,31 +113,23 @@ class _FusedDilated(torch.autograd.Function):
                 causal=plan.causal, mask=part.key_mask(plan.key_padding_mask),
             )  # fmt: skip
             lse_view = part.view(lse)
-            block_lse = block_lse.transpose(1, 2).reshape(lse_view.shape).to(acc)
+            block_lse = block_lse.to(acc).unflatten(0, lse_view.shape[:2]).transpose(-1, -2)  # (B, nseg, len, h)
             lse_view.copy_(block_lse if write else torch.logaddexp(lse_view, block_lse))
-            blocks.append((o, block_lse))
+            blocks.append((o.reshape(*lse_view.shape, dv_), block_lse))
         weighted = len(calls) > 1 and _overlap(plan.branches)
         out = None
         blocks.reverse()
         for part, write in calls:
             o, block_lse = blocks.pop()  # dropped once merged
-            lse_view = part.view(lse)
-            o = o.reshape(*lse_view.shape, dv_)
-            weight = _weight(block_lse, lse_view) if weighted else None
+            weights = {"src_lse": block_lse, "lse": part.view(lse)} if weighted else {}
             if out is None:
                 if write and _owns(part, (b, n, h, dv_), out_dtype, o, writes):
                     out = o.view(b, n, h, dv_)
-                    if weight is not None:
-                        out.mul_(weight.reshape(b, n, h, 1))
+                    if weighted:
+                        merge_block(o, o, accumulate=False, **weights)
                     continue
                 out = (torch.empty if writes else torch.zeros)(b, n, h, dv_, dtype=out_dtype, device=q.device)
-            view = part.view(out)
-            if write:
-                view.copy_(o if weight is None else o * weight)
-            elif weight is None:
-                view.add_(o)
-            else:
-                view.addcmul_(o, weight)
+            merge_block(part.view(out), o, accumulate=not write, **weights)
         del blocks
         ctx.plan = plan
         ctx.save_for_backward(q, k, v, out, lse)
@@ -209,6 +147,8 @@ class _FusedDilated(torch.autograd.Function):
         groups = q.shape[2] // k.shape[2]
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         grad_dtype = acc if plan.accumulate_fp32 else q.dtype
+        main = torch.cuda.current_stream(q.device) if plan.overlap and q.is_cuda else None
+        side = _side_stream(q.device) if main is not None else None
         dq = dk = dv = None
         for part, write in calls:
             bq, bk, bv = plan.backend.backward(
@@ -216,11 +156,33 @@ class _FusedDilated(torch.autograd.Function):
                 part.view(out).flatten(0, 1), part.view(lse).flatten(0, 1).transpose(1, 2), scale=plan.scale,
                 causal=plan.causal, mask=part.key_mask(plan.key_padding_mask),
             )  # fmt: skip
-            dq = _accumulate(dq, q.shape, part, bq, write, writes, grad_dtype)
-            dk = _accumulate(dk, k.shape, part, bk, write and groups == 1, writes, grad_dtype, kv=True)
-            dv = _accumulate(dv, v.shape, part, bv, write and groups == 1, writes, grad_dtype, kv=True)
+            dq, owned_q = _gradient(dq, q.shape, part, bq, write, writes, grad_dtype)
+            dk, owned_k = _gradient(dk, k.shape, part, bk, write and groups == 1, writes, grad_dtype)
+            dv, owned_v = _gradient(dv, v.shape, part, bv, write and groups == 1, writes, grad_dtype)
+            if side is not None:  # the adds wait for this call's kernel, the next call does not wait for them
+                side.wait_stream(main)
+                for block in (bq, bk, bv):
+                    block.record_stream(side)
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                if not owned_q:
+                    merge_block(part.view(dq), bq.unflatten(0, part.view(dq).shape[:2]), accumulate=not write)
+                if not owned_k:
+                    _add_kv(dk, part, bk, write and groups == 1)
+                if not owned_v:
+                    _add_kv(dv, part, bv, write and groups == 1)
             del bq, bk, bv  # before the next call allocates its own
+        if side is not None:
+            main.wait_stream(side)
         return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
 
 
 def _overlap(branch_list: Sequence[Branch]) -> bool:
@@ -232,28 +194,22 @@ def _overlap(branch_list: Sequence[Branch]) -> bool:
     )
 
 
-def _weight(block_lse: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-    """``exp(lse_block - lse)`` with a trailing unit dim (0 where nothing is seen at all)."""
-    safe = total.masked_fill(torch.isinf(total), 0.0)
-    return torch.exp(block_lse - safe).unsqueeze(-1)
+def _gradient(grad, shape, part, block, write, writes, dtype) -> tuple[torch.Tensor, bool]:
+    """The gradient buffer (created on first use) and whether ``block`` became it (nothing left to add)."""
+    if grad is not None:
+        return grad, False
+    if write and _owns(part, shape, dtype, block, writes):
+        return block.view(shape), True
+    return (torch.empty if write else torch.zeros)(shape, dtype=dtype, device=block.device), False
 
 
-def _accumulate(grad, shape, part, block, write, writes, dtype, *, kv=False):
-    """Put one block's gradient into ``grad`` (created on first use); ``write`` blocks copy or take ownership."""
-    if grad is None:
-        if write and _owns(part, shape, dtype, block, writes):
-            return block.view(shape)
-        grad = (torch.empty if write else torch.zeros)(shape, dtype=dtype, device=block.device)
-    if kv and not write:
+def _add_kv(grad: torch.Tensor, part: Part, block: torch.Tensor, write: bool) -> None:
+    """Write (``write``: no GQA, kv heads are the query heads) or add a key/value block gradient."""
+    if write or isinstance(part.kv_heads, slice):
+        view = part.kv_view(grad)
+        merge_block(view, block.unflatten(0, view.shape[:2]), accumulate=not write)
+    else:  # grouped-query heads: several query heads add into one kv head
         part.add_kv_grad(grad, block)
-        return grad
-    view = part.view(grad)  # with write and kv there is no GQA: kv heads are the query heads
-    block = block.unflatten(0, view.shape[:2])
-    if write:
-        view.copy_(block)
-    else:
-        view.add_(block)
-    return grad
 
 
 def fused_dilated_attention(
@@ -270,7 +226,7 @@ def fused_dilated_attention(
     key_padding_mask: torch.Tensor | None = None,
     accumulate_fp32: bool = False,
     max_rows: int = MAX_ROWS,
-    fold: bool = False,
+    overlap: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dilated attention through ``backend``; returns ``out`` (B, N, H, D) and ``lse`` (B, N, H).
 
@@ -278,6 +234,6 @@ def fused_dilated_attention(
     """
     plan = FusedPlan(
         backend, scale, branches(segment_lengths, dilation_rates, merge, q.shape[2]), is_causal,
-        key_padding_mask, accumulate_fp32, max_rows, fold,
+        key_padding_mask, accumulate_fp32, max_rows, overlap,
     )  # fmt: skip
     return _FusedDilated.apply(plan, q, k, v)

@@ -1,0 +1,35 @@
+"""The Triton kernel behind :func:`ring_flash.merge.merge_block` (imported only when Triton is present)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def merge_kernel(
+    dst, src, src_lse, lse, rows, n1, n2, n3,
+    ds0, ds1, ds2, ds3, ss0, ss1, ss2, ss3, bs0, bs1, bs2, bs3, ls0, ls1, ls2, ls3,
+    width,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACCUMULATE: tl.constexpr, WEIGHTED: tl.constexpr,
+):  # fmt: skip
+    """Rows ``(i0, i1, i2, i3)`` of ``width`` contiguous elements: ``dst (+)= src * weight``."""
+    row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    row_ok = row < rows
+    i3 = row % n3
+    rest = row // n3
+    i2 = rest % n2
+    rest = rest // n2
+    i1 = rest % n1
+    i0 = rest // n1
+    col = tl.arange(0, BLOCK_D)
+    ok = row_ok[:, None] & (col < width)[None, :]
+    x = tl.load(src + (i0 * ss0 + i1 * ss1 + i2 * ss2 + i3 * ss3)[:, None] + col[None, :], mask=ok, other=0.0)
+    x = x.to(tl.float32)
+    if WEIGHTED:
+        total = tl.load(lse + i0 * ls0 + i1 * ls1 + i2 * ls2 + i3 * ls3, mask=row_ok, other=0.0)
+        part = tl.load(src_lse + i0 * bs0 + i1 * bs1 + i2 * bs2 + i3 * bs3, mask=row_ok, other=0.0)
+        weight = tl.where(total == float("-inf"), 0.0, tl.exp(part - total))
+        x = x * weight[:, None]
+    target = dst + (i0 * ds0 + i1 * ds1 + i2 * ds2 + i3 * ds3)[:, None] + col[None, :]
+    if ACCUMULATE:
+        x += tl.load(target, mask=ok, other=0.0).to(tl.float32)
+    tl.store(target, x.to(dst.dtype.element_ty), mask=ok)
