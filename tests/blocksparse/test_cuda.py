@@ -46,3 +46,20 @@ def test_flex_bf16_on_gpu(causal):
     )
     assert attn.last_method == "flex"
     assert result.passed, f"{case}: {result.errors} > {result.tolerance}"
+
+
+def test_flex_band_with_kernel_options_on_gpu():
+    """A band layout turns on BLOCKS_ARE_CONTIGUOUS and ROWS_GUARANTEED_SAFE by itself; user options go on top."""
+    case = Case("flex-band", 1024, 4, (1024,), (1,), head_dim=64, causal=True)
+    attn = BlockSparseRingDilatedAttention(
+        **case.config, block_size=128, pattern="local_window", window=257, sliding=True, method="flex",
+        flex_kernel_options={"fwd_num_stages": 2},
+    )  # fmt: skip
+    layout = attn.layout_for(case.seq_len, case.heads)
+    result = check_attention(
+        attn, case, torch.bfloat16, device="cuda", reference_options={"block_layout": layout, "block_size": 128}
+    )
+    assert attn.last_method == "flex"
+    options = next(iter(attn._block_masks.values()))[1]
+    assert options["BLOCKS_ARE_CONTIGUOUS"] and options["ROWS_GUARANTEED_SAFE"] and options["fwd_num_stages"] == 2
+    assert result.passed, f"{case}: {result.errors} > {result.tolerance}"

@@ -106,3 +106,69 @@ def test_auto_falls_back_to_gather_when_flex_fails(monkeypatch):
     forced = BlockSparseRingDilatedAttention([32], [1], block_size=8, method="flex")
     with pytest.raises(RuntimeError, match="no kernel for this GPU"):
         forced(q, q, q)
+
+
+def _flags(layout: torch.Tensor, causal: bool) -> dict:
+    from ring_blocksparse.flex import build_block_mask
+
+    _, flags = build_block_mask(
+        layout, seq_len=layout.shape[-1] * 8, num_heads=1, block_size=8, segment=1 << 20, causal=causal,
+        device=torch.device("cpu"),
+    )  # fmt: skip
+    return flags
+
+
+def test_safe_flags_follow_the_layout():
+    """ROWS_GUARANTEED_SAFE only when every query row has a key; BLOCKS_ARE_CONTIGUOUS only for one run per
+    row and per column (a band), causal or not."""
+    i = torch.arange(8)
+    band = ((i[:, None] - i[None, :]).abs() <= 1)[None]
+    assert _flags(band, False) == {"ROWS_GUARANTEED_SAFE": True, "BLOCKS_ARE_CONTIGUOUS": True}
+    assert _flags(band, True) == {"ROWS_GUARANTEED_SAFE": True, "BLOCKS_ARE_CONTIGUOUS": True}
+    random = build_pattern("random", density=0.4, seed=0).layout(64, 8)
+    assert _flags(random, False) == {"ROWS_GUARANTEED_SAFE": True, "BLOCKS_ARE_CONTIGUOUS": False}
+    empty_row = band.clone()
+    empty_row[0, 3] = False
+    assert _flags(empty_row, False)["ROWS_GUARANTEED_SAFE"] is False
+    # causal: a row whose only blocks lie above the diagonal sees nothing
+    upper = torch.zeros(1, 8, 8, dtype=torch.bool)
+    upper[0, :, 7] = True
+    assert _flags(upper, False)["ROWS_GUARANTEED_SAFE"] is True
+    assert _flags(upper, True)["ROWS_GUARANTEED_SAFE"] is False
+    gap = band.clone()
+    gap[0, 0, 5] = True  # row 0: blocks 0, 1 and 5: two runs
+    assert _flags(gap, False)["BLOCKS_ARE_CONTIGUOUS"] is False
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ([("BLOCK_M", 64)], TypeError, "kernel_options must be a dict"),
+        (
+            {"fwd_BLOCK_M": 48},
+            ValueError,
+            r"kernel_options\['fwd_BLOCK_M'\] must be a power of two dividing 128, got 48",
+        ),
+        ({"num_warps": 0}, ValueError, r"kernel_options\['num_warps'\] must be a positive int, got 0"),
+        ({"bwd_num_stages": 2.0}, ValueError, r"kernel_options\['bwd_num_stages'\] must be a positive int"),
+        ({"USE_TMA": 1}, ValueError, r"kernel_options\['USE_TMA'\] must be a bool, got 1"),
+    ],
+)
+def test_flex_kernel_options_are_validated(options, error, match):
+    with pytest.raises(error, match=match):
+        BlockSparseRingDilatedAttention([32], [1], block_size=8, flex_kernel_options=options)
+
+
+def test_flex_kernel_options_are_only_passed_on_cuda():
+    from ring_blocksparse.flex import kernel_options_for
+
+    attn = BlockSparseRingDilatedAttention(
+        [32], [1], block_size=8, pattern="local_window", window=16, method="flex",
+        flex_kernel_options={"fwd_num_stages": 2, "PRESCALE_QK": False},
+    )  # fmt: skip
+    assert attn.flex_kernel_options == {"fwd_num_stages": 2, "PRESCALE_QK": False}
+    q = torch.randn(1, 32, 2, 4, dtype=torch.float64)
+    with torch.no_grad():
+        attn(q, q, q)
+    assert attn.last_method == "flex"
+    assert kernel_options_for(q, {"ROWS_GUARANTEED_SAFE": True}, {"num_warps": 4}) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 import pytest
 import torch
@@ -52,9 +53,54 @@ def test_random_is_reproducible_and_seeded():
     assert per_head.shape == (3, 8, 8) and not torch.equal(per_head[0], per_head[1])
 
 
+@pytest.mark.parametrize(("n", "block", "density"), [(65536, 128, 0.1), (1000, 10, 0.25), (64, 8, 0.3), (40, 3, 0.2)])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_random_exact_density(n, block, density, per_head):
+    """Exactly round(density * nb^2) blocks, rows balanced (floor or ceil of density * nb), diagonal included."""
+    nb = -(-n // block)
+    pattern = build_pattern("random", density=density, seed=3, per_head=per_head)
+    layout = pattern.layout(n, block, num_heads=2)
+    assert layout.shape == (2 if per_head else 1, nb, nb)
+    rows = layout.sum(-1)
+    assert (rows.sum(-1) == round(density * nb * nb)).all()
+    assert rows.min() >= math.floor(density * nb) and rows.max() <= math.ceil(density * nb)
+    assert layout.diagonal(dim1=1, dim2=2).all()
+    assert abs(pattern.density(n, block) - density) <= 0.5 / nb**2
+    if per_head:
+        assert not torch.equal(layout[0], layout[1])
+
+
+def test_random_exact_tiny_density_keeps_the_diagonal():
+    """density * nb < 1: each row still has its diagonal block (density rises to 1/nb); without it, the total is exact."""
+    layout = build_pattern("random", density=0.05, seed=1).layout(40, 3)  # nb = 14
+    assert torch.equal(layout[0], torch.eye(14, dtype=torch.bool))
+    sparse = build_pattern("random", density=0.01, include_diagonal=False).layout(640, 10)
+    assert sparse.sum() == round(0.01 * 64 * 64) and (sparse.sum(-1) == 0).any()
+
+
+def test_random_exact_is_reproducible_on_every_rank():
+    """The layout depends on the seed only: not on the global RNG, not on earlier calls."""
+    pattern = build_pattern("random", density=0.1, seed=11)
+    torch.manual_seed(0)
+    a = pattern.layout(4096, 64)
+    torch.manual_seed(1)
+    torch.rand(100)
+    b = build_pattern("random", density=0.1, seed=11).layout(4096, 64)
+    c = build_pattern("random", density=0.1, seed=12).layout(4096, 64)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # exact=False: independent draws, approximate density (the old behaviour)
+    loose = build_pattern("random", density=0.25, seed=5, exact=False).layout(1000, 10)
+    assert loose.sum(-1).unique().numel() > 2 and abs(loose.float().mean().item() - 0.25) < 0.03
+
+
 @pytest.mark.parametrize(
     ("name", "options", "match"),
     [
+        ("random", {"density": 1.2}, r"density must be a float in \(0, 1\], got 1.2"),
+        ("random", {"density": 0.5, "exact": 1}, "exact must be a bool, got 1"),
+        ("random", {"density": 0.5, "include_diagonal": "no"}, "include_diagonal must be a bool"),
+        ("random", {"density": 0.5, "per_head": None}, "per_head must be a bool, got None"),
+        ("random", {"density": 0.5, "seed": 1.5}, "seed must be a non-negative int, got 1.5"),
         ("local_window", {"window": -1}, "window must be a positive int, got -1"),
         ("local_window", {"window": 8, "sliding": "yes"}, "sliding must be a bool"),
         ("dilated_sparse", {"dilation": 0}, "dilation must be a positive int, got 0"),

@@ -42,7 +42,7 @@ SPECS = {
         (1, 2),
         4,
         "random",
-        {"density": 0.2, "include_diagonal": False},
+        {"density": 0.2, "include_diagonal": False, "exact": False},
         True,
         False,
         "lse",

@@ -27,7 +27,7 @@ from ring_core.ring import Exchange, RingComm, RingCommStats
 from ring_core.sharding import check_divisible, check_layout, group_rank_and_size
 from ring_core.validation import check_dilated_config, check_dropout, check_qkv
 
-from .flex import build_block_mask, flex_block_sparse, flex_reasons
+from .flex import build_block_mask, check_kernel_options, flex_block_sparse, flex_reasons, kernel_options_for
 from .patterns import Pattern, build_pattern, check_block_layout, check_block_size
 from .plan import CAUSAL, MASKED, Group, Plan, build_plan
 
@@ -374,7 +374,9 @@ class BlockSparseRingDilatedAttention(nn.Module):
     ``"gather"`` (tiles gathered into dense blocks, the blockwise engine; everything,
     including the ring), ``"flex"`` (one FlexAttention kernel on a BlockMask; one process,
     one rate-1 branch, no padding/dropout; raises otherwise) or ``"auto"`` (flex on CUDA
-    when it applies, else gather). After each call,
+    when it applies, else gather). ``flex_kernel_options``: FlexAttention ``kernel_options``
+    (e.g. ``{"fwd_num_stages": 2}``) over the safe flags and tuned tiles the flex path
+    picks itself (:func:`ring_blocksparse.flex.kernel_options_for`). After each call,
     ``comm_stats`` holds the bytes this rank sent and received, and ``last_plan`` the plan.
     """
 
@@ -393,6 +395,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
         kernel: str | None = None,
         transposed_backward: bool = True,
         method: str = "auto",
+        flex_kernel_options: dict[str, Any] | None = None,
         **pattern_options: Any,
     ) -> None:
         super().__init__()
@@ -424,6 +427,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
         if method not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
         self.method = method
+        self.flex_kernel_options = check_kernel_options(flex_kernel_options)
         self.last_method: str | None = None
         self._block_masks: dict = {}
         self._flex_failed = False
@@ -509,9 +513,9 @@ class BlockSparseRingDilatedAttention(nn.Module):
         return out
 
     def _flex_forward(self, q, k, v, block_layout, causal: bool, scale: float) -> torch.Tensor:
-        key = (q.shape[1], q.shape[2], causal, str(q.device))
-        if key not in self._block_masks:
-            self._block_masks[key] = build_block_mask(
+        key = (q.shape[1], q.shape[2], q.shape[3], q.dtype, causal, str(q.device))
+        if key not in self._block_masks:  # built once per shape: no host work or sync on later calls
+            block_mask, flags = build_block_mask(
                 block_layout,
                 seq_len=q.shape[1],
                 num_heads=q.shape[2],
@@ -520,7 +524,9 @@ class BlockSparseRingDilatedAttention(nn.Module):
                 causal=causal,
                 device=q.device,
             )
-        return flex_block_sparse(q, k, v, self._block_masks[key], scale=scale)
+            self._block_masks[key] = block_mask, kernel_options_for(q, flags, self.flex_kernel_options)
+        block_mask, options = self._block_masks[key]
+        return flex_block_sparse(q, k, v, block_mask, scale=scale, kernel_options=options)
 
     def _use_flex(self, q: torch.Tensor, world: int, key_padding_mask, dropout_p: float, needs_grad: bool) -> bool:
         if self.method == "gather" or (self.method == "auto" and self._flex_failed):

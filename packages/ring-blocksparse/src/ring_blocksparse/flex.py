@@ -9,6 +9,12 @@ partial with a causal ``mask_mod``. Measured on an H200 (tools/bench_blocksparse
 this is several times faster than gathering tiles into dense blocks, so ``method="auto"``
 picks it on CUDA with one process. Everything else (dilation, padding, dropout, the
 ring) takes the gather path.
+
+Kernel options (``flex_attention(kernel_options=...)``): the block mask says which flags
+are safe (:func:`safe_flags`: ``ROWS_GUARANTEED_SAFE`` when every query row has an allowed
+key, ``BLOCKS_ARE_CONTIGUOUS`` when every row's and column's blocks are one run, e.g. a
+band), :data:`TUNED_OPTIONS` holds tile shapes measured on Hopper, and the caller's
+``kernel_options`` override both.
 """
 
 from __future__ import annotations
@@ -19,6 +25,13 @@ import torch
 
 FLEX_BLOCK = 128  # the BlockMask granularity used on CUDA
 _COMPILED: dict[str, Any] = {}
+
+# Tile shapes and pipelining for the fused kernels, by (compute capability major, dtype, head dim);
+# measured with tools/bench_blocksparse.py --sweep (docs/benchmarks/blocksparse-*.json).
+# Missing entries keep FlexAttention's own defaults.
+TUNED_OPTIONS: dict[tuple[int, torch.dtype, int], dict[str, Any]] = {}
+# Options whose value is a bool / a positive int (anything else is passed through unchecked).
+_BOOL_OPTIONS = ("PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS", "WRITE_DQ", "USE_TMA")
 
 
 def _flex_attention():
@@ -113,6 +126,7 @@ def build_block_mask(
 
     kv_num, kv_index = blocks(partial)
     full_num, full_index = blocks(full)
+    flags = safe_flags(full, partial)
     if device.type == "cuda":
         # the fused kernel visits only the listed blocks and skips mask_mod on full ones: the
         # partial blocks are whole allowed diagonal blocks, so causality is all that is left.
@@ -120,7 +134,7 @@ def build_block_mask(
         mask_mod = _causal if causal else None
     else:
         mask_mod = _token_mask(allowed, granularity, causal)
-    return BlockMask.from_kv_blocks(
+    block_mask = BlockMask.from_kv_blocks(
         kv_num,
         kv_index,
         full_num,
@@ -129,6 +143,57 @@ def build_block_mask(
         mask_mod=mask_mod,
         seq_lengths=(seq_len, seq_len),
     )
+    return block_mask, flags
+
+
+def _one_run(mask: torch.Tensor) -> bool:
+    """Whether the True entries of every row of ``mask`` (..., n, m) form at most one run."""
+    starts = mask.clone()
+    starts[..., 1:] &= ~mask[..., :-1]
+    return bool((starts.sum(-1) <= 1).all())
+
+
+def safe_flags(full: torch.Tensor, partial: torch.Tensor) -> dict[str, bool]:
+    """The FlexAttention flags this block mask makes safe (``full``/``partial``: bool (H, nq, nk)).
+
+    ``ROWS_GUARANTEED_SAFE``: every query row has a key (a partial block here is a causal
+    diagonal block, which always holds the query itself). ``BLOCKS_ARE_CONTIGUOUS``: the
+    kernels step to the next block without reading the index list, so every row's full
+    and partial blocks, and every column's (the backward walks columns), must be one run each.
+    """
+    rows_safe = bool((full | partial).any(-1).all())
+    contiguous = all(_one_run(m) and _one_run(m.transpose(-1, -2)) for m in (full, partial))
+    return {"ROWS_GUARANTEED_SAFE": rows_safe, "BLOCKS_ARE_CONTIGUOUS": contiguous}
+
+
+def check_kernel_options(options: Any) -> dict[str, Any]:
+    """Validate user ``kernel_options`` (a dict of FlexAttention options; ``fwd_``/``bwd_`` prefixes allowed)."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict) or not all(isinstance(key, str) for key in options):
+        raise TypeError(f"kernel_options must be a dict of FlexAttention option names to values, got {options!r}")
+    for key, value in options.items():
+        base = key.removeprefix("fwd_").removeprefix("bwd_")
+        if base in _BOOL_OPTIONS and not isinstance(value, bool):
+            raise ValueError(f"kernel_options[{key!r}] must be a bool, got {value!r}")
+        if (base.startswith("BLOCK_") or base in ("num_warps", "num_stages")) and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ValueError(f"kernel_options[{key!r}] must be a positive int, got {value!r}")
+        if base.startswith("BLOCK_") and (value & (value - 1) or FLEX_BLOCK % value):
+            raise ValueError(f"kernel_options[{key!r}] must be a power of two dividing {FLEX_BLOCK}, got {value}")
+    return dict(options)
+
+
+def kernel_options_for(q: torch.Tensor, flags: dict[str, bool], user: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What to pass as ``kernel_options``: safe flags, then tuned tiles for this GPU, then ``user``."""
+    if q.device.type != "cuda":
+        return None  # the eager (CPU) path takes none
+    major = torch.cuda.get_device_capability(q.device)[0]
+    options = {key: True for key, on in flags.items() if on}
+    options.update(TUNED_OPTIONS.get((major, q.dtype, q.shape[-1]), {}))
+    options.update(user or {})
+    return options or None
 
 
 def _causal(b, h, q_idx, kv_idx):
@@ -146,7 +211,15 @@ def _token_mask(allowed: torch.Tensor, granularity: int, causal: bool):
     return mask_mod
 
 
-def flex_block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, *, scale: float) -> torch.Tensor:
+def flex_block_sparse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask,
+    *,
+    scale: float,
+    kernel_options: dict[str, Any] | None = None,
+) -> torch.Tensor:
     """``(B, N, H, D)`` block-sparse attention through FlexAttention (compiled once on CUDA)."""
     flex = _flex_attention()
     if q.device.type == "cuda":
@@ -155,6 +228,6 @@ def flex_block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
         flex = _COMPILED["cuda"]
     out = flex(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scale,
-        enable_gqa=k.shape[2] != q.shape[2],
+        enable_gqa=k.shape[2] != q.shape[2], kernel_options=kernel_options,
     )  # fmt: skip
     return out.transpose(1, 2)

@@ -147,35 +147,74 @@ class GlobalLocal(Pattern):
 
 
 class Random(Pattern):
-    """Each (query block, key block) pair allowed with probability ``density``.
+    """Random key blocks at a given density, the same layout on every rank and every run.
 
-    Drawn from a CPU generator seeded with ``seed``: the same layout on every rank and
-    every run. The diagonal is always allowed (``include_diagonal``) so no row is empty;
+    Drawn from a CPU generator seeded with ``seed`` (never the global RNG), so every rank
+    builds the same layout without talking. With ``exact=True`` (the default) the layout
+    holds exactly ``T = round(density * nb * nb)`` allowed blocks (``nb = ceil(N / b)``),
+    spread over the query-block rows as evenly as possible (row ``i`` gets
+    ``(i + 1) * T // nb - i * T // nb`` blocks: ``floor`` or ``ceil`` of ``density * nb``),
+    so :meth:`density` is ``T / nb**2``, within ``0.5 / nb**2`` of ``density``. With
+    ``include_diagonal`` (default) each row's diagonal block is one of its blocks (at
+    least one per row, so no row is empty; this raises the density only when
+    ``density * nb < 1``). With ``exact=False`` each pair is allowed independently with
+    probability ``density`` (plus the diagonal): the density is only approximate.
     ``per_head`` draws one layout per head.
     """
 
     name = "random"
 
-    def __init__(self, density: float, seed: int = 0, include_diagonal: bool = True, per_head: bool = False) -> None:
+    def __init__(
+        self,
+        density: float,
+        seed: int = 0,
+        include_diagonal: bool = True,
+        per_head: bool = False,
+        exact: bool = True,
+    ) -> None:
         if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
             raise ValueError(f"pattern {self.name!r}: density must be a float in (0, 1], got {density!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"pattern {self.name!r}: seed must be a non-negative int, got {seed!r}")
+        for option, value in (("include_diagonal", include_diagonal), ("per_head", per_head), ("exact", exact)):
+            if not isinstance(value, bool):
+                raise ValueError(f"pattern {self.name!r}: {option} must be a bool, got {value!r}")
         self.target = float(density)
         self.seed = seed
-        self.include_diagonal = bool(include_diagonal)
-        self.per_head = bool(per_head)
+        self.include_diagonal = include_diagonal
+        self.per_head = per_head
+        self.exact = exact
+
+    def row_counts(self, nb: int) -> torch.Tensor:
+        """Allowed key blocks per query-block row (``exact=True``): ``(nb,)`` int64, summing to
+        ``round(density * nb**2)`` (or more where the diagonal lifts an empty row to one)."""
+        total = math.floor(self.target * nb * nb + 0.5)
+        i = torch.arange(nb + 1, dtype=torch.int64)
+        counts = torch.diff(i * total // nb)
+        return counts.clamp(min=1) if self.include_diagonal else counts
 
     def layout(self, seq_len: int, block_size: int, num_heads: int = 1) -> torch.Tensor:
         nb = num_blocks(seq_len, block_size)
         generator = torch.Generator().manual_seed(self.seed)
         heads = num_heads if self.per_head else 1
-        allowed = torch.rand(heads, nb, nb, generator=generator) < self.target
+        scores = torch.rand(heads, nb, nb, generator=generator)
+        eye = torch.eye(nb, dtype=torch.bool)
+        if not self.exact:
+            allowed = scores < self.target
+            return allowed | eye if self.include_diagonal else allowed
         if self.include_diagonal:
-            allowed |= torch.eye(nb, dtype=torch.bool)
-        return allowed
+            scores = scores.masked_fill(eye, -1.0)  # ranked first in its row
+        # rank of each key block in its row (stable: ties broken by index, so exactly k per row)
+        order = torch.argsort(scores, dim=-1, stable=True)
+        keep = (torch.arange(nb)[None, :] < self.row_counts(nb)[:, None]).expand(heads, nb, nb)
+        return torch.zeros(heads, nb, nb, dtype=torch.bool).scatter_(-1, order, keep)
 
     def describe(self) -> str:
+        if self.exact:
+            return (
+                f"random blocks, exactly round({self.target} * nb^2) of them, rows balanced (seed {self.seed}); "
+                f"density = {self.target} to within 0.5/nb^2"
+            )
         return f"random blocks with probability {self.target} (seed {self.seed}); density ~ {self.target}"
 
 
