@@ -46,25 +46,55 @@ from ring_flash.kernels import SDPACuDNNKernel, all_kernels
 FWD_BWD = 3.5
 SEGMENTS, RATES = [2048, 4096, 8192], [1, 2, 4]
 SECTIONS = ("kernels", "dilated", "dense", "memory", "accuracy")
-DEVICE = "cuda"  # the smoke test in tests/flash runs the sections on the CPU
+DEVICE = "cuda"
 
 
 def timed(step: Callable[[], object], iters: int, warmup: int = 2, repeats: int = 3) -> float:
     """Milliseconds per ``step`` in steady state: ``iters`` steps back to back (as in training),
-    median over ``repeats`` (CUDA events; one synchronisation per repeat)."""
+    median over ``repeats`` (CUDA events; one synchronisation per repeat). The host's time to
+    issue one step (Python, launches) is left in ``timed.host_ms``."""
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
-    times = []
+    times, host = [], []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        begin = time.perf_counter()
         for _ in range(iters):
             step()
+        host.append((time.perf_counter() - begin) * 1e3 / iters)
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / iters)
+    timed.host_ms = statistics.median(host)
     return statistics.median(times)
+
+
+def graphed_on_first_call(step: Callable[[], object]) -> Callable[[], object]:
+    """``step`` captured in a CUDA graph on its first call, then replayed."""
+    replay = None
+
+    def run():
+        nonlocal replay
+        replay = replay or graphed(step)
+        return replay()
+
+    return run
+
+
+def graphed(step: Callable[[], object]) -> Callable[[], object]:
+    """``step`` captured once in a CUDA graph and replayed: its GPU time without host overhead."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def profile_step(step: Callable[[], object], top: int = 12) -> list[dict]:
@@ -186,6 +216,8 @@ def bench_dilated(args) -> dict:
             "ring_dilated_flash, torch merges": without_triton(fwd_bwd(partial(ours, is_causal=causal), q, k, v, dout)),
             "core engine (dilated)": fwd_bwd(partial(engine, is_causal=causal), q, k, v, dout),
         }
+        for name in ("bare cuDNN calls", "ring_dilated_flash"):  # GPU time alone (no host overhead)
+            candidates[f"{name} (CUDA graph)"] = graphed_on_first_call(candidates[name])
         bare_ms = None
         for name, step in candidates.items():
             torch.cuda.empty_cache()
@@ -201,7 +233,7 @@ def bench_dilated(args) -> dict:
             bare_ms = ms if bare_ms is None else bare_ms
             rows.append({
                 "name": name, "causal": causal, "kernel": kernel, "ms": ms, "tflops": tflops(pairs, d, ms),
-                "bare_over_ours": bare_ms / ms, "extra_peak_gib": peak,
+                "bare_over_ours": bare_ms / ms, "extra_peak_gib": peak, "host_ms": timed.host_ms,
             })  # fmt: skip
             if args.profile and name in ("bare cuDNN calls", "ring_dilated_flash", "ring_dilated_flash, overlap"):
                 profiles[f"{name}, {'causal' if causal else 'full'}"] = profile_step(step)
@@ -244,6 +276,11 @@ def bench_dense(args) -> dict:
                 "N": n, "causal": causal, "sdpa_cudnn_ms": s, "ours_ms": o, "ours_over_sdpa": o / s,
                 "sdpa_tflops": tflops(pairs, d, s), "ours_tflops": tflops(pairs, d, o),
             })  # fmt: skip
+            if args.profile:  # GPU time alone, and the host's time per step
+                for name, step in (("sdpa", sdpa_step), ("ours", ours_step)):
+                    rows[-1][f"{name}_graph_ms"] = timed(graphed_on_first_call(step), args.iters)
+                    timed(step, args.iters)
+                    rows[-1][f"{name}_host_ms"] = timed.host_ms
             if args.profile and n == min(args.dense_lens):
                 for name, step in (("SDPA cuDNN", sdpa_step), ("ring_dilated_flash", ours_step)):
                     profiles[f"dense N={n} {'causal' if causal else 'full'}, {name}"] = profile_step(step)
@@ -274,12 +311,14 @@ def bench_memory(args) -> dict:
             torch.cuda.synchronize()
             begin = time.perf_counter()
             out = attn(q, k, v)
+            forward_peak = torch.cuda.max_memory_allocated() / 2**30
             grads = torch.autograd.grad(out, (q, k, v), dout)
             torch.cuda.synchronize()
             seconds = time.perf_counter() - begin
             ok = all(torch.isfinite(g).all().item() for g in (out, *grads))
             del out, grads
-            return {"N": n, "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "seconds": seconds, "finite": ok}
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            return {"N": n, "peak_gib": peak, "forward_peak_gib": forward_peak, "seconds": seconds, "finite": ok}
         except torch.OutOfMemoryError:
             return None
         finally:
@@ -425,7 +464,8 @@ def summary(report: dict) -> str:
     rows = []
     for r in report.get("dilated", {}).get("rows", []):
         if "ms" in r:
-            rows.append(("dilated 64K", r["name"], "causal" if r["causal"] else "full", f"{r['ms']:.2f} ms",
+            rows.append(("dilated 64K", r["name"], "causal" if r["causal"] else "full",
+                         f"{r['ms']:.2f} ms (host {r.get('host_ms', float('nan')):.2f})",
                          f"{r['tflops']:.0f} TF/s", f"bare/ours {r['bare_over_ours']:.3f}"))  # fmt: skip
         else:
             rows.append(("dilated 64K", r["name"], "causal" if r["causal"] else "full", "error", r["error"][:60], ""))
@@ -433,6 +473,11 @@ def summary(report: dict) -> str:
         rows.append((f"dense N={r['N']}", "ours vs SDPA cuDNN", "causal" if r["causal"] else "full",
                      f"{r['ours_ms']:.2f} / {r['sdpa_cudnn_ms']:.2f} ms", f"{r['ours_tflops']:.0f} TF/s",
                      f"ours/sdpa {r['ours_over_sdpa']:.3f}"))  # fmt: skip
+        if "ours_graph_ms" in r:
+            rows.append((f"dense N={r['N']}", "CUDA graphs: ours vs SDPA", "causal" if r["causal"] else "full",
+                         f"{r['ours_graph_ms']:.2f} / {r['sdpa_graph_ms']:.2f} ms",
+                         f"host {r['ours_host_ms']:.2f} / {r['sdpa_host_ms']:.2f} ms",
+                         f"ours/sdpa {r['ours_graph_ms'] / r['sdpa_graph_ms']:.3f}"))  # fmt: skip
     for name in SECTIONS:
         if "error" in report.get(name, {}):
             lines.append(f"{name}: ERROR {report[name]['error'][:200]}")

@@ -181,6 +181,22 @@ def test_triton_merge_equals_torch_merge(dtype, monkeypatch):
         assert torch.isfinite(triton).all()
 
 
+def test_triton_merge_of_three_pairs_in_one_launch():
+    from ring_flash.merge import merge_blocks
+
+    grads = [torch.randn(1, 64, 8, 32, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    blocks = [torch.randn(1, 2, 16, 4, 32, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    for accumulate in (False, True):
+        expected = [g.clone() for g in grads]
+        for g, b in zip(expected, blocks):
+            view = g[:, 1::2, ::2].unflatten(1, (2, 16))
+            view.add_(b) if accumulate else view.copy_(b)
+        merged = [g.clone() for g in grads]
+        merge_blocks([g[:, 1::2, ::2].unflatten(1, (2, 16)) for g in merged], blocks, accumulate=accumulate)
+        for got, want in zip(merged, expected):
+            assert rel(got, want) < 4e-3
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_high_precision_on_cuda_uses_exact_kernels(dtype):
     case = CASES[3]

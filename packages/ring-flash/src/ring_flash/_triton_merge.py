@@ -8,10 +8,21 @@ import triton.language as tl
 def merge_kernel(
     dst, src, src_lse, lse, rows, n1, n2, n3,
     ds0, ds1, ds2, ds3, ss0, ss1, ss2, ss3, bs0, bs1, bs2, bs3, ls0, ls1, ls2, ls3,
-    width,
+    width, dst_shift1, dst_shift2, src_shift1, src_shift2,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACCUMULATE: tl.constexpr, WEIGHTED: tl.constexpr,
 ):  # fmt: skip
-    """Rows ``(i0, i1, i2, i3)`` of ``width`` contiguous elements: ``dst (+)= src * weight``."""
+    """Rows ``(i0, i1, i2, i3)`` of ``width`` contiguous elements: ``dst (+)= src * weight``.
+
+    Program axis 1 picks one of up to three tensor pairs laid out alike: pair ``j``
+    starts ``dst_shift<j>`` / ``src_shift<j>`` elements after the first pair.
+    """
+    pair = tl.program_id(1)
+    if pair == 1:
+        dst += dst_shift1
+        src += src_shift1
+    elif pair == 2:
+        dst += dst_shift2
+        src += src_shift2
     row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = row < rows
     i3 = row % n3

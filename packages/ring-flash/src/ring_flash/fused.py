@@ -32,7 +32,7 @@ import torch
 from ring_core.dilated import Branch, Part, branches, dilated_parts
 from ring_core.kernels import KernelBackend
 
-from .merge import merge_block
+from .merge import merge_block, merge_blocks
 
 # Query rows (positions x heads x batch) per kernel call; bigger blocks are cut by segments.
 # 2**20 rows of D=128 in bf16 are 256 MiB per tensor: chunk temporaries stay small at 4M tokens.
@@ -131,7 +131,7 @@ class _FusedDilated(torch.autograd.Function):
                 out = (torch.empty if writes else torch.zeros)(b, n, h, dv_, dtype=out_dtype, device=q.device)
             merge_block(part.view(out), o, accumulate=not write, **weights)
         del blocks
-        ctx.plan = plan
+        ctx.plan, ctx.calls, ctx.writes = plan, calls, writes
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mark_non_differentiable(lse)
         return out.to(q.dtype), lse
@@ -142,8 +142,7 @@ class _FusedDilated(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         out = out.to(q.dtype)
         dout = dout.contiguous()
-        calls = _plan_parts(plan, q, k)
-        writes = sum(1 for _, write in calls if write)
+        calls, writes = ctx.calls, ctx.writes
         groups = q.shape[2] // k.shape[2]
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         grad_dtype = acc if plan.accumulate_fp32 else q.dtype
@@ -164,12 +163,15 @@ class _FusedDilated(torch.autograd.Function):
                 for block in (bq, bk, bv):
                     block.record_stream(side)
             with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                if not owned_q:
-                    merge_block(part.view(dq), bq.unflatten(0, part.view(dq).shape[:2]), accumulate=not write)
-                if not owned_k:
-                    _add_kv(dk, part, bk, write and groups == 1)
-                if not owned_v:
-                    _add_kv(dv, part, bv, write and groups == 1)
+                merges = [(part.view(dq), bq, write)] if not owned_q else []
+                for grad, block, owned in ((dk, bk, owned_k), (dv, bv, owned_v)):
+                    if owned:
+                        continue
+                    if isinstance(part.kv_heads, slice):  # no grouped-query heads: kv heads are the query heads
+                        merges.append((part.kv_view(grad), block, write))
+                    else:  # grouped-query heads: several query heads add into one kv head
+                        part.add_kv_grad(grad, block)
+                _write_or_add(merges)
             del bq, bk, bv  # before the next call allocates its own
         if side is not None:
             main.wait_stream(side)
@@ -203,13 +205,12 @@ def _gradient(grad, shape, part, block, write, writes, dtype) -> tuple[torch.Ten
     return (torch.empty if write else torch.zeros)(shape, dtype=dtype, device=block.device), False
 
 
-def _add_kv(grad: torch.Tensor, part: Part, block: torch.Tensor, write: bool) -> None:
-    """Write (``write``: no GQA, kv heads are the query heads) or add a key/value block gradient."""
-    if write or isinstance(part.kv_heads, slice):
-        view = part.kv_view(grad)
-        merge_block(view, block.unflatten(0, view.shape[:2]), accumulate=not write)
-    else:  # grouped-query heads: several query heads add into one kv head
-        part.add_kv_grad(grad, block)
+def _write_or_add(merges: list[tuple[torch.Tensor, torch.Tensor, bool]]) -> None:
+    """Each ``(view, block, write)``: copy (``write``) or add the kernel's block into the view; alike ones at once."""
+    for write in (True, False):
+        pairs = [(view, block.unflatten(0, view.shape[:2])) for view, block, w in merges if w == write]
+        if pairs:
+            merge_blocks([view for view, _ in pairs], [block for _, block in pairs], accumulate=not write)
 
 
 def fused_dilated_attention(

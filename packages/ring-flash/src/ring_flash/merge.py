@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -39,11 +40,10 @@ def merge_block(
     ``dst`` and ``src`` have the same shape ``(..., D)`` (any strides; ``dst`` may be
     ``src`` itself); ``src_lse`` and ``lse`` have shape ``dst.shape[:-1]``.
     """
-    weighted = lse is not None
-    if _use_triton(dst, src, src_lse, lse):
-        _merge_triton(dst, src, accumulate, src_lse, lse)
+    if _use_triton([dst], [src], src_lse, lse):
+        _merge_triton([dst], [src], accumulate, src_lse, lse)
         return
-    if not weighted:
+    if lse is None:
         dst.add_(src) if accumulate else dst.copy_(src)
         return
     safe = lse.masked_fill(torch.isinf(lse), 0.0)
@@ -51,43 +51,59 @@ def merge_block(
     dst.addcmul_(src, weight) if accumulate else dst.copy_(src * weight)
 
 
-def _use_triton(dst, src, src_lse, lse) -> bool:
-    tensors = [t for t in (src_lse, lse) if t is not None]
+def merge_blocks(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], *, accumulate: bool) -> None:
+    """:func:`merge_block` without weights for several pairs (``dq, dk, dv``), one launch where they are alike."""
+    alike = (
+        len(dsts) <= 3
+        and len({(d.shape, d.stride(), d.dtype) for d in dsts}) == 1
+        and len({(s.shape, s.stride(), s.dtype) for s in srcs}) == 1
+        and all(_shift(x, xs[0]) is not None for xs in (dsts, srcs) for x in xs)
+    )
+    if alike and _use_triton(dsts, srcs, None, None):
+        _merge_triton(dsts, srcs, accumulate, None, None)
+        return
+    for dst, src in zip(dsts, srcs):
+        merge_block(dst, src, accumulate=accumulate)
+
+
+def _shift(x: torch.Tensor, first: torch.Tensor) -> int | None:
+    """Elements from ``first``'s start to ``x``'s (``None`` unless a whole number of elements)."""
+    delta = x.data_ptr() - first.data_ptr()
+    return None if delta % x.element_size() else delta // x.element_size()
+
+
+def _use_triton(dsts, srcs, src_lse, lse) -> bool:
     return (
-        dst.is_cuda
-        and dst.dim() - 1 <= _MAX_DIMS
-        and dst.dtype in _TRITON_DTYPES
-        and src.dtype in _TRITON_DTYPES
-        and dst.stride(-1) == 1
-        and src.stride(-1) == 1
-        and all(t.dtype == torch.float32 for t in tensors)
+        all(x.is_cuda and x.dtype in _TRITON_DTYPES and x.stride(-1) == 1 for x in (*dsts, *srcs))
+        and dsts[0].dim() - 1 <= _MAX_DIMS
+        and all(t.dtype == torch.float32 for t in (src_lse, lse) if t is not None)
         and triton_enabled()
     )
 
 
-def _row_strides(x: torch.Tensor) -> list[int]:
-    """Strides of the leading dims, padded in front to :data:`_MAX_DIMS`."""
-    strides = list(x.stride()[: len(x.shape) - 1]) if x.dim() > 1 else []
-    return [0] * (_MAX_DIMS - len(strides)) + strides
+def _padded(values: Sequence[int]) -> list[int]:
+    """Sizes or strides of the leading dims, padded in front to :data:`_MAX_DIMS`."""
+    return [0] * (_MAX_DIMS - len(values)) + list(values)
 
 
-def _merge_triton(dst, src, accumulate, src_lse, lse) -> None:
+def _merge_triton(dsts, srcs, accumulate, src_lse, lse) -> None:
     from ._triton_merge import merge_kernel
 
-    shape = list(dst.shape[:-1])
-    sizes = [1] * (_MAX_DIMS - len(shape)) + shape
+    dst, src = dsts[0], srcs[0]
     rows, width = dst.numel() // max(1, dst.shape[-1]), dst.shape[-1]
     if rows == 0 or width == 0:
         return
+    sizes = [1] * (_MAX_DIMS - dst.dim() + 1) + list(dst.shape[:-1])
     weighted = lse is not None
-    src_lse_strides = [0] * (_MAX_DIMS - src_lse.dim()) + list(src_lse.stride()) if weighted else [0] * _MAX_DIMS
-    lse_strides = [0] * (_MAX_DIMS - lse.dim()) + list(lse.stride()) if weighted else [0] * _MAX_DIMS
+    lse_strides = _padded(src_lse.stride()) + _padded(lse.stride()) if weighted else [0] * (2 * _MAX_DIMS)
+    shifts = [_shift(x, xs[0]) for xs in (dsts, srcs) for x in xs[1:]]
+    shifts = shifts[: len(dsts) - 1] + [0] * (3 - len(dsts)) + shifts[len(dsts) - 1 :] + [0] * (3 - len(dsts))
     block_d = max(16, 1 << (width - 1).bit_length())
     block_r = max(1, 4096 // block_d)
-    grid = ((rows + block_r - 1) // block_r,)
+    grid = ((rows + block_r - 1) // block_r, len(dsts))
     with torch.cuda.device(dst.device) if dst.is_cuda else contextlib.nullcontext():  # CPU: TRITON_INTERPRET=1
         merge_kernel[grid](
             dst, src, src_lse if weighted else dst, lse if weighted else dst, rows, *sizes[1:],
-            *_row_strides(dst), *_row_strides(src), *src_lse_strides, *lse_strides, width,
+            *_padded(dst.stride()[:-1]), *_padded(src.stride()[:-1]), *lse_strides, width, *shifts,
             BLOCK_R=block_r, BLOCK_D=block_d, ACCUMULATE=accumulate, WEIGHTED=weighted, num_warps=4,
         )  # fmt: skip
