@@ -5,8 +5,7 @@ Sections (bf16, one card, forward+backward unless said):
 - ``kernels``: every available backend on one segmented batch (32 x 2048, H=16, D=128):
   measured order next to the registered priorities.
 - ``dilated``: segments [2048, 4096, 8192], rates [1, 2, 4], N=65536, B=1, H=16, D=128,
-  causal and not: ``ring_dilated_flash`` (Triton merges; with the backward adds on a
-  second stream; with torch merges), core's engine with the same kernel, against the bare SDPA cuDNN calls on tensors
+  causal and not: ``ring_dilated_flash`` (Triton merges; with torch merges), core's engine with the same kernel, against the bare SDPA cuDNN calls on tensors
   already laid out as ``(B*N/w, w/r, H, D)`` (no gather, scatter or merge). Ratio
   bare/ours (target >= 0.90), useful TFLOP/s (only the pairs the pattern allows).
 - ``dense``: ``segment_lengths=[N]``, rate 1 against plain SDPA cuDNN (target <= 1.03).
@@ -206,13 +205,10 @@ def bench_dilated(args) -> dict:
         dout = randn(1, n, h, d, seed=3)
         kernel = ring_core.select_kernel(RingDilatedAttentionFlash.request(q, k, causal)).name
         ours = RingDilatedAttentionFlash(SEGMENTS, RATES)
-        overlapped = RingDilatedAttentionFlash(SEGMENTS, RATES)
-        overlapped.overlap = True
         engine = ring_core.DilatedAttention(SEGMENTS, RATES, kernel=kernel)
         candidates = {
             "bare cuDNN calls": bare_cudnn_step(n, h, d, causal),
             "ring_dilated_flash": fwd_bwd(partial(ours, is_causal=causal), q, k, v, dout),
-            "ring_dilated_flash, overlap": fwd_bwd(partial(overlapped, is_causal=causal), q, k, v, dout),
             "ring_dilated_flash, torch merges": without_triton(fwd_bwd(partial(ours, is_causal=causal), q, k, v, dout)),
             "core engine (dilated)": fwd_bwd(partial(engine, is_causal=causal), q, k, v, dout),
         }
@@ -235,7 +231,7 @@ def bench_dilated(args) -> dict:
                 "name": name, "causal": causal, "kernel": kernel, "ms": ms, "tflops": tflops(pairs, d, ms),
                 "bare_over_ours": bare_ms / ms, "extra_peak_gib": peak, "host_ms": timed.host_ms,
             })  # fmt: skip
-            if args.profile and name in ("bare cuDNN calls", "ring_dilated_flash", "ring_dilated_flash, overlap"):
+            if args.profile and name in ("bare cuDNN calls", "ring_dilated_flash"):
                 profiles[f"{name}, {'causal' if causal else 'full'}"] = profile_step(step)
         del q, k, v, dout
     return {

@@ -30,8 +30,6 @@ class RingDilatedAttentionFlash(RingDilatedAttention):
     :class:`ring_core.RingDilatedAttention`'s forward, errors naming this class).
     """
 
-    overlap = False  # backward adds on a second CUDA stream; see ring_flash.fused
-
     def forward(
         self,
         q: torch.Tensor,
@@ -54,15 +52,8 @@ class RingDilatedAttentionFlash(RingDilatedAttention):
             )
         check_qkv(q, k, v, key_padding_mask)
         backend = select_kernel(self.request(q, k, is_causal, key_padding_mask), self.kernel)
-        out, _ = fused_dilated_attention(
-            q,
-            k,
-            v,
-            backend=backend,
-            scale=default_scale(q.shape[-1], self.softmax_scale),
-            overlap=self.overlap,
-            **config,
-        )
+        scale = default_scale(q.shape[-1], self.softmax_scale)
+        out, _ = fused_dilated_attention(q, k, v, backend=backend, scale=scale, **config)
         return out
 
     @staticmethod

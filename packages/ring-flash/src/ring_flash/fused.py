@@ -12,8 +12,9 @@ offset over all its segments, strided views, no gather for ``q``), but:
 - backward writes each kernel's ``dq, dk, dv`` straight into the gradients (the
   covering block takes ownership of its tensors, others add into strided views);
 - every write into a strided view is one pass (:func:`ring_flash.merge.merge_block`,
-  a Triton kernel on CUDA); with ``overlap`` the backward's adds run on a second
-  CUDA stream while the next kernel call computes;
+  a Triton kernel on CUDA; a call's ``dq, dk, dv`` in one launch). Running the
+  backward's adds on a second stream beside the next kernel call was measured no
+  faster on an H100 (the kernels fill the GPU), so everything stays on one stream;
 - blocks larger than :data:`MAX_ROWS` query rows are cut into chunks of segments,
   so peak memory stays a fixed multiple of the inputs at any length.
 
@@ -22,7 +23,6 @@ Exact like the engine: float64 inputs give float64 results to rounding.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -50,7 +50,6 @@ class FusedPlan:
     key_padding_mask: torch.Tensor | None
     accumulate_fp32: bool = False
     max_rows: int = MAX_ROWS
-    overlap: bool = False  # backward adds on a second CUDA stream, beside the next kernel call
 
 
 def _heads(part: Part, num_heads: int) -> int:
@@ -146,8 +145,6 @@ class _FusedDilated(torch.autograd.Function):
         groups = q.shape[2] // k.shape[2]
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         grad_dtype = acc if plan.accumulate_fp32 else q.dtype
-        main = torch.cuda.current_stream(q.device) if plan.overlap and q.is_cuda else None
-        side = _side_stream(q.device) if main is not None else None
         dq = dk = dv = None
         for part, write in calls:
             bq, bk, bv = plan.backend.backward(
@@ -158,33 +155,17 @@ class _FusedDilated(torch.autograd.Function):
             dq, owned_q = _gradient(dq, q.shape, part, bq, write, writes, grad_dtype)
             dk, owned_k = _gradient(dk, k.shape, part, bk, write and groups == 1, writes, grad_dtype)
             dv, owned_v = _gradient(dv, v.shape, part, bv, write and groups == 1, writes, grad_dtype)
-            if side is not None:  # the adds wait for this call's kernel, the next call does not wait for them
-                side.wait_stream(main)
-                for block in (bq, bk, bv):
-                    block.record_stream(side)
-            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                merges = [(part.view(dq), bq, write)] if not owned_q else []
-                for grad, block, owned in ((dk, bk, owned_k), (dv, bv, owned_v)):
-                    if owned:
-                        continue
-                    if isinstance(part.kv_heads, slice):  # no grouped-query heads: kv heads are the query heads
-                        merges.append((part.kv_view(grad), block, write))
-                    else:  # grouped-query heads: several query heads add into one kv head
-                        part.add_kv_grad(grad, block)
-                _write_or_add(merges)
+            merges = [(part.view(dq), bq, write)] if not owned_q else []
+            for grad, block, owned in ((dk, bk, owned_k), (dv, bv, owned_v)):
+                if owned:
+                    continue
+                if isinstance(part.kv_heads, slice):  # no grouped-query heads: kv heads are the query heads
+                    merges.append((part.kv_view(grad), block, write))
+                else:  # grouped-query heads: several query heads add into one kv head
+                    part.add_kv_grad(grad, block)
+            _write_or_add(merges)
             del bq, bk, bv  # before the next call allocates its own
-        if side is not None:
-            main.wait_stream(side)
         return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
 
 
 def _overlap(branch_list: Sequence[Branch]) -> bool:
@@ -227,7 +208,6 @@ def fused_dilated_attention(
     key_padding_mask: torch.Tensor | None = None,
     accumulate_fp32: bool = False,
     max_rows: int = MAX_ROWS,
-    overlap: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dilated attention through ``backend``; returns ``out`` (B, N, H, D) and ``lse`` (B, N, H).
 
@@ -235,6 +215,6 @@ def fused_dilated_attention(
     """
     plan = FusedPlan(
         backend, scale, branches(segment_lengths, dilation_rates, merge, q.shape[2]), is_causal,
-        key_padding_mask, accumulate_fp32, max_rows, overlap,
+        key_padding_mask, accumulate_fp32, max_rows,
     )  # fmt: skip
     return _FusedDilated.apply(plan, q, k, v)
