@@ -29,7 +29,8 @@ gather path (dilated, per-head random, causal, GQA) and of the flex path (with t
 options used) against the float64 reference. ``--sweep`` instead times FlexAttention
 kernel options at the target density (each candidate changes forward and backward tiles
 at once; the forward time ranks forward options, forward+backward minus forward ranks the
-backward's) and writes the best combination as ``best_options``. JSON is rewritten after
+backward's; one row per candidate and pattern in ``results``) and writes the best combination as
+``best_options``. JSON is rewritten after
 every measurement, so a run cut short keeps what it measured; ``--replot`` redraws the plot
 from it where matplotlib is installed.
 """
@@ -285,8 +286,8 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps(record, indent=2))
 
     previous = json.loads(Path(args.json).read_text()) if args.sweep and Path(args.json).exists() else {}
-    if previous.get("sweep") and previous.get("dense"):  # --sweep --candidates ...: add to an earlier sweep
-        record.update(sweep=previous["sweep"], dense=previous["dense"], commands=previous.get("commands", []))
+    if previous.get("mode") == "sweep" and previous.get("dense"):  # --sweep --candidates ...: add to an earlier sweep
+        record.update(results=previous["results"], dense=previous["dense"], commands=previous.get("commands", []))
         record["commands"].append(previous["command"])
     if args.check:
         record["check"] = check_small(device, dtype, kernel_options)
@@ -372,7 +373,7 @@ def main(argv=None) -> int:
 
     target = args.target_density
     if args.sweep:
-        record.setdefault("sweep", [])
+        record["mode"] = "sweep"  # results: one row per (candidate, pattern)
         for name in args.candidates or list(SWEEP):
             options = SWEEP[name]
             for kind in args.patterns:
@@ -382,14 +383,14 @@ def main(argv=None) -> int:
                 row = measure("flex", kind, target, False, options)
                 row["candidate"] = name
                 print(f"  ^ candidate {name}")
-                record["sweep"].append(row)
-                record["best_options"] = best_options(record["sweep"])
+                record["results"].append(row)
+                record["best_options"] = best_options(record["results"])
                 save()
         print("best options:", record.get("best_options"))
         print(
             f"\n{title}\n{'candidate':24s} {'pattern':8s} {'fwd ms':>8s} {'bwd ms':>8s} {'fwd+bwd':>8s} {'ratio':>7s}"
         )
-        for r in record["sweep"]:
+        for r in record["results"]:
             if "error" in r:
                 print(f"{r['candidate']:24s} {r['pattern']:8s} ERROR {r['error'][:70]}")
             else:
