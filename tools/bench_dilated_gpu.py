@@ -22,6 +22,7 @@ table last.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -318,14 +319,16 @@ def bench_memory(args) -> dict:
             grads = torch.autograd.grad(out, (q, k, v), dout)
             torch.cuda.synchronize()
             seconds = time.perf_counter() - begin
-            ok = all(torch.isfinite(g).all().item() for g in (out, *grads))
-            del out, grads
             peak = torch.cuda.max_memory_allocated() / 2**30
+            # in pieces: isfinite of a whole bf16 tensor makes temporaries twice its size
+            ok = all(torch.isfinite(c).all().item() for g in (out, *grads) for c in g.flatten().split(1 << 26))
+            del out, grads
             return {"N": n, "peak_gib": peak, "forward_peak_gib": forward_peak, "seconds": seconds, "finite": ok}
         except torch.OutOfMemoryError:
             return None
         finally:
             del tensors
+            gc.collect()  # an out-of-memory traceback keeps the failed attempt's tensors in a cycle
             torch.cuda.empty_cache()
 
     target, step = args.memory_target, args.memory_step

@@ -164,7 +164,7 @@ class _FusedDilated(torch.autograd.Function):
                 else:  # grouped-query heads: several query heads add into one kv head
                     part.add_kv_grad(grad, block)
             _write_or_add(merges)
-            del bq, bk, bv  # before the next call allocates its own
+            del bq, bk, bv, merges  # before the next call allocates its own
         return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
