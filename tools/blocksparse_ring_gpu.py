@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from bench_blocksparse import layout_for
+from multigpu import global_error
 from ring_blocksparse import BlockSparseRingDilatedAttention
 from ring_core import reference_attention
 from ring_core.sharding import shard_positions, shard_sequence
@@ -88,26 +89,15 @@ def log(rank: int, text: str) -> None:
     print(f"[rank {rank}] {text}", flush=True)
 
 
-def _global_error(parts, device) -> float:
-    sums = torch.zeros(2, dtype=torch.float64, device=device)
-    for actual, reference in parts:
-        if not torch.isfinite(actual).all():
-            sums[0] += float("inf")
-        sums[0] += (actual.double() - reference.double()).pow(2).sum()
-        sums[1] += reference.double().pow(2).sum()
-    dist.all_reduce(sums)
-    return (sums[0].sqrt() / sums[1].sqrt()).item()
-
-
 def _errors(rank, world, device, layout, out, grads, ref, ref_grads, ring: bool) -> dict:
     """Global errors of (out, dq, dk, dv): ring pieces are this rank's rows; single-GPU runs compare all rows
     (every rank ran the same thing: the sums are averaged by the all-reduce's ratio)."""
     n = ref.shape[1]
     rows = torch.as_tensor(shard_positions(n, rank, world, layout), device=device) if ring else None
     pick = (lambda x: x.index_select(1, rows)) if ring else (lambda x: x)
-    errors = {"out": _global_error([(out, pick(ref))], device)}
+    errors = {"out": global_error([(out, pick(ref))], device)}
     for name, grad, expected in zip(("dq", "dk", "dv"), grads, ref_grads):
-        errors[name] = _global_error([(grad, pick(expected))], device)
+        errors[name] = global_error([(grad, pick(expected))], device)
     return errors
 
 

@@ -37,6 +37,19 @@ def log(rank: int, message: str) -> None:
         print(f"[{time.monotonic() - _T0:7.1f} s] {message}", file=sys.stderr, flush=True)
 
 
+def global_error(parts: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> float:
+    """sqrt(sum ||a - r||^2) / sqrt(sum ||r||^2) over this rank's pieces and all ranks (inf if any is not finite)."""
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for actual, reference in parts:
+        if not torch.isfinite(actual).all():
+            sums[0] += float("inf")
+        sums[0] += (actual.double() - reference.double()).pow(2).sum()
+        sums[1] += reference.double().pow(2).sum()
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    return (sums[0].sqrt() / sums[1].sqrt()).item()
+
+
 def max_over_ranks(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     if dist.is_initialized():

@@ -27,11 +27,10 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import multigpu
-from multigpu import flops_per_gpu, log, median_ms
+from multigpu import flops_per_gpu, global_error, log, median_ms
 
 ACCURACY_CASES = [  # name, segments, rates, layout, causal (segments relative to N)
     ("dense causal zigzag", None, [1], "zigzag", True),
@@ -44,19 +43,6 @@ TIMING_CASES = [  # name, segments (None: dense), rates, layout, causal, compare
     ("dense non-causal", None, [1], "contiguous", False, True),
     ("dilated [2048,8192,32768] r[1,2,4]", [2048, 8192, 32768], [1, 2, 4], "contiguous", False, False),
 ]
-
-
-def _global_error(parts: list[tuple[torch.Tensor, torch.Tensor]], device) -> float:
-    """sqrt(sum ||a - r||^2) / sqrt(sum ||r||^2) over this rank's pieces and all ranks."""
-    sums = torch.zeros(2, dtype=torch.float64, device=device)
-    for actual, reference in parts:
-        if not torch.isfinite(actual).all():
-            sums[0] += float("inf")
-        sums[0] += (actual.double() - reference.double()).pow(2).sum()
-        sums[1] += reference.double().pow(2).sum()
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-    return (sums[0].sqrt() / sums[1].sqrt()).item()
 
 
 def accuracy(rank: int, world_size: int, device: torch.device, quick: bool) -> list[dict]:
@@ -86,8 +72,8 @@ def accuracy(rank: int, world_size: int, device: torch.device, quick: bool) -> l
         module = RingDilatedAttention(**config, layout=layout)
         out = module(*local, is_causal=causal)
         out.backward(shard(dout).to(dtype))
-        err_out = _global_error([(out.detach(), shard(ref))], device)
-        err_grad = max(_global_error([(leaf.grad, shard(g))], device) for leaf, g in zip(local, ref_grads, strict=True))
+        err_out = global_error([(out.detach(), shard(ref))], device)
+        err_grad = max(global_error([(leaf.grad, shard(g))], device) for leaf, g in zip(local, ref_grads, strict=True))
         row = {
             "section": "accuracy", "case": name, "P": world_size, "dtype": str(dtype).replace("torch.", ""),
             "N": n, "err_out": err_out, "err_grad": err_grad,
