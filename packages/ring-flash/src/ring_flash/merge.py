@@ -15,6 +15,7 @@ import contextlib
 import importlib.util
 import os
 from collections.abc import Sequence
+from functools import cache
 
 import torch
 
@@ -22,9 +23,14 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_DIMS = 4  # leading (row) dims a view may have; the last dim is contiguous
 
 
+@cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_enabled() -> bool:
     """Whether CUDA merges use the Triton kernel (``RING_FLASH_TRITON=0`` turns it off)."""
-    return os.environ.get("RING_FLASH_TRITON", "1") != "0" and importlib.util.find_spec("triton") is not None
+    return os.environ.get("RING_FLASH_TRITON", "1") != "0" and _triton_installed()
 
 
 def merge_block(
