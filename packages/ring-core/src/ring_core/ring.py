@@ -671,6 +671,18 @@ def validate_ring_inputs(
 # -- public API ----------------------------------------------------------------------------------
 
 
+def segments_within_shards(local_len: int, world_size: int, layout: str, segment_lengths: Sequence[int]) -> bool:
+    """Whether every segment of every branch lies inside one rank's shard (so the ring has nothing to send).
+
+    A shard is one run of ``local_len`` positions (``contiguous``) or two runs of
+    ``local_len / 2`` (``zigzag``); when every segment length divides the run length, each
+    rank's segments are exactly the segments of its own shard taken as a sequence, and
+    the single-device schedule on the shard computes the ring's blocks.
+    """
+    run = local_len // 2 if layout == "zigzag" and world_size > 1 else local_len
+    return run > 0 and all(w <= run and run % w == 0 for w in segment_lengths)
+
+
 def _run(
     q,
     k,
@@ -696,7 +708,8 @@ def _run(
     seed = int(torch.randint(0, 2**40, (1,)).item()) if dropout_p > 0 else 0
     block_kernel = BlockKernel(backend, default_scale(q.shape[-1], softmax_scale), dropout_p, seed)
     comm.stats.calls += 1
-    if comm.world_size == 1:  # nothing to exchange: the single-device schedule computes the same blocks
+    if comm.world_size == 1 or segments_within_shards(q.shape[1], comm.world_size, layout, segments):
+        # nothing to exchange: the single-device schedule on this shard computes the same blocks
         schedule = DilatedSchedule(block_kernel, branch_list, causal=is_causal, key_padding_mask=key_padding_mask)
     else:
         plan = build_ring_plan(
@@ -823,37 +836,27 @@ class RingDilatedAttention(RingAttentionBase):
     ) -> torch.Tensor:
         comm = RingComm.for_group(self.process_group, self.comm_stats)
         dropout_p = self.dropout if self.training else 0.0
+        self._check(q, k, v, key_padding_mask, bool(is_causal), dropout_p, comm)
+        return self._attend(q, k, v, bool(is_causal), key_padding_mask, dropout_p, comm)
+
+    def _check(self, q, k, v, key_padding_mask, is_causal: bool, dropout_p: float, comm: RingComm) -> None:
+        """Inputs agree across ranks (checked once per new signature, errors naming this class)."""
         config = (self.segment_lengths, self.dilation_rates, self.merge, self.layout, dropout_p)
-        key = _validation_key(q, k, v, key_padding_mask, bool(is_causal), config, comm.world_size)
+        key = _validation_key(q, k, v, key_padding_mask, is_causal, config, comm.world_size)
         if key not in self._validated:
             validate_ring_inputs(
-                q,
-                k,
-                v,
-                key_padding_mask,
-                causal=bool(is_causal),
-                layout=self.layout,
-                merge=self.merge,
-                config=config,
-                scale=self.softmax_scale,
-                comm=comm,
-                name=type(self).__name__,
-            )
+                q, k, v, key_padding_mask, causal=is_causal, layout=self.layout, merge=self.merge, config=config,
+                scale=self.softmax_scale, comm=comm, name=type(self).__name__,
+            )  # fmt: skip
             self._validated.add(key)
+
+    def _attend(self, q, k, v, is_causal: bool, key_padding_mask, dropout_p: float, comm: RingComm) -> torch.Tensor:
+        """This rank's output shard, inputs already checked."""
         out, _ = _run(
-            q,
-            k,
-            v,
-            comm=comm,
-            branch_cfg=(self.segment_lengths, self.dilation_rates),
-            merge=self.merge,
-            layout=self.layout,
-            is_causal=bool(is_causal),
-            key_padding_mask=key_padding_mask,
-            softmax_scale=self.softmax_scale,
-            dropout_p=dropout_p,
-            kernel=self.kernel,
-        )
+            q, k, v, comm=comm, branch_cfg=(self.segment_lengths, self.dilation_rates), merge=self.merge,
+            layout=self.layout, is_causal=is_causal, key_padding_mask=key_padding_mask,
+            softmax_scale=self.softmax_scale, dropout_p=dropout_p, kernel=self.kernel,
+        )  # fmt: skip
         return out
 
 

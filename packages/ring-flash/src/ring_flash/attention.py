@@ -1,11 +1,12 @@
 """``RingDilatedAttentionFlash``: ring dilated attention on the fast GPU kernels of this package.
 
 Same arguments and semantics as ``ring_dilated`` (:class:`ring_core.RingDilatedAttention`).
-With one process (no process group, or a group of one) it runs the fused
-single-device path of :mod:`ring_flash.fused`; with several it runs core's ring
-with the kernel dispatch of this package. The kernel is the first registered
-backend that supports the request (cuDNN on Hopper), unless ``kernel=`` or
-``RING_ATTENTION_KERNEL`` forces one; on the CPU the core kernels serve, exactly.
+With one process (no process group, or a group of one), or when every segment lies inside
+one rank's shard (the ring would send nothing), it runs the fused single-device path of
+:mod:`ring_flash.fused` on the local tensors; otherwise core's ring with the kernel
+dispatch of this package. The kernel is the first registered backend that supports the
+request (cuDNN on Hopper), unless ``kernel=`` or ``RING_ATTENTION_KERNEL`` forces one; on
+the CPU the core kernels serve, exactly.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ import torch
 from ring_core.dilated import dilated_attention
 from ring_core.kernels import KernelRequest, default_scale
 from ring_core.registry import select_kernel
-from ring_core.ring import RingDilatedAttention
-from ring_core.sharding import group_rank_and_size
-from ring_core.validation import check_qkv
+from ring_core.ring import RingComm, RingDilatedAttention, segments_within_shards
 
 from .fused import fused_dilated_attention
 
@@ -26,34 +25,29 @@ class RingDilatedAttentionFlash(RingDilatedAttention):
     """Exact LongNet dilated attention on fast kernels; sequence-parallel over a process group.
 
     ``attn(q, k, v, *, is_causal=False, key_padding_mask=None)`` on ``(B, N, H, D)``
-    tensors (this rank's shard when the group has several processes: then it is
-    :class:`ring_core.RingDilatedAttention`'s forward, errors naming this class).
+    tensors (this rank's shard when the group has several processes), checked like
+    :class:`ring_core.RingDilatedAttention` (errors naming this class).
     """
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        is_causal: bool = False,
-        key_padding_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if group_rank_and_size(self.process_group)[1] > 1:
-            return super().forward(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask)
-        dropout_p = self.dropout if self.training else 0.0
-        config = {
-            "segment_lengths": self.segment_lengths, "dilation_rates": self.dilation_rates, "merge": self.merge,
-            "is_causal": is_causal, "key_padding_mask": key_padding_mask,
-        }  # fmt: skip
-        if dropout_p > 0:  # dropout: the generic engine (kernels with dropout)
-            return dilated_attention(
-                q, k, v, softmax_scale=self.softmax_scale, dropout_p=dropout_p, kernel=self.kernel, **config
-            )
-        check_qkv(q, k, v, key_padding_mask)
+    def _attend(self, q, k, v, is_causal: bool, key_padding_mask, dropout_p: float, comm: RingComm) -> torch.Tensor:
+        local = comm.world_size == 1 or segments_within_shards(
+            q.shape[1], comm.world_size, self.layout, self.segment_lengths
+        )
+        if dropout_p > 0 or not local:  # dropout: the engine's kernels; spanning segments: the ring
+            if comm.world_size == 1:
+                return dilated_attention(
+                    q, k, v, segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates,
+                    merge=self.merge, is_causal=is_causal, key_padding_mask=key_padding_mask,
+                    softmax_scale=self.softmax_scale, dropout_p=dropout_p, kernel=self.kernel,
+                )  # fmt: skip
+            return super()._attend(q, k, v, is_causal, key_padding_mask, dropout_p, comm)
+        comm.stats.calls += 1
         backend = select_kernel(self.request(q, k, is_causal, key_padding_mask), self.kernel)
-        scale = default_scale(q.shape[-1], self.softmax_scale)
-        out, _ = fused_dilated_attention(q, k, v, backend=backend, scale=scale, **config)
+        out, _ = fused_dilated_attention(
+            q, k, v, backend=backend, scale=default_scale(q.shape[-1], self.softmax_scale),
+            segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates, merge=self.merge,
+            is_causal=is_causal, key_padding_mask=key_padding_mask,
+        )  # fmt: skip
         return out
 
     @staticmethod
