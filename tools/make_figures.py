@@ -31,8 +31,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 import ring_core
-from ring_core.engine import merge_into
-from ring_core.kernels import MathKernel
+from ring_core.kernels import MathKernel, merge_into
 
 RANK_COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
 

@@ -180,6 +180,30 @@ def test_triton_merge_equals_torch_merge(dtype, monkeypatch):
         assert torch.isfinite(triton).all()
 
 
+def test_triton_online_merge_equals_merge_into():
+    from ring_core.kernels import merge_into
+    from ring_flash.merge import online_merge
+
+    out = torch.randn(2, 96, 8, 64, device="cuda")
+    lse = torch.randn(2, 96, 8, device="cuda")
+    lse[0, 1, 1] = float("-inf")  # a row nothing was seen in yet
+    block = torch.randn(2, 3, 16, 4, 64, device="cuda", dtype=torch.bfloat16)
+    block_lse = torch.randn(6, 4, 16, device="cuda").unflatten(0, (2, 3)).transpose(-1, -2)
+    block_lse[0, 0, 0, 0] = float("-inf")  # ... and still nothing (row stays 0, -inf)
+    block_lse[1, 0, 0, 0] = float("-inf")
+
+    def view(x):
+        return x[:, 1::2, 1::2].unflatten(1, (3, 16))
+
+    expected, expected_lse = out.clone(), lse.clone()
+    merge_into(view(expected), view(expected_lse), block, block_lse)
+    assert online_merge(view(out), view(lse), block, block_lse)
+    assert rel(out, expected) < 1e-6
+    assert torch.equal(torch.isinf(lse), torch.isinf(expected_lse))
+    finite = torch.isfinite(expected_lse)
+    assert rel(lse[finite], expected_lse[finite]) < 1e-6
+
+
 def test_triton_merge_of_three_pairs_in_one_launch():
     from ring_flash.merge import merge_blocks
 

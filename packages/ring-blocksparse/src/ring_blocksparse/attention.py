@@ -21,7 +21,7 @@ from torch import nn
 
 from ring_core import select_kernel
 from ring_core.dilated import branches
-from ring_core.engine import Accumulator, BlockKernel, BlockSchedule, blockwise_attention, merge_into
+from ring_core.engine import Accumulator, BlockKernel, BlockSchedule, blockwise_attention
 from ring_core.kernels import KernelRequest, default_scale
 from ring_core.ring import Exchange, RingComm, RingCommStats
 from ring_core.sharding import check_divisible, check_layout, group_rank_and_size
@@ -190,7 +190,7 @@ class BlockSparseSchedule(BlockSchedule):
                 lse = lse.unflatten(0, (b, groups))[:, : g.real].transpose(2, 3).reshape(b, -1, h)
                 out_rows = acc.out[:, :, g.heads].index_select(1, rows)
                 lse_rows = acc.lse[:, :, g.heads].index_select(1, rows)
-                merge_into(out_rows, lse_rows, out, lse)
+                kernel.backend.merge(out_rows, lse_rows, out, lse)
                 acc.out[:, :, g.heads].index_copy_(1, rows, out_rows)
                 acc.lse[:, :, g.heads].index_copy_(1, rows, lse_rows)
 

@@ -10,7 +10,7 @@ from importlib import metadata as _metadata
 
 from .deprecation import aliases_for, deprecated_getattr, warn_deprecated
 from .dilated import DilatedAttention, DilatedSchedule, dilated_attention
-from .engine import Accumulator, BlockKernel, BlockSchedule, blockwise_attention, merge_into
+from .engine import Accumulator, BlockKernel, BlockSchedule, blockwise_attention
 from .factory import (
     UnknownImplementationError,
     create_attention,
@@ -19,7 +19,7 @@ from .factory import (
     resolve_implementation,
 )
 from .hookspecs import hookimpl
-from .kernels import CPUFlashKernel, KernelBackend, KernelRequest, MathKernel
+from .kernels import CPUFlashKernel, KernelBackend, KernelRequest, MathKernel, merge_into
 from .reference import branch_counts, reference_attention
 from .registry import (
     Implementation,

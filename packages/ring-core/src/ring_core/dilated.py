@@ -10,7 +10,7 @@ last segment), and a merge back through the same strided view.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -76,13 +76,18 @@ class Part:
         y = y[:, :, self.kv_heads] if isinstance(self.kv_heads, slice) else y.index_select(2, self.kv_heads)
         return y.unflatten(1, (-1, self.length)).flatten(0, 1)
 
-    def add_kv_grad(self, grad: torch.Tensor, block_grad: torch.Tensor) -> None:
-        block_grad = block_grad.to(grad.dtype)  # kernels may return the input dtype (index_add_ needs one dtype)
+    def add_kv_grad(
+        self,
+        grad: torch.Tensor,
+        block_grad: torch.Tensor,
+        accumulate: Callable[[torch.Tensor, torch.Tensor], object] = torch.Tensor.add_,
+    ) -> None:
+        """``grad[kv rows] += block_grad``; ``accumulate(view, block)`` adds (grouped-query heads: ``index_add_``)."""
         view = grad[:, self.positions()].unflatten(1, (-1, self.length))
         if isinstance(self.kv_heads, slice):
-            view[:, :, :, self.kv_heads] += block_grad.unflatten(0, view.shape[:2])
-        else:
-            view.index_add_(3, self.kv_heads, block_grad.unflatten(0, view.shape[:2]))
+            accumulate(view[:, :, :, self.kv_heads], block_grad.unflatten(0, view.shape[:2]))
+        else:  # kernels may return the input dtype; index_add_ needs one dtype
+            view.index_add_(3, self.kv_heads, block_grad.to(grad.dtype).unflatten(0, view.shape[:2]))
 
     def key_mask(self, key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
         """Bool ``(B*nseg, 1, 1, length)``, True where a key is allowed."""
@@ -162,9 +167,10 @@ class DilatedSchedule(BlockSchedule):
                 mask=part.key_mask(self.key_padding_mask),
                 block_id=block_id,
             )
-            part.view(dq).add_(block_dq.unflatten(0, part.view(dq).shape[:2]))
-            part.add_kv_grad(dk, block_dk)
-            part.add_kv_grad(dv, block_dv)
+            view = part.view(dq)
+            self.kernel.accumulate(view, block_dq.unflatten(0, view.shape[:2]))
+            part.add_kv_grad(dk, block_dk, self.kernel.accumulate)
+            part.add_kv_grad(dv, block_dv, self.kernel.accumulate)
 
 
 def dilated_attention(

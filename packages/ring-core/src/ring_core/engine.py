@@ -20,21 +20,6 @@ import torch
 from .kernels import KernelBackend, accumulation_dtype
 
 
-def merge_into(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_block: torch.Tensor, lse_block: torch.Tensor) -> None:
-    """Merge a block's ``(out, lse)`` into accumulator views, in place, exactly.
-
-    ``lse = logaddexp(lse_a, lse_b)``; ``out = e^(lse_a-lse) out_a + e^(lse_b-lse) out_b``.
-    Rows where both are ``-inf`` stay ``out = 0, lse = -inf``.
-    """
-    lse_block = lse_block.to(lse_acc.dtype)
-    lse_new = torch.logaddexp(lse_acc, lse_block)
-    safe = lse_new.masked_fill(torch.isinf(lse_new), 0.0)
-    weight_acc = torch.exp(lse_acc - safe).unsqueeze(-1)
-    weight_block = torch.exp(lse_block - safe).unsqueeze(-1)
-    out_acc.mul_(weight_acc).add_(out_block.to(out_acc.dtype) * weight_block)
-    lse_acc.copy_(lse_new)
-
-
 @dataclass
 class BlockKernel:
     """A kernel bound to the call's constants (scale, dropout)."""
@@ -71,7 +56,7 @@ class BlockKernel:
             dropout_p=self.dropout_p,
             seed=self.seed + block_id,
         )
-        merge_into(
+        self.backend.merge(
             out_view,
             lse_view,
             out.reshape(out_view.shape),
@@ -105,6 +90,10 @@ class BlockKernel:
             dropout_p=self.dropout_p,
             seed=self.seed + block_id,
         )
+
+    def accumulate(self, grad: torch.Tensor, block_grad: torch.Tensor) -> None:
+        """``grad += block_grad`` (views of the same shape), through the backend."""
+        self.backend.accumulate(grad, block_grad)
 
 
 class Accumulator:

@@ -149,6 +149,31 @@ class KernelBackend:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def merge(
+        self, out_acc: torch.Tensor, lse_acc: torch.Tensor, out_block: torch.Tensor, lse_block: torch.Tensor
+    ) -> None:
+        """Merge a block's output into accumulator views, in place (:func:`merge_into`; GPU backends fuse it)."""
+        merge_into(out_acc, lse_acc, out_block, lse_block)
+
+    def accumulate(self, grad: torch.Tensor, block_grad: torch.Tensor) -> None:
+        """``grad += block_grad`` on views of the same shape (``block_grad`` may be of lower precision)."""
+        grad.add_(block_grad)
+
+
+def merge_into(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_block: torch.Tensor, lse_block: torch.Tensor) -> None:
+    """Merge a block's ``(out, lse)`` into accumulator views, in place, exactly.
+
+    ``lse = logaddexp(lse_a, lse_b)``; ``out = e^(lse_a-lse) out_a + e^(lse_b-lse) out_b``.
+    Rows where both are ``-inf`` stay ``out = 0, lse = -inf``.
+    """
+    lse_block = lse_block.to(lse_acc.dtype)
+    lse_new = torch.logaddexp(lse_acc, lse_block)
+    safe = lse_new.masked_fill(torch.isinf(lse_new), 0.0)
+    weight_acc = torch.exp(lse_acc - safe).unsqueeze(-1)
+    weight_block = torch.exp(lse_block - safe).unsqueeze(-1)
+    out_acc.mul_(weight_acc).add_(out_block.to(out_acc.dtype) * weight_block)
+    lse_acc.copy_(lse_new)
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else accumulates in float32."""

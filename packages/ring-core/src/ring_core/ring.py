@@ -468,7 +468,8 @@ class RingDilatedSchedule(BlockSchedule):
             part.view(out).flatten(0, 1), part.view(lse).flatten(0, 1),
             causal=causal, mask=mask, block_id=block_id,
         )  # fmt: skip
-        part.view(dq).add_(block_dq.unflatten(0, part.view(dq).shape[:2]))
+        view = part.view(dq)
+        self.kernel.accumulate(view, block_dq.unflatten(0, view.shape[:2]))
         return block_dk, block_dv
 
     def backward(self, q, k, v, out, lse, dout, grads) -> None:
@@ -479,8 +480,8 @@ class RingDilatedSchedule(BlockSchedule):
         for part in self.plan.local_parts:
             kb, vb, mask = self._local_kv(part, k, v)
             block_dk, block_dv = self._backward_block(part, q, kb, vb, mask, out, lse, dout, dq, self.causal, block_id)
-            part.add_kv_grad(dk, block_dk)
-            part.add_kv_grad(dv, block_dv)
+            part.add_kv_grad(dk, block_dk, self.kernel.accumulate)
+            part.add_kv_grad(dv, block_dv, self.kernel.accumulate)
             block_id += 1
         local = [self._local_kv(part, k, v) for part in self.plan.local.kv_parts]
         for item in self.plan.local.items:
@@ -488,8 +489,8 @@ class RingDilatedSchedule(BlockSchedule):
             block_dk, block_dv = self._backward_block(
                 item.q_part, q, *local[item.slot], out, lse, dout, dq, False, block_id
             )
-            part.add_kv_grad(dk, block_dk)
-            part.add_kv_grad(dv, block_dv)
+            part.add_kv_grad(dk, block_dk, self.kernel.accumulate)
+            part.add_kv_grad(dv, block_dv, self.kernel.accumulate)
             block_id += 1
         returning: tuple[Exchange, Step] | None = None
         for j, step in enumerate(self.plan.steps, start=1):
@@ -506,8 +507,8 @@ class RingDilatedSchedule(BlockSchedule):
                 block_dk, block_dv = self._backward_block(
                     item.q_part, q, *slots[item.slot], out, lse, dout, dq, False, block_id
                 )
-                slot_grads[item.slot][0].add_(block_dk)
-                slot_grads[item.slot][1].add_(block_dv)
+                self.kernel.accumulate(slot_grads[item.slot][0], block_dk)
+                self.kernel.accumulate(slot_grads[item.slot][1], block_dv)
                 block_id += 1
             recv_numel = self._numel(self._shapes(step.send.kv_parts, k, v, grads=True))
             exchange = self.comm.exchange(send, step.recv_from, recv_numel, step.send_to, dk)
@@ -523,8 +524,8 @@ class RingDilatedSchedule(BlockSchedule):
             return
         returned = self._unpack(buffer, self._shapes(step.send.kv_parts, k, v, grads=True))
         for part, (part_dk, part_dv) in zip(step.send.kv_parts, returned):
-            part.add_kv_grad(dk, part_dk)
-            part.add_kv_grad(dv, part_dv)
+            part.add_kv_grad(dk, part_dk, self.kernel.accumulate)
+            part.add_kv_grad(dv, part_dv, self.kernel.accumulate)
 
 
 # -- validation: once per new shape/config, the same error on every rank ----------------------

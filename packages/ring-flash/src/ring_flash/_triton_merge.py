@@ -44,3 +44,41 @@ def merge_kernel(
     if ACCUMULATE:
         x += tl.load(target, mask=ok, other=0.0).to(tl.float32)
     tl.store(target, x.to(dst.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def online_merge_kernel(
+    acc, acc_lse, blk, blk_lse, rows, n1, n2, n3,
+    as0, as1, as2, as3, als0, als1, als2, als3, bs0, bs1, bs2, bs3, bls0, bls1, bls2, bls3,
+    width,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """``acc, acc_lse <- LSE merge of (acc, acc_lse) and (blk, blk_lse)``, rows as in :func:`merge_kernel`."""
+    row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    row_ok = row < rows
+    i3 = row % n3
+    rest = row // n3
+    i2 = rest % n2
+    rest = rest // n2
+    i1 = rest % n1
+    i0 = rest // n1
+    col = tl.arange(0, BLOCK_D)
+    ok = row_ok[:, None] & (col < width)[None, :]
+    lse_at = acc_lse + i0 * als0 + i1 * als1 + i2 * als2 + i3 * als3
+    a = tl.load(lse_at, mask=row_ok, other=float("-inf"))
+    b = tl.load(blk_lse + i0 * bls0 + i1 * bls1 + i2 * bls2 + i3 * bls3, mask=row_ok, other=float("-inf"))
+    b = b.to(tl.float32)
+    top = tl.maximum(a, b)
+    empty = top == float("-inf")
+    top = tl.where(empty, 0.0, top)
+    wa = tl.exp(a - top)
+    wb = tl.exp(b - top)
+    total = wa + wb
+    new = tl.where(empty, float("-inf"), top + tl.log(total))
+    wa = tl.where(empty, 0.0, wa / total)
+    wb = tl.where(empty, 0.0, wb / total)
+    out_at = acc + (i0 * as0 + i1 * as1 + i2 * as2 + i3 * as3)[:, None] + col[None, :]
+    x = tl.load(out_at, mask=ok, other=0.0) * wa[:, None]
+    y = tl.load(blk + (i0 * bs0 + i1 * bs1 + i2 * bs2 + i3 * bs3)[:, None] + col[None, :], mask=ok, other=0.0)
+    tl.store(out_at, x + y.to(tl.float32) * wb[:, None], mask=ok)
+    tl.store(lse_at, new, mask=row_ok)

@@ -28,6 +28,8 @@ import torch
 
 from ring_core.kernels import KernelBackend, KernelRequest, MathKernel, combined_mask
 
+from .merge import merge_block, online_merge
+
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -78,6 +80,14 @@ class GPUKernel(KernelBackend):
         return reasons
 
     install_hint: ClassVar[str] = ""
+
+    def merge(self, out_acc, lse_acc, out_block, lse_block) -> None:
+        """One Triton pass where it applies (:func:`ring_flash.merge.online_merge`), else torch ops."""
+        if not online_merge(out_acc, lse_acc, out_block, lse_block):
+            super().merge(out_acc, lse_acc, out_block, lse_block)
+
+    def accumulate(self, grad, block_grad) -> None:
+        merge_block(grad, block_grad, accumulate=True)
 
     def not_supported_reasons(self, request: KernelRequest) -> list[str]:
         reasons = super().not_supported_reasons(request)

@@ -113,3 +113,32 @@ def _merge_triton(dsts, srcs, accumulate, src_lse, lse) -> None:
             *_padded(dst.stride()[:-1]), *_padded(src.stride()[:-1]), *lse_strides, width, *shifts,
             BLOCK_R=block_r, BLOCK_D=block_d, ACCUMULATE=accumulate, WEIGHTED=weighted, num_warps=4,
         )  # fmt: skip
+
+
+def online_merge(
+    out_acc: torch.Tensor, lse_acc: torch.Tensor, out_block: torch.Tensor, lse_block: torch.Tensor
+) -> bool:
+    """:func:`ring_core.merge_into` in one Triton pass (float32 accumulators on CUDA); ``False`` if it cannot."""
+    usable = (
+        out_acc.dtype == lse_acc.dtype == lse_block.dtype == torch.float32
+        and out_acc.dim() - 1 <= _MAX_DIMS
+        and lse_acc.shape == lse_block.shape == out_acc.shape[:-1]
+        and _use_triton([out_acc], [out_block], None, None)
+    )
+    if not usable:
+        return False
+    from ._triton_merge import online_merge_kernel
+
+    rows, width = out_acc.numel() // max(1, out_acc.shape[-1]), out_acc.shape[-1]
+    if rows == 0 or width == 0:
+        return True
+    sizes = [1] * (_MAX_DIMS - out_acc.dim() + 1) + list(out_acc.shape[:-1])
+    block_d = max(16, 1 << (width - 1).bit_length())
+    block_r = max(1, 4096 // block_d)
+    with torch.cuda.device(out_acc.device) if out_acc.is_cuda else contextlib.nullcontext():  # CPU: TRITON_INTERPRET=1
+        online_merge_kernel[((rows + block_r - 1) // block_r,)](
+            out_acc, lse_acc, out_block, lse_block, rows, *sizes[1:],
+            *_padded(out_acc.stride()[:-1]), *_padded(lse_acc.stride()), *_padded(out_block.stride()[:-1]),
+            *_padded(lse_block.stride()), width, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
+        )  # fmt: skip
+    return True
