@@ -5,6 +5,17 @@ import triton.language as tl
 
 
 @triton.jit
+def _rows(rows, n1, n2, n3, BLOCK_R: tl.constexpr):
+    """This program's rows as indices ``(i0, i1, i2, i3)`` of the leading dims (int64), and which exist."""
+    row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    i3 = row % n3
+    rest = row // n3
+    i2 = rest % n2
+    rest = rest // n2
+    return rest // n1, rest % n1, i2, i3, row < rows
+
+
+@triton.jit
 def merge_kernel(
     dst, src, src_lse, lse, rows, n1, n2, n3,
     ds0, ds1, ds2, ds3, ss0, ss1, ss2, ss3, bs0, bs1, bs2, bs3, ls0, ls1, ls2, ls3,
@@ -23,14 +34,7 @@ def merge_kernel(
     elif pair == 2:
         dst += dst_shift2
         src += src_shift2
-    row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    row_ok = row < rows
-    i3 = row % n3
-    rest = row // n3
-    i2 = rest % n2
-    rest = rest // n2
-    i1 = rest % n1
-    i0 = rest // n1
+    i0, i1, i2, i3, row_ok = _rows(rows, n1, n2, n3, BLOCK_R)
     col = tl.arange(0, BLOCK_D)
     ok = row_ok[:, None] & (col < width)[None, :]
     x = tl.load(src + (i0 * ss0 + i1 * ss1 + i2 * ss2 + i3 * ss3)[:, None] + col[None, :], mask=ok, other=0.0)
@@ -54,14 +58,7 @@ def online_merge_kernel(
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """``acc, acc_lse <- LSE merge of (acc, acc_lse) and (blk, blk_lse)``, rows as in :func:`merge_kernel`."""
-    row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    row_ok = row < rows
-    i3 = row % n3
-    rest = row // n3
-    i2 = rest % n2
-    rest = rest // n2
-    i1 = rest % n1
-    i0 = rest // n1
+    i0, i1, i2, i3, row_ok = _rows(rows, n1, n2, n3, BLOCK_R)
     col = tl.arange(0, BLOCK_D)
     ok = row_ok[:, None] & (col < width)[None, :]
     lse_at = acc_lse + i0 * als0 + i1 * als1 + i2 * als2 + i3 * als3

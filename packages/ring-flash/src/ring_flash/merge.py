@@ -92,20 +92,26 @@ def _padded(values: Sequence[int]) -> list[int]:
     return [0] * (_MAX_DIMS - len(values)) + list(values)
 
 
+def _geometry(x: torch.Tensor) -> tuple[int, int, list[int], int, int]:
+    """Rows and row width of ``x``, the sizes of its leading dims padded to :data:`_MAX_DIMS`, and the
+    tile (rows, columns) of one program: about 4096 elements."""
+    width = x.shape[-1]
+    block_d = max(16, 1 << (width - 1).bit_length())
+    sizes = [1] * (_MAX_DIMS - x.dim() + 1) + list(x.shape[:-1])
+    return x.numel() // max(1, width), width, sizes, max(1, 4096 // block_d), block_d
+
+
 def _merge_triton(dsts, srcs, accumulate, src_lse, lse) -> None:
     from ._triton_merge import merge_kernel
 
     dst, src = dsts[0], srcs[0]
-    rows, width = dst.numel() // max(1, dst.shape[-1]), dst.shape[-1]
+    rows, width, sizes, block_r, block_d = _geometry(dst)
     if rows == 0 or width == 0:
         return
-    sizes = [1] * (_MAX_DIMS - dst.dim() + 1) + list(dst.shape[:-1])
     weighted = lse is not None
     lse_strides = _padded(src_lse.stride()) + _padded(lse.stride()) if weighted else [0] * (2 * _MAX_DIMS)
     shifts = [_shift(x, xs[0]) for xs in (dsts, srcs) for x in xs[1:]]
     shifts = shifts[: len(dsts) - 1] + [0] * (3 - len(dsts)) + shifts[len(dsts) - 1 :] + [0] * (3 - len(dsts))
-    block_d = max(16, 1 << (width - 1).bit_length())
-    block_r = max(1, 4096 // block_d)
     grid = ((rows + block_r - 1) // block_r, len(dsts))
     with torch.cuda.device(dst.device) if dst.is_cuda else contextlib.nullcontext():  # CPU: TRITON_INTERPRET=1
         merge_kernel[grid](
@@ -129,12 +135,9 @@ def online_merge(
         return False
     from ._triton_merge import online_merge_kernel
 
-    rows, width = out_acc.numel() // max(1, out_acc.shape[-1]), out_acc.shape[-1]
+    rows, width, sizes, block_r, block_d = _geometry(out_acc)
     if rows == 0 or width == 0:
         return True
-    sizes = [1] * (_MAX_DIMS - out_acc.dim() + 1) + list(out_acc.shape[:-1])
-    block_d = max(16, 1 << (width - 1).bit_length())
-    block_r = max(1, 4096 // block_d)
     with torch.cuda.device(out_acc.device) if out_acc.is_cuda else contextlib.nullcontext():  # CPU: TRITON_INTERPRET=1
         online_merge_kernel[((rows + block_r - 1) // block_r,)](
             out_acc, lse_acc, out_block, lse_block, rows, *sizes[1:],
