@@ -1,0 +1,76 @@
+"""ring-flash's Triton merge kernels on the CPU, through Triton's interpreter (skipped without Triton).
+
+The kernels run on CUDA in production (tests/flash/test_flash_cuda.py); here the same
+kernels run under ``TRITON_INTERPRET=1`` (set before Triton is imported, hence a
+subprocess) against the torch ops they replace, on strided views with empty rows.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+SCRIPT = textwrap.dedent(
+    """
+    import torch
+    import ring_flash.merge as merge
+    from ring_core.kernels import merge_into
+
+    torch.manual_seed(0)
+
+    def view(x):
+        return x[:, 1::3, 1::2].unflatten(1, (2, 2))  # (2, 2, 2, 3, ...) out of (2, 12, 6, ...)
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    lse = torch.randn(2, 12, 6)
+    lse[0, 1, 1] = float("-inf")
+    block_lse = torch.randn(4, 3, 2).transpose(1, 2).reshape(2, 2, 2, 3)  # strided, as kernels give it
+    block_lse[0, 0, 0, 0] = float("-inf")  # the same row: nothing seen
+    weight = torch.exp(block_lse - view(lse).masked_fill(torch.isinf(view(lse)), 0.0)).unsqueeze(-1)
+    for dtype in (torch.float32, torch.bfloat16):
+        block = torch.randn(2, 2, 2, 3, 8).to(dtype)
+        for accumulate in (False, True):
+            for weighted in (False, True):
+                full = torch.randn(2, 12, 6, 8)
+                expected, got = full.clone(), full.clone()
+                src = block.float() * weight if weighted else block.float()
+                view(expected).add_(src) if accumulate else view(expected).copy_(src)
+                lses = (block_lse, view(lse)) if weighted else (None, None)
+                merge._merge_triton([view(got)], [block], accumulate, *lses)
+                assert rel(got, expected) < 1e-6, (dtype, accumulate, weighted)
+        grads = [torch.randn(2, 12, 6, 8) for _ in range(3)]
+        expected = [g.clone() for g in grads]
+        for g in expected:
+            view(g).add_(block.float())
+        merge._merge_triton([view(g) for g in grads], [block] * 3, True, None, None)  # three pairs, one launch
+        assert all(rel(a, b) < 1e-6 for a, b in zip(grads, expected))
+        out, acc_lse = torch.randn(2, 12, 6, 8), lse.clone()
+        expected, expected_lse = out.clone(), acc_lse.clone()
+        merge_into(view(expected), view(expected_lse), block, block_lse)
+        merge._use_triton = lambda dsts, srcs, a, b: True  # online_merge checks for CUDA tensors
+        assert merge.online_merge(view(out), view(acc_lse), block, block_lse)
+        assert rel(out, expected) < 1e-6
+        assert torch.equal(torch.isinf(acc_lse), torch.isinf(expected_lse))
+    print("ok")
+    """
+)
+
+
+def test_triton_kernels_match_torch_ops_in_the_interpreter():
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
