@@ -678,9 +678,12 @@ def segments_within_shards(local_len: int, world_size: int, layout: str, segment
     A shard is one run of ``local_len`` positions (``contiguous``) or two runs of
     ``local_len / 2`` (``zigzag``); when every segment length divides the run length, each
     rank's segments are exactly the segments of its own shard taken as a sequence, and
-    the single-device schedule on the shard computes the ring's blocks.
+    the single-device schedule on the shard computes the ring's blocks. With one rank the
+    shard is the whole sequence: always true.
     """
-    run = local_len // 2 if layout == "zigzag" and world_size > 1 else local_len
+    if world_size == 1:
+        return True
+    run = local_len // 2 if layout == "zigzag" else local_len
     return run > 0 and all(w <= run and run % w == 0 for w in segment_lengths)
 
 
@@ -709,7 +712,7 @@ def _run(
     seed = int(torch.randint(0, 2**40, (1,)).item()) if dropout_p > 0 else 0
     block_kernel = BlockKernel(backend, default_scale(q.shape[-1], softmax_scale), dropout_p, seed)
     comm.stats.calls += 1
-    if comm.world_size == 1 or segments_within_shards(q.shape[1], comm.world_size, layout, segments):
+    if segments_within_shards(q.shape[1], comm.world_size, layout, segments):
         # nothing to exchange: the single-device schedule on this shard computes the same blocks
         schedule = DilatedSchedule(block_kernel, branch_list, causal=is_causal, key_padding_mask=key_padding_mask)
     else:

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from ring_core.ring import segments_within_shards
+
 STRATEGIES = ("auto", "ring", "ulysses", "hybrid", "allgather")
 
 
@@ -106,8 +108,7 @@ def segments_cross_shards(
     """
     if len(segment_lengths) == 1 and dilation_rates[0] == 1 and segment_lengths[0] >= seq_len:
         return False
-    piece = seq_len // world_size // (2 if layout == "zigzag" and world_size > 1 else 1)
-    return any(w > piece or piece % w != 0 for w in segment_lengths)
+    return not segments_within_shards(seq_len // world_size, world_size, layout, segment_lengths)
 
 
 def resolve_strategy(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from ring_core.dilated import dilated_attention
 from ring_core.kernels import KernelRequest, default_scale
 from ring_core.registry import select_kernel
 from ring_core.ring import RingComm, RingDilatedAttention, segments_within_shards
@@ -30,16 +29,8 @@ class RingDilatedAttentionFlash(RingDilatedAttention):
     """
 
     def _attend(self, q, k, v, is_causal: bool, key_padding_mask, dropout_p: float, comm: RingComm) -> torch.Tensor:
-        local = comm.world_size == 1 or segments_within_shards(
-            q.shape[1], comm.world_size, self.layout, self.segment_lengths
-        )
+        local = segments_within_shards(q.shape[1], comm.world_size, self.layout, self.segment_lengths)
         if dropout_p > 0 or not local:  # dropout: the engine's kernels; spanning segments: the ring
-            if comm.world_size == 1:
-                return dilated_attention(
-                    q, k, v, segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates,
-                    merge=self.merge, is_causal=is_causal, key_padding_mask=key_padding_mask,
-                    softmax_scale=self.softmax_scale, dropout_p=dropout_p, kernel=self.kernel,
-                )  # fmt: skip
             return super()._attend(q, k, v, is_causal, key_padding_mask, dropout_p, comm)
         comm.stats.calls += 1
         backend = select_kernel(self.request(q, k, is_causal, key_padding_mask), self.kernel)
