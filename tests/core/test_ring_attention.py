@@ -126,6 +126,26 @@ def _sharding(rank, world_size):
     return out
 
 
+def _dropout(rank):
+    """With dropout, ``out`` is linear in ``v``: sum <out, dout> = sum <v, dv> over the ranks exactly when backward
+    regenerates forward's mask for every block (local ones, computed in a different order, and remote ones)."""
+    found = {}
+    for name, segments, rates, layout, causal in (
+        ("dense-causal-zigzag", [32], [1], "zigzag", True),
+        ("dilated-spanning", [4, 16], [1, 2], "contiguous", False),
+    ):
+        module = RingDilatedAttention(segments, rates, layout=layout, dropout=0.3).train()
+        q, k, v = (x.requires_grad_() for x in _inputs(8, 4, rank=rank))
+        dout = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+        out = module(q, k, v, is_causal=causal)
+        out.backward(dout)
+        sums = torch.stack([(out * dout).sum(), (v * v.grad).sum()]).detach()
+        dist.all_reduce(sums)
+        dropped = not torch.allclose(out, module.eval()(q, k, v, is_causal=causal))
+        found[name] = (sums.tolist(), dropped)
+    return found
+
+
 def _world(rank, world_size):
     """Everything, in one process group of 4."""
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
@@ -143,6 +163,7 @@ def _world(rank, world_size):
         "bytes": _byte_counts(rank),
         "errors": _errors(rank),
         "sharding": _sharding(rank, world_size),
+        "dropout": _dropout(rank),
     }
 
 
@@ -151,6 +172,14 @@ def world():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return run_distributed(_world, WORLD, timeout=600)
+
+
+@pytest.mark.distributed
+def test_dropout_backward_regenerates_the_forward_masks(world):
+    for result in world:
+        for name, ((out_dout, v_dv), dropped) in result["dropout"].items():
+            assert dropped, name
+            assert out_dout == pytest.approx(v_dv, rel=1e-10, abs=1e-10), name
 
 
 @pytest.mark.distributed

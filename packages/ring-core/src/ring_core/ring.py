@@ -263,6 +263,21 @@ def _last_segment(runs: list[Run]) -> int:
     last = runs[-1]
     return last.segment + (last.i1 - last.i0) // last.length - 1
 
+def _block_cost(q_part: Part, kv_part: Part, causal: bool) -> float:
+    """Relative work of a block: query rows x key rows x heads (half of it on a causal diagonal)."""
+    heads = len(range(q_part.heads.start, q_part.heads.stop, q_part.heads.step))
+    return part_rows(q_part) * part_rows(kv_part) * heads * (0.5 if causal else 1.0)
+
+
+def _overlap_split(costs: Sequence[float]) -> int:
+    """Where to cut the local blocks: the shortest tail holding at least two thirds of their work."""
+    total, tail = sum(costs), 0.0
+    for index in range(len(costs) - 1, -1, -1):
+        tail += costs[index]
+        if tail >= 2 * total / 3:
+            return index
+    return 0
+
 
 # -- communication -----------------------------------------------------------------------------
 
@@ -434,18 +449,22 @@ class RingDilatedSchedule(BlockSchedule):
             slots.append((kb, vb, kept[0].bool()[:, None, None, :] if kept else None))
         return slots
 
+    def _local_blocks(self, k, v) -> list[tuple[Part, Part, tuple, bool]]:
+        """The blocks of this rank's own keys, in order: ``(q_part, kv_part, (k, v, mask), causal)``."""
+        blocks = [(part, part, self._local_kv(part, k, v), self.causal) for part in self.plan.local_parts]
+        kv = [self._local_kv(part, k, v) for part in self.plan.local.kv_parts]
+        blocks += [
+            (item.q_part, self.plan.local.kv_parts[item.slot], kv[item.slot], False) for item in self.plan.local.items
+        ]
+        return blocks
+
     # -- forward ---------------------------------------------------------------------------------------
     def forward(self, q, k, v, acc: Accumulator) -> None:
         self.comm.begin("forward")
         pending = self._start_kv(1, k, v)
         block_id = self.block_base
-        for part in self.plan.local_parts:
-            kb, vb, mask = self._local_kv(part, k, v)
-            self._forward_block(part, q, kb, vb, mask, acc, self.causal, block_id)
-            block_id += 1
-        local = [self._local_kv(part, k, v) for part in self.plan.local.kv_parts]
-        for item in self.plan.local.items:
-            self._forward_block(item.q_part, q, *local[item.slot], acc, False, block_id)
+        for q_part, _, kv, causal in self._local_blocks(k, v):
+            self._forward_block(q_part, q, *kv, acc, causal, block_id)
             block_id += 1
         for j, step in enumerate(self.plan.steps, start=1):
             buffer = pending.wait() if pending is not None else None
@@ -473,48 +492,53 @@ class RingDilatedSchedule(BlockSchedule):
         return block_dk, block_dv
 
     def backward(self, q, k, v, out, lse, dout, grads) -> None:
+        """Local blocks around the ring steps: a few while the first peer's K/V arrive, the rest (about two
+        thirds of the local work) while the last dK/dV (float32, twice the bytes) travel home."""
         self.comm.begin("backward")
         dq, dk, dv = grads
         pending = self._start_kv(1, k, v)
-        block_id = self.block_base
-        for part in self.plan.local_parts:
-            kb, vb, mask = self._local_kv(part, k, v)
-            block_dk, block_dv = self._backward_block(part, q, kb, vb, mask, out, lse, dout, dq, self.causal, block_id)
-            part.add_kv_grad(dk, block_dk, self.kernel.accumulate)
-            part.add_kv_grad(dv, block_dv, self.kernel.accumulate)
-            block_id += 1
-        local = [self._local_kv(part, k, v) for part in self.plan.local.kv_parts]
-        for item in self.plan.local.items:
-            part = self.plan.local.kv_parts[item.slot]
-            block_dk, block_dv = self._backward_block(
-                item.q_part, q, *local[item.slot], out, lse, dout, dq, False, block_id
-            )
-            part.add_kv_grad(dk, block_dk, self.kernel.accumulate)
-            part.add_kv_grad(dv, block_dv, self.kernel.accumulate)
-            block_id += 1
+        local = list(enumerate(self._local_blocks(k, v), start=self.block_base))
+        split = _overlap_split([_block_cost(q_part, kv_part, causal) for _, (q_part, kv_part, _, causal) in local])
+        if not self.plan.steps:
+            split = len(local)
+
+        def local_backward(blocks) -> None:
+            for block_id, (q_part, kv_part, kv, causal) in blocks:
+                block_dk, block_dv = self._backward_block(q_part, q, *kv, out, lse, dout, dq, causal, block_id)
+                kv_part.add_kv_grad(dk, block_dk, self.kernel.accumulate)
+                kv_part.add_kv_grad(dv, block_dv, self.kernel.accumulate)
+
+        local_backward(local[:split])
+        block_id = self.block_base + len(local)
         returning: tuple[Exchange, Step] | None = None
         for j, step in enumerate(self.plan.steps, start=1):
             buffer = pending.wait() if pending is not None else None
             pending = self._start_kv(j + 1, k, v)
             slots = self._received(step.recv, buffer, k, v)
             # dK/dV of the sender's key runs, summed per slot in one flat buffer, go back to it
-            send, slot_grads = None, []
+            send, slot_grads, written = None, [], set()
             if slots:
                 grad_shapes = self._shapes(step.recv.kv_parts, k, v, grads=True)
-                send = self.comm.empty("grad", self._numel(grad_shapes), dk).zero_()
+                send = self.comm.empty("grad", self._numel(grad_shapes), dk)
                 slot_grads = self._unpack(send, grad_shapes)
             for item in step.recv.items:
-                block_dk, block_dv = self._backward_block(
+                block_grads = self._backward_block(
                     item.q_part, q, *slots[item.slot], out, lse, dout, dq, False, block_id
                 )
-                self.kernel.accumulate(slot_grads[item.slot][0], block_dk)
-                self.kernel.accumulate(slot_grads[item.slot][1], block_dv)
+                for grad, block_grad in zip(slot_grads[item.slot], block_grads, strict=True):
+                    # the slot's first block is written, later ones added (no zero-filled buffer)
+                    grad.copy_(block_grad) if item.slot not in written else self.kernel.accumulate(grad, block_grad)
+                written.add(item.slot)
                 block_id += 1
+            for slot in set(range(len(slot_grads))) - written:
+                for grad in slot_grads[slot]:
+                    grad.zero_()
             recv_numel = self._numel(self._shapes(step.send.kv_parts, k, v, grads=True))
             exchange = self.comm.exchange(send, step.recv_from, recv_numel, step.send_to, dk)
             if returning is not None:
                 self._add_returned(*returning, k, v, dk, dv)
             returning = (exchange, step)
+        local_backward(local[split:])
         if returning is not None:
             self._add_returned(*returning, k, v, dk, dv)
 
