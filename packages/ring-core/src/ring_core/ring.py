@@ -263,6 +263,7 @@ def _last_segment(runs: list[Run]) -> int:
     last = runs[-1]
     return last.segment + (last.i1 - last.i0) // last.length - 1
 
+
 def _block_cost(q_part: Part, kv_part: Part, causal: bool) -> float:
     """Relative work of a block: query rows x key rows x heads (half of it on a causal diagonal)."""
     heads = len(range(q_part.heads.start, q_part.heads.stop, q_part.heads.step))
