@@ -11,6 +11,8 @@ For each world size P (default 1, 2, 4) one group of P processes (torch.multipro
   32768] / [1, 2, 4]) vs PyTorch's context parallel (``context_parallel``, allgather rotation;
   plain SDPA at P=1) on the dense cases. Per-GPU useful TFLOP/s, weak-scaling efficiency against
   P=1 measured in the same run, and the ratio ours / context parallel.
+- ``profile``: where one step of our ring goes on rank 0 (GPU time of attention kernels, NCCL
+  kernels, which run beside them on their own stream, and everything else: merges, copies).
 
 Writes ``ring_gpu_check.json``, ``ring_gpu_check.md`` and ``ring_gpu_check.png`` into ``--out``;
 prints the tables last.
@@ -24,9 +26,11 @@ prints the tables last.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import multigpu
@@ -181,6 +185,58 @@ def timing(rank: int, world_size: int, device: torch.device, quick: bool) -> lis
     return rows
 
 
+def _kind(kernel: str) -> str:
+    name = kernel.lower()
+    if "nccl" in name:
+        return "nccl"
+    if any(key in name for key in ("cudnn", "fmha", "flash", "attention", "sdpa")):
+        return "attention"
+    return "other"
+
+
+def profile(rank: int, world_size: int, device: torch.device, quick: bool) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    from ring_core import RingDilatedAttention
+
+    if device.type != "cuda":
+        return []
+    b, n_local, h, d = (1, 256, 4, 16) if quick else (1, 32768, 16, 128)
+    rows = []
+    for name, segments, rates, layout, causal, _ in TIMING_CASES:
+        log(rank, f"P={world_size} profile: {name}")
+        n = n_local * world_size
+        module = RingDilatedAttention(
+            [n] if segments is None else [s * n_local // 32768 for s in segments], rates, layout=layout
+        )
+        q, k, v = (torch.randn(b, n_local, h, d, dtype=torch.bfloat16, device=device) for _ in range(3))
+
+        def step(module=module, q=q, k=k, v=v, causal=causal):
+            qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+            module(qq, kk, vv, is_causal=causal).sum().backward()
+
+        step()
+        torch.cuda.synchronize()
+        dist.barrier()
+        start = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        step_ms = (time.perf_counter() - start) * 1e3
+        kernels = [
+            {"kernel": e.key[:90], "ms": (getattr(e, "device_time_total", None) or e.cuda_time_total) / 1e3,
+             "calls": e.count}
+            for e in prof.key_averages()
+        ]  # fmt: skip
+        kernels.sort(key=lambda r: -r["ms"])
+        row = {"section": "profile", "case": name, "P": world_size, "step_ms": step_ms, "top": kernels[:8]}
+        for kind in ("attention", "nccl", "other"):
+            row[f"{kind}_ms"] = sum(r["ms"] for r in kernels if _kind(r["kernel"]) == kind)
+        rows.append(row)
+        torch.cuda.empty_cache()
+    return rows
+
+
 def _markdown(rows: list[dict], card: str) -> str:
     lines = [f"Card: {card}", ""]
     acc = [r for r in rows if r["section"] == "accuracy" and "error" not in r]
@@ -207,6 +263,15 @@ def _markdown(rows: list[dict], card: str) -> str:
             lines.append(
                 f"| {r['case']} | {r['P']} | {r['ms']:.1f} | {r['tflops_per_gpu']:.0f} | {eff:.2f} | "
                 f"{cp[0]} | {cp[1]} | {cp[2]} |"
+            )
+    profiled = [r for r in rows if r["section"] == "profile" and "error" not in r]
+    if profiled:
+        lines += ["", "GPU time of one step on rank 0 (NCCL runs beside the kernels, on its own stream):", ""]
+        lines += ["| case | P | step ms (profiled) | attention ms | NCCL ms | other ms |", "|---" * 6 + "|"]
+        for r in profiled:
+            lines.append(
+                f"| {r['case']} | {r['P']} | {r['step_ms']:.1f} | {r['attention_ms']:.1f} | {r['nccl_ms']:.1f} | "
+                f"{r['other_ms']:.1f} |"
             )
     errors = [r for r in rows if "error" in r]
     for r in errors:
@@ -239,7 +304,7 @@ def plot(rows: list[dict], path: Path, card: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-SECTIONS = {"accuracy": accuracy, "timing": timing}
+SECTIONS = {"accuracy": accuracy, "timing": timing, "profile": profile}
 
 
 def main(argv=None) -> int:
