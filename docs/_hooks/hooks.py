@@ -195,8 +195,8 @@ def bench_markdown(path: Path) -> str:
     if missing:
         lines.append(f"*Not recorded in the JSON: {', '.join(missing)}.*\n")
     rows = [r for r in results if isinstance(r, dict)]
-    if rows:
-        header = list(dict.fromkeys(key for row in rows for key in row))
+    if rows:  # nested values (a kernel list, say) stay in the JSON
+        header = list(dict.fromkeys(key for row in rows for key, v in row.items() if not isinstance(v, (list, dict))))
         lines.append(_table(header, [[_cell(row.get(key)) for key in header] for row in rows]) + "\n")
     if isinstance(data, dict):  # sections of their own: {"name": {"config": ..., "rows": [...]}}
         for name, section in data.items():
