@@ -89,6 +89,8 @@ def _errors(rank):
     out["causal"] = _expect_error(lambda: call(causal=rank == 3))
     out["bad_tensor"] = _expect_error(lambda: call(q=torch.randn(4, H, D, dtype=torch.float64) if rank == 0 else None))
     out["shard_n"] = _expect_error(lambda: shard_sequence(torch.zeros(1, 10, 2, 2)))
+    copy_engine = RingDilatedAttention([64], [1], transport="copy_engine")
+    out["copy_engine_cpu"] = _expect_error(lambda: copy_engine(*_inputs(4, 2, rank=rank)))
     out["after"] = bool(torch.isfinite(call()).all())
 
     # validation is one all_gather per new shape, not one per call
@@ -263,6 +265,7 @@ def test_errors_are_raised_on_every_rank(world):
         assert errors[rank]["bad_tensor"][0] == "RingConfigError" and "rank(s) [0]" in errors[rank]["bad_tensor"][1]
     for result in errors:
         assert result["shard_n"][0] == "ValueError" and "N=10" in result["shard_n"][1]
+        assert result["copy_engine_cpu"] == ("ValueError", "transport='copy_engine' needs CUDA tensors, got device cpu")
         assert result["after"] is True
         assert result["gathers"] == 2  # shapes (4) and (6), once each
 
@@ -343,6 +346,11 @@ def test_single_process_is_plain_attention():
             ring(q, k, v, is_causal=True), ring_core.DilatedAttention(**config)(q, k, v, is_causal=True)
         )
     assert ring.comm_stats.total_bytes == 0
+
+
+def test_bad_transport_names_the_parameter():
+    with pytest.raises(ValueError, match=r"transport must be one of \['auto', 'nccl', 'copy_engine'\], got 'ib'"):
+        RingDilatedAttention([8], [1], transport="ib")
 
 
 def test_bad_layout_names_the_parameter():

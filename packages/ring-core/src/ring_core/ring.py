@@ -28,18 +28,19 @@ from __future__ import annotations
 import functools
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from .comm import Exchange, RingComm, RingCommStats, check_transport, ring_comm
 from .dilated import Branch, DilatedSchedule, Part, branches
 from .engine import Accumulator, BlockKernel, BlockSchedule, blockwise_attention
-from .kernels import FLOAT_DTYPES, KernelRequest, default_scale
+from .kernels import FLOAT_DTYPES, KernelRequest, accumulation_dtype, default_scale
 from .registry import select_kernel
-from .sharding import LAYOUTS, check_layout, group_rank_and_size, shard_ranges
+from .sharding import LAYOUTS, check_layout, shard_ranges
 from .validation import MERGES, check_dilated_config, check_dropout, check_qkv
 
 __all__ = [
@@ -280,102 +281,6 @@ def _overlap_split(costs: Sequence[float]) -> int:
     return 0
 
 
-# -- communication -----------------------------------------------------------------------------
-
-
-@dataclass
-class RingCommStats:
-    """Bytes this rank sent: in the last forward, the last backward, in total, and per peer (group rank)."""
-
-    forward_bytes: int = 0
-    backward_bytes: int = 0
-    total_bytes: int = 0
-    calls: int = 0
-    peer_bytes: dict[int, int] = field(default_factory=dict)
-
-    def reset(self) -> None:
-        self.forward_bytes = self.backward_bytes = self.total_bytes = self.calls = 0
-        self.peer_bytes = {}
-
-
-@dataclass
-class Exchange:
-    """One posted ``batch_isend_irecv``: keeps the buffers alive until :meth:`wait` returns the received one."""
-
-    works: list[Any]
-    send: torch.Tensor | None
-    recv: torch.Tensor | None
-
-    def wait(self) -> torch.Tensor | None:
-        for work in self.works:
-            work.wait()
-        self.works = []
-        return self.recv
-
-
-@dataclass
-class RingComm:
-    """The ring's communicator: P2P exchanges of flat buffers in ``group`` (group ranks), bytes counted in ``stats``.
-
-    Hooks for subclasses (a communicator with timeouts or pooled buffers):
-    :meth:`begin` starts a phase (``"forward"`` or ``"backward"``), :meth:`empty` allocates
-    every flat buffer the schedule sends or receives, :meth:`exchange` posts one exchange.
-    """
-
-    group: Any
-    rank: int
-    world_size: int
-    stats: RingCommStats
-    phase: str = "forward"
-    peers: dict[int, int] = field(default_factory=dict)
-
-    @classmethod
-    def for_group(cls, process_group: Any, stats: RingCommStats) -> RingComm:
-        """A communicator over ``process_group`` (``None``: the default group, or one process)."""
-        rank, world_size = group_rank_and_size(process_group)
-        return cls(process_group, rank, world_size, stats)
-
-    def global_rank(self, group_rank: int) -> int:
-        if self.group is None:
-            return group_rank
-        if group_rank not in self.peers:
-            self.peers[group_rank] = dist.get_global_rank(self.group, group_rank)
-        return self.peers[group_rank]
-
-    def begin(self, phase: str) -> None:
-        """Start the forward or backward pass of one call: bytes of this phase count from zero."""
-        self.phase = phase
-        if phase == "forward":
-            self.stats.forward_bytes = 0
-        else:
-            self.stats.backward_bytes = 0
-
-    def empty(self, use: str, numel: int, like: torch.Tensor) -> torch.Tensor:
-        """A flat buffer of ``numel`` elements of ``like``'s dtype and device for ``use`` (``"send"``, ``"recv"``,
-        ``"grad"``) of the next exchange; its contents are undefined."""
-        return torch.empty(numel, dtype=like.dtype, device=like.device)
-
-    def exchange(
-        self, send: torch.Tensor | None, send_to: int, recv_numel: int, recv_from: int, like: torch.Tensor
-    ) -> Exchange:
-        """Post the send of the flat ``send`` buffer and the receive of ``recv_numel`` elements."""
-        ops, recv = [], None
-        if send is not None and send.numel():
-            ops.append(dist.P2POp(dist.isend, send, self.global_rank(send_to), self.group))
-            sent = send.numel() * send.element_size()
-            self.stats.total_bytes += sent
-            self.stats.peer_bytes[send_to] = self.stats.peer_bytes.get(send_to, 0) + sent
-            if self.phase == "forward":
-                self.stats.forward_bytes += sent
-            else:
-                self.stats.backward_bytes += sent
-        if recv_numel:
-            recv = self.empty("recv", recv_numel, like)
-            ops.append(dist.P2POp(dist.irecv, recv, self.global_rank(recv_from), self.group))
-        works = dist.batch_isend_irecv(ops) if ops else []
-        return Exchange(list(works), send, recv)
-
-
 # -- the schedule --------------------------------------------------------------------------------
 
 
@@ -390,12 +295,14 @@ class RingDilatedSchedule(BlockSchedule):
         *,
         causal: bool,
         key_padding_mask: torch.Tensor | None,
+        send_bound: int = 0,
     ) -> None:
         self.kernel = kernel
         self.plan = plan
         self.comm = comm
         self.causal = causal
         self.key_padding_mask = key_padding_mask
+        self.send_bound = send_bound  # bytes no send of any rank exceeds (for the copy-engine slots)
         self.block_base = comm.rank * 1_000_003
 
     # -- payloads: per key run its k rows, v rows and (with padding) kept-key flags, flat ------------
@@ -462,6 +369,7 @@ class RingDilatedSchedule(BlockSchedule):
     # -- forward ---------------------------------------------------------------------------------------
     def forward(self, q, k, v, acc: Accumulator) -> None:
         self.comm.begin("forward")
+        self.comm.reserve(self.send_bound, q.device)
         pending = self._start_kv(1, k, v)
         block_id = self.block_base
         for q_part, _, kv, causal in self._local_blocks(k, v):
@@ -496,6 +404,7 @@ class RingDilatedSchedule(BlockSchedule):
         """Local blocks around the ring steps: a few while the first peer's K/V arrive, the rest (about two
         thirds of the local work) while the last dK/dV (float32, twice the bytes) travel home."""
         self.comm.begin("backward")
+        self.comm.reserve(self.send_bound, q.device)
         dq, dk, dv = grads
         pending = self._start_kv(1, k, v)
         local = list(enumerate(self._local_blocks(k, v), start=self.block_base))
@@ -744,8 +653,19 @@ def _run(
         plan = build_ring_plan(
             seq_len, comm.world_size, comm.rank, layout, branch_list, q.shape[2], k.shape[2], bool(is_causal), q.device
         )
-        schedule = RingDilatedSchedule(block_kernel, plan, comm, causal=is_causal, key_padding_mask=key_padding_mask)
+        schedule = RingDilatedSchedule(
+            block_kernel, plan, comm, causal=is_causal, key_padding_mask=key_padding_mask,
+            send_bound=send_bound(q, k, v, len(branch_list)),
+        )  # fmt: skip
     return blockwise_attention(schedule, q, k, v)
+
+
+def send_bound(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_branches: int) -> int:
+    """Bytes that no send of any rank exceeds: per branch each (position, key/value head) of a shard travels at most
+    once, with its padding flag, in the inputs' dtype or (gradients) the accumulation dtype."""
+    b, n, h_kv, d = k.shape
+    element = max(k.element_size(), torch.empty((), dtype=accumulation_dtype(q.dtype)).element_size())
+    return num_branches * b * n * (h_kv * (d + v.shape[-1]) + 1) * element
 
 
 def ring_dilated_attention(
@@ -764,16 +684,18 @@ def ring_dilated_attention(
     dropout_p: float = 0.0,
     kernel: str | None = None,
     stats: RingCommStats | None = None,
+    transport: str = "auto",
 ) -> torch.Tensor:
     """Ring dilated attention of this rank's shard ``(B, N/P, H, D)``; returns this rank's output shard.
 
     ``key_padding_mask`` is this rank's shard ``(B, N/P)`` (True = padding). Validates
     (collectively) on every call; :class:`RingDilatedAttention` validates once per shape.
+    ``transport``: see :class:`RingDilatedAttention`.
     """
     segments, rates = check_dilated_config(segment_lengths, dilation_rates, merge)
     check_layout(layout)
     dropout_p = check_dropout(dropout_p)
-    comm = RingComm.for_group(process_group, stats or RingCommStats())
+    comm = ring_comm(process_group, stats or RingCommStats(), check_transport(transport), q.device)
     config = (segments, rates, merge, layout, dropout_p)
     validate_ring_inputs(
         q,
@@ -852,7 +774,29 @@ class RingDilatedAttention(RingAttentionBase):
     :func:`ring_core.shard_sequence`) and returns this rank's output shard.
     ``process_group=None`` is the default group when one is initialised, else one
     process. Bytes sent by this rank are counted in :attr:`comm_stats`.
+
+    ``transport``: ``"auto"`` (default) moves K/V and dK/dV with the GPUs' copy engines
+    (:class:`~ring_core.comm.CopyEngineComm`: no SMs taken from the kernels) when every rank
+    has CUDA tensors in an NCCL group on one host, else with NCCL; ``"nccl"`` always uses
+    NCCL's ``batch_isend_irecv``; ``"copy_engine"`` raises where it cannot be used.
     """
+
+    def __init__(
+        self,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        merge: str = "lse",
+        layout: str = "contiguous",
+        process_group: Any = None,
+        softmax_scale: float | None = None,
+        dropout: float = 0.0,
+        kernel: str | None = None,
+        transport: str = "auto",
+    ) -> None:
+        super().__init__(
+            segment_lengths, dilation_rates, merge, layout, process_group, softmax_scale, dropout, kernel
+        )  # fmt: skip
+        self.transport = check_transport(transport)
 
     def forward(
         self,
@@ -863,7 +807,7 @@ class RingDilatedAttention(RingAttentionBase):
         is_causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        comm = RingComm.for_group(self.process_group, self.comm_stats)
+        comm = ring_comm(self.process_group, self.comm_stats, self.transport, q.device)
         dropout_p = self.dropout if self.training else 0.0
         self._check(q, k, v, key_padding_mask, bool(is_causal), dropout_p, comm)
         return self._attend(q, k, v, bool(is_causal), key_padding_mask, dropout_p, comm)

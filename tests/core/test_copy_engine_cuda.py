@@ -1,0 +1,57 @@
+"""The copy-engine transport on 2 GPUs (an NCCL group inside the gloo test world): exact, the same bytes as NCCL.
+
+Run with nox -s "tests(cuda)" on a machine with 2 or more GPUs; skipped with fewer.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from distributed_helpers import run_distributed
+from ring_core import RingDilatedAttention
+from ring_core.testing import CASES, fit_case, sharded_case_errors
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs"),
+]
+
+SPANNING = (CASES[1], CASES[3], CASES[4])  # dense causal + padding, dilated causal GQA, dilated + padding: all send
+
+
+def _transports(rank, world_size):
+    from ring_core import comm
+
+    torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank)
+    group = dist.new_group(backend="nccl")
+    rows = []
+    for case in SPANNING:
+        for layout in ("contiguous", "zigzag"):
+            fitted = fit_case(case, world_size, layout)
+            errors, sent = {}, {}
+            for transport in ("copy_engine", "nccl"):
+                module = RingDilatedAttention(**fitted.config, layout=layout, process_group=group, transport=transport)
+
+                def on_gpu(q, k, v, *, is_causal, key_padding_mask, module=module):
+                    mask = None if key_padding_mask is None else key_padding_mask.to(device)
+                    out = module(q.to(device), k.to(device), v.to(device), is_causal=is_causal, key_padding_mask=mask)
+                    return out.cpu()
+
+                for call in range(2):  # the second call reuses the slots of the first
+                    errors[transport, call] = sharded_case_errors(on_gpu, fitted, rank, world_size, layout, seed=call)
+                sent[transport] = (module.comm_stats.forward_bytes, module.comm_stats.backward_bytes)
+            rows.append((case.name, layout, errors, sent))
+    used = [(slots.usable, slots.capacity, slots.count) for slots in comm._SLOTS.values()]
+    return rows, used
+
+
+def test_copy_engine_matches_reference_and_nccl_bytes():
+    for rows, used in run_distributed(_transports, 2, timeout=300):
+        assert used and all(usable and capacity > 0 and count > 0 for usable, capacity, count in used), used
+        for name, layout, errors, sent in rows:
+            assert sent["copy_engine"] == sent["nccl"] and sum(sent["nccl"]) > 0, (name, layout, sent)
+            for key, found in errors.items():
+                assert max(found.values()) < 1e-10, (name, layout, key, found)
