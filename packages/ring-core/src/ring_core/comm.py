@@ -161,6 +161,7 @@ def check_transport(transport: str) -> str:
 class _Slots:
     """Per (group, device): the symmetric buffer, its two slots, and what is still in flight."""
 
+    group: Any = None  # the process group the slots belong to
     usable: bool | None = None  # decided collectively on first use
     capacity: int = 0  # bytes per slot
     buffer: torch.Tensor | None = None
@@ -294,5 +295,7 @@ def ring_comm(process_group: Any, stats: RingCommStats, transport: str, device: 
         return RingComm(process_group, rank, world_size, stats)
     group = process_group or dist.group.WORLD
     key = (group.group_name, device.index if device.index is not None else torch.cuda.current_device())
-    slots = _SLOTS.setdefault(key, _Slots())
+    slots = _SLOTS.get(key)
+    if slots is None or slots.group is not group:  # first use, or the group was destroyed and made anew
+        slots = _SLOTS[key] = _Slots(group=group)
     return CopyEngineComm(process_group, rank, world_size, stats, slots=slots, required=transport == "copy_engine")
