@@ -791,6 +791,7 @@ class RingDilatedAttention(RingAttentionBase):
         softmax_scale: float | None = None,
         dropout: float = 0.0,
         kernel: str | None = None,
+        *,
         transport: str = "auto",
     ) -> None:
         super().__init__(
