@@ -1,9 +1,12 @@
-"""The copy-engine transport on 2 GPUs (an NCCL group inside the gloo test world): exact, the same bytes as NCCL.
+"""The copy-engine transport on 2 GPUs (an NCCL group inside the gloo test world): exact, the same bytes as NCCL,
+in ring-core's ring and in ring-distributed's ``strategy="ring"``.
 
 Run with nox -s "tests(cuda)" on a machine with 2 or more GPUs; skipped with fewer.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import pytest
 import torch
@@ -21,6 +24,14 @@ pytestmark = [
 SPANNING = (CASES[1], CASES[3], CASES[4])  # dense causal + padding, dilated causal GQA, dilated + padding: all send
 
 
+def _modules():
+    """``(name, constructor, transport)``: the core ring and ring-distributed's ring strategy, both transports."""
+    from ring_distributed import RingDistributedDilatedAttention
+
+    makers = {"core": RingDilatedAttention, "distributed": partial(RingDistributedDilatedAttention, strategy="ring")}
+    return [(name, make, transport) for name, make in makers.items() for transport in ("copy_engine", "nccl")]
+
+
 def _transports(rank, world_size):
     from ring_core import comm
 
@@ -32,8 +43,8 @@ def _transports(rank, world_size):
         for layout in ("contiguous", "zigzag"):
             fitted = fit_case(case, world_size, layout)
             errors, sent = {}, {}
-            for transport in ("copy_engine", "nccl"):
-                module = RingDilatedAttention(**fitted.config, layout=layout, process_group=group, transport=transport)
+            for name, make, transport in _modules():
+                module = make(**fitted.config, layout=layout, process_group=group, transport=transport)
 
                 def on_gpu(q, k, v, *, is_causal, key_padding_mask, module=module):
                     mask = None if key_padding_mask is None else key_padding_mask.to(device)
@@ -41,8 +52,13 @@ def _transports(rank, world_size):
                     return out.cpu()
 
                 for call in range(2):  # the second call reuses the slots of the first
-                    errors[transport, call] = sharded_case_errors(on_gpu, fitted, rank, world_size, layout, seed=call)
-                sent[transport] = (module.comm_stats.forward_bytes, module.comm_stats.backward_bytes)
+                    errors[name, transport, call] = sharded_case_errors(
+                        on_gpu, fitted, rank, world_size, layout, seed=call
+                    )
+                sent[name, transport] = (
+                    module.comm_stats.forward_bytes,
+                    module.comm_stats.backward_bytes,
+                )
             rows.append((case.name, layout, errors, sent))
     used = [(slots.usable, slots.capacity, slots.count) for slots in comm._SLOTS.values()]
     return rows, used
@@ -52,6 +68,6 @@ def test_copy_engine_matches_reference_and_nccl_bytes():
     for rows, used in run_distributed(_transports, 2, timeout=300):
         assert used and all(usable and capacity > 0 and count > 0 for usable, capacity, count in used), used
         for name, layout, errors, sent in rows:
-            assert sent["copy_engine"] == sent["nccl"] and sum(sent["nccl"]) > 0, (name, layout, sent)
+            assert len(set(sent.values())) == 1 and sum(sent["core", "nccl"]) > 0, (name, layout, sent)
             for key, found in errors.items():
                 assert max(found.values()) < 1e-10, (name, layout, key, found)

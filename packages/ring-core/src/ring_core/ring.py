@@ -58,6 +58,7 @@ __all__ = [
     "differing_fields",
     "offset_heads",
     "ring_dilated_attention",
+    "send_bound",
     "validate_ring_inputs",
 ]
 

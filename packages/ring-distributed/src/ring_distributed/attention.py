@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ring_core.comm import check_transport, ring_comm
 from ring_core.dilated import Branch, Part, branches
 from ring_core.engine import BlockKernel, blockwise_attention
 from ring_core.kernels import KernelRequest, default_scale
@@ -37,6 +38,7 @@ from ring_core.ring import (
     Transfer,
     build_ring_plan,
     offset_heads,
+    send_bound,
     validate_ring_inputs,
 )
 from ring_core.sharding import group_rank_and_size
@@ -190,6 +192,10 @@ class RingDistributedDilatedAttention(RingAttentionBase):
       ``device_mesh``, a 2-D ``DeviceMesh`` with dims ``("ring", "ulysses")``.
     - ``node_size``: ranks per node (default ``LOCAL_WORLD_SIZE``, else all ranks);
       Ulysses groups never straddle nodes.
+    - ``transport``: how the ring group's K/V and dK/dV travel, as in
+      :class:`ring_core.RingDilatedAttention` (``"auto"``: copy engines when the ring group
+      is on one host). :class:`~ring_distributed.RingDilatedAttentionProduction` always uses
+      NCCL (its timeouts and buffer pool are NCCL's).
 
     The sequence shard index of a rank is its rank in ``process_group`` (with a
     ``device_mesh``: ``ring_index * u + ulysses_index``).
@@ -212,8 +218,10 @@ class RingDistributedDilatedAttention(RingAttentionBase):
         ulysses_degree: int | None = None,
         device_mesh: Any = None,
         node_size: int | None = None,
+        transport: str = "auto",
     ) -> None:
         super().__init__(segment_lengths, dilation_rates, merge, layout, process_group, softmax_scale, dropout, kernel)
+        self.transport = check_transport(transport)
         strategy = self.default_strategy if strategy is None else strategy
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
@@ -289,8 +297,10 @@ class RingDistributedDilatedAttention(RingAttentionBase):
     # -- hooks for RingDilatedAttentionProduction ---------------------------------------------------
     timeout: float | None = None
 
-    def _make_comm(self, group: Any, rank: int, size: int) -> RingComm:
-        return RingComm(group, rank, size, self.comm_stats)
+    def _make_comm(self, group: Any, rank: int, size: int, device: torch.device) -> RingComm:
+        if size == 1:
+            return RingComm(group, rank, size, self.comm_stats)
+        return ring_comm(group, self.comm_stats, self.transport, device)
 
     def _dropout_seed(self) -> int:
         return int(torch.randint(0, 2**40, (1,)).item())
@@ -322,16 +332,16 @@ class RingDistributedDilatedAttention(RingAttentionBase):
             if mask is not None:
                 mask = gather_mask(mask, groups.ulysses_group, u, self.layout, self.timeout)
         local_heads = num_heads // u
+        branch_list = tuple(branches(self.segment_lengths, self.dilation_rates, self.merge, num_heads))
         plan = mesh_plan(
-            seq_len, ring_size, groups.ring_rank, self.layout,
-            tuple(branches(self.segment_lengths, self.dilation_rates, self.merge, num_heads)),
+            seq_len, ring_size, groups.ring_rank, self.layout, branch_list,
             num_heads, num_kv_heads, causal, q.device, groups.ulysses_rank * local_heads, local_heads,
         )  # fmt: skip
         request = KernelRequest.for_tensors(q, k, causal=causal, has_mask=mask is not None, dropout_p=dropout_p)
         seed = self._dropout_seed() + groups.ulysses_rank * 7_919 * 1_000_003 if dropout_p > 0 else 0
         scale = default_scale(q.shape[-1], self.softmax_scale)
         block_kernel = BlockKernel(select_kernel(request, self.kernel), scale, dropout_p, seed)
-        comm = self._make_comm(groups.ring_group, groups.ring_rank, ring_size)
+        comm = self._make_comm(groups.ring_group, groups.ring_rank, ring_size, q.device)
         comm.stats.calls += 1
         if strategy == "allgather" and ring_size > 1:
             shard_len = q.shape[1]
@@ -342,7 +352,10 @@ class RingDistributedDilatedAttention(RingAttentionBase):
                 block_kernel, plan, comm, causal=causal, key_padding_mask=mask, shard_len=shard_len
             )
         else:
-            schedule = RingDilatedSchedule(block_kernel, plan, comm, causal=causal, key_padding_mask=mask)
+            schedule = RingDilatedSchedule(
+                block_kernel, plan, comm, causal=causal, key_padding_mask=mask,
+                send_bound=send_bound(q, k, v, len(branch_list)),
+            )  # fmt: skip
         out, _ = blockwise_attention(schedule, q, k, v)
         if u > 1:
             out = HeadsToSeq.apply(out, groups.ulysses_group, u, self.layout, self.timeout)

@@ -151,7 +151,7 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
         self._call_step = 0
 
     # -- hooks of the base class ---------------------------------------------------------------------
-    def _make_comm(self, group: Any, rank: int, size: int) -> ManagedComm:
+    def _make_comm(self, group: Any, rank: int, size: int, device: torch.device) -> ManagedComm:
         return ManagedComm(
             group, rank, size, self.comm_stats, timeout=self.timeout,
             pool=self.buffers if self.reuse_buffers else None, context=f"{self._where()}: ",
