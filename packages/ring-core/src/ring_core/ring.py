@@ -15,8 +15,9 @@ positions of a piece fall into *runs*, one per segment they touch:
 So a branch whose segments fit inside every shard sends nothing, and dense
 attention (``segment_lengths=[w >= N]``, rate 1) is the classic ring with the
 causal blocks skipped. At step ``j`` of ``P - 1``, rank ``t`` receives from
-``t - j`` and sends to ``t + j`` (one ``batch_isend_irecv``), while the blocks of
-step ``j - 1`` are computed. Backward fetches K/V again and returns the dK/dV of
+``t - j`` and sends to ``t + j`` (one exchange of :mod:`ring_core.comm`: NCCL's
+``batch_isend_irecv`` or the GPUs' copy engines), while the blocks of step
+``j - 1`` are computed. Backward fetches K/V again and returns the dK/dV of
 remote keys to their owner in float32 (float64 for float64 inputs).
 
 Everything is one :class:`~ring_core.engine.BlockSchedule` run through
