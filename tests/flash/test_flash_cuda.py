@@ -197,11 +197,16 @@ def test_triton_online_merge_equals_merge_into():
 
     expected, expected_lse = out.clone(), lse.clone()
     merge_into(view(expected), view(expected_lse), block, block_lse)
+    low, low_lse = out.to(torch.bfloat16), lse.clone()  # an output-dtype accumulator (the fused forward's)
     assert online_merge(view(out), view(lse), block, block_lse)
     assert rel(out, expected) < 1e-6
     assert torch.equal(torch.isinf(lse), torch.isinf(expected_lse))
     finite = torch.isfinite(expected_lse)
     assert rel(lse[finite], expected_lse[finite]) < 1e-6
+    expected = low.float()
+    merge_into(view(expected), view(low_lse.clone()), block, block_lse)
+    assert online_merge(view(low), view(low_lse), block, block_lse)
+    assert rel(low, expected) < 4e-3  # one bfloat16 rounding
 
 
 def test_triton_merge_of_three_pairs_in_one_launch():

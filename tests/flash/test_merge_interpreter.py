@@ -60,6 +60,11 @@ SCRIPT = textwrap.dedent(
         assert merge.online_merge(view(out), view(acc_lse), block, block_lse)
         assert rel(out, expected) < 1e-6
         assert torch.equal(torch.isinf(acc_lse), torch.isinf(expected_lse))
+        low = out.to(torch.bfloat16)  # an output-dtype accumulator: float32 math, rounded once on the store
+        expected = low.float()
+        merge_into(view(expected), view(lse.clone()), block, block_lse)
+        assert merge.online_merge(view(low), view(lse.clone()), block, block_lse)
+        assert rel(low, expected) < 4e-3  # one bfloat16 rounding
     print("ok")
     """
 )

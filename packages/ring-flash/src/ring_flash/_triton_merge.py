@@ -57,7 +57,8 @@ def online_merge_kernel(
     width,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """``acc, acc_lse <- LSE merge of (acc, acc_lse) and (blk, blk_lse)``, rows as in :func:`merge_kernel`."""
+    """``acc, acc_lse <- LSE merge of (acc, acc_lse) and (blk, blk_lse)``, rows as in :func:`merge_kernel`; computed
+    in float32 and stored in ``acc``'s dtype."""
     i0, i1, i2, i3, row_ok = _rows(rows, n1, n2, n3, BLOCK_R)
     col = tl.arange(0, BLOCK_D)
     ok = row_ok[:, None] & (col < width)[None, :]
@@ -77,5 +78,5 @@ def online_merge_kernel(
     out_at = acc + (i0 * as0 + i1 * as1 + i2 * as2 + i3 * as3)[:, None] + col[None, :]
     x = tl.load(out_at, mask=ok, other=0.0) * wa[:, None]
     y = tl.load(blk + (i0 * bs0 + i1 * bs1 + i2 * bs2 + i3 * bs3)[:, None] + col[None, :], mask=ok, other=0.0)
-    tl.store(out_at, x + y.to(tl.float32) * wb[:, None], mask=ok)
+    tl.store(out_at, (x + y.to(tl.float32) * wb[:, None]).to(acc.dtype.element_ty), mask=ok)
     tl.store(lse_at, new, mask=row_ok)

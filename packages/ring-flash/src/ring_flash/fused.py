@@ -3,12 +3,13 @@
 The same blocks as :class:`ring_core.DilatedSchedule` (one kernel call per branch
 offset over all its segments, strided views, no gather for ``q``), but:
 
-- forward runs every kernel first, then merges each block once with its final
-  weight ``exp(lse_block - lse)``; the output is accumulated in the output dtype
-  (each weighted add is computed in float32) instead of a float32 copy of the
-  whole output, and the block that covers every row (rate 1, all heads) is
-  written in place of the output, so dense attention is one kernel call and
-  nothing else;
+- forward starts from the block that covers every row (rate 1, all heads): its
+  output *is* the output (dense attention is one kernel call and nothing else),
+  and each other block is merged into the rows it covers with one online LSE
+  merge pass (rescale what is there, add the block, update the log-sum-exp),
+  computed in float32 and stored in the output dtype, so rows that only the
+  covering block sees are never touched again, no float32 copy of the whole
+  output exists, and each block is freed once merged;
 - backward writes each kernel's ``dq, dk, dv`` straight into the gradients (the
   covering block takes ownership of its tensors, others add into strided views);
 - every write into a strided view is one pass (:func:`ring_flash.merge.merge_block`,
@@ -104,32 +105,29 @@ class _FusedDilated(torch.autograd.Function):
         out_dtype = acc if plan.accumulate_fp32 else q.dtype
         calls = _plan_parts(plan, q, k)
         writes = sum(1 for _, write in calls if write)
+        weighted = len(calls) > 1 and _overlap(plan.branches)
         lse = torch.full((b, n, h), float("-inf"), dtype=acc, device=q.device)
-        blocks = []
-        for part, write in calls:  # every kernel first: the final lse gives each block its weight
+        out = None
+        for part, write in calls:  # the covering calls first: they write; later blocks merge into what is there
             o, block_lse = plan.backend.forward(
                 part.view(q).flatten(0, 1), part.gather_kv(k), part.gather_kv(v), scale=plan.scale,
                 causal=plan.causal, mask=part.key_mask(plan.key_padding_mask),
             )  # fmt: skip
             lse_view = part.view(lse)
             block_lse = block_lse.to(acc).unflatten(0, lse_view.shape[:2]).transpose(-1, -2)  # (B, nseg, len, h)
-            lse_view.copy_(block_lse if write else torch.logaddexp(lse_view, block_lse))
-            blocks.append((o.reshape(*lse_view.shape, dv_), block_lse))
-        weighted = len(calls) > 1 and _overlap(plan.branches)
-        out = None
-        blocks.reverse()
-        for part, write in calls:
-            o, block_lse = blocks.pop()  # dropped once merged
-            weights = {"src_lse": block_lse, "lse": part.view(lse)} if weighted else {}
+            o = o.reshape(*lse_view.shape, dv_)
+            if out is None and write and _owns(part, (b, n, h, dv_), out_dtype, o, writes):
+                out = o.view(b, n, h, dv_)  # the one covering call's output is where the others merge
+                lse_view.copy_(block_lse)
+                continue
             if out is None:
-                if write and _owns(part, (b, n, h, dv_), out_dtype, o, writes):
-                    out = o.view(b, n, h, dv_)
-                    if weighted:
-                        merge_block(o, o, accumulate=False, **weights)
-                    continue
                 out = (torch.empty if writes else torch.zeros)(b, n, h, dv_, dtype=out_dtype, device=q.device)
-            merge_block(part.view(out), o, accumulate=not write, **weights)
-        del blocks
+            if write or not weighted:  # first (or only) block of these rows and heads
+                merge_block(part.view(out), o, accumulate=not write)
+                lse_view.copy_(block_lse)
+            else:  # the backend's merge: one Triton pass on GPUs
+                plan.backend.merge(part.view(out), lse_view, o, block_lse)
+            del o, block_lse  # before the next call allocates its own
         ctx.plan, ctx.calls, ctx.writes = plan, calls, writes
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mark_non_differentiable(lse)

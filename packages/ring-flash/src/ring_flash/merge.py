@@ -124,9 +124,10 @@ def _merge_triton(dsts, srcs, accumulate, src_lse, lse) -> None:
 def online_merge(
     out_acc: torch.Tensor, lse_acc: torch.Tensor, out_block: torch.Tensor, lse_block: torch.Tensor
 ) -> bool:
-    """:func:`ring_core.merge_into` in one Triton pass (float32 accumulators on CUDA); ``False`` if it cannot."""
+    """:func:`ring_core.merge_into` in one Triton pass on CUDA (``out_acc`` float32, bfloat16 or float16, computed in
+    float32; log-sum-exps float32); ``False`` if it cannot."""
     usable = (
-        out_acc.dtype == lse_acc.dtype == lse_block.dtype == torch.float32
+        lse_acc.dtype == lse_block.dtype == torch.float32
         and out_acc.dim() - 1 <= _MAX_DIMS
         and lse_acc.shape == lse_block.shape == out_acc.shape[:-1]
         and _use_triton([out_acc], [out_block], None, None)
