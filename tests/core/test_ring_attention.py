@@ -321,6 +321,45 @@ def test_plan_zigzag_causal_balances_blocks():
     assert len(set(work)) == 1, work
 
 
+@pytest.mark.parametrize(
+    ("seq_len", "world", "segments", "rates", "layout", "causal", "kv_heads", "padded"),
+    [
+        (64, 4, [64], [1], "contiguous", False, H, False),
+        (64, 4, [64], [1], "zigzag", True, H, True),
+        (96, 3, [4, 32, 96], [1, 2, 4], "contiguous", True, 2, True),
+        (64, 2, [8, 64], [2, 4], "zigzag", False, 2, False),
+        (60, 4, [6, 20, 60], [1, 2, 3], "contiguous", False, 1, True),
+    ],
+)
+def test_send_bound_covers_every_send_of_every_rank(seq_len, world, segments, rates, layout, causal, kv_heads, padded):
+    """The copy-engine slots are sized by ``send_bound`` from shapes alone: no K/V (with flags) or dK/dV send of any
+    rank may exceed it, or the transport would raise mid-call."""
+    from ring_core.ring import RingDilatedSchedule, send_bound
+
+    n_local = seq_len // world
+    branch_list = tuple(branches(segments, rates, "lse", H))
+    for dtype, grad_dtype in ((torch.float64, torch.float64), (torch.bfloat16, torch.float32)):
+        q, k, v = _inputs(n_local, 0, dtype, heads=H, kv_heads=kv_heads)
+        bound = send_bound(q, k, v, len(branch_list))
+        largest = 0
+        for rank in range(world):
+            plan = build_ring_plan(seq_len, world, rank, layout, branch_list, H, kv_heads, causal, torch.device("cpu"))
+            mask = torch.zeros(B, n_local, dtype=torch.bool) if padded else None
+            schedule = RingDilatedSchedule(None, plan, comm=_FakeComm(rank), causal=causal, key_padding_mask=mask)
+            for step in plan.steps:  # K/V (and flags) in the inputs' dtype, dK/dV in the accumulation dtype
+                for grads, element in (
+                    (False, k.element_size()),
+                    (True, torch.empty((), dtype=grad_dtype).element_size()),
+                ):
+                    largest = max(largest, schedule._numel(schedule._shapes(step.send.kv_parts, k, v, grads)) * element)
+        assert 0 < largest <= bound, (dtype, largest, bound)
+
+
+class _FakeComm:
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+
 def test_deprecated_name_warns_and_resolves():
     with pytest.warns(FutureWarning, match=r"RingDilatedAttentionV2Collective .* 0\.3\.0; use RingDilatedAttention"):
         cls = ring_core.RingDilatedAttentionV2Collective
