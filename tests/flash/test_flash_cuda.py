@@ -163,19 +163,14 @@ def test_triton_merge_equals_torch_merge(dtype, monkeypatch):
 
     full = torch.randn(2, 96, 8, 64, device="cuda", dtype=dtype)
     src = torch.randn(2, 3, 16, 4, 64, device="cuda", dtype=dtype)
-    lse = torch.randn(2, 96, 8, device="cuda")
-    lse[0, 1, 1] = float("-inf")
-    src_lse = torch.randn(6, 4, 16, device="cuda").unflatten(0, (2, 3)).transpose(-1, -2)  # strided, as kernels give
-    src_lse[0, 0, 0, 0] = float("-inf")
     results = []
     for flag in ("1", "0"):
         monkeypatch.setenv("RING_FLASH_TRITON", flag)
         for accumulate in (False, True):
-            for weights in ({}, {"src_lse": src_lse, "lse": lse[:, 1::2, 1::2].unflatten(1, (3, 16))}):
-                dst = full.clone()
-                merge_block(dst[:, 1::2, 1::2].unflatten(1, (3, 16)), src, accumulate=accumulate, **weights)
-                results.append(dst.float())
-    for triton, torch_ in zip(results[:4], results[4:]):
+            dst = full.clone()
+            merge_block(dst[:, 1::2, 1::2].unflatten(1, (3, 16)), src, accumulate=accumulate)
+            results.append(dst.float())
+    for triton, torch_ in zip(results[:2], results[2:]):
         assert rel(triton, torch_) < (1e-6 if dtype == torch.float32 else 4e-3)
         assert torch.isfinite(triton).all()
 

@@ -1,4 +1,4 @@
-"""The Triton kernel behind :func:`ring_flash.merge.merge_block` (imported only when Triton is present)."""
+"""The Triton kernels behind :mod:`ring_flash.merge` (imported only when Triton is present)."""
 
 import triton
 import triton.language as tl
@@ -17,12 +17,11 @@ def _rows(rows, n1, n2, n3, BLOCK_R: tl.constexpr):
 
 @triton.jit
 def merge_kernel(
-    dst, src, src_lse, lse, rows, n1, n2, n3,
-    ds0, ds1, ds2, ds3, ss0, ss1, ss2, ss3, bs0, bs1, bs2, bs3, ls0, ls1, ls2, ls3,
+    dst, src, rows, n1, n2, n3, ds0, ds1, ds2, ds3, ss0, ss1, ss2, ss3,
     width, dst_shift1, dst_shift2, src_shift1, src_shift2,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACCUMULATE: tl.constexpr, WEIGHTED: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
-    """Rows ``(i0, i1, i2, i3)`` of ``width`` contiguous elements: ``dst (+)= src * weight``.
+    """Rows ``(i0, i1, i2, i3)`` of ``width`` contiguous elements: ``dst (+)= src`` (added in float32).
 
     Program axis 1 picks one of up to three tensor pairs laid out alike: pair ``j``
     starts ``dst_shift<j>`` / ``src_shift<j>`` elements after the first pair.
@@ -39,11 +38,6 @@ def merge_kernel(
     ok = row_ok[:, None] & (col < width)[None, :]
     x = tl.load(src + (i0 * ss0 + i1 * ss1 + i2 * ss2 + i3 * ss3)[:, None] + col[None, :], mask=ok, other=0.0)
     x = x.to(tl.float32)
-    if WEIGHTED:
-        total = tl.load(lse + i0 * ls0 + i1 * ls1 + i2 * ls2 + i3 * ls3, mask=row_ok, other=0.0)
-        part = tl.load(src_lse + i0 * bs0 + i1 * bs1 + i2 * bs2 + i3 * bs3, mask=row_ok, other=0.0)
-        weight = tl.where(total == float("-inf"), 0.0, tl.exp(part - total))
-        x = x * weight[:, None]
     target = dst + (i0 * ds0 + i1 * ds1 + i2 * ds2 + i3 * ds3)[:, None] + col[None, :]
     if ACCUMULATE:
         x += tl.load(target, mask=ok, other=0.0).to(tl.float32)

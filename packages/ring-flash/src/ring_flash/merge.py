@@ -1,12 +1,14 @@
 """Writing a block's output or gradient into a strided view of the full tensor, in one pass.
 
-The fused dilated path (:mod:`ring_flash.fused`) puts every kernel call's result
-into strided views (every ``r``-th position, every ``r``-th head). With torch ops a
-weighted merge ``view += o * exp(lse_block - lse)`` takes several passes (the
-weights, a float32 product, a mixed-dtype add on a broadcast); on CUDA with Triton
-it is one kernel per block that reads the block, the two log-sum-exps and the view,
-computes in float32 and writes the view. Without Triton (or on the CPU, or in
-float64) the same arithmetic runs as torch ops.
+The fused dilated path (:mod:`ring_flash.fused`) and the engine put every kernel
+call's result into strided views (every ``r``-th position, every ``r``-th head).
+With torch ops an LSE merge ``view = view * w_a + o * w_b`` (and ``lse``) takes
+several passes (the weights, float32 products, a mixed-dtype add on a broadcast);
+on CUDA with Triton it is one kernel per block that reads the view, the block and
+the two log-sum-exps, computes in float32 and writes the view and ``lse``
+(:func:`online_merge`); gradient adds likewise (:func:`merge_block`, a call's
+``dq, dk, dv`` in one launch with :func:`merge_blocks`). Without Triton (or on the
+CPU, or in float64) the same arithmetic runs as torch ops.
 """
 
 from __future__ import annotations
@@ -33,40 +35,25 @@ def triton_enabled() -> bool:
     return os.environ.get("RING_FLASH_TRITON", "1") != "0" and _triton_installed()
 
 
-def merge_block(
-    dst: torch.Tensor,
-    src: torch.Tensor,
-    *,
-    accumulate: bool,
-    src_lse: torch.Tensor | None = None,
-    lse: torch.Tensor | None = None,
-) -> None:
-    """``dst (+)= src * w`` in place, with ``w = exp(src_lse - lse)`` (0 where ``lse`` is ``-inf``) or 1.
-
-    ``dst`` and ``src`` have the same shape ``(..., D)`` (any strides; ``dst`` may be
-    ``src`` itself); ``src_lse`` and ``lse`` have shape ``dst.shape[:-1]``.
-    """
-    if _use_triton([dst], [src], src_lse, lse):
-        _merge_triton([dst], [src], accumulate, src_lse, lse)
+def merge_block(dst: torch.Tensor, src: torch.Tensor, *, accumulate: bool) -> None:
+    """``dst (+)= src`` in place; ``dst`` and ``src`` have the same shape ``(..., D)`` (any strides, any float
+    dtypes: the add is computed in float32)."""
+    if _use_triton([dst], [src]):
+        _merge_triton([dst], [src], accumulate)
         return
-    if lse is None:
-        dst.add_(src) if accumulate else dst.copy_(src)
-        return
-    safe = lse.masked_fill(torch.isinf(lse), 0.0)
-    weight = torch.exp(src_lse.to(lse.dtype) - safe).unsqueeze(-1)
-    dst.addcmul_(src, weight) if accumulate else dst.copy_(src * weight)
+    dst.add_(src) if accumulate else dst.copy_(src)
 
 
 def merge_blocks(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], *, accumulate: bool) -> None:
-    """:func:`merge_block` without weights for several pairs (``dq, dk, dv``), one launch where they are alike."""
+    """:func:`merge_block` for several pairs (``dq, dk, dv``), one launch where they are alike."""
     alike = (
         len(dsts) <= 3
         and len({(d.shape, d.stride(), d.dtype) for d in dsts}) == 1
         and len({(s.shape, s.stride(), s.dtype) for s in srcs}) == 1
         and all(_shift(x, xs[0]) is not None for xs in (dsts, srcs) for x in xs)
     )
-    if alike and _use_triton(dsts, srcs, None, None):
-        _merge_triton(dsts, srcs, accumulate, None, None)
+    if alike and _use_triton(dsts, srcs):
+        _merge_triton(dsts, srcs, accumulate)
         return
     for dst, src in zip(dsts, srcs):
         merge_block(dst, src, accumulate=accumulate)
@@ -78,11 +65,10 @@ def _shift(x: torch.Tensor, first: torch.Tensor) -> int | None:
     return None if delta % x.element_size() else delta // x.element_size()
 
 
-def _use_triton(dsts, srcs, src_lse, lse) -> bool:
+def _use_triton(dsts, srcs) -> bool:
     return (
         all(x.is_cuda and x.dtype in _TRITON_DTYPES and x.stride(-1) == 1 for x in (*dsts, *srcs))
         and dsts[0].dim() - 1 <= _MAX_DIMS
-        and all(t.dtype == torch.float32 for t in (src_lse, lse) if t is not None)
         and triton_enabled()
     )
 
@@ -101,23 +87,20 @@ def _geometry(x: torch.Tensor) -> tuple[int, int, list[int], int, int]:
     return x.numel() // max(1, width), width, sizes, max(1, 4096 // block_d), block_d
 
 
-def _merge_triton(dsts, srcs, accumulate, src_lse, lse) -> None:
+def _merge_triton(dsts, srcs, accumulate) -> None:
     from ._triton_merge import merge_kernel
 
     dst, src = dsts[0], srcs[0]
     rows, width, sizes, block_r, block_d = _geometry(dst)
     if rows == 0 or width == 0:
         return
-    weighted = lse is not None
-    lse_strides = _padded(src_lse.stride()) + _padded(lse.stride()) if weighted else [0] * (2 * _MAX_DIMS)
     shifts = [_shift(x, xs[0]) for xs in (dsts, srcs) for x in xs[1:]]
     shifts = shifts[: len(dsts) - 1] + [0] * (3 - len(dsts)) + shifts[len(dsts) - 1 :] + [0] * (3 - len(dsts))
     grid = ((rows + block_r - 1) // block_r, len(dsts))
     with torch.cuda.device(dst.device) if dst.is_cuda else contextlib.nullcontext():  # CPU: TRITON_INTERPRET=1
         merge_kernel[grid](
-            dst, src, src_lse if weighted else dst, lse if weighted else dst, rows, *sizes[1:],
-            *_padded(dst.stride()[:-1]), *_padded(src.stride()[:-1]), *lse_strides, width, *shifts,
-            BLOCK_R=block_r, BLOCK_D=block_d, ACCUMULATE=accumulate, WEIGHTED=weighted, num_warps=4,
+            dst, src, rows, *sizes[1:], *_padded(dst.stride()[:-1]), *_padded(src.stride()[:-1]), width, *shifts,
+            BLOCK_R=block_r, BLOCK_D=block_d, ACCUMULATE=accumulate, num_warps=4,
         )  # fmt: skip
 
 
@@ -130,7 +113,7 @@ def online_merge(
         lse_acc.dtype == lse_block.dtype == torch.float32
         and out_acc.dim() - 1 <= _MAX_DIMS
         and lse_acc.shape == lse_block.shape == out_acc.shape[:-1]
-        and _use_triton([out_acc], [out_block], None, None)
+        and _use_triton([out_acc], [out_block])
     )
     if not usable:
         return False
