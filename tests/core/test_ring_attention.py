@@ -355,6 +355,15 @@ def test_send_bound_covers_every_send_of_every_rank(seq_len, world, segments, ra
         assert 0 < largest <= bound, (dtype, largest, bound)
 
 
+def test_backward_keeps_two_thirds_of_the_local_work_for_the_last_transfer():
+    from ring_core.ring import _overlap_split
+
+    assert _overlap_split([0.5, 0.5, 1.0]) == 1  # zigzag causal: one diagonal before the steps, the rest after
+    assert _overlap_split([1.0]) == 0  # a single block waits for the steps
+    assert _overlap_split([1.0, 1.0, 1.0]) == 1
+    assert _overlap_split([3.0, 1.0]) == 0
+
+
 class _FakeComm:
     def __init__(self, rank: int) -> None:
         self.rank = rank
