@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -368,6 +368,20 @@ class RingDilatedSchedule(BlockSchedule):
         ]
         return blocks
 
+    @staticmethod
+    def _split_block(q_part: Part, kv_part: Part, kv: tuple, causal: bool) -> list[tuple]:
+        """A single local block (dense, non-causal, contiguous) as a third and two thirds of its query rows, so
+        that backward can hide the first K/V fetch and the last dK/dV return behind the two."""
+        rows = q_part.stop - q_part.start
+        if causal or rows != q_part.length or rows < 3:  # only one non-causal segment splits by rows
+            return [(q_part, kv_part, kv, causal)]
+        cut = q_part.start + rows // 3
+        parts = (
+            replace(q_part, stop=cut, length=cut - q_part.start),
+            replace(q_part, start=cut, length=q_part.stop - cut),
+        )
+        return [(part, kv_part, kv, causal) for part in parts]
+
     # -- forward ---------------------------------------------------------------------------------------
     def forward(self, q, k, v, acc: Accumulator) -> None:
         self.comm.begin("forward")
@@ -410,6 +424,9 @@ class RingDilatedSchedule(BlockSchedule):
         dq, dk, dv = grads
         pending = self._start_kv(1, k, v)
         local = list(enumerate(self._local_blocks(k, v), start=self.block_base))
+        steps_block_id = self.block_base + len(local)
+        if self.plan.steps and len(local) == 1 and self.kernel.dropout_p == 0:  # (a block's mask is per block)
+            local = [(local[0][0], block) for block in self._split_block(*local[0][1])]
         split = _overlap_split([_block_cost(q_part, kv_part, causal) for _, (q_part, kv_part, _, causal) in local])
         if not self.plan.steps:
             split = len(local)
@@ -421,7 +438,7 @@ class RingDilatedSchedule(BlockSchedule):
                 kv_part.add_kv_grad(dv, block_dv, self.kernel.accumulate)
 
         local_backward(local[:split])
-        block_id = self.block_base + len(local)
+        block_id = steps_block_id
         returning: tuple[Exchange, Step] | None = None
         for j, step in enumerate(self.plan.steps, start=1):
             buffer = pending.wait() if pending is not None else None
