@@ -397,7 +397,7 @@ def test_single_process_is_plain_attention():
 
 
 def test_bad_transport_names_the_parameter():
-    with pytest.raises(ValueError, match=r"transport must be one of \['auto', 'nccl', 'copy_engine'\], got 'ib'"):
+    with pytest.raises(ValueError, match=r"transport must be one of \['nccl', 'copy_engine'\], got 'ib'"):
         RingDilatedAttention([8], [1], transport="ib")
 
 

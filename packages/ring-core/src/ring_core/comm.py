@@ -20,8 +20,11 @@ exchanges that way, between GPUs of one host:
 
 Slots hold the largest payload any rank may send (a bound from the shapes, the same on
 every rank), so growing them is a collective step that every rank takes at the same call.
-``transport="auto"`` uses it for CUDA tensors in an NCCL group whose ranks share a host
-and falls back to NCCL otherwise (every rank agrees); ``"nccl"`` never uses it.
+
+It is opt-in (``transport="copy_engine"``; the default is ``"nccl"``): in the ring at
+32K tokens per GPU on H200s it was 3% faster than NCCL on 2 GPUs (dense causal) but
+9-12% slower on 4 (``docs/benchmarks/ring-4xh200-copy-engine.json``), for reasons not
+yet found.
 """
 
 from __future__ import annotations
@@ -145,7 +148,7 @@ class RingComm:
 
 # -- the copy-engine communicator ---------------------------------------------------------------
 
-TRANSPORTS = ("auto", "nccl", "copy_engine")
+TRANSPORTS = ("nccl", "copy_engine")
 READY, CONSUMED = 0, 2  # signal channels: READY + slot, CONSUMED + slot
 SIGNAL_TIMEOUT_MS = 300_000  # a peer that never signals ends in a CUDA error, not a hang
 ALIGN = 256
@@ -162,7 +165,7 @@ class _Slots:
     """Per (group, device): the symmetric buffer, its two slots, and what is still in flight."""
 
     group: Any = None  # the process group the slots belong to
-    usable: bool | None = None  # decided collectively on first use
+    usable: bool | None = None  # decided collectively (every rank agrees) on first use
     capacity: int = 0  # bytes per slot
     buffer: torch.Tensor | None = None
     handle: Any = None
@@ -195,23 +198,22 @@ class CopyEngineComm(RingComm):
     """A :class:`~ring_core.ring.RingComm` whose exchanges are DMA copies from the peer's symmetric memory."""
 
     slots: _Slots = field(default_factory=_Slots)
-    required: bool = False  # transport="copy_engine": an error where it cannot be used
 
     def reserve(self, nbytes: int, device: torch.device) -> None:
         slots = self.slots
         if slots.usable is None:
             slots.usable = _usable(self.group, device)
-        if self.required and not slots.usable:
+        if not slots.usable:
             raise RuntimeError(
                 "transport='copy_engine' needs CUDA tensors in an NCCL group whose ranks share one host, with "
-                "torch.distributed._symmetric_memory; use transport='auto' or 'nccl'"
+                "torch.distributed._symmetric_memory; use transport='nccl'"
             )
         if slots.usable and nbytes > slots.capacity:
             self._grow(-(-nbytes // ALIGN) * ALIGN, device)
 
     @property
     def active(self) -> bool:
-        return bool(self.slots.usable) and self.slots.buffer is not None
+        return self.slots.buffer is not None
 
     def _grow(self, capacity: int, device: torch.device) -> None:
         import torch.distributed._symmetric_memory as symm_mem
@@ -287,15 +289,15 @@ def _usable(group: Any, device: torch.device) -> bool:
 
 
 def ring_comm(process_group: Any, stats: RingCommStats, transport: str, device: torch.device) -> RingComm:
-    """The ring's communicator for ``transport`` (``"auto"``: the copy engines where every rank can use them)."""
+    """The ring's communicator for ``transport`` (``"nccl"``, or ``"copy_engine"`` for CUDA tensors)."""
     rank, world_size = group_rank_and_size(process_group)
-    if transport == "nccl" or world_size == 1 or device.type != "cuda":
-        if transport == "copy_engine" and world_size > 1 and device.type != "cuda":
-            raise ValueError(f"transport='copy_engine' needs CUDA tensors, got device {device}")
+    if transport == "nccl" or world_size == 1:
         return RingComm(process_group, rank, world_size, stats)
+    if device.type != "cuda":
+        raise ValueError(f"transport='copy_engine' needs CUDA tensors, got device {device}")
     group = process_group or dist.group.WORLD
     key = (group.group_name, device.index if device.index is not None else torch.cuda.current_device())
     slots = _SLOTS.get(key)
     if slots is None or slots.group is not group:  # first use, or the group was destroyed and made anew
         slots = _SLOTS[key] = _Slots(group=group)
-    return CopyEngineComm(process_group, rank, world_size, stats, slots=slots, required=transport == "copy_engine")
+    return CopyEngineComm(process_group, rank, world_size, stats, slots=slots)

@@ -703,7 +703,7 @@ def ring_dilated_attention(
     dropout_p: float = 0.0,
     kernel: str | None = None,
     stats: RingCommStats | None = None,
-    transport: str = "auto",
+    transport: str = "nccl",
 ) -> torch.Tensor:
     """Ring dilated attention of this rank's shard ``(B, N/P, H, D)``; returns this rank's output shard.
 
@@ -794,10 +794,10 @@ class RingDilatedAttention(RingAttentionBase):
     ``process_group=None`` is the default group when one is initialised, else one
     process. Bytes sent by this rank are counted in :attr:`comm_stats`.
 
-    ``transport``: ``"auto"`` (default) moves K/V and dK/dV with the GPUs' copy engines
-    (:class:`~ring_core.comm.CopyEngineComm`: no SMs taken from the kernels) when every rank
-    has CUDA tensors in an NCCL group on one host, else with NCCL; ``"nccl"`` always uses
-    NCCL's ``batch_isend_irecv``; ``"copy_engine"`` raises where it cannot be used.
+    ``transport``: ``"nccl"`` (default) moves K/V and dK/dV with ``batch_isend_irecv`` of the
+    group's backend; ``"copy_engine"`` with the GPUs' copy engines
+    (:class:`~ring_core.comm.CopyEngineComm`: no SMs taken from the kernels; CUDA tensors in
+    an NCCL group on one host, else a clear error on every rank).
     """
 
     def __init__(
@@ -811,7 +811,7 @@ class RingDilatedAttention(RingAttentionBase):
         dropout: float = 0.0,
         kernel: str | None = None,
         *,
-        transport: str = "auto",
+        transport: str = "nccl",
     ) -> None:
         super().__init__(
             segment_lengths, dilation_rates, merge, layout, process_group, softmax_scale, dropout, kernel

@@ -193,9 +193,9 @@ class RingDistributedDilatedAttention(RingAttentionBase):
     - ``node_size``: ranks per node (default ``LOCAL_WORLD_SIZE``, else all ranks);
       Ulysses groups never straddle nodes.
     - ``transport``: how the ring group's K/V and dK/dV travel, as in
-      :class:`ring_core.RingDilatedAttention` (``"auto"``: copy engines when the ring group
-      is on one host). :class:`~ring_distributed.RingDilatedAttentionProduction` always uses
-      NCCL (its timeouts and buffer pool are NCCL's).
+      :class:`ring_core.RingDilatedAttention` (``"nccl"``, or ``"copy_engine"`` when the ring
+      group is on one host). :class:`~ring_distributed.RingDilatedAttentionProduction` always
+      uses NCCL (its timeouts and buffer pool are NCCL's).
 
     The sequence shard index of a rank is its rank in ``process_group`` (with a
     ``device_mesh``: ``ring_index * u + ulysses_index``).
@@ -218,7 +218,7 @@ class RingDistributedDilatedAttention(RingAttentionBase):
         ulysses_degree: int | None = None,
         device_mesh: Any = None,
         node_size: int | None = None,
-        transport: str = "auto",
+        transport: str = "nccl",
     ) -> None:
         super().__init__(segment_lengths, dilation_rates, merge, layout, process_group, softmax_scale, dropout, kernel)
         self.transport = check_transport(transport)
