@@ -13,7 +13,8 @@ For each world size P (default 1, 2, 4) one group of P processes (torch.multipro
   P=1 measured in the same run, and the ratio ours / context parallel. Ours uses the default
   transport (NCCL); at P > 1 the same ring with ``transport="copy_engine"`` too.
 - ``profile``: where one step of our ring goes on rank 0 (GPU time of attention kernels, NCCL
-  kernels, which run beside them on their own stream, and everything else: merges, copies).
+  kernels and copy-engine copies, which run beside them on their own streams, and everything
+  else: merges, gathers), with each transport at P > 1.
 
 Writes ``ring_gpu_check.json``, ``ring_gpu_check.md`` and ``ring_gpu_check.png`` into ``--out``;
 prints the tables last.
@@ -26,6 +27,7 @@ prints the tables last.
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -189,12 +191,17 @@ def timing(rank: int, world_size: int, device: torch.device, quick: bool) -> lis
     return rows
 
 
+KINDS = ("attention", "nccl", "copy", "other")
+
+
 def _kind(kernel: str) -> str:
     name = kernel.lower()
     if "nccl" in name:
         return "nccl"
     if any(key in name for key in ("cudnn", "fmha", "flash", "attention", "sdpa")):
         return "attention"
+    if "memcpy" in name:  # the copy engines (the copy-engine transport's pulls, among others)
+        return "copy"
     return "other"
 
 
@@ -207,12 +214,14 @@ def profile(rank: int, world_size: int, device: torch.device, quick: bool) -> li
         return []
     b, n_local, h, d = (1, 256, 4, 16) if quick else (1, 32768, 16, 128)
     rows = []
-    for name, segments, rates, layout, causal, _ in TIMING_CASES:
-        log(rank, f"P={world_size} profile: {name}")
+    transports = ("nccl", "copy_engine") if world_size > 1 else ("nccl",)
+    for (name, segments, rates, layout, causal, _), transport in itertools.product(TIMING_CASES, transports):
+        log(rank, f"P={world_size} profile: {name}, {transport}")
         n = n_local * world_size
         module = RingDilatedAttention(
-            [n] if segments is None else [s * n_local // 32768 for s in segments], rates, layout=layout
-        )
+            [n] if segments is None else [s * n_local // 32768 for s in segments], rates, layout=layout,
+            transport=transport,
+        )  # fmt: skip
         q, k, v = (torch.randn(b, n_local, h, d, dtype=torch.bfloat16, device=device) for _ in range(3))
 
         def step(module=module, q=q, k=k, v=v, causal=causal):
@@ -231,8 +240,8 @@ def profile(rank: int, world_size: int, device: torch.device, quick: bool) -> li
             for e in prof.key_averages()
         ]  # fmt: skip
         kernels.sort(key=lambda r: -r["ms"])
-        row = {"section": "profile", "case": name, "P": world_size, "top": kernels[:8]}
-        for kind in ("attention", "nccl", "other"):
+        row = {"section": "profile", "case": name, "P": world_size, "transport": transport, "top": kernels[:8]}
+        for kind in KINDS:
             row[f"{kind}_ms"] = sum(r["ms"] for r in kernels if _kind(r["kernel"]) == kind)
         rows.append(row)
         torch.cuda.empty_cache()
@@ -271,10 +280,11 @@ def _markdown(rows: list[dict], card: str) -> str:
     profiled = [r for r in rows if r["section"] == "profile" and "error" not in r]
     if profiled:
         lines += ["", "GPU time of one step on rank 0 (NCCL runs beside the kernels, on its own stream):", ""]
-        lines += ["| case | P | attention ms | NCCL ms | other ms |", "|---" * 5 + "|"]
+        lines += ["| case | P | transport | attention ms | NCCL ms | copy ms | other ms |", "|---" * 7 + "|"]
         for r in profiled:
             lines.append(
-                f"| {r['case']} | {r['P']} | {r['attention_ms']:.1f} | {r['nccl_ms']:.1f} | {r['other_ms']:.1f} |"
+                f"| {r['case']} | {r['P']} | {r.get('transport', 'nccl')} | {r['attention_ms']:.1f} | "
+                f"{r['nccl_ms']:.1f} | {r.get('copy_ms', 0.0):.1f} | {r['other_ms']:.1f} |"
             )
     errors = [r for r in rows if "error" in r]
     for r in errors:
