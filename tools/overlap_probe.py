@@ -47,7 +47,7 @@ def _attention_step(q, k, v):
         F.scaled_dot_product_attention(qq, kk, vv).sum().backward()
 
 
-def _timed(rank, q, k, v, start_transfer) -> tuple[float, float]:
+def _timed(q, k, v, start_transfer) -> tuple[float, float]:
     """(attention ms per step, transfer ms) with ``start_transfer`` posted just before the steps."""
     steps = _arg("steps")
     torch.cuda.synchronize()
@@ -124,7 +124,7 @@ def overlap(rank: int, world_size: int, device: torch.device, quick: bool) -> li
     rows = []
     for mode, start_transfer in (("alone", none), ("nccl", nccl), ("copy engine", copy_engine)):
         multigpu.log(rank, f"overlap: {mode}")
-        ms, transfer_ms = _timed(rank, q, k, v, start_transfer)
+        ms, transfer_ms = _timed(q, k, v, start_transfer)
         gbytes = copies * numel * 2 / 1e9
         row = {
             "section": "overlap", "mode": mode, "P": world_size, "mbytes": _arg("mbytes"),

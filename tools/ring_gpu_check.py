@@ -149,25 +149,36 @@ def _time_context_parallel(world_size, b, n_local, h, d, causal, dtype, device, 
     return found
 
 
+def _ring_case(case, world_size: int, shape, dtype: torch.dtype, device: torch.device):
+    """Our ring for one of :data:`TIMING_CASES` on random shards of ``shape`` (B, N/P, H, D): the module, one
+    forward+backward step, its segment lengths and ``(q, k)``."""
+    from ring_core import RingDilatedAttention
+
+    _, segments, rates, layout, causal, _ = case
+    n_local = shape[1]
+    config_segments = [n_local * world_size] if segments is None else [s * n_local // 32768 for s in segments]
+    module = RingDilatedAttention(config_segments, rates, layout=layout)
+    q, k, v = (torch.randn(*shape, dtype=dtype, device=device) for _ in range(3))
+
+    def step() -> None:
+        qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+        module(qq, kk, vv, is_causal=causal).sum().backward()
+
+    return module, step, config_segments, (q, k)
+
+
 def timing(rank: int, world_size: int, device: torch.device, quick: bool) -> list[dict]:
     import ring_core
-    from ring_core import RingDilatedAttention
 
     b, n_local, h, d = (1, 256, 4, 16) if quick else (1, 32768, 16, 128)
     iters, warmup = (2, 1) if quick else (5, 2)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     n = n_local * world_size
     rows = []
-    for name, segments, rates, layout, causal, compare in TIMING_CASES:
+    for case in TIMING_CASES:
+        name, segments, rates, _, causal, compare = case
         log(rank, f"P={world_size} timing: {name}")
-        config_segments = [n] if segments is None else [s * n_local // 32768 for s in segments]
-        module = RingDilatedAttention(config_segments, rates, layout=layout)
-        q, k, v = (torch.randn(b, n_local, h, d, dtype=dtype, device=device) for _ in range(3))
-
-        def ours(module=module, q=q, k=k, v=v, causal=causal):
-            qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
-            module(qq, kk, vv, is_causal=causal).sum().backward()
-
+        module, ours, config_segments, (q, k) = _ring_case(case, world_size, (b, n_local, h, d), dtype, device)
         flops = flops_per_gpu(b, n, h, d, None if segments is None else config_segments, rates, causal, world_size)
         ms = median_ms(ours, iters, warmup, device)
         row = {
@@ -208,26 +219,16 @@ def _kind(kernel: str) -> str:
 def profile(rank: int, world_size: int, device: torch.device, quick: bool) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
-    from ring_core import RingDilatedAttention
-
     if device.type != "cuda":
         return []
-    b, n_local, h, d = (1, 256, 4, 16) if quick else (1, 32768, 16, 128)
+    shape = (1, 256, 4, 16) if quick else (1, 32768, 16, 128)
     rows = []
     transports = ("nccl", "copy_engine") if world_size > 1 else ("nccl",)
-    for (name, segments, rates, layout, causal, _), transport in itertools.product(TIMING_CASES, transports):
+    for case, transport in itertools.product(TIMING_CASES, transports):
+        name = case[0]
         log(rank, f"P={world_size} profile: {name}, {transport}")
-        n = n_local * world_size
-        module = RingDilatedAttention(
-            [n] if segments is None else [s * n_local // 32768 for s in segments], rates, layout=layout,
-            transport=transport,
-        )  # fmt: skip
-        q, k, v = (torch.randn(b, n_local, h, d, dtype=torch.bfloat16, device=device) for _ in range(3))
-
-        def step(module=module, q=q, k=k, v=v, causal=causal):
-            qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
-            module(qq, kk, vv, is_causal=causal).sum().backward()
-
+        module, step, _, _ = _ring_case(case, world_size, shape, torch.bfloat16, device)
+        module.transport = transport
         step()
         torch.cuda.synchronize()
         dist.barrier()

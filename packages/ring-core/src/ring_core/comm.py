@@ -276,11 +276,9 @@ class CopyEngineComm(RingComm):
 
 def _usable(group: Any, device: torch.device) -> bool:
     """Whether every rank can use the copy engines: CUDA, NCCL, symmetric memory, one host (agreed by all)."""
-    ok = (
-        dist.get_backend(group) == "nccl"
-        and importlib.util.find_spec("torch.distributed._symmetric_memory") is not None
-    )
-    where = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    nccl = dist.get_backend(group) == "nccl"
+    ok = nccl and importlib.util.find_spec("torch.distributed._symmetric_memory") is not None
+    where = device if nccl else torch.device("cpu")
     mine = torch.tensor([int(ok), zlib.crc32(socket.gethostname().encode())], dtype=torch.int64, device=where)
     table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(table, mine, group=group)

@@ -427,9 +427,8 @@ class RingDilatedSchedule(BlockSchedule):
         steps_block_id = self.block_base + len(local)
         if self.plan.steps and len(local) == 1 and self.kernel.dropout_p == 0:  # (a block's mask is per block)
             local = [(local[0][0], block) for block in self._split_block(*local[0][1])]
-        split = _overlap_split([_block_cost(q_part, kv_part, causal) for _, (q_part, kv_part, _, causal) in local])
-        if not self.plan.steps:
-            split = len(local)
+        costs = [_block_cost(q_part, kv_part, causal) for _, (q_part, kv_part, _, causal) in local]
+        split = _overlap_split(costs) if self.plan.steps else len(local)
 
         def local_backward(blocks) -> None:
             for block_id, (q_part, kv_part, kv, causal) in blocks:
@@ -749,7 +748,8 @@ class RingAttentionBase(nn.Module):
     """The constructor of the ring attention modules: checks, normalises and stores their common arguments.
 
     ``segment_lengths`` and ``dilation_rates`` become tuples of ints; ``layout``,
-    ``merge``, ``dropout`` and ``kernel`` (a kernel backend name or None) are checked. Subclasses get :attr:`comm_stats` (bytes
+    ``merge``, ``dropout``, ``kernel`` (a kernel backend name or None) and ``transport``
+    (:data:`ring_core.comm.TRANSPORTS`) are checked. Subclasses get :attr:`comm_stats` (bytes
     this rank sends) and an empty ``_validated`` set (keys of the input signatures
     already validated across ranks), and define ``forward``.
     """
@@ -764,6 +764,8 @@ class RingAttentionBase(nn.Module):
         softmax_scale: float | None = None,
         dropout: float = 0.0,
         kernel: str | None = None,
+        *,
+        transport: str = "nccl",
     ) -> None:
         super().__init__()
         self.segment_lengths, self.dilation_rates = check_dilated_config(segment_lengths, dilation_rates, merge)
@@ -775,6 +777,7 @@ class RingAttentionBase(nn.Module):
         if kernel is not None and not isinstance(kernel, str):
             raise TypeError(f"kernel must be a kernel backend name or None, got {kernel!r}")
         self.kernel = kernel
+        self.transport = check_transport(transport)
         self.comm_stats = RingCommStats()
         self._validated: set[tuple] = set()
 
@@ -799,24 +802,6 @@ class RingDilatedAttention(RingAttentionBase):
     (:class:`~ring_core.comm.CopyEngineComm`: no SMs taken from the kernels; CUDA tensors in
     an NCCL group on one host, else a clear error on every rank).
     """
-
-    def __init__(
-        self,
-        segment_lengths: Sequence[int],
-        dilation_rates: Sequence[int],
-        merge: str = "lse",
-        layout: str = "contiguous",
-        process_group: Any = None,
-        softmax_scale: float | None = None,
-        dropout: float = 0.0,
-        kernel: str | None = None,
-        *,
-        transport: str = "nccl",
-    ) -> None:
-        super().__init__(
-            segment_lengths, dilation_rates, merge, layout, process_group, softmax_scale, dropout, kernel
-        )  # fmt: skip
-        self.transport = check_transport(transport)
 
     def forward(
         self,

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ring_core.comm import check_transport, ring_comm
+from ring_core.comm import ring_comm
 from ring_core.dilated import Branch, Part, branches
 from ring_core.engine import BlockKernel, blockwise_attention
 from ring_core.kernels import KernelRequest, default_scale
@@ -220,8 +220,10 @@ class RingDistributedDilatedAttention(RingAttentionBase):
         node_size: int | None = None,
         transport: str = "nccl",
     ) -> None:
-        super().__init__(segment_lengths, dilation_rates, merge, layout, process_group, softmax_scale, dropout, kernel)
-        self.transport = check_transport(transport)
+        super().__init__(
+            segment_lengths, dilation_rates, merge, layout, process_group, softmax_scale, dropout, kernel,
+            transport=transport,
+        )  # fmt: skip
         strategy = self.default_strategy if strategy is None else strategy
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
