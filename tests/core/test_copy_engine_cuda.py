@@ -1,7 +1,8 @@
-"""The copy-engine transport on 2 GPUs (an NCCL group inside the gloo test world): exact, the same bytes as NCCL,
-in ring-core's ring and in ring-distributed's ``strategy="ring"``.
+"""The copy-engine transport on 2 and 4 GPUs (an NCCL group inside the gloo test world): exact, the same bytes as
+NCCL, in ring-core's ring and in ring-distributed's ``strategy="ring"``. At 4 ranks each call makes three
+exchanges per channel, so both slots of each channel are reused within a call.
 
-Run with nox -s "tests(cuda)" on a machine with 2 or more GPUs; skipped with fewer.
+Run with nox -s "tests(cuda)" on a machine with 2 or more GPUs; the 4-rank case needs 4.
 """
 
 from __future__ import annotations
@@ -60,13 +61,21 @@ def _transports(rank, world_size):
                     module.comm_stats.backward_bytes,
                 )
             rows.append((case.name, layout, errors, sent))
-    used = [(slots.usable, slots.capacity, slots.count) for slots in comm._SLOTS.values()]
+    used = [
+        (slots.usable, use, channel.capacity, channel.count)
+        for slots in comm._SLOTS.values()
+        for use, channel in slots.channels.items()
+    ]
     return rows, used
 
 
-def test_copy_engine_matches_reference_and_nccl_bytes():
-    for rows, used in run_distributed(_transports, 2, timeout=300):
-        assert used and all(usable and capacity > 0 and count > 0 for usable, capacity, count in used), used
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_copy_engine_matches_reference_and_nccl_bytes(world_size):
+    if torch.cuda.device_count() < world_size:
+        pytest.skip(f"needs {world_size} GPUs")
+    for rows, used in run_distributed(_transports, world_size, timeout=300):
+        assert {use for _, use, _, _ in used} == {"send", "grad"}, used
+        assert all(usable and capacity > 0 and count > 0 for usable, _, capacity, count in used), used
         for name, layout, errors, sent in rows:
             assert len(set(sent.values())) == 1 and sum(sent["core", "nccl"]) > 0, (name, layout, sent)
             for key, found in errors.items():

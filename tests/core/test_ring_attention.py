@@ -332,27 +332,26 @@ def test_plan_zigzag_causal_balances_blocks():
     ],
 )
 def test_send_bound_covers_every_send_of_every_rank(seq_len, world, segments, rates, layout, causal, kv_heads, padded):
-    """The copy-engine slots are sized by ``send_bound`` from shapes alone: no K/V (with flags) or dK/dV send of any
-    rank may exceed it, or the transport would raise mid-call."""
-    from ring_core.ring import RingDilatedSchedule, send_bound
+    """The copy-engine slots are sized by ``send_bounds`` from shapes alone: no K/V (with flags) or dK/dV send of any
+    rank may exceed its use's bound, or the transport would raise mid-call."""
+    from ring_core.ring import RingDilatedSchedule, send_bounds
 
     n_local = seq_len // world
     branch_list = tuple(branches(segments, rates, "lse", H))
     for dtype, grad_dtype in ((torch.float64, torch.float64), (torch.bfloat16, torch.float32)):
         q, k, v = _inputs(n_local, 0, dtype, heads=H, kv_heads=kv_heads)
-        bound = send_bound(q, k, v, len(branch_list))
-        largest = 0
+        bounds = send_bounds(q, k, v, len(branch_list))
+        largest = {"send": 0, "grad": 0}
         for rank in range(world):
             plan = build_ring_plan(seq_len, world, rank, layout, branch_list, H, kv_heads, causal, torch.device("cpu"))
             mask = torch.zeros(B, n_local, dtype=torch.bool) if padded else None
             schedule = RingDilatedSchedule(None, plan, comm=_FakeComm(rank), causal=causal, key_padding_mask=mask)
             for step in plan.steps:  # K/V (and flags) in the inputs' dtype, dK/dV in the accumulation dtype
-                for grads, element in (
-                    (False, k.element_size()),
-                    (True, torch.empty((), dtype=grad_dtype).element_size()),
-                ):
-                    largest = max(largest, schedule._numel(schedule._shapes(step.send.kv_parts, k, v, grads)) * element)
-        assert 0 < largest <= bound, (dtype, largest, bound)
+                for use, element in (("send", k.element_size()), ("grad", grad_dtype.itemsize)):
+                    nbytes = schedule._numel(schedule._shapes(step.send.kv_parts, k, v, use == "grad")) * element
+                    largest[use] = max(largest[use], nbytes)
+        for use, bound in bounds.items():
+            assert 0 < largest[use] <= bound, (dtype, use, largest, bounds)
 
 
 def test_backward_keeps_two_thirds_of_the_local_work_for_the_last_transfer():

@@ -114,8 +114,9 @@ class RingComm:
         else:
             self.stats.backward_bytes = 0
 
-    def reserve(self, nbytes: int, device: torch.device) -> None:
-        """Called by every rank at the same point before a pass whose sends are at most ``nbytes``; no-op here."""
+    def reserve(self, use: str, nbytes: int, device: torch.device) -> None:
+        """Called by every rank at the same point before a pass whose ``use`` sends (``"send"``: K/V, ``"grad"``:
+        dK/dV) are at most ``nbytes``; no-op here."""
 
     def count_sent(self, send: torch.Tensor, send_to: int) -> None:
         sent = send.numel() * send.element_size()
@@ -132,9 +133,17 @@ class RingComm:
         return torch.empty(numel, dtype=like.dtype, device=like.device)
 
     def exchange(
-        self, send: torch.Tensor | None, send_to: int, recv_numel: int, recv_from: int, like: torch.Tensor
+        self,
+        send: torch.Tensor | None,
+        send_to: int,
+        recv_numel: int,
+        recv_from: int,
+        like: torch.Tensor,
+        *,
+        use: str = "send",
     ) -> Exchange:
-        """Post the send of the flat ``send`` buffer and the receive of ``recv_numel`` elements."""
+        """Post the send of the flat ``send`` buffer (from :meth:`empty` with ``use``) and the receive of
+        ``recv_numel`` elements."""
         ops, recv = [], None
         if send is not None and send.numel():
             ops.append(dist.P2POp(dist.isend, send, self.global_rank(send_to), self.group))
@@ -149,7 +158,8 @@ class RingComm:
 # -- the copy-engine communicator ---------------------------------------------------------------
 
 TRANSPORTS = ("nccl", "copy_engine")
-READY, CONSUMED = 0, 2  # signal channels: READY + slot, CONSUMED + slot
+CHANNELS = ("send", "grad")  # K/V and dK/dV: each has its own two slots and copy stream
+READY, CONSUMED = 0, 2  # a channel's signals: READY + slot, CONSUMED + slot (after its base)
 SIGNAL_TIMEOUT_MS = 300_000  # a peer that never signals ends in a CUDA error, not a hang
 ALIGN = 256
 
@@ -161,23 +171,43 @@ def check_transport(transport: str) -> str:
 
 
 @dataclass
-class _Slots:
-    """Per (group, device): the symmetric buffer, its two slots, and what is still in flight."""
+class _Channel:
+    """One kind of send (``"send"``: K/V, ``"grad"``: dK/dV): its two slots and what is still in flight."""
 
-    group: Any = None  # the process group the slots belong to
-    usable: bool | None = None  # decided collectively (every rank agrees) on first use
+    signal_base: int  # its signal channels: READY + slot and CONSUMED + slot, from here
     capacity: int = 0  # bytes per slot
     buffer: torch.Tensor | None = None
     handle: Any = None
     count: int = 0  # exchanges so far (the same on every rank)
     consumer: list[int | None] = field(default_factory=lambda: [None, None])
-    stream: torch.cuda.Stream | None = None
+    stream: torch.cuda.Stream | None = None  # where this channel's copies wait and run
     remote: dict[int, torch.Tensor] = field(default_factory=dict)  # each peer's buffer, as bytes
 
     def peer_bytes(self, peer: int) -> torch.Tensor:
         if peer not in self.remote:
             self.remote[peer] = self.handle.get_buffer(peer, (self.buffer.numel(),), torch.uint8, 0)
         return self.remote[peer]
+
+    def signal(self, kind: int, slot: int) -> int:
+        return self.signal_base + kind + slot
+
+    def drain(self) -> None:
+        """Wait (on the current stream) until peers have copied out what they may still read."""
+        for slot, consumer in enumerate(self.consumer):
+            if consumer is not None:
+                self.handle.wait_signal(consumer, self.signal(CONSUMED, slot), SIGNAL_TIMEOUT_MS)
+        self.consumer = [None, None]
+
+
+@dataclass
+class _Slots:
+    """Per (group, device): whether the copy engines are usable and each channel's slots."""
+
+    group: Any = None  # the process group the slots belong to
+    usable: bool | None = None  # decided collectively (every rank agrees) on first use
+    channels: dict[str, _Channel] = field(
+        default_factory=lambda: {use: _Channel(4 * index) for index, use in enumerate(CHANNELS)}
+    )
 
 
 _SLOTS: dict[tuple[str, int], _Slots] = {}
@@ -199,7 +229,7 @@ class CopyEngineComm(RingComm):
 
     slots: _Slots = field(default_factory=_Slots)
 
-    def reserve(self, nbytes: int, device: torch.device) -> None:
+    def reserve(self, use: str, nbytes: int, device: torch.device) -> None:
         slots = self.slots
         if slots.usable is None:
             slots.usable = _usable(self.group, device)
@@ -208,67 +238,67 @@ class CopyEngineComm(RingComm):
                 "transport='copy_engine' needs CUDA tensors in an NCCL group whose ranks share one host, with "
                 "torch.distributed._symmetric_memory; use transport='nccl'"
             )
-        if slots.usable and nbytes > slots.capacity:
-            self._grow(-(-nbytes // ALIGN) * ALIGN, device)
+        if nbytes > slots.channels[use].capacity:
+            self._grow(slots.channels[use], -(-nbytes // ALIGN) * ALIGN, device)
 
-    @property
-    def active(self) -> bool:
-        return self.slots.buffer is not None
-
-    def _grow(self, capacity: int, device: torch.device) -> None:
+    def _grow(self, channel: _Channel, capacity: int, device: torch.device) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
-        slots = self.slots
-        for slot, consumer in enumerate(slots.consumer):  # drain what peers may still read
-            if consumer is not None:
-                slots.handle.wait_signal(consumer, CONSUMED + slot, SIGNAL_TIMEOUT_MS)
-        slots.consumer = [None, None]
+        channel.drain()
         torch.cuda.synchronize(device)
         dist.barrier(group=self.group, device_ids=[device.index])
-        slots.buffer = slots.handle = None
-        slots.remote = {}
-        slots.buffer = symm_mem.empty(2 * capacity, dtype=torch.uint8, device=device)
-        slots.handle = symm_mem.rendezvous(slots.buffer, self.group or dist.group.WORLD)
-        slots.capacity = capacity
-        slots.stream = slots.stream or torch.cuda.Stream(device)
+        channel.buffer = channel.handle = None
+        channel.remote = {}
+        channel.buffer = symm_mem.empty(2 * capacity, dtype=torch.uint8, device=device)
+        channel.handle = symm_mem.rendezvous(channel.buffer, self.group or dist.group.WORLD)
+        channel.capacity = capacity
+        channel.stream = channel.stream or torch.cuda.Stream(device)
 
     def empty(self, use: str, numel: int, like: torch.Tensor) -> torch.Tensor:
-        if use == "recv" or not self.active:
+        channel = self.slots.channels.get(use)
+        if channel is None or channel.buffer is None:  # "recv", or a channel never reserved
             return super().empty(use, numel, like)
-        slots = self.slots
-        slot = slots.count % 2
+        slot = channel.count % 2
         nbytes = numel * like.element_size()
-        if nbytes > slots.capacity:
-            raise RuntimeError(f"CopyEngineComm: a {nbytes}-byte send exceeds the reserved {slots.capacity} bytes")
-        consumer = slots.consumer[slot]
+        if nbytes > channel.capacity:
+            raise RuntimeError(f"CopyEngineComm: a {nbytes}-byte {use} exceeds the reserved {channel.capacity} bytes")
+        consumer = channel.consumer[slot]
         if consumer is not None:  # the slot's last payload must have been copied out
-            slots.handle.wait_signal(consumer, CONSUMED + slot, SIGNAL_TIMEOUT_MS)
-            slots.consumer[slot] = None
-        start = slot * slots.capacity
-        return slots.buffer[start : start + nbytes].view(like.dtype)
+            channel.handle.wait_signal(consumer, channel.signal(CONSUMED, slot), SIGNAL_TIMEOUT_MS)
+            channel.consumer[slot] = None
+        start = slot * channel.capacity
+        return channel.buffer[start : start + nbytes].view(like.dtype)
 
     def exchange(
-        self, send: torch.Tensor | None, send_to: int, recv_numel: int, recv_from: int, like: torch.Tensor
+        self,
+        send: torch.Tensor | None,
+        send_to: int,
+        recv_numel: int,
+        recv_from: int,
+        like: torch.Tensor,
+        *,
+        use: str = "send",
     ) -> Exchange:
-        if not self.active:
-            return super().exchange(send, send_to, recv_numel, recv_from, like)
-        slots = self.slots
-        slot = slots.count % 2
-        slots.count += 1
+        channel = self.slots.channels[use]
+        if channel.buffer is None:
+            return super().exchange(send, send_to, recv_numel, recv_from, like, use=use)
+        slot = channel.count % 2
+        channel.count += 1
         if send is not None and send.numel():
             self.count_sent(send, send_to)
-            slots.handle.put_signal(send_to, READY + slot, SIGNAL_TIMEOUT_MS)  # after the writes, in stream order
-            slots.consumer[slot] = send_to
+            # after the writes, in stream order
+            channel.handle.put_signal(send_to, channel.signal(READY, slot), SIGNAL_TIMEOUT_MS)
+            channel.consumer[slot] = send_to
         if not recv_numel:
             return Exchange([], send, None)
         recv = self.empty("recv", recv_numel, like)
-        start = slot * slots.capacity
-        remote = slots.peer_bytes(recv_from)[start : start + recv.numel() * recv.element_size()].view(like.dtype)
-        slots.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(slots.stream):
-            slots.handle.wait_signal(recv_from, READY + slot, SIGNAL_TIMEOUT_MS)
-            recv.copy_(remote)
-            slots.handle.put_signal(recv_from, CONSUMED + slot, SIGNAL_TIMEOUT_MS)
+        start = slot * channel.capacity
+        remote = channel.peer_bytes(recv_from)[start : start + recv.numel() * recv.element_size()]
+        channel.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(channel.stream):
+            channel.handle.wait_signal(recv_from, channel.signal(READY, slot), SIGNAL_TIMEOUT_MS)
+            recv.copy_(remote.view(like.dtype))
+            channel.handle.put_signal(recv_from, channel.signal(CONSUMED, slot), SIGNAL_TIMEOUT_MS)
             done = torch.cuda.Event()
             done.record()
         return Exchange([_StreamWait(done)], send, recv)

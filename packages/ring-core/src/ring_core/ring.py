@@ -59,7 +59,7 @@ __all__ = [
     "differing_fields",
     "offset_heads",
     "ring_dilated_attention",
-    "send_bound",
+    "send_bounds",
     "validate_ring_inputs",
 ]
 
@@ -297,14 +297,14 @@ class RingDilatedSchedule(BlockSchedule):
         *,
         causal: bool,
         key_padding_mask: torch.Tensor | None,
-        send_bound: int = 0,
+        send_bounds: dict[str, int] | None = None,
     ) -> None:
         self.kernel = kernel
         self.plan = plan
         self.comm = comm
         self.causal = causal
         self.key_padding_mask = key_padding_mask
-        self.send_bound = send_bound  # bytes no send of any rank exceeds (for the copy-engine slots)
+        self.send_bounds = send_bounds or {}  # per use, bytes no send of any rank exceeds (copy-engine slots)
         self.block_base = comm.rank * 1_000_003
 
     # -- payloads: per key run its k rows, v rows and (with padding) kept-key flags, flat ------------
@@ -385,7 +385,7 @@ class RingDilatedSchedule(BlockSchedule):
     # -- forward ---------------------------------------------------------------------------------------
     def forward(self, q, k, v, acc: Accumulator) -> None:
         self.comm.begin("forward")
-        self.comm.reserve(self.send_bound, q.device)
+        self.comm.reserve("send", self.send_bounds.get("send", 0), q.device)
         pending = self._start_kv(1, k, v)
         block_id = self.block_base
         for q_part, _, kv, causal in self._local_blocks(k, v):
@@ -420,7 +420,8 @@ class RingDilatedSchedule(BlockSchedule):
         """Local blocks around the ring steps: a few while the first peer's K/V arrive, the rest (about two
         thirds of the local work) while the last dK/dV (float32, twice the bytes) travel home."""
         self.comm.begin("backward")
-        self.comm.reserve(self.send_bound, q.device)
+        for use in ("send", "grad"):
+            self.comm.reserve(use, self.send_bounds.get(use, 0), q.device)
         dq, dk, dv = grads
         pending = self._start_kv(1, k, v)
         local = list(enumerate(self._local_blocks(k, v), start=self.block_base))
@@ -462,7 +463,7 @@ class RingDilatedSchedule(BlockSchedule):
                 for grad in slot_grads[slot]:
                     grad.zero_()
             recv_numel = self._numel(self._shapes(step.send.kv_parts, k, v, grads=True))
-            exchange = self.comm.exchange(send, step.recv_from, recv_numel, step.send_to, dk)
+            exchange = self.comm.exchange(send, step.recv_from, recv_numel, step.send_to, dk, use="grad")
             if returning is not None:
                 self._add_returned(*returning, k, v, dk, dv)
             returning = (exchange, step)
@@ -673,17 +674,22 @@ def _run(
         )
         schedule = RingDilatedSchedule(
             block_kernel, plan, comm, causal=is_causal, key_padding_mask=key_padding_mask,
-            send_bound=send_bound(q, k, v, len(branch_list)),
+            send_bounds=send_bounds(q, k, v, len(branch_list)),
         )  # fmt: skip
     return blockwise_attention(schedule, q, k, v)
 
 
-def send_bound(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_branches: int) -> int:
-    """Bytes that no send of any rank exceeds: per branch each (position, key/value head) of a shard travels at most
-    once, with its padding flag, in the inputs' dtype or (gradients) the accumulation dtype."""
+def send_bounds(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_branches: int) -> dict[str, int]:
+    """Bytes that no send of any rank exceeds, per use: per branch each (position, key/value head) of a shard
+    travels at most once, as K/V with its padding flag in the inputs' dtype (``"send"``) or as dK/dV in the
+    accumulation dtype (``"grad"``)."""
     b, n, h_kv, d = k.shape
-    element = max(k.element_size(), torch.empty((), dtype=accumulation_dtype(q.dtype)).element_size())
-    return num_branches * b * n * (h_kv * (d + v.shape[-1]) + 1) * element
+    rows = num_branches * b * n
+    grad_element = torch.empty((), dtype=accumulation_dtype(q.dtype)).element_size()
+    return {
+        "send": rows * (h_kv * (d + v.shape[-1]) + 1) * k.element_size(),
+        "grad": rows * h_kv * (d + v.shape[-1]) * grad_element,
+    }
 
 
 def ring_dilated_attention(

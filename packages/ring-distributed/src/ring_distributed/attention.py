@@ -38,7 +38,7 @@ from ring_core.ring import (
     Transfer,
     build_ring_plan,
     offset_heads,
-    send_bound,
+    send_bounds,
     validate_ring_inputs,
 )
 from ring_core.sharding import group_rank_and_size
@@ -356,7 +356,7 @@ class RingDistributedDilatedAttention(RingAttentionBase):
         else:
             schedule = RingDilatedSchedule(
                 block_kernel, plan, comm, causal=causal, key_padding_mask=mask,
-                send_bound=send_bound(q, k, v, len(branch_list)),
+                send_bounds=send_bounds(q, k, v, len(branch_list)),
             )  # fmt: skip
         out, _ = blockwise_attention(schedule, q, k, v)
         if u > 1:

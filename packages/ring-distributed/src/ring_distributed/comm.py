@@ -214,9 +214,16 @@ class ManagedComm(RingComm):
         return self.pool.get((self.phase, use, self.call), numel, like)
 
     def exchange(
-        self, send: torch.Tensor | None, send_to: int, recv_numel: int, recv_from: int, like: torch.Tensor
+        self,
+        send: torch.Tensor | None,
+        send_to: int,
+        recv_numel: int,
+        recv_from: int,
+        like: torch.Tensor,
+        *,
+        use: str = "send",
     ) -> Exchange:
-        posted = super().exchange(send, send_to, recv_numel, recv_from, like)
+        posted = super().exchange(send, send_to, recv_numel, recv_from, like, use=use)
         what = (
             f"{self.context}ring exchange ({self.phase}, exchange {self.call + 1}: receive from ring rank "
             f"{recv_from} = global rank {self.global_rank(recv_from)}, send to ring rank {send_to} = global rank "
