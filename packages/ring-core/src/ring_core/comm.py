@@ -29,10 +29,7 @@ yet found.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import importlib.util
-import os
 import socket
 import zlib
 from dataclasses import dataclass, field
@@ -173,37 +170,16 @@ def check_transport(transport: str) -> str:
     return transport
 
 
-@functools.cache
-def _driver() -> Any:
-    return ctypes.CDLL("libcuda.so.1")
-
-
-def _stream_op(name: str, address: int, value: int) -> None:
-    """``cuStreamWriteValue32`` (a fenced write) or ``cuStreamWaitValue32`` (until ``*address >= value``) on the
-    current stream: done by the stream itself, no kernel, no SM."""
-    stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-    function = getattr(_driver(), name)
-    result = function(stream, ctypes.c_uint64(address), ctypes.c_uint32(value), ctypes.c_uint(0))
-    if result != 0:
-        raise RuntimeError(f"CopyEngineComm: {name} failed with CUDA driver error {result}")
-
-
-STREAM_SIGNALS = os.environ.get("RING_CE_SIGNALS", "stream") == "stream"
-
-
 @dataclass
 class _Channel:
-    """One kind of send (``"send"``: K/V, ``"grad"``: dK/dV): its two slots and what is still in flight.
-
-    Exchange ``n`` of the channel (the same ``n`` on every rank) uses slot ``n % 2``; its signals carry ``n + 1``.
-    """
+    """One kind of send (``"send"``: K/V, ``"grad"``: dK/dV): its two slots and what is still in flight."""
 
     signal_base: int  # its signal channels: READY + slot and CONSUMED + slot, from here
     capacity: int = 0  # bytes per slot
     buffer: torch.Tensor | None = None
     handle: Any = None
     count: int = 0  # exchanges so far (the same on every rank)
-    consumer: list[tuple[int, int] | None] = field(default_factory=lambda: [None, None])  # (peer, signal value)
+    consumer: list[int | None] = field(default_factory=lambda: [None, None])
     stream: torch.cuda.Stream | None = None  # where this channel's copies wait and run
     remote: dict[int, torch.Tensor] = field(default_factory=dict)  # each peer's buffer, as bytes
 
@@ -212,28 +188,15 @@ class _Channel:
             self.remote[peer] = self.handle.get_buffer(peer, (self.buffer.numel(),), torch.uint8, 0)
         return self.remote[peer]
 
-    def post(self, peer: int, kind: int, slot: int, value: int) -> None:
-        """Tell ``peer``, in stream order after what the current stream did so far, ``kind`` of ``slot``."""
-        if STREAM_SIGNALS:  # into the peer's signal pad, at [kind][this rank]
-            address = self.handle.signal_pad_ptrs[peer] + 4 * ((kind // 2) * self.handle.world_size + self.handle.rank)
-            _stream_op("cuStreamWriteValue32_v2", address, value)
-        else:
-            self.handle.put_signal(peer, self.signal_base + kind + slot, SIGNAL_TIMEOUT_MS)
+    def signal(self, kind: int, slot: int) -> int:
+        return self.signal_base + kind + slot
 
-    def wait(self, peer: int, kind: int, slot: int, value: int) -> None:
-        """Make the current stream wait until ``peer`` has posted ``kind`` of ``slot`` (``value`` or later)."""
-        if STREAM_SIGNALS:
-            address = self.handle.signal_pad_ptrs[self.handle.rank] + 4 * ((kind // 2) * self.handle.world_size + peer)
-            _stream_op("cuStreamWaitValue32_v2", address, value)
-        else:
-            self.handle.wait_signal(peer, self.signal_base + kind + slot, SIGNAL_TIMEOUT_MS)
-
-    def wait_consumed(self, slot: int) -> None:
-        """Make the current stream wait until the slot's last payload has been copied out by its receiver."""
-        if self.consumer[slot] is not None:
-            peer, value = self.consumer[slot]
-            self.wait(peer, CONSUMED, slot, value)
-            self.consumer[slot] = None
+    def drain(self) -> None:
+        """Wait (on the current stream) until peers have copied out what they may still read."""
+        for slot, consumer in enumerate(self.consumer):
+            if consumer is not None:
+                self.handle.wait_signal(consumer, self.signal(CONSUMED, slot), SIGNAL_TIMEOUT_MS)
+        self.consumer = [None, None]
 
 
 @dataclass
@@ -281,8 +244,7 @@ class CopyEngineComm(RingComm):
     def _grow(self, channel: _Channel, capacity: int, device: torch.device) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
-        for slot in range(2):  # what peers may still read
-            channel.wait_consumed(slot)
+        channel.drain()
         torch.cuda.synchronize(device)
         dist.barrier(group=self.group, device_ids=[device.index])
         channel.buffer = channel.handle = None
@@ -300,7 +262,10 @@ class CopyEngineComm(RingComm):
         nbytes = numel * like.element_size()
         if nbytes > channel.capacity:
             raise RuntimeError(f"CopyEngineComm: a {nbytes}-byte {use} exceeds the reserved {channel.capacity} bytes")
-        channel.wait_consumed(slot)
+        consumer = channel.consumer[slot]
+        if consumer is not None:  # the slot's last payload must have been copied out
+            channel.handle.wait_signal(consumer, channel.signal(CONSUMED, slot), SIGNAL_TIMEOUT_MS)
+            channel.consumer[slot] = None
         start = slot * channel.capacity
         return channel.buffer[start : start + nbytes].view(like.dtype)
 
@@ -319,11 +284,11 @@ class CopyEngineComm(RingComm):
             return super().exchange(send, send_to, recv_numel, recv_from, like, use=use)
         slot = channel.count % 2
         channel.count += 1
-        value = channel.count
         if send is not None and send.numel():
             self.count_sent(send, send_to)
-            channel.post(send_to, READY, slot, value)  # after the writes, in stream order
-            channel.consumer[slot] = (send_to, value)
+            # after the writes, in stream order
+            channel.handle.put_signal(send_to, channel.signal(READY, slot), SIGNAL_TIMEOUT_MS)
+            channel.consumer[slot] = send_to
         if not recv_numel:
             return Exchange([], send, None)
         recv = self.empty("recv", recv_numel, like)
@@ -331,9 +296,9 @@ class CopyEngineComm(RingComm):
         remote = channel.peer_bytes(recv_from)[start : start + recv.numel() * recv.element_size()]
         channel.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(channel.stream):
-            channel.wait(recv_from, READY, slot, value)
+            channel.handle.wait_signal(recv_from, channel.signal(READY, slot), SIGNAL_TIMEOUT_MS)
             recv.copy_(remote.view(like.dtype))
-            channel.post(recv_from, CONSUMED, slot, value)
+            channel.handle.put_signal(recv_from, channel.signal(CONSUMED, slot), SIGNAL_TIMEOUT_MS)
             done = torch.cuda.Event()
             done.record()
         return Exchange([_StreamWait(done)], send, recv)
