@@ -14,7 +14,9 @@ For each world size P (default 1, 2, 4) one group of P processes (torch.multipro
   transport (NCCL); at P > 1 the same ring with ``transport="copy_engine"`` too.
 - ``profile``: where one step of our ring goes on rank 0 (GPU time of attention kernels, NCCL
   kernels and copy-engine copies, which run beside them on their own streams, and everything
-  else: merges, gathers), with each transport at P > 1.
+  else: merges, gathers), with each transport at P > 1; and the stream that runs the attention kernels: its
+  window over the step, how long it idles, how much of that waits for the host to launch the next kernel, and
+  the largest gaps (in the JSON).
 
 Writes ``ring_gpu_check.json``, ``ring_gpu_check.md`` and ``ring_gpu_check.png`` into ``--out``;
 prints the tables last.
@@ -216,6 +218,43 @@ def _kind(kernel: str) -> str:
     return "other"
 
 
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaMemcpyAsync")
+
+
+STREAM_KEYS = ("stream_window_ms", "stream_idle_ms", "stream_idle_host_ms")
+
+
+def _compute_stream(prof) -> dict:
+    """Idle time of the stream that runs the attention kernels, over the step: how much of it is waiting for the
+    host to launch the next kernel (``host``) and the largest gaps with the kernels around them."""
+    from torch.autograd import DeviceType
+
+    events = prof.profiler.kineto_results.events()
+    launched = {e.correlation_id(): e.start_ns() for e in events if e.name() in LAUNCHES}
+    streams: dict[int, list] = {}
+    for e in events:
+        if e.device_type() == DeviceType.CUDA and e.duration_ns() > 0:
+            streams.setdefault(e.device_resource_id(), []).append(e)
+    if not streams:
+        return {}
+    stream = max(streams.values(), key=lambda es: sum(e.duration_ns() for e in es if _kind(e.name()) == "attention"))
+    stream.sort(key=lambda e: e.start_ns())
+    gaps = []
+    for before, after in itertools.pairwise(stream):
+        gap = after.start_ns() - before.end_ns()
+        if gap > 0:
+            host = max(0, min(after.start_ns(), launched.get(after.correlation_id(), 0)) - before.end_ns())
+            gaps.append((gap / 1e6, host / 1e6, before.name()[:60], after.name()[:60]))
+    gaps.sort(key=lambda g: -g[0])
+    return {
+        "stream_window_ms": (stream[-1].end_ns() - stream[0].start_ns()) / 1e6,
+        "stream_idle_ms": sum(g[0] for g in gaps),
+        "stream_idle_host_ms": sum(g[1] for g in gaps),
+        "signal_wait_ms": sum(e.duration_ns() for e in stream if "signal" in e.name()) / 1e6,
+        "largest_gaps": [{"ms": g[0], "host_ms": g[1], "before": g[2], "after": g[3]} for g in gaps[:6]],
+    }
+
+
 def profile(rank: int, world_size: int, device: torch.device, quick: bool) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
@@ -232,18 +271,20 @@ def profile(rank: int, world_size: int, device: torch.device, quick: bool) -> li
         step()
         torch.cuda.synchronize()
         dist.barrier()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             step()
             torch.cuda.synchronize()
         kernels = [
             {"kernel": e.key[:90], "ms": getattr(e, "device_time_total", 0) / 1e3,
              "calls": e.count}
             for e in prof.key_averages()
+            if getattr(e, "device_time_total", 0) > 0
         ]  # fmt: skip
         kernels.sort(key=lambda r: -r["ms"])
         row = {"section": "profile", "case": name, "P": world_size, "transport": transport, "top": kernels[:8]}
         for kind in KINDS:
             row[f"{kind}_ms"] = sum(r["ms"] for r in kernels if _kind(r["kernel"]) == kind)
+        row.update(_compute_stream(prof))
         rows.append(row)
         torch.cuda.empty_cache()
     return rows
@@ -281,11 +322,16 @@ def _markdown(rows: list[dict], card: str) -> str:
     profiled = [r for r in rows if r["section"] == "profile" and "error" not in r]
     if profiled:
         lines += ["", "GPU time of one step on rank 0 (NCCL runs beside the kernels, on its own stream):", ""]
-        lines += ["| case | P | transport | attention ms | NCCL ms | copy ms | other ms |", "|---" * 7 + "|"]
+        lines += [
+            "| case | P | transport | attention ms | NCCL ms | copy ms | other ms | stream window ms | idle ms "
+            "| idle, host late ms |",
+            "|---" * 10 + "|",
+        ]
         for r in profiled:
+            idle = [f"{r[key]:.1f}" if key in r else "" for key in STREAM_KEYS]
             lines.append(
                 f"| {r['case']} | {r['P']} | {r.get('transport', 'nccl')} | {r['attention_ms']:.1f} | "
-                f"{r['nccl_ms']:.1f} | {r.get('copy_ms', 0.0):.1f} | {r['other_ms']:.1f} |"
+                f"{r['nccl_ms']:.1f} | {r.get('copy_ms', 0.0):.1f} | {r['other_ms']:.1f} | {' | '.join(idle)} |"
             )
     errors = [r for r in rows if "error" in r]
     for r in errors:
