@@ -221,22 +221,31 @@ def _kind(kernel: str) -> str:
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaMemcpyAsync")
 
 
-STREAM_KEYS = ("stream_window_ms", "stream_idle_ms", "stream_idle_host_ms")
+STREAM_KEYS = ("host_lead_ms", "stream_window_ms", "stream_idle_ms", "stream_idle_host_ms")
 
 
-def _compute_stream(prof) -> dict:
+def _gpu_streams(prof) -> dict[int, list]:
+    """The profiled GPU activities (kernels, copies) per stream."""
+    from torch.autograd import DeviceType
+
+    streams: dict[int, list] = {}
+    for e in prof.profiler.kineto_results.events():
+        if e.device_type() == DeviceType.CUDA and e.duration_ns() > 0:
+            streams.setdefault(e.device_resource_id(), []).append(e)
+    return streams
+
+
+def _compute_stream(prof, streams: dict[int, list]) -> dict:
     """Idle time of the stream that runs the attention kernels, over the step: how much of it is waiting for the
     host to launch the next kernel (``host``) and the largest gaps with the kernels around them."""
     from torch.autograd import DeviceType
 
     events = prof.profiler.kineto_results.events()
     launched = {e.correlation_id(): e.start_ns() for e in events if e.name() in LAUNCHES}
-    streams: dict[int, list] = {}
-    for e in events:
-        if e.device_type() == DeviceType.CUDA and e.duration_ns() > 0:
-            streams.setdefault(e.device_resource_id(), []).append(e)
     if not streams:
         return {}
+    first_gpu = min(e.start_ns() for es in streams.values() for e in es)
+    first_host = min((e.start_ns() for e in events if e.device_type() != DeviceType.CUDA), default=first_gpu)
     stream = max(streams.values(), key=lambda es: sum(e.duration_ns() for e in es if _kind(e.name()) == "attention"))
     stream.sort(key=lambda e: e.start_ns())
     gaps = []
@@ -247,6 +256,7 @@ def _compute_stream(prof) -> dict:
             gaps.append((gap / 1e6, host / 1e6, before.name()[:60], after.name()[:60]))
     gaps.sort(key=lambda g: -g[0])
     return {
+        "host_lead_ms": (first_gpu - first_host) / 1e6,  # from the step's first host op to the first GPU work
         "stream_window_ms": (stream[-1].end_ns() - stream[0].start_ns()) / 1e6,
         "stream_idle_ms": sum(g[0] for g in gaps),
         "stream_idle_host_ms": sum(g[1] for g in gaps),
@@ -274,17 +284,18 @@ def profile(rank: int, world_size: int, device: torch.device, quick: bool) -> li
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             step()
             torch.cuda.synchronize()
-        kernels = [
-            {"kernel": e.key[:90], "ms": getattr(e, "device_time_total", 0) / 1e3,
-             "calls": e.count}
-            for e in prof.key_averages()
-            if getattr(e, "device_time_total", 0) > 0
-        ]  # fmt: skip
-        kernels.sort(key=lambda r: -r["ms"])
+        streams = _gpu_streams(prof)
+        totals: dict[str, list] = {}
+        for e in itertools.chain.from_iterable(streams.values()):
+            total = totals.setdefault(e.name()[:90], [0.0, 0])
+            total[0] += e.duration_ns() / 1e6
+            total[1] += 1
+        kernels = sorted(({"kernel": k, "ms": ms, "calls": calls} for k, (ms, calls) in totals.items()),
+                         key=lambda r: -r["ms"])  # fmt: skip
         row = {"section": "profile", "case": name, "P": world_size, "transport": transport, "top": kernels[:8]}
         for kind in KINDS:
             row[f"{kind}_ms"] = sum(r["ms"] for r in kernels if _kind(r["kernel"]) == kind)
-        row.update(_compute_stream(prof))
+        row.update(_compute_stream(prof, streams))
         rows.append(row)
         torch.cuda.empty_cache()
     return rows
@@ -323,9 +334,9 @@ def _markdown(rows: list[dict], card: str) -> str:
     if profiled:
         lines += ["", "GPU time of one step on rank 0 (NCCL runs beside the kernels, on its own stream):", ""]
         lines += [
-            "| case | P | transport | attention ms | NCCL ms | copy ms | other ms | stream window ms | idle ms "
-            "| idle, host late ms |",
-            "|---" * 10 + "|",
+            "| case | P | transport | attention ms | NCCL ms | copy ms | other ms | host lead ms | stream window ms "
+            "| idle ms | idle, host late ms |",
+            "|---" * 11 + "|",
         ]
         for r in profiled:
             idle = [f"{r[key]:.1f}" if key in r else "" for key in STREAM_KEYS]

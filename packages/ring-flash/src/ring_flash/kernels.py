@@ -41,6 +41,12 @@ def _capability() -> tuple[int, int] | None:
     return torch.cuda.get_device_capability()
 
 
+@cache
+def _installed(package: str) -> bool:
+    """Whether ``package`` can be imported (looked up once: kernel selection runs on every call)."""
+    return importlib.util.find_spec(package) is not None
+
+
 class GPUKernel(KernelBackend):
     """Common capability data of the CUDA backends."""
 
@@ -75,7 +81,7 @@ class GPUKernel(KernelBackend):
         for op in self.aten_ops:
             if not hasattr(torch.ops.aten, op):
                 reasons.append(f"this torch ({torch.__version__}) has no aten.{op}")
-        if self.module is not None and importlib.util.find_spec(self.module.split(".")[0]) is None:
+        if self.module is not None and not _installed(self.module.split(".")[0]):
             reasons.append(f"{self.module} is not installed ({self.install_hint})")
         return reasons
 
