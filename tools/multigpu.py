@@ -57,22 +57,25 @@ def max_over_ranks(value: float, device: torch.device) -> float:
     return t.item()
 
 
-def median_ms(step: Callable[[], None], iters: int, warmup: int, device: torch.device) -> float:
-    """Median milliseconds of ``step`` after ``warmup`` calls, each started together; the slowest rank's."""
+def median_ms(step: Callable[[], None], iters: int, warmup: int, device: torch.device, together: bool = True) -> float:
+    """Median milliseconds of ``step`` after ``warmup`` calls, each started together; the slowest rank's
+    (``together=False``: this rank alone, no collective)."""
+    together = together and dist.is_initialized()
     for _ in range(warmup):
         step()
     times = []
     for _ in range(iters):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if dist.is_initialized():
+        if together:
             dist.barrier()
         start = time.perf_counter()
         step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
-    return max_over_ranks(statistics.median(times), device)
+    median = statistics.median(times)
+    return max_over_ranks(median, device) if together else median
 
 
 def flops_per_gpu(b: int, n: int, h: int, d: int, segments, rates, causal: bool, world_size: int) -> float:

@@ -17,6 +17,8 @@ For each world size P (default 1, 2, 4) one group of P processes (torch.multipro
   else: merges, gathers), with each transport at P > 1; and the stream that runs the attention kernels: its
   window over the step, how long it idles, how much of that waits for the host to launch the next kernel, and
   the largest gaps (in the JSON).
+- ``contention``: at P > 1, plain SDPA on each GPU alone, then on all P at once (no communication): what the
+  GPUs' sharing of the host (power, clocks) costs, apart from the ring.
 
 Writes ``ring_gpu_check.json``, ``ring_gpu_check.md`` and ``ring_gpu_check.png`` into ``--out``;
 prints the tables last.
@@ -344,6 +346,14 @@ def _markdown(rows: list[dict], card: str) -> str:
                 f"| {r['case']} | {r['P']} | {r.get('transport', 'nccl')} | {r['attention_ms']:.1f} | "
                 f"{r['nccl_ms']:.1f} | {r.get('copy_ms', 0.0):.1f} | {r['other_ms']:.1f} | {' | '.join(idle)} |"
             )
+    busy = [r for r in rows if r["section"] == "contention" and "error" not in r]
+    if busy:
+        lines += ["", "One GPU alone vs all P GPUs busy at once (plain SDPA, no communication):", ""]
+        lines += ["| case | P | alone ms | together ms | slowdown |", "|---" * 5 + "|"]
+        for r in busy:
+            lines.append(
+                f"| {r['case']} | {r['P']} | {r['alone_ms']:.2f} | {r['together_ms']:.2f} | {r['slowdown']:.3f}x |"
+            )
     errors = [r for r in rows if "error" in r]
     for r in errors:
         lines += ["", f"ERROR in {r['section']} P={r['P']}:", "```", r["error"], "```"]
@@ -375,7 +385,35 @@ def plot(rows: list[dict], path: Path, card: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-SECTIONS = {"accuracy": accuracy, "timing": timing, "profile": profile}
+def contention(rank: int, world_size: int, device: torch.device, quick: bool) -> list[dict]:
+    """Plain cuDNN SDPA forward+backward (32K tokens, no communication) on each GPU alone while the others idle,
+    then on all P at once: how much busy neighbours slow a GPU down, apart from the ring."""
+    from torch.nn.attention import SDPBackend
+
+    if device.type != "cuda" or world_size == 1:
+        return []
+    b, n, h, d = (1, 256, 4, 16) if quick else (1, 32768, 16, 128)
+    iters, warmup = (2, 1) if quick else (10, 3)
+    rows = []
+    for causal in (True, False):
+        log(rank, f"P={world_size} contention: causal={causal}")
+        step, _ = _context_parallel_step(1, b, n, h, d, causal, torch.bfloat16, device, SDPBackend.CUDNN_ATTENTION)
+        alone = 0.0
+        for turn in range(world_size):
+            dist.barrier()
+            if rank == turn:
+                alone = median_ms(step, iters, warmup, device, together=False)
+            dist.barrier()
+        alone = multigpu.max_over_ranks(alone, device)
+        together = median_ms(step, iters, warmup, device)
+        rows.append({
+            "section": "contention", "case": f"SDPA {'causal' if causal else 'non-causal'}", "P": world_size,
+            "alone_ms": alone, "together_ms": together, "slowdown": together / alone,
+        })  # fmt: skip
+    return rows
+
+
+SECTIONS = {"accuracy": accuracy, "timing": timing, "profile": profile, "contention": contention}
 
 
 def main(argv=None) -> int:
