@@ -1,6 +1,7 @@
 """The copy-engine transport on 2 and 4 GPUs (an NCCL group inside the gloo test world): exact, the same bytes as
 NCCL, in ring-core's ring and in ring-distributed's ``strategy="ring"``. At 4 ranks each call makes three
-exchanges per channel, so both slots of each channel are reused within a call.
+exchanges per channel, so both slots of each channel are reused within a call. After the first case the slots are
+released, so the later cases allocate them again.
 
 Run with nox -s "tests(cuda)" on a machine with 2 or more GPUs; the 4-rank case needs 4.
 """
@@ -39,7 +40,7 @@ def _transports(rank, world_size):
     torch.cuda.set_device(rank)
     device = torch.device("cuda", rank)
     group = dist.new_group(backend="nccl")
-    rows = []
+    rows, released = [], []
     for case in SPANNING:
         for layout in ("contiguous", "zigzag"):
             fitted = fit_case(case, world_size, layout)
@@ -61,19 +62,23 @@ def _transports(rank, world_size):
                     module.comm_stats.backward_bytes,
                 )
             rows.append((case.name, layout, errors, sent))
+            if not released:  # the later cases allocate the slots again
+                freed = comm.release_copy_engine_slots(group)
+                released = [freed] + [c.capacity for slots in comm._SLOTS.values() for c in slots.channels.values()]
     used = [
         (slots.usable, use, channel.capacity, channel.count)
         for slots in comm._SLOTS.values()
         for use, channel in slots.channels.items()
     ]
-    return rows, used
+    return rows, used, released
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_copy_engine_matches_reference_and_nccl_bytes(world_size):
     if torch.cuda.device_count() < world_size:
         pytest.skip(f"needs {world_size} GPUs")
-    for rows, used in run_distributed(_transports, world_size, timeout=300):
+    for rows, used, released in run_distributed(_transports, world_size, timeout=300):
+        assert released[0] > 0 and not any(released[1:]), released  # bytes freed, every capacity back to 0
         assert {use for _, use, _, _ in used} == {"send", "grad"}, used
         assert all(usable and capacity > 0 and count > 0 for usable, _, capacity, count in used), used
         for name, layout, errors, sent in rows:

@@ -9,22 +9,27 @@ under continuous NCCL traffic, and NCCL reached 93 GB/s, where a DMA copy of the
 memory slowed it 0.8% and moved 192 GB/s. :class:`CopyEngineComm` does the ring's
 exchanges that way, between GPUs of one host:
 
-- each rank owns two *slots* in PyTorch symmetric memory (mapped into every peer's
-  address space); a send is written straight into the slot of the exchange
-  (``exchange n`` uses slot ``n % 2``, the same ``n`` on every rank);
-- the sender signals "ready" on its stream after the writes; the receiver, on a side
-  stream, waits for it, copies the sender's slot into its own buffer (``copy_``: a DMA
-  copy over NVLink) and signals "consumed"; the sender waits for that before it writes
-  the slot again, two exchanges later;
+- each kind of send (*channel*: ``"send"`` for K/V, ``"grad"`` for dK/dV) owns two
+  *slots* in PyTorch symmetric memory (mapped into every peer's address space) and a
+  copy stream; a send is written straight into the slot of its exchange (the channel's
+  exchange ``n`` uses slot ``n % 2``, the same ``n`` on every rank);
+- the sender signals "ready" on its stream after the writes; the receiver, on the
+  channel's stream, waits for it, copies the sender's slot into its own buffer
+  (``copy_``: a DMA copy over NVLink) and signals "consumed"; the sender waits for that
+  before it writes the slot again, two exchanges of the channel later;
 - the receiving stream waits for the copy only where the data is used.
+
+Separate channels matter from 3 ring steps on: with two slots shared by K/V and dK/dV,
+each step's dK/dV waited, on the compute stream, for the previous step's dK/dV to be
+copied out (9-12% slower than NCCL on 4 H200; about 2% faster with the channels apart).
 
 Slots hold the largest payload any rank may send (a bound from the shapes, the same on
 every rank), so growing them is a collective step that every rank takes at the same call.
 
-It is opt-in (``transport="copy_engine"``; the default is ``"nccl"``): in the ring at
-32K tokens per GPU on H200s it was 3% faster than NCCL on 2 GPUs (dense causal) but
-9-12% slower on 4 (``docs/benchmarks/ring-4xh200-copy-engine.json``), for reasons not
-yet found.
+It is opt-in (``transport="copy_engine"``; the default is ``"nccl"``): at 32K tokens per
+GPU on H200s it was 2-3% faster than NCCL for dense causal attention on 2 and 4 GPUs and
+0-2% slower non-causal (``docs/benchmarks/ring-4xh200-copy-engine.json``), and its slots
+take symmetric memory for the life of the process.
 """
 
 from __future__ import annotations
@@ -40,7 +45,16 @@ import torch.distributed as dist
 
 from .sharding import group_rank_and_size
 
-__all__ = ["TRANSPORTS", "CopyEngineComm", "Exchange", "RingComm", "RingCommStats", "check_transport", "ring_comm"]
+__all__ = [
+    "TRANSPORTS",
+    "CopyEngineComm",
+    "Exchange",
+    "RingComm",
+    "RingCommStats",
+    "check_transport",
+    "release_copy_engine_slots",
+    "ring_comm",
+]
 
 
 # -- the NCCL communicator -----------------------------------------------------------------------------
@@ -191,12 +205,17 @@ class _Channel:
     def signal(self, kind: int, slot: int) -> int:
         return self.signal_base + kind + slot
 
-    def drain(self) -> None:
-        """Wait (on the current stream) until peers have copied out what they may still read."""
+    def release(self, group: Any, device: torch.device) -> None:
+        """Free the slots once peers have copied out what they may still read (collective: every rank at once)."""
         for slot, consumer in enumerate(self.consumer):
             if consumer is not None:
                 self.handle.wait_signal(consumer, self.signal(CONSUMED, slot), SIGNAL_TIMEOUT_MS)
         self.consumer = [None, None]
+        torch.cuda.synchronize(device)
+        dist.barrier(group=group, device_ids=[device.index])
+        self.buffer = self.handle = None
+        self.remote = {}
+        self.capacity = 0
 
 
 @dataclass
@@ -244,11 +263,7 @@ class CopyEngineComm(RingComm):
     def _grow(self, channel: _Channel, capacity: int, device: torch.device) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
-        channel.drain()
-        torch.cuda.synchronize(device)
-        dist.barrier(group=self.group, device_ids=[device.index])
-        channel.buffer = channel.handle = None
-        channel.remote = {}
+        channel.release(self.group, device)
         channel.buffer = symm_mem.empty(2 * capacity, dtype=torch.uint8, device=device)
         channel.handle = symm_mem.rendezvous(channel.buffer, self.group or dist.group.WORLD)
         channel.capacity = capacity
@@ -314,6 +329,23 @@ def _usable(group: Any, device: torch.device) -> bool:
     dist.all_gather(table, mine, group=group)
     rows = [t.tolist() for t in table]
     return all(row[0] for row in rows) and len({row[1] for row in rows}) == 1
+
+
+def release_copy_engine_slots(process_group: Any = None) -> int:
+    """Free the copy-engine transport's slots of ``process_group`` (``None``: the default group) on this rank and
+    return the bytes freed; the next ring call with ``transport="copy_engine"`` allocates them again.
+
+    Collective: call it on every rank of the group at the same point, between ring calls.
+    """
+    group = process_group or dist.group.WORLD
+    freed = 0
+    for (name, index), slots in _SLOTS.items():
+        if name == group.group_name and slots.group is group:
+            for channel in slots.channels.values():
+                if channel.buffer is not None:
+                    freed += channel.buffer.numel()
+                    channel.release(group, torch.device("cuda", index))
+    return freed
 
 
 def ring_comm(process_group: Any, stats: RingCommStats, transport: str, device: torch.device) -> RingComm:
