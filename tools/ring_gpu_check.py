@@ -14,9 +14,9 @@ For each world size P (default 1, 2, 4) one group of P processes (torch.multipro
   transport (NCCL); at P > 1 the same ring with ``transport="copy_engine"`` too.
 - ``profile``: where one step of our ring goes on rank 0 (GPU time of attention kernels, NCCL
   kernels and copy-engine copies, which run beside them on their own streams, and everything
-  else: merges, gathers), with each transport at P > 1; and the stream that runs the attention kernels: its
-  window over the step, how long it idles, how much of that waits for the host to launch the next kernel, and
-  the largest gaps (in the JSON).
+  else: merges, gathers), with each transport at P > 1; the host's lead before the first GPU work; and the
+  stream that runs the attention kernels: its window over the step, how long it idles, how much of that waits
+  for the host to launch the next kernel, and the largest gaps (in the JSON).
 - ``contention``: at P > 1, plain SDPA on each GPU alone, then on all P at once (no communication): what the
   GPUs' sharing of the host (power, clocks) costs, apart from the ring.
 

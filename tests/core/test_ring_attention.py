@@ -91,6 +91,7 @@ def _errors(rank):
     out["shard_n"] = _expect_error(lambda: shard_sequence(torch.zeros(1, 10, 2, 2)))
     copy_engine = RingDilatedAttention([64], [1], transport="copy_engine")
     out["copy_engine_cpu"] = _expect_error(lambda: copy_engine(*_inputs(4, 2, rank=rank)))
+    out["released"] = ring_core.comm.release_copy_engine_slots()  # none were allocated: nothing to free
     out["after"] = bool(torch.isfinite(call()).all())
 
     # validation is one all_gather per new shape, not one per call
@@ -266,6 +267,7 @@ def test_errors_are_raised_on_every_rank(world):
     for result in errors:
         assert result["shard_n"][0] == "ValueError" and "N=10" in result["shard_n"][1]
         assert result["copy_engine_cpu"] == ("ValueError", "transport='copy_engine' needs CUDA tensors, got device cpu")
+        assert result["released"] == 0
         assert result["after"] is True
         assert result["gathers"] == 2  # shapes (4) and (6), once each
 

@@ -337,9 +337,9 @@ def release_copy_engine_slots(process_group: Any = None) -> int:
 
     Collective: call it on every rank of the group at the same point, between ring calls.
     """
-    group = process_group or dist.group.WORLD
     freed = 0
     for (name, index), slots in _SLOTS.items():
+        group = process_group or dist.group.WORLD
         if name == group.group_name and slots.group is group:
             for channel in slots.channels.values():
                 if channel.buffer is not None:

@@ -685,10 +685,9 @@ def send_bounds(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_branches:
     accumulation dtype (``"grad"``)."""
     b, n, h_kv, d = k.shape
     rows = num_branches * b * n
-    grad_element = torch.empty((), dtype=accumulation_dtype(q.dtype)).element_size()
     return {
         "send": rows * (h_kv * (d + v.shape[-1]) + 1) * k.element_size(),
-        "grad": rows * h_kv * (d + v.shape[-1]) * grad_element,
+        "grad": rows * h_kv * (d + v.shape[-1]) * accumulation_dtype(q.dtype).itemsize,
     }
 
 
