@@ -298,6 +298,11 @@ def profile(rank: int, world_size: int, device: torch.device, quick: bool) -> li
         for kind in KINDS:
             row[f"{kind}_ms"] = sum(r["ms"] for r in kernels if _kind(r["kernel"]) == kind)
         row.update(_compute_stream(prof, streams))
+        mine = (row["attention_ms"], row.get("stream_window_ms", 0.0), row.get("stream_idle_ms", 0.0))
+        every = [None] * world_size
+        dist.all_gather_object(every, mine)
+        for index, key in enumerate(("attention_ms", "stream_window_ms", "stream_idle_ms")):
+            row[f"{key}_per_rank"] = [ranks[index] for ranks in every]
         rows.append(row)
         torch.cuda.empty_cache()
     return rows
