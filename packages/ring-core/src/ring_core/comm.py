@@ -28,8 +28,8 @@ every rank), so growing them is a collective step that every rank takes at the s
 
 It is opt-in (``transport="copy_engine"``; the default is ``"nccl"``): at 32K tokens per
 GPU on H200s it was 2-3% faster than NCCL for dense causal attention on 2 and 4 GPUs and
-0-2% slower non-causal (``docs/benchmarks/ring-4xh200-copy-engine.json``), and its slots
-take symmetric memory for the life of the process.
+within 1% non-causal (``docs/benchmarks/ring-4xh200-copy-engine.json``), and its slots
+keep symmetric memory between calls (:func:`release_copy_engine_slots` frees them).
 """
 
 from __future__ import annotations
