@@ -311,19 +311,6 @@ def test_plan_spanning_segment_only_pairs_partners():
     assert rows == 16  # 2 offsets x 8 selected rows of rank 0's shard of 16
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_plan_joins_a_dense_zigzag_step_into_one_block(causal):
-    """A zigzag shard is two pieces: a dense step's blocks (causal: two, non-causal: four) are joined into one
-    kernel call over adjacent rows, covering the same (query, key) pairs."""
-    for rank in range(4):
-        plan = _plan(64, 4, rank, [64], [1], layout="zigzag", causal=causal)
-        for step in plan.steps:
-            for transfer in (step.recv, step.send):
-                assert len(transfer.items) == 1 and len(transfer.kv_parts) == 1, (rank, transfer)
-            (item,) = step.recv.items
-            assert part_rows(item.q_part) * part_rows(step.recv.kv_parts[0]) == 16 * 16 // (2 if causal else 1)
-
-
 def test_plan_zigzag_causal_balances_blocks():
     """Zigzag causal: every rank computes the same number of (query, key) pairs, and none is masked."""
     work = []

@@ -27,7 +27,6 @@ Everything is one :class:`~ring_core.engine.BlockSchedule` run through
 from __future__ import annotations
 
 import functools
-import itertools
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -243,7 +242,7 @@ def build_ring_plan(
                                 slots[slot_key] = (len(slots), part(src, ki, key, *k_span, k_span[1] - k_span[0]))
                             q_part = part(dst, qi, key, *q_span, q_span[1] - q_span[0])
                             found.append(Item(q_part, slots[slot_key][0]))
-        return _join_adjacent(Transfer(tuple(p for _, p in slots.values()), tuple(found)))
+        return Transfer(tuple(p for _, p in slots.values()), tuple(found))
 
     local_parts = []
     for index in range(len(pieces[rank])):
@@ -261,65 +260,6 @@ def build_ring_plan(
         for j in range(1, world_size)
     )
     return RingPlan(tuple(local_parts), transfer(rank, rank), steps)
-
-
-def _joined(first: Part, second: Part) -> Part | None:
-    """``first`` and ``second`` as one part, when both are one contiguous segment (rate 1) of the same heads and
-    ``second``'s rows follow ``first``'s; else None."""
-    rows = (first.stop - first.start, second.stop - second.start)
-    if (
-        first.rate == second.rate == 1
-        and (first.length, second.length) == rows
-        and first.positions().stop == second.positions().start
-        and _heads_key(first) == _heads_key(second)
-    ):
-        return replace(first, offset=first.positions().start, start=0, stop=sum(rows), length=sum(rows))
-    return None
-
-
-def _heads_key(part: Part) -> tuple:
-    def key(heads: Any) -> tuple:
-        return (heads.start, heads.stop, heads.step) if isinstance(heads, slice) else tuple(heads.tolist())
-
-    return key(part.heads), key(part.kv_heads)
-
-
-def _part_key(part: Part) -> tuple:
-    return part.offset, part.rate, part.start, part.stop, part.length, _heads_key(part)
-
-
-def _join_adjacent(transfer: Transfer) -> Transfer:
-    """Fewer, larger blocks: two key slots that the same query rows (and only they) see become one slot where their
-    rows follow each other, and then two query parts that see the same slot become one. With the zigzag layout,
-    a dense step's two blocks become one call (the sender's two pieces, or the receiver's). Both ranks of a
-    transfer build it alike, so they agree on the slots."""
-    kv_parts, items = list(transfer.kv_parts), list(transfer.items)
-    changed = True
-    while changed:
-        changed = False
-        readers = [{_part_key(item.q_part) for item in items if item.slot == slot} for slot in range(len(kv_parts))]
-        for a, b in itertools.combinations(range(len(kv_parts)), 2):
-            joined = _joined(kv_parts[a], kv_parts[b]) if readers[a] == readers[b] else None
-            if joined is not None:
-                kv_parts[a] = joined
-                del kv_parts[b]
-                renumber = {b: a, **{s: s - 1 for s in range(b + 1, len(kv_parts) + 1)}}
-                items = [Item(i.q_part, renumber.get(i.slot, i.slot)) for i in items]
-                items = list({(_part_key(i.q_part), i.slot): i for i in items}.values())
-                changed = True
-                break
-    changed = True
-    while changed:
-        changed = False
-        for x, y in itertools.permutations(range(len(items)), 2):
-            first, second = items[x], items[y]
-            joined = _joined(first.q_part, second.q_part) if first.slot == second.slot else None
-            if joined is not None:
-                items[x] = Item(joined, first.slot)
-                del items[y]
-                changed = True
-                break
-    return Transfer(tuple(kv_parts), tuple(items))
 
 
 def _last_segment(runs: list[Run]) -> int:
