@@ -205,12 +205,17 @@ class _Channel:
     def signal(self, kind: int, slot: int) -> int:
         return self.signal_base + kind + slot
 
+    def wait_consumed(self, slot: int) -> None:
+        """Make the current stream wait until the slot's last payload has been copied out by its receiver."""
+        consumer = self.consumer[slot]
+        if consumer is not None:
+            self.handle.wait_signal(consumer, self.signal(CONSUMED, slot), SIGNAL_TIMEOUT_MS)
+            self.consumer[slot] = None
+
     def release(self, group: Any, device: torch.device) -> None:
         """Free the slots once peers have copied out what they may still read (collective: every rank at once)."""
-        for slot, consumer in enumerate(self.consumer):
-            if consumer is not None:
-                self.handle.wait_signal(consumer, self.signal(CONSUMED, slot), SIGNAL_TIMEOUT_MS)
-        self.consumer = [None, None]
+        for slot in range(len(self.consumer)):
+            self.wait_consumed(slot)
         torch.cuda.synchronize(device)
         dist.barrier(group=group, device_ids=[device.index])
         self.buffer = self.handle = None
@@ -277,10 +282,7 @@ class CopyEngineComm(RingComm):
         nbytes = numel * like.element_size()
         if nbytes > channel.capacity:
             raise RuntimeError(f"CopyEngineComm: a {nbytes}-byte {use} exceeds the reserved {channel.capacity} bytes")
-        consumer = channel.consumer[slot]
-        if consumer is not None:  # the slot's last payload must have been copied out
-            channel.handle.wait_signal(consumer, channel.signal(CONSUMED, slot), SIGNAL_TIMEOUT_MS)
-            channel.consumer[slot] = None
+        channel.wait_consumed(slot)
         start = slot * channel.capacity
         return channel.buffer[start : start + nbytes].view(like.dtype)
 
@@ -337,9 +339,11 @@ def release_copy_engine_slots(process_group: Any = None) -> int:
 
     Collective: call it on every rank of the group at the same point, between ring calls.
     """
+    if not _SLOTS:  # nothing allocated (no group needed to say so)
+        return 0
+    group = process_group or dist.group.WORLD
     freed = 0
     for (name, index), slots in _SLOTS.items():
-        group = process_group or dist.group.WORLD
         if name == group.group_name and slots.group is group:
             for channel in slots.channels.values():
                 if channel.buffer is not None:

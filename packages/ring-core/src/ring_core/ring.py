@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .comm import Exchange, RingComm, RingCommStats, check_transport, ring_comm
+from .comm import CHANNELS, Exchange, RingComm, RingCommStats, check_transport, ring_comm
 from .dilated import Branch, DilatedSchedule, Part, branches
 from .engine import Accumulator, BlockKernel, BlockSchedule, blockwise_attention
 from .kernels import FLOAT_DTYPES, KernelRequest, accumulation_dtype, default_scale
@@ -420,7 +420,7 @@ class RingDilatedSchedule(BlockSchedule):
         """Local blocks around the ring steps: a few while the first peer's K/V arrive, the rest (about two
         thirds of the local work) while the last dK/dV (float32, twice the bytes) travel home."""
         self.comm.begin("backward")
-        for use in ("send", "grad"):
+        for use in CHANNELS:
             self.comm.reserve(use, self.send_bounds.get(use, 0), q.device)
         dq, dk, dv = grads
         pending = self._start_kv(1, k, v)

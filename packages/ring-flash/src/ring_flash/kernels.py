@@ -18,7 +18,6 @@ is fastest, then the flash kernels, then memory-efficient.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import inspect
 import os
 from functools import cache
@@ -28,7 +27,7 @@ import torch
 
 from ring_core.kernels import KernelBackend, KernelRequest, MathKernel, combined_mask
 
-from .merge import merge_block, online_merge
+from .merge import installed, merge_block, online_merge
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -39,12 +38,6 @@ def _capability() -> tuple[int, int] | None:
     if not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_capability()
-
-
-@cache
-def _installed(package: str) -> bool:
-    """Whether ``package`` can be imported (looked up once: kernel selection runs on every call)."""
-    return importlib.util.find_spec(package) is not None
 
 
 class GPUKernel(KernelBackend):
@@ -81,7 +74,7 @@ class GPUKernel(KernelBackend):
         for op in self.aten_ops:
             if not hasattr(torch.ops.aten, op):
                 reasons.append(f"this torch ({torch.__version__}) has no aten.{op}")
-        if self.module is not None and not _installed(self.module.split(".")[0]):
+        if self.module is not None and not installed(self.module.split(".")[0]):
             reasons.append(f"{self.module} is not installed ({self.install_hint})")
         return reasons
 

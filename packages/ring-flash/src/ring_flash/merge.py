@@ -26,13 +26,14 @@ _MAX_DIMS = 4  # leading (row) dims a view may have; the last dim is contiguous
 
 
 @cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+def installed(package: str) -> bool:
+    """Whether ``package`` can be imported (looked up once: kernel selection and merges ask on every call)."""
+    return importlib.util.find_spec(package) is not None
 
 
 def triton_enabled() -> bool:
     """Whether CUDA merges use the Triton kernel (``RING_FLASH_TRITON=0`` turns it off)."""
-    return os.environ.get("RING_FLASH_TRITON", "1") != "0" and _triton_installed()
+    return os.environ.get("RING_FLASH_TRITON", "1") != "0" and installed("triton")
 
 
 def merge_block(dst: torch.Tensor, src: torch.Tensor, *, accumulate: bool) -> None:
