@@ -17,7 +17,7 @@ import ring_core
 from distributed_helpers import run_distributed
 from ring_core import RingDilatedAttention, shard_sequence, unshard_sequence
 from ring_core.dilated import branches
-from ring_core.ring import build_ring_plan, part_rows
+from ring_core.ring_plan import build_ring_plan, part_rows
 from ring_core.testing import CASES, QUICK_CASES, TOLERANCES, fit_case, sharded_case_errors
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -336,7 +336,7 @@ def test_plan_zigzag_causal_balances_blocks():
 def test_send_bound_covers_every_send_of_every_rank(seq_len, world, segments, rates, layout, causal, kv_heads, padded):
     """The copy-engine slots are sized by ``send_bounds`` from shapes alone: no K/V (with flags) or dK/dV send of any
     rank may exceed its use's bound, or the transport would raise mid-call."""
-    from ring_core.ring import RingDilatedSchedule, send_bounds
+    from ring_core.ring_schedule import RingDilatedSchedule, send_bounds
 
     n_local = seq_len // world
     branch_list = tuple(branches(segments, rates, "lse", H))
@@ -357,7 +357,7 @@ def test_send_bound_covers_every_send_of_every_rank(seq_len, world, segments, ra
 
 
 def test_backward_keeps_two_thirds_of_the_local_work_for_the_last_transfer():
-    from ring_core.ring import _overlap_split
+    from ring_core.ring_schedule import _overlap_split
 
     assert _overlap_split([0.5, 0.5, 1.0]) == 1  # zigzag causal: one diagonal before the steps, the rest after
     assert _overlap_split([1.0]) == 0  # a single block waits for the steps

@@ -10,6 +10,7 @@ from importlib import metadata as _metadata
 
 from .deprecation import aliases_for, deprecated_getattr, warn_deprecated
 from .dilated import DilatedAttention, DilatedSchedule, dilated_attention
+from .dispatch import KernelNotAvailableError, select_kernel
 from .engine import Accumulator, BlockKernel, BlockSchedule, blockwise_attention
 from .factory import (
     UnknownImplementationError,
@@ -23,13 +24,11 @@ from .kernels import CPUFlashKernel, KernelBackend, KernelRequest, MathKernel, m
 from .reference import branch_counts, reference_attention
 from .registry import (
     Implementation,
-    KernelNotAvailableError,
     get_registry,
     list_implementations,
     list_kernels,
     plugin_errors,
     reset_registry,
-    select_kernel,
 )
 from .validation import check_dilated_config, check_qkv
 
@@ -75,7 +74,7 @@ __all__ = [
     "warn_deprecated",
 ]
 
-# Sequence parallelism: the ring and the sharding helpers (issue 3).
+# Sequence parallelism: the ring and the sharding helpers.
 from .builtins import DEPRECATED_NAMES as _DEPRECATED_NAMES
 from .ring import RingCommStats, RingConfigError, RingDilatedAttention, ring_dilated_attention
 from .sharding import shard_positions, shard_ranges, shard_sequence, unshard_sequence

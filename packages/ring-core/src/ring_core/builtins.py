@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from .deprecation import aliases_for
+from .dilated import DilatedAttention
 from .hookspecs import hookimpl
 from .kernels import CPUFlashKernel, MathKernel
+from .registry import Implementation
+from .ring import RingDilatedAttention
 
 # Deprecated names of ring-core: {old: (new, removal version)}; served by ring_core.__getattr__ too.
 DEPRECATED_NAMES = {"RingDilatedAttentionV2Collective": ("RingDilatedAttention", "0.3.0")}
@@ -17,11 +21,6 @@ def register_kernels(register):
 
 @hookimpl
 def register_implementations(register):
-    from .deprecation import aliases_for
-    from .dilated import DilatedAttention
-    from .registry import Implementation
-    from .ring import RingDilatedAttention
-
     register(
         Implementation(
             name="dilated",

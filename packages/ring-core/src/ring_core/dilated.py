@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .dispatch import select_kernel
 from .engine import Accumulator, BlockKernel, BlockSchedule, blockwise_attention
 from .kernels import KernelRequest, default_scale
-from .registry import select_kernel
 from .validation import check_dilated_config, check_dropout, check_qkv
 
 

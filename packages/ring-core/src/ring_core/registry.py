@@ -22,7 +22,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .kernels import KernelBackend, KernelRequest
+from .kernels import KernelBackend
 
 CORE_PLUGIN = "core"
 
@@ -83,8 +83,10 @@ class Registry:
     def load_entry_points(self) -> None:
         disabled = _env_list("RING_ATTENTION_DISABLE_PLUGINS") or set()
         allowed = _env_list("RING_ATTENTION_LOAD_PLUGINS")
-        for ep in sorted(metadata.entry_points(group=hookspecs.PROJECT_NAME), key=lambda e: e.name):
-            if ep.name in disabled or (allowed is not None and ep.name not in allowed and ep.name != CORE_PLUGIN):
+        # core first (its kernels and implementations are the baseline), and never filtered out
+        entry_points = metadata.entry_points(group=hookspecs.PROJECT_NAME)
+        for ep in sorted(entry_points, key=lambda e: (e.name != CORE_PLUGIN, e.name)):
+            if ep.name != CORE_PLUGIN and (ep.name in disabled or (allowed is not None and ep.name not in allowed)):
                 continue
             if self.pm.has_plugin(ep.name):
                 continue
@@ -97,6 +99,12 @@ class Registry:
                 self.errors.append(info)
                 continue
             self.plugins.append(info)
+        if not self.pm.has_plugin(CORE_PLUGIN):
+            self.errors.append(
+                PluginInfo(
+                    CORE_PLUGIN, "ring-core", None, "entry point ring_attention:core not found (install ring-core)"
+                )
+            )
 
     def register_plugin(self, plugin: object, name: str) -> None:
         """Register a plugin object directly (tests, notebooks) and collect what it registers."""
@@ -170,10 +178,6 @@ def get_registry() -> Registry:
     with _lock:
         if _registry is None:
             registry = Registry()
-            from . import builtins
-
-            registry.pm.register(builtins, name=CORE_PLUGIN)
-            registry.plugins.append(PluginInfo(CORE_PLUGIN, "ring-core", _version("ring-core")))
             registry.load_entry_points()
             registry.collect_all()
             _registry = registry
@@ -185,13 +189,6 @@ def reset_registry() -> None:
     global _registry
     with _lock:
         _registry = None
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def list_implementations(kind: str | None = None) -> list[Implementation]:
@@ -208,36 +205,3 @@ def list_kernels() -> list[KernelBackend]:
 def plugin_errors() -> list[PluginInfo]:
     """Plugins that failed to load or register, with their errors."""
     return list(get_registry().errors)
-
-
-class KernelNotAvailableError(RuntimeError):
-    """No kernel backend (or not the forced one) can compute a request."""
-
-
-def select_kernel(request: KernelRequest, name: str | None = None) -> KernelBackend:
-    """The first backend in priority order with no reasons against ``request``.
-
-    ``name`` (or ``RING_ATTENTION_KERNEL``) forces one backend; it raises with its
-    reasons when it cannot serve the request.
-    """
-    registry = get_registry()
-    name = name or os.environ.get("RING_ATTENTION_KERNEL") or None
-    if name is not None:
-        backend = registry.kernels.get(name)
-        if backend is None:
-            raise KernelNotAvailableError(
-                f"kernel {name!r} is not registered; known kernels: {sorted(registry.kernels)}"
-            )
-        reasons = backend.not_supported_reasons(request)
-        if reasons:
-            raise KernelNotAvailableError(f"kernel {name!r} cannot run {request.describe()}: " + "; ".join(reasons))
-        return backend
-    table = []
-    for backend in registry.sorted_kernels():
-        reasons = backend.not_supported_reasons(request)
-        if not reasons:
-            return backend
-        table.append(f"  {backend.name}: " + "; ".join(reasons))
-    raise KernelNotAvailableError(
-        f"no kernel backend supports {request.describe()}:\n" + "\n".join(table or ["  (none registered)"])
-    )

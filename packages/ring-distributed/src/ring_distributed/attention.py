@@ -26,9 +26,9 @@ import torch
 
 from ring_core.comm import ring_comm
 from ring_core.dilated import Branch, Part, branches
+from ring_core.dispatch import select_kernel
 from ring_core.engine import BlockKernel, blockwise_attention
 from ring_core.kernels import KernelRequest, default_scale
-from ring_core.registry import select_kernel
 from ring_core.ring import (
     RingAttentionBase,
     RingComm,

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from ring_core.dispatch import select_kernel
 from ring_core.kernels import KernelRequest, default_scale
-from ring_core.registry import select_kernel
 from ring_core.ring import RingComm, RingDilatedAttention, segments_within_shards
 
 from .fused import fused_dilated_attention

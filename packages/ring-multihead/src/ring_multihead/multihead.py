@@ -27,10 +27,10 @@ from torch import nn
 
 from ring_core import check_dilated_config, dilated_attention
 from ring_core.dilated import DilatedSchedule, branches
+from ring_core.dispatch import select_kernel
 from ring_core.engine import Accumulator, BlockKernel, BlockSchedule, blockwise_attention
 from ring_core.kernels import KernelRequest, default_scale
 from ring_core.reference import branch_counts
-from ring_core.registry import select_kernel
 from ring_core.validation import check_dropout
 
 EXTRA_BLOCK_ID = 1 << 20  # dropout stream of the extra-keys block, apart from the dilated blocks'

@@ -1,0 +1,160 @@
+"""Cross-rank agreement: every rank checks its inputs, then all ranks raise the same error (or none).
+
+One small ``all_gather`` of an integer descriptor per rank (:func:`agree_across_ranks`)
+replaces a hang or a wrong result when ranks disagree on shapes, dtypes or
+configuration; :func:`validate_ring_inputs` is the ring's use of it.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .comm import RingComm
+from .kernels import FLOAT_DTYPES
+from .sharding import LAYOUTS
+from .validation import MERGES, check_qkv
+
+__all__ = ["RingConfigError", "agree_across_ranks", "differing_fields", "validate_ring_inputs"]
+
+
+class RingConfigError(ValueError):
+    """Ranks disagree on shapes, dtypes or configuration, or one rank rejected its inputs."""
+
+
+_DESCRIPTOR_FIELDS = (
+    "ok",
+    "batch",
+    "local_len",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "value_dim",
+    "dtype",
+    "device_type",
+    "causal",
+    "padding",
+    "layout",
+    "merge",
+    "config",
+    "scale",
+)
+
+
+def _describe(q, k, v, key_padding_mask, causal: bool, layout: str, merge: str, config: tuple, scale) -> list[int]:
+    b, n, h, d = q.shape
+    return [
+        1,
+        b,
+        n,
+        h,
+        k.shape[2],
+        d,
+        v.shape[3],
+        FLOAT_DTYPES.index(q.dtype) if q.dtype in FLOAT_DTYPES else -1,
+        0 if q.device.type == "cpu" else 1,
+        int(causal),
+        int(key_padding_mask is not None),
+        LAYOUTS.index(layout),
+        MERGES.index(merge),
+        zlib.crc32(repr(config).encode()),
+        zlib.crc32(repr(scale).encode()),
+    ]
+
+
+def _descriptor_device(group: Any, q: Any) -> torch.device:
+    if isinstance(q, torch.Tensor) and q.device.type != "cpu":
+        return q.device
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def agree_across_ranks(
+    check: Callable[[], Sequence[int]], fields: Sequence[str], comm: RingComm, *, name: str, like: Any = None
+) -> list[list[int]]:
+    """Run this rank's ``check``, then one small ``all_gather`` in ``comm``, so every rank raises (or none does).
+
+    ``check`` raises ``TypeError``/``ValueError`` on bad input, else returns one int per
+    entry of ``fields`` (the first, ``"ok"``, is 1). A rank whose check failed raises its
+    error after the all-gather; the others raise :class:`RingConfigError` naming it (messages
+    start with ``name``). Returns the gathered table, one row per rank; ``like`` (a tensor
+    or None) picks the device of the all-gather with the group's backend.
+    """
+    local_error: Exception | None = None
+    try:
+        descriptor = list(check())
+    except (TypeError, ValueError) as exc:
+        local_error = exc
+        descriptor = [0] * len(fields)
+    if comm.world_size > 1:
+        mine = torch.tensor(descriptor, dtype=torch.int64, device=_descriptor_device(comm.group, like))
+        gathered = [torch.empty_like(mine) for _ in range(comm.world_size)]
+        dist.all_gather(gathered, mine, group=comm.group)
+        table = [t.tolist() for t in gathered]
+    else:
+        table = [descriptor]
+    if local_error is not None:
+        raise local_error
+    failed = [r for r, row in enumerate(table) if row[0] == 0]
+    if failed:
+        raise RingConfigError(
+            f"{name}: rank(s) {failed} of {comm.world_size} rejected their inputs (see the error "
+            f"raised there); nothing was computed"
+        )
+    return table
+
+
+def differing_fields(table: list[list[int]], fields: Sequence[str]) -> tuple[list[str], str]:
+    """The ``fields`` whose values differ between the rows (ranks) of ``table``, and ``"field: rank 0=a, ..."``."""
+    differing = [field for i, field in enumerate(fields) if len({row[i] for row in table}) > 1]
+    details = "; ".join(
+        f"{field}: " + ", ".join(f"rank {r}={row[fields.index(field)]}" for r, row in enumerate(table))
+        for field in differing
+    )
+    return differing, details
+
+
+def validate_ring_inputs(
+    q,
+    k,
+    v,
+    key_padding_mask,
+    *,
+    causal: bool,
+    layout: str,
+    merge: str,
+    config: tuple,
+    scale,
+    comm: RingComm,
+    name: str = "RingDilatedAttention",
+) -> None:
+    """Local checks, then one small ``all_gather`` in ``comm`` so every rank raises the same error (or none).
+
+    ``config`` (any repr-able tuple) and ``scale`` must match on every rank; errors start with ``name``.
+    """
+
+    def check() -> list[int]:
+        check_qkv(q, k, v, key_padding_mask)
+        return _describe(q, k, v, key_padding_mask, causal, layout, merge, config, scale)
+
+    table = agree_across_ranks(check, _DESCRIPTOR_FIELDS, comm, name=name, like=q)
+    differing, details = differing_fields(table, _DESCRIPTOR_FIELDS)
+    if differing:
+        hint = ""
+        if "local_len" in differing:
+            hint = " (the global sequence length N must be divisible by the world size P, every rank holding N/P)"
+        raise RingConfigError(
+            f"{name}: ranks passed different shapes/dtypes/configurations: {details}{hint}; "
+            f"dtype codes index {[str(d).replace('torch.', '') for d in FLOAT_DTYPES]}"
+        )
+    local_len = table[0][2]
+    if layout == "zigzag" and comm.world_size > 1 and local_len % 2 != 0:
+        raise RingConfigError(
+            f"layout='zigzag' needs N divisible by 2*P: each of the {comm.world_size} ranks holds {local_len} "
+            f"positions (N={local_len * comm.world_size}), which is odd"
+        )
