@@ -107,5 +107,5 @@ def build(session: nox.Session) -> None:
     wheelhouse = Path(session.posargs[0]) if session.posargs else ROOT / "wheelhouse"
     for pkg in PACKAGES:
         session.run("python", "-m", "build", "--outdir", str(wheelhouse), str(ROOT / "packages" / pkg))
-    session.run("python", "tools/bump_version.py", "--check")
+    session.run("python", "-m", "tools.release.bump_version", "--check")
     session.log(f"wheelhouse: {wheelhouse}")

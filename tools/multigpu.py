@@ -1,4 +1,4 @@
-"""Shared scaffolding of the multi-GPU tools (``bench_distributed.py``, ``ring_gpu_check.py``).
+"""Shared scaffolding of the multi-GPU benchmarks (``tools.bench.distributed``, ``tools.bench.ring``).
 
 For each world size P, :func:`main` starts one group of P processes (torch.multiprocessing
 spawn; NCCL on CUDA with the NVLS/multicast switches of ``ENV`` off, gloo on the CPU), runs
@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from tools import command_line
 
 ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 FWD_BWD = 3.5  # forward + backward FLOPs over forward FLOPs of attention
@@ -205,7 +207,7 @@ def main(
         rows += got
         print(markdown(got, card), flush=True)
         meta = {"card": card, "torch": torch.__version__, "date": datetime.datetime.now(datetime.UTC).isoformat(),
-                "command": "python " + " ".join(sys.argv)}  # fmt: skip
+                "command": command_line()}  # fmt: skip
         (out / f"{name}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
     print("\n" + write_reports(out, name, rows, card, markdown, plot))
     return 0

@@ -1,6 +1,6 @@
 """mkdocs hooks: everything the site shows that comes from code or data is generated here.
 
-- ``figures/*.png``: ``tools/make_figures.py`` (computed from ring_core at build time);
+- ``figures/*.png``: ``figures.py`` beside this file (computed from ring_core at build time);
 - ``reference/**``: one mkdocstrings page per public module of ``packages/*/src``,
   and the "API reference" section of the nav;
 - ``<!-- generated: NAME -->`` markers: tables of the installed implementations,
@@ -15,12 +15,12 @@ from __future__ import annotations
 import datetime
 import fnmatch
 import importlib
-import importlib.util
 import json
 import re
 from pathlib import Path
 from typing import Any
 
+import figures  # docs/_hooks/figures.py: mkdocs puts a hook's folder on sys.path while loading it
 from mkdocs.structure.files import File, Files
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,18 +92,11 @@ def _private(module: str) -> bool:
 
 
 # -- files generated at build time -------------------------------------------
-def _load_tool(name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def on_files(files: Files, config: Any) -> Files:
     for dist, modules in public_modules().items():
         for module in modules:
             files.append(File.generated(config, reference_path(module), content=reference_page(dist, module)))
-    for name, data in _load_tool("make_figures").render_all().items():
+    for name, data in figures.render_all().items():
         files.append(File.generated(config, f"figures/{name}", content=data))
     for path in bench_files("*"):  # plots next to JSON outside docs/ (bench-results/)
         plot = path.with_suffix(".png")

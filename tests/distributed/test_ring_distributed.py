@@ -265,7 +265,7 @@ def test_auto_strategy_uses_the_node_and_the_heads(monkeypatch):
 
 
 def test_auto_uses_the_ring_unless_dilated_segments_cross_shards():
-    """What tools/bench_distributed.py measured: the ring for dense and in-shard segments, else Ulysses."""
+    """What tools/bench/distributed.py measured: the ring for dense and in-shard segments, else Ulysses."""
     from ring_distributed.mesh import segments_cross_shards
 
     n = 4 * 32768

@@ -11,6 +11,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def load_figures():
+    """docs/_hooks/figures.py, which the docs build imports (not a package, so loaded by path)."""
+    spec = importlib.util.spec_from_file_location("figures", ROOT / "docs" / "_hooks" / "figures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_quickstart_model_runs(capsys):
     runpy.run_path(str(ROOT / "docs" / "examples" / "quickstart_model.py"), run_name="__main__")
     assert capsys.readouterr().out.strip() == "torch.Size([2, 3000, 256])"
@@ -26,26 +34,22 @@ def test_examples_run(name, capsys):
 @pytest.mark.slow
 def test_concept_figures_render():
     pytest.importorskip("matplotlib")
-    spec = importlib.util.spec_from_file_location("make_figures", ROOT / "tools" / "make_figures.py")
-    make_figures = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_figures)
-    images = make_figures.render_all(dpi=30)
-    assert set(images) == set(make_figures.FIGURES)
+    figures = load_figures()
+    images = figures.render_all(dpi=30)
+    assert set(images) == set(figures.FIGURES)
     assert all(data.startswith(b"\x89PNG") for data in images.values())
 
 
 def test_zigzag_work_is_balanced_and_lse_figure_is_exact():
     """The numbers the concept figures show: zigzag equalises causal work; the merge matches softmax."""
     pytest.importorskip("matplotlib")
-    spec = importlib.util.spec_from_file_location("make_figures", ROOT / "tools" / "make_figures.py")
-    make_figures = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_figures)
-    zigzag = make_figures.causal_work(64, 4, "zigzag")
-    contiguous = make_figures.causal_work(64, 4, "contiguous")
+    figures = load_figures()
+    zigzag = figures.causal_work(64, 4, "zigzag")
+    contiguous = figures.causal_work(64, 4, "contiguous")
     assert zigzag.sum() == contiguous.sum() == 64 * 65 // 2
     assert len(set(zigzag.sum(dim=0).tolist())) == 1
     assert zigzag.max(dim=1).values.sum() < contiguous.max(dim=1).values.sum()
-    needed = make_figures.needed_keys(64, 4, 4, [8, 16], [1, 2])  # every segment inside a shard of 16
+    needed = figures.needed_keys(64, 4, 4, [8, 16], [1, 2])  # every segment inside a shard of 16
     for rank in range(4):
         outside = [s for s in range(64) if s // 16 != rank]
         assert not needed[rank][:, outside].any()

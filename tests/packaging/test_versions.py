@@ -1,26 +1,17 @@
-"""One version for all five packages: the check, and tools/bump_version.py on a temporary copy."""
+"""One version for all five packages: the check, and tools.release.bump_version on a temporary copy."""
 
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
 
+from tools.release import bump_version
+
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("ring-core", "ring-flash", "ring-distributed", "ring-multihead", "ring-blocksparse")
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("bump_version", ROOT / "tools" / "bump_version.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bump_version = load_tool()
 
 
 @pytest.fixture

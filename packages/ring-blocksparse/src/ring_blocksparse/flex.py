@@ -5,7 +5,7 @@ whose segments are whole blocks, ``merge="lse"``), the allowed keys are exactly 
 layout (plus the causal triangle on diagonal blocks), so PyTorch's FlexAttention runs it
 from a ``BlockMask`` built directly from the layout (no ``mask_mod`` evaluated over
 ``N^2`` points): fully allowed blocks are "full" blocks, causal diagonal blocks are
-partial with a causal ``mask_mod``. Measured on an H200 (tools/bench_blocksparse.py)
+partial with a causal ``mask_mod``. Measured on an H200 (tools/bench/blocksparse.py)
 this is several times faster than gathering tiles into dense blocks, so ``method="auto"``
 picks it on CUDA with one process. Everything else (dilation, padding, dropout, the
 ring) takes the gather path.

@@ -4,7 +4,7 @@
 the bytes. Its subclass :class:`CopyEngineComm` takes no thread blocks from the kernels.
 
 NCCL moves point-to-point data with thread blocks on the SMs, beside the attention
-kernels; measured on two H200 (``tools/overlap_probe.py``), cuDNN attention ran 5% slower
+kernels; measured on two H200 (``docs/benchmarks/overlap-2xh200.json``), cuDNN attention ran 5% slower
 under continuous NCCL traffic, and NCCL reached 93 GB/s, where a DMA copy of the peer's
 memory slowed it 0.8% and moved 192 GB/s. :class:`CopyEngineComm` does the ring's
 exchanges that way, between GPUs of one host:

@@ -123,7 +123,7 @@ def resolve_strategy(
 ) -> tuple[str, int]:
     """``(strategy, ulysses degree)`` for a call; clear ``ValueError`` for impossible choices.
 
-    ``"auto"``, from ``tools/bench_distributed.py`` (4 x H200, 32K tokens per GPU, H=16,
+    ``"auto"``, from ``tools/bench/distributed.py`` (4 x H200, 32K tokens per GPU, H=16,
     D=128, bf16, forward+backward): the ring when no segment crosses a shard (it sends
     nothing: 11.7 ms vs 15.6 Ulysses) and for dense attention (a tie, 120.3 vs 118.9 ms,
     and the ring keeps 5x less memory between forward and backward); Ulysses when dilated

@@ -14,11 +14,11 @@ For each world size P (default 4, then 2) one group of P processes (torch.multip
 - ``determinism``: RingDilatedAttentionProduction(deterministic=True, dropout=0.1) twice from
   scratch on the same inputs: bitwise equal outputs and gradients on every rank?
 
-Writes ``bench_distributed.json``, ``bench_distributed.md`` and ``bench_distributed.png`` into
+Writes ``distributed.json``, ``distributed.md`` and ``distributed.png`` into
 ``--out``; prints the tables last.
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
-        python tools/bench_distributed.py --out DIR [--world-sizes 4 2] [--sections accuracy,timing,determinism]
+        python -m tools.bench.distributed --out DIR [--world-sizes 4 2] [--sections accuracy,timing,determinism]
 
 ``--device cpu`` runs a tiny smoke version with gloo. ``--plot-only JSON`` re-plots.
 """
@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import multigpu
-from multigpu import flops_per_gpu, log, max_over_ranks, median_ms
+from tools import multigpu
+from tools.multigpu import flops_per_gpu, log, max_over_ranks, median_ms
 
 TIMING_CASES = [  # name, segments relative to 32K per GPU (None: dense), rates, layout, causal
     ("dense causal", None, [1], "zigzag", True),
@@ -246,7 +246,7 @@ def plot(rows: list[dict], path: Path, card: str) -> None:
 
 def main(argv=None) -> int:
     return multigpu.main(
-        argv, name="bench_distributed", description=__doc__.splitlines()[0], sections=SECTIONS, world_sizes=[4, 2],
+        argv, name="distributed", description=__doc__.splitlines()[0], sections=SECTIONS, world_sizes=[4, 2],
         markdown=markdown, plot=plot,
     )  # fmt: skip
 

@@ -20,11 +20,11 @@ For each world size P (default 1, 2, 4) one group of P processes (torch.multipro
 - ``contention``: at P > 1, plain SDPA on each GPU alone, then on all P at once (no communication): what the
   GPUs' sharing of the host (power, clocks) costs, apart from the ring.
 
-Writes ``ring_gpu_check.json``, ``ring_gpu_check.md`` and ``ring_gpu_check.png`` into ``--out``;
+Writes ``ring.json``, ``ring.md`` and ``ring.png`` into ``--out``;
 prints the tables last.
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
-        python tools/ring_gpu_check.py --out DIR [--world-sizes 1 2 4] [--sections accuracy,timing]
+        python -m tools.bench.ring --out DIR [--world-sizes 1 2 4] [--sections accuracy,timing]
 
 ``--device cpu`` runs a tiny smoke version with gloo (no context parallel).
 """
@@ -39,8 +39,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import multigpu
-from multigpu import flops_per_gpu, global_error, log, median_ms
+from tools import multigpu
+from tools.multigpu import flops_per_gpu, global_error, log, median_ms
 
 ACCURACY_CASES = [  # name, segments, rates, layout, causal (segments relative to N)
     ("dense causal zigzag", None, [1], "zigzag", True),
@@ -423,7 +423,7 @@ SECTIONS = {"accuracy": accuracy, "timing": timing, "profile": profile, "content
 
 def main(argv=None) -> int:
     return multigpu.main(
-        argv, name="ring_gpu_check", description=__doc__.splitlines()[0], sections=SECTIONS, world_sizes=[1, 2, 4],
+        argv, name="ring", description=__doc__.splitlines()[0], sections=SECTIONS, world_sizes=[1, 2, 4],
         markdown=_markdown, plot=plot,
     )  # fmt: skip
 

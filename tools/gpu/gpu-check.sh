@@ -2,14 +2,14 @@
 # One call on a GPU machine: install the packages, probe the cuDNN backward call, run the
 # CUDA tests, run the benchmarks (one process per section), print a short table last.
 #
-#   tools/gpu-check.sh [OUT_DIR] [PYTEST_PATHS...]      (defaults: bench-results, tests)
+#   tools/gpu/gpu-check.sh [OUT_DIR] [PYTEST_PATHS...]      (defaults: bench-results, tests)
 #
 # Needs: python3 with torch (CUDA), pluggy, pytest, setuptools; no network.
 # Env: TESTS_TIMEOUT, BENCH_TIMEOUT (seconds per step), BENCH_ARGS (extra bench arguments),
 # SECTIONS (bench sections, default: kernels dilated dense memory accuracy).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."  # the repository root: the tools run as modules (python -m tools.x)
 OUT=${1:-bench-results}
 shift || true
 PATHS=("$@")
@@ -25,7 +25,7 @@ for pkg in packages/*/; do
 done
 ring-attention info >"$OUT/info.txt" 2>&1 || cat "$OUT/info.txt"
 
-python3 tools/probe_cudnn.py 2>&1 | tee "$OUT/probe.log"
+python3 -m tools.gpu.probe_cudnn 2>&1 | tee "$OUT/probe.log"
 RING_FLASH_CUDNN_BACKWARD=$(sed -n 's/^BEST=//p' "$OUT/probe.log")
 export RING_FLASH_CUDNN_BACKWARD=${RING_FLASH_CUDNN_BACKWARD:-flash}
 echo "cuDNN backward variant: $RING_FLASH_CUDNN_BACKWARD"
@@ -47,10 +47,10 @@ echo "pytest -m cuda: rc=$tests_rc in $(( $(date +%s) - begin )) s"
 begin=$(date +%s)
 bench_rc=0
 for section in ${SECTIONS:-kernels dilated dense memory accuracy}; do
-  timeout "${BENCH_TIMEOUT:-300}" python3 tools/bench_dilated_gpu.py --out "$OUT" --merge --sections "$section" \
+  timeout "${BENCH_TIMEOUT:-300}" python3 -m tools.bench.flash_dilated --out "$OUT" --merge --sections "$section" \
     ${BENCH_ARGS:-} >>"$OUT/bench.log" 2>&1 || { bench_rc=$?; echo "bench section $section: rc=$bench_rc"; }
 done
-python3 tools/bench_dilated_gpu.py --out "$OUT" --merge --sections "" >"$OUT/summary.txt" 2>&1
+python3 -m tools.bench.flash_dilated --out "$OUT" --merge --sections "" >"$OUT/summary.txt" 2>&1
 echo "bench: rc=$bench_rc in $(( $(date +%s) - begin )) s"
 
 echo

@@ -1,8 +1,8 @@
 """One version for all five packages: check it, or bump it everywhere in one command.
 
-    python tools/bump_version.py --check          # exit 1, listing every mismatch
-    python tools/bump_version.py 0.2.0            # set an explicit version
-    python tools/bump_version.py minor            # or bump major / minor / patch
+    python -m tools.release.bump_version --check  # exit 1, listing every mismatch
+    python -m tools.release.bump_version 0.2.0    # set an explicit version
+    python -m tools.release.bump_version minor    # or bump major / minor / patch
 
 The version lives in each ``packages/*/pyproject.toml`` (``[project] version``),
 in the siblings' ``ring-core==X`` dependency and in ring-core's extras
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import tomllib
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_NAMES = ("ring-core", "ring-flash", "ring-distributed", "ring-multihead", "ring-blocksparse")
 VERSION = re.compile(r"^\d+\.\d+\.\d+([.-]?(a|b|rc|dev|post)\d+)?$")
 PIN = re.compile(

@@ -1,4 +1,4 @@
-"""ring-core's own performance checks (issue "Foundation"), not a test.
+"""ring-core's own performance checks, not a test.
 
 CPU (default): float32, B=1, H=8, D=64, segments [2048, 4096, 8192], rates
 [1, 2, 4], N=65536, forward+backward: time and peak memory (must stay under 3 GiB:
@@ -10,14 +10,13 @@ same run.
 
 Writes JSON and a plot into ``--out`` (default ``bench-results/``).
 
-    python tools/bench_core.py [--device cuda] [--out DIR]
+    python -m tools.bench.core [--device cuda] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import sys
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ import torch
 from ring_core import create_attention
 from ring_core.bench import BenchResult, dense_pairs, device_name, measure, plot, useful_pairs, write_json
 from ring_core.testing import format_table
+from tools import command_line
 
 
 def main() -> None:
@@ -85,7 +85,7 @@ def main() -> None:
         "title": title,
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
-        "command": "python " + " ".join(sys.argv),
+        "command": command_line(),
     }
     write_json(out / f"{stem}.json", meta, results)
     plot(out / f"{stem}.png", results, title)

@@ -1,8 +1,8 @@
 """Block-sparse attention: time vs density against dense SDPA (cuDNN), in one run.
 
-    python tools/bench_blocksparse.py --check --json bench-results/blocksparse.json --plot bench-results/blocksparse.png
-    python tools/bench_blocksparse.py --sweep --json bench-results/blocksparse-sweep.json   # FlexAttention options
-    python tools/bench_blocksparse.py --options-from bench-results/blocksparse-sweep.json ...  # use the best
+    python -m tools.bench.blocksparse --check --json bench-results/blocksparse.json --plot bench-results/blocksparse.png
+    python -m tools.bench.blocksparse --sweep --json bench-results/blocksparse-sweep.json   # FlexAttention options
+    python -m tools.bench.blocksparse --options-from bench-results/blocksparse-sweep.json ...  # use the best
 
 Both patterns have exactly the density asked for (to within ``0.5 / nb^2``, ``nb = N / block``)
 and the same number of key blocks in every query-block row (``floor`` or ``ceil`` of
@@ -274,7 +274,7 @@ def main(argv=None) -> int:
         "card": card,
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
-        "command": "python tools/bench_blocksparse.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": " ".join(["python -m tools.bench.blocksparse", *(sys.argv[1:] if argv is None else argv)]),
         "args": vars(args),
         "kernel_options": kernel_options,
         "timing": "CUDA events, median of --repeats after one warm-up; fwd+bwd = autograd.grad(out, (q, k, v), dout)",

@@ -1,4 +1,4 @@
-"""ring-flash on one GPU: the issue's targets, each next to its baseline measured in the same run.
+"""ring-flash on one GPU: its targets, each next to its baseline measured in the same run.
 
 Sections (bf16, one card, forward+backward unless said):
 
@@ -13,10 +13,10 @@ Sections (bf16, one card, forward+backward unless said):
 - ``accuracy``: bf16 and fp16 against the float64 reference, next to SDPA's error on
   the same inputs.
 
-Writes ``bench_dilated_gpu.json`` and ``bench_dilated_gpu.png`` into ``--out``; prints a
+Writes ``flash_dilated.json`` and ``flash_dilated.png`` into ``--out``; prints a
 table last.
 
-    python tools/bench_dilated_gpu.py [--out DIR] [--quick] [--sections dilated,dense,...]
+    python -m tools.bench.flash_dilated [--out DIR] [--quick] [--sections dilated,dense,...]
 """
 
 from __future__ import annotations
@@ -526,13 +526,13 @@ def main() -> int:
     parser.add_argument("--merge", action="store_true", help="keep the sections already in the JSON (one process each)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("bench_dilated_gpu.py needs a CUDA GPU", file=sys.stderr)
+        print("tools.bench.flash_dilated needs a CUDA GPU", file=sys.stderr)
         return 2
     if args.quick:
         args.seq_len, args.dense_lens, args.iters = 16384, [4096], 3
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "bench_dilated_gpu.json"
+    path = out / "flash_dilated.json"
     report = json.loads(path.read_text()) if args.merge and path.exists() else {}
     report |= {
         "card": torch.cuda.get_device_name(0),
@@ -554,7 +554,7 @@ def main() -> int:
         path.write_text(json.dumps(report, indent=2, default=str))
     if not args.sections:  # the last call of a --merge series: plot everything
         try:
-            report["plot"] = plot(out / "bench_dilated_gpu.png", report)
+            report["plot"] = plot(out / "flash_dilated.png", report)
         except Exception as exc:
             report["plot"] = f"plot failed: {type(exc).__name__}: {exc}"
     path.write_text(json.dumps(report, indent=2, default=str))

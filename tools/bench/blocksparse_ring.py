@@ -1,7 +1,7 @@
 """The sparse ring of ring-blocksparse on several GPUs (NCCL): exact results, bytes sent, time vs one GPU.
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
-        torchrun --nproc-per-node 2 tools/blocksparse_ring_gpu.py --out DIR
+        torchrun --nproc-per-node 2 -m tools.bench.blocksparse_ring --out DIR
 
 One process per GPU, one NCCL group of all of them (``P`` ranks):
 
@@ -18,7 +18,7 @@ One process per GPU, one NCCL group of all of them (``P`` ranks):
   inside each shard sends nothing; a band of one block either side sends one block each way;
   no pattern sends the whole shard to every other rank).
 - ``timing``: global N=65536, B=1, H=16, D=128, bf16, block 128, the benchmark's patterns at
-  density 0.10 (tools/bench_blocksparse.py: exact-count ``random`` and the nearest-blocks
+  density 0.10 (``tools.bench.blocksparse``: exact-count ``random`` and the nearest-blocks
   ``local`` band), non-causal and causal: forward+backward (``autograd.grad``), median of
   ``--repeats`` after one warm-up, slowest rank, for the ring on P GPUs (gather path, the
   only one that runs sequence parallel) vs one GPU on the whole N (gather, and flex for
@@ -44,11 +44,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bench_blocksparse import layout_for
-from multigpu import global_error
 from ring_blocksparse import BlockSparseRingDilatedAttention
 from ring_core import reference_attention
 from ring_core.sharding import shard_positions, shard_sequence
+from tools.bench.blocksparse import layout_for
+from tools.multigpu import global_error
 
 # name -> (segments, rates, pattern, options, causal, layout, expected forward rows sent per rank: None = no formula)
 CASES = {
@@ -330,7 +330,7 @@ def main() -> int:
         "backend": dist.get_backend(),
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
-        "command": "torchrun --nproc-per-node {} tools/blocksparse_ring_gpu.py {}".format(
+        "command": "torchrun --nproc-per-node {} -m tools.bench.blocksparse_ring {}".format(
             world, " ".join(sys.argv[1:])
         ),
     }

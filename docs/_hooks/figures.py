@@ -1,6 +1,6 @@
 """The documentation's concept figures, computed from the code (never hand-drawn).
 
-    python tools/make_figures.py --out docs-figures/     # write the PNGs
+    python docs/_hooks/figures.py --out docs-figures/     # write the PNGs
 
 The docs build (``docs/_hooks/hooks.py``) calls :func:`render_all` and serves the
 PNGs under ``figures/``, so the figures always match the installed code:

@@ -5,14 +5,17 @@ runs in its own subprocess (a crash there cannot stop this script), against the 
 kernel, with the final ``out``/``lse`` of a merge as the engine passes them. Prints one
 line per variant tried and, last, ``BEST=<variant>`` (the first that passes every shape).
 
-    python tools/probe_cudnn.py
+    python -m tools.gpu.probe_cudnn
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
+
+import torch
 
 CHILD = r"""
 import sys, torch, ring_core
@@ -39,8 +42,14 @@ for (b, n, h, d) in [(3, 80, 4, 64), (2, 256, 4, 128)]:
 """
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args(argv)
     from ring_flash.kernels import SDPACuDNNKernel
+
+    if not torch.cuda.is_available():
+        print("tools.gpu.probe_cudnn needs a CUDA GPU", file=sys.stderr)
+        return 2
 
     best = None
     for variant in SDPACuDNNKernel.backward_variants:

@@ -1,0 +1,1 @@
+"""Benchmarks: each writes the JSON (and plot) published under ``docs/benchmarks/``."""

@@ -1,0 +1,1 @@
+"""Release chores: one version for every package (``bump_version``)."""
