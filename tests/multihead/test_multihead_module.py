@@ -143,7 +143,12 @@ def _call(module, n=6, s=None, **kwargs):
         ({"key_padding_mask": torch.zeros(2, 5, dtype=torch.bool)}, r"key_padding_mask must have shape \(2, 6\)"),
         ({"key_padding_mask": torch.zeros(2, 6, dtype=torch.int64)}, "bool or floating-point"),
         ({"attn_mask": torch.zeros(6, 5, dtype=torch.bool)}, r"attn_mask must have shape \(L, S\) = \(6, 6\)"),
-        ({"attn_mask": torch.eye(6, dtype=torch.bool), "is_causal": True}, "not the causal mask"),
+        ({"attn_mask": torch.zeros(6, 6, dtype=torch.int64)}, "bool or floating-point"),
+        (
+            {"attn_mask": torch.zeros(6, 6, dtype=torch.int64), "is_causal": True, "need_weights": False},
+            "bool or floating-point",
+        ),
+        ({"attn_mask": torch.zeros(6, 5), "is_causal": True, "need_weights": False}, r"must have shape \(L, S\)"),
         ({"s": 4, "is_causal": True}, "is_causal=True needs query and key of the same length"),
     ],
 )

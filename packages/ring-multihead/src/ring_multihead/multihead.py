@@ -33,6 +33,8 @@ from ring_core.kernels import KernelRequest, default_scale
 from ring_core.reference import branch_counts
 from ring_core.validation import check_dropout
 
+from .one_block import one_block_attention
+
 EXTRA_BLOCK_ID = 1 << 20  # dropout stream of the extra-keys block, apart from the dilated blocks'
 
 
@@ -279,9 +281,12 @@ class MultiheadDilatedAttention(nn.Module):
         dropout_p: float,
     ) -> torch.Tensor:
         """The fast path on ``(B, N, H, D)`` tensors: ``ring_core.dilated_attention``."""
+        segments, rates = self._config(q.shape[1])
+        dense = q.shape[1] != k.shape[1] or (rates == (1,) and segments[0] >= q.shape[1])
+        if dense and extra is None and key_padding_mask is None and dropout_p == 0 and q.shape[1] > 0:
+            return one_block_attention(q, k, v, is_causal=is_causal)
         if q.shape[1] != k.shape[1]:  # dense configuration only (checked by forward)
             return dense_cross_attention(q, k, v, extra, key_padding_mask=key_padding_mask, dropout_p=dropout_p)
-        segments, rates = self._config(q.shape[1])
         if extra is None:
             return dilated_attention(
                 q,
@@ -364,12 +369,25 @@ class MultiheadDilatedAttention(nn.Module):
         return mask if batched else mask.unsqueeze(0)
 
     def _attn_mask(
-        self, mask: torch.Tensor | None, b: int, q_len: int, k_len: int, batched: bool, is_causal: bool
+        self,
+        mask: torch.Tensor | None,
+        b: int,
+        q_len: int,
+        k_len: int,
+        batched: bool,
+        is_causal: bool,
+        trust_hint: bool = False,
     ) -> tuple[bool, torch.Tensor | None]:
-        """``(causal, general)``: a causal mask becomes the causal flag; anything else a ``(B|1, H|1, L, S)`` mask."""
-        if mask is None:
+        """``(causal, general)``: a causal mask becomes the causal flag; anything else a ``(B|1, H|1, L, S)`` mask.
+
+        ``trust_hint`` (``is_causal=True`` with neither padding nor weights): like
+        ``nn.MultiheadAttention``, the mask is taken to be the causal one and never read, so no
+        ``L x S`` pass over it per call; whatever it holds, the result is causal attention.
+        """
+        if mask is None or trust_hint:
             if is_causal and q_len != k_len:
                 raise ValueError(f"is_causal=True needs query and key of the same length, got {q_len} and {k_len}")
+        if mask is None:
             return is_causal, None
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor, got {type(mask).__name__}")
@@ -379,24 +397,29 @@ class MultiheadDilatedAttention(nn.Module):
                 f"attn_mask must have shape (L, S) = {(q_len, k_len)} or (batch*num_heads, L, S) = {(heads, q_len, k_len)}, "
                 f"got {tuple(mask.shape)}"
             )
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            raise TypeError(f"attn_mask must be a bool or floating-point tensor, got {_dtype_name(mask.dtype)}")
+        if trust_hint:
+            return True, None
+        # not hinted (or nn.MultiheadAttention would apply the mask as given): a causal mask is still
+        # recognised, so it takes the O(N) causal path rather than the dense one
         mask, binary = _binary_to_bool(mask, "attn_mask")
         if binary and q_len == k_len:
             causal_pattern = torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).triu(1)
             if bool((mask == causal_pattern).all()):
                 return True, None
-        if is_causal:
-            raise ValueError(
-                "is_causal=True but attn_mask is not the causal mask (True / -inf exactly above the diagonal); "
-                "pass is_causal=False to apply this attn_mask, or attn_mask=None with is_causal=True"
-            )
         if mask.dim() == 3:
             mask = mask.view(-1, self.num_heads, q_len, k_len)
         return False, mask
 
     def _project(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, self_attention: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         e = self.embed_dim
+        heads = (self.num_heads, self.head_dim)
+        if self_attention and self._qkv_same_embed_dim:  # one product for q, k and v, as nn.MultiheadAttention
+            packed = F.linear(query, self.in_proj_weight, self.in_proj_bias)
+            return packed.unflatten(-1, (3, *heads)).unbind(-3)
         if self._qkv_same_embed_dim:
             wq, wk, wv = self.in_proj_weight[:e], self.in_proj_weight[e : 2 * e], self.in_proj_weight[2 * e :]
         else:
@@ -404,7 +427,6 @@ class MultiheadDilatedAttention(nn.Module):
         bq = bk = bv = None
         if self.in_proj_bias is not None:
             bq, bk, bv = self.in_proj_bias[:e], self.in_proj_bias[e : 2 * e], self.in_proj_bias[2 * e :]
-        heads = (self.num_heads, self.head_dim)
         return (
             F.linear(query, wq, bq).unflatten(-1, heads),
             F.linear(key, wk, bk).unflatten(-1, heads),
@@ -500,19 +522,26 @@ class MultiheadDilatedAttention(nn.Module):
 
         ``is_causal=True`` alone (``attn_mask=None``) is causal attention; a causal
         ``attn_mask`` (bool ``True`` or float ``-inf`` exactly above the diagonal)
-        takes the same fast causal path. ``attn_weights`` are the effective
+        takes the same fast causal path. ``is_causal=True`` with an ``attn_mask`` is, as in
+        ``nn.MultiheadAttention``, a hint that the mask is causal: without ``key_padding_mask``
+        and with ``need_weights=False`` the mask is not read (causal attention, whatever it
+        holds); otherwise the mask applies as given. ``attn_weights`` are the effective
         probabilities, ``(B, L, S)`` averaged or ``(B, H, L, S)``, ``S`` counting
         ``add_bias_kv`` / ``add_zero_attn`` keys.
         """
         batched = self._check_inputs(query, key, value)
+        self_attention = query is key and key is value
         if not batched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
         elif not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         b, q_len, k_len = query.shape[0], query.shape[1], key.shape[1]
         key_padding_mask = self._key_padding_mask(key_padding_mask, b, k_len, batched)
-        causal, general_mask = self._attn_mask(attn_mask, b, q_len, k_len, batched, is_causal)
-        q, k, v = self._project(query, key, value)
+        # nn.MultiheadAttention trusts is_causal for an attn_mask only without padding and weights;
+        # otherwise it applies the mask as given (and so do we)
+        trust_hint = is_causal and attn_mask is not None and key_padding_mask is None and not need_weights
+        causal, general_mask = self._attn_mask(attn_mask, b, q_len, k_len, batched, is_causal, trust_hint)
+        q, k, v = self._project(query, key, value, self_attention)
         extra = self._extra_keys(k)
         dropout_p = self.dropout if self.training else 0.0
         float_padding = key_padding_mask is not None and key_padding_mask.dtype != torch.bool
