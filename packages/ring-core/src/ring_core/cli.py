@@ -49,6 +49,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         for k in list_kernels()
     ]
     print(format_table(rows, ["kernel", "priority", "devices", "available", "description"]))
+    for kernel in list_kernels():
+        lines = kernel.details()
+        if lines:
+            print(f"\nKernel '{kernel.name}'")
+            print("\n".join(lines))
     try:
         _, lines = explain_auto("attention")
         print("\n'auto' (attention): " + lines[-1])

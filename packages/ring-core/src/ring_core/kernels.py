@@ -118,6 +118,10 @@ class KernelBackend:
     def supports(self, request: KernelRequest) -> bool:
         return not self.not_supported_reasons(request)
 
+    def details(self) -> list[str]:
+        """More lines about this backend for ``ring-attention info`` (a measured table, say); none by default."""
+        return []
+
     def forward(
         self,
         q: torch.Tensor,

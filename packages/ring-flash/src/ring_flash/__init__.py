@@ -2,7 +2,8 @@
 
 Kernel backends (registered through ``register_kernels``): ``sdpa_cudnn``,
 ``sdpa_flash``, ``sdpa_efficient`` (PyTorch's fused attention through its aten
-ops) and, when installed, ``flash_attn2``, ``flash_attn3``, ``flash_attn4``.
+ops), when installed ``flash_attn2``, ``flash_attn3``, ``flash_attn4``, and ``tuned``
+(per block shape, the kernel measured fastest on this card).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .kernels import (
     SDPACuDNNKernel,
     SDPAEfficientKernel,
     SDPAFlashKernel,
+    TunedKernel,
     all_kernels,
 )
 
@@ -44,6 +46,7 @@ __all__ = [
     "SDPACuDNNKernel",
     "SDPAEfficientKernel",
     "SDPAFlashKernel",
+    "TunedKernel",
     "__version__",
     "all_kernels",
     "fused_dilated_attention",

@@ -5,102 +5,42 @@
   ``_flash_attention_forward``, ``_efficient_attention_forward`` and their
   backward ops), so no extra library is needed.
 - ``flash_attn2`` (``flash_attn``), ``flash_attn3`` (``flash_attn_interface``) and
-  ``flash_attn4`` (``flash_attn.cute``) when installed; otherwise listed with the
-  reason.
+  ``flash_attn4`` (``flash_attn.cute``) when installed (:mod:`ring_flash.flash_attn`);
+  otherwise listed with the reason.
+- ``tuned`` (:mod:`ring_flash.tuned`): per block shape, the kernel measured fastest on
+  this card, where a measured table exists for it; it is tried first.
 
 Each backend declares what it supports as data (device, dtypes, head dims,
 compute capability, masks, GQA, dropout) and ``not_supported_reasons`` rejects
 anything else, so dispatch falls back to the next backend. Priorities follow the
 speed measured by ``tools/bench/flash_dilated.py`` (bf16, D=128): on Hopper cuDNN
-is fastest, then the flash kernels, then memory-efficient.
+is fastest, then the flash kernels, then memory-efficient; ``tuned`` refines that
+per block shape.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import os
-from functools import cache
-from typing import ClassVar
 
 import torch
 
-from ring_core.kernels import KernelBackend, KernelRequest, MathKernel, combined_mask
+from ring_core.kernels import KernelBackend, MathKernel, combined_mask
 
-from .merge import installed, merge_block, online_merge
+from .flash_attn import FlashAttn2Kernel, FlashAttn3Kernel, FlashAttn4Kernel
+from .gpu_kernel import HALF_DTYPES, GPUKernel
+from .tuned import TunedKernel
 
-HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
-@cache
-def _capability() -> tuple[int, int] | None:
-    """Compute capability of the current CUDA device (``None`` without CUDA)."""
-    if not torch.cuda.is_available():
-        return None
-    return torch.cuda.get_device_capability()
-
-
-class GPUKernel(KernelBackend):
-    """Common capability data of the CUDA backends."""
-
-    devices = ("cuda",)
-    dtypes = HALF_DTYPES
-    supports_mask = False
-    supports_dropout = False
-    supports_gqa: ClassVar[bool] = False
-    head_dim_multiple: ClassVar[int] = 8
-    max_head_dim: ClassVar[int | None] = 256
-    min_compute_capability = (8, 0)
-    max_compute_capability: ClassVar[tuple[int, int] | None] = None
-    aten_ops: ClassVar[tuple[str, ...]] = ()
-    module: ClassVar[str | None] = None  # optional library to import
-    # priority by compute capability: the first entry whose capability <= the device's wins
-    priorities: ClassVar[tuple[tuple[tuple[int, int], int], ...]] = ()
-    default_priority: ClassVar[int] = 20
-
-    @property
-    def priority(self) -> int:  # type: ignore[override]
-        capability = _capability()
-        if capability is not None:
-            for minimum, value in self.priorities:
-                if capability >= minimum:
-                    return value
-        return self.default_priority
-
-    def availability_reasons(self) -> list[str]:
-        reasons = []
-        if not torch.cuda.is_available():
-            reasons.append("no CUDA device" if torch.version.cuda else "torch built without CUDA")
-        for op in self.aten_ops:
-            if not hasattr(torch.ops.aten, op):
-                reasons.append(f"this torch ({torch.__version__}) has no aten.{op}")
-        if self.module is not None and not installed(self.module.split(".")[0]):
-            reasons.append(f"{self.module} is not installed ({self.install_hint})")
-        return reasons
-
-    install_hint: ClassVar[str] = ""
-
-    def merge(self, out_acc, lse_acc, out_block, lse_block) -> None:
-        """One Triton pass where it applies (:func:`ring_flash.merge.online_merge`), else torch ops."""
-        if not online_merge(out_acc, lse_acc, out_block, lse_block):
-            super().merge(out_acc, lse_acc, out_block, lse_block)
-
-    def accumulate(self, grad, block_grad) -> None:
-        merge_block(grad, block_grad, accumulate=True)
-
-    def not_supported_reasons(self, request: KernelRequest) -> list[str]:
-        reasons = super().not_supported_reasons(request)
-        if request.head_dim % self.head_dim_multiple:
-            reasons.append(f"head_dim {request.head_dim} is not a multiple of {self.head_dim_multiple}")
-        if request.num_kv_heads != request.num_heads and not self.supports_gqa:
-            reasons.append(
-                f"grouped-query attention ({request.num_heads} query / {request.num_kv_heads} kv heads) "
-                "is not supported"
-            )
-        cc = request.compute_capability
-        if cc is not None and self.max_compute_capability is not None and cc > self.max_compute_capability:
-            reasons.append(f"compute capability {cc} > {self.max_compute_capability}")
-        return reasons
+__all__ = [
+    "FlashAttn2Kernel",
+    "FlashAttn3Kernel",
+    "FlashAttn4Kernel",
+    "GPUKernel",
+    "SDPACuDNNKernel",
+    "SDPAEfficientKernel",
+    "SDPAFlashKernel",
+    "TunedKernel",
+    "all_kernels",
+]
 
 
 class SDPACuDNNKernel(GPUKernel):
@@ -258,126 +198,6 @@ class SDPAEfficientKernel(GPUKernel):
         return dq, dk, dv
 
 
-def _call(fn, /, **kwargs):
-    """Call ``fn`` with the keyword arguments its signature knows (library versions differ)."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return fn(**kwargs)
-    return fn(**{key: value for key, value in kwargs.items() if key in params})
-
-
-class FlashAttn2Kernel(GPUKernel):
-    """The ``flash_attn`` package (FlashAttention-2), when installed (``ring-flash[fa2]``)."""
-
-    name = "flash_attn2"
-    description = "flash-attn 2 (flash_attn package), when installed"
-    module = "flash_attn"
-    install_hint = 'pip install "ring-flash[fa2]"'
-    supports_gqa = True
-    priorities = (((9, 0), 65), ((8, 0), 70))
-
-    @staticmethod
-    @cache
-    def _api():
-        return importlib.import_module("flash_attn.flash_attn_interface")
-
-    def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
-        result = _call(
-            self._api()._flash_attn_forward, q=q, k=k, v=v, dropout_p=0.0, softmax_scale=scale, causal=causal,
-            window_size=(-1, -1), window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None,
-            return_softmax=False,
-        )  # fmt: skip
-        return result[0], result[1]
-
-    def backward(self, dout, q, k, v, out, lse, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _call(
-            self._api()._flash_attn_backward, dout=dout.contiguous(), q=q, k=k, v=v, out=out.contiguous(),
-            softmax_lse=lse.float().contiguous(), dq=dq, dk=dk, dv=dv, dropout_p=0.0, softmax_scale=scale,
-            causal=causal, window_size=(-1, -1), window_size_left=-1, window_size_right=-1, softcap=0.0,
-            alibi_slopes=None, deterministic=False, rng_state=None,
-        )  # fmt: skip
-        return dq, dk, dv
-
-
-class FlashAttn3Kernel(GPUKernel):
-    """FlashAttention-3 (``flash_attn_interface``, Hopper only), when installed (``ring-flash[fa3]``)."""
-
-    name = "flash_attn3"
-    description = "flash-attn 3 (flash_attn_interface, Hopper), when installed"
-    module = "flash_attn_interface"
-    install_hint = "build flash-attention's hopper/ package"
-    supports_gqa = True
-    min_compute_capability = (9, 0)
-    max_compute_capability = (9, 0)
-    priorities = (((9, 0), 90),)
-
-    @staticmethod
-    @cache
-    def _api():
-        return importlib.import_module("flash_attn_interface")
-
-    def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
-        result = _call(
-            self._api()._flash_attn_forward, q=q, k=k, v=v, k_new=None, v_new=None, qv=None, out=None,
-            cu_seqlens_q=None, cu_seqlens_k=None, cu_seqlens_k_new=None, seqused_q=None, seqused_k=None,
-            max_seqlen_q=None, max_seqlen_k=None, page_table=None, kv_batch_idx=None, leftpad_k=None,
-            rotary_cos=None, rotary_sin=None, seqlens_rotary=None, q_descale=None, k_descale=None,
-            v_descale=None, softmax_scale=scale, causal=causal, window_size=(-1, -1), window_size_left=-1,
-            window_size_right=-1, attention_chunk=0, softcap=0.0,
-        )  # fmt: skip
-        return result[0], result[1]
-
-    def backward(self, dout, q, k, v, out, lse, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _call(
-            self._api()._flash_attn_backward, dout=dout.contiguous(), q=q, k=k, v=v, out=out.contiguous(),
-            softmax_lse=lse.float().contiguous(), cu_seqlens_q=None, cu_seqlens_k=None, sequed_q=None,
-            sequed_k=None, seqused_q=None, seqused_k=None, max_seqlen_q=None, max_seqlen_k=None, dq=dq, dk=dk,
-            dv=dv, softmax_scale=scale, causal=causal, window_size=(-1, -1), window_size_left=-1,
-            window_size_right=-1, softcap=0.0, deterministic=False,
-        )  # fmt: skip
-        return dq, dk, dv
-
-
-class FlashAttn4Kernel(GPUKernel):
-    """FlashAttention-4 (``flash_attn.cute``, CuTe DSL), when installed (``ring-flash[fa4]``)."""
-
-    name = "flash_attn4"
-    description = "flash-attn 4 (flash_attn.cute), when installed"
-    module = "flash_attn.cute"
-    install_hint = 'pip install "ring-flash[fa4]"'
-    supports_gqa = True
-    min_compute_capability = (9, 0)
-    priorities = (((10, 0), 110), ((9, 0), 85))
-
-    def availability_reasons(self) -> list[str]:
-        reasons = super().availability_reasons()
-        if not reasons:
-            try:
-                self._api()
-            except Exception as exc:  # flash_attn present without the cute interface
-                reasons.append(f"flash_attn.cute.interface cannot be imported: {exc}")
-        return reasons
-
-    @staticmethod
-    @cache
-    def _api():
-        return importlib.import_module("flash_attn.cute.interface")
-
-    def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
-        out, lse = _call(self._api()._flash_attn_fwd, q=q, k=k, v=v, softmax_scale=scale, causal=causal,
-                         return_lse=True)[:2]  # fmt: skip
-        return out, lse
-
-    def backward(self, dout, q, k, v, out, lse, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
-        dq, dk, dv = _call(
-            self._api()._flash_attn_bwd, q=q, k=k, v=v, out=out.contiguous(), dout=dout.contiguous(),
-            lse=lse.float().contiguous(), softmax_scale=scale, causal=causal,
-        )[:3]  # fmt: skip
-        return dq, dk, dv
-
-
 def all_kernels() -> list[KernelBackend]:
     """One instance of every backend of this package (available or not)."""
     return [
@@ -387,4 +207,5 @@ def all_kernels() -> list[KernelBackend]:
         FlashAttn2Kernel(),
         FlashAttn3Kernel(),
         FlashAttn4Kernel(),
+        TunedKernel(),
     ]

@@ -1,0 +1,277 @@
+"""The flash-attn libraries as kernel backends, each call checked against the installed signature.
+
+- ``flash_attn2``: ``flash_attn.flash_attn_interface`` (FlashAttention-2, ``pip install flash-attn``);
+- ``flash_attn3``: ``flash_attn_interface`` (FlashAttention-3, Hopper; built from flash-attention's
+  ``hopper/`` folder);
+- ``flash_attn4``: ``flash_attn.cute.interface`` (FlashAttention-4 on the CuTe DSL, ``flash-attn-4``;
+  pure Python, so its wheels install anywhere).
+
+These are private functions of their libraries whose parameters changed between releases.
+Each wrapper declares, as data (:class:`LibraryCall`), the keywords it passes and the ones
+that change the result if dropped (``causal``, ``softmax_scale``, ...). A library whose
+function lacks one of those, or needs one we do not pass, is reported unavailable with the
+mismatch (``ring-attention info``) instead of being called: a silently ignored ``causal``
+would be silently wrong. Keywords the installed version does not know (another version's
+spelling of the same unbounded window, say) are left out.
+
+flash-attn 2 and 3 are source builds for a given torch and CUDA; they have not run on this
+project's GPU machines, so ``info`` marks them "untested here".
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, ClassVar
+
+import torch
+
+from .gpu_kernel import GPUKernel
+
+__all__ = ["FlashAttn2Kernel", "FlashAttn3Kernel", "FlashAttn4Kernel", "LibraryCall", "signature_reasons"]
+
+UNTESTED = "untested here: a source build, never run on this project's GPU machines"
+
+
+@dataclass(frozen=True)
+class LibraryCall:
+    """One function of a library as a wrapper calls it: every keyword it may pass, and the essential ones."""
+
+    module: str
+    function: str
+    passes: frozenset[str]
+    essential: frozenset[str]
+
+    def resolve(self) -> Callable[..., Any]:
+        return getattr(importlib.import_module(self.module), self.function)
+
+
+def signature_reasons(fn: Callable[..., Any], call: LibraryCall) -> list[str]:
+    """Why ``fn``'s signature does not fit ``call`` (empty when it does)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError) as exc:
+        return [f"{call.module}.{call.function}: no signature to check ({exc})"]
+    name = f"{call.module}.{call.function}"
+    reasons = []
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        missing = sorted(call.essential - set(params))
+        if missing:
+            reasons.append(f"{name} has no parameter {', '.join(missing)} (another version of the library?)")
+    required = sorted(
+        p.name
+        for p in params.values()
+        if p.default is inspect.Parameter.empty
+        and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        and p.name not in call.passes
+    )
+    if required:
+        reasons.append(f"{name} needs {', '.join(required)}, which this wrapper does not pass")
+    return reasons
+
+
+@cache
+def _accepted(fn: Callable[..., Any]) -> frozenset[str] | None:
+    """The keyword names ``fn`` takes (``None``: any, it has ``**kwargs``)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return frozenset(params)
+
+
+def _call(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
+    """``fn`` with the keywords its signature knows (checked beforehand by :func:`signature_reasons`)."""
+    accepted = _accepted(fn)
+    if accepted is None:
+        return fn(**kwargs)
+    return fn(**{key: value for key, value in kwargs.items() if key in accepted})
+
+
+def _check_lse(lse: torch.Tensor, q: torch.Tensor, library: str) -> torch.Tensor:
+    """The forward's log-sum-exp must be ``(B, H, N)``: another layout means another library version."""
+    b, n, h, _ = q.shape
+    if tuple(lse.shape) != (b, h, n):
+        raise RuntimeError(
+            f"{library} returned a log-sum-exp of shape {tuple(lse.shape)}, expected {(b, h, n)} (B, H, N): "
+            "this version of the library is not supported"
+        )
+    return lse
+
+
+class FlashAttnKernel(GPUKernel):
+    """A flash-attn library: its module, the calls it makes (checked once), how to install it."""
+
+    supports_gqa = True
+    forward_call: ClassVar[LibraryCall]
+    backward_call: ClassVar[LibraryCall]
+
+    def availability_reasons(self) -> list[str]:
+        reasons = super().availability_reasons()
+        return reasons or _library_reasons(type(self))
+
+    def _forward_fn(self) -> Callable[..., Any]:
+        return _resolved(self.forward_call)
+
+    def _backward_fn(self) -> Callable[..., Any]:
+        return _resolved(self.backward_call)
+
+
+@cache
+def _resolved(call: LibraryCall) -> Callable[..., Any]:
+    return call.resolve()
+
+
+@cache
+def _library_reasons(cls: type[FlashAttnKernel]) -> list[str]:
+    """Import the library's functions and check their signatures, once per backend class."""
+    reasons = []
+    for call in (cls.forward_call, cls.backward_call):
+        try:
+            fn = _resolved(call)
+        except Exception as exc:  # present but broken (missing CUDA libraries, another layout)
+            reasons.append(f"{call.module}.{call.function} cannot be imported: {type(exc).__name__}: {exc}")
+            continue
+        reasons += signature_reasons(fn, call)
+    return reasons
+
+
+_WINDOW = ("window_size", "window_size_left", "window_size_right")
+
+
+class FlashAttn2Kernel(FlashAttnKernel):
+    """The ``flash_attn`` package (FlashAttention-2), when installed (``ring-flash[fa2]``)."""
+
+    name = "flash_attn2"
+    description = f"flash-attn 2 (flash_attn package), when installed; {UNTESTED}"
+    module = "flash_attn"
+    install_hint = 'pip install "ring-flash[fa2]"'
+    priorities = (((9, 0), 65), ((8, 0), 70))
+    # ``softcap`` marks the releases (2.6 on) whose forward returns ``(out, lse, ...)``.
+    forward_call = LibraryCall(
+        "flash_attn.flash_attn_interface", "_flash_attn_forward",
+        passes=frozenset({"q", "k", "v", "dropout_p", "softmax_scale", "causal", *_WINDOW, "softcap",
+                          "alibi_slopes", "return_softmax"}),
+        essential=frozenset({"q", "k", "v", "dropout_p", "softmax_scale", "causal", "softcap"}),
+    )  # fmt: skip
+    backward_call = LibraryCall(
+        "flash_attn.flash_attn_interface", "_flash_attn_backward",
+        passes=frozenset({"dout", "q", "k", "v", "out", "softmax_lse", "dq", "dk", "dv", "dropout_p",
+                          "softmax_scale", "causal", *_WINDOW, "softcap", "alibi_slopes", "deterministic",
+                          "rng_state"}),
+        essential=frozenset({"dout", "q", "k", "v", "out", "softmax_lse", "dq", "dk", "dv", "softmax_scale",
+                             "causal"}),
+    )  # fmt: skip
+
+    def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+        result = _call(
+            self._forward_fn(), q=q, k=k, v=v, dropout_p=0.0, softmax_scale=scale, causal=causal,
+            window_size=(-1, -1), window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None,
+            return_softmax=False,
+        )  # fmt: skip
+        return result[0], _check_lse(result[1], q, "flash_attn")
+
+    def backward(self, dout, q, k, v, out, lse, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        _call(
+            self._backward_fn(), dout=dout.contiguous(), q=q, k=k, v=v, out=out.contiguous(),
+            softmax_lse=_finite_lse(lse), dq=dq, dk=dk, dv=dv, dropout_p=0.0, softmax_scale=scale,
+            causal=causal, window_size=(-1, -1), window_size_left=-1, window_size_right=-1, softcap=0.0,
+            alibi_slopes=None, deterministic=False, rng_state=None,
+        )  # fmt: skip
+        return dq, dk, dv
+
+
+class FlashAttn3Kernel(FlashAttnKernel):
+    """FlashAttention-3 (``flash_attn_interface``, Hopper only), when installed (``ring-flash[fa3]``)."""
+
+    name = "flash_attn3"
+    description = f"flash-attn 3 (flash_attn_interface, Hopper), when installed; {UNTESTED}"
+    module = "flash_attn_interface"
+    install_hint = "build flash-attention's hopper/ package"
+    min_compute_capability = (9, 0)
+    max_compute_capability = (9, 0)
+    priorities = (((9, 0), 90),)
+    _FORWARD_NONE = (
+        "k_new", "v_new", "qv", "out", "cu_seqlens_q", "cu_seqlens_k", "cu_seqlens_k_new", "seqused_q",
+        "seqused_k", "max_seqlen_q", "max_seqlen_k", "page_table", "kv_batch_idx", "leftpad_k", "rotary_cos",
+        "rotary_sin", "seqlens_rotary", "q_descale", "k_descale", "v_descale",
+    )  # fmt: skip
+    _BACKWARD_NONE = (
+        "cu_seqlens_q", "cu_seqlens_k", "sequed_q", "sequed_k", "seqused_q", "seqused_k", "max_seqlen_q",
+        "max_seqlen_k",
+    )  # fmt: skip
+    forward_call = LibraryCall(
+        "flash_attn_interface", "_flash_attn_forward",
+        passes=frozenset({"q", "k", "v", *_FORWARD_NONE, "softmax_scale", "causal", *_WINDOW, "attention_chunk",
+                          "softcap"}),
+        essential=frozenset({"q", "k", "v", "softmax_scale", "causal"}),
+    )  # fmt: skip
+    backward_call = LibraryCall(
+        "flash_attn_interface", "_flash_attn_backward",
+        passes=frozenset({"dout", "q", "k", "v", "out", "softmax_lse", *_BACKWARD_NONE, "dq", "dk", "dv",
+                          "softmax_scale", "causal", *_WINDOW, "softcap", "deterministic"}),
+        essential=frozenset({"dout", "q", "k", "v", "out", "softmax_lse", "dq", "dk", "dv", "softmax_scale",
+                             "causal"}),
+    )  # fmt: skip
+
+    def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+        result = _call(
+            self._forward_fn(), q=q, k=k, v=v, **dict.fromkeys(self._FORWARD_NONE), softmax_scale=scale,
+            causal=causal, window_size=(-1, -1), window_size_left=-1, window_size_right=-1, attention_chunk=0,
+            softcap=0.0,
+        )  # fmt: skip
+        return result[0], _check_lse(result[1], q, "flash_attn_interface")
+
+    def backward(self, dout, q, k, v, out, lse, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        _call(
+            self._backward_fn(), dout=dout.contiguous(), q=q, k=k, v=v, out=out.contiguous(),
+            softmax_lse=_finite_lse(lse), **dict.fromkeys(self._BACKWARD_NONE), dq=dq, dk=dk, dv=dv,
+            softmax_scale=scale, causal=causal, window_size=(-1, -1), window_size_left=-1, window_size_right=-1,
+            softcap=0.0, deterministic=False,
+        )  # fmt: skip
+        return dq, dk, dv
+
+
+class FlashAttn4Kernel(FlashAttnKernel):
+    """FlashAttention-4 (``flash_attn.cute``, CuTe DSL), when installed (``ring-flash[fa4]``)."""
+
+    name = "flash_attn4"
+    description = "flash-attn 4 (flash_attn.cute; CuTe DSL, compiles each shape's kernel on first use), when installed"
+    module = "flash_attn.cute"
+    install_hint = 'pip install "ring-flash[fa4]"'
+    min_compute_capability = (9, 0)
+    priorities = (((10, 0), 110), ((9, 0), 85))
+    forward_call = LibraryCall(
+        "flash_attn.cute.interface",
+        "_flash_attn_fwd",
+        passes=frozenset({"q", "k", "v", "softmax_scale", "causal", "return_lse"}),
+        essential=frozenset({"q", "k", "v", "softmax_scale", "causal", "return_lse"}),
+    )
+    backward_call = LibraryCall(
+        "flash_attn.cute.interface",
+        "_flash_attn_bwd",
+        passes=frozenset({"q", "k", "v", "out", "dout", "lse", "softmax_scale", "causal"}),
+        essential=frozenset({"q", "k", "v", "out", "dout", "lse", "softmax_scale", "causal"}),
+    )
+
+    def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+        out, lse = _call(self._forward_fn(), q=q, k=k, v=v, softmax_scale=scale, causal=causal, return_lse=True)[:2]
+        return out, _check_lse(lse, q, "flash_attn.cute")
+
+    def backward(self, dout, q, k, v, out, lse, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+        dq, dk, dv = _call(
+            self._backward_fn(), q=q, k=k, v=v, out=out.contiguous(), dout=dout.contiguous(),
+            lse=_finite_lse(lse), softmax_scale=scale, causal=causal,
+        )[:3]  # fmt: skip
+        return dq, dk, dv
+
+
+def _finite_lse(lse: torch.Tensor) -> torch.Tensor:
+    """float32, contiguous; a row that sees no key anywhere (``-inf``) gets ``+inf``: ``exp(s - lse) = 0``,
+    so its gradients are 0 (the kernels compute ``exp(s - lse)``, which ``-inf`` would make infinite)."""
+    lse = lse.float()
+    return lse.masked_fill(torch.isneginf(lse), float("inf")).contiguous()
