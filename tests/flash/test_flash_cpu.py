@@ -29,7 +29,7 @@ BATCH1_CASES = (
     Case("batch1-tail", 40, 4, (16, 32), (2, 4), batch=1),
     Case("batch1-head-groups", 32, 8, (8, 16), (2, 4), merge="head_groups", batch=1, causal=True),
 )
-GPU_KERNELS = ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flash_attn2", "flash_attn3", "flash_attn4"]
+GPU_KERNELS = ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flash_attn2", "flash_attn3", "flash_attn4", "tuned"]
 
 
 def hopper(**changes) -> ring_core.KernelRequest:
@@ -110,12 +110,20 @@ def test_optional_libraries_say_how_to_install_them():
 
 
 def test_hopper_priorities_put_cudnn_first(monkeypatch):
-    from ring_flash import kernels
+    """After ``tuned`` (which declines where the card has no measured table)."""
+    from ring_flash import gpu_kernel, kernels
 
-    monkeypatch.setattr(kernels, "_capability", lambda: (9, 0))
+    monkeypatch.setattr(gpu_kernel, "_capability", lambda: (9, 0))
     order = [k.name for k in sorted(kernels.all_kernels(), key=lambda k: -k.priority)]
-    assert order[0] == "sdpa_cudnn"
+    assert order[:2] == ["tuned", "sdpa_cudnn"]
     assert order.index("sdpa_flash") < order.index("sdpa_efficient")
+
+
+def test_flash_attn_2_and_3_are_marked_untested_here():
+    kernels = ring_core.get_registry().kernels
+    for name in ("flash_attn2", "flash_attn3"):
+        assert "untested here" in kernels[name].description
+    assert "untested" not in kernels["flash_attn4"].description
 
 
 @pytest.mark.parametrize("how", ["argument", "environment"])

@@ -35,7 +35,8 @@ class TunedKernel(GPUKernel):
 
     name = "tuned"
     description = "per block shape, the kernel measured fastest on this card (table below)"
-    supports_gqa = True
+    # what it serves is what some measured kernel serves (checked per request)
+    supports_gqa = supports_mask = supports_dropout = True
     priorities = (((8, 0), 120),)
     default_priority = 120
 
