@@ -71,3 +71,22 @@ def test_flash_attn4_backward_with_rows_that_see_nothing(fa4):
     dq, dk, dv = fa4.backward(dout, q, k, v, out, lse, scale=0.125)
     assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
     assert dq[:, :5].abs().max() == 0
+
+
+@pytest.mark.parametrize("path", ["engine", "fused"])
+@pytest.mark.parametrize("case", [c for c in FA4_CASES if c.head_dim == 128], ids=str)
+def test_tuned_dispatch_matches_the_reference(case, path):
+    """``tuned`` (each block on the kernel its measured row names) where this card has a table."""
+    tuned = ring_core.get_registry().kernels["tuned"]
+    kv_heads = case.kv_heads or case.heads if path == "engine" else case.heads
+    request = ring_core.KernelRequest("cuda", torch.bfloat16, case.head_dim, case.heads, kv_heads, causal=case.causal,
+                                      compute_capability=torch.cuda.get_device_capability())  # fmt: skip
+    reasons = tuned.not_supported_reasons(request)
+    if reasons:
+        pytest.skip("tuned: " + "; ".join(reasons))
+    if path == "engine":
+        attn = ring_core.DilatedAttention(**case.config, kernel="tuned")
+    else:
+        attn = RingDilatedAttentionFlash(**case.config, kernel="tuned")
+    result = check_attention(attn, case, torch.bfloat16, device="cuda", seed=12)
+    assert result.passed, (path, result.errors, result.tolerance)

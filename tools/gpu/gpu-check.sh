@@ -6,7 +6,17 @@
 #
 # Needs: python3 with torch (CUDA), pluggy, pytest, setuptools; no network.
 # Env: TESTS_TIMEOUT, BENCH_TIMEOUT (seconds per step), BENCH_ARGS (extra bench arguments),
-# SECTIONS (bench sections, default: kernels dilated dense memory accuracy).
+# SECTIONS (bench sections, default: kernels dilated dense memory accuracy),
+# FA4_PART, KERNEL_TABLE (below).
+#
+# flash-attn 4 is not on the GPU machines and one of its wheels is larger than what one run may
+# carry, so it comes in two runs (tools/gpu/fa4_wheels.sh: `download` and `pack` here, into an
+# ignored folder that the runs carry). Run 1: FA4_PART=<carry>/part1 tools/gpu/gpu-check.sh: the part
+# is kept in /tmp/fa4-wheels and the check stops. Run 2, at once (the machine stays up only about
+# 30 s after a run; a fresh one has lost part 1): FA4_PART=<carry>/part2 tools/gpu/gpu-check.sh: the
+# wheels are joined, checked and installed, then everything below runs with flash_attn4 too.
+# KERNEL_TABLE=1 also measures the per-block-shape kernel table (tools.bench.kernel_table) and
+# times the dispatch with it (tools.bench.flash_dispatch).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/../.."  # the repository root: the tools run as modules (python -m tools.x)
@@ -17,6 +27,15 @@ PATHS=("$@")
 mkdir -p "$OUT"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+if [ -n "${FA4_PART:-}" ]; then
+  tools/gpu/fa4_wheels.sh receive "$FA4_PART" 2>&1 | tee "$OUT/fa4.log"
+  case ${PIPESTATUS[0]} in
+  0) ;;
+  3) echo "flash-attn 4: this part is kept in /tmp/fa4-wheels; send the other part now"; exit 0 ;;
+  *) echo "flash-attn 4: install FAILED; going on without it" ;;
+  esac
+fi
+export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1  # flash-attn 4 compiles each kernel once per machine
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), torch.cuda.get_device_name(0))"
 
 for pkg in packages/*/; do
@@ -51,6 +70,13 @@ for section in ${SECTIONS:-kernels dilated dense memory accuracy}; do
     ${BENCH_ARGS:-} >>"$OUT/bench.log" 2>&1 || { bench_rc=$?; echo "bench section $section: rc=$bench_rc"; }
 done
 python3 -m tools.bench.flash_dilated --out "$OUT" --merge --sections "" >"$OUT/summary.txt" 2>&1
+if [ "${KERNEL_TABLE:-0}" = 1 ]; then
+  timeout "${BENCH_TIMEOUT:-300}" python3 -m tools.bench.kernel_table --out "$OUT/kernel-table.json" \
+    --plot "$OUT/kernel-table.png" >>"$OUT/bench.log" 2>&1 || { bench_rc=$?; echo "kernel table: rc=$bench_rc"; }
+  RING_FLASH_KERNEL_TABLE="$OUT/kernel-table.json" timeout "${BENCH_TIMEOUT:-300}" python3 \
+    -m tools.bench.flash_dispatch --out "$OUT/flash-dispatch.json" --plot "$OUT/flash-dispatch.png" \
+    >>"$OUT/summary.txt" 2>>"$OUT/bench.log" || { bench_rc=$?; echo "dispatch bench: rc=$bench_rc"; }
+fi
 echo "bench: rc=$bench_rc in $(( $(date +%s) - begin )) s"
 
 echo
