@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         forced = [ms[c] for c in kernels if c in ms]
         row = {
             "case": label, "n": n, "segment_lengths": segments, "dilation_rates": rates, "causal": causal,
-            "ms": ms, "rounds": times, "dispatch_picks": dispatched, "tuned_choices": choices,
+            **{f"{c} ms": t for c, t in ms.items()}, "dispatch_picks": dispatched,
             "dispatch_vs_best_forced": ms[DISPATCH] / min(forced) if forced and DISPATCH in ms else None,
+            "ms": ms, "rounds": times, "tuned_choices": choices,
         }  # fmt: skip
         results.append(row)
         print(f"{label}: " + ", ".join(f"{c} {t:.2f}" for c, t in ms.items()) + f"; dispatch -> {dispatched} {choices}",

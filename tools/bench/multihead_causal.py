@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                 x.grad = None
                 module.zero_grad(set_to_none=True)
         ms = {name: statistics.mean(t) for name, t in times.items()}
-        row = {"form": form, "ms": ms, "rounds": times, "speed_vs_nn": ms["nn"] / ms["ours"],
-               "output_difference_bf16": agreement}  # fmt: skip
+        row = {"form": form, "nn ms": ms["nn"], "ours ms": ms["ours"], "speed_vs_nn": ms["nn"] / ms["ours"],
+               "output_difference_bf16": agreement, "ms": ms, "rounds": times}  # fmt: skip
         rows.append(row)
         print(f"{form}: nn {ms['nn']:.2f} ms, ours {ms['ours']:.2f} ms, speed {row['speed_vs_nn']:.3f}, "
               f"outputs differ by {agreement:.1e}", file=sys.stderr, flush=True)  # fmt: skip
