@@ -7,7 +7,7 @@ card has a measured table). Target: ``dispatch`` at least as fast as the best fo
 of its row. Timing: steps back to back, median of repeats, all columns measured twice in
 mirrored order; the mean of the two is reported next to both.
 
-    python tools/bench/flash_dispatch.py --out dispatch.json --plot dispatch.png
+    python -m tools.bench.flash_dispatch --out dispatch.json --plot dispatch.png
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 
 import ring_core
 from ring_flash import RingDilatedAttentionFlash, TunedKernel
+from tools import command_line
 
 ROWS = (
     ("dense N=16384", 16384, [16384], [1], False),
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         "card": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
-        "command": "python tools/bench/flash_dispatch.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line(),
         "what": f"ms per forward+backward, bf16, B=1, H={args.heads}, D={args.head_dim}, ring_dilated_flash",
         "skipped_kernels": skipped,
         "rows": results,

@@ -6,7 +6,7 @@ For each head dim, causal flag and block length L: forward+backward of each kern
 (``--out``; copy it to ``packages/ring-flash/src/ring_flash/tables/`` to ship it, or point
 ``RING_FLASH_KERNEL_TABLE`` at it) and a plot (``--plot``), and prints it.
 
-    python tools/bench/kernel_table.py --out table.json --plot table.png
+    python -m tools.bench.kernel_table --out table.json --plot table.png
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 
 import ring_core
 from ring_flash.kernel_table import load_table, measure_rows
+from tools import command_line
 
 
 def version(dist: str) -> str | None:
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             "cudnn": torch.backends.cudnn.version(),
             "flash_attn_4": version("flash-attn-4"),
             "date": datetime.date.today().isoformat(),
-            "command": "python tools/bench/kernel_table.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": command_line(),
             "what": "milliseconds of one forward+backward of each kernel on tokens/length blocks, median",
         },
         "rows": rows,

@@ -11,7 +11,7 @@ output and every parameter, both modules with the same weights, measured in the 
 
 Target: ours at least 0.98 of nn's speed in every form (ratio = nn ms / ours ms).
 
-    python tools/bench/multihead_causal.py --out multihead.json --plot multihead.png
+    python -m tools.bench.multihead_causal --out multihead.json --plot multihead.png
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from torch import nn
 
 from ring_core.testing import relative_error
 from ring_multihead import MultiheadDilatedAttention
+from tools import command_line
 
 FORMS = ("none", "hint", "is_causal", "mask")
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         "card": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
-        "command": "python tools/bench/multihead_causal.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line(),
         "what": f"ms per forward+backward, bf16, E={e}, {h} heads, N={n}, B=1, self-attention, need_weights=False",
         "target": "speed_vs_nn (nn ms / ours ms) >= 0.98 in every form",
         "rows": rows,

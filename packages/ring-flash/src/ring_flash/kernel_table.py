@@ -1,6 +1,6 @@
 """Which kernel is fastest for a block shape on a card: measured tables, and the measuring.
 
-A table is JSON written by ``tools/bench/kernel_table.py`` on one card: for each head
+A table is JSON written by ``python -m tools.bench.kernel_table`` on one card: for each head
 dim, causal flag and block length ``L``, the forward+backward time of each candidate
 kernel on a batch of blocks (``tokens / L`` blocks of ``L`` query and key rows, ``heads``
 heads). The ``tuned`` backend (:mod:`ring_flash.tuned`) looks a block up by its length

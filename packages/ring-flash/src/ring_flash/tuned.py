@@ -52,7 +52,7 @@ class TunedKernel(GPUKernel):
         reasons = super().availability_reasons()
         if not reasons and self.table() is None:
             reasons.append(
-                f"no measured kernel table for {_card()} (tools/bench/kernel_table.py makes one; "
+                f"no measured kernel table for {_card()} (python -m tools.bench.kernel_table makes one; "
                 f"{TABLE_ENV}=path uses it)"
             )
         return reasons

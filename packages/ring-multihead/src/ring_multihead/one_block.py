@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ring_core.dispatch import select_kernel
 from ring_core.kernels import KernelBackend, KernelRequest, default_scale
-from ring_core.registry import select_kernel
 
 __all__ = ["one_block_attention"]
 
