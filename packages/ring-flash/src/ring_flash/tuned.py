@@ -50,7 +50,13 @@ class TunedKernel(GPUKernel):
 
     def availability_reasons(self) -> list[str]:
         reasons = super().availability_reasons()
-        if not reasons and self.table() is None:
+        if reasons:
+            return reasons
+        try:
+            table = self.table()
+        except ValueError as exc:  # RING_FLASH_KERNEL_TABLE names a file that is not a table
+            return [f"{TABLE_ENV}: {exc}"]
+        if table is None:
             reasons.append(
                 f"no measured kernel table for {_card()} (python -m tools.bench.kernel_table makes one; "
                 f"{TABLE_ENV}=path uses it)"
@@ -59,9 +65,9 @@ class TunedKernel(GPUKernel):
 
     def not_supported_reasons(self, request: KernelRequest) -> list[str]:
         reasons = super().not_supported_reasons(request)
-        table = self.table()
-        if reasons or table is None:
+        if reasons:
             return reasons
+        table = self.table()
         dtype = str(request.dtype).replace("torch.", "")
         if dtype not in table.dtypes:
             reasons.append(f"dtype {dtype} not measured (table: {list(table.dtypes)})")
