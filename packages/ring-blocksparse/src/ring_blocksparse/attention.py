@@ -1,19 +1,19 @@
 """Block-sparse dilated attention, on one device or as a sparse ring over a process group.
 
 A key is allowed iff the dilated branches allow it (counted as in SPEC.md) **and** the
-block layout does; the softmax runs over the allowed keys through the engine's LSE
-merge. Empty (query tile, key tile) pairs are never computed, and across ranks a rank
-sends exactly the key/value rows some query tile of the receiver needs (nothing at all
-when no tile needs them).
+block layout does; the softmax runs over the allowed keys through LSE merges. Two ways
+compute it: strips (:mod:`ring_blocksparse.strided`: one fused kernel per branch offset on
+strided views, per ring step too) and the gather path (:mod:`ring_blocksparse.gather`: tiles
+gathered into dense blocks; everything, on any device). Empty (query tile, key tile) pairs
+are never computed, and across ranks a rank sends exactly the key/value rows some query
+tile of the receiver needs (nothing at all when no tile needs them).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,229 +21,18 @@ from torch import nn
 
 from ring_core import select_kernel
 from ring_core.dilated import branches
-from ring_core.engine import Accumulator, BlockKernel, BlockSchedule, blockwise_attention
+from ring_core.engine import BlockKernel, blockwise_attention
 from ring_core.kernels import KernelRequest, default_scale
-from ring_core.ring import Exchange, RingComm, RingCommStats
 from ring_core.sharding import check_divisible, check_layout, group_rank_and_size
 from ring_core.validation import check_dilated_config, check_dropout, check_qkv
 
-from .flex import build_block_mask, check_kernel_options, flex_block_sparse, flex_reasons, kernel_options_for
+from .flex import check_kernel_options, flex_reasons
+from .gather import BlockSparseSchedule, CommStats
 from .patterns import Pattern, build_pattern, check_block_layout, check_block_size
-from .plan import CAUSAL, MASKED, Group, Plan, build_plan
+from .plan import Plan, build_plan
+from .strided import SPARSE_KERNELS, StripPlan, StripRingSchedule, StripRun, build_strip_plan, strip_attention
 
 METHODS = ("auto", "gather", "flex")
-
-
-@dataclass(repr=False)
-class CommStats(RingCommStats):
-    """Bytes of key/value rows (and their gradients) this rank sent and received.
-
-    A :class:`~ring_core.RingCommStats` (``forward_bytes``, ``backward_bytes``, ``total_bytes``,
-    ``peer_bytes`` count what was sent; they accumulate over the calls that share these stats)
-    that also counts what was received; :attr:`sent` and :attr:`received` give both per phase.
-    """
-
-    received: dict[str, int] = field(default_factory=lambda: {"forward": 0, "backward": 0})
-
-    @property
-    def sent(self) -> dict[str, int]:
-        return {"forward": self.forward_bytes, "backward": self.backward_bytes}
-
-    @property
-    def total_sent(self) -> int:
-        return sum(self.sent.values())
-
-    @property
-    def total_received(self) -> int:
-        return sum(self.received.values())
-
-    def reset(self) -> None:
-        super().reset()
-        self.received = {"forward": 0, "backward": 0}
-
-    def __repr__(self) -> str:
-        return f"CommStats(sent={self.sent}, received={self.received})"
-
-
-def _gather_rows(x: torch.Tensor, heads: slice | torch.Tensor, rows: torch.Tensor, groups: int) -> torch.Tensor:
-    """``x[:, rows, heads]`` as ``(B*G, rows/G, h, D)``."""
-    if isinstance(heads, slice):
-        y = x[:, :, heads].index_select(1, rows)
-    else:
-        y = x.index_select(1, rows).index_select(2, heads)
-    return y.reshape(x.shape[0] * groups, -1, y.shape[2], y.shape[3])
-
-
-def _add_rows(target: torch.Tensor, heads: slice | torch.Tensor, rows: torch.Tensor, grad: torch.Tensor) -> None:
-    """``target[:, rows, heads] += grad`` (``grad``: ``(B, G, rows/G, h, D)``), repeated rows accumulated."""
-    b = target.shape[0]
-    grad = grad.reshape(b, rows.numel(), grad.shape[-2], grad.shape[-1]).to(target.dtype)
-    if isinstance(heads, slice):
-        target[:, :, heads].index_add_(1, rows, grad)
-    else:
-        index = (torch.arange(b, device=rows.device)[:, None, None], rows[None, :, None], heads[None, None, :])
-        target.index_put_(index, grad, accumulate=True)
-
-
-class BlockSparseSchedule(BlockSchedule):
-    """Runs a :class:`Plan`: local tiles first, then each source rank's rows as they arrive."""
-
-    def __init__(
-        self,
-        plan: Plan,
-        kernel: BlockKernel,
-        masked_kernel: BlockKernel,
-        *,
-        key_padding_mask: torch.Tensor | None,
-        group: Any = None,
-        stats: CommStats | None = None,
-    ) -> None:
-        """``plan.backward_groups`` (batched by key tile) serve the backward when present and
-        there is no dropout (dropout masks follow the forward's batching)."""
-        self.plan = plan
-        self.kernel, self.masked_kernel = kernel, masked_kernel
-        self.key_padding_mask = key_padding_mask
-        self.group = group
-        self.stats = stats or CommStats()
-        self.comm = RingComm(group, plan.rank, plan.world_size, self.stats)
-
-    # -- communication -----------------------------------------------------------
-    def _exchange(
-        self, phase: str, send: torch.Tensor | None, send_to: int, recv_numel: int, recv_from: int, like: torch.Tensor
-    ) -> Exchange:
-        """:meth:`RingComm.exchange` in ``phase`` (bytes accumulate, never reset), counting the received bytes too."""
-        self.comm.phase = phase
-        exchange = self.comm.exchange(send, send_to, recv_numel, recv_from, like)
-        if exchange.recv is not None:
-            self.stats.received[phase] += exchange.recv.numel() * exchange.recv.element_size()
-        return exchange
-
-    def _sources(self, k: torch.Tensor, v: torch.Tensor, phase: str):
-        """Yield ``(source, k_buf, v_buf, padding_buf)`` per ring step (buffers ``None`` when
-        nothing comes from that rank), prefetching the next step's rows while this one computes."""
-        plan = self.plan
-        world = plan.world_size
-        pending = self._post_kv(k, v, 1, phase) if world > 1 else None
-        yield plan.rank, k, v, self.key_padding_mask
-        for step in range(1, world):
-            source, shape, kv_exchange, pad_exchange = pending
-            kv = kv_exchange.wait()
-            pad = None if pad_exchange is None else pad_exchange.wait()
-            pending = self._post_kv(k, v, step + 1, phase) if step + 1 < world else None
-            if kv is None:
-                yield source, None, None, None
-            else:
-                d = k.shape[-1]
-                kv = kv.view(shape)
-                yield source, kv[..., :d], kv[..., d:], None if pad is None else pad.view(shape[:2]).bool()
-
-    def _post_kv(self, k: torch.Tensor, v: torch.Tensor, step: int, phase: str):
-        """Post this step's rows: K|V (one flat buffer) and, with padding, the uint8 padding flags (a second one)."""
-        plan = self.plan
-        source, dest = (plan.rank - step) % plan.world_size, (plan.rank + step) % plan.world_size
-        pad = self.key_padding_mask
-        rows = plan.send_rows[dest]
-        send = pad_send = None
-        if rows.numel():
-            send = torch.cat([k.index_select(1, rows), v.index_select(1, rows)], -1).view(-1)
-            if pad is not None:
-                pad_send = pad.index_select(1, rows).to(torch.uint8).view(-1)
-        b, _, h, d = k.shape
-        shape = (b, plan.recv_positions[source].numel(), h, d + v.shape[-1])
-        kv_exchange = self._exchange(phase, send, dest, math.prod(shape), source, k)
-        pad_exchange = None
-        if pad is not None:
-            flags = torch.empty(0, dtype=torch.uint8, device=k.device)
-            pad_exchange = self._exchange(phase, pad_send, dest, math.prod(shape[:2]), source, flags)
-        return source, shape, kv_exchange, pad_exchange
-
-    # -- per group -----------------------------------------------------------------
-    def _call_args(self, g: Group, pad: torch.Tensor | None, b: int) -> tuple[BlockKernel, dict]:
-        groups, _, kk = g.shape
-        mask = None
-        if pad is not None:
-            mask = ~pad.index_select(1, g.k_rows).view(b, groups, 1, 1, kk)
-        if g.mask is not None:
-            mask = g.mask.expand(b, *g.mask.shape) if mask is None else g.mask[None] & mask
-        if mask is not None:
-            mask = mask.reshape(b * groups, *mask.shape[2:])
-        kernel = self.masked_kernel if g.category == MASKED else self.kernel
-        return kernel, {"causal": g.category == CAUSAL, "mask": mask, "block_id": g.block_id}
-
-    def forward(self, q, k, v, acc: Accumulator) -> None:
-        b = q.shape[0]
-        self.stats.calls += 1
-        for source, k_buf, v_buf, pad in self._sources(k, v, "forward"):
-            for g in self.plan.groups[source] if k_buf is not None else ():
-                groups, tq, _ = g.shape
-                kernel, args = self._call_args(g, pad, b)
-                out, lse = kernel.backend.forward(
-                    _gather_rows(q, g.heads, g.q_rows, groups),
-                    _gather_rows(k_buf, g.kv_heads, g.k_rows, groups),
-                    _gather_rows(v_buf, g.kv_heads, g.k_rows, groups),
-                    scale=kernel.scale, causal=args["causal"], mask=args["mask"],
-                    dropout_p=kernel.dropout_p, seed=kernel.seed + g.block_id,
-                )  # fmt: skip
-                h = out.shape[2]
-                rows = g.q_rows[: g.real * tq]  # padded entries are dropped here
-                out = out.unflatten(0, (b, groups))[:, : g.real].reshape(b, -1, h, out.shape[-1])
-                lse = lse.unflatten(0, (b, groups))[:, : g.real].transpose(2, 3).reshape(b, -1, h)
-                out_rows = acc.out[:, :, g.heads].index_select(1, rows)
-                lse_rows = acc.lse[:, :, g.heads].index_select(1, rows)
-                kernel.backend.merge(out_rows, lse_rows, out, lse)
-                acc.out[:, :, g.heads].index_copy_(1, rows, out_rows)
-                acc.lse[:, :, g.heads].index_copy_(1, rows, lse_rows)
-
-    def backward(self, q, k, v, out, lse, dout, grads) -> None:
-        plan, b = self.plan, q.shape[0]
-        dq, dk, dv = grads
-        d = k.shape[-1]
-        returning = []
-        table = plan.groups
-        if plan.backward_groups is not None and self.kernel.dropout_p == 0:
-            table = plan.backward_groups
-        for source, k_buf, v_buf, pad in self._sources(k, v, "backward"):
-            dkv = None
-            if source == plan.rank:
-                dk_buf, dv_buf = dk, dv
-            elif k_buf is not None:
-                shape = (*k_buf.shape[:3], d + v_buf.shape[3])
-                dkv = self.comm.empty("grad", math.prod(shape), dk).zero_().view(shape)
-                dk_buf, dv_buf = dkv[..., :d], dkv[..., d:]
-            for g in table[source] if k_buf is not None else ():
-                groups = g.shape[0]
-                kernel, args = self._call_args(g, pad, b)
-                lse_rows = lse[:, :, g.heads].index_select(1, g.q_rows)
-                block_dq, block_dk, block_dv = kernel.backward(
-                    _gather_rows(dout, g.heads, g.q_rows, groups),
-                    _gather_rows(q, g.heads, g.q_rows, groups),
-                    _gather_rows(k_buf, g.kv_heads, g.k_rows, groups),
-                    _gather_rows(v_buf, g.kv_heads, g.k_rows, groups),
-                    _gather_rows(out, g.heads, g.q_rows, groups),
-                    lse_rows.reshape(b * groups, -1, lse_rows.shape[-1]),
-                    **args,
-                )
-                real, tq, kk = g.real, g.shape[1], g.shape[2]  # padded entries are dropped here
-                _add_rows(dq, g.heads, g.q_rows[: real * tq], block_dq.unflatten(0, (b, groups))[:, :real])
-                _add_rows(dk_buf, g.kv_heads, g.k_rows[: real * kk], block_dk.unflatten(0, (b, groups))[:, :real])
-                _add_rows(dv_buf, g.kv_heads, g.k_rows[: real * kk], block_dv.unflatten(0, (b, groups))[:, :real])
-            if source != plan.rank:
-                returning.append(self._post_grads(dkv, source, dk, v.shape[-1]))
-        for exchange, shape, rows in returning:
-            received = exchange.wait()
-            if received is not None:
-                received = received.view(shape)
-                dk.index_add_(1, rows, received[..., :d])
-                dv.index_add_(1, rows, received[..., d:])
-
-    def _post_grads(self, dkv: torch.Tensor | None, source: int, dk: torch.Tensor, value_dim: int):
-        """Send the gradients of ``source``'s rows back; receive ours from the rank we sent rows to."""
-        plan = self.plan
-        dest = (2 * plan.rank - source) % plan.world_size  # the rank that got our rows at this step
-        rows = plan.send_rows[dest]
-        shape = (dk.shape[0], rows.numel(), dk.shape[2], dk.shape[3] + value_dim)
-        send = None if dkv is None else dkv.view(-1)
-        return self._exchange("backward", send, source, math.prod(shape), dest, dk), shape, rows
 
 
 def _kernels(
@@ -369,15 +158,19 @@ class BlockSparseRingDilatedAttention(nn.Module):
     :class:`~ring_blocksparse.Pattern`; ``block_layout`` is an explicit bool
     ``(H or 1, ceil(N/b), ceil(N/b))`` over the global sequence; neither means every
     block (plain dilated attention). Forward: ``attn(q, k, v, *, is_causal=False,
-    key_padding_mask=None)`` on this rank's ``(B, n, H, D)`` shard. ``transposed_backward``
-    batches the backward by key tile (each call yields whole dK/dV rows). ``method``:
-    ``"gather"`` (tiles gathered into dense blocks, the blockwise engine; everything,
-    including the ring), ``"flex"`` (one FlexAttention kernel on a BlockMask; one process,
-    one rate-1 branch, no padding/dropout; raises otherwise) or ``"auto"`` (flex on CUDA
-    when it applies, else gather). ``flex_kernel_options``: FlexAttention ``kernel_options``
-    (e.g. ``{"fwd_num_stages": 2}``) over the safe flags and tuned tiles the flex path
-    picks itself (:func:`ring_blocksparse.flex.kernel_options_for`). After each call,
-    ``comm_stats`` holds the bytes this rank sent and received, and ``last_plan`` the plan.
+    key_padding_mask=None)`` on this rank's ``(B, n, H, D)`` shard. ``method``:
+    ``"flex"`` (strips: one FlexAttention kernel per dilated branch offset on strided views,
+    dense strips on the registry's kernel, LSE-merged; on one process and per ring step; needs
+    every rate to divide ``block_size``, runs of the sequence that split into whole kernel tiles,
+    no padding or dropout, and a backward only on CUDA; raises otherwise), ``"gather"``
+    (tiles gathered into dense blocks, the blockwise engine; everything) or ``"auto"`` (flex on
+    CUDA when it applies, else gather). ``transposed_backward`` batches the gather path's
+    backward by key tile. ``flex_kernel_options``: FlexAttention ``kernel_options``
+    (e.g. ``{"fwd_num_stages": 2}``) over the safe flags and tuned tiles the strip path
+    picks itself (:func:`ring_blocksparse.flex.kernel_options_for`). ``sparse_kernel``
+    (attribute): ``"flex"``, or ``"math"`` for the strip path's dense twin (tests: a CPU
+    backward). After each call, ``comm_stats`` holds the bytes this rank sent and received,
+    ``last_method`` the method and ``last_plan`` the plan.
     """
 
     def __init__(
@@ -428,12 +221,13 @@ class BlockSparseRingDilatedAttention(nn.Module):
             raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
         self.method = method
         self.flex_kernel_options = check_kernel_options(flex_kernel_options)
+        self.sparse_kernel = "flex"
         self.last_method: str | None = None
-        self._block_masks: dict = {}
         self._flex_failed = False
         self.comm_stats = CommStats()
-        self.last_plan: Plan | None = None
+        self.last_plan: Plan | StripPlan | None = None
         self._plans: dict = {}
+        self._strip_plans: dict = {}
         self._layouts: dict = {}
 
     def layout_for(self, seq_len: int, num_heads: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
@@ -455,7 +249,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         check_qkv(q, k, v, key_padding_mask)
-        _, world = group_rank_and_size(self.process_group)
+        rank, world = group_rank_and_size(self.process_group)
         block_layout = self.layout_for(q.shape[1] * world, q.shape[2])
         dropout_p = self.dropout if self.training else 0.0
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
@@ -480,13 +274,20 @@ class BlockSparseRingDilatedAttention(nn.Module):
         plan, schedule_args = prepare(build=not use_flex)  # validates everything first
         self.comm_stats = CommStats()
         scale = default_scale(q.shape[-1], self.softmax_scale)
+        full, masked = _kernels(
+            q,
+            k,
+            causal=is_causal,
+            padded=key_padding_mask is not None,
+            dropout_p=dropout_p,
+            scale=scale,
+            kernel=self.kernel,
+        )
         if use_flex:
             try:
-                out = self._flex_forward(q, k, v, block_layout, bool(is_causal), scale)
-                self.last_plan, self.last_method = None, "flex"
-                return out
+                return self._strip_forward(q, k, v, block_layout, bool(is_causal), rank, world, scale, schedule_args)
             except Exception as exc:
-                if self.method == "flex":
+                if self.method == "flex" or world > 1:  # a ring cannot change course on one rank alone
                     raise
                 warnings.warn(
                     f"FlexAttention failed ({type(exc).__name__}: {exc}); method='auto' uses the gather path "
@@ -497,50 +298,47 @@ class BlockSparseRingDilatedAttention(nn.Module):
                 self._flex_failed = True
                 plan, schedule_args = prepare(build=True)
         self.last_plan, self.last_method = plan, "gather"
-        full, masked = _kernels(
-            q,
-            k,
-            causal=is_causal,
-            padded=key_padding_mask is not None,
-            dropout_p=dropout_p,
-            scale=scale,
-            kernel=self.kernel,
-        )
         schedule = BlockSparseSchedule(
             plan, full, masked, key_padding_mask=key_padding_mask, stats=self.comm_stats, **schedule_args
         )
         out, _ = blockwise_attention(schedule, q, k, v)
         return out
 
-    def _flex_forward(self, q, k, v, block_layout, causal: bool, scale: float) -> torch.Tensor:
-        key = (q.shape[1], q.shape[2], q.shape[3], q.dtype, causal, str(q.device))
-        if key not in self._block_masks:  # built once per shape: no host work or sync on later calls
-            block_mask, flags = build_block_mask(
-                block_layout,
-                seq_len=q.shape[1],
-                num_heads=q.shape[2],
-                block_size=self.block_size,
-                segment=self.segment_lengths[0],
-                causal=causal,
-                device=q.device,
-            )
-            self._block_masks[key] = block_mask, kernel_options_for(q, flags, self.flex_kernel_options)
-        block_mask, options = self._block_masks[key]
-        return flex_block_sparse(q, k, v, block_mask, scale=scale, kernel_options=options)
+    def _strip_forward(self, q, k, v, block_layout, causal: bool, rank: int, world: int, scale: float, schedule_args):
+        if self.sparse_kernel not in SPARSE_KERNELS:
+            raise ValueError(f"sparse_kernel must be one of {list(SPARSE_KERNELS)}, got {self.sparse_kernel!r}")
+        key = (q.shape[1], q.shape[2], k.shape[2], q.dtype, causal, str(q.device), rank, world)
+        if key not in self._strip_plans:  # built once per shape: no host work or sync on later calls
+            self._strip_plans[key] = build_strip_plan(
+                seq_len=q.shape[1] * world, rank=rank, world_size=world, layout_kind=self.layout, q=q,
+                num_heads=q.shape[2], num_kv_heads=k.shape[2],
+                branch_list=branches(self.segment_lengths, self.dilation_rates, self.merge, q.shape[2]),
+                block_size=self.block_size, layout=block_layout, causal=causal,
+                kernel_options=self.flex_kernel_options,
+            )  # fmt: skip
+        plan = self._strip_plans[key]
+        kernel = _dense_kernel(q, causal, scale, self.kernel)
+        self.last_plan, self.last_method = plan, "flex"
+        if world == 1:
+            out, _ = strip_attention(q, k, v, StripRun(plan.calls[0], kernel, self.sparse_kernel))
+            return out
+        schedule = StripRingSchedule(plan, kernel, stats=self.comm_stats, sparse=self.sparse_kernel, **schedule_args)
+        out, _ = blockwise_attention(schedule, q, k, v)
+        return out
 
     def _use_flex(self, q: torch.Tensor, world: int, key_padding_mask, dropout_p: float, needs_grad: bool) -> bool:
         if self.method == "gather" or (self.method == "auto" and self._flex_failed):
             return False
+        chunk = q.shape[1] if world == 1 or self.layout == "contiguous" else q.shape[1] // 2
         reasons = flex_reasons(
             q,
             world_size=world,
-            segment_lengths=self.segment_lengths,
+            chunk=chunk,
             dilation_rates=self.dilation_rates,
-            merge=self.merge,
             block_size=self.block_size,
             key_padding_mask=key_padding_mask,
             dropout_p=dropout_p,
-            needs_grad=needs_grad,
+            needs_grad=needs_grad and self.sparse_kernel == "flex",
         )
         if self.method == "flex" and reasons:
             raise ValueError("method='flex' cannot run this call: " + "; ".join(reasons))
@@ -552,3 +350,9 @@ class BlockSparseRingDilatedAttention(nn.Module):
             f"segment_lengths={list(self.segment_lengths)}, dilation_rates={list(self.dilation_rates)}, "
             f"block_size={self.block_size}, pattern={pattern}, layout={self.layout!r}, merge={self.merge!r}"
         )
+
+
+def _dense_kernel(q: torch.Tensor, causal: bool, scale: float, name: str | None) -> BlockKernel:
+    """The registry's kernel for dense strips (key/value heads expanded to the query's) and the merges."""
+    request = KernelRequest.for_tensors(q, q, causal=causal, has_mask=False, dropout_p=0.0)
+    return BlockKernel(select_kernel(request, name), scale)

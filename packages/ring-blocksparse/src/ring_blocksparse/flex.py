@@ -1,14 +1,11 @@
-"""The FlexAttention path: one fused block-sparse kernel on one GPU.
+"""FlexAttention on strips: one fused block-sparse kernel per dilated branch offset.
 
-When the dilated configuration is expressible at block level (one branch of rate 1
-whose segments are whole blocks, ``merge="lse"``), the allowed keys are exactly a block
-layout (plus the causal triangle on diagonal blocks), so PyTorch's FlexAttention runs it
-from a ``BlockMask`` built directly from the layout (no ``mask_mod`` evaluated over
-``N^2`` points): fully allowed blocks are "full" blocks, causal diagonal blocks are
-partial with a causal ``mask_mod``. Measured on an H200 (tools/bench/blocksparse.py)
-this is several times faster than gathering tiles into dense blocks, so ``method="auto"``
-picks it on CUDA with one process. Everything else (dilation, padding, dropout, the
-ring) takes the gather path.
+Each branch offset is a strided view of ``q, k, v`` (:mod:`ring_blocksparse.strips`), and what it
+allows is a ``BlockMask`` over that view: full tiles skip the mask, partial tiles evaluate the
+exact token rule (layout block, segment, causality; only the terms that can matter there), and
+empty tiles are never visited. The rule reads small per-row tensors captured by a closure of
+one code object, so a new layout or sequence never recompiles; each strip shape does, once.
+Outputs come with their log-sum-exp, so branches (and ring steps) merge exactly.
 
 Kernel options (``flex_attention(kernel_options=...)``): the block mask says which flags
 are safe (:func:`safe_flags`: ``ROWS_GUARANTEED_SAFE`` when every query row has an allowed
@@ -23,8 +20,13 @@ from typing import Any
 
 import torch
 
-FLEX_BLOCK = 128  # the BlockMask granularity used on CUDA
+from .strips import FLEX_TILE, Strip, Tiles
+
 _COMPILED: dict[str, Any] = {}
+# Each strip shape and rule variant is one more compiled graph of flex_attention (a dilated
+# configuration has a few, times causal or not); past dynamo's default limit it would silently
+# fall back to the unfused eager kernel, which materialises every score.
+MIN_RECOMPILE_LIMIT = 64
 
 # Tile shapes and pipelining for the fused kernels, by (compute capability major, dtype, head dim);
 # missing entries keep FlexAttention's own defaults. Hopper, bf16, D=128 (H200, torch 2.11, N=64K,
@@ -49,38 +51,35 @@ def flex_reasons(
     q: torch.Tensor,
     *,
     world_size: int,
-    segment_lengths,
+    chunk: int,
     dilation_rates,
-    merge: str,
     block_size: int,
     key_padding_mask: torch.Tensor | None,
     dropout_p: float,
     needs_grad: bool = False,
 ) -> list[str]:
-    """Why the FlexAttention path cannot run this call (empty: it can)."""
+    """Why the strip path cannot run this call (empty: it can). ``chunk``: the length of the contiguous
+    runs of the sequence a rank holds (the whole sequence on one process)."""
     reasons = []
     try:
         _flex_attention()
     except ImportError:
         reasons.append(f"this torch ({torch.__version__}) has no FlexAttention")
-    seq_len = q.shape[1]
-    if world_size > 1:
-        reasons.append(f"sequence parallel over {world_size} ranks (the ring gathers tiles)")
     if dropout_p > 0:
         reasons.append("dropout")
     if key_padding_mask is not None:
         reasons.append("key_padding_mask")
-    if len(segment_lengths) != 1 or dilation_rates[0] != 1:
-        reasons.append(
-            f"dilated branches {list(segment_lengths)} / {list(dilation_rates)} (needs one branch of rate 1)"
-        )
-    elif segment_lengths[0] < seq_len and segment_lengths[0] % block_size != 0:
-        reasons.append(f"segment length {segment_lengths[0]} is not a multiple of block_size {block_size}")
-    granularity = flex_granularity(q.device, block_size)
-    if granularity is None:
-        reasons.append(f"block_size {block_size} is not a multiple of {FLEX_BLOCK} on {q.device.type}")
-    elif seq_len % granularity != 0:
-        reasons.append(f"N={seq_len} is not a multiple of {granularity}")
+    for rate in sorted(set(dilation_rates)):
+        if block_size % rate:
+            reasons.append(f"dilation rate {rate} does not divide block_size {block_size}")
+            continue
+        tile = tile_for(q.device, block_size, rate)
+        unit = block_size // rate
+        if tile % unit and unit % tile:
+            reasons.append(f"block_size {block_size} / rate {rate} = {unit} rows and the kernel's tile {tile} nest")
+        elif chunk % (rate * tile):
+            where = "N" if world_size == 1 else f"each shard's chunk ({chunk} rows)"
+            reasons.append(f"{where}={chunk} is not a multiple of rate {rate} x tile {tile}")
     if q.device.type == "cuda" and q.dtype == torch.float64:
         reasons.append("float64 on CUDA")
     if q.device.type != "cuda" and needs_grad:
@@ -88,67 +87,10 @@ def flex_reasons(
     return reasons
 
 
-def flex_granularity(device: torch.device, block_size: int) -> int | None:
-    """The BlockMask block size: 128 on CUDA (the fused kernel's tile), the layout's own elsewhere."""
-    if device.type != "cuda":
-        return block_size
-    return FLEX_BLOCK if block_size % FLEX_BLOCK == 0 else None
-
-
-def build_block_mask(
-    layout: torch.Tensor | None,
-    *,
-    seq_len: int,
-    num_heads: int,
-    block_size: int,
-    segment: int,
-    causal: bool,
-    device: torch.device,
-):
-    """A ``BlockMask`` allowing exactly ``layout`` (and same-segment, and causal) blocks."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    granularity = flex_granularity(device, block_size)
-    nb = seq_len // granularity
-    if layout is None:
-        allowed = torch.ones(1, nb, nb, dtype=torch.bool)
-    else:
-        repeat = block_size // granularity
-        allowed = layout.cpu().repeat_interleave(repeat, 1).repeat_interleave(repeat, 2)[:, :nb, :nb]
-    if segment < seq_len:
-        seg = torch.arange(nb) * granularity // segment
-        allowed = allowed & (seg[:, None] == seg[None, :])
-    index = torch.arange(nb)
-    full, partial = allowed, torch.zeros_like(allowed)
-    if causal:
-        full = allowed & (index[None, :] < index[:, None])
-        partial = allowed & (index[None, :] == index[:, None])
-
-    def blocks(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        counts = mask.sum(-1, dtype=torch.int32)
-        indices = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-        return counts[None].to(device), indices[None].to(device)
-
-    kv_num, kv_index = blocks(partial)
-    full_num, full_index = blocks(full)
-    flags = safe_flags(full, partial)
-    if device.type == "cuda":
-        # the fused kernel visits only the listed blocks and skips mask_mod on full ones: the
-        # partial blocks are whole allowed diagonal blocks, so causality is all that is left.
-        # Module-level functions keep one compiled kernel for every layout (no recompiles).
-        mask_mod = _causal if causal else None
-    else:
-        mask_mod = _token_mask(allowed, granularity, causal)
-    block_mask = BlockMask.from_kv_blocks(
-        kv_num,
-        kv_index,
-        full_num,
-        full_index,
-        BLOCK_SIZE=granularity,
-        mask_mod=mask_mod,
-        seq_lengths=(seq_len, seq_len),
-    )
-    return block_mask, flags
+def tile_for(device: torch.device, block_size: int, rate: int) -> int:
+    """The BlockMask block in strip rows: :data:`FLEX_TILE` on CUDA (the fused kernel's tile), elsewhere one
+    layout block of the strip (the eager kernel evaluates the rule everywhere anyway)."""
+    return FLEX_TILE if device.type == "cuda" else max(1, block_size // rate)
 
 
 def _one_run(mask: torch.Tensor) -> bool:
@@ -158,15 +100,19 @@ def _one_run(mask: torch.Tensor) -> bool:
     return bool((starts.sum(-1) <= 1).all())
 
 
-def safe_flags(full: torch.Tensor, partial: torch.Tensor) -> dict[str, bool]:
+def safe_flags(full: torch.Tensor, partial: torch.Tensor, diagonal_only: bool = False) -> dict[str, bool]:
     """The FlexAttention flags this block mask makes safe (``full``/``partial``: bool (H, nq, nk)).
 
-    ``ROWS_GUARANTEED_SAFE``: every query row has a key (a partial block here is a causal
-    diagonal block, which always holds the query itself). ``BLOCKS_ARE_CONTIGUOUS``: the
-    kernels step to the next block without reading the index list, so every row's full
-    and partial blocks, and every column's (the backward walks columns), must be one run each.
+    ``ROWS_GUARANTEED_SAFE``: every query row has a key: a full tile in every row of tiles, or
+    (``diagonal_only``: partial tiles are causal diagonal tiles of one strip, which hold the query
+    itself) the diagonal tile. ``BLOCKS_ARE_CONTIGUOUS``: the kernels step to the next block
+    without reading the index list, so every row's full and partial blocks, and every column's
+    (the backward walks columns), must be one run each.
     """
-    rows_safe = bool((full | partial).any(-1).all())
+    has_key = full.any(-1)
+    if diagonal_only and full.shape[-1] == full.shape[-2]:
+        has_key = has_key | (full | partial).diagonal(dim1=-2, dim2=-1)
+    rows_safe = bool(has_key.all())
     contiguous = all(_one_run(m) and _one_run(m.transpose(-1, -2)) for m in (full, partial))
     return {"ROWS_GUARANTEED_SAFE": rows_safe, "BLOCKS_ARE_CONTIGUOUS": contiguous}
 
@@ -185,8 +131,8 @@ def check_kernel_options(options: Any) -> dict[str, Any]:
             isinstance(value, bool) or not isinstance(value, int) or value < 1
         ):
             raise ValueError(f"kernel_options[{key!r}] must be a positive int, got {value!r}")
-        if base.startswith("BLOCK_") and (value & (value - 1) or FLEX_BLOCK % value):
-            raise ValueError(f"kernel_options[{key!r}] must be a power of two dividing {FLEX_BLOCK}, got {value}")
+        if base.startswith("BLOCK_") and (value & (value - 1) or FLEX_TILE % value):
+            raise ValueError(f"kernel_options[{key!r}] must be a power of two dividing {FLEX_TILE}, got {value}")
     return dict(options)
 
 
@@ -201,38 +147,118 @@ def kernel_options_for(q: torch.Tensor, flags: dict[str, bool], user: dict[str, 
     return options or None
 
 
-def _causal(b, h, q_idx, kv_idx):
-    return kv_idx <= q_idx
+class StripRule:
+    """The exact token rule of one strip call, over per-row tensors (layout block, segment, position).
+
+    :meth:`mask_mod` checks the terms asked for (the fused kernel asks it only inside partial tiles);
+    :meth:`dense` evaluates every term on the whole grid (the eager and math kernels).
+    """
+
+    def __init__(self, q: Strip, k: Strip, layout, *, block_size: int, segment: int, causal: bool, device) -> None:
+        def rows(strip: Strip) -> tuple[torch.Tensor, ...]:
+            pos = strip.positions
+            return tuple(x.to(device=device, dtype=torch.int32) for x in (pos // block_size, pos // segment, pos))
+
+        self.qblk, self.qseg, self.qpos = rows(q)
+        self.kblk, self.kseg, self.kpos = rows(k)
+        self.layout = None if layout is None else layout.to(device)
+        self.causal = causal
+        self.same_strip = torch.equal(q.positions, k.positions)
+
+    def mask_mod(self, layout: bool, segment: bool):
+        """A ``mask_mod`` with the layout / segment terms only where asked (causality always, if causal)."""
+        lay = self.layout if layout and self.layout is not None else None
+        per_head = lay is not None and lay.shape[0] > 1
+        return _rule(
+            lay, self.qblk, self.kblk, self.qseg, self.kseg, self.qpos, self.kpos,
+            segment, self.causal, self.same_strip, per_head,
+        )  # fmt: skip
+
+    def dense(self, heads: int, layout: bool = True, segment: bool = True) -> torch.Tensor:
+        """Bool ``(heads or 1, nq, nk)``: the rule (with the terms asked for) on every pair."""
+        rule = self.mask_mod(layout, segment)
+        n, m = self.qpos.numel(), self.kpos.numel()
+        device = self.qpos.device
+        h = torch.arange(heads if self.layout is not None and self.layout.shape[0] > 1 else 1, device=device)
+        q_idx, kv_idx = torch.arange(n, device=device), torch.arange(m, device=device)
+        out = rule(0, h[:, None, None], q_idx[None, :, None], kv_idx[None, None, :])
+        return out.expand(h.numel(), n, m)
 
 
-def _token_mask(allowed: torch.Tensor, granularity: int, causal: bool):
-    """The layout as a token-level ``mask_mod`` (the eager path evaluates it on every score)."""
-    per_head = allowed.shape[0] > 1
-
+def _rule(lay, qblk, kblk, qseg, kseg, qpos, kpos, segment, causal, same_strip, per_head):
+    # one code object for every call: dynamo matches closures by code, the tensors are graph inputs
     def mask_mod(b, h, q_idx, kv_idx):
-        ok = allowed[h if per_head else 0, q_idx // granularity, kv_idx // granularity]
-        return ok & (kv_idx <= q_idx) if causal else ok
+        ok = kv_idx >= 0
+        if lay is not None:
+            ok = ok & lay[h if per_head else 0, qblk[q_idx], kblk[kv_idx]]
+        if segment:
+            ok = ok & (qseg[q_idx] == kseg[kv_idx])
+        if causal:
+            ok = ok & ((kv_idx <= q_idx) if same_strip else (kpos[kv_idx] <= qpos[q_idx]))
+        return ok
 
     return mask_mod
 
 
-def flex_block_sparse(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    block_mask,
-    *,
-    scale: float,
-    kernel_options: dict[str, Any] | None = None,
-) -> torch.Tensor:
-    """``(B, N, H, D)`` block-sparse attention through FlexAttention (compiled once on CUDA)."""
+def strip_block_mask(tiles: Tiles, rule: StripRule, q_len: int, k_len: int, device: torch.device):
+    """The ``BlockMask`` of one strip call and the kernel flags it makes safe."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    def blocks(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = mask.sum(-1, dtype=torch.int32)
+        indices = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return counts[None].to(device), indices[None].to(device)
+
+    kv_num, kv_index = blocks(tiles.partial)
+    full_num, full_index = blocks(tiles.full)
+    if device.type == "cuda":  # the fused kernel asks the rule only inside partial tiles
+        mask_mod = rule.mask_mod(tiles.needs_layout, tiles.needs_segment)
+    else:  # the eager kernel ignores the tiles and asks the rule everywhere
+        mask_mod = rule.mask_mod(True, True)
+    block_mask = BlockMask.from_kv_blocks(
+        kv_num, kv_index, full_num, full_index, BLOCK_SIZE=tiles.tile, mask_mod=mask_mod, seq_lengths=(q_len, k_len)
+    )
+    diagonal_only = rule.same_strip and rule.causal and not (tiles.needs_layout or tiles.needs_segment)
+    return block_mask, safe_flags(tiles.full, tiles.partial, diagonal_only)
+
+
+def flex_strip_attention(q, k, v, block_mask, *, scale: float, enable_gqa: bool, kernel_options=None):
+    """``(B, h, n, D)`` FlexAttention (compiled once per shape on CUDA); returns ``out`` and its natural-log
+    ``lse`` ``(B, h, n)`` (float32; ``-inf`` and a zero output for rows with no allowed key)."""
     flex = _flex_attention()
     if q.device.type == "cuda":
         if "cuda" not in _COMPILED:
+            limits = torch._dynamo.config
+            limits.recompile_limit = max(limits.recompile_limit, MIN_RECOMPILE_LIMIT)
+            limits.accumulated_recompile_limit = max(limits.accumulated_recompile_limit, 8 * MIN_RECOMPILE_LIMIT)
             _COMPILED["cuda"] = torch.compile(flex, dynamic=False)
         flex = _COMPILED["cuda"]
-    out = flex(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scale,
-        enable_gqa=k.shape[2] != q.shape[2], kernel_options=kernel_options,
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:  # torch < 2.9
+        return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
+                    kernel_options=kernel_options, return_lse=True)  # fmt: skip
+    out, aux = flex(
+        q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=kernel_options,
+        return_aux=AuxRequest(lse=True),
     )  # fmt: skip
-    return out.transpose(1, 2)
+    return out, aux.lse
+
+
+def math_strip_attention(q, k, v, tiles: Tiles, rule: StripRule, *, scale: float, enable_gqa: bool):
+    """The same call as dense masked attention in torch ops (any device and dtype, differentiable): the
+    reference twin of :func:`flex_strip_attention` that tests run forward and backward on the CPU. It
+    keeps the pairs of full tiles and the pairs of partial tiles that the trimmed rule allows, exactly
+    what the fused kernel visits on CUDA."""
+    if enable_gqa:
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    t = tiles.tile
+    full = tiles.full.repeat_interleave(t, 1).repeat_interleave(t, 2).to(q.device)
+    partial = tiles.partial.repeat_interleave(t, 1).repeat_interleave(t, 2).to(q.device)
+    allowed = full | (partial & rule.dense(q.shape[1], tiles.needs_layout, tiles.needs_segment))
+    scores = torch.einsum("bhnd,bhmd->bhnm", q, k) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    weights = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0)[..., None])
+    return torch.einsum("bhnm,bhmd->bhnd", weights, v), lse

@@ -1,0 +1,228 @@
+"""The gather path: allowed tiles gathered into dense blocks for any registered kernel, on one process or
+as a sparse ring over a process group (a rank sends exactly the key/value rows some query tile of
+the receiver needs, nothing at all when no tile needs them)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ring_core.engine import Accumulator, BlockKernel, BlockSchedule
+from ring_core.ring import Exchange, RingComm, RingCommStats
+
+from .plan import CAUSAL, MASKED, Group, Plan
+
+
+@dataclass(repr=False)
+class CommStats(RingCommStats):
+    """Bytes of key/value rows (and their gradients) this rank sent and received.
+
+    A :class:`~ring_core.RingCommStats` (``forward_bytes``, ``backward_bytes``, ``total_bytes``,
+    ``peer_bytes`` count what was sent; they accumulate over the calls that share these stats)
+    that also counts what was received; :attr:`sent` and :attr:`received` give both per phase.
+    """
+
+    received: dict[str, int] = field(default_factory=lambda: {"forward": 0, "backward": 0})
+
+    @property
+    def sent(self) -> dict[str, int]:
+        return {"forward": self.forward_bytes, "backward": self.backward_bytes}
+
+    @property
+    def total_sent(self) -> int:
+        return sum(self.sent.values())
+
+    @property
+    def total_received(self) -> int:
+        return sum(self.received.values())
+
+    def reset(self) -> None:
+        super().reset()
+        self.received = {"forward": 0, "backward": 0}
+
+    def __repr__(self) -> str:
+        return f"CommStats(sent={self.sent}, received={self.received})"
+
+
+def _gather_rows(x: torch.Tensor, heads: slice | torch.Tensor, rows: torch.Tensor, groups: int) -> torch.Tensor:
+    """``x[:, rows, heads]`` as ``(B*G, rows/G, h, D)``."""
+    if isinstance(heads, slice):
+        y = x[:, :, heads].index_select(1, rows)
+    else:
+        y = x.index_select(1, rows).index_select(2, heads)
+    return y.reshape(x.shape[0] * groups, -1, y.shape[2], y.shape[3])
+
+
+def _add_rows(target: torch.Tensor, heads: slice | torch.Tensor, rows: torch.Tensor, grad: torch.Tensor) -> None:
+    """``target[:, rows, heads] += grad`` (``grad``: ``(B, G, rows/G, h, D)``), repeated rows accumulated."""
+    b = target.shape[0]
+    grad = grad.reshape(b, rows.numel(), grad.shape[-2], grad.shape[-1]).to(target.dtype)
+    if isinstance(heads, slice):
+        target[:, :, heads].index_add_(1, rows, grad)
+    else:
+        index = (torch.arange(b, device=rows.device)[:, None, None], rows[None, :, None], heads[None, None, :])
+        target.index_put_(index, grad, accumulate=True)
+
+
+class BlockSparseSchedule(BlockSchedule):
+    """Runs a :class:`Plan`: local tiles first, then each source rank's rows as they arrive."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        kernel: BlockKernel,
+        masked_kernel: BlockKernel,
+        *,
+        key_padding_mask: torch.Tensor | None,
+        group: Any = None,
+        stats: CommStats | None = None,
+    ) -> None:
+        """``plan.backward_groups`` (batched by key tile) serve the backward when present and
+        there is no dropout (dropout masks follow the forward's batching)."""
+        self.plan = plan
+        self.kernel, self.masked_kernel = kernel, masked_kernel
+        self.key_padding_mask = key_padding_mask
+        self.group = group
+        self.stats = stats or CommStats()
+        self.comm = RingComm(group, plan.rank, plan.world_size, self.stats)
+
+    # -- communication -----------------------------------------------------------
+    def _exchange(
+        self, phase: str, send: torch.Tensor | None, send_to: int, recv_numel: int, recv_from: int, like: torch.Tensor
+    ) -> Exchange:
+        """:meth:`RingComm.exchange` in ``phase`` (bytes accumulate, never reset), counting the received bytes too."""
+        self.comm.phase = phase
+        exchange = self.comm.exchange(send, send_to, recv_numel, recv_from, like)
+        if exchange.recv is not None:
+            self.stats.received[phase] += exchange.recv.numel() * exchange.recv.element_size()
+        return exchange
+
+    def _sources(self, k: torch.Tensor, v: torch.Tensor, phase: str):
+        """Yield ``(source, k_buf, v_buf, padding_buf)`` per ring step (buffers ``None`` when
+        nothing comes from that rank), prefetching the next step's rows while this one computes."""
+        plan = self.plan
+        world = plan.world_size
+        pending = self._post_kv(k, v, 1, phase) if world > 1 else None
+        yield plan.rank, k, v, self.key_padding_mask
+        for step in range(1, world):
+            source, shape, kv_exchange, pad_exchange = pending
+            kv = kv_exchange.wait()
+            pad = None if pad_exchange is None else pad_exchange.wait()
+            pending = self._post_kv(k, v, step + 1, phase) if step + 1 < world else None
+            if kv is None:
+                yield source, None, None, None
+            else:
+                d = k.shape[-1]
+                kv = kv.view(shape)
+                yield source, kv[..., :d], kv[..., d:], None if pad is None else pad.view(shape[:2]).bool()
+
+    def _post_kv(self, k: torch.Tensor, v: torch.Tensor, step: int, phase: str):
+        """Post this step's rows: K|V (one flat buffer) and, with padding, the uint8 padding flags (a second one)."""
+        plan = self.plan
+        source, dest = (plan.rank - step) % plan.world_size, (plan.rank + step) % plan.world_size
+        pad = self.key_padding_mask
+        rows = plan.send_rows[dest]
+        send = pad_send = None
+        if rows.numel():
+            send = torch.cat([k.index_select(1, rows), v.index_select(1, rows)], -1).view(-1)
+            if pad is not None:
+                pad_send = pad.index_select(1, rows).to(torch.uint8).view(-1)
+        b, _, h, d = k.shape
+        shape = (b, plan.recv_positions[source].numel(), h, d + v.shape[-1])
+        kv_exchange = self._exchange(phase, send, dest, math.prod(shape), source, k)
+        pad_exchange = None
+        if pad is not None:
+            flags = torch.empty(0, dtype=torch.uint8, device=k.device)
+            pad_exchange = self._exchange(phase, pad_send, dest, math.prod(shape[:2]), source, flags)
+        return source, shape, kv_exchange, pad_exchange
+
+    # -- per group -----------------------------------------------------------------
+    def _call_args(self, g: Group, pad: torch.Tensor | None, b: int) -> tuple[BlockKernel, dict]:
+        groups, _, kk = g.shape
+        mask = None
+        if pad is not None:
+            mask = ~pad.index_select(1, g.k_rows).view(b, groups, 1, 1, kk)
+        if g.mask is not None:
+            mask = g.mask.expand(b, *g.mask.shape) if mask is None else g.mask[None] & mask
+        if mask is not None:
+            mask = mask.reshape(b * groups, *mask.shape[2:])
+        kernel = self.masked_kernel if g.category == MASKED else self.kernel
+        return kernel, {"causal": g.category == CAUSAL, "mask": mask, "block_id": g.block_id}
+
+    def forward(self, q, k, v, acc: Accumulator) -> None:
+        b = q.shape[0]
+        self.stats.calls += 1
+        for source, k_buf, v_buf, pad in self._sources(k, v, "forward"):
+            for g in self.plan.groups[source] if k_buf is not None else ():
+                groups, tq, _ = g.shape
+                kernel, args = self._call_args(g, pad, b)
+                out, lse = kernel.backend.forward(
+                    _gather_rows(q, g.heads, g.q_rows, groups),
+                    _gather_rows(k_buf, g.kv_heads, g.k_rows, groups),
+                    _gather_rows(v_buf, g.kv_heads, g.k_rows, groups),
+                    scale=kernel.scale, causal=args["causal"], mask=args["mask"],
+                    dropout_p=kernel.dropout_p, seed=kernel.seed + g.block_id,
+                )  # fmt: skip
+                h = out.shape[2]
+                rows = g.q_rows[: g.real * tq]  # padded entries are dropped here
+                out = out.unflatten(0, (b, groups))[:, : g.real].reshape(b, -1, h, out.shape[-1])
+                lse = lse.unflatten(0, (b, groups))[:, : g.real].transpose(2, 3).reshape(b, -1, h)
+                out_rows = acc.out[:, :, g.heads].index_select(1, rows)
+                lse_rows = acc.lse[:, :, g.heads].index_select(1, rows)
+                kernel.backend.merge(out_rows, lse_rows, out, lse)
+                acc.out[:, :, g.heads].index_copy_(1, rows, out_rows)
+                acc.lse[:, :, g.heads].index_copy_(1, rows, lse_rows)
+
+    def backward(self, q, k, v, out, lse, dout, grads) -> None:
+        plan, b = self.plan, q.shape[0]
+        dq, dk, dv = grads
+        d = k.shape[-1]
+        returning = []
+        table = plan.groups
+        if plan.backward_groups is not None and self.kernel.dropout_p == 0:
+            table = plan.backward_groups
+        for source, k_buf, v_buf, pad in self._sources(k, v, "backward"):
+            dkv = None
+            if source == plan.rank:
+                dk_buf, dv_buf = dk, dv
+            elif k_buf is not None:
+                shape = (*k_buf.shape[:3], d + v_buf.shape[3])
+                dkv = self.comm.empty("grad", math.prod(shape), dk).zero_().view(shape)
+                dk_buf, dv_buf = dkv[..., :d], dkv[..., d:]
+            for g in table[source] if k_buf is not None else ():
+                groups = g.shape[0]
+                kernel, args = self._call_args(g, pad, b)
+                lse_rows = lse[:, :, g.heads].index_select(1, g.q_rows)
+                block_dq, block_dk, block_dv = kernel.backward(
+                    _gather_rows(dout, g.heads, g.q_rows, groups),
+                    _gather_rows(q, g.heads, g.q_rows, groups),
+                    _gather_rows(k_buf, g.kv_heads, g.k_rows, groups),
+                    _gather_rows(v_buf, g.kv_heads, g.k_rows, groups),
+                    _gather_rows(out, g.heads, g.q_rows, groups),
+                    lse_rows.reshape(b * groups, -1, lse_rows.shape[-1]),
+                    **args,
+                )
+                real, tq, kk = g.real, g.shape[1], g.shape[2]  # padded entries are dropped here
+                _add_rows(dq, g.heads, g.q_rows[: real * tq], block_dq.unflatten(0, (b, groups))[:, :real])
+                _add_rows(dk_buf, g.kv_heads, g.k_rows[: real * kk], block_dk.unflatten(0, (b, groups))[:, :real])
+                _add_rows(dv_buf, g.kv_heads, g.k_rows[: real * kk], block_dv.unflatten(0, (b, groups))[:, :real])
+            if source != plan.rank:
+                returning.append(self._post_grads(dkv, source, dk, v.shape[-1]))
+        for exchange, shape, rows in returning:
+            received = exchange.wait()
+            if received is not None:
+                received = received.view(shape)
+                dk.index_add_(1, rows, received[..., :d])
+                dv.index_add_(1, rows, received[..., d:])
+
+    def _post_grads(self, dkv: torch.Tensor | None, source: int, dk: torch.Tensor, value_dim: int):
+        """Send the gradients of ``source``'s rows back; receive ours from the rank we sent rows to."""
+        plan = self.plan
+        dest = (2 * plan.rank - source) % plan.world_size  # the rank that got our rows at this step
+        rows = plan.send_rows[dest]
+        shape = (dk.shape[0], rows.numel(), dk.shape[2], dk.shape[3] + value_dim)
+        send = None if dkv is None else dkv.view(-1)
+        return self._exchange("backward", send, source, math.prod(shape), dest, dk), shape, rows

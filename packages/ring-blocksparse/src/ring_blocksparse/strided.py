@@ -1,0 +1,426 @@
+"""Block-sparse dilated attention on strips: one fused kernel call per branch offset, merged by LSE.
+
+Every branch offset is a :class:`StripCall`: strided views of ``q`` and of a key/value buffer (no
+gather), the tiles its layout, segments and causality allow, and either a FlexAttention
+``BlockMask`` over them or, when the strip is "dense" (every allowed pair is "same run of
+the strip", every such pair allowed: plain dilated segments, non-overlapping windows), the dense
+kernel of the registry (cuDNN on Hopper) over runs of the strip. Outputs merge by their
+log-sum-exps into one accumulator.
+
+Backward: a dense call takes the final ``out``/``lse`` (the engine's rule). A FlexAttention call
+is differentiated through its own ``(o, lse)``: with ``w = exp(lse_call - lse)`` the incoming
+gradients ``w * dout`` for ``o`` and ``w * rowsum(dout * (o - out))`` for ``lse_call`` make its
+backward exactly the block's contribution under the final softmax (FlexAttention supports
+gradients through its LSE). On one process the forward's graphs are kept (no recomputation);
+each ring step recomputes its calls instead, so memory stays one shard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ring_core.dilated import Branch
+from ring_core.engine import Accumulator, BlockKernel
+from ring_core.sharding import shard_positions
+
+from .flex import (
+    StripRule,
+    flex_strip_attention,
+    kernel_options_for,
+    math_strip_attention,
+    strip_block_mask,
+    tile_for,
+)
+from .gather import BlockSparseSchedule
+from .strips import Strip, Tiles, classify, needed_rows, runs, strip_of
+
+SPARSE_KERNELS = ("flex", "math")
+
+
+@dataclass
+class StripCall:
+    """One kernel call: a query strip against a key strip, for some heads of one branch offset."""
+
+    q: Strip
+    k: Strip
+    heads: slice
+    kv: slice | torch.Tensor  # key/value heads: a slice, or one index per query head
+    gqa: bool  # ``kv`` is a slice whose heads each serve a group of query heads
+    causal: bool
+    covering: bool  # every row and head of q, k and v, in order (the first such call writes the results)
+    tiles: Tiles
+    rule: StripRule
+    run: int | None = None  # dense: the registry's kernel over runs of this many strip rows
+    block_mask: Any = None
+    kernel_options: dict | None = None
+
+    def q_view(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, n, h, ...)`` strided view of a ``(B, N, H, ...)`` query-side tensor."""
+        return x[:, self.q.rows, self.heads]
+
+    def kv_leaf(self, x: torch.Tensor) -> torch.Tensor:
+        """The strided view of a key/value buffer that this call reads (its gradient lands there)."""
+        rows = x[:, self.k.rows]
+        return rows[:, :, self.kv] if isinstance(self.kv, slice) else rows
+
+    def kv_input(self, leaf: torch.Tensor) -> torch.Tensor:
+        return leaf if isinstance(self.kv, slice) else leaf.index_select(2, self.kv)
+
+
+def _kv_heads(heads: slice, num_heads: int, num_kv_heads: int, device) -> tuple[slice | torch.Tensor, bool]:
+    groups = num_heads // num_kv_heads
+    index = torch.arange(num_heads)[heads] // groups
+    if groups == 1:
+        return heads, False
+    steps = index.diff()
+    if index.numel() == 1 or bool((steps == steps[0]).all() and steps[0] > 0):
+        step = int(steps[0]) if index.numel() > 1 else 1
+        return slice(int(index[0]), int(index[-1]) + 1, step), False
+    values, counts = torch.unique_consecutive(index, return_counts=True)
+    if bool((counts == counts[0]).all() and (values.diff() == 1).all()):
+        return slice(int(values[0]), int(values[-1]) + 1), True
+    return index.to(device), False
+
+
+def strip_calls(
+    q_positions: torch.Tensor,
+    k_positions: torch.Tensor,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    branch_list: Sequence[Branch],
+    block_size: int,
+    layout: torch.Tensor | None,
+    causal: bool,
+    q: torch.Tensor,
+    dense: bool = True,
+    masks: bool = True,
+    tile: int | None = None,
+    kernel_options: dict | None = None,
+) -> list[StripCall]:
+    """The calls of a query buffer holding ``q_positions`` against a key buffer holding ``k_positions``.
+
+    ``dense``: run dense strips through the registry's kernel; ``masks``: build the block masks
+    (not needed to know only which rows are read); ``tile`` overrides the kernel's tile (tests).
+    """
+    calls = []
+    for branch in branch_list:
+        rate = branch.rate
+        for offset in range(rate):
+            first = branch.head_start + (offset - branch.head_start) % rate
+            if first >= branch.head_stop:
+                continue
+            qs, ks = strip_of(q_positions, offset, rate), strip_of(k_positions, offset, rate)
+            if qs is None or ks is None:
+                raise ValueError(f"the shards do not split into strips of rate {rate} (chunks must start at multiples)")
+            if not len(qs) or not len(ks):
+                continue
+            heads = slice(first, branch.head_stop, rate)
+            call_layout = layout
+            if layout is not None and layout.shape[0] > 1:
+                call_layout = layout[heads]
+            tiles = classify(
+                qs, ks, call_layout, block_size=block_size, segment=branch.segment, causal=causal,
+                tile=tile or tile_for(q.device, block_size, rate),
+            )  # fmt: skip
+            if tiles.empty:
+                continue
+            kv, gqa = _kv_heads(heads, num_heads, num_kv_heads, q.device)
+            covering = (
+                rate == 1
+                and heads == slice(0, num_heads, 1)
+                and len(qs) == len(q_positions)
+                and len(ks) == len(k_positions)
+            )
+            rule = StripRule(
+                qs, ks, call_layout, block_size=block_size, segment=branch.segment, causal=causal, device=q.device
+            )
+            call = StripCall(qs, ks, heads, kv, gqa, causal, covering, tiles, rule)
+            if dense:
+                call.run = runs(tiles, qs, ks)
+            if masks and call.run is None:
+                call.block_mask, flags = strip_block_mask(tiles, rule, len(qs), len(ks), q.device)
+                call.kernel_options = kernel_options_for(q, flags, kernel_options)
+            calls.append(call)
+    calls.sort(key=lambda call: not call.covering)
+    return calls
+
+
+@dataclass
+class StripRun:
+    """What one call of the strip path needs besides the tensors."""
+
+    calls: list[StripCall]
+    kernel: BlockKernel  # the registry's kernel: dense strips, and the merges
+    sparse: str = "flex"  # "flex" (FlexAttention) or "math" (its dense twin: tests, CPU backward)
+    grad: bool = True  # keep each FlexAttention call's graph for the backward
+    saved: list = field(default_factory=list)
+
+
+def sparse_forward(run: StripRun, call: StripCall, q, k, v, *, grad: bool):
+    """One FlexAttention call: ``(o (B, h, n, D), lse (B, h, n), leaves)``; with ``grad`` the graph from the
+    leaves (the views the gradients land in) to ``o`` and ``lse`` is kept."""
+    leaves = tuple(x.detach().requires_grad_(grad) for x in (call.q_view(q), call.kv_leaf(k), call.kv_leaf(v)))
+    with torch.set_grad_enabled(grad):
+        qt, kt, vt = (x.transpose(1, 2) for x in (leaves[0], call.kv_input(leaves[1]), call.kv_input(leaves[2])))
+        scale = run.kernel.scale
+        if run.sparse == "math":
+            o, lse = math_strip_attention(qt, kt, vt, call.tiles, call.rule, scale=scale, enable_gqa=call.gqa)
+        else:
+            o, lse = flex_strip_attention(
+                qt, kt, vt, call.block_mask, scale=scale, enable_gqa=call.gqa, kernel_options=call.kernel_options
+            )
+    return o, lse, leaves
+
+
+def sparse_backward(call: StripCall, o, lse_call, leaves, dout, out, lse):
+    """The exact ``(dq, dk, dv)`` of one FlexAttention call under the final ``out``/``lse`` (module docstring)."""
+    final = call.q_view(lse).transpose(1, 2)
+    weight = torch.exp(lse_call - final.masked_fill(torch.isinf(final), 0)).masked_fill(torch.isinf(final), 0)
+    do = call.q_view(dout).transpose(1, 2)
+    acc = weight.dtype
+    grad_out = (do.to(acc) * weight[..., None]).to(o.dtype)
+    grad_lse = weight * (do.to(acc) * (o.to(acc) - call.q_view(out).transpose(1, 2).to(acc))).sum(-1)
+    return torch.autograd.grad((o, lse_call), leaves, (grad_out, grad_lse))
+
+
+def _segments(x: torch.Tensor, length: int):
+    """``x`` (``(B, n, ...)``) cut into runs of ``length`` rows: ``[(rows, (B*nseg, length, ...) view)]``."""
+    n = x.shape[1]
+    full = n - n % length
+    for start, stop, size in ((0, full, length), (full, n, n - full)):
+        if stop > start:
+            yield slice(start, stop), x[:, start:stop].unflatten(1, (-1, size)).flatten(0, 1)
+
+
+def _dense_kv(call: StripCall, x: torch.Tensor, heads: int) -> torch.Tensor:
+    kv = call.kv_input(call.kv_leaf(x))
+    return kv.repeat_interleave(heads // kv.shape[2], 2) if kv.shape[2] != heads else kv
+
+
+def _fold_kv(call: StripCall, grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """A dense call's per-query-head key/value gradient summed back onto its key/value heads."""
+    if call.gqa:
+        return grad.unflatten(2, (kv_heads, -1)).sum(3)
+    if not isinstance(call.kv, slice):
+        folded = grad.new_zeros(*grad.shape[:2], kv_heads, grad.shape[-1])
+        return folded.index_add_(2, call.kv, grad)
+    return grad
+
+
+class _StripAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, run: StripRun, q, k, v):  # type: ignore[override]
+        b, n, h, _ = q.shape
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else acc
+        grad = run.grad
+        backend = run.kernel.backend
+        lse = torch.full((b, n, h), float("-inf"), dtype=acc, device=q.device)
+        covered = bool(run.calls) and run.calls[0].covering
+        out = (torch.empty if covered else torch.zeros)(b, n, h, v.shape[-1], dtype=out_dtype, device=q.device)
+        run.saved = []
+        for index, call in enumerate(run.calls):
+            write = index == 0 and covered
+            if call.run is not None:
+                pieces = _dense_pieces(run, call, q, k, v)
+                run.saved.append(None)
+            else:
+                o, lse_call, leaves = sparse_forward(run, call, q, k, v, grad=grad)
+                pieces = [(slice(None), o.transpose(1, 2), lse_call.transpose(1, 2))]
+                run.saved.append((o, lse_call, leaves) if grad else None)
+            for rows, o_rows, lse_rows in pieces:
+                out_view, lse_view = call.q_view(out)[:, rows], call.q_view(lse)[:, rows]
+                if write:
+                    out_view.copy_(o_rows.reshape(out_view.shape))
+                    lse_view.copy_(lse_rows.reshape(lse_view.shape))
+                else:
+                    backend.merge(out_view, lse_view, o_rows.reshape(out_view.shape), lse_rows.reshape(lse_view.shape))
+        ctx.run = run
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):  # type: ignore[override]
+        run: StripRun = ctx.run
+        q, k, v, out, lse = ctx.saved_tensors
+        dout = dout.contiguous()
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        grad_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else acc
+        grads: list[torch.Tensor | None] = [None, None, None]
+        backend = run.kernel.backend
+        for index, (call, saved) in enumerate(zip(run.calls, run.saved)):
+            if call.run is not None:
+                blocks = _dense_backward(run, call, q, k, v, out, lse, dout)
+            else:
+                o, lse_call, leaves = saved
+                blocks = [(slice(None), *sparse_backward(call, o, lse_call, leaves, dout, out, lse))]
+            for i, (x, view) in enumerate(((q, call.q_view), (k, call.kv_leaf), (v, call.kv_leaf))):
+                for rows, *parts in blocks:
+                    part = parts[i]
+                    if grads[i] is None and index == 0 and call.covering and part.dtype == grad_dtype:
+                        grads[i] = part.reshape(x.shape)  # the covering call's gradient is where the others add
+                        continue
+                    if grads[i] is None:
+                        grads[i] = torch.zeros(x.shape, dtype=grad_dtype, device=x.device)
+                    target = view(grads[i])[:, rows]
+                    backend.accumulate(target, part.reshape(target.shape))
+        run.saved = []
+        zeros = [torch.zeros_like(x) if g is None else g.to(x.dtype) for x, g in zip((q, k, v), grads)]
+        return None, *zeros
+
+
+def _dense_pieces(run: StripRun, call: StripCall, q, k, v):
+    """A dense call forward: ``[(rows of the strip, out (B', L, h, D), lse (B', L, h))]`` per run length."""
+    kernel = run.kernel
+    heads = call.q_view(q).shape[2]
+    kk, vv = _dense_kv(call, k, heads), _dense_kv(call, v, heads)
+    pieces = []
+    for (rows, qs), (_, ks), (_, vs) in zip(*(_segments(x, call.run) for x in (call.q_view(q), kk, vv))):
+        o, lse = kernel.backend.forward(qs, ks, vs, scale=kernel.scale, causal=call.causal)
+        pieces.append((rows, o, lse.transpose(1, 2)))
+    return pieces
+
+
+def _dense_backward(run: StripRun, call: StripCall, q, k, v, out, lse, dout):
+    kernel = run.kernel
+    heads = call.q_view(q).shape[2]
+    kk, vv = _dense_kv(call, k, heads), _dense_kv(call, v, heads)
+    blocks = []
+    views = (call.q_view(dout), call.q_view(q), kk, vv, call.q_view(out), call.q_view(lse))
+    for pieces in zip(*(_segments(x, call.run) for x in views)):
+        rows = pieces[0][0]
+        do, qs, ks, vs, os, ls = (piece for _, piece in pieces)
+        bq, bk, bv = kernel.backend.backward(
+            do, qs, ks, vs, os, ls.transpose(1, 2), scale=kernel.scale, causal=call.causal
+        )
+        b = q.shape[0]
+        bk, bv = (_fold_kv(call, x.unflatten(0, (b, -1)).flatten(1, 2), k.shape[2]) for x in (bk, bv))
+        blocks.append((rows, bq.unflatten(0, (b, -1)).flatten(1, 2), bk, bv))
+    return blocks
+
+
+def strip_attention(q, k, v, run: StripRun) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out`` (B, N, H, D) and ``lse`` (B, N, H) of the calls in ``run`` (one process)."""
+    run.grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    out, lse = _StripAttention.apply(run, q, k, v)
+    return out.to(q.dtype), lse
+
+
+@dataclass
+class StripPlan:
+    """One rank's ring: its calls per source rank and the rows that travel (in the source's row order)."""
+
+    rank: int
+    world_size: int
+    shard_len: int
+    calls: dict[int, list[StripCall]]
+    recv_rows: dict[int, torch.Tensor]  # source -> rows of the source's shard this rank receives
+    send_rows: dict[int, torch.Tensor]  # destination -> local rows sent
+    recv_positions: dict[int, torch.Tensor]  # source -> global positions received (same order)
+
+    def to(self, device) -> StripPlan:
+        self.recv_rows = {s: r.to(device) for s, r in self.recv_rows.items()}
+        self.send_rows = {d: r.to(device) for d, r in self.send_rows.items()}
+        return self
+
+
+def build_strip_plan(
+    *, seq_len: int, rank: int, world_size: int, layout_kind: str, q: torch.Tensor, **call_options
+) -> StripPlan:
+    """The plan of ``rank``: its calls against every shard, and which rows each pair of ranks exchanges.
+
+    Every rank computes the same exchange for every pair, so sends and receives match without talking.
+    """
+    positions = [shard_positions(seq_len, r, world_size, layout_kind) for r in range(world_size)]
+    options = dict(call_options, q=q, dense=world_size == 1)  # dense strips: one process only
+    calls, recv_rows, send_rows, recv_positions = {}, {}, {}, {}
+    for source in range(world_size):
+        calls[source] = strip_calls(positions[rank], positions[source], **options)
+        if source != rank:
+            rows = needed_rows([(c.tiles, c.k) for c in calls[source]], len(positions[source]))
+            recv_rows[source], recv_positions[source] = rows, positions[source][rows]
+            theirs = strip_calls(positions[source], positions[rank], **dict(options, masks=False))
+            send_rows[source] = needed_rows([(c.tiles, c.k) for c in theirs], len(positions[rank]))
+    return StripPlan(rank, world_size, len(positions[rank]), calls, recv_rows, send_rows, recv_positions).to(q.device)
+
+
+class StripRingSchedule(BlockSparseSchedule):
+    """The sparse ring with every step on the strip kernels: the rows received from a rank are put back at
+    their rows of that rank's shard (a buffer read only where the block masks allow), so each step is
+    the same calls as on one GPU; the backward recomputes each step's calls (memory stays one shard)."""
+
+    def __init__(self, plan: StripPlan, kernel: BlockKernel, *, group: Any = None, stats=None, sparse: str = "flex"):
+        super().__init__(plan, kernel, kernel, key_padding_mask=None, group=group, stats=stats)
+        self.run = StripRun([], kernel, sparse)
+
+    def _shard_buffers(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, _, h, _ = k.shape
+        shape = (b, self.plan.shard_len, h)
+        return k.new_zeros(*shape, k.shape[-1]), v.new_zeros(*shape, v.shape[-1])
+
+    def place(self, source: int, k_buf, v_buf, shard: tuple[torch.Tensor, torch.Tensor]):
+        """The source's shard as this step sees it: received rows at their rows, the rest untouched (finite)."""
+        if source == self.plan.rank:
+            return k_buf, v_buf
+        rows = self.plan.recv_rows[source]
+        shard[0].index_copy_(1, rows, k_buf)
+        shard[1].index_copy_(1, rows, v_buf)
+        return shard
+
+    def forward_step(self, q, calls, kb, vb, acc: Accumulator) -> None:
+        for call in calls:
+            o, lse, _ = sparse_forward(self.run, call, q, kb, vb, grad=False)
+            self.kernel.backend.merge(
+                call.q_view(acc.out), call.q_view(acc.lse), o.transpose(1, 2), lse.transpose(1, 2)
+            )
+
+    def backward_step(self, q, calls, kb, vb, out, lse, dout, dq, dkb, dvb) -> None:
+        accumulate = self.kernel.backend.accumulate
+        for call in calls:
+            o, lse_call, leaves = sparse_forward(self.run, call, q, kb, vb, grad=True)
+            bq, bk, bv = sparse_backward(call, o, lse_call, leaves, dout, out, lse)
+            accumulate(call.q_view(dq), bq)
+            accumulate(call.kv_leaf(dkb), bk)
+            accumulate(call.kv_leaf(dvb), bv)
+
+    def forward(self, q, k, v, acc: Accumulator) -> None:
+        self.stats.calls += 1
+        shard = self._shard_buffers(k, v)
+        for source, k_buf, v_buf, _ in self._sources(k, v, "forward"):
+            if k_buf is not None and self.plan.calls[source]:
+                kb, vb = self.place(source, k_buf, v_buf, shard)
+                self.forward_step(q, self.plan.calls[source], kb, vb, acc)
+
+    def backward(self, q, k, v, out, lse, dout, grads) -> None:
+        plan = self.plan
+        dq, dk, dv = grads
+        d = k.shape[-1]
+        shard = self._shard_buffers(k, v)
+        returning = []
+        for source, k_buf, v_buf, _ in self._sources(k, v, "backward"):
+            dkv = None
+            if source == plan.rank:
+                self.backward_step(q, plan.calls[source], k, v, out, lse, dout, dq, dk, dv)
+            elif k_buf is not None:
+                kb, vb = self.place(source, k_buf, v_buf, shard)
+                dkb, dvb = torch.zeros_like(kb, dtype=dk.dtype), torch.zeros_like(vb, dtype=dv.dtype)
+                self.backward_step(q, plan.calls[source], kb, vb, out, lse, dout, dq, dkb, dvb)
+                rows = plan.recv_rows[source]
+                shape = (*k_buf.shape[:3], d + v_buf.shape[3])
+                dkv = self.comm.empty("grad", shape[0] * shape[1] * shape[2] * shape[3], dk).view(shape)
+                dkv[..., :d] = dkb.index_select(1, rows)
+                dkv[..., d:] = dvb.index_select(1, rows)
+            if source != plan.rank:
+                returning.append(self._post_grads(dkv, source, dk, v.shape[-1]))
+        for exchange, shape, rows in returning:
+            received = exchange.wait()
+            if received is not None:
+                received = received.view(shape)
+                dk.index_add_(1, rows, received[..., :d])
+                dv.index_add_(1, rows, received[..., d:])

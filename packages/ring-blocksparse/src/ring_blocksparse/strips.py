@@ -1,0 +1,161 @@
+"""Strips: the dilated branches as strided views, and which of their tiles a fused kernel must visit.
+
+For branch ``(w, r)`` and offset ``o`` the selected positions ``o, o+r, ...`` of a buffer are its
+**strip**: a strided view (row ``j`` of the strip is buffer row ``o + r*j``), no copy. When ``r``
+divides the block size ``b``, a run of ``b/r`` strip rows lies in one layout block, so the block
+layout becomes a block layout of the strip with blocks of ``b/r`` rows, and everything the branch
+allows between two strips is:
+
+    layout[h, blk(q), blk(k)]  and  seg(q) == seg(k)  (and  pos(k) <= pos(q)  when causal)
+
+with ``blk``, ``seg`` and ``pos`` read off the global positions of the rows. A fused kernel visits
+**tiles** of ``tile x tile`` strip rows (FlexAttention's block): each is classified from **units**
+(runs of ``min(b/r, tile)`` rows, each inside one layout block) as ``full`` (every pair allowed:
+no mask evaluated), ``partial`` (some: the exact token rule above decides) or skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FLEX_TILE = 128  # FlexAttention's block on CUDA: its default backward tiles need multiples of 128
+
+
+@dataclass(frozen=True)
+class Strip:
+    """Rows ``offset, offset + rate, ...`` of a buffer whose rows hold ``positions`` (global, int64, CPU)."""
+
+    offset: int
+    rate: int
+    positions: torch.Tensor  # (n,) global positions of the strip's rows
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.offset, None, self.rate)
+
+    def __len__(self) -> int:
+        return self.positions.numel()
+
+
+def strip_of(buffer_positions: torch.Tensor, offset: int, rate: int) -> Strip | None:
+    """The strip of ``buffer_positions`` selected by ``(rate, offset)``; ``None`` if the buffer's rows are not
+    arranged so that the selected positions are every ``rate``-th row from a fixed row (every chunk of
+    the buffer must start at a multiple of ``rate``)."""
+    candidates = (buffer_positions[:rate] % rate == offset).nonzero().flatten()
+    if candidates.numel() == 0:
+        return None
+    first = int(candidates[0])
+    positions = buffer_positions[first::rate]
+    selected = int((buffer_positions % rate == offset).sum())
+    if positions.numel() != selected or bool((positions % rate != offset).any()):
+        return None
+    return Strip(first, rate, positions)
+
+
+@dataclass
+class Tiles:
+    """Which ``tile x tile`` pairs of (query strip, key strip) are full / partial, per head, and per unit pair
+    whether anything is allowed (``unit_any``: what the key side must provide)."""
+
+    full: torch.Tensor  # (h, nq_tiles, nk_tiles) bool
+    partial: torch.Tensor  # (h, nq_tiles, nk_tiles) bool
+    unit_any: torch.Tensor  # (h, nq_units, nk_units) bool
+    unit: int
+    tile: int
+    needs_layout: bool  # partial tiles hold pairs that only the layout forbids
+    needs_segment: bool  # partial tiles hold pairs of different segments
+    one_segment_units: bool  # no unit of either strip crosses a segment boundary
+
+    @property
+    def empty(self) -> bool:
+        return not bool(self.full.any() or self.partial.any())
+
+
+def _units(strip: Strip, unit: int, block_size: int, segment: int):
+    pos = strip.positions.view(-1, unit)
+    first, last = pos[:, 0], pos[:, -1]
+    block = first // block_size
+    if bool((last // block_size != block).any()):
+        raise ValueError(f"a unit of {unit} strip rows crosses a layout block of {block_size}")
+    return block, first // segment, last // segment, first, last
+
+
+def classify(
+    q: Strip,
+    k: Strip,
+    layout: torch.Tensor | None,
+    *,
+    block_size: int,
+    segment: int,
+    causal: bool,
+    tile: int,
+) -> Tiles:
+    """Classify the tiles of ``q x k`` under ``layout`` (bool ``(h or 1, nb, nb)`` for the call's heads, or
+    ``None``: every block), segments of ``segment`` positions and causality."""
+    unit = min(tile, max(1, block_size // q.rate))
+    if tile % unit or len(q) % tile or len(k) % tile:
+        raise ValueError(f"strips of {len(q)} and {len(k)} rows do not split into tiles of {tile} (units {unit})")
+    qb, qs0, qs1, qp0, qp1 = _units(q, unit, block_size, segment)
+    kb, ks0, ks1, kp0, kp1 = _units(k, unit, block_size, segment)
+    if layout is None:
+        lay = torch.ones(1, qb.numel(), kb.numel(), dtype=torch.bool)
+    else:
+        lay = layout.cpu()[:, qb][:, :, kb]
+    seg_any = (qs0[:, None] <= ks1[None, :]) & (ks0[None, :] <= qs1[:, None])
+    seg_all = ((qs0 == qs1)[:, None] & (ks0 == ks1)[None, :]) & (qs0[:, None] == ks0[None, :])
+    any_ = lay & seg_any
+    all_ = lay & seg_all
+    if causal:
+        any_ = any_ & (kp0[None, :] <= qp1[:, None])
+        all_ = all_ & (kp1[None, :] <= qp0[:, None])
+    g, h = tile // unit, any_.shape[0]
+    shape = (h, len(q) // tile, g, len(k) // tile, g)
+    full = all_.reshape(shape).all(4).all(2)
+    partial = any_.reshape(shape).any(4).any(2) & ~full
+    # which terms of the token rule can matter inside partial tiles (the causal one always does)
+    near = partial.repeat_interleave(g, 1).repeat_interleave(g, 2)
+    if causal:
+        near = near & (kp0[None, :] <= qp1[:, None])
+    needs_segment = bool((near & ~seg_all).any())
+    needs_layout = bool((near & ~lay & (seg_any if needs_segment else True)).any())
+    one_segment = bool((qs0 == qs1).all() and (ks0 == ks1).all())
+    return Tiles(full, partial, any_, unit, tile, needs_layout, needs_segment, one_segment)
+
+
+def needed_rows(tiles_and_strips, buffer_len: int) -> torch.Tensor:
+    """Sorted buffer rows that some allowed pair of these calls reads: ``[(tiles, key strip), ...]``."""
+    need = torch.zeros(buffer_len, dtype=torch.bool)
+    for tiles, k in tiles_and_strips:
+        units = tiles.unit_any.any(0).any(0)
+        rows = torch.arange(len(k)).view(-1, tiles.unit)[units].flatten()
+        need[k.offset + k.rate * rows] = True
+    return need.nonzero().flatten()
+
+
+def runs(tiles: Tiles, q: Strip, k: Strip) -> int | None:
+    """The run length (strip rows) when every allowed pair is "same run of the strip" (the strip cut into equal
+    consecutive runs, the last maybe shorter) and every such pair is allowed (up to causality): then a dense
+    kernel over segments of that length computes it exactly. ``None`` otherwise."""
+    if not tiles.one_segment_units or len(q) != len(k) or not torch.equal(q.positions, k.positions):
+        return None
+    a = tiles.unit_any
+    if a.shape[0] > 1 and not bool((a == a[:1]).all()):
+        return None
+    a = a[0]
+    n = a.shape[0]
+    first = a.int().argmax(1)
+    if not bool(a.any(1).all()):
+        return None
+    run = first[:, None] == first[None, :]
+    lower = torch.arange(n)[None, :] <= torch.arange(n)[:, None]
+    if not torch.equal(a, run) and not torch.equal(a, run & lower):
+        return None
+    if not bool((first <= torch.arange(n)).all()) or not bool((first[1:] >= first[:-1]).all()):
+        return None
+    _, lengths = torch.unique_consecutive(first, return_counts=True)
+    length = int(lengths[0])
+    if bool((lengths[:-1] != length).any()) or int(lengths[-1]) > length:
+        return None
+    return length * tiles.unit
