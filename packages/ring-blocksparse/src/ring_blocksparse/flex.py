@@ -150,8 +150,9 @@ def kernel_options_for(q: torch.Tensor, flags: dict[str, bool], user: dict[str, 
 class StripRule:
     """The exact token rule of one strip call, over per-row tensors (layout block, segment, position).
 
-    :meth:`mask_mod` checks the terms asked for (the fused kernel asks it only inside partial tiles);
-    :meth:`dense` evaluates every term on the whole grid (the eager and math kernels).
+    :meth:`mask_mod` checks segment and causality always (cheap per-row reads) and the layout (a
+    read per pair) only where asked: the fused kernel asks it only inside partial tiles, and the
+    layout term is the one variant that compiles apart. :meth:`dense` evaluates it on the whole grid.
     """
 
     def __init__(self, q: Strip, k: Strip, layout, *, block_size: int, segment: int, causal: bool, device) -> None:
@@ -163,20 +164,17 @@ class StripRule:
         self.kblk, self.kseg, self.kpos = rows(k)
         self.layout = None if layout is None else layout.to(device)
         self.causal = causal
+        self.not_causal = torch.tensor(not causal, device=device)
         self.same_strip = torch.equal(q.positions, k.positions)
 
-    def mask_mod(self, layout: bool, segment: bool):
-        """A ``mask_mod`` with the layout / segment terms only where asked (causality always, if causal)."""
-        lay = self.layout if layout and self.layout is not None else None
-        per_head = lay is not None and lay.shape[0] > 1
-        return _rule(
-            lay, self.qblk, self.kblk, self.qseg, self.kseg, self.qpos, self.kpos,
-            segment, self.causal, self.same_strip, per_head,
-        )  # fmt: skip
+    def mask_mod(self, layout: bool = True):
+        """A ``mask_mod``: segment, causality and (if asked and there is one) the layout."""
+        lay = self.layout if layout else None
+        return _rule(lay, self.qblk, self.kblk, self.qseg, self.kseg, self.qpos, self.kpos, self.not_causal)
 
-    def dense(self, heads: int, layout: bool = True, segment: bool = True) -> torch.Tensor:
-        """Bool ``(heads or 1, nq, nk)``: the rule (with the terms asked for) on every pair."""
-        rule = self.mask_mod(layout, segment)
+    def dense(self, heads: int, layout: bool = True) -> torch.Tensor:
+        """Bool ``(heads or 1, nq, nk)``: the rule on every pair."""
+        rule = self.mask_mod(layout)
         n, m = self.qpos.numel(), self.kpos.numel()
         device = self.qpos.device
         h = torch.arange(heads if self.layout is not None and self.layout.shape[0] > 1 else 1, device=device)
@@ -185,16 +183,13 @@ class StripRule:
         return out.expand(h.numel(), n, m)
 
 
-def _rule(lay, qblk, kblk, qseg, kseg, qpos, kpos, segment, causal, same_strip, per_head):
-    # one code object for every call: dynamo matches closures by code, the tensors are graph inputs
+def _rule(lay, qblk, kblk, qseg, kseg, qpos, kpos, not_causal):
+    # One code object for every call (dynamo matches closures by code; the tensors are graph inputs),
+    # so only the shapes and whether the layout is read make separate compiled kernels.
     def mask_mod(b, h, q_idx, kv_idx):
-        ok = kv_idx >= 0
+        ok = (qseg[q_idx] == kseg[kv_idx]) & ((kpos[kv_idx] <= qpos[q_idx]) | not_causal)
         if lay is not None:
-            ok = ok & lay[h if per_head else 0, qblk[q_idx], kblk[kv_idx]]
-        if segment:
-            ok = ok & (qseg[q_idx] == kseg[kv_idx])
-        if causal:
-            ok = ok & ((kv_idx <= q_idx) if same_strip else (kpos[kv_idx] <= qpos[q_idx]))
+            ok = ok & lay[h % lay.shape[0], qblk[q_idx], kblk[kv_idx]]
         return ok
 
     return mask_mod
@@ -211,10 +206,8 @@ def strip_block_mask(tiles: Tiles, rule: StripRule, q_len: int, k_len: int, devi
 
     kv_num, kv_index = blocks(tiles.partial)
     full_num, full_index = blocks(tiles.full)
-    if device.type == "cuda":  # the fused kernel asks the rule only inside partial tiles
-        mask_mod = rule.mask_mod(tiles.needs_layout, tiles.needs_segment)
-    else:  # the eager kernel ignores the tiles and asks the rule everywhere
-        mask_mod = rule.mask_mod(True, True)
+    # the fused kernel asks the rule only inside partial tiles; the eager one ignores the tiles
+    mask_mod = rule.mask_mod(tiles.needs_layout or device.type != "cuda")
     block_mask = BlockMask.from_kv_blocks(
         kv_num, kv_index, full_num, full_index, BLOCK_SIZE=tiles.tile, mask_mod=mask_mod, seq_lengths=(q_len, k_len)
     )
@@ -248,15 +241,15 @@ def flex_strip_attention(q, k, v, block_mask, *, scale: float, enable_gqa: bool,
 def math_strip_attention(q, k, v, tiles: Tiles, rule: StripRule, *, scale: float, enable_gqa: bool):
     """The same call as dense masked attention in torch ops (any device and dtype, differentiable): the
     reference twin of :func:`flex_strip_attention` that tests run forward and backward on the CPU. It
-    keeps the pairs of full tiles and the pairs of partial tiles that the trimmed rule allows, exactly
-    what the fused kernel visits on CUDA."""
+    keeps the pairs of full tiles and the pairs of partial tiles that the rule (without the layout term
+    where the tiles say it cannot matter) allows: exactly what the fused kernel computes on CUDA."""
     if enable_gqa:
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     t = tiles.tile
     full = tiles.full.repeat_interleave(t, 1).repeat_interleave(t, 2).to(q.device)
     partial = tiles.partial.repeat_interleave(t, 1).repeat_interleave(t, 2).to(q.device)
-    allowed = full | (partial & rule.dense(q.shape[1], tiles.needs_layout, tiles.needs_segment))
+    allowed = full | (partial & rule.dense(q.shape[1], tiles.needs_layout))
     scores = torch.einsum("bhnd,bhmd->bhnm", q, k) * scale
     scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, -1)

@@ -64,7 +64,7 @@ class Tiles:
     unit_any: torch.Tensor  # (h, nq_units, nk_units) bool
     unit: int
     tile: int
-    needs_layout: bool  # partial tiles hold pairs that only the layout forbids
+    needs_layout: bool  # partial tiles hold pairs of one segment that the layout forbids
     needs_segment: bool  # partial tiles hold pairs of different segments
     one_segment_units: bool  # no unit of either strip crosses a segment boundary
 
@@ -114,12 +114,12 @@ def classify(
     shape = (h, len(q) // tile, g, len(k) // tile, g)
     full = all_.reshape(shape).all(4).all(2)
     partial = any_.reshape(shape).any(4).any(2) & ~full
-    # which terms of the token rule can matter inside partial tiles (the causal one always does)
+    # which terms of the token rule can matter inside partial tiles
     near = partial.repeat_interleave(g, 1).repeat_interleave(g, 2)
     if causal:
         near = near & (kp0[None, :] <= qp1[:, None])
     needs_segment = bool((near & ~seg_all).any())
-    needs_layout = bool((near & ~lay & (seg_any if needs_segment else True)).any())
+    needs_layout = bool((near & ~lay & seg_any).any())
     one_segment = bool((qs0 == qs1).all() and (ks0 == ks1).all())
     return Tiles(full, partial, any_, unit, tile, needs_layout, needs_segment, one_segment)
 
