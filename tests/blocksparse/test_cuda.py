@@ -24,7 +24,7 @@ def test_bf16_on_gpu(case, transposed):
     """Full tiles go to the fast kernel, masked tiles to a masking one; SPEC.md's bf16 bounds."""
     attn = BlockSparseRingDilatedAttention(
         **case.config, block_size=64, pattern="random", density=0.3, seed=1, per_head=True,
-        transposed_backward=transposed,
+        transposed_backward=transposed, method="gather",
     )  # fmt: skip
     layout = attn.layout_for(case.seq_len, case.heads)
     result = check_attention(
@@ -35,7 +35,7 @@ def test_bf16_on_gpu(case, transposed):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_flex_bf16_on_gpu(causal):
-    """The fused FlexAttention path, forward and backward, per-head layout and GQA."""
+    """The fused FlexAttention path, forward and backward, per-head layout and GQA (causal or not: one kernel)."""
     case = Case("flex", 1024, 4, (1024,), (1,), kv_heads=2, head_dim=64, causal=causal)
     attn = BlockSparseRingDilatedAttention(
         **case.config, block_size=128, pattern="random", density=0.3, seed=2, per_head=True, method="flex"
@@ -60,6 +60,34 @@ def test_flex_band_with_kernel_options_on_gpu():
         attn, case, torch.bfloat16, device="cuda", reference_options={"block_layout": layout, "block_size": 128}
     )
     assert attn.last_method == "flex"
-    options = next(iter(attn._block_masks.values()))[1]
+    options = attn.last_plan.calls[0][0].kernel_options
     assert options["BLOCKS_ARE_CONTIGUOUS"] and options["ROWS_GUARANTEED_SAFE"] and options["fwd_num_stages"] == 2
+    assert result.passed, f"{case}: {result.errors} > {result.tolerance}"
+
+
+def test_strips_with_dilation_on_gpu():
+    """Dilated branches (rates 1, 2, 4) on strips: FlexAttention per branch offset, partial tiles where a
+    kernel tile covers several layout blocks of the strip, GQA, causal; SPEC.md's bf16 bounds."""
+    case = Case("strips", 1024, 4, (256, 512, 1024), (1, 2, 4), kv_heads=2, head_dim=64, causal=True)
+    attn = BlockSparseRingDilatedAttention(
+        **case.config, block_size=128, pattern="random", density=0.3, seed=3, per_head=True, method="flex"
+    )
+    layout = attn.layout_for(case.seq_len, case.heads)
+    result = check_attention(
+        attn, case, torch.bfloat16, device="cuda", reference_options={"block_layout": layout, "block_size": 128}
+    )
+    calls = attn.last_plan.calls[0]
+    assert attn.last_method == "flex" and any(c.tiles.partial.any() and c.tiles.needs_layout for c in calls)
+    assert result.passed, f"{case}: {result.errors} > {result.tolerance}"
+
+
+def test_dense_strips_on_gpu():
+    """Windows that are whole runs of every strip go to the registry's dense kernel (no FlexAttention)."""
+    case = Case("dense-strips", 1024, 4, (256, 1024), (1, 2), kv_heads=2, head_dim=64, causal=True)
+    attn = BlockSparseRingDilatedAttention(**case.config, block_size=128, pattern="local_window", window=256)
+    layout = attn.layout_for(case.seq_len, case.heads)
+    result = check_attention(
+        attn, case, torch.bfloat16, device="cuda", reference_options={"block_layout": layout, "block_size": 128}
+    )
+    assert attn.last_method == "flex" and all(c.run is not None for c in attn.last_plan.calls[0])
     assert result.passed, f"{case}: {result.errors} > {result.tolerance}"

@@ -1,7 +1,8 @@
-"""The FlexAttention path (one process, one rate-1 branch): exact vs the reference, and when it applies.
+"""The FlexAttention path (strips, one process): exact vs the reference, and when it applies.
 
 On the CPU FlexAttention runs eagerly and has no backward, so these check forward only;
-tests/blocksparse/test_cuda.py checks forward and backward of the fused kernel.
+tests/blocksparse/test_strided.py checks the strips forward and backward through the kernel's dense
+twin, and tests/blocksparse/test_cuda.py forward and backward of the fused kernel.
 """
 
 from __future__ import annotations
@@ -27,10 +28,14 @@ pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without to
         (64, 4, 2, 32, True, "random", {"density": 0.5}),  # segments of whole blocks, GQA
         (48, 2, 2, 64, True, "strided", {"stride": 16}),  # a segment longer than N
         (64, 2, 2, 64, True, None, {}),  # no layout: dense causal
+        (64, 4, 2, (12, 32), True, "random", {"density": 0.4, "per_head": True}),  # dilated, segments across blocks
+        (64, 4, 4, (16, 64), False, "local_window", {"window": 20, "sliding": True}),
     ],
 )
 def test_flex_forward_matches_reference(n, heads, kv_heads, segment, causal, pattern, options):
-    attn = BlockSparseRingDilatedAttention([segment], [1], block_size=8, pattern=pattern, method="flex", **options)
+    segments = list(segment) if isinstance(segment, tuple) else [segment]
+    rates = [1, 2][: len(segments)]
+    attn = BlockSparseRingDilatedAttention(segments, rates, block_size=8, pattern=pattern, method="flex", **options)
     generator = torch.Generator().manual_seed(n + heads)
     q = torch.randn(2, n, heads, 8, generator=generator, dtype=torch.float64)
     k, v = (torch.randn(2, n, kv_heads, 8, generator=generator, dtype=torch.float64) for _ in range(2))
@@ -39,7 +44,7 @@ def test_flex_forward_matches_reference(n, heads, kv_heads, segment, causal, pat
     assert attn.last_method == "flex"
     layout = attn.layout_for(n, heads)
     expected = reference_attention(
-        q, k, v, segment_lengths=[segment], dilation_rates=[1], is_causal=causal, block_layout=layout,
+        q, k, v, segment_lengths=segments, dilation_rates=rates, is_causal=causal, block_layout=layout,
         block_size=None if layout is None else 8,
     )  # fmt: skip
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
@@ -58,16 +63,17 @@ def test_flex_rows_with_no_allowed_key_give_zero():
 @pytest.mark.parametrize(
     ("config", "call", "match"),
     [
-        ({"segment_lengths": [8, 16], "dilation_rates": [1, 2]}, {}, r"dilated branches \[8, 16\] / \[1, 2\]"),
-        ({"segment_lengths": [12], "dilation_rates": [1]}, {}, "segment length 12 is not a multiple of block_size 8"),
+        ({"segment_lengths": [8, 24], "dilation_rates": [1, 3]}, {}, "dilation rate 3 does not divide block_size 8"),
+        ({"segment_lengths": [12], "dilation_rates": [1]}, {"n": 36}, "N=36 is not a multiple of rate 1 x tile 8"),
         ({"segment_lengths": [32], "dilation_rates": [1]}, {"pad": True}, "key_padding_mask"),
         ({"segment_lengths": [32], "dilation_rates": [1]}, {"grad": True}, "FlexAttention has no backward on cpu"),
     ],
 )
 def test_flex_says_why_it_cannot_run(config, call, match):
     attn = BlockSparseRingDilatedAttention(**config, block_size=8, method="flex")
-    q = torch.randn(1, 32, 2, 4, requires_grad=call.get("grad", False))
-    mask = torch.zeros(1, 32, dtype=torch.bool) if call.get("pad") else None
+    n = call.get("n", 32)
+    q = torch.randn(1, n, 2, 4, requires_grad=call.get("grad", False))
+    mask = torch.zeros(1, n, dtype=torch.bool) if call.get("pad") else None
     with pytest.raises(ValueError, match=f"method='flex' cannot run this call: .*{match}"):
         attn(q, q, q, key_padding_mask=mask)
 
@@ -85,13 +91,14 @@ def test_auto_uses_gather_on_cpu():
 def test_auto_falls_back_to_gather_when_flex_fails(monkeypatch):
     """'auto' warns once and computes the same result through the gather path; 'flex' raises."""
     import ring_blocksparse.attention as attention
+    import ring_blocksparse.strided as strided
 
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel for this GPU")
 
-    monkeypatch.setattr(attention, "flex_block_sparse", broken)
+    monkeypatch.setattr(strided, "flex_strip_attention", broken)
     monkeypatch.setattr(attention.BlockSparseRingDilatedAttention, "_use_flex", lambda self, *a: not self._flex_failed)
-    attn = BlockSparseRingDilatedAttention([32], [1], block_size=8, pattern="local_window", window=16)
+    attn = BlockSparseRingDilatedAttention([32], [1], block_size=8, pattern="local_window", window=16, sliding=True)
     q = torch.randn(1, 32, 2, 4, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="FlexAttention failed .*no kernel for this GPU.*gather path"):
         out = attn(q, q, q)
@@ -103,19 +110,19 @@ def test_auto_falls_back_to_gather_when_flex_fails(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         attn(q, q, q)  # no second warning: flex is not tried again
-    forced = BlockSparseRingDilatedAttention([32], [1], block_size=8, method="flex")
+    forced = BlockSparseRingDilatedAttention([32], [1], block_size=8, pattern="random", density=0.5, method="flex")
     with pytest.raises(RuntimeError, match="no kernel for this GPU"):
         forced(q, q, q)
 
 
 def _flags(layout: torch.Tensor, causal: bool) -> dict:
-    from ring_blocksparse.flex import build_block_mask
+    from ring_blocksparse.flex import StripRule, strip_block_mask
+    from ring_blocksparse.strips import classify, strip_of
 
-    _, flags = build_block_mask(
-        layout, seq_len=layout.shape[-1] * 8, num_heads=1, block_size=8, segment=1 << 20, causal=causal,
-        device=torch.device("cpu"),
-    )  # fmt: skip
-    return flags
+    strip = strip_of(torch.arange(layout.shape[-1] * 8), 0, 1)
+    tiles = classify(strip, strip, layout, block_size=8, segment=1 << 20, causal=causal, tile=8)
+    rule = StripRule(strip, strip, layout, block_size=8, segment=1 << 20, causal=causal, device="cpu")
+    return strip_block_mask(tiles, rule, len(strip), len(strip), torch.device("cpu"))[1]
 
 
 def test_safe_flags_follow_the_layout():

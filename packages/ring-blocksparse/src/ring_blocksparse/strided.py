@@ -101,11 +101,13 @@ def strip_calls(
     masks: bool = True,
     tile: int | None = None,
     kernel_options: dict | None = None,
+    flags: bool = True,
 ) -> list[StripCall]:
     """The calls of a query buffer holding ``q_positions`` against a key buffer holding ``k_positions``.
 
     ``dense``: run dense strips through the registry's kernel; ``masks``: build the block masks
-    (not needed to know only which rows are read); ``tile`` overrides the kernel's tile (tests).
+    (not needed to know only which rows are read); ``flags``: pass the kernel flags the masks make
+    safe (each distinct set is one more compiled kernel); ``tile`` overrides the kernel's tile (tests).
     """
     calls = []
     for branch in branch_list:
@@ -143,8 +145,8 @@ def strip_calls(
             if dense:
                 call.run = runs(tiles, qs, ks)
             if masks and call.run is None:
-                call.block_mask, flags = strip_block_mask(tiles, rule, len(qs), len(ks), q.device)
-                call.kernel_options = kernel_options_for(q, flags, kernel_options)
+                call.block_mask, safe = strip_block_mask(tiles, rule, len(qs), len(ks), q.device)
+                call.kernel_options = kernel_options_for(q, safe if flags else {}, kernel_options)
             calls.append(call)
     calls.sort(key=lambda call: not call.covering)
     return calls
@@ -381,7 +383,9 @@ def build_strip_plan(
     Every rank computes the same exchange for every pair, so sends and receives match without talking.
     """
     positions = [shard_positions(seq_len, r, world_size, layout_kind) for r in range(world_size)]
-    options = dict(call_options, q=q, dense=world_size == 1)  # dense strips: one process only
+    # dense strips and per-mask kernel flags on one process only: a ring step's flags vary by step,
+    # and each set would compile its own kernel
+    options = dict(call_options, q=q, dense=world_size == 1, flags=world_size == 1)
     calls, recv_rows, send_rows, recv_positions = {}, {}, {}, {}
     for source in range(world_size):
         calls[source] = strip_calls(positions[rank], positions[source], **options)
@@ -402,7 +406,7 @@ class StripRingSchedule(BlockSparseSchedule):
         super().__init__(plan, kernel, kernel, key_padding_mask=None, group=group, stats=stats)
         self.run = StripRun([], kernel, sparse)
 
-    def _shard_buffers(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def shard_buffers(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, _, h, _ = k.shape
         shape = (b, self.plan.shard_len, h)
         return k.new_zeros(*shape, k.shape[-1]), v.new_zeros(*shape, v.shape[-1])
@@ -434,7 +438,7 @@ class StripRingSchedule(BlockSparseSchedule):
 
     def forward(self, q, k, v, acc: Accumulator) -> None:
         self.stats.calls += 1
-        shard = self._shard_buffers(k, v)
+        shard = self.shard_buffers(k, v)
         for source, k_buf, v_buf, _ in self._sources(k, v, "forward"):
             if k_buf is not None and self.plan.calls[source]:
                 kb, vb = self.place(source, k_buf, v_buf, shard)
@@ -444,7 +448,7 @@ class StripRingSchedule(BlockSparseSchedule):
         plan = self.plan
         dq, dk, dv = grads
         d = k.shape[-1]
-        shard = self._shard_buffers(k, v)
+        shard = self.shard_buffers(k, v)
         returning = []
         for source, k_buf, v_buf, _ in self._sources(k, v, "backward"):
             dkv = None

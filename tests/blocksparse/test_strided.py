@@ -1,0 +1,217 @@
+"""Strips (one fused call per dilated branch offset, LSE-merged) vs the float64 reference, forward and backward.
+
+On the CPU the fused kernel has no backward, so these run the strip path through its dense twin
+(``sparse_kernel = "math"``: the same tiles and the same token rule as the fused kernel evaluates);
+the eager FlexAttention forward is checked against the same reference, and the fused kernel on
+the GPU in tests/blocksparse/test_cuda.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.distributed_helpers import run_distributed
+
+from ring_blocksparse import BlockSparseRingDilatedAttention, build_pattern
+from ring_blocksparse.attention import _dense_kernel
+from ring_blocksparse.strided import StripRun, strip_attention, strip_calls
+from ring_blocksparse.strips import classify, runs, strip_of
+from ring_core import reference_attention
+from ring_core.dilated import branches
+from ring_core.sharding import shard_positions, shard_sequence
+from ring_core.testing import Case, check_attention
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+PATTERNS = {
+    "random-per-head": ("random", {"density": 0.3, "seed": 2, "per_head": True}),
+    "band": ("local_window", {"window": 20, "sliding": True}),
+    "windows": ("local_window", {"window": 16}),
+    "dilated-sparse": ("dilated_sparse", {"dilation": 3}),
+    "global-local": ("global_local", {"global_tokens": 3, "window": 8}),
+    "none": (None, {}),
+}
+
+
+def _module(config: dict, block: int, name: str, **extra) -> BlockSparseRingDilatedAttention:
+    pattern, options = PATTERNS[name]
+    attn = BlockSparseRingDilatedAttention(
+        **config, block_size=block, pattern=pattern, method="flex", **options, **extra
+    )
+    attn.sparse_kernel = "math"
+    return attn
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("name", PATTERNS)
+@pytest.mark.parametrize(
+    ("segments", "rates", "kv_heads", "merge"),
+    [((64,), (1,), 4, "lse"), ((12, 32, 64), (1, 2, 4), 2, "lse"), ((16, 64), (2, 4), 1, "head_groups")],
+    ids=["dense", "dilated-gqa", "head-groups-mqa"],
+)
+def test_strips_match_reference(segments, rates, kv_heads, merge, name, causal):
+    """Forward and backward, float64: patterns x branches (segments across blocks, rates 2 and 4, GQA)."""
+    case = Case(f"{name}", 64, 4, segments, rates, kv_heads=kv_heads, merge=merge, causal=causal)
+    attn = _module(case.config, 8, name)
+    result = check_attention(
+        attn, case, torch.float64, reference_options={"block_layout": attn.layout_for(64, 4), "block_size": 8}
+    )
+    assert attn.last_method == "flex"
+    assert result.passed, f"{case}: {result.errors} > {result.tolerance}"
+
+
+@pytest.mark.parametrize("tile", [8, 16, 32])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_tiles_of_several_units(tile, causal):
+    """Kernel tiles larger than a layout block of the strip (the GPU case: 128 rows, blocks of 128/r): full
+    tiles, partial tiles (the rule decides) and skipped ones still give exactly the reference."""
+    n, h, block = 128, 4, 8
+    segments, rates = [24, 64, 128], [1, 2, 4]
+    layout = build_pattern("random", density=0.3, seed=5, per_head=True).layout(n, block, h)
+    generator = torch.Generator().manual_seed(tile)
+    q, k, v, dout = (torch.randn(2, n, h, 8, generator=generator, dtype=torch.float64) for _ in range(4))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    calls = strip_calls(
+        torch.arange(n), torch.arange(n), num_heads=h, num_kv_heads=h, branch_list=branches(segments, rates, "lse", h),
+        block_size=block, layout=layout, causal=causal, q=q, tile=tile,
+    )  # fmt: skip
+    assert any(c.tiles.partial.any() for c in calls) and all(c.tiles.tile == tile for c in calls)
+    out, _ = strip_attention(*leaves, StripRun(calls, _dense_kernel(q, causal, 8**-0.5, None), "math"))
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    expected = reference_attention(
+        *ref_leaves, segment_lengths=segments, dilation_rates=rates, is_causal=causal, block_layout=layout,
+        block_size=block,
+    )  # fmt: skip
+    expected_grads = torch.autograd.grad(expected, ref_leaves, dout)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_tile_classes_are_exact():
+    """Brute force: a full tile has every pair allowed, a skipped tile none, for layout x segments x causality."""
+    n, block, rate, tile = 96, 8, 2, 8
+    layout = build_pattern("random", density=0.4, seed=3).layout(n, block)
+    strip = strip_of(torch.arange(n), 1, rate)
+    pos = strip.positions
+    for segment, causal in ((20, True), (48, False), (96, True)):
+        tiles = classify(strip, strip, layout, block_size=block, segment=segment, causal=causal, tile=tile)
+        allowed = layout[0][pos[:, None] // block, pos[None, :] // block] & (pos[:, None] // segment == pos // segment)
+        if causal:
+            allowed &= pos[None, :] <= pos[:, None]
+        per_tile = allowed.unflatten(0, (-1, tile)).unflatten(2, (-1, tile))
+        assert torch.equal(tiles.full[0], per_tile.all(3).all(1))
+        assert torch.equal(tiles.full[0] | tiles.partial[0], per_tile.any(3).any(1))
+
+
+@pytest.mark.parametrize(
+    ("pattern", "options", "segments", "rates", "expected"),
+    [
+        (None, {}, [16, 64], [1, 2], [16, 32, 32]),  # plain dilated: segments of w / r rows
+        ("local_window", {"window": 16}, [64], [1], [16]),  # windows are segments
+        ("local_window", {"window": 16}, [8, 64], [1, 2], [8, 8, 8]),  # the shorter of window and segment
+        ("local_window", {"window": 16, "sliding": True}, [64], [1], [None]),  # a band is not
+        ("dilated_sparse", {"dilation": 2}, [64], [1], [None]),  # cliques, but not consecutive runs
+    ],
+)
+def test_dense_strips_are_found(pattern, options, segments, rates, expected):
+    """A strip whose allowed pairs are exactly "same run" goes to the registry's dense kernel, others to the
+    fused block-sparse kernel; both ways are exact (test_strips_match_reference)."""
+    layout = None if pattern is None else build_pattern(pattern, **options).layout(64, 8)
+    q = torch.zeros(1, 64, 2, 4)
+    calls = strip_calls(
+        torch.arange(64), torch.arange(64), num_heads=2, num_kv_heads=2, branch_list=branches(segments, rates, "lse", 2),
+        block_size=8, layout=layout, causal=True, q=q,
+    )  # fmt: skip
+    assert [c.run for c in calls] == expected
+    strip = strip_of(torch.arange(64), 0, 1)
+    tiles = classify(strip, strip, None, block_size=8, segment=12, causal=False, tile=8)
+    assert runs(tiles, strip, strip) is None  # segments across units: not a dense strip
+
+
+def test_eager_flex_forward_on_strips():
+    """The eager FlexAttention kernel on the same strips (block masks, rules, LSE merges) as the GPU runs."""
+    case = Case("eager", 64, 4, (12, 32, 64), (1, 2, 4), kv_heads=2, causal=True)
+    attn = _module(case.config, 8, "random-per-head")
+    attn.sparse_kernel = "flex"
+    generator = torch.Generator().manual_seed(9)
+    q = torch.randn(2, 64, 4, 8, generator=generator, dtype=torch.float64)
+    k, v = (torch.randn(2, 64, 2, 8, generator=generator, dtype=torch.float64) for _ in range(2))
+    with torch.no_grad():
+        out = attn(q, k, v, is_causal=True)
+    expected = reference_attention(
+        q, k, v, **case.config, is_causal=True, block_layout=attn.layout_for(64, 4), block_size=8
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+
+
+# the sparse ring on strips: name -> (segments, rates, H, H_kv, block, pattern, causal)
+RING = {
+    "random-dilated-gqa": ((16, 32, 64), (1, 2, 4), 4, 2, 8, "random-per-head", True),
+    "band": ((128,), (1,), 2, 2, 8, "band", False),
+    "windows-in-shards": ((32, 64), (1, 2), 2, 2, 8, "windows", True),
+}
+
+
+def _ring_inputs(name: str):
+    _, _, h, hkv, *_ = RING[name]
+    generator = torch.Generator().manual_seed(len(name))
+    q, dout = (torch.randn(2, 128, h, 4, generator=generator, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(2, 128, hkv, 4, generator=generator, dtype=torch.float64) for _ in range(2))
+    return q, k, v, dout
+
+
+def _ring_rank(rank: int, world_size: int, layouts: list[str]) -> dict:
+    results = {}
+    for layout in layouts:
+        for name, (segments, rates, _, _, block, pattern, causal) in RING.items():
+            q, k, v, dout = _ring_inputs(name)
+            local = [
+                shard_sequence(x, layout, rank=rank, world_size=world_size).clone().requires_grad_() for x in (q, k, v)
+            ]
+            attn = _module({"segment_lengths": segments, "dilation_rates": rates}, block, pattern, layout=layout)
+            out = attn(*local, is_causal=causal)
+            out.backward(shard_sequence(dout, layout, rank=rank, world_size=world_size))
+            results[layout, name] = {
+                "out": out.detach().numpy(),
+                "grads": [x.grad.numpy() for x in local],
+                "sent": dict(attn.comm_stats.sent),
+                "method": attn.last_method,
+            }
+    return results
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ring_on_strips(world_size):
+    """Each ring step on the strip kernels (the received rows put back into the source's shard): exact on both
+    layouts; windows inside the shards send nothing, a band only its boundary rows."""
+    layouts = ["contiguous", "zigzag"]
+    by_rank = run_distributed(_ring_rank, world_size, layouts, timeout=300)
+    for layout in layouts:
+        for name, (segments, rates, h, _, block, pattern, causal) in RING.items():
+            q, k, v, dout = _ring_inputs(name)
+            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+            pattern_name, options = PATTERNS[pattern]
+            expected = reference_attention(
+                *leaves, segment_lengths=segments, dilation_rates=rates, is_causal=causal,
+                block_layout=build_pattern(pattern_name, **options).layout(128, block, h), block_size=block,
+            )  # fmt: skip
+            expected.backward(dout)
+            for rank, result in enumerate(by_rank):
+                got = result[layout, name]
+                assert got["method"] == "flex"
+                rows = shard_positions(128, rank, world_size, layout)
+                torch.testing.assert_close(
+                    torch.from_numpy(got["out"]), expected.detach()[:, rows], rtol=1e-10, atol=1e-12
+                )
+                for grad, leaf in zip(got["grads"], leaves):
+                    torch.testing.assert_close(torch.from_numpy(grad), leaf.grad[:, rows], rtol=1e-9, atol=1e-11)
+    for result in by_rank:
+        if world_size == 2:
+            assert sum(result["contiguous", "windows-in-shards"]["sent"].values()) == 0
+        # a band of two blocks either side: the 16 rows nearest each shard boundary cross it, K and V, each way
+        boundaries = 1 if result is by_rank[0] or result is by_rank[-1] else 2
+        row_bytes = 2 * 2 * (4 + 4) * 8  # batch 2, 2 kv heads, K and V of head dim 4, float64
+        assert result["contiguous", "band"]["sent"]["forward"] == boundaries * 16 * row_bytes

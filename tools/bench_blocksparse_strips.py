@@ -1,0 +1,408 @@
+"""Block-sparse attention on strips against its baselines, in one run: dilated + layout, patterns at 10%, the
+gather path, and the sparse ring's steps simulated on one GPU.
+
+    python tools/bench_blocksparse_strips.py --json docs/benchmarks/blocksparse-strips-h200.json \\
+        --plot docs/benchmarks/blocksparse-strips-h200.png
+
+Everything is forward+backward (``torch.autograd.grad(out, (q, k, v), dout)``), bf16, timed with CUDA
+events (median of ``--repeats`` after a warm-up that builds the plan and compiles), against baselines
+measured in the same run:
+
+- ``dense``: ``scaled_dot_product_attention`` forced to cuDNN, same causality;
+- ``dilated``: plain dilated attention (``ring_dilated_flash``, no layout) of the same branches;
+- ``flex``: for the gather path, the strip path on the same work.
+
+Targets (each row says which applies): dilated + layout at most ``dilated x kept x 1.15`` where ``kept``
+is the fraction of the branches' (query, key) pairs the layout keeps (counted from the plan); a pattern
+at density ~0.1 with one rate-1 branch at most ``0.12 x dense`` (scaled by density / 0.1 where a
+pattern's options cannot hit 0.1); the gather path at most ``1.2 x flex``; the ring (``--ring P``
+ranks simulated on one GPU: each rank's steps run on the rows the plan sends, scattered into the
+source shard as the ring does) at most ``1.1 x`` the one-GPU time of the same tiles. The plan build
+time (block masks) is reported for every case. JSON is rewritten after every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ring_blocksparse import BlockSparseRingDilatedAttention, Random, build_pattern
+from ring_blocksparse.attention import _dense_kernel
+from ring_blocksparse.strided import StripRingSchedule, build_strip_plan
+from ring_core import create_attention
+from ring_core.dilated import branches
+from ring_core.engine import Accumulator
+from ring_core.sharding import shard_positions
+from ring_core.testing import relative_error
+
+
+def timed(fn, repeats: int) -> float:
+    """Median milliseconds of ``fn()`` over ``repeats`` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def band(density: float, seq_len: int, block: int) -> torch.Tensor:
+    """Each query block's nearest key blocks (exactly ``density``, rows floor/ceil of ``density * nb``)."""
+    nb = -(-seq_len // block)
+    counts = Random(density).row_counts(nb).sort(descending=True).values
+    start = torch.minimum((torch.arange(nb) - (counts - 1) // 2).clamp(min=0), nb - counts)
+    j = torch.arange(nb)
+    return ((j[None, :] >= start[:, None]) & (j[None, :] < (start + counts)[:, None]))[None]
+
+
+def patterns(n: int, block: int) -> dict[str, torch.Tensor]:
+    """Layouts near density 0.1 at ``n`` (the registered patterns with options chosen for it, and a band)."""
+    nb = n // block
+    window = max(1, round(0.1 * nb)) * block
+    stride = 16 * block
+    return {
+        "band": band(0.1, n, block),
+        "random": build_pattern("random", density=0.1, seed=0).layout(n, block),
+        "local_window": build_pattern("local_window", window=window).layout(n, block),
+        "local_window_sliding": build_pattern("local_window", window=window // 2 + block, sliding=True).layout(
+            n, block
+        ),
+        "dilated_sparse": build_pattern("dilated_sparse", dilation=10).layout(n, block),
+        "global_local": build_pattern("global_local", global_tokens=8 * block, window=18 * block).layout(n, block),
+        "strided": build_pattern("strided", stride=stride).layout(n, block),
+    }
+
+
+def kept_pairs(plan) -> int:
+    """Allowed (query, key) pairs over every call and head (exact when units lie in one segment)."""
+    total = 0
+    for calls in plan.calls.values():
+        for call in calls:
+            any_ = call.tiles.unit_any
+            u = call.tiles.unit
+            pairs = int(any_.sum()) * u * u
+            if call.causal and call.rule.same_strip:
+                pairs -= int(any_.diagonal(dim1=-2, dim2=-1).sum()) * u * (u - 1) // 2
+            heads = len(range(*call.heads.indices(10**9)))
+            total += pairs * (heads // any_.shape[0])
+    return total
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-len", type=int, default=65536)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--segments", type=int, nargs="+", default=[2048, 4096, 8192])
+    parser.add_argument("--rates", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--ring", type=int, default=4, help="ranks simulated for the ring's steps (0: skip)")
+    parser.add_argument("--skip", nargs="*", default=[], help="sections to skip: dilated patterns gather ring")
+    parser.add_argument("--time-budget", type=float, default=1e9, help="stop starting new rows after this (s)")
+    parser.add_argument("--json", default="bench-results/blocksparse-strips.json")
+    parser.add_argument("--plot", default="bench-results/blocksparse-strips.png")
+    parser.add_argument("--replot", metavar="JSON")
+    args = parser.parse_args(argv)
+    if args.replot:
+        plot(args.plot, json.loads(Path(args.replot).read_text()))
+        return 0
+    started = time.perf_counter()
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    n, h, d, block = args.seq_len, args.heads, args.head_dim, args.block_size
+    segments, rates = args.segments, args.rates
+    card = torch.cuda.get_device_name(device)
+    record = {
+        "title": f"{card}, bf16, B=1 N={n} H={h} D={d}, block {block}, fwd+bwd",
+        "card": card,
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "command": "python tools/bench_blocksparse_strips.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "args": vars(args),
+        "timing": "CUDA events, median of --repeats after a warm-up; fwd+bwd = autograd.grad(out, (q, k, v), dout)",
+        "baselines": {},
+        "results": [],
+    }
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        path.write_text(json.dumps(record, indent=2))
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    q, k, v, dout = (torch.randn(1, n, h, d, device=device, dtype=dtype, generator=generator) for _ in range(4))
+    for x in (q, k, v):
+        x.requires_grad_()
+
+    def fwd_bwd(module, causal):
+        return lambda: torch.autograd.grad(module(q, k, v, is_causal=causal), (q, k, v), dout)
+
+    def sdpa(q_, k_, v_, is_causal):
+        return F.scaled_dot_product_attention(
+            q_.transpose(1, 2), k_.transpose(1, 2), v_.transpose(1, 2), is_causal=is_causal
+        ).transpose(1, 2)
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for causal in (False, True):
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            dense = timed(fwd_bwd(sdpa, causal), args.repeats)
+        plain = create_attention("ring_dilated_flash", segment_lengths=segments, dilation_rates=rates)
+        dilated = timed(fwd_bwd(plain, causal), args.repeats)
+        label = "causal" if causal else "full"
+        record["baselines"][label] = {"dense_sdpa_cudnn_ms": dense, "plain_dilated_ms": dilated}
+        print(f"baselines ({label}): dense SDPA cuDNN {dense:.2f} ms, plain dilated {dilated:.2f} ms", flush=True)
+    save()
+
+    modules: dict = {}
+
+    def agreement(a, b, causal: bool) -> dict:
+        """bf16 relative differences of out and each gradient between two modules on the same inputs."""
+        results = []
+        for module in (a, b):
+            out = module(q, k, v, is_causal=causal)
+            results.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
+        return {name: relative_error(x, y) for name, x, y in zip(("out", "dq", "dk", "dv"), *results)}
+
+    def row(section: str, name: str, causal: bool, segs, rts, layout, method="flex") -> dict | None:
+        if time.perf_counter() - started > args.time_budget:
+            print(f"time budget reached: skipping {section} {name}")
+            return None
+        entry = {"section": section, "name": name, "causal": causal, "method": method,
+                 "segments": list(segs), "rates": list(rts)}  # fmt: skip
+        if layout is not None:
+            entry["density"] = layout.float().mean().item()
+        try:
+            attn = BlockSparseRingDilatedAttention(segs, rts, block_size=block, block_layout=layout, method=method)
+            t0 = time.perf_counter()
+            if method == "flex":
+                plan = build_strip_plan(
+                    seq_len=n, rank=0, world_size=1, layout_kind="contiguous", q=q, num_heads=h, num_kv_heads=h,
+                    branch_list=branches(segs, rts, "lse", h), block_size=block, layout=layout, causal=causal,
+                )  # fmt: skip
+                torch.cuda.synchronize()
+                entry["plan_build_s"] = time.perf_counter() - t0
+                entry["kept_pairs"] = kept_pairs(plan)
+                entry["dense_strips"] = sum(c.run is not None for c in plan.calls[0])
+                entry["flex_calls"] = sum(c.run is None for c in plan.calls[0])
+            t0 = time.perf_counter()
+            fwd_bwd(attn, causal)()
+            torch.cuda.synchronize()
+            entry["first_call_s"] = time.perf_counter() - t0
+            entry["fwd_ms"] = timed(lambda: attn(q, k, v, is_causal=causal), args.repeats)
+            entry["fwd_bwd_ms"] = timed(fwd_bwd(attn, causal), args.repeats if method == "flex" else 3)
+            entry["method_used"] = attn.last_method
+            modules[section, name, causal] = attn
+        except Exception as exc:  # report, keep the rest
+            entry["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
+            print(f"{section} {name}: {entry['error']}", flush=True)
+        record["results"].append(entry)
+        save()
+        return entry
+
+    def finish(entry, ratio_name: str, baseline: float, target: float | None) -> None:
+        if entry is None or "error" in entry:
+            return
+        entry[ratio_name] = entry["fwd_bwd_ms"] / baseline
+        if target is not None:
+            entry["target"] = target
+            entry["met"] = entry[ratio_name] <= target
+        save()
+        print(
+            f"{entry['section']:8s} {entry['name']:22s} {'causal' if entry['causal'] else 'full':6s} "
+            f"fwd {entry['fwd_ms']:7.2f} fwd+bwd {entry['fwd_bwd_ms']:7.2f} ms  {ratio_name} {entry[ratio_name]:.3f}"
+            + (f" (target {target:.3f})" if target is not None else "")
+            + f"  plan {entry.get('plan_build_s', float('nan')):.2f} s, first call {entry['first_call_s']:.1f} s",
+            flush=True,
+        )
+
+    layouts = patterns(n, block)
+    if "dilated" not in args.skip:
+        for causal in (False, True):
+            base = record["baselines"]["causal" if causal else "full"]
+            none = row("dilated", "no layout", causal, segments, rates, None)
+            finish(none, "vs_plain_dilated", base["plain_dilated_ms"], 1.15)
+            if none is None or "error" in none:
+                continue
+            plain = create_attention("ring_dilated_flash", segment_lengths=segments, dilation_rates=rates)
+            none["rel_diff_vs_plain_dilated"] = agreement(modules["dilated", "no layout", causal], plain, causal)
+            save()
+            for name in ("band", "random"):
+                entry = row("dilated", name, causal, segments, rates, layouts[name])
+                if entry is not None and "kept_pairs" in entry:
+                    entry["kept"] = entry["kept_pairs"] / none["kept_pairs"]
+                    finish(entry, "vs_plain_dilated", base["plain_dilated_ms"], entry["kept"] * 1.15)
+    if "patterns" not in args.skip:
+        for name, layout in layouts.items():
+            for causal in (False, True) if name in ("band", "random") else (False,):
+                base = record["baselines"]["causal" if causal else "full"]
+                entry = row("pattern", name, causal, [n], [1], layout)
+                if entry is not None and "density" in entry:
+                    finish(entry, "vs_dense", base["dense_sdpa_cudnn_ms"], 0.12 * max(1.0, entry["density"] / 0.1))
+    if "gather" not in args.skip:
+        flex = next((r for r in record["results"] if r["section"] == "dilated" and r["name"] == "band"
+                     and not r["causal"] and "error" not in r), None)  # fmt: skip
+        entry = row("gather", "band", False, segments, rates, layouts["band"], method="gather")
+        if flex is not None:
+            finish(entry, "vs_flex", flex["fwd_bwd_ms"], 1.2)
+            if entry is not None and "error" not in entry:
+                pair = modules["gather", "band", False], modules["dilated", "band", False]
+                entry["rel_diff_vs_flex"] = agreement(*pair, False)
+                save()
+    if args.ring and "ring" not in args.skip and time.perf_counter() - started < args.time_budget:
+        record["ring"] = simulate_ring(args, q, k, v, dout, layouts["random"], save, record)
+    if args.plot:
+        try:
+            plot(args.plot, record)
+        except ImportError:
+            print("matplotlib is missing: draw the plot elsewhere with --replot")
+    print(f"\n{record['title']}; baselines {json.dumps(record['baselines'])}")
+    print(
+        f"{'section':8s} {'case':22s} {'causal':6s} {'density':>7s} {'fwd+bwd':>8s} {'ratio':>14s} {'target':>7s} met"
+    )
+    for r in record["results"]:
+        ratio = next((key for key in ("vs_plain_dilated", "vs_dense", "vs_flex") if key in r), None)
+        if "error" in r or ratio is None:
+            print(f"{r['section']:8s} {r['name']:22s} ERROR {r.get('error', 'no ratio')[:60]}")
+            continue
+        print(
+            f"{r['section']:8s} {r['name']:22s} {r['causal']!s:6s} {r.get('density', 1.0):7.4f} "
+            f"{r['fwd_bwd_ms']:8.2f} {ratio[3:]:>7s} {r[ratio]:6.3f} {r.get('target', float('nan')):7.3f} {r.get('met')}"
+        )
+    if "ring" in record:
+        ring = record["ring"]
+        print(f"ring x{ring['world_size']} (simulated): {json.dumps({k: ring[k] for k in ring if k != 'ranks'})}")
+    return 0
+
+
+def simulate_ring(args, q, k, v, dout, layout, save, record) -> dict:
+    """Each rank's steps of the sparse ring on one GPU, fed the rows its plan receives; vs the one-GPU run."""
+    n, h, block, world = args.seq_len, args.heads, args.block_size, args.ring
+    segs, rts = [n], [1]
+    causal = False
+    kernel = _dense_kernel(q, causal, q.shape[-1] ** -0.5, None)
+    one = BlockSparseRingDilatedAttention(segs, rts, block_size=block, block_layout=layout, method="flex")
+    one_ms = timed(lambda: torch.autograd.grad(one(q, k, v), (q, k, v), dout), args.repeats)
+    out1 = one(q, k, v)
+    grads1 = torch.autograd.grad(out1, (q, k, v), dout)
+    result = {"world_size": world, "layout": "contiguous", "pattern": "random", "density": layout.float().mean().item(),
+              "causal": causal, "one_gpu_ms": one_ms, "ranks": []}  # fmt: skip
+    options = dict(num_heads=h, num_kv_heads=h, branch_list=branches(segs, rts, "lse", h), block_size=block,
+                   layout=layout, causal=causal)  # fmt: skip
+    shards = [shard_positions(n, r, world, "contiguous").to(q.device) for r in range(world)]
+    local = [[x.detach()[:, rows] for x in (q, k, v, dout)] for rows in shards]
+    outs, grads = [], [torch.zeros_like(x, dtype=torch.float32) for x in (q, k, v)]
+    total = 0.0
+    for rank in range(world):
+        t0 = time.perf_counter()
+        plan = build_strip_plan(seq_len=n, rank=rank, world_size=world, layout_kind="contiguous", q=local[rank][0],
+                                **options)  # fmt: skip
+        build_s = time.perf_counter() - t0
+        schedule = StripRingSchedule(plan, kernel)
+        received = {s: (local[s][1].index_select(1, plan.recv_rows[s]), local[s][2].index_select(1, plan.recv_rows[s]))
+                    for s in range(world) if s != rank}  # fmt: skip
+
+        state: dict = {}
+        run = (schedule, plan, rank, local[rank], received, state)
+        fwd_ms = timed(lambda run=run: rank_steps(*run, backward=False), args.repeats)
+        both_ms = timed(lambda run=run: rank_steps(*run, backward=True), args.repeats)
+        total += both_ms
+        outs.append(state["out"])
+        grads[0][:, shards[rank]] += state["dq"]
+        grads[1][:, shards[rank]] += state["dk"]
+        grads[2][:, shards[rank]] += state["dv"]
+        for s, (rows, dkr, dvr) in state["remote"].items():
+            grads[1][:, shards[s][rows]] += dkr
+            grads[2][:, shards[s][rows]] += dvr
+        result["ranks"].append({"rank": rank, "plan_build_s": build_s, "fwd_ms": fwd_ms, "fwd_bwd_ms": both_ms,
+                                "received_rows": {s: int(plan.recv_rows[s].numel()) for s in received}})  # fmt: skip
+        print(
+            f"ring rank {rank}: steps fwd {fwd_ms:.2f} ms, fwd+bwd {both_ms:.2f} ms, plan {build_s:.2f} s", flush=True
+        )
+        save()
+    out = torch.cat(outs, 1)
+    result["steps_total_ms"] = total
+    result["vs_one_gpu"] = total / one_ms
+    result["target"] = 1.1
+    result["met"] = result["vs_one_gpu"] <= 1.1
+    result["rel_diff_vs_one_gpu"] = {
+        "out": relative_error(out, out1),
+        **{f"d{name}": relative_error(g, g1) for name, g, g1 in zip("qkv", grads, grads1)},
+    }
+    print(f"ring total {total:.2f} ms vs one GPU {one_ms:.2f} ms: {result['vs_one_gpu']:.3f}", flush=True)
+    return result
+
+
+def rank_steps(schedule, plan, rank: int, local, received: dict, state: dict, *, backward: bool) -> None:
+    """One rank's ring steps (forward, then with ``backward`` the backward's): the received rows of each source
+    put back into its shard, as :class:`StripRingSchedule` does; results in ``state``."""
+    ql, kl, vl, dl = local
+    acc = Accumulator(ql, vl.shape[-1])
+    shard = schedule.shard_buffers(kl, vl)
+    for s in range(plan.world_size):
+        kb, vb = (kl, vl) if s == rank else schedule.place(s, *received[s], shard)
+        schedule.forward_step(ql, plan.calls[s], kb, vb, acc)
+    out, lse = acc.out.to(ql.dtype), acc.lse
+    state.update(out=out, lse=lse)
+    if not backward:
+        return
+    dq = torch.zeros_like(ql, dtype=torch.float32)
+    dk, dv = (torch.zeros_like(x, dtype=torch.float32) for x in (kl, vl))
+    state.update(dq=dq, dk=dk, dv=dv, remote={})
+    for s in range(plan.world_size):
+        if s == rank:
+            schedule.backward_step(ql, plan.calls[s], kl, vl, out, lse, dl, dq, dk, dv)
+            continue
+        kb, vb = schedule.place(s, *received[s], shard)
+        dkb, dvb = torch.zeros_like(kb, dtype=torch.float32), torch.zeros_like(vb, dtype=torch.float32)
+        schedule.backward_step(ql, plan.calls[s], kb, vb, out, lse, dl, dq, dkb, dvb)
+        rows = plan.recv_rows[s]
+        state["remote"][s] = (rows, dkb.index_select(1, rows), dvb.index_select(1, rows))
+
+
+def plot(path: str, record: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in record["results"] if "error" not in r and "target" in r]
+    labels, ratios, targets = [], [], []
+    for r in rows:
+        key = next(key for key in ("vs_plain_dilated", "vs_dense", "vs_flex") if key in r)
+        labels.append(f"{r['section']}: {r['name']}{' causal' if r['causal'] else ''} ({key[3:]})")
+        ratios.append(r[key])
+        targets.append(r["target"])
+    if "ring" in record:
+        labels.append(f"ring x{record['ring']['world_size']} steps (one_gpu)")
+        ratios.append(record["ring"]["vs_one_gpu"])
+        targets.append(record["ring"]["target"])
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(labels) + 1.5))
+    y = range(len(labels))
+    ax.barh(list(y), ratios, color=["tab:green" if r <= t else "tab:red" for r, t in zip(ratios, targets)])
+    ax.scatter(targets, list(y), marker="|", s=200, color="black", label="target")
+    ax.set_yticks(list(y), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("fwd+bwd time / baseline of the same run (dense SDPA cuDNN, plain dilated, or the flex path)")
+    ax.set_title(record["title"], fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
