@@ -308,7 +308,8 @@ class _StripAttention(torch.autograd.Function):
             for i, (x, view) in enumerate(((q, call.q_view), (k, call.kv_leaf), (v, call.kv_leaf))):
                 for rows, *parts in blocks:
                     part = parts[i]
-                    if grads[i] is None and index == 0 and call.covering and part.dtype == grad_dtype:
+                    owns = index == 0 and call.covering and len(blocks) == 1 and part.dtype == grad_dtype
+                    if grads[i] is None and owns:
                         grads[i] = part.reshape(x.shape)  # the covering call's gradient is where the others add
                         continue
                     if grads[i] is None:
