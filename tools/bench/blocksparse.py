@@ -350,10 +350,10 @@ def main(argv=None) -> int:
             row["first_call_s"] = time.perf_counter() - t0
             row["fwd_ms"] = timed(lambda: attn(q, k, v, is_causal=causal), args.repeats, device)
             row["fwd_bwd_ms"] = timed(lambda: fwd_bwd(attn(q, k, v, is_causal=causal)), args.repeats, device)
-            if attn.last_plan is not None:
+            if method == "gather":
                 row["kernel_calls_fwd"] = sum(len(g) for g in attn.last_plan.groups.values())
-            if method == "flex":
-                row["kernel_options"] = next(iter(attn._block_masks.values()))[1]
+            else:
+                row["kernel_options"] = next((c.kernel_options for c in attn.last_plan.calls[0]), None)
         except Exception as exc:  # report, keep the rest
             row["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
             print(f"{method} {kind} {density}{' causal' if causal else ''}: {row['error'][:300]}")
