@@ -1,7 +1,7 @@
 """Block-sparse attention on strips against its baselines, in one run: dilated + layout, patterns at 10%, the
 gather path, and the sparse ring's steps simulated on one GPU.
 
-    python tools/bench_blocksparse_strips.py --json docs/benchmarks/blocksparse-strips-h200.json \\
+    python -m tools.bench.blocksparse_strips --json docs/benchmarks/blocksparse-strips-h200.json \\
         --plot docs/benchmarks/blocksparse-strips-h200.png
 
 Everything is forward+backward (``torch.autograd.grad(out, (q, k, v), dout)``), bf16, timed with CUDA
@@ -42,6 +42,7 @@ from ring_core.dilated import branches
 from ring_core.engine import Accumulator
 from ring_core.sharding import shard_positions
 from ring_core.testing import relative_error
+from tools import command_line
 
 
 def timed(fn, repeats: int) -> float:
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
         "card": card,
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
-        "command": "python tools/bench_blocksparse_strips.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line(),
         "args": vars(args),
         "timing": "CUDA events, median of --repeats after a warm-up; fwd+bwd = autograd.grad(out, (q, k, v), dout)",
         "baselines": {},
