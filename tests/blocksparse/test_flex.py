@@ -8,6 +8,7 @@ twin, and tests/blocksparse/test_cuda.py forward and backward of the fused kerne
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -179,3 +180,16 @@ def test_flex_kernel_options_are_only_passed_on_cuda():
         attn(q, q, q)
     assert attn.last_method == "flex"
     assert kernel_options_for(q, {"ROWS_GUARANTEED_SAFE": True}, {"num_warps": 4}) is None
+
+
+def test_tuned_tiles_only_where_the_rule_reads_no_layout(monkeypatch):
+    """Rules that read the layout inside partial tiles keep FlexAttention's own forward tiles (the tuned ones need
+    more shared memory than a Hopper SM has there); user options still go on top."""
+    from ring_blocksparse import flex
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    q = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, shape=(1, 8, 2, 128))  # an H200's query
+    tuned = flex.kernel_options_for(q, {"ROWS_GUARANTEED_SAFE": True}, None)
+    plain = flex.kernel_options_for(q, {"ROWS_GUARANTEED_SAFE": True}, {"fwd_num_stages": 2}, tuned=False)
+    assert tuned == {"ROWS_GUARANTEED_SAFE": True, **flex.TUNED_OPTIONS[9, torch.bfloat16, 128]}
+    assert plain == {"ROWS_GUARANTEED_SAFE": True, "fwd_num_stages": 2}

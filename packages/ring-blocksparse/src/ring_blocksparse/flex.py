@@ -136,13 +136,20 @@ def check_kernel_options(options: Any) -> dict[str, Any]:
     return dict(options)
 
 
-def kernel_options_for(q: torch.Tensor, flags: dict[str, bool], user: dict[str, Any] | None) -> dict[str, Any] | None:
-    """What to pass as ``kernel_options``: safe flags, then tuned tiles for this GPU, then ``user``."""
+def kernel_options_for(
+    q: torch.Tensor, flags: dict[str, bool], user: dict[str, Any] | None, tuned: bool = True
+) -> dict[str, Any] | None:
+    """What to pass as ``kernel_options``: safe flags, then (``tuned``) tuned tiles for this GPU, then ``user``.
+
+    The tuned forward tiles were measured with rules that read no layout; with the layout read inside
+    partial tiles they need more shared memory than a Hopper SM has (H200, D=128), so such calls keep
+    FlexAttention's own tiles (``tuned=False``)."""
     if q.device.type != "cuda":
         return None  # the eager (CPU) path takes none
     major = torch.cuda.get_device_capability(q.device)[0]
     options = {key: True for key, on in flags.items() if on}
-    options.update(TUNED_OPTIONS.get((major, q.dtype, q.shape[-1]), {}))
+    if tuned:
+        options.update(TUNED_OPTIONS.get((major, q.dtype, q.shape[-1]), {}))
     options.update(user or {})
     return options or None
 

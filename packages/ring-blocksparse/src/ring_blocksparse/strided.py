@@ -146,7 +146,9 @@ def strip_calls(
                 call.run = runs(tiles, qs, ks)
             if masks and call.run is None:
                 call.block_mask, safe = strip_block_mask(tiles, rule, len(qs), len(ks), q.device)
-                call.kernel_options = kernel_options_for(q, safe if flags else {}, kernel_options)
+                call.kernel_options = kernel_options_for(
+                    q, safe if flags else {}, kernel_options, tuned=not tiles.needs_layout
+                )
             calls.append(call)
     calls.sort(key=lambda call: not call.covering)
     return calls
