@@ -20,7 +20,14 @@ nox.options.reuse_venv = "yes"
 nox.options.default_venv_backend = "venv"
 
 ROOT = Path(__file__).parent
-PACKAGES = ["ring-core", "ring-flash", "ring-distributed", "ring-multihead", "ring-blocksparse"]
+PACKAGES = [
+    "ring-core",
+    "ring-flash",
+    "ring-distributed",
+    "ring-multihead",
+    "ring-blocksparse",
+    "ring-transformers",
+]
 TORCH = os.environ.get("RING_ATTENTION_TORCH", "torch==2.13.0")
 
 
@@ -102,7 +109,7 @@ def docs(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def build(session: nox.Session) -> None:
-    """sdist + wheel of all five packages into one wheelhouse (./wheelhouse, or the first posarg)."""
+    """sdist + wheel of every package into one wheelhouse (./wheelhouse, or the first posarg)."""
     session.install("build==1.6.1")
     wheelhouse = Path(session.posargs[0]) if session.posargs else ROOT / "wheelhouse"
     for pkg in PACKAGES:

@@ -1,8 +1,8 @@
-"""A wheelhouse of the five packages (and the sample plugin) and a fresh venv that installs from it.
+"""A wheelhouse of the packages (and the sample plugin) and a fresh venv that installs from it.
 
 The venv is created without system site-packages and without pip; the host's pip
 installs into it (``pip --python``) from the wheelhouse only (``--no-index``).
-The third-party dependencies of the five packages (torch, pluggy, tqdm and what
+The third-party dependencies of the packages (torch, pluggy, tqdm, transformers and what
 they need) are borrowed from this interpreter through a ``.pth`` file that points
 at a folder of symlinks, so no multi-GB torch is copied and nothing is downloaded;
 the editable ``ring-*`` installs of this machine stay invisible there.
@@ -25,7 +25,14 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("ring-core", "ring-flash", "ring-distributed", "ring-multihead", "ring-blocksparse")
+PACKAGES = (
+    "ring-core",
+    "ring-flash",
+    "ring-distributed",
+    "ring-multihead",
+    "ring-blocksparse",
+    "ring-transformers",
+)
 SAMPLE_PLUGIN = ROOT / "tests" / "sample_plugin"
 
 

@@ -1,4 +1,4 @@
-"""One version for all five packages: the check, and tools.release.bump_version on a temporary copy."""
+"""One version for all six packages: the check, and tools.release.bump_version on a temporary copy."""
 
 from __future__ import annotations
 
@@ -11,12 +11,19 @@ import pytest
 from tools.release import bump_version
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("ring-core", "ring-flash", "ring-distributed", "ring-multihead", "ring-blocksparse")
+PACKAGES = (
+    "ring-core",
+    "ring-flash",
+    "ring-distributed",
+    "ring-multihead",
+    "ring-blocksparse",
+    "ring-transformers",
+)
 
 
 @pytest.fixture
 def repo(tmp_path) -> Path:
-    """A copy of the five pyproject files and the CHANGELOG."""
+    """A copy of the pyproject files and the CHANGELOG."""
     for name in PACKAGES:
         (tmp_path / "packages" / name).mkdir(parents=True)
         shutil.copy(ROOT / "packages" / name / "pyproject.toml", tmp_path / "packages" / name)
@@ -27,7 +34,7 @@ def repo(tmp_path) -> Path:
 def test_checkout_versions_agree():
     assert bump_version.check(ROOT) == []
     versions = {v for _, what, v in bump_version.collect(ROOT) if what.endswith(" version")}
-    assert len(versions) == 1 and len(bump_version.collect(ROOT)) >= 5 + 4 + 4  # versions, pins, extra all
+    assert len(versions) == 1 and len(bump_version.collect(ROOT)) >= 6 + 5 + 5  # versions, pins, extra all
 
 
 def test_check_fails_when_a_version_differs(repo):

@@ -1,4 +1,4 @@
-"""Wheels of all five packages install from a wheelhouse alone and work: entry points, extras, versions."""
+"""Wheels of every package install from a wheelhouse alone and work: entry points, extras, versions."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ import pytest
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("ring-core", "ring-flash", "ring-distributed", "ring-multihead", "ring-blocksparse")
+PACKAGES = (
+    "ring-core",
+    "ring-flash",
+    "ring-distributed",
+    "ring-multihead",
+    "ring-blocksparse",
+    "ring-transformers",
+)
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +48,7 @@ def test_extra_all_installs_every_package_from_wheels(wheel_venv):
 
 def test_info_lists_every_plugin(wheel_venv):
     out = wheel_venv.run(str(wheel_venv.bin / "ring-attention"), "info").stdout
-    for plugin in ("core", "flash", "distributed", "multihead", "blocksparse"):
+    for plugin in ("core", "flash", "distributed", "multihead", "blocksparse", "transformers"):
         assert plugin in out, out
     for package in PACKAGES:
         assert package in out, out

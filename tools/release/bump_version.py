@@ -1,4 +1,4 @@
-"""One version for all five packages: check it, or bump it everywhere in one command.
+"""One version for all six packages: check it, or bump it everywhere in one command.
 
     python -m tools.release.bump_version --check  # exit 1, listing every mismatch
     python -m tools.release.bump_version 0.2.0    # set an explicit version
@@ -22,16 +22,23 @@ from pathlib import Path
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGE_NAMES = ("ring-core", "ring-flash", "ring-distributed", "ring-multihead", "ring-blocksparse")
+PACKAGE_NAMES = (
+    "ring-core",
+    "ring-flash",
+    "ring-distributed",
+    "ring-multihead",
+    "ring-blocksparse",
+    "ring-transformers",
+)
 VERSION = re.compile(r"^\d+\.\d+\.\d+([.-]?(a|b|rc|dev|post)\d+)?$")
 PIN = re.compile(
-    r"\b(?P<name>ring-(?:core|flash|distributed|multihead|blocksparse))(?P<extras>\[[^\]]*\])?==(?P<version>[^\s\"',;]+)"
+    r"\b(?P<name>ring-(?:core|flash|distributed|multihead|blocksparse|transformers))(?P<extras>\[[^\]]*\])?==(?P<version>[^\s\"',;]+)"
 )
 PROJECT_VERSION = re.compile(r'(?m)^(version\s*=\s*")([^"]+)(")')
 
 
 def pyprojects(root: Path = ROOT) -> list[Path]:
-    """The five packages' pyproject files (error if one is missing)."""
+    """The packages' pyproject files (error if one is missing)."""
     paths = [root / "packages" / name / "pyproject.toml" for name in PACKAGE_NAMES]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:

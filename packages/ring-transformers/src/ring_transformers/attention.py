@@ -1,0 +1,297 @@
+"""``enable(model, name, **options)``: a transformers model's attention layers on a ring-attention implementation.
+
+transformers looks each attention layer's function up by name in its
+``AttentionInterface`` registry (``config._attn_implementation``). We register
+one function there, :data:`ATTENTION_NAME`, and ``enable`` points the model at
+it, so the model's code is untouched. The implementation name and the
+``create_attention`` options are kept in this module, per attention layer (a
+weak mapping), never in the config: ``save_pretrained`` writes the config as
+before.
+
+For every call, the function receives the layer's ``(B, H, N, D)`` query, key
+and value, the mask the model passes and keyword arguments (``scaling``,
+``dropout``, ``sliding_window``, ``position_ids``, ...). It builds (once per
+``scaling`` / ``dropout`` / window) the module ``create_attention(name,
+softmax_scale=scaling, dropout=dropout, **options)`` and calls it on ``(B, N, H, D)``
+views: GQA goes through unchanged (every implementation takes ``H_kv`` heads),
+a 2-D padding mask becomes ``key_padding_mask``, and ``position_ids`` that
+restart at 0 become ``cu_seqlens`` (packed batches, :mod:`ring_transformers.packing`).
+
+Our mask function in transformers' ``AttentionMaskInterface`` (:func:`ring_attention_mask`)
+builds no 4-D mask: it hands the attention the 2-D padding mask, and refuses a
+model whose mask adds its own pattern (image tokens seeing each other, ...), which
+an implementation's ``(is_causal, key_padding_mask, cu_seqlens, window_size)``
+cannot express. Causality comes from the layer's ``is_causal``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ring_core import create_attention, resolve_implementation, shard_sequence, unshard_sequence
+
+from .packing import cu_seqlens_from_position_ids
+
+ATTENTION_NAME = "ring_attention"
+
+# Set by the model from its own configuration, so not accepted as options.
+MODEL_OPTIONS = {
+    "softmax_scale": "the layer's scaling",
+    "dropout": "config.attention_dropout (applied while the model is training)",
+}
+
+
+class RingTransformersError(ValueError):
+    """A model, option or input that ring-transformers cannot run exactly."""
+
+
+@dataclass
+class Enabled:
+    """What ``enable`` chose for one model: the implementation, its options, the modules built from them."""
+
+    name: str
+    options: dict[str, Any]
+    previous: str | None
+    distributed: bool
+    modules: dict[tuple, nn.Module] = field(default_factory=dict)
+
+    def attention(self, scaling: float | None, dropout: float, window: tuple[int, int] | None) -> nn.Module:
+        key = (scaling, dropout, window)
+        module = self.modules.get(key)
+        if module is None:
+            extra = {} if window is None else {"window_size": window}
+            try:
+                module = create_attention(self.name, softmax_scale=scaling, dropout=dropout, **extra, **self.options)
+            except TypeError as exc:
+                if window is not None and "window_size" in str(exc):
+                    raise RingTransformersError(
+                        f"the model's layer uses sliding_window={window[0] + 1}, shorter than the sequence, and "
+                        f"implementation {self.name!r} does not take window_size here ({exc}); use a model "
+                        "config without a sliding window shorter than the sequence, or a ring-core with window_size"
+                    ) from exc
+                raise
+            self.modules[key] = module
+        return module
+
+    def group_size(self) -> int:
+        """Ranks sharing the sequence: the process group's size for a distributed implementation, else 1."""
+        if not self.distributed or not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.options.get("process_group"))
+
+
+# attention layer (any submodule of an enabled model) -> its model's choice
+_ENABLED: weakref.WeakKeyDictionary[nn.Module, Enabled] = weakref.WeakKeyDictionary()
+
+
+def enable(model: nn.Module, name: str, **options: Any) -> nn.Module:
+    """Run every attention layer of ``model`` with ``create_attention(name, **options)``; returns ``model``.
+
+    ``model`` is a transformers ``PreTrainedModel`` whose attention goes through
+    transformers' ``AttentionInterface`` (Llama, Mistral, Qwen2 and most decoder
+    models: ``type(model)._supports_attention_backend``). ``options`` are
+    ``create_attention``'s (``segment_lengths``, ``dilation_rates``, ``process_group``,
+    ``layout``, ...); the softmax scale and the attention dropout come from the
+    model. Options are checked here, by building the module once: a rejected one
+    raises :class:`RingTransformersError` naming it.
+
+    With ``process_group`` (a sequence-parallel implementation), each rank feeds its
+    shard of the sequence with the **global** ``position_ids`` of its tokens (see
+    :func:`ring_transformers.shard_batch`).
+    """
+    _check_model(model)
+    implementation = _resolve(name)
+    for option, source in MODEL_OPTIONS.items():
+        if option in options:
+            raise RingTransformersError(
+                f"option {option}={options[option]!r} is set by the model ({source}); leave it out of enable()"
+            )
+    try:
+        create_attention(implementation.name, **options)
+    except (TypeError, ValueError) as exc:
+        raise RingTransformersError(
+            f"implementation {implementation.name!r} rejects the options {sorted(options)}: {exc}"
+        ) from exc
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, ring_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, ring_attention_mask)
+    previous = _ENABLED[model].previous if model in _ENABLED else model.config._attn_implementation
+    choice = Enabled(implementation.name, dict(options), previous, implementation.distributed)
+    for module in model.modules():
+        _ENABLED[module] = choice
+    model.set_attn_implementation(ATTENTION_NAME)
+    return model
+
+
+def disable(model: nn.Module) -> nn.Module:
+    """Undo :func:`enable`: the model's previous attention implementation again; returns ``model``."""
+    choice = _ENABLED.get(model)
+    if choice is None:
+        raise RingTransformersError(f"{type(model).__name__} was not enabled with ring_transformers.enable")
+    for module in model.modules():
+        _ENABLED.pop(module, None)
+    model.set_attn_implementation(choice.previous or "sdpa")
+    return model
+
+
+def _check_model(model: nn.Module) -> None:
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise RingTransformersError(
+            f"model must be a transformers PreTrainedModel, got {type(model).__name__}; for plain PyTorch "
+            "modules use ring_core.create_attention (or ring_multihead's layers) directly"
+        )
+    if not getattr(type(model), "_supports_attention_backend", False):
+        raise RingTransformersError(
+            f"{type(model).__name__} does not compute attention through transformers' AttentionInterface "
+            "(its _supports_attention_backend is False), so its attention cannot be switched; supported are "
+            "models that do, e.g. Llama, Mistral, Qwen2"
+        )
+    chunk = getattr(model.config, "attention_chunk_size", None)
+    if chunk is not None:
+        raise RingTransformersError(
+            f"{type(model).__name__} uses chunked attention (config.attention_chunk_size={chunk}), which ring "
+            "attention does not compute"
+        )
+
+
+def _resolve(name: str):
+    if not isinstance(name, str) or name == "auto":
+        raise RingTransformersError(f"name must be a registered attention implementation, got {name!r}")
+    try:
+        return resolve_implementation(name)
+    except KeyError as exc:
+        raise RingTransformersError(str(exc)) from exc
+
+
+def ring_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: ``(B, H, N, D)`` in, ``((B, N, H, D), None)`` out."""
+    choice = _ENABLED.get(module)
+    if choice is None:
+        raise RingTransformersError(
+            f"{type(module).__name__} runs with attn_implementation={ATTENTION_NAME!r} but its model was not "
+            "enabled in this process: call ring_transformers.enable(model, name, **options)"
+        )
+    for option, value_ in (("softcap", softcap), ("s_aux", kwargs.get("s_aux")), ("position_bias", kwargs.get("position_bias"))):
+        if value_ is not None:
+            raise RingTransformersError(f"{type(module).__name__} passes {option}, which ring attention does not compute")
+    if query.shape[2] != key.shape[2]:
+        raise RingTransformersError(
+            f"queries ({query.shape[2]}) and keys ({key.shape[2]}) differ in length: a key/value cache or "
+            "cross-attention; ring attention runs whole sequences (pass use_cache=False, and generate with "
+            "another attn_implementation)"
+        )
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True) and getattr(getattr(module, "config", None), "is_causal", True)
+    world_size = choice.group_size()
+    window = _window(sliding_window, query.shape[2] * world_size)
+    attn = choice.attention(scaling, float(dropout), window)
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    extra: dict[str, Any] = {}
+    cu_seqlens = _cu_seqlens(kwargs.get("position_ids"), choice, world_size, q.shape[0])
+    if cu_seqlens is not None:
+        if "cu_seqlens" not in inspect.signature(attn.forward).parameters:
+            raise RingTransformersError(
+                "packed batches (position_ids restarting at 0) need a ring-core with cu_seqlens support: "
+                f"{type(attn).__name__}.forward takes no cu_seqlens"
+            )
+        extra["cu_seqlens"] = cu_seqlens
+    out = attn(q, k, v, is_causal=bool(is_causal), key_padding_mask=_key_padding_mask(attention_mask), **extra)
+    return out, None
+
+
+def ring_attention_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: Any = None,
+    attention_mask: torch.Tensor | None = None,
+    use_vmap: bool = False,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """transformers' mask-interface signature: the 2-D padding mask as it is (or None); no 4-D mask is built.
+
+    Refuses masks that the attention's arguments cannot express: extra mask functions
+    (``use_vmap``: transformers' sign of an ``or``/``and`` overlay) and causal masks that
+    let a query see the next key (bidirectional blocks of image tokens and the like).
+    """
+    if use_vmap:
+        raise RingTransformersError(
+            "the model combines its causal mask with its own mask function (e.g. image tokens attending to each "
+            "other), which ring attention cannot express"
+        )
+    if mask_function is not None and q_length > 1 and kv_length == q_length and getattr(
+        kwargs.get("config"), "is_causal", True
+    ):
+        q_idx = torch.arange(q_offset, q_offset + q_length - 1, device=kwargs.get("device"))
+        batch_idx = torch.arange(batch_size, device=q_idx.device)[:, None]
+        if bool(mask_function(batch_idx, 0, q_idx[None], q_idx[None] + 1).any()):
+            raise RingTransformersError(
+                "the model's causal mask lets some queries see later keys (a bidirectional block, e.g. of image "
+                "tokens), which ring attention cannot express"
+            )
+    if attention_mask is None:
+        return None
+    return attention_mask[:, -kv_length:]
+
+
+def _window(sliding_window: int | None, seq_len: int) -> tuple[int, int] | None:
+    """flash-attn's ``window_size`` of transformers' ``sliding_window`` (keys ``|t - s| < w``), None when it spans the sequence."""
+    if sliding_window is None or sliding_window >= seq_len:
+        return None
+    return (sliding_window - 1, sliding_window - 1)
+
+
+def _key_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """transformers' 2-D mask (1 or True = token, 0 or False = padding) as a key padding mask (True = padding)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise RingTransformersError(
+            f"got a {attention_mask.dim()}-D attention_mask of shape {tuple(attention_mask.shape)}: ring attention "
+            "takes a 2-D padding mask (B, N), causality from the model; a custom 4-D mask cannot be expressed"
+        )
+    return attention_mask == 0 if attention_mask.dtype != torch.bool else ~attention_mask
+
+
+def _cu_seqlens(position_ids: torch.Tensor | None, choice: Enabled, world_size: int, batch: int) -> torch.Tensor | None:
+    """Global ``cu_seqlens`` of a packed batch (gathered over the ranks when the sequence is sharded), or None."""
+    if position_ids is None:
+        return None
+    if world_size > 1:
+        layout = choice.options.get("layout", "contiguous")
+        local = position_ids.expand(batch, -1).contiguous()
+        gathered = unshard_sequence(local, layout, choice.options.get("process_group"), dim=1)
+        n, default = local.shape[1], torch.arange(local.shape[1], device=local.device)
+        shards = (shard_sequence(gathered, layout, dim=1, rank=r, world_size=world_size) for r in range(world_size))
+        if all(bool((shard == default).all()) for shard in shards):
+            raise RingTransformersError(
+                f"every rank's position_ids are 0..{n - 1}: with the sequence sharded over {world_size} ranks, pass "
+                "the global positions of each rank's tokens (ring_transformers.shard_batch does)"
+            )
+        position_ids = gathered
+    return cu_seqlens_from_position_ids(position_ids)
