@@ -194,9 +194,15 @@ def ring_attention_forward(
             f"{type(module).__name__} runs with attn_implementation={ATTENTION_NAME!r} but its model was not "
             "enabled in this process: call ring_transformers.enable(model, name, **options)"
         )
-    for option, value_ in (("softcap", softcap), ("s_aux", kwargs.get("s_aux")), ("position_bias", kwargs.get("position_bias"))):
+    for option, value_ in (
+        ("softcap", softcap),
+        ("s_aux", kwargs.get("s_aux")),
+        ("position_bias", kwargs.get("position_bias")),
+    ):
         if value_ is not None:
-            raise RingTransformersError(f"{type(module).__name__} passes {option}, which ring attention does not compute")
+            raise RingTransformersError(
+                f"{type(module).__name__} passes {option}, which ring attention does not compute"
+            )
     if query.shape[2] != key.shape[2]:
         raise RingTransformersError(
             f"queries ({query.shape[2]}) and keys ({key.shape[2]}) differ in length: a key/value cache or "
@@ -244,8 +250,11 @@ def ring_attention_mask(
             "the model combines its causal mask with its own mask function (e.g. image tokens attending to each "
             "other), which ring attention cannot express"
         )
-    if mask_function is not None and q_length > 1 and kv_length == q_length and getattr(
-        kwargs.get("config"), "is_causal", True
+    if (
+        mask_function is not None
+        and q_length > 1
+        and kv_length == q_length
+        and getattr(kwargs.get("config"), "is_causal", True)
     ):
         q_idx = torch.arange(q_offset, q_offset + q_length - 1, device=kwargs.get("device"))
         batch_idx = torch.arange(batch_size, device=q_idx.device)[:, None]

@@ -1,0 +1,157 @@
+"""ring_transformers.enable on Llama, Mistral and Qwen2 built from configs: exact against transformers' sdpa."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hf_models import DENSE, FAMILIES, build, loss_and_grads, relative_error, tokens
+from transformers import AttentionInterface, BloomConfig, BloomForCausalLM
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+import ring_transformers
+from ring_core import reference_attention
+from ring_transformers import RingTransformersError
+
+
+def padding_mask(batch: int, seq_len: int) -> torch.Tensor:
+    """Row 0 right-padded, row 1 left-padded, the others whole."""
+    mask = torch.ones(batch, seq_len, dtype=torch.long)
+    mask[0, seq_len - 5 :] = 0
+    mask[1, :4] = 0
+    return mask
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("name", ["dilated", "ring_dilated"])
+def test_dense_config_matches_sdpa_logits_and_gradients(family, name):
+    model = build(family)
+    ids, mask = tokens(3, 29), padding_mask(3, 29)
+    labels = ids.masked_fill(mask == 0, -100)
+    ref_logits, ref_loss, ref_grads = loss_and_grads(model, input_ids=ids, attention_mask=mask, labels=labels)
+    ring_transformers.enable(model, name, **DENSE)
+    assert model.config._attn_implementation == ring_transformers.ATTENTION_NAME
+    logits, loss, grads = loss_and_grads(model, input_ids=ids, attention_mask=mask, labels=labels)
+    keep = mask.bool()  # padded queries are never compared (their outputs are not used)
+    assert relative_error(logits[keep], ref_logits[keep]) <= 1e-10
+    assert relative_error(loss, ref_loss) <= 1e-10
+    assert grads.keys() == ref_grads.keys()
+    for param, grad in grads.items():
+        assert relative_error(grad, ref_grads[param]) <= 1e-9, param
+    ring_transformers.disable(model)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def reference_forward(config):
+    """An attention function computing ring_core.reference_attention with a dilated ``config``."""
+
+    def forward(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+        pad = None if attention_mask is None else attention_mask == 0
+        out = reference_attention(q, k, v, **config, is_causal=True, key_padding_mask=pad, softmax_scale=scaling)
+        return out, None
+
+    return forward
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_dilated_config_matches_the_reference(family):
+    config = {"segment_lengths": [4, 8, 32], "dilation_rates": [1, 2, 4]}
+    model = build(family)
+    ids, mask = tokens(2, 37), padding_mask(2, 37)
+    AttentionInterface.register("reference_for_tests", reference_forward(config))
+    AttentionMaskInterface.register("reference_for_tests", flash_attention_mask)  # the 2-D padding mask
+    model.set_attn_implementation("reference_for_tests")
+    ref = model(ids, attention_mask=mask).logits
+    dense = build(family)
+    ring_transformers.enable(dense, "dilated", **DENSE)
+    ring_transformers.enable(model, "dilated", **config)
+    logits = model(ids, attention_mask=mask).logits
+    keep = mask.bool()
+    assert relative_error(logits[keep], ref[keep]) <= 1e-10
+    assert relative_error(dense(ids, attention_mask=mask).logits[keep], ref[keep]) > 1e-3  # the config matters
+
+
+def test_options_stay_out_of_the_saved_config(tmp_path):
+    model = build("llama")
+    ids = tokens(1, 19)
+    expected = model(ids).logits
+    ring_transformers.enable(model, "dilated", segment_lengths=[8, 16], dilation_rates=[1, 2])
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    text = json.dumps(saved)
+    assert "ring" not in text and "segment_lengths" not in text and "dilation" not in text
+    reloaded = type(model).from_pretrained(tmp_path, attn_implementation="sdpa", dtype=torch.float64).eval()
+    assert relative_error(reloaded(ids).logits, expected) == 0
+
+
+def test_dropout_comes_from_the_model():
+    model = build("qwen2", attention_dropout=0.5)
+    ids = tokens(2, 17)
+    expected = model(ids).logits  # eval: no dropout
+    ring_transformers.enable(model, "dilated", **DENSE)
+    assert relative_error(model(ids).logits, expected) <= 1e-10
+    model.train()
+    torch.manual_seed(0)
+    assert relative_error(model(ids).logits, expected) > 1e-3
+
+
+def test_unsupported_models():
+    with pytest.raises(RingTransformersError, match="must be a transformers PreTrainedModel"):
+        ring_transformers.enable(torch.nn.Linear(2, 2), "dilated", **DENSE)
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=11, hidden_size=8, n_layer=1, n_head=2))
+    with pytest.raises(RingTransformersError, match="BloomForCausalLM does not compute attention through"):
+        ring_transformers.enable(bloom, "dilated", **DENSE)
+    chunked = build("llama")
+    chunked.config.attention_chunk_size = 8
+    with pytest.raises(RingTransformersError, match="chunked attention"):
+        ring_transformers.enable(chunked, "dilated", **DENSE)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "match"),
+    [
+        ("dilated", {"segment_lengths": [8, 4], "dilation_rates": [1, 1]}, "strictly increasing"),
+        ("dilated", {**DENSE, "window": 3}, r"rejects the options \['dilation_rates', 'segment_lengths', 'window'\]"),
+        ("dilated", {**DENSE, "softmax_scale": 0.5}, "softmax_scale=0.5 is set by the model"),
+        ("dilated", {**DENSE, "dropout": 0.1}, "dropout=0.1 is set by the model"),
+        ("no_such_attention", DENSE, "unknown attention implementation 'no_such_attention'"),
+        ("multihead_dilated", DENSE, "is a multihead implementation"),
+        ("auto", DENSE, "name must be a registered attention implementation"),
+    ],
+)
+def test_rejected_names_and_options(name, options, match):
+    model = build("llama")
+    with pytest.raises(RingTransformersError, match=match):
+        ring_transformers.enable(model, name, **options)
+    assert model.config._attn_implementation == "sdpa"  # nothing changed
+
+
+def test_inputs_it_cannot_express():
+    model = ring_transformers.enable(build("mistral"), "dilated", **DENSE)
+    ids = tokens(1, 11)
+    custom = torch.ones(1, 1, 11, 11, dtype=torch.bool).tril()
+    with pytest.raises(RingTransformersError, match="4-D attention_mask"):
+        model(ids, attention_mask=custom)
+    with pytest.raises(RingTransformersError, match="key/value cache"):
+        model.generate(ids, max_new_tokens=2, do_sample=False)
+    with pytest.raises(RingTransformersError, match="not enabled in this process"):
+        build("llama", attn_implementation=ring_transformers.ATTENTION_NAME)(ids)
+    with pytest.raises(RingTransformersError, match="was not enabled"):
+        ring_transformers.disable(build("llama"))
+
+
+def test_mask_patterns_it_cannot_express():
+    from transformers.masking_utils import create_causal_mask
+
+    model = ring_transformers.enable(build("llama"), "dilated", **DENSE)
+    embeds = torch.zeros(2, 12, 24, dtype=torch.float64)
+    position_ids = torch.arange(12)[None]
+    common = {"config": model.config, "inputs_embeds": embeds, "attention_mask": None, "position_ids": position_ids}
+    assert create_causal_mask(**common, cache=None) is None  # plain causal: nothing to build
+    with pytest.raises(RingTransformersError, match="its own mask function"):
+        create_causal_mask(**common, cache=None, or_mask_function=lambda b, h, q, kv: kv < 3)
+    blocks = torch.tensor([[-1, -1, 0, 0, 0, -1, -1, -1, 1, 1, -1, -1]] * 2)  # bidirectional blocks (image tokens)
+    with pytest.raises(RingTransformersError, match="see later keys"):
+        create_causal_mask(**common, cache=None, block_sequence_ids=blocks)
