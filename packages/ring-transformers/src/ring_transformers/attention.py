@@ -220,8 +220,8 @@ def ring_attention_forward(
     if cu_seqlens is not None:
         if "cu_seqlens" not in inspect.signature(attn.forward).parameters:
             raise RingTransformersError(
-                "packed batches (position_ids restarting at 0) need a ring-core with cu_seqlens support: "
-                f"{type(attn).__name__}.forward takes no cu_seqlens"
+                "packed batches need a ring-core with cu_seqlens support: the position_ids restart at 0 inside "
+                f"a row (several documents), and {type(attn).__name__}.forward takes no cu_seqlens"
             )
         extra["cu_seqlens"] = cu_seqlens
     out = attn(q, k, v, is_causal=bool(is_causal), key_padding_mask=_key_padding_mask(attention_mask), **extra)
