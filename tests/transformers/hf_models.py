@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import (
     LlamaConfig,
@@ -12,6 +14,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from ring_core import create_attention
+
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
@@ -20,6 +24,9 @@ FAMILIES = {
 VOCAB = 53
 # dense: one segment longer than every test sequence, rate 1 (SPEC.md: then exactly SDPA)
 DENSE = {"segment_lengths": [256], "dilation_rates": [1]}
+# whether this ring-core computes packed batches (forward(..., cu_seqlens=...))
+CU_SEQLENS = "cu_seqlens" in inspect.signature(create_attention("dilated", **DENSE).forward).parameters
+NEEDS_CORE = "packed batches need a ring-core with cu_seqlens support"
 
 
 def build(family: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
@@ -61,3 +68,81 @@ def loss_and_grads(model: torch.nn.Module, **inputs) -> tuple[torch.Tensor, torc
     loss.backward()
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
     return logits.detach(), loss.detach(), grads
+
+
+def causal_batch(seq_len: int, padded: bool, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Two rows of ``seq_len`` tokens with labels; ``padded``: the first row ends with 5 padding tokens."""
+    ids = tokens(2, seq_len, seed)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, seq_len - 5 :] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def sequence_parallel_step(rank: int, world_size: int, cases: list[dict]) -> list[dict]:
+    """In a gloo group: each case's model on this rank's shard (``shard_batch``); logits, loss shares, gradients.
+
+    Numpy arrays travel back (tensors would use shared memory that dies with the worker).
+    """
+    import ring_transformers
+
+    results = []
+    for case in cases:
+        model = build(case["family"])  # the same seed: the same weights on every rank
+        ring_transformers.enable(model, "ring_dilated", layout=case["layout"], **case["config"])
+        batch = causal_batch(case["seq_len"], case["padded"])
+        shard = ring_transformers.shard_batch(batch, None, case["layout"])
+        inputs = {key: shard[key] for key in ("input_ids", "attention_mask", "position_ids")}
+        logits = model(**inputs, use_cache=False).logits
+        share = ring_transformers.loss_share(logits, shard)
+        share.backward()
+        with torch.no_grad():
+            model_loss = model(**shard, use_cache=False).loss  # transformers' own loss (float32)
+        results.append(
+            {
+                "logits": logits.detach().numpy(),
+                "share": share.item(),
+                "total": ring_transformers.sum_over_ranks(share).item(),
+                "model_loss": model_loss.item(),
+                "grads": {name: p.grad.numpy() for name, p in model.named_parameters()},
+            }
+        )
+    return results
+
+
+def default_positions_error(rank: int, world_size: int) -> str:
+    """The message a sharded model gives when every rank passes positions 0..n-1 (no shard_batch)."""
+    import ring_transformers
+
+    model = ring_transformers.enable(build("llama"), "ring_dilated", **DENSE)
+    try:
+        model(tokens(1, 8, seed=rank))
+    except ring_transformers.RingTransformersError as exc:
+        return str(exc)
+    return "no error"
+
+
+PACKED_LENGTHS = (5, 11, 3, 5)  # documents crossing the shard boundaries of 2 ranks in both layouts
+
+
+def packed_batch(seed: int = 4) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
+    """Documents and their packed batch (``DataCollatorWithFlattening``: one row, positions restart at 0)."""
+    from transformers import DataCollatorWithFlattening
+
+    generator = torch.Generator().manual_seed(seed)
+    docs = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in PACKED_LENGTHS]
+    return docs, DataCollatorWithFlattening()([{"input_ids": doc} for doc in docs])
+
+
+def packed_sequence_parallel_logits(rank: int, world_size: int, layouts: tuple[str, ...]) -> list:
+    """This rank's logits of the packed batch per layout, sharded with its global (restarting) position ids."""
+    import ring_transformers
+
+    _, batch = packed_batch()
+    results = []
+    for layout in layouts:
+        model = ring_transformers.enable(build("llama"), "ring_dilated", layout=layout, **DENSE)
+        shard = ring_transformers.shard_batch(batch, None, layout)
+        logits = model(input_ids=shard["input_ids"], position_ids=shard["position_ids"]).logits
+        results.append(logits.detach().numpy())
+    return results

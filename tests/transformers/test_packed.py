@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
-from hf_models import DENSE, build, relative_error
+from hf_models import CU_SEQLENS, DENSE, NEEDS_CORE, build, relative_error
 from transformers import DataCollatorWithFlattening
 
 import ring_transformers
-from ring_core import create_attention
 from ring_transformers import RingTransformersError, cu_seqlens_from_position_ids
 
-CU_SEQLENS = "cu_seqlens" in inspect.signature(create_attention("dilated", **DENSE).forward).parameters
-NEEDS_CORE = "packed batches need a ring-core with cu_seqlens support"
 LENGTHS = (7, 12, 1, 9)
 
 

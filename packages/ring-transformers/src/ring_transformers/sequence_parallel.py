@@ -45,7 +45,13 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torc
 
 
 def shard_batch(
-    batch: Mapping[str, Any], group: Any = None, layout: str = "contiguous", *, ignore_index: int = IGNORE_INDEX
+    batch: Mapping[str, Any],
+    group: Any = None,
+    layout: str = "contiguous",
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
 ) -> dict[str, Any]:
     """This rank's shard of a causal-LM ``batch`` (``(B, N)`` tensors on every rank), ready for ``model(**shard)``.
 
@@ -61,9 +67,13 @@ def shard_batch(
       A batch with ``shift_labels`` already (packing collators) uses them.
 
     ``N`` must be a multiple of the group size (``2 P`` for zigzag). Other keys raise
-    a ``ValueError`` (sharding them is not defined here).
+    a ``ValueError`` (sharding them is not defined here). ``rank`` / ``world_size``
+    override the group's (e.g. to prepare shards in one process).
     """
-    rank, world_size = _rank_and_size(group)
+    if rank is None or world_size is None:
+        group_rank, group_size = _rank_and_size(group)
+        rank = group_rank if rank is None else rank
+        world_size = group_size if world_size is None else world_size
     unknown = sorted(set(batch) - {*SEQUENCE_KEYS, "labels", "shift_labels"})
     if unknown:
         raise ValueError(
@@ -93,7 +103,7 @@ def _shard(x: torch.Tensor, key: str, n: int, layout: str, rank: int, world_size
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] != n:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"batch[{key!r}] must be a (B, N={n}, ...) tensor, got {shape}")
-    return shard_sequence(x, layout, dim=1, rank=rank, world_size=world_size)
+    return shard_sequence(x, layout, dim=1, rank=rank, world_size=world_size).contiguous()
 
 
 def loss_share(logits: torch.Tensor, shard: Mapping[str, Any], ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
