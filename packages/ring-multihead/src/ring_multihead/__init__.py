@@ -1,9 +1,11 @@
-"""ring-multihead: nn.MultiheadAttention drop-ins built on dilated and ring attention."""
+"""ring-multihead: nn.MultiheadAttention and nn.Transformer*Layer drop-ins on dilated and ring attention, LongNetLM."""
 
 from __future__ import annotations
 
 from importlib import metadata as _metadata
 
+from .layers import DilatedTransformerDecoderLayer, DilatedTransformerEncoderLayer
+from .longnet import LongNetLM
 from .magneto import magneto_gamma, magneto_gamma_encoder_decoder
 from .multihead import MultiheadDilatedAttention, dense_cross_attention, dilated_attention_with_extra_keys
 from .ring import RingMultiheadDilatedAttention
@@ -14,6 +16,9 @@ except _metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "DilatedTransformerDecoderLayer",
+    "DilatedTransformerEncoderLayer",
+    "LongNetLM",
     "MultiheadDilatedAttention",
     "RingMultiheadDilatedAttention",
     "__version__",
