@@ -3,20 +3,20 @@
     python examples/longnet_lm.py                  # one process
     python examples/longnet_lm.py --world-size 2   # each sequence sharded over 2 gloo processes
 
-The model (LongNet, Ding et al. 2023, with MAGNETO's sub-LayerNorm, Wang et al. 2022):
-character embedding plus learned positions, pre-LN blocks of causal dilated
-multi-head attention (``MultiheadDilatedAttention`` with ``layer_norm=True``:
-the sub-LN before ``out_proj``) and a feed-forward network with its own sub-LN,
-``gamma = sqrt(log(2 * layers))`` scaling the Xavier init of ``v``, ``out`` and the
-FFN, a final LayerNorm and an output head tied to the embedding.
+The model is ``ring_multihead.LongNetLM`` (LongNet, Ding et al. 2023, with MAGNETO's
+sub-LayerNorm and init, Wang et al. 2022): character embedding plus learned
+positions, pre-LN blocks of causal dilated attention and a feed-forward network,
+a final LayerNorm and an output head tied to the embedding.
 
 With ``--world-size P`` every sequence is cut into ``P`` shards (zigzag layout, for
-causal load balance) and each process runs the same model on its shard with
-``RingMultiheadDilatedAttention``: the ring passes keys and values between the
-processes, the loss and the parameter gradients are summed over them, so every
-process takes the same optimiser step as a single process would on the whole
-sequence. Rank 0 shows a progress bar, saves the loss curve (PNG) and a JSON
-summary, and samples some text from a single-process copy of the trained model.
+causal load balance) and each process runs the model on its shard with the ring
+(``process_group=``): the ring passes keys and values between the processes. The
+model is wrapped in FSDP2 (``fully_shard``: parameters sharded over the same
+processes) with its gradient reduction set to a sum, since each process's loss is
+its share of the batch loss: every process takes the same optimiser step as a single
+process would on the whole sequence. Rank 0 shows a progress bar, saves the loss
+curve (PNG) and a JSON summary, and samples some text from a single-process copy of
+the trained model.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ring_core.sharding import shard_positions, shard_sequence
-from ring_multihead import MultiheadDilatedAttention, RingMultiheadDilatedAttention, magneto_gamma
+from ring_core.sharding import shard_sequence
+from ring_multihead import LongNetLM
 
 DATA = Path(__file__).parent / "data" / "fables.txt"
 
@@ -56,63 +56,26 @@ class Config:
     dilation_rates: tuple[int, ...] = (1, 2, 4, 8)
 
 
-class FeedForward(nn.Module):
-    """``fc2(LN(gelu(fc1(x))))``: MAGNETO's FFN with its sub-LayerNorm."""
+def build_model(
+    config: Config, world_size: int = 1, layout: str = "zigzag", dtype: torch.dtype | None = None
+) -> LongNetLM:
+    """The LongNet LM; over several processes the ring shards sequences and FSDP2 shards parameters."""
+    ring = {"process_group": dist.group.WORLD, "layout": layout} if world_size > 1 else {}
+    model = LongNetLM(
+        config.vocab_size, config.seq_len, config.d_model, config.num_heads, config.num_layers,
+        segment_lengths=config.segment_lengths, dilation_rates=config.dilation_rates, dtype=dtype, **ring,
+    )  # fmt: skip
+    if world_size > 1:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    def __init__(self, d_model: int, gamma: float, dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(d_model, 4 * d_model, dtype=dtype)
-        self.norm = nn.LayerNorm(4 * d_model, dtype=dtype)
-        self.fc2 = nn.Linear(4 * d_model, d_model, dtype=dtype)
-        for layer in (self.fc1, self.fc2):
-            nn.init.xavier_normal_(layer.weight, gain=gamma)
-            nn.init.zeros_(layer.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.norm(F.gelu(self.fc1(x))))
-
-
-class Block(nn.Module):
-    """Pre-LN block: ``x + attn(LN(x))`` (causal, dilated, sub-LN inside), ``x + ffn(LN(x))``."""
-
-    def __init__(self, config: Config, gamma: float, ring: dict[str, Any] | None, dtype: torch.dtype | None) -> None:
-        super().__init__()
-        attention = RingMultiheadDilatedAttention if ring is not None else MultiheadDilatedAttention
-        self.attn_norm = nn.LayerNorm(config.d_model, dtype=dtype)
-        self.attn = attention(
-            config.d_model, config.num_heads, batch_first=True, dtype=dtype,
-            segment_lengths=config.segment_lengths, dilation_rates=config.dilation_rates,
-            layer_norm=True, gamma_init=gamma, **(ring or {}),
-        )  # fmt: skip
-        self.ffn_norm = nn.LayerNorm(config.d_model, dtype=dtype)
-        self.ffn = FeedForward(config.d_model, gamma, dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.attn_norm(x)
-        x = x + self.attn(h, h, h, need_weights=False, is_causal=True)[0]
-        return x + self.ffn(self.ffn_norm(x))
-
-
-class LongNetLM(nn.Module):
-    """Decoder-only LongNet. ``ring`` (``{"process_group", "layout"}``) shards sequences over ranks."""
-
-    def __init__(self, config: Config, ring: dict[str, Any] | None = None, dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        self.config = config
-        gamma = magneto_gamma(config.num_layers)
-        self.embed = nn.Embedding(config.vocab_size, config.d_model, dtype=dtype)
-        self.positions = nn.Embedding(config.seq_len, config.d_model, dtype=dtype)
-        nn.init.normal_(self.embed.weight, std=config.d_model**-0.5)
-        nn.init.normal_(self.positions.weight, std=0.02)
-        self.blocks = nn.ModuleList(Block(config, gamma, ring, dtype) for _ in range(config.num_layers))
-        self.norm = nn.LayerNorm(config.d_model, dtype=dtype)
-
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, n, vocab)`` of ``tokens`` ``(B, n)`` at global ``positions`` ``(n,)``."""
-        x = self.embed(tokens) + self.positions(positions)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x) @ self.embed.weight.T
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        for module in model.modules():  # each process's loss is a share of the batch loss: sum, not average
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)  # gloo has no AVG / PREMUL_SUM reductions
+    return model
 
 
 class Text:
@@ -140,47 +103,33 @@ class Text:
 
 
 def sharded_loss(
-    model: LongNetLM, x: torch.Tensor, y: torch.Tensor, rank: int, world_size: int, layout: str
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, rank: int, world_size: int, layout: str
 ) -> torch.Tensor:
     """This rank's share of the mean cross-entropy over the whole batch (the shares sum to it)."""
-    n = x.shape[1]
-    positions = shard_positions(n, rank, world_size, layout)
     local_x = shard_sequence(x, layout, dim=1, rank=rank, world_size=world_size)
     local_y = shard_sequence(y, layout, dim=1, rank=rank, world_size=world_size)
-    logits = model(local_x, positions)
+    logits = model(local_x)  # each rank's global positions come from the model's layout
     return F.cross_entropy(logits.flatten(0, 1), local_y.flatten(), reduction="sum") / y.numel()
 
 
-def all_reduce_gradients(model: nn.Module, group: Any = None) -> None:
-    """Sum every parameter's gradient over the ranks (one flat buffer, one collective)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat, group=group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
 def train_step(
-    model: LongNetLM, x: torch.Tensor, y: torch.Tensor, rank: int = 0, world_size: int = 1, layout: str = "zigzag"
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, rank: int = 0, world_size: int = 1, layout: str = "zigzag"
 ) -> float:
-    """Forward and backward on this rank's shard; afterwards every rank holds the full loss and gradients."""
+    """Forward and backward on this rank's shard; FSDP2 sums the gradients; returns the batch loss."""
     loss = sharded_loss(model, x, y, rank, world_size, layout)
     loss.backward()
     loss = loss.detach()
     if world_size > 1:
-        all_reduce_gradients(model)
         dist.all_reduce(loss)
     return loss.item()
 
 
 @torch.no_grad()
-def evaluate(model: LongNetLM, text: Text, args: argparse.Namespace, rank: int, world_size: int) -> float:
+def evaluate(model: nn.Module, text: Text, args: argparse.Namespace, rank: int, world_size: int) -> float:
     generator = torch.Generator().manual_seed(1234)
     total = torch.zeros(())
     for _ in range(args.eval_batches):
-        x, y = text.batch(text.val, args.batch_size, model.config.seq_len, generator)
+        x, y = text.batch(text.val, args.batch_size, args.seq_len, generator)
         total += sharded_loss(model, x, y, rank, world_size, args.layout)
     if world_size > 1:
         dist.all_reduce(total)
@@ -193,8 +142,8 @@ def sample(model: LongNetLM, text: Text, prompt: str, length: int, temperature: 
     generator = torch.Generator().manual_seed(0)
     ids = text.encode(prompt)
     for _ in range(length):
-        window = torch.tensor(ids[-model.config.seq_len :])[None]
-        logits = model(window, torch.arange(window.shape[1]))[0, -1] / temperature
+        window = torch.tensor(ids[-model.max_seq_len :])[None]
+        logits = model(window)[0, -1] / temperature
         ids.append(int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)))
     return text.decode(ids)
 
@@ -234,8 +183,7 @@ def run(rank: int, world_size: int, args: argparse.Namespace) -> dict[str, Any] 
     torch.manual_seed(args.seed)
     text = Text(args.data)
     config = Config(vocab_size=len(text.chars), seq_len=args.seq_len)
-    ring = {"process_group": None, "layout": args.layout} if world_size > 1 else None
-    model = LongNetLM(config, ring)
+    model = build_model(config, world_size, args.layout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / args.steps))
@@ -261,10 +209,14 @@ def run(rank: int, world_size: int, args: argparse.Namespace) -> dict[str, Any] 
         bar.close()
     model.eval()
     val_loss = evaluate(model, text, args, rank, world_size)
+    state = {  # every rank takes part in gathering the FSDP2 shards
+        key: value.full_tensor() if hasattr(value, "full_tensor") else value
+        for key, value in model.state_dict().items()
+    }
     if rank != 0:
         return None
-    single = LongNetLM(config)  # a single-process copy: same parameter names, ring or not
-    single.load_state_dict(model.state_dict())
+    single = build_model(config)  # a single-process copy: same parameter names, ring or not
+    single.load_state_dict(state)
     single.eval()
     tail = sum(losses[-10:]) / len(losses[-10:])
     summary = {

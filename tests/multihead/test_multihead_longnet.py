@@ -1,4 +1,4 @@
-"""examples/longnet_lm.py: one training step on 2 gloo ranks equals the step on 1 rank (loss and gradients)."""
+"""examples/longnet_lm.py: one training step on 2 gloo ranks (ring + FSDP2) equals the step on 1 rank (loss, gradients)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def load_example():
 
 
 def one_step(rank: int, world_size: int, layout: str = "zigzag") -> tuple[float, dict[str, object]]:
-    """A tiny float64 LongNet LM, one forward/backward on this rank's shard; the loss and all-reduced grads."""
+    """A tiny float64 LongNet LM, one forward/backward on this rank's shard; the loss and the full (summed) grads."""
     example = load_example()
     text = example.Text()
     config = example.Config(
@@ -32,12 +32,13 @@ def one_step(rank: int, world_size: int, layout: str = "zigzag") -> tuple[float,
         segment_lengths=(4, 8, 32), dilation_rates=(1, 2, 4),
     )  # fmt: skip
     torch.manual_seed(0)
-    ring = {"process_group": None, "layout": layout} if world_size > 1 else None
-    model = example.LongNetLM(config, ring, dtype=torch.float64)
+    model = example.build_model(config, world_size, layout, dtype=torch.float64)
     x, y = text.batch(text.train, 3, config.seq_len, torch.Generator().manual_seed(1))
     loss = example.train_step(model, x, y, rank, world_size, layout)
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    grads = {name: g.full_tensor() if hasattr(g, "full_tensor") else g for name, g in grads.items()}  # FSDP2 shards
     # numpy arrays: tensors would travel back from the worker through shared memory that dies with it
-    return loss, {name: p.grad.numpy() for name, p in model.named_parameters()}
+    return loss, {name: g.numpy() for name, g in grads.items()}
 
 
 @pytest.mark.distributed
