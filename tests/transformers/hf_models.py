@@ -90,12 +90,15 @@ def sequence_parallel_step(rank: int, world_size: int, cases: list[dict]) -> lis
     for case in cases:
         model = build(case["family"])  # the same seed: the same weights on every rank
         ring_transformers.enable(model, "ring_dilated", layout=case["layout"], **case["config"])
+        if case.get("fsdp"):
+            shard_and_checkpoint(model)
         batch = causal_batch(case["seq_len"], case["padded"])
         shard = ring_transformers.shard_batch(batch, None, case["layout"])
         inputs = {key: shard[key] for key in ("input_ids", "attention_mask", "position_ids")}
         logits = model(**inputs, use_cache=False).logits
         share = ring_transformers.loss_share(logits, shard)
         share.backward()
+        grads = {name: full(p.grad).numpy() for name, p in model.named_parameters()}
         with torch.no_grad():
             model_loss = model(**shard, use_cache=False).loss  # transformers' own loss (float32)
         results.append(
@@ -104,10 +107,34 @@ def sequence_parallel_step(rank: int, world_size: int, cases: list[dict]) -> lis
                 "share": share.item(),
                 "total": ring_transformers.sum_over_ranks(share).item(),
                 "model_loss": model_loss.item(),
-                "grads": {name: p.grad.numpy() for name, p in model.named_parameters()},
+                "grads": grads,
             }
         )
     return results
+
+
+def shard_and_checkpoint(model: torch.nn.Module) -> None:
+    """FSDP2 over every decoder layer and the model, gradients summed (each rank has a loss share), checkpointing."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    model.train()  # transformers checkpoints only in training mode (the models have no dropout)
+    if hasattr(model, "activation_checkpointing_enable"):  # the newer name (transformers >= 5.2x)
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+    assert model.is_gradient_checkpointing
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # gloo has no AVG / PREMUL_SUM
+
+
+def full(grad: torch.Tensor) -> torch.Tensor:
+    """A gradient as a plain tensor: the whole (summed) gradient when FSDP2 shards it."""
+    return grad.full_tensor() if hasattr(grad, "full_tensor") else grad
 
 
 def default_positions_error(rank: int, world_size: int) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ring_core import shard_positions
 
@@ -35,6 +36,8 @@ class LongNetLM(nn.Module):
     ``process_group``. ``positions`` (``(n,)`` or ``(B, n)``, global) default to
     ``0 .. n-1``, or to this rank's global positions in ``layout``. Logits
     ``(B, n, vocab_size)``. ``max_seq_len`` bounds the (global) positions.
+    ``activation_checkpointing`` recomputes each layer in the backward pass
+    (``torch.utils.checkpoint``) instead of keeping its activations.
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class LongNetLM(nn.Module):
         layer_norm_eps: float = 1e-5,
         process_group: Any = None,
         layout: str = "contiguous",
+        activation_checkpointing: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -65,6 +69,7 @@ class LongNetLM(nn.Module):
         self.max_seq_len = max_seq_len
         self.process_group = process_group
         self.layout = layout
+        self.activation_checkpointing = activation_checkpointing
         self.embed = nn.Embedding(vocab_size, d_model, **factory)
         self.positions = nn.Embedding(max_seq_len, d_model, **factory)
         nn.init.normal_(self.embed.weight, std=d_model**-0.5)
@@ -107,5 +112,8 @@ class LongNetLM(nn.Module):
             raise ValueError(f"positions must be < max_seq_len={self.max_seq_len}, got {int(positions.max())}")
         x = self.embed(tokens) + self.positions(positions)
         for layer in self.layers:
-            x = layer(x, src_key_padding_mask=key_padding_mask, is_causal=True)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, src_key_padding_mask=key_padding_mask, is_causal=True, use_reentrant=False)
+            else:
+                x = layer(x, src_key_padding_mask=key_padding_mask, is_causal=True)
         return self.norm(x) @ self.embed.weight.T
