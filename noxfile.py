@@ -60,9 +60,10 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """info, verify, a short CPU bench, then a LongNet LM trained with sequences sharded over 2 gloo processes.
+    """info, verify, a short CPU bench, then a LongNet LM and a transformers Llama trained with sequences sharded
+    over 2 gloo processes.
 
-    A few minutes on 2 cores; results (bench JSON/PNG, LongNet loss curve PNG and summary) in bench-results/.
+    A few minutes on 2 cores; results (bench JSON/PNG, loss curves PNG and summaries) in bench-results/.
     """
     install_project(session, "matplotlib")
     out = ROOT / "bench-results"
@@ -85,6 +86,8 @@ def demo(session: nox.Session) -> None:
     )
     # LongNet LM (examples/longnet_lm.py): ~1 minute, the loss falls from ~4.6 to ~2.0 nats/char.
     session.run("python", "examples/longnet_lm.py", "--world-size", "2", "--steps", "300", "--out", str(out))
+    # A transformers Llama on our ring and FSDP2 (examples/transformers_sp.py): ~2 minutes.
+    session.run("python", "examples/transformers_sp.py", "--world-size", "2", "--steps", "200", "--out", str(out))
 
 
 # Pinned so that `mkdocs build --strict` gives the same result everywhere.

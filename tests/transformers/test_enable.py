@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -11,7 +12,7 @@ from transformers import AttentionInterface, BloomConfig, BloomForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 import ring_transformers
-from ring_core import reference_attention
+from ring_core import DilatedAttention, reference_attention
 from ring_transformers import RingTransformersError
 
 
@@ -155,3 +156,33 @@ def test_mask_patterns_it_cannot_express():
     blocks = torch.tensor([[-1, -1, 0, 0, 0, -1, -1, -1, 1, 1, -1, -1]] * 2)  # bidirectional blocks (image tokens)
     with pytest.raises(RingTransformersError, match="see later keys"):
         create_causal_mask(**common, cache=None, block_sequence_ids=blocks)
+
+
+def test_docs_example_runs(capsys):
+    import runpy
+    from pathlib import Path
+
+    runpy.run_path(str(Path(__file__).resolve().parents[2] / "docs" / "examples" / "transformers_enable.py"))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert float(lines[0].split(": ")[1]) <= 1e-12 and lines[1] == "(2, 300, 100)"
+
+
+WINDOW = "window_size" in inspect.signature(DilatedAttention).parameters
+
+
+@pytest.mark.xfail(not WINDOW, strict=True, reason="needs a ring-core with window_size", raises=RingTransformersError)
+def test_sliding_window_matches_sdpa():
+    model = build("mistral", sliding_window=6)  # Mistral's layers slide: each query sees its last 6 keys
+    ids, mask = tokens(2, 21), padding_mask(2, 21)
+    expected = model(ids, attention_mask=mask).logits
+    ring_transformers.enable(model, "dilated", **DENSE)
+    keep = mask.bool()
+    assert relative_error(model(ids, attention_mask=mask).logits[keep], expected[keep]) <= 1e-10
+
+
+def test_a_window_longer_than_the_sequence_is_no_window():
+    model = build("mistral", sliding_window=32)
+    ids = tokens(2, 21)
+    expected = model(ids).logits
+    ring_transformers.enable(model, "dilated", **DENSE)
+    assert relative_error(model(ids).logits, expected) <= 1e-10
