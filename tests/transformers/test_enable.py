@@ -149,13 +149,13 @@ def test_mask_patterns_it_cannot_express():
     model = ring_transformers.enable(build("llama"), "dilated", **DENSE)
     embeds = torch.zeros(2, 12, 24, dtype=torch.float64)
     position_ids = torch.arange(12)[None]
-    common = {"config": model.config, "inputs_embeds": embeds, "attention_mask": None, "position_ids": position_ids}
-    assert create_causal_mask(**common, cache=None) is None  # plain causal: nothing to build
+    common = (model.config, embeds, None, None)  # config, inputs_embeds, attention_mask, no cache
+    assert create_causal_mask(*common, position_ids) is None  # plain causal: nothing to build
     with pytest.raises(RingTransformersError, match="its own mask function"):
-        create_causal_mask(**common, cache=None, or_mask_function=lambda b, h, q, kv: kv < 3)
+        create_causal_mask(*common, position_ids, or_mask_function=lambda b, h, q, kv: kv < 3)
     blocks = torch.tensor([[-1, -1, 0, 0, 0, -1, -1, -1, 1, 1, -1, -1]] * 2)  # bidirectional blocks (image tokens)
     with pytest.raises(RingTransformersError, match="see later keys"):
-        create_causal_mask(**common, cache=None, block_sequence_ids=blocks)
+        create_causal_mask(*common, position_ids, block_sequence_ids=blocks)
 
 
 def test_docs_example_runs(capsys):
