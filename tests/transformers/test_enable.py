@@ -186,3 +186,10 @@ def test_a_window_longer_than_the_sequence_is_no_window():
     expected = model(ids).logits
     ring_transformers.enable(model, "dilated", **DENSE)
     assert relative_error(model(ids).logits, expected) <= 1e-10
+
+
+def test_the_models_window_and_a_window_option_conflict():
+    model = build("mistral", sliding_window=6)
+    with pytest.raises(RingTransformersError, match="window_size"):  # rejected by enable, or at the first call
+        ring_transformers.enable(model, "dilated", **DENSE, window_size=(2, 2))
+        model(tokens(1, 21))

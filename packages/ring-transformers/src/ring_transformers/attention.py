@@ -194,12 +194,9 @@ def ring_attention_forward(
             f"{type(module).__name__} runs with attn_implementation={ATTENTION_NAME!r} but its model was not "
             "enabled in this process: call ring_transformers.enable(model, name, **options)"
         )
-    for option, value_ in (
-        ("softcap", softcap),
-        ("s_aux", kwargs.get("s_aux")),
-        ("position_bias", kwargs.get("position_bias")),
-    ):
-        if value_ is not None:
+    unsupported = {"softcap": softcap, "s_aux": kwargs.get("s_aux"), "position_bias": kwargs.get("position_bias")}
+    for option, given in unsupported.items():
+        if given is not None:
             raise RingTransformersError(
                 f"{type(module).__name__} passes {option}, which ring attention does not compute"
             )
