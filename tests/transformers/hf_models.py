@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import torch
 from transformers import (
@@ -79,8 +80,10 @@ def causal_batch(seq_len: int, padded: bool, seed: int = 1) -> dict[str, torch.T
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
-def sequence_parallel_step(rank: int, world_size: int, cases: list[dict]) -> list[dict]:
+def sequence_parallel_step(rank: int, world_size: int, cases: list[dict]) -> dict[str, Any]:
     """In a gloo group: each case's model on this rank's shard (``shard_batch``); logits, loss shares, gradients.
+
+    Also the error of a model fed every rank's ``0 .. n-1`` positions (no ``shard_batch``).
 
     Numpy arrays travel back (tensors would use shared memory that dies with the worker).
     """
@@ -110,7 +113,7 @@ def sequence_parallel_step(rank: int, world_size: int, cases: list[dict]) -> lis
                 "grads": grads,
             }
         )
-    return results
+    return {"cases": results, "default_positions_error": default_positions_error(rank)}
 
 
 def shard_and_checkpoint(model: torch.nn.Module) -> None:
@@ -137,7 +140,7 @@ def full(grad: torch.Tensor) -> torch.Tensor:
     return grad.full_tensor() if hasattr(grad, "full_tensor") else grad
 
 
-def default_positions_error(rank: int, world_size: int) -> str:
+def default_positions_error(rank: int) -> str:
     """The message a sharded model gives when every rank passes positions 0..n-1 (no shard_batch)."""
     import ring_transformers
 

@@ -17,7 +17,6 @@ from hf_models import (
     NEEDS_CORE,
     build,
     causal_batch,
-    default_positions_error,
     loss_and_grads,
     packed_batch,
     packed_sequence_parallel_logits,
@@ -53,13 +52,12 @@ def single_process(case: dict):
     return loss_and_grads(model, **causal_batch(case["seq_len"], case["padded"]))
 
 
-@pytest.mark.parametrize("world_size", sorted(CASES))
-def test_ranks_equal_one_process(world_size):
+def check_ranks(world_size: int, per_rank: list[dict]) -> None:
+    """Each rank's logits rows, the loss shares' sum and the gradients' sum against one process, every case."""
     cases = CASES[world_size]
-    per_rank = run_distributed(sequence_parallel_step, world_size, cases, timeout=300)
     for index, case in enumerate(cases):
         logits, loss, grads = single_process(case)
-        results = [rank_results[index] for rank_results in per_rank]
+        results = [rank_results["cases"][index] for rank_results in per_rank]
         for rank, result in enumerate(results):
             expected = shard_sequence(logits, case["layout"], dim=1, rank=rank, world_size=world_size)
             assert relative_error(torch.from_numpy(result["logits"]), expected) <= 1e-10, (case, rank)
@@ -74,6 +72,25 @@ def test_ranks_equal_one_process(world_size):
             assert relative_error(summed, grad) <= 1e-9, (case, name)
 
 
+@pytest.fixture(scope="module")
+def two_ranks() -> list[dict]:
+    """One 2-rank run (spawning costs seconds) shared by the tests that read it."""
+    return run_distributed(sequence_parallel_step, 2, CASES[2], timeout=300)
+
+
+def test_two_ranks_equal_one_process(two_ranks):
+    check_ranks(2, two_ranks)
+
+
+def test_three_ranks_equal_one_process():
+    check_ranks(3, run_distributed(sequence_parallel_step, 3, CASES[3], timeout=300))
+
+
+def test_ranks_need_global_positions(two_ranks):
+    messages = [result["default_positions_error"] for result in two_ranks]
+    assert messages[0] == messages[1] and "pass the global positions of each rank's tokens" in messages[0]
+
+
 @pytest.mark.xfail(not CU_SEQLENS, strict=True, reason=NEEDS_CORE, raises=DistributedRunError)
 def test_packed_batch_over_two_ranks_equals_the_documents_alone():
     docs, _ = packed_batch()
@@ -84,11 +101,6 @@ def test_packed_batch_over_two_ranks_equals_the_documents_alone():
         for layout, logits in zip(layouts, per_layout):
             rows = shard_sequence(expected, layout, dim=1, rank=rank, world_size=2)
             assert relative_error(torch.from_numpy(logits), rows) <= 1e-10, (layout, rank)
-
-
-def test_ranks_need_global_positions():
-    messages = run_distributed(default_positions_error, 2)
-    assert messages[0] == messages[1] and "pass the global positions of each rank's tokens" in messages[0]
 
 
 def test_shard_batch_shifts_labels_over_the_whole_sequence():
