@@ -17,7 +17,8 @@ import ring_core
 from distributed_helpers import run_distributed
 from ring_core import RingDilatedAttention, shard_sequence, unshard_sequence
 from ring_core.dilated import branches
-from ring_core.ring_plan import build_ring_plan, part_rows
+from ring_core.ring_plan import _part_rows as part_rows
+from ring_core.ring_plan import build_ring_plan
 from ring_core.testing import CASES, QUICK_CASES, TOLERANCES, fit_case, sharded_case_errors
 
 LAYOUTS = ("contiguous", "zigzag")

@@ -69,7 +69,7 @@ def combined_mask(
     layout: torch.Tensor, seq_len: int, block_size: int, head: int, segment_lengths, dilation_rates, causal: bool
 ) -> torch.Tensor:
     """Token-level ``(N, N)`` bool: key allowed by the dilated branches, the layout and causality."""
-    from ring_core import branch_counts
+    from ring_core.plugin import branch_counts
 
     blocks = torch.arange(seq_len) // block_size
     layout_head = layout[head if layout.shape[0] > 1 else 0]

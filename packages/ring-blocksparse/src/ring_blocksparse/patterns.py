@@ -251,7 +251,7 @@ BUILTIN_PATTERNS: dict[str, type[Pattern]] = {
 
 def registered_patterns() -> dict[str, Any]:
     """Every pattern builder registered through ``register_patterns``, by name."""
-    from ring_core import get_registry
+    from ring_core.plugin import get_registry
 
     return dict(get_registry().patterns)
 

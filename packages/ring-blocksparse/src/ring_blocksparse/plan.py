@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ring_core.dilated import Branch
-from ring_core.sharding import shard_ranges
+from ring_core.plugin import Branch, shard_ranges
 
 FULL, CAUSAL, MASKED = "full", "causal", "masked"
 

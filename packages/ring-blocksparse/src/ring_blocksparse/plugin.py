@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from ring_core import hookimpl
+from ring_core.plugin import hookimpl
 
 
 @hookimpl
 def register_implementations(register):
-    from ring_core import Implementation
+    from ring_core.plugin import Implementation
 
     from .attention import BlockSparseRingDilatedAttention
 

@@ -21,7 +21,18 @@ import torch
 
 from .dilated import branches, dilated_parts
 
-FWD_BWD_FACTOR = 3.5
+__all__ = [
+    "BenchResult",
+    "dense_pairs",
+    "device_name",
+    "measure",
+    "plot",
+    "time_fwd_bwd",
+    "useful_pairs",
+    "write_json",
+]
+
+_FWD_BWD_FACTOR = 3.5
 
 
 def useful_pairs(
@@ -147,7 +158,7 @@ def measure(
         with _PeakRSS() as sampler:
             seconds = time_fwd_bwd(fn, device, repeats)
         peak = sampler.peak - sampler.base
-    flops = FWD_BWD_FACTOR * 4 * head_dim * pairs * batch
+    flops = _FWD_BWD_FACTOR * 4 * head_dim * pairs * batch
     return BenchResult(name, seq_len, seconds * 1e3, flops / seconds / 1e12, peak / 2**20)
 
 

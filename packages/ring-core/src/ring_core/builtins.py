@@ -9,6 +9,12 @@ from .kernels import CPUFlashKernel, MathKernel
 from .registry import Implementation
 from .ring import RingDilatedAttention
 
+__all__ = [
+    "DEPRECATED_NAMES",
+    "register_implementations",
+    "register_kernels",
+]
+
 # Deprecated names of ring-core: {old: (new, removal version)}; served by ring_core.__getattr__ too.
 DEPRECATED_NAMES = {"RingDilatedAttentionV2Collective": ("RingDilatedAttention", "0.3.0")}
 

@@ -15,14 +15,19 @@ from .factory import create_attention, explain_auto
 from .registry import get_registry, list_implementations, list_kernels, plugin_errors
 from .testing import CASES, QUICK_CASES, check_attention, format_table
 
-DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+__all__ = [
+    "build_parser",
+    "main",
+]
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _yes_or_reasons(reasons: Sequence[str]) -> str:
     return "yes" if not reasons else "no: " + "; ".join(reasons)
 
 
-def cmd_info(args: argparse.Namespace) -> int:
+def _cmd_info(args: argparse.Namespace) -> int:
     registry = get_registry()
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA device: {cuda}\n")
@@ -62,9 +67,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
+def _cmd_verify(args: argparse.Namespace) -> int:
     cases = CASES if args.full else QUICK_CASES
-    dtypes = [DTYPES[d] for d in args.dtype]
+    dtypes = [_DTYPES[d] for d in args.dtype]
     impls = [i for i in list_implementations("attention") if i.available and (not args.impl or i.name in args.impl)]
     if args.world_size > 1:
         impls = [i for i in impls if i.distributed]
@@ -133,11 +138,11 @@ def _verify_distributed(args: argparse.Namespace, impls, cases, dtypes) -> int:
     return 1 if failures else 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def _cmd_bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
+    dtype = _DTYPES[args.dtype]
     config = {"segment_lengths": args.segments, "dilation_rates": args.rates}
     impls = [
         i
@@ -204,21 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="plugins, implementations and kernel backends")
-    info.set_defaults(func=cmd_info)
+    info.set_defaults(func=_cmd_info)
 
     verify = sub.add_parser("verify", help="check every available implementation against the reference")
     verify.add_argument("--impl", nargs="*", help="only these implementations")
-    verify.add_argument("--dtype", nargs="*", default=["float64", "float32"], choices=list(DTYPES))
+    verify.add_argument("--dtype", nargs="*", default=["float64", "float32"], choices=list(_DTYPES))
     verify.add_argument("--device", default="cpu")
     verify.add_argument("--full", action="store_true", help="every conformance case, not a quick subset")
     verify.add_argument(
         "--world-size", type=int, default=1, help="run the distributed implementations on P gloo processes"
     )
-    verify.set_defaults(func=cmd_verify)
+    verify.set_defaults(func=_cmd_verify)
 
     bench = sub.add_parser("bench", help="time implementations against plain SDPA")
     bench.add_argument("--device", default="cpu")
-    bench.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
+    bench.add_argument("--dtype", default=None, choices=list(_DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
     bench.add_argument("--seq-lens", nargs="+", type=int, default=[1024, 2048, 4096])
     bench.add_argument("--batch", type=int, default=1)
     bench.add_argument("--heads", type=int, default=8)
@@ -230,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--impl", nargs="*", help="only these implementations")
     bench.add_argument("--json", help="write results as JSON")
     bench.add_argument("--plot", help="write a PNG plot")
-    bench.set_defaults(func=cmd_bench)
+    bench.set_defaults(func=_cmd_bench)
 
     try:  # `pattern` comes with ring-blocksparse
         from ring_blocksparse.cli import add_pattern_parser

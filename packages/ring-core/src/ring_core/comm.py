@@ -46,6 +46,7 @@ import torch.distributed as dist
 from .sharding import group_rank_and_size
 
 __all__ = [
+    "CHANNELS",
     "TRANSPORTS",
     "CopyEngineComm",
     "Exchange",
@@ -120,9 +121,15 @@ class RingComm:
             self.peers[group_rank] = dist.get_global_rank(self.group, group_rank)
         return self.peers[group_rank]
 
-    def begin(self, phase: str) -> None:
-        """Start the forward or backward pass of one call: bytes of this phase count from zero."""
+    def begin(self, phase: str, *, reset: bool = True) -> None:
+        """Start the forward or backward pass of one call: bytes of this phase count from zero.
+
+        ``reset=False`` keeps counting on top of the phase's bytes so far (a schedule whose stats
+        add up over calls).
+        """
         self.phase = phase
+        if not reset:
+            return
         if phase == "forward":
             self.stats.forward_bytes = 0
         else:
@@ -173,9 +180,9 @@ class RingComm:
 
 TRANSPORTS = ("nccl", "copy_engine")
 CHANNELS = ("send", "grad")  # K/V and dK/dV: each has its own two slots and copy stream
-READY, CONSUMED = 0, 2  # a channel's signals: READY + slot, CONSUMED + slot (after its base)
-SIGNAL_TIMEOUT_MS = 300_000  # a peer that never signals ends in a CUDA error, not a hang
-ALIGN = 256
+_READY, _CONSUMED = 0, 2  # a channel's signals: _READY + slot, _CONSUMED + slot (after its base)
+_SIGNAL_TIMEOUT_MS = 300_000  # a peer that never signals ends in a CUDA error, not a hang
+_ALIGN = 256
 
 
 def check_transport(transport: str) -> str:
@@ -188,7 +195,7 @@ def check_transport(transport: str) -> str:
 class _Channel:
     """One kind of send (``"send"``: K/V, ``"grad"``: dK/dV): its two slots and what is still in flight."""
 
-    signal_base: int  # its signal channels: READY + slot and CONSUMED + slot, from here
+    signal_base: int  # its signal channels: _READY + slot and _CONSUMED + slot, from here
     capacity: int = 0  # bytes per slot
     buffer: torch.Tensor | None = None
     handle: Any = None
@@ -209,7 +216,7 @@ class _Channel:
         """Make the current stream wait until the slot's last payload has been copied out by its receiver."""
         consumer = self.consumer[slot]
         if consumer is not None:
-            self.handle.wait_signal(consumer, self.signal(CONSUMED, slot), SIGNAL_TIMEOUT_MS)
+            self.handle.wait_signal(consumer, self.signal(_CONSUMED, slot), _SIGNAL_TIMEOUT_MS)
             self.consumer[slot] = None
 
     def release(self, group: Any, device: torch.device) -> None:
@@ -263,7 +270,7 @@ class CopyEngineComm(RingComm):
                 "torch.distributed._symmetric_memory; use transport='nccl'"
             )
         if nbytes > slots.channels[use].capacity:
-            self._grow(slots.channels[use], -(-nbytes // ALIGN) * ALIGN, device)
+            self._grow(slots.channels[use], -(-nbytes // _ALIGN) * _ALIGN, device)
 
     def _grow(self, channel: _Channel, capacity: int, device: torch.device) -> None:
         import torch.distributed._symmetric_memory as symm_mem
@@ -304,7 +311,7 @@ class CopyEngineComm(RingComm):
         if send is not None and send.numel():
             self.count_sent(send, send_to)
             # after the writes, in stream order
-            channel.handle.put_signal(send_to, channel.signal(READY, slot), SIGNAL_TIMEOUT_MS)
+            channel.handle.put_signal(send_to, channel.signal(_READY, slot), _SIGNAL_TIMEOUT_MS)
             channel.consumer[slot] = send_to
         if not recv_numel:
             return Exchange([], send, None)
@@ -313,9 +320,9 @@ class CopyEngineComm(RingComm):
         remote = channel.peer_bytes(recv_from)[start : start + recv.numel() * recv.element_size()]
         channel.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(channel.stream):
-            channel.handle.wait_signal(recv_from, channel.signal(READY, slot), SIGNAL_TIMEOUT_MS)
+            channel.handle.wait_signal(recv_from, channel.signal(_READY, slot), _SIGNAL_TIMEOUT_MS)
             recv.copy_(remote.view(like.dtype))
-            channel.handle.put_signal(recv_from, channel.signal(CONSUMED, slot), SIGNAL_TIMEOUT_MS)
+            channel.handle.put_signal(recv_from, channel.signal(_CONSUMED, slot), _SIGNAL_TIMEOUT_MS)
             done = torch.cuda.Event()
             done.record()
         return Exchange([_StreamWait(done)], send, recv)

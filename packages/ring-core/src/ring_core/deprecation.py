@@ -13,6 +13,15 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
+__all__ = [
+    "DeprecationTable",
+    "aliases_for",
+    "deprecated_getattr",
+    "deprecation_message",
+    "version_tuple",
+    "warn_deprecated",
+]
+
 DeprecationTable = Mapping[str, tuple[str, str]]
 
 

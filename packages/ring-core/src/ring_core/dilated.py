@@ -21,6 +21,18 @@ from .engine import Accumulator, BlockKernel, BlockSchedule, blockwise_attention
 from .kernels import KernelRequest, default_scale
 from .validation import check_dilated_config, check_dropout, check_qkv
 
+__all__ = [
+    "Branch",
+    "DilatedAttention",
+    "DilatedSchedule",
+    "Part",
+    "backward_block",
+    "branches",
+    "dilated_attention",
+    "dilated_parts",
+    "forward_block",
+]
+
 
 @dataclass(frozen=True)
 class Branch:
@@ -120,6 +132,60 @@ def dilated_parts(seq_len: int, branch: Branch, groups: int, device: torch.devic
             yield Part(offset, r, full, count, count - full, heads, kv_heads)
 
 
+def forward_block(
+    kernel: BlockKernel,
+    q_part: Part,
+    q: torch.Tensor,
+    k_block: torch.Tensor,
+    v_block: torch.Tensor,
+    mask: torch.Tensor | None,
+    acc: Accumulator,
+    *,
+    causal: bool,
+    block_id: int,
+) -> None:
+    """Merge one block into ``acc``: the query rows and heads of ``q_part`` against a key block.
+
+    ``k_block``/``v_block`` are ``(B * nseg, m, h_kv, D)`` (what :meth:`Part.gather_kv`
+    returns, here or on the rank that sent them) and ``mask`` is :meth:`Part.key_mask`'s
+    (or None). ``block_id`` keeps dropout streams apart: unique per block of a call.
+    """
+    kernel.forward_into(
+        q_part.view(acc.out), q_part.view(acc.lse), q_part.view(q).flatten(0, 1), k_block, v_block,
+        causal=causal, mask=mask, block_id=block_id,
+    )  # fmt: skip
+
+
+def backward_block(
+    kernel: BlockKernel,
+    q_part: Part,
+    q: torch.Tensor,
+    k_block: torch.Tensor,
+    v_block: torch.Tensor,
+    mask: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+    dq: torch.Tensor,
+    *,
+    causal: bool,
+    block_id: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact gradient of one block (same arguments as :func:`forward_block`, with the final ``out``/``lse``).
+
+    Adds the block's dq into ``dq``'s rows of ``q_part`` and returns its ``(dk, dv)`` in the
+    key block's layout, for :meth:`Part.add_kv_grad` of the key part (here or on its owner).
+    """
+    block_dq, block_dk, block_dv = kernel.backward(
+        q_part.view(dout).flatten(0, 1), q_part.view(q).flatten(0, 1), k_block, v_block,
+        q_part.view(out).flatten(0, 1), q_part.view(lse).flatten(0, 1),
+        causal=causal, mask=mask, block_id=block_id,
+    )  # fmt: skip
+    view = q_part.view(dq)
+    kernel.accumulate(view, block_dq.unflatten(0, view.shape[:2]))
+    return block_dk, block_dv
+
+
 class DilatedSchedule(BlockSchedule):
     """LongNet dilated attention on one device: all branches, offsets and segments."""
 
@@ -142,33 +208,16 @@ class DilatedSchedule(BlockSchedule):
 
     def forward(self, q, k, v, acc: Accumulator) -> None:
         for block_id, part in enumerate(self._parts(q, k)):
-            self.kernel.forward_into(
-                part.view(acc.out),
-                part.view(acc.lse),
-                part.view(q).flatten(0, 1),
-                part.gather_kv(k),
-                part.gather_kv(v),
-                causal=self.causal,
-                mask=part.key_mask(self.key_padding_mask),
-                block_id=block_id,
-            )
+            kv = (part.gather_kv(k), part.gather_kv(v), part.key_mask(self.key_padding_mask))
+            forward_block(self.kernel, part, q, *kv, acc, causal=self.causal, block_id=block_id)
 
     def backward(self, q, k, v, out, lse, dout, grads) -> None:
         dq, dk, dv = grads
         for block_id, part in enumerate(self._parts(q, k)):
-            block_dq, block_dk, block_dv = self.kernel.backward(
-                part.view(dout).flatten(0, 1),
-                part.view(q).flatten(0, 1),
-                part.gather_kv(k),
-                part.gather_kv(v),
-                part.view(out).flatten(0, 1),
-                part.view(lse).flatten(0, 1),
-                causal=self.causal,
-                mask=part.key_mask(self.key_padding_mask),
-                block_id=block_id,
+            kv = (part.gather_kv(k), part.gather_kv(v), part.key_mask(self.key_padding_mask))
+            block_dk, block_dv = backward_block(
+                self.kernel, part, q, *kv, out, lse, dout, dq, causal=self.causal, block_id=block_id
             )
-            view = part.view(dq)
-            self.kernel.accumulate(view, block_dq.unflatten(0, view.shape[:2]))
             part.add_kv_grad(dk, block_dk, self.kernel.accumulate)
             part.add_kv_grad(dv, block_dv, self.kernel.accumulate)
 

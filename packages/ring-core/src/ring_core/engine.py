@@ -19,6 +19,13 @@ import torch
 
 from .kernels import KernelBackend, accumulation_dtype
 
+__all__ = [
+    "Accumulator",
+    "BlockKernel",
+    "BlockSchedule",
+    "blockwise_attention",
+]
+
 
 @dataclass
 class BlockKernel:

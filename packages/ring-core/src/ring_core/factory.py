@@ -16,6 +16,15 @@ from torch import nn
 from .deprecation import warn_deprecated
 from .registry import Implementation, list_implementations
 
+__all__ = [
+    "KNOWN_PROVIDERS",
+    "UnknownImplementationError",
+    "create_attention",
+    "create_multihead_attention",
+    "explain_auto",
+    "resolve_implementation",
+]
+
 # Names provided by sibling packages, so a missing one says what to install.
 KNOWN_PROVIDERS: dict[str, tuple[str, str]] = {
     # name -> (distribution, extra of ring-core)

@@ -10,6 +10,15 @@ from collections.abc import Callable
 
 import pluggy
 
+__all__ = [
+    "PROJECT_NAME",
+    "hookimpl",
+    "hookspec",
+    "register_implementations",
+    "register_kernels",
+    "register_patterns",
+]
+
 PROJECT_NAME = "ring_attention"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)

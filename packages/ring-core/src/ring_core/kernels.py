@@ -23,6 +23,19 @@ from typing import ClassVar
 
 import torch
 
+__all__ = [
+    "FLOAT_DTYPES",
+    "CPUFlashKernel",
+    "KernelBackend",
+    "KernelRequest",
+    "MathKernel",
+    "accumulation_dtype",
+    "causal_mask",
+    "combined_mask",
+    "default_scale",
+    "merge_into",
+]
+
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 

@@ -9,6 +9,11 @@ import torch
 
 from .validation import check_dilated_config
 
+__all__ = [
+    "branch_counts",
+    "reference_attention",
+]
+
 
 def branch_counts(
     seq_len: int,

@@ -24,6 +24,18 @@ import pluggy
 from . import hookspecs
 from .kernels import KernelBackend
 
+__all__ = [
+    "CORE_PLUGIN",
+    "Implementation",
+    "PluginInfo",
+    "Registry",
+    "get_registry",
+    "list_implementations",
+    "list_kernels",
+    "plugin_errors",
+    "reset_registry",
+]
+
 CORE_PLUGIN = "core"
 
 

@@ -17,7 +17,7 @@ Everything is one :class:`~ring_core.engine.BlockSchedule` run through
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ from .dilated import DilatedSchedule, branches
 from .dispatch import select_kernel
 from .engine import BlockKernel, blockwise_attention
 from .kernels import KernelRequest, default_scale
-from .ring_plan import RingPlan, Transfer, build_ring_plan, offset_heads, part_rows, segments_within_shards
+from .ring_plan import RingPlan, Transfer, build_ring_plan, offset_heads, segments_within_shards
 from .ring_schedule import RingDilatedSchedule, send_bounds
 from .sharding import check_layout
 from .validation import check_dilated_config, check_dropout
@@ -49,7 +49,6 @@ __all__ = [
     "build_ring_plan",
     "differing_fields",
     "offset_heads",
-    "part_rows",
     "ring_dilated_attention",
     "segments_within_shards",
     "send_bounds",
@@ -160,8 +159,7 @@ class RingAttentionBase(nn.Module):
     ``segment_lengths`` and ``dilation_rates`` become tuples of ints; ``layout``,
     ``merge``, ``dropout``, ``kernel`` (a kernel backend name or None) and ``transport``
     (:data:`ring_core.comm.TRANSPORTS`) are checked. Subclasses get :attr:`comm_stats` (bytes
-    this rank sends) and an empty ``_validated`` set (keys of the input signatures
-    already validated across ranks), and define ``forward``.
+    this rank sends) and :meth:`validate_once`, and define ``forward``.
     """
 
     def __init__(
@@ -190,6 +188,19 @@ class RingAttentionBase(nn.Module):
         self.transport = check_transport(transport)
         self.comm_stats = RingCommStats()
         self._validated: set[tuple] = set()
+
+    def validate_once(self, validate: Callable[[], None], *call: Any) -> None:
+        """Run ``validate`` the first time this module sees the call signature ``call``.
+
+        ``validate`` is a collective check (e.g. :func:`~ring_core.agreement.validate_ring_inputs`)
+        that raises the same error on every rank; ``call`` holds the call's tensors (compared by
+        shape, dtype and device) and any other values its result depends on. A signature seen
+        before skips the check and its communication.
+        """
+        key = tuple(_signature(x) for x in call)
+        if key not in self._validated:
+            validate()
+            self._validated.add(key)
 
     def extra_repr(self) -> str:
         return (
@@ -225,21 +236,39 @@ class RingDilatedAttention(RingAttentionBase):
         comm = ring_comm(self.process_group, self.comm_stats, self.transport, q.device)
         dropout_p = self.dropout if self.training else 0.0
         self._check(q, k, v, key_padding_mask, bool(is_causal), dropout_p, comm)
-        return self._attend(q, k, v, bool(is_causal), key_padding_mask, dropout_p, comm)
+        return self.attend(
+            q, k, v, is_causal=bool(is_causal), key_padding_mask=key_padding_mask, dropout_p=dropout_p, comm=comm
+        )
 
     def _check(self, q, k, v, key_padding_mask, is_causal: bool, dropout_p: float, comm: RingComm) -> None:
         """Inputs agree across ranks (checked once per new signature, errors naming this class)."""
         config = (self.segment_lengths, self.dilation_rates, self.merge, self.layout, dropout_p)
-        key = _validation_key(q, k, v, key_padding_mask, is_causal, config, comm.world_size)
-        if key not in self._validated:
+
+        def validate() -> None:
             validate_ring_inputs(
                 q, k, v, key_padding_mask, causal=is_causal, layout=self.layout, merge=self.merge, config=config,
                 scale=self.softmax_scale, comm=comm, name=type(self).__name__,
             )  # fmt: skip
-            self._validated.add(key)
 
-    def _attend(self, q, k, v, is_causal: bool, key_padding_mask, dropout_p: float, comm: RingComm) -> torch.Tensor:
-        """This rank's output shard, inputs already checked."""
+        self.validate_once(validate, q, k, v, key_padding_mask, is_causal, config, comm.world_size)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        is_causal: bool,
+        key_padding_mask: torch.Tensor | None,
+        dropout_p: float,
+        comm: RingComm,
+    ) -> torch.Tensor:
+        """This rank's output shard for inputs that :meth:`forward` already checked across ranks.
+
+        The extension point of subclasses that compute some calls another way (ring-flash's
+        fused single-device path) and hand the rest to ``super().attend``. ``dropout_p`` is
+        the call's (0 in eval mode); ``comm`` is the communicator of :attr:`process_group`.
+        """
         out, _ = _run(
             q, k, v, comm=comm, branch_cfg=(self.segment_lengths, self.dilation_rates), merge=self.merge,
             layout=self.layout, is_causal=is_causal, key_padding_mask=key_padding_mask,
@@ -248,16 +277,12 @@ class RingDilatedAttention(RingAttentionBase):
         return out
 
 
-def _validation_key(q, k, v, key_padding_mask, causal: bool, config: tuple, world_size: int) -> tuple:
-    def sig(t: Any) -> Any:
-        return (tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor) else type(t)
-
-    return (
-        sig(q),
-        sig(k),
-        sig(v),
-        None if key_padding_mask is None else sig(key_padding_mask),
-        causal,
-        config,
-        world_size,
-    )
+def _signature(x: Any) -> Any:
+    """A tensor by shape, dtype and device (never its values); other values as they are, or by type if unhashable."""
+    if isinstance(x, torch.Tensor):
+        return tuple(x.shape), x.dtype, x.device
+    try:
+        hash(x)
+    except TypeError:
+        return type(x)
+    return x

@@ -25,19 +25,16 @@ from .sharding import shard_ranges
 __all__ = [
     "Item",
     "RingPlan",
-    "Run",
     "Step",
     "Transfer",
     "build_ring_plan",
     "offset_heads",
-    "part_kv_heads",
-    "part_rows",
     "segments_within_shards",
 ]
 
 
 @dataclass(frozen=True)
-class Run:
+class _Run:
     """Selected positions ``[i0, i1)`` (units of the rate) of one piece, in segments of ``length``."""
 
     segment: int  # global index of the first segment
@@ -81,11 +78,11 @@ class RingPlan:
     steps: tuple[Step, ...]
 
 
-def part_rows(part: Part) -> int:
+def _part_rows(part: Part) -> int:
     return part.stop - part.start
 
 
-def part_kv_heads(part: Part, num_kv_heads: int) -> int:
+def _part_kv_heads(part: Part, num_kv_heads: int) -> int:
     heads = part.kv_heads
     return len(range(*heads.indices(num_kv_heads))) if isinstance(heads, slice) else int(heads.numel())
 
@@ -117,7 +114,7 @@ def offset_heads(branch: Branch, offset: int, groups: int, device: torch.device)
     return heads, torch.tensor(kv, device=device)
 
 
-def _runs(start: int, stop: int, branch: Branch, offset: int) -> tuple[int, list[Run]]:
+def _runs(start: int, stop: int, branch: Branch, offset: int) -> tuple[int, list[_Run]]:
     """The first selected position of global piece ``[start, stop)`` and its runs (head, full, tail)."""
     w, r = branch.segment, branch.rate
     first = start + (offset - start) % r
@@ -129,17 +126,17 @@ def _runs(start: int, stop: int, branch: Branch, offset: int) -> tuple[int, list
     head = min(count, -(-((seg0 + 1) * w - first) // r))
     full, tail = divmod(count - head, m)
     if head == m:  # the piece starts on a segment boundary: one batch of full segments
-        runs = [Run(seg0, 0, head + full * m, m)]
+        runs = [_Run(seg0, 0, head + full * m, m)]
     else:
-        runs = [Run(seg0, 0, head, head)]
+        runs = [_Run(seg0, 0, head, head)]
         if full:
-            runs.append(Run(seg0 + 1, head, head + full * m, m))
+            runs.append(_Run(seg0 + 1, head, head + full * m, m))
     if tail:
-        runs.append(Run(seg0 + 1 + full, head + full * m, count, tail))
+        runs.append(_Run(seg0 + 1 + full, head + full * m, count, tail))
     return first, runs
 
 
-def _run_for_segment(runs: list[Run], segment: int) -> tuple[int, int] | None:
+def _run_for_segment(runs: list[_Run], segment: int) -> tuple[int, int] | None:
     for run in runs:
         nseg = (run.i1 - run.i0) // run.length
         if run.segment <= segment < run.segment + nseg:
@@ -168,7 +165,7 @@ def build_ring_plan(
         return sum(b - a for a, b in pieces[p][:index])
 
     # runs[p][piece][(branch, offset)] = (first local position, runs)
-    runs: list[list[dict[tuple[int, int], tuple[int, list[Run]]]]] = []
+    runs: list[list[dict[tuple[int, int], tuple[int, list[_Run]]]]] = []
     heads_of: dict[tuple[int, int], tuple[slice, Any]] = {}
     for bi, branch in enumerate(branch_list):
         for offset in range(branch.rate):
@@ -231,7 +228,7 @@ def build_ring_plan(
     return RingPlan(tuple(local_parts), transfer(rank, rank), steps)
 
 
-def _last_segment(runs: list[Run]) -> int:
+def _last_segment(runs: list[_Run]) -> int:
     last = runs[-1]
     return last.segment + (last.i1 - last.i0) // last.length - 1
 

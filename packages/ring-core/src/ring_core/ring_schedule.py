@@ -15,10 +15,10 @@ from dataclasses import replace
 import torch
 
 from .comm import CHANNELS, Exchange, RingComm
-from .dilated import Part
+from .dilated import Part, backward_block, forward_block
 from .engine import Accumulator, BlockKernel, BlockSchedule
 from .kernels import accumulation_dtype
-from .ring_plan import RingPlan, Step, Transfer, part_kv_heads, part_rows
+from .ring_plan import RingPlan, Step, Transfer, _part_kv_heads, _part_rows
 
 __all__ = ["RingDilatedSchedule", "send_bounds"]
 
@@ -26,7 +26,7 @@ __all__ = ["RingDilatedSchedule", "send_bounds"]
 def _block_cost(q_part: Part, kv_part: Part, causal: bool) -> float:
     """Relative work of a block: query rows x key rows x heads (half of it on a causal diagonal)."""
     heads = len(range(q_part.heads.start, q_part.heads.stop, q_part.heads.step))
-    return part_rows(q_part) * part_rows(kv_part) * heads * (0.5 if causal else 1.0)
+    return _part_rows(q_part) * _part_rows(kv_part) * heads * (0.5 if causal else 1.0)
 
 
 def _overlap_split(costs: Sequence[float]) -> int:
@@ -64,7 +64,7 @@ class RingDilatedSchedule(BlockSchedule):
     def _shapes(self, parts: tuple[Part, ...], k: torch.Tensor, v: torch.Tensor, grads: bool = False):
         shapes = []
         for part in parts:
-            b, rows, heads = k.shape[0], part_rows(part), part_kv_heads(part, k.shape[2])
+            b, rows, heads = k.shape[0], _part_rows(part), _part_kv_heads(part, k.shape[2])
             shapes.append([(b, rows, heads, k.shape[3]), (b, rows, heads, v.shape[3])])
             if self.key_padding_mask is not None and not grads:
                 shapes[-1].append((b, rows))
@@ -142,33 +142,17 @@ class RingDilatedSchedule(BlockSchedule):
         pending = self._start_kv(1, k, v)
         block_id = self.block_base
         for q_part, _, kv, causal in self._local_blocks(k, v):
-            self._forward_block(q_part, q, *kv, acc, causal, block_id)
+            forward_block(self.kernel, q_part, q, *kv, acc, causal=causal, block_id=block_id)
             block_id += 1
         for j, step in enumerate(self.plan.steps, start=1):
             buffer = pending.wait() if pending is not None else None
             pending = self._start_kv(j + 1, k, v)
             slots = self._received(step.recv, buffer, k, v)
             for item in step.recv.items:
-                self._forward_block(item.q_part, q, *slots[item.slot], acc, False, block_id)
+                forward_block(self.kernel, item.q_part, q, *slots[item.slot], acc, causal=False, block_id=block_id)
                 block_id += 1
 
-    def _forward_block(self, part: Part, q, kb, vb, mask, acc: Accumulator, causal: bool, block_id: int) -> None:
-        self.kernel.forward_into(
-            part.view(acc.out), part.view(acc.lse), part.view(q).flatten(0, 1), kb, vb,
-            causal=causal, mask=mask, block_id=block_id,
-        )  # fmt: skip
-
     # -- backward --------------------------------------------------------------------------------------
-    def _backward_block(self, part: Part, q, kb, vb, mask, out, lse, dout, dq, causal: bool, block_id: int):
-        block_dq, block_dk, block_dv = self.kernel.backward(
-            part.view(dout).flatten(0, 1), part.view(q).flatten(0, 1), kb, vb,
-            part.view(out).flatten(0, 1), part.view(lse).flatten(0, 1),
-            causal=causal, mask=mask, block_id=block_id,
-        )  # fmt: skip
-        view = part.view(dq)
-        self.kernel.accumulate(view, block_dq.unflatten(0, view.shape[:2]))
-        return block_dk, block_dv
-
     def backward(self, q, k, v, out, lse, dout, grads) -> None:
         """Local blocks around the ring steps: a few while the first peer's K/V arrive, the rest (about two
         thirds of the local work) while the last dK/dV (float32, twice the bytes) travel home."""
@@ -186,7 +170,9 @@ class RingDilatedSchedule(BlockSchedule):
 
         def local_backward(blocks) -> None:
             for block_id, (q_part, kv_part, kv, causal) in blocks:
-                block_dk, block_dv = self._backward_block(q_part, q, *kv, out, lse, dout, dq, causal, block_id)
+                block_dk, block_dv = backward_block(
+                    self.kernel, q_part, q, *kv, out, lse, dout, dq, causal=causal, block_id=block_id
+                )
                 kv_part.add_kv_grad(dk, block_dk, self.kernel.accumulate)
                 kv_part.add_kv_grad(dv, block_dv, self.kernel.accumulate)
 
@@ -204,8 +190,8 @@ class RingDilatedSchedule(BlockSchedule):
                 send = self.comm.empty("grad", self._numel(grad_shapes), dk)
                 slot_grads = self._unpack(send, grad_shapes)
             for item in step.recv.items:
-                block_grads = self._backward_block(
-                    item.q_part, q, *slots[item.slot], out, lse, dout, dq, False, block_id
+                block_grads = backward_block(
+                    self.kernel, item.q_part, q, *slots[item.slot], out, lse, dout, dq, causal=False, block_id=block_id
                 )
                 for grad, block_grad in zip(slot_grads[item.slot], block_grads, strict=True):
                     # the slot's first block is written, later ones added (no zero-filled buffer)

@@ -15,6 +15,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+__all__ = [
+    "LAYOUTS",
+    "check_divisible",
+    "check_layout",
+    "group_rank_and_size",
+    "shard_positions",
+    "shard_ranges",
+    "shard_sequence",
+    "unshard_sequence",
+]
+
 LAYOUTS = ("contiguous", "zigzag")
 
 

@@ -15,6 +15,27 @@ from torch import nn
 
 from .reference import reference_attention
 
+__all__ = [
+    "CASES",
+    "QUICK_CASES",
+    "TOLERANCES",
+    "Case",
+    "CaseResult",
+    "DistributedCaseResult",
+    "DistributedRunError",
+    "check_attention",
+    "check_distributed",
+    "fit_case",
+    "format_table",
+    "free_port",
+    "make_inputs",
+    "reference_outputs",
+    "relative_error",
+    "run_gloo",
+    "sharded_case_errors",
+    "within_tolerance",
+]
+
 # dtype -> (max relative error of the output, of each gradient); SPEC.md "Tolerances".
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float64: (1e-10, 1e-9),

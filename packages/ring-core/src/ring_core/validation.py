@@ -7,6 +7,13 @@ from collections.abc import Sequence
 
 import torch
 
+__all__ = [
+    "MERGES",
+    "check_dilated_config",
+    "check_dropout",
+    "check_qkv",
+]
+
 MERGES = ("lse", "head_groups")
 
 

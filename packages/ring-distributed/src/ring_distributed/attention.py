@@ -24,24 +24,30 @@ from typing import Any
 
 import torch
 
-from ring_core.comm import ring_comm
-from ring_core.dilated import Branch, Part, branches
-from ring_core.dispatch import select_kernel
-from ring_core.engine import BlockKernel, blockwise_attention
-from ring_core.kernels import KernelRequest, default_scale
-from ring_core.ring import (
+from ring_core.plugin import (
+    BlockKernel,
+    Branch,
+    KernelRequest,
+    Part,
     RingAttentionBase,
     RingComm,
     RingCommStats,
     RingDilatedSchedule,
     RingPlan,
     Transfer,
+    backward_block,
+    blockwise_attention,
+    branches,
     build_ring_plan,
+    default_scale,
+    forward_block,
+    group_rank_and_size,
     offset_heads,
+    ring_comm,
+    select_kernel,
     send_bounds,
     validate_ring_inputs,
 )
-from ring_core.sharding import group_rank_and_size
 
 from .comm import GatherShards, HeadsToSeq, SeqToHeads, gather_mask
 from .mesh import (
@@ -161,14 +167,25 @@ class AllGatherSchedule(RingDilatedSchedule):
     def forward(self, q, k, v, acc) -> None:
         for index, (q_part, kv_part, source, causal) in enumerate(self._blocks()):
             kb, vb, mask = self._kv(kv_part, source, k, v)
-            self._forward_block(q_part, q, kb, vb, mask, acc, causal, self.block_base + index)
+            forward_block(self.kernel, q_part, q, kb, vb, mask, acc, causal=causal, block_id=self.block_base + index)
 
     def backward(self, q, k, v, out, lse, dout, grads) -> None:
         dq, dk, dv = grads
         for index, (q_part, kv_part, source, causal) in enumerate(self._blocks()):
             kb, vb, mask = self._kv(kv_part, source, k, v)
-            block_dk, block_dv = self._backward_block(
-                q_part, q, kb, vb, mask, out, lse, dout, dq, causal, self.block_base + index
+            block_dk, block_dv = backward_block(
+                self.kernel,
+                q_part,
+                q,
+                kb,
+                vb,
+                mask,
+                out,
+                lse,
+                dout,
+                dq,
+                causal=causal,
+                block_id=self.block_base + index,
             )
             kv_part.add_kv_grad(self._shard(dk, source), block_dk)
             kv_part.add_kv_grad(self._shard(dv, source), block_dv)
@@ -274,27 +291,22 @@ class RingDistributedDilatedAttention(RingAttentionBase):
         )
         return strategy, mesh_groups(self.process_group, u, node_size)
 
-    def _validation_key(self, q, k, v, key_padding_mask, causal: bool, dropout_p: float) -> tuple:
-        config = (self.segment_lengths, self.dilation_rates, self.merge, self.layout, dropout_p, self.strategy)
-        return (
-            *((tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor) else type(t) for t in (q, k, v)),
-            None if key_padding_mask is None else tuple(key_padding_mask.shape),
-            causal,
-            config,
-        )
-
     def _validate(self, q, k, v, key_padding_mask, causal: bool, dropout_p: float) -> None:
         """Every rank checks its inputs and that all ranks agree (once per shape); same error everywhere."""
-        key = self._validation_key(q, k, v, key_padding_mask, causal, dropout_p)
-        if key in self._validated:
-            return
-        config = key[-1]
-        for comm in self._validation_comms():
-            validate_ring_inputs(
-                q, k, v, key_padding_mask, causal=causal, layout=self.layout, merge=self.merge,
-                config=config, scale=self.softmax_scale, comm=comm, name=type(self).__name__,
-            )  # fmt: skip
-        self._validated.add(key)
+        config = (self.segment_lengths, self.dilation_rates, self.merge, self.layout, dropout_p, self.strategy)
+
+        def validate() -> None:
+            self._before_validation(q)
+            for comm in self._validation_comms():
+                validate_ring_inputs(
+                    q, k, v, key_padding_mask, causal=causal, layout=self.layout, merge=self.merge,
+                    config=config, scale=self.softmax_scale, comm=comm, name=type(self).__name__,
+                )  # fmt: skip
+
+        self.validate_once(validate, q, k, v, key_padding_mask, causal, config)
+
+    def _before_validation(self, q: torch.Tensor) -> None:
+        """Called before the validation's all-gathers (a hook for RingDilatedAttentionProduction)."""
 
     # -- hooks for RingDilatedAttentionProduction ---------------------------------------------------
     timeout: float | None = None

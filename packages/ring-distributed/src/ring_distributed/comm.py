@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ring_core.ring import Exchange, RingComm, RingCommStats
+from ring_core.plugin import Exchange, RingComm, RingCommStats
 
 
 class CollectiveError(RuntimeError):
@@ -204,8 +204,8 @@ class ManagedComm(RingComm):
         self.timeout, self.pool, self.context = timeout, pool, context
         self.call = 0
 
-    def begin(self, phase: str) -> None:
-        super().begin(phase)
+    def begin(self, phase: str, *, reset: bool = True) -> None:
+        super().begin(phase, reset=reset)
         self.call = 0
 
     def empty(self, use: str, numel: int, like: torch.Tensor) -> torch.Tensor:

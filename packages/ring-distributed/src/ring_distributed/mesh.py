@@ -19,7 +19,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from ring_core.ring import segments_within_shards
+from ring_core.plugin import segments_within_shards
 
 STRATEGIES = ("auto", "ring", "ulysses", "hybrid", "allgather")
 

@@ -166,13 +166,10 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         return f"RingDilatedAttentionProduction rank {rank}, step {self._call_step}"
 
-    def _validate(self, q, k, v, key_padding_mask, causal: bool, dropout_p: float) -> None:
-        key = self._validation_key(q, k, v, key_padding_mask, causal, dropout_p)
-        if self.timeout is not None and key not in self._validated:
-            self._heartbeat(q)  # the validation's all-gather blocks: first make sure every peer is there
-        super()._validate(q, k, v, key_padding_mask, causal, dropout_p)
-
-    def _heartbeat(self, q: torch.Tensor) -> None:
+    def _before_validation(self, q: torch.Tensor) -> None:
+        """The validation's all-gather blocks: with a timeout, first make sure every peer is there."""
+        if self.timeout is None:
+            return
         for comm in self._validation_comms():
             if comm.world_size > 1:
                 beat = torch.ones(1, device=q.device if q.device.type == "cuda" else "cpu")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
-from ring_core.deprecation import deprecated_getattr
+from ring_core.plugin import deprecated_getattr
 
 from .attention import RingDilatedAttentionFlash
 from .fused import fused_dilated_attention

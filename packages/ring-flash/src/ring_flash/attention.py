@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import torch
 
-from ring_core.dispatch import select_kernel
-from ring_core.kernels import KernelRequest, default_scale
-from ring_core.ring import RingComm, RingDilatedAttention, segments_within_shards
+from ring_core.plugin import (
+    KernelRequest,
+    RingComm,
+    RingDilatedAttention,
+    default_scale,
+    segments_within_shards,
+    select_kernel,
+)
 
 from .fused import fused_dilated_attention
 
@@ -28,10 +33,22 @@ class RingDilatedAttentionFlash(RingDilatedAttention):
     :class:`ring_core.RingDilatedAttention` (errors naming this class).
     """
 
-    def _attend(self, q, k, v, is_causal: bool, key_padding_mask, dropout_p: float, comm: RingComm) -> torch.Tensor:
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        is_causal: bool,
+        key_padding_mask: torch.Tensor | None,
+        dropout_p: float,
+        comm: RingComm,
+    ) -> torch.Tensor:
         local = segments_within_shards(q.shape[1], comm.world_size, self.layout, self.segment_lengths)
         if dropout_p > 0 or not local:  # dropout: the engine's kernels; spanning segments: the ring
-            return super()._attend(q, k, v, is_causal, key_padding_mask, dropout_p, comm)
+            return super().attend(
+                q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p, comm=comm
+            )
         comm.stats.calls += 1
         backend = select_kernel(self.request(q, k, is_causal, key_padding_mask), self.kernel)
         out, _ = fused_dilated_attention(

@@ -30,8 +30,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ring_core.dilated import Branch, Part, branches, dilated_parts
-from ring_core.kernels import KernelBackend
+from ring_core.plugin import Branch, KernelBackend, Part, branches, dilated_parts
 
 from .merge import merge_block, merge_blocks
 

@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from ring_core.kernels import KernelBackend, MathKernel, combined_mask
+from ring_core.plugin import KernelBackend, MathKernel, combined_mask
 
 from .flash_attn import FlashAttn2Kernel, FlashAttn3Kernel, FlashAttn4Kernel
 from .gpu_kernel import HALF_DTYPES, GPUKernel

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from ring_core import hookimpl
-from ring_core.deprecation import aliases_for
-from ring_core.registry import Implementation
+from ring_core.plugin import Implementation, aliases_for, hookimpl
 
 
 @hookimpl

@@ -25,13 +25,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ring_core import check_dilated_config, dilated_attention
-from ring_core.dilated import DilatedSchedule, branches
-from ring_core.dispatch import select_kernel
-from ring_core.engine import Accumulator, BlockKernel, BlockSchedule, blockwise_attention
-from ring_core.kernels import KernelRequest, default_scale
-from ring_core.reference import branch_counts
-from ring_core.validation import check_dropout
+from ring_core.plugin import (
+    Accumulator,
+    BlockKernel,
+    BlockSchedule,
+    DilatedSchedule,
+    KernelRequest,
+    blockwise_attention,
+    branch_counts,
+    branches,
+    check_dilated_config,
+    check_dropout,
+    default_scale,
+    dilated_attention,
+    select_kernel,
+)
 
 from .one_block import one_block_attention
 

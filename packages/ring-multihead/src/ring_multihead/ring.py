@@ -18,8 +18,17 @@ from typing import Any
 
 import torch
 
-from ring_core.ring import RingComm, RingCommStats, RingDilatedAttention, agree_across_ranks, differing_fields
-from ring_core.sharding import check_layout, group_rank_and_size, shard_positions, unshard_sequence
+from ring_core.plugin import (
+    RingComm,
+    RingCommStats,
+    RingDilatedAttention,
+    agree_across_ranks,
+    check_layout,
+    differing_fields,
+    group_rank_and_size,
+    shard_positions,
+    unshard_sequence,
+)
 
 from .multihead import MultiheadDilatedAttention
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ring_core import deprecated_getattr
+from ring_core.plugin import deprecated_getattr
 
 from .attention import ExampleDilatedAttention
 from .kernel import EinsumKernel

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ring_core import DilatedAttention
+from ring_core.plugin import DilatedAttention
 
 from .kernel import EinsumKernel
 

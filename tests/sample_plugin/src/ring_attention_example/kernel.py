@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ring_core import KernelBackend
-from ring_core.kernels import accumulation_dtype
+from ring_core.plugin import KernelBackend, accumulation_dtype
 
 
 class EinsumKernel(KernelBackend):

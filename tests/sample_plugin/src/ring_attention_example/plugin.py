@@ -6,7 +6,7 @@ ring-core loads this module once, lazily, and calls each hook with a
 
 from __future__ import annotations
 
-from ring_core import Implementation, aliases_for, hookimpl
+from ring_core.plugin import Implementation, aliases_for, hookimpl
 
 
 @hookimpl

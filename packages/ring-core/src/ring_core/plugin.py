@@ -1,0 +1,139 @@
+"""The plugin API: every name a package that plugs into ring-core may use.
+
+A kernel, a pattern or a strategy is written against the names in ``__all__`` below and
+nothing else (``from ring_core.plugin import ...``; the names users import from
+``ring_core`` are allowed too). Everything else in ring-core is private, even where
+Python cannot hide it: no underscore member of ring-core's classes is called,
+overridden or assigned. ``nox -s lint`` checks both rules for the packages of this
+repository, and ``docs/plugins.md`` documents the names by purpose:
+
+- registration: the hook marker and the records a plugin registers;
+- kernels: the backend base class, the request it answers, dispatch and the block helpers;
+- the engine: schedules, the accumulator and the one autograd function;
+- the dilated pattern: branches, parts (strided views of selected positions), blocks;
+- the ring strategy: the plan, its schedule, the module base classes and their extension
+  points (:meth:`RingDilatedAttention.attend`, :meth:`RingAttentionBase.validate_once`);
+- communication and agreement: the ring's communicator and the same error on every rank;
+- sharding and validation helpers.
+
+A capability a plugin needs is added here, documented, in the same change; it is never
+reached for privately.
+"""
+
+from __future__ import annotations
+
+from .agreement import RingConfigError, agree_across_ranks, differing_fields, validate_ring_inputs
+from .comm import CHANNELS, TRANSPORTS, Exchange, RingComm, RingCommStats, check_transport, ring_comm
+from .deprecation import aliases_for, deprecated_getattr, warn_deprecated
+from .dilated import (
+    Branch,
+    DilatedAttention,
+    DilatedSchedule,
+    Part,
+    backward_block,
+    branches,
+    dilated_attention,
+    dilated_parts,
+    forward_block,
+)
+from .dispatch import KernelNotAvailableError, select_kernel
+from .engine import Accumulator, BlockKernel, BlockSchedule, blockwise_attention
+from .hookspecs import hookimpl
+from .kernels import (
+    FLOAT_DTYPES,
+    CPUFlashKernel,
+    KernelBackend,
+    KernelRequest,
+    MathKernel,
+    accumulation_dtype,
+    causal_mask,
+    combined_mask,
+    default_scale,
+    merge_into,
+)
+from .reference import branch_counts, reference_attention
+from .registry import Implementation, get_registry
+from .ring import RingAttentionBase, RingDilatedAttention
+from .ring_plan import Item, RingPlan, Step, Transfer, build_ring_plan, offset_heads, segments_within_shards
+from .ring_schedule import RingDilatedSchedule, send_bounds
+from .sharding import (
+    LAYOUTS,
+    check_divisible,
+    check_layout,
+    group_rank_and_size,
+    shard_positions,
+    shard_ranges,
+    shard_sequence,
+    unshard_sequence,
+)
+from .validation import MERGES, check_dilated_config, check_dropout, check_qkv
+
+__all__ = [
+    "CHANNELS",
+    "FLOAT_DTYPES",
+    "LAYOUTS",
+    "MERGES",
+    "TRANSPORTS",
+    "Accumulator",
+    "BlockKernel",
+    "BlockSchedule",
+    "Branch",
+    "CPUFlashKernel",
+    "DilatedAttention",
+    "DilatedSchedule",
+    "Exchange",
+    "Implementation",
+    "Item",
+    "KernelBackend",
+    "KernelNotAvailableError",
+    "KernelRequest",
+    "MathKernel",
+    "Part",
+    "RingAttentionBase",
+    "RingComm",
+    "RingCommStats",
+    "RingConfigError",
+    "RingDilatedAttention",
+    "RingDilatedSchedule",
+    "RingPlan",
+    "Step",
+    "Transfer",
+    "accumulation_dtype",
+    "agree_across_ranks",
+    "aliases_for",
+    "backward_block",
+    "blockwise_attention",
+    "branch_counts",
+    "branches",
+    "build_ring_plan",
+    "causal_mask",
+    "check_dilated_config",
+    "check_divisible",
+    "check_dropout",
+    "check_layout",
+    "check_qkv",
+    "check_transport",
+    "combined_mask",
+    "default_scale",
+    "deprecated_getattr",
+    "differing_fields",
+    "dilated_attention",
+    "dilated_parts",
+    "forward_block",
+    "get_registry",
+    "group_rank_and_size",
+    "hookimpl",
+    "merge_into",
+    "offset_heads",
+    "reference_attention",
+    "ring_comm",
+    "segments_within_shards",
+    "select_kernel",
+    "send_bounds",
+    "shard_positions",
+    "shard_ranges",
+    "shard_sequence",
+    "unshard_sequence",
+    "validate_ring_inputs",
+    "warn_deprecated",
+]
