@@ -35,14 +35,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import socket
 import sys
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from ring_core import RingDilatedAttention, reference_attention
+from ring_core.testing import spawn_group
 
 TOLERANCE = 1e-10  # float64, SPEC.md
 
@@ -163,22 +162,9 @@ def run(args: argparse.Namespace) -> bool:
     return ok
 
 
-def spawned(rank: int, args: argparse.Namespace, port: int) -> None:
-    """One of ``--world-size`` processes started by :func:`main`: join the gloo group, run, exit 1 on failure."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.world_size)
-    try:
-        ok = run(args)
-    finally:
-        dist.destroy_process_group()
-    if not ok:
-        sys.exit(1)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def spawned(rank: int, world_size: int, args: argparse.Namespace) -> bool:
+    """One of ``--world-size`` gloo processes started by :func:`main` (already in the group): run the check."""
+    return run(args)
 
 
 def main() -> int:
@@ -204,11 +190,7 @@ def main() -> int:
         finally:
             dist.destroy_process_group()
         return 0 if ok else 1
-    try:
-        mp.spawn(spawned, args=(args, free_port()), nprocs=args.world_size)
-    except mp.ProcessExitedException:  # a rank exited with status 1: the check failed
-        return 1
-    return 0
+    return 0 if all(spawn_group(spawned, args.world_size, args, timeout=None)) else 1
 
 
 if __name__ == "__main__":

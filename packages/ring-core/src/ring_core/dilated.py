@@ -16,9 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .dispatch import select_kernel
+from .dispatch import block_kernel
 from .engine import Accumulator, BlockKernel, BlockSchedule, blockwise_attention
-from .kernels import KernelRequest, default_scale
 from .validation import check_dilated_config, check_dropout, check_qkv
 
 __all__ = [
@@ -31,6 +30,7 @@ __all__ = [
     "dilated_attention",
     "dilated_parts",
     "forward_block",
+    "offset_heads",
 ]
 
 
@@ -109,6 +109,40 @@ class Part:
         return kept.flatten(0, 1)[:, None, None, :]
 
 
+def offset_heads(
+    branch: Branch, offset: int, groups: int, device: torch.device, *, expand: bool = False
+) -> tuple[slice, torch.Tensor | slice] | None:
+    """Query heads of ``branch`` at dilation ``offset`` and the key/value heads they read, or None if none.
+
+    The query heads are ``h`` in ``[head_start, head_stop)`` with ``h mod rate == offset``, a
+    slice. ``groups`` is ``H // H_kv`` (query head ``h`` reads key/value head ``h // groups``).
+    The key/value heads are a slice when a kernel's grouped-query attention can serve them (each
+    one read by the same number of consecutive query heads), else an index tensor on ``device``;
+    with ``expand``, one key/value head per query head (an index tensor when ``groups > 1``), for
+    kernels called without GQA.
+    """
+    r = branch.rate
+    first = branch.head_start + (offset - branch.head_start) % r
+    if first >= branch.head_stop:
+        return None
+    heads = slice(first, branch.head_stop, r)
+    if groups == 1:
+        return heads, heads
+    if expand:
+        return heads, torch.arange(first, branch.head_stop, r, device=device) // groups
+    kv = [h // groups for h in range(first, branch.head_stop, r)]
+    unique = sorted(set(kv))
+    repeat = len(kv) // len(unique)
+    if len(kv) == repeat * len(unique) and all(
+        kv[i] == unique[i // repeat] for i in range(len(kv))
+    ):  # each kv head for `repeat` q heads: GQA
+        step = unique[1] - unique[0] if len(unique) > 1 else 1
+        if unique == list(range(unique[0], unique[-1] + 1, step)):
+            return heads, slice(unique[0], unique[-1] + 1, step)
+        return heads, torch.tensor(unique, device=device)
+    return heads, torch.tensor(kv, device=device)
+
+
 def dilated_parts(seq_len: int, branch: Branch, groups: int, device: torch.device) -> Iterator[Part]:
     """Every kernel call of one branch: per offset, the full segments and the shorter last one.
 
@@ -116,14 +150,11 @@ def dilated_parts(seq_len: int, branch: Branch, groups: int, device: torch.devic
     """
     r = branch.rate
     for offset in range(r):
-        first_head = branch.head_start + (offset - branch.head_start) % r
+        selected = offset_heads(branch, offset, groups, device, expand=True)
         count = len(range(offset, seq_len, r))
-        if first_head >= branch.head_stop or count == 0:
+        if selected is None or count == 0:
             continue
-        heads = slice(first_head, branch.head_stop, r)
-        kv_heads: torch.Tensor | slice = heads
-        if groups > 1:
-            kv_heads = torch.arange(first_head, branch.head_stop, r, device=device) // groups
+        heads, kv_heads = selected
         length = min(branch.segment // r, count)
         full = count - count % length
         if full:
@@ -247,14 +278,12 @@ def dilated_attention(
     segments, rates = check_dilated_config(segment_lengths, dilation_rates, merge)
     dropout_p = check_dropout(dropout_p)
     check_qkv(q, k, v, key_padding_mask)
-    request = KernelRequest.for_tensors(
-        q, k, causal=is_causal, has_mask=key_padding_mask is not None, dropout_p=dropout_p
-    )
-    backend = select_kernel(request, kernel)
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
-    block_kernel = BlockKernel(backend, default_scale(q.shape[-1], softmax_scale), dropout_p, seed)
+    bound = block_kernel(
+        q, k, causal=is_causal, has_mask=key_padding_mask is not None, dropout_p=dropout_p,
+        softmax_scale=softmax_scale, kernel=kernel,
+    )  # fmt: skip
     schedule = DilatedSchedule(
-        block_kernel,
+        bound,
         branches(segments, rates, merge, q.shape[2]),
         causal=is_causal,
         key_padding_mask=key_padding_mask,

@@ -1,13 +1,20 @@
-"""Kernel dispatch: the first registered backend that can compute a request, or an error listing why none can."""
+"""Kernel dispatch: the first registered backend that can compute a request, or an error listing why none can.
+
+:func:`block_kernel` is the one way an implementation sets up its kernel for a call: the
+request, the dispatch, the scale and the dropout seed.
+"""
 
 from __future__ import annotations
 
 import os
 
-from .kernels import KernelBackend, KernelRequest
+import torch
+
+from .engine import BlockKernel
+from .kernels import KernelBackend, KernelRequest, default_scale
 from .registry import get_registry
 
-__all__ = ["KernelNotAvailableError", "select_kernel"]
+__all__ = ["KernelNotAvailableError", "block_kernel", "dropout_seed", "select_kernel"]
 
 
 class KernelNotAvailableError(RuntimeError):
@@ -41,3 +48,37 @@ def select_kernel(request: KernelRequest, name: str | None = None) -> KernelBack
     raise KernelNotAvailableError(
         f"no kernel backend supports {request.describe()}:\n" + "\n".join(table or ["  (none registered)"])
     )
+
+
+def dropout_seed() -> int:
+    """A fresh dropout seed drawn from torch's generator (``torch.manual_seed`` makes runs repeatable).
+
+    Below ``2**40``: schedules add per-rank and per-block offsets and the sum must stay inside int64.
+    """
+    return int(torch.randint(0, 2**40, (1,)).item())
+
+
+def block_kernel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    causal: bool = False,
+    has_mask: bool = False,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    kernel: str | None = None,
+    seed: int | None = None,
+    request: KernelRequest | None = None,
+) -> BlockKernel:
+    """The kernel of one attention call, bound to its constants.
+
+    The backend is :func:`select_kernel`'s for the request of ``q``/``k`` (or ``request``;
+    ``kernel`` forces one by name); the scale is ``softmax_scale`` or ``1/sqrt(D)``; with
+    dropout the seed is ``seed`` when given (deterministic runs) else :func:`dropout_seed`.
+    """
+    if request is None:
+        request = KernelRequest.for_tensors(q, k, causal=causal, has_mask=has_mask, dropout_p=dropout_p)
+    if dropout_p > 0 and seed is None:
+        seed = dropout_seed()
+    backend = select_kernel(request, kernel)
+    return BlockKernel(backend, default_scale(q.shape[-1], softmax_scale), dropout_p, seed if dropout_p > 0 else 0)

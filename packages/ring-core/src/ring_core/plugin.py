@@ -35,8 +35,9 @@ from .dilated import (
     dilated_attention,
     dilated_parts,
     forward_block,
+    offset_heads,
 )
-from .dispatch import KernelNotAvailableError, select_kernel
+from .dispatch import KernelNotAvailableError, block_kernel, dropout_seed, select_kernel
 from .engine import Accumulator, BlockKernel, BlockSchedule, blockwise_attention
 from .hookspecs import hookimpl
 from .kernels import (
@@ -54,7 +55,7 @@ from .kernels import (
 from .reference import branch_counts, reference_attention
 from .registry import Implementation, get_registry
 from .ring import RingAttentionBase, RingDilatedAttention
-from .ring_plan import Item, RingPlan, Step, Transfer, build_ring_plan, offset_heads, segments_within_shards
+from .ring_plan import Item, RingPlan, Step, Transfer, build_ring_plan, segments_within_shards
 from .ring_schedule import RingDilatedSchedule, send_bounds
 from .sharding import (
     LAYOUTS,
@@ -102,6 +103,7 @@ __all__ = [
     "agree_across_ranks",
     "aliases_for",
     "backward_block",
+    "block_kernel",
     "blockwise_attention",
     "branch_counts",
     "branches",
@@ -119,6 +121,7 @@ __all__ = [
     "differing_fields",
     "dilated_attention",
     "dilated_parts",
+    "dropout_seed",
     "forward_block",
     "get_registry",
     "group_rank_and_size",

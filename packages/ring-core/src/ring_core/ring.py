@@ -25,11 +25,10 @@ from torch import nn
 
 from .agreement import RingConfigError, agree_across_ranks, differing_fields, validate_ring_inputs
 from .comm import Exchange, RingComm, RingCommStats, check_transport, ring_comm
-from .dilated import DilatedSchedule, branches
-from .dispatch import select_kernel
-from .engine import BlockKernel, blockwise_attention
-from .kernels import KernelRequest, default_scale
-from .ring_plan import RingPlan, Transfer, build_ring_plan, offset_heads, segments_within_shards
+from .dilated import DilatedSchedule, branches, offset_heads
+from .dispatch import block_kernel
+from .engine import blockwise_attention
+from .ring_plan import RingPlan, Transfer, build_ring_plan, segments_within_shards
 from .ring_schedule import RingDilatedSchedule, send_bounds
 from .sharding import check_layout
 from .validation import check_dilated_config, check_dropout
@@ -74,22 +73,20 @@ def _run(
     segments, rates = branch_cfg
     seq_len = q.shape[1] * comm.world_size
     branch_list = tuple(branches(segments, rates, merge, q.shape[2]))
-    request = KernelRequest.for_tensors(
-        q, k, causal=is_causal, has_mask=key_padding_mask is not None, dropout_p=dropout_p
-    )
-    backend = select_kernel(request, kernel)
-    seed = int(torch.randint(0, 2**40, (1,)).item()) if dropout_p > 0 else 0
-    block_kernel = BlockKernel(backend, default_scale(q.shape[-1], softmax_scale), dropout_p, seed)
+    bound = block_kernel(
+        q, k, causal=is_causal, has_mask=key_padding_mask is not None, dropout_p=dropout_p,
+        softmax_scale=softmax_scale, kernel=kernel,
+    )  # fmt: skip
     comm.stats.calls += 1
     if segments_within_shards(q.shape[1], comm.world_size, layout, segments):
         # nothing to exchange: the single-device schedule on this shard computes the same blocks
-        schedule = DilatedSchedule(block_kernel, branch_list, causal=is_causal, key_padding_mask=key_padding_mask)
+        schedule = DilatedSchedule(bound, branch_list, causal=is_causal, key_padding_mask=key_padding_mask)
     else:
         plan = build_ring_plan(
             seq_len, comm.world_size, comm.rank, layout, branch_list, q.shape[2], k.shape[2], bool(is_causal), q.device
         )
         schedule = RingDilatedSchedule(
-            block_kernel, plan, comm, causal=is_causal, key_padding_mask=key_padding_mask,
+            bound, plan, comm, causal=is_causal, key_padding_mask=key_padding_mask,
             send_bounds=send_bounds(q, k, v, len(branch_list)),
         )  # fmt: skip
     return blockwise_attention(schedule, q, k, v)

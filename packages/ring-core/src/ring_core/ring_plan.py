@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .dilated import Branch, Part
+from .dilated import Branch, Part, offset_heads
 from .sharding import shard_ranges
 
 __all__ = [
@@ -28,7 +28,6 @@ __all__ = [
     "Step",
     "Transfer",
     "build_ring_plan",
-    "offset_heads",
     "segments_within_shards",
 ]
 
@@ -87,33 +86,6 @@ def _part_kv_heads(part: Part, num_kv_heads: int) -> int:
     return len(range(*heads.indices(num_kv_heads))) if isinstance(heads, slice) else int(heads.numel())
 
 
-def offset_heads(branch: Branch, offset: int, groups: int, device: torch.device) -> tuple[slice, Any] | None:
-    """Query heads of ``branch`` at dilation ``offset`` and the key/value heads they read, or None if none.
-
-    ``groups`` is ``H // H_kv``. The key/value heads are a slice when the kernel's GQA
-    can serve them (each one read by the same number of consecutive query heads), else an
-    index tensor on ``device``.
-    """
-    r = branch.rate
-    first = branch.head_start + (offset - branch.head_start) % r
-    if first >= branch.head_stop:
-        return None
-    heads = slice(first, branch.head_stop, r)
-    if groups == 1:
-        return heads, heads
-    kv = [h // groups for h in range(first, branch.head_stop, r)]
-    unique = sorted(set(kv))
-    repeat = len(kv) // len(unique)
-    if len(kv) == repeat * len(unique) and all(
-        kv[i] == unique[i // repeat] for i in range(len(kv))
-    ):  # each kv head for `repeat` q heads: GQA
-        step = unique[1] - unique[0] if len(unique) > 1 else 1
-        if unique == list(range(unique[0], unique[-1] + 1, step)):
-            return heads, slice(unique[0], unique[-1] + 1, step)
-        return heads, torch.tensor(unique, device=device)
-    return heads, torch.tensor(kv, device=device)
-
-
 def _runs(start: int, stop: int, branch: Branch, offset: int) -> tuple[int, list[_Run]]:
     """The first selected position of global piece ``[start, stop)`` and its runs (head, full, tail)."""
     w, r = branch.segment, branch.rate
@@ -156,9 +128,23 @@ def build_ring_plan(
     num_kv_heads: int,
     causal: bool,
     device: torch.device,
+    heads: tuple[int, int] | None = None,
 ) -> RingPlan:
-    """The blocks of ``rank`` for a global sequence of ``seq_len`` (cached)."""
+    """The blocks of ``rank`` for a global sequence of ``seq_len`` (cached).
+
+    ``heads=(start, stop)`` plans only the query heads ``[start, stop)`` of the ``num_heads``
+    (a strategy that splits heads over ranks, e.g. Ulysses), numbered from ``start`` in the
+    plan's parts; each head keeps its global dilation offset ``h mod r`` and its
+    ``head_groups`` branch. ``start`` and ``stop`` must be multiples of ``num_heads //
+    num_kv_heads`` so the chunk's query heads read a chunk of the key/value heads.
+    """
     groups = num_heads // num_kv_heads
+    start, stop = (0, num_heads) if heads is None else heads
+    if not (0 <= start < stop <= num_heads and start % groups == 0 and stop % groups == 0):
+        raise ValueError(
+            f"heads must be a range [start, stop) inside [0, {num_heads}) whose ends are multiples of "
+            f"num_heads // num_kv_heads = {groups}, got {heads}"
+        )
     pieces = [shard_ranges(seq_len, p, world_size, layout) for p in range(world_size)]
 
     def local_start(p: int, index: int) -> int:
@@ -168,8 +154,14 @@ def build_ring_plan(
     runs: list[list[dict[tuple[int, int], tuple[int, list[_Run]]]]] = []
     heads_of: dict[tuple[int, int], tuple[slice, Any]] = {}
     for bi, branch in enumerate(branch_list):
+        # the branch's heads inside the range, renumbered from `start`: offsets keep their global meaning
+        local = Branch(
+            branch.segment, branch.rate, max(branch.head_start, start) - start, min(branch.head_stop, stop) - start
+        )
+        if local.head_start >= local.head_stop:
+            continue
         for offset in range(branch.rate):
-            selected = offset_heads(branch, offset, groups, device)
+            selected = offset_heads(local, (offset - start) % branch.rate, groups, device)
             if selected is not None:
                 heads_of[bi, offset] = selected
     for p in range(world_size):

@@ -33,6 +33,7 @@ __all__ = [
     "relative_error",
     "run_gloo",
     "sharded_case_errors",
+    "spawn_group",
     "within_tolerance",
 ]
 
@@ -209,17 +210,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _gloo_worker(rank, world_size, port, timeout, fn, args, results) -> None:  # runs in a child process
+def _worker(rank, world_size, port, backend, timeout, threads, fn, args, results) -> None:  # in a child process
     import datetime
     import traceback
 
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
+        options = {}
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+            options["device_id"] = torch.device("cuda", rank)
         dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout),
+            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout or 1800), **options,
         )  # fmt: skip
         value = fn(rank, world_size, *args)
         results.put((rank, True, value))
@@ -230,13 +236,22 @@ def _gloo_worker(rank, world_size, port, timeout, fn, args, results) -> None:  #
             dist.destroy_process_group()
 
 
-def run_gloo(fn: Callable[..., object], world_size: int, *args: object, timeout: float = 120.0) -> list[object]:
-    """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes of one gloo group.
+def spawn_group(
+    fn: Callable[..., object],
+    world_size: int,
+    *args: object,
+    backend: str = "gloo",
+    timeout: float | None = 120.0,
+    threads: int | None = 1,
+) -> list[object]:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes of one process group.
 
-    ``fn`` must be importable (a module-level function) and its result picklable.
-    Returns the results in rank order; raises :class:`DistributedRunError` with every
-    failing rank's traceback, or when ranks are still running after ``timeout`` seconds
-    (they are killed: a failing check never hangs).
+    ``backend``: ``"gloo"`` (CPU) or ``"nccl"`` (rank ``r`` on GPU ``r``). ``fn`` must be
+    importable (a module-level function, also of a script) and its result picklable; each
+    process uses ``threads`` CPU threads (None: torch's default). Returns the results in rank
+    order; raises :class:`DistributedRunError` with every failing rank's traceback, or when
+    ranks are still running after ``timeout`` seconds (they are killed: a failing check never
+    hangs; ``None``: no limit).
     """
     import queue as queue_module
     import time
@@ -245,20 +260,24 @@ def run_gloo(fn: Callable[..., object], world_size: int, *args: object, timeout:
 
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     context = mp.get_context("spawn")
     results = context.Queue()
     port = free_port()
     processes = [
-        context.Process(target=_gloo_worker, args=(rank, world_size, port, timeout, fn, args, results), daemon=True)
+        context.Process(
+            target=_worker, args=(rank, world_size, port, backend, timeout, threads, fn, args, results), daemon=True
+        )
         for rank in range(world_size)
     ]
     for process in processes:
         process.start()
     collected: dict[int, tuple[bool, object]] = {}
-    deadline = time.monotonic() + timeout
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
         while len(collected) < world_size:
-            remaining = deadline - time.monotonic()
+            remaining = 1.0 if deadline is None else deadline - time.monotonic()
             if remaining <= 0:
                 missing = sorted(set(range(world_size)) - set(collected))
                 raise DistributedRunError(f"ranks {missing} of {world_size} did not finish within {timeout:.0f} s")
@@ -286,6 +305,11 @@ def run_gloo(fn: Callable[..., object], world_size: int, *args: object, timeout:
     if failures:
         raise DistributedRunError("\n".join(failures))
     return [collected[r][1] for r in range(world_size)]
+
+
+def run_gloo(fn: Callable[..., object], world_size: int, *args: object, timeout: float = 120.0) -> list[object]:
+    """:func:`spawn_group` on the CPU (gloo, one thread per process): what the tests and ``verify`` use."""
+    return spawn_group(fn, world_size, *args, timeout=timeout)
 
 
 def fit_case(case: Case, world_size: int, layout: str = "contiguous") -> Case:

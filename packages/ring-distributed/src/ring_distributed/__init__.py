@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
-from .attention import RingDistributedDilatedAttention, mesh_plan
+from .attention import RingDistributedDilatedAttention
 from .comm import BufferPool, CollectiveError
 from .mesh import MeshGroups, MeshLayout, mesh_groups, mesh_layout, resolve_strategy
 from .production import NonFiniteError, RingDilatedAttentionProduction
@@ -24,6 +24,5 @@ __all__ = [
     "RingDistributedDilatedAttention",
     "mesh_groups",
     "mesh_layout",
-    "mesh_plan",
     "resolve_strategy",
 ]

@@ -5,8 +5,8 @@ Per call, on each rank of ``P = R * u`` (see :mod:`ring_distributed.mesh`):
 1. Ulysses (``u > 1``): an all-to-all inside the Ulysses group turns the ``(B, N/P, H, D)``
    sequence shards into ``(B, N/R, H/u, D)``: the ring-level shard of the sequence (same
    layout, contiguous or zigzag, over ``R`` ranks) for a chunk of ``H/u`` heads.
-2. The ring's plan (:func:`ring_core.ring.build_ring_plan`, global head numbering, so each
-   head keeps its dilation offset ``h mod r``) restricted to this rank's head chunk, run
+2. The ring's plan of this rank's head chunk (:func:`ring_core.plugin.build_ring_plan` with
+   ``heads=``: each head keeps its dilation offset ``h mod r``), run
    by the ring's schedule over the ring group (``"ring"``, ``"hybrid"``, ``"ulysses"``
    where ``R = 1``), or with K/V all-gathered over the ring group first (``"allgather"``).
 3. The all-to-all back.
@@ -17,34 +17,26 @@ and the all-gather are autograd functions, so gradients are exact too.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from ring_core.plugin import (
-    BlockKernel,
-    Branch,
-    KernelRequest,
     Part,
     RingAttentionBase,
     RingComm,
     RingCommStats,
     RingDilatedSchedule,
-    RingPlan,
-    Transfer,
     backward_block,
+    block_kernel,
     blockwise_attention,
     branches,
     build_ring_plan,
-    default_scale,
+    dropout_seed,
     forward_block,
     group_rank_and_size,
-    offset_heads,
     ring_comm,
-    select_kernel,
     send_bounds,
     validate_ring_inputs,
 )
@@ -61,74 +53,7 @@ from .mesh import (
     segments_cross_shards,
 )
 
-__all__ = ["RingDistributedDilatedAttention", "mesh_plan"]
-
-
-# -- the ring plan restricted to a chunk of heads ----------------------------------------------------
-
-
-def _local_part(part: Part, head_start: int, num_heads: int, groups: int, device: torch.device) -> Part | None:
-    """``part`` (global head numbering) for heads ``[head_start, head_start + num_heads)``, local numbering."""
-    heads = part.heads
-    rate = heads.step or 1
-    first, stop = heads.start, min(heads.stop, head_start + num_heads)
-    if first < head_start:
-        first += -(-(head_start - first) // rate) * rate
-    if first >= stop:
-        return None
-    local = first - head_start
-    q_heads, kv_heads = offset_heads(Branch(0, rate, local, stop - head_start), local % rate, groups, device)
-    return dataclasses.replace(part, heads=q_heads, kv_heads=kv_heads)
-
-
-def _local_transfer(transfer: Transfer, *args) -> Transfer:
-    slots, kv_parts = {}, []
-    for index, part in enumerate(transfer.kv_parts):
-        local = _local_part(part, *args)
-        if local is not None:
-            slots[index] = len(kv_parts)
-            kv_parts.append(local)
-    items = []
-    for item in transfer.items:
-        if item.slot in slots:
-            q_part = _local_part(item.q_part, *args)
-            if q_part is not None:
-                items.append(dataclasses.replace(item, q_part=q_part, slot=slots[item.slot]))
-    return Transfer(tuple(kv_parts), tuple(items))
-
-
-@functools.lru_cache(maxsize=64)
-def mesh_plan(
-    seq_len: int,
-    ring_size: int,
-    ring_rank: int,
-    layout: str,
-    branch_list: tuple[Branch, ...],
-    num_heads: int,
-    num_kv_heads: int,
-    causal: bool,
-    device: torch.device,
-    head_start: int,
-    num_local_heads: int,
-) -> RingPlan:
-    """The ring plan of ``ring_rank`` for the query heads ``[head_start, head_start + num_local_heads)``.
-
-    The plan is built with the global head count (each head keeps its offset
-    ``h mod r`` and its ``head_groups`` branch) and then restricted to the chunk, in
-    local head numbering; blocks without heads in the chunk disappear. Every rank of a
-    ring group holds the same chunk, so senders and receivers agree on the payloads.
-    """
-    plan = build_ring_plan(seq_len, ring_size, ring_rank, layout, branch_list, num_heads, num_kv_heads, causal, device)
-    if num_local_heads == num_heads:
-        return plan
-    groups = num_heads // num_kv_heads
-    args = (head_start, num_local_heads, groups, device)
-    local_parts = tuple(p for p in (_local_part(part, *args) for part in plan.local_parts) if p is not None)
-    steps = tuple(
-        dataclasses.replace(step, recv=_local_transfer(step.recv, *args), send=_local_transfer(step.send, *args))
-        for step in plan.steps
-    )
-    return RingPlan(local_parts, _local_transfer(plan.local, *args), steps)
+__all__ = ["RingDistributedDilatedAttention"]
 
 
 # -- the all-gather schedule -------------------------------------------------------------------------
@@ -317,7 +242,7 @@ class RingDistributedDilatedAttention(RingAttentionBase):
         return ring_comm(group, self.comm_stats, self.transport, device)
 
     def _dropout_seed(self) -> int:
-        return int(torch.randint(0, 2**40, (1,)).item())
+        return dropout_seed()
 
     # -- forward -----------------------------------------------------------------------------------
     def forward(
@@ -347,14 +272,16 @@ class RingDistributedDilatedAttention(RingAttentionBase):
                 mask = gather_mask(mask, groups.ulysses_group, u, self.layout, self.timeout)
         local_heads = num_heads // u
         branch_list = tuple(branches(self.segment_lengths, self.dilation_rates, self.merge, num_heads))
-        plan = mesh_plan(
-            seq_len, ring_size, groups.ring_rank, self.layout, branch_list,
-            num_heads, num_kv_heads, causal, q.device, groups.ulysses_rank * local_heads, local_heads,
+        head_start = groups.ulysses_rank * local_heads  # this rank's chunk of heads, global offsets kept
+        plan = build_ring_plan(
+            seq_len, ring_size, groups.ring_rank, self.layout, branch_list, num_heads, num_kv_heads, causal,
+            q.device, heads=(head_start, head_start + local_heads),
         )  # fmt: skip
-        request = KernelRequest.for_tensors(q, k, causal=causal, has_mask=mask is not None, dropout_p=dropout_p)
         seed = self._dropout_seed() + groups.ulysses_rank * 7_919 * 1_000_003 if dropout_p > 0 else 0
-        scale = default_scale(q.shape[-1], self.softmax_scale)
-        block_kernel = BlockKernel(select_kernel(request, self.kernel), scale, dropout_p, seed)
+        bound = block_kernel(
+            q, k, causal=causal, has_mask=mask is not None, dropout_p=dropout_p, softmax_scale=self.softmax_scale,
+            kernel=self.kernel, seed=seed,
+        )  # fmt: skip
         comm = self._make_comm(groups.ring_group, groups.ring_rank, ring_size, q.device)
         comm.stats.calls += 1
         if strategy == "allgather" and ring_size > 1:
@@ -362,12 +289,10 @@ class RingDistributedDilatedAttention(RingAttentionBase):
             k, v = (GatherShards.apply(x, groups.ring_group, ring_size, self.timeout) for x in (k, v))
             if mask is not None:
                 mask = gather_mask(mask, groups.ring_group, ring_size, None, self.timeout)
-            schedule = AllGatherSchedule(
-                block_kernel, plan, comm, causal=causal, key_padding_mask=mask, shard_len=shard_len
-            )
+            schedule = AllGatherSchedule(bound, plan, comm, causal=causal, key_padding_mask=mask, shard_len=shard_len)
         else:
             schedule = RingDilatedSchedule(
-                block_kernel, plan, comm, causal=causal, key_padding_mask=mask,
+                bound, plan, comm, causal=causal, key_padding_mask=mask,
                 send_bounds=send_bounds(q, k, v, len(branch_list)),
             )  # fmt: skip
         out, _ = blockwise_attention(schedule, q, k, v)

@@ -17,9 +17,8 @@ from ring_core.plugin import (
     KernelRequest,
     RingComm,
     RingDilatedAttention,
-    default_scale,
+    block_kernel,
     segments_within_shards,
-    select_kernel,
 )
 
 from .fused import fused_dilated_attention
@@ -50,9 +49,12 @@ class RingDilatedAttentionFlash(RingDilatedAttention):
                 q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p, comm=comm
             )
         comm.stats.calls += 1
-        backend = select_kernel(self.request(q, k, is_causal, key_padding_mask), self.kernel)
+        bound = block_kernel(
+            q, k, request=self.request(q, k, is_causal, key_padding_mask), softmax_scale=self.softmax_scale,
+            kernel=self.kernel,
+        )  # fmt: skip
         out, _ = fused_dilated_attention(
-            q, k, v, backend=backend, scale=default_scale(q.shape[-1], self.softmax_scale),
+            q, k, v, backend=bound.backend, scale=bound.scale,
             segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates, merge=self.merge,
             is_causal=is_causal, key_padding_mask=key_padding_mask,
         )  # fmt: skip

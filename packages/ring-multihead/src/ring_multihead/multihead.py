@@ -30,7 +30,7 @@ from ring_core.plugin import (
     BlockKernel,
     BlockSchedule,
     DilatedSchedule,
-    KernelRequest,
+    block_kernel,
     blockwise_attention,
     branch_counts,
     branches,
@@ -38,7 +38,6 @@ from ring_core.plugin import (
     check_dropout,
     default_scale,
     dilated_attention,
-    select_kernel,
 )
 
 from .one_block import one_block_attention
@@ -89,11 +88,7 @@ def dilated_attention_with_extra_keys(
 ) -> torch.Tensor:
     """``dilated_attention`` where every query also sees ``extra_k`` / ``extra_v`` (``(B, e, H, D)``), once each."""
     segments, rates = check_dilated_config(segment_lengths, dilation_rates, merge)
-    request = KernelRequest.for_tensors(
-        q, k, causal=is_causal, has_mask=key_padding_mask is not None, dropout_p=dropout_p
-    )
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
-    kernel = BlockKernel(select_kernel(request), default_scale(q.shape[-1], None), dropout_p, seed)
+    kernel = block_kernel(q, k, causal=is_causal, has_mask=key_padding_mask is not None, dropout_p=dropout_p)
     inner = DilatedSchedule(
         kernel, branches(segments, rates, merge, q.shape[2]), causal=is_causal, key_padding_mask=key_padding_mask
     )
@@ -127,9 +122,7 @@ def dense_cross_attention(
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Dense attention of ``q`` ``(B, L, H, D)`` to ``k``, ``v`` ``(B, S, H, D)``, any ``L`` and ``S``; O(L+S) memory."""
-    request = KernelRequest.for_tensors(q, k, has_mask=key_padding_mask is not None, dropout_p=dropout_p)
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
-    kernel = BlockKernel(select_kernel(request), default_scale(q.shape[-1], None), dropout_p, seed)
+    kernel = block_kernel(q, k, has_mask=key_padding_mask is not None, dropout_p=dropout_p)
     schedule: BlockSchedule = CrossSchedule(kernel, key_padding_mask)
     if extra is not None:
         schedule = WithExtraKeys(schedule, kernel, k.shape[1])
