@@ -220,6 +220,41 @@ def test_every_hook_is_documented_and_exercised():
 
     tests_dir = pathlib.Path(__file__).parents[1]
     sources = "\n".join(p.read_text() for p in tests_dir.rglob("test_*.py"))
-    for name in ("register_kernels", "register_implementations", "register_patterns"):
+    guide = (tests_dir.parent / "docs" / "plugins.md").read_text()
+    hooks = [n for n in hookspecs.__all__ if n.startswith("register_")]
+    assert {"register_kernels", "register_implementations", "register_patterns", "register_commands"} <= set(hooks)
+    for name in hooks:
         assert getattr(hookspecs, name).__doc__, name
         assert f"def {name}(" in sources, f"no test registers through {name}"
+        assert f"`{name}(register)`" in guide, f"docs/plugins.md does not document {name}"
+
+
+class CommandPlugin:
+    @hookimpl
+    def register_commands(self, register):
+        def add_parser(subparsers):
+            parser = subparsers.add_parser("echo-test", help="a test double")
+            parser.add_argument("word")
+            parser.set_defaults(func=lambda args: print(f"echo {args.word}") or 7)
+
+        register("echo-test", add_parser)
+
+
+def test_plugins_add_cli_subcommands(fresh_registry, capsys):
+    """`ring-attention` subcommands come from the register_commands hook; core names none of them."""
+    from ring_core.cli import main
+
+    registry = fresh_registry()
+    registry.register_plugin(CommandPlugin(), name="commands")
+    assert main(["echo-test", "hello"]) == 7
+    assert capsys.readouterr().out == "echo hello\n"
+    assert registry.commands["pattern"].__module__ == "ring_blocksparse.cli"  # ring-blocksparse's, by its plugin
+
+
+def test_cli_has_no_pattern_command_without_blocksparse(fresh_registry, monkeypatch, capsys):
+    monkeypatch.setenv("RING_ATTENTION_DISABLE_PLUGINS", "blocksparse")
+    from ring_core.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["pattern", "local_window", "--seq-len", "8"])
+    assert "invalid choice: 'pattern'" in capsys.readouterr().err

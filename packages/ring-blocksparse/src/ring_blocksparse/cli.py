@@ -3,7 +3,7 @@
 Prints the pattern's rule, its block density and a text picture of the block layout;
 with ``--segment-lengths`` / ``--dilation-rates`` also the token-level combination with
 the dilated branches (a key must be allowed by both). ``--out`` draws both as a PNG.
-``ring_core.cli`` adds the subcommand through :func:`add_pattern_parser`.
+The plugin registers it (``register_commands``): ring-core's CLI knows no plugin.
 """
 
 from __future__ import annotations

@@ -31,3 +31,10 @@ def register_patterns(register):
 
     for name, builder in BUILTIN_PATTERNS.items():
         register(name, builder)
+
+
+@hookimpl
+def register_commands(register):
+    from .cli import add_pattern_parser
+
+    register("pattern", add_pattern_parser)

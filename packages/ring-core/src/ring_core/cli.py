@@ -1,4 +1,4 @@
-"""The ``ring-attention`` command: ``info``, ``verify`` and ``bench``."""
+"""The ``ring-attention`` command: ``info``, ``verify`` and ``bench``, and the subcommands plugins register."""
 
 from __future__ import annotations
 
@@ -237,12 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", help="write a PNG plot")
     bench.set_defaults(func=_cmd_bench)
 
-    try:  # `pattern` comes with ring-blocksparse
-        from ring_blocksparse.cli import add_pattern_parser
-    except ImportError:
-        pass
-    else:
-        add_pattern_parser(sub)
+    for name, add_parser in sorted(get_registry().commands.items()):  # e.g. ring-blocksparse's `pattern`
+        if name in sub.choices:
+            print(f"ring-attention: plugin subcommand {name!r} clashes with an existing one; skipped", file=sys.stderr)
+            continue
+        add_parser(sub)
     return parser
 
 

@@ -14,6 +14,7 @@ __all__ = [
     "PROJECT_NAME",
     "hookimpl",
     "hookspec",
+    "register_commands",
     "register_implementations",
     "register_kernels",
     "register_patterns",
@@ -38,3 +39,12 @@ def register_implementations(register: Callable[..., None]) -> None:
 @hookspec
 def register_patterns(register: Callable[..., None]) -> None:
     """Register named block-sparse patterns: ``register(name, builder)``."""
+
+
+@hookspec
+def register_commands(register: Callable[..., None]) -> None:
+    """Register ``ring-attention`` subcommands: ``register(name, add_parser)``.
+
+    ``add_parser(subparsers)`` adds the subcommand to the ``argparse`` subparsers object and sets
+    its ``func`` default: a callable of the parsed arguments that returns the exit code.
+    """

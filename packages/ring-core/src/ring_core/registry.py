@@ -89,6 +89,7 @@ class Registry:
         self.implementations: dict[str, Implementation] = {}
         self.kernels: dict[str, KernelBackend] = {}
         self.patterns: dict[str, Callable[..., Any]] = {}
+        self.commands: dict[str, Callable[..., Any]] = {}  # subcommand -> add_parser(subparsers)
         self.errors: list[PluginInfo] = []
 
     # -- loading -------------------------------------------------------------
@@ -130,6 +131,7 @@ class Registry:
         self.implementations.clear()
         self.kernels.clear()
         self.patterns.clear()
+        self.commands.clear()
         self.collect_all()
 
     def _collect(self, only: object, name: str) -> None:
@@ -137,6 +139,7 @@ class Registry:
             ("register_kernels", self._add_kernel),
             ("register_implementations", self._add_implementation),
             ("register_patterns", self._add_pattern),
+            ("register_commands", self._add_command),
         )
         for hook_name, add in hooks:
             caller = self.pm.subset_hook_caller(
@@ -167,6 +170,11 @@ class Registry:
 
     def _add_pattern(self, name: str, builder: Callable[..., Any]) -> None:
         self.patterns[name] = builder
+
+    def _add_command(self, name: str, add_parser: Callable[..., Any]) -> None:
+        if not callable(add_parser):
+            raise TypeError(f"register_commands expects register(name, add_parser), got {add_parser!r} for {name!r}")
+        self.commands[name] = add_parser
 
     # -- queries ---------------------------------------------------------------
     def sorted_kernels(self) -> list[KernelBackend]:
