@@ -45,17 +45,24 @@ def tests(session: nox.Session, backend: str) -> None:
         session.skip("no NVIDIA GPU on this machine")
     # on the CPU, Triton (the GPU machines' version) lets its interpreter test ring-flash's kernels
     extra = ["triton==3.6.0"] if backend == "cpu" else []
-    install_project(session, "pytest", "pytest-timeout", "matplotlib", *extra)
+    install_project(session, "pytest", "pytest-timeout", "matplotlib", "import-linter==2.16", *extra)
     marker = "not cuda" if backend == "cpu" else "cuda"
     session.run("pytest", "-m", marker, "--timeout=900", *session.posargs)
 
 
+LINT_REQUIREMENTS = ["ruff==0.17.6", "import-linter==2.16"]
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff check and format check."""
-    session.install("ruff==0.17.6")
+    """ruff; the package boundaries (import-linter contracts in pyproject.toml); siblings use only the plugin API."""
+    session.install(*LINT_REQUIREMENTS)
+    # import-linter reads the source of installed packages: no torch needed, so no dependencies
+    session.install("--no-deps", *(arg for pkg in PACKAGES for arg in ("-e", f"packages/{pkg}")))
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    session.run("lint-imports", "--no-cache")
+    session.run("python", "tests/packaging/check_plugin_api.py")
 
 
 @nox.session
