@@ -4,10 +4,10 @@
 the bytes. Its subclass :class:`CopyEngineComm` takes no thread blocks from the kernels.
 
 NCCL moves point-to-point data with thread blocks on the SMs, beside the attention
-kernels; measured on two H200 (``docs/benchmarks/overlap-2xh200.json``), cuDNN attention ran 5% slower
-under continuous NCCL traffic, and NCCL reached 93 GB/s, where a DMA copy of the peer's
-memory slowed it 0.8% and moved 192 GB/s. :class:`CopyEngineComm` does the ring's
-exchanges that way, between GPUs of one host:
+kernels, so ring traffic slows the kernels it is meant to hide behind; a DMA copy of the
+peer's memory by the copy engines takes no SMs (``docs/benchmarks/overlap-2xh200.json`` has
+the measurements). :class:`CopyEngineComm` does the ring's exchanges that way, between GPUs of
+one host:
 
 - each kind of send (*channel*: ``"send"`` for K/V, ``"grad"`` for dK/dV) owns two
   *slots* in PyTorch symmetric memory (mapped into every peer's address space) and a
@@ -20,16 +20,15 @@ exchanges that way, between GPUs of one host:
 - the receiving stream waits for the copy only where the data is used.
 
 Separate channels matter from 3 ring steps on: with two slots shared by K/V and dK/dV,
-each step's dK/dV waited, on the compute stream, for the previous step's dK/dV to be
-copied out (9-12% slower than NCCL on 4 H200; about 2% faster with the channels apart).
+each step's dK/dV would wait, on the compute stream, for the previous step's dK/dV to be
+copied out.
 
 Slots hold the largest payload any rank may send (a bound from the shapes, the same on
 every rank), so growing them is a collective step that every rank takes at the same call.
 
-It is opt-in (``transport="copy_engine"``; the default is ``"nccl"``): at 32K tokens per
-GPU on H200s it was 2-3% faster than NCCL for dense causal attention on 2 and 4 GPUs and
-within 1% non-causal (``docs/benchmarks/ring-4xh200-copy-engine.json``), and its slots
-keep symmetric memory between calls (:func:`release_copy_engine_slots` frees them).
+It is opt-in (``transport="copy_engine"``; the default is ``"nccl"``): its gain is small
+and depends on the workload (``docs/benchmarks/ring-4xh200-copy-engine.json``), and its
+slots keep symmetric memory between calls (:func:`release_copy_engine_slots` frees them).
 """
 
 from __future__ import annotations

@@ -123,12 +123,12 @@ def resolve_strategy(
 ) -> tuple[str, int]:
     """``(strategy, ulysses degree)`` for a call; clear ``ValueError`` for impossible choices.
 
-    ``"auto"``, from ``tools/bench/distributed.py`` (4 x H200, 32K tokens per GPU, H=16,
-    D=128, bf16, forward+backward): the ring when no segment crosses a shard (it sends
-    nothing: 11.7 ms vs 15.6 Ulysses) and for dense attention (a tie, 120.3 vs 118.9 ms,
-    and the ring keeps 5x less memory between forward and backward); Ulysses when dilated
-    segments cross shards (19.5 ms vs 55.4 ring), over the largest in-node degree that
-    divides both head counts (``"hybrid"`` when that is not every rank), else the ring.
+    ``"auto"`` (the choices follow ``docs/benchmarks/distributed-*.json``, from ``tools/bench/distributed.py``): the ring when no
+    segment crosses a shard (it sends nothing, where Ulysses still moves every head twice)
+    and for dense attention (as fast, and it keeps far less memory between forward and
+    backward); Ulysses when dilated segments cross shards (the ring would move the selected
+    rows of every spanning segment), over the largest in-node degree that divides both head
+    counts (``"hybrid"`` when that is not every rank), else the ring.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")

@@ -13,9 +13,9 @@ offset over all its segments, strided views, no gather for ``q``), but:
 - backward writes each kernel's ``dq, dk, dv`` straight into the gradients (the
   covering block takes ownership of its tensors, others add into strided views);
 - every write into a strided view is one pass (:func:`ring_flash.merge.merge_block`,
-  a Triton kernel on CUDA; a call's ``dq, dk, dv`` in one launch). Running the
-  backward's adds on a second stream beside the next kernel call was measured no
-  faster on an H100 (the kernels fill the GPU), so everything stays on one stream;
+  a Triton kernel on CUDA; a call's ``dq, dk, dv`` in one launch). Everything stays
+  on one stream: the kernels fill the GPU, so the backward's adds gain nothing from a
+  second stream beside the next kernel call;
 - blocks larger than :data:`MAX_ROWS` query rows are cut into chunks of segments,
   so peak memory stays a fixed multiple of the inputs at any length.
 

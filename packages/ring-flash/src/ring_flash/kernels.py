@@ -12,10 +12,10 @@
 
 Each backend declares what it supports as data (device, dtypes, head dims,
 compute capability, masks, GQA, dropout) and ``not_supported_reasons`` rejects
-anything else, so dispatch falls back to the next backend. Priorities follow the
-speed measured by ``tools/bench/flash_dilated.py`` (bf16, D=128): on Hopper cuDNN
-is fastest, then the flash kernels, then memory-efficient; ``tuned`` refines that
-per block shape.
+anything else, so dispatch falls back to the next backend. Priorities order them
+fastest first as benchmarked by ``tools/bench/flash_dilated.py`` (docs/benchmarks.md):
+cuDNN, then the flash kernels, then memory-efficient; ``tuned`` refines that per block
+shape.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class SDPACuDNNKernel(GPUKernel):
         out, lse, *_ = self._retry_contiguous(run, q, k, v)
         return out.transpose(1, 2), lse.reshape(b, h, n)
 
-    # How the backward op is called; tools/gpu/probe_cudnn.py tries each in a subprocess on a GPU.
+    # How the backward op is called; tools/probe_cudnn.py tries each in a subprocess on a GPU.
     backward_variants = ("lse4", "lse4-long1", "contiguous", "flash", "lse3")
     backward_variant = os.environ.get("RING_FLASH_CUDNN_BACKWARD", "lse4")  # lse3 fails: "dim for Stats is invalid"
 
