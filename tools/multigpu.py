@@ -1,7 +1,7 @@
 """Shared scaffolding of the multi-GPU benchmarks (``tools.bench.distributed``, ``tools.bench.ring``).
 
-For each world size P, :func:`main` starts one group of P processes (torch.multiprocessing
-spawn; NCCL on CUDA with the NVLS/multicast switches of ``ENV`` off, gloo on the CPU), runs
+For each world size P, :func:`main` starts one group of P processes (``ring_core.testing.spawn_group``:
+NCCL on CUDA with the NVLS/multicast switches of ``ENV`` off, gloo on the CPU), runs
 the tool's sections on every rank, collects rank 0's rows (a dead rank or a timeout becomes
 an error row, never a hang), and writes ``<name>.json``, ``<name>.md`` and ``<name>.png``.
 """
@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from tools import command_line
 
@@ -88,69 +87,35 @@ def flops_per_gpu(b: int, n: int, h: int, d: int, segments, rates, causal: bool,
     return FWD_BWD * 2 * 2 * b * pairs * d / world_size
 
 
-def worker(
-    rank: int, world_size: int, port: int, device_type: str, sections: dict[str, Section], quick: bool, results
-) -> None:
-    """One rank: join the group, run every section (an exception becomes an error row), rank 0 sends the rows."""
+def _rank_rows(rank: int, world_size: int, device_type: str, sections: dict[str, Section], quick: bool) -> list[dict]:
+    """One rank, already in the group: every section's rows (an exception becomes an error row)."""
     import faulthandler
 
     faulthandler.enable()  # a hard crash still prints where it happened
-    os.environ.update(ENV)
-    try:
-        if device_type == "cuda":
-            torch.cuda.set_device(rank)
-            device, backend = torch.device("cuda", rank), "nccl"
-        else:
-            device, backend = torch.device("cpu"), "gloo"
-            torch.set_num_threads(1)
-        dist.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-            timeout=datetime.timedelta(seconds=300),
-        )  # fmt: skip
-        rows = []
-        for name, section in sections.items():
-            try:
-                rows += section(rank, world_size, device, quick)
-            except Exception:
-                rows.append({"section": name, "P": world_size, "error": traceback.format_exc()[-1500:]})
-        if rank == 0:
-            results.put(rows)
-        dist.barrier()
-        dist.destroy_process_group()
-    except Exception:
-        if rank == 0:
-            results.put([{"section": "worker", "P": world_size, "error": traceback.format_exc()[-1500:]}])
+    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+    rows = []
+    for name, section in sections.items():
+        try:
+            rows += section(rank, world_size, device, quick)
+        except Exception:
+            rows.append({"section": name, "P": world_size, "error": traceback.format_exc()[-1500:]})
+    dist.barrier()
+    return rows
 
 
 def run_group(world_size: int, device_type: str, sections: dict[str, Section], quick: bool, timeout: float):
-    """Rank 0's rows of one group of ``world_size`` processes, or one error row."""
-    from ring_core.testing import free_port
+    """Rank 0's rows of one group of ``world_size`` processes (ring-core's spawner), or one error row."""
+    from ring_core.testing import DistributedRunError, spawn_group
 
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    port = free_port()
-    procs = [
-        context.Process(target=worker, args=(r, world_size, port, device_type, sections, quick, results))
-        for r in range(world_size)
-    ]
-    for p in procs:
-        p.start()
-    got = None
-    deadline = time.monotonic() + timeout
-    while got is None and time.monotonic() < deadline:
-        try:
-            got = results.get(timeout=2)
-        except Exception:
-            if any(p.exitcode not in (None, 0) for p in procs):
-                codes = [p.exitcode for p in procs]
-                got = [{"section": "worker", "P": world_size, "error": f"a rank died: exit codes {codes}"}]
-    if got is None:
-        got = [{"section": "worker", "P": world_size, "error": f"no result within {timeout} s"}]
-    for p in procs:
-        p.join(timeout=30)
-        if p.is_alive():
-            p.kill()
-    return got
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    try:
+        results = spawn_group(
+            _rank_rows, world_size, device_type, sections, quick, backend=backend, timeout=timeout,
+            threads=1 if backend == "gloo" else None,
+        )  # fmt: skip
+    except DistributedRunError as exc:
+        return [{"section": "worker", "P": world_size, "error": str(exc)[-1500:]}]
+    return results[0]
 
 
 def write_reports(out: Path, name: str, rows: list[dict], card: str, markdown, plot) -> str:

@@ -173,10 +173,9 @@ def planned_rows(
     segment_lengths: Sequence[int],
     dilation_rates: Sequence[int],
 ) -> int | None:
-    """(head, key) rows ``rank`` receives in ``ring_core.ring``'s plan (None if that module has no plan)."""
+    """(head, key) rows ``rank`` receives in the ring's plan (None if ring-core has no such plan)."""
     try:
-        from ring_core.dilated import branches
-        from ring_core.ring import build_ring_plan
+        from ring_core.plugin import branches, build_ring_plan
 
         branch_list = tuple(branches(segment_lengths, dilation_rates, "lse", num_heads))
         plan = build_ring_plan(
