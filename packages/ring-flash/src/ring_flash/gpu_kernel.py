@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from ring_core.kernels import KernelBackend, KernelRequest
+from ring_core.plugin import KernelBackend, KernelRequest
 
 from .merge import installed, merge_block, online_merge
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ring_core.kernels import KernelBackend
+from ring_core.plugin import KernelBackend
 
 __all__ = ["KernelTable", "Row", "load_table", "measure_rows", "table_for"]
 

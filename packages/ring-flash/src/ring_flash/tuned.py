@@ -16,8 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from ring_core import get_registry
-from ring_core.kernels import KernelBackend, KernelRequest
+from ring_core.plugin import KernelBackend, KernelRequest, get_registry
 
 from .gpu_kernel import GPUKernel, _capability
 from .kernel_table import TABLE_ENV, KernelTable, table_for

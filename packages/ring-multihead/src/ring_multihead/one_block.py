@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ring_core.dispatch import select_kernel
-from ring_core.kernels import KernelBackend, KernelRequest, default_scale
+from ring_core.plugin import KernelBackend, block_kernel
 
 __all__ = ["one_block_attention"]
 
@@ -34,5 +33,5 @@ class _OneBlock(torch.autograd.Function):
 
 def one_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool) -> torch.Tensor:
     """Softmax attention of ``q`` ``(B, L, H, D)`` over all of ``k``, ``v`` ``(B, S, H, D)`` (causal: ``L == S``)."""
-    backend = select_kernel(KernelRequest.for_tensors(q, k, causal=is_causal))
-    return _OneBlock.apply(backend, default_scale(q.shape[-1], None), is_causal, q, k, v)
+    bound = block_kernel(q, k, causal=is_causal)
+    return _OneBlock.apply(bound.backend, bound.scale, is_causal, q, k, v)
