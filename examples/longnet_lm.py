@@ -25,10 +25,8 @@ import argparse
 import json
 import math
 import os
-import socket
 import time
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ring_core.sharding import shard_sequence
+from ring_core import shard_sequence
+from ring_core.testing import spawn_group
 from ring_multihead import LongNetLM
 
 DATA = Path(__file__).parent / "data" / "fables.txt"
@@ -251,22 +250,8 @@ def run(rank: int, world_size: int, args: argparse.Namespace) -> dict[str, Any] 
     return summary
 
 
-def _worker(rank: int, world_size: int, port: int, args: argparse.Namespace) -> None:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-        timeout=timedelta(seconds=300),
-    )  # fmt: skip
-    try:
-        run(rank, world_size, args)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int, world_size: int, args: argparse.Namespace) -> None:
+    run(rank, world_size, args)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -300,9 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.world_size == 1:
         run(0, 1, args)
     else:
-        import torch.multiprocessing as mp
-
-        mp.spawn(_worker, args=(args.world_size, _free_port(), args), nprocs=args.world_size, join=True)
+        threads = max(1, (os.cpu_count() or 1) // args.world_size)
+        spawn_group(_worker, args.world_size, args, timeout=None, threads=threads)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,7 @@ import argparse
 import json
 import math
 import os
-import socket
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import ring_transformers
 from longnet_lm import DATA, Text, progress, save_curve
+from ring_core.testing import spawn_group
 
 
 def llama_config(vocab_size: int, seq_len: int) -> LlamaConfig:
@@ -176,22 +175,8 @@ def sample(model: LlamaForCausalLM, prompt: torch.Tensor, length: int, temperatu
     return ids
 
 
-def _worker(rank: int, world_size: int, port: int, args: argparse.Namespace) -> None:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-        timeout=timedelta(seconds=300),
-    )  # fmt: skip
-    try:
-        run(rank, world_size, args)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int, world_size: int, args: argparse.Namespace) -> None:
+    run(rank, world_size, args)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -229,9 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.world_size == 1:
         run(0, 1, args)
     else:
-        import torch.multiprocessing as mp
-
-        mp.spawn(_worker, args=(args.world_size, _free_port(), args), nprocs=args.world_size, join=True)
+        threads = max(1, (os.cpu_count() or 1) // args.world_size)
+        spawn_group(_worker, args.world_size, args, timeout=None, threads=threads)
 
 
 if __name__ == "__main__":

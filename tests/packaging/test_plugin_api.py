@@ -96,6 +96,7 @@ def test_import_contracts_break_on_violations(tmp_path):
         "ring_multihead/__init__.py": "",
         "ring_blocksparse/__init__.py": "",
         "ring_blocksparse/cli.py": "",
+        "ring_transformers/__init__.py": "",
     }
     for name, text in sources.items():
         (tmp_path / name).parent.mkdir(exist_ok=True)

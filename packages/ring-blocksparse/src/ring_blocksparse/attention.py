@@ -19,12 +19,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from ring_core import select_kernel
-from ring_core.dilated import branches
-from ring_core.engine import BlockKernel, blockwise_attention
-from ring_core.kernels import KernelRequest, default_scale
-from ring_core.sharding import check_divisible, check_layout, group_rank_and_size
-from ring_core.validation import check_dilated_config, check_dropout, check_qkv
+from ring_core.plugin import (
+    BlockKernel,
+    KernelRequest,
+    block_kernel,
+    blockwise_attention,
+    branches,
+    check_dilated_config,
+    check_divisible,
+    check_dropout,
+    check_layout,
+    check_qkv,
+    default_scale,
+    dropout_seed,
+    group_rank_and_size,
+)
 
 from .flex import check_kernel_options, flex_reasons
 from .gather import BlockSparseSchedule, CommStats
@@ -39,12 +48,14 @@ def _kernels(
     q: torch.Tensor, k: torch.Tensor, *, causal: bool, padded: bool, dropout_p: float, scale: float, kernel: str | None
 ) -> tuple[BlockKernel, BlockKernel]:
     """The kernel for unmasked tiles (and causal diagonal tiles) and the one for masked tiles."""
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
-    chosen = []
-    for has_mask in (padded, True):
-        request = KernelRequest.for_tensors(q, k, causal=causal, has_mask=has_mask, dropout_p=dropout_p)
-        chosen.append(BlockKernel(select_kernel(request, kernel), scale, dropout_p, seed))
-    return chosen[0], chosen[1]
+    seed = dropout_seed() if dropout_p > 0 else 0  # one seed: both kernels' blocks are one call's
+    full, masked = (
+        block_kernel(
+            q, k, causal=causal, has_mask=has_mask, dropout_p=dropout_p, softmax_scale=scale, kernel=kernel, seed=seed
+        )
+        for has_mask in (padded, True)
+    )
+    return full, masked
 
 
 def block_sparse_dilated_attention(
@@ -355,4 +366,4 @@ class BlockSparseRingDilatedAttention(nn.Module):
 def _dense_kernel(q: torch.Tensor, causal: bool, scale: float, name: str | None) -> BlockKernel:
     """The registry's kernel for dense strips (key/value heads expanded to the query's) and the merges."""
     request = KernelRequest.for_tensors(q, q, causal=causal, has_mask=False, dropout_p=0.0)
-    return BlockKernel(select_kernel(request, name), scale)
+    return block_kernel(q, q, request=request, softmax_scale=scale, kernel=name)

@@ -29,11 +29,10 @@ _COMPILED: dict[str, Any] = {}
 MIN_RECOMPILE_LIMIT = 64
 
 # Tile shapes and pipelining for the fused kernels, by (compute capability major, dtype, head dim);
-# missing entries keep FlexAttention's own defaults. Hopper, bf16, D=128 (H200, torch 2.11, N=64K,
-# H=16, density 0.1; tools/bench/blocksparse.py --sweep, docs/benchmarks/blocksparse-sweep-h200.json):
-# forward tiles of 128x128 (8 warps, 3 stages) beat the default 128x64 (8.0 vs 8.1 ms local band,
-# 8.4 vs 8.9 ms random); every backward tiling tried was slower than the default (64/128/128/64).
-# USE_TMA gained about 1% more and is experimental: pass it through flex_kernel_options.
+# missing entries keep FlexAttention's own defaults. Only the forward is tuned: no backward tiling
+# swept beat the default (docs/benchmarks/blocksparse-sweep-h200.json has the sweep of
+# tools/bench/blocksparse.py --sweep). USE_TMA is experimental, so it is left to the caller
+# (flex_kernel_options).
 TUNED_OPTIONS: dict[tuple[int, torch.dtype, int], dict[str, Any]] = {
     (9, torch.bfloat16, 128): {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_warps": 8, "fwd_num_stages": 3},
 }

@@ -10,8 +10,7 @@ from typing import Any
 
 import torch
 
-from ring_core.engine import Accumulator, BlockKernel, BlockSchedule
-from ring_core.ring import Exchange, RingComm, RingCommStats
+from ring_core.plugin import Accumulator, BlockKernel, BlockSchedule, Exchange, RingComm, RingCommStats
 
 from .plan import CAUSAL, MASKED, Group, Plan
 
@@ -94,7 +93,7 @@ class BlockSparseSchedule(BlockSchedule):
         self, phase: str, send: torch.Tensor | None, send_to: int, recv_numel: int, recv_from: int, like: torch.Tensor
     ) -> Exchange:
         """:meth:`RingComm.exchange` in ``phase`` (bytes accumulate, never reset), counting the received bytes too."""
-        self.comm.phase = phase
+        self.comm.begin(phase, reset=False)
         exchange = self.comm.exchange(send, send_to, recv_numel, recv_from, like)
         if exchange.recv is not None:
             self.stats.received[phase] += exchange.recv.numel() * exchange.recv.element_size()

@@ -23,9 +23,7 @@ from typing import Any
 
 import torch
 
-from ring_core.dilated import Branch
-from ring_core.engine import Accumulator, BlockKernel
-from ring_core.sharding import shard_positions
+from ring_core.plugin import Accumulator, BlockKernel, Branch, shard_positions
 
 from .flex import (
     StripRule,
