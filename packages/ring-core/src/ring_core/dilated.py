@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .dispatch import block_kernel
-from .engine import Accumulator, BlockKernel, BlockSchedule, blockwise_attention
+from .engine import Accumulator, BlockKernel, BlockSchedule
+from .ops import AttentionOp, OpCall, run_attention
 from .validation import check_dilated_config, check_dropout, check_qkv
 
 __all__ = [
@@ -253,6 +254,37 @@ class DilatedSchedule(BlockSchedule):
             part.add_kv_grad(dv, block_dv, self.kernel.accumulate)
 
 
+class _DilatedOp(AttentionOp):
+    """The custom ops' side of :func:`dilated_attention` for one configuration."""
+
+    def __init__(self, segments, rates, merge: str, softmax_scale: float | None, kernel: str | None) -> None:
+        super().__init__()
+        self.segments, self.rates, self.merge = segments, rates, merge
+        self.softmax_scale, self.kernel = softmax_scale, kernel
+
+    def schedule(self, q, k, v, call: OpCall) -> DilatedSchedule:
+        mask = call.key_padding_mask
+        bound = block_kernel(
+            q, k, causal=call.causal, has_mask=mask is not None, dropout_p=call.dropout_p,
+            softmax_scale=self.softmax_scale, kernel=self.kernel, seed=call.seed,
+        )  # fmt: skip
+        branch_list = branches(self.segments, self.rates, self.merge, q.shape[2])
+        return DilatedSchedule(bound, branch_list, causal=call.causal, key_padding_mask=mask)
+
+
+_dilated_ops: dict[tuple, _DilatedOp] = {}
+
+
+@torch.compiler.assume_constant_result
+def _dilated_op(segments, rates, merge: str, softmax_scale: float | None, kernel: str | None) -> str:
+    """The name of the op of one configuration (made once; a constant for ``torch.compile``)."""
+    key = (segments, rates, merge, softmax_scale, kernel)
+    op = _dilated_ops.get(key)
+    if op is None:
+        op = _dilated_ops.setdefault(key, _DilatedOp(*key))
+    return op.name
+
+
 def dilated_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -271,32 +303,27 @@ def dilated_attention(
     """LongNet dilated attention of ``(B, N, H, D)`` tensors, exactly as SPEC.md defines it.
 
     ``key_padding_mask`` is bool ``(B, N)``, True where a key is padding. With
-    ``return_lse`` also returns the log-sum-exp ``(B, H, N)`` (float32, or float64).
+    ``return_lse`` also returns the log-sum-exp ``(B, H, N)`` (see :mod:`ring_core.lse`).
     ``kernel`` forces a kernel backend by name (else ``RING_ATTENTION_KERNEL`` or
-    the first that supports the request).
+    the first that supports the request). One op for ``torch.compile`` (:mod:`ring_core.ops`).
     """
     segments, rates = check_dilated_config(segment_lengths, dilation_rates, merge)
     dropout_p = check_dropout(dropout_p)
     check_qkv(q, k, v, key_padding_mask)
-    bound = block_kernel(
-        q, k, causal=is_causal, has_mask=key_padding_mask is not None, dropout_p=dropout_p,
-        softmax_scale=softmax_scale, kernel=kernel,
+    op = _dilated_op(segments, rates, merge, softmax_scale, kernel)
+    out, lse = run_attention(
+        op, q, k, v, key_padding_mask=key_padding_mask, causal=bool(is_causal), dropout_p=dropout_p,
+        lse_grad=return_lse,
     )  # fmt: skip
-    schedule = DilatedSchedule(
-        bound,
-        branches(segments, rates, merge, q.shape[2]),
-        causal=is_causal,
-        key_padding_mask=key_padding_mask,
-    )
-    out, lse = blockwise_attention(schedule, q, k, v)
     return (out, lse.transpose(1, 2)) if return_lse else out
 
 
 class DilatedAttention(nn.Module):
     """LongNet dilated attention on one device; a thin wrapper of :func:`dilated_attention`.
 
-    Forward: ``attn(q, k, v, *, is_causal=False, key_padding_mask=None)`` on
-    ``(B, N, H, D)`` tensors; any ``N``, GQA, key padding, causal, both merges.
+    Forward: ``attn(q, k, v, *, is_causal=False, key_padding_mask=None, return_lse=False)``
+    on ``(B, N, H, D)`` tensors; any ``N``, GQA, key padding, causal, both merges;
+    ``return_lse=True`` returns ``(out, lse)`` (:mod:`ring_core.lse`).
     """
 
     def __init__(
@@ -323,7 +350,8 @@ class DilatedAttention(nn.Module):
         *,
         is_causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        return_lse: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         return dilated_attention(
             q,
             k,
@@ -336,6 +364,7 @@ class DilatedAttention(nn.Module):
             softmax_scale=self.softmax_scale,
             dropout_p=self.dropout if self.training else 0.0,
             kernel=self.kernel,
+            return_lse=return_lse,
         )
 
     def extra_repr(self) -> str:

@@ -134,14 +134,35 @@ class BlockSchedule(ABC):
         """Add every block's exact contribution to ``grads = (dq, dk, dv)`` (accumulation dtype)."""
 
 
+def schedule_forward(
+    schedule: BlockSchedule, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every block of ``schedule`` merged: ``out`` (dtype of ``q``) and ``lse`` ``(B, N, H)`` (accumulation dtype)."""
+    acc = Accumulator(q, v.shape[-1])
+    schedule.forward(q, k, v, acc)
+    return acc.out.to(q.dtype), acc.lse
+
+
+def schedule_backward(
+    schedule: BlockSchedule,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``dq, dk, dv`` (dtypes of ``q, k, v``) of :func:`schedule_forward`'s ``out``, from the final ``out`` and ``lse``."""
+    dtype = accumulation_dtype(q.dtype)
+    grads = tuple(torch.zeros(t.shape, dtype=dtype, device=t.device) for t in (q, k, v))
+    schedule.backward(q, k, v, out, lse, dout.contiguous(), grads)
+    return grads[0].to(q.dtype), grads[1].to(k.dtype), grads[2].to(v.dtype)
+
+
 class _BlockwiseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, schedule: BlockSchedule, q, k, v):  # type: ignore[override]
-        acc = Accumulator(q, v.shape[-1])
-        schedule.forward(q, k, v, acc)
-        out = acc.out.to(q.dtype)
-        lse = acc.lse
-        del acc
+        out, lse = schedule_forward(schedule, q, k, v)
         ctx.schedule = schedule
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mark_non_differentiable(lse)
@@ -150,10 +171,7 @@ class _BlockwiseAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
-        dtype = accumulation_dtype(q.dtype)
-        grads = tuple(torch.zeros(t.shape, dtype=dtype, device=t.device) for t in (q, k, v))
-        ctx.schedule.backward(q, k, v, out, lse, dout.contiguous(), grads)
-        return None, grads[0].to(q.dtype), grads[1].to(k.dtype), grads[2].to(v.dtype)
+        return None, *schedule_backward(ctx.schedule, q, k, v, out, lse, dout)
 
 
 def blockwise_attention(

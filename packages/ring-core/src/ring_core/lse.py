@@ -1,0 +1,52 @@
+"""Partial attention results and their log-sum-exp: the public ``lse`` layout and the merge.
+
+Every implementation's forward takes ``return_lse=True`` and then returns ``(out, lse)``:
+
+- ``out``: ``(B, N, H, D)``, as without it;
+- ``lse``: ``(B, H, N)`` (flash-attn's ``softmax_lse`` and SDPA's ``logsumexp`` layout),
+  float32 (float64 for float64 inputs), natural log: ``lse[b, h, t] = log sum_s C[h,t,s] *
+  exp(scale * q_t . k_s)`` over the keys query ``t`` sees (SPEC.md; ``C`` counts the dilated
+  branches that select a key). A query that sees no key (padding, or no branch selects it)
+  gets ``out = 0`` and ``lse = -inf``. Under sequence parallelism both are this rank's rows.
+
+``lse`` is differentiable: a loss that uses it (a merge with another attention) gets
+exact gradients for ``q`` and ``k``.
+
+Two results over disjoint sets of keys for the same queries merge into the result over
+their union with :func:`merge_attention`; so a user can combine our attention with their own
+(extra keys, a cache, another sequence), as long as the other side computes its ``lse`` over
+the same scaled scores.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels import accumulation_dtype
+
+__all__ = ["merge_attention"]
+
+
+def merge_attention(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two attention results of the same queries over disjoint key sets: ``(out, lse)`` over the union.
+
+    ``out_*`` are ``(B, N, H, D)``, ``lse_*`` ``(B, H, N)`` (the layout of ``return_lse=True``).
+    ``lse = logaddexp(lse_a, lse_b)`` and ``out = exp(lse_a - lse) * out_a + exp(lse_b - lse) *
+    out_b``, in float32 (float64 for float64 inputs); ``out`` comes back in ``out_a``'s dtype,
+    ``lse`` in the accumulation dtype. A row that sees no key on either side stays ``out = 0``,
+    ``lse = -inf``. Differentiable, with finite gradients everywhere (also on such rows).
+    """
+    dtype = accumulation_dtype(out_a.dtype)
+    lse_a, lse_b = lse_a.to(dtype), lse_b.to(dtype)
+    top = torch.maximum(lse_a, lse_b)
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)  # -inf on both sides: any finite shift
+    weight_a, weight_b = torch.exp(lse_a - top), torch.exp(lse_b - top)
+    total = weight_a + weight_b
+    seen = total > 0
+    lse = torch.where(seen, top + torch.log(torch.where(seen, total, torch.ones_like(total))), float("-inf"))
+    total = torch.where(seen, total, torch.ones_like(total))
+    out = (weight_a / total).transpose(1, 2).unsqueeze(-1) * out_a.to(dtype)
+    out = out + (weight_b / total).transpose(1, 2).unsqueeze(-1) * out_b.to(dtype)
+    return out.to(out_a.dtype), lse

@@ -1,0 +1,229 @@
+"""Attention calls as ``torch.library`` custom ops: all that ``torch.compile`` sees of them.
+
+Note: attention under ``torch.compile``
+    ``torch.compile(fullgraph=True)`` must see each attention call as one op. The engine's
+    Python is no graph: kernel dispatch takes the registry's lock and reads the
+    environment, plans are Python objects, the ring communicates, and tracing the block
+    loops would unroll every block into the graph. So every implementation computes its
+    blocks inside two custom ops,
+
+    - ``ring_attention::attention(q, k, v, key_padding_mask, seed, op, causal, dropout_p,
+      lse_grad) -> (out, lse)`` and
+    - ``ring_attention::attention_backward(dout, dlse, q, k, v, out, lse, key_padding_mask,
+      seed, op, causal, dropout_p) -> (dq, dk, dv)``,
+
+    with fake implementations (output shapes and dtypes, for tracing) and the second
+    registered as the first one's autograd. A custom op takes tensors and plain values;
+    everything else a call needs (the configuration, a process group, cached plans) is an
+    :class:`AttentionOp` registered under a unique name, the ``op`` argument. It builds the
+    call's :class:`~ring_core.engine.BlockSchedule` when the op runs, so kernel dispatch and
+    plans happen outside the traced region, or it overrides :meth:`AttentionOp.forward` and
+    :meth:`AttentionOp.backward`. The dropout seed is drawn in the graph, as a tensor, so
+    forward and backward see the same one.
+
+    ``lse`` is differentiable when the caller returns it (``lse_grad``), and needs nothing of
+    the kernels: ``d lse_t / d s_ts`` is the final probability ``P_ts``, and a block's
+    backward computes ``dS = P * (dout . v - rowsum(dout * out))``, which is ``P * dlse`` for
+    ``v = 0`` and an ``out`` whose row product with ``dout`` is ``-dlse``. So the lse's
+    gradient is one more backward pass over the same blocks, run when that gradient arrives
+    (under ``torch.compile`` one always does: it passes zeros for an unused output).
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .engine import BlockSchedule, schedule_backward, schedule_forward
+from .kernels import accumulation_dtype
+
+__all__ = ["AttentionOp", "OpCall", "run_attention"]
+
+
+@dataclass(frozen=True)
+class OpCall:
+    """What one call gives besides ``q, k, v``: key padding (bool ``(B, N)``, True = padding),
+    causality and dropout with its seed (the same in forward and backward)."""
+
+    key_padding_mask: torch.Tensor | None = None
+    causal: bool = False
+    dropout_p: float = 0.0
+    seed: int = 0
+
+
+_registered: weakref.WeakValueDictionary[str, AttentionOp] = weakref.WeakValueDictionary()
+_count = itertools.count()
+
+
+class AttentionOp:
+    """How the custom ops compute the calls of one attention configuration.
+
+    Subclasses give :meth:`schedule` (the blockwise engine runs it forward and backward)
+    or override :meth:`forward` and :meth:`backward`. Each instance is registered under a
+    unique :attr:`name`, weakly: whoever calls :func:`run_attention` with it keeps it alive
+    (a module attribute). Copies and unpickled instances register under names of their own.
+    ``owner`` (e.g. the module the op computes for) is held weakly too: :attr:`owner`.
+    """
+
+    def __init__(self, owner: Any = None) -> None:
+        self._owner = None if owner is None else weakref.ref(owner)
+        self.name = _register(self)
+
+    @property
+    def owner(self) -> Any:
+        """The object given as ``owner`` (None when none was)."""
+        if self._owner is None:
+            return None
+        owner = self._owner()
+        if owner is None:
+            raise RuntimeError(f"attention op {self.name!r}: its owner was freed")
+        return owner
+
+    def schedule(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: OpCall) -> BlockSchedule:
+        """The blocks of one call (kernel dispatch and plans happen here, when the op runs)."""
+        raise NotImplementedError(f"{type(self).__name__} defines neither schedule() nor forward() and backward()")
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: OpCall
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``out`` ``(B, N, H, D_v)`` (dtype of ``q``) and ``lse`` ``(B, N, H)`` (accumulation dtype)."""
+        return schedule_forward(self.schedule(q, k, v, call), q, k, v)
+
+    def backward(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        call: OpCall,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``dq, dk, dv`` for the gradient ``dout`` of :meth:`forward`'s ``out`` (``lse`` treated as constant)."""
+        return schedule_backward(self.schedule(q, k, v, call), q, k, v, out, lse, dout)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        del state["name"]
+        state["_owner"] = None if self._owner is None else self.owner
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        owner = state.pop("_owner")
+        self.__dict__.update(state)
+        self._owner = None if owner is None else weakref.ref(owner)
+        self.name = _register(self)
+
+
+def _register(op: AttentionOp) -> str:
+    name = f"{type(op).__qualname__}#{next(_count)}"
+    _registered[name] = op
+    return name
+
+
+def _lookup(name: str) -> AttentionOp:
+    op = _registered.get(name)
+    if op is None:
+        raise RuntimeError(
+            f"attention op {name!r} does not exist (any more): keep the module or AttentionOp that "
+            "made the call alive while graphs that call it run"
+        )
+    return op
+
+
+def run_attention(
+    op: AttentionOp | str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+    lse_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One attention call through the custom ops: ``out`` and ``lse`` ``(B, N, H)``.
+
+    ``op`` is an :class:`AttentionOp` or its name. ``lse`` is differentiable with
+    ``lse_grad`` (pass it when the caller hands ``lse`` to its user), else its gradient is
+    ignored. Inputs are assumed validated. Dropout draws its seed from torch's generator.
+    """
+    seed = torch.randint(0, 2**62, (1,)) if dropout_p > 0 else None
+    name = op if isinstance(op, str) else op.name
+    return torch.ops.ring_attention.attention(
+        q, k, v, key_padding_mask, seed, name, bool(causal), float(dropout_p), bool(lse_grad)
+    )
+
+
+def _call(key_padding_mask, seed, causal: bool, dropout_p: float) -> OpCall:
+    return OpCall(key_padding_mask, causal, dropout_p, 0 if seed is None else int(seed.item()))
+
+
+@torch.library.custom_op(
+    "ring_attention::attention",
+    mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? seed, str op, bool causal, "
+    "float dropout_p, bool lse_grad) -> (Tensor, Tensor)",
+)
+def _attention(q, k, v, key_padding_mask, seed, op, causal, dropout_p, lse_grad):
+    out, lse = _lookup(op).forward(q, k, v, _call(key_padding_mask, seed, causal, dropout_p))
+    return out.contiguous(), lse.contiguous()
+
+
+@_attention.register_fake
+def _attention_fake(q, k, v, key_padding_mask, seed, op, causal, dropout_p, lse_grad):
+    b, n, h, _ = q.shape
+    return q.new_empty(b, n, h, v.shape[-1]), q.new_empty(b, n, h, dtype=accumulation_dtype(q.dtype))
+
+
+@torch.library.custom_op(
+    "ring_attention::attention_backward",
+    mutates_args=(),
+    schema="(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+    "Tensor? key_padding_mask, Tensor? seed, str op, bool causal, float dropout_p) -> (Tensor, Tensor, Tensor)",
+)
+def _attention_backward(dout, dlse, q, k, v, out, lse, key_padding_mask, seed, op, causal, dropout_p):
+    runner, call = _lookup(op), _call(key_padding_mask, seed, causal, dropout_p)
+    dq, dk, dv = runner.backward(dout, q, k, v, out, lse, call)
+    if dlse is not None:  # one more pass: dS = P * dlse (see the module's note)
+        probe = torch.zeros_like(out)
+        probe[..., 0] = 1
+        shifted = torch.zeros_like(out)
+        shifted[..., 0] = -dlse
+        lse_dq, lse_dk, _ = runner.backward(probe, q, k, torch.zeros_like(v), shifted, lse, call)
+        dq, dk = dq + lse_dq, dk + lse_dk
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@_attention_backward.register_fake
+def _attention_backward_fake(dout, dlse, q, k, v, out, lse, key_padding_mask, seed, op, causal, dropout_p):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, key_padding_mask, seed, op, causal, dropout_p, lse_grad = inputs
+    ctx.save_for_backward(q, k, v, *output, key_padding_mask, seed)
+    ctx.call = (op, causal, dropout_p, lse_grad)
+    ctx.set_materialize_grads(False)
+
+
+def _gradient(ctx, dout, dlse):
+    q, k, v, out, lse, key_padding_mask, seed = ctx.saved_tensors
+    op, causal, dropout_p, lse_grad = ctx.call
+    if not lse_grad:
+        dlse = None
+    if dout is None and dlse is None:
+        return (None,) * 9
+    if dout is None:
+        dout = torch.zeros_like(out)
+    grads = torch.ops.ring_attention.attention_backward(
+        dout, dlse, q, k, v, out, lse, key_padding_mask, seed, op, causal, dropout_p
+    )
+    return (*grads, *(None,) * 6)
+
+
+_attention.register_autograd(_gradient, setup_context=_setup_context)
