@@ -145,17 +145,21 @@ def run_attention(
     causal: bool = False,
     dropout_p: float = 0.0,
     lse_grad: bool = False,
+    seed: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One attention call through the custom ops: ``out`` and ``lse`` ``(B, N, H)``.
 
     ``op`` is an :class:`AttentionOp` or its name. ``lse`` is differentiable with
     ``lse_grad`` (pass it when the caller hands ``lse`` to its user), else its gradient is
-    ignored. Inputs are assumed validated. Dropout draws its seed from torch's generator.
+    ignored. Inputs are assumed validated. Dropout's seed is ``seed`` when given (repeatable
+    runs), else drawn from torch's generator in the graph.
     """
-    seed = torch.randint(0, 2**62, (1,)) if dropout_p > 0 else None
+    seed_tensor = None
+    if dropout_p > 0:
+        seed_tensor = torch.randint(0, 2**62, (1,)) if seed is None else torch.tensor([seed], dtype=torch.int64)
     name = op if isinstance(op, str) else op.name
     return torch.ops.ring_attention.attention(
-        q, k, v, key_padding_mask, seed, name, bool(causal), float(dropout_p), bool(lse_grad)
+        q, k, v, key_padding_mask, seed_tensor, name, bool(causal), float(dropout_p), bool(lse_grad)
     )
 
 
@@ -208,6 +212,8 @@ def _setup_context(ctx, inputs, output) -> None:
     q, k, v, key_padding_mask, seed, op, causal, dropout_p, lse_grad = inputs
     ctx.save_for_backward(q, k, v, *output, key_padding_mask, seed)
     ctx.call = (op, causal, dropout_p, lse_grad)
+    runner = _lookup(op)
+    ctx.alive = (runner, runner.owner)  # the graph keeps what its backward runs (a per-call op, its module)
     ctx.set_materialize_grads(False)
 
 

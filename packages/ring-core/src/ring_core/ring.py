@@ -27,11 +27,12 @@ from .agreement import RingConfigError, agree_across_ranks, differing_fields, va
 from .comm import Exchange, RingComm, RingCommStats, check_transport, ring_comm
 from .dilated import DilatedSchedule, branches, offset_heads
 from .dispatch import block_kernel
-from .engine import blockwise_attention
+from .engine import BlockSchedule, schedule_backward, schedule_forward
+from .ops import AttentionOp, OpCall, run_attention
 from .ring_plan import RingPlan, Transfer, build_ring_plan, segments_within_shards
 from .ring_schedule import RingDilatedSchedule, send_bounds
-from .sharding import check_layout
-from .validation import check_dilated_config, check_dropout
+from .sharding import check_layout, group_rank_and_size
+from .validation import check_dilated_config, check_dropout, check_qkv
 
 # The ring's names as they were before the plan, schedule and agreement got their own modules.
 __all__ = [
@@ -55,41 +56,38 @@ __all__ = [
 ]
 
 
-def _run(
-    q,
-    k,
-    v,
-    *,
-    comm: RingComm,
-    branch_cfg,
-    merge,
-    layout,
-    is_causal,
-    key_padding_mask,
-    softmax_scale,
-    dropout_p,
-    kernel,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    segments, rates = branch_cfg
-    seq_len = q.shape[1] * comm.world_size
+def _schedule(
+    q, k, v, *, comm: RingComm, config: tuple, layout: str, call: OpCall, softmax_scale, kernel
+) -> BlockSchedule:
+    """The blocks of one ring call: ``config`` is ``(segment_lengths, dilation_rates, merge)``."""
+    segments, rates, merge = config
+    mask = call.key_padding_mask
     branch_list = tuple(branches(segments, rates, merge, q.shape[2]))
     bound = block_kernel(
-        q, k, causal=is_causal, has_mask=key_padding_mask is not None, dropout_p=dropout_p,
-        softmax_scale=softmax_scale, kernel=kernel,
+        q, k, causal=call.causal, has_mask=mask is not None, dropout_p=call.dropout_p, softmax_scale=softmax_scale,
+        kernel=kernel, seed=call.seed,
     )  # fmt: skip
-    comm.stats.calls += 1
     if segments_within_shards(q.shape[1], comm.world_size, layout, segments):
         # nothing to exchange: the single-device schedule on this shard computes the same blocks
-        schedule = DilatedSchedule(bound, branch_list, causal=is_causal, key_padding_mask=key_padding_mask)
-    else:
-        plan = build_ring_plan(
-            seq_len, comm.world_size, comm.rank, layout, branch_list, q.shape[2], k.shape[2], bool(is_causal), q.device
-        )
-        schedule = RingDilatedSchedule(
-            bound, plan, comm, causal=is_causal, key_padding_mask=key_padding_mask,
-            send_bounds=send_bounds(q, k, v, len(branch_list)),
-        )  # fmt: skip
-    return blockwise_attention(schedule, q, k, v)
+        return DilatedSchedule(bound, branch_list, causal=call.causal, key_padding_mask=mask)
+    seq_len = q.shape[1] * comm.world_size
+    plan = build_ring_plan(
+        seq_len, comm.world_size, comm.rank, layout, branch_list, q.shape[2], k.shape[2], call.causal, q.device
+    )
+    return RingDilatedSchedule(
+        bound, plan, comm, causal=call.causal, key_padding_mask=mask,
+        send_bounds=send_bounds(q, k, v, len(branch_list)),
+    )  # fmt: skip
+
+
+class _ModuleOp(AttentionOp):
+    """The custom ops' side of a ring module: its :meth:`~RingAttentionBase.attention_forward` and backward."""
+
+    def forward(self, q, k, v, call):
+        return self.owner.attention_forward(q, k, v, call)
+
+    def backward(self, dout, q, k, v, out, lse, call):
+        return self.owner.attention_backward(dout, q, k, v, out, lse, call)
 
 
 def ring_dilated_attention(
@@ -109,45 +107,21 @@ def ring_dilated_attention(
     kernel: str | None = None,
     stats: RingCommStats | None = None,
     transport: str = "nccl",
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Ring dilated attention of this rank's shard ``(B, N/P, H, D)``; returns this rank's output shard.
 
     ``key_padding_mask`` is this rank's shard ``(B, N/P)`` (True = padding). Validates
     (collectively) on every call; :class:`RingDilatedAttention` validates once per shape.
-    ``transport``: see :class:`RingDilatedAttention`.
+    ``transport`` and ``return_lse``: see :class:`RingDilatedAttention`.
     """
-    segments, rates = check_dilated_config(segment_lengths, dilation_rates, merge)
-    check_layout(layout)
-    dropout_p = check_dropout(dropout_p)
-    comm = ring_comm(process_group, stats or RingCommStats(), check_transport(transport), q.device)
-    config = (segments, rates, merge, layout, dropout_p)
-    validate_ring_inputs(
-        q,
-        k,
-        v,
-        key_padding_mask,
-        causal=bool(is_causal),
-        layout=layout,
-        merge=merge,
-        config=config,
-        scale=softmax_scale,
-        comm=comm,
-    )
-    out, _ = _run(
-        q,
-        k,
-        v,
-        comm=comm,
-        branch_cfg=(segments, rates),
-        merge=merge,
-        layout=layout,
-        is_causal=bool(is_causal),
-        key_padding_mask=key_padding_mask,
-        softmax_scale=softmax_scale,
-        dropout_p=dropout_p,
-        kernel=kernel,
-    )
-    return out
+    attn = RingDilatedAttention(
+        segment_lengths, dilation_rates, merge, layout, process_group, softmax_scale, dropout_p, kernel,
+        transport=transport,
+    )  # fmt: skip
+    if stats is not None:
+        attn.comm_stats = stats
+    return attn(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, return_lse=return_lse)
 
 
 class RingAttentionBase(nn.Module):
@@ -157,6 +131,12 @@ class RingAttentionBase(nn.Module):
     ``merge``, ``dropout``, ``kernel`` (a kernel backend name or None) and ``transport``
     (:data:`ring_core.comm.TRANSPORTS`) are checked. Subclasses get :attr:`comm_stats` (bytes
     this rank sends) and :meth:`validate_once`, and define ``forward``.
+
+    The attention itself runs inside the custom ops of :mod:`ring_core.ops` (one op for
+    ``torch.compile``): :meth:`run` calls them, and they call back :meth:`attention_forward`
+    and :meth:`attention_backward`, which by default run :meth:`attention_schedule`: the
+    extension points of subclasses that compute some calls another way (ring-flash's fused
+    single-device path).
     """
 
     def __init__(
@@ -185,6 +165,53 @@ class RingAttentionBase(nn.Module):
         self.transport = check_transport(transport)
         self.comm_stats = RingCommStats()
         self._validated: set[tuple] = set()
+        self._op = _ModuleOp(self)
+
+    def run(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        causal: bool,
+        key_padding_mask: torch.Tensor | None,
+        dropout_p: float,
+        return_lse: bool,
+        seed: int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """This rank's output shard (and ``lse`` ``(B, H, N/P)`` with ``return_lse``) of checked inputs.
+
+        ``seed``: dropout's (see :func:`~ring_core.ops.run_attention`).
+        """
+        out, lse = run_attention(
+            self._op, q, k, v, key_padding_mask=key_padding_mask, causal=causal, dropout_p=dropout_p,
+            lse_grad=return_lse, seed=seed,
+        )  # fmt: skip
+        return (out, lse.transpose(1, 2)) if return_lse else out
+
+    def attention_schedule(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: OpCall) -> BlockSchedule:
+        """The blocks of one call (when the op runs: plans, kernels and communicators are made here)."""
+        raise NotImplementedError(f"{type(self).__name__} defines neither attention_schedule nor attention_forward")
+
+    def attention_forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: OpCall
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``out`` and ``lse`` ``(B, N/P, H)`` of one call, inside the forward op (no autograd here)."""
+        self.comm_stats.calls += 1
+        return schedule_forward(self.attention_schedule(q, k, v, call), q, k, v)
+
+    def attention_backward(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        call: OpCall,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``dq, dk, dv`` of one call from the final ``out`` and ``lse``, inside the backward op."""
+        return schedule_backward(self.attention_schedule(q, k, v, call), q, k, v, out, lse, dout)
 
     def validate_once(self, validate: Callable[[], None], *call: Any) -> None:
         """Run ``validate`` the first time this module sees the call signature ``call``.
@@ -213,7 +240,9 @@ class RingDilatedAttention(RingAttentionBase):
     this rank's shard ``(B, N/P, H, D)`` (layout ``"contiguous"`` or ``"zigzag"``, see
     :func:`ring_core.shard_sequence`) and returns this rank's output shard.
     ``process_group=None`` is the default group when one is initialised, else one
-    process. Bytes sent by this rank are counted in :attr:`comm_stats`.
+    process. Bytes sent by this rank are counted in :attr:`comm_stats`. With
+    ``return_lse=True`` it returns ``(out, lse)``, ``lse`` ``(B, H, N/P)`` of this rank's rows
+    (:mod:`ring_core.lse`).
 
     ``transport``: ``"nccl"`` (default) moves K/V and dK/dV with ``batch_isend_irecv`` of the
     group's backend; ``"copy_engine"`` with the GPUs' copy engines
@@ -229,16 +258,21 @@ class RingDilatedAttention(RingAttentionBase):
         *,
         is_causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        comm = ring_comm(self.process_group, self.comm_stats, self.transport, q.device)
+        return_lse: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         dropout_p = self.dropout if self.training else 0.0
-        self._check(q, k, v, key_padding_mask, bool(is_causal), dropout_p, comm)
-        return self.attend(
-            q, k, v, is_causal=bool(is_causal), key_padding_mask=key_padding_mask, dropout_p=dropout_p, comm=comm
-        )
+        self._check(q, k, v, key_padding_mask, bool(is_causal), dropout_p)
+        return self.run(
+            q, k, v, causal=bool(is_causal), key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+            return_lse=return_lse,
+        )  # fmt: skip
 
-    def _check(self, q, k, v, key_padding_mask, is_causal: bool, dropout_p: float, comm: RingComm) -> None:
+    def _check(self, q, k, v, key_padding_mask, is_causal: bool, dropout_p: float) -> None:
         """Inputs agree across ranks (checked once per new signature, errors naming this class)."""
+        if group_rank_and_size(self.process_group)[1] == 1:  # nothing to agree on (and traceable)
+            check_qkv(q, k, v, key_padding_mask)
+            return
+        comm = ring_comm(self.process_group, self.comm_stats, self.transport, q.device)
         config = (self.segment_lengths, self.dilation_rates, self.merge, self.layout, dropout_p)
 
         def validate() -> None:
@@ -249,29 +283,12 @@ class RingDilatedAttention(RingAttentionBase):
 
         self.validate_once(validate, q, k, v, key_padding_mask, is_causal, config, comm.world_size)
 
-    def attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        is_causal: bool,
-        key_padding_mask: torch.Tensor | None,
-        dropout_p: float,
-        comm: RingComm,
-    ) -> torch.Tensor:
-        """This rank's output shard for inputs that :meth:`forward` already checked across ranks.
-
-        The extension point of subclasses that compute some calls another way (ring-flash's
-        fused single-device path) and hand the rest to ``super().attend``. ``dropout_p`` is
-        the call's (0 in eval mode); ``comm`` is the communicator of :attr:`process_group`.
-        """
-        out, _ = _run(
-            q, k, v, comm=comm, branch_cfg=(self.segment_lengths, self.dilation_rates), merge=self.merge,
-            layout=self.layout, is_causal=is_causal, key_padding_mask=key_padding_mask,
-            softmax_scale=self.softmax_scale, dropout_p=dropout_p, kernel=self.kernel,
+    def attention_schedule(self, q, k, v, call: OpCall) -> BlockSchedule:
+        comm = ring_comm(self.process_group, self.comm_stats, self.transport, q.device)
+        return _schedule(
+            q, k, v, comm=comm, config=(self.segment_lengths, self.dilation_rates, self.merge), layout=self.layout,
+            call=call, softmax_scale=self.softmax_scale, kernel=self.kernel,
         )  # fmt: skip
-        return out
 
 
 def _signature(x: Any) -> Any:

@@ -23,6 +23,9 @@ from typing import Any
 import torch
 
 from ring_core.plugin import (
+    AttentionOp,
+    BlockSchedule,
+    OpCall,
     Part,
     RingAttentionBase,
     RingComm,
@@ -30,13 +33,14 @@ from ring_core.plugin import (
     RingDilatedSchedule,
     backward_block,
     block_kernel,
-    blockwise_attention,
     branches,
     build_ring_plan,
+    check_qkv,
     dropout_seed,
     forward_block,
     group_rank_and_size,
     ring_comm,
+    run_attention,
     send_bounds,
     validate_ring_inputs,
 )
@@ -116,6 +120,21 @@ class AllGatherSchedule(RingDilatedSchedule):
             kv_part.add_kv_grad(self._shard(dv, source), block_dv)
 
 
+class _MeshOp(AttentionOp):
+    """The custom ops' side of one call over a mesh: the strategy and groups resolved before the all-to-all."""
+
+    def __init__(self, module: RingDistributedDilatedAttention, strategy: str, groups: MeshGroups) -> None:
+        super().__init__(module)
+        self.strategy, self.groups = strategy, groups
+
+    def forward(self, q, k, v, call: OpCall):
+        self.owner.comm_stats.calls += 1
+        return super().forward(q, k, v, call)
+
+    def schedule(self, q, k, v, call: OpCall) -> BlockSchedule:
+        return self.owner._mesh_schedule(self.strategy, self.groups, q, k, v, call)
+
+
 # -- the module ----------------------------------------------------------------------------------------
 
 
@@ -123,7 +142,8 @@ class RingDistributedDilatedAttention(RingAttentionBase):
     """Exact LongNet dilated (and dense) attention, sequence-parallel over a Ulysses x ring mesh.
 
     Same arguments and call as :class:`ring_core.RingDilatedAttention` (each rank passes
-    its shard ``(B, N/P, H, D)`` in ``layout`` and gets its output shard back), plus:
+    its shard ``(B, N/P, H, D)`` in ``layout`` and gets its output shard back; with
+    ``return_lse=True`` also its ``lse`` ``(B, H, N/P)``), plus:
 
     - ``strategy``: ``"ring"`` (P2P ring over all ranks), ``"ulysses"`` (one all-to-all
       group of all ranks: needs ``H`` and ``H_kv`` divisible by ``P``), ``"hybrid"``
@@ -218,6 +238,9 @@ class RingDistributedDilatedAttention(RingAttentionBase):
 
     def _validate(self, q, k, v, key_padding_mask, causal: bool, dropout_p: float) -> None:
         """Every rank checks its inputs and that all ranks agree (once per shape); same error everywhere."""
+        if self._world_size() == 1:  # nothing to agree on (and traceable)
+            check_qkv(q, k, v, key_padding_mask)
+            return
         config = (self.segment_lengths, self.dilation_rates, self.merge, self.layout, dropout_p, self.strategy)
 
         def validate() -> None:
@@ -241,8 +264,9 @@ class RingDistributedDilatedAttention(RingAttentionBase):
             return RingComm(group, rank, size, self.comm_stats)
         return ring_comm(group, self.comm_stats, self.transport, device)
 
-    def _dropout_seed(self) -> int:
-        return dropout_seed()
+    def _dropout_seed(self) -> int | None:
+        """The dropout seed of a call (None: drawn from torch's generator)."""
+        return None
 
     # -- forward -----------------------------------------------------------------------------------
     def forward(
@@ -253,52 +277,74 @@ class RingDistributedDilatedAttention(RingAttentionBase):
         *,
         is_causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        return_lse: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         dropout_p = self.dropout if self.training else 0.0
         self._validate(q, k, v, key_padding_mask, bool(is_causal), dropout_p)
-        return self._attend(q, k, v, bool(is_causal), key_padding_mask, dropout_p)
+        return self._attend(q, k, v, bool(is_causal), key_padding_mask, dropout_p, return_lse)
 
-    def _attend(self, q, k, v, causal: bool, key_padding_mask, dropout_p: float) -> torch.Tensor:
+    def _attend(self, q, k, v, causal: bool, key_padding_mask, dropout_p: float, return_lse: bool = False):
+        seed = self._dropout_seed() if dropout_p > 0 else None
+        if self._world_size() == 1:  # no mesh: the module's op, one op for torch.compile
+            return self.run(
+                q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+                return_lse=return_lse, seed=seed,
+            )  # fmt: skip
         strategy, groups = self._resolve(q, k)
         u, ring_size = groups.ulysses_size, groups.ring_size
         self.last_strategy = (strategy, u)
-        num_heads, num_kv_heads = q.shape[2], k.shape[2]
-        seq_len = q.shape[1] * groups.world_size
         mask = key_padding_mask
         if u > 1:
             args = (groups.ulysses_group, u, self.layout, self.timeout)
             q, k, v = (SeqToHeads.apply(x, *args) for x in (q, k, v))
             if mask is not None:
                 mask = gather_mask(mask, groups.ulysses_group, u, self.layout, self.timeout)
-        local_heads = num_heads // u
-        branch_list = tuple(branches(self.segment_lengths, self.dilation_rates, self.merge, num_heads))
-        head_start = groups.ulysses_rank * local_heads  # this rank's chunk of heads, global offsets kept
-        plan = build_ring_plan(
-            seq_len, ring_size, groups.ring_rank, self.layout, branch_list, num_heads, num_kv_heads, causal,
-            q.device, heads=(head_start, head_start + local_heads),
-        )  # fmt: skip
-        seed = self._dropout_seed() + groups.ulysses_rank * 7_919 * 1_000_003 if dropout_p > 0 else 0
-        bound = block_kernel(
-            q, k, causal=causal, has_mask=mask is not None, dropout_p=dropout_p, softmax_scale=self.softmax_scale,
-            kernel=self.kernel, seed=seed,
-        )  # fmt: skip
-        comm = self._make_comm(groups.ring_group, groups.ring_rank, ring_size, q.device)
-        comm.stats.calls += 1
         if strategy == "allgather" and ring_size > 1:
-            shard_len = q.shape[1]
             k, v = (GatherShards.apply(x, groups.ring_group, ring_size, self.timeout) for x in (k, v))
             if mask is not None:
                 mask = gather_mask(mask, groups.ring_group, ring_size, None, self.timeout)
-            schedule = AllGatherSchedule(bound, plan, comm, causal=causal, key_padding_mask=mask, shard_len=shard_len)
-        else:
-            schedule = RingDilatedSchedule(
-                bound, plan, comm, causal=causal, key_padding_mask=mask,
-                send_bounds=send_bounds(q, k, v, len(branch_list)),
-            )  # fmt: skip
-        out, _ = blockwise_attention(schedule, q, k, v)
+        if dropout_p > 0:  # each Ulysses rank's heads get their own dropout stream
+            seed = (dropout_seed() if seed is None else seed) + groups.ulysses_rank * 7_919 * 1_000_003
+        out, lse = run_attention(
+            _MeshOp(self, strategy, groups), q, k, v, key_padding_mask=mask, causal=causal, dropout_p=dropout_p,
+            lse_grad=return_lse, seed=seed,
+        )  # fmt: skip
         if u > 1:
             out = HeadsToSeq.apply(out, groups.ulysses_group, u, self.layout, self.timeout)
-        return out
+            lse = HeadsToSeq.apply(lse.unsqueeze(-1), groups.ulysses_group, u, self.layout, self.timeout).squeeze(-1)
+        return (out, lse.transpose(1, 2)) if return_lse else out
+
+    def attention_schedule(self, q, k, v, call: OpCall) -> BlockSchedule:
+        """One process: the mesh is one rank (the module's op)."""
+        strategy, groups = self._resolve(q, k)
+        self.last_strategy = (strategy, groups.ulysses_size)
+        return self._mesh_schedule(strategy, groups, q, k, v, call)
+
+    def _mesh_schedule(self, strategy: str, groups: MeshGroups, q, k, v, call: OpCall) -> BlockSchedule:
+        """The blocks of this rank's head chunk: ``q`` is ``(B, N/R, H/u, D)``; ``k``, ``v`` are all-gathered
+        over the ring group (``(B, N, H_kv/u, D)``) for ``"allgather"``."""
+        u, ring_size = groups.ulysses_size, groups.ring_size
+        gathered = strategy == "allgather" and ring_size > 1
+        local_heads, num_kv_heads = q.shape[2], k.shape[2] * u
+        seq_len = q.shape[1] * ring_size
+        branch_list = tuple(branches(self.segment_lengths, self.dilation_rates, self.merge, local_heads * u))
+        head_start = groups.ulysses_rank * local_heads  # this rank's chunk of heads, global offsets kept
+        plan = build_ring_plan(
+            seq_len, ring_size, groups.ring_rank, self.layout, branch_list, local_heads * u, num_kv_heads,
+            call.causal, q.device, heads=(head_start, head_start + local_heads),
+        )  # fmt: skip
+        mask = call.key_padding_mask
+        bound = block_kernel(
+            q, k, causal=call.causal, has_mask=mask is not None, dropout_p=call.dropout_p,
+            softmax_scale=self.softmax_scale, kernel=self.kernel, seed=call.seed,
+        )  # fmt: skip
+        comm = self._make_comm(groups.ring_group, groups.ring_rank, ring_size, q.device)
+        if gathered:
+            return AllGatherSchedule(bound, plan, comm, causal=call.causal, key_padding_mask=mask, shard_len=q.shape[1])
+        return RingDilatedSchedule(
+            bound, plan, comm, causal=call.causal, key_padding_mask=mask,
+            send_bounds=send_bounds(q, k, v, len(branch_list)),
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (

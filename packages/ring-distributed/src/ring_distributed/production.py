@@ -52,6 +52,15 @@ class _ZeroAttention(torch.autograd.Function):
         return tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.metas)
 
 
+def _zero_attention(q, k, v, return_lse: bool):
+    """A skipped step's result: zeros (and an lse of -inf, a row that saw nothing)."""
+    out = _ZeroAttention.apply(q, k, v)
+    if not return_lse:
+        return out
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return out, torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=lse_dtype, device=q.device)
+
+
 class _GradientGuard(torch.autograd.Function):
     """Identity on ``q, k, v``; its backward checks ``dq, dk, dv`` on every rank."""
 
@@ -157,7 +166,7 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
             pool=self.buffers if self.reuse_buffers else None, context=f"{self._where()}: ",
         )  # fmt: skip
 
-    def _dropout_seed(self) -> int:
+    def _dropout_seed(self) -> int | None:
         if self.deterministic:
             return self.seed + self._call_step * 1_000_003_000
         return super()._dropout_seed()
@@ -216,10 +225,10 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
             self._call_step = previous
 
     # -- forward -------------------------------------------------------------------------------------
-    def _attend_at(self, step: int, q, k, v, causal, key_padding_mask, dropout_p):
+    def _attend_at(self, step: int, return_lse: bool, q, k, v, causal, key_padding_mask, dropout_p):
         previous, self._call_step = self._call_step, step
         try:
-            return self._attend(q, k, v, causal, key_padding_mask, dropout_p)
+            return self._attend(q, k, v, causal, key_padding_mask, dropout_p, return_lse)
         finally:
             self._call_step = previous
 
@@ -231,7 +240,8 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
         *,
         is_causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        return_lse: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         self.step += 1
         step = self._call_step = self.step
         causal = bool(is_causal)
@@ -243,12 +253,12 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
             if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
                 q, k, v = _GradientGuard.apply(functools.partial(self._check_gradients, step, groups), q, k, v)
             if self._handle_nonfinite(found, "inputs"):
-                return _ZeroAttention.apply(q, k, v)
+                return _zero_attention(q, k, v, return_lse)
         if self.deterministic:
             q, k, v = _DeterministicBackward.apply(False, q, k, v)
             _enter_deterministic()
         try:
-            attend = functools.partial(self._attend_at, step)
+            attend = functools.partial(self._attend_at, step, return_lse)
             if self.checkpoint and torch.is_grad_enabled():
                 out = activation_checkpoint(
                     attend, q, k, v, causal, key_padding_mask, dropout_p, use_reentrant=False, preserve_rng_state=True
@@ -258,13 +268,14 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
         finally:
             if self.deterministic:
                 _leave_deterministic()
+        out, lse = out if return_lse else (out, None)
         if self.deterministic:
             (out,) = _DeterministicBackward.apply(True, out)
         if self.on_nonfinite is not None:
             found = self._nonfinite_report({"output": out.detach()}, groups, "output")
             if self._handle_nonfinite(found, "output"):
-                return _ZeroAttention.apply(q, k, v)
-        return out
+                return _zero_attention(q, k, v, return_lse)
+        return (out, lse) if return_lse else out
 
     def extra_repr(self) -> str:
         return (

@@ -15,50 +15,52 @@ import torch
 
 from ring_core.plugin import (
     KernelRequest,
-    RingComm,
+    OpCall,
     RingDilatedAttention,
     block_kernel,
+    branches,
+    group_rank_and_size,
     segments_within_shards,
 )
 
-from .fused import fused_dilated_attention
+from .fused import FusedPlan, fused_backward, fused_forward
 
 
 class RingDilatedAttentionFlash(RingDilatedAttention):
     """Exact LongNet dilated attention on fast kernels; sequence-parallel over a process group.
 
-    ``attn(q, k, v, *, is_causal=False, key_padding_mask=None)`` on ``(B, N, H, D)``
-    tensors (this rank's shard when the group has several processes), checked like
-    :class:`ring_core.RingDilatedAttention` (errors naming this class).
+    ``attn(q, k, v, *, is_causal=False, key_padding_mask=None, return_lse=False)`` on
+    ``(B, N, H, D)`` tensors (this rank's shard when the group has several processes),
+    checked like :class:`ring_core.RingDilatedAttention` (errors naming this class).
     """
 
-    def attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        is_causal: bool,
-        key_padding_mask: torch.Tensor | None,
-        dropout_p: float,
-        comm: RingComm,
-    ) -> torch.Tensor:
-        local = segments_within_shards(q.shape[1], comm.world_size, self.layout, self.segment_lengths)
-        if dropout_p > 0 or not local:  # dropout: the engine's kernels; spanning segments: the ring
-            return super().attend(
-                q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p, comm=comm
-            )
-        comm.stats.calls += 1
+    def _fused_plan(self, q, k, call: OpCall) -> FusedPlan | None:
+        """The fused single-device path's plan, or None when the call needs the ring or dropout."""
+        world_size = group_rank_and_size(self.process_group)[1]
+        local = segments_within_shards(q.shape[1], world_size, self.layout, self.segment_lengths)
+        if call.dropout_p > 0 or not local:  # dropout: the engine's kernels; spanning segments: the ring
+            return None
         bound = block_kernel(
-            q, k, request=self.request(q, k, is_causal, key_padding_mask), softmax_scale=self.softmax_scale,
+            q, k, request=self.request(q, k, call.causal, call.key_padding_mask), softmax_scale=self.softmax_scale,
             kernel=self.kernel,
         )  # fmt: skip
-        out, _ = fused_dilated_attention(
-            q, k, v, backend=bound.backend, scale=bound.scale,
-            segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates, merge=self.merge,
-            is_causal=is_causal, key_padding_mask=key_padding_mask,
+        return FusedPlan(
+            bound.backend, bound.scale, branches(self.segment_lengths, self.dilation_rates, self.merge, q.shape[2]),
+            call.causal, call.key_padding_mask,
         )  # fmt: skip
-        return out
+
+    def attention_forward(self, q, k, v, call: OpCall) -> tuple[torch.Tensor, torch.Tensor]:
+        plan = self._fused_plan(q, k, call)
+        if plan is None:
+            return super().attention_forward(q, k, v, call)
+        self.comm_stats.calls += 1
+        return fused_forward(plan, q, k, v)
+
+    def attention_backward(self, dout, q, k, v, out, lse, call: OpCall):
+        plan = self._fused_plan(q, k, call)
+        if plan is None:
+            return super().attention_backward(dout, q, k, v, out, lse, call)
+        return fused_backward(plan, dout, q, k, v, out, lse)
 
     @staticmethod
     def request(

@@ -95,74 +95,95 @@ def _owns(part: Part, shape: tuple[int, ...], dtype: torch.dtype, block: torch.T
     )
 
 
+def fused_forward(
+    plan: FusedPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out`` (dtype of ``q``) and ``lse`` ``(B, N, H)`` (float32, float64 for float64 inputs) of ``plan``."""
+    b, n, h, _ = q.shape
+    dv_ = v.shape[-1]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out_dtype = acc if plan.accumulate_fp32 else q.dtype
+    calls = _plan_parts(plan, q, k)
+    writes = sum(1 for _, write in calls if write)
+    weighted = len(calls) > 1 and _overlap(plan.branches)
+    lse = torch.full((b, n, h), float("-inf"), dtype=acc, device=q.device)
+    out = None
+    for part, write in calls:  # the covering calls first: they write; later blocks merge into what is there
+        o, block_lse = plan.backend.forward(
+            part.view(q).flatten(0, 1), part.gather_kv(k), part.gather_kv(v), scale=plan.scale,
+            causal=plan.causal, mask=part.key_mask(plan.key_padding_mask),
+        )  # fmt: skip
+        lse_view = part.view(lse)
+        block_lse = block_lse.to(acc).unflatten(0, lse_view.shape[:2]).transpose(-1, -2)  # (B, nseg, len, h)
+        o = o.reshape(*lse_view.shape, dv_)
+        if out is None and write and _owns(part, (b, n, h, dv_), out_dtype, o, writes):
+            out = o.view(b, n, h, dv_)  # the one covering call's output is where the others merge
+            lse_view.copy_(block_lse)
+            continue
+        if out is None:
+            out = (torch.empty if writes else torch.zeros)(b, n, h, dv_, dtype=out_dtype, device=q.device)
+        if write or not weighted:  # first (or only) block of these rows and heads
+            merge_block(part.view(out), o, accumulate=not write)
+            lse_view.copy_(block_lse)
+        else:  # the backend's merge: one Triton pass on GPUs
+            plan.backend.merge(part.view(out), lse_view, o, block_lse)
+        del o, block_lse  # before the next call allocates its own
+    return out.to(q.dtype), lse
+
+
+def fused_backward(
+    plan: FusedPlan,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``dq, dk, dv`` (dtypes of ``q, k, v``) from :func:`fused_forward`'s final ``out`` and ``lse``."""
+    out = out.to(q.dtype)
+    dout = dout.contiguous()
+    calls = _plan_parts(plan, q, k)
+    writes = sum(1 for _, write in calls if write)
+    groups = q.shape[2] // k.shape[2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    grad_dtype = acc if plan.accumulate_fp32 else q.dtype
+    dq = dk = dv = None
+    for part, write in calls:
+        bq, bk, bv = plan.backend.backward(
+            part.view(dout).flatten(0, 1), part.view(q).flatten(0, 1), part.gather_kv(k), part.gather_kv(v),
+            part.view(out).flatten(0, 1), part.view(lse).flatten(0, 1).transpose(1, 2), scale=plan.scale,
+            causal=plan.causal, mask=part.key_mask(plan.key_padding_mask),
+        )  # fmt: skip
+        dq, owned_q = _gradient(dq, q.shape, part, bq, write, writes, grad_dtype)
+        dk, owned_k = _gradient(dk, k.shape, part, bk, write and groups == 1, writes, grad_dtype)
+        dv, owned_v = _gradient(dv, v.shape, part, bv, write and groups == 1, writes, grad_dtype)
+        merges = [(part.view(dq), bq, write)] if not owned_q else []
+        for grad, block, owned in ((dk, bk, owned_k), (dv, bv, owned_v)):
+            if owned:
+                continue
+            if isinstance(part.kv_heads, slice):  # no grouped-query heads: kv heads are the query heads
+                merges.append((part.kv_view(grad), block, write))
+            else:  # grouped-query heads: several query heads add into one kv head
+                part.add_kv_grad(grad, block)
+        _write_or_add(merges)
+        del bq, bk, bv, merges  # before the next call allocates its own
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
 class _FusedDilated(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: FusedPlan, q, k, v):  # type: ignore[override]
-        b, n, h, _ = q.shape
-        dv_ = v.shape[-1]
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        out_dtype = acc if plan.accumulate_fp32 else q.dtype
-        calls = _plan_parts(plan, q, k)
-        writes = sum(1 for _, write in calls if write)
-        weighted = len(calls) > 1 and _overlap(plan.branches)
-        lse = torch.full((b, n, h), float("-inf"), dtype=acc, device=q.device)
-        out = None
-        for part, write in calls:  # the covering calls first: they write; later blocks merge into what is there
-            o, block_lse = plan.backend.forward(
-                part.view(q).flatten(0, 1), part.gather_kv(k), part.gather_kv(v), scale=plan.scale,
-                causal=plan.causal, mask=part.key_mask(plan.key_padding_mask),
-            )  # fmt: skip
-            lse_view = part.view(lse)
-            block_lse = block_lse.to(acc).unflatten(0, lse_view.shape[:2]).transpose(-1, -2)  # (B, nseg, len, h)
-            o = o.reshape(*lse_view.shape, dv_)
-            if out is None and write and _owns(part, (b, n, h, dv_), out_dtype, o, writes):
-                out = o.view(b, n, h, dv_)  # the one covering call's output is where the others merge
-                lse_view.copy_(block_lse)
-                continue
-            if out is None:
-                out = (torch.empty if writes else torch.zeros)(b, n, h, dv_, dtype=out_dtype, device=q.device)
-            if write or not weighted:  # first (or only) block of these rows and heads
-                merge_block(part.view(out), o, accumulate=not write)
-                lse_view.copy_(block_lse)
-            else:  # the backend's merge: one Triton pass on GPUs
-                plan.backend.merge(part.view(out), lse_view, o, block_lse)
-            del o, block_lse  # before the next call allocates its own
-        ctx.plan, ctx.calls, ctx.writes = plan, calls, writes
+        out, lse = fused_forward(plan, q, k, v)
+        ctx.plan = plan
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mark_non_differentiable(lse)
-        return out.to(q.dtype), lse
+        return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):  # type: ignore[override]
-        plan: FusedPlan = ctx.plan
         q, k, v, out, lse = ctx.saved_tensors
-        out = out.to(q.dtype)
-        dout = dout.contiguous()
-        calls, writes = ctx.calls, ctx.writes
-        groups = q.shape[2] // k.shape[2]
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        grad_dtype = acc if plan.accumulate_fp32 else q.dtype
-        dq = dk = dv = None
-        for part, write in calls:
-            bq, bk, bv = plan.backend.backward(
-                part.view(dout).flatten(0, 1), part.view(q).flatten(0, 1), part.gather_kv(k), part.gather_kv(v),
-                part.view(out).flatten(0, 1), part.view(lse).flatten(0, 1).transpose(1, 2), scale=plan.scale,
-                causal=plan.causal, mask=part.key_mask(plan.key_padding_mask),
-            )  # fmt: skip
-            dq, owned_q = _gradient(dq, q.shape, part, bq, write, writes, grad_dtype)
-            dk, owned_k = _gradient(dk, k.shape, part, bk, write and groups == 1, writes, grad_dtype)
-            dv, owned_v = _gradient(dv, v.shape, part, bv, write and groups == 1, writes, grad_dtype)
-            merges = [(part.view(dq), bq, write)] if not owned_q else []
-            for grad, block, owned in ((dk, bk, owned_k), (dv, bv, owned_v)):
-                if owned:
-                    continue
-                if isinstance(part.kv_heads, slice):  # no grouped-query heads: kv heads are the query heads
-                    merges.append((part.kv_view(grad), block, write))
-                else:  # grouped-query heads: several query heads add into one kv head
-                    part.add_kv_grad(grad, block)
-            _write_or_add(merges)
-            del bq, bk, bv, merges  # before the next call allocates its own
-        return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        return None, *fused_backward(ctx.plan, dout, q, k, v, out, lse)
 
 
 def _overlap(branch_list: Sequence[Branch]) -> bool:
