@@ -11,7 +11,6 @@ tile of the receiver needs (nothing at all when no tile needs them).
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -20,8 +19,11 @@ import torch
 from torch import nn
 
 from ring_core.plugin import (
+    AttentionOp,
     BlockKernel,
+    CallOp,
     KernelRequest,
+    OpCall,
     block_kernel,
     blockwise_attention,
     branches,
@@ -33,6 +35,7 @@ from ring_core.plugin import (
     default_scale,
     dropout_seed,
     group_rank_and_size,
+    run_attention,
 )
 
 from .flex import check_kernel_options, flex_reasons
@@ -44,11 +47,31 @@ from .strided import SPARSE_KERNELS, StripPlan, StripRingSchedule, StripRun, bui
 METHODS = ("auto", "gather", "flex")
 
 
+class _GatherOp(AttentionOp):
+    """The custom ops' side of the gather path of a :class:`BlockSparseRingDilatedAttention`."""
+
+    def forward(self, q, k, v, call: OpCall):
+        self.owner.comm_stats = CommStats()  # this call's bytes (its backward adds to them)
+        return super().forward(q, k, v, call)
+
+    def schedule(self, q, k, v, call: OpCall) -> BlockSparseSchedule:
+        return self.owner._gather_schedule(q, k, v, call)
+
+
 def _kernels(
-    q: torch.Tensor, k: torch.Tensor, *, causal: bool, padded: bool, dropout_p: float, scale: float, kernel: str | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    causal: bool,
+    padded: bool,
+    dropout_p: float,
+    scale: float,
+    kernel: str | None,
+    seed: int | None = None,
 ) -> tuple[BlockKernel, BlockKernel]:
-    """The kernel for unmasked tiles (and causal diagonal tiles) and the one for masked tiles."""
-    seed = dropout_seed() if dropout_p > 0 else 0  # one seed: both kernels' blocks are one call's
+    """The kernel for unmasked tiles (and causal diagonal tiles) and the one for masked tiles (one dropout seed)."""
+    if seed is None:
+        seed = dropout_seed() if dropout_p > 0 else 0  # one seed: both kernels' blocks are one call's
     full, masked = (
         block_kernel(
             q, k, causal=causal, has_mask=has_mask, dropout_p=dropout_p, softmax_scale=scale, kernel=kernel, seed=seed
@@ -105,11 +128,19 @@ def block_sparse_dilated_attention(
     )
     dropout_p = check_dropout(dropout_p)
     scale = default_scale(q.shape[-1], softmax_scale)
-    full, masked = _kernels(
-        q, k, causal=is_causal, padded=key_padding_mask is not None, dropout_p=dropout_p, scale=scale, kernel=kernel
-    )
-    schedule = BlockSparseSchedule(plan, full, masked, key_padding_mask=key_padding_mask, stats=stats, **schedule_args)
-    out, lse = blockwise_attention(schedule, q, k, v)
+
+    def make(q, k, v, call: OpCall) -> BlockSparseSchedule:
+        mask = call.key_padding_mask
+        full, masked = _kernels(
+            q, k, causal=call.causal, padded=mask is not None, dropout_p=call.dropout_p, scale=scale, kernel=kernel,
+            seed=call.seed,
+        )  # fmt: skip
+        return BlockSparseSchedule(plan, full, masked, key_padding_mask=mask, stats=stats, **schedule_args)
+
+    out, lse = run_attention(
+        CallOp(make), q, k, v, key_padding_mask=key_padding_mask, causal=bool(is_causal), dropout_p=dropout_p,
+        lse_grad=return_lse,
+    )  # fmt: skip
     return (out, lse.transpose(1, 2)) if return_lse else out
 
 
@@ -169,13 +200,13 @@ class BlockSparseRingDilatedAttention(nn.Module):
     :class:`~ring_blocksparse.Pattern`; ``block_layout`` is an explicit bool
     ``(H or 1, ceil(N/b), ceil(N/b))`` over the global sequence; neither means every
     block (plain dilated attention). Forward: ``attn(q, k, v, *, is_causal=False,
-    key_padding_mask=None)`` on this rank's ``(B, n, H, D)`` shard. ``method``:
+    key_padding_mask=None, return_lse=False)`` on this rank's ``(B, n, H, D)`` shard. ``method``:
     ``"flex"`` (strips: one FlexAttention kernel per dilated branch offset on strided views,
     dense strips on the registry's kernel, LSE-merged; on one process and per ring step; needs
     every rate to divide ``block_size``, runs of the sequence that split into whole kernel tiles,
     no padding or dropout, and a backward only on CUDA; raises otherwise), ``"gather"``
     (tiles gathered into dense blocks, the blockwise engine; everything) or ``"auto"`` (flex on
-    CUDA when it applies, else gather). ``transposed_backward`` batches the gather path's
+    CUDA when it applies, else gather; gather under ``torch.compile`` and with ``return_lse``). ``transposed_backward`` batches the gather path's
     backward by key tile. ``flex_kernel_options``: FlexAttention ``kernel_options``
     (e.g. ``{"fwd_num_stages": 2}``) over the safe flags and tuned tiles the strip path
     picks itself (:func:`ring_blocksparse.flex.kernel_options_for`). ``sparse_kernel``
@@ -240,6 +271,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
         self._plans: dict = {}
         self._strip_plans: dict = {}
         self._layouts: dict = {}
+        self._op = _GatherOp(self)
 
     def layout_for(self, seq_len: int, num_heads: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
         """The block layout used for a global sequence of ``seq_len`` (``None``: every block)."""
@@ -258,43 +290,17 @@ class BlockSparseRingDilatedAttention(nn.Module):
         *,
         is_causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        return_lse: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         check_qkv(q, k, v, key_padding_mask)
         rank, world = group_rank_and_size(self.process_group)
-        block_layout = self.layout_for(q.shape[1] * world, q.shape[2])
         dropout_p = self.dropout if self.training else 0.0
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        use_flex = self._use_flex(q, world, key_padding_mask, dropout_p, needs_grad)
-        prepare = functools.partial(
-            _prepare,
-            q,
-            k,
-            v,
-            segment_lengths=self.segment_lengths,
-            dilation_rates=self.dilation_rates,
-            block_size=self.block_size,
-            block_layout=block_layout,
-            merge=self.merge,
-            is_causal=is_causal,
-            key_padding_mask=key_padding_mask,
-            layout=self.layout,
-            process_group=self.process_group,
-            transposed_backward=self.transposed_backward,
-            cache=self._plans,
-        )
-        plan, schedule_args = prepare(build=not use_flex)  # validates everything first
-        self.comm_stats = CommStats()
-        scale = default_scale(q.shape[-1], self.softmax_scale)
-        full, masked = _kernels(
-            q,
-            k,
-            causal=is_causal,
-            padded=key_padding_mask is not None,
-            dropout_p=dropout_p,
-            scale=scale,
-            kernel=self.kernel,
-        )
-        if use_flex:
+        if self._use_flex(q, world, key_padding_mask, dropout_p, needs_grad, return_lse):
+            block_layout = self.layout_for(q.shape[1] * world, q.shape[2])
+            _, schedule_args = self._prepare(q, k, v, block_layout, bool(is_causal), key_padding_mask, build=False)
+            self.comm_stats = CommStats()
+            scale = default_scale(q.shape[-1], self.softmax_scale)
             try:
                 return self._strip_forward(q, k, v, block_layout, bool(is_causal), rank, world, scale, schedule_args)
             except Exception as exc:
@@ -307,13 +313,32 @@ class BlockSparseRingDilatedAttention(nn.Module):
                     stacklevel=2,
                 )
                 self._flex_failed = True
-                plan, schedule_args = prepare(build=True)
+        out, lse = run_attention(
+            self._op, q, k, v, key_padding_mask=key_padding_mask, causal=bool(is_causal), dropout_p=dropout_p,
+            lse_grad=return_lse,
+        )  # fmt: skip
+        return (out, lse.transpose(1, 2)) if return_lse else out
+
+    def _prepare(self, q, k, v, block_layout, causal: bool, key_padding_mask, build: bool = True):
+        """Validate everything (before any communication) and build or reuse the gather plan (if ``build``)."""
+        return _prepare(
+            q, k, v, segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates,
+            block_size=self.block_size, block_layout=block_layout, merge=self.merge, is_causal=causal,
+            key_padding_mask=key_padding_mask, layout=self.layout, process_group=self.process_group,
+            transposed_backward=self.transposed_backward, cache=self._plans, build=build,
+        )  # fmt: skip
+
+    def _gather_schedule(self, q, k, v, call: OpCall) -> BlockSparseSchedule:
+        """The gather path's blocks of one call (inside the custom ops: plans and kernels are made here)."""
+        mask = call.key_padding_mask
+        block_layout = self.layout_for(q.shape[1] * group_rank_and_size(self.process_group)[1], q.shape[2])
+        plan, schedule_args = self._prepare(q, k, v, block_layout, call.causal, mask)
         self.last_plan, self.last_method = plan, "gather"
-        schedule = BlockSparseSchedule(
-            plan, full, masked, key_padding_mask=key_padding_mask, stats=self.comm_stats, **schedule_args
-        )
-        out, _ = blockwise_attention(schedule, q, k, v)
-        return out
+        full, masked = _kernels(
+            q, k, causal=call.causal, padded=mask is not None, dropout_p=call.dropout_p,
+            scale=default_scale(q.shape[-1], self.softmax_scale), kernel=self.kernel, seed=call.seed,
+        )  # fmt: skip
+        return BlockSparseSchedule(plan, full, masked, key_padding_mask=mask, stats=self.comm_stats, **schedule_args)
 
     def _strip_forward(self, q, k, v, block_layout, causal: bool, rank: int, world: int, scale: float, schedule_args):
         if self.sparse_kernel not in SPARSE_KERNELS:
@@ -337,9 +362,19 @@ class BlockSparseRingDilatedAttention(nn.Module):
         out, _ = blockwise_attention(schedule, q, k, v)
         return out
 
-    def _use_flex(self, q: torch.Tensor, world: int, key_padding_mask, dropout_p: float, needs_grad: bool) -> bool:
-        if self.method == "gather" or (self.method == "auto" and self._flex_failed):
+    def _use_flex(
+        self, q: torch.Tensor, world: int, key_padding_mask, dropout_p: float, needs_grad: bool, return_lse: bool
+    ) -> bool:
+        """Whether the call takes the strips (else the gather path, one op for ``torch.compile``)."""
+        if self.method == "gather" or (
+            self.method == "auto" and (self._flex_failed or q.device.type != "cuda" or torch.compiler.is_compiling())
+        ):
             return False
+        if torch.compiler.is_compiling():
+            raise ValueError(
+                "method='flex' cannot run under torch.compile: the strips keep per-call state from forward to "
+                "backward; method='auto' or 'gather' compile (the gather path is one op)"
+            )
         chunk = q.shape[1] if world == 1 or self.layout == "contiguous" else q.shape[1] // 2
         reasons = flex_reasons(
             q,
@@ -351,6 +386,8 @@ class BlockSparseRingDilatedAttention(nn.Module):
             dropout_p=dropout_p,
             needs_grad=needs_grad and self.sparse_kernel == "flex",
         )
+        if return_lse:
+            reasons.append("return_lse (the strips' lse has no gradient; the gather path's has)")
         if self.method == "flex" and reasons:
             raise ValueError("method='flex' cannot run this call: " + "; ".join(reasons))
         return not reasons and (self.method == "flex" or q.device.type == "cuda")

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,7 @@ import torch
 from .engine import BlockSchedule, schedule_backward, schedule_forward
 from .kernels import accumulation_dtype
 
-__all__ = ["AttentionOp", "OpCall", "run_attention"]
+__all__ = ["AttentionOp", "CallOp", "OpCall", "run_attention"]
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,21 @@ class AttentionOp:
         self.name = _register(self)
 
 
+class CallOp(AttentionOp):
+    """The op of one eager call whose schedule ``make(q, k, v, call)`` builds (a function API, no module).
+
+    The autograd graph keeps it alive until backward; ``torch.compile`` needs an op made
+    outside the traced code instead (a module attribute, or a cached one per configuration).
+    """
+
+    def __init__(self, make: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, OpCall], BlockSchedule]) -> None:
+        super().__init__()
+        self.make = make
+
+    def schedule(self, q, k, v, call: OpCall) -> BlockSchedule:
+        return self.make(q, k, v, call)
+
+
 def _register(op: AttentionOp) -> str:
     name = f"{type(op).__qualname__}#{next(_count)}"
     _registered[name] = op
@@ -149,7 +165,9 @@ def run_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One attention call through the custom ops: ``out`` and ``lse`` ``(B, N, H)``.
 
-    ``op`` is an :class:`AttentionOp` or its name. ``lse`` is differentiable with
+    ``op`` is an :class:`AttentionOp` or its name. ``key_padding_mask`` is bool ``(B, N)``
+    (True = padding) or float holding only ``0`` and ``-inf`` (checked when the op runs).
+    ``lse`` is differentiable with
     ``lse_grad`` (pass it when the caller hands ``lse`` to its user), else its gradient is
     ignored. Inputs are assumed validated. Dropout's seed is ``seed`` when given (repeatable
     runs), else drawn from torch's generator in the graph.
@@ -164,7 +182,19 @@ def run_attention(
 
 
 def _call(key_padding_mask, seed, causal: bool, dropout_p: float) -> OpCall:
+    if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
+        key_padding_mask = _padding_from_float(key_padding_mask)
     return OpCall(key_padding_mask, causal, dropout_p, 0 if seed is None else int(seed.item()))
+
+
+def _padding_from_float(mask: torch.Tensor) -> torch.Tensor:
+    """A float padding mask (``-inf`` = padding, ``0`` = key) as bool; any other value is an error."""
+    if not bool(((mask == 0) | (mask == float("-inf"))).all()):
+        raise ValueError(
+            "a float key_padding_mask must hold only 0 (key) and -inf (padding) here (a compiled call cannot "
+            "choose another path by its values); pass a bool mask, or run the call uncompiled"
+        )
+    return mask == float("-inf")
 
 
 @torch.library.custom_op(

@@ -11,8 +11,8 @@ error is :mod:`ring_core.agreement`.
 A branch whose segments fit inside every shard sends nothing (the single-device
 schedule on the shard computes the same blocks), and dense attention
 (``segment_lengths=[w >= N]``, rate 1) is the classic ring with the causal blocks skipped.
-Everything is one :class:`~ring_core.engine.BlockSchedule` run through
-:func:`~ring_core.engine.blockwise_attention`.
+Everything is one :class:`~ring_core.engine.BlockSchedule` run by the engine inside the custom
+ops of :mod:`ring_core.ops` (one op for ``torch.compile``).
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ Per call, on each rank of ``P = R * u`` (see :mod:`ring_distributed.mesh`):
    where ``R = 1``), or with K/V all-gathered over the ring group first (``"allgather"``).
 3. The all-to-all back.
 
-Everything runs through :func:`ring_core.engine.blockwise_attention`; the all-to-alls
-and the all-gather are autograd functions, so gradients are exact too.
+The blocks run inside ring-core's custom ops (:mod:`ring_core.ops`; with one process the
+module's op is the whole call, one op for ``torch.compile``); the all-to-alls and the
+all-gather are autograd functions, so gradients are exact too.
 """
 
 from __future__ import annotations

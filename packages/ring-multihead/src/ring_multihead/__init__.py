@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
+from .core import dense_cross_attention, dilated_attention_with_extra_keys
 from .layers import DilatedTransformerDecoderLayer, DilatedTransformerEncoderLayer
 from .longnet import LongNetLM
 from .magneto import magneto_gamma, magneto_gamma_encoder_decoder
-from .multihead import MultiheadDilatedAttention, dense_cross_attention, dilated_attention_with_extra_keys
+from .multihead import MultiheadDilatedAttention
 from .ring import RingMultiheadDilatedAttention
 
 try:

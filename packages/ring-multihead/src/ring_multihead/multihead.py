@@ -18,6 +18,7 @@ sees no key outputs 0" replaces ``nn.MultiheadAttention``'s NaN for fully masked
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -26,109 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ring_core.plugin import (
-    Accumulator,
-    BlockKernel,
-    BlockSchedule,
-    DilatedSchedule,
-    block_kernel,
-    blockwise_attention,
+    accumulation_dtype,
     branch_counts,
     branches,
     check_dilated_config,
     check_dropout,
     default_scale,
-    dilated_attention,
 )
 
-from .one_block import one_block_attention
-
-EXTRA_BLOCK_ID = 1 << 20  # dropout stream of the extra-keys block, apart from the dilated blocks'
-
-
-class WithExtraKeys(BlockSchedule):
-    """``inner`` on the first ``n`` keys, plus extra keys (``add_bias_kv``, ``add_zero_attn``) seen by every query.
-
-    ``k`` and ``v`` hold the ``n`` sequence keys followed by the extra ones; the
-    extra block is merged by LSE like any other block, so results stay exact.
-    """
-
-    def __init__(self, inner: BlockSchedule, kernel: BlockKernel, n: int) -> None:
-        self.inner, self.kernel, self.n = inner, kernel, n
-
-    def forward(self, q, k, v, acc: Accumulator) -> None:
-        n = self.n
-        self.inner.forward(q, k[:, :n], v[:, :n], acc)
-        self.kernel.forward_into(acc.out, acc.lse, q, k[:, n:], v[:, n:], block_id=EXTRA_BLOCK_ID)
-
-    def backward(self, q, k, v, out, lse, dout, grads) -> None:
-        dq, dk, dv = grads
-        n = self.n
-        self.inner.backward(q, k[:, :n], v[:, :n], out, lse, dout, (dq, dk[:, :n], dv[:, :n]))
-        block_dq, block_dk, block_dv = self.kernel.backward(
-            dout, q, k[:, n:], v[:, n:], out, lse, block_id=EXTRA_BLOCK_ID
-        )
-        dq.add_(block_dq)
-        dk[:, n:].add_(block_dk)
-        dv[:, n:].add_(block_dv)
-
-
-def dilated_attention_with_extra_keys(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    extra_k: torch.Tensor,
-    extra_v: torch.Tensor,
-    *,
-    segment_lengths: Sequence[int],
-    dilation_rates: Sequence[int],
-    merge: str = "lse",
-    is_causal: bool = False,
-    key_padding_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-) -> torch.Tensor:
-    """``dilated_attention`` where every query also sees ``extra_k`` / ``extra_v`` (``(B, e, H, D)``), once each."""
-    segments, rates = check_dilated_config(segment_lengths, dilation_rates, merge)
-    kernel = block_kernel(q, k, causal=is_causal, has_mask=key_padding_mask is not None, dropout_p=dropout_p)
-    inner = DilatedSchedule(
-        kernel, branches(segments, rates, merge, q.shape[2]), causal=is_causal, key_padding_mask=key_padding_mask
-    )
-    schedule = WithExtraKeys(inner, kernel, k.shape[1])
-    out, _ = blockwise_attention(schedule, q, torch.cat([k, extra_k], 1), torch.cat([v, extra_v], 1))
-    return out
-
-
-class CrossSchedule(BlockSchedule):
-    """Dense attention of every query to every key: query and key of different lengths (cross-attention)."""
-
-    def __init__(self, kernel: BlockKernel, key_padding_mask: torch.Tensor | None) -> None:
-        self.kernel = kernel
-        self.mask = None if key_padding_mask is None else (~key_padding_mask)[:, None, None, :]
-
-    def forward(self, q, k, v, acc: Accumulator) -> None:
-        self.kernel.forward_into(acc.out, acc.lse, q, k, v, mask=self.mask)
-
-    def backward(self, q, k, v, out, lse, dout, grads) -> None:
-        for grad, block_grad in zip(grads, self.kernel.backward(dout, q, k, v, out, lse, mask=self.mask)):
-            grad.add_(block_grad)
-
-
-def dense_cross_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    extra: tuple[torch.Tensor, torch.Tensor] | None = None,
-    *,
-    key_padding_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-) -> torch.Tensor:
-    """Dense attention of ``q`` ``(B, L, H, D)`` to ``k``, ``v`` ``(B, S, H, D)``, any ``L`` and ``S``; O(L+S) memory."""
-    kernel = block_kernel(q, k, has_mask=key_padding_mask is not None, dropout_p=dropout_p)
-    schedule: BlockSchedule = CrossSchedule(kernel, key_padding_mask)
-    if extra is not None:
-        schedule = WithExtraKeys(schedule, kernel, k.shape[1])
-        k, v = torch.cat([k, extra[0]], 1), torch.cat([v, extra[1]], 1)
-    out, _ = blockwise_attention(schedule, q, k, v)
-    return out
+from .core import sequence_attention
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -280,38 +187,14 @@ class MultiheadDilatedAttention(nn.Module):
         is_causal: bool,
         key_padding_mask: torch.Tensor | None,
         dropout_p: float,
-    ) -> torch.Tensor:
-        """The fast path on ``(B, N, H, D)`` tensors: ``ring_core.dilated_attention``."""
-        segments, rates = self._config(q.shape[1])
-        dense = q.shape[1] != k.shape[1] or (rates == (1,) and segments[0] >= q.shape[1])
-        if dense and extra is None and key_padding_mask is None and dropout_p == 0 and q.shape[1] > 0:
-            return one_block_attention(q, k, v, is_causal=is_causal)
-        if q.shape[1] != k.shape[1]:  # dense configuration only (checked by forward)
-            return dense_cross_attention(q, k, v, extra, key_padding_mask=key_padding_mask, dropout_p=dropout_p)
-        if extra is None:
-            return dilated_attention(
-                q,
-                k,
-                v,
-                segment_lengths=segments,
-                dilation_rates=rates,
-                merge=self.merge,
-                is_causal=is_causal,
-                key_padding_mask=key_padding_mask,
-                dropout_p=dropout_p,
-            )
-        return dilated_attention_with_extra_keys(
-            q,
-            k,
-            v,
-            *extra,
-            segment_lengths=segments,
-            dilation_rates=rates,
-            merge=self.merge,
-            is_causal=is_causal,
-            key_padding_mask=key_padding_mask,
-            dropout_p=dropout_p,
-        )
+        return_lse: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The fast path on ``(B, N, H, D)`` tensors (:mod:`ring_multihead.core`: one op for ``torch.compile``)."""
+        return sequence_attention(
+            q, k, v, extra, segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates,
+            merge=self.merge, is_causal=is_causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+            return_lse=return_lse,
+        )  # fmt: skip
 
     # -- forward -----------------------------------------------------------------------
     def _config(self, seq_len: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -366,7 +249,12 @@ class MultiheadDilatedAttention(nn.Module):
             raise ValueError(
                 f"key_padding_mask must have shape {expected} (batch, key length), got {tuple(mask.shape)}"
             )
-        mask, _ = _binary_to_bool(mask, "key_padding_mask")
+        if not torch.compiler.is_compiling():
+            mask, _ = _binary_to_bool(mask, "key_padding_mask")
+        elif not (mask.dtype == torch.bool or mask.is_floating_point()):
+            raise TypeError(f"key_padding_mask must be a bool or floating-point tensor, got {_dtype_name(mask.dtype)}")
+        # (compiled, values cannot choose the path: a float mask takes the fast path, whose op checks
+        # when it runs that the mask holds only 0 and -inf, nn.Transformer's form of a bool mask)
         return mask if batched else mask.unsqueeze(0)
 
     def _attn_mask(
@@ -404,7 +292,9 @@ class MultiheadDilatedAttention(nn.Module):
             return True, None
         # not hinted (or nn.MultiheadAttention would apply the mask as given): a causal mask is still
         # recognised, so it takes the O(N) causal path rather than the dense one
-        mask, binary = _binary_to_bool(mask, "attn_mask")
+        binary = False  # compiled, values cannot choose the path: the mask applies as given (dense path)
+        if not torch.compiler.is_compiling():
+            mask, binary = _binary_to_bool(mask, "attn_mask")
         if binary and q_len == k_len:
             causal_pattern = torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).triu(1)
             if bool((mask == causal_pattern).all()):
@@ -460,8 +350,8 @@ class MultiheadDilatedAttention(nn.Module):
         key_padding_mask: torch.Tensor | None,
         attn_mask: torch.Tensor | None,
         dropout_p: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """SPEC.md's attention with explicit probabilities ``(B, H, L, S + extra)``; differentiable."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """SPEC.md's attention with explicit probabilities ``(B, H, L, S + extra)`` and the lse ``(B, H, L)``."""
         if self.segment_lengths is not None and q.shape[1] != k.shape[1]:
             raise ValueError(
                 f"dilated attention (segment_lengths={list(self.segment_lengths)}) needs query and key of the same "
@@ -503,10 +393,14 @@ class MultiheadDilatedAttention(nn.Module):
         row_max = row_max.masked_fill(torch.isinf(row_max), 0.0)
         weights = torch.exp(logits - row_max)
         denominator = weights.sum(-1, keepdim=True)
-        probs = weights / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+        seen = denominator > 0
+        probs = weights / torch.where(seen, denominator, torch.ones_like(denominator))
+        lse = torch.where(
+            seen, row_max + torch.log(torch.where(seen, denominator, torch.ones_like(denominator))), -math.inf
+        )
         if dropout_p > 0:
             probs = F.dropout(probs, dropout_p)
-        return torch.einsum("bhls,bshd->blhd", probs, v), probs
+        return torch.einsum("bhls,bshd->blhd", probs, v), probs, lse.squeeze(-1).to(accumulation_dtype(q.dtype))
 
     def forward(
         self,
@@ -518,7 +412,9 @@ class MultiheadDilatedAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        *,
+        return_lse: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """``nn.MultiheadAttention.forward``: returns ``(attn_output, attn_weights or None)``.
 
         ``is_causal=True`` alone (``attn_mask=None``) is causal attention; a causal
@@ -529,6 +425,11 @@ class MultiheadDilatedAttention(nn.Module):
         holds); otherwise the mask applies as given. ``attn_weights`` are the effective
         probabilities, ``(B, L, S)`` averaged or ``(B, H, L, S)``, ``S`` counting
         ``add_bias_kv`` / ``add_zero_attn`` keys.
+
+        ``return_lse=True`` adds a third result, the log-sum-exp of the attention scores
+        ``(B, H, L)`` (``(H, L)`` unbatched; :mod:`ring_core.lse`). Two calls' outputs over
+        disjoint keys merge by it (:func:`ring_core.merge_attention`) into the output over their
+        union when ``layer_norm=False``: ``out_proj`` is affine and the merge weights sum to one.
         """
         batched = self._check_inputs(query, key, value)
         self_attention = query is key and key is value
@@ -546,10 +447,11 @@ class MultiheadDilatedAttention(nn.Module):
         extra = self._extra_keys(k)
         dropout_p = self.dropout if self.training else 0.0
         float_padding = key_padding_mask is not None and key_padding_mask.dtype != torch.bool
-        weights = None
+        float_padding = float_padding and not torch.compiler.is_compiling()  # (see _key_padding_mask)
+        weights = lse = None
         dilated_cross = q_len != k_len and self.segment_lengths is not None  # refused there, clearly
         if need_weights or general_mask is not None or float_padding or dilated_cross:
-            out, weights = self._dense_attention(
+            out, weights, lse = self._dense_attention(
                 q,
                 k,
                 v,
@@ -561,8 +463,11 @@ class MultiheadDilatedAttention(nn.Module):
             )
         else:
             out = self._sequence_attention(
-                q, k, v, extra, is_causal=causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p
-            )
+                q, k, v, extra, is_causal=causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+                return_lse=return_lse,
+            )  # fmt: skip
+            if return_lse:
+                out, lse = out
         out = out.flatten(2)
         if self.norm is not None:
             out = self.norm(out)
@@ -576,6 +481,8 @@ class MultiheadDilatedAttention(nn.Module):
                 weights = weights.mean(1)
             if not batched:
                 weights = weights.squeeze(0)
+        if return_lse:
+            return out, weights if need_weights else None, lse if batched else lse.squeeze(0)
         return out, weights if need_weights else None
 
     def extra_repr(self) -> str:

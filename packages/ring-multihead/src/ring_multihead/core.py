@@ -1,0 +1,206 @@
+"""The attention core of the fast path (after the projections), one custom op per call.
+
+Every fast-path call, self- or cross-attention, dilated or dense, with or without the
+extra keys of ``add_bias_kv`` / ``add_zero_attn``, runs through ring-core's custom ops
+(:mod:`ring_core.ops`), so ``torch.compile`` sees one op. Inside it:
+
+- dense attention with nothing else (no padding, no extra keys, no dropout) is one block:
+  one kernel call each way, its own output and log-sum-exp are the result (no float32
+  accumulators, no merge: what ``nn.MultiheadAttention``'s one SDPA call costs);
+- everything else is a schedule of the blockwise engine: the dilated blocks, or one dense
+  block of every query against every key (cross-attention), plus one block of the extra
+  keys seen by every query, merged by LSE like any other block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ring_core.plugin import (
+    Accumulator,
+    AttentionOp,
+    BlockKernel,
+    BlockSchedule,
+    DilatedSchedule,
+    OpCall,
+    block_kernel,
+    branches,
+    check_dilated_config,
+    run_attention,
+)
+
+__all__ = ["dense_cross_attention", "dilated_attention_with_extra_keys", "sequence_attention"]
+
+EXTRA_BLOCK_ID = 1 << 20  # dropout stream of the extra-keys block, apart from the dilated blocks'
+
+
+class WithExtraKeys(BlockSchedule):
+    """``inner`` on the first ``n`` keys, plus extra keys (``add_bias_kv``, ``add_zero_attn``) seen by every query.
+
+    ``k`` and ``v`` hold the ``n`` sequence keys followed by the extra ones; the
+    extra block is merged by LSE like any other block, so results stay exact.
+    """
+
+    def __init__(self, inner: BlockSchedule, kernel: BlockKernel, n: int) -> None:
+        self.inner, self.kernel, self.n = inner, kernel, n
+
+    def forward(self, q, k, v, acc: Accumulator) -> None:
+        n = self.n
+        self.inner.forward(q, k[:, :n], v[:, :n], acc)
+        self.kernel.forward_into(acc.out, acc.lse, q, k[:, n:], v[:, n:], block_id=EXTRA_BLOCK_ID)
+
+    def backward(self, q, k, v, out, lse, dout, grads) -> None:
+        dq, dk, dv = grads
+        n = self.n
+        self.inner.backward(q, k[:, :n], v[:, :n], out, lse, dout, (dq, dk[:, :n], dv[:, :n]))
+        block_dq, block_dk, block_dv = self.kernel.backward(
+            dout, q, k[:, n:], v[:, n:], out, lse, block_id=EXTRA_BLOCK_ID
+        )
+        dq.add_(block_dq)
+        dk[:, n:].add_(block_dk)
+        dv[:, n:].add_(block_dv)
+
+
+class CrossSchedule(BlockSchedule):
+    """Dense attention of every query to every key: query and key of different lengths (cross-attention)."""
+
+    def __init__(self, kernel: BlockKernel, key_padding_mask: torch.Tensor | None) -> None:
+        self.kernel = kernel
+        self.mask = None if key_padding_mask is None else (~key_padding_mask)[:, None, None, :]
+
+    def forward(self, q, k, v, acc: Accumulator) -> None:
+        self.kernel.forward_into(acc.out, acc.lse, q, k, v, mask=self.mask)
+
+    def backward(self, q, k, v, out, lse, dout, grads) -> None:
+        for grad, block_grad in zip(grads, self.kernel.backward(dout, q, k, v, out, lse, mask=self.mask)):
+            grad.add_(block_grad)
+
+
+class _CoreOp(AttentionOp):
+    """One configuration of the core: ``segments`` None is dense; ``extra`` keys follow the sequence's in ``k``."""
+
+    def __init__(self, segments: tuple[int, ...] | None, rates: tuple[int, ...] | None, merge: str, extra: int):
+        super().__init__()
+        self.segments, self.rates, self.merge, self.extra = segments, rates, merge, extra
+
+    def _one_block(self, q, k, call: OpCall) -> BlockKernel | None:
+        """The kernel when the call is one dense block, else None."""
+        dense = self.segments is None or (self.rates == (1,) and self.segments[0] >= q.shape[1])
+        if not dense or self.extra or call.key_padding_mask is not None or call.dropout_p > 0 or q.shape[1] == 0:
+            return None
+        return block_kernel(q, k, causal=call.causal)
+
+    def schedule(self, q, k, v, call: OpCall) -> BlockSchedule:
+        n, mask = k.shape[1] - self.extra, call.key_padding_mask
+        kernel = block_kernel(
+            q, k, causal=call.causal, has_mask=mask is not None, dropout_p=call.dropout_p, seed=call.seed
+        )
+        if q.shape[1] != n:  # cross-attention: dense (forward refuses dilated configurations)
+            inner: BlockSchedule = CrossSchedule(kernel, mask)
+        else:
+            segments, rates = (self.segments, self.rates) if self.segments is not None else ((max(n, 1),), (1,))
+            inner = DilatedSchedule(
+                kernel, branches(segments, rates, self.merge, q.shape[2]), causal=call.causal, key_padding_mask=mask
+            )
+        return WithExtraKeys(inner, kernel, n) if self.extra else inner
+
+    def forward(self, q, k, v, call: OpCall):
+        bound = self._one_block(q, k, call)
+        if bound is None:
+            return super().forward(q, k, v, call)
+        out, lse = bound.backend.forward(q, k, v, scale=bound.scale, causal=call.causal)
+        return out, lse.transpose(1, 2)
+
+    def backward(self, dout, q, k, v, out, lse, call: OpCall):
+        bound = self._one_block(q, k, call)
+        if bound is None:
+            return super().backward(dout, q, k, v, out, lse, call)
+        grads = bound.backend.backward(
+            dout.contiguous(), q, k, v, out, lse.transpose(1, 2), scale=bound.scale, causal=call.causal
+        )
+        return tuple(grad.to(x.dtype) for grad, x in zip(grads, (q, k, v)))
+
+
+_ops: dict[tuple, _CoreOp] = {}
+
+
+@torch.compiler.assume_constant_result
+def _core_op(segments, rates, merge: str, extra: int) -> str:
+    """The name of the op of one configuration (made once; a constant for ``torch.compile``)."""
+    key = (segments, rates, merge, extra)
+    op = _ops.get(key)
+    if op is None:
+        op = _ops.setdefault(key, _CoreOp(*key))
+    return op.name
+
+
+def sequence_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    extra: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    segment_lengths: Sequence[int] | None,
+    dilation_rates: Sequence[int] | None,
+    merge: str = "lse",
+    is_causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The core on ``(B, L, H, D)`` queries and ``(B, S, H, D)`` keys and values (``L == S`` unless dense).
+
+    ``segment_lengths=None`` is dense attention. ``extra`` are keys and values ``(B, e, H, D)``
+    every query sees once. ``key_padding_mask`` is ``(B, S)``: bool (True = padding) or float
+    holding only ``0`` and ``-inf``. With ``return_lse`` also the log-sum-exp ``(B, H, L)``.
+    Inputs are assumed checked (as ``MultiheadDilatedAttention.forward`` does).
+    """
+    segments, rates = None, None
+    if segment_lengths is not None:
+        segments, rates = check_dilated_config(segment_lengths, dilation_rates, merge)
+    if extra is not None:
+        k, v = torch.cat([k, extra[0]], 1), torch.cat([v, extra[1]], 1)
+    op = _core_op(segments, rates, merge, 0 if extra is None else extra[0].shape[1])
+    out, lse = run_attention(
+        op, q, k, v, key_padding_mask=key_padding_mask, causal=is_causal, dropout_p=dropout_p, lse_grad=return_lse
+    )
+    return (out, lse.transpose(1, 2)) if return_lse else out
+
+
+def dilated_attention_with_extra_keys(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    extra_k: torch.Tensor,
+    extra_v: torch.Tensor,
+    *,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    merge: str = "lse",
+    is_causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """``dilated_attention`` where every query also sees ``extra_k`` / ``extra_v`` (``(B, e, H, D)``), once each."""
+    return sequence_attention(
+        q, k, v, (extra_k, extra_v), segment_lengths=segment_lengths, dilation_rates=dilation_rates, merge=merge,
+        is_causal=is_causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+    )  # fmt: skip
+
+
+def dense_cross_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    extra: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Dense attention of ``q`` ``(B, L, H, D)`` to ``k``, ``v`` ``(B, S, H, D)``, any ``L`` and ``S``; O(L+S) memory."""
+    return sequence_attention(
+        q, k, v, extra, segment_lengths=None, dilation_rates=None, key_padding_mask=key_padding_mask,
+        dropout_p=dropout_p,
+    )  # fmt: skip
