@@ -21,6 +21,7 @@ from .factory import (
 )
 from .hookspecs import hookimpl
 from .kernels import CPUFlashKernel, KernelBackend, KernelRequest, MathKernel, merge_into
+from .lse import merge_attention
 from .reference import branch_counts, reference_attention
 from .registry import (
     Implementation,
@@ -65,6 +66,7 @@ __all__ = [
     "hookimpl",
     "list_implementations",
     "list_kernels",
+    "merge_attention",
     "merge_into",
     "plugin_errors",
     "reference_attention",

@@ -50,12 +50,14 @@ def reference_attention(
     softmax_scale: float | None = None,
     block_layout: torch.Tensor | None = None,
     block_size: int | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """SPEC.md's attention in float64, ``(B, N, H, D)`` in and out, differentiable.
 
     Without ``segment_lengths`` it is dense attention. ``block_layout`` (bool
     ``(H or 1, ceil(N/b), ceil(N/b))``) with ``block_size`` further restricts keys.
-    A query that sees no key gets 0.
+    A query that sees no key gets 0. ``return_lse`` also returns the log-sum-exp of
+    the scores ``(B, H, N)`` (``-inf`` for a query that sees no key; :mod:`ring_core.lse`).
     """
     q64, k64, v64 = (x.double() for x in (q, k, v))
     b, n, h, d = q64.shape
@@ -83,4 +85,8 @@ def reference_attention(
     weights = torch.exp(logits - row_max)
     denom = weights.sum(dim=-1, keepdim=True)
     probs = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
-    return torch.einsum("bhnm,bmhd->bnhd", probs, v64)
+    out = torch.einsum("bhnm,bmhd->bnhd", probs, v64)
+    if not return_lse:
+        return out
+    lse = torch.where(denom > 0, row_max + torch.log(torch.where(denom > 0, denom, torch.ones_like(denom))), -math.inf)
+    return out, lse.squeeze(-1)

@@ -148,14 +148,12 @@ def sequence_attention(
     is_causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
-    return_lse: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """The core on ``(B, L, H, D)`` queries and ``(B, S, H, D)`` keys and values (``L == S`` unless dense).
 
     ``segment_lengths=None`` is dense attention. ``extra`` are keys and values ``(B, e, H, D)``
     every query sees once. ``key_padding_mask`` is ``(B, S)``: bool (True = padding) or float
-    holding only ``0`` and ``-inf``. With ``return_lse`` also the log-sum-exp ``(B, H, L)``.
-    Inputs are assumed checked (as ``MultiheadDilatedAttention.forward`` does).
+    holding only ``0`` and ``-inf``. Inputs are assumed checked (as ``MultiheadDilatedAttention.forward`` does).
     """
     segments, rates = None, None
     if segment_lengths is not None:
@@ -163,10 +161,8 @@ def sequence_attention(
     if extra is not None:
         k, v = torch.cat([k, extra[0]], 1), torch.cat([v, extra[1]], 1)
     op = _core_op(segments, rates, merge, 0 if extra is None else extra[0].shape[1])
-    out, lse = run_attention(
-        op, q, k, v, key_padding_mask=key_padding_mask, causal=is_causal, dropout_p=dropout_p, lse_grad=return_lse
-    )
-    return (out, lse.transpose(1, 2)) if return_lse else out
+    out, _ = run_attention(op, q, k, v, key_padding_mask=key_padding_mask, causal=is_causal, dropout_p=dropout_p)
+    return out
 
 
 def dilated_attention_with_extra_keys(

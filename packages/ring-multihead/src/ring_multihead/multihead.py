@@ -18,7 +18,6 @@ sees no key outputs 0" replaces ``nn.MultiheadAttention``'s NaN for fully masked
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -26,14 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ring_core.plugin import (
-    accumulation_dtype,
-    branch_counts,
-    branches,
-    check_dilated_config,
-    check_dropout,
-    default_scale,
-)
+from ring_core.plugin import branch_counts, branches, check_dilated_config, check_dropout, default_scale
 
 from .core import sequence_attention
 
@@ -51,6 +43,10 @@ def _binary_to_bool(mask: torch.Tensor, name: str) -> tuple[torch.Tensor, bool]:
     if bool(((mask == 0) | (mask == float("-inf"))).all()):
         return mask == float("-inf"), True
     return mask, False
+
+
+def _keeps_encoder_layers_off_torch_attention(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook that does nothing: see ``MultiheadDilatedAttention.__init__``."""
 
 
 class MultiheadDilatedAttention(nn.Module):
@@ -149,6 +145,9 @@ class MultiheadDilatedAttention(nn.Module):
         self.add_zero_attn = add_zero_attn
         self.norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps, **factory) if layer_norm else None
         self._reset_parameters()
+        # nn.TransformerEncoderLayer's inference fast path would run torch's own fused attention on these
+        # weights (through nn.MultiheadAttention.merge_masks); it declines for modules with hooks
+        self.register_forward_pre_hook(_keeps_encoder_layers_off_torch_attention)
 
     def _reset_parameters(self) -> None:
         """MAGNETO: q, k ``xavier_normal_(gain=1)``; v, out ``xavier_normal_(gain=gamma_init)``; biases 0."""
@@ -187,13 +186,11 @@ class MultiheadDilatedAttention(nn.Module):
         is_causal: bool,
         key_padding_mask: torch.Tensor | None,
         dropout_p: float,
-        return_lse: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor:
         """The fast path on ``(B, N, H, D)`` tensors (:mod:`ring_multihead.core`: one op for ``torch.compile``)."""
         return sequence_attention(
             q, k, v, extra, segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates,
             merge=self.merge, is_causal=is_causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
-            return_lse=return_lse,
         )  # fmt: skip
 
     # -- forward -----------------------------------------------------------------------
@@ -350,8 +347,8 @@ class MultiheadDilatedAttention(nn.Module):
         key_padding_mask: torch.Tensor | None,
         attn_mask: torch.Tensor | None,
         dropout_p: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """SPEC.md's attention with explicit probabilities ``(B, H, L, S + extra)`` and the lse ``(B, H, L)``."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SPEC.md's attention with explicit probabilities ``(B, H, L, S + extra)``; differentiable."""
         if self.segment_lengths is not None and q.shape[1] != k.shape[1]:
             raise ValueError(
                 f"dilated attention (segment_lengths={list(self.segment_lengths)}) needs query and key of the same "
@@ -393,14 +390,10 @@ class MultiheadDilatedAttention(nn.Module):
         row_max = row_max.masked_fill(torch.isinf(row_max), 0.0)
         weights = torch.exp(logits - row_max)
         denominator = weights.sum(-1, keepdim=True)
-        seen = denominator > 0
-        probs = weights / torch.where(seen, denominator, torch.ones_like(denominator))
-        lse = torch.where(
-            seen, row_max + torch.log(torch.where(seen, denominator, torch.ones_like(denominator))), -math.inf
-        )
+        probs = weights / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
         if dropout_p > 0:
             probs = F.dropout(probs, dropout_p)
-        return torch.einsum("bhls,bshd->blhd", probs, v), probs, lse.squeeze(-1).to(accumulation_dtype(q.dtype))
+        return torch.einsum("bhls,bshd->blhd", probs, v), probs
 
     def forward(
         self,
@@ -412,9 +405,7 @@ class MultiheadDilatedAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
-        *,
-        return_lse: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``nn.MultiheadAttention.forward``: returns ``(attn_output, attn_weights or None)``.
 
         ``is_causal=True`` alone (``attn_mask=None``) is causal attention; a causal
@@ -424,12 +415,8 @@ class MultiheadDilatedAttention(nn.Module):
         and with ``need_weights=False`` the mask is not read (causal attention, whatever it
         holds); otherwise the mask applies as given. ``attn_weights`` are the effective
         probabilities, ``(B, L, S)`` averaged or ``(B, H, L, S)``, ``S`` counting
-        ``add_bias_kv`` / ``add_zero_attn`` keys.
-
-        ``return_lse=True`` adds a third result, the log-sum-exp of the attention scores
-        ``(B, H, L)`` (``(H, L)`` unbatched; :mod:`ring_core.lse`). Two calls' outputs over
-        disjoint keys merge by it (:func:`ring_core.merge_attention`) into the output over their
-        union when ``layer_norm=False``: ``out_proj`` is affine and the merge weights sum to one.
+        ``add_bias_kv`` / ``add_zero_attn`` keys. (No ``return_lse``: ``out_proj`` mixes the heads,
+        so a per-head log-sum-exp cannot merge two calls' outputs.)
         """
         batched = self._check_inputs(query, key, value)
         self_attention = query is key and key is value
@@ -448,10 +435,10 @@ class MultiheadDilatedAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         float_padding = key_padding_mask is not None and key_padding_mask.dtype != torch.bool
         float_padding = float_padding and not torch.compiler.is_compiling()  # (see _key_padding_mask)
-        weights = lse = None
+        weights = None
         dilated_cross = q_len != k_len and self.segment_lengths is not None  # refused there, clearly
         if need_weights or general_mask is not None or float_padding or dilated_cross:
-            out, weights, lse = self._dense_attention(
+            out, weights = self._dense_attention(
                 q,
                 k,
                 v,
@@ -463,11 +450,8 @@ class MultiheadDilatedAttention(nn.Module):
             )
         else:
             out = self._sequence_attention(
-                q, k, v, extra, is_causal=causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
-                return_lse=return_lse,
-            )  # fmt: skip
-            if return_lse:
-                out, lse = out
+                q, k, v, extra, is_causal=causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p
+            )
         out = out.flatten(2)
         if self.norm is not None:
             out = self.norm(out)
@@ -481,8 +465,6 @@ class MultiheadDilatedAttention(nn.Module):
                 weights = weights.mean(1)
             if not batched:
                 weights = weights.squeeze(0)
-        if return_lse:
-            return out, weights if need_weights else None, lse if batched else lse.squeeze(0)
         return out, weights if need_weights else None
 
     def extra_repr(self) -> str:

@@ -107,13 +107,12 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         positions = shard_positions(n, rank, world, self.layout).to(q.device)
         return k, v, key_padding_mask, positions, n
 
-    def _sequence_attention(self, q, k, v, extra, *, is_causal, key_padding_mask, dropout_p, return_lse=False):
+    def _sequence_attention(self, q, k, v, extra, *, is_causal, key_padding_mask, dropout_p):
         _, world = self._world()
         if world == 1:
             return super()._sequence_attention(
-                q, k, v, extra, is_causal=is_causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
-                return_lse=return_lse,
-            )  # fmt: skip
+                q, k, v, extra, is_causal=is_causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p
+            )
         segments, rates = self._config(q.shape[1] * world)
         key = (segments, rates, dropout_p)
         ring = self._rings.get(key)
@@ -127,7 +126,7 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
                 dropout=dropout_p,
             )
             self._rings[key] = ring
-        return ring(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, return_lse=return_lse)
+        return ring(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask)
 
     def forward(
         self,
@@ -139,11 +138,8 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         attn_mask: torch.Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
-        *,
-        return_lse: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """As :meth:`MultiheadDilatedAttention.forward`, on this rank's shard; weights are ``(B, L_local, N)``,
-        the lse (``return_lse=True``) ``(B, H, L_local)``.
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As :meth:`MultiheadDilatedAttention.forward`, on this rank's shard; weights are ``(B, L_local, N)``.
 
         Across ranks every rank checks its inputs, then one small ``all_gather`` makes
         every rank raise when any rank's inputs (or the ranks' calls) disagree: an
@@ -153,9 +149,8 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         if world > 1:
             self._check_across_ranks(world, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
         return super().forward(
-            query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal,
-            return_lse=return_lse,
-        )  # fmt: skip
+            query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+        )
 
     def _check_local(self, world, query, key, value, key_padding_mask, need_weights, attn_mask) -> tuple[int, int]:
         """This rank's checks; returns ``(batch, local length)``."""
