@@ -24,11 +24,13 @@ def test_quickstart_model_runs(capsys):
     assert capsys.readouterr().out.strip() == "torch.Size([2, 3000, 256])"
 
 
-@pytest.mark.parametrize("name", ["as_function.py", "factory_names.py"])
+@pytest.mark.parametrize("name", ["as_function.py", "factory_names.py", "merge_with_memory.py"])
 def test_examples_run(name, capsys):
     runpy.run_path(str(ROOT / "docs" / "examples" / name), run_name="__main__")
     if name == "factory_names.py":
         assert capsys.readouterr().out.strip().splitlines()[-1].startswith("-> ")
+    if name == "merge_with_memory.py":
+        assert capsys.readouterr().out.strip() == "True"
 
 
 @pytest.mark.slow

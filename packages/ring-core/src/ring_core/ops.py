@@ -262,4 +262,12 @@ def _gradient(ctx, dout, dlse):
     return (*grads, *(None,) * 6)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "ring attention has no double backward: its backward (ring_attention::attention_backward) is not "
+        "differentiable; take gradients of gradients of another attention"
+    )
+
+
 _attention.register_autograd(_gradient, setup_context=_setup_context)
+_attention_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
