@@ -9,10 +9,13 @@ repository, and ``docs/plugins.md`` documents the names by purpose:
 
 - registration: the hook marker and the records a plugin registers;
 - kernels: the backend base class, the request it answers, dispatch and the block helpers;
-- the engine: schedules, the accumulator and the one autograd function;
+- the engine: schedules, the accumulator, the one autograd function and the schedule's
+  forward and backward as functions;
+- the custom ops (what ``torch.compile`` sees of a call): ``AttentionOp``, ``run_attention``;
 - the dilated pattern: branches, parts (strided views of selected positions), blocks;
 - the ring strategy: the plan, its schedule, the module base classes and their extension
-  points (:meth:`RingDilatedAttention.attend`, :meth:`RingAttentionBase.validate_once`);
+  points (:meth:`RingAttentionBase.attention_schedule`, ``attention_forward``,
+  ``attention_backward``, :meth:`RingAttentionBase.validate_once`);
 - communication and agreement: the ring's communicator and the same error on every rank;
 - sharding and validation helpers.
 
@@ -38,7 +41,7 @@ from .dilated import (
     offset_heads,
 )
 from .dispatch import KernelNotAvailableError, block_kernel, dropout_seed, select_kernel
-from .engine import Accumulator, BlockKernel, BlockSchedule, blockwise_attention
+from .engine import Accumulator, BlockKernel, BlockSchedule, blockwise_attention, schedule_backward, schedule_forward
 from .hookspecs import hookimpl
 from .kernels import (
     FLOAT_DTYPES,
@@ -52,6 +55,8 @@ from .kernels import (
     default_scale,
     merge_into,
 )
+from .lse import merge_attention
+from .ops import AttentionOp, CallOp, OpCall, run_attention
 from .reference import branch_counts, reference_attention
 from .registry import Implementation, get_registry
 from .ring import RingAttentionBase, RingDilatedAttention
@@ -76,10 +81,12 @@ __all__ = [
     "MERGES",
     "TRANSPORTS",
     "Accumulator",
+    "AttentionOp",
     "BlockKernel",
     "BlockSchedule",
     "Branch",
     "CPUFlashKernel",
+    "CallOp",
     "DilatedAttention",
     "DilatedSchedule",
     "Exchange",
@@ -89,6 +96,7 @@ __all__ = [
     "KernelNotAvailableError",
     "KernelRequest",
     "MathKernel",
+    "OpCall",
     "Part",
     "RingAttentionBase",
     "RingComm",
@@ -126,10 +134,14 @@ __all__ = [
     "get_registry",
     "group_rank_and_size",
     "hookimpl",
+    "merge_attention",
     "merge_into",
     "offset_heads",
     "reference_attention",
     "ring_comm",
+    "run_attention",
+    "schedule_backward",
+    "schedule_forward",
     "segments_within_shards",
     "select_kernel",
     "send_bounds",
