@@ -109,3 +109,21 @@ def test_console_script_runs():
     )
     assert result.returncode == 0, result.stderr
     assert "Kernel backends" in result.stdout
+
+
+def test_version_names_core_and_plugin_packages(capsys):
+    import ring_core
+
+    try:
+        main(["--version"])
+    except SystemExit as exc:
+        assert exc.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"ring-attention (ring-core {ring_core.__version__}") and f"torch {torch.__version__}" in out
+
+
+def test_python_dash_m_ring_core_is_the_command():
+    result = subprocess.run(
+        [sys.executable, "-m", "ring_core", "--version"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0 and result.stdout.startswith("ring-attention (ring-core "), result

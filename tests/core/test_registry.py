@@ -127,7 +127,10 @@ def test_unknown_name_lists_known_and_closest(registry):
 def test_name_of_missing_package_says_what_to_install(monkeypatch, fresh_registry):
     monkeypatch.setenv("RING_ATTENTION_LOAD_PLUGINS", "")
     fresh_registry()
-    with pytest.raises(KeyError, match=r'ring-flash.*pip install "ring-core\[flash\]"'):
+    with pytest.raises(
+        KeyError,
+        match=r'ring-flash, which is not installed\. From a checkout: pip install \./packages/ring-flash;.*"ring-core\[flash\]"',
+    ):
         ring_core.create_attention("ring_dilated_flash")
 
 

@@ -101,21 +101,12 @@ class WheelVenv:
     python: Path
     bin: Path
 
+    def pip(self, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        """This interpreter's pip acting on the venv (``pip --python``), in ``cwd`` (default: the venv's root)."""
+        return run([sys.executable, "-m", "pip", "--python", str(self.python), *args], cwd=cwd or self.root)
+
     def pip_install(self, *requirements: str) -> subprocess.CompletedProcess:
-        return run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "--python",
-                str(self.python),
-                "install",
-                "--no-index",
-                "--find-links",
-                str(self.wheelhouse),
-                *requirements,
-            ]
-        )
+        return self.pip("install", "--no-index", "--find-links", str(self.wheelhouse), *requirements)
 
     def run(self, *args: str) -> subprocess.CompletedProcess:
         return run([*args], cwd=self.root)  # not the repository: nothing importable from the checkout
@@ -129,10 +120,11 @@ def wheelhouse(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def wheel_venv(tmp_path_factory, wheelhouse) -> WheelVenv:
-    """A fresh venv with ``ring-core[all]`` installed from the wheelhouse only."""
-    root = tmp_path_factory.mktemp("venv")
+def fresh_venv(root: Path, wheelhouse: Path, *also: str) -> WheelVenv:
+    """A venv in ``root`` that sees no ``ring-*`` package, only the borrowed third-party dependencies.
+
+    ``also``: more distributions to borrow (``setuptools`` to build from source without build isolation).
+    """
     env_dir = root / "env"
     venv.EnvBuilder(with_pip=False, system_site_packages=False).create(env_dir)
     python = env_dir / "bin" / "python"
@@ -140,8 +132,20 @@ def wheel_venv(tmp_path_factory, wheelhouse) -> WheelVenv:
     needed = {Requirement(r).name for p in PACKAGES for r in metadata.requires(p) or [] if "extra" not in r}
     if importlib.util.find_spec("numpy") is not None:  # torch warns at import without it
         needed.add("numpy")
-    borrow(dependency_closure(sorted(needed)), root / "borrowed")
+    borrow(dependency_closure(sorted(needed | set(also))), root / "borrowed")
     (site / "_borrowed_dependencies.pth").write_text(str(root / "borrowed") + "\n")
-    env = WheelVenv(root, wheelhouse, python, env_dir / "bin")
+    return WheelVenv(root, wheelhouse, python, env_dir / "bin")
+
+
+@pytest.fixture
+def make_venv(tmp_path_factory, wheelhouse):
+    """``make_venv(*also)``: a new :func:`fresh_venv` for one test."""
+    return lambda *also: fresh_venv(tmp_path_factory.mktemp("venv"), wheelhouse, *also)
+
+
+@pytest.fixture(scope="session")
+def wheel_venv(tmp_path_factory, wheelhouse) -> WheelVenv:
+    """A fresh venv with ``ring-core[all]`` installed from the wheelhouse only."""
+    env = fresh_venv(tmp_path_factory.mktemp("venv"), wheelhouse)
     env.pip_install("ring-core[all]")
     return env

@@ -204,8 +204,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: ring-core's version and each loaded plugin package's, read only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="show the versions and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        from . import __version__
+
+        packages = {p.package: p.version for p in get_registry().plugins if p.package and p.package != "ring-core"}
+        plugins = "".join(f", {name} {version}" for name, version in sorted(packages.items()))
+        print(f"ring-attention (ring-core {__version__}{plugins}; torch {torch.__version__})")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ring-attention", description=__doc__)
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="plugins, implementations and kernel backends")

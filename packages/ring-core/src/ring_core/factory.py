@@ -44,6 +44,15 @@ KNOWN_PROVIDERS: dict[str, tuple[str, str]] = {
 }
 
 
+def install_hint(dist: str, extra: str) -> str:
+    """How to install a sibling package, by each route of the installation guide that works today."""
+    return (
+        f"From a checkout: pip install ./packages/{dist}; from a wheelhouse built by `nox -s build`: "
+        f'pip install --find-links wheelhouse "ring-core[{extra}]"; from an index, once published: '
+        f'pip install "ring-core[{extra}]"'
+    )
+
+
 class UnknownImplementationError(KeyError):
     """A name that no installed plugin registers."""
 
@@ -68,7 +77,7 @@ def resolve_implementation(name: str, kind: str = "attention") -> Implementation
     if name in KNOWN_PROVIDERS:
         dist, extra = KNOWN_PROVIDERS[name]
         raise UnknownImplementationError(
-            f'{name!r} is provided by {dist}, which is not installed: pip install "ring-core[{extra}]"'
+            f"{name!r} is provided by {dist}, which is not installed. {install_hint(dist, extra)}"
         )
     known = sorted({n for i in implementations for n in (i.name, i.cls.__name__)})
     close = difflib.get_close_matches(name, known + list(KNOWN_PROVIDERS), n=1)

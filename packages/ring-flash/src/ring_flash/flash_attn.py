@@ -147,7 +147,7 @@ class FlashAttn2Kernel(FlashAttnKernel):
     name = "flash_attn2"
     description = f"flash-attn 2 (flash_attn package), when installed; {UNTESTED}"
     module = "flash_attn"
-    install_hint = 'pip install "ring-flash[fa2]"'
+    install_hint = 'pip install "flash-attn>=2.6"'
     priorities = (((9, 0), 65), ((8, 0), 70))
     # ``softcap`` marks the releases (2.6 on) whose forward returns ``(out, lse, ...)``.
     forward_call = LibraryCall(
@@ -242,7 +242,7 @@ class FlashAttn4Kernel(FlashAttnKernel):
     name = "flash_attn4"
     description = "flash-attn 4 (flash_attn.cute; CuTe DSL, compiles each shape's kernel on first use), when installed"
     module = "flash_attn.cute"
-    install_hint = 'pip install "ring-flash[fa4]"'
+    install_hint = 'pip install "flash-attn-4>=4.0.0b1"'
     min_compute_capability = (9, 0)
     priorities = (((10, 0), 110), ((9, 0), 85))
     forward_call = LibraryCall(
