@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from ring_core import DilatedAttention, Implementation, hookimpl
@@ -87,9 +88,42 @@ def test_bench_writes_json_and_plot(tmp_path, capsys):
     data = json.loads(json_path.read_text())
     names = {(r["name"], r["seq_len"]) for r in data["results"]}
     assert names == {("sdpa", 128), ("sdpa", 256), ("dilated", 128), ("dilated", 256)}
-    assert all(r["time_ms"] > 0 and r["ratio_to_sdpa"] > 0 for r in data["results"])
+    for r in data["results"]:
+        sdpa = next(s for s in data["results"] if s["name"] == "sdpa" and s["seq_len"] == r["seq_len"])
+        assert r["speedup_vs_sdpa"] == pytest.approx(sdpa["time_ms"] / r["time_ms"])  # > 1: faster than SDPA
+        # the kernel that ran; a peak that counts at least the output and its gradient of ones (float32)
+        assert r["kernel"] == ("sdpa flash" if r["name"] == "sdpa" else "cpu_flash"), r
+        assert r["peak_mem_mib"] * 2**20 >= 2 * r["seq_len"] * 2 * 8 * 4, r
     assert png_path.read_bytes()[:4] == b"\x89PNG"
-    assert "vs sdpa" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "speed-up vs SDPA" in out and "kernel" in out
+    assert max(len(line) for line in out.splitlines()) <= 100, out
+
+
+def test_bench_table_fits_100_columns_with_every_name():
+    from ring_core.bench import BenchResult, format_results
+
+    rows = [
+        BenchResult("block_sparse_ring_dilated", "sdpa_cudnn+flash_attn3+flash_attn4", 1048576, 123456.78, 12.3, None)
+    ]
+    rows.append(BenchResult("sdpa", "sdpa cudnn", 1048576, 1.5, 600.0, 12345.0, 1.0))
+    text = format_results(
+        rows, "NVIDIA H200, bfloat16, B=1 H=16 D=128, segments [2048, 4096, 8192] rates [1, 2, 4]" * 2
+    )
+    assert max(len(line) for line in text.splitlines()) <= 100, text
+    assert "n/a" in text and "1.00x" in text
+
+
+def test_cpu_peak_counts_memory_freed_and_reused_within_the_step():
+    from ring_core.bench import cpu_peak_bytes
+
+    def step():
+        first = torch.empty(2**22, dtype=torch.uint8)
+        del first
+        second = torch.empty(2**21, dtype=torch.uint8)  # may reuse the first's pages: RSS does not grow
+        return second
+
+    assert cpu_peak_bytes(step) == 2**22
 
 
 def test_useful_pairs_counts_allowed_pairs():

@@ -286,7 +286,22 @@ def test_verify_world_size_runs_the_distributed_check(capsys):
 
     assert main(["verify", "--impl", "ring_dilated", "--dtype", "float64", "--world-size", "2"]) == 0
     output = capsys.readouterr().out
-    assert f"{len(QUICK_CASES)} passed, 0 failed" in output and "world size 2" in output
+    assert f"{len(QUICK_CASES)} passed, 0 failed" in output and "on 2 gloo processes" in output
+    total = len(QUICK_CASES)
+    case_lines = [line for line in output.splitlines() if line.startswith("[")]
+    assert [line.split("]")[0] for line in case_lines] == [f"[{i}/{total}" for i in range(1, total + 1)]
+    assert all("ring_dilated" in line and line.endswith("PASS") for line in case_lines), output
+
+
+@pytest.mark.distributed
+def test_check_distributed_reports_each_case_as_it_finishes():
+    """``on_result`` gets every case (all ranks' errors) while the group runs, the same as the returned list."""
+    from ring_core.testing import check_distributed
+
+    seen = []
+    results = check_distributed("ring_dilated", QUICK_CASES[:2], 2, torch.float64, on_result=seen.append)
+    assert [(r.case, r.rank_errors) for r in seen] == [(r.case, r.rank_errors) for r in results]
+    assert len(seen) == 2 and all(r.passed and len(r.rank_errors) == 2 for r in seen)
 
 
 # -- no processes ---------------------------------------------------------------------------------

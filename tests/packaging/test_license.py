@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_DIRS = [*sorted((ROOT / "packages").iterdir()), ROOT / "tests" / "sample_plugin"]

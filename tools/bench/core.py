@@ -22,7 +22,16 @@ from pathlib import Path
 import torch
 
 from ring_core import create_attention
-from ring_core.bench import BenchResult, dense_pairs, device_name, measure, plot, useful_pairs, write_json
+from ring_core.bench import (
+    BenchResult,
+    dense_pairs,
+    device_name,
+    measure,
+    plot,
+    sdpa_kernel_name,
+    useful_pairs,
+    write_json,
+)
 from ring_core.testing import format_table
 from tools import command_line
 
@@ -72,11 +81,14 @@ def main() -> None:
                     q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=c
                 )
 
-            results.append(measure(f"sdpa {label}", sdpa, dense_pairs(n, h, causal), d, b, n, device, repeats))
+            kernel_name = sdpa_kernel_name(q.transpose(1, 2), causal)
+            results.append(
+                measure(f"sdpa {label}", sdpa, dense_pairs(n, h, causal), d, b, n, device, repeats, kernel_name)
+            )
     title = f"{card}, {str(dtype)[6:]}, B={b} N={n} H={h} D={d}, segments {segments} rates {rates}, fwd+bwd"
     print(title)
-    rows = [(r.name, f"{r.time_ms:.1f}", f"{r.tflops:.3f}", f"{r.peak_mem_mib:.0f}") for r in results]
-    print(format_table(rows, ["what", "time ms", "useful TFLOP/s", "peak MiB above inputs"]))
+    rows = [(r.name, r.kernel, f"{r.time_ms:.1f}", f"{r.tflops:.3f}", f"{r.peak_mem_mib or 0:.0f}") for r in results]
+    print(format_table(rows, ["what", "kernel", "time ms", "useful TFLOP/s", "peak MiB above inputs"]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"core-{device.type}"

@@ -1,32 +1,45 @@
 """Timing of attention implementations against plain SDPA (used by ``ring-attention bench``).
 
-Forward+backward time (median), useful TFLOP/s (only the query/key pairs the
+Per row: the kernel that ran (the backends :func:`~ring_core.dispatch.select_kernel`
+returned; for the SDPA baseline, the backend PyTorch's dispatcher picks),
+forward+backward time (median), the speed-up over SDPA at the same length (SDPA's
+time / this time: above 1 is faster), useful TFLOP/s (only the query/key pairs the
 pattern allows, forward 4*D per pair and forward+backward 3.5x that) and peak
-memory (CUDA allocator peak; on the CPU, the peak resident set above the
-baseline, sampled every millisecond).
+memory above what was allocated before the step: the CUDA allocator's peak on a
+GPU; on the CPU, the peak of the CPU allocator's running total, read from the
+allocation events of one profiled step.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import re
 import statistics
-import threading
+import sys
+import tempfile
+import textwrap
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from .dilated import branches, dilated_parts
+from .dispatch import record_kernel_choices
 
 __all__ = [
     "BenchResult",
+    "cpu_peak_bytes",
     "dense_pairs",
     "device_name",
+    "format_results",
+    "fwd_bwd",
     "measure",
     "plot",
+    "sdpa_kernel_name",
     "time_fwd_bwd",
     "useful_pairs",
     "write_json",
@@ -70,57 +83,42 @@ def dense_pairs(seq_len: int, num_heads: int, causal: bool = False) -> int:
     return num_heads * (seq_len * (seq_len + 1) // 2 if causal else seq_len**2)
 
 
-class _PeakRSS:
-    """Samples this process's resident set size in a thread (CPU peak memory)."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def rss() -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * 4096
-        except OSError:  # not Linux: no sampling
-            return 0
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
-            time.sleep(0.001)
-
-    def __enter__(self) -> _PeakRSS:
-        self.base = self.rss()
-        self.peak = self.base
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 @dataclass
 class BenchResult:
     name: str
+    kernel: str
     seq_len: int
     time_ms: float
     tflops: float
-    peak_mem_mib: float
-    ratio_to_sdpa: float | None = None
+    peak_mem_mib: float | None  # None: not measurable here
+    speedup_vs_sdpa: float | None = None  # SDPA's time / this time: > 1 is faster than SDPA
 
 
-def time_fwd_bwd(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Median seconds of ``fn().backward(grad)`` over ``repeats`` runs."""
+def sdpa_kernel_name(q: torch.Tensor, causal: bool) -> str:
+    """The SDPA backend PyTorch's dispatcher picks for ``q`` (``(B, H, N, D)``), e.g. ``"sdpa flash"``."""
+    from torch.nn.attention import SDPBackend
+
+    try:
+        backend = SDPBackend(torch._fused_sdp_choice(q, q, q, None, 0.0, causal))
+    except (AttributeError, RuntimeError, ValueError):  # a private API: name what is certain
+        return "sdpa"
+    return "sdpa " + backend.name.lower().removesuffix("_attention")
+
+
+def fwd_bwd(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """One step: ``fn()`` forward, then backward with a gradient of ones."""
 
     def step() -> None:
         out = fn()
         out.backward(torch.ones_like(out))
 
-    for _ in range(warmup):
-        step()
+    return step
+
+
+def time_fwd_bwd(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> float:
+    """Median seconds of ``fn().backward(grad)`` over ``repeats`` runs (after one warm-up run)."""
+    step = fwd_bwd(fn)
+    step()
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -137,6 +135,58 @@ def time_fwd_bwd(fn: Callable[[], torch.Tensor], device: torch.device, repeats: 
     return statistics.median(times)
 
 
+@contextmanager
+def _without_profiler_log() -> Iterator[None]:
+    """Hide the profiler's start/stop lines (written by C++ straight to file descriptor 2); keep the rest."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (an embedded interpreter): leave it alone
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode(errors="replace").splitlines()
+            kept = [line for line in lines if not line.startswith("USDT:") or "profiler_st" not in line]
+            if kept:
+                print("\n".join(kept), file=sys.stderr)
+
+
+def cpu_peak_bytes(step: Callable[[], object]) -> int | None:
+    """Peak bytes the CPU allocator held during ``step`` above its level before it (None if unreadable).
+
+    One profiled run (``profile_memory=True``): every CPU allocation and free is an event carrying
+    the allocator's running total, so the peak is exact, including memory freed and reused within
+    the step (which sampling the resident set misses).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with _without_profiler_log(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+        tree = prof.profiler.kineto_results.experimental_event_tree()
+    except (AttributeError, RuntimeError):
+        return None
+    events, stack = [], list(tree)
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        fields = node.extra_fields
+        if hasattr(fields, "total_allocated") and str(getattr(fields, "device", "cpu")).startswith("cpu"):
+            events.append((node.start_time_ns, fields.alloc_size, fields.total_allocated))
+    if not events:
+        return 0
+    events.sort()
+    before = events[0][2] - events[0][1]
+    return max(0, max(total for _, _, total in events) - before)
+
+
 def measure(
     name: str,
     fn: Callable[[], torch.Tensor],
@@ -146,20 +196,54 @@ def measure(
     seq_len: int,
     device: torch.device,
     repeats: int,
+    kernel: str | None = None,
 ) -> BenchResult:
-    """Time ``fn`` forward+backward and record its peak memory."""
+    """Time ``fn`` forward+backward, record the kernels it selected (unless ``kernel`` names it) and its peak memory."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
+    with record_kernel_choices() as chosen:
         seconds = time_fwd_bwd(fn, device, repeats)
+    if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
-        with _PeakRSS() as sampler:
-            seconds = time_fwd_bwd(fn, device, repeats)
-        peak = sampler.peak - sampler.base
+        peak = cpu_peak_bytes(fwd_bwd(fn))
+    kernel = kernel or "+".join(dict.fromkeys(chosen)) or "not reported"
     flops = _FWD_BWD_FACTOR * 4 * head_dim * pairs * batch
-    return BenchResult(name, seq_len, seconds * 1e3, flops / seconds / 1e12, peak / 2**20)
+    mib = None if peak is None else peak / 2**20
+    return BenchResult(name, kernel, seq_len, seconds * 1e3, flops / seconds / 1e12, mib)
+
+
+HEADER = ("implementation", "kernel", "N", "time (ms)", "speed-up vs SDPA", "TFLOP/s", "peak (MiB)")
+LEGEND = (
+    "speed-up vs SDPA: SDPA's time / this time at the same N (> 1: faster than SDPA). "
+    "TFLOP/s: useful, only the query/key pairs the pattern allows. "
+    "peak: allocator peak above the memory held before the step."
+)
+
+
+def format_results(results: Sequence[BenchResult], title: str, width: int = 100) -> str:
+    """The results as a table no wider than ``width``, with the title and the legend wrapped to it."""
+    from .testing import format_table
+
+    def cell(row: BenchResult) -> tuple[str, ...]:
+        speedup = "-" if row.speedup_vs_sdpa is None else f"{row.speedup_vs_sdpa:.2f}x"
+        peak = "n/a" if row.peak_mem_mib is None else f"{row.peak_mem_mib:.0f}"
+        return (row.name, row.kernel, str(row.seq_len), f"{row.time_ms:.2f}", speedup, f"{row.tflops:.3f}", peak)
+
+    rows = [cell(r) for r in results]
+    fixed = sum(max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEADER) if i != 1)
+    room = max(len(HEADER[1]), width - fixed - 2 * (len(HEADER) - 1))
+    rows = [(r[0], r[1] if len(r[1]) <= room else r[1][: room - 1] + "~", *r[2:]) for r in rows]
+    text = [*_wrap(title, width), format_table(rows, HEADER), *_wrap(LEGEND, width)]
+    return "\n".join(text)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """``textwrap.wrap`` that never breaks inside ``[...]`` (a list of segment lengths stays on one line)."""
+    kept = re.sub(r"\[[^\]]*\]", lambda m: m[0].replace(" ", "\xa0"), text)
+    return [line.replace("\xa0", " ") for line in textwrap.wrap(kept, width)]
 
 
 def write_json(path: str | Path, meta: dict, results: Sequence[BenchResult]) -> None:
@@ -180,14 +264,15 @@ def plot(path: str | Path, results: Sequence[BenchResult], title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in dict.fromkeys(r.name for r in results):
         rows = [r for r in results if r.name == name]
-        ax.plot([r.seq_len for r in rows], [r.time_ms for r in rows], marker="o", label=name)
+        kernels = ", ".join(dict.fromkeys(r.kernel for r in rows))
+        ax.plot([r.seq_len for r in rows], [r.time_ms for r in rows], marker="o", label=f"{name} ({kernels})")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length N")
     ax.set_ylabel("forward+backward time (ms)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(_wrap(title, 70)), fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

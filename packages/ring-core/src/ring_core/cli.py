@@ -67,6 +67,37 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+class _CaseLines:
+    """``verify``'s output: a header, then one aligned line per case as soon as it is checked."""
+
+    def __init__(self, total: int, names: Sequence[str], cases: Sequence[str]) -> None:
+        self.total, self.done, self.failures = total, 0, 0
+        self.widths = (len(str(total)) * 2 + 3, max(map(len, names), default=0), max(map(len, cases), default=0))
+        self.widths = tuple(max(w, len(h)) for w, h in zip(self.widths, ("case", "implementation", "case")))
+
+    def header(self) -> None:
+        cells = ("", "implementation", "case", "dtype", "err out", "max err grad", "result")
+        print(self._format(cells), flush=True)
+
+    def _format(self, cells: Sequence[str]) -> str:
+        progress, impl, case, *rest = cells
+        head = f"{progress:<{self.widths[0]}}  {impl:<{self.widths[1]}}  {case:<{self.widths[2]}}"
+        return (head + "  " + "  ".join(f"{c:<{w}}" for c, w in zip(rest, (8, 7, 12, 0)))).rstrip()
+
+    def line(self, impl: str, case: str, dtype: torch.dtype, errors: dict[str, float], status: str) -> None:
+        self.done += 1
+        self.failures += status != "PASS"
+        grad = max((e for n, e in errors.items() if n != "out"), default=float("nan"))
+        out = errors.get("out", float("nan"))
+        progress = f"[{self.done:>{len(str(self.total))}}/{self.total}]"
+        dtype_name = str(dtype).replace("torch.", "")
+        print(self._format((progress, impl, case, dtype_name, f"{out:.1e}", f"{grad:.1e}", status)), flush=True)
+
+    def summary(self) -> int:
+        print(f"\n{self.done - self.failures} passed, {self.failures} failed")
+        return 1 if self.failures else 0
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     cases = CASES if args.full else QUICK_CASES
     dtypes = [_DTYPES[d] for d in args.dtype]
@@ -78,64 +109,51 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         return 1
     if args.world_size > 1:
         return _verify_distributed(args, impls, cases, dtypes)
-    rows, failures = [], 0
+    lines = _CaseLines(len(impls) * len(cases) * len(dtypes), [i.name for i in impls], [c.name for c in cases])
+    print(f"{lines.total} checks against the float64 reference (forward and backward, relative errors)")
+    lines.header()
     for impl in impls:
         for case in cases:
             for dtype in dtypes:
                 module = create_attention(impl.name, **case.config, **impl.options)
                 try:
-                    result = check_attention(module, case, dtype, device=args.device, seed=len(rows))
-                    errors, passed = result.errors, result.passed
-                    status = "PASS" if passed else "FAIL"
+                    result = check_attention(module, case, dtype, device=args.device, seed=lines.done)
+                    errors, status = result.errors, "PASS" if result.passed else "FAIL"
                 except Exception as exc:  # report, keep going
-                    errors, passed, status = {}, False, f"ERROR {type(exc).__name__}: {exc}"
-                failures += not passed
-                grad = max((e for n, e in errors.items() if n != "out"), default=float("nan"))
-                rows.append(
-                    (
-                        impl.name,
-                        case.name,
-                        str(dtype).replace("torch.", ""),
-                        f"{errors.get('out', float('nan')):.1e}",
-                        f"{grad:.1e}",
-                        status,
-                    )
-                )
-    print(format_table(rows, ["implementation", "case", "dtype", "err out", "max err grad", "result"]))
-    print(f"\n{len(rows) - failures} passed, {failures} failed")
-    return 1 if failures else 0
+                    errors, status = {}, f"ERROR {type(exc).__name__}: {exc}"
+                lines.line(impl.name, case.name, dtype, errors, status)
+    return lines.summary()
 
 
 def _verify_distributed(args: argparse.Namespace, impls, cases, dtypes) -> int:
     """Each distributed implementation on ``--world-size`` gloo processes, every rank vs the reference rows."""
-    from .testing import check_distributed
+    from .testing import check_distributed, fit_case
 
     if args.device != "cpu":
         print(f"--world-size runs gloo processes on the CPU; got --device {args.device}")
         return 1
-    rows, failures = [], 0
+    labels = [f"{c.name} (N={fit_case(c, args.world_size).seq_len})" for c in cases]
+    lines = _CaseLines(len(impls) * len(cases) * len(dtypes), [i.name for i in impls], labels)
+    print(f"{lines.total} checks on {args.world_size} gloo processes against the float64 reference")
+    print("(errors: the worst over the ranks; one group of processes per implementation and dtype)")
+    lines.header()
     for impl in impls:
         for dtype in dtypes:
-            name = str(dtype).replace("torch.", "")
+
+            def on_result(result, impl=impl, dtype=dtype) -> None:
+                errors = {n: max(e[n] for e in result.rank_errors) for n in result.rank_errors[0]}
+                case = f"{result.case.name} (N={result.case.seq_len})"
+                lines.line(impl.name, case, dtype, errors, "PASS" if result.passed else "FAIL")
+
+            before = lines.done
             try:
-                results = check_distributed(
-                    impl.name, cases, args.world_size, dtype, options=impl.options, seed=len(rows)
+                check_distributed(
+                    impl.name, cases, args.world_size, dtype, options=impl.options, seed=before, on_result=on_result
                 )
             except Exception as exc:  # report, keep going
-                failures += 1
-                rows.append((impl.name, "(all)", name, "nan", "nan", f"ERROR {type(exc).__name__}: {exc}"))
-                continue
-            for result in results:
-                failures += not result.passed
-                out = max(errors["out"] for errors in result.rank_errors)
-                grad = max(e for errors in result.rank_errors for n, e in errors.items() if n != "out")
-                status = "PASS" if result.passed else "FAIL"
-                case = f"{result.case.name} (N={result.case.seq_len})"
-                rows.append((impl.name, case, name, f"{out:.1e}", f"{grad:.1e}", status))
-    print(f"world size {args.world_size} (gloo processes); errors are the worst over the ranks")
-    print(format_table(rows, ["implementation", "case", "dtype", "err out", "max err grad", "result"]))
-    print(f"\n{len(rows) - failures} passed, {failures} failed")
-    return 1 if failures else 0
+                lines.line(impl.name, "(the rest)", dtype, {}, f"ERROR {type(exc).__name__}: {exc}")
+                lines.done = before + len(cases)
+    return lines.summary()
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -152,10 +170,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     b, h, d = args.batch, args.heads, args.head_dim
     jobs = [(n, None) for n in args.seq_lens] + [(n, impl) for n in args.seq_lens for impl in impls]
     results: list[bench_lib.BenchResult] = []
-    for n, impl in tqdm(jobs, desc="bench", unit="run", file=sys.stderr):
+    # a bar on a terminal; in a log (not a terminal) nothing but the table
+    for n, impl in tqdm(jobs, desc="bench", unit="run", file=sys.stderr, disable=None):
         q, k, v = (torch.randn(b, n, h, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        kernel = None
         if impl is None:
             name, pairs = "sdpa", bench_lib.dense_pairs(n, h, args.causal)
+            kernel = bench_lib.sdpa_kernel_name(q.transpose(1, 2), args.causal)
 
             def fn(q=q, k=k, v=v):
                 return torch.nn.functional.scaled_dot_product_attention(
@@ -169,23 +190,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             def fn(q=q, k=k, v=v, module=module):
                 return module(q, k, v, is_causal=args.causal)
 
-        results.append(bench_lib.measure(name, fn, pairs, d, b, n, device, args.repeats))
+        results.append(bench_lib.measure(name, fn, pairs, d, b, n, device, args.repeats, kernel=kernel))
         del q, k, v
     baseline = {r.seq_len: r.time_ms for r in results if r.name == "sdpa"}
     for r in results:
-        r.ratio_to_sdpa = r.time_ms / baseline[r.seq_len]
+        r.speedup_vs_sdpa = baseline[r.seq_len] / r.time_ms
     results.sort(key=lambda r: (r.seq_len, r.name != "sdpa", r.name))
     card = bench_lib.device_name(device)
     title = (
         f"{card}, {args.dtype}, B={b} H={h} D={d}, segments {args.segments} rates {args.rates}"
-        f"{', causal' if args.causal else ''}; fwd+bwd"
+        f"{', causal' if args.causal else ''}; forward+backward"
     )
-    print(title)
-    rows = [
-        (r.name, r.seq_len, f"{r.time_ms:.2f}", f"{r.ratio_to_sdpa:.2f}x", f"{r.tflops:.3f}", f"{r.peak_mem_mib:.0f}")
-        for r in results
-    ]
-    print(format_table(rows, ["implementation", "N", "time ms", "vs sdpa", "useful TFLOP/s", "peak MiB"]))
+    print(bench_lib.format_results(results, title))
     meta = {
         "card": card,
         "torch": torch.__version__,

@@ -7,6 +7,8 @@ request, the dispatch, the scale and the dropout seed.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -14,11 +16,25 @@ from .engine import BlockKernel
 from .kernels import KernelBackend, KernelRequest, default_scale
 from .registry import get_registry
 
-__all__ = ["KernelNotAvailableError", "block_kernel", "dropout_seed", "select_kernel"]
+__all__ = ["KernelNotAvailableError", "block_kernel", "dropout_seed", "record_kernel_choices", "select_kernel"]
 
 
 class KernelNotAvailableError(RuntimeError):
     """No kernel backend (or not the forced one) can compute a request."""
+
+
+_kernel_choices: list[list[str]] = []  # one list per open record_kernel_choices()
+
+
+@contextmanager
+def record_kernel_choices() -> Iterator[list[str]]:
+    """Collect the names of the backends :func:`select_kernel` returns inside the block (what ran)."""
+    names: list[str] = []
+    _kernel_choices.append(names)
+    try:
+        yield names
+    finally:
+        _kernel_choices.remove(names)
 
 
 def select_kernel(request: KernelRequest, name: str | None = None) -> KernelBackend:
@@ -27,6 +43,13 @@ def select_kernel(request: KernelRequest, name: str | None = None) -> KernelBack
     ``name`` (or ``RING_ATTENTION_KERNEL``) forces one backend; it raises with its
     reasons when it cannot serve the request.
     """
+    backend = _select_kernel(request, name)
+    for names in _kernel_choices:
+        names.append(backend.name)
+    return backend
+
+
+def _select_kernel(request: KernelRequest, name: str | None) -> KernelBackend:
     registry = get_registry()
     name = name or os.environ.get("RING_ATTENTION_KERNEL") or None
     if name is not None:

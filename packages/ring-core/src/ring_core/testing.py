@@ -31,6 +31,7 @@ __all__ = [
     "make_inputs",
     "reference_outputs",
     "relative_error",
+    "report_progress",
     "run_gloo",
     "sharded_case_errors",
     "spawn_group",
@@ -210,12 +211,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+_progress: tuple[int, object] | None = None  # in a spawn_group child: (rank, the results queue)
+
+
+def report_progress(value: object) -> None:
+    """From a function that :func:`spawn_group` runs: hand ``value`` to the parent's ``on_progress`` now."""
+    if _progress is not None:
+        rank, results = _progress
+        results.put((rank, None, value))
+
+
 def _worker(rank, world_size, port, backend, timeout, threads, fn, args, results) -> None:  # in a child process
     import datetime
     import traceback
 
     import torch.distributed as dist
 
+    global _progress
+    _progress = (rank, results)
     if threads is not None:
         torch.set_num_threads(threads)
     try:
@@ -243,6 +256,7 @@ def spawn_group(
     backend: str = "gloo",
     timeout: float | None = 120.0,
     threads: int | None = 1,
+    on_progress: Callable[[int, object], None] | None = None,
 ) -> list[object]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes of one process group.
 
@@ -251,7 +265,8 @@ def spawn_group(
     process uses ``threads`` CPU threads (None: torch's default). Returns the results in rank
     order; raises :class:`DistributedRunError` with every failing rank's traceback, or when
     ranks are still running after ``timeout`` seconds (they are killed: a failing check never
-    hangs; ``None``: no limit).
+    hangs; ``None``: no limit). What ``fn`` passes to :func:`report_progress` reaches
+    ``on_progress(rank, value)`` while it runs.
     """
     import queue as queue_module
     import time
@@ -283,6 +298,10 @@ def spawn_group(
                 raise DistributedRunError(f"ranks {missing} of {world_size} did not finish within {timeout:.0f} s")
             try:
                 rank, ok, value = results.get(timeout=min(remaining, 1.0))
+                if ok is None:  # report_progress
+                    if on_progress is not None:
+                        on_progress(rank, value)
+                    continue
                 collected[rank] = (ok, value)
             except queue_module.Empty:
                 dead = [r for r, p in enumerate(processes) if r not in collected and p.exitcode is not None]
@@ -290,7 +309,8 @@ def spawn_group(
                     time.sleep(0.5)  # a result may still be in flight
                     while not results.empty():
                         rank, ok, value = results.get()
-                        collected[rank] = (ok, value)
+                        if ok is not None:
+                            collected[rank] = (ok, value)
                     dead = [r for r in dead if r not in collected]
                     if dead:
                         codes = {r: processes[r].exitcode for r in dead}
@@ -307,9 +327,15 @@ def spawn_group(
     return [collected[r][1] for r in range(world_size)]
 
 
-def run_gloo(fn: Callable[..., object], world_size: int, *args: object, timeout: float = 120.0) -> list[object]:
+def run_gloo(
+    fn: Callable[..., object],
+    world_size: int,
+    *args: object,
+    timeout: float = 120.0,
+    on_progress: Callable[[int, object], None] | None = None,
+) -> list[object]:
     """:func:`spawn_group` on the CPU (gloo, one thread per process): what the tests and ``verify`` use."""
-    return spawn_group(fn, world_size, *args, timeout=timeout)
+    return spawn_group(fn, world_size, *args, timeout=timeout, on_progress=on_progress)
 
 
 def fit_case(case: Case, world_size: int, layout: str = "contiguous") -> Case:
@@ -384,6 +410,7 @@ def _distributed_check_worker(rank, world_size, name, cases, layouts, dtype, opt
                 config["layout"] = layout
             module = create_attention(name, **config)
             errors = sharded_case_errors(module, fitted, rank, world_size, layout or "contiguous", dtype, seed)
+            report_progress((len(rows), fitted, layout or "contiguous", errors))
             rows.append((fitted, layout or "contiguous", errors))
     return rows
 
@@ -397,6 +424,7 @@ def check_distributed(
     options: dict | None = None,
     seed: int = 0,
     timeout: float = 300.0,
+    on_result: Callable[[DistributedCaseResult], None] | None = None,
 ) -> list[DistributedCaseResult]:
     """Run implementation ``name`` on ``world_size`` gloo ranks with sharded inputs, forward and backward.
 
@@ -404,11 +432,21 @@ def check_distributed(
     passes no ``layout`` argument, i.e. the implementation's default, contiguous), and
     compares its output and ``dq, dk, dv`` shards with the matching rows of the float64
     reference. Each case's ``N`` is rounded up to fit ``P`` (:func:`fit_case`). All
-    cases run in one process group (spawning costs seconds).
+    cases run in one process group (spawning costs seconds); ``on_result`` gets each
+    case's result as soon as every rank has finished it.
     """
+    reported: dict[int, dict[int, dict[str, float]]] = {}
+
+    def on_progress(rank: int, row: tuple) -> None:
+        index, case, layout, errors = row
+        reported.setdefault(index, {})[rank] = errors
+        if len(reported[index]) == world_size and on_result is not None:
+            rank_errors = [reported[index][r] for r in range(world_size)]
+            on_result(DistributedCaseResult(case, layout, world_size, dtype, rank_errors, TOLERANCES[dtype]))
+
     per_rank = run_gloo(
         _distributed_check_worker, world_size, name, tuple(cases), tuple(layouts), dtype, options, seed,
-        timeout=timeout,
+        timeout=timeout, on_progress=on_progress,
     )  # fmt: skip
     results = []
     for index, (case, layout, _) in enumerate(per_rank[0]):
