@@ -5,30 +5,31 @@
   and the "API reference" section of the nav;
 - ``<!-- generated: NAME -->`` markers: tables of the installed implementations,
   kernels and deprecated names, read from the registry;
-- ``<!-- bench: GLOB -->`` ... ``<!-- /bench -->`` blocks: replaced by the tables
-  (and plots) of the benchmark JSON files matching ``GLOB`` in ``docs/benchmarks/``
-  or ``bench-results/``; the block's own text (a placeholder) stays when none match.
+- ``<!-- answer: NAME -->`` markers (the benchmarks page): a conclusion, a figure and tables
+  computed from ``docs/benchmarks/*.json`` (``benchpage.py``);
+- ``<!-- headline -->``: the five headline ratios (``headline.py``), which also rewrites
+  ``docs/images/headline.png`` and the README's table before each build when the JSON changed.
 """
 
 from __future__ import annotations
 
 import datetime
-import fnmatch
 import importlib
-import json
 import re
 from pathlib import Path
 from typing import Any
 
-import figures  # docs/_hooks/figures.py: mkdocs puts a hook's folder on sys.path while loading it
+# docs/_hooks/*.py: mkdocs puts a hook's folder on sys.path while loading it
+import benchdata
+import benchpage
+import figures
+import headline
 from mkdocs.structure.files import File, Files
 
 ROOT = Path(__file__).resolve().parents[2]
-BENCH_DIRS = (ROOT / "docs" / "benchmarks", ROOT / "bench-results")
-BENCH_BLOCK = re.compile(r"<!-- bench: (?P<glob>\S+) -->\n(?P<body>.*?)<!-- /bench -->", re.S)
 GENERATED = re.compile(r"<!-- generated: (?P<name>[a-z-]+) -->")
-META_KEYS = ("card", "device", "date", "command", "torch", "title")
-LOCAL_KEYS = ("json", "plot", "out")  # where the run wrote its files: meaningless on the site
+ANSWER = re.compile(r"<!-- answer: (?P<name>[a-z-]+) -->")
+HEADLINE = "<!-- headline -->"
 
 
 # -- API reference -------------------------------------------------------------
@@ -98,11 +99,15 @@ def on_files(files: Files, config: Any) -> Files:
             files.append(File.generated(config, reference_path(module), content=reference_page(dist, module)))
     for name, data in figures.render_all().items():
         files.append(File.generated(config, f"figures/{name}", content=data))
-    for path in bench_files("*"):  # plots next to JSON outside docs/ (bench-results/)
-        plot = path.with_suffix(".png")
-        if plot.is_file() and files.get_file_from_path(f"benchmarks/{plot.name}") is None:
-            files.append(File.generated(config, f"benchmarks/{plot.name}", content=plot.read_bytes()))
+    for path, make in benchpage.figures().items():
+        files.append(File.generated(config, path, content=benchdata.png(make())))
     return files
+
+
+def on_pre_build(config: Any) -> None:
+    """The README's figure and table, rewritten from the JSON (before the files are collected)."""
+    for path in headline.write():
+        print(f"headline: rewrote {path.relative_to(ROOT)}")
 
 
 # -- tables from the registry ----------------------------------------------------
@@ -151,68 +156,7 @@ def generated(name: str) -> str:
     raise ValueError(f"unknown generated block {name!r}")
 
 
-# -- benchmark tables ------------------------------------------------------------
-def bench_files(glob: str) -> list[Path]:
-    found = {}
-    for folder in BENCH_DIRS:
-        for path in sorted(folder.glob("*.json")):
-            if fnmatch.fnmatch(path.name, glob):
-                found.setdefault(path.name, path)  # docs/benchmarks wins over bench-results
-    return list(found.values())
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if value is None:
-        return "-"
-    return str(value)
-
-
-def bench_markdown(path: Path) -> str:
-    """One benchmark JSON as markdown: its metadata, a table of its results, its plot."""
-    data = json.loads(path.read_text())
-    if isinstance(data, list):
-        meta, results = {}, data
-    else:
-        meta = dict(data.get("meta", {}))
-        meta.update({k: v for k, v in data.items() if not isinstance(v, (dict, list))})
-        results = data.get("results") or data.get("rows") or []
-    lines = [f"#### `{path.name}`\n"]
-    if meta.get("title"):
-        lines.append(f"{meta['title']}\n")
-    facts = [f"**{key}**: `{meta[key]}`" for key in META_KEYS[:5] if key in meta]
-    missing = [key for key in ("card", "date", "command") if key not in meta]
-    extra = [f"{key}: `{value}`" for key, value in meta.items() if key not in META_KEYS + LOCAL_KEYS]
-    lines.append("; ".join(facts + extra) + ("\n" if facts or extra else ""))
-    if missing:
-        lines.append(f"*Not recorded in the JSON: {', '.join(missing)}.*\n")
-    rows = [r for r in results if isinstance(r, dict)]
-    if rows:  # nested values (a kernel list, say) stay in the JSON
-        header = list(dict.fromkeys(key for row in rows for key, v in row.items() if not isinstance(v, (list, dict))))
-        lines.append(_table(header, [[_cell(row.get(key)) for key in header] for row in rows]) + "\n")
-    if isinstance(data, dict):  # sections of their own: {"name": {"config": ..., "rows": [...]}}
-        for name, section in data.items():
-            if isinstance(section, dict) and isinstance(section.get("rows"), list) and section["rows"]:
-                rows = [r for r in section["rows"] if isinstance(r, dict)]
-                header = list(dict.fromkeys(key for row in rows for key in row))
-                notes = [
-                    f"{key}: `{value}`" for key, value in section.items() if key != "rows" and len(str(value)) < 200
-                ]
-                lines.append(f"**{name}** " + "; ".join(notes) + "\n")
-                lines.append(_table(header, [[_cell(row.get(key)) for key in header] for row in rows]) + "\n")
-    plot = path.with_suffix(".png")
-    if plot.is_file():
-        lines.append(f"![{path.stem}](benchmarks/{plot.name})\n")  # the page is docs/benchmarks.md
-    return "\n".join(lines)
-
-
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str:
-    def bench_block(match: re.Match) -> str:
-        paths = bench_files(match["glob"])
-        if not paths:
-            return match["body"]
-        return "\n".join(bench_markdown(path) for path in paths)
-
-    markdown = BENCH_BLOCK.sub(bench_block, markdown)
+    markdown = ANSWER.sub(lambda m: benchpage.answer_markdown(m["name"]), markdown)
+    markdown = markdown.replace(HEADLINE, headline.ratios_markdown(link_prefix="benchmarks/"))
     return GENERATED.sub(lambda m: generated(m["name"]), markdown)

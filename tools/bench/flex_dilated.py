@@ -12,7 +12,7 @@ The same LongNet dilated attention (SPEC.md, merge ``"lse"``) three ways, bf16, 
 First each is checked against the float64 reference at a small size (errors in the JSON), then
 timed at N=65536 (CUDA events, steady state, median; mirrored order so clock drift hits all alike).
 
-    python tools/bench_flex_dilated.py [--out DIR]     # writes flex-dilated.json
+    python -m tools.bench.flex_dilated [--out DIR]     # writes flex-dilated.json
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import ring_core
 from ring_core.bench import useful_pairs
 from ring_core.testing import relative_error
 from ring_flash import RingDilatedAttentionFlash
+from tools import command_line
 
 SEGMENTS, RATES = [2048, 4096, 8192], [1, 2, 4]
 FWD_BWD = 3.5
@@ -186,7 +187,7 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("bench_flex_dilated.py needs a CUDA GPU", file=sys.stderr)
+        print("tools.bench.flex_dilated needs a CUDA GPU", file=sys.stderr)
         return 2
     heads, head_dim = 16, 128
     report = {
@@ -194,7 +195,7 @@ def main() -> int:
             "card": torch.cuda.get_device_name(0),
             "torch": torch.__version__,
             "date": datetime.date.today().isoformat(),
-            "command": "python tools/bench_flex_dilated.py " + " ".join(sys.argv[1:]),
+            "command": command_line(),
             "title": (
                 f"exact dilated attention, bf16, B=1 N={args.seq_len} H={heads} D={head_dim}, "
                 f"segments {SEGMENTS} rates {RATES}; forward+backward"

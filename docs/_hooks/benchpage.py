@@ -1,0 +1,474 @@
+"""The benchmarks page as answers: one generated block per question, from the published JSON.
+
+``docs/benchmarks.md`` holds the questions (headings) and a ``<!-- answer: NAME -->`` marker
+under each; :func:`answer` returns the block that replaces it: a conclusion sentence computed
+from the numbers, the figure (served as ``benchmarks/answer-NAME.png``), tables with human
+column names and units where every row names its kernel, where the numbers come from, and
+the files of older runs and variants folded away. Nothing here is typed by hand: a number
+changes when its JSON does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from benchdata import folded, load, meta, source, table
+
+COLORS = {"ours": "#4c72b0", "bare": "#55a868", "flex": "#c44e52", "cp": "#dd8452", "other": "#8172b3"}
+
+
+@dataclass
+class Answer:
+    conclusion: str
+    figure: Callable[[], Any]
+    tables: list[str]
+    more: list[str] = field(default_factory=list)  # folded blocks
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _mask(causal: bool) -> str:
+    return "causal" if causal else "non-causal"
+
+
+def _code(name: str) -> str:
+    """An implementation's name as code; a description (with spaces) as text."""
+    return name if " " in name else f"`{name}`"
+
+
+# -- how fast on one GPU ----------------------------------------------------------------------
+FLEX = "flex-dilated-h200.json"
+
+
+def one_gpu_numbers() -> dict[str, dict[bool, dict]]:
+    """``{name: {causal: row}}`` of the three-way run (ours, FlexAttention, bare cuDNN calls)."""
+    found: dict[str, dict[bool, dict]] = {}
+    for row in load(FLEX)["results"]:
+        found.setdefault(row["name"], {})[row["causal"]] = row
+    return found
+
+
+def one_gpu_figure(ax: Any = None) -> Any:
+    plt = _plt()
+    rows = one_gpu_numbers()
+    figure = None
+    if ax is None:
+        figure, ax = plt.subplots(figsize=(6.4, 3.6), constrained_layout=True)
+    names = [("bare cuDNN calls", "bare", "bare cuDNN calls (no gather, no merge)"),
+             ("ring_dilated_flash", "ours", "ring_dilated_flash (this library)"),
+             ("FlexAttention", "flex", "FlexAttention (same attention)")]  # fmt: skip
+    for i, (name, color, label) in enumerate(names):
+        values = [rows[name][causal]["ms"] for causal in (False, True)]
+        bars = ax.bar([x + (i - 1) * 0.27 for x in (0, 1)], values, 0.27, color=COLORS[color], label=label)
+        ax.bar_label(bars, [f"{v:.1f}" for v in values], fontsize=8, padding=2)
+    ax.set_xticks([0, 1], ["non-causal", "causal"])
+    ax.set_ylabel("forward+backward (ms), lower is better")
+    config = load(FLEX)["meta"]["title"].split(", ", 1)[1].replace("; forward+backward", "")
+    ax.set_title(f"Exact dilated attention on one {meta(load(FLEX))['card']}\n{config}", fontsize=9)
+    ax.legend(fontsize=8, frameon=False)
+    ax.margins(y=0.15)
+    return figure
+
+
+def one_gpu() -> Answer:
+    rows = one_gpu_numbers()
+    ours, bare, flex = rows["ring_dilated_flash"], rows["bare cuDNN calls"], rows["FlexAttention"]
+    conclusion = (
+        f"On one {meta(load(FLEX))['card']}, exact dilated attention through `ring_dilated_flash` runs at "
+        f"**{bare[False]['ms'] / ours[False]['ms']:.2f}** of the speed of the bare cuDNN calls it is built on "
+        f"({bare[True]['ms'] / ours[True]['ms']:.2f} causal) and **{flex[False]['ms'] / ours[False]['ms']:.1f}x** "
+        f"as fast as the same attention written with FlexAttention ({flex[True]['ms'] / ours[True]['ms']:.1f}x "
+        "causal). Both compute the exact result (bf16 errors below). The dense special case runs within "
+        f"{max(r['ours_over_sdpa'] for r in load('flash-dilated-h100.json')['dense']['rows']) - 1:.0%} of plain "
+        "SDPA's time on the same kernel."
+    )
+    timing = table(
+        ["implementation", "kernel", "mask", "time (ms)", "useful TFLOP/s", "speed vs bare cuDNN", "extra memory (GiB)"],
+        [
+            [_code(r["name"]), f"`{r['kernel']}`", _mask(r["causal"]), f"{r['ms']:.1f}", f"{r['tflops']:.0f}",
+             f"{r['bare_over_this']:.2f}", f"{r['extra_peak_gib']:.2f}"]
+            for r in sorted(load(FLEX)["results"], key=lambda r: (r["causal"], -r["bare_over_this"]))
+        ],
+    )  # fmt: skip
+    kernel = {r["name"]: r["kernel"] for r in load(FLEX)["results"]}
+    accuracy = table(
+        ["implementation", "kernel", "mask", "error, output", "error, dq", "error, dk", "error, dv"],
+        [
+            [_code(r["name"]), f"`{kernel[r['name']]}`", _mask(r["causal"])]
+            + [f"{r[k]:.1e}" for k in ("out", "dq", "dk", "dv")]
+            for r in load(FLEX)["accuracy"]["rows"]
+        ],
+    )
+    acc = load(FLEX)["accuracy"]["rows"][0]
+    dense_file = "flash-dilated-h100.json"
+    dense = table(
+        ["N (tokens)", "mask", "kernel", "SDPA cuDNN (ms)", "`ring_dilated_flash` (ms)", "speed-up vs SDPA"],
+        [
+            [f"{r['N']:,}", _mask(r["causal"]), "`sdpa_cudnn`", f"{r['sdpa_cudnn_ms']:.2f}", f"{r['ours_ms']:.2f}",
+             f"{1 / r['ours_over_sdpa']:.2f}x"]
+            for r in load(dense_file)["dense"]["rows"]
+        ],
+    )  # fmt: skip
+    tables = [
+        "Forward+backward, bf16, B=1, N=65,536, H=16, D=128, segments [2048, 4096, 8192], rates [1, 2, 4]. "
+        "*Speed vs bare cuDNN* is the bare calls' time / this time (1 = as fast as the floor); *useful* "
+        "TFLOP/s counts only the query/key pairs the pattern allows.\n\n" + timing + "\n\n" + source(FLEX),
+        f"Errors against the float64 reference (relative, bf16, N={acc['N']:,}, H={acc['H']}, D={acc['D']}, "
+        "the same inputs for both): SDPA's own bf16 error on such inputs is about 4e-3.\n\n" + accuracy,
+        "The dense special case (`segment_lengths=[N]`, rate 1) against plain SDPA with the same kernel:\n\n"
+        + dense
+        + "\n\n"
+        + source(dense_file),
+    ]
+    more = [
+        folded("flash-dilated-h200.json", "Variants on one H200: Triton or torch merges, core engine, CUDA graphs"),
+        folded("flash-dilated-h100.json", "The same on one H100 (kernels, dilated, dense, memory, accuracy)"),
+        folded(
+            "core-cuda-h200.json", "Older run: ring-core alone on a GPU (its portable `math` kernel)",
+            "These rows ran ring-core's portable `math` kernel (`python -m tools.bench.core --device cuda`, kernel `math`): "
+            "what a GPU does without ring-flash's kernels. Install `ring-flash` on GPUs.",
+        ),
+        folded(
+            "core-cli-bench-cuda-h200.json", "Older run: `ring-attention bench` with ring-core alone (kernel `math`)",
+            "`dilated` here ran ring-core's portable `math` kernel; *time / SDPA's time* above 1 means slower. "
+            "Newer `bench` output names the kernel of every row and shows the speed-up instead.",
+        ),
+    ]  # fmt: skip
+    return Answer(conclusion, one_gpu_figure, tables, more)
+
+
+# -- how far does one GPU go ------------------------------------------------------------------
+MEMORY = {"flash-memory-h200.json": ("memory",), "flash-dilated-h100.json": ("memory",)}
+
+
+def memory_runs() -> list[tuple[str, str, dict]]:
+    """``(file, card, memory section)`` of each card, largest card first."""
+    runs = [(name, meta(load(name))["card"], load(name)["memory"]) for name in MEMORY]
+    return sorted(runs, key=lambda run: -run[2]["card_gib"])
+
+
+def tokens_figure() -> Any:
+    plt = _plt()
+    figure, ax = plt.subplots(figsize=(6.4, 3.6), constrained_layout=True)
+    for (_, card, mem), color in zip(memory_runs(), (COLORS["ours"], COLORS["cp"])):
+        fits = [mem["at_target"], mem["largest"]]
+        xs = [r["N"] / 1e6 for r in fits]
+        ax.plot(xs, [r["peak_gib"] for r in fits], "o", color=color, label=f"{card}: peak of a step that fits")
+        failed = [int(n) / 1e6 for n, ok in mem["tried"].items() if not ok]
+        ax.plot(failed, [mem["card_gib"]] * len(failed), "x", color=color, label=f"{card}: out of memory")
+        ax.axhline(mem["card_gib"], color=color, lw=0.8, ls=":")
+        ax.annotate(f"{card} ({mem['card_gib']:.0f} GiB)", (0.1, mem["card_gib"]), fontsize=7, va="bottom")
+    floor = memory_runs()[0][2]["floor_gib_per_million_tokens"]
+    ax.plot([0, 11], [0, floor * 11], color="#999999", lw=1, label="q, k, v, out and gradients alone")
+    ax.set_xlabel("sequence length N (millions of tokens)")
+    ax.set_ylabel("peak memory of forward+backward (GiB)")
+    config = memory_runs()[0][2]["config"]
+    ax.set_title(
+        f"ring_dilated_flash, bf16, B=1 H={config['H']} D={config['D']}, segments {config['segments']}", fontsize=9
+    )
+    ax.set_xlim(0, 11)
+    ax.set_ylim(0, 160)
+    ax.legend(fontsize=7, frameon=False, loc="lower right")
+    return figure
+
+
+def tokens() -> Answer:
+    runs = memory_runs()
+    _name, card, mem = runs[0]
+    at, largest = mem["at_target"], mem["largest"]
+    floor = mem["floor_gib_per_million_tokens"] * at["N"] / 1e6
+    others = "; ".join(f"{c}: {m['largest']['N']:,}" for _, c, m in runs[1:])
+    conclusion = (
+        f"One {card} ({mem['card_gib']:.0f} GiB) runs forward and backward of exact dilated attention over "
+        f"**{at['N']:,} tokens** (H={mem['config']['H']}, D={mem['config']['D']}, bf16) with a peak of "
+        f"{at['peak_gib']:.0f} GiB, **{at['peak_gib'] / floor:.2f}x** the memory of q, k, v, the output and "
+        f"their gradients themselves; the largest length that fits is {largest['N']:,} ({others})."
+    )
+    rows = []
+    for file, card_name, m in runs:
+        kernel = meta(load(file)).get("kernel", "sdpa_cudnn").split(" ")[0]
+        for label, r in (("at the target", m["at_target"]), ("largest that fits", m["largest"])):
+            tensors = m["floor_gib_per_million_tokens"] * r["N"] / 1e6
+            rows.append([card_name, label, f"{r['N']:,}", f"`{kernel}`", f"{r['peak_gib']:.1f}",
+                         f"{r['forward_peak_gib']:.1f}", f"{r['peak_gib'] / tensors:.2f}", f"{r['seconds']:.1f}"])  # fmt: skip
+    memory_table = table(
+        ["card", "run", "N (tokens)", "kernel", "peak (GiB)", "forward peak (GiB)", "peak / tensors", "step (s)"], rows
+    )
+    tables = [
+        "One forward+backward step of `ring_dilated_flash` (B=1, segments [2048, 4096, 8192], rates [1, 2, 4]). "
+        "*peak / tensors*: the allocator's peak over the size of q, k, v, out, dout, dq, dk, dv; *step*: "
+        "the wall time of that step, first call included.\n\n"
+        + memory_table
+        + "\n\n"
+        + "\n".join(source(file) for file, _, _ in runs)
+    ]
+    return Answer(conclusion, tokens_figure, tables)
+
+
+# -- how does the ring scale ------------------------------------------------------------------
+RING = "ring-4xh200.json"
+
+
+def ring_rows() -> list[dict]:
+    return [r for r in load(RING)["rows"] if r["section"] == "timing"]
+
+
+def ring_figure(ax: Any = None) -> Any:
+    plt = _plt()
+    figure = None
+    if ax is None:
+        figure, ax = plt.subplots(figsize=(6.4, 3.6), constrained_layout=True)
+    rows = ring_rows()
+    for case, style in (("dense causal zigzag", "-"), ("dense non-causal", "--")):
+        mine = [r for r in rows if r["case"] == case]
+        ps = [r["P"] for r in mine]
+        ax.plot(ps, [r["tflops_per_gpu"] for r in mine], style, marker="o", color=COLORS["ours"],
+                label=f"ring (this library), {case}")  # fmt: skip
+        ax.plot(ps, [r["cp_tflops_per_gpu"] for r in mine], style, marker="s", color=COLORS["cp"],
+                label=f"PyTorch context parallel, {case}")  # fmt: skip
+    dilated = [r for r in rows if r["case"].startswith("dilated")]
+    ax.plot([r["P"] for r in dilated], [r["tflops_per_gpu"] for r in dilated], ":", marker="^", color=COLORS["ours"],
+            label="ring (this library), dilated (no context parallel equivalent)")  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({r["P"] for r in rows}), [str(p) for p in sorted({r["P"] for r in rows})])
+    ax.set_xlabel("GPUs (32,768 tokens each)")
+    ax.set_ylabel("TFLOP/s per GPU, higher is better")
+    ax.set_ylim(0, 700)
+    ax.set_title(f"Ring weak scaling on {meta(load(RING))['card']}, bf16, H=16, D=128", fontsize=9)
+    ax.legend(fontsize=7, frameon=False, loc="lower left")
+    return figure
+
+
+def ring() -> Answer:
+    rows = ring_rows()
+    top = max(r["P"] for r in rows)
+
+    def row(case: str, p: int) -> dict:
+        return next(r for r in rows if r["case"] == case and r["P"] == p)
+
+    causal, causal_1 = row("dense causal zigzag", top), row("dense causal zigzag", 1)
+    dilated = [r for r in rows if r["case"].startswith("dilated")]
+    conclusion = (
+        f"With 32,768 tokens per GPU, the ring on {top} {meta(load(RING))['card']} keeps "
+        f"**{causal['tflops_per_gpu'] / causal_1['tflops_per_gpu']:.0%}** of one GPU's throughput per GPU on "
+        f"dense causal attention and runs **{causal['ours_over_cp']:.2f}x** as fast as PyTorch's own context "
+        f"parallel on the same GPUs (non-causal {row('dense non-causal', top)['ours_over_cp']:.2f}x). Dilated "
+        "attention whose segments fit in a shard sends nothing: its time per step stays at "
+        f"{min(r['ms'] for r in dilated):.1f}-{max(r['ms'] for r in dilated):.1f} ms from 1 to {top} GPUs."
+    )
+    body = [
+        [r["case"], r["P"], f"{r['ms']:.1f}", f"{r['cp_ms']:.1f}" if "cp_ms" in r else "-",
+         f"{r['ours_over_cp']:.2f}x" if "ours_over_cp" in r else "-", f"{r['tflops_per_gpu']:.0f}",
+         f"{(r['bytes_fwd'] + r['bytes_bwd']) / 2**20:,.0f}", f"`{r['kernel']}`"]
+        for r in rows
+    ]  # fmt: skip
+    timing = table(
+        ["case", "GPUs", "ring (ms)", "context parallel (ms)", "speed-up vs context parallel", "TFLOP/s per GPU",
+         "sent per GPU (MiB)", "kernel"],
+        body,
+    )  # fmt: skip
+    tables = [
+        "Forward+backward, bf16, B=1, H=16, D=128, 32,768 tokens per GPU (N grows with the GPUs); dilated: "
+        "segments [2048, 8192, 32768], rates [1, 2, 4]. PyTorch's context parallel "
+        "(`torch.distributed.tensor.experimental.context_parallel`) runs its cuDNN SDPA backend; it has no "
+        "dilated attention.\n\n" + timing + "\n\n" + source(RING)
+    ]
+    more = [
+        folded("ring-2xh200.json", "Newest run on 2 H200 (final code; NCCL and copy-engine transports)"),
+        folded("ring-4xh200-copy-engine.json", "4 H200 with the copy-engine transport (timing, profile)"),
+        folded("overlap-2xh200.json", "What a transfer costs the attention kernels, by transport"),
+        folded("distributed-4xh200.json", "ring-distributed on 4 H200: ring, Ulysses, hybrid, all-gather"),
+        folded("distributed-2xh200.json", "ring-distributed on 2 H200"),
+    ]
+    return Answer(conclusion, ring_figure, tables, more)
+
+
+# -- block-sparse ---------------------------------------------------------------------------------
+SPARSE = "blocksparse-h200.json"
+SPARSE_RING = "blocksparse-ring-2xh200.json"
+METHODS = {"flex": "FlexAttention (block mask)", "gather": "gather, then the kernel dispatch"}
+METHOD_KERNELS = {"flex": "`flex_attention`", "gather": "`sdpa_cudnn`"}
+
+
+def blocksparse_figure() -> Any:
+    plt = _plt()
+    figure, ax = plt.subplots(figsize=(7.8, 3.6), constrained_layout=True)
+    data = load(SPARSE)
+    flex = [r for r in data["results"] if r["method"] == "flex"]
+    for (pattern, causal), color in zip(
+        [("local", False), ("random", False), ("local", True), ("random", True)],
+        [COLORS["ours"], COLORS["other"], COLORS["bare"], COLORS["flex"]],
+    ):
+        rows = sorted(
+            (r for r in flex if r["pattern"] == pattern and r["causal"] == causal), key=lambda r: r["density"]
+        )
+        ax.plot([r["density"] for r in rows], [r["fwd_bwd_ms"] for r in rows], marker="o", color=color,
+                label=f"{pattern} blocks, {_mask(causal)}")  # fmt: skip
+    for causal, style in ((False, "--"), (True, ":")):
+        dense = data["dense"]["causal" if causal else "full"]["fwd_bwd_ms"]
+        ax.axhline(dense, color="#666666", ls=style, lw=1, label=f"dense SDPA cuDNN, {_mask(causal)}")
+    ax.set_xlabel("density (fraction of (query block, key block) pairs kept)")
+    ax.set_ylabel("forward+backward (ms)")
+    ax.set_xlim(0, 0.55)
+    ax.set_title(f"Block-sparse attention (FlexAttention path) on one {meta(data)['card']}\n"
+                 "bf16, B=1 N=65,536 H=16 D=128, blocks of 128", fontsize=9)  # fmt: skip
+    ax.set_ylim(0, None)
+    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return figure
+
+
+def blocksparse() -> Answer:
+    data = load(SPARSE)
+    at = [r for r in data["results"] if abs(r["density"] - 0.1) < 1e-3]
+    flex = [r for r in at if r["method"] == "flex"]
+    best = min(r["ratio_fwd_bwd"] for r in flex)
+    worst = max(r["ratio_fwd_bwd"] for r in flex)
+    ring_rows = load(SPARSE_RING)["results"]
+    conclusion = (
+        f"At 10% density (N=65,536, one {meta(data)['card']}), block-sparse attention through FlexAttention "
+        f"takes **{best:.2f}-{worst:.2f}** of dense cuDNN attention's time ({1 / worst:.1f}-{1 / best:.1f}x "
+        "faster), and its time falls in proportion to the density. Across 2 GPUs the sparse ring is "
+        f"{min(r['speedup_vs_one_gpu_gather'] for r in ring_rows):.1f}-"
+        f"{max(r['speedup_vs_one_gpu_gather'] for r in ring_rows):.1f}x as fast as one GPU on the same "
+        "(gather) path, but still slower than one GPU's FlexAttention path."
+    )
+    rows = [
+        [r["pattern"], METHODS[r["method"]], METHOD_KERNELS[r["method"]], _mask(r["causal"]), f"{r['density']:.2f}",
+         f"{r['fwd_bwd_ms']:.1f}", f"{1 / r['ratio_fwd_bwd']:.1f}x", f"{r['useful_tflops_fwd_bwd']:.0f}",
+         f"{r['peak_gib']:.1f}"]
+        for r in sorted(at, key=lambda r: (r["method"] != "flex", r["causal"], r["pattern"]))
+    ]  # fmt: skip
+    timing = table(
+        ["pattern", "method", "kernel", "mask", "density", "time (ms)", "speed-up vs dense cuDNN", "useful TFLOP/s",
+         "peak (GiB)"],
+        rows,
+    )  # fmt: skip
+    ring_table = table(
+        ["pattern", "mask", "kernel", "one GPU, gather (ms)", "one GPU, FlexAttention (ms)", "ring of 2 GPUs (ms)",
+         "speed-up vs one GPU (gather)"],
+        [
+            [r["pattern"], _mask(r["causal"]), "`sdpa_cudnn`", f"{r['one_gpu_gather_ms']:.1f}",
+             f"{r['one_gpu_flex_ms']:.1f}", f"{r['ring_2_gpus_ms']:.1f}", f"{r['speedup_vs_one_gpu_gather']:.2f}x"]
+            for r in ring_rows
+        ],
+    )  # fmt: skip
+    tables = [
+        "Forward+backward at density 0.10 (the figure has the other densities, the folded file every row), "
+        "bf16, B=1, N=65,536, H=16, D=128, blocks of 128 tokens; *speed-up vs dense cuDNN* is dense SDPA "
+        "cuDNN's time (same mask) / this time.\n\n" + timing + "\n\n" + source(SPARSE),
+        "The sparse ring (density 0.10, the gather path on each GPU):\n\n" + ring_table + "\n\n" + source(SPARSE_RING),
+    ]
+    more = [
+        folded(SPARSE, "Every density and method of this run"),
+        folded("blocksparse-sweep-h200.json", "FlexAttention kernel options swept (the defaults come from here)"),
+        folded("blocksparse-tma-h200.json", "FlexAttention with TMA loads"),
+    ]
+    return Answer(conclusion, blocksparse_figure, tables, more)
+
+
+# -- CPU ------------------------------------------------------------------------------------------
+CPU = "cli-bench-cpu.json"
+CPU_LONG = "core-cpu.json"
+
+
+def cpu_figure() -> Any:
+    import matplotlib
+    import matplotlib.ticker
+
+    plt = _plt()
+    figure, ax = plt.subplots(figsize=(6.4, 3.6), constrained_layout=True)
+    results = load(CPU)["results"]
+    for name in dict.fromkeys(r["name"] for r in results):
+        rows = [r for r in results if r["name"] == name]
+        kernel = ", ".join(dict.fromkeys(r["kernel"] for r in rows))
+        ax.plot([r["seq_len"] for r in rows], [r["time_ms"] / 1e3 for r in rows], marker="o",
+                label=f"{name} ({kernel})", color="black" if name == "sdpa" else None)  # fmt: skip
+    lengths = sorted({r["seq_len"] for r in results})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [f"{n:,}" for n in lengths])
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("sequence length N")
+    ax.set_ylabel("forward+backward (s)")
+    info = meta(load(CPU))
+    ax.set_title(f"{info['card']}, {info['dtype']}\nsegments {info['segments']}, rates {info['rates']}", fontsize=9)
+    ax.legend(fontsize=7, frameon=False)
+    return figure
+
+
+def cpu() -> Answer:
+    data, info = load(CPU), meta(load(CPU))
+    longest = max(r["seq_len"] for r in data["results"])
+    last = [r for r in data["results"] if r["seq_len"] == longest and r["name"] != "sdpa"]
+    dilated = next(r for r in last if r["name"] == "dilated")
+    sdpa = next(r for r in data["results"] if r["seq_len"] == longest and r["name"] == "sdpa")
+    conclusion = (
+        f"On the CPU ({info['card']}, {info['dtype']}) every implementation runs and stays exact, but "
+        "this is for development and tests: at N={:,} `dilated` takes {:.1f} s per forward+backward, "
+        "{:.2f}x the speed of PyTorch's SDPA (which computes dense attention), with a peak of {:,.0f} MiB "
+        "against SDPA's {:,.0f} MiB."
+    ).format(
+        longest, dilated["time_ms"] / 1e3, dilated["speedup_vs_sdpa"], dilated["peak_mem_mib"], sdpa["peak_mem_mib"]
+    )
+    rows = [
+        [f"`{r['name']}`", f"`{r['kernel']}`", f"{r['seq_len']:,}", f"{r['time_ms']:,.0f}",
+         f"{r['speedup_vs_sdpa']:.2f}x", f"{r['tflops']:.3f}", f"{r['peak_mem_mib']:,.0f}"]
+        for r in data["results"]
+    ]  # fmt: skip
+    main = table(
+        ["implementation", "kernel", "N", "time (ms)", "speed-up vs SDPA", "useful TFLOP/s", "peak (MiB)"], rows
+    )
+    long_rows = [
+        [r["name"], "`cpu_flash` (the CPU's first kernel; not recorded by that run)", f"{r['seq_len']:,}", f"{r['time_ms'] / 1e3:.1f}",
+         f"{r['tflops']:.3f}", f"{r['peak_mem_mib']:,.0f}"]
+        for r in load(CPU_LONG)["results"]
+    ]  # fmt: skip
+    tables = [
+        f"`ring-attention bench`, B={info['batch']}, H={info['heads']}, D={info['head_dim']}. *speed-up vs SDPA* "
+        "is SDPA's time / this time (above 1: faster); *peak* is the CPU allocator's peak above the memory held "
+        "before the step; several processes shared the 2 cores, so times vary by tens of percent.\n\n"
+        + main + "\n\n" + source(CPU),
+        "Longer, N=65,536, float32, H=8, D=64, segments [2048, 4096, 8192], rates [1, 2, 4] "
+        "(`python -m tools.bench.core`, then `tools/bench_core.py`; its peak is the resident set's growth, sampled):\n\n"
+        + table(["what", "kernel", "N", "time (s)", "useful TFLOP/s", "peak (MiB)"], long_rows)
+        + "\n\n" + source(CPU_LONG),
+    ]  # fmt: skip
+    return Answer(conclusion, cpu_figure, tables)
+
+
+ANSWERS: dict[str, Callable[[], Answer]] = {
+    "one-gpu": one_gpu,
+    "tokens": tokens,
+    "ring": ring,
+    "blocksparse": blocksparse,
+    "cpu": cpu,
+}
+
+
+def figure_path(name: str) -> str:
+    return f"benchmarks/answer-{name}.png"
+
+
+def answer_markdown(name: str) -> str:
+    """The block that replaces ``<!-- answer: NAME -->`` on docs/benchmarks.md."""
+    result = ANSWERS[name]()
+    parts = [f"**Answer.** {result.conclusion}", f"![{name}]({figure_path(name)})", *result.tables]
+    if result.more:
+        parts.append("Older runs and variants, folded:\n\n" + "\n".join(result.more))
+    return "\n\n".join(parts) + "\n"
+
+
+def figures() -> dict[str, Any]:
+    """``{site path: figure factory}`` of every answer."""
+    return {figure_path(name): (lambda name=name: ANSWERS[name]().figure()) for name in ANSWERS}
