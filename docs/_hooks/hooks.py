@@ -63,9 +63,62 @@ def on_config(config: Any) -> Any:
     return config
 
 
+def public_names(module: str) -> tuple[list[str], dict[str, str]]:
+    """A module's public names defined in it (its ``__all__``, then its package's ``__all__``), in that order,
+    and the public names it re-exports from elsewhere (``{name: defining module}``).
+
+    Everything else (helpers, internal dataclasses) stays off the page.
+    """
+    mod = importlib.import_module(module)
+    package = importlib.import_module(module.split(".")[0])
+
+    def defined_at(name: str) -> str:
+        where = getattr(vars(mod).get(name), "__module__", module)  # a constant has none: defined here
+        return where if isinstance(where, str) and where.startswith(package.__name__) else module
+
+    own = list(getattr(mod, "__all__", []))
+    exported = [n for n in getattr(package, "__all__", []) if n in vars(mod) and defined_at(n) == module]
+    here = [n for n in dict.fromkeys(own + exported) if defined_at(n) == module and not n.startswith("_")]
+    return here, {n: defined_at(n) for n in own if defined_at(n) != module}
+
+
+def module_page(module: str) -> str:
+    """A submodule's page: its docstring, then its public names, each documented; internals left out."""
+    lines = [f"# `{module}`\n", f"::: {module}\n    options:\n      show_root_heading: false\n      members: false\n"]
+    try:
+        here, elsewhere = public_names(module)
+    except ImportError as exc:
+        return "\n".join([*lines, f"!!! warning\n    `{module}` is not importable here: {exc}\n"])
+    for name in here:
+        lines.append(f"::: {module}.{name}\n    options:\n      heading_level: 2\n      show_root_full_path: false\n")
+    if elsewhere:
+        lines.append("Also importable from here:\n")
+        lines += [
+            f"- `{name}`: see [`{where}`]({_relative(module, where)}#{where}.{name})"
+            for name, where in elsewhere.items()
+        ]
+        lines.append("")
+    if not here and not elsewhere:
+        lines.append(
+            '!!! note "No public names"\n    This module declares no public API (no `__all__`, nothing its package'
+            " exports): what it defines may change without notice, so it is not documented here.\n"
+        )
+    if module == "ring_core.factory":
+        lines.append("## Arguments per implementation\n\n<!-- generated: implementation-arguments -->\n")
+    return "\n".join(lines)
+
+
+def _relative(page_module: str, target_module: str) -> str:
+    """The path from ``page_module``'s reference page to ``target_module``'s."""
+    import posixpath
+
+    source = reference_path(page_module)
+    return posixpath.relpath(reference_path(target_module), posixpath.dirname(source))
+
+
 def reference_page(dist: str, module: str) -> str:
     if "." in module:
-        return f"# `{module}`\n\n::: {module}\n    options:\n      show_root_heading: false\n      heading_level: 2\n"
+        return module_page(module)
     lines = [
         f"# `{module}` ({dist})\n",
         f"::: {module}\n    options:\n      show_root_heading: false\n      members: false\n",
@@ -150,6 +203,25 @@ def generated(name: str) -> str:
         if not rows:
             return "*No deprecated names are registered by the packages installed for this build.*"
         return _table(["old name", "use instead (class / factory name)", "package", "removed in"], rows)
+    if name == "implementation-arguments":
+        from ring_core.arguments import describe_arguments
+
+        parts = [
+            "`create_attention(name, **config)` and `create_multihead_attention(name, embed_dim=..., num_heads=..., "
+            "**config)` pass `config` to the class registered under `name`; these are its arguments "
+            "(`ring-attention info --name NAME` prints the same for what is installed where you run it)."
+        ]
+        for impl in ring_core.list_implementations():
+            rows = [
+                [f"`{'**' if a.kind == '**' else ''}{a.name}`", f"`{a.annotation}`" if a.annotation else "",
+                 f"`{a.default}`" if a.default not in ("", "required") else a.default, a.description]
+                for a in describe_arguments(impl)
+            ]  # fmt: skip
+            parts.append(
+                f"### `{impl.name}`\n\n`{impl.cls.__name__}` ({impl.package}, {impl.kind}): {impl.description}"
+            )
+            parts.append(_table(["argument", "type", "default", "what"], rows))
+        return "\n\n".join(parts)
     if name == "build-info":
         versions = ", ".join(f"{p.name} {p.version}" for p in ring_core.get_registry().plugins if p.version)
         return f"*Generated on {datetime.date.today().isoformat()} from: {versions}.*"

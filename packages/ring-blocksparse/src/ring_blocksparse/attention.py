@@ -196,23 +196,31 @@ def _prepare(
 class BlockSparseRingDilatedAttention(nn.Module):
     """Exact block-sparse + dilated attention, on one device or as a sparse ring.
 
-    ``pattern`` names a registered pattern (built with ``**pattern_options``) or is a
-    :class:`~ring_blocksparse.Pattern`; ``block_layout`` is an explicit bool
-    ``(H or 1, ceil(N/b), ceil(N/b))`` over the global sequence; neither means every
-    block (plain dilated attention). Forward: ``attn(q, k, v, *, is_causal=False,
-    key_padding_mask=None, return_lse=False)`` on this rank's ``(B, n, H, D)`` shard. ``method``:
-    ``"flex"`` (strips: one FlexAttention kernel per dilated branch offset on strided views,
-    dense strips on the registry's kernel, LSE-merged; on one process and per ring step; needs
-    every rate to divide ``block_size``, runs of the sequence that split into whole kernel tiles,
-    no padding or dropout, and a backward only on CUDA; raises otherwise), ``"gather"``
-    (tiles gathered into dense blocks, the blockwise engine; everything) or ``"auto"`` (flex on
-    CUDA when it applies, else gather; gather under ``torch.compile`` and with ``return_lse``). ``transposed_backward`` batches the gather path's
-    backward by key tile. ``flex_kernel_options``: FlexAttention ``kernel_options``
-    (e.g. ``{"fwd_num_stages": 2}``) over the safe flags and tuned tiles the strip path
-    picks itself (:func:`ring_blocksparse.flex.kernel_options_for`). ``sparse_kernel``
-    (attribute): ``"flex"``, or ``"math"`` for the strip path's dense twin (tests: a CPU
-    backward). After each call, ``comm_stats`` holds the bytes this rank sent and received,
-    ``last_method`` the method and ``last_plan`` the plan.
+    Forward: ``attn(q, k, v, *, is_causal=False, key_padding_mask=None, return_lse=False)`` on this rank's
+    ``(B, n, H, D)`` shard. Beyond the arguments of :class:`ring_core.RingDilatedAttention`:
+
+    - ``block_size``: tokens per block of the layout.
+    - ``pattern``: the name of a registered pattern (built with ``**pattern_options``) or a
+      :class:`~ring_blocksparse.Pattern`; with no ``pattern`` and no ``block_layout``, every
+      block (plain dilated attention).
+    - ``block_layout``: an explicit bool ``(H or 1, ceil(N/b), ceil(N/b))`` over the global
+      sequence, instead of a ``pattern``.
+    - ``transposed_backward``: batch the gather path's backward by key tile.
+    - ``method``: ``"flex"`` (strips: one FlexAttention kernel per dilated branch offset on
+      strided views, dense strips on the registry's kernel, LSE-merged; on one process and per
+      ring step; needs every rate to divide ``block_size``, runs of the sequence that split into
+      whole kernel tiles, no padding or dropout, and a backward only on CUDA; raises otherwise),
+      ``"gather"`` (tiles gathered into dense blocks, the blockwise engine; everything) or
+      ``"auto"`` (flex on CUDA when it applies, else gather; gather under ``torch.compile`` and
+      with ``return_lse``).
+    - ``flex_kernel_options``: FlexAttention ``kernel_options`` (e.g. ``{"fwd_num_stages": 2}``)
+      over the safe flags and tuned tiles the strip path picks itself
+      (:func:`ring_blocksparse.flex.kernel_options_for`).
+    - ``**pattern_options``: the arguments of the named ``pattern`` (e.g. ``window``, ``seed``).
+
+    ``sparse_kernel`` (attribute): ``"flex"``, or ``"math"`` for the strip path's dense twin
+    (tests: a CPU backward). After each call, ``comm_stats`` holds the bytes this rank sent and
+    received, ``last_method`` the method and ``last_plan`` the plan.
     """
 
     def __init__(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
+from .arguments import describe_arguments
 from .deprecation import aliases_for, deprecated_getattr, warn_deprecated
 from .dilated import DilatedAttention, DilatedSchedule, dilated_attention
 from .dispatch import KernelNotAvailableError, select_kernel
@@ -60,6 +61,7 @@ __all__ = [
     "create_attention",
     "create_multihead_attention",
     "deprecated_getattr",
+    "describe_arguments",
     "dilated_attention",
     "explain_auto",
     "get_registry",

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from . import bench as bench_lib
-from .factory import create_attention, explain_auto
+from .factory import create_attention, explain_auto, resolve_implementation
 from .registry import get_registry, list_implementations, list_kernels, plugin_errors
 from .testing import CASES, QUICK_CASES, check_attention, format_table
 
@@ -28,6 +28,8 @@ def _yes_or_reasons(reasons: Sequence[str]) -> str:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    if args.name:
+        return _info_implementation(args.name)
     registry = get_registry()
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA device: {cuda}\n")
@@ -96,6 +98,28 @@ class _CaseLines:
     def summary(self) -> int:
         print(f"\n{self.done - self.failures} passed, {self.failures} failed")
         return 1 if self.failures else 0
+
+
+def _info_implementation(name: str) -> int:
+    """One implementation: where it comes from, whether it runs here, and every argument it accepts."""
+    from .arguments import format_arguments
+    from .factory import UnknownImplementationError
+
+    try:
+        impl = next(i for i in list_implementations() if name in (i.name, i.cls.__name__, *i.aliases))
+    except StopIteration:
+        try:  # the factory's message: what to install, or the closest known name
+            resolve_implementation(name)
+        except UnknownImplementationError as exc:
+            print(exc)
+        return 1
+    print(f"{impl.name}: {impl.description}")
+    print(f"class {impl.cls.__module__}.{impl.cls.__qualname__}, package {impl.package}, kind {impl.kind}")
+    print(f"available here: {_yes_or_reasons(impl.reasons)}")
+    if impl.aliases:
+        print("deprecated names: " + ", ".join(f"{a} (removed in {v})" for a, v in impl.aliases.items()))
+    print("\n" + format_arguments(impl))
+    return 0
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -241,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="plugins, implementations and kernel backends")
+    info.add_argument("--name", help="one implementation (name, class or old name): what it accepts")
     info.set_defaults(func=_cmd_info)
 
     verify = sub.add_parser("verify", help="check every available implementation against the reference")

@@ -128,10 +128,47 @@ def _create(name: str, kind: str, config: dict[str, Any]) -> nn.Module:
 
 
 def create_attention(name: str = "auto", **config: Any) -> nn.Module:
-    """Build an attention module ``attn(q, k, v, *, is_causal, key_padding_mask)`` by name."""
+    """Build an attention module ``attn(q, k, v, *, is_causal=False, key_padding_mask=None)`` by name.
+
+    Args:
+        name: a canonical name (``"dilated"``, ``"ring_dilated"``, ``"ring_dilated_flash"``, ...), a
+            class name, a deprecated name (warns), or ``"auto"``: the best implementation available
+            for the device and the current process group (:func:`explain_auto` says why).
+        **config: the constructor arguments of the implementation's class. Every one takes
+            ``segment_lengths`` and ``dilation_rates``; most take ``merge``, ``softmax_scale``,
+            ``dropout`` and ``kernel``; the ring implementations add ``layout``, ``process_group``
+            and ``transport``; each implementation has its own extras. The list per implementation,
+            with types, defaults and meanings: ``ring-attention info --name NAME``,
+            :func:`ring_core.describe_arguments`, or "Arguments per implementation" in the API
+            reference (:mod:`ring_core.factory`).
+
+    Returns:
+        The module. It takes ``(B, N, H, D)`` tensors (this rank's shard for the ring
+        implementations) and returns the same shape, dtype and device as ``q``.
+
+    Raises:
+        UnknownImplementationError: no installed plugin registers ``name`` (the message says which
+            package provides it, or the closest known name).
+        RuntimeError: the implementation cannot run here (the message lists why).
+    """
     return _create(name, "attention", config)
 
 
 def create_multihead_attention(name: str = "auto", *, embed_dim: int, num_heads: int, **config: Any) -> nn.Module:
-    """Build an ``nn.MultiheadAttention`` drop-in by name."""
+    """Build an ``nn.MultiheadAttention`` drop-in by name (``"multihead_dilated"``, ``"ring_multihead_dilated"``).
+
+    Args:
+        name: a canonical name, a class name, a deprecated name (warns), or ``"auto"``.
+        embed_dim: the model dimension, as for ``torch.nn.MultiheadAttention``.
+        num_heads: the number of heads, as for ``torch.nn.MultiheadAttention``.
+        **config: the other constructor arguments of the class: ``nn.MultiheadAttention``'s
+            (``dropout``, ``bias``, ``batch_first``, ...) and keyword-only extras such as
+            ``segment_lengths``, ``dilation_rates``, ``merge``, ``layer_norm`` (and
+            ``process_group``, ``layout`` for the ring). The list per implementation:
+            ``ring-attention info --name NAME`` or :func:`ring_core.describe_arguments`.
+
+    Returns:
+        The module; its ``forward`` has ``nn.MultiheadAttention.forward``'s signature and
+        returns ``(attn_output, attn_weights)``.
+    """
     return _create(name, "multihead", {"embed_dim": embed_dim, "num_heads": num_heads, **config})

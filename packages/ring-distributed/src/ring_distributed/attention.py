@@ -151,8 +151,12 @@ class RingDistributedDilatedAttention(RingAttentionBase):
       (Ulysses groups of ``ulysses_degree`` inside a node, ring across them),
       ``"allgather"`` (gather K/V over the ring groups, after an optional Ulysses
       all-to-all of ``ulysses_degree``) or ``"auto"`` (see :func:`~ring_distributed.mesh.resolve_strategy`).
-    - ``process_group`` (``None``: the default group) is split into the mesh, or
-      ``device_mesh``, a 2-D ``DeviceMesh`` with dims ``("ring", "ulysses")``.
+    - ``ulysses_degree``: ranks per Ulysses (all-to-all) group for ``"hybrid"`` and
+      ``"allgather"`` (``None``: chosen from the node size and the heads).
+    - ``process_group`` (``None``: the default group) is split into the mesh, unless
+      ``device_mesh`` is given.
+    - ``device_mesh``: a 2-D ``DeviceMesh`` with dims ``("ring", "ulysses")``, instead of
+      ``process_group``.
     - ``node_size``: ranks per node (default ``LOCAL_WORLD_SIZE``, else all ranks);
       Ulysses groups never straddle nodes.
     - ``transport``: how the ring group's K/V and dK/dV travel, as in

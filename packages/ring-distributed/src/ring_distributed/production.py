@@ -107,9 +107,16 @@ class _DeterministicBackward(torch.autograd.Function):
 class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
     """:class:`RingDistributedDilatedAttention` (default ``strategy="ring"``) hardened for training.
 
-    Extra arguments: ``checkpoint`` (bool), ``timeout`` (seconds or ``None``),
-    ``on_nonfinite`` (``None``, ``"raise"`` or ``"skip"``), ``deterministic`` (bool),
-    ``seed`` (int, dropout seed base in deterministic mode), ``reuse_buffers`` (bool).
+    Extra arguments:
+
+    - ``checkpoint``: recompute the attention in the backward instead of keeping its activations.
+    - ``timeout``: seconds a ring exchange may take before every rank raises (``None``: no limit).
+    - ``on_nonfinite``: ``None`` (no check), ``"raise"`` or ``"skip"`` (zero that step's output
+      and gradients) when a NaN or Inf appears.
+    - ``deterministic``: bitwise-reproducible results, dropout included.
+    - ``seed``: base of the dropout seed in deterministic mode.
+    - ``reuse_buffers``: keep the communication buffers between calls.
+
     :attr:`step` counts calls; :attr:`buffers` is the buffer pool;
     :attr:`nonfinite_events` lists what ``"skip"`` skipped.
     """

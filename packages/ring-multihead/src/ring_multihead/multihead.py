@@ -59,6 +59,7 @@ class MultiheadDilatedAttention(nn.Module):
       (SPEC.md). ``None`` (the default) is dense attention: one segment spanning
       the sequence, rate 1, i.e. exactly ``nn.MultiheadAttention``.
     - ``layer_norm``: MAGNETO's sub-LayerNorm (``self.norm``, before ``out_proj``).
+    - ``layer_norm_eps``: the ``eps`` of that LayerNorm.
     - ``gamma_init``: MAGNETO's ``gamma`` (see :mod:`ring_multihead.magneto`).
       Initialisation: ``q``, ``k`` projections ``xavier_normal_(gain=1)``; ``v``
       and ``out_proj`` ``xavier_normal_(gain=gamma_init)``; biases zero.
