@@ -55,3 +55,23 @@ def test_zigzag_work_is_balanced_and_lse_figure_is_exact():
     for rank in range(4):
         outside = [s for s in range(64) if s // 16 != rank]
         assert not needed[rank][:, outside].any()
+
+
+def test_migration_guide_shows_what_the_script_prints(capsys):
+    """docs/migration.md's output block is what docs/examples/migration_differences.py prints."""
+    runpy.run_path(str(ROOT / "docs" / "examples" / "migration_differences.py"), run_name="__main__")
+    printed = capsys.readouterr().out.strip()
+    guide = (ROOT / "docs" / "migration.md").read_text()
+    shown = guide.split("<!-- migration-output -->\n```text\n")[1].split("```\n<!-- /migration-output -->")[0]
+    assert printed == shown.strip()
+
+
+def test_no_page_calls_a_merge_the_originals():
+    """SPEC.md: merge="head_groups" borrows an idea and reproduces no peer's numbers; nothing may say otherwise."""
+    paths = [*ROOT.glob("docs/*.md"), ROOT / "README.md", *ROOT.glob("packages/*/README.md")]
+    paths += list(ROOT.glob("packages/*/src/**/*.py"))
+    for path in paths:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            lowered = line.lower()
+            if ("merge" in lowered or "head_groups" in lowered or "head-group" in lowered) and "never" not in lowered:
+                assert "original's" not in lowered and "variant" not in lowered, f"{path}:{number}: {line}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
+from .convert import convert_state_dict
 from .core import dense_cross_attention, dilated_attention_with_extra_keys
 from .layers import DilatedTransformerDecoderLayer, DilatedTransformerEncoderLayer
 from .longnet import LongNetLM
@@ -23,6 +24,7 @@ __all__ = [
     "MultiheadDilatedAttention",
     "RingMultiheadDilatedAttention",
     "__version__",
+    "convert_state_dict",
     "dense_cross_attention",
     "dilated_attention_with_extra_keys",
     "magneto_gamma",
