@@ -95,3 +95,10 @@ def test_single_gpu_simulation_fails_on_a_corrupt_merge():
     (row,) = simulation_rows(result.stdout)
     assert row["error"] > 1e-3, row
     assert "FAIL" in result.stdout
+
+
+def test_readme_says_what_each_example_shows_and_how_to_run_it():
+    readme = (EXAMPLES / "README.md").read_text()
+    for script in sorted(EXAMPLES.glob("*.py")):
+        assert f"[`{script.name}`]({script.name})" in readme, script.name
+        assert f"python examples/ring_attention/{script.name}" in readme, script.name
