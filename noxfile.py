@@ -118,6 +118,19 @@ def docs(session: nox.Session) -> None:
 
 
 @nox.session(default=False)
+def screenshots(session: nox.Session) -> None:
+    """Build the docs, serve them and shoot home, quickstart and benchmarks in headless Chromium (docs-screenshots/).
+
+    Needs Chromium on the machine (Debian: apt-get install chromium; or set CHROMIUM). Look at the PNGs.
+    """
+    install_project(session, "matplotlib", *DOCS_REQUIREMENTS)
+    session.run("mkdocs", "build", "--strict", env={"NO_MKDOCS_2_WARNING": "1"})
+    session.run(
+        "python", "-m", "tools.docs.screenshots", "--site", "site", "--out", "docs-screenshots", *session.posargs
+    )
+
+
+@nox.session(default=False)
 def build(session: nox.Session) -> None:
     """sdist + wheel of every package into one wheelhouse (./wheelhouse, or the first posarg)."""
     session.install("build==1.6.1")

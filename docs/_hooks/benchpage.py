@@ -69,13 +69,13 @@ def one_gpu_figure(ax: Any = None) -> Any:
     for i, (name, color, label) in enumerate(names):
         values = [rows[name][causal]["ms"] for causal in (False, True)]
         bars = ax.bar([x + (i - 1) * 0.27 for x in (0, 1)], values, 0.27, color=COLORS[color], label=label)
-        ax.bar_label(bars, [f"{v:.1f}" for v in values], fontsize=8, padding=2)
+        ax.bar_label(bars, [f"{v:.1f}" for v in values], fontsize="small", padding=2)
     ax.set_xticks([0, 1], ["non-causal", "causal"])
     ax.set_ylabel("forward+backward (ms), lower is better")
     config = load(FLEX)["meta"]["title"].split(", ", 1)[1].replace("; forward+backward", "")
-    ax.set_title(f"Exact dilated attention on one {meta(load(FLEX))['card']}\n{config}", fontsize=9)
-    ax.legend(fontsize=8, frameon=False)
-    ax.margins(y=0.15)
+    ax.set_title(f"Exact dilated attention on one {meta(load(FLEX))['card']}\n{config}", fontsize="medium")
+    ax.legend(fontsize="small", frameon=False)
+    ax.set_ylim(0, 1.45 * max(r["ms"] for row in rows.values() for r in row.values()))  # room for the legend
     return figure
 
 
@@ -166,18 +166,19 @@ def tokens_figure() -> Any:
         failed = [int(n) / 1e6 for n, ok in mem["tried"].items() if not ok]
         ax.plot(failed, [mem["card_gib"]] * len(failed), "x", color=color, label=f"{card}: out of memory")
         ax.axhline(mem["card_gib"], color=color, lw=0.8, ls=":")
-        ax.annotate(f"{card} ({mem['card_gib']:.0f} GiB)", (0.1, mem["card_gib"]), fontsize=7, va="bottom")
+        ax.annotate(f"{card} ({mem['card_gib']:.0f} GiB)", (0.1, mem["card_gib"]), fontsize="x-small", va="bottom")
     floor = memory_runs()[0][2]["floor_gib_per_million_tokens"]
     ax.plot([0, 11], [0, floor * 11], color="#999999", lw=1, label="q, k, v, out and gradients alone")
     ax.set_xlabel("sequence length N (millions of tokens)")
     ax.set_ylabel("peak memory of forward+backward (GiB)")
     config = memory_runs()[0][2]["config"]
     ax.set_title(
-        f"ring_dilated_flash, bf16, B=1 H={config['H']} D={config['D']}, segments {config['segments']}", fontsize=9
+        f"ring_dilated_flash, bf16, B=1 H={config['H']} D={config['D']}, segments {config['segments']}",
+        fontsize="medium",
     )
     ax.set_xlim(0, 11)
     ax.set_ylim(0, 160)
-    ax.legend(fontsize=7, frameon=False, loc="lower right")
+    ax.legend(fontsize="x-small", frameon=False, loc="lower right")
     return figure
 
 
@@ -243,8 +244,8 @@ def ring_figure(ax: Any = None) -> Any:
     ax.set_xlabel("GPUs (32,768 tokens each)")
     ax.set_ylabel("TFLOP/s per GPU, higher is better")
     ax.set_ylim(0, 700)
-    ax.set_title(f"Ring weak scaling on {meta(load(RING))['card']}, bf16, H=16, D=128", fontsize=9)
-    ax.legend(fontsize=7, frameon=False, loc="lower left")
+    ax.set_title(f"Ring weak scaling on {meta(load(RING))['card']}, bf16, H=16, D=128", fontsize="medium")
+    ax.legend(fontsize="x-small", frameon=False, loc="lower left")
     return figure
 
 
@@ -266,7 +267,7 @@ def ring() -> Answer:
         f"{min(r['ms'] for r in dilated):.1f}-{max(r['ms'] for r in dilated):.1f} ms from 1 to {top} GPUs."
     )
     body = [
-        [r["case"], r["P"], f"{r['ms']:.1f}", f"{r['cp_ms']:.1f}" if "cp_ms" in r else "-",
+        [r["case"].split(" [")[0], r["P"], f"{r['ms']:.1f}", f"{r['cp_ms']:.1f}" if "cp_ms" in r else "-",
          f"{r['ours_over_cp']:.2f}x" if "ours_over_cp" in r else "-", f"{r['tflops_per_gpu']:.0f}",
          f"{(r['bytes_fwd'] + r['bytes_bwd']) / 2**20:,.0f}", f"`{r['kernel']}`"]
         for r in rows
@@ -320,9 +321,9 @@ def blocksparse_figure() -> Any:
     ax.set_ylabel("forward+backward (ms)")
     ax.set_xlim(0, 0.55)
     ax.set_title(f"Block-sparse attention (FlexAttention path) on one {meta(data)['card']}\n"
-                 "bf16, B=1 N=65,536 H=16 D=128, blocks of 128", fontsize=9)  # fmt: skip
+                 "bf16, B=1 N=65,536 H=16 D=128, blocks of 128", fontsize="medium")  # fmt: skip
     ax.set_ylim(0, None)
-    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.legend(fontsize="x-small", frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1))
     return figure
 
 
@@ -402,8 +403,10 @@ def cpu_figure() -> Any:
     ax.set_xlabel("sequence length N")
     ax.set_ylabel("forward+backward (s)")
     info = meta(load(CPU))
-    ax.set_title(f"{info['card']}, {info['dtype']}\nsegments {info['segments']}, rates {info['rates']}", fontsize=9)
-    ax.legend(fontsize=7, frameon=False)
+    ax.set_title(
+        f"{info['card']}, {info['dtype']}\nsegments {info['segments']}, rates {info['rates']}", fontsize="medium"
+    )
+    ax.legend(fontsize="x-small", frameon=False)
     return figure
 
 
@@ -414,8 +417,9 @@ def cpu() -> Answer:
     dilated = next(r for r in last if r["name"] == "dilated")
     sdpa = next(r for r in data["results"] if r["seq_len"] == longest and r["name"] == "sdpa")
     conclusion = (
-        f"On the CPU ({info['card']}, {info['dtype']}) every implementation runs and stays exact, but "
-        "this is for development and tests: at N={:,} `dilated` takes {:.1f} s per forward+backward, "
+        f"On the CPU ({info['card']}, {info['dtype']}) every implementation runs (`ring-attention verify` "
+        "checks each against the reference), for development and tests: at N={:,} `dilated` takes {:.1f} s "
+        "per forward+backward, "
         "{:.2f}x the speed of PyTorch's SDPA (which computes dense attention), with a peak of {:,.0f} MiB "
         "against SDPA's {:,.0f} MiB."
     ).format(
@@ -440,7 +444,8 @@ def cpu() -> Answer:
         "before the step; several processes shared the 2 cores, so times vary by tens of percent.\n\n"
         + main + "\n\n" + source(CPU),
         "Longer, N=65,536, float32, H=8, D=64, segments [2048, 4096, 8192], rates [1, 2, 4] "
-        "(`python -m tools.bench.core`, then `tools/bench_core.py`; its peak is the resident set's growth, sampled):\n\n"
+        "(`tools/bench_core.py`, now `python -m tools.bench.core`; its peak is the resident set's growth, "
+        "sampled):\n\n"
         + table(["what", "kernel", "N", "time (s)", "useful TFLOP/s", "peak (MiB)"], long_rows)
         + "\n\n" + source(CPU_LONG),
     ]  # fmt: skip

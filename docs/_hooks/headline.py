@@ -29,10 +29,10 @@ def figure():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
-    one_gpu_figure(left)
-    ring_figure(right)
-    fig.suptitle("ring-attention: exact long-context attention, measured", fontsize=11)
+    with plt.rc_context({"font.size": 12}):  # read at the width of a README
+        fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
+        one_gpu_figure(left)
+        ring_figure(right)
     return fig
 
 
