@@ -89,7 +89,10 @@ def one_gpu() -> Answer:
         f"as fast as the same attention written with FlexAttention ({flex[True]['ms'] / ours[True]['ms']:.1f}x "
         "causal). Both compute the exact result (bf16 errors below). The dense special case runs within "
         f"{max(r['ours_over_sdpa'] for r in load('flash-dilated-h100.json')['dense']['rows']) - 1:.0%} of plain "
-        "SDPA's time on the same kernel."
+        "SDPA's time on the same kernel; with flash-attn 4 installed the default dispatch picks the faster "
+        "kernel per block shape, and the `nn.MultiheadAttention` drop-in runs "
+        f"{min(r['speed_vs_nn'] for r in load(MULTIHEAD)['rows']):.2f}-"
+        f"{max(r['speed_vs_nn'] for r in load(MULTIHEAD)['rows']):.2f}x as fast as `nn.MultiheadAttention`."
     )
     timing = table(
         ["implementation", "kernel", "mask", "time (ms)", "useful TFLOP/s", "speed vs bare cuDNN", "extra memory (GiB)"],
@@ -128,6 +131,8 @@ def one_gpu() -> Answer:
         + dense
         + "\n\n"
         + source(dense_file),
+        dispatch_table(),
+        multihead_table(),
     ]
     more = [
         folded("flash-dilated-h200.json", "Variants on one H200: Triton or torch merges, core engine, CUDA graphs"),
@@ -144,6 +149,58 @@ def one_gpu() -> Answer:
         ),
     ]  # fmt: skip
     return Answer(conclusion, one_gpu_figure, tables, more)
+
+
+DISPATCH = "flash-dispatch-h200.json"
+MULTIHEAD = "multihead-causal-h200.json"
+MULTIHEAD_FORMS = {
+    "none": "no mask",
+    "hint": "causal attn_mask and is_causal=True",
+    "is_causal": "is_causal=True alone",
+    "mask": "causal attn_mask alone",
+}
+
+
+def dispatch_table() -> str:
+    """Each kernel forced, then the default dispatch, on the same blocks (flash-attn 4 installed)."""
+    rows = []
+    for r in load(DISPATCH)["rows"]:
+        forced = {k.removesuffix(" ms"): v for k, v in r.items() if k.endswith(" ms") and k != "dispatch ms"}
+        best = min(forced.values())
+        case = r["case"].split(" [")[0].removesuffix(" causal")
+        for kernel, ms in sorted(forced.items(), key=lambda item: item[1]):
+            rows.append([case, _mask(r["causal"]), f"`{kernel}` (forced)", f"{ms:.2f}", f"{best / ms:.2f}"])
+        picks = ", ".join(choice.split(": ")[1] for choice in r["tuned_choices"])
+        rows.append([case, _mask(r["causal"]), f"`{r['dispatch_picks']}` (default, picks `{picks}`)",
+                     f"{r['dispatch ms']:.2f}", f"{1 / r['dispatch_vs_best_forced']:.2f}"])  # fmt: skip
+    table_ = table(["case", "mask", "kernel", "time (ms)", "speed vs the fastest forced kernel"], rows)
+    return (
+        "Which kernel computes the blocks: `ring_dilated_flash` (bf16, H=16, D=128; dilated: segments [2048, "
+        "4096, 8192], rates [1, 2, 4]) with each kernel forced, then with the default dispatch, which follows "
+        "the card's measured table (`ring_flash/tables/nvidia-h200.json`, drawn below; `ring-attention info` "
+        "prints it):\n\n"
+        + table_
+        + "\n\n![kernel table](benchmarks/flash-kernel-table-h200.png)\n\n"
+        + source(DISPATCH)
+    )
+
+
+def multihead_table() -> str:
+    """The ``nn.MultiheadAttention`` drop-in against ``nn.MultiheadAttention`` itself, in every causal form."""
+    rows = [
+        [MULTIHEAD_FORMS.get(r["form"], r["form"]), "not recorded by this run", f"{r['ours ms']:.2f}",
+         f"{r['nn ms']:.2f}", f"{r['speed_vs_nn']:.2f}x", f"{r['output_difference_bf16']:.1e}"]
+        for r in load(MULTIHEAD)["rows"]
+    ]  # fmt: skip
+    header = ["causal form", "kernel", "`MultiheadDilatedAttention` (ms)", "`nn.MultiheadAttention` (ms)",
+              "speed-up vs `nn.MultiheadAttention`", "output difference (bf16)"]  # fmt: skip
+    return (
+        "The `nn.MultiheadAttention` drop-in (`multihead_dilated`, dense configuration, same weights, "
+        f"{load(MULTIHEAD)['what'].removeprefix('ms per forward+backward, ')}):\n\n"
+        + table(header, rows)
+        + "\n\n"
+        + source(MULTIHEAD)
+    )
 
 
 # -- how far does one GPU go ------------------------------------------------------------------
