@@ -64,8 +64,8 @@ def on_config(config: Any) -> Any:
 
 
 def public_names(module: str) -> tuple[list[str], dict[str, str]]:
-    """A module's public names defined in it (its ``__all__``, then its package's ``__all__``), in that order,
-    and the public names it re-exports from elsewhere (``{name: defining module}``).
+    """A module's public names defined in it (its ``__all__``, then what the package or a sibling module
+    declares public), in that order, and the public names it re-exports from elsewhere (``{name: defining module}``).
 
     Everything else (helpers, internal dataclasses) stays off the page.
     """
@@ -77,9 +77,19 @@ def public_names(module: str) -> tuple[list[str], dict[str, str]]:
         return where if isinstance(where, str) and where.startswith(package.__name__) else module
 
     own = list(getattr(mod, "__all__", []))
-    exported = [n for n in getattr(package, "__all__", []) if n in vars(mod) and defined_at(n) == module]
+    exported = [n for n in declared_names(package.__name__) if n in vars(mod) and defined_at(n) == module]
     here = [n for n in dict.fromkeys(own + exported) if defined_at(n) == module and not n.startswith("_")]
     return here, {n: defined_at(n) for n in own if defined_at(n) != module}
+
+
+def declared_names(package: str) -> list[str]:
+    """Every name that the package or one of its public modules lists in ``__all__``."""
+    names = list(getattr(importlib.import_module(package), "__all__", []))
+    for modules in public_modules().values():
+        for module in modules:
+            if module.split(".")[0] == package and "." in module:
+                names += getattr(importlib.import_module(module), "__all__", [])
+    return list(dict.fromkeys(names))
 
 
 def module_page(module: str) -> str:

@@ -300,6 +300,24 @@ class BlockSparseRingDilatedAttention(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         return_lse: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Block-sparse dilated attention: a key is seen when the layout and the pattern both allow it.
+
+        Args:
+            q: ``(B, n, H, D)``, this rank's shard (``n = N`` on one process); float64, float32,
+                float16 or bfloat16.
+            k: ``(B, n, H_kv, D)``, ``H % H_kv == 0``; same dtype and device as ``q``.
+            v: ``(B, n, H_kv, D_v)``.
+            is_causal: query ``t`` sees only keys ``s <= t`` (global positions).
+            key_padding_mask: bool ``(B, n)``, ``True`` where a key is padding.
+            return_lse: also return the log-sum-exp of each query row's scores, ``(B, H, n)``,
+                float32 (float64 for float64 inputs).
+
+        Returns:
+            ``(B, n, H, D_v)``: this rank's rows, dtype and device of ``q``; a query whose blocks
+            hold no visible key gets 0. :attr:`comm_stats`, :attr:`last_method` and
+            :attr:`last_plan` describe the call.
+            With ``return_lse``, the pair ``(out, lse)``.
+        """
         check_qkv(q, k, v, key_padding_mask)
         rank, world = group_rank_and_size(self.process_group)
         dropout_p = self.dropout if self.training else 0.0

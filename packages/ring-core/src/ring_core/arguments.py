@@ -4,8 +4,8 @@ The factories forward ``**config`` to the class registered under ``name``, so it
 constructor's signature is the list of arguments. :func:`describe_arguments` reads that
 signature and finds a description for each argument: the class's (or a base class's)
 docstring, as a Google-style ``Args:`` entry or a ``- ``name``: ...`` bullet, else the
-meaning shared by every implementation (:data:`COMMON_ARGUMENTS`). ``ring-attention info --name NAME`` prints the result; the API
-reference shows it for every installed implementation.
+meaning shared by every implementation (:data:`COMMON_ARGUMENTS`). ``ring-attention info
+--name NAME`` prints the result; the API reference shows it for every installed implementation.
 """
 
 from __future__ import annotations

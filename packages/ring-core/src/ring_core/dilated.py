@@ -239,6 +239,7 @@ class DilatedSchedule(BlockSchedule):
             yield from dilated_parts(q.shape[1], branch, q.shape[2] // k.shape[2], q.device)
 
     def forward(self, q, k, v, acc: Accumulator) -> None:
+        """Merge each branch's blocks (its segments, gathered) into ``acc``; ``q, k, v``: ``(B, N, H, D)``."""
         for block_id, part in enumerate(self._parts(q, k)):
             kv = (part.gather_kv(k), part.gather_kv(v), part.key_mask(self.key_padding_mask))
             forward_block(self.kernel, part, q, *kv, acc, causal=self.causal, block_id=block_id)
@@ -352,6 +353,26 @@ class DilatedAttention(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         return_lse: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """LongNet dilated attention of ``q`` over ``k``, ``v`` (SPEC.md); differentiable.
+
+        Args:
+            q: ``(B, N, H, D)`` queries, float64, float32, float16 or bfloat16 (the kernels say which
+                they serve: ``ring-attention info``); any ``N``.
+            k: ``(B, N, H_kv, D)`` keys, ``H % H_kv == 0`` (grouped-query attention); same dtype and
+                device as ``q``.
+            v: ``(B, N, H_kv, D_v)`` values.
+            is_causal: query ``t`` sees only keys ``s <= t``.
+            key_padding_mask: bool ``(B, N)``, ``True`` where a key is padding: no query sees it.
+            return_lse: also return the log-sum-exp of each query row's scores, ``(B, H, N)``,
+                float32 (float64 for float64 inputs).
+
+        Returns:
+            ``(B, N, H, D_v)`` in the dtype and on the device of ``q``; a query that sees no key gets 0.
+            With ``return_lse``, the pair ``(out, lse)``.
+
+        Raises:
+            ValueError, TypeError: inputs that do not fit, named with the shape or dtype found.
+        """
         return dilated_attention(
             q,
             k,

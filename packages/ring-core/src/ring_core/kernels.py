@@ -147,6 +147,24 @@ class KernelBackend:
         dropout_p: float = 0.0,
         seed: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block of attention: ``(out, lse)`` of ``q`` over ``k``, ``v``.
+
+        Args:
+            q: ``(B, N, H, D)``, the block's query rows.
+            k: ``(B, M, H_kv, D)``, its key rows, ``H % H_kv == 0``; same dtype and device as ``q``
+                (the backend's declared ``dtypes`` and ``devices``).
+            v: ``(B, M, H_kv, D_v)``.
+            scale: multiplies ``q . k`` before the softmax.
+            causal: on a square block (``N == M``) query ``i`` sees key ``j`` iff ``j <= i``.
+            mask: bool, broadcastable to ``(B, H, N, M)``, ``True`` where a key is allowed.
+            dropout_p: dropout on the attention weights (backends with ``supports_dropout``).
+            seed: the dropout's seed; the backward is called with the same one.
+
+        Returns:
+            ``out``, ``(B, N, H, D_v)`` in the dtype of ``q``, and ``lse``, ``(B, H, N)``, the
+            natural-log log-sum-exp of each row's scores (float32; float64 for float64 inputs).
+            A row that sees no key gets ``out = 0`` and ``lse = -inf``.
+        """
         raise NotImplementedError
 
     def backward(
@@ -258,6 +276,7 @@ class MathKernel(KernelBackend):
         return k, v, groups
 
     def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+        """:meth:`KernelBackend.forward` by matrix products in the accumulation dtype, in row chunks."""
         acc = accumulation_dtype(q.dtype)
         b, n, h, _ = q.shape
         k, v, _ = self._expand_kv(q, k, v)
@@ -334,6 +353,7 @@ class CPUFlashKernel(KernelBackend):
         return bias, allowed
 
     def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+        """:meth:`KernelBackend.forward` through ``aten._scaled_dot_product_flash_attention_for_cpu``."""
         bias, allowed = self._additive(q, causal, mask)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q.transpose(1, 2),

@@ -167,6 +167,33 @@ class RingAttentionBase(nn.Module):
         self._validated: set[tuple] = set()
         self._op = _ModuleOp(self)
 
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        is_causal: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
+        return_lse: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The call every ring module answers (each subclass computes it its own way).
+
+        Args:
+            q: ``(B, N/P, H, D)``, this rank's queries in ``layout``; float64, float32, float16
+                or bfloat16.
+            k: ``(B, N/P, H_kv, D)``, ``H % H_kv == 0``; same dtype and device as ``q``.
+            v: ``(B, N/P, H_kv, D_v)``.
+            is_causal: query ``t`` sees only keys ``s <= t`` (global positions).
+            key_padding_mask: bool ``(B, N/P)``, this rank's shard, ``True`` where a key is padding.
+            return_lse: also return the log-sum-exp of each query row's scores, ``(B, H, N/P)``.
+
+        Returns:
+            ``(B, N/P, H, D_v)``: this rank's rows of the output, dtype and device of ``q``;
+            with ``return_lse``, the pair ``(out, lse)``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must define forward")
+
     def run(
         self,
         q: torch.Tensor,
@@ -260,6 +287,28 @@ class RingDilatedAttention(RingAttentionBase):
         key_padding_mask: torch.Tensor | None = None,
         return_lse: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Dilated (or dense) attention over the whole sequence, from this rank's shard (SPEC.md).
+
+        Every rank of ``process_group`` calls it at once with its shard in ``layout``
+        (:func:`ring_core.shard_sequence`); keys and values travel around the ring.
+
+        Args:
+            q: ``(B, N/P, H, D)``, this rank's queries; float64, float32, float16 or bfloat16.
+            k: ``(B, N/P, H_kv, D)``, this rank's keys, ``H % H_kv == 0``; same dtype and device.
+            v: ``(B, N/P, H_kv, D_v)``, this rank's values.
+            is_causal: query ``t`` sees only keys ``s <= t`` (global positions).
+            key_padding_mask: bool ``(B, N/P)``, this rank's shard, ``True`` where a key is padding.
+            return_lse: also return the log-sum-exp of each query row's scores, ``(B, H, N/P)``,
+                float32 (float64 for float64 inputs).
+
+        Returns:
+            ``(B, N/P, H, D_v)``: this rank's rows of the output, dtype and device of ``q``.
+            With ``return_lse``, the pair ``(out, lse)``.
+
+        Raises:
+            RingConfigError: the ranks disagree (shapes, dtypes, flags) or ``N`` does not fit the
+                layout; every rank raises the same error, none hangs.
+        """
         dropout_p = self.dropout if self.training else 0.0
         self._check(q, k, v, key_padding_mask, bool(is_causal), dropout_p)
         return self.run(

@@ -137,6 +137,10 @@ class RingDilatedSchedule(BlockSchedule):
 
     # -- forward ---------------------------------------------------------------------------------------
     def forward(self, q, k, v, acc: Accumulator) -> None:
+        """Merge this rank's blocks into ``acc`` (``(B, N/P, H, D)`` shards).
+
+        The peers' K/V rows arrive as the plan says, while the local blocks are computed.
+        """
         self.comm.begin("forward")
         self.comm.reserve("send", self.send_bounds.get("send", 0), q.device)
         pending = self._start_kv(1, k, v)

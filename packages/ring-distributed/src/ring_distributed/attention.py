@@ -284,6 +284,23 @@ class RingDistributedDilatedAttention(RingAttentionBase):
         key_padding_mask: torch.Tensor | None = None,
         return_lse: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Attention over the whole sequence from this rank's shard, by the module's strategy (SPEC.md).
+
+        Args:
+            q: ``(B, N/P, H, D)``, this rank's queries (shard index: its rank in the group, or
+                ``ring_index * u + ulysses_index`` on a ``device_mesh``); float64, float32, float16
+                or bfloat16. ``"ulysses"`` needs ``H`` divisible by the Ulysses degree.
+            k: ``(B, N/P, H_kv, D)``, ``H % H_kv == 0``; same dtype and device as ``q``.
+            v: ``(B, N/P, H_kv, D_v)``.
+            is_causal: query ``t`` sees only keys ``s <= t`` (global positions).
+            key_padding_mask: bool ``(B, N/P)``, this rank's shard, ``True`` where a key is padding.
+            return_lse: also return the log-sum-exp of each query row's scores, ``(B, H, N/P)``,
+                float32 (float64 for float64 inputs).
+
+        Returns:
+            ``(B, N/P, H, D_v)``: this rank's rows of the output, dtype and device of ``q``.
+            With ``return_lse``, the pair ``(out, lse)``.
+        """
         dropout_p = self.dropout if self.training else 0.0
         self._validate(q, k, v, key_padding_mask, bool(is_causal), dropout_p)
         return self._attend(q, k, v, bool(is_causal), key_padding_mask, dropout_p, return_lse)

@@ -249,6 +249,24 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
         key_padding_mask: torch.Tensor | None = None,
         return_lse: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`RingDistributedDilatedAttention.forward`, hardened for training.
+
+        Args:
+            q: ``(B, N/P, H, D)``, this rank's queries; float64, float32, float16 or bfloat16.
+            k: ``(B, N/P, H_kv, D)``, ``H % H_kv == 0``; same dtype and device as ``q``.
+            v: ``(B, N/P, H_kv, D_v)``.
+            is_causal: query ``t`` sees only keys ``s <= t`` (global positions).
+            key_padding_mask: bool ``(B, N/P)``, this rank's shard, ``True`` where a key is padding.
+            return_lse: also return the log-sum-exp of each query row's scores, ``(B, H, N/P)``,
+                float32 (float64 for float64 inputs).
+
+        Returns:
+            ``(B, N/P, H, D_v)``: this rank's rows of the output. With ``on_nonfinite="skip"`` a
+            step with a NaN or Inf in its inputs, its output or (later) a gradient gives zeros
+            instead and is recorded in :attr:`nonfinite_events`; ``"raise"`` raises
+            :class:`NonFiniteError` on every rank.
+            With ``return_lse``, the pair ``(out, lse)``.
+        """
         self.step += 1
         step = self._call_step = self.step
         causal = bool(is_causal)

@@ -166,6 +166,7 @@ class FlashAttn2Kernel(FlashAttnKernel):
     )  # fmt: skip
 
     def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+        """:meth:`~ring_core.kernels.KernelBackend.forward` through FlashAttention-2's ``_flash_attn_forward``."""
         result = _call(
             self._forward_fn(), q=q, k=k, v=v, dropout_p=0.0, softmax_scale=scale, causal=causal,
             window_size=(-1, -1), window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None,
@@ -218,6 +219,7 @@ class FlashAttn3Kernel(FlashAttnKernel):
     )  # fmt: skip
 
     def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+        """:meth:`~ring_core.kernels.KernelBackend.forward` through FlashAttention-3's ``_flash_attn_forward``."""
         result = _call(
             self._forward_fn(), q=q, k=k, v=v, **dict.fromkeys(self._FORWARD_NONE), softmax_scale=scale,
             causal=causal, window_size=(-1, -1), window_size_left=-1, window_size_right=-1, attention_chunk=0,
@@ -259,6 +261,7 @@ class FlashAttn4Kernel(FlashAttnKernel):
     )
 
     def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+        """:meth:`~ring_core.kernels.KernelBackend.forward` through FlashAttention-4 (``flash_attn.cute``)."""
         out, lse = _call(self._forward_fn(), q=q, k=k, v=v, softmax_scale=scale, causal=causal, return_lse=True)[:2]
         return out, _check_lse(lse, q, "flash_attn.cute")
 

@@ -73,6 +73,7 @@ class SDPACuDNNKernel(GPUKernel):
         return q.shape[1] == 1 or k.shape[1] == 1
 
     def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+        """:meth:`~ring_core.kernels.KernelBackend.forward` through ``aten._scaled_dot_product_cudnn_attention``."""
         b, n, h, _ = q.shape
         if self._tiny(q, k):
             return MathKernel().forward(q, k, v, scale=scale, causal=causal)
@@ -124,6 +125,7 @@ class SDPAFlashKernel(GPUKernel):
     priorities = (((9, 0), 60), ((8, 0), 60))
 
     def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+        """:meth:`~ring_core.kernels.KernelBackend.forward` through ``aten._flash_attention_forward``."""
         out, lse, *_ = torch.ops.aten._flash_attention_forward(
             q, k, v, None, None, q.shape[1], k.shape[1], 0.0, causal, False, scale=scale
         )
@@ -173,6 +175,7 @@ class SDPAEfficientKernel(GPUKernel):
         return bias.expand(b, h, n, m), ~seen.expand(b, h, n), mask_type
 
     def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+        """:meth:`~ring_core.kernels.KernelBackend.forward` through ``aten._efficient_attention_forward``."""
         bias, empty, mask_type = self._bias(q, k, causal, mask)
         out, lse, *_ = torch.ops.aten._efficient_attention_forward(
             q, k, v, bias, None, None, None, None, 0.0, mask_type, True, scale=scale

@@ -108,6 +108,7 @@ class TunedKernel(GPUKernel):
         cls._choices.clear()
 
     def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+        """:meth:`~ring_core.kernels.KernelBackend.forward` by the kernel the card's table names for the shape."""
         backend = self.choose(q, k, causal, mask is not None)
         return backend.forward(q, k, v, scale=scale, causal=causal, mask=mask, dropout_p=dropout_p, seed=seed)
 

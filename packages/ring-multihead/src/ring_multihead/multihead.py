@@ -414,10 +414,28 @@ class MultiheadDilatedAttention(nn.Module):
         takes the same fast causal path. ``is_causal=True`` with an ``attn_mask`` is, as in
         ``nn.MultiheadAttention``, a hint that the mask is causal: without ``key_padding_mask``
         and with ``need_weights=False`` the mask is not read (causal attention, whatever it
-        holds); otherwise the mask applies as given. ``attn_weights`` are the effective
-        probabilities, ``(B, L, S)`` averaged or ``(B, H, L, S)``, ``S`` counting
-        ``add_bias_kv`` / ``add_zero_attn`` keys. (No ``return_lse``: ``out_proj`` mixes the heads,
-        so a per-head log-sum-exp cannot merge two calls' outputs.)
+        holds); otherwise the mask applies as given. (No ``return_lse``: ``out_proj`` mixes the
+        heads, so a per-head log-sum-exp cannot merge two calls' outputs.)
+
+        Args:
+            query: ``(L, B, E)``, or ``(B, L, E)`` with ``batch_first=True``, or unbatched
+                ``(L, E)``; the module's dtype (float64, float32, float16 or bfloat16).
+            key: ``(S, B, kdim)`` (batch-first or unbatched likewise).
+            value: ``(S, B, vdim)``.
+            key_padding_mask: ``(B, S)``, bool (``True``: padding, ignored) or float (added to
+                the scores).
+            need_weights: also return the attention weights; they are materialised densely
+                (``L * S`` at most ``max_dense_scores``), so pass ``False`` for long sequences.
+            attn_mask: ``(L, S)`` or ``(B * H, L, S)``, bool (``True``: not allowed) or float
+                (added); a causal mask takes the fast path.
+            average_attn_weights: average the returned weights over the heads.
+            is_causal: causal attention (see above).
+
+        Returns:
+            ``attn_output`` shaped like ``query`` but with ``E`` features, and ``attn_weights``:
+            the effective probabilities, ``(B, L, S)`` averaged or ``(B, H, L, S)``, ``S``
+            counting ``add_bias_kv`` / ``add_zero_attn`` keys; ``None`` when
+            ``need_weights=False``.
         """
         batched = self._check_inputs(query, key, value)
         self_attention = query is key and key is value

@@ -139,11 +139,26 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """As :meth:`MultiheadDilatedAttention.forward`, on this rank's shard; weights are ``(B, L_local, N)``.
+        """As :meth:`MultiheadDilatedAttention.forward`, on this rank's shard of the sequence.
 
         Across ranks every rank checks its inputs, then one small ``all_gather`` makes
         every rank raise when any rank's inputs (or the ranks' calls) disagree: an
         error never leaves the other ranks waiting in a collective.
+
+        Args:
+            query: this rank's shard, ``(L_local, B, E)`` or ``(B, L_local, E)`` with
+                ``batch_first=True``, in ``layout``; float64, float32, float16 or bfloat16.
+            key: this rank's key shard, the same length as ``query``'s (self-attention).
+            value: this rank's value shard.
+            key_padding_mask: bool ``(B, L_local)``, this rank's shard, ``True`` where padding.
+            need_weights: return this rank's rows of the weights (dense: short sequences only).
+            attn_mask: must be ``None`` across ranks; use ``is_causal=True``.
+            average_attn_weights: average the returned weights over the heads.
+            is_causal: causal attention over the global positions.
+
+        Returns:
+            This rank's rows of ``attn_output`` (shaped like ``query``) and, with
+            ``need_weights=True``, of the weights, ``(B, L_local, N)``; else ``None``.
         """
         _, world = self._world()
         if world > 1:
