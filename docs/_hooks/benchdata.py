@@ -1,8 +1,9 @@
 """Reading the published benchmark JSON (docs/benchmarks/) and writing it as markdown a reader can take in.
 
-Shared by the benchmarks page (``benchpage.py``) and the README's headline (``headline.py``):
-file loading, number formats, tables with human column names, the line that says where a
-number comes from, and the folded view of a whole file (older runs, variants).
+Shared by the benchmarks page (``benchpage.py``), its figures (``benchfigures.py``) and the
+README's headline (``headline.py``): which published run each answer reads, file loading,
+number formats, tables with human column names, the line that says where a number comes
+from, and the folded view of a whole file (older runs, variants).
 """
 
 from __future__ import annotations
@@ -145,3 +146,43 @@ def folded(name: str, title: str, note: str = "") -> str:
         body.append(table(header, [[number(r[k]) if k in r else "" for k in keys] for r in rows]))
     inner = "\n\n".join(body).replace("\n", "\n    ")
     return f'??? note "{title}"\n    {inner}\n'
+
+
+# -- the published runs the pages and the headline read -------------------------------------
+FLEX = "flex-dilated-h200.json"
+
+
+DISPATCH = "flash-dispatch-h200.json"
+MULTIHEAD = "multihead-causal-h200.json"
+MEMORY = {"flash-memory-h200.json": ("memory",), "flash-dilated-h100.json": ("memory",)}
+
+
+RING = "ring-4xh200.json"
+
+
+SPARSE = "blocksparse-h200.json"
+SPARSE_RING = "blocksparse-ring-2xh200.json"
+CPU = "cli-bench-cpu.json"
+CPU_LONG = "core-cpu.json"
+
+
+def mask(causal: bool) -> str:
+    return "causal" if causal else "non-causal"
+
+
+def one_gpu_numbers() -> dict[str, dict[bool, dict]]:
+    """``{name: {causal: row}}`` of the three-way run (ours, FlexAttention, bare cuDNN calls)."""
+    found: dict[str, dict[bool, dict]] = {}
+    for row in load(FLEX)["results"]:
+        found.setdefault(row["name"], {})[row["causal"]] = row
+    return found
+
+
+def memory_runs() -> list[tuple[str, str, dict]]:
+    """``(file, card, memory section)`` of each card, largest card first."""
+    runs = [(name, meta(load(name))["card"], load(name)["memory"]) for name in MEMORY]
+    return sorted(runs, key=lambda run: -run[2]["card_gib"])
+
+
+def ring_rows() -> list[dict]:
+    return [r for r in load(RING)["rows"] if r["section"] == "timing"]

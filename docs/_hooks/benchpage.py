@@ -14,9 +14,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from benchdata import folded, load, meta, source, table
-
-COLORS = {"ours": "#4c72b0", "bare": "#55a868", "flex": "#c44e52", "cp": "#dd8452", "other": "#8172b3"}
+from benchdata import (
+    CPU,
+    CPU_LONG,
+    DISPATCH,
+    FLEX,
+    MULTIHEAD,
+    RING,
+    SPARSE,
+    SPARSE_RING,
+    folded,
+    load,
+    mask,
+    memory_runs,
+    meta,
+    one_gpu_numbers,
+    ring_rows,
+    source,
+    table,
+)
+from benchfigures import blocksparse_figure, cpu_figure, one_gpu_figure, ring_figure, tokens_figure
 
 
 @dataclass
@@ -27,58 +44,12 @@ class Answer:
     more: list[str] = field(default_factory=list)  # folded blocks
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _mask(causal: bool) -> str:
-    return "causal" if causal else "non-causal"
-
-
 def _code(name: str) -> str:
     """An implementation's name as code; a description (with spaces) as text."""
     return name if " " in name else f"`{name}`"
 
 
 # -- how fast on one GPU ----------------------------------------------------------------------
-FLEX = "flex-dilated-h200.json"
-
-
-def one_gpu_numbers() -> dict[str, dict[bool, dict]]:
-    """``{name: {causal: row}}`` of the three-way run (ours, FlexAttention, bare cuDNN calls)."""
-    found: dict[str, dict[bool, dict]] = {}
-    for row in load(FLEX)["results"]:
-        found.setdefault(row["name"], {})[row["causal"]] = row
-    return found
-
-
-def one_gpu_figure(ax: Any = None) -> Any:
-    plt = _plt()
-    rows = one_gpu_numbers()
-    figure = None
-    if ax is None:
-        figure, ax = plt.subplots(figsize=(6.4, 3.6), constrained_layout=True)
-    names = [("bare cuDNN calls", "bare", "bare cuDNN calls (no gather, no merge)"),
-             ("ring_dilated_flash", "ours", "ring_dilated_flash (this library)"),
-             ("FlexAttention", "flex", "FlexAttention (same attention)")]  # fmt: skip
-    for i, (name, color, label) in enumerate(names):
-        values = [rows[name][causal]["ms"] for causal in (False, True)]
-        bars = ax.bar([x + (i - 1) * 0.27 for x in (0, 1)], values, 0.27, color=COLORS[color], label=label)
-        ax.bar_label(bars, [f"{v:.1f}" for v in values], fontsize="small", padding=2)
-    ax.set_xticks([0, 1], ["non-causal", "causal"])
-    ax.set_ylabel("forward+backward (ms), lower is better")
-    config = load(FLEX)["meta"]["title"].split(", ", 1)[1].replace("; forward+backward", "")
-    ax.set_title(f"Exact dilated attention on one {meta(load(FLEX))['card']}\n{config}", fontsize="medium")
-    ax.legend(fontsize="small", frameon=False)
-    ax.set_ylim(0, 1.45 * max(r["ms"] for row in rows.values() for r in row.values()))  # room for the legend
-    return figure
-
-
 def one_gpu() -> Answer:
     rows = one_gpu_numbers()
     ours, bare, flex = rows["ring_dilated_flash"], rows["bare cuDNN calls"], rows["FlexAttention"]
@@ -97,7 +68,7 @@ def one_gpu() -> Answer:
     timing = table(
         ["implementation", "kernel", "mask", "time (ms)", "useful TFLOP/s", "speed vs bare cuDNN", "extra memory (GiB)"],
         [
-            [_code(r["name"]), f"`{r['kernel']}`", _mask(r["causal"]), f"{r['ms']:.1f}", f"{r['tflops']:.0f}",
+            [_code(r["name"]), f"`{r['kernel']}`", mask(r["causal"]), f"{r['ms']:.1f}", f"{r['tflops']:.0f}",
              f"{r['bare_over_this']:.2f}", f"{r['extra_peak_gib']:.2f}"]
             for r in sorted(load(FLEX)["results"], key=lambda r: (r["causal"], -r["bare_over_this"]))
         ],
@@ -106,7 +77,7 @@ def one_gpu() -> Answer:
     accuracy = table(
         ["implementation", "kernel", "mask", "error, output", "error, dq", "error, dk", "error, dv"],
         [
-            [_code(r["name"]), f"`{kernel[r['name']]}`", _mask(r["causal"])]
+            [_code(r["name"]), f"`{kernel[r['name']]}`", mask(r["causal"])]
             + [f"{r[k]:.1e}" for k in ("out", "dq", "dk", "dv")]
             for r in load(FLEX)["accuracy"]["rows"]
         ],
@@ -116,7 +87,7 @@ def one_gpu() -> Answer:
     dense = table(
         ["N (tokens)", "mask", "kernel", "SDPA cuDNN (ms)", "`ring_dilated_flash` (ms)", "speed-up vs SDPA"],
         [
-            [f"{r['N']:,}", _mask(r["causal"]), "`sdpa_cudnn`", f"{r['sdpa_cudnn_ms']:.2f}", f"{r['ours_ms']:.2f}",
+            [f"{r['N']:,}", mask(r["causal"]), "`sdpa_cudnn`", f"{r['sdpa_cudnn_ms']:.2f}", f"{r['ours_ms']:.2f}",
              f"{1 / r['ours_over_sdpa']:.2f}x"]
             for r in load(dense_file)["dense"]["rows"]
         ],
@@ -151,8 +122,6 @@ def one_gpu() -> Answer:
     return Answer(conclusion, one_gpu_figure, tables, more)
 
 
-DISPATCH = "flash-dispatch-h200.json"
-MULTIHEAD = "multihead-causal-h200.json"
 MULTIHEAD_FORMS = {
     "none": "no mask",
     "hint": "causal attn_mask and is_causal=True",
@@ -169,9 +138,9 @@ def dispatch_table() -> str:
         best = min(forced.values())
         case = r["case"].split(" [")[0].removesuffix(" causal")
         for kernel, ms in sorted(forced.items(), key=lambda item: item[1]):
-            rows.append([case, _mask(r["causal"]), f"`{kernel}` (forced)", f"{ms:.2f}", f"{best / ms:.2f}"])
+            rows.append([case, mask(r["causal"]), f"`{kernel}` (forced)", f"{ms:.2f}", f"{best / ms:.2f}"])
         picks = ", ".join(choice.split(": ")[1] for choice in r["tuned_choices"])
-        rows.append([case, _mask(r["causal"]), f"`{r['dispatch_picks']}` (default, picks `{picks}`)",
+        rows.append([case, mask(r["causal"]), f"`{r['dispatch_picks']}` (default, picks `{picks}`)",
                      f"{r['dispatch ms']:.2f}", f"{1 / r['dispatch_vs_best_forced']:.2f}"])  # fmt: skip
     table_ = table(["case", "mask", "kernel", "time (ms)", "speed vs the fastest forced kernel"], rows)
     return (
@@ -204,41 +173,6 @@ def multihead_table() -> str:
 
 
 # -- how far does one GPU go ------------------------------------------------------------------
-MEMORY = {"flash-memory-h200.json": ("memory",), "flash-dilated-h100.json": ("memory",)}
-
-
-def memory_runs() -> list[tuple[str, str, dict]]:
-    """``(file, card, memory section)`` of each card, largest card first."""
-    runs = [(name, meta(load(name))["card"], load(name)["memory"]) for name in MEMORY]
-    return sorted(runs, key=lambda run: -run[2]["card_gib"])
-
-
-def tokens_figure() -> Any:
-    plt = _plt()
-    figure, ax = plt.subplots(figsize=(6.4, 3.6), constrained_layout=True)
-    for (_, card, mem), color in zip(memory_runs(), (COLORS["ours"], COLORS["cp"])):
-        fits = [mem["at_target"], mem["largest"]]
-        xs = [r["N"] / 1e6 for r in fits]
-        ax.plot(xs, [r["peak_gib"] for r in fits], "o", color=color, label=f"{card}: peak of a step that fits")
-        failed = [int(n) / 1e6 for n, ok in mem["tried"].items() if not ok]
-        ax.plot(failed, [mem["card_gib"]] * len(failed), "x", color=color, label=f"{card}: out of memory")
-        ax.axhline(mem["card_gib"], color=color, lw=0.8, ls=":")
-        ax.annotate(f"{card} ({mem['card_gib']:.0f} GiB)", (0.1, mem["card_gib"]), fontsize="x-small", va="bottom")
-    floor = memory_runs()[0][2]["floor_gib_per_million_tokens"]
-    ax.plot([0, 11], [0, floor * 11], color="#999999", lw=1, label="q, k, v, out and gradients alone")
-    ax.set_xlabel("sequence length N (millions of tokens)")
-    ax.set_ylabel("peak memory of forward+backward (GiB)")
-    config = memory_runs()[0][2]["config"]
-    ax.set_title(
-        f"ring_dilated_flash, bf16, B=1 H={config['H']} D={config['D']}, segments {config['segments']}",
-        fontsize="medium",
-    )
-    ax.set_xlim(0, 11)
-    ax.set_ylim(0, 160)
-    ax.legend(fontsize="x-small", frameon=False, loc="lower right")
-    return figure
-
-
 def tokens() -> Answer:
     runs = memory_runs()
     _name, card, mem = runs[0]
@@ -273,39 +207,6 @@ def tokens() -> Answer:
 
 
 # -- how does the ring scale ------------------------------------------------------------------
-RING = "ring-4xh200.json"
-
-
-def ring_rows() -> list[dict]:
-    return [r for r in load(RING)["rows"] if r["section"] == "timing"]
-
-
-def ring_figure(ax: Any = None) -> Any:
-    plt = _plt()
-    figure = None
-    if ax is None:
-        figure, ax = plt.subplots(figsize=(6.4, 3.6), constrained_layout=True)
-    rows = ring_rows()
-    for case, style in (("dense causal zigzag", "-"), ("dense non-causal", "--")):
-        mine = [r for r in rows if r["case"] == case]
-        ps = [r["P"] for r in mine]
-        ax.plot(ps, [r["tflops_per_gpu"] for r in mine], style, marker="o", color=COLORS["ours"],
-                label=f"ring (this library), {case}")  # fmt: skip
-        ax.plot(ps, [r["cp_tflops_per_gpu"] for r in mine], style, marker="s", color=COLORS["cp"],
-                label=f"PyTorch context parallel, {case}")  # fmt: skip
-    dilated = [r for r in rows if r["case"].startswith("dilated")]
-    ax.plot([r["P"] for r in dilated], [r["tflops_per_gpu"] for r in dilated], ":", marker="^", color=COLORS["ours"],
-            label="ring (this library), dilated (no context parallel equivalent)")  # fmt: skip
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted({r["P"] for r in rows}), [str(p) for p in sorted({r["P"] for r in rows})])
-    ax.set_xlabel("GPUs (32,768 tokens each)")
-    ax.set_ylabel("TFLOP/s per GPU, higher is better")
-    ax.set_ylim(0, 700)
-    ax.set_title(f"Ring weak scaling on {meta(load(RING))['card']}, bf16, H=16, D=128", fontsize="medium")
-    ax.legend(fontsize="x-small", frameon=False, loc="lower left")
-    return figure
-
-
 def ring() -> Answer:
     rows = ring_rows()
     top = max(r["P"] for r in rows)
@@ -351,37 +252,8 @@ def ring() -> Answer:
 
 
 # -- block-sparse ---------------------------------------------------------------------------------
-SPARSE = "blocksparse-h200.json"
-SPARSE_RING = "blocksparse-ring-2xh200.json"
 METHODS = {"flex": "FlexAttention (block mask)", "gather": "gather, then the kernel dispatch"}
 METHOD_KERNELS = {"flex": "`flex_attention`", "gather": "`sdpa_cudnn`"}
-
-
-def blocksparse_figure() -> Any:
-    plt = _plt()
-    figure, ax = plt.subplots(figsize=(7.8, 3.6), constrained_layout=True)
-    data = load(SPARSE)
-    flex = [r for r in data["results"] if r["method"] == "flex"]
-    for (pattern, causal), color in zip(
-        [("local", False), ("random", False), ("local", True), ("random", True)],
-        [COLORS["ours"], COLORS["other"], COLORS["bare"], COLORS["flex"]],
-    ):
-        rows = sorted(
-            (r for r in flex if r["pattern"] == pattern and r["causal"] == causal), key=lambda r: r["density"]
-        )
-        ax.plot([r["density"] for r in rows], [r["fwd_bwd_ms"] for r in rows], marker="o", color=color,
-                label=f"{pattern} blocks, {_mask(causal)}")  # fmt: skip
-    for causal, style in ((False, "--"), (True, ":")):
-        dense = data["dense"]["causal" if causal else "full"]["fwd_bwd_ms"]
-        ax.axhline(dense, color="#666666", ls=style, lw=1, label=f"dense SDPA cuDNN, {_mask(causal)}")
-    ax.set_xlabel("density (fraction of (query block, key block) pairs kept)")
-    ax.set_ylabel("forward+backward (ms)")
-    ax.set_xlim(0, 0.55)
-    ax.set_title(f"Block-sparse attention (FlexAttention path) on one {meta(data)['card']}\n"
-                 "bf16, B=1 N=65,536 H=16 D=128, blocks of 128", fontsize="medium")  # fmt: skip
-    ax.set_ylim(0, None)
-    ax.legend(fontsize="x-small", frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1))
-    return figure
 
 
 def blocksparse() -> Answer:
@@ -400,7 +272,7 @@ def blocksparse() -> Answer:
         "(gather) path, but still slower than one GPU's FlexAttention path."
     )
     rows = [
-        [r["pattern"], METHODS[r["method"]], METHOD_KERNELS[r["method"]], _mask(r["causal"]), f"{r['density']:.2f}",
+        [r["pattern"], METHODS[r["method"]], METHOD_KERNELS[r["method"]], mask(r["causal"]), f"{r['density']:.2f}",
          f"{r['fwd_bwd_ms']:.1f}", f"{1 / r['ratio_fwd_bwd']:.1f}x", f"{r['useful_tflops_fwd_bwd']:.0f}",
          f"{r['peak_gib']:.1f}"]
         for r in sorted(at, key=lambda r: (r["method"] != "flex", r["causal"], r["pattern"]))
@@ -414,7 +286,7 @@ def blocksparse() -> Answer:
         ["pattern", "mask", "kernel", "one GPU, gather (ms)", "one GPU, FlexAttention (ms)", "ring of 2 GPUs (ms)",
          "speed-up vs one GPU (gather)"],
         [
-            [r["pattern"], _mask(r["causal"]), "`sdpa_cudnn`", f"{r['one_gpu_gather_ms']:.1f}",
+            [r["pattern"], mask(r["causal"]), "`sdpa_cudnn`", f"{r['one_gpu_gather_ms']:.1f}",
              f"{r['one_gpu_flex_ms']:.1f}", f"{r['ring_2_gpus_ms']:.1f}", f"{r['speedup_vs_one_gpu_gather']:.2f}x"]
             for r in ring_rows
         ],
@@ -434,39 +306,6 @@ def blocksparse() -> Answer:
 
 
 # -- CPU ------------------------------------------------------------------------------------------
-CPU = "cli-bench-cpu.json"
-CPU_LONG = "core-cpu.json"
-
-
-def cpu_figure() -> Any:
-    import matplotlib
-    import matplotlib.ticker
-
-    plt = _plt()
-    figure, ax = plt.subplots(figsize=(6.4, 3.6), constrained_layout=True)
-    results = load(CPU)["results"]
-    for name in dict.fromkeys(r["name"] for r in results):
-        rows = [r for r in results if r["name"] == name]
-        kernel = ", ".join(dict.fromkeys(r["kernel"] for r in rows))
-        ax.plot([r["seq_len"] for r in rows], [r["time_ms"] / 1e3 for r in rows], marker="o",
-                label=f"{name} ({kernel})", color="black" if name == "sdpa" else None)  # fmt: skip
-    lengths = sorted({r["seq_len"] for r in results})
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(lengths, [f"{n:,}" for n in lengths])
-    ax.set_yscale("log")
-    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
-    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel("sequence length N")
-    ax.set_ylabel("forward+backward (s)")
-    info = meta(load(CPU))
-    ax.set_title(
-        f"{info['card']}, {info['dtype']}\nsegments {info['segments']}, rates {info['rates']}", fontsize="medium"
-    )
-    ax.legend(fontsize="x-small", frameon=False)
-    return figure
-
-
 def cpu() -> Answer:
     data, info = load(CPU), meta(load(CPU))
     longest = max(r["seq_len"] for r in data["results"])

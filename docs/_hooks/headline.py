@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchdata import ROOT, load, meta, png
-from benchpage import FLEX, RING, SPARSE, memory_runs, one_gpu_figure, one_gpu_numbers, ring_figure, ring_rows
+from benchdata import FLEX, RING, ROOT, SPARSE, load, memory_runs, meta, one_gpu_numbers, png, ring_rows
+from benchfigures import one_gpu_figure, ring_figure
 
 FIGURE = ROOT / "docs" / "images" / "headline.png"
 README = ROOT / "README.md"

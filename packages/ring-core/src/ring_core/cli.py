@@ -75,7 +75,7 @@ class _CaseLines:
     def __init__(self, total: int, names: Sequence[str], cases: Sequence[str]) -> None:
         self.total, self.done, self.failures = total, 0, 0
         self.widths = (len(str(total)) * 2 + 3, max(map(len, names), default=0), max(map(len, cases), default=0))
-        self.widths = tuple(max(w, len(h)) for w, h in zip(self.widths, ("case", "implementation", "case")))
+        self.widths = tuple(max(w, len(h)) for w, h in zip(self.widths, ("", "implementation", "case")))
 
     def header(self) -> None:
         cells = ("", "implementation", "case", "dtype", "err out", "max err grad", "result")
