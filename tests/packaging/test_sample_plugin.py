@@ -78,5 +78,5 @@ def test_installed_plugin_is_found_through_its_entry_point(wheel_venv):
     out = wheel_venv.run(str(wheel_venv.python), "-c", script).stdout
     assert "ring_attention_example.attention" in out, out
     verify = wheel_venv.run(str(wheel_venv.bin / "ring-attention"), "verify", "--impl", "example_dilated").stdout
-    rows = [line for line in verify.splitlines() if line.startswith("example_dilated")]
+    rows = [line for line in verify.splitlines() if line.startswith("[") and " example_dilated " in line]
     assert rows and all(line.rstrip().endswith("PASS") for line in rows), verify
