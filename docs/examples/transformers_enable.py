@@ -11,15 +11,20 @@ model = LlamaForCausalLM(config).to(torch.float64).eval()
 input_ids = torch.randint(0, 100, (2, 300))
 attention_mask = torch.ones_like(input_ids)
 attention_mask[0, 280:] = 0  # padding
-expected = model(input_ids, attention_mask=attention_mask).logits  # transformers' sdpa
+# transformers' own sdpa attention
+expected = model(input_ids, attention_mask=attention_mask).logits
 
-# Dense configuration (one segment spanning the sequence): the same numbers as sdpa.
-ring_transformers.enable(model, "dilated", segment_lengths=[4096], dilation_rates=[1])
+# Dense configuration (one segment spans the sequence): sdpa's numbers.
+ring_transformers.enable(
+    model, "dilated", segment_lengths=[4096], dilation_rates=[1]
+)
 logits = model(input_ids, attention_mask=attention_mask).logits
-keep = attention_mask.bool()
-print(f"max difference to sdpa: {(logits - expected)[keep].abs().max().item():.1e}")
+difference = (logits - expected)[attention_mask.bool()].abs().max()
+print(f"max difference to sdpa: {difference.item():.1e}")
 
-# LongNet's dilated attention instead: same model, same weights, other attention.
-ring_transformers.enable(model, "dilated", segment_lengths=[64, 128, 256], dilation_rates=[1, 2, 4])
+# LongNet's dilated attention instead: same model and weights.
+ring_transformers.enable(
+    model, "dilated", segment_lengths=[64, 128, 256], dilation_rates=[1, 2, 4]
+)
 logits = model(input_ids, attention_mask=attention_mask).logits
 print(tuple(logits.shape))

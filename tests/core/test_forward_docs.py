@@ -41,9 +41,10 @@ def test_forward_has_a_project_docstring(cls):
     doc = owner.forward.__doc__
     assert owner.__module__.startswith(tuple(PACKAGES)), f"{cls.__name__}.forward is {owner.__module__}'s"
     assert doc and doc != nn.Module.forward.__doc__, f"{owner.__qualname__}.forward has no docstring"
-    if issubclass(cls, nn.Module):
+    if issubclass(cls, nn.Module):  # a module's forward: every argument (masks included), shapes, dtypes, return
         text = inspect.getdoc(owner.forward)
-        for needle in ("Args:", "Returns:", "(B, ", "key_padding_mask", "is_causal"):
+        arguments = list(inspect.signature(owner.forward).parameters)[1:]
+        for needle in ("Args:", "Returns:", "(B", *(f"{name}:" for name in arguments)):
             assert needle in text, f"{owner.__qualname__}.forward's docstring lacks {needle!r}"
         assert "float" in text or "dtype" in text, f"{owner.__qualname__}.forward: say which dtypes"
 

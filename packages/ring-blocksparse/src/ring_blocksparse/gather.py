@@ -152,6 +152,10 @@ class BlockSparseSchedule(BlockSchedule):
         return kernel, {"causal": g.category == CAUSAL, "mask": mask, "block_id": g.block_id}
 
     def forward(self, q, k, v, acc: Accumulator) -> None:
+        """Merge the allowed (query tile, key tile) blocks into ``acc``, gathered per group of tiles.
+
+        ``q``, ``k``, ``v``: this rank's ``(B, n, H, D)`` shards.
+        """
         b = q.shape[0]
         self.stats.calls += 1
         for source, k_buf, v_buf, pad in self._sources(k, v, "forward"):

@@ -180,6 +180,19 @@ class DilatedTransformerEncoderLayer(DilatedLayerBase):
         src_key_padding_mask: torch.Tensor | None = None,
         is_causal: bool = False,
     ) -> torch.Tensor:
+        """``nn.TransformerEncoderLayer.forward``: self-attention and feed-forward, with residuals.
+
+        Args:
+            src: ``(S, B, E)``, or ``(B, S, E)`` with ``batch_first=True`` (this rank's shard of the
+                sequence across ranks); the layer's dtype (float64, float32, float16 or bfloat16).
+            src_mask: ``(S, S)`` attention mask, bool (``True``: not allowed) or float (added);
+                ``None`` across ranks.
+            src_key_padding_mask: ``(B, S)``, ``True`` where a position is padding.
+            is_causal: causal self-attention (alone, without ``src_mask``).
+
+        Returns:
+            The output, shaped like ``src``, in its dtype.
+        """
         x = src
         if self.norm_first:
             x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
@@ -261,6 +274,23 @@ class DilatedTransformerDecoderLayer(DilatedLayerBase):
         tgt_is_causal: bool = False,
         memory_is_causal: bool = False,
     ) -> torch.Tensor:
+        """``nn.TransformerDecoderLayer.forward``: self-attention, cross-attention to ``memory``, feed-forward.
+
+        Args:
+            tgt: ``(T, B, E)``, or ``(B, T, E)`` with ``batch_first=True`` (this rank's shard across
+                ranks); the layer's dtype (float64, float32, float16 or bfloat16).
+            memory: ``(M, B, E)`` (batch-first likewise), the whole memory on every rank.
+            tgt_mask: ``(T, T)`` self-attention mask, bool (``True``: not allowed) or float;
+                ``None`` across ranks.
+            memory_mask: ``(T, M)`` cross-attention mask.
+            tgt_key_padding_mask: ``(B, T)``, ``True`` where a target position is padding.
+            memory_key_padding_mask: ``(B, M)``, ``True`` where a memory position is padding.
+            tgt_is_causal: causal self-attention (alone, without ``tgt_mask``).
+            memory_is_causal: a hint that ``memory_mask`` is causal, as in torch.
+
+        Returns:
+            The output, shaped like ``tgt``, in its dtype.
+        """
         x = tgt
         if self.norm_first:
             x = x + self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)

@@ -102,6 +102,17 @@ class LongNetLM(nn.Module):
         positions: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Next-token logits of a causal LongNet over ``tokens``.
+
+        Args:
+            tokens: ``(B, n)`` integer token ids (this rank's shard with a ``process_group``).
+            positions: the tokens' positions, ``(n,)`` or ``(B, n)``, each ``< max_seq_len``
+                (default: ``0 .. n-1``, or this rank's global positions in ``layout``).
+            key_padding_mask: ``(B, n)`` bool, ``True`` where a token is padding.
+
+        Returns:
+            ``(B, n, vocab_size)`` logits in the model's dtype (float32 unless ``dtype`` says otherwise).
+        """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must have shape (B, n), got {tuple(tokens.shape)}")
         if positions is None:
