@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ring_core
-from ring_core.testing import CASES, check_attention
+from ring_core.testing import CASES, PACKED_CASES, TOLERANCES, check_attention, make_inputs, relative_error
 
 IMPLEMENTATIONS = [impl for impl in ring_core.list_implementations("attention") if impl.available]
 KERNELS = [k.name for k in ring_core.list_kernels()]
@@ -30,6 +30,43 @@ def test_matches_reference(impl, case, dtype):
         build(impl, case), case, dtype, seed=zlib.crc32(f"{impl.name}/{case.name}".encode()) % 1000
     )
     assert result.passed, f"{impl.name} {case} {dtype}: errors {result.errors} > {result.tolerance}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", PACKED_CASES, ids=str)
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=lambda i: i.name)
+def test_packed_and_windowed_match_reference(impl, case, dtype):
+    """Packed documents (cu_seqlens) and sliding windows vs the float64 reference of SPEC.md."""
+    result = check_attention(
+        build(impl, case), case, dtype, seed=zlib.crc32(f"{impl.name}/{case.name}".encode()) % 1000
+    )
+    assert result.passed, f"{impl.name} {case} {dtype}: errors {result.errors} > {result.tolerance}"
+
+
+@pytest.mark.parametrize("case", [c for c in PACKED_CASES if c.documents], ids=str)
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=lambda i: i.name)
+def test_packed_equals_documents_one_by_one(impl, case):
+    """SPEC.md: a packed call equals each document run on its own, concatenated (output and gradients)."""
+    q, k, v, mask = make_inputs(case, torch.float64, seed=11)
+    dout = torch.randn(q.shape[:3] + v.shape[3:], dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    attn = build(impl, case)
+    packed = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = attn(*packed, is_causal=case.causal, key_padding_mask=mask, **case.forward_options())
+    out.backward(dout)
+    pieces = {"out": [], "dq": [], "dk": [], "dv": []}
+    for start, stop in zip(case.documents[:-1], case.documents[1:]):
+        if stop == start:
+            continue
+        alone = [x[:, start:stop].clone().requires_grad_() for x in (q, k, v)]
+        doc_mask = None if mask is None else mask[:, start:stop]
+        doc_out = attn(*alone, is_causal=case.causal, key_padding_mask=doc_mask)
+        doc_out.backward(dout[:, start:stop])
+        for name, value in zip(pieces, (doc_out, *(x.grad for x in alone))):
+            pieces[name].append(value)
+    limit_out, limit_grad = TOLERANCES[torch.float64]
+    for name, value in zip(pieces, (out, *(x.grad for x in packed))):
+        error = relative_error(value, torch.cat(pieces[name], 1))
+        assert error <= (limit_out if name == "out" else limit_grad), f"{impl.name} {case} {name}: {error}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)

@@ -332,7 +332,7 @@ def test_plan_zigzag_causal_balances_blocks():
     work = []
     for rank in range(4):
         plan = _plan(64, 4, rank, [64], [1], layout="zigzag", causal=True)
-        pairs = sum(part_rows(p) * (part_rows(p) + 1) // 2 for p in plan.local_parts)  # causal triangles
+        pairs = sum(part_rows(b.q) * (part_rows(b.q) + 1) // 2 for b in plan.local_blocks)  # causal triangles
         for transfer in (plan.local, *(step.recv for step in plan.steps)):
             pairs += sum(part_rows(i.q_part) * part_rows(transfer.kv_parts[i.slot]) for i in transfer.items)
         work.append(pairs)

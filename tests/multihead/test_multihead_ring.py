@@ -29,6 +29,11 @@ CASES = {
         {"pad": True, "need_weights": True},
         "contiguous",
     ),
+    "packed-window": (  # documents [0, 5), [5, 11), [11, 16) cross the shards of both layouts
+        {"segment_lengths": [4, 8], "dilation_rates": [1, 2], "window_size": (3, 0)},
+        {"is_causal": True, "batch": 1, "cu_seqlens": torch.tensor([0, 5, 11, 16])},
+        "zigzag",
+    ),
 }
 
 
@@ -61,18 +66,19 @@ def ring_worker(rank: int, world_size: int) -> dict[str, str]:
     for name, (options, forward, layout) in CASES.items():
         forward = dict(forward)
         pad = forward.pop("pad", False)
+        batch = forward.pop("batch", 2)
         forward.setdefault("need_weights", False)
         batch_first = options.get("batch_first", True)
         seq_dim = 1 if batch_first else 0
-        shape = (2, N, E) if batch_first else (N, 2, E)
+        shape = (batch, N, E) if batch_first else (N, batch, E)
         inputs = [randn(*shape, seed=i) for i in range(3)]
         mask = None
         if pad:
-            mask = torch.rand(2, N, generator=torch.Generator().manual_seed(9)) < 0.3
+            mask = torch.rand(batch, N, generator=torch.Generator().manual_seed(9)) < 0.3
             mask[:, 0] = False
         grad_out = randn(*shape, seed=5)
         extra_keys = int(options.get("add_bias_kv", False)) + int(options.get("add_zero_attn", False))
-        grad_weights = randn(2, H, N, N + extra_keys, seed=6)
+        grad_weights = randn(batch, H, N, N + extra_keys, seed=6)
         single = build(MultiheadDilatedAttention, options)
         expected = run_case(single, inputs, mask, forward, grad_out, grad_weights)
         ring = build(RingMultiheadDilatedAttention, options, layout=layout)
@@ -134,10 +140,11 @@ def test_two_gloo_ranks_equal_the_single_device_module():
 
 def test_one_rank_is_the_single_device_module():
     for options, forward, layout in CASES.values():
-        forward = {k: v for k, v in forward.items() if k != "pad"}
+        batch = forward.get("batch", 2)
+        forward = {k: v for k, v in forward.items() if k not in ("pad", "batch")}
         single = build(MultiheadDilatedAttention, options)
         ring = build(RingMultiheadDilatedAttention, options, layout=layout)
-        shape = (2, N, E) if options.get("batch_first", True) else (N, 2, E)
+        shape = (batch, N, E) if options.get("batch_first", True) else (N, batch, E)
         x = randn(*shape, seed=1)
         expected = single(x, x, x, **forward)
         actual = ring(x, x, x, **forward)

@@ -33,6 +33,20 @@ def test_examples_run(name, capsys):
         assert capsys.readouterr().out.strip() == "True"
 
 
+def test_packed_documents_example_equals_separate_calls(capsys):
+    runpy.run_path(str(ROOT / "docs" / "examples" / "packed_documents.py"), run_name="__main__")
+    assert capsys.readouterr().out.strip() == "max difference: 0.0e+00"
+
+
+@pytest.mark.distributed
+def test_packed_ring_example_sends_the_window_across_the_boundary(capsys):
+    """Document [20, 40) crosses the shards' boundary at 32: rank 0 sends the 4 rows the window reaches."""
+    runpy.run_path(str(ROOT / "docs" / "examples" / "packed_ring.py"), run_name="__main__")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(", ")[0] for line in lines] == ["rank 0: sent 4 rows", "rank 1: sent 0 rows"]
+    assert all(float(line.rsplit(" ", 1)[1]) < 1e-12 for line in lines)
+
+
 @pytest.mark.slow
 def test_concept_figures_render():
     pytest.importorskip("matplotlib")

@@ -24,18 +24,24 @@ from ring_core.plugin import (
     CallOp,
     KernelRequest,
     OpCall,
+    RingComm,
+    RingCommStats,
     block_kernel,
     blockwise_attention,
     branches,
+    check_cu_seqlens,
     check_dilated_config,
     check_divisible,
     check_dropout,
     check_layout,
     check_qkv,
+    check_window,
     default_scale,
+    documents_key,
     dropout_seed,
     group_rank_and_size,
     run_attention,
+    validate_ring_inputs,
 )
 
 from .flex import check_kernel_options, flex_reasons
@@ -101,6 +107,8 @@ def block_sparse_dilated_attention(
     stats: CommStats | None = None,
     transposed_backward: bool = True,
     return_lse: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dilated attention restricted to a block layout (SPEC.md), ``(B, N, H, D)`` shards in and out.
 
@@ -109,8 +117,16 @@ def block_sparse_dilated_attention(
     ``block_layout=None`` allows every block (plain dilated attention). ``stats``
     collects the bytes sent and received. ``transposed_backward`` batches the backward by
     key tile (whole dK/dV per call; the default) instead of by query tile. With
-    ``return_lse`` also returns the log-sum-exp ``(B, H, n)``.
+    ``return_lse`` also returns the log-sum-exp ``(B, H, n)``. ``window_size`` and
+    ``cu_seqlens`` (global document boundaries, ``B = 1``) as in
+    :func:`ring_core.dilated_attention`; the layout indexes global positions.
     """
+    window = check_window(window_size)
+    documents = _agree(
+        q, k, v, key_padding_mask, segment_lengths=segment_lengths, dilation_rates=dilation_rates, merge=merge,
+        block_size=block_size, is_causal=is_causal, layout=layout, process_group=process_group,
+        transposed_backward=transposed_backward, window=window, cu_seqlens=cu_seqlens,
+    )  # fmt: skip
     plan, schedule_args = _prepare(
         q,
         k,
@@ -125,6 +141,8 @@ def block_sparse_dilated_attention(
         layout=layout,
         process_group=process_group,
         transposed_backward=transposed_backward,
+        window=window,
+        documents=documents,
     )
     dropout_p = check_dropout(dropout_p)
     scale = default_scale(q.shape[-1], softmax_scale)
@@ -139,9 +157,51 @@ def block_sparse_dilated_attention(
 
     out, lse = run_attention(
         CallOp(make), q, k, v, key_padding_mask=key_padding_mask, causal=bool(is_causal), dropout_p=dropout_p,
-        lse_grad=return_lse,
+        lse_grad=return_lse, cu_seqlens=cu_seqlens,
     )  # fmt: skip
     return (out, lse.transpose(1, 2)) if return_lse else out
+
+
+def _agree(
+    q,
+    k,
+    v,
+    key_padding_mask,
+    *,
+    segment_lengths,
+    dilation_rates,
+    merge,
+    block_size,
+    is_causal,
+    layout,
+    process_group,
+    transposed_backward,
+    window,
+    cu_seqlens,
+    validated: set | None = None,
+) -> tuple[int, ...] | None:
+    """Check ``cu_seqlens`` (global ``N``) and, under a process group, make the ranks agree on the call (inputs,
+    configuration, ``window_size`` and ``cu_seqlens``: every rank raises the same error) unless a call with the
+    same signature was agreed on before (``validated``). Returns the checked ``cu_seqlens`` values."""
+    if group_rank_and_size(process_group)[1] == 1:
+        check_qkv(q, k, v, key_padding_mask)
+        return None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
+    config = (tuple(segment_lengths), tuple(dilation_rates), block_size, transposed_backward, window)
+    key = (
+        *((tuple(t.shape), t.dtype, t.device) for t in (q, k, v)),
+        None if key_padding_mask is None else tuple(key_padding_mask.shape),
+        bool(is_causal), layout, config, documents_key(cu_seqlens),
+    )  # fmt: skip
+    if validated is not None and key in validated:
+        return key[-1]
+    documents = validate_ring_inputs(
+        q, k, v, key_padding_mask, causal=bool(is_causal), layout=layout, merge=merge, config=config, scale=None,
+        comm=RingComm.for_group(process_group, RingCommStats()), name="BlockSparseRingDilatedAttention",
+        window_size=window, cu_seqlens=cu_seqlens,
+    )  # fmt: skip
+    if validated is not None:
+        validated.add(key)
+    return documents
 
 
 def _prepare(
@@ -161,8 +221,13 @@ def _prepare(
     transposed_backward: bool = True,
     cache: dict | None = None,
     build: bool = True,
+    window: tuple[int, int] = (-1, -1),
+    documents: tuple[int, ...] | None = None,
 ) -> tuple[Plan | None, dict]:
-    """Validate everything (before any communication) and build or reuse the plan (if ``build``)."""
+    """Validate everything (before any communication) and build or reuse the plan (if ``build``).
+
+    ``window`` and ``documents`` (checked ``cu_seqlens`` values) restrict the tile pairs; a plan
+    of documents is not kept (a new batch of documents every call)."""
     segments, rates = check_dilated_config(segment_lengths, dilation_rates, merge)
     check_block_size(block_size)
     check_layout(layout)
@@ -172,7 +237,12 @@ def _prepare(
     check_divisible(seq_len, world, layout)
     if block_layout is not None:
         check_block_layout(block_layout, seq_len, block_size, q.shape[2])
-    key = (seq_len, q.shape[2], k.shape[2], bool(is_causal), rank, world, layout, str(q.device), transposed_backward)
+    key = (
+        seq_len, q.shape[2], k.shape[2], bool(is_causal), rank, world, layout, str(q.device), transposed_backward,
+        window,
+    )  # fmt: skip
+    if documents is not None:
+        cache = None
     plan = None if cache is None else cache.get(key)
     if plan is None and build:
         plan = build_plan(
@@ -187,6 +257,8 @@ def _prepare(
             world_size=world,
             layout=layout,
             transposed_backward=transposed_backward,
+            window=window,
+            documents=documents,
         ).to(q.device)
         if cache is not None:
             cache[key] = plan
@@ -239,10 +311,12 @@ class BlockSparseRingDilatedAttention(nn.Module):
         transposed_backward: bool = True,
         method: str = "auto",
         flex_kernel_options: dict[str, Any] | None = None,
+        window_size: tuple[int, int] = (-1, -1),
         **pattern_options: Any,
     ) -> None:
         super().__init__()
         self.segment_lengths, self.dilation_rates = check_dilated_config(segment_lengths, dilation_rates, merge)
+        self.window_size = check_window(window_size)
         self.block_size = check_block_size(block_size)
         self.layout = check_layout(layout)
         if pattern is not None and block_layout is not None:
@@ -278,6 +352,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
         self.last_plan: Plan | StripPlan | None = None
         self._plans: dict = {}
         self._strip_plans: dict = {}
+        self._validated: set = set()  # call signatures agreed on across ranks
         self._layouts: dict = {}
         self._op = _GatherOp(self)
 
@@ -299,6 +374,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
         is_causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
         return_lse: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Block-sparse dilated attention: a key is seen when the layout and the pattern both allow it.
 
@@ -320,9 +396,16 @@ class BlockSparseRingDilatedAttention(nn.Module):
         """
         check_qkv(q, k, v, key_padding_mask)
         rank, world = group_rank_and_size(self.process_group)
+        if world > 1 or cu_seqlens is not None:  # every rank agrees on a new call signature (and its documents)
+            _agree(
+                q, k, v, key_padding_mask, segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates,
+                merge=self.merge, block_size=self.block_size, is_causal=is_causal, layout=self.layout,
+                process_group=self.process_group, transposed_backward=self.transposed_backward,
+                window=self.window_size, cu_seqlens=cu_seqlens, validated=self._validated,
+            )  # fmt: skip
         dropout_p = self.dropout if self.training else 0.0
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        if self._use_flex(q, world, key_padding_mask, dropout_p, needs_grad, return_lse):
+        if self._use_flex(q, world, key_padding_mask, dropout_p, needs_grad, return_lse, cu_seqlens):
             block_layout = self.layout_for(q.shape[1] * world, q.shape[2])
             _, schedule_args = self._prepare(q, k, v, block_layout, bool(is_causal), key_padding_mask, build=False)
             self.comm_stats = CommStats()
@@ -341,24 +424,25 @@ class BlockSparseRingDilatedAttention(nn.Module):
                 self._flex_failed = True
         out, lse = run_attention(
             self._op, q, k, v, key_padding_mask=key_padding_mask, causal=bool(is_causal), dropout_p=dropout_p,
-            lse_grad=return_lse,
+            lse_grad=return_lse, cu_seqlens=cu_seqlens,
         )  # fmt: skip
         return (out, lse.transpose(1, 2)) if return_lse else out
 
-    def _prepare(self, q, k, v, block_layout, causal: bool, key_padding_mask, build: bool = True):
+    def _prepare(self, q, k, v, block_layout, causal: bool, key_padding_mask, build: bool = True, documents=None):
         """Validate everything (before any communication) and build or reuse the gather plan (if ``build``)."""
         return _prepare(
             q, k, v, segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates,
             block_size=self.block_size, block_layout=block_layout, merge=self.merge, is_causal=causal,
             key_padding_mask=key_padding_mask, layout=self.layout, process_group=self.process_group,
-            transposed_backward=self.transposed_backward, cache=self._plans, build=build,
+            transposed_backward=self.transposed_backward, cache=self._plans, build=build, window=self.window_size,
+            documents=documents,
         )  # fmt: skip
 
     def _gather_schedule(self, q, k, v, call: OpCall) -> BlockSparseSchedule:
         """The gather path's blocks of one call (inside the custom ops: plans and kernels are made here)."""
         mask = call.key_padding_mask
         block_layout = self.layout_for(q.shape[1] * group_rank_and_size(self.process_group)[1], q.shape[2])
-        plan, schedule_args = self._prepare(q, k, v, block_layout, call.causal, mask)
+        plan, schedule_args = self._prepare(q, k, v, block_layout, call.causal, mask, documents=call.documents)
         self.last_plan, self.last_method = plan, "gather"
         full, masked = _kernels(
             q, k, causal=call.causal, padded=mask is not None, dropout_p=call.dropout_p,
@@ -389,7 +473,14 @@ class BlockSparseRingDilatedAttention(nn.Module):
         return out
 
     def _use_flex(
-        self, q: torch.Tensor, world: int, key_padding_mask, dropout_p: float, needs_grad: bool, return_lse: bool
+        self,
+        q: torch.Tensor,
+        world: int,
+        key_padding_mask,
+        dropout_p: float,
+        needs_grad: bool,
+        return_lse: bool,
+        cu_seqlens=None,
     ) -> bool:
         """Whether the call takes the strips (else the gather path, one op for ``torch.compile``)."""
         if self.method == "gather" or (
@@ -414,15 +505,20 @@ class BlockSparseRingDilatedAttention(nn.Module):
         )
         if return_lse:
             reasons.append("return_lse (the strips' lse has no gradient; the gather path's has)")
+        if self.window_size != (-1, -1):
+            reasons.append(f"window_size={self.window_size} (the gather path takes sliding windows)")
+        if cu_seqlens is not None:
+            reasons.append("cu_seqlens (the gather path takes packed documents)")
         if self.method == "flex" and reasons:
             raise ValueError("method='flex' cannot run this call: " + "; ".join(reasons))
         return not reasons and (self.method == "flex" or q.device.type == "cuda")
 
     def extra_repr(self) -> str:
         pattern = "none" if self.pattern is None else repr(self.pattern)
+        window = f", window_size={self.window_size}" if self.window_size != (-1, -1) else ""
         return (
             f"segment_lengths={list(self.segment_lengths)}, dilation_rates={list(self.dilation_rates)}, "
-            f"block_size={self.block_size}, pattern={pattern}, layout={self.layout!r}, merge={self.merge!r}"
+            f"block_size={self.block_size}, pattern={pattern}, layout={self.layout!r}, merge={self.merge!r}{window}"
         )
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ring_core.plugin import Branch, shard_ranges
+from ring_core.plugin import Branch, document_spans, shard_ranges
 
 FULL, CAUSAL, MASKED = "full", "causal", "masked"
 
@@ -101,6 +101,12 @@ class _Tiles:
     def last(self) -> torch.Tensor:
         return self.first + self.rate * (self.length - 1)
 
+    def positions(self) -> torch.Tensor:
+        """Every position of every tile, in tile order."""
+        starts = torch.cumsum(self.length, 0) - self.length
+        within = torch.arange(int(self.length.sum())) - torch.repeat_interleave(starts, self.length)
+        return torch.repeat_interleave(self.first, self.length) + self.rate * within
+
 
 def _ownership(seq_len: int, world_size: int, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Sorted chunk starts and their owners (ranks)."""
@@ -113,11 +119,24 @@ def _ownership(seq_len: int, world_size: int, layout: str) -> tuple[torch.Tensor
     return torch.tensor([starts[i] for i in order]), torch.tensor([owners[i] for i in order])
 
 
-def _tiles(seq_len: int, segment: int, rate: int, offset: int, tile: int, chunk_starts, chunk_owner) -> _Tiles:
-    count = len(range(offset, seq_len, rate))
-    j = torch.arange(count)
-    pos = offset + rate * j
-    seg = j // (segment // rate)
+def _tiles(
+    seq_len: int, segment: int, rate: int, offset: int, tile: int, chunk_starts, chunk_owner, documents=None
+) -> _Tiles:
+    """Tiles of the selected positions; with ``documents`` (``cu_seqlens`` values) offsets, segments and tiles
+    restart at every document (segment numbers stay distinct across documents)."""
+    positions, indices, segments = [], [], []
+    for start, stop in document_spans(documents, seq_len):
+        j = torch.arange(len(range(offset, stop - start, rate)))
+        if j.numel():
+            seg = j // (segment // rate) + (int(segments[-1][-1]) + 1 if segments else 0)
+            positions.append(start + offset + rate * j)
+            indices.append(j)
+            segments.append(seg)
+    if not positions:
+        empty = torch.zeros(0, dtype=torch.long)
+        return _Tiles(empty, empty, empty, empty, rate)
+    pos, j, seg = torch.cat(positions), torch.cat(indices), torch.cat(segments)
+    count = pos.numel()
     chunk = torch.searchsorted(chunk_starts, pos, right=True) - 1
     change = torch.ones(count, dtype=torch.bool)
     change[1:] = (seg[1:] != seg[:-1]) | (chunk[1:] != chunk[:-1]) | (j[1:] // tile != j[:-1] // tile)
@@ -150,8 +169,9 @@ def _classify(
     heads_layout: torch.Tensor | None,
     block_size: int,
     causal: bool,
+    window: tuple[int, int] = (-1, -1),
 ) -> torch.Tensor:
-    """Per pair: category code (-1 skip, 0 full, 1 causal, 2 masked)."""
+    """Per pair: category code (-1 skip, 0 full, 1 causal, 2 masked); ``window`` in positions."""
     total = tiles.length[q] * tiles.length[k]
     if heads_layout is None:
         counts = total[None]
@@ -162,13 +182,23 @@ def _classify(
         for qb, qc in ((qb0, qc0), (qb1, qc1)):
             for kb, kc in ((kb0, kc0), (kb1, kc1)):
                 counts += heads_layout[:, qb, kb] * (qc * kc)
-    full = (counts == total).all(0)
-    nonempty = (counts > 0).any(0)
+    layout_full = (counts == total).all(0)
+    full, nonempty = layout_full.clone(), (counts > 0).any(0)
+    left, right = window[0], 0 if causal else window[1]
+    q_first, q_last, k_first, k_last = tiles.first[q], tiles.last[q], tiles.first[k], tiles.last[k]
+    left_full = torch.ones_like(full)
+    if left >= 0:  # tiles of one segment share a document: position differences are the document's
+        nonempty &= k_last >= q_first - left
+        left_full = q_last - left <= k_first
+        full &= left_full
+    if right >= 0:
+        nonempty &= k_first <= q_last + right
+        full &= k_last <= q_first + right
     code = torch.full_like(q, -1)
     code[nonempty] = 2
     code[nonempty & full] = 0
-    if causal:
-        code[(q == k) & full] = 1
+    if causal:  # a diagonal tile that only causality cuts: the kernel's causal flag
+        code[(q == k) & nonempty & layout_full & left_full] = 1
     return code
 
 
@@ -202,12 +232,16 @@ def build_plan(
     layout: str = "contiguous",
     max_gathered_rows: int | None = None,
     transposed_backward: bool = True,
+    window: tuple[int, int] = (-1, -1),
+    documents: Sequence[int] | None = None,
 ) -> Plan:
     """The plan of ``rank``: its kernel calls per source rank, and its send/receive rows.
 
     A kernel call gathers at most ``max_gathered_rows`` key rows (default
     :data:`MAX_GATHERED_ROWS`; larger batches are split). With ``transposed_backward`` the
-    plan also batches the same pairs by key tile (``Plan.backward_groups``).
+    plan also batches the same pairs by key tile (``Plan.backward_groups``). ``window``
+    (SPEC.md's ``window_size``) and ``documents`` (``cu_seqlens`` values) restrict the pairs
+    further: a tile pair no window reaches is skipped, and so are its key rows in the ring.
     """
     max_gathered_rows = max_gathered_rows or MAX_GATHERED_ROWS
     chunk_starts, chunk_owner = _ownership(seq_len, world_size, layout)
@@ -230,12 +264,14 @@ def build_plan(
             heads_layout = None
             if layout_cpu is not None:
                 heads_layout = layout_cpu[heads] if layout_cpu.shape[0] > 1 else layout_cpu
-            tiles = _tiles(seq_len, branch.segment, branch.rate, offset, tile, chunk_starts, chunk_owner)
+            tiles = _tiles(seq_len, branch.segment, branch.rate, offset, tile, chunk_starts, chunk_owner, documents)
+            if tiles.first.numel() == 0:
+                continue
             q, k = _segment_pairs(tiles.seg)
             if causal:
                 keep = tiles.first[k] <= tiles.last[q]
                 q, k = q[keep], k[keep]
-            code = _classify(tiles, q, k, heads_layout, block_size, causal)
+            code = _classify(tiles, q, k, heads_layout, block_size, causal, window)
             keep = code >= 0
             q, k, code = q[keep], k[keep], code[keep]
             mine = tiles.owner[q] == rank
@@ -246,8 +282,7 @@ def build_plan(
             need_tile = torch.zeros(world_size, tiles.first.numel(), dtype=torch.bool)
             need_tile[tiles.owner[q[remote]], k[remote]] = True
             tile_of = torch.repeat_interleave(torch.arange(tiles.first.numel()), tiles.length)
-            positions = torch.arange(offset, seq_len, branch.rate)
-            need[:, positions] |= need_tile[:, tile_of]
+            need[:, tiles.positions()] |= need_tile[:, tile_of]
             for code_value, category in enumerate((FULL, CAUSAL, MASKED)):
                 for source in range(world_size):
                     select = mine & (code == code_value) & (tiles.owner[k] == source)
@@ -275,7 +310,7 @@ def build_plan(
         g.k_rows = buffer_row[g.source][g.k_pos.flatten()]
         g.block_id = rank * 1_000_003 + block_id  # dropout streams differ between ranks
         if g.category == MASKED:
-            g.mask = _mask(g, layout_cpu, block_size, causal)
+            g.mask = _mask(g, layout_cpu, block_size, causal, window)
     return plan
 
 
@@ -370,13 +405,20 @@ def _make_transposed_groups(tiles: _Tiles, q, k, *args) -> list[Group]:
     return out
 
 
-def _mask(g: Group, layout: torch.Tensor | None, block_size: int, causal: bool) -> torch.Tensor:
+def _mask(
+    g: Group, layout: torch.Tensor | None, block_size: int, causal: bool, window: tuple[int, int] = (-1, -1)
+) -> torch.Tensor:
     qb, kb = g.q_pos // block_size, g.k_pos // block_size
     allowed = torch.ones(1, *qb.shape, kb.shape[1], dtype=torch.bool)
     if layout is not None:
         heads_layout = layout[g.heads] if layout.shape[0] > 1 else layout
         allowed = heads_layout[:, qb[:, :, None], kb[:, None, :]]
     allowed = allowed.permute(1, 0, 2, 3)
+    difference = g.k_pos[:, None, :] - g.q_pos[:, :, None]  # key minus query position, (G, Tq, K)
     if causal:
-        allowed = allowed & (g.k_pos[:, None, :] <= g.q_pos[:, :, None])[:, None]
+        allowed = allowed & (difference <= 0)[:, None]
+    if window[0] >= 0:
+        allowed = allowed & (difference >= -window[0])[:, None]
+    if window[1] >= 0:
+        allowed = allowed & (difference <= window[1])[:, None]
     return allowed.contiguous()

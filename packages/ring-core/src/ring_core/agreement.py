@@ -17,7 +17,7 @@ import torch.distributed as dist
 from .comm import RingComm
 from .kernels import FLOAT_DTYPES
 from .sharding import LAYOUTS
-from .validation import MERGES, check_qkv
+from .validation import MERGES, check_cu_seqlens, check_qkv, check_window
 
 __all__ = ["RingConfigError", "agree_across_ranks", "differing_fields", "validate_ring_inputs"]
 
@@ -42,10 +42,14 @@ _DESCRIPTOR_FIELDS = (
     "merge",
     "config",
     "scale",
+    "window_size",
+    "cu_seqlens",
 )
 
 
-def _describe(q, k, v, key_padding_mask, causal: bool, layout: str, merge: str, config: tuple, scale) -> list[int]:
+def _describe(
+    q, k, v, key_padding_mask, causal: bool, layout: str, merge: str, config: tuple, scale, window, documents
+) -> list[int]:
     b, n, h, d = q.shape
     return [
         1,
@@ -63,6 +67,8 @@ def _describe(q, k, v, key_padding_mask, causal: bool, layout: str, merge: str, 
         MERGES.index(merge),
         zlib.crc32(repr(config).encode()),
         zlib.crc32(repr(scale).encode()),
+        zlib.crc32(repr(tuple(window)).encode()),
+        zlib.crc32(repr(documents).encode()),
     ]
 
 
@@ -132,15 +138,27 @@ def validate_ring_inputs(
     scale,
     comm: RingComm,
     name: str = "RingDilatedAttention",
-) -> None:
+    window_size: tuple[int, int] = (-1, -1),
+    cu_seqlens: torch.Tensor | None = None,
+    seq_len: int | None = None,
+) -> tuple[int, ...] | None:
     """Local checks, then one small ``all_gather`` in ``comm`` so every rank raises the same error (or none).
 
-    ``config`` (any repr-able tuple) and ``scale`` must match on every rank; errors start with ``name``.
+    ``config`` (any repr-able tuple), ``scale``, ``window_size`` and ``cu_seqlens`` (global
+    document boundaries, the same on every rank) must match on every rank; errors start
+    with ``name``. ``seq_len`` is the global ``N`` that ``cu_seqlens`` must end at (default:
+    this rank's length times the group's size). Returns the checked ``cu_seqlens`` values
+    (None without).
     """
+    documents: list[tuple[int, ...] | None] = [None]
 
     def check() -> list[int]:
         check_qkv(q, k, v, key_padding_mask)
-        return _describe(q, k, v, key_padding_mask, causal, layout, merge, config, scale)
+        window = check_window(window_size)
+        if cu_seqlens is not None:
+            total = q.shape[1] * comm.world_size if seq_len is None else seq_len
+            documents[0] = check_cu_seqlens(cu_seqlens, total, q.shape[0])
+        return _describe(q, k, v, key_padding_mask, causal, layout, merge, config, scale, window, documents[0])
 
     table = agree_across_ranks(check, _DESCRIPTOR_FIELDS, comm, name=name, like=q)
     differing, details = differing_fields(table, _DESCRIPTOR_FIELDS)
@@ -148,6 +166,8 @@ def validate_ring_inputs(
         hint = ""
         if "local_len" in differing:
             hint = " (the global sequence length N must be divisible by the world size P, every rank holding N/P)"
+        if "cu_seqlens" in differing:
+            hint += " (cu_seqlens holds global document boundaries: pass the same tensor on every rank)"
         raise RingConfigError(
             f"{name}: ranks passed different shapes/dtypes/configurations: {details}{hint}; "
             f"dtype codes index {[str(d).replace('torch.', '') for d in FLOAT_DTYPES]}"
@@ -158,3 +178,4 @@ def validate_ring_inputs(
             f"layout='zigzag' needs N divisible by 2*P: each of the {comm.world_size} ranks holds {local_len} "
             f"positions (N={local_len * comm.world_size}), which is odd"
         )
+    return documents[0]

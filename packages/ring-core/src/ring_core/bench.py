@@ -66,6 +66,13 @@ def useful_pairs(
     return total
 
 
+def packed_cu_seqlens(seq_len: int, documents: int, seed: int = 0) -> torch.Tensor:
+    """``cu_seqlens`` of ``documents`` random lengths (``seed``) that fill ``seq_len`` positions."""
+    generator = torch.Generator().manual_seed(seed)
+    cuts = torch.randperm(seq_len - 1, generator=generator)[: documents - 1] + 1
+    return torch.cat([torch.tensor([0]), cuts.sort().values, torch.tensor([seq_len])])
+
+
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU model and core count (for benchmark metadata)."""
     if device.type == "cuda":

@@ -27,6 +27,11 @@ def _yes_or_reasons(reasons: Sequence[str]) -> str:
     return "yes" if not reasons else "no: " + "; ".join(reasons)
 
 
+def _windows(kernel) -> str:
+    """How a kernel takes sliding windows: itself, as a mask (window tiles), or not at all."""
+    return "native" if kernel.supports_window else "mask" if kernel.supports_mask else "no"
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     if args.name:
         return _info_implementation(args.name)
@@ -52,10 +57,18 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(format_table(rows, ["name", "class", "package", "kind", "available", "deprecated aliases"]))
     print("\nKernel backends (dispatch order)")
     rows = [
-        (k.name, k.priority, ",".join(k.devices) or "any", _yes_or_reasons(k.availability_reasons()), k.description)
+        (
+            k.name,
+            k.priority,
+            ",".join(k.devices) or "any",
+            _windows(k),
+            "yes" if k.supports_varlen else "no",
+            _yes_or_reasons(k.availability_reasons()),
+            k.description,
+        )
         for k in list_kernels()
     ]
-    print(format_table(rows, ["kernel", "priority", "devices", "available", "description"]))
+    print(format_table(rows, ["kernel", "priority", "devices", "windows", "varlen", "available", "description"]))
     for kernel in list_kernels():
         lines = kernel.details()
         if lines:
@@ -191,6 +204,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         for i in list_implementations("attention")
         if i.available and device.type in i.devices and (not args.impl or i.name in args.impl)
     ]
+    if args.window is not None:
+        config["window_size"] = tuple(args.window)
     b, h, d = args.batch, args.heads, args.head_dim
     jobs = [(n, None) for n in args.seq_lens] + [(n, impl) for n in args.seq_lens for impl in impls]
     results: list[bench_lib.BenchResult] = []
@@ -198,6 +213,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for n, impl in tqdm(jobs, desc="bench", unit="run", file=sys.stderr, disable=None):
         q, k, v = (torch.randn(b, n, h, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
         kernel = None
+        forward = {} if args.documents is None else {"cu_seqlens": bench_lib.packed_cu_seqlens(n, args.documents)}
         if impl is None:
             name, pairs = "sdpa", bench_lib.dense_pairs(n, h, args.causal)
             kernel = bench_lib.sdpa_kernel_name(q.transpose(1, 2), args.causal)
@@ -211,10 +227,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             module = create_attention(impl.name, **config, **options)
             name, pairs = impl.name, bench_lib.useful_pairs(n, h, args.segments, args.rates, causal=args.causal)
 
-            def fn(q=q, k=k, v=v, module=module):
-                return module(q, k, v, is_causal=args.causal)
+            def fn(q=q, k=k, v=v, module=module, forward=forward):
+                return module(q, k, v, is_causal=args.causal, **forward)
 
         results.append(bench_lib.measure(name, fn, pairs, d, b, n, device, args.repeats, kernel=kernel))
+        if impl is not None and getattr(module, "last_path", None):
+            results[-1].kernel = module.last_path  # the path it ran (varlen, segments, ...) and its kernel
         del q, k, v
     baseline = {r.seq_len: r.time_ms for r in results if r.name == "sdpa"}
     for r in results:
@@ -223,7 +241,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     card = bench_lib.device_name(device)
     title = (
         f"{card}, {args.dtype}, B={b} H={h} D={d}, segments {args.segments} rates {args.rates}"
-        f"{', causal' if args.causal else ''}; forward+backward"
+        f"{', causal' if args.causal else ''}"
+        f"{f', window {tuple(args.window)}' if args.window else ''}"
+        f"{f', {args.documents} packed documents' if args.documents else ''}; forward+backward"
     )
     print(bench_lib.format_results(results, title))
     meta = {
@@ -288,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--segments", nargs="+", type=int, default=[512, 1024, 2048])
     bench.add_argument("--rates", nargs="+", type=int, default=[1, 2, 4])
     bench.add_argument("--causal", action="store_true")
+    bench.add_argument(
+        "--window", nargs=2, type=int, metavar=("LEFT", "RIGHT"), help="a sliding window_size (-1: unbounded)"
+    )
+    bench.add_argument(
+        "--documents", type=int, help="pack this many documents of random lengths (seed 0) per sequence (B=1)"
+    )
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--impl", nargs="*", help="only these implementations")
     bench.add_argument("--json", help="write results as JSON")

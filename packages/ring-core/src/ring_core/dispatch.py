@@ -92,15 +92,17 @@ def block_kernel(
     kernel: str | None = None,
     seed: int | None = None,
     request: KernelRequest | None = None,
+    window: bool = False,
 ) -> BlockKernel:
     """The kernel of one attention call, bound to its constants.
 
     The backend is :func:`select_kernel`'s for the request of ``q``/``k`` (or ``request``;
-    ``kernel`` forces one by name); the scale is ``softmax_scale`` or ``1/sqrt(D)``; with
-    dropout the seed is ``seed`` when given (deterministic runs) else :func:`dropout_seed`.
+    ``kernel`` forces one by name; ``window``: some blocks carry a sliding window); the scale
+    is ``softmax_scale`` or ``1/sqrt(D)``; with dropout the seed is ``seed`` when given
+    (deterministic runs) else :func:`dropout_seed`.
     """
     if request is None:
-        request = KernelRequest.for_tensors(q, k, causal=causal, has_mask=has_mask, dropout_p=dropout_p)
+        request = KernelRequest.for_tensors(q, k, causal=causal, has_mask=has_mask, dropout_p=dropout_p, window=window)
     if dropout_p > 0 and seed is None:
         seed = dropout_seed()
     backend = select_kernel(request, kernel)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .kernels import KernelBackend, accumulation_dtype
+from .windows import window_kwargs
 
 __all__ = [
     "Accumulator",
@@ -46,12 +47,14 @@ class BlockKernel:
         *,
         causal: bool = False,
         mask: torch.Tensor | None = None,
+        window: tuple[int, int] | None = None,
         block_id: int = 0,
     ) -> None:
         """Compute one block and merge it into ``out_view`` / ``lse_view``.
 
         ``q, k, v`` are ``(b, n, h, d)``; the views may have more leading dims
         (e.g. segments unfolded), as long as they hold the same elements.
+        ``window``: the block's kernel window (:mod:`ring_core.windows`), or None.
         """
         out, lse = self.backend.forward(
             q,
@@ -59,9 +62,9 @@ class BlockKernel:
             v,
             scale=self.scale,
             causal=causal,
-            mask=mask,
             dropout_p=self.dropout_p,
             seed=self.seed + block_id,
+            **window_kwargs(self.backend, q, k, mask, window),
         )
         self.backend.merge(
             out_view,
@@ -81,6 +84,7 @@ class BlockKernel:
         *,
         causal: bool = False,
         mask: torch.Tensor | None = None,
+        window: tuple[int, int] | None = None,
         block_id: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Exact ``dq, dk, dv`` contributions of one block; ``lse`` is ``(b, n, h)``."""
@@ -93,9 +97,9 @@ class BlockKernel:
             lse.transpose(1, 2),
             scale=self.scale,
             causal=causal,
-            mask=mask,
             dropout_p=self.dropout_p,
             seed=self.seed + block_id,
+            **window_kwargs(self.backend, q, k, mask, window),
         )
 
     def accumulate(self, grad: torch.Tensor, block_grad: torch.Tensor) -> None:

@@ -8,7 +8,11 @@ float32 (float64 for float64 inputs). A query row that sees no key gets
 
 ``mask`` is a bool tensor broadcastable to ``(B, H, N, M)``, ``True`` where a
 key is allowed. ``causal`` is only used on square blocks (``N == M``): query
-``i`` sees key ``j`` iff ``j <= i``.
+``i`` sees key ``j`` iff ``j <= i``. A backend that declares ``supports_window``
+also takes ``window=(left, right)``: query ``i`` sees key ``j`` iff
+``i + M - N - left <= j <= i + M - N + right`` (flash-attn's bottom-right
+convention, ``-1`` unbounded); other backends get windows as part of ``mask``
+(see :mod:`ring_core.windows`).
 
 The backward takes the **final** merged ``out`` and ``lse`` of the query rows
 (not the block's own), which makes its ``dq, dk, dv`` exact contributions; an
@@ -52,6 +56,8 @@ class KernelRequest:
     has_mask: bool = False
     dropout_p: float = 0.0
     compute_capability: tuple[int, int] | None = None
+    window: bool = False
+    varlen: bool = False
 
     @classmethod
     def for_tensors(
@@ -62,7 +68,11 @@ class KernelRequest:
         causal: bool = False,
         has_mask: bool = False,
         dropout_p: float = 0.0,
+        window: bool = False,
+        varlen: bool = False,
     ) -> KernelRequest:
+        """The request of blocks of ``q`` and ``k``; ``window``: some blocks carry a sliding window;
+        ``varlen``: the calls are packed segments (``forward_varlen``)."""
         capability = None
         if q.device.type == "cuda":
             capability = torch.cuda.get_device_capability(q.device)
@@ -76,6 +86,8 @@ class KernelRequest:
             has_mask=has_mask,
             dropout_p=dropout_p,
             compute_capability=capability,
+            window=window,
+            varlen=varlen,
         )
 
     def describe(self) -> str:
@@ -83,6 +95,8 @@ class KernelRequest:
             f"device={self.device_type}, dtype={str(self.dtype).replace('torch.', '')}, "
             f"head_dim={self.head_dim}, heads={self.num_heads}/{self.num_kv_heads} (q/kv), "
             f"causal={self.causal}, mask={self.has_mask}, dropout={self.dropout_p}"
+            + (", window" if self.window else "")
+            + (", varlen" if self.varlen else "")
         )
 
 
@@ -101,6 +115,11 @@ class KernelBackend:
     max_head_dim: ClassVar[int | None] = None
     supports_mask: ClassVar[bool] = True
     supports_dropout: ClassVar[bool] = False
+    # takes ``window=(left, right)`` itself (else windows come as a mask, which needs ``supports_mask``)
+    supports_window: ClassVar[bool] = False
+    # has ``forward_varlen`` / ``backward_varlen``: many segments of different lengths in one call, rows packed
+    # as ``(total, H, D)`` with int32 cumulative lengths (flash-attn's varlen layout); lse ``(H, total)``
+    supports_varlen: ClassVar[bool] = False
     min_compute_capability: ClassVar[tuple[int, int] | None] = None
 
     def availability_reasons(self) -> list[str]:
@@ -118,6 +137,10 @@ class KernelBackend:
             reasons.append(f"head_dim {request.head_dim} > {self.max_head_dim}")
         if request.has_mask and not self.supports_mask:
             reasons.append("masks are not supported")
+        if request.window and not (self.supports_window or self.supports_mask):
+            reasons.append("sliding windows are not supported (neither natively nor as a mask)")
+        if request.varlen and not self.supports_varlen:
+            reasons.append("packed segments in one call (varlen) are not supported")
         if request.dropout_p > 0 and not self.supports_dropout:
             reasons.append("dropout is not supported")
         if (

@@ -7,10 +7,10 @@ Note: attention under ``torch.compile``
     loops would unroll every block into the graph. So every implementation computes its
     blocks inside two custom ops,
 
-    - ``ring_attention::attention(q, k, v, key_padding_mask, seed, op, causal, dropout_p,
-      lse_grad) -> (out, lse)`` and
+    - ``ring_attention::attention(q, k, v, key_padding_mask, cu_seqlens, seed, op, causal,
+      dropout_p, lse_grad) -> (out, lse)`` and
     - ``ring_attention::attention_backward(dout, dlse, q, k, v, out, lse, key_padding_mask,
-      seed, op, causal, dropout_p) -> (dq, dk, dv)``,
+      cu_seqlens, seed, op, causal, dropout_p) -> (dq, dk, dv)``,
 
     with fake implementations (output shapes and dtypes, for tracing) and the second
     registered as the first one's autograd. A custom op takes tensors and plain values;
@@ -48,12 +48,14 @@ __all__ = ["AttentionOp", "CallOp", "OpCall", "run_attention"]
 @dataclass(frozen=True)
 class OpCall:
     """What one call gives besides ``q, k, v``: key padding (bool ``(B, N)``, True = padding),
-    causality and dropout with its seed (the same in forward and backward)."""
+    causality, dropout with its seed (the same in forward and backward) and the packed
+    documents (the checked ``cu_seqlens`` values, global positions; None: one sequence)."""
 
     key_padding_mask: torch.Tensor | None = None
     causal: bool = False
     dropout_p: float = 0.0
     seed: int = 0
+    documents: tuple[int, ...] | None = None
 
 
 _registered: weakref.WeakValueDictionary[str, AttentionOp] = weakref.WeakValueDictionary()
@@ -162,11 +164,13 @@ def run_attention(
     dropout_p: float = 0.0,
     lse_grad: bool = False,
     seed: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One attention call through the custom ops: ``out`` and ``lse`` ``(B, N, H)``.
 
     ``op`` is an :class:`AttentionOp` or its name. ``key_padding_mask`` is bool ``(B, N)``
     (True = padding) or float holding only ``0`` and ``-inf`` (checked when the op runs).
+    ``cu_seqlens`` (checked) reaches the op as :attr:`OpCall.documents`.
     ``lse`` is differentiable with
     ``lse_grad`` (pass it when the caller hands ``lse`` to its user), else its gradient is
     ignored. Inputs are assumed validated. Dropout's seed is ``seed`` when given (repeatable
@@ -177,14 +181,15 @@ def run_attention(
         seed_tensor = torch.randint(0, 2**62, (1,)) if seed is None else torch.tensor([seed], dtype=torch.int64)
     name = op if isinstance(op, str) else op.name
     return torch.ops.ring_attention.attention(
-        q, k, v, key_padding_mask, seed_tensor, name, bool(causal), float(dropout_p), bool(lse_grad)
+        q, k, v, key_padding_mask, cu_seqlens, seed_tensor, name, bool(causal), float(dropout_p), bool(lse_grad)
     )
 
 
-def _call(key_padding_mask, seed, causal: bool, dropout_p: float) -> OpCall:
+def _call(key_padding_mask, cu_seqlens, seed, causal: bool, dropout_p: float) -> OpCall:
     if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
         key_padding_mask = _padding_from_float(key_padding_mask)
-    return OpCall(key_padding_mask, causal, dropout_p, 0 if seed is None else int(seed.item()))
+    documents = None if cu_seqlens is None else tuple(int(x) for x in cu_seqlens.tolist())
+    return OpCall(key_padding_mask, causal, dropout_p, 0 if seed is None else int(seed.item()), documents)
 
 
 def _padding_from_float(mask: torch.Tensor) -> torch.Tensor:
@@ -200,16 +205,16 @@ def _padding_from_float(mask: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op(
     "ring_attention::attention",
     mutates_args=(),
-    schema="(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? seed, str op, bool causal, "
-    "float dropout_p, bool lse_grad) -> (Tensor, Tensor)",
+    schema="(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? cu_seqlens, Tensor? seed, str op, "
+    "bool causal, float dropout_p, bool lse_grad) -> (Tensor, Tensor)",
 )
-def _attention(q, k, v, key_padding_mask, seed, op, causal, dropout_p, lse_grad):
-    out, lse = _lookup(op).forward(q, k, v, _call(key_padding_mask, seed, causal, dropout_p))
+def _attention(q, k, v, key_padding_mask, cu_seqlens, seed, op, causal, dropout_p, lse_grad):
+    out, lse = _lookup(op).forward(q, k, v, _call(key_padding_mask, cu_seqlens, seed, causal, dropout_p))
     return out.contiguous(), lse.contiguous()
 
 
 @_attention.register_fake
-def _attention_fake(q, k, v, key_padding_mask, seed, op, causal, dropout_p, lse_grad):
+def _attention_fake(q, k, v, key_padding_mask, cu_seqlens, seed, op, causal, dropout_p, lse_grad):
     b, n, h, _ = q.shape
     return q.new_empty(b, n, h, v.shape[-1]), q.new_empty(b, n, h, dtype=accumulation_dtype(q.dtype))
 
@@ -218,10 +223,11 @@ def _attention_fake(q, k, v, key_padding_mask, seed, op, causal, dropout_p, lse_
     "ring_attention::attention_backward",
     mutates_args=(),
     schema="(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-    "Tensor? key_padding_mask, Tensor? seed, str op, bool causal, float dropout_p) -> (Tensor, Tensor, Tensor)",
+    "Tensor? key_padding_mask, Tensor? cu_seqlens, Tensor? seed, str op, bool causal, float dropout_p) "
+    "-> (Tensor, Tensor, Tensor)",
 )
-def _attention_backward(dout, dlse, q, k, v, out, lse, key_padding_mask, seed, op, causal, dropout_p):
-    runner, call = _lookup(op), _call(key_padding_mask, seed, causal, dropout_p)
+def _attention_backward(dout, dlse, q, k, v, out, lse, key_padding_mask, cu_seqlens, seed, op, causal, dropout_p):
+    runner, call = _lookup(op), _call(key_padding_mask, cu_seqlens, seed, causal, dropout_p)
     dq, dk, dv = runner.backward(dout, q, k, v, out, lse, call)
     if dlse is not None:  # one more pass: dS = P * dlse (see the module's note)
         probe = torch.zeros_like(out)
@@ -234,13 +240,13 @@ def _attention_backward(dout, dlse, q, k, v, out, lse, key_padding_mask, seed, o
 
 
 @_attention_backward.register_fake
-def _attention_backward_fake(dout, dlse, q, k, v, out, lse, key_padding_mask, seed, op, causal, dropout_p):
+def _attention_backward_fake(dout, dlse, q, k, v, out, lse, key_padding_mask, cu_seqlens, seed, op, causal, dropout_p):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, key_padding_mask, seed, op, causal, dropout_p, lse_grad = inputs
-    ctx.save_for_backward(q, k, v, *output, key_padding_mask, seed)
+    q, k, v, key_padding_mask, cu_seqlens, seed, op, causal, dropout_p, lse_grad = inputs
+    ctx.save_for_backward(q, k, v, *output, key_padding_mask, cu_seqlens, seed)
     ctx.call = (op, causal, dropout_p, lse_grad)
     runner = _lookup(op)
     ctx.alive = (runner, runner.owner)  # the graph keeps what its backward runs (a per-call op, its module)
@@ -248,18 +254,18 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _gradient(ctx, dout, dlse):
-    q, k, v, out, lse, key_padding_mask, seed = ctx.saved_tensors
+    q, k, v, out, lse, key_padding_mask, cu_seqlens, seed = ctx.saved_tensors
     op, causal, dropout_p, lse_grad = ctx.call
     if not lse_grad:
         dlse = None
     if dout is None and dlse is None:
-        return (None,) * 9
+        return (None,) * 10
     if dout is None:
         dout = torch.zeros_like(out)
     grads = torch.ops.ring_attention.attention_backward(
-        dout, dlse, q, k, v, out, lse, key_padding_mask, seed, op, causal, dropout_p
+        dout, dlse, q, k, v, out, lse, key_padding_mask, cu_seqlens, seed, op, causal, dropout_p
     )
-    return (*grads, *(None,) * 6)
+    return (*grads, *(None,) * 7)
 
 
 def _no_double_backward(ctx, *grads):

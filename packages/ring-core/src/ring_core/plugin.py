@@ -13,6 +13,8 @@ repository, and ``docs/plugins.md`` documents the names by purpose:
   forward and backward as functions;
 - the custom ops (what ``torch.compile`` sees of a call): ``AttentionOp``, ``run_attention``;
 - the dilated pattern: branches, parts (strided views of selected positions), blocks;
+- packed documents and sliding windows: their checks, the window geometry of a block
+  (:mod:`ring_core.windows`) and how a kernel takes it (``window_kwargs``);
 - the ring strategy: the plan, its schedule, the module base classes and their extension
   points (:meth:`RingAttentionBase.attention_schedule`, ``attention_forward``,
   ``attention_backward``, :meth:`RingAttentionBase.validate_once`);
@@ -29,6 +31,7 @@ from .agreement import RingConfigError, agree_across_ranks, differing_fields, va
 from .comm import CHANNELS, TRANSPORTS, Exchange, RingComm, RingCommStats, check_transport, ring_comm
 from .deprecation import aliases_for, deprecated_getattr, warn_deprecated
 from .dilated import (
+    Block,
     Branch,
     DilatedAttention,
     DilatedSchedule,
@@ -39,6 +42,7 @@ from .dilated import (
     dilated_parts,
     forward_block,
     offset_heads,
+    part_blocks,
 )
 from .dispatch import KernelNotAvailableError, block_kernel, dropout_seed, select_kernel
 from .engine import Accumulator, BlockKernel, BlockSchedule, blockwise_attention, schedule_backward, schedule_forward
@@ -57,10 +61,10 @@ from .kernels import (
 )
 from .lse import merge_attention
 from .ops import AttentionOp, CallOp, OpCall, run_attention
-from .reference import branch_counts, reference_attention
+from .reference import branch_counts, document_mask, reference_attention, window_allowed
 from .registry import Implementation, get_registry
-from .ring import RingAttentionBase, RingDilatedAttention
-from .ring_plan import Item, RingPlan, Step, Transfer, build_ring_plan, segments_within_shards
+from .ring import RingAttentionBase, RingDilatedAttention, documents_key
+from .ring_plan import Item, RingPlan, Step, Transfer, build_ring_plan, item_kv_part, segments_within_shards
 from .ring_schedule import RingDilatedSchedule, send_bounds
 from .sharding import (
     LAYOUTS,
@@ -72,16 +76,19 @@ from .sharding import (
     shard_sequence,
     unshard_sequence,
 )
-from .validation import MERGES, check_dilated_config, check_dropout, check_qkv
+from .validation import MERGES, check_cu_seqlens, check_dilated_config, check_dropout, check_qkv, check_window
+from .windows import NO_WINDOW, document_spans, index_window, kernel_window, window_kwargs, window_mask
 
 __all__ = [
     "CHANNELS",
     "FLOAT_DTYPES",
     "LAYOUTS",
     "MERGES",
+    "NO_WINDOW",
     "TRANSPORTS",
     "Accumulator",
     "AttentionOp",
+    "Block",
     "BlockKernel",
     "BlockSchedule",
     "Branch",
@@ -117,26 +124,35 @@ __all__ = [
     "branches",
     "build_ring_plan",
     "causal_mask",
+    "check_cu_seqlens",
     "check_dilated_config",
     "check_divisible",
     "check_dropout",
     "check_layout",
     "check_qkv",
     "check_transport",
+    "check_window",
     "combined_mask",
     "default_scale",
     "deprecated_getattr",
     "differing_fields",
     "dilated_attention",
     "dilated_parts",
+    "document_mask",
+    "document_spans",
+    "documents_key",
     "dropout_seed",
     "forward_block",
     "get_registry",
     "group_rank_and_size",
     "hookimpl",
+    "index_window",
+    "item_kv_part",
+    "kernel_window",
     "merge_attention",
     "merge_into",
     "offset_heads",
+    "part_blocks",
     "reference_attention",
     "ring_comm",
     "run_attention",
@@ -151,4 +167,7 @@ __all__ = [
     "unshard_sequence",
     "validate_ring_inputs",
     "warn_deprecated",
+    "window_allowed",
+    "window_kwargs",
+    "window_mask",
 ]

@@ -7,11 +7,24 @@ from collections.abc import Sequence
 
 import torch
 
-from .validation import check_dilated_config
+from .validation import check_cu_seqlens, check_dilated_config, check_window
+
+
+def _document_positions(seq_len: int, cu_seqlens, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each position's document and its position inside the document (one document without ``cu_seqlens``)."""
+    t = torch.arange(seq_len, device=device)
+    if cu_seqlens is None:
+        return torch.zeros_like(t), t
+    bounds = torch.tensor(check_cu_seqlens(cu_seqlens, seq_len, 1), device=device)
+    document = torch.searchsorted(bounds, t, right=True) - 1
+    return document, t - bounds[document]
+
 
 __all__ = [
     "branch_counts",
+    "document_mask",
     "reference_attention",
+    "window_allowed",
 ]
 
 
@@ -22,19 +35,44 @@ def branch_counts(
     dilation_rates: Sequence[int],
     merge: str = "lse",
     device: torch.device | str = "cpu",
+    *,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``C[h, t, s]``: how many branches let query ``t`` of head ``h`` see key ``s``."""
+    """``C[h, t, s]``: how many branches let query ``t`` of head ``h`` see key ``s``.
+
+    With ``cu_seqlens`` positions, segments and offsets count from each document's start
+    and no query sees another document.
+    """
     check_dilated_config(segment_lengths, dilation_rates, merge)
     from .dilated import branches
 
-    t = torch.arange(seq_len, device=device)
+    document, t = _document_positions(seq_len, cu_seqlens, device)
+    same_document = document[:, None] == document[None, :]
     counts = torch.zeros(num_heads, seq_len, seq_len, dtype=torch.float64, device=device)
     for branch in branches(segment_lengths, dilation_rates, merge, num_heads):
-        same_segment = (t[:, None] // branch.segment) == (t[None, :] // branch.segment)
+        same_segment = same_document & ((t[:, None] // branch.segment) == (t[None, :] // branch.segment))
         for h in range(branch.head_start, branch.head_stop):
             selected = (t % branch.rate) == (h % branch.rate)
             counts[h] += (selected[:, None] & selected[None, :] & same_segment).double()
     return counts
+
+
+def document_mask(seq_len: int, cu_seqlens: torch.Tensor | None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bool ``(N, N)``: query ``t`` and key ``s`` are in the same document (all True without ``cu_seqlens``)."""
+    document, _ = _document_positions(seq_len, cu_seqlens, device)
+    return document[:, None] == document[None, :]
+
+
+def window_allowed(seq_len: int, window_size: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bool ``(N, N)``: query ``t`` may see key ``s`` under ``window_size = (left, right)`` (``-1``: unbounded)."""
+    left, right = check_window(window_size)
+    t = torch.arange(seq_len, device=device)
+    allowed = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device)
+    if left >= 0:
+        allowed &= t[None, :] >= t[:, None] - left
+    if right >= 0:
+        allowed &= t[None, :] <= t[:, None] + right
+    return allowed
 
 
 def reference_attention(
@@ -51,13 +89,17 @@ def reference_attention(
     block_layout: torch.Tensor | None = None,
     block_size: int | None = None,
     return_lse: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """SPEC.md's attention in float64, ``(B, N, H, D)`` in and out, differentiable.
 
     Without ``segment_lengths`` it is dense attention. ``block_layout`` (bool
-    ``(H or 1, ceil(N/b), ceil(N/b))``) with ``block_size`` further restricts keys.
-    A query that sees no key gets 0. ``return_lse`` also returns the log-sum-exp of
-    the scores ``(B, H, N)`` (``-inf`` for a query that sees no key; :mod:`ring_core.lse`).
+    ``(H or 1, ceil(N/b), ceil(N/b))``) with ``block_size`` further restricts keys,
+    and so does ``window_size`` (SPEC.md, "Sliding windows"). ``cu_seqlens``
+    (``B = 1``) packs documents (SPEC.md, "Packed sequences"). A query that sees no
+    key gets 0. ``return_lse`` also returns the log-sum-exp of the scores ``(B, H, N)``
+    (``-inf`` for a query that sees no key; :mod:`ring_core.lse`).
     """
     q64, k64, v64 = (x.double() for x in (q, k, v))
     b, n, h, d = q64.shape
@@ -67,9 +109,11 @@ def reference_attention(
         v64 = v64.repeat_interleave(groups, dim=2)
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
     if segment_lengths is None:
-        counts = torch.ones(h, n, n, dtype=torch.float64, device=q.device)
+        counts = document_mask(n, cu_seqlens, q.device).double().expand(h, n, n)
     else:
-        counts = branch_counts(n, h, segment_lengths, dilation_rates, merge, q.device)
+        counts = branch_counts(n, h, segment_lengths, dilation_rates, merge, q.device, cu_seqlens=cu_seqlens)
+    if tuple(window_size) != (-1, -1):
+        counts = counts * window_allowed(n, window_size, q.device).double()
     if block_layout is not None:
         blocks = torch.arange(n, device=q.device) // block_size
         allowed = block_layout.to(q.device)[:, blocks][:, :, blocks]

@@ -32,7 +32,8 @@ from .ops import AttentionOp, OpCall, run_attention
 from .ring_plan import RingPlan, Transfer, build_ring_plan, segments_within_shards
 from .ring_schedule import RingDilatedSchedule, send_bounds
 from .sharding import check_layout, group_rank_and_size
-from .validation import check_dilated_config, check_dropout, check_qkv
+from .validation import check_cu_seqlens, check_dilated_config, check_dropout, check_qkv, check_window, varlen_layout
+from .windows import NO_WINDOW
 
 # The ring's names as they were before the plan, schedule and agreement got their own modules.
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "agree_across_ranks",
     "build_ring_plan",
     "differing_fields",
+    "documents_key",
     "offset_heads",
     "ring_dilated_attention",
     "segments_within_shards",
@@ -57,23 +59,29 @@ __all__ = [
 
 
 def _schedule(
-    q, k, v, *, comm: RingComm, config: tuple, layout: str, call: OpCall, softmax_scale, kernel
+    q, k, v, *, comm: RingComm, config: tuple, layout: str, call: OpCall, softmax_scale, kernel, window=NO_WINDOW
 ) -> BlockSchedule:
-    """The blocks of one ring call: ``config`` is ``(segment_lengths, dilation_rates, merge)``."""
+    """The blocks of one ring call: ``config`` is ``(segment_lengths, dilation_rates, merge)``; ``window`` the
+    module's ``window_size`` and ``call.documents`` the call's global document boundaries."""
     segments, rates, merge = config
-    mask = call.key_padding_mask
+    mask, documents = call.key_padding_mask, call.documents
     branch_list = tuple(branches(segments, rates, merge, q.shape[2]))
     bound = block_kernel(
         q, k, causal=call.causal, has_mask=mask is not None, dropout_p=call.dropout_p, softmax_scale=softmax_scale,
-        kernel=kernel, seed=call.seed,
+        kernel=kernel, seed=call.seed, window=window != NO_WINDOW,
     )  # fmt: skip
-    if segments_within_shards(q.shape[1], comm.world_size, layout, segments):
+    if (documents is None or comm.world_size == 1) and segments_within_shards(
+        q.shape[1], comm.world_size, layout, segments
+    ):
         # nothing to exchange: the single-device schedule on this shard computes the same blocks
-        return DilatedSchedule(bound, branch_list, causal=call.causal, key_padding_mask=mask)
+        return DilatedSchedule(
+            bound, branch_list, causal=call.causal, key_padding_mask=mask, window=window, documents=documents
+        )
     seq_len = q.shape[1] * comm.world_size
     plan = build_ring_plan(
-        seq_len, comm.world_size, comm.rank, layout, branch_list, q.shape[2], k.shape[2], call.causal, q.device
-    )
+        seq_len, comm.world_size, comm.rank, layout, branch_list, q.shape[2], k.shape[2], call.causal, q.device,
+        window=window, documents=documents, native_window=bound.backend.supports_window,
+    )  # fmt: skip
     return RingDilatedSchedule(
         bound, plan, comm, causal=call.causal, key_padding_mask=mask,
         send_bounds=send_bounds(q, k, v, len(branch_list)),
@@ -108,20 +116,31 @@ def ring_dilated_attention(
     stats: RingCommStats | None = None,
     transport: str = "nccl",
     return_lse: bool = False,
+    window_size: tuple[int, int] = NO_WINDOW,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Ring dilated attention of this rank's shard ``(B, N/P, H, D)``; returns this rank's output shard.
 
     ``key_padding_mask`` is this rank's shard ``(B, N/P)`` (True = padding). Validates
     (collectively) on every call; :class:`RingDilatedAttention` validates once per shape.
-    ``transport`` and ``return_lse``: see :class:`RingDilatedAttention`.
+    ``transport`` and ``return_lse``: see :class:`RingDilatedAttention`. ``window_size`` and
+    ``cu_seqlens`` (global document boundaries, the same tensor on every rank) as in
+    :func:`ring_core.dilated_attention`; flash-attn's varlen layout ``(n, H, D)`` per rank is
+    accepted with ``cu_seqlens``.
     """
+    (q, k, v, key_padding_mask), unbatched = varlen_layout(cu_seqlens, q, k, v, key_padding_mask)
     attn = RingDilatedAttention(
         segment_lengths, dilation_rates, merge, layout, process_group, softmax_scale, dropout_p, kernel,
-        transport=transport,
+        transport=transport, window_size=window_size,
     )  # fmt: skip
     if stats is not None:
         attn.comm_stats = stats
-    return attn(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, return_lse=return_lse)
+    result = attn(
+        q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, return_lse=return_lse, cu_seqlens=cu_seqlens
+    )
+    if not unbatched:
+        return result
+    return (result[0][0], result[1][0]) if return_lse else result[0]
 
 
 class RingAttentionBase(nn.Module):
@@ -129,7 +148,7 @@ class RingAttentionBase(nn.Module):
 
     ``segment_lengths`` and ``dilation_rates`` become tuples of ints; ``layout``,
     ``merge``, ``dropout``, ``kernel`` (a kernel backend name or None) and ``transport``
-    (:data:`ring_core.comm.TRANSPORTS`) are checked. Subclasses get :attr:`comm_stats` (bytes
+    (:data:`ring_core.comm.TRANSPORTS`) and ``window_size`` are checked. Subclasses get :attr:`comm_stats` (bytes
     this rank sends) and :meth:`validate_once`, and define ``forward``.
 
     The attention itself runs inside the custom ops of :mod:`ring_core.ops` (one op for
@@ -151,9 +170,11 @@ class RingAttentionBase(nn.Module):
         kernel: str | None = None,
         *,
         transport: str = "nccl",
+        window_size: tuple[int, int] = NO_WINDOW,
     ) -> None:
         super().__init__()
         self.segment_lengths, self.dilation_rates = check_dilated_config(segment_lengths, dilation_rates, merge)
+        self.window_size = check_window(window_size)
         self.merge = merge
         self.layout = check_layout(layout)
         self.process_group = process_group
@@ -205,14 +226,16 @@ class RingAttentionBase(nn.Module):
         dropout_p: float,
         return_lse: bool,
         seed: int | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """This rank's output shard (and ``lse`` ``(B, H, N/P)`` with ``return_lse``) of checked inputs.
 
-        ``seed``: dropout's (see :func:`~ring_core.ops.run_attention`).
+        ``seed``: dropout's (see :func:`~ring_core.ops.run_attention`); ``cu_seqlens``: the
+        checked global document boundaries (the op gives them as :attr:`~ring_core.ops.OpCall.documents`).
         """
         out, lse = run_attention(
             self._op, q, k, v, key_padding_mask=key_padding_mask, causal=causal, dropout_p=dropout_p,
-            lse_grad=return_lse, seed=seed,
+            lse_grad=return_lse, seed=seed, cu_seqlens=cu_seqlens,
         )  # fmt: skip
         return (out, lse.transpose(1, 2)) if return_lse else out
 
@@ -254,9 +277,10 @@ class RingAttentionBase(nn.Module):
             self._validated.add(key)
 
     def extra_repr(self) -> str:
+        window = f", window_size={self.window_size}" if self.window_size != NO_WINDOW else ""
         return (
             f"segment_lengths={list(self.segment_lengths)}, dilation_rates={list(self.dilation_rates)}, "
-            f"merge={self.merge!r}, layout={self.layout!r}, dropout={self.dropout}"
+            f"merge={self.merge!r}, layout={self.layout!r}, dropout={self.dropout}{window}"
         )
 
 
@@ -269,7 +293,9 @@ class RingDilatedAttention(RingAttentionBase):
     ``process_group=None`` is the default group when one is initialised, else one
     process. Bytes sent by this rank are counted in :attr:`comm_stats`. With
     ``return_lse=True`` it returns ``(out, lse)``, ``lse`` ``(B, H, N/P)`` of this rank's rows
-    (:mod:`ring_core.lse`).
+    (:mod:`ring_core.lse`). ``window_size`` (constructor) is a sliding window; ``cu_seqlens``
+    (forward) the global document boundaries of a packed batch of one (the same tensor on every
+    rank; documents may cross shards). Only keys that a peer's query can see travel.
 
     ``transport``: ``"nccl"`` (default) moves K/V and dK/dV with ``batch_isend_irecv`` of the
     group's backend; ``"copy_engine"`` with the GPUs' copy engines
@@ -286,6 +312,7 @@ class RingDilatedAttention(RingAttentionBase):
         is_causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
         return_lse: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Dilated (or dense) attention over the whole sequence, from this rank's shard (SPEC.md).
 
@@ -310,34 +337,49 @@ class RingDilatedAttention(RingAttentionBase):
                 layout; every rank raises the same error, none hangs.
         """
         dropout_p = self.dropout if self.training else 0.0
-        self._check(q, k, v, key_padding_mask, bool(is_causal), dropout_p)
+        self._check(q, k, v, key_padding_mask, bool(is_causal), dropout_p, cu_seqlens)
         return self.run(
             q, k, v, causal=bool(is_causal), key_padding_mask=key_padding_mask, dropout_p=dropout_p,
-            return_lse=return_lse,
+            return_lse=return_lse, cu_seqlens=cu_seqlens,
         )  # fmt: skip
 
-    def _check(self, q, k, v, key_padding_mask, is_causal: bool, dropout_p: float) -> None:
-        """Inputs agree across ranks (checked once per new signature, errors naming this class)."""
+    def _check(self, q, k, v, key_padding_mask, is_causal: bool, dropout_p: float, cu_seqlens=None) -> None:
+        """Inputs agree across ranks (checked once per new signature and ``cu_seqlens``, errors naming this class)."""
         if group_rank_and_size(self.process_group)[1] == 1:  # nothing to agree on (and traceable)
             check_qkv(q, k, v, key_padding_mask)
+            if cu_seqlens is not None:
+                check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
             return
         comm = ring_comm(self.process_group, self.comm_stats, self.transport, q.device)
-        config = (self.segment_lengths, self.dilation_rates, self.merge, self.layout, dropout_p)
+        config = (self.segment_lengths, self.dilation_rates, self.merge, self.layout, dropout_p, self.window_size)
 
         def validate() -> None:
             validate_ring_inputs(
                 q, k, v, key_padding_mask, causal=is_causal, layout=self.layout, merge=self.merge, config=config,
-                scale=self.softmax_scale, comm=comm, name=type(self).__name__,
+                scale=self.softmax_scale, comm=comm, name=type(self).__name__, window_size=self.window_size,
+                cu_seqlens=cu_seqlens,
             )  # fmt: skip
 
-        self.validate_once(validate, q, k, v, key_padding_mask, is_causal, config, comm.world_size)
+        self.validate_once(
+            validate, q, k, v, key_padding_mask, is_causal, config, comm.world_size, documents_key(cu_seqlens)
+        )
 
     def attention_schedule(self, q, k, v, call: OpCall) -> BlockSchedule:
         comm = ring_comm(self.process_group, self.comm_stats, self.transport, q.device)
         return _schedule(
             q, k, v, comm=comm, config=(self.segment_lengths, self.dilation_rates, self.merge), layout=self.layout,
-            call=call, softmax_scale=self.softmax_scale, kernel=self.kernel,
+            call=call, softmax_scale=self.softmax_scale, kernel=self.kernel, window=self.window_size,
         )  # fmt: skip
+
+
+def documents_key(cu_seqlens: Any) -> Any:
+    """``cu_seqlens`` as a tuple of ints, to tell calls apart (a fresh object when it is not one: never equal to
+    another, so the checks run and raise)."""
+    if cu_seqlens is None:
+        return None
+    if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 and not cu_seqlens.is_floating_point():
+        return tuple(int(x) for x in cu_seqlens.tolist())
+    return object()
 
 
 def _signature(x: Any) -> Any:

@@ -8,19 +8,28 @@ when a piece of rank ``s`` shares a segment with a piece of rank ``t``, ``s`` se
 ``t`` only the selected rows of that run, and only the key/value heads of the
 offset's query heads. Causally, a piece that lies entirely after the query piece is
 skipped (nothing sent). The plan is data; :mod:`ring_core.ring_schedule` runs it.
+
+Packed documents (``cu_seqlens``, global) cut every piece into *spans*, one per
+document it meets; segments and offsets count from the document's start, and only
+spans of the same document meet. A sliding window narrows a cross-piece block to the
+queries and keys that can meet (:func:`ring_core.windows.reach`), so a window of ``w``
+positions across a shard boundary sends about ``w`` rows; a rank's keys that no query
+of a peer can see are not sent at all.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from .dilated import Branch, Part, offset_heads
+from .dilated import Block, Branch, Part, offset_heads, part_blocks
 from .sharding import shard_ranges
+from .windows import NO_WINDOW, covers, index_window, kernel_window, reach
 
 __all__ = [
     "Item",
@@ -28,6 +37,7 @@ __all__ = [
     "Step",
     "Transfer",
     "build_ring_plan",
+    "item_kv_part",
     "segments_within_shards",
 ]
 
@@ -36,18 +46,34 @@ __all__ = [
 class _Run:
     """Selected positions ``[i0, i1)`` (units of the rate) of one piece, in segments of ``length``."""
 
-    segment: int  # global index of the first segment
+    segment: int  # index of the first segment (in its document)
     i0: int
     i1: int
     length: int
 
 
 @dataclass(frozen=True)
+class _Span:
+    """The selected positions of one branch offset where a piece and a document overlap."""
+
+    document: int
+    base: int  # local position (in its rank's shard) of the first one
+    index: int  # its index among the document's selected positions
+    runs: tuple[_Run, ...]
+
+
+@dataclass(frozen=True)
 class Item:
-    """One cross-piece block: the receiver's ``q_part`` rows see key slot ``slot`` of a :class:`Transfer`."""
+    """One cross-piece block: the receiver's ``q_part`` rows see key slot ``slot`` of a :class:`Transfer`.
+
+    ``keys``: the slot's rows it sees (``None``: all); ``window``: the kernel window
+    (:mod:`ring_core.windows`) or None.
+    """
 
     q_part: Part
     slot: int
+    keys: tuple[int, int] | None = None
+    window: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -70,15 +96,24 @@ class Step:
 
 @dataclass(frozen=True)
 class RingPlan:
-    """Every block of one rank: runs inside its pieces, blocks between its own pieces, one step per peer."""
+    """Every block of one rank: blocks inside its pieces, blocks between its own pieces, one step per peer."""
 
-    local_parts: tuple[Part, ...]
+    local_blocks: tuple[Block, ...]
     local: Transfer
     steps: tuple[Step, ...]
 
 
+def item_kv_part(transfer: Transfer, item: Item) -> Part:
+    """The key rows ``item`` sees, as a part of the sender's shard (a slot's part is one segment)."""
+    part = transfer.kv_parts[item.slot]
+    if item.keys is None:
+        return part
+    lo, hi = item.keys
+    return replace(part, start=part.start + lo, stop=part.start + hi, length=hi - lo)
+
+
 def _part_rows(part: Part) -> int:
-    return part.stop - part.start
+    return (part.stop - part.start) // part.length * part.segment_rows
 
 
 def _part_kv_heads(part: Part, num_kv_heads: int) -> int:
@@ -108,13 +143,38 @@ def _runs(start: int, stop: int, branch: Branch, offset: int) -> tuple[int, list
     return first, runs
 
 
-def _run_for_segment(runs: list[_Run], segment: int) -> tuple[int, int] | None:
+def _run_for_segment(runs: Sequence[_Run], segment: int) -> tuple[int, int] | None:
     for run in runs:
         nseg = (run.i1 - run.i0) // run.length
         if run.segment <= segment < run.segment + nseg:
             i0 = run.i0 + (segment - run.segment) * run.length
             return i0, min(run.i1, i0 + run.length)
     return None
+
+
+def _spans(start: int, stop: int, local_start: int, branch: Branch, offset: int, documents) -> list[_Span]:
+    """The spans of global piece ``[start, stop)`` (whose first position is ``local_start`` in its shard)."""
+    spans = []
+    for document, (doc_start, doc_stop) in enumerate(documents):
+        lo, hi = max(start, doc_start), min(stop, doc_stop)
+        if lo >= hi:
+            continue
+        first, runs = _runs(lo - doc_start, hi - doc_start, branch, offset)  # document coordinates
+        if runs:
+            base = local_start + doc_start + first - start
+            spans.append(_Span(document, base, (first - offset) // branch.rate, tuple(runs)))
+    return spans
+
+
+def _merge_slots(needs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The key ranges to send: overlapping or touching ranges of ``needs`` joined."""
+    merged: list[list[int]] = []
+    for lo, hi in sorted(needs):
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return [(lo, hi) for lo, hi in merged]
 
 
 @functools.lru_cache(maxsize=64)
@@ -129,6 +189,10 @@ def build_ring_plan(
     causal: bool,
     device: torch.device,
     heads: tuple[int, int] | None = None,
+    *,
+    window: tuple[int, int] = NO_WINDOW,
+    documents: tuple[int, ...] | None = None,
+    native_window: bool = False,
 ) -> RingPlan:
     """The blocks of ``rank`` for a global sequence of ``seq_len`` (cached).
 
@@ -137,6 +201,11 @@ def build_ring_plan(
     plan's parts; each head keeps its global dilation offset ``h mod r`` and its
     ``head_groups`` branch. ``start`` and ``stop`` must be multiples of ``num_heads //
     num_kv_heads`` so the chunk's query heads read a chunk of the key/value heads.
+
+    ``window`` (SPEC.md's ``window_size``) and ``documents`` (``cu_seqlens`` values) shape
+    the blocks: a cross-piece block keeps only the queries and keys its window lets meet,
+    so only those keys travel. ``native_window``: the kernel takes windows itself (no
+    tiles of local segments).
     """
     groups = num_heads // num_kv_heads
     start, stop = (0, num_heads) if heads is None else heads
@@ -146,12 +215,11 @@ def build_ring_plan(
             f"num_heads // num_kv_heads = {groups}, got {heads}"
         )
     pieces = [shard_ranges(seq_len, p, world_size, layout) for p in range(world_size)]
+    doc_ranges = list(itertools.pairwise(documents)) if documents is not None else [(0, seq_len)]
 
     def local_start(p: int, index: int) -> int:
         return sum(b - a for a, b in pieces[p][:index])
 
-    # runs[p][piece][(branch, offset)] = (first local position, runs)
-    runs: list[list[dict[tuple[int, int], tuple[int, list[_Run]]]]] = []
     heads_of: dict[tuple[int, int], tuple[slice, Any]] = {}
     for bi, branch in enumerate(branch_list):
         # the branch's heads inside the range, renumbered from `start`: offsets keep their global meaning
@@ -164,50 +232,79 @@ def build_ring_plan(
             selected = offset_heads(local, (offset - start) % branch.rate, groups, device)
             if selected is not None:
                 heads_of[bi, offset] = selected
-    for p in range(world_size):
-        per_piece = []
-        for index, (a, b) in enumerate(pieces[p]):
-            table = {}
-            for bi, offset in heads_of:
-                first, piece_runs = _runs(a, b, branch_list[bi], offset)
-                table[bi, offset] = (local_start(p, index) + first - a, piece_runs)
-            per_piece.append(table)
-        runs.append(per_piece)
+    # spans[p][piece][(branch, offset)]: where the piece meets each document
+    spans = [
+        [
+            {key: _spans(a, b, local_start(p, index), branch_list[key[0]], key[1], doc_ranges) for key in heads_of}
+            for index, (a, b) in enumerate(pieces[p])
+        ]
+        for p in range(world_size)
+    ]
+    windows = {key: index_window(window, branch_list[key[0]].rate, causal) for key in heads_of}
 
-    def part(p: int, index: int, key: tuple[int, int], i0: int, i1: int, length: int) -> Part:
+    def part(key: tuple[int, int], span: _Span, i0: int, i1: int, length: int) -> Part:
         heads, kv_heads = heads_of[key]
-        base, _ = runs[p][index][key]
-        return Part(base, branch_list[key[0]].rate, i0, i1, length, heads, kv_heads)
+        return Part(span.base, branch_list[key[0]].rate, i0, i1, length, heads, kv_heads)
 
-    def transfer(src: int, dst: int) -> Transfer:
-        slots: dict[tuple, tuple[int, Part]] = {}  # each distinct key run travels once
-        found = []
+    def blocks_between(src: int, dst: int):
+        """``(slot group, key indices, q_part, window)`` of every block of ``dst``'s queries on ``src``'s keys."""
         for key in heads_of:
+            win = windows[key]
             for qi, (_, qb) in enumerate(pieces[dst]):
                 for ki, (ka, _) in enumerate(pieces[src]):
                     if (src, ki) == (dst, qi) or (causal and ka >= qb):
                         continue
-                    q_runs, k_runs = runs[dst][qi][key][1], runs[src][ki][key][1]
-                    if not q_runs or not k_runs:
-                        continue
-                    low = max(q_runs[0].segment, k_runs[0].segment)
-                    high = min(_last_segment(q_runs), _last_segment(k_runs))
-                    for segment in range(low, high + 1):
-                        q_span, k_span = _run_for_segment(q_runs, segment), _run_for_segment(k_runs, segment)
-                        if q_span and k_span:
-                            slot_key = (key, ki, k_span)
-                            if slot_key not in slots:
-                                slots[slot_key] = (len(slots), part(src, ki, key, *k_span, k_span[1] - k_span[0]))
-                            q_part = part(dst, qi, key, *q_span, q_span[1] - q_span[0])
-                            found.append(Item(q_part, slots[slot_key][0]))
-        return Transfer(tuple(p for _, p in slots.values()), tuple(found))
+                    k_spans = {span.document: span for span in spans[src][ki][key]}
+                    for q_span in spans[dst][qi][key]:
+                        k_span = k_spans.get(q_span.document)
+                        if k_span is None:
+                            continue
+                        low = max(q_span.runs[0].segment, k_span.runs[0].segment)
+                        high = min(_last_segment(q_span.runs), _last_segment(k_span.runs))
+                        for segment in range(low, high + 1):
+                            q_rows, k_rows = (
+                                _run_for_segment(q_span.runs, segment),
+                                _run_for_segment(k_span.runs, segment),
+                            )
+                            if not (q_rows and k_rows):
+                                continue
+                            # document indices; then only the queries and keys the window lets meet
+                            q_idx = (q_span.index + q_rows[0], q_span.index + q_rows[1])
+                            k_idx = reach(q_idx, win, (k_span.index + k_rows[0], k_span.index + k_rows[1]))
+                            q_idx = reach(k_idx, win[::-1], q_idx)
+                            if k_idx[0] >= k_idx[1] or q_idx[0] >= q_idx[1]:
+                                continue
+                            q_i0, q_i1 = q_idx[0] - q_span.index, q_idx[1] - q_span.index
+                            q_part = part(key, q_span, q_i0, q_i1, q_i1 - q_i0)
+                            block_window = None if covers(q_idx, k_idx, win) else kernel_window(q_idx, k_idx, win)
+                            yield (key, ki, k_span, segment), k_idx, q_part, block_window
 
-    local_parts = []
+    def transfer(src: int, dst: int) -> Transfer:
+        found = list(blocks_between(src, dst))
+        needs: dict[tuple, list[tuple[int, int]]] = {}
+        for group, k_idx, _, _ in found:
+            needs.setdefault(group, []).append(k_idx)
+        slots: dict[tuple, list[tuple[int, tuple[int, int]]]] = {}  # group -> (slot, key indices)
+        kv_parts = []
+        for group, ranges in needs.items():  # each key row travels once
+            key, _, k_span, _ = group
+            for lo, hi in _merge_slots(ranges):
+                slots.setdefault(group, []).append((len(kv_parts), (lo, hi)))
+                kv_parts.append(part(key, k_span, lo - k_span.index, hi - k_span.index, hi - lo))
+        items = []
+        for group, (lo, hi), q_part, block_window in found:
+            slot, (s_lo, s_hi) = next(entry for entry in slots[group] if entry[1][0] <= lo and hi <= entry[1][1])
+            keys = None if (lo, hi) == (s_lo, s_hi) else (lo - s_lo, hi - s_lo)
+            items.append(Item(q_part, slot, keys, block_window))
+        return Transfer(tuple(kv_parts), tuple(items))
+
+    local_blocks = []
     for index in range(len(pieces[rank])):
         for key in heads_of:
-            piece_runs = runs[rank][index][key][1]
-            for run in piece_runs:
-                local_parts.append(part(rank, index, key, run.i0, run.i1, run.length))
+            for span in spans[rank][index][key]:
+                for run in span.runs:
+                    local_part = part(key, span, run.i0, run.i1, run.length)
+                    local_blocks += part_blocks(local_part, windows[key], native_window=native_window)
     steps = tuple(
         Step(
             (rank - j) % world_size,
@@ -217,10 +314,10 @@ def build_ring_plan(
         )
         for j in range(1, world_size)
     )
-    return RingPlan(tuple(local_parts), transfer(rank, rank), steps)
+    return RingPlan(tuple(local_blocks), transfer(rank, rank), steps)
 
 
-def _last_segment(runs: list[_Run]) -> int:
+def _last_segment(runs: Sequence[_Run]) -> int:
     last = runs[-1]
     return last.segment + (last.i1 - last.i0) // last.length - 1
 

@@ -15,10 +15,10 @@ from dataclasses import replace
 import torch
 
 from .comm import CHANNELS, Exchange, RingComm
-from .dilated import Part, backward_block, forward_block
+from .dilated import Block, Part, backward_block, forward_block
 from .engine import Accumulator, BlockKernel, BlockSchedule
 from .kernels import accumulation_dtype
-from .ring_plan import RingPlan, Step, Transfer, _part_kv_heads, _part_rows
+from .ring_plan import Item, RingPlan, Step, Transfer, _part_kv_heads, _part_rows, item_kv_part
 
 __all__ = ["RingDilatedSchedule", "send_bounds"]
 
@@ -112,28 +112,37 @@ class RingDilatedSchedule(BlockSchedule):
             slots.append((kb, vb, kept[0].bool()[:, None, None, :] if kept else None))
         return slots
 
-    def _local_blocks(self, k, v) -> list[tuple[Part, Part, tuple, bool]]:
-        """The blocks of this rank's own keys, in order: ``(q_part, kv_part, (k, v, mask), causal)``."""
-        blocks = [(part, part, self._local_kv(part, k, v), self.causal) for part in self.plan.local_parts]
-        kv = [self._local_kv(part, k, v) for part in self.plan.local.kv_parts]
-        blocks += [
-            (item.q_part, self.plan.local.kv_parts[item.slot], kv[item.slot], False) for item in self.plan.local.items
-        ]
+    @staticmethod
+    def _item_kv(item: Item, slot: tuple) -> tuple:
+        """The rows of a received slot that ``item`` sees."""
+        if item.keys is None:
+            return slot
+        lo, hi = item.keys
+        kb, vb, mask = slot
+        return kb[:, lo:hi], vb[:, lo:hi], None if mask is None else mask[..., lo:hi]
+
+    def _local_blocks(self, k, v) -> list[tuple[Block, tuple]]:
+        """The blocks of this rank's own keys, in order, each with its ``(k, v, mask)``."""
+        blocks = [(block, self._local_kv(block.kv, k, v)) for block in self.plan.local_blocks]
+        for item in self.plan.local.items:
+            kv_part = item_kv_part(self.plan.local, item)
+            blocks.append((Block(item.q_part, kv_part, window=item.window), self._local_kv(kv_part, k, v)))
         return blocks
 
     @staticmethod
-    def _split_block(q_part: Part, kv_part: Part, kv: tuple, causal: bool) -> list[tuple]:
+    def _split_block(block: Block, kv: tuple) -> list[tuple[Block, tuple]]:
         """A single local block (dense, non-causal, contiguous) as a third and two thirds of its query rows, so
         that backward can hide the first K/V fetch and the last dK/dV return behind the two."""
+        q_part = block.q
         rows = q_part.stop - q_part.start
-        if causal or rows != q_part.length or rows < 3:  # only one non-causal segment splits by rows
-            return [(q_part, kv_part, kv, causal)]
+        if block.causal or block.window is not None or rows != q_part.segment_rows or rows < 3:
+            return [(block, kv)]  # only one non-causal, unwindowed segment splits by rows
         cut = q_part.start + rows // 3
         parts = (
             replace(q_part, stop=cut, length=cut - q_part.start),
             replace(q_part, start=cut, length=q_part.stop - cut),
         )
-        return [(part, kv_part, kv, causal) for part in parts]
+        return [(replace(block, q=part), kv) for part in parts]
 
     # -- forward ---------------------------------------------------------------------------------------
     def forward(self, q, k, v, acc: Accumulator) -> None:
@@ -145,15 +154,20 @@ class RingDilatedSchedule(BlockSchedule):
         self.comm.reserve("send", self.send_bounds.get("send", 0), q.device)
         pending = self._start_kv(1, k, v)
         block_id = self.block_base
-        for q_part, _, kv, causal in self._local_blocks(k, v):
-            forward_block(self.kernel, q_part, q, *kv, acc, causal=causal, block_id=block_id)
+        for block, kv in self._local_blocks(k, v):
+            forward_block(
+                self.kernel, block.q, q, *kv, acc, causal=block.causal, block_id=block_id, window=block.window
+            )
             block_id += 1
         for j, step in enumerate(self.plan.steps, start=1):
             buffer = pending.wait() if pending is not None else None
             pending = self._start_kv(j + 1, k, v)
             slots = self._received(step.recv, buffer, k, v)
             for item in step.recv.items:
-                forward_block(self.kernel, item.q_part, q, *slots[item.slot], acc, causal=False, block_id=block_id)
+                kv = self._item_kv(item, slots[item.slot])
+                forward_block(
+                    self.kernel, item.q_part, q, *kv, acc, causal=False, block_id=block_id, window=item.window
+                )
                 block_id += 1
 
     # -- backward --------------------------------------------------------------------------------------
@@ -168,17 +182,18 @@ class RingDilatedSchedule(BlockSchedule):
         local = list(enumerate(self._local_blocks(k, v), start=self.block_base))
         steps_block_id = self.block_base + len(local)
         if self.plan.steps and len(local) == 1 and self.kernel.dropout_p == 0:  # (a block's mask is per block)
-            local = [(local[0][0], block) for block in self._split_block(*local[0][1])]
-        costs = [_block_cost(q_part, kv_part, causal) for _, (q_part, kv_part, _, causal) in local]
+            local = [(local[0][0], split) for split in self._split_block(*local[0][1])]
+        costs = [_block_cost(block.q, block.kv, block.causal) for _, (block, _) in local]
         split = _overlap_split(costs) if self.plan.steps else len(local)
 
         def local_backward(blocks) -> None:
-            for block_id, (q_part, kv_part, kv, causal) in blocks:
+            for block_id, (block, kv) in blocks:
                 block_dk, block_dv = backward_block(
-                    self.kernel, q_part, q, *kv, out, lse, dout, dq, causal=causal, block_id=block_id
-                )
-                kv_part.add_kv_grad(dk, block_dk, self.kernel.accumulate)
-                kv_part.add_kv_grad(dv, block_dv, self.kernel.accumulate)
+                    self.kernel, block.q, q, *kv, out, lse, dout, dq, causal=block.causal, block_id=block_id,
+                    window=block.window,
+                )  # fmt: skip
+                block.kv.add_kv_grad(dk, block_dk, self.kernel.accumulate)
+                block.kv.add_kv_grad(dv, block_dv, self.kernel.accumulate)
 
         local_backward(local[:split])
         block_id = steps_block_id
@@ -195,11 +210,20 @@ class RingDilatedSchedule(BlockSchedule):
                 slot_grads = self._unpack(send, grad_shapes)
             for item in step.recv.items:
                 block_grads = backward_block(
-                    self.kernel, item.q_part, q, *slots[item.slot], out, lse, dout, dq, causal=False, block_id=block_id
-                )
+                    self.kernel, item.q_part, q, *self._item_kv(item, slots[item.slot]), out, lse, dout, dq,
+                    causal=False, block_id=block_id, window=item.window,
+                )  # fmt: skip
+                if item.keys is not None and item.slot not in written:  # a part of the slot: the rest stays 0
+                    for grad in slot_grads[item.slot]:
+                        grad.zero_()
+                    written.add(item.slot)
                 for grad, block_grad in zip(slot_grads[item.slot], block_grads, strict=True):
-                    # the slot's first block is written, later ones added (no zero-filled buffer)
-                    grad.copy_(block_grad) if item.slot not in written else self.kernel.accumulate(grad, block_grad)
+                    if item.keys is not None:
+                        self.kernel.accumulate(grad[:, item.keys[0] : item.keys[1]], block_grad)
+                    elif item.slot not in written:  # the slot's first block is written, later ones added
+                        grad.copy_(block_grad)
+                    else:
+                        self.kernel.accumulate(grad, block_grad)
                 written.add(item.slot)
                 block_id += 1
             for slot in set(range(len(slot_grads))) - written:

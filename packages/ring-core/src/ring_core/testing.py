@@ -62,14 +62,34 @@ class Case:
     merge: str = "lse"
     causal: bool = False
     padding: bool = False
+    window_size: tuple[int, int] = (-1, -1)
+    documents: tuple[int, ...] | None = None  # cu_seqlens values (packed, batch of one)
 
     @property
     def config(self) -> dict:
-        return {
+        """Constructor arguments (``window_size`` only when there is a window)."""
+        config = {
             "segment_lengths": list(self.segment_lengths),
             "dilation_rates": list(self.dilation_rates),
             "merge": self.merge,
         }
+        if self.window_size != (-1, -1):
+            config["window_size"] = self.window_size
+        return config
+
+    def forward_options(self, device: str | torch.device = "cpu") -> dict:
+        """Extra keywords of the forward call: ``cu_seqlens`` for packed cases."""
+        if self.documents is None:
+            return {}
+        return {"cu_seqlens": torch.tensor(self.documents, dtype=torch.int32, device=device)}
+
+    @property
+    def reference_options(self) -> dict:
+        """Keywords of :func:`~ring_core.reference_attention` beyond the config."""
+        options: dict = {"window_size": self.window_size}
+        if self.documents is not None:
+            options["cu_seqlens"] = torch.tensor(self.documents)
+        return options
 
     def __str__(self) -> str:
         return self.name
@@ -88,6 +108,41 @@ CASES: tuple[Case, ...] = (
 
 # A few cases for quick checks (the CLI's verify).
 QUICK_CASES: tuple[Case, ...] = (CASES[1], CASES[3], CASES[5], CASES[6])
+
+
+def packed_documents(seq_len: int, count: int, seed: int) -> tuple[int, ...]:
+    """Random ``cu_seqlens`` values of ``count`` documents over ``seq_len`` positions, one of them empty."""
+    generator = torch.Generator().manual_seed(seed)
+    cuts = torch.randint(1, seq_len, (count - 2,), generator=generator).tolist()
+    cuts.append(cuts[0])  # the same boundary twice: an empty document
+    return (0, *sorted(cuts), seq_len)
+
+
+# Packed documents (SPEC.md "Packed sequences") and sliding windows ("Sliding windows"): documents shorter
+# than a segment and crossing segment boundaries, an empty one, windows (w, -1), (w, 0) causal, two-sided.
+PACKED_CASES: tuple[Case, ...] = (
+    Case("packed-dense-causal", 50, 4, (64,), (1,), batch=1, causal=True, documents=packed_documents(50, 6, 1)),
+    Case(
+        "packed-dilated-gqa-pad", 53, 6, (4, 8, 16), (1, 2, 4), kv_heads=2, batch=1, padding=True,
+        documents=packed_documents(53, 6, 2),
+    ),
+    Case(
+        "packed-head-groups-causal", 47, 5, (6, 12), (2, 3), merge="head_groups", causal=True, batch=1,
+        documents=packed_documents(47, 5, 3),
+    ),
+    Case("window-left", 45, 4, (8, 16), (1, 2), window_size=(5, -1)),
+    Case("window-causal-gqa-pad", 41, 6, (64,), (1,), kv_heads=3, causal=True, padding=True, window_size=(6, 0)),
+    Case("window-two-sided-head-groups-pad", 39, 4, (6, 12), (1, 3), merge="head_groups", window_size=(4, 3),
+         padding=True),
+    Case(
+        "packed-window-dilated-causal-gqa", 56, 4, (8, 16, 32), (1, 2, 4), kv_heads=2, causal=True, batch=1,
+        window_size=(9, -1), documents=packed_documents(56, 5, 4),
+    ),
+    Case(
+        "packed-window-two-sided-pad", 44, 4, (64,), (1,), padding=True, batch=1, window_size=(3, 5),
+        documents=packed_documents(44, 6, 5),
+    ),
+)  # fmt: skip
 
 
 def make_inputs(
@@ -151,12 +206,13 @@ def reference_outputs(
 ) -> dict[str, torch.Tensor]:
     """The float64 reference output and gradients for ``dout``."""
     leaves = [x.detach().double().cpu().requires_grad_() for x in (q, k, v)]
+    config = {key: value for key, value in case.config.items() if key != "window_size"}
     ref = reference_attention(
         *leaves,
-        **case.config,
+        **config,
         is_causal=case.causal,
         key_padding_mask=None if mask is None else mask.cpu(),
-        **reference_options,
+        **{**case.reference_options, **reference_options},
     )
     grads = torch.autograd.grad(ref, leaves, dout.double().cpu())
     return {"out": ref.detach(), "dq": grads[0], "dk": grads[1], "dv": grads[2]}
@@ -170,10 +226,13 @@ def check_attention(
     seed: int = 0,
     reference_options: dict | None = None,
 ) -> CaseResult:
-    """Run ``module(q, k, v, is_causal=..., key_padding_mask=...)`` forward and backward vs the reference."""
+    """Run ``module(q, k, v, is_causal=..., key_padding_mask=...)`` forward and backward vs the reference.
+
+    Packed cases also pass ``cu_seqlens=``; windowed ones carry ``window_size`` in ``case.config``.
+    """
     q, k, v, mask = make_inputs(case, dtype, device, seed)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    out = module(*leaves, is_causal=case.causal, key_padding_mask=mask)
+    out = module(*leaves, is_causal=case.causal, key_padding_mask=mask, **case.forward_options(device))
     generator = torch.Generator().manual_seed(seed + 1)
     dout = torch.randn(out.shape, generator=generator, dtype=torch.float64)
     out.backward(dout.to(dtype=out.dtype, device=out.device))
@@ -344,7 +403,10 @@ def fit_case(case: Case, world_size: int, layout: str = "contiguous") -> Case:
 
     multiple = world_size * (2 if layout == "zigzag" and world_size > 1 else 1)
     seq_len = -(-case.seq_len // multiple) * multiple
-    return dataclasses.replace(case, seq_len=seq_len) if seq_len != case.seq_len else case
+    if seq_len == case.seq_len:
+        return case
+    documents = None if case.documents is None else (*case.documents[:-1], seq_len)  # the last one grows
+    return dataclasses.replace(case, seq_len=seq_len, documents=documents)
 
 
 @dataclass
@@ -389,7 +451,9 @@ def sharded_case_errors(
         return shard_sequence(x, layout, rank=rank, world_size=world_size)
 
     leaves = [shard(x).clone().requires_grad_() for x in (q, k, v)]
-    out = module(*leaves, is_causal=case.causal, key_padding_mask=None if mask is None else shard(mask))
+    out = module(
+        *leaves, is_causal=case.causal, key_padding_mask=None if mask is None else shard(mask), **case.forward_options()
+    )
     out.backward(shard(dout).to(out.dtype))
     actual = {"out": out, "dq": leaves[0].grad, "dk": leaves[1].grad, "dv": leaves[2].grad}
     return {

@@ -61,6 +61,60 @@ def check_dropout(dropout: float) -> float:
     return float(dropout)
 
 
+def check_window(window_size: object) -> tuple[int, int]:
+    """``window_size = (left, right)`` as a tuple of two ints, each ``>= -1`` (``-1``: unbounded)."""
+    if (
+        not isinstance(window_size, (tuple, list))
+        or len(window_size) != 2
+        or any(isinstance(x, bool) or not isinstance(x, int) for x in window_size)
+    ):
+        raise TypeError(f"window_size must be a pair of ints (left, right), -1 meaning unbounded, got {window_size!r}")
+    if any(x < -1 for x in window_size):
+        raise ValueError(f"window_size must be (left, right) with each >= -1 (-1: unbounded), got {window_size!r}")
+    return int(window_size[0]), int(window_size[1])
+
+
+def check_cu_seqlens(cu_seqlens: object, seq_len: int, batch: int) -> tuple[int, ...]:
+    """The document boundaries ``[0 = c_0 <= c_1 <= ... <= c_D = N]`` of a packed batch of one, as ints.
+
+    ``cu_seqlens`` is a 1-D integer tensor on any device (flash-attn's convention);
+    ``seq_len`` is the packed (global) ``N`` and ``batch`` must be 1.
+    """
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a 1-D integer torch.Tensor, got {type(cu_seqlens).__name__}")
+    if (
+        cu_seqlens.dim() != 1
+        or cu_seqlens.is_floating_point()
+        or cu_seqlens.is_complex()
+        or cu_seqlens.dtype == torch.bool
+    ):
+        raise TypeError(
+            f"cu_seqlens must be a 1-D integer tensor, got {_dtype_name(cu_seqlens.dtype)} of shape "
+            f"{tuple(cu_seqlens.shape)}"
+        )
+    if batch != 1:
+        raise ValueError(f"cu_seqlens needs a batch of one (documents packed along N, B=1), got B={batch}")
+    values = [int(x) for x in cu_seqlens.tolist()]
+    if not values or values[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {values[:4]}{'...' if len(values) > 4 else ''}")
+    if values[-1] != seq_len:
+        raise ValueError(f"cu_seqlens must end at N={seq_len} (the packed length), got {values[-1]}")
+    for index, (a, b) in enumerate(itertools.pairwise(values)):
+        if b < a:
+            raise ValueError(
+                f"cu_seqlens must be non-decreasing, got {values[index]} then {values[index + 1]} at index {index + 1}"
+            )
+    return tuple(values)
+
+
+def varlen_layout(cu_seqlens, *tensors):
+    """flash-attn's varlen layout: with ``cu_seqlens``, 3-dim ``(total, H, D)`` tensors (and a 1-dim
+    ``(total,)`` padding mask) become a batch of one; returns the tensors and whether they were unbatched."""
+    if cu_seqlens is None or not isinstance(tensors[0], torch.Tensor) or tensors[0].dim() != 3:
+        return tensors, False
+    return tuple(t.unsqueeze(0) if isinstance(t, torch.Tensor) else t for t in tensors), True
+
+
 def check_qkv(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -25,6 +25,7 @@ import torch
 
 from ring_core.plugin import (
     AttentionOp,
+    Block,
     BlockSchedule,
     OpCall,
     Part,
@@ -36,10 +37,13 @@ from ring_core.plugin import (
     block_kernel,
     branches,
     build_ring_plan,
+    check_cu_seqlens,
     check_qkv,
+    documents_key,
     dropout_seed,
     forward_block,
     group_rank_and_size,
+    item_kv_part,
     ring_comm,
     run_attention,
     send_bounds,
@@ -79,46 +83,37 @@ class AllGatherSchedule(RingDilatedSchedule):
     def _shard(self, x: torch.Tensor, source: int) -> torch.Tensor:
         return x.narrow(1, source * self.shard_len, self.shard_len)
 
-    def _blocks(self) -> Iterator[tuple[Part, Part, int, bool]]:
-        """``(query part, key part, source rank, causal)`` of every block, in a fixed order."""
+    def _blocks(self) -> Iterator[tuple[Block, int]]:
+        """``(block, source rank)`` of every block, in a fixed order."""
         plan, rank = self.plan, self.comm.rank
-        for part in plan.local_parts:
-            yield part, part, rank, self.causal
-        for item in plan.local.items:
-            yield item.q_part, plan.local.kv_parts[item.slot], rank, False
-        for step in plan.steps:
-            for item in step.recv.items:
-                yield item.q_part, step.recv.kv_parts[item.slot], step.recv_from, False
+        for block in plan.local_blocks:
+            yield block, rank
+        for transfer, source in ((plan.local, rank), *((step.recv, step.recv_from) for step in plan.steps)):
+            for item in transfer.items:
+                yield Block(item.q_part, item_kv_part(transfer, item), window=item.window), source
 
     def _kv(self, part: Part, source: int, k, v):
         mask = None if self.gathered_mask is None else part.key_mask(self._shard(self.gathered_mask, source))
         return part.gather_kv(self._shard(k, source)), part.gather_kv(self._shard(v, source)), mask
 
     def forward(self, q, k, v, acc) -> None:
-        for index, (q_part, kv_part, source, causal) in enumerate(self._blocks()):
-            kb, vb, mask = self._kv(kv_part, source, k, v)
-            forward_block(self.kernel, q_part, q, kb, vb, mask, acc, causal=causal, block_id=self.block_base + index)
+        for index, (block, source) in enumerate(self._blocks()):
+            kb, vb, mask = self._kv(block.kv, source, k, v)
+            forward_block(
+                self.kernel, block.q, q, kb, vb, mask, acc, causal=block.causal, block_id=self.block_base + index,
+                window=block.window,
+            )  # fmt: skip
 
     def backward(self, q, k, v, out, lse, dout, grads) -> None:
         dq, dk, dv = grads
-        for index, (q_part, kv_part, source, causal) in enumerate(self._blocks()):
-            kb, vb, mask = self._kv(kv_part, source, k, v)
+        for index, (block, source) in enumerate(self._blocks()):
+            kb, vb, mask = self._kv(block.kv, source, k, v)
             block_dk, block_dv = backward_block(
-                self.kernel,
-                q_part,
-                q,
-                kb,
-                vb,
-                mask,
-                out,
-                lse,
-                dout,
-                dq,
-                causal=causal,
-                block_id=self.block_base + index,
-            )
-            kv_part.add_kv_grad(self._shard(dk, source), block_dk)
-            kv_part.add_kv_grad(self._shard(dv, source), block_dv)
+                self.kernel, block.q, q, kb, vb, mask, out, lse, dout, dq, causal=block.causal,
+                block_id=self.block_base + index, window=block.window,
+            )  # fmt: skip
+            block.kv.add_kv_grad(self._shard(dk, source), block_dk)
+            block.kv.add_kv_grad(self._shard(dv, source), block_dv)
 
 
 class _MeshOp(AttentionOp):
@@ -186,10 +181,11 @@ class RingDistributedDilatedAttention(RingAttentionBase):
         device_mesh: Any = None,
         node_size: int | None = None,
         transport: str = "nccl",
+        window_size: tuple[int, int] = (-1, -1),
     ) -> None:
         super().__init__(
             segment_lengths, dilation_rates, merge, layout, process_group, softmax_scale, dropout, kernel,
-            transport=transport,
+            transport=transport, window_size=window_size,
         )  # fmt: skip
         strategy = self.default_strategy if strategy is None else strategy
         if strategy not in STRATEGIES:
@@ -241,12 +237,19 @@ class RingDistributedDilatedAttention(RingAttentionBase):
         )
         return strategy, mesh_groups(self.process_group, u, node_size)
 
-    def _validate(self, q, k, v, key_padding_mask, causal: bool, dropout_p: float) -> None:
-        """Every rank checks its inputs and that all ranks agree (once per shape); same error everywhere."""
-        if self._world_size() == 1:  # nothing to agree on (and traceable)
+    def _validate(self, q, k, v, key_padding_mask, causal: bool, dropout_p: float, cu_seqlens=None) -> None:
+        """Every rank checks its inputs and that all ranks agree (once per shape and ``cu_seqlens``); same error
+        everywhere."""
+        world_size = self._world_size()
+        if world_size == 1:  # nothing to agree on (and traceable)
             check_qkv(q, k, v, key_padding_mask)
+            if cu_seqlens is not None:
+                check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
             return
-        config = (self.segment_lengths, self.dilation_rates, self.merge, self.layout, dropout_p, self.strategy)
+        config = (
+            self.segment_lengths, self.dilation_rates, self.merge, self.layout, dropout_p, self.strategy,
+            self.window_size,
+        )  # fmt: skip
 
         def validate() -> None:
             self._before_validation(q)
@@ -254,9 +257,10 @@ class RingDistributedDilatedAttention(RingAttentionBase):
                 validate_ring_inputs(
                     q, k, v, key_padding_mask, causal=causal, layout=self.layout, merge=self.merge,
                     config=config, scale=self.softmax_scale, comm=comm, name=type(self).__name__,
+                    window_size=self.window_size, cu_seqlens=cu_seqlens, seq_len=q.shape[1] * world_size,
                 )  # fmt: skip
 
-        self.validate_once(validate, q, k, v, key_padding_mask, causal, config)
+        self.validate_once(validate, q, k, v, key_padding_mask, causal, config, documents_key(cu_seqlens))
 
     def _before_validation(self, q: torch.Tensor) -> None:
         """Called before the validation's all-gathers (a hook for RingDilatedAttentionProduction)."""
@@ -283,6 +287,7 @@ class RingDistributedDilatedAttention(RingAttentionBase):
         is_causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
         return_lse: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Attention over the whole sequence from this rank's shard, by the module's strategy (SPEC.md).
 
@@ -302,15 +307,17 @@ class RingDistributedDilatedAttention(RingAttentionBase):
             With ``return_lse``, the pair ``(out, lse)``.
         """
         dropout_p = self.dropout if self.training else 0.0
-        self._validate(q, k, v, key_padding_mask, bool(is_causal), dropout_p)
-        return self._attend(q, k, v, bool(is_causal), key_padding_mask, dropout_p, return_lse)
+        self._validate(q, k, v, key_padding_mask, bool(is_causal), dropout_p, cu_seqlens)
+        return self._attend(q, k, v, bool(is_causal), key_padding_mask, dropout_p, return_lse, cu_seqlens)
 
-    def _attend(self, q, k, v, causal: bool, key_padding_mask, dropout_p: float, return_lse: bool = False):
+    def _attend(
+        self, q, k, v, causal: bool, key_padding_mask, dropout_p: float, return_lse: bool = False, cu_seqlens=None
+    ):
         seed = self._dropout_seed() if dropout_p > 0 else None
         if self._world_size() == 1:  # no mesh: the module's op, one op for torch.compile
             return self.run(
                 q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
-                return_lse=return_lse, seed=seed,
+                return_lse=return_lse, seed=seed, cu_seqlens=cu_seqlens,
             )  # fmt: skip
         strategy, groups = self._resolve(q, k)
         u, ring_size = groups.ulysses_size, groups.ring_size
@@ -329,7 +336,7 @@ class RingDistributedDilatedAttention(RingAttentionBase):
             seed = (dropout_seed() if seed is None else seed) + groups.ulysses_rank * 7_919 * 1_000_003
         out, lse = run_attention(
             _MeshOp(self, strategy, groups), q, k, v, key_padding_mask=mask, causal=causal, dropout_p=dropout_p,
-            lse_grad=return_lse, seed=seed,
+            lse_grad=return_lse, seed=seed, cu_seqlens=cu_seqlens,
         )  # fmt: skip
         if u > 1:
             out = HeadsToSeq.apply(out, groups.ulysses_group, u, self.layout, self.timeout)
@@ -351,14 +358,15 @@ class RingDistributedDilatedAttention(RingAttentionBase):
         seq_len = q.shape[1] * ring_size
         branch_list = tuple(branches(self.segment_lengths, self.dilation_rates, self.merge, local_heads * u))
         head_start = groups.ulysses_rank * local_heads  # this rank's chunk of heads, global offsets kept
-        plan = build_ring_plan(
-            seq_len, ring_size, groups.ring_rank, self.layout, branch_list, local_heads * u, num_kv_heads,
-            call.causal, q.device, heads=(head_start, head_start + local_heads),
-        )  # fmt: skip
         mask = call.key_padding_mask
         bound = block_kernel(
             q, k, causal=call.causal, has_mask=mask is not None, dropout_p=call.dropout_p,
-            softmax_scale=self.softmax_scale, kernel=self.kernel, seed=call.seed,
+            softmax_scale=self.softmax_scale, kernel=self.kernel, seed=call.seed, window=self.window_size != (-1, -1),
+        )  # fmt: skip
+        plan = build_ring_plan(
+            seq_len, ring_size, groups.ring_rank, self.layout, branch_list, local_heads * u, num_kv_heads,
+            call.causal, q.device, heads=(head_start, head_start + local_heads), window=self.window_size,
+            documents=call.documents, native_window=bound.backend.supports_window,
         )  # fmt: skip
         comm = self._make_comm(groups.ring_group, groups.ring_rank, ring_size, q.device)
         if gathered:
@@ -373,4 +381,5 @@ class RingDistributedDilatedAttention(RingAttentionBase):
             f"segment_lengths={list(self.segment_lengths)}, dilation_rates={list(self.dilation_rates)}, "
             f"merge={self.merge!r}, layout={self.layout!r}, strategy={self.strategy!r}, "
             f"ulysses_degree={self.ulysses_degree}, dropout={self.dropout}"
+            + (f", window_size={self.window_size}" if self.window_size != (-1, -1) else "")
         )

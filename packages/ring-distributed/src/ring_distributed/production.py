@@ -144,10 +144,12 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
         ulysses_degree: int | None = None,
         device_mesh: Any = None,
         node_size: int | None = None,
+        window_size: tuple[int, int] = (-1, -1),
     ) -> None:
         super().__init__(
             segment_lengths, dilation_rates, merge, layout, process_group, softmax_scale, dropout, kernel,
             strategy=strategy, ulysses_degree=ulysses_degree, device_mesh=device_mesh, node_size=node_size,
+            window_size=window_size,
         )  # fmt: skip
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
             raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
@@ -232,10 +234,10 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
             self._call_step = previous
 
     # -- forward -------------------------------------------------------------------------------------
-    def _attend_at(self, step: int, return_lse: bool, q, k, v, causal, key_padding_mask, dropout_p):
+    def _attend_at(self, step: int, return_lse: bool, q, k, v, causal, key_padding_mask, dropout_p, cu_seqlens=None):
         previous, self._call_step = self._call_step, step
         try:
-            return self._attend(q, k, v, causal, key_padding_mask, dropout_p, return_lse)
+            return self._attend(q, k, v, causal, key_padding_mask, dropout_p, return_lse, cu_seqlens)
         finally:
             self._call_step = previous
 
@@ -248,6 +250,7 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
         is_causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
         return_lse: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """As :meth:`RingDistributedDilatedAttention.forward`, hardened for training.
 
@@ -271,7 +274,7 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
         step = self._call_step = self.step
         causal = bool(is_causal)
         dropout_p = self.dropout if self.training else 0.0
-        self._validate(q, k, v, key_padding_mask, causal, dropout_p)
+        self._validate(q, k, v, key_padding_mask, causal, dropout_p, cu_seqlens)
         if self.on_nonfinite is not None:
             _, groups = self._resolve(q, k)
             found = self._nonfinite_report({"q": q, "k": k, "v": v}, groups, "inputs")
@@ -283,7 +286,7 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
             q, k, v = _DeterministicBackward.apply(False, q, k, v)
             _enter_deterministic()
         try:
-            attend = functools.partial(self._attend_at, step, return_lse)
+            attend = functools.partial(self._attend_at, step, return_lse, cu_seqlens=cu_seqlens)
             if self.checkpoint and torch.is_grad_enabled():
                 out = activation_checkpoint(
                     attend, q, k, v, causal, key_padding_mask, dropout_p, use_reentrant=False, preserve_rng_state=True

@@ -3,7 +3,8 @@
 Same arguments and semantics as ``ring_dilated`` (:class:`ring_core.RingDilatedAttention`).
 With one process (no process group, or a group of one), or when every segment lies inside
 one rank's shard (the ring would send nothing), it runs the fused single-device path of
-:mod:`ring_flash.fused` on the local tensors; otherwise core's ring with the kernel
+:mod:`ring_flash.fused` on the local tensors (packed documents: the kernel's own varlen
+call, :mod:`ring_flash.varlen`, when it has one); otherwise core's ring with the kernel
 dispatch of this package. The kernel is the first registered backend that supports the
 request (cuDNN on Hopper), unless ``kernel=`` or ``RING_ATTENTION_KERNEL`` forces one; on
 the CPU the core kernels serve, exactly.
@@ -11,9 +12,12 @@ the CPU the core kernels serve, exactly.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ring_core.plugin import (
+    KernelNotAvailableError,
     KernelRequest,
     OpCall,
     RingDilatedAttention,
@@ -21,9 +25,11 @@ from ring_core.plugin import (
     branches,
     group_rank_and_size,
     segments_within_shards,
+    select_kernel,
 )
 
 from .fused import FusedPlan, fused_backward, fused_forward
+from .varlen import VarlenPlan, varlen_backward, varlen_forward, varlen_plan
 
 
 class RingDilatedAttentionFlash(RingDilatedAttention):
@@ -31,43 +37,76 @@ class RingDilatedAttentionFlash(RingDilatedAttention):
 
     ``attn(q, k, v, *, is_causal=False, key_padding_mask=None, return_lse=False)`` on
     ``(B, N, H, D)`` tensors (this rank's shard when the group has several processes),
-    checked like :class:`ring_core.RingDilatedAttention` (errors naming this class).
+    checked like :class:`ring_core.RingDilatedAttention` (errors naming this class). :attr:`last_path` says how the
+    last call ran: ``"varlen <kernel>"`` (packed documents in one kernel call per branch offset),
+    ``"segments <kernel>"`` (the fused single-device path), ``"ring"`` or ``"engine (dropout)"``.
     """
 
-    def _fused_plan(self, q, k, call: OpCall) -> FusedPlan | None:
-        """The fused single-device path's plan, or None when the call needs the ring or dropout."""
+    last_path: str | None = None
+
+    def _local_plan(self, q, k, call: OpCall) -> FusedPlan | VarlenPlan | None:
+        """The single-device path's plan (varlen or fused), or None when the call needs the ring or dropout."""
         world_size = group_rank_and_size(self.process_group)[1]
-        local = segments_within_shards(q.shape[1], world_size, self.layout, self.segment_lengths)
-        if call.dropout_p > 0 or not local:  # dropout: the engine's kernels; spanning segments: the ring
+        local = (call.documents is None or world_size == 1) and segments_within_shards(
+            q.shape[1], world_size, self.layout, self.segment_lengths
+        )
+        if call.dropout_p > 0 or not local:  # dropout: the engine's kernels; spanning segments or documents: the ring
+            self.last_path = "engine (dropout)" if call.dropout_p > 0 else "ring"
             return None
-        bound = block_kernel(
-            q, k, request=self.request(q, k, call.causal, call.key_padding_mask), softmax_scale=self.softmax_scale,
-            kernel=self.kernel,
-        )  # fmt: skip
+        windowed = self.window_size != (-1, -1)
+        request = self.request(q, k, call.causal, call.key_padding_mask, window=windowed)
+        branch_list = branches(self.segment_lengths, self.dilation_rates, self.merge, q.shape[2])
+        if call.documents is not None and call.key_padding_mask is None:
+            backend = _varlen_kernel(request, self.kernel)
+            if backend is not None:
+                self.last_path = f"varlen {backend.name}"
+                bound = block_kernel(q, k, request=request, softmax_scale=self.softmax_scale, kernel=backend.name)
+                return varlen_plan(
+                    bound.backend, bound.scale, q, k, branch_list=branch_list, causal=call.causal,
+                    window_size=self.window_size, documents=call.documents,
+                )  # fmt: skip
+        bound = block_kernel(q, k, request=request, softmax_scale=self.softmax_scale, kernel=self.kernel)
+        self.last_path = f"segments {bound.backend.name}" + (", window" if windowed else "")
         return FusedPlan(
-            bound.backend, bound.scale, branches(self.segment_lengths, self.dilation_rates, self.merge, q.shape[2]),
-            call.causal, call.key_padding_mask,
+            bound.backend, bound.scale, branch_list, call.causal, call.key_padding_mask,
+            window=self.window_size, documents=call.documents,
         )  # fmt: skip
 
     def attention_forward(self, q, k, v, call: OpCall) -> tuple[torch.Tensor, torch.Tensor]:
-        plan = self._fused_plan(q, k, call)
+        plan = self._local_plan(q, k, call)
         if plan is None:
             return super().attention_forward(q, k, v, call)
         self.comm_stats.calls += 1
+        if isinstance(plan, VarlenPlan):
+            return varlen_forward(plan, q, k, v)
         return fused_forward(plan, q, k, v)
 
     def attention_backward(self, dout, q, k, v, out, lse, call: OpCall):
-        plan = self._fused_plan(q, k, call)
+        plan = self._local_plan(q, k, call)
         if plan is None:
             return super().attention_backward(dout, q, k, v, out, lse, call)
+        if isinstance(plan, VarlenPlan):
+            return varlen_backward(plan, dout, q, k, v, out, lse)
         return fused_backward(plan, dout, q, k, v, out, lse)
 
     @staticmethod
     def request(
-        q: torch.Tensor, k: torch.Tensor, is_causal: bool = False, key_padding_mask: torch.Tensor | None = None
+        q: torch.Tensor,
+        k: torch.Tensor,
+        is_causal: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
+        window: bool = False,
     ) -> KernelRequest:
         """What each kernel call of the fused path asks for: key/value heads are expanded per call, no GQA."""
-        return KernelRequest.for_tensors(q, q, causal=is_causal, has_mask=key_padding_mask is not None)
+        return KernelRequest.for_tensors(q, q, causal=is_causal, has_mask=key_padding_mask is not None, window=window)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kernel={self.kernel!r}"
+
+
+def _varlen_kernel(request: KernelRequest, name: str | None):
+    """The kernel for packed documents in one call per branch offset, or None (then: one document at a time)."""
+    try:
+        return select_kernel(dataclasses.replace(request, varlen=True), name)
+    except KernelNotAvailableError:
+        return None

@@ -141,6 +141,16 @@ def _library_reasons(cls: type[FlashAttnKernel]) -> list[str]:
 _WINDOW = ("window_size", "window_size_left", "window_size_right")
 
 
+def _window_keywords(fn: Callable[..., Any], window: tuple[int, int] | None) -> dict[str, Any]:
+    """The window in every spelling; a window that the installed function cannot take is an error (dropping
+    it would silently compute the whole block)."""
+    left, right = window or (-1, -1)
+    accepted = _accepted(fn)
+    if window is not None and accepted is not None and not accepted & set(_WINDOW):
+        raise RuntimeError(f"{fn.__module__}.{fn.__name__} takes no window_size: this version cannot run windows")
+    return {"window_size": (left, right), "window_size_left": left, "window_size_right": right}
+
+
 class FlashAttn2Kernel(FlashAttnKernel):
     """The ``flash_attn`` package (FlashAttention-2), when installed (``ring-flash[fa2]``)."""
 
@@ -165,22 +175,25 @@ class FlashAttn2Kernel(FlashAttnKernel):
                              "causal"}),
     )  # fmt: skip
 
-    def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+    supports_window = True
+
+    def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0, window=None):
         """:meth:`~ring_core.kernels.KernelBackend.forward` through FlashAttention-2's ``_flash_attn_forward``."""
+        fn = self._forward_fn()
         result = _call(
-            self._forward_fn(), q=q, k=k, v=v, dropout_p=0.0, softmax_scale=scale, causal=causal,
-            window_size=(-1, -1), window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None,
-            return_softmax=False,
+            fn, q=q, k=k, v=v, dropout_p=0.0, softmax_scale=scale, causal=causal, **_window_keywords(fn, window),
+            softcap=0.0, alibi_slopes=None, return_softmax=False,
         )  # fmt: skip
         return result[0], _check_lse(result[1], q, "flash_attn")
 
-    def backward(self, dout, q, k, v, out, lse, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+    def backward(self, dout, q, k, v, out, lse, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0, window=None):
+        fn = self._backward_fn()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         _call(
-            self._backward_fn(), dout=dout.contiguous(), q=q, k=k, v=v, out=out.contiguous(),
+            fn, dout=dout.contiguous(), q=q, k=k, v=v, out=out.contiguous(),
             softmax_lse=_finite_lse(lse), dq=dq, dk=dk, dv=dv, dropout_p=0.0, softmax_scale=scale,
-            causal=causal, window_size=(-1, -1), window_size_left=-1, window_size_right=-1, softcap=0.0,
-            alibi_slopes=None, deterministic=False, rng_state=None,
+            causal=causal, **_window_keywords(fn, window), softcap=0.0, alibi_slopes=None, deterministic=False,
+            rng_state=None,
         )  # fmt: skip
         return dq, dk, dv
 
@@ -218,22 +231,24 @@ class FlashAttn3Kernel(FlashAttnKernel):
                              "causal"}),
     )  # fmt: skip
 
-    def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+    supports_window = True
+
+    def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0, window=None):
         """:meth:`~ring_core.kernels.KernelBackend.forward` through FlashAttention-3's ``_flash_attn_forward``."""
+        fn = self._forward_fn()
         result = _call(
-            self._forward_fn(), q=q, k=k, v=v, **dict.fromkeys(self._FORWARD_NONE), softmax_scale=scale,
-            causal=causal, window_size=(-1, -1), window_size_left=-1, window_size_right=-1, attention_chunk=0,
-            softcap=0.0,
+            fn, q=q, k=k, v=v, **dict.fromkeys(self._FORWARD_NONE), softmax_scale=scale, causal=causal,
+            **_window_keywords(fn, window), attention_chunk=0, softcap=0.0,
         )  # fmt: skip
         return result[0], _check_lse(result[1], q, "flash_attn_interface")
 
-    def backward(self, dout, q, k, v, out, lse, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+    def backward(self, dout, q, k, v, out, lse, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0, window=None):
+        fn = self._backward_fn()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         _call(
-            self._backward_fn(), dout=dout.contiguous(), q=q, k=k, v=v, out=out.contiguous(),
+            fn, dout=dout.contiguous(), q=q, k=k, v=v, out=out.contiguous(),
             softmax_lse=_finite_lse(lse), **dict.fromkeys(self._BACKWARD_NONE), dq=dq, dk=dk, dv=dv,
-            softmax_scale=scale, causal=causal, window_size=(-1, -1), window_size_left=-1, window_size_right=-1,
-            softcap=0.0, deterministic=False,
+            softmax_scale=scale, causal=causal, **_window_keywords(fn, window), softcap=0.0, deterministic=False,
         )  # fmt: skip
         return dq, dk, dv
 

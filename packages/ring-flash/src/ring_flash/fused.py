@@ -30,7 +30,17 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ring_core.plugin import Branch, KernelBackend, Part, branches, dilated_parts
+from ring_core.plugin import (
+    Block,
+    Branch,
+    KernelBackend,
+    Part,
+    branches,
+    dilated_parts,
+    index_window,
+    part_blocks,
+    window_kwargs,
+)
 
 from .merge import merge_block, merge_blocks
 
@@ -50,6 +60,8 @@ class FusedPlan:
     key_padding_mask: torch.Tensor | None
     accumulate_fp32: bool = False
     max_rows: int = MAX_ROWS
+    window: tuple[int, int] = (-1, -1)
+    documents: Sequence[int] | None = None
 
 
 def _heads(part: Part, num_heads: int) -> int:
@@ -67,18 +79,23 @@ def _chunks(part: Part, batch: int, num_heads: int, max_rows: int) -> Iterator[P
         yield replace(part, start=start, stop=min(part.stop, start + step))
 
 
-def _plan_parts(plan: FusedPlan, q: torch.Tensor, k: torch.Tensor) -> list[tuple[Part, bool]]:
-    """Every kernel call as ``(part, writes)``: ``writes`` marks the covering branch, listed first."""
+def _plan_parts(plan: FusedPlan, q: torch.Tensor, k: torch.Tensor) -> list[tuple[Block, bool]]:
+    """Every kernel call as ``(block, writes)``: ``writes`` marks the covering branch, listed first.
+
+    Each query row of the covering branch is in exactly one of its blocks (documents and
+    window tiles split rows, never repeat them)."""
     b, n, h = q.shape[:3]
     groups = h // k.shape[2]
+    native = plan.backend.supports_window
     covering = next(
         (i for i, br in enumerate(plan.branches) if br.rate == 1 and br.head_stop - br.head_start == h), None
     )
     calls = []
     for index, branch in enumerate(plan.branches):
-        for part in dilated_parts(n, branch, groups, q.device):
+        window = index_window(plan.window, branch.rate, plan.causal)
+        for part in dilated_parts(n, branch, groups, q.device, plan.documents):
             for chunk in _chunks(part, b, h, plan.max_rows):
-                calls.append((chunk, index == covering))
+                calls += [(block, index == covering) for block in part_blocks(chunk, window, native_window=native)]
     calls.sort(key=lambda call: not call[1])
     return calls
 
@@ -87,6 +104,8 @@ def _owns(part: Part, shape: tuple[int, ...], dtype: torch.dtype, block: torch.T
     """Whether ``block`` can become the whole result: the only write, spanning it, same layout and dtype."""
     return (
         writes == 1
+        and part.offset == 0
+        and part.rows is None
         and part.start == 0
         and part.stop == shape[1]
         and block.is_contiguous()
@@ -108,10 +127,12 @@ def fused_forward(
     weighted = len(calls) > 1 and _overlap(plan.branches)
     lse = torch.full((b, n, h), float("-inf"), dtype=acc, device=q.device)
     out = None
-    for part, write in calls:  # the covering calls first: they write; later blocks merge into what is there
+    for block, write in calls:  # the covering calls first: they write; later blocks merge into what is there
+        part = block.q
+        qb, kb = part.view(q).flatten(0, 1), block.kv.gather_kv(k)
         o, block_lse = plan.backend.forward(
-            part.view(q).flatten(0, 1), part.gather_kv(k), part.gather_kv(v), scale=plan.scale,
-            causal=plan.causal, mask=part.key_mask(plan.key_padding_mask),
+            qb, kb, block.kv.gather_kv(v), scale=plan.scale, causal=block.causal,
+            **window_kwargs(plan.backend, qb, kb, block.kv.key_mask(plan.key_padding_mask), block.window),
         )  # fmt: skip
         lse_view = part.view(lse)
         block_lse = block_lse.to(acc).unflatten(0, lse_view.shape[:2]).transpose(-1, -2)  # (B, nseg, len, h)
@@ -149,23 +170,27 @@ def fused_backward(
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     grad_dtype = acc if plan.accumulate_fp32 else q.dtype
     dq = dk = dv = None
-    for part, write in calls:
+    for block, write in calls:
+        part, kv_part = block.q, block.kv
+        qb, kb = part.view(q).flatten(0, 1), kv_part.gather_kv(k)
         bq, bk, bv = plan.backend.backward(
-            part.view(dout).flatten(0, 1), part.view(q).flatten(0, 1), part.gather_kv(k), part.gather_kv(v),
-            part.view(out).flatten(0, 1), part.view(lse).flatten(0, 1).transpose(1, 2), scale=plan.scale,
-            causal=plan.causal, mask=part.key_mask(plan.key_padding_mask),
+            part.view(dout).flatten(0, 1), qb, kb, kv_part.gather_kv(v), part.view(out).flatten(0, 1),
+            part.view(lse).flatten(0, 1).transpose(1, 2), scale=plan.scale, causal=block.causal,
+            **window_kwargs(plan.backend, qb, kb, kv_part.key_mask(plan.key_padding_mask), block.window),
         )  # fmt: skip
+        # window tiles share key rows: only a block whose keys are its queries writes them
+        kv_write = write and groups == 1 and kv_part == part
         dq, owned_q = _gradient(dq, q.shape, part, bq, write, writes, grad_dtype)
-        dk, owned_k = _gradient(dk, k.shape, part, bk, write and groups == 1, writes, grad_dtype)
-        dv, owned_v = _gradient(dv, v.shape, part, bv, write and groups == 1, writes, grad_dtype)
+        dk, owned_k = _gradient(dk, k.shape, kv_part, bk, kv_write, writes, grad_dtype)
+        dv, owned_v = _gradient(dv, v.shape, kv_part, bv, kv_write, writes, grad_dtype)
         merges = [(part.view(dq), bq, write)] if not owned_q else []
-        for grad, block, owned in ((dk, bk, owned_k), (dv, bv, owned_v)):
+        for grad, block_grad, owned in ((dk, bk, owned_k), (dv, bv, owned_v)):
             if owned:
                 continue
-            if isinstance(part.kv_heads, slice):  # no grouped-query heads: kv heads are the query heads
-                merges.append((part.kv_view(grad), block, write))
+            if isinstance(kv_part.kv_heads, slice):  # no grouped-query heads: kv heads are the query heads
+                merges.append((kv_part.kv_view(grad), block_grad, kv_write))
             else:  # grouped-query heads: several query heads add into one kv head
-                part.add_kv_grad(grad, block)
+                kv_part.add_kv_grad(grad, block_grad)
         _write_or_add(merges)
         del bq, bk, bv, merges  # before the next call allocates its own
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
@@ -226,13 +251,16 @@ def fused_dilated_attention(
     key_padding_mask: torch.Tensor | None = None,
     accumulate_fp32: bool = False,
     max_rows: int = MAX_ROWS,
+    window_size: tuple[int, int] = (-1, -1),
+    documents: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dilated attention through ``backend``; returns ``out`` (B, N, H, D) and ``lse`` (B, N, H).
 
-    Inputs are assumed validated (see :func:`ring_core.dilated.dilated_attention`).
+    Inputs are assumed validated (see :func:`ring_core.dilated.dilated_attention`);
+    ``documents`` are checked ``cu_seqlens`` values.
     """
     plan = FusedPlan(
         backend, scale, branches(segment_lengths, dilation_rates, merge, q.shape[2]), is_causal,
-        key_padding_mask, accumulate_fp32, max_rows,
+        key_padding_mask, accumulate_fp32, max_rows, tuple(window_size), documents,
     )  # fmt: skip
     return _FusedDilated.apply(plan, q, k, v)

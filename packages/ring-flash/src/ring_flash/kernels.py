@@ -116,28 +116,82 @@ class SDPACuDNNKernel(GPUKernel):
 
 
 class SDPAFlashKernel(GPUKernel):
-    """FlashAttention-2 inside PyTorch through ``aten._flash_attention_forward`` ((B, N, H, D) natively)."""
+    """FlashAttention-2 inside PyTorch through ``aten._flash_attention_forward`` ((B, N, H, D) natively).
+
+    Takes sliding windows natively (``window_size_left/right``, bottom-right aligned like ours) and
+    packed segments (``cum_seq_q/k``: flash-attn's varlen layout, :meth:`forward_varlen`).
+    """
 
     name = "sdpa_flash"
-    description = "PyTorch SDPA flash (FlashAttention-2 in torch; aten op with LSE; GQA)"
+    description = "PyTorch SDPA flash (FlashAttention-2 in torch; aten op with LSE; GQA, windows, varlen)"
     aten_ops = ("_flash_attention_forward", "_flash_attention_backward")
     supports_gqa = True
+    supports_window = True
+    supports_varlen = True
     priorities = (((9, 0), 60), ((8, 0), 60))
+    padded_lse = False  # set by the first varlen call when this torch pads its lse to (B, H, max_seqlen)
 
-    def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+    @staticmethod
+    def _window(window) -> dict:
+        return {} if window is None else {"window_size_left": window[0], "window_size_right": window[1]}
+
+    def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0, window=None):
         """:meth:`~ring_core.kernels.KernelBackend.forward` through ``aten._flash_attention_forward``."""
         out, lse, *_ = torch.ops.aten._flash_attention_forward(
-            q, k, v, None, None, q.shape[1], k.shape[1], 0.0, causal, False, scale=scale
+            q, k, v, None, None, q.shape[1], k.shape[1], 0.0, causal, False, scale=scale, **self._window(window)
         )
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+    def backward(self, dout, q, k, v, out, lse, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0, window=None):
         empty = torch.empty(0, dtype=torch.int64, device=q.device)
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
             dout, q, k, v, out, lse.float().contiguous(), None, None, q.shape[1], k.shape[1],
-            0.0, causal, empty, empty, scale=scale,
+            0.0, causal, empty, empty, scale=scale, **self._window(window),
         )  # fmt: skip
         return dq, dk, dv
+
+    def forward_varlen(self, q, k, v, cu_q, cu_k, max_q, max_k, *, scale, causal=False, window=None):
+        """``(total, H, D)`` rows in segments ``cu_q`` / ``cu_k`` (int32); returns ``out`` and lse ``(H, total)``."""
+        out, lse, *_ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale, **self._window(window)
+        )
+        if lse.dim() == 3:  # (B, H, max_q): older builds pad each segment's lse
+            type(self).padded_lse = True
+            lse = _unpad_lse(lse, cu_q)
+        return out, lse
+
+    def backward_varlen(self, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, *, scale, causal=False, window=None):
+        """``dq, dk, dv`` of :meth:`forward_varlen`'s call from the final ``out`` and lse ``(H, total)``."""
+        lse = lse.float().contiguous()
+        if self.padded_lse:
+            lse = _pad_lse(lse, cu_q, max_q)
+        empty = torch.empty(0, dtype=torch.int64, device=q.device)
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            dout.contiguous(), q, k, v, out.contiguous(), lse, cu_q, cu_k, max_q, max_k, 0.0, causal, empty, empty,
+            scale=scale, **self._window(window),
+        )  # fmt: skip
+        return dq, dk, dv
+
+
+def _segment_rows(cu: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each packed row's segment and its row inside the segment."""
+    lengths = cu[1:] - cu[:-1]
+    segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths.long())
+    return segment, torch.arange(segment.numel(), device=cu.device) - cu[:-1].long()[segment]
+
+
+def _unpad_lse(lse: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    """``(B, H, max)`` -> ``(H, total)``."""
+    segment, row = _segment_rows(cu, lse.shape[-1])
+    return lse[segment, :, row].transpose(0, 1)
+
+
+def _pad_lse(lse: torch.Tensor, cu: torch.Tensor, max_len: int) -> torch.Tensor:
+    """``(H, total)`` -> ``(B, H, max)``."""
+    segment, row = _segment_rows(cu, max_len)
+    padded = torch.zeros(cu.numel() - 1, lse.shape[0], max_len, dtype=lse.dtype, device=lse.device)
+    padded[segment, :, row] = lse.transpose(0, 1)
+    return padded
 
 
 class SDPAEfficientKernel(GPUKernel):

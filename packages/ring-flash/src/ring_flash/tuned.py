@@ -64,6 +64,8 @@ class TunedKernel(GPUKernel):
 
     def not_supported_reasons(self, request: KernelRequest) -> list[str]:
         reasons = super().not_supported_reasons(request)
+        if request.window:
+            reasons.append("sliding windows go to a kernel that takes them (the table measures none)")
         if reasons:
             return reasons
         table = self.table()

@@ -9,7 +9,8 @@ extra keys of ``add_bias_kv`` / ``add_zero_attn``, runs through ring-core's cust
   accumulators, no merge: what ``nn.MultiheadAttention``'s one SDPA call costs);
 - everything else is a schedule of the blockwise engine: the dilated blocks, or one dense
   block of every query against every key (cross-attention), plus one block of the extra
-  keys seen by every query, merged by LSE like any other block.
+  keys seen by every query, merged by LSE like any other block. Sliding windows and packed
+  documents (``cu_seqlens``) restrict the sequence's keys only: the extra keys have no position.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from ring_core.plugin import (
+    NO_WINDOW,
     Accumulator,
     AttentionOp,
     BlockKernel,
@@ -79,31 +81,42 @@ class CrossSchedule(BlockSchedule):
 
 
 class _CoreOp(AttentionOp):
-    """One configuration of the core: ``segments`` None is dense; ``extra`` keys follow the sequence's in ``k``."""
+    """One configuration of the core: ``segments`` None is dense; ``extra`` keys follow the sequence's in ``k``;
+    ``window``: a sliding window (self-attention)."""
 
-    def __init__(self, segments: tuple[int, ...] | None, rates: tuple[int, ...] | None, merge: str, extra: int):
+    def __init__(
+        self,
+        segments: tuple[int, ...] | None,
+        rates: tuple[int, ...] | None,
+        merge: str,
+        extra: int,
+        window: tuple[int, int] = NO_WINDOW,
+    ):
         super().__init__()
-        self.segments, self.rates, self.merge, self.extra = segments, rates, merge, extra
+        self.segments, self.rates, self.merge, self.extra, self.window = segments, rates, merge, extra, window
 
     def _one_block(self, q, k, call: OpCall) -> BlockKernel | None:
         """The kernel when the call is one dense block, else None."""
         dense = self.segments is None or (self.rates == (1,) and self.segments[0] >= q.shape[1])
-        if not dense or self.extra or call.key_padding_mask is not None or call.dropout_p > 0 or q.shape[1] == 0:
+        positions = self.window != NO_WINDOW or call.documents is not None
+        if not dense or positions or self.extra or call.key_padding_mask is not None or call.dropout_p > 0:
             return None
-        return block_kernel(q, k, causal=call.causal)
+        return None if q.shape[1] == 0 else block_kernel(q, k, causal=call.causal)
 
     def schedule(self, q, k, v, call: OpCall) -> BlockSchedule:
         n, mask = k.shape[1] - self.extra, call.key_padding_mask
         kernel = block_kernel(
-            q, k, causal=call.causal, has_mask=mask is not None, dropout_p=call.dropout_p, seed=call.seed
-        )
+            q, k, causal=call.causal, has_mask=mask is not None, dropout_p=call.dropout_p, seed=call.seed,
+            window=self.window != NO_WINDOW,
+        )  # fmt: skip
         if q.shape[1] != n:  # cross-attention: dense (forward refuses dilated configurations)
             inner: BlockSchedule = CrossSchedule(kernel, mask)
         else:
             segments, rates = (self.segments, self.rates) if self.segments is not None else ((max(n, 1),), (1,))
             inner = DilatedSchedule(
-                kernel, branches(segments, rates, self.merge, q.shape[2]), causal=call.causal, key_padding_mask=mask
-            )
+                kernel, branches(segments, rates, self.merge, q.shape[2]), causal=call.causal, key_padding_mask=mask,
+                window=self.window, documents=call.documents,
+            )  # fmt: skip
         return WithExtraKeys(inner, kernel, n) if self.extra else inner
 
     def forward(self, q, k, v, call: OpCall):
@@ -127,9 +140,9 @@ _ops: dict[tuple, _CoreOp] = {}
 
 
 @torch.compiler.assume_constant_result
-def _core_op(segments, rates, merge: str, extra: int) -> str:
+def _core_op(segments, rates, merge: str, extra: int, window=NO_WINDOW) -> str:
     """The name of the op of one configuration (made once; a constant for ``torch.compile``)."""
-    key = (segments, rates, merge, extra)
+    key = (segments, rates, merge, extra, window)
     op = _ops.get(key)
     if op is None:
         op = _ops.setdefault(key, _CoreOp(*key))
@@ -148,20 +161,26 @@ def sequence_attention(
     is_causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    window_size: tuple[int, int] = NO_WINDOW,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The core on ``(B, L, H, D)`` queries and ``(B, S, H, D)`` keys and values (``L == S`` unless dense).
 
     ``segment_lengths=None`` is dense attention. ``extra`` are keys and values ``(B, e, H, D)``
     every query sees once. ``key_padding_mask`` is ``(B, S)``: bool (True = padding) or float
-    holding only ``0`` and ``-inf``. Inputs are assumed checked (as ``MultiheadDilatedAttention.forward`` does).
+    holding only ``0`` and ``-inf``. ``window_size`` and ``cu_seqlens`` (self-attention, ``B = 1``)
+    as in ``ring_core.dilated_attention``. Inputs are assumed checked (as
+    ``MultiheadDilatedAttention.forward`` does).
     """
     segments, rates = None, None
     if segment_lengths is not None:
         segments, rates = check_dilated_config(segment_lengths, dilation_rates, merge)
     if extra is not None:
         k, v = torch.cat([k, extra[0]], 1), torch.cat([v, extra[1]], 1)
-    op = _core_op(segments, rates, merge, 0 if extra is None else extra[0].shape[1])
-    out, _ = run_attention(op, q, k, v, key_padding_mask=key_padding_mask, causal=is_causal, dropout_p=dropout_p)
+    op = _core_op(segments, rates, merge, 0 if extra is None else extra[0].shape[1], tuple(window_size))
+    out, _ = run_attention(
+        op, q, k, v, key_padding_mask=key_padding_mask, causal=is_causal, dropout_p=dropout_p, cu_seqlens=cu_seqlens
+    )
     return out
 
 

@@ -25,7 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ring_core.plugin import branch_counts, branches, check_dilated_config, check_dropout, default_scale
+from ring_core.plugin import (
+    NO_WINDOW,
+    branch_counts,
+    branches,
+    check_cu_seqlens,
+    check_dilated_config,
+    check_dropout,
+    check_window,
+    default_scale,
+    document_mask,
+    window_allowed,
+)
 
 from .core import sequence_attention
 
@@ -58,6 +69,8 @@ class MultiheadDilatedAttention(nn.Module):
     - ``segment_lengths``, ``dilation_rates``, ``merge``: the dilated configuration
       (SPEC.md). ``None`` (the default) is dense attention: one segment spanning
       the sequence, rate 1, i.e. exactly ``nn.MultiheadAttention``.
+    - ``window_size``: a sliding window ``(left, right)`` (SPEC.md; ``-1`` unbounded), for
+      self-attention (query and key of the same length).
     - ``layer_norm``: MAGNETO's sub-LayerNorm (``self.norm``, before ``out_proj``).
     - ``layer_norm_eps``: the ``eps`` of that LayerNorm.
     - ``gamma_init``: MAGNETO's ``gamma`` (see :mod:`ring_multihead.magneto`).
@@ -87,7 +100,9 @@ class MultiheadDilatedAttention(nn.Module):
         layer_norm: bool = False,
         layer_norm_eps: float = 1e-5,
         gamma_init: float = 1.0,
+        window_size: tuple[int, int] = NO_WINDOW,
     ) -> None:
+        window_size = check_window(window_size)
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -122,6 +137,7 @@ class MultiheadDilatedAttention(nn.Module):
         self.batch_first = batch_first
         self.head_dim = embed_dim // num_heads
         self.merge = merge
+        self.window_size = window_size
         self.gamma_init = float(gamma_init)
         if self._qkv_same_embed_dim:
             self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
@@ -187,11 +203,13 @@ class MultiheadDilatedAttention(nn.Module):
         is_causal: bool,
         key_padding_mask: torch.Tensor | None,
         dropout_p: float,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The fast path on ``(B, N, H, D)`` tensors (:mod:`ring_multihead.core`: one op for ``torch.compile``)."""
         return sequence_attention(
             q, k, v, extra, segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates,
             merge=self.merge, is_causal=is_causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+            window_size=self.window_size, cu_seqlens=cu_seqlens,
         )  # fmt: skip
 
     # -- forward -----------------------------------------------------------------------
@@ -235,6 +253,20 @@ class MultiheadDilatedAttention(nn.Module):
                     f"got shapes {tuple(query.shape)} and {tuple(key.shape)}"
                 )
         return batched
+
+    def _global_length(self, length: int) -> int:
+        """The sequence length ``N`` of this rank's ``length`` positions (the ring variant multiplies by ``P``)."""
+        return length
+
+    def _check_positions(self, b: int, q_len: int, k_len: int, cu_seqlens: torch.Tensor | None) -> None:
+        """Windows and packed documents need self-attention; ``cu_seqlens`` is checked against ``N``."""
+        if (self.window_size != NO_WINDOW or cu_seqlens is not None) and q_len != k_len:
+            what = "window_size" if cu_seqlens is None else "cu_seqlens"
+            raise ValueError(
+                f"{what} needs self-attention (query and key of the same length), got lengths {q_len} and {k_len}"
+            )
+        if cu_seqlens is not None:
+            check_cu_seqlens(cu_seqlens, self._global_length(q_len), b)
 
     def _key_padding_mask(self, mask: torch.Tensor | None, b: int, s: int, batched: bool) -> torch.Tensor | None:
         """Bool ``(B, S)`` (True = padding) or, for other float values, the additive float mask."""
@@ -348,6 +380,7 @@ class MultiheadDilatedAttention(nn.Module):
         key_padding_mask: torch.Tensor | None,
         attn_mask: torch.Tensor | None,
         dropout_p: float,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """SPEC.md's attention with explicit probabilities ``(B, H, L, S + extra)``; differentiable."""
         if self.segment_lengths is not None and q.shape[1] != k.shape[1]:
@@ -367,9 +400,16 @@ class MultiheadDilatedAttention(nn.Module):
             )
         if self.segment_lengths is None:
             counts = torch.ones(1, q_len, k_len, dtype=q.dtype, device=q.device)
+            if cu_seqlens is not None:
+                counts = counts * document_mask(n, cu_seqlens, q.device)[q_pos].to(q.dtype)
         else:
-            counts = branch_counts(n, self.num_heads, self.segment_lengths, self.dilation_rates, self.merge, q.device)
+            counts = branch_counts(
+                n, self.num_heads, self.segment_lengths, self.dilation_rates, self.merge, q.device,
+                cu_seqlens=cu_seqlens,
+            )  # fmt: skip
             counts = counts[:, q_pos].to(q.dtype)
+        if self.window_size != NO_WINDOW:
+            counts = counts * window_allowed(n, self.window_size, q.device)[q_pos].to(q.dtype)
         if is_causal:
             counts = counts * (torch.arange(k_len, device=q.device)[None, :] <= q_pos[:, None]).to(q.dtype)
         logits = torch.einsum("blhd,bshd->bhls", q, k) * default_scale(self.head_dim, None) + torch.log(counts)
@@ -406,6 +446,8 @@ class MultiheadDilatedAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
+        *,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``nn.MultiheadAttention.forward``: returns ``(attn_output, attn_weights or None)``.
 
@@ -430,6 +472,8 @@ class MultiheadDilatedAttention(nn.Module):
                 (added); a causal mask takes the fast path.
             average_attn_weights: average the returned weights over the heads.
             is_causal: causal attention (see above).
+            cu_seqlens: 1-D integer tensor ``[0, ..., L]`` of document boundaries of a packed batch
+                of one (self-attention; SPEC.md "Packed sequences").
 
         Returns:
             ``attn_output`` shaped like ``query`` but with ``E`` features, and ``attn_weights``:
@@ -444,6 +488,7 @@ class MultiheadDilatedAttention(nn.Module):
         elif not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         b, q_len, k_len = query.shape[0], query.shape[1], key.shape[1]
+        self._check_positions(b, q_len, k_len, cu_seqlens)
         key_padding_mask = self._key_padding_mask(key_padding_mask, b, k_len, batched)
         # nn.MultiheadAttention trusts is_causal for an attn_mask only without padding and weights;
         # otherwise it applies the mask as given (and so do we)
@@ -466,11 +511,13 @@ class MultiheadDilatedAttention(nn.Module):
                 key_padding_mask=key_padding_mask,
                 attn_mask=general_mask,
                 dropout_p=dropout_p,
+                cu_seqlens=cu_seqlens,
             )
         else:
             out = self._sequence_attention(
-                q, k, v, extra, is_causal=causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p
-            )
+                q, k, v, extra, is_causal=causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+                cu_seqlens=cu_seqlens,
+            )  # fmt: skip
         out = out.flatten(2)
         if self.norm is not None:
             out = self.norm(out)
@@ -492,7 +539,8 @@ class MultiheadDilatedAttention(nn.Module):
             if self.segment_lengths is None
             else f"segment_lengths={list(self.segment_lengths)}, dilation_rates={list(self.dilation_rates)}"
         )
+        window = f", window_size={self.window_size}" if self.window_size != NO_WINDOW else ""
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, {config}, merge={self.merge!r}, "
-            f"dropout={self.dropout}, batch_first={self.batch_first}, layer_norm={self.norm is not None}"
+            f"dropout={self.dropout}, batch_first={self.batch_first}, layer_norm={self.norm is not None}{window}"
         )

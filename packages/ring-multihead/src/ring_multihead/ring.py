@@ -13,6 +13,7 @@ With one rank it is exactly :class:`MultiheadDilatedAttention`.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ from ring_core.plugin import (
     RingCommStats,
     RingDilatedAttention,
     agree_across_ranks,
+    check_cu_seqlens,
     check_layout,
     differing_fields,
     group_rank_and_size,
@@ -66,6 +68,7 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         gamma_init: float = 1.0,
         process_group: Any = None,
         layout: str = "contiguous",
+        window_size: tuple[int, int] = (-1, -1),
     ) -> None:
         super().__init__(
             embed_dim,
@@ -85,6 +88,7 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
             layer_norm=layer_norm,
             layer_norm_eps=layer_norm_eps,
             gamma_init=gamma_init,
+            window_size=window_size,
         )
         self.process_group = process_group
         self.layout = check_layout(layout)
@@ -107,12 +111,16 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         positions = shard_positions(n, rank, world, self.layout).to(q.device)
         return k, v, key_padding_mask, positions, n
 
-    def _sequence_attention(self, q, k, v, extra, *, is_causal, key_padding_mask, dropout_p):
+    def _global_length(self, length: int) -> int:
+        return length * self._world()[1]
+
+    def _sequence_attention(self, q, k, v, extra, *, is_causal, key_padding_mask, dropout_p, cu_seqlens=None):
         _, world = self._world()
         if world == 1:
             return super()._sequence_attention(
-                q, k, v, extra, is_causal=is_causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p
-            )
+                q, k, v, extra, is_causal=is_causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+                cu_seqlens=cu_seqlens,
+            )  # fmt: skip
         segments, rates = self._config(q.shape[1] * world)
         key = (segments, rates, dropout_p)
         ring = self._rings.get(key)
@@ -124,9 +132,10 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
                 layout=self.layout,
                 process_group=self.process_group,
                 dropout=dropout_p,
+                window_size=self.window_size,
             )
             self._rings[key] = ring
-        return ring(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask)
+        return ring(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens)
 
     def forward(
         self,
@@ -138,6 +147,8 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         attn_mask: torch.Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
+        *,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """As :meth:`MultiheadDilatedAttention.forward`, on this rank's shard of the sequence.
 
@@ -155,6 +166,8 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
             attn_mask: must be ``None`` across ranks; use ``is_causal=True``.
             average_attn_weights: average the returned weights over the heads.
             is_causal: causal attention over the global positions.
+            cu_seqlens: the global document boundaries ``[0, ..., N]`` of a packed batch of one, the
+                same tensor on every rank (documents may cross shards).
 
         Returns:
             This rank's rows of ``attn_output`` (shaped like ``query``) and, with
@@ -162,12 +175,17 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         """
         _, world = self._world()
         if world > 1:
-            self._check_across_ranks(world, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
+            self._check_across_ranks(
+                world, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal, cu_seqlens
+            )
         return super().forward(
-            query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
-        )
+            query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal,
+            cu_seqlens=cu_seqlens,
+        )  # fmt: skip
 
-    def _check_local(self, world, query, key, value, key_padding_mask, need_weights, attn_mask) -> tuple[int, int]:
+    def _check_local(
+        self, world, query, key, value, key_padding_mask, need_weights, attn_mask, cu_seqlens=None
+    ) -> tuple[int, int]:
         """This rank's checks; returns ``(batch, local length)``."""
         batched = self._check_inputs(query, key, value)
         if attn_mask is not None:
@@ -192,14 +210,22 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
             )
         batch = query.shape[1 - seq_dim] if batched else 1
         self._key_padding_mask(key_padding_mask, batch, local_k, batched)
+        if cu_seqlens is not None:
+            check_cu_seqlens(cu_seqlens, local_q * world, batch)
         return batch, local_q
 
-    def _check_across_ranks(self, world, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal):
+    def _check_across_ranks(
+        self, world, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal, cu_seqlens=None
+    ):
         def check() -> list[int]:
-            batch, length = self._check_local(world, query, key, value, key_padding_mask, need_weights, attn_mask)
-            return [1, batch, length, int(bool(need_weights)), int(bool(is_causal))]
+            batch, length = self._check_local(
+                world, query, key, value, key_padding_mask, need_weights, attn_mask, cu_seqlens
+            )
+            documents = None if cu_seqlens is None else tuple(cu_seqlens.tolist())
+            crc = zlib.crc32(repr(documents).encode())
+            return [1, batch, length, int(bool(need_weights)), int(bool(is_causal)), crc]
 
-        fields = ("ok", "batch size", "local length", "need_weights", "is_causal")
+        fields = ("ok", "batch size", "local length", "need_weights", "is_causal", "cu_seqlens")
         comm = RingComm.for_group(self.process_group, RingCommStats())
         table = agree_across_ranks(check, fields, comm, name=type(self).__name__)
         differing, details = differing_fields(table, fields)

@@ -1,0 +1,114 @@
+"""ring-flash's varlen path (packed documents in one kernel call per branch offset), exact on the CPU.
+
+The GPU kernels that take cumulative lengths (``sdpa_flash``) need CUDA; here a CPU
+kernel with the same varlen interface (the math kernel on each packed segment) drives
+:mod:`ring_flash.varlen` through ``RingDilatedAttentionFlash``, against the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import pytest
+import torch
+
+import ring_core
+from ring_core import hookimpl
+from ring_core.dilated import branches
+from ring_core.kernels import MathKernel
+from ring_core.testing import PACKED_CASES, check_attention
+from ring_core.windows import window_kwargs
+
+
+class LoopVarlenKernel(MathKernel):
+    """The math kernel with windows and flash-attn's varlen interface, one segment at a time."""
+
+    name = "loop_varlen"
+    priority = -100
+    supports_window = True
+    supports_varlen = True
+
+    def __init__(self) -> None:
+        self.varlen_calls = 0
+
+    def forward(self, q, k, v, *, window=None, mask=None, **kwargs):
+        as_mask = window_kwargs(MathKernel(), q, k, mask, window)
+        return super().forward(q, k, v, **kwargs, **as_mask)
+
+    def backward(self, dout, q, k, v, out, lse, *, window=None, mask=None, **kwargs):
+        as_mask = window_kwargs(MathKernel(), q, k, mask, window)
+        return super().backward(dout, q, k, v, out, lse, **kwargs, **as_mask)
+
+    @staticmethod
+    def _segments(cu):
+        bounds = cu.tolist()
+        return [slice(a, b) for a, b in itertools.pairwise(bounds)]
+
+    def forward_varlen(self, q, k, v, cu_q, cu_k, max_q, max_k, *, scale, causal=False, window=None):
+        self.varlen_calls += 1
+        outs, lses = [], []
+        for rows, keys in zip(self._segments(cu_q), self._segments(cu_k)):
+            o, lse = self.forward(
+                q[None, rows], k[None, keys], v[None, keys], scale=scale, causal=causal, window=window
+            )
+            outs.append(o[0])
+            lses.append(lse[0])
+        return torch.cat(outs), torch.cat(lses, -1)
+
+    def backward_varlen(self, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, *, scale, causal=False, window=None):
+        grads = [[], [], []]
+        for rows, keys in zip(self._segments(cu_q), self._segments(cu_k)):
+            block = self.backward(
+                dout[None, rows], q[None, rows], k[None, keys], v[None, keys], out[None, rows], lse[None, :, rows],
+                scale=scale, causal=causal, window=window,
+            )  # fmt: skip
+            for grad, value in zip(grads, block):
+                grad.append(value[0])
+        return tuple(torch.cat(grad) for grad in grads)
+
+
+@pytest.fixture
+def varlen_kernel(fresh_registry):
+    kernel = LoopVarlenKernel()
+
+    class Plugin:
+        @hookimpl
+        def register_kernels(self, register):
+            register(kernel)
+
+    fresh_registry().register_plugin(Plugin(), "loop-varlen-kernel")
+    return kernel
+
+
+CASES = [dataclasses.replace(case, padding=False) for case in PACKED_CASES if case.documents is not None]
+CASES.append(dataclasses.replace(CASES[0], name="packed-dense-gqa", heads=6, kv_heads=2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_varlen_path_matches_reference(varlen_kernel, case, dtype):
+    attn = ring_core.create_attention("ring_dilated_flash", **case.config, kernel="loop_varlen")
+    result = check_attention(attn, case, dtype, seed=5)
+    assert attn.last_path == "varlen loop_varlen"
+    assert result.passed, f"{case} {dtype}: {result.errors} > {result.tolerance}"
+    branch_list = branches(case.segment_lengths, case.dilation_rates, case.merge, case.heads)
+    offsets = sum(len({h % b.rate for h in range(b.head_start, b.head_stop)}) for b in branch_list)
+    assert varlen_kernel.varlen_calls == offsets  # one call per branch offset, every document in it
+
+
+@pytest.mark.parametrize("case", [c for c in PACKED_CASES if c.padding], ids=str)
+def test_padding_takes_the_segment_path(varlen_kernel, case):
+    attn = ring_core.create_attention("ring_dilated_flash", **case.config, kernel="loop_varlen")
+    assert check_attention(attn, case, torch.float64).passed
+    assert attn.last_path.startswith("segments loop_varlen") and varlen_kernel.varlen_calls == 0
+
+
+@pytest.mark.parametrize("case", PACKED_CASES, ids=str)
+@pytest.mark.parametrize("name", ["dilated", "ring_dilated", "block_sparse_ring_dilated"])
+def test_native_windows_through_the_engine(varlen_kernel, name, case):
+    """A kernel that takes windows itself gets whole segments with the window, not tiles: still exact."""
+    options = {"block_size": 4} if name == "block_sparse_ring_dilated" else {}
+    attn = ring_core.create_attention(name, **case.config, **options, kernel="loop_varlen")
+    result = check_attention(attn, case, torch.float64, seed=7)
+    assert result.passed, f"{name} {case}: {result.errors}"
