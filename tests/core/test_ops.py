@@ -29,8 +29,11 @@ def test_torch_library_opcheck():
     mask = torch.zeros(2, 10, dtype=torch.bool)
     mask[0, 3] = True
     for causal, lse_grad in ((False, False), (True, True)):
-        args = (q, k, v, mask, None, attn._op.name, causal, 0.0, lse_grad)
+        args = (q, k, v, mask, None, None, attn._op.name, causal, 0.0, lse_grad)
         torch.library.opcheck(torch.ops.ring_attention.attention.default, args)
+    cu_seqlens = torch.tensor([0, 4, 4, 10])  # packed documents: a batch of one
+    args = (q[:1], k[:1], v[:1], None, cu_seqlens, None, attn._op.name, True, 0.0, True)
+    torch.library.opcheck(torch.ops.ring_attention.attention.default, args)
 
 
 def test_copies_and_pickles_compute_alike_with_their_own_ops():

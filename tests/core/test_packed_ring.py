@@ -323,7 +323,9 @@ def test_send_bound_covers_packed_and_windowed_sends(world, layout, segments, ra
     """Windows and documents only narrow what travels: each key row still goes at most once per branch, so no
     send exceeds the copy-engine slots' bound computed from the shapes."""
     from ring_core.dilated import branches
-    from ring_core.ring_plan import build_ring_plan, part_kv_heads, part_rows
+    from ring_core.ring_plan import _part_kv_heads as part_kv_heads
+    from ring_core.ring_plan import _part_rows as part_rows
+    from ring_core.ring_plan import build_ring_plan
     from ring_core.ring_schedule import send_bounds
 
     seq_len, kv_heads = 64 if world != 3 else 48, 2

@@ -13,9 +13,8 @@ import pytest
 import torch
 
 import ring_core
-from ring_core.kernels import MathKernel
+from ring_core.plugin import MathKernel, window_mask
 from ring_core.testing import Case, check_attention, packed_documents, relative_error
-from ring_core.windows import window_mask
 from ring_flash.kernels import all_kernels
 
 pytestmark = pytest.mark.cuda

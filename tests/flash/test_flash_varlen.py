@@ -15,10 +15,8 @@ import torch
 
 import ring_core
 from ring_core import hookimpl
-from ring_core.dilated import branches
-from ring_core.kernels import MathKernel
+from ring_core.plugin import MathKernel, branches, window_kwargs
 from ring_core.testing import PACKED_CASES, check_attention
-from ring_core.windows import window_kwargs
 
 
 class LoopVarlenKernel(MathKernel):
