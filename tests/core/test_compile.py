@@ -191,3 +191,18 @@ def test_compiled_float_padding_must_be_binary():
     mask[:, 0] = -1.5
     with pytest.raises(ValueError, match="only 0 .* and -inf"):
         compiled(x, x, x, key_padding_mask=mask, need_weights=False)
+
+
+@pytest.mark.parametrize("name", ["dilated", "ring_dilated"])
+def test_packed_and_windowed_compile_without_break(name):
+    """cu_seqlens reaches the op as a tensor (its values are read inside it) and the window is configuration."""
+    attn = build(name, window_size=(3, 0))
+    compiled = torch.compile(attn, fullgraph=True, backend="aot_eager")
+    (q, k, v), _ = qkv(2)
+    q, k, v = (x[:1].detach().requires_grad_() for x in (q, k, v))
+    cu_seqlens = torch.tensor([0, 5, 5, N])
+    compile_graph(attn, q, k, v, is_causal=True, cu_seqlens=cu_seqlens)
+    kwargs = {"is_causal": True, "cu_seqlens": cu_seqlens}
+    assert_same(compiled(q, k, v, **kwargs), attn(q, k, v, **kwargs), (q, k, v))
+    with pytest.raises(ValueError, match="cu_seqlens must end at N=12"):  # checked inside the op when compiled
+        compiled(q, k, v, cu_seqlens=torch.tensor([0, 5, 11]))

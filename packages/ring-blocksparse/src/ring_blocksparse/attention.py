@@ -122,32 +122,25 @@ def block_sparse_dilated_attention(
     :func:`ring_core.dilated_attention`; the layout indexes global positions.
     """
     window = check_window(window_size)
-    documents = _agree(
+    _agree(
         q, k, v, key_padding_mask, segment_lengths=segment_lengths, dilation_rates=dilation_rates, merge=merge,
         block_size=block_size, is_causal=is_causal, layout=layout, process_group=process_group,
         transposed_backward=transposed_backward, window=window, cu_seqlens=cu_seqlens,
     )  # fmt: skip
-    plan, schedule_args = _prepare(
-        q,
-        k,
-        v,
-        segment_lengths=segment_lengths,
-        dilation_rates=dilation_rates,
-        block_size=block_size,
-        block_layout=block_layout,
-        merge=merge,
-        is_causal=is_causal,
-        key_padding_mask=key_padding_mask,
-        layout=layout,
-        process_group=process_group,
-        transposed_backward=transposed_backward,
-        window=window,
-        documents=documents,
-    )
     dropout_p = check_dropout(dropout_p)
     scale = default_scale(q.shape[-1], softmax_scale)
 
+    plans: dict = {}  # this call's plan, built once for its forward and backward
+
     def make(q, k, v, call: OpCall) -> BlockSparseSchedule:
+        if call.documents not in plans:
+            plans[call.documents] = _prepare(
+                q, k, v, segment_lengths=segment_lengths, dilation_rates=dilation_rates, block_size=block_size,
+                block_layout=block_layout, merge=merge, is_causal=is_causal, key_padding_mask=key_padding_mask,
+                layout=layout, process_group=process_group, transposed_backward=transposed_backward, window=window,
+                documents=call.documents,
+            )  # fmt: skip
+        plan, schedule_args = plans[call.documents]
         mask = call.key_padding_mask
         full, masked = _kernels(
             q, k, causal=call.causal, padded=mask is not None, dropout_p=call.dropout_p, scale=scale, kernel=kernel,

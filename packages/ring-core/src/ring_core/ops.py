@@ -41,6 +41,7 @@ import torch
 
 from .engine import BlockSchedule, schedule_backward, schedule_forward
 from .kernels import accumulation_dtype
+from .validation import check_documents
 
 __all__ = ["AttentionOp", "CallOp", "OpCall", "run_attention"]
 
@@ -188,7 +189,7 @@ def run_attention(
 def _call(key_padding_mask, cu_seqlens, seed, causal: bool, dropout_p: float) -> OpCall:
     if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
         key_padding_mask = _padding_from_float(key_padding_mask)
-    documents = None if cu_seqlens is None else tuple(int(x) for x in cu_seqlens.tolist())
+    documents = None if cu_seqlens is None else check_documents([int(x) for x in cu_seqlens.tolist()], None)
     return OpCall(key_padding_mask, causal, dropout_p, 0 if seed is None else int(seed.item()), documents)
 
 

@@ -215,6 +215,8 @@ def build_ring_plan(
             f"num_heads // num_kv_heads = {groups}, got {heads}"
         )
     pieces = [shard_ranges(seq_len, p, world_size, layout) for p in range(world_size)]
+    if documents is not None and documents[-1] != seq_len:
+        raise ValueError(f"cu_seqlens must end at N={seq_len} (the packed length), got {documents[-1]}")
     doc_ranges = list(itertools.pairwise(documents)) if documents is not None else [(0, seq_len)]
 
     def local_start(p: int, index: int) -> int:

@@ -74,11 +74,13 @@ def check_window(window_size: object) -> tuple[int, int]:
     return int(window_size[0]), int(window_size[1])
 
 
-def check_cu_seqlens(cu_seqlens: object, seq_len: int, batch: int) -> tuple[int, ...]:
+def check_cu_seqlens(cu_seqlens: object, seq_len: int | None, batch: int) -> tuple[int, ...] | None:
     """The document boundaries ``[0 = c_0 <= c_1 <= ... <= c_D = N]`` of a packed batch of one, as ints.
 
     ``cu_seqlens`` is a 1-D integer tensor on any device (flash-attn's convention);
-    ``seq_len`` is the packed (global) ``N`` and ``batch`` must be 1.
+    ``seq_len`` is the packed (global) ``N`` (None: not known here) and ``batch`` must be 1.
+    Under ``torch.compile`` the values are not read here (that would break the graph): the
+    custom op checks them when it runs (:func:`check_documents`) and returns None.
     """
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a 1-D integer torch.Tensor, got {type(cu_seqlens).__name__}")
@@ -94,10 +96,17 @@ def check_cu_seqlens(cu_seqlens: object, seq_len: int, batch: int) -> tuple[int,
         )
     if batch != 1:
         raise ValueError(f"cu_seqlens needs a batch of one (documents packed along N, B=1), got B={batch}")
-    values = [int(x) for x in cu_seqlens.tolist()]
+    if torch.compiler.is_compiling():
+        return None
+    return check_documents([int(x) for x in cu_seqlens.tolist()], seq_len)
+
+
+def check_documents(values: Sequence[int], seq_len: int | None) -> tuple[int, ...]:
+    """``cu_seqlens`` values: they start at 0, never decrease and end at ``seq_len`` (when given)."""
+    values = list(values)
     if not values or values[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {values[:4]}{'...' if len(values) > 4 else ''}")
-    if values[-1] != seq_len:
+    if seq_len is not None and values[-1] != seq_len:
         raise ValueError(f"cu_seqlens must end at N={seq_len} (the packed length), got {values[-1]}")
     for index, (a, b) in enumerate(itertools.pairwise(values)):
         if b < a:

@@ -116,7 +116,12 @@ def window_tiles(length: int, window: tuple[int, int]) -> list[tuple[tuple[int, 
 
 
 def document_spans(documents: Sequence[int] | None, seq_len: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` of every non-empty document (``documents``: checked ``cu_seqlens`` values, or None)."""
+    """``[start, stop)`` of every non-empty document (``documents``: checked ``cu_seqlens`` values, or None).
+
+    The last boundary must be ``seq_len`` (checked again here: a compiled call reads the values
+    only inside the op)."""
     if documents is None:
         return [(0, seq_len)] if seq_len else []
+    if documents[-1] != seq_len:
+        raise ValueError(f"cu_seqlens must end at N={seq_len} (the packed length), got {documents[-1]}")
     return [(a, b) for a, b in itertools.pairwise(documents) if b > a]
