@@ -380,6 +380,8 @@ class BlockSparseRingDilatedAttention(nn.Module):
             key_padding_mask: bool ``(B, n)``, ``True`` where a key is padding.
             return_lse: also return the log-sum-exp of each query row's scores, ``(B, H, n)``,
                 float32 (float64 for float64 inputs).
+            cu_seqlens: 1-D integer tensor ``[0, ..., N]``: the global document boundaries of a packed
+                batch of one, the same tensor on every rank (documents may cross shards).
 
         Returns:
             ``(B, n, H, D_v)``: this rank's rows, dtype and device of ``q``; a query whose blocks

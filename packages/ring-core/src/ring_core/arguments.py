@@ -29,6 +29,8 @@ COMMON_ARGUMENTS: dict[str, str] = {
     "dropout": "dropout probability on the attention weights (training only)",
     "kernel": "force one kernel backend by name (None: the first available in priority order)",
     "transport": '"nccl" (batch_isend_irecv) or "copy_engine" (GPU copy engines, one host) for K/V and dK/dV',
+    "window_size": "sliding window (left, right): query t sees only keys t-left..t+right (-1: unbounded; "
+    "(-1, -1): none)",
     "embed_dim": "model dimension (as torch.nn.MultiheadAttention)",
     "num_heads": "number of heads; embed_dim must be divisible by it (as torch.nn.MultiheadAttention)",
     "bias": "bias in the input and output projections (as torch.nn.MultiheadAttention)",

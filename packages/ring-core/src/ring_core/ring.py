@@ -197,6 +197,7 @@ class RingAttentionBase(nn.Module):
         is_causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
         return_lse: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The call every ring module answers (each subclass computes it its own way).
 
@@ -208,6 +209,8 @@ class RingAttentionBase(nn.Module):
             is_causal: query ``t`` sees only keys ``s <= t`` (global positions).
             key_padding_mask: bool ``(B, N/P)``, this rank's shard, ``True`` where a key is padding.
             return_lse: also return the log-sum-exp of each query row's scores, ``(B, H, N/P)``.
+            cu_seqlens: 1-D integer tensor ``[0, ..., N]``: the global document boundaries of a packed
+                batch of one, the same tensor on every rank (documents may cross shards).
 
         Returns:
             ``(B, N/P, H, D_v)``: this rank's rows of the output, dtype and device of ``q``;
@@ -327,6 +330,8 @@ class RingDilatedAttention(RingAttentionBase):
             key_padding_mask: bool ``(B, N/P)``, this rank's shard, ``True`` where a key is padding.
             return_lse: also return the log-sum-exp of each query row's scores, ``(B, H, N/P)``,
                 float32 (float64 for float64 inputs).
+            cu_seqlens: 1-D integer tensor ``[0, ..., N]``: the global document boundaries of a packed
+                batch of one, the same tensor on every rank (documents may cross shards).
 
         Returns:
             ``(B, N/P, H, D_v)``: this rank's rows of the output, dtype and device of ``q``.

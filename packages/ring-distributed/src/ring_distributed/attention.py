@@ -301,6 +301,8 @@ class RingDistributedDilatedAttention(RingAttentionBase):
             key_padding_mask: bool ``(B, N/P)``, this rank's shard, ``True`` where a key is padding.
             return_lse: also return the log-sum-exp of each query row's scores, ``(B, H, N/P)``,
                 float32 (float64 for float64 inputs).
+            cu_seqlens: 1-D integer tensor ``[0, ..., N]``: the global document boundaries of a packed
+                batch of one, the same tensor on every rank (documents may cross shards).
 
         Returns:
             ``(B, N/P, H, D_v)``: this rank's rows of the output, dtype and device of ``q``.
