@@ -6,14 +6,25 @@ import torch
 
 from ring_core import dilated_attention
 
-lengths = [700, 300, 1048]  # the second is shorter than a segment, the others cross segment boundaries
-cu_seqlens = torch.tensor([0, 700, 1000, 2048])  # cumulative lengths, flash-attn's convention
-q, k, v = (torch.randn(1, 2048, 8, 64, dtype=torch.float64) for _ in range(3))  # (1, N, H, D)
-config = {"segment_lengths": [512, 1024], "dilation_rates": [1, 2], "window_size": (256, 0), "is_causal": True}
+# the second is shorter than a segment, the others cross segment boundaries
+lengths = [700, 300, 1048]
+# cumulative lengths, flash-attn's convention
+cu_seqlens = torch.tensor([0, 700, 1000, 2048])
+# (1, N, H, D)
+q, k, v = (torch.randn(1, 2048, 8, 64, dtype=torch.float64) for _ in range(3))
+config = {
+    "segment_lengths": [512, 1024],
+    "dilation_rates": [1, 2],
+    "window_size": (256, 0),
+    "is_causal": True,
+}
 
 packed = dilated_attention(q, k, v, **config, cu_seqlens=cu_seqlens)
 separate = torch.cat(
-    [dilated_attention(q[:, a:b], k[:, a:b], v[:, a:b], **config) for a, b in itertools.pairwise(cu_seqlens.tolist())],
+    [
+        dilated_attention(q[:, a:b], k[:, a:b], v[:, a:b], **config)
+        for a, b in itertools.pairwise(cu_seqlens.tolist())
+    ],
     dim=1,
 )
 print(f"max difference: {(packed - separate).abs().max().item():.1e}")

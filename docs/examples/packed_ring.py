@@ -6,16 +6,23 @@ from ring_core import RingDilatedAttention, reference_attention, shard_sequence
 from ring_core.testing import run_gloo
 
 N, H, D = 64, 4, 16
-CU_SEQLENS = torch.tensor([0, 20, 40, 64])  # global: every rank passes the same tensor; [20, 40) crosses 32
+# global: every rank passes the same tensor; [20, 40) crosses 32
+CU_SEQLENS = torch.tensor([0, 20, 40, 64])
 
 
 def rank_main(rank: int, world_size: int) -> tuple[int, float]:
+    seeds = [torch.Generator().manual_seed(i) for i in range(3)]
     q, k, v = (
-        torch.randn(1, N, H, D, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in range(3)
+        torch.randn(1, N, H, D, dtype=torch.float64, generator=g)
+        for g in seeds
     )
-    attn = RingDilatedAttention([N], [1], window_size=(4, 0))  # a causal window of 4 positions
-    out = attn(*(shard_sequence(x) for x in (q, k, v)), is_causal=True, cu_seqlens=CU_SEQLENS)
-    expected = reference_attention(q, k, v, is_causal=True, window_size=(4, 0), cu_seqlens=CU_SEQLENS)
+    # a causal window of 4 positions
+    attn = RingDilatedAttention([N], [1], window_size=(4, 0))
+    shards = (shard_sequence(x) for x in (q, k, v))
+    out = attn(*shards, is_causal=True, cu_seqlens=CU_SEQLENS)
+    expected = reference_attention(
+        q, k, v, is_causal=True, window_size=(4, 0), cu_seqlens=CU_SEQLENS
+    )
     error = (out - shard_sequence(expected)).abs().max().item()
     return attn.comm_stats.forward_bytes, error
 
