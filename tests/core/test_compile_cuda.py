@@ -6,6 +6,8 @@ here the fast kernels run inside the op and Inductor generates the code around i
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -31,13 +33,22 @@ def run(module, inputs, **kwargs):
     return [out, *torch.autograd.grad(out, inputs, upstream)]
 
 
-def check(module, inputs, **kwargs):
+def check(module, inputs, *, exact=None, **kwargs):
+    """Zero graph breaks; compiled equals eager, or (``exact``: a float64 copy of ``module``) is as
+    close to the float64 result as eager is (Inductor fuses the bf16 ops around the attention, so
+    a whole layer's rounding differs from eager's)."""
     explanation = torch._dynamo.explain(module)(*inputs, **kwargs)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
     compiled = torch.compile(module, fullgraph=True)
-    for a, b in zip(run(compiled, inputs, **kwargs), run(module, inputs, **kwargs)):
+    results = [run(compiled, inputs, **kwargs), run(module, inputs, **kwargs)]
+    if exact is not None:
+        results.append(run(exact, [x.detach().double().requires_grad_() for x in inputs], **kwargs))
+    for a, b, *c in zip(*results):
         assert torch.isfinite(a).all()
-        assert relative_error(a, b) < 1e-2
+        if c:
+            assert relative_error(a, c[0]) <= 2 * relative_error(b, c[0]) + 1e-3
+        else:
+            assert relative_error(a, b) < 1e-2
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=lambda i: i.name)
@@ -51,7 +62,7 @@ def test_compiled_on_cuda(impl):
 def test_block_sparse_compiles_on_the_gather_path():
     """A configuration the strips (FlexAttention) would take eagerly: compiled, 'auto' takes the gather op."""
     blocksparse = pytest.importorskip("ring_blocksparse")
-    attn = blocksparse.BlockSparseRingDilatedAttention([N], [1], block_size=128, pattern="local")
+    attn = blocksparse.BlockSparseRingDilatedAttention([N], [1], block_size=128, pattern="local_window", window=256)
     inputs = [torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
     check(attn, inputs, is_causal=True)
 
@@ -60,8 +71,9 @@ def test_transformer_encoder_layer_on_cuda():
     multihead = pytest.importorskip("ring_multihead")
     layer = nn.TransformerEncoderLayer(H * D, H, 4 * H * D, dropout=0.0, batch_first=True, device="cuda")
     layer.self_attn = multihead.MultiheadDilatedAttention(H * D, H, batch_first=True, device="cuda", **CONFIG)
+    exact = copy.deepcopy(layer).double()
     layer = layer.to(torch.bfloat16)
     x = torch.randn(B, N, H * D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     padding = torch.zeros(B, N, dtype=torch.bool, device="cuda")
     padding[0, -17:] = True
-    check(layer, (x,), src_key_padding_mask=padding)
+    check(layer, (x,), exact=exact, src_key_padding_mask=padding)
