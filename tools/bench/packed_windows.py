@@ -4,9 +4,10 @@ Sections (bf16, B=1, H=16, D=128, forward+backward, CUDA events):
 
 - ``packed``: 64 documents of lengths drawn from 512..4096 (seed 0) in one causal sequence:
   ``ring_dilated_flash`` with ``cu_seqlens`` against the bare aten flash varlen call
-  (``_flash_attention_forward/backward`` with cumulative lengths; target ratio >= 0.95),
-  the aten cuDNN varlen call where this torch has one, and FlexAttention with a
-  document mask (a user's alternative).
+  (``_flash_attention_forward/backward`` with cumulative lengths; target ratio >= 0.95)
+  and FlexAttention with a document mask (a user's alternative). aten's cuDNN call with
+  cumulative lengths is left out: its backward (torch 2.11, H200) ends in a CUDA error
+  that poisons the process.
 - ``window``: a causal sliding window of 4096 at N = 32K, 64K, 128K against the bare
   windowed flash call (target >= 0.95); the time must grow with N, not N^2.
 - ``dilated``: segments [2048, 4096, 8192], rates [1, 2, 4] on the packed documents against
@@ -16,8 +17,8 @@ Every row says which path ours ran (``last_path``: varlen, segments, ...), and o
 checked against the bare call's output before it is timed. Writes the JSON to ``--out``
 and a plot next to it (``.png``); prints a table last.
 
-    python tools/bench/packed_windows.py --out docs/benchmarks/packed-windows-h200.json
-    python tools/bench/packed_windows.py --quick   # a tiny version on the CPU, float32
+    python -m tools.bench.packed_windows --out docs/benchmarks/packed-windows-h200.json
+    python -m tools.bench.packed_windows --quick   # a tiny version on the CPU, float32
 """
 
 from __future__ import annotations
@@ -137,21 +138,6 @@ def bare_flash(cu=None, max_len=None, causal=True, window=None):
     return lambda q, k, v: _BareFlash.apply(q, k, v, cu, max_len, causal, window)
 
 
-def bare_cudnn_varlen(cu: torch.Tensor, max_len: int):
-    """aten's cuDNN call with cumulative lengths (forward+backward through autograd), where this torch has it."""
-    op = getattr(torch.ops.aten, "_cudnn_attention_forward", None)
-    if op is None:
-        raise RuntimeError(f"torch {torch.__version__} has no aten._cudnn_attention_forward")
-
-    def fn(q, k, v):
-        out = op(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), None, cu, cu, max_len, max_len, True, 0.0, True,
-        )[0]  # fmt: skip
-        return out.transpose(0, 1)
-
-    return fn
-
-
 def flex_documents(document: torch.Tensor, n: int, device):
     """FlexAttention with a causal document mask (compiled once); building the block mask is not timed."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -213,7 +199,6 @@ def bench_packed(setup: Setup) -> dict:
         with torch.no_grad():
             reference = bare(*packed[:3]).unsqueeze(0)
         rows.append(_row("bare aten flash varlen", bare, packed, setup, pairs))
-        rows.append(_row("bare aten cudnn varlen", bare_cudnn_varlen(cu, max_len), packed, setup, pairs))
         document = torch.repeat_interleave(torch.arange(len(lengths), device=setup.device), cu[1:] - cu[:-1])
         rows.append(
             _row("flex document mask", flex_documents(document, n, setup.device), (q, k, v, dout), setup, pairs)
