@@ -139,17 +139,23 @@ def bare_flash(cu=None, max_len=None, causal=True, window=None):
 
 
 def flex_documents(document: torch.Tensor, n: int, device):
-    """FlexAttention with a causal document mask (compiled once); building the block mask is not timed."""
+    """FlexAttention with a causal document mask (compiled once); the block mask is built (compiled,
+    never as a dense N x N mask) on the first call, which is not timed."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (document[q_idx] == document[kv_idx]) & (q_idx >= kv_idx)
 
-    block_mask = create_block_mask(mask_mod, None, None, n, n, device=device)
     compiled = torch.compile(flex_attention)
-    return lambda q, k, v: compiled(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask
-    ).transpose(1, 2)
+    block_mask = []
+
+    def fn(q, k, v):
+        if not block_mask:
+            block_mask.append(create_block_mask(mask_mod, None, None, n, n, device=device, _compile=True))
+        out = compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask[0])
+        return out.transpose(1, 2)
+
+    return fn
 
 
 # -- sections -----------------------------------------------------------------------------------------
