@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -124,8 +125,33 @@ def test_unknown_name_lists_known_and_closest(registry):
         ring_core.create_attention("dilatd")
 
 
+def test_a_disabled_plugin_is_said_to_be_disabled_not_missing(monkeypatch, fresh_registry, capsys):
+    from ring_core.cli import main
+
+    monkeypatch.setenv("RING_ATTENTION_DISABLE_PLUGINS", "flash")
+    fresh_registry()
+    with pytest.raises(KeyError, match=r"ring-flash \(plugin 'flash'\), which is installed but disabled by "
+                       r"RING_ATTENTION_DISABLE_PLUGINS=flash"):  # fmt: skip
+        ring_core.create_attention("ring_dilated_flash")
+    assert main(["info"]) == 0
+    assert re.search(
+        r"flash +ring-flash +\S+ +disabled by RING_ATTENTION_DISABLE_PLUGINS=flash", capsys.readouterr().out
+    )
+    ring_core.reset_registry()
+    monkeypatch.delenv("RING_ATTENTION_DISABLE_PLUGINS")
+    monkeypatch.setenv("RING_ATTENTION_LOAD_PLUGINS", "multihead")
+    fresh_registry()
+    with pytest.raises(KeyError, match=r"installed but not in RING_ATTENTION_LOAD_PLUGINS=multihead"):
+        ring_core.create_attention("block_sparse_ring_dilated")
+
+
 def test_name_of_missing_package_says_what_to_install(monkeypatch, fresh_registry):
-    monkeypatch.setenv("RING_ATTENTION_LOAD_PLUGINS", "")
+    from importlib import metadata
+
+    real = metadata.entry_points  # ring-flash not installed: its entry point is not there at all
+    monkeypatch.setattr(
+        metadata, "entry_points", lambda **kw: [ep for ep in real(**kw) if ep.name != "flash" or "group" not in kw]
+    )
     fresh_registry()
     with pytest.raises(
         KeyError,

@@ -1,4 +1,4 @@
-"""A wheelhouse of the packages (and the sample plugin) and a fresh venv that installs from it.
+"""A wheelhouse of the packages (and the sample and misbehaving test plugins) and a fresh venv that installs from it.
 
 The venv is created without system site-packages and without pip; the host's pip
 installs into it (``pip --python``) from the wheelhouse only (``--no-index``).
@@ -34,6 +34,7 @@ PACKAGES = (
     "ring-transformers",
 )
 SAMPLE_PLUGIN = ROOT / "tests" / "sample_plugin"
+MISBEHAVING_PLUGIN = ROOT / "tests" / "misbehaving_plugin"
 
 
 def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -115,7 +116,7 @@ class WheelVenv:
 @pytest.fixture(scope="session")
 def wheelhouse(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheelhouse")
-    sources = [*(ROOT / "packages" / p for p in PACKAGES), SAMPLE_PLUGIN]
+    sources = [*(ROOT / "packages" / p for p in PACKAGES), SAMPLE_PLUGIN, MISBEHAVING_PLUGIN]
     build_wheels(sources, out, tmp_path_factory.mktemp("sources"))
     return out
 

@@ -31,7 +31,7 @@ from ring_core.plugin import Part as _Part
 
 class Mine(RingDilatedAttention):
     def _check(self, *args):
-        return self._validated
+        return self._op
 
 
 class MySchedule(RingDilatedSchedule):
@@ -58,7 +58,7 @@ def test_the_api_check_fails_on_violations(tmp_path, capsys):
         ":3: _signature is not in ring_core.plugin.__all__",
         ":4: imports from ring_core.ring_schedule, not one of",
         ":9: Mine overrides ring-core's private _check",
-        ":10: Mine uses ring-core's private _validated",
+        ":10: Mine uses ring-core's private _op",
         ":19: uses _shapes, a private member of a ring-core class",
         ":19: ring_core.registry is not in ring_core.__all__",
     ):

@@ -12,10 +12,12 @@ tile of the receiver needs (nothing at all when no tile needs them).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+import zlib
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ring_core.plugin import (
@@ -35,9 +37,10 @@ from ring_core.plugin import (
     check_dropout,
     check_layout,
     check_qkv,
+    check_scale,
+    check_timeout,
     check_window,
     default_scale,
-    documents_key,
     dropout_seed,
     group_rank_and_size,
     run_attention,
@@ -107,6 +110,7 @@ def block_sparse_dilated_attention(
     stats: CommStats | None = None,
     transposed_backward: bool = True,
     return_lse: bool = False,
+    timeout: float | None = None,
     window_size: tuple[int, int] = (-1, -1),
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -117,19 +121,24 @@ def block_sparse_dilated_attention(
     ``block_layout=None`` allows every block (plain dilated attention). ``stats``
     collects the bytes sent and received. ``transposed_backward`` batches the backward by
     key tile (whole dK/dV per call; the default) instead of by query tile. With
-    ``return_lse`` also returns the log-sum-exp ``(B, H, n)``. ``window_size`` and
-    ``cu_seqlens`` (global document boundaries, ``B = 1``) as in
+    ``return_lse`` also returns the log-sum-exp ``(B, H, n)``. Across ranks, every call first
+    checks (one small all-gather) that all ranks passed the same shapes, flags, configuration
+    and block layout, else every rank raises the same ``RingConfigError``; ``timeout``
+    (seconds, ``None``: forever) bounds every wait for a peer (``CollectiveError`` after).
+    ``window_size`` and ``cu_seqlens`` (global document boundaries, ``B = 1``) as in
     :func:`ring_core.dilated_attention`; the layout indexes global positions.
     """
+    dropout_p = check_dropout(dropout_p)
+    softmax_scale = check_scale(softmax_scale)
     window = check_window(window_size)
     _agree(
-        q, k, v, key_padding_mask, segment_lengths=segment_lengths, dilation_rates=dilation_rates, merge=merge,
-        block_size=block_size, is_causal=is_causal, layout=layout, process_group=process_group,
-        transposed_backward=transposed_backward, window=window, cu_seqlens=cu_seqlens,
+        q, k, v, segment_lengths=segment_lengths, dilation_rates=dilation_rates, block_size=block_size,
+        layout_of=lambda seq_len, num_heads: block_layout, merge=merge, is_causal=is_causal,
+        key_padding_mask=key_padding_mask, layout=layout, process_group=process_group, softmax_scale=softmax_scale,
+        dropout_p=dropout_p, transposed_backward=transposed_backward, timeout=timeout,
+        name="block_sparse_dilated_attention", window=window, cu_seqlens=cu_seqlens,
     )  # fmt: skip
-    dropout_p = check_dropout(dropout_p)
     scale = default_scale(q.shape[-1], softmax_scale)
-
     plans: dict = {}  # this call's plan, built once for its forward and backward
 
     def make(q, k, v, call: OpCall) -> BlockSparseSchedule:
@@ -137,8 +146,8 @@ def block_sparse_dilated_attention(
             plans[call.documents] = _prepare(
                 q, k, v, segment_lengths=segment_lengths, dilation_rates=dilation_rates, block_size=block_size,
                 block_layout=block_layout, merge=merge, is_causal=is_causal, key_padding_mask=key_padding_mask,
-                layout=layout, process_group=process_group, transposed_backward=transposed_backward, window=window,
-                documents=call.documents,
+                layout=layout, process_group=process_group, transposed_backward=transposed_backward,
+                timeout=timeout, window=window, documents=call.documents,
             )  # fmt: skip
         plan, schedule_args = plans[call.documents]
         mask = call.key_padding_mask
@@ -153,48 +162,6 @@ def block_sparse_dilated_attention(
         lse_grad=return_lse, cu_seqlens=cu_seqlens,
     )  # fmt: skip
     return (out, lse.transpose(1, 2)) if return_lse else out
-
-
-def _agree(
-    q,
-    k,
-    v,
-    key_padding_mask,
-    *,
-    segment_lengths,
-    dilation_rates,
-    merge,
-    block_size,
-    is_causal,
-    layout,
-    process_group,
-    transposed_backward,
-    window,
-    cu_seqlens,
-    validated: set | None = None,
-) -> tuple[int, ...] | None:
-    """Check ``cu_seqlens`` (global ``N``) and, under a process group, make the ranks agree on the call (inputs,
-    configuration, ``window_size`` and ``cu_seqlens``: every rank raises the same error) unless a call with the
-    same signature was agreed on before (``validated``). Returns the checked ``cu_seqlens`` values."""
-    if group_rank_and_size(process_group)[1] == 1:
-        check_qkv(q, k, v, key_padding_mask)
-        return None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
-    config = (tuple(segment_lengths), tuple(dilation_rates), block_size, transposed_backward, window)
-    key = (
-        *((tuple(t.shape), t.dtype, t.device) for t in (q, k, v)),
-        None if key_padding_mask is None else tuple(key_padding_mask.shape),
-        bool(is_causal), layout, config, documents_key(cu_seqlens),
-    )  # fmt: skip
-    if validated is not None and key in validated:
-        return key[-1]
-    documents = validate_ring_inputs(
-        q, k, v, key_padding_mask, causal=bool(is_causal), layout=layout, merge=merge, config=config, scale=None,
-        comm=RingComm.for_group(process_group, RingCommStats()), name="BlockSparseRingDilatedAttention",
-        window_size=window, cu_seqlens=cu_seqlens,
-    )  # fmt: skip
-    if validated is not None:
-        validated.add(key)
-    return documents
 
 
 def _prepare(
@@ -214,13 +181,15 @@ def _prepare(
     transposed_backward: bool = True,
     cache: dict | None = None,
     build: bool = True,
+    timeout: float | None = None,
+    context: str = "",
     window: tuple[int, int] = (-1, -1),
     documents: tuple[int, ...] | None = None,
 ) -> tuple[Plan | None, dict]:
-    """Validate everything (before any communication) and build or reuse the plan (if ``build``).
-
-    ``window`` and ``documents`` (checked ``cu_seqlens`` values) restrict the tile pairs; a plan
-    of documents is not kept (a new batch of documents every call)."""
+    """Validate this rank's inputs and build or reuse the plan (if ``build``); across ranks :func:`_agree` ran
+    first. Returns the plan and the schedule's communication arguments. ``window`` and ``documents``
+    (checked ``cu_seqlens`` values) restrict the tile pairs; a plan of documents is not kept (a new
+    batch of documents every call)."""
     segments, rates = check_dilated_config(segment_lengths, dilation_rates, merge)
     check_block_size(block_size)
     check_layout(layout)
@@ -231,8 +200,8 @@ def _prepare(
     if block_layout is not None:
         check_block_layout(block_layout, seq_len, block_size, q.shape[2])
     key = (
-        seq_len, q.shape[2], k.shape[2], bool(is_causal), rank, world, layout, str(q.device), transposed_backward,
-        window,
+        layout_identity(block_layout), seq_len, q.shape[2], k.shape[2], bool(is_causal), rank, world, layout,
+        str(q.device), transposed_backward, segments, rates, merge, block_size, window,
     )  # fmt: skip
     if documents is not None:
         cache = None
@@ -254,8 +223,66 @@ def _prepare(
             documents=documents,
         ).to(q.device)
         if cache is not None:
-            cache[key] = plan
-    return plan, {"group": process_group if world > 1 else None}
+            _remember(cache, key, plan)
+    return plan, {"group": process_group if world > 1 else None, "timeout": timeout, "context": context}
+
+
+def layout_identity(block_layout: torch.Tensor | None) -> tuple[int, int] | None:
+    """A layout tensor by identity and version: an in-place edit changes the version, so cached plans miss."""
+    return None if block_layout is None else (id(block_layout), block_layout._version)
+
+
+def _remember(cache: dict, key: tuple, value: Any) -> None:
+    """``cache[key] = value`` (``key[0]``: :func:`layout_identity`); what was built for an earlier version of the
+    same layout tensor is stale, and dropped."""
+    if key[0] is not None:
+        for old in [old for old in cache if old[0] is not None and old[0][0] == key[0][0]]:
+            del cache[old]
+    cache[key] = value
+
+
+def layout_digest(block_layout: torch.Tensor | None) -> int:
+    """A fingerprint of a block layout (its shape and which blocks are allowed), equal on every rank for equal
+    layouts; 0 for ``None``."""
+    if block_layout is None:
+        return 0
+    allowed = block_layout.flatten().nonzero().flatten()
+    mixed = (allowed * 0x9E3779B1 + 0x7F4A7C15) * (allowed ^ 0x5BD1E995)  # int64, wraps
+    return zlib.crc32(repr((tuple(block_layout.shape), int(mixed.sum()), allowed.numel())).encode())
+
+
+def _agree(
+    q, k, v, *, segment_lengths, dilation_rates, block_size, layout_of, merge, is_causal, key_padding_mask, layout,
+    process_group, softmax_scale, dropout_p, transposed_backward, timeout, name, window=(-1, -1), cu_seqlens=None,
+    digest: Callable[[torch.Tensor | None], int] = layout_digest,
+) -> None:  # fmt: skip
+    """Across ranks: check everything on this rank, then agree (one small all-gather, before any other
+    communication): the same error on every rank, or none. ``layout_of(seq_len, num_heads)`` gives the block
+    layout (or ``None``); ``digest`` fingerprints it; ``window`` and ``cu_seqlens`` (global ``N``) are
+    agreed on too. On one process only ``cu_seqlens`` is checked here."""
+    rank, world = group_rank_and_size(process_group)
+    if world == 1:
+        if cu_seqlens is not None:
+            check_qkv(q, k, v, key_padding_mask)
+            check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
+        return
+    segments, rates = check_dilated_config(segment_lengths, dilation_rates, merge)
+    check_block_size(block_size)
+    check_layout(layout)
+
+    def local_check() -> tuple:
+        seq_len = q.shape[1] * world
+        block_layout = layout_of(seq_len, q.shape[2])
+        if block_layout is not None:
+            check_block_layout(block_layout, seq_len, block_size, q.shape[2])
+        return (digest(block_layout),)
+
+    validate_ring_inputs(
+        q, k, v, key_padding_mask, causal=bool(is_causal), layout=layout, merge=merge,
+        config=(segments, rates, block_size, dropout_p, bool(transposed_backward)), scale=softmax_scale,
+        comm=RingComm(process_group, rank, world, RingCommStats(), timeout=timeout), name=name,
+        local_check=local_check, window_size=window, cu_seqlens=cu_seqlens,
+    )  # fmt: skip
 
 
 class BlockSparseRingDilatedAttention(nn.Module):
@@ -286,6 +313,13 @@ class BlockSparseRingDilatedAttention(nn.Module):
     ``sparse_kernel`` (attribute): ``"flex"``, or ``"math"`` for the strip path's dense twin
     (tests: a CPU backward). After each call, ``comm_stats`` holds the bytes this rank sent and
     received, ``last_method`` the method and ``last_plan`` the plan.
+
+    Across ranks every call first checks (one small all-gather) that all ranks passed the same
+    shapes, flags, configuration and block layout (a pattern's, seed included), else every
+    rank raises the same ``RingConfigError``. ``timeout`` (seconds, ``None``: forever) bounds
+    every wait for a peer (``CollectiveError`` after). Assigning :attr:`pattern` or
+    :attr:`block_layout` (checked like the constructor's), or editing the layout tensor in
+    place, takes effect on the next call.
     """
 
     def __init__(
@@ -304,6 +338,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
         transposed_backward: bool = True,
         method: str = "auto",
         flex_kernel_options: dict[str, Any] | None = None,
+        timeout: float | None = None,
         window_size: tuple[int, int] = (-1, -1),
         **pattern_options: Any,
     ) -> None:
@@ -316,21 +351,19 @@ class BlockSparseRingDilatedAttention(nn.Module):
             raise ValueError("give either pattern or block_layout, not both")
         if pattern_options and pattern is None:
             raise ValueError(f"pattern options {sorted(pattern_options)} were given without a pattern")
-        if isinstance(pattern, str):
-            pattern = build_pattern(pattern, **pattern_options)
-        elif pattern is not None and not isinstance(pattern, Pattern):
-            raise TypeError(f"pattern must be a registered pattern name or a Pattern, got {pattern!r}")
-        elif pattern_options:
+        if pattern_options and not isinstance(pattern, str):
             raise ValueError(f"pattern options {sorted(pattern_options)} only apply to a pattern given by name")
-        if block_layout is not None and (
-            not isinstance(block_layout, torch.Tensor) or block_layout.dtype != torch.bool or block_layout.dim() != 3
-        ):
-            raise TypeError(f"block_layout must be a bool tensor (H or 1, ceil(N/b), ceil(N/b)), got {block_layout!r}")
-        self.pattern = pattern
+        self._plans: dict = {}
+        self._strip_plans: dict = {}
+        self._layouts: dict = {}
+        self._digests: dict = {}
+        self._pattern: Pattern | None = None
+        self._block_layout: torch.Tensor | None = None
+        self.pattern = build_pattern(pattern, **pattern_options) if isinstance(pattern, str) else pattern
         self.block_layout = block_layout
         self.process_group = process_group
         self.merge = merge
-        self.softmax_scale = softmax_scale
+        self.softmax_scale = check_scale(softmax_scale)
         self.dropout = check_dropout(dropout)
         self.kernel = kernel
         self.transposed_backward = bool(transposed_backward)
@@ -338,25 +371,72 @@ class BlockSparseRingDilatedAttention(nn.Module):
             raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
         self.method = method
         self.flex_kernel_options = check_kernel_options(flex_kernel_options)
+        self.timeout = check_timeout(timeout)
         self.sparse_kernel = "flex"
         self.last_method: str | None = None
         self._flex_failed = False
         self.comm_stats = CommStats()
         self.last_plan: Plan | StripPlan | None = None
-        self._plans: dict = {}
-        self._strip_plans: dict = {}
-        self._validated: set = set()  # call signatures agreed on across ranks
-        self._layouts: dict = {}
+        self.step = 0  # calls so far (named in communication errors)
         self._op = _GatherOp(self)
+
+    # A new pattern or layout (assigned, or a layout tensor edited in place: its version changes) must never meet
+    # a plan or layout built for the old one: assigning clears them, and cached plans are keyed by the layout
+    # tensor's identity and version.
+    @property
+    def pattern(self) -> Pattern | None:
+        """The :class:`~ring_blocksparse.Pattern` that builds the layout (``None``: :attr:`block_layout`)."""
+        return self._pattern
+
+    @pattern.setter
+    def pattern(self, pattern: str | Pattern | None) -> None:
+        if isinstance(pattern, str):
+            pattern = build_pattern(pattern)
+        elif pattern is not None and not isinstance(pattern, Pattern):
+            raise TypeError(f"pattern must be a registered pattern name, a Pattern or None, got {pattern!r}")
+        if pattern is not None and self._block_layout is not None:
+            raise ValueError("this module has a block_layout: set block_layout = None before giving it a pattern")
+        self._pattern = pattern
+        self._forget_layouts()
+
+    @property
+    def block_layout(self) -> torch.Tensor | None:
+        """The explicit block layout (``None``: the pattern's, or every block)."""
+        return self._block_layout
+
+    @block_layout.setter
+    def block_layout(self, block_layout: torch.Tensor | None) -> None:
+        if block_layout is not None and (
+            not isinstance(block_layout, torch.Tensor) or block_layout.dtype != torch.bool or block_layout.dim() != 3
+        ):
+            raise TypeError(f"block_layout must be a bool tensor (H or 1, ceil(N/b), ceil(N/b)), got {block_layout!r}")
+        if block_layout is not None and self._pattern is not None:
+            raise ValueError("this module has a pattern: set pattern = None before giving it a block_layout")
+        self._block_layout = block_layout
+        self._forget_layouts()
+
+    def _forget_layouts(self) -> None:
+        for cache in (self._plans, self._strip_plans, self._layouts, self._digests):
+            cache.clear()
 
     def layout_for(self, seq_len: int, num_heads: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
         """The block layout used for a global sequence of ``seq_len`` (``None``: every block)."""
         if self.pattern is None:
             return self.block_layout
-        key = (seq_len, num_heads)
+        key = (seq_len, num_heads, self.block_size)
         if key not in self._layouts:
             self._layouts[key] = self.pattern.layout(seq_len, self.block_size, num_heads)
         return self._layouts[key]
+
+    def _digest(self, block_layout: torch.Tensor | None) -> int:
+        identity = layout_identity(block_layout)
+        if identity not in self._digests:
+            self._digests[identity] = layout_digest(block_layout)
+        return self._digests[identity]
+
+    def _comm_options(self, world: int) -> dict:
+        rank = dist.get_rank() if world > 1 else 0
+        return {"timeout": self.timeout, "context": f"{type(self).__name__} rank {rank}, step {self.step}: "}
 
     def forward(
         self,
@@ -389,16 +469,18 @@ class BlockSparseRingDilatedAttention(nn.Module):
             :attr:`last_plan` describe the call.
             With ``return_lse``, the pair ``(out, lse)``.
         """
-        check_qkv(q, k, v, key_padding_mask)
+        self.step += 1
         rank, world = group_rank_and_size(self.process_group)
-        if world > 1 or cu_seqlens is not None:  # every rank agrees on a new call signature (and its documents)
-            _agree(
-                q, k, v, key_padding_mask, segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates,
-                merge=self.merge, block_size=self.block_size, is_causal=is_causal, layout=self.layout,
-                process_group=self.process_group, transposed_backward=self.transposed_backward,
-                window=self.window_size, cu_seqlens=cu_seqlens, validated=self._validated,
-            )  # fmt: skip
         dropout_p = self.dropout if self.training else 0.0
+        _agree(
+            q, k, v, segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates,
+            block_size=self.block_size, layout_of=self.layout_for, merge=self.merge, is_causal=is_causal,
+            key_padding_mask=key_padding_mask, layout=self.layout, process_group=self.process_group,
+            softmax_scale=self.softmax_scale, dropout_p=dropout_p, transposed_backward=self.transposed_backward,
+            timeout=self.timeout, name=type(self).__name__, digest=self._digest, window=self.window_size,
+            cu_seqlens=cu_seqlens,
+        )  # fmt: skip
+        check_qkv(q, k, v, key_padding_mask)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         if self._use_flex(q, world, key_padding_mask, dropout_p, needs_grad, return_lse, cu_seqlens):
             block_layout = self.layout_for(q.shape[1] * world, q.shape[2])
@@ -424,13 +506,13 @@ class BlockSparseRingDilatedAttention(nn.Module):
         return (out, lse.transpose(1, 2)) if return_lse else out
 
     def _prepare(self, q, k, v, block_layout, causal: bool, key_padding_mask, build: bool = True, documents=None):
-        """Validate everything (before any communication) and build or reuse the gather plan (if ``build``)."""
+        """Validate this rank's inputs and build or reuse the gather plan (if ``build``)."""
         return _prepare(
             q, k, v, segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates,
             block_size=self.block_size, block_layout=block_layout, merge=self.merge, is_causal=causal,
             key_padding_mask=key_padding_mask, layout=self.layout, process_group=self.process_group,
             transposed_backward=self.transposed_backward, cache=self._plans, build=build, window=self.window_size,
-            documents=documents,
+            documents=documents, **self._comm_options(group_rank_and_size(self.process_group)[1]),
         )  # fmt: skip
 
     def _gather_schedule(self, q, k, v, call: OpCall) -> BlockSparseSchedule:
@@ -448,15 +530,19 @@ class BlockSparseRingDilatedAttention(nn.Module):
     def _strip_forward(self, q, k, v, block_layout, causal: bool, rank: int, world: int, scale: float, schedule_args):
         if self.sparse_kernel not in SPARSE_KERNELS:
             raise ValueError(f"sparse_kernel must be one of {list(SPARSE_KERNELS)}, got {self.sparse_kernel!r}")
-        key = (q.shape[1], q.shape[2], k.shape[2], q.dtype, causal, str(q.device), rank, world)
+        key = (
+            layout_identity(block_layout), q.shape[1], q.shape[2], k.shape[2], q.dtype, causal, str(q.device), rank,
+            world, self.segment_lengths, self.dilation_rates, self.merge, self.block_size,
+        )  # fmt: skip
         if key not in self._strip_plans:  # built once per shape: no host work or sync on later calls
-            self._strip_plans[key] = build_strip_plan(
+            plan = build_strip_plan(
                 seq_len=q.shape[1] * world, rank=rank, world_size=world, layout_kind=self.layout, q=q,
                 num_heads=q.shape[2], num_kv_heads=k.shape[2],
                 branch_list=branches(self.segment_lengths, self.dilation_rates, self.merge, q.shape[2]),
                 block_size=self.block_size, layout=block_layout, causal=causal,
                 kernel_options=self.flex_kernel_options,
             )  # fmt: skip
+            _remember(self._strip_plans, key, plan)
         plan = self._strip_plans[key]
         kernel = _dense_kernel(q, causal, scale, self.kernel)
         self.last_plan, self.last_method = plan, "flex"

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ring_core.plugin import UsageError, check_dilated_config, check_output, positive_int
+
 from .patterns import build_pattern, num_blocks, registered_patterns
 
 MAX_TOKENS_FOR_COMBINATION = 8192
@@ -33,9 +35,9 @@ def add_pattern_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``pattern`` subcommand to an ``argparse`` subparsers object."""
     parser = subparsers.add_parser("pattern", help="draw a block-sparse pattern (and its combination with dilation)")
     parser.add_argument("name", help="a registered pattern: " + ", ".join(sorted(registered_patterns())))
-    parser.add_argument("--seq-len", type=int, required=True)
-    parser.add_argument("--block-size", type=int, default=64)
-    parser.add_argument("--heads", type=int, default=1)
+    parser.add_argument("--seq-len", type=positive_int, required=True)
+    parser.add_argument("--block-size", type=positive_int, default=64)
+    parser.add_argument("--heads", type=positive_int, default=1)
     parser.add_argument("--head", type=int, default=0, help="the head to draw")
     parser.add_argument("--segment-lengths", nargs="+", type=int, help="dilated branches to combine with")
     parser.add_argument("--dilation-rates", nargs="+", type=int)
@@ -82,15 +84,22 @@ def combined_mask(
 
 
 def pattern_command(args: argparse.Namespace) -> int:
-    """Print (and with ``--out`` draw) the layout of ``args.name``; returns an exit code."""
-    pattern = build_pattern(args.name, **dict(args.option))
-    if args.seq_len < 1:
-        raise ValueError(f"--seq-len must be positive, got {args.seq_len}")
+    """Print (and with ``--out`` draw) the layout of ``args.name``; returns an exit code.
+
+    Bad arguments raise :class:`ring_core.cli.UsageError` before anything is drawn (one line, exit code 2).
+    """
     if not 0 <= args.head < args.heads:
-        raise ValueError(f"--head must be in [0, {args.heads}), got {args.head}")
+        raise UsageError(f"--head must be in [0, {args.heads}), got {args.head}")
     if bool(args.segment_lengths) != bool(args.dilation_rates):
-        raise ValueError("give --segment-lengths and --dilation-rates together")
-    layout = pattern.layout(args.seq_len, args.block_size, args.heads)
+        raise UsageError("give --segment-lengths and --dilation-rates together")
+    check_output("--out", args.out, plot=True)
+    try:
+        if args.segment_lengths:
+            check_dilated_config(args.segment_lengths, args.dilation_rates)
+        pattern = build_pattern(args.name, **dict(args.option))
+        layout = pattern.layout(args.seq_len, args.block_size, args.heads)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
     nb = num_blocks(args.seq_len, args.block_size)
     head_layout = layout[args.head if layout.shape[0] > 1 else 0]
     print(f"{args.name}: {pattern.describe()}")

@@ -78,15 +78,18 @@ class BlockSparseSchedule(BlockSchedule):
         key_padding_mask: torch.Tensor | None,
         group: Any = None,
         stats: CommStats | None = None,
+        timeout: float | None = None,
+        context: str = "",
     ) -> None:
         """``plan.backward_groups`` (batched by key tile) serve the backward when present and
-        there is no dropout (dropout masks follow the forward's batching)."""
+        there is no dropout (dropout masks follow the forward's batching). ``timeout`` bounds
+        every wait for a peer (``CollectiveError`` naming ``context``, the exchange and peers)."""
         self.plan = plan
         self.kernel, self.masked_kernel = kernel, masked_kernel
         self.key_padding_mask = key_padding_mask
         self.group = group
         self.stats = stats or CommStats()
-        self.comm = RingComm(group, plan.rank, plan.world_size, self.stats)
+        self.comm = RingComm(group, plan.rank, plan.world_size, self.stats, timeout=timeout, context=context)
 
     # -- communication -----------------------------------------------------------
     def _exchange(
@@ -158,6 +161,8 @@ class BlockSparseSchedule(BlockSchedule):
         """
         b = q.shape[0]
         self.stats.calls += 1
+        if b == 0:  # nothing to compute or send (the ranks agreed on the batch size)
+            return
         for source, k_buf, v_buf, pad in self._sources(k, v, "forward"):
             for g in self.plan.groups[source] if k_buf is not None else ():
                 groups, tq, _ = g.shape
@@ -181,6 +186,8 @@ class BlockSparseSchedule(BlockSchedule):
 
     def backward(self, q, k, v, out, lse, dout, grads) -> None:
         plan, b = self.plan, q.shape[0]
+        if b == 0:
+            return
         dq, dk, dv = grads
         d = k.shape[-1]
         returning = []

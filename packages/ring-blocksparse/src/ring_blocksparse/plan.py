@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ring_core.plugin import Branch, document_spans, shard_ranges
+from ring_core.plugin import Branch, branch_offsets, document_spans, shard_ranges
 
 FULL, CAUSAL, MASKED = "full", "causal", "masked"
 
@@ -254,7 +254,7 @@ def build_plan(
     layout_cpu = None if block_layout is None else block_layout.cpu()
     for branch in branch_list:
         tile = max(1, block_size // branch.rate)
-        for offset in range(branch.rate):
+        for offset in branch_offsets(branch):
             if offset >= seq_len:
                 continue
             head_sets = _head_sets(branch, offset, num_kv_heads, num_heads)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ring_core.plugin import Accumulator, BlockKernel, Branch, shard_positions
+from ring_core.plugin import Accumulator, BlockKernel, Branch, branch_offsets, no_double_backward, shard_positions
 
 from .flex import (
     StripRule,
@@ -110,7 +110,7 @@ def strip_calls(
     calls = []
     for branch in branch_list:
         rate = branch.rate
-        for offset in range(rate):
+        for offset in branch_offsets(branch):
             first = branch.head_start + (offset - branch.head_start) % rate
             if first >= branch.head_stop:
                 continue
@@ -291,6 +291,7 @@ class _StripAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @no_double_backward
     def backward(ctx, dout, _dlse):  # type: ignore[override]
         run: StripRun = ctx.run
         q, k, v, out, lse = ctx.saved_tensors
@@ -403,8 +404,9 @@ class StripRingSchedule(BlockSparseSchedule):
     their rows of that rank's shard (a buffer read only where the block masks allow), so each step is
     the same calls as on one GPU; the backward recomputes each step's calls (memory stays one shard)."""
 
-    def __init__(self, plan: StripPlan, kernel: BlockKernel, *, group: Any = None, stats=None, sparse: str = "flex"):
-        super().__init__(plan, kernel, kernel, key_padding_mask=None, group=group, stats=stats)
+    def __init__(self, plan: StripPlan, kernel: BlockKernel, *, stats=None, sparse: str = "flex", **comm_options: Any):
+        """``comm_options``: ``group``, ``timeout`` and ``context`` of :class:`~ring_blocksparse.gather.BlockSparseSchedule`."""
+        super().__init__(plan, kernel, kernel, key_padding_mask=None, stats=stats, **comm_options)
         self.run = StripRun([], kernel, sparse)
 
     def shard_buffers(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

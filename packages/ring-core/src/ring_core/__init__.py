@@ -81,7 +81,8 @@ __all__ = [
 # Sequence parallelism: the ring and the sharding helpers.
 from .builtins import DEPRECATED_NAMES as _DEPRECATED_NAMES
 from .ring import RingCommStats, RingConfigError, RingDilatedAttention, ring_dilated_attention
-from .sharding import shard_positions, shard_ranges, shard_sequence, unshard_sequence
+from .sharding import shard_positions, shard_ranges, shard_sequence
+from .unshard import unshard_sequence
 
 __all__ += [
     "RingCommStats",

@@ -2,7 +2,9 @@
 
 One small ``all_gather`` of an integer descriptor per rank (:func:`agree_across_ranks`)
 replaces a hang or a wrong result when ranks disagree on shapes, dtypes or
-configuration; :func:`validate_ring_inputs` is the ring's use of it.
+configuration; :func:`validate_ring_inputs` is the ring's use of it, on every call: ranks
+that have all seen two signatures may still call with different ones, and equal byte
+sizes would then give a wrong result without any error.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .comm import RingComm
+from .comm import RingComm, timed_wait
 from .kernels import FLOAT_DTYPES
 from .sharding import LAYOUTS
 from .validation import MERGES, check_cu_seqlens, check_qkv, check_window
@@ -89,7 +91,8 @@ def agree_across_ranks(
     entry of ``fields`` (the first, ``"ok"``, is 1). A rank whose check failed raises its
     error after the all-gather; the others raise :class:`RingConfigError` naming it (messages
     start with ``name``). Returns the gathered table, one row per rank; ``like`` (a tensor
-    or None) picks the device of the all-gather with the group's backend.
+    or None) picks the device of the all-gather with the group's backend. The all-gather
+    waits at most ``comm.timeout`` seconds (:class:`~ring_core.comm.CollectiveError` after).
     """
     local_error: Exception | None = None
     try:
@@ -100,7 +103,10 @@ def agree_across_ranks(
     if comm.world_size > 1:
         mine = torch.tensor(descriptor, dtype=torch.int64, device=_descriptor_device(comm.group, like))
         gathered = [torch.empty_like(mine) for _ in range(comm.world_size)]
-        dist.all_gather(gathered, mine, group=comm.group)
+        work = dist.all_gather(gathered, mine, group=comm.group, async_op=True)
+        timed_wait(
+            work, comm.timeout, f"{comm.context or name + ': '}agreement of the inputs across ranks (all-gather)"
+        )
         table = [t.tolist() for t in gathered]
     else:
         table = [descriptor]
@@ -141,14 +147,17 @@ def validate_ring_inputs(
     window_size: tuple[int, int] = (-1, -1),
     cu_seqlens: torch.Tensor | None = None,
     seq_len: int | None = None,
+    local_check: Callable[[], tuple] | None = None,
 ) -> tuple[int, ...] | None:
     """Local checks, then one small ``all_gather`` in ``comm`` so every rank raises the same error (or none).
 
     ``config`` (any repr-able tuple), ``scale``, ``window_size`` and ``cu_seqlens`` (global
     document boundaries, the same on every rank) must match on every rank; errors start
     with ``name``. ``seq_len`` is the global ``N`` that ``cu_seqlens`` must end at (default:
-    this rank's length times the group's size). Returns the checked ``cu_seqlens`` values
-    (None without).
+    this rank's length times the group's size). ``local_check`` (after the checks of ``q, k,
+    v``) runs more of this rank's checks, raising ``TypeError``/``ValueError``, and returns
+    values that must match too (added to ``config``). Returns the checked ``cu_seqlens``
+    values (None without).
     """
     documents: list[tuple[int, ...] | None] = [None]
 
@@ -158,7 +167,10 @@ def validate_ring_inputs(
         if cu_seqlens is not None:
             total = q.shape[1] * comm.world_size if seq_len is None else seq_len
             documents[0] = check_cu_seqlens(cu_seqlens, total, q.shape[0])
-        return _describe(q, k, v, key_padding_mask, causal, layout, merge, config, scale, window, documents[0])
+        extra = () if local_check is None else tuple(local_check())
+        return _describe(
+            q, k, v, key_padding_mask, causal, layout, merge, (*config, *extra), scale, window, documents[0]
+        )
 
     table = agree_across_ranks(check, _DESCRIPTOR_FIELDS, comm, name=name, like=q)
     differing, details = differing_fields(table, _DESCRIPTOR_FIELDS)

@@ -37,6 +37,7 @@ __all__ = [
     "device_name",
     "format_results",
     "fwd_bwd",
+    "fwd_bwd_flops",
     "measure",
     "plot",
     "sdpa_kernel_name",
@@ -88,6 +89,11 @@ def device_name(device: torch.device) -> str:
 
 def dense_pairs(seq_len: int, num_heads: int, causal: bool = False) -> int:
     return num_heads * (seq_len * (seq_len + 1) // 2 if causal else seq_len**2)
+
+
+def fwd_bwd_flops(pairs: int, head_dim: int, batch: int) -> float:
+    """Floating-point operations of forward+backward over ``pairs`` query/key pairs (summed over heads)."""
+    return _FWD_BWD_FACTOR * 4 * head_dim * pairs * batch
 
 
 @dataclass
@@ -217,7 +223,7 @@ def measure(
     else:
         peak = cpu_peak_bytes(fwd_bwd(fn))
     kernel = kernel or "+".join(dict.fromkeys(chosen)) or "not reported"
-    flops = _FWD_BWD_FACTOR * 4 * head_dim * pairs * batch
+    flops = fwd_bwd_flops(pairs, head_dim, batch)
     mib = None if peak is None else peak / 2**20
     return BenchResult(name, kernel, seq_len, seconds * 1e3, flops / seconds / 1e12, mib)
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import platform
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -14,13 +16,74 @@ from . import bench as bench_lib
 from .factory import create_attention, explain_auto, resolve_implementation
 from .registry import get_registry, list_implementations, list_kernels, plugin_errors
 from .testing import CASES, QUICK_CASES, check_attention, format_table
+from .validation import check_dilated_config, check_window
 
 __all__ = [
+    "UsageError",
     "build_parser",
+    "check_output",
     "main",
+    "positive_int",
 ]
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_CPU_FLOPS = 2e11  # an optimistic CPU attention throughput (FLOP/s), for refusing runs that would not end
+_MAX_CPU_SECONDS = 1800
+
+
+class UsageError(ValueError):
+    """A bad command-line argument, found before any work: one line on stderr, exit code 2 (subcommands raise it)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (``prog: error: message (see prog --help)``), exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {value}")
+    return value
+
+
+def check_output(option: str, path: str | None, *, plot: bool = False) -> None:
+    """A file to write (``--json``, ``--plot``, ``--out``): its folder exists, and a plot's matplotlib is installed;
+    else :class:`UsageError`."""
+    if not path:
+        return
+    if not Path(path).resolve().parent.is_dir():
+        raise UsageError(f"{option} {path}: the folder {Path(path).resolve().parent} does not exist")
+    if plot and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError(f'{option} needs matplotlib: pip install "ring-core[plot]" (or leave out {option})')
+
+
+def _check_names(names: Sequence[str] | None, device: str) -> None:
+    """Every ``--impl`` name is an available attention implementation for ``device``."""
+    usable = {i.name: i for i in list_implementations("attention") if i.available and device in i.devices}
+    for name in names or ():
+        if name not in usable:
+            impl = next((i for i in list_implementations() if i.name == name), None)
+            why = "is not a registered attention implementation"
+            if impl is not None:
+                why = "is not available here: " + ("; ".join(impl.reasons) or f"it does not run on {device}")
+            raise UsageError(f"--impl {name!r} {why}; choose from {', '.join(sorted(usable))}")
+
+
+def _check_device(device: str) -> torch.device:
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"--device {device!r} is not a device ({exc})") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device!r}: no CUDA device is available here")
+    return parsed
 
 
 def _yes_or_reasons(reasons: Sequence[str]) -> str:
@@ -41,6 +104,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print("Plugins")
     rows = [(p.name, p.package or "-", p.version or "-", "loaded") for p in registry.plugins]
     rows += [(p.name, p.package or "-", p.version or "-", f"FAILED: {p.error}") for p in plugin_errors()]
+    rows += [(p.name, p.package or "-", p.version or "-", p.error) for p in registry.disabled]
     print(format_table(rows, ["plugin", "package", "version", "status"]))
     print("\nImplementations")
     rows = [
@@ -136,6 +200,8 @@ def _info_implementation(name: str) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    _check_device(args.device)
+    _check_names(args.impl, torch.device(args.device).type)
     cases = CASES if args.full else QUICK_CASES
     dtypes = [_DTYPES[d] for d in args.dtype]
     impls = [i for i in list_implementations("attention") if i.available and (not args.impl or i.name in args.impl)]
@@ -193,10 +259,36 @@ def _verify_distributed(args: argparse.Namespace, impls, cases, dtypes) -> int:
     return lines.summary()
 
 
+def _check_bench(args: argparse.Namespace, device: torch.device, jobs: int) -> None:
+    """Everything ``bench`` needs, before any work: names, configuration, outputs, and an end in sight."""
+    _check_names(args.impl, device.type)
+    try:
+        check_dilated_config(args.segments, args.rates)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"--segments/--rates: {exc}") from None
+    if args.window is not None:
+        try:
+            check_window(tuple(args.window))
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"--window: {exc}") from None
+    check_output("--json", args.json)
+    check_output("--plot", args.plot, plot=True)
+    if device.type == "cpu" and not args.force:
+        per_run = [bench_lib.fwd_bwd_flops(bench_lib.dense_pairs(n, args.heads), args.head_dim, args.batch)
+                   for n in args.seq_lens]  # fmt: skip
+        seconds = sum(per_run) * (args.repeats + 1) * jobs / _CPU_FLOPS
+        if seconds > _MAX_CPU_SECONDS:
+            raise UsageError(
+                f"--seq-lens {' '.join(map(str, args.seq_lens))} on the CPU: about {seconds / 3600:.1f} h even at "
+                f"{_CPU_FLOPS:.0e} FLOP/s ({max(per_run):.1e} FLOP in the largest run); choose shorter sequences, "
+                "or pass --force to run anyway"
+            )
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    device = torch.device(args.device)
+    device = _check_device(args.device)
     dtype = _DTYPES[args.dtype]
     config = {"segment_lengths": args.segments, "dilation_rates": args.rates}
     impls = [
@@ -206,6 +298,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     ]
     if args.window is not None:
         config["window_size"] = tuple(args.window)
+    _check_bench(args, device, 1 + len(impls))
     b, h, d = args.batch, args.heads, args.head_dim
     jobs = [(n, None) for n in args.seq_lens] + [(n, impl) for n in args.seq_lens for impl in impls]
     results: list[bench_lib.BenchResult] = []
@@ -280,7 +373,7 @@ class _VersionAction(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ring-attention", description=__doc__)
+    parser = _Parser(prog="ring-attention", description=__doc__)
     parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -290,21 +383,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = sub.add_parser("verify", help="check every available implementation against the reference")
     verify.add_argument("--impl", nargs="*", help="only these implementations")
-    verify.add_argument("--dtype", nargs="*", default=["float64", "float32"], choices=list(_DTYPES))
+    verify.add_argument("--dtype", nargs="+", default=["float64", "float32"], choices=list(_DTYPES))
     verify.add_argument("--device", default="cpu")
     verify.add_argument("--full", action="store_true", help="every conformance case, not a quick subset")
     verify.add_argument(
-        "--world-size", type=int, default=1, help="run the distributed implementations on P gloo processes"
+        "--world-size", type=positive_int, default=1, help="run the distributed implementations on P gloo processes"
     )
     verify.set_defaults(func=_cmd_verify)
 
     bench = sub.add_parser("bench", help="time implementations against plain SDPA")
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--dtype", default=None, choices=list(_DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
-    bench.add_argument("--seq-lens", nargs="+", type=int, default=[1024, 2048, 4096])
-    bench.add_argument("--batch", type=int, default=1)
-    bench.add_argument("--heads", type=int, default=8)
-    bench.add_argument("--head-dim", type=int, default=64)
+    bench.add_argument("--seq-lens", nargs="+", type=positive_int, default=[1024, 2048, 4096])
+    bench.add_argument("--batch", type=positive_int, default=1)
+    bench.add_argument("--heads", type=positive_int, default=8)
+    bench.add_argument("--head-dim", type=positive_int, default=64)
     bench.add_argument("--segments", nargs="+", type=int, default=[512, 1024, 2048])
     bench.add_argument("--rates", nargs="+", type=int, default=[1, 2, 4])
     bench.add_argument("--causal", action="store_true")
@@ -312,12 +405,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--window", nargs=2, type=int, metavar=("LEFT", "RIGHT"), help="a sliding window_size (-1: unbounded)"
     )
     bench.add_argument(
-        "--documents", type=int, help="pack this many documents of random lengths (seed 0) per sequence (B=1)"
+        "--documents", type=positive_int, help="pack this many documents of random lengths (seed 0) per sequence (B=1)"
     )
-    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--repeats", type=positive_int, default=3)
     bench.add_argument("--impl", nargs="*", help="only these implementations")
     bench.add_argument("--json", help="write results as JSON")
     bench.add_argument("--plot", help="write a PNG plot")
+    bench.add_argument("--force", action="store_true", help="run even when the CPU would take hours")
     bench.set_defaults(func=_cmd_bench)
 
     for name, add_parser in sorted(get_registry().commands.items()):  # e.g. ring-blocksparse's `pattern`
@@ -332,7 +426,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "dtype", None) is None and args.command == "bench":
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as exc:  # a subcommand's argument check, before any work
+        print(f"ring-attention {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -33,9 +33,11 @@ slots keep symmetric memory between calls (:func:`release_copy_engine_slots` fre
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import socket
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +49,7 @@ from .sharding import group_rank_and_size
 __all__ = [
     "CHANNELS",
     "TRANSPORTS",
+    "CollectiveError",
     "CopyEngineComm",
     "Exchange",
     "RingComm",
@@ -54,7 +57,29 @@ __all__ = [
     "check_transport",
     "release_copy_engine_slots",
     "ring_comm",
+    "timed_wait",
 ]
+
+
+class CollectiveError(RuntimeError):
+    """A collective or point-to-point transfer did not complete: a peer stalled (timeout) or died."""
+
+
+def timed_wait(work: Any, timeout: float | None, what: str | Callable[[], str]) -> None:
+    """Wait for ``work`` (``None``: forever); raise :class:`CollectiveError` naming ``what`` (a string, or a
+    function returning one, called only on failure) when it times out or fails."""
+    try:
+        if timeout is None:
+            work.wait()
+        else:
+            work.wait(datetime.timedelta(seconds=timeout))
+    except RuntimeError as exc:
+        limit = "" if timeout is None else f" within timeout={timeout:g} s"
+        described = what() if callable(what) else what
+        raise CollectiveError(
+            f"rank {dist.get_rank()}: {described} did not complete{limit}: a peer stalled or died ({exc}). "
+            f"The process group is no longer usable: stop this job and restart from a checkpoint."
+        ) from exc
 
 
 # -- the NCCL communicator -----------------------------------------------------------------------------
@@ -77,15 +102,21 @@ class RingCommStats:
 
 @dataclass
 class Exchange:
-    """One posted ``batch_isend_irecv``: keeps the buffers alive until :meth:`wait` returns the received one."""
+    """One posted ``batch_isend_irecv``: keeps the buffers alive until :meth:`wait` returns the received one.
+
+    With a ``timeout`` (seconds), a wait that does not complete in time raises :class:`CollectiveError`
+    naming ``what()``.
+    """
 
     works: list[Any]
     send: torch.Tensor | None
     recv: torch.Tensor | None
+    timeout: float | None = None
+    what: Callable[[], str] = lambda: "ring exchange"
 
     def wait(self) -> torch.Tensor | None:
         for work in self.works:
-            work.wait()
+            timed_wait(work, self.timeout, self.what)
         self.works = []
         return self.recv
 
@@ -94,10 +125,12 @@ class Exchange:
 class RingComm:
     """The ring's communicator: P2P exchanges of flat buffers in ``group`` (group ranks), bytes counted in ``stats``.
 
-    Hooks for subclasses (a communicator with timeouts, pooled buffers or copy engines):
+    Hooks for subclasses (a communicator with pooled buffers or copy engines):
     :meth:`begin` starts a phase (``"forward"`` or ``"backward"``), :meth:`reserve` learns the
     largest send of the pass, :meth:`empty` allocates every flat buffer the schedule sends or
-    receives, :meth:`exchange` posts one exchange.
+    receives, :meth:`exchange` posts one exchange. ``timeout`` (seconds, ``None``: wait forever)
+    bounds every wait: a stalled or dead peer raises :class:`CollectiveError` naming ``context``
+    (e.g. the module, rank and call), the phase, the exchange and both peers.
     """
 
     group: Any
@@ -106,6 +139,17 @@ class RingComm:
     stats: RingCommStats
     phase: str = "forward"
     peers: dict[int, int] = field(default_factory=dict)
+    timeout: float | None = None
+    context: str = ""
+    exchanges: int = 0  # exchanges posted in this phase
+
+    def describe_exchange(self, index: int, send_to: int, recv_from: int) -> str:
+        """What exchange ``index`` (from 1) of this phase is, for error messages."""
+        return (
+            f"{self.context}ring exchange ({self.phase}, exchange {index}: receive from group rank {recv_from} = "
+            f"global rank {self.global_rank(recv_from)}, send to group rank {send_to} = global rank "
+            f"{self.global_rank(send_to)})"
+        )
 
     @classmethod
     def for_group(cls, process_group: Any, stats: RingCommStats) -> RingComm:
@@ -127,6 +171,7 @@ class RingComm:
         add up over calls).
         """
         self.phase = phase
+        self.exchanges = 0
         if not reset:
             return
         if phase == "forward":
@@ -172,7 +217,11 @@ class RingComm:
             recv = self.empty("recv", recv_numel, like)
             ops.append(dist.P2POp(dist.irecv, recv, self.global_rank(recv_from), self.group))
         works = dist.batch_isend_irecv(ops) if ops else []
-        return Exchange(list(works), send, recv)
+        self.exchanges += 1
+        index = self.exchanges
+        return Exchange(
+            list(works), send, recv, self.timeout, lambda: self.describe_exchange(index, send_to, recv_from)
+        )
 
 
 # -- the copy-engine communicator ---------------------------------------------------------------
@@ -358,11 +407,23 @@ def release_copy_engine_slots(process_group: Any = None) -> int:
     return freed
 
 
-def ring_comm(process_group: Any, stats: RingCommStats, transport: str, device: torch.device) -> RingComm:
-    """The ring's communicator for ``transport`` (``"nccl"``, or ``"copy_engine"`` for CUDA tensors)."""
+def ring_comm(
+    process_group: Any,
+    stats: RingCommStats,
+    transport: str,
+    device: torch.device,
+    *,
+    timeout: float | None = None,
+    context: str = "",
+) -> RingComm:
+    """The ring's communicator for ``transport`` (``"nccl"``, or ``"copy_engine"`` for CUDA tensors).
+
+    ``timeout`` and ``context``: see :class:`RingComm` (the copy engines' own waits are bounded by
+    their signal timeout and end in a CUDA error).
+    """
     rank, world_size = group_rank_and_size(process_group)
     if transport == "nccl" or world_size == 1:
-        return RingComm(process_group, rank, world_size, stats)
+        return RingComm(process_group, rank, world_size, stats, timeout=timeout, context=context)
     if device.type != "cuda":
         raise ValueError(f"transport='copy_engine' needs CUDA tensors, got device {device}")
     group = process_group or dist.group.WORLD
@@ -370,4 +431,4 @@ def ring_comm(process_group: Any, stats: RingCommStats, transport: str, device: 
     slots = _SLOTS.get(key)
     if slots is None or slots.group is not group:  # first use, or the group was destroyed and made anew
         slots = _SLOTS[key] = _Slots(group=group)
-    return CopyEngineComm(process_group, rank, world_size, stats, slots=slots)
+    return CopyEngineComm(process_group, rank, world_size, stats, timeout=timeout, context=context, slots=slots)

@@ -29,6 +29,7 @@ from .validation import (
     check_dilated_config,
     check_dropout,
     check_qkv,
+    check_scale,
     check_window,
     varlen_layout,
 )
@@ -73,6 +74,12 @@ def branches(segment_lengths: Sequence[int], dilation_rates: Sequence[int], merg
     sizes = [num_heads // m + (1 if i < num_heads % m else 0) for i in range(m)]
     starts = [0, *itertools.accumulate(sizes)]
     return [Branch(w, r, starts[i], starts[i + 1]) for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates))]
+
+
+def branch_offsets(branch: Branch) -> list[int]:
+    """The offsets ``o`` that some query head of ``branch`` uses (``h mod rate``), ascending: at most one per head,
+    so the work stays bounded by the heads however large the rate."""
+    return sorted({h % branch.rate for h in range(branch.head_start, branch.head_stop)})
 
 
 @dataclass(frozen=True)
@@ -183,7 +190,7 @@ def dilated_parts(
     segments and offsets at every document.
     """
     r = branch.rate
-    for offset in range(r):
+    for offset in branch_offsets(branch):
         selected = offset_heads(branch, offset, groups, device, expand=True)
         if selected is None:
             continue
@@ -407,6 +414,7 @@ def dilated_attention(
     (q, k, v, key_padding_mask), unbatched = varlen_layout(cu_seqlens, q, k, v, key_padding_mask)
     segments, rates = check_dilated_config(segment_lengths, dilation_rates, merge)
     dropout_p = check_dropout(dropout_p)
+    softmax_scale = check_scale(softmax_scale)
     check_qkv(q, k, v, key_padding_mask)
     window = check_window(window_size)
     if cu_seqlens is not None:
@@ -444,7 +452,7 @@ class DilatedAttention(nn.Module):
         self.segment_lengths, self.dilation_rates = check_dilated_config(segment_lengths, dilation_rates, merge)
         self.window_size = check_window(window_size)
         self.merge = merge
-        self.softmax_scale = softmax_scale
+        self.softmax_scale = check_scale(softmax_scale)
         self.dropout = check_dropout(dropout)
         self.kernel = kernel
 

@@ -12,7 +12,9 @@ Accumulators use the ``(B, N, H, D)`` layout for ``out`` and ``(B, N, H)`` for
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,10 +23,12 @@ from .kernels import KernelBackend, accumulation_dtype
 from .windows import window_kwargs
 
 __all__ = [
+    "DOUBLE_BACKWARD_MESSAGE",
     "Accumulator",
     "BlockKernel",
     "BlockSchedule",
     "blockwise_attention",
+    "no_double_backward",
 ]
 
 
@@ -163,6 +167,45 @@ def schedule_backward(
     return grads[0].to(q.dtype), grads[1].to(k.dtype), grads[2].to(v.dtype)
 
 
+DOUBLE_BACKWARD_MESSAGE = (
+    "ring attention has no double backward: its backward is computed blockwise outside autograd, so gradients "
+    "of its gradients (backward of a torch.autograd.grad(..., create_graph=True) result: gradient penalties, "
+    "Hessian-vector products) would be wrong; take gradients of gradients of another attention"
+)
+
+
+class _RefuseDoubleBackward(torch.autograd.Function):
+    """Identity on the gradients of a backward run with ``create_graph=True``; differentiating them raises."""
+
+    @staticmethod
+    def forward(ctx, count, *tensors):  # type: ignore[override]
+        return tuple(t.view_as(t) for t in tensors[len(tensors) - count :])
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
+
+
+def no_double_backward(backward: Callable[..., tuple]) -> Callable[..., tuple]:
+    """Decorator of an attention autograd Function's ``backward`` (the custom ops of :mod:`ring_core.ops` need
+    none): it runs without building a graph, and under ``create_graph=True`` its gradients become outputs of a
+    node whose own backward raises :data:`DOUBLE_BACKWARD_MESSAGE`, so gradients of gradients fail clearly
+    instead of coming out wrong."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grad_outputs):
+        with torch.no_grad():
+            grads = backward(ctx, *grad_outputs)
+        if not torch.is_grad_enabled():
+            return grads
+        inputs = [t for t in (*ctx.saved_tensors, *grad_outputs) if isinstance(t, torch.Tensor)]
+        present = [g for g in grads if g is not None]
+        wrapped = iter(_RefuseDoubleBackward.apply(len(present), *inputs, *present))
+        return tuple(None if g is None else next(wrapped) for g in grads)
+
+    return wrapper
+
+
 class _BlockwiseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, schedule: BlockSchedule, q, k, v):  # type: ignore[override]
@@ -173,6 +216,7 @@ class _BlockwiseAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @no_double_backward
     def backward(ctx, dout, _dlse):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
         return None, *schedule_backward(ctx.schedule, q, k, v, out, lse, dout)

@@ -8,13 +8,14 @@ for the device and the current process group.
 from __future__ import annotations
 
 import difflib
+import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
 from .deprecation import warn_deprecated
-from .registry import Implementation, list_implementations
+from .registry import Implementation, get_registry, list_implementations
 
 __all__ = [
     "KNOWN_PROVIDERS",
@@ -62,6 +63,8 @@ class UnknownImplementationError(KeyError):
 
 def resolve_implementation(name: str, kind: str = "attention") -> Implementation:
     """Find an implementation by canonical name, class name or deprecated alias (which warns)."""
+    if not isinstance(name, str):
+        raise TypeError(f"the implementation name must be a str (a registered name, or 'auto'), got {name!r}")
     implementations = list_implementations(kind)
     for impl in implementations:
         if name in (impl.name, impl.cls.__name__):
@@ -76,6 +79,11 @@ def resolve_implementation(name: str, kind: str = "attention") -> Implementation
         raise UnknownImplementationError(f"{name!r} is a {other_kind[0].kind} implementation: use {factory}()")
     if name in KNOWN_PROVIDERS:
         dist, extra = KNOWN_PROVIDERS[name]
+        for plugin in get_registry().disabled:
+            if plugin.package == dist:
+                raise UnknownImplementationError(
+                    f"{name!r} is provided by {dist} (plugin {plugin.name!r}), which is installed but {plugin.error}"
+                )
         raise UnknownImplementationError(
             f"{name!r} is provided by {dist}, which is not installed. {install_hint(dist, extra)}"
         )
@@ -94,9 +102,20 @@ def _current_world_size(process_group: Any = None) -> int:
 
 
 def explain_auto(
-    kind: str = "attention", device: str | torch.device | None = None, world_size: int | None = None
+    kind: str = "attention",
+    device: str | torch.device | None = None,
+    world_size: int | None = None,
+    *,
+    sequence_parallel: bool = False,
 ) -> tuple[Implementation, list[str]]:
-    """The implementation ``"auto"`` picks, and one line per candidate saying why (not)."""
+    """The implementation ``"auto"`` picks, and one line per candidate saying why (not).
+
+    ``"auto"`` shards the sequence only when asked (``sequence_parallel``: a ``process_group`` was
+    given), over ``world_size`` ranks (default: the process group's). Otherwise it never picks
+    a sequence-parallel implementation while a process group of several ranks exists: under
+    plain data parallelism (DDP) each rank's samples are its own, and attending across ranks
+    would mix them.
+    """
     device_type = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     world_size = _current_world_size() if world_size is None else world_size
     lines, candidates = [], []
@@ -104,8 +123,13 @@ def explain_auto(
         reasons = impl.reasons
         if device_type not in impl.devices:
             reasons.append(f"does not run on {device_type}")
-        if world_size > 1 and not impl.distributed:
+        if sequence_parallel and world_size > 1 and not impl.distributed:
             reasons.append(f"not sequence-parallel (world size {world_size})")
+        if not sequence_parallel and world_size > 1 and impl.distributed:
+            reasons.append(
+                f"would shard the sequence over the {world_size} ranks of the default process group: pass "
+                f"process_group= (or its name) to ask for sequence parallelism"
+            )
         lines.append(f"{impl.name}: " + ("; ".join(reasons) if reasons else f"candidate, priority {impl.priority}"))
         if not reasons:
             candidates.append(impl)
@@ -118,12 +142,17 @@ def explain_auto(
 
 def _create(name: str, kind: str, config: dict[str, Any]) -> nn.Module:
     if name == "auto":
-        impl, _ = explain_auto(kind, config.get("device"), _current_world_size(config.get("process_group")))
+        process_group = config.get("process_group")
+        impl, _ = explain_auto(
+            kind, config.get("device"), _current_world_size(process_group), sequence_parallel=process_group is not None
+        )
     else:
         impl = resolve_implementation(name, kind)
     reasons = impl.reasons
     if reasons:
         raise RuntimeError(f"implementation {impl.name!r} is not available here: " + "; ".join(reasons))
+    if "device" in config and "device" not in inspect.signature(impl.cls).parameters:
+        config = {key: value for key, value in config.items() if key != "device"}  # parameter-free: only a hint
     return impl.cls(**config)
 
 
@@ -133,7 +162,8 @@ def create_attention(name: str = "auto", **config: Any) -> nn.Module:
     Args:
         name: a canonical name (``"dilated"``, ``"ring_dilated"``, ``"ring_dilated_flash"``, ...), a
             class name, a deprecated name (warns), or ``"auto"``: the best implementation available
-            for the device and the current process group (:func:`explain_auto` says why).
+            for ``device`` (a hint, default: CUDA when available); it shards the sequence only
+            when ``process_group`` is given (:func:`explain_auto` says why).
         **config: the constructor arguments of the implementation's class. Every one takes
             ``segment_lengths`` and ``dilation_rates``; most take ``merge``, ``softmax_scale``,
             ``dropout`` and ``kernel``; the ring implementations add ``layout``, ``process_group``

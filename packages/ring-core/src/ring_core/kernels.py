@@ -377,6 +377,11 @@ class CPUFlashKernel(KernelBackend):
 
     def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
         """:meth:`KernelBackend.forward` through ``aten._scaled_dot_product_flash_attention_for_cpu``."""
+        if _has_nan(q) or _has_nan(k):
+            # the fused op drops a NaN score on short key blocks (out = 0, lse = 0 where SDPA gives NaN); NaN in must
+            # be NaN out, so such blocks take the plain matmuls (which propagate it exactly)
+            return _MATH.forward(q, k, v, scale=scale, causal=causal, mask=mask)
+        q, k, v = _packed_last_dim(q, k, v)
         bias, allowed = self._additive(q, causal, mask)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q.transpose(1, 2),
@@ -394,6 +399,7 @@ class CPUFlashKernel(KernelBackend):
         return out.transpose(1, 2), lse
 
     def backward(self, dout, q, k, v, out, lse, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+        q, k, v = _packed_last_dim(q, k, v)
         bias, _ = self._additive(q, causal, mask)
         lse = lse.masked_fill(torch.isinf(lse), 0.0)
         if q.dtype in (torch.float32, torch.float64):
@@ -411,6 +417,20 @@ class CPUFlashKernel(KernelBackend):
             scale=scale,
         )
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+_MATH = MathKernel()
+
+
+def _packed_last_dim(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each tensor with a unit stride in its last dim (a copy only where it has another): the fused CPU op reads
+    the head dim as if packed, and a strided view gave silently wrong results."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
+
+
+def _has_nan(x: torch.Tensor) -> bool:
+    """Whether ``x`` holds a NaN: one reduction (a sum that is NaN; also when it holds both +inf and -inf)."""
+    return bool(torch.isnan(x.sum(dtype=accumulation_dtype(x.dtype))))
 
 
 def default_scale(head_dim: int, scale: float | None) -> float:

@@ -17,9 +17,12 @@ repository, and ``docs/plugins.md`` documents the names by purpose:
   (:mod:`ring_core.windows`) and how a kernel takes it (``window_kwargs``);
 - the ring strategy: the plan, its schedule, the module base classes and their extension
   points (:meth:`RingAttentionBase.attention_schedule`, ``attention_forward``,
-  ``attention_backward``, :meth:`RingAttentionBase.validate_once`);
-- communication and agreement: the ring's communicator and the same error on every rank;
-- sharding and validation helpers.
+  ``attention_backward``, :meth:`RingAttentionBase.context`);
+- communication and agreement: the ring's communicator, timed waits and the same error on
+  every rank;
+- sharding and validation helpers;
+- command-line subcommands (``register_commands``): argument checks that end in one line and
+  exit code 2 (``UsageError``, ``positive_int``, ``check_output``).
 
 A capability a plugin needs is added here, documented, in the same change; it is never
 reached for privately.
@@ -28,7 +31,18 @@ reached for privately.
 from __future__ import annotations
 
 from .agreement import RingConfigError, agree_across_ranks, differing_fields, validate_ring_inputs
-from .comm import CHANNELS, TRANSPORTS, Exchange, RingComm, RingCommStats, check_transport, ring_comm
+from .cli import UsageError, check_output, positive_int
+from .comm import (
+    CHANNELS,
+    TRANSPORTS,
+    CollectiveError,
+    Exchange,
+    RingComm,
+    RingCommStats,
+    check_transport,
+    ring_comm,
+    timed_wait,
+)
 from .deprecation import aliases_for, deprecated_getattr, warn_deprecated
 from .dilated import (
     Block,
@@ -37,6 +51,7 @@ from .dilated import (
     DilatedSchedule,
     Part,
     backward_block,
+    branch_offsets,
     branches,
     dilated_attention,
     dilated_parts,
@@ -45,7 +60,15 @@ from .dilated import (
     part_blocks,
 )
 from .dispatch import KernelNotAvailableError, block_kernel, dropout_seed, select_kernel
-from .engine import Accumulator, BlockKernel, BlockSchedule, blockwise_attention, schedule_backward, schedule_forward
+from .engine import (
+    Accumulator,
+    BlockKernel,
+    BlockSchedule,
+    blockwise_attention,
+    no_double_backward,
+    schedule_backward,
+    schedule_forward,
+)
 from .hookspecs import hookimpl
 from .kernels import (
     FLOAT_DTYPES,
@@ -63,7 +86,7 @@ from .lse import merge_attention
 from .ops import AttentionOp, CallOp, OpCall, run_attention
 from .reference import branch_counts, document_mask, reference_attention, window_allowed
 from .registry import Implementation, get_registry
-from .ring import RingAttentionBase, RingDilatedAttention, documents_key
+from .ring import RingAttentionBase, RingDilatedAttention
 from .ring_plan import Item, RingPlan, Step, Transfer, build_ring_plan, item_kv_part, segments_within_shards
 from .ring_schedule import RingDilatedSchedule, send_bounds
 from .sharding import (
@@ -74,9 +97,18 @@ from .sharding import (
     shard_positions,
     shard_ranges,
     shard_sequence,
-    unshard_sequence,
 )
-from .validation import MERGES, check_cu_seqlens, check_dilated_config, check_dropout, check_qkv, check_window
+from .unshard import unshard_sequence
+from .validation import (
+    MERGES,
+    check_cu_seqlens,
+    check_dilated_config,
+    check_dropout,
+    check_qkv,
+    check_scale,
+    check_timeout,
+    check_window,
+)
 from .windows import NO_WINDOW, document_spans, index_window, kernel_window, window_kwargs, window_mask
 
 __all__ = [
@@ -94,6 +126,7 @@ __all__ = [
     "Branch",
     "CPUFlashKernel",
     "CallOp",
+    "CollectiveError",
     "DilatedAttention",
     "DilatedSchedule",
     "Exchange",
@@ -114,6 +147,7 @@ __all__ = [
     "RingPlan",
     "Step",
     "Transfer",
+    "UsageError",
     "accumulation_dtype",
     "agree_across_ranks",
     "aliases_for",
@@ -121,6 +155,7 @@ __all__ = [
     "block_kernel",
     "blockwise_attention",
     "branch_counts",
+    "branch_offsets",
     "branches",
     "build_ring_plan",
     "causal_mask",
@@ -129,7 +164,10 @@ __all__ = [
     "check_divisible",
     "check_dropout",
     "check_layout",
+    "check_output",
     "check_qkv",
+    "check_scale",
+    "check_timeout",
     "check_transport",
     "check_window",
     "combined_mask",
@@ -140,7 +178,6 @@ __all__ = [
     "dilated_parts",
     "document_mask",
     "document_spans",
-    "documents_key",
     "dropout_seed",
     "forward_block",
     "get_registry",
@@ -151,8 +188,10 @@ __all__ = [
     "kernel_window",
     "merge_attention",
     "merge_into",
+    "no_double_backward",
     "offset_heads",
     "part_blocks",
+    "positive_int",
     "reference_attention",
     "ring_comm",
     "run_attention",
@@ -164,6 +203,7 @@ __all__ = [
     "shard_positions",
     "shard_ranges",
     "shard_sequence",
+    "timed_wait",
     "unshard_sequence",
     "validate_ring_inputs",
     "warn_deprecated",

@@ -79,8 +79,18 @@ class PluginInfo:
     error: str | None = None
 
 
+class PluginRejected(Exception):
+    """A plugin's registration failed (a hook raised, or it registered a name already taken); nothing is kept."""
+
+
 class Registry:
-    """Everything the loaded plugins registered; build one with :func:`get_registry`."""
+    """Everything the loaded plugins registered; build one with :func:`get_registry`.
+
+    A plugin registers all or nothing: what its hooks register is kept only when every hook
+    succeeds and none of its names (kernel, implementation name, class name or alias, pattern, command)
+    is already taken. A plugin never replaces another's name, a built-in included; the
+    refused one is reported in :attr:`errors` with both packages named.
+    """
 
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
@@ -91,6 +101,8 @@ class Registry:
         self.patterns: dict[str, Callable[..., Any]] = {}
         self.commands: dict[str, Callable[..., Any]] = {}  # subcommand -> add_parser(subparsers)
         self.errors: list[PluginInfo] = []
+        self.disabled: list[PluginInfo] = []  # installed but filtered out: ``error`` says by which variable
+        self.owners: dict[tuple[str, str], str] = {}  # (kind, name) -> who registered it
 
     # -- loading -------------------------------------------------------------
     def load_entry_points(self) -> None:
@@ -99,12 +111,20 @@ class Registry:
         # core first (its kernels and implementations are the baseline), and never filtered out
         entry_points = metadata.entry_points(group=hookspecs.PROJECT_NAME)
         for ep in sorted(entry_points, key=lambda e: (e.name != CORE_PLUGIN, e.name)):
-            if ep.name != CORE_PLUGIN and (ep.name in disabled or (allowed is not None and ep.name not in allowed)):
+            dist = getattr(ep, "dist", None)
+            info = PluginInfo(ep.name, dist.name if dist else None, dist.version if dist else None)
+            if ep.name != CORE_PLUGIN and ep.name in disabled:
+                info.error = (
+                    f"disabled by RING_ATTENTION_DISABLE_PLUGINS={os.environ['RING_ATTENTION_DISABLE_PLUGINS']}"
+                )
+                self.disabled.append(info)
+                continue
+            if ep.name != CORE_PLUGIN and allowed is not None and ep.name not in allowed:
+                info.error = f"not in RING_ATTENTION_LOAD_PLUGINS={os.environ['RING_ATTENTION_LOAD_PLUGINS']}"
+                self.disabled.append(info)
                 continue
             if self.pm.has_plugin(ep.name):
                 continue
-            dist = getattr(ep, "dist", None)
-            info = PluginInfo(ep.name, dist.name if dist else None, dist.version if dist else None)
             try:
                 self.pm.register(ep.load(), name=ep.name)
             except Exception as exc:
@@ -132,49 +152,84 @@ class Registry:
         self.kernels.clear()
         self.patterns.clear()
         self.commands.clear()
+        self.owners.clear()
         self.collect_all()
 
     def _collect(self, only: object, name: str) -> None:
-        hooks = (
-            ("register_kernels", self._add_kernel),
-            ("register_implementations", self._add_implementation),
-            ("register_patterns", self._add_pattern),
-            ("register_commands", self._add_command),
-        )
-        for hook_name, add in hooks:
-            caller = self.pm.subset_hook_caller(
-                hook_name, remove_plugins=[p for p in self.pm.get_plugins() if p is not only]
-            )
-            try:
-                caller(register=add)
-            except Exception as exc:
-                self.errors.append(PluginInfo(name, None, None, f"{hook_name}: {type(exc).__name__}: {exc}"))
-                self.plugins = [p for p in self.plugins if p.name != name]
-                self.pm.unregister(name=name)
-                return
+        """Collect what one plugin registers: all of it, or, when a hook raises or a name is taken, none of it."""
+        info = next((p for p in self.plugins if p.name == name), PluginInfo(name, None, None))
+        owner = f"{info.package} (plugin {name!r})" if info.package else f"plugin {name!r}"
+        staged: list[tuple[str, str, object, str]] = []  # (kind, name, record, owner)
+
+        def kernel(backend: KernelBackend) -> None:
+            if not isinstance(backend, KernelBackend):
+                raise TypeError(f"register_kernels expects KernelBackend instances, got {backend!r}")
+            staged.append(("kernel", backend.name, backend, owner))
+
+        def implementation(impl: Implementation) -> None:
+            if not isinstance(impl, Implementation):
+                raise TypeError(f"register_implementations expects Implementation records, got {impl!r}")
+            by = f"{impl.package} (plugin {name!r})"
+            for alias in dict.fromkeys((impl.name, impl.cls.__name__, *impl.aliases)):
+                staged.append(("implementation", alias, impl if alias == impl.name else None, by))
+
+        def pattern(pattern_name: str, builder: Callable[..., Any]) -> None:
+            staged.append(("pattern", pattern_name, builder, owner))
+
+        def command(command_name: str, add_parser: Callable[..., Any]) -> None:
+            if not callable(add_parser):
+                raise TypeError(
+                    f"register_commands expects register(name, add_parser), got {add_parser!r} for {command_name!r}"
+                )
+            staged.append(("command", command_name, add_parser, owner))
+
+        try:
+            for hook_name, add in (
+                ("register_kernels", kernel),
+                ("register_implementations", implementation),
+                ("register_patterns", pattern),
+                ("register_commands", command),
+            ):
+                caller = self.pm.subset_hook_caller(
+                    hook_name, remove_plugins=[p for p in self.pm.get_plugins() if p is not only]
+                )
+                try:
+                    caller(register=add)
+                except Exception as exc:
+                    raise PluginRejected(f"{hook_name}: {type(exc).__name__}: {exc}") from exc
+            self._check_names(staged)
+        except PluginRejected as rejected:
+            self.errors.append(PluginInfo(name, info.package, info.version, f"{rejected} (nothing of it was kept)"))
+            self.plugins = [p for p in self.plugins if p.name != name]
+            self.pm.unregister(name=name)
+            return
+        tables = {
+            "kernel": self.kernels,
+            "implementation": self.implementations,
+            "pattern": self.patterns,
+            "command": self.commands,
+        }
+        for kind, key, record, by in staged:
+            self.owners[kind, key] = by
+            if record is not None:
+                tables[kind][key] = record
+
+    def _check_names(self, staged: list[tuple[str, str, object, str]]) -> None:
+        """Refuse a name that is already taken (by another plugin, or twice by this one), naming both owners."""
+        seen: dict[tuple[str, str], str] = {}
+        for kind, key, _, by in staged:
+            taken = self.owners.get((kind, key)) or seen.get((kind, key))
+            if taken is not None:
+                what = "implementation name (canonical, class or alias)" if kind == "implementation" else kind
+                raise PluginRejected(
+                    f"{what} {key!r} is already registered by {taken}; {by} may not register it again "
+                    f"(a plugin never replaces another's name: choose another name)"
+                )
+            seen[kind, key] = by
 
     def collect_all(self) -> None:
         for name, plugin in list(self.pm.list_name_plugin()):
             self._collect(only=plugin, name=name)
-
-    # -- register callbacks ---------------------------------------------------
-    def _add_kernel(self, backend: KernelBackend) -> None:
-        if not isinstance(backend, KernelBackend):
-            raise TypeError(f"register_kernels expects KernelBackend instances, got {backend!r}")
-        self.kernels[backend.name] = backend
-
-    def _add_implementation(self, implementation: Implementation) -> None:
-        if not isinstance(implementation, Implementation):
-            raise TypeError(f"register_implementations expects Implementation records, got {implementation!r}")
-        self.implementations[implementation.name] = implementation
-
-    def _add_pattern(self, name: str, builder: Callable[..., Any]) -> None:
-        self.patterns[name] = builder
-
-    def _add_command(self, name: str, add_parser: Callable[..., Any]) -> None:
-        if not callable(add_parser):
-            raise TypeError(f"register_commands expects register(name, add_parser), got {add_parser!r} for {name!r}")
-        self.commands[name] = add_parser
 
     # -- queries ---------------------------------------------------------------
     def sorted_kernels(self) -> list[KernelBackend]:

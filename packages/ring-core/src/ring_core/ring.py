@@ -17,10 +17,11 @@ ops of :mod:`ring_core.ops` (one op for ``torch.compile``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .agreement import RingConfigError, agree_across_ranks, differing_fields, validate_ring_inputs
@@ -32,7 +33,16 @@ from .ops import AttentionOp, OpCall, run_attention
 from .ring_plan import RingPlan, Transfer, build_ring_plan, segments_within_shards
 from .ring_schedule import RingDilatedSchedule, send_bounds
 from .sharding import check_layout, group_rank_and_size
-from .validation import check_cu_seqlens, check_dilated_config, check_dropout, check_qkv, check_window, varlen_layout
+from .validation import (
+    check_cu_seqlens,
+    check_dilated_config,
+    check_dropout,
+    check_qkv,
+    check_scale,
+    check_timeout,
+    check_window,
+    varlen_layout,
+)
 from .windows import NO_WINDOW
 
 # The ring's names as they were before the plan, schedule and agreement got their own modules.
@@ -49,7 +59,6 @@ __all__ = [
     "agree_across_ranks",
     "build_ring_plan",
     "differing_fields",
-    "documents_key",
     "offset_heads",
     "ring_dilated_attention",
     "segments_within_shards",
@@ -118,12 +127,13 @@ def ring_dilated_attention(
     return_lse: bool = False,
     window_size: tuple[int, int] = NO_WINDOW,
     cu_seqlens: torch.Tensor | None = None,
+    timeout: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Ring dilated attention of this rank's shard ``(B, N/P, H, D)``; returns this rank's output shard.
 
     ``key_padding_mask`` is this rank's shard ``(B, N/P)`` (True = padding). Validates
-    (collectively) on every call; :class:`RingDilatedAttention` validates once per shape.
-    ``transport`` and ``return_lse``: see :class:`RingDilatedAttention`. ``window_size`` and
+    (collectively) on every call, as :class:`RingDilatedAttention` does. ``transport``,
+    ``return_lse`` and ``timeout``: see :class:`RingDilatedAttention`. ``window_size`` and
     ``cu_seqlens`` (global document boundaries, the same tensor on every rank) as in
     :func:`ring_core.dilated_attention`; flash-attn's varlen layout ``(n, H, D)`` per rank is
     accepted with ``cu_seqlens``.
@@ -131,7 +141,7 @@ def ring_dilated_attention(
     (q, k, v, key_padding_mask), unbatched = varlen_layout(cu_seqlens, q, k, v, key_padding_mask)
     attn = RingDilatedAttention(
         segment_lengths, dilation_rates, merge, layout, process_group, softmax_scale, dropout_p, kernel,
-        transport=transport, window_size=window_size,
+        transport=transport, window_size=window_size, timeout=timeout,
     )  # fmt: skip
     if stats is not None:
         attn.comm_stats = stats
@@ -147,9 +157,11 @@ class RingAttentionBase(nn.Module):
     """The constructor of the ring attention modules: checks, normalises and stores their common arguments.
 
     ``segment_lengths`` and ``dilation_rates`` become tuples of ints; ``layout``,
-    ``merge``, ``dropout``, ``kernel`` (a kernel backend name or None) and ``transport``
-    (:data:`ring_core.comm.TRANSPORTS`) and ``window_size`` are checked. Subclasses get :attr:`comm_stats` (bytes
-    this rank sends) and :meth:`validate_once`, and define ``forward``.
+    ``merge``, ``softmax_scale``, ``dropout``, ``kernel`` (a kernel backend name or None),
+    ``transport`` (:data:`ring_core.comm.TRANSPORTS`), ``window_size`` and ``timeout`` (seconds
+    or ``None``) are checked. Subclasses get :attr:`comm_stats` (bytes this rank sends),
+    :attr:`step` (calls so far, counted by ``forward``) and :meth:`context` (how this rank's
+    errors start), and define ``forward``.
 
     The attention itself runs inside the custom ops of :mod:`ring_core.ops` (one op for
     ``torch.compile``): :meth:`run` calls them, and they call back :meth:`attention_forward`
@@ -171,6 +183,7 @@ class RingAttentionBase(nn.Module):
         *,
         transport: str = "nccl",
         window_size: tuple[int, int] = NO_WINDOW,
+        timeout: float | None = None,
     ) -> None:
         super().__init__()
         self.segment_lengths, self.dilation_rates = check_dilated_config(segment_lengths, dilation_rates, merge)
@@ -178,14 +191,15 @@ class RingAttentionBase(nn.Module):
         self.merge = merge
         self.layout = check_layout(layout)
         self.process_group = process_group
-        self.softmax_scale = softmax_scale
+        self.softmax_scale = check_scale(softmax_scale)
         self.dropout = check_dropout(dropout)
         if kernel is not None and not isinstance(kernel, str):
             raise TypeError(f"kernel must be a kernel backend name or None, got {kernel!r}")
         self.kernel = kernel
         self.transport = check_transport(transport)
+        self.timeout = check_timeout(timeout)
         self.comm_stats = RingCommStats()
-        self._validated: set[tuple] = set()
+        self.step = 0
         self._op = _ModuleOp(self)
 
     def forward(
@@ -217,6 +231,10 @@ class RingAttentionBase(nn.Module):
             with ``return_lse``, the pair ``(out, lse)``.
         """
         raise NotImplementedError(f"{type(self).__name__} must define forward")
+    def context(self) -> str:
+        """How errors of this rank's current call start: the class, the global rank and the call (``step``)."""
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        return f"{type(self).__name__} rank {rank}, step {self.step}: "
 
     def run(
         self,
@@ -266,19 +284,6 @@ class RingAttentionBase(nn.Module):
         """``dq, dk, dv`` of one call from the final ``out`` and ``lse``, inside the backward op."""
         return schedule_backward(self.attention_schedule(q, k, v, call), q, k, v, out, lse, dout)
 
-    def validate_once(self, validate: Callable[[], None], *call: Any) -> None:
-        """Run ``validate`` the first time this module sees the call signature ``call``.
-
-        ``validate`` is a collective check (e.g. :func:`~ring_core.agreement.validate_ring_inputs`)
-        that raises the same error on every rank; ``call`` holds the call's tensors (compared by
-        shape, dtype and device) and any other values its result depends on. A signature seen
-        before skips the check and its communication.
-        """
-        key = tuple(_signature(x) for x in call)
-        if key not in self._validated:
-            validate()
-            self._validated.add(key)
-
     def extra_repr(self) -> str:
         window = f", window_size={self.window_size}" if self.window_size != NO_WINDOW else ""
         return (
@@ -294,7 +299,9 @@ class RingDilatedAttention(RingAttentionBase):
     this rank's shard ``(B, N/P, H, D)`` (layout ``"contiguous"`` or ``"zigzag"``, see
     :func:`ring_core.shard_sequence`) and returns this rank's output shard.
     ``process_group=None`` is the default group when one is initialised, else one
-    process. Bytes sent by this rank are counted in :attr:`comm_stats`. With
+    process. Bytes sent by this rank are counted in :attr:`comm_stats`. Every call first checks,
+    with one small all-gather, that all ranks passed the same shapes, dtypes, flags and
+    configuration (else every rank raises the same :class:`RingConfigError`). With
     ``return_lse=True`` it returns ``(out, lse)``, ``lse`` ``(B, H, N/P)`` of this rank's rows
     (:mod:`ring_core.lse`). ``window_size`` (constructor) is a sliding window; ``cu_seqlens``
     (forward) the global document boundaries of a packed batch of one (the same tensor on every
@@ -304,6 +311,10 @@ class RingDilatedAttention(RingAttentionBase):
     group's backend; ``"copy_engine"`` with the GPUs' copy engines
     (:class:`~ring_core.comm.CopyEngineComm`: no SMs taken from the kernels; CUDA tensors in
     an NCCL group on one host, else a clear error on every rank).
+
+    ``timeout`` (seconds, default ``None``: wait forever) bounds every wait for a peer: a
+    stalled or dead peer raises :class:`~ring_core.comm.CollectiveError` naming this rank, the
+    call (``step``), the exchange and the peers.
     """
 
     def forward(
@@ -341,6 +352,7 @@ class RingDilatedAttention(RingAttentionBase):
             RingConfigError: the ranks disagree (shapes, dtypes, flags) or ``N`` does not fit the
                 layout; every rank raises the same error, none hangs.
         """
+        self.step += 1
         dropout_p = self.dropout if self.training else 0.0
         self._check(q, k, v, key_padding_mask, bool(is_causal), dropout_p, cu_seqlens)
         return self.run(
@@ -349,50 +361,28 @@ class RingDilatedAttention(RingAttentionBase):
         )  # fmt: skip
 
     def _check(self, q, k, v, key_padding_mask, is_causal: bool, dropout_p: float, cu_seqlens=None) -> None:
-        """Inputs agree across ranks (checked once per new signature and ``cu_seqlens``, errors naming this class)."""
+        """Inputs agree across ranks, on every call: ranks that have all seen two signatures may still call with
+        different ones (equal byte sizes would then give a wrong result silently). Errors name this class."""
         if group_rank_and_size(self.process_group)[1] == 1:  # nothing to agree on (and traceable)
             check_qkv(q, k, v, key_padding_mask)
             if cu_seqlens is not None:
                 check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
             return
-        comm = ring_comm(self.process_group, self.comm_stats, self.transport, q.device)
         config = (self.segment_lengths, self.dilation_rates, self.merge, self.layout, dropout_p, self.window_size)
+        validate_ring_inputs(
+            q, k, v, key_padding_mask, causal=is_causal, layout=self.layout, merge=self.merge, config=config,
+            scale=self.softmax_scale, comm=self._comm(q.device), name=type(self).__name__,
+            window_size=self.window_size, cu_seqlens=cu_seqlens,
+        )  # fmt: skip
 
-        def validate() -> None:
-            validate_ring_inputs(
-                q, k, v, key_padding_mask, causal=is_causal, layout=self.layout, merge=self.merge, config=config,
-                scale=self.softmax_scale, comm=comm, name=type(self).__name__, window_size=self.window_size,
-                cu_seqlens=cu_seqlens,
-            )  # fmt: skip
-
-        self.validate_once(
-            validate, q, k, v, key_padding_mask, is_causal, config, comm.world_size, documents_key(cu_seqlens)
+    def _comm(self, device: torch.device) -> RingComm:
+        return ring_comm(
+            self.process_group, self.comm_stats, self.transport, device, timeout=self.timeout, context=self.context()
         )
 
     def attention_schedule(self, q, k, v, call: OpCall) -> BlockSchedule:
-        comm = ring_comm(self.process_group, self.comm_stats, self.transport, q.device)
+        comm = self._comm(q.device)
         return _schedule(
             q, k, v, comm=comm, config=(self.segment_lengths, self.dilation_rates, self.merge), layout=self.layout,
             call=call, softmax_scale=self.softmax_scale, kernel=self.kernel, window=self.window_size,
         )  # fmt: skip
-
-
-def documents_key(cu_seqlens: Any) -> Any:
-    """``cu_seqlens`` as a tuple of ints, to tell calls apart (a fresh object when it is not one: never equal to
-    another, so the checks run and raise)."""
-    if cu_seqlens is None:
-        return None
-    if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 and not cu_seqlens.is_floating_point():
-        return tuple(int(x) for x in cu_seqlens.tolist())
-    return object()
-
-
-def _signature(x: Any) -> Any:
-    """A tensor by shape, dtype and device (never its values); other values as they are, or by type if unhashable."""
-    if isinstance(x, torch.Tensor):
-        return tuple(x.shape), x.dtype, x.device
-    try:
-        hash(x)
-    except TypeError:
-        return type(x)
-    return x

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .dilated import Block, Branch, Part, offset_heads, part_blocks
+from .dilated import Block, Branch, Part, branch_offsets, offset_heads, part_blocks
 from .sharding import shard_ranges
 from .windows import NO_WINDOW, covers, index_window, kernel_window, reach
 
@@ -230,7 +230,8 @@ def build_ring_plan(
         )
         if local.head_start >= local.head_stop:
             continue
-        for offset in range(branch.rate):
+        in_range = Branch(branch.segment, branch.rate, local.head_start + start, local.head_stop + start)
+        for offset in branch_offsets(in_range):  # at most one per head, however large the rate
             selected = offset_heads(local, (offset - start) % branch.rate, groups, device)
             if selected is not None:
                 heads_of[bi, offset] = selected

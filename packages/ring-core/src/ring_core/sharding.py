@@ -4,8 +4,8 @@
 - ``"zigzag"``: the sequence is cut into ``2P`` chunks; rank ``r`` holds chunks
   ``r`` and ``2P-1-r``, in that order (causal load balance).
 
-:func:`shard_sequence` cuts a full tensor into this rank's shard and
-:func:`unshard_sequence` gathers the shards back (differentiable).
+:func:`shard_sequence` cuts a full tensor into this rank's shard
+(:func:`ring_core.unshard.unshard_sequence` gathers the shards back).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ __all__ = [
     "shard_positions",
     "shard_ranges",
     "shard_sequence",
-    "unshard_sequence",
 ]
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -48,6 +47,8 @@ def check_divisible(seq_len: int, world_size: int, layout: str) -> None:
 
 def shard_ranges(seq_len: int, rank: int, world_size: int, layout: str) -> list[tuple[int, int]]:
     """The global ``[start, stop)`` ranges rank ``rank`` holds, in local order; adjacent ranges are merged."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     check_divisible(seq_len, world_size, layout)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
@@ -72,7 +73,14 @@ def group_rank_and_size(group: Any = None) -> tuple[int, int]:
         if group is not None:
             raise ValueError("process_group was given but torch.distributed is not initialised")
         return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if rank < 0:
+        members = dist.get_process_group_ranks(group)
+        raise ValueError(
+            f"this process (global rank {dist.get_rank()}) is not a member of process_group (global ranks "
+            f"{members}); call the attention only on the group's ranks"
+        )
+    return rank, dist.get_world_size(group)
 
 
 def shard_sequence(
@@ -95,43 +103,3 @@ def shard_sequence(
     ranges = shard_ranges(x.shape[dim], rank, world_size, layout)
     pieces = [x.narrow(dim, a, b - a) for a, b in ranges]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
-
-
-def _reorder_gathered(shards: list[torch.Tensor], layout: str, dim: int) -> torch.Tensor:
-    world_size = len(shards)
-    if layout == "contiguous" or world_size == 1:
-        return torch.cat(shards, dim)
-    halves = [s.chunk(2, dim) for s in shards]
-    chunks = [halves[r][0] for r in range(world_size)] + [halves[r][1] for r in reversed(range(world_size))]
-    return torch.cat(chunks, dim)
-
-
-class _Unshard(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, layout, group, dim, world_size):  # type: ignore[override]
-        ctx.layout, ctx.group, ctx.dim, ctx.world_size = layout, group, dim, world_size
-        shards = [torch.empty_like(x) for _ in range(world_size)]
-        dist.all_gather(shards, x.contiguous(), group=group)
-        return _reorder_gathered(shards, layout, dim)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        local = shard_sequence(grad, ctx.layout, ctx.group, ctx.dim)
-        return local.contiguous(), None, None, None, None
-
-
-def unshard_sequence(x: torch.Tensor, layout: str = "contiguous", group: Any = None, dim: int = 1) -> torch.Tensor:
-    """Gather every rank's shard of ``dim`` into the full tensor (on every rank); differentiable.
-
-    Backward sums the gradients of all ranks (every rank's loss counts), as
-    ``torch.distributed.nn.all_gather`` does, and returns this rank's shard of the sum.
-    """
-    check_layout(layout)
-    _, world_size = group_rank_and_size(group)
-    if world_size == 1:
-        return x
-    if layout == "zigzag" and x.shape[dim] % 2 != 0:
-        raise ValueError(f"layout='zigzag' needs an even local length along dim {dim}, got {x.shape[dim]}")
-    return _Unshard.apply(x, layout, group, dim, world_size)

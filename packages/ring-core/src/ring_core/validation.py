@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 
 import torch
@@ -122,6 +123,26 @@ def varlen_layout(cu_seqlens, *tensors):
     if cu_seqlens is None or not isinstance(tensors[0], torch.Tensor) or tensors[0].dim() != 3:
         return tensors, False
     return tuple(t.unsqueeze(0) if isinstance(t, torch.Tensor) else t for t in tensors), True
+def check_scale(softmax_scale: float | None) -> float | None:
+    """``None`` (``1/sqrt(D)``) or a finite real number; returned as a float."""
+    if softmax_scale is None:
+        return None
+    if (
+        isinstance(softmax_scale, bool)
+        or not isinstance(softmax_scale, (int, float))
+        or not math.isfinite(softmax_scale)
+    ):
+        raise ValueError(f"softmax_scale must be a finite number or None (1/sqrt(head dim)), got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
+def check_timeout(timeout: float | None) -> float | None:
+    """``None`` (wait forever) or a positive number of seconds; returned as a float."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    return float(timeout)
 
 
 def check_qkv(
@@ -149,7 +170,7 @@ def check_qkv(
         )
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    (b, n, h, d), (bk, nk, hk, dk), (bv, nv, hv, _) = q.shape, k.shape, v.shape
+    (b, n, h, d), (bk, nk, hk, dk), (bv, nv, hv, dv) = q.shape, k.shape, v.shape
     if not b == bk == bv:
         raise ValueError(f"q, k, v must share the batch size, got {b}, {bk}, {bv}")
     if nk != nv:
@@ -158,6 +179,10 @@ def check_qkv(
         raise ValueError(f"q and k must have the same sequence length here, got {n} and {nk}")
     if d != dk:
         raise ValueError(f"q and k must share the head dim, got {d} and {dk}")
+    if d < 1:
+        raise ValueError(f"the head dim D of q, k, v must be at least 1, got shape {tuple(q.shape)}")
+    if dv != d:
+        raise ValueError(f"v must have the head dim D of q and k (shapes (B, N, H, D)), got {dv} and {d}")
     if hk != hv:
         raise ValueError(f"k and v must have the same number of heads, got {hk} and {hv}")
     if hk == 0 or h % hk != 0:

@@ -39,7 +39,6 @@ from ring_core.plugin import (
     build_ring_plan,
     check_cu_seqlens,
     check_qkv,
-    documents_key,
     dropout_seed,
     forward_block,
     group_rank_and_size,
@@ -158,6 +157,8 @@ class RingDistributedDilatedAttention(RingAttentionBase):
       :class:`ring_core.RingDilatedAttention` (``"nccl"``, or ``"copy_engine"`` when the ring
       group is on one host). :class:`~ring_distributed.RingDilatedAttentionProduction` always
       uses NCCL (its timeouts and buffer pool are NCCL's).
+    - ``timeout``: seconds (default ``None``: forever) that any wait for a peer may take before
+      :class:`~ring_core.comm.CollectiveError` (naming the rank, the call and the operation).
 
     The sequence shard index of a rank is its rank in ``process_group`` (with a
     ``device_mesh``: ``ring_index * u + ulysses_index``).
@@ -182,10 +183,11 @@ class RingDistributedDilatedAttention(RingAttentionBase):
         node_size: int | None = None,
         transport: str = "nccl",
         window_size: tuple[int, int] = (-1, -1),
+        timeout: float | None = None,
     ) -> None:
         super().__init__(
             segment_lengths, dilation_rates, merge, layout, process_group, softmax_scale, dropout, kernel,
-            transport=transport, window_size=window_size,
+            transport=transport, window_size=window_size, timeout=timeout,
         )  # fmt: skip
         strategy = self.default_strategy if strategy is None else strategy
         if strategy not in STRATEGIES:
@@ -203,13 +205,15 @@ class RingDistributedDilatedAttention(RingAttentionBase):
         """Groups whose all-gather of descriptors makes every rank agree (the parent, or both mesh dims)."""
         if self.device_mesh is not None:
             groups = device_mesh_groups(self.device_mesh)
-            comms = []
-            if groups.ulysses_size > 1:
-                comms.append(RingComm(groups.ulysses_group, groups.ulysses_rank, groups.ulysses_size, RingCommStats()))
-            if groups.ring_size > 1:
-                comms.append(RingComm(groups.ring_group, groups.ring_rank, groups.ring_size, RingCommStats()))
-            return comms or [RingComm(None, 0, 1, RingCommStats())]
-        return [RingComm.for_group(self.process_group, RingCommStats())]
+            dims = [
+                (groups.ulysses_group, groups.ulysses_rank, groups.ulysses_size),
+                (groups.ring_group, groups.ring_rank, groups.ring_size),
+            ]
+            dims = [dim for dim in dims if dim[2] > 1] or [(None, 0, 1)]
+        else:
+            dims = [(self.process_group, *group_rank_and_size(self.process_group))]
+        options = {"timeout": self.timeout, "context": self.context()}
+        return [RingComm(group, rank, size, RingCommStats(), **options) for group, rank, size in dims]
 
     def _world_size(self) -> int:
         if self.device_mesh is not None:
@@ -238,8 +242,7 @@ class RingDistributedDilatedAttention(RingAttentionBase):
         return strategy, mesh_groups(self.process_group, u, node_size)
 
     def _validate(self, q, k, v, key_padding_mask, causal: bool, dropout_p: float, cu_seqlens=None) -> None:
-        """Every rank checks its inputs and that all ranks agree (once per shape and ``cu_seqlens``); same error
-        everywhere."""
+        """Every rank checks its inputs and that all ranks agree (on every call); same error everywhere."""
         world_size = self._world_size()
         if world_size == 1:  # nothing to agree on (and traceable)
             check_qkv(q, k, v, key_padding_mask)
@@ -250,28 +253,18 @@ class RingDistributedDilatedAttention(RingAttentionBase):
             self.segment_lengths, self.dilation_rates, self.merge, self.layout, dropout_p, self.strategy,
             self.window_size,
         )  # fmt: skip
-
-        def validate() -> None:
-            self._before_validation(q)
-            for comm in self._validation_comms():
-                validate_ring_inputs(
-                    q, k, v, key_padding_mask, causal=causal, layout=self.layout, merge=self.merge,
-                    config=config, scale=self.softmax_scale, comm=comm, name=type(self).__name__,
-                    window_size=self.window_size, cu_seqlens=cu_seqlens, seq_len=q.shape[1] * world_size,
-                )  # fmt: skip
-
-        self.validate_once(validate, q, k, v, key_padding_mask, causal, config, documents_key(cu_seqlens))
-
-    def _before_validation(self, q: torch.Tensor) -> None:
-        """Called before the validation's all-gathers (a hook for RingDilatedAttentionProduction)."""
+        for comm in self._validation_comms():
+            validate_ring_inputs(
+                q, k, v, key_padding_mask, causal=causal, layout=self.layout, merge=self.merge,
+                config=config, scale=self.softmax_scale, comm=comm, name=type(self).__name__,
+                window_size=self.window_size, cu_seqlens=cu_seqlens, seq_len=q.shape[1] * world_size,
+            )  # fmt: skip
 
     # -- hooks for RingDilatedAttentionProduction ---------------------------------------------------
-    timeout: float | None = None
-
     def _make_comm(self, group: Any, rank: int, size: int, device: torch.device) -> RingComm:
         if size == 1:
             return RingComm(group, rank, size, self.comm_stats)
-        return ring_comm(group, self.comm_stats, self.transport, device)
+        return ring_comm(group, self.comm_stats, self.transport, device, timeout=self.timeout, context=self.context())
 
     def _dropout_seed(self) -> int | None:
         """The dropout seed of a call (None: drawn from torch's generator)."""
@@ -308,6 +301,7 @@ class RingDistributedDilatedAttention(RingAttentionBase):
             ``(B, N/P, H, D_v)``: this rank's rows of the output, dtype and device of ``q``.
             With ``return_lse``, the pair ``(out, lse)``.
         """
+        self.step += 1
         dropout_p = self.dropout if self.training else 0.0
         self._validate(q, k, v, key_padding_mask, bool(is_causal), dropout_p, cu_seqlens)
         return self._attend(q, k, v, bool(is_causal), key_padding_mask, dropout_p, return_lse, cu_seqlens)

@@ -8,32 +8,23 @@ is the opposite collective).
 
 from __future__ import annotations
 
-import datetime
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ring_core.plugin import Exchange, RingComm, RingCommStats
+from ring_core.plugin import CollectiveError, RingComm, RingCommStats, timed_wait
 
-
-class CollectiveError(RuntimeError):
-    """A collective did not complete: a peer stalled (timeout) or died (connection closed)."""
-
-
-def wait(work: Any, timeout: float | None, what: str) -> None:
-    """Wait for ``work``; raise :class:`CollectiveError` naming ``what`` when it times out or fails."""
-    try:
-        if timeout is None:
-            work.wait()
-        else:
-            work.wait(datetime.timedelta(seconds=timeout))
-    except RuntimeError as exc:
-        limit = "" if timeout is None else f" within timeout={timeout:g} s"
-        raise CollectiveError(
-            f"rank {dist.get_rank()}: {what} did not complete{limit}: a peer stalled or died ({exc}). "
-            f"The process group is no longer usable: stop this job and restart from a checkpoint."
-        ) from exc
+__all__ = [
+    "BufferPool",
+    "CollectiveError",
+    "GatherShards",
+    "HeadsToSeq",
+    "ManagedComm",
+    "SeqToHeads",
+    "gather_mask",
+    "timed_wait",
+]
 
 
 # -- Ulysses: sequence shard <-> head shard ----------------------------------------------------------
@@ -66,7 +57,7 @@ def _from_ring_order(x: torch.Tensor, u: int, layout: str) -> torch.Tensor:
 
 def _all_to_all(send: torch.Tensor, group: Any, timeout: float | None, what: str) -> torch.Tensor:
     recv = torch.empty_like(send)
-    wait(dist.all_to_all_single(recv, send, group=group, async_op=True), timeout, what)
+    timed_wait(dist.all_to_all_single(recv, send, group=group, async_op=True), timeout, what)
     return recv
 
 
@@ -114,7 +105,7 @@ def gather_mask(mask: torch.Tensor, group: Any, size: int, layout: str | None, t
     """The group's ``(B, n)`` padding masks as one ``(B, size*n)`` mask (ring order, or rank order if no layout)."""
     flat = mask.to(torch.uint8).contiguous()
     parts = [torch.empty_like(flat) for _ in range(size)]
-    wait(dist.all_gather(parts, flat, group=group, async_op=True), timeout, "all-gather of the padding mask")
+    timed_wait(dist.all_gather(parts, flat, group=group, async_op=True), timeout, "all-gather of the padding mask")
     stacked = torch.stack(parts)
     if layout is None:
         return stacked.movedim(0, 1).flatten(1, 2).bool()
@@ -132,7 +123,7 @@ class GatherShards(torch.autograd.Function):
         ctx.args = (group, size, timeout)
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(size)]
-        wait(dist.all_gather(parts, x, group=group, async_op=True), timeout, "all-gather of K/V")
+        timed_wait(dist.all_gather(parts, x, group=group, async_op=True), timeout, "all-gather of K/V")
         return torch.cat(parts, dim=1)
 
     @staticmethod
@@ -140,7 +131,7 @@ class GatherShards(torch.autograd.Function):
         group, size, timeout = ctx.args
         chunks = [c.contiguous() for c in grad.chunk(size, dim=1)]
         out = torch.empty_like(chunks[0])
-        wait(dist.reduce_scatter(out, chunks, group=group, async_op=True), timeout, "reduce-scatter of dK/dV")
+        timed_wait(dist.reduce_scatter(out, chunks, group=group, async_op=True), timeout, "reduce-scatter of dK/dV")
         return out, None, None, None
 
 
@@ -168,22 +159,8 @@ class BufferPool:
         return sum(b.numel() * b.element_size() for b in self.buffers.values())
 
 
-class TimedExchange(Exchange):
-    """An :class:`~ring_core.ring.Exchange` whose waits raise :class:`CollectiveError` after ``timeout`` seconds."""
-
-    def __init__(self, exchange: Exchange, timeout: float | None, what: str) -> None:
-        super().__init__(exchange.works, exchange.send, exchange.recv)
-        self.timeout, self.what = timeout, what
-
-    def wait(self) -> torch.Tensor | None:
-        for work in self.works:
-            wait(work, self.timeout, self.what)
-        self.works = []
-        return self.recv
-
-
 class ManagedComm(RingComm):
-    """The ring's communicator with a timeout on every wait and (optionally) pooled buffers.
+    """The ring's communicator with (optionally) pooled buffers; waits are timed by :class:`RingComm`'s ``timeout``.
 
     Buffer ``c`` of a phase is the ``c``-th exchange of that phase, so a buffer is only
     reused by the next call (never while a step of this call may still read it).
@@ -200,34 +177,10 @@ class ManagedComm(RingComm):
         pool: BufferPool | None = None,
         context: str = "",
     ) -> None:
-        super().__init__(group, rank, world_size, stats)
-        self.timeout, self.pool, self.context = timeout, pool, context
-        self.call = 0
-
-    def begin(self, phase: str, *, reset: bool = True) -> None:
-        super().begin(phase, reset=reset)
-        self.call = 0
+        super().__init__(group, rank, world_size, stats, timeout=timeout, context=context)
+        self.pool = pool
 
     def empty(self, use: str, numel: int, like: torch.Tensor) -> torch.Tensor:
         if self.pool is None:
             return super().empty(use, numel, like)
-        return self.pool.get((self.phase, use, self.call), numel, like)
-
-    def exchange(
-        self,
-        send: torch.Tensor | None,
-        send_to: int,
-        recv_numel: int,
-        recv_from: int,
-        like: torch.Tensor,
-        *,
-        use: str = "send",
-    ) -> Exchange:
-        posted = super().exchange(send, send_to, recv_numel, recv_from, like, use=use)
-        what = (
-            f"{self.context}ring exchange ({self.phase}, exchange {self.call + 1}: receive from ring rank "
-            f"{recv_from} = global rank {self.global_rank(recv_from)}, send to ring rank {send_to} = global rank "
-            f"{self.global_rank(send_to)})"
-        )
-        self.call += 1
-        return TimedExchange(posted, self.timeout, what)
+        return self.pool.get((self.phase, use, self.exchanges), numel, like)

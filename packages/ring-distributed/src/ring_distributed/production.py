@@ -20,9 +20,10 @@ On top of :class:`~ring_distributed.RingDistributedDilatedAttention` (default st
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from .attention import RingDistributedDilatedAttention
-from .comm import BufferPool, ManagedComm, wait
+from .comm import BufferPool, ManagedComm, timed_wait
 
 NONFINITE_MODES = (None, "raise", "skip")
 
@@ -74,34 +75,48 @@ class _GradientGuard(torch.autograd.Function):
         return (None, *ctx.check(dq, dk, dv))
 
 
-_deterministic_stack: list[tuple[bool, bool]] = []
-
-
-def _enter_deterministic() -> None:
-    _deterministic_stack.append(
-        (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    )
+@contextlib.contextmanager
+def _deterministic() -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True, warn_only=True)`` inside, the previous setting restored on any exit."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
-def _leave_deterministic() -> None:
-    enabled, warn_only = _deterministic_stack.pop()
-    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+class _DeterministicScope(torch.autograd.Function):
+    """``attend(q, k, v)`` (a tensor, or a tuple of them) with its forward and its backward under deterministic
+    algorithms.
 
-
-class _DeterministicBackward(torch.autograd.Function):
-    """Identity; in backward, ``enter`` (placed on the output) switches deterministic algorithms on
-    before the attention's backward and ``leave`` (placed on the inputs) restores them after."""
+    The forward keeps the attention's own graph and the backward runs it with
+    ``torch.autograd.grad`` inside one ``with`` block, so the setting is restored whatever
+    happens in between (a :class:`~ring_core.comm.CollectiveError` in backward included).
+    Returns a tuple.
+    """
 
     @staticmethod
-    def forward(ctx, enter, *tensors):  # type: ignore[override]
-        ctx.enter = enter
-        return tuple(t.view_as(t) for t in tensors)
+    def forward(ctx, attend, q, k, v):  # type: ignore[override]
+        inputs = [x.detach().requires_grad_(x.requires_grad) for x in (q, k, v)]
+        with torch.enable_grad(), _deterministic():
+            result = attend(*inputs)
+        outputs = result if isinstance(result, tuple) else (result,)
+        ctx.graph = inputs, outputs
+        ctx.set_materialize_grads(False)
+        return tuple(o.detach() for o in outputs)
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
-        _enter_deterministic() if ctx.enter else _leave_deterministic()
-        return (None, *grads)
+        inputs, outputs = ctx.graph
+        ctx.graph = None
+        pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
+        wanted = [x for x in inputs if x.requires_grad]
+        if not pairs or not wanted:
+            return (None, None, None, None)
+        with _deterministic():
+            found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
+        return (None, *(next(found) if x.requires_grad else None for x in inputs))
 
 
 class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
@@ -149,22 +164,18 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
         super().__init__(
             segment_lengths, dilation_rates, merge, layout, process_group, softmax_scale, dropout, kernel,
             strategy=strategy, ulysses_degree=ulysses_degree, device_mesh=device_mesh, node_size=node_size,
-            window_size=window_size,
+            window_size=window_size, timeout=timeout,
         )  # fmt: skip
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
-            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
         if on_nonfinite not in NONFINITE_MODES:
             raise ValueError(f"on_nonfinite must be one of {list(NONFINITE_MODES)}, got {on_nonfinite!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         self.checkpoint = bool(checkpoint)
-        self.timeout = None if timeout is None else float(timeout)
         self.on_nonfinite = on_nonfinite
         self.deterministic = bool(deterministic)
         self.seed = seed
         self.reuse_buffers = bool(reuse_buffers)
         self.buffers = BufferPool()
-        self.step = 0
         self.nonfinite_events: list[dict[str, Any]] = []
         self._call_step = 0
 
@@ -184,15 +195,8 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         return f"RingDilatedAttentionProduction rank {rank}, step {self._call_step}"
 
-    def _before_validation(self, q: torch.Tensor) -> None:
-        """The validation's all-gather blocks: with a timeout, first make sure every peer is there."""
-        if self.timeout is None:
-            return
-        for comm in self._validation_comms():
-            if comm.world_size > 1:
-                beat = torch.ones(1, device=q.device if q.device.type == "cuda" else "cpu")
-                work = dist.all_reduce(beat, group=comm.group, async_op=True)
-                wait(work, self.timeout, f"{self._where()}: health check (all-reduce) before validation")
+    def context(self) -> str:
+        return f"{self._where()}: "  # the step of the call (also when its backward recomputes it)
 
     # -- non-finite guard ----------------------------------------------------------------------------
     def _nonfinite_report(self, tensors: dict[str, torch.Tensor | None], groups, stage: str) -> list[tuple]:
@@ -207,7 +211,7 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
         for group, size in ((groups.ulysses_group, groups.ulysses_size), (groups.ring_group, groups.ring_size)):
             if size > 1:
                 work = dist.all_reduce(table, group=group, async_op=True)
-                wait(work, self.timeout, f"{self._where()}: non-finite check of the {stage}")
+                timed_wait(work, self.timeout, f"{self._where()}: non-finite check of the {stage}")
         table = table.cpu()
         return [(groups.global_ranks[p], names[i], int(table[p, i])) for p, i in torch.nonzero(table).tolist()]
 
@@ -284,23 +288,24 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
                 q, k, v = _GradientGuard.apply(functools.partial(self._check_gradients, step, groups), q, k, v)
             if self._handle_nonfinite(found, "inputs"):
                 return _zero_attention(q, k, v, return_lse)
-        if self.deterministic:
-            q, k, v = _DeterministicBackward.apply(False, q, k, v)
-            _enter_deterministic()
-        try:
-            attend = functools.partial(self._attend_at, step, return_lse, cu_seqlens=cu_seqlens)
+        attend = functools.partial(self._attend_at, step, return_lse, cu_seqlens=cu_seqlens)
+
+        def run(q, k, v):
             if self.checkpoint and torch.is_grad_enabled():
-                out = activation_checkpoint(
+                return activation_checkpoint(
                     attend, q, k, v, causal, key_padding_mask, dropout_p, use_reentrant=False, preserve_rng_state=True
                 )
-            else:
-                out = attend(q, k, v, causal, key_padding_mask, dropout_p)
-        finally:
-            if self.deterministic:
-                _leave_deterministic()
+            return attend(q, k, v, causal, key_padding_mask, dropout_p)
+
+        if not self.deterministic:
+            out = run(q, k, v)
+        elif torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            out = _DeterministicScope.apply(run, q, k, v)
+            out = out if return_lse else out[0]
+        else:
+            with _deterministic():
+                out = run(q, k, v)
         out, lse = out if return_lse else (out, None)
-        if self.deterministic:
-            (out,) = _DeterministicBackward.apply(True, out)
         if self.on_nonfinite is not None:
             found = self._nonfinite_report({"output": out.detach()}, groups, "output")
             if self._handle_nonfinite(found, "output"):

@@ -50,8 +50,9 @@ class RingDilatedAttentionFlash(RingDilatedAttention):
         local = (call.documents is None or world_size == 1) and segments_within_shards(
             q.shape[1], world_size, self.layout, self.segment_lengths
         )
-        if call.dropout_p > 0 or not local:  # dropout: the engine's kernels; spanning segments or documents: the ring
-            self.last_path = "engine (dropout)" if call.dropout_p > 0 else "ring"
+        # dropout, empty inputs: the engine's kernels; segments or documents spanning shards: the ring
+        if call.dropout_p > 0 or not local or q.numel() == 0:
+            self.last_path = "engine (dropout)" if call.dropout_p > 0 else "ring" if not local else "engine"
             return None
         windowed = self.window_size != (-1, -1)
         request = self.request(q, k, call.causal, call.key_padding_mask, window=windowed)

@@ -56,10 +56,6 @@ def _binary_to_bool(mask: torch.Tensor, name: str) -> tuple[torch.Tensor, bool]:
     return mask, False
 
 
-def _keeps_encoder_layers_off_torch_attention(module: nn.Module, args: tuple) -> None:
-    """A forward pre-hook that does nothing: see ``MultiheadDilatedAttention.__init__``."""
-
-
 class MultiheadDilatedAttention(nn.Module):
     """A drop-in for ``torch.nn.MultiheadAttention`` computing LongNet dilated attention.
 
@@ -78,6 +74,10 @@ class MultiheadDilatedAttention(nn.Module):
       and ``out_proj`` ``xavier_normal_(gain=gamma_init)``; biases zero.
     """
 
+    # torch's TransformerEncoder(Layer) take their fused inference paths (eval, no grad: dense attention on
+    # in_proj_weight through merge_masks, nested tensors for padding) only when this is True; they would compute
+    # plain attention (no dilation, no sub-LayerNorm), never calling this module. False keeps them on forward.
+    _qkv_same_embed_dim: ClassVar[bool] = False
     max_dense_scores: ClassVar[int] = 1 << 24
 
     def __init__(
@@ -131,7 +131,7 @@ class MultiheadDilatedAttention(nn.Module):
         self.embed_dim = embed_dim
         self.kdim = kdim if kdim is not None else embed_dim
         self.vdim = vdim if vdim is not None else embed_dim
-        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        self._packed_in_proj = self.kdim == embed_dim and self.vdim == embed_dim  # one in_proj_weight, as in torch
         self.num_heads = num_heads
         self.dropout = check_dropout(dropout)
         self.batch_first = batch_first
@@ -139,7 +139,7 @@ class MultiheadDilatedAttention(nn.Module):
         self.merge = merge
         self.window_size = window_size
         self.gamma_init = float(gamma_init)
-        if self._qkv_same_embed_dim:
+        if self._packed_in_proj:
             self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
             self.register_parameter("q_proj_weight", None)
             self.register_parameter("k_proj_weight", None)
@@ -162,15 +162,12 @@ class MultiheadDilatedAttention(nn.Module):
         self.add_zero_attn = add_zero_attn
         self.norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps, **factory) if layer_norm else None
         self._reset_parameters()
-        # nn.TransformerEncoderLayer's inference fast path would run torch's own fused attention on these
-        # weights (through nn.MultiheadAttention.merge_masks); it declines for modules with hooks
-        self.register_forward_pre_hook(_keeps_encoder_layers_off_torch_attention)
 
     def _reset_parameters(self) -> None:
         """MAGNETO: q, k ``xavier_normal_(gain=1)``; v, out ``xavier_normal_(gain=gamma_init)``; biases 0."""
         e = self.embed_dim
         with torch.no_grad():
-            if self._qkv_same_embed_dim:
+            if self._packed_in_proj:
                 weights = self.in_proj_weight[:e], self.in_proj_weight[e : 2 * e], self.in_proj_weight[2 * e :]
             else:
                 weights = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
@@ -338,10 +335,10 @@ class MultiheadDilatedAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         e = self.embed_dim
         heads = (self.num_heads, self.head_dim)
-        if self_attention and self._qkv_same_embed_dim:  # one product for q, k and v, as nn.MultiheadAttention
+        if self_attention and self._packed_in_proj:  # one product for q, k and v, as nn.MultiheadAttention
             packed = F.linear(query, self.in_proj_weight, self.in_proj_bias)
             return packed.unflatten(-1, (3, *heads)).unbind(-3)
-        if self._qkv_same_embed_dim:
+        if self._packed_in_proj:
             wq, wk, wv = self.in_proj_weight[:e], self.in_proj_weight[e : 2 * e], self.in_proj_weight[2 * e :]
         else:
             wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight

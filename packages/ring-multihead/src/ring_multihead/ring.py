@@ -22,10 +22,12 @@ import torch
 from ring_core.plugin import (
     RingComm,
     RingCommStats,
+    RingConfigError,
     RingDilatedAttention,
     agree_across_ranks,
     check_cu_seqlens,
     check_layout,
+    check_timeout,
     differing_fields,
     group_rank_and_size,
     shard_positions,
@@ -39,7 +41,9 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
     """:class:`MultiheadDilatedAttention` over a sequence sharded on the ranks of ``process_group``.
 
     Extra keyword arguments: ``process_group`` (None: the default group, or one
-    process without ``torch.distributed``) and ``layout``. Inputs are this rank's
+    process without ``torch.distributed``), ``layout`` and ``timeout`` (seconds any wait
+    for a peer may take, else :class:`~ring_core.comm.CollectiveError`; default ``None``:
+    forever). Inputs are this rank's
     shard; ``N = P * local length`` must satisfy SPEC.md's divisibility. Across
     ranks, ``attn_mask`` must be None (use ``is_causal=True``), key and query
     shards have the same length, and ``add_bias_kv`` / ``add_zero_attn`` need the
@@ -69,6 +73,7 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         process_group: Any = None,
         layout: str = "contiguous",
         window_size: tuple[int, int] = (-1, -1),
+        timeout: float | None = None,
     ) -> None:
         super().__init__(
             embed_dim,
@@ -92,6 +97,7 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         )
         self.process_group = process_group
         self.layout = check_layout(layout)
+        self.timeout = check_timeout(timeout)
         self._rings: dict[tuple, RingDilatedAttention] = {}  # ring_core RingDilatedAttention per configuration
 
     def _world(self) -> tuple[int, int]:
@@ -133,6 +139,7 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
                 process_group=self.process_group,
                 dropout=dropout_p,
                 window_size=self.window_size,
+                timeout=self.timeout,
             )
             self._rings[key] = ring
         return ring(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens)
@@ -227,10 +234,11 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
 
         fields = ("ok", "batch size", "local length", "need_weights", "is_causal", "cu_seqlens")
         comm = RingComm.for_group(self.process_group, RingCommStats())
+        comm.timeout = self.timeout
         table = agree_across_ranks(check, fields, comm, name=type(self).__name__)
         differing, details = differing_fields(table, fields)
         if differing:
-            raise ValueError(f"{type(self).__name__}: the ranks' calls differ: {details}; nothing was computed")
+            raise RingConfigError(f"{type(self).__name__}: the ranks' calls differ: {details}; nothing was computed")
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, layout={self.layout!r}"

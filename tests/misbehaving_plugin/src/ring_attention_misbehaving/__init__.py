@@ -1,0 +1,1 @@
+"""A test plugin that misbehaves on purpose (see the README)."""
