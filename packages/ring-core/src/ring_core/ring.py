@@ -231,6 +231,7 @@ class RingAttentionBase(nn.Module):
             with ``return_lse``, the pair ``(out, lse)``.
         """
         raise NotImplementedError(f"{type(self).__name__} must define forward")
+
     def context(self) -> str:
         """How errors of this rank's current call start: the class, the global rank and the call (``step``)."""
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -123,6 +123,8 @@ def varlen_layout(cu_seqlens, *tensors):
     if cu_seqlens is None or not isinstance(tensors[0], torch.Tensor) or tensors[0].dim() != 3:
         return tensors, False
     return tuple(t.unsqueeze(0) if isinstance(t, torch.Tensor) else t for t in tensors), True
+
+
 def check_scale(softmax_scale: float | None) -> float | None:
     """``None`` (``1/sqrt(D)``) or a finite real number; returned as a float."""
     if softmax_scale is None:
