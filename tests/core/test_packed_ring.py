@@ -147,7 +147,7 @@ def _errors(rank):
     )
     module = RingDilatedAttention([32], [1])
     out["after"] = bool(torch.isfinite(call(module=module)).all())
-    # a new batch of documents is checked again: one all-gather for it, none for a repeated one
+    # every call agrees across ranks, documents included: one all-gather per call, repeated batches too
     gathers = []
     original = dist.all_gather
 
@@ -304,7 +304,7 @@ def test_disagreeing_ranks_all_raise(world):
         kind, message = result["not_global"]
         assert kind == "ValueError" and "cu_seqlens must end at N=32" in message
         assert result["after"] is True
-        assert result["gathers"] == 1  # (0, 3, 32) is new; (0, 12, 32) was checked by the call before
+        assert result["gathers"] == 3  # one small all-gather per call, never skipped for a repeated batch
 
 
 # -- no processes ---------------------------------------------------------------------------------

@@ -9,7 +9,11 @@ import pytest
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGE_DIRS = [*sorted((ROOT / "packages").iterdir()), ROOT / "tests" / "sample_plugin"]
+PACKAGE_DIRS = [
+    *sorted((ROOT / "packages").iterdir()),
+    ROOT / "tests" / "sample_plugin",
+    ROOT / "tests" / "misbehaving_plugin",
+]
 
 
 @pytest.mark.parametrize("package", PACKAGE_DIRS, ids=lambda p: p.name)

@@ -31,6 +31,8 @@ COMMON_ARGUMENTS: dict[str, str] = {
     "transport": '"nccl" (batch_isend_irecv) or "copy_engine" (GPU copy engines, one host) for K/V and dK/dV',
     "window_size": "sliding window (left, right): query t sees only keys t-left..t+right (-1: unbounded; "
     "(-1, -1): none)",
+    "timeout": "seconds any wait for a peer may take (None: forever); a stalled or dead peer raises "
+    "CollectiveError naming this rank, the call, the exchange and the peers",
     "embed_dim": "model dimension (as torch.nn.MultiheadAttention)",
     "num_heads": "number of heads; embed_dim must be divisible by it (as torch.nn.MultiheadAttention)",
     "bias": "bias in the input and output projections (as torch.nn.MultiheadAttention)",

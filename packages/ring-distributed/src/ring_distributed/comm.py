@@ -80,6 +80,7 @@ class SeqToHeads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group, u, layout, timeout):  # type: ignore[override]
+        """``x`` ``(B, N/P, H, D)`` -> ``(B, u*N/P, H/u, D)``; ``timeout`` bounds the all-to-all (seconds or None)."""
         ctx.args = (group, u, layout, timeout)
         return seq_to_heads_forward(x, group, u, layout, timeout)
 
@@ -93,6 +94,7 @@ class HeadsToSeq(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, group, u, layout, timeout):  # type: ignore[override]
+        """``y`` ``(B, u*N/P, H/u, D)`` -> ``(B, N/P, H, D)``; ``timeout`` bounds the all-to-all (seconds or None)."""
         ctx.args = (group, u, layout, timeout)
         return heads_to_seq_forward(y, group, u, layout, timeout)
 
@@ -120,6 +122,7 @@ class GatherShards(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group, size, timeout):  # type: ignore[override]
+        """``x`` ``(B, n, ...)`` of each of the ``size`` ranks -> ``(B, size*n, ...)`` in rank order."""
         ctx.args = (group, size, timeout)
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(size)]
