@@ -14,9 +14,19 @@ from collections.abc import Callable
 
 from ring_core.testing import DistributedRunError, run_gloo
 
-__all__ = ["DistributedRunError", "run_distributed"]
+__all__ = ["DistributedRunError", "raised", "run_distributed"]
 
 
 def run_distributed(fn: Callable[..., object], world_size: int, *args: object, timeout: float = 120.0) -> list[object]:
     """``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; results in rank order."""
     return run_gloo(fn, world_size, *args, timeout=timeout)
+
+
+def raised(fn: Callable[[], object]) -> tuple[str, str] | None:
+    """``(type name, message)`` of what ``fn()`` raises, or None: in a rank, so that the parent checks that
+    every rank raised the same error (and none hung)."""
+    try:
+        fn()
+    except Exception as exc:  # every rank must raise; the parent checks type and message
+        return type(exc).__name__, str(exc)
+    return None

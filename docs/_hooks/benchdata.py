@@ -161,6 +161,7 @@ RING = "ring-4xh200.json"
 
 
 SPARSE = "blocksparse-h200.json"
+WINDOWS = "packed-windows-h200.json"
 SPARSE_RING = "blocksparse-ring-2xh200.json"
 CPU = "cli-bench-cpu.json"
 CPU_LONG = "core-cpu.json"

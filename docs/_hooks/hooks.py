@@ -7,7 +7,7 @@
   kernels and deprecated names, read from the registry;
 - ``<!-- answer: NAME -->`` markers (the benchmarks page): a conclusion, a figure and tables
   computed from ``docs/benchmarks/*.json`` (``benchpage.py``);
-- ``<!-- headline -->``: the five headline ratios (``headline.py``), which also rewrites
+- ``<!-- headline -->``: the six headline ratios (``headline.py``), which also rewrites
   ``docs/images/headline.png`` and the README's table before each build when the JSON changed.
 """
 

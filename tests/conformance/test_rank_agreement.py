@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import ring_core
-from distributed_helpers import run_distributed
+from distributed_helpers import raised, run_distributed
 
 pytestmark = pytest.mark.distributed
 
@@ -56,14 +56,6 @@ def _call(module, signature, seed: int = 0) -> torch.Tensor:
     return module(q, k, v, is_causal=causal)
 
 
-def _outcome(fn):
-    try:
-        fn()
-    except Exception as exc:  # every rank must raise; the parent checks type and message
-        return type(exc).__name__, str(exc)
-    return None
-
-
 def _disagree(rank, group, names):
     found = {}
     for name in names:
@@ -73,12 +65,12 @@ def _disagree(rank, group, names):
             module = _attention(name, group)
             for signature in (first, second):  # every rank has seen both signatures
                 _call(module, signature)
-            found[name, scenario] = _outcome(lambda m=module, s=first if rank == 0 else second: _call(m, s))
+            found[name, scenario] = raised(lambda m=module, s=first if rank == 0 else second: _call(m, s))
             found[name, scenario, "after"] = bool(torch.isfinite(_call(module, first, seed=1)).all())
         seeds = {"pattern": "random", "density": 0.5, "seed": 1 if rank == 0 else 2}
         if name == "block_sparse_ring_dilated":  # the same pattern name and density, another random layout
             module = _attention(name, group, **seeds)
-            found[name, "seed"] = _outcome(lambda m=module: _call(m, (1, 8, 4, False)))
+            found[name, "seed"] = raised(lambda m=module: _call(m, (1, 8, 4, False)))
     return found
 
 
@@ -151,7 +143,7 @@ def _stall(rank, groups, names):
             ring_core.comm.RingComm.exchange = stalled
         start = time.monotonic()
         try:
-            found[name] = (_outcome(lambda m=module: _call(m, (1, 8, 4, False))), time.monotonic() - start)
+            found[name] = (raised(lambda m=module: _call(m, (1, 8, 4, False))), time.monotonic() - start)
         finally:
             ring_core.comm.RingComm.exchange = exchange
         if not waited:
@@ -193,7 +185,7 @@ def _stall_in_backward(rank, group):
     out = module(q, k, v)
     found = None
     if rank == 0:
-        found = (_outcome(lambda: out.sum().backward()), torch.are_deterministic_algorithms_enabled())
+        found = (raised(lambda: out.sum().backward()), torch.are_deterministic_algorithms_enabled())
     dist.barrier()  # rank 1 never runs its backward
     return found
 
@@ -203,8 +195,8 @@ def _misuse(rank, pair):
     q = torch.randn(1, 4, 2, D, dtype=torch.float64)
     found = {}
     if rank == 2:
-        found["outside"] = _outcome(lambda: ring_core.RingDilatedAttention([8], [1], process_group=pair)(q, q, q))
-    found["unshard"] = _outcome(lambda: ring_core.unshard_sequence(torch.zeros(1, 4 + (rank == 1), 2)))
+        found["outside"] = raised(lambda: ring_core.RingDilatedAttention([8], [1], process_group=pair)(q, q, q))
+    found["unshard"] = raised(lambda: ring_core.unshard_sequence(torch.zeros(1, 4 + (rank == 1), 2)))
     found["unshard_after"] = tuple(ring_core.unshard_sequence(torch.zeros(1, 4, 2)).shape)
     return found
 

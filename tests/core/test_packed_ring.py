@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import ring_core
-from distributed_helpers import run_distributed
+from distributed_helpers import raised, run_distributed
 from ring_core import RingDilatedAttention, hookimpl
 from ring_core.kernels import MathKernel
 from ring_core.testing import PACKED_CASES, TOLERANCES, fit_case, sharded_case_errors
@@ -120,14 +120,6 @@ def _byte_counts(rank):
     return counts
 
 
-def _expect_error(fn):
-    try:
-        fn()
-    except Exception as exc:  # every rank must raise; the parent checks type and message
-        return type(exc).__name__, str(exc)
-    return None
-
-
 def _errors(rank):
     """Ranks that disagree on cu_seqlens or window_size, or pass a bad cu_seqlens: every rank raises."""
     out = {}
@@ -136,11 +128,11 @@ def _errors(rank):
         module = module or RingDilatedAttention([32], [1], window_size=window)
         return module(*_inputs(8, rank, seed=2), cu_seqlens=torch.tensor(documents))
 
-    out["cu_seqlens"] = _expect_error(lambda: call(documents=(0, 10, 32) if rank == 1 else (0, 12, 32)))
-    out["window"] = _expect_error(lambda: call(window=(4, 0) if rank == 2 else (3, 0)))
-    out["bad_cu_seqlens"] = _expect_error(lambda: call(documents=(1, 12, 32) if rank == 0 else (0, 12, 32)))
-    out["not_global"] = _expect_error(lambda: call(documents=(0, 8)))  # a shard's length, not N
-    out["functional"] = _expect_error(
+    out["cu_seqlens"] = raised(lambda: call(documents=(0, 10, 32) if rank == 1 else (0, 12, 32)))
+    out["window"] = raised(lambda: call(window=(4, 0) if rank == 2 else (3, 0)))
+    out["bad_cu_seqlens"] = raised(lambda: call(documents=(1, 12, 32) if rank == 0 else (0, 12, 32)))
+    out["not_global"] = raised(lambda: call(documents=(0, 8)))  # a shard's length, not N
+    out["functional"] = raised(
         lambda: ring_core.ring_dilated_attention(
             *_inputs(8, rank), segment_lengths=[32], dilation_rates=[1], window_size=(2, 0) if rank else (3, 0)
         )

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 import ring_core
-from distributed_helpers import run_distributed
+from distributed_helpers import raised, run_distributed
 from ring_core import RingDilatedAttention, shard_sequence, unshard_sequence
 from ring_core.dilated import branches
 from ring_core.ring_plan import _part_rows as part_rows
@@ -62,14 +62,6 @@ def _byte_counts(rank):
     return counts
 
 
-def _expect_error(fn):
-    try:
-        fn()
-    except Exception as exc:  # every rank must raise; the parent checks type and message
-        return type(exc).__name__, str(exc)
-    return None
-
-
 def _errors(rank):
     """Bad inputs on some ranks: every rank raises, nobody hangs, and a good call still works after."""
     out = {}
@@ -82,16 +74,16 @@ def _errors(rank):
             tensors[0] = q
         return module(*tensors, is_causal=causal)
 
-    out["local_len"] = _expect_error(lambda: call(n_local=5 if rank == 0 else 4))
-    out["zigzag_odd"] = _expect_error(lambda: call(n_local=3, layout="zigzag"))
-    out["dtype"] = _expect_error(lambda: call(dtype=torch.float32 if rank == 1 else torch.float64))
+    out["local_len"] = raised(lambda: call(n_local=5 if rank == 0 else 4))
+    out["zigzag_odd"] = raised(lambda: call(n_local=3, layout="zigzag"))
+    out["dtype"] = raised(lambda: call(dtype=torch.float32 if rank == 1 else torch.float64))
     other = {"segment_lengths": [8, 64], "dilation_rates": [1, 2]}
-    out["config"] = _expect_error(lambda: call(config=other if rank == 2 else dense))
-    out["causal"] = _expect_error(lambda: call(causal=rank == 3))
-    out["bad_tensor"] = _expect_error(lambda: call(q=torch.randn(4, H, D, dtype=torch.float64) if rank == 0 else None))
-    out["shard_n"] = _expect_error(lambda: shard_sequence(torch.zeros(1, 10, 2, 2)))
+    out["config"] = raised(lambda: call(config=other if rank == 2 else dense))
+    out["causal"] = raised(lambda: call(causal=rank == 3))
+    out["bad_tensor"] = raised(lambda: call(q=torch.randn(4, H, D, dtype=torch.float64) if rank == 0 else None))
+    out["shard_n"] = raised(lambda: shard_sequence(torch.zeros(1, 10, 2, 2)))
     copy_engine = RingDilatedAttention([64], [1], transport="copy_engine")
-    out["copy_engine_cpu"] = _expect_error(lambda: copy_engine(*_inputs(4, 2, rank=rank)))
+    out["copy_engine_cpu"] = raised(lambda: copy_engine(*_inputs(4, 2, rank=rank)))
     out["released"] = ring_core.comm.release_copy_engine_slots()  # none were allocated: nothing to free
     out["after"] = bool(torch.isfinite(call()).all())
 
