@@ -14,9 +14,10 @@ import pytest
 import torch
 
 import ring_core
+import ring_flash.varlen
 from ring_core import hookimpl
-from ring_core.plugin import MathKernel, branches, window_kwargs
-from ring_core.testing import PACKED_CASES, check_attention
+from ring_core.plugin import MathKernel, branches, dilated_parts, window_kwargs
+from ring_core.testing import PACKED_CASES, check_attention, make_inputs
 
 
 class LoopVarlenKernel(MathKernel):
@@ -29,6 +30,7 @@ class LoopVarlenKernel(MathKernel):
 
     def __init__(self) -> None:
         self.varlen_calls = 0
+        self.seen: dict[str, tuple] = {}  # the last varlen call's (inputs, results), by direction
 
     def forward(self, q, k, v, *, window=None, mask=None, **kwargs):
         as_mask = window_kwargs(MathKernel(), q, k, mask, window)
@@ -52,7 +54,8 @@ class LoopVarlenKernel(MathKernel):
             )
             outs.append(o[0])
             lses.append(lse[0])
-        return torch.cat(outs), torch.cat(lses, -1)
+        self.seen["forward"] = ((q, k, v), (result := (torch.cat(outs), torch.cat(lses, -1))))
+        return result
 
     def backward_varlen(self, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, *, scale, causal=False, window=None):
         grads = [[], [], []]
@@ -63,7 +66,8 @@ class LoopVarlenKernel(MathKernel):
             )  # fmt: skip
             for grad, value in zip(grads, block):
                 grad.append(value[0])
-        return tuple(torch.cat(grad) for grad in grads)
+        self.seen["backward"] = ((dout, q, k, v, out), (result := tuple(torch.cat(grad) for grad in grads)))
+        return result
 
 
 @pytest.fixture
@@ -93,6 +97,41 @@ def test_varlen_path_matches_reference(varlen_kernel, case, dtype):
     branch_list = branches(case.segment_lengths, case.dilation_rates, case.merge, case.heads)
     offsets = sum(len({h % b.rate for h in range(b.head_start, b.head_stop)}) for b in branch_list)
     assert varlen_kernel.varlen_calls == offsets  # one call per branch offset, every document in it
+
+
+def _same(tensors, others) -> bool:
+    """Whether each tensor is the other's memory itself (no copy between them)."""
+    return all(a.data_ptr() == b.data_ptr() and a.shape == b.shape for a, b in zip(tensors, others, strict=True))
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2], ids=["mha", "gqa"])
+def test_dense_packed_attention_is_the_bare_call(varlen_kernel, kv_heads):
+    """One rate-1 branch over every head: the kernel gets the inputs themselves, and its output and gradients
+    are the results (nothing copied, gathered, merged or converted around the call)."""
+    case = dataclasses.replace(CASES[0], heads=4, kv_heads=kv_heads)
+    attn = ring_core.create_attention("ring_dilated_flash", **case.config, kernel="loop_varlen")
+    q, k, v, _ = (x.requires_grad_() if x is not None else x for x in make_inputs(case, torch.float32))
+    out = attn(q, k, v, is_causal=case.causal, **case.forward_options())
+    inputs, results = varlen_kernel.seen["forward"]
+    assert _same(inputs, (q[0], k[0], v[0])) and _same([out[0]], results[:1])
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    inputs, results = varlen_kernel.seen["backward"]
+    assert _same(inputs, (dout[0], q[0], k[0], v[0], out[0])) and _same([g[0] for g in grads], results)
+    assert varlen_kernel.varlen_calls == 1
+
+
+def test_calls_are_made_once(varlen_kernel, monkeypatch):
+    """The calls (rows, cumulative lengths: host work and a copy to the device) are made by the first call of a
+    geometry only, not again in backward or in later calls."""
+    made = []
+    monkeypatch.setattr(ring_flash.varlen, "dilated_parts", lambda *a: made.append(a) or dilated_parts(*a))
+    ring_flash.varlen._calls.cache_clear()
+    case = CASES[1]
+    attn = ring_core.create_attention("ring_dilated_flash", **case.config, kernel="loop_varlen")
+    for seed in (1, 2):
+        assert check_attention(attn, case, torch.float64, seed=seed).passed
+    assert len(made) == len(case.segment_lengths)  # once per branch, by the first forward
 
 
 @pytest.mark.parametrize("case", [c for c in PACKED_CASES if c.padding], ids=str)

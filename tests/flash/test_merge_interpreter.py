@@ -52,7 +52,7 @@ SCRIPT = textwrap.dedent(
         out, acc_lse = torch.randn(2, 12, 6, 8), lse.clone()
         expected, expected_lse = out.clone(), acc_lse.clone()
         merge_into(view(expected), view(expected_lse), block, block_lse)
-        merge._use_triton = lambda dsts, srcs: True  # online_merge checks for CUDA tensors
+        merge._use_triton = lambda dsts, srcs, index=None: True  # online_merge checks for CUDA tensors
         assert merge.online_merge(view(out), view(acc_lse), block, block_lse)
         assert rel(out, expected) < 1e-6
         assert torch.equal(torch.isinf(acc_lse), torch.isinf(expected_lse))
@@ -61,6 +61,30 @@ SCRIPT = textwrap.dedent(
         merge_into(view(expected), view(lse.clone()), block, block_lse)
         assert merge.online_merge(view(low), view(lse.clone()), block, block_lse)
         assert rel(low, expected) < 4e-3  # one bfloat16 rounding
+        # indexed: packed rows (total, h, D) merged into rows `index` of a head view of (N, H, D)
+        index = torch.tensor([7, 0, 3, 10, 4], dtype=torch.int64)
+        packed = torch.randn(5, 3, 8).to(dtype)
+        for accumulate in (False, True):
+            grads = [torch.randn(12, 6, 8) for _ in range(3)]
+            expected = [g.clone() for g in grads]
+            for g in expected:
+                rows = g[:, 1::2]
+                rows.index_add_(0, index, packed.float()) if accumulate else rows.index_copy_(0, index, packed.float())
+            merge._merge_triton([g[:, 1::2] for g in grads], [packed] * 3, accumulate, index)
+            assert all(rel(a, b) < 1e-6 for a, b in zip(grads, expected)), (dtype, accumulate)
+        packed_lse = torch.randn(3, 5).transpose(0, 1)  # (total, h), strided as the varlen kernels give it
+        packed_lse[1, 2] = float("-inf")
+        out, acc_lse = torch.randn(12, 6, 8), lse[0].clone()
+        acc_lse[0, 5] = float("-inf")  # row 0 (packed row 1), head 5 (view head 2): nothing seen at all
+        expected, expected_lse = out.clone(), acc_lse.clone()
+        rows_out, rows_lse = expected[:, 1::2][index], expected_lse[:, 1::2][index]
+        merge_into(rows_out, rows_lse, packed, packed_lse)
+        expected[:, 1::2][index], expected_lse[:, 1::2][index] = rows_out, rows_lse
+        assert merge._indexable(out[:, 1::2], packed, index) and not merge._indexable(out[:, 1::2], packed, index[:4])
+        assert merge.online_merge(out[:, 1::2], acc_lse[:, 1::2], packed, packed_lse, index=index)
+        assert rel(out, expected) < 1e-6 and out[0, 5].abs().sum() == 0
+        finite = torch.isfinite(expected_lse)
+        assert torch.equal(torch.isfinite(acc_lse), finite) and rel(acc_lse[finite], expected_lse[finite]) < 1e-6
     print("ok")
     """
 )

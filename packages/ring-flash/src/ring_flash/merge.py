@@ -36,28 +36,40 @@ def triton_enabled() -> bool:
     return os.environ.get("RING_FLASH_TRITON", "1") != "0" and installed("triton")
 
 
-def merge_block(dst: torch.Tensor, src: torch.Tensor, *, accumulate: bool) -> None:
+def merge_block(dst: torch.Tensor, src: torch.Tensor, *, accumulate: bool, index: torch.Tensor | None = None) -> None:
     """``dst (+)= src`` in place; ``dst`` and ``src`` have the same shape ``(..., D)`` (any strides, any float
-    dtypes: the add is computed in float32)."""
-    if _use_triton([dst], [src]):
-        _merge_triton([dst], [src], accumulate)
+    dtypes: the add is computed in float32).
+
+    ``index`` (distinct int64 rows of ``dst``): ``dst[index] (+)= src`` instead, ``dst`` and ``src`` of shape
+    ``(rows, h, D)`` (packed rows gathered from ``dst``'s), without a gathered copy of ``dst``."""
+    if _use_triton([dst], [src], index):
+        _merge_triton([dst], [src], accumulate, index)
         return
-    dst.add_(src) if accumulate else dst.copy_(src)
+    if index is None:
+        dst.add_(src) if accumulate else dst.copy_(src)
+    else:
+        dst.index_add_(0, index, src.to(dst.dtype)) if accumulate else dst.index_copy_(0, index, src.to(dst.dtype))
 
 
-def merge_blocks(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], *, accumulate: bool) -> None:
-    """:func:`merge_block` for several pairs (``dq, dk, dv``), one launch where they are alike."""
+def merge_blocks(
+    dsts: Sequence[torch.Tensor],
+    srcs: Sequence[torch.Tensor],
+    *,
+    accumulate: bool,
+    index: torch.Tensor | None = None,
+) -> None:
+    """:func:`merge_block` for several pairs (``dq, dk, dv``; the same ``index``), one launch where they are alike."""
     alike = (
         len(dsts) <= 3
         and len({(d.shape, d.stride(), d.dtype) for d in dsts}) == 1
         and len({(s.shape, s.stride(), s.dtype) for s in srcs}) == 1
         and all(_shift(x, xs[0]) is not None for xs in (dsts, srcs) for x in xs)
     )
-    if alike and _use_triton(dsts, srcs):
-        _merge_triton(dsts, srcs, accumulate)
+    if alike and _use_triton(dsts, srcs, index):
+        _merge_triton(dsts, srcs, accumulate, index)
         return
     for dst, src in zip(dsts, srcs):
-        merge_block(dst, src, accumulate=accumulate)
+        merge_block(dst, src, accumulate=accumulate, index=index)
 
 
 def _shift(x: torch.Tensor, first: torch.Tensor) -> int | None:
@@ -66,11 +78,25 @@ def _shift(x: torch.Tensor, first: torch.Tensor) -> int | None:
     return None if delta % x.element_size() else delta // x.element_size()
 
 
-def _use_triton(dsts, srcs) -> bool:
+def _use_triton(dsts, srcs, index: torch.Tensor | None = None) -> bool:
     return (
         all(x.is_cuda and x.dtype in _TRITON_DTYPES and x.stride(-1) == 1 for x in (*dsts, *srcs))
         and dsts[0].dim() - 1 <= _MAX_DIMS
+        and (index is None or _indexable(dsts[0], srcs[0], index))
         and triton_enabled()
+    )
+
+
+def _indexable(dst: torch.Tensor, src: torch.Tensor, index: torch.Tensor) -> bool:
+    """Whether the kernels' row index (leading dim 2 of 4: the rows of ``(rows, h, D)``) serves ``dst[index]``."""
+    return (
+        dst.dim() == src.dim() == 3
+        and dst.shape[1:] == src.shape[1:]
+        and index.dim() == 1
+        and index.numel() == src.shape[0]
+        and index.dtype == torch.int64
+        and index.device == dst.device
+        and index.is_contiguous()
     )
 
 
@@ -88,11 +114,11 @@ def _geometry(x: torch.Tensor) -> tuple[int, int, list[int], int, int]:
     return x.numel() // max(1, width), width, sizes, max(1, 4096 // block_d), block_d
 
 
-def _merge_triton(dsts, srcs, accumulate) -> None:
+def _merge_triton(dsts, srcs, accumulate, index=None) -> None:
     from ._triton_merge import merge_kernel
 
     dst, src = dsts[0], srcs[0]
-    rows, width, sizes, block_r, block_d = _geometry(dst)
+    rows, width, sizes, block_r, block_d = _geometry(src)
     if rows == 0 or width == 0:
         return
     shifts = [_shift(x, xs[0]) for xs in (dsts, srcs) for x in xs[1:]]
@@ -100,33 +126,42 @@ def _merge_triton(dsts, srcs, accumulate) -> None:
     grid = ((rows + block_r - 1) // block_r, len(dsts))
     with torch.cuda.device(dst.device) if dst.is_cuda else contextlib.nullcontext():  # CPU: TRITON_INTERPRET=1
         merge_kernel[grid](
-            dst, src, rows, *sizes[1:], *_padded(dst.stride()[:-1]), *_padded(src.stride()[:-1]), width, *shifts,
-            BLOCK_R=block_r, BLOCK_D=block_d, ACCUMULATE=accumulate, num_warps=4,
+            dst, src, dst if index is None else index, rows, *sizes[1:], *_padded(dst.stride()[:-1]),
+            *_padded(src.stride()[:-1]), width, *shifts,
+            BLOCK_R=block_r, BLOCK_D=block_d, ACCUMULATE=accumulate, INDEXED=index is not None, num_warps=4,
         )  # fmt: skip
 
 
 def online_merge(
-    out_acc: torch.Tensor, lse_acc: torch.Tensor, out_block: torch.Tensor, lse_block: torch.Tensor
+    out_acc: torch.Tensor,
+    lse_acc: torch.Tensor,
+    out_block: torch.Tensor,
+    lse_block: torch.Tensor,
+    index: torch.Tensor | None = None,
 ) -> bool:
     """:func:`ring_core.merge_into` in one Triton pass on CUDA (``out_acc`` float32, bfloat16 or float16, computed in
-    float32; log-sum-exps float32); ``False`` if it cannot."""
+    float32; log-sum-exps float32); ``False`` if it cannot. ``index``: the block's rows are the accumulator's rows
+    ``index`` (as in :func:`merge_block`)."""
     usable = (
         lse_acc.dtype == lse_block.dtype == torch.float32
         and out_acc.dim() - 1 <= _MAX_DIMS
-        and lse_acc.shape == lse_block.shape == out_acc.shape[:-1]
-        and _use_triton([out_acc], [out_block])
+        and lse_block.shape == out_block.shape[:-1]
+        and lse_acc.shape == out_acc.shape[:-1]
+        and (index is not None or lse_acc.shape == lse_block.shape)
+        and _use_triton([out_acc], [out_block], index)
     )
     if not usable:
         return False
     from ._triton_merge import online_merge_kernel
 
-    rows, width, sizes, block_r, block_d = _geometry(out_acc)
+    rows, width, sizes, block_r, block_d = _geometry(out_block)
     if rows == 0 or width == 0:
         return True
     with torch.cuda.device(out_acc.device) if out_acc.is_cuda else contextlib.nullcontext():  # CPU: TRITON_INTERPRET=1
         online_merge_kernel[((rows + block_r - 1) // block_r,)](
-            out_acc, lse_acc, out_block, lse_block, rows, *sizes[1:],
+            out_acc, lse_acc, out_block, lse_block, out_acc if index is None else index, rows, *sizes[1:],
             *_padded(out_acc.stride()[:-1]), *_padded(lse_acc.stride()), *_padded(out_block.stride()[:-1]),
-            *_padded(lse_block.stride()), width, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
+            *_padded(lse_block.stride()), width, BLOCK_R=block_r, BLOCK_D=block_d, INDEXED=index is not None,
+            num_warps=4,
         )  # fmt: skip
     return True

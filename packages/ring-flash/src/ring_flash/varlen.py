@@ -4,31 +4,47 @@ With ``cu_seqlens``, the segments of a dilated branch offset are spread over man
 documents, of many lengths; the generic engine computes them one document at a time.
 A kernel that ``supports_varlen`` (flash-attn's layout: rows packed as ``(total, H, D)``,
 int32 cumulative lengths) takes them all in one call: the selected rows of every
-document are gathered in order (no copy at all for a rate-1 branch over every head: its
-rows are the sequence itself), the segments' lengths become the call's cumulative
-lengths, and a window or causality (segments are whole, so rows and keys coincide) goes
-to the kernel as is. Calls are merged by LSE as in the engine; backward calls the
-kernel's varlen backward with the final ``out`` and ``lse``.
+document, of the offset's heads only, are gathered in order (no copy at all for a rate-1
+branch: its rows are the sequence itself, a strided view of its heads), the segments'
+lengths become the call's cumulative lengths, and a window or causality (segments are
+whole, so rows and keys coincide) goes to the kernel as is.
 
-Only without key padding and dropout (the varlen kernels take neither); exact like the
-engine.
+Like the fused segment path (:mod:`ring_flash.fused`), nothing is done around the
+kernels that the result does not need:
+
+- the calls (their rows, cumulative lengths, windows) depend only on the geometry and
+  the documents, so they are made once and reused (no host work, no host-device copy or
+  synchronisation on later calls, backward included);
+- the call that covers every row and head (a rate-1 branch over all heads) runs first,
+  and its output, log-sum-exp and gradients *are* the results (dense packed attention is
+  the bare varlen call and nothing else); each other call is merged into the rows it
+  covers in one pass (:func:`ring_flash.merge.online_merge` and
+  :func:`~ring_flash.merge.merge_blocks`, Triton on CUDA, straight into the gathered rows
+  through their index), computed in float32 and stored in the output dtype.
+
+Backward calls the kernel's varlen backward with the final ``out`` and ``lse``. Only
+without key padding and dropout (the varlen kernels take neither); exact like the engine.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ring_core.plugin import Branch, KernelBackend, Part, dilated_parts, index_window, merge_into
+from ring_core.plugin import Branch, KernelBackend, Part, accumulation_dtype, dilated_parts, index_window
+
+from .merge import merge_blocks, online_merge
 
 
-@dataclass
+@dataclass(eq=False)
 class _Call:
-    """One varlen kernel call: rows ``index`` (None: every row, in order) of heads ``heads``, in segments ``cu``."""
+    """One varlen kernel call: rows ``rows`` (None: every row, in order) of heads ``heads``, in segments ``cu``."""
 
-    index: torch.Tensor | None
+    rows: torch.Tensor | None
     heads: slice
     kv_heads: slice | torch.Tensor
     cu: torch.Tensor
@@ -37,9 +53,24 @@ class _Call:
     window: tuple[int, int] | None
 
 
+def _whole(heads: slice | torch.Tensor, count: int) -> bool:
+    """Whether ``heads`` are all ``count`` heads in order."""
+    return isinstance(heads, slice) and range(*heads.indices(count)) == range(count)
+
+
+@functools.lru_cache(maxsize=32)
 def _calls(
-    branch_list: Sequence[Branch], seq_len: int, num_heads: int, groups: int, window, causal, documents, device
-) -> list[_Call]:
+    branch_list: tuple[Branch, ...],
+    seq_len: int,
+    num_heads: int,
+    groups: int,
+    window: tuple[int, int],
+    causal: bool,
+    documents: tuple[int, ...],
+    device: torch.device,
+) -> tuple[_Call, ...]:
+    """The calls of a geometry, those covering every row and head first (made once: the host builds every
+    index, and copies it to the device, here only)."""
     by_offset: dict[tuple, list[Part]] = {}
     for bi, branch in enumerate(branch_list):
         for part in dilated_parts(seq_len, branch, groups, device, documents):
@@ -48,35 +79,26 @@ def _calls(
     for parts in by_offset.values():
         rate, heads, kv_heads = parts[0].rate, parts[0].heads, parts[0].kv_heads
         lengths = [p.length for p in parts for _ in range((p.stop - p.start) // p.length)]
-        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-        index = None
-        if rate > 1 or int(cu[-1]) != seq_len:
-            index = torch.cat([torch.arange(p.offset + rate * p.start, p.offset + rate * p.stop, rate) for p in parts])
-            index = index.to(device)
-        if groups > 1 and rate == 1 and heads == slice(0, num_heads, 1):
+        cu = torch.tensor(list(itertools.accumulate(lengths, initial=0)), dtype=torch.int32).to(device)
+        rows = None
+        if rate > 1 or sum(lengths) != seq_len:
+            positions = [torch.arange(p.offset + rate * p.start, p.offset + rate * p.stop, rate) for p in parts]
+            rows = torch.cat(positions).to(device)
+        if groups > 1 and rate == 1 and _whole(heads, num_heads):
             kv_heads = slice(None)  # every head: the kernel's own grouped-query attention
         left, right = index_window(window, rate, causal)
         is_causal = (left, right) == (-1, 0)
         kernel_window = None if (left, right) == (-1, -1) or is_causal else (left, right)
-        calls.append(_Call(index, heads, kv_heads, cu, max(lengths), is_causal, kernel_window))
-    return calls
+        calls.append(_Call(rows, heads, kv_heads, cu, max(lengths), is_causal, kernel_window))
+    calls.sort(key=lambda call: not (call.rows is None and _whole(call.heads, num_heads)))
+    return tuple(calls)
 
 
 def _rows(x: torch.Tensor, call: _Call, heads) -> torch.Tensor:
-    """``(total, h, D)`` rows of ``x`` (``(N, H, D)``) for ``heads`` (a slice or index tensor)."""
-    y = x if call.index is None else x.index_select(0, call.index)
-    return y[:, heads] if isinstance(heads, slice) else y.index_select(1, heads)
-
-
-def _add_rows(grad: torch.Tensor, call: _Call, heads, block: torch.Tensor) -> None:
-    """``grad[rows, heads] += block`` (repeated heads of grouped queries accumulate)."""
-    block = block.to(grad.dtype)
-    if isinstance(heads, slice):
-        view = grad[:, heads]
-        view.add_(block) if call.index is None else view.index_add_(0, call.index, block)
-        return
-    rows = torch.arange(grad.shape[0], device=grad.device) if call.index is None else call.index
-    grad.index_put_((rows[:, None], heads[None, :]), block, accumulate=True)
+    """``(total, h, D)`` rows of ``x`` (``(N, H, D)``) for ``heads`` (a slice: a view when the call takes every
+    row; an index tensor); only the selected heads are gathered."""
+    y = x[:, heads] if isinstance(heads, slice) else x.index_select(1, heads)
+    return y if call.rows is None else y.index_select(0, call.rows)
 
 
 @dataclass
@@ -85,7 +107,7 @@ class VarlenPlan:
 
     backend: KernelBackend
     scale: float
-    calls: list[_Call]
+    calls: Sequence[_Call]
 
 
 def varlen_plan(
@@ -101,16 +123,29 @@ def varlen_plan(
 ) -> VarlenPlan:
     """The calls of packed dilated attention of a batch of one (inputs checked, no key padding or dropout)."""
     calls = _calls(
-        branch_list, q.shape[1], q.shape[2], q.shape[2] // k.shape[2], window_size, causal, documents, q.device
-    )
+        tuple(branch_list), q.shape[1], q.shape[2], q.shape[2] // k.shape[2], tuple(window_size), bool(causal),
+        tuple(documents), q.device,
+    )  # fmt: skip
     return VarlenPlan(backend, scale, calls)
+
+
+def _owns(block: torch.Tensor, call: _Call, heads, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+    """Whether ``block`` can become the whole result (every row and head, same shape, layout and dtype)."""
+    return (
+        call.rows is None
+        and _whole(heads, shape[1])
+        and tuple(block.shape) == tuple(shape)
+        and block.dtype == dtype
+        and block.is_contiguous()
+    )
 
 
 def varlen_forward(plan: VarlenPlan, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
     """``out`` ``(1, N, H, D)`` (dtype of ``q``) and ``lse`` ``(1, N, H)`` of the plan's calls, merged by LSE."""
     q0, k0, v0 = q[0], k[0], v[0]
     n, h = q0.shape[:2]
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q.dtype)
+    shape = (n, h, v.shape[-1])
     out = lse = None
     for call in plan.calls:
         o, block_lse = plan.backend.forward_varlen(
@@ -118,37 +153,59 @@ def varlen_forward(plan: VarlenPlan, q, k, v) -> tuple[torch.Tensor, torch.Tenso
             call.cu, call.cu, call.max_len, call.max_len, scale=plan.scale, causal=call.causal, window=call.window,
         )  # fmt: skip
         block_lse = block_lse.transpose(0, 1).to(acc)  # (total, h)
-        if len(plan.calls) == 1 and call.index is None and call.heads == slice(0, h, 1):
-            out, lse = o, block_lse  # the only call covers everything: its output is the output
-            break
+        if out is None and _owns(o, call, call.heads, shape, q.dtype):
+            out, lse = o, block_lse  # the covering call (listed first): its output is the output
+            continue
         if out is None:
-            out = torch.zeros(n, h, v.shape[-1], dtype=acc, device=q.device)
+            out = torch.zeros(shape, dtype=q.dtype, device=q.device)
             lse = torch.full((n, h), float("-inf"), dtype=acc, device=q.device)
-        rows_out, rows_lse = _rows(out, call, call.heads), _rows(lse[..., None], call, call.heads)[..., 0]
-        merge_into(rows_out, rows_lse, o, block_lse)
-        _write_rows(out, call, rows_out)
-        _write_rows(lse, call, rows_lse)
-    return out.to(q.dtype).unsqueeze(0), lse.unsqueeze(0)
+        _merge(plan.backend, out[:, call.heads], lse[:, call.heads], o, block_lse, call.rows)
+        del o, block_lse  # before the next call allocates its own
+    return out.unsqueeze(0), lse.unsqueeze(0)
+
+
+def _merge(backend: KernelBackend, out, lse, o, block_lse, rows: torch.Tensor | None) -> None:
+    """LSE merge of a call's ``o, block_lse`` into the views ``out, lse`` (at their ``rows``, when given)."""
+    if rows is None:
+        backend.merge(out, lse, o, block_lse)
+    elif not online_merge(out, lse, o, block_lse, index=rows):  # no Triton: gather, merge, write back
+        rows_out, rows_lse = out.index_select(0, rows), lse.index_select(0, rows)
+        backend.merge(rows_out, rows_lse, o, block_lse)
+        out.index_copy_(0, rows, rows_out)
+        lse.index_copy_(0, rows, rows_lse)
 
 
 def varlen_backward(plan: VarlenPlan, dout, q, k, v, out, lse) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``dq, dk, dv`` (dtypes of ``q, k, v``) from :func:`varlen_forward`'s final ``out`` and ``lse``."""
-    q0, k0, v0, dout0, out0, lse0 = q[0], k[0], v[0], dout[0].contiguous(), out[0].to(q.dtype), lse[0]
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    grads = [torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q0, k0, v0)]
+    inputs = (q[0], k[0], v[0])
+    dout0, out0, lse0 = dout[0], out[0].to(q.dtype), lse[0]
+    grads: list[torch.Tensor | None] = [None, None, None]
     for call in plan.calls:
         block = plan.backend.backward_varlen(
-            _rows(dout0, call, call.heads), _rows(q0, call, call.heads), _rows(k0, call, call.kv_heads),
-            _rows(v0, call, call.kv_heads), _rows(out0, call, call.heads),
+            _rows(dout0, call, call.heads), _rows(inputs[0], call, call.heads), _rows(inputs[1], call, call.kv_heads),
+            _rows(inputs[2], call, call.kv_heads), _rows(out0, call, call.heads),
             _rows(lse0[..., None], call, call.heads)[..., 0].transpose(0, 1), call.cu, call.cu, call.max_len,
             call.max_len, scale=plan.scale, causal=call.causal, window=call.window,
         )  # fmt: skip
-        for grad, heads, block_grad in zip(grads, (call.heads, call.kv_heads, call.kv_heads), block, strict=True):
-            _add_rows(grad, call, heads, block_grad)
-    return tuple(g.to(x.dtype).unsqueeze(0) for g, x in zip(grads, (q, k, v), strict=True))
+        adds = []
+        for i, (x, heads, block_grad) in enumerate(zip(inputs, (call.heads, call.kv_heads, call.kv_heads), block)):
+            if grads[i] is None and _owns(block_grad, call, heads, x.shape, x.dtype):
+                grads[i] = block_grad  # the covering call (listed first): its gradient is the gradient
+                continue
+            if grads[i] is None:
+                grads[i] = torch.zeros_like(x)
+            if isinstance(heads, slice):
+                adds.append((grads[i][:, heads], block_grad))
+            else:  # key/value heads repeated for grouped queries: they add up
+                _add_heads(grads[i], call.rows, heads, block_grad)
+        if adds:
+            merge_blocks([g for g, _ in adds], [b for _, b in adds], accumulate=True, index=call.rows)
+        del block, adds  # before the next call allocates its own
+    return tuple(g.unsqueeze(0) for g in grads)
 
 
-def _write_rows(x: torch.Tensor, call: _Call, rows: torch.Tensor) -> None:
-    """``x[rows, heads] = rows`` for a call's rows and heads (a slice)."""
-    view = x[:, call.heads]
-    view.copy_(rows) if call.index is None else view.index_copy_(0, call.index, rows)
+def _add_heads(grad: torch.Tensor, rows: torch.Tensor | None, heads: torch.Tensor, block: torch.Tensor) -> None:
+    """``grad[rows, heads] += block`` for an index of (repeated) heads."""
+    rows = torch.arange(grad.shape[0], device=grad.device) if rows is None else rows
+    grad.index_put_((rows[:, None], heads[None, :]), block.to(grad.dtype), accumulate=True)
+
