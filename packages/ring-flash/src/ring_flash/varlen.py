@@ -208,4 +208,3 @@ def _add_heads(grad: torch.Tensor, rows: torch.Tensor | None, heads: torch.Tenso
     """``grad[rows, heads] += block`` for an index of (repeated) heads."""
     rows = torch.arange(grad.shape[0], device=grad.device) if rows is None else rows
     grad.index_put_((rows[:, None], heads[None, :]), block.to(grad.dtype), accumulate=True)
-
