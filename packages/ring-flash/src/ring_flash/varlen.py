@@ -58,7 +58,9 @@ def _whole(heads: slice | torch.Tensor, count: int) -> bool:
     return isinstance(heads, slice) and range(*heads.indices(count)) == range(count)
 
 
-@functools.lru_cache(maxsize=32)
+# A few geometries: every layer of a model shares one, and backward reuses its forward's; the row indices are
+# device memory (about N int64 per dilated branch), kept only for the last documents.
+@functools.lru_cache(maxsize=8)
 def _calls(
     branch_list: tuple[Branch, ...],
     seq_len: int,
