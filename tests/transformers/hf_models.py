@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -15,8 +14,6 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from ring_core import create_attention
-
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
@@ -25,9 +22,6 @@ FAMILIES = {
 VOCAB = 53
 # dense: one segment longer than every test sequence, rate 1 (SPEC.md: then exactly SDPA)
 DENSE = {"segment_lengths": [256], "dilation_rates": [1]}
-# whether this ring-core computes packed batches (forward(..., cu_seqlens=...))
-CU_SEQLENS = "cu_seqlens" in inspect.signature(create_attention("dilated", **DENSE).forward).parameters
-NEEDS_CORE = "packed batches need a ring-core with cu_seqlens support"
 
 
 def build(family: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
@@ -164,8 +158,11 @@ def packed_batch(seed: int = 4) -> tuple[list[list[int]], dict[str, torch.Tensor
     return docs, DataCollatorWithFlattening()([{"input_ids": doc} for doc in docs])
 
 
-def packed_sequence_parallel_logits(rank: int, world_size: int, layouts: tuple[str, ...]) -> list:
-    """This rank's logits of the packed batch per layout, sharded with its global (restarting) position ids."""
+def packed_sequence_parallel_logits(rank: int, world_size: int, layouts: tuple[str, ...]) -> dict[str, Any]:
+    """This rank's logits of the packed batch per layout, sharded with its global (restarting) position ids.
+
+    Also the error of a sharded packed batch of two rows (rows end to end would break the sharding).
+    """
     import ring_transformers
 
     _, batch = packed_batch()
@@ -175,4 +172,12 @@ def packed_sequence_parallel_logits(rank: int, world_size: int, layouts: tuple[s
         shard = ring_transformers.shard_batch(batch, None, layout)
         logits = model(input_ids=shard["input_ids"], position_ids=shard["position_ids"]).logits
         results.append(logits.detach().numpy())
-    return results
+    rows = {key: batch[key].expand(2, -1) for key in ("input_ids", "position_ids")}
+    shard = ring_transformers.shard_batch(rows, None, "contiguous")
+    try:
+        model = ring_transformers.enable(build("llama"), "ring_dilated", **DENSE)
+        model(input_ids=shard["input_ids"], position_ids=shard["position_ids"])
+        rows_error = "no error"
+    except ValueError as exc:
+        rows_error = str(exc)
+    return {"logits": results, "rows_error": rows_error}

@@ -12,9 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hf_models import (
-    CU_SEQLENS,
     DENSE,
-    NEEDS_CORE,
     build,
     causal_batch,
     loss_and_grads,
@@ -25,7 +23,7 @@ from hf_models import (
 )
 
 import ring_transformers
-from distributed_helpers import DistributedRunError, run_distributed
+from distributed_helpers import run_distributed
 from ring_core import shard_sequence
 
 pytestmark = pytest.mark.distributed
@@ -91,16 +89,19 @@ def test_ranks_need_global_positions(two_ranks):
     assert messages[0] == messages[1] and "pass the global positions of each rank's tokens" in messages[0]
 
 
-@pytest.mark.xfail(not CU_SEQLENS, strict=True, reason=NEEDS_CORE, raises=DistributedRunError)
 def test_packed_batch_over_two_ranks_equals_the_documents_alone():
     docs, _ = packed_batch()
     model = build("llama")
     expected = torch.cat([model(torch.tensor([doc])).logits for doc in docs], dim=1)
     layouts = ("contiguous", "zigzag")
-    for rank, per_layout in enumerate(run_distributed(packed_sequence_parallel_logits, 2, layouts)):
-        for layout, logits in zip(layouts, per_layout):
+    results = run_distributed(packed_sequence_parallel_logits, 2, layouts)
+    for rank, result in enumerate(results):
+        for layout, logits in zip(layouts, result["logits"]):
             rows = shard_sequence(expected, layout, dim=1, rank=rank, world_size=2)
             assert relative_error(torch.from_numpy(logits), rows) <= 1e-10, (layout, rank)
+    # several packed rows cannot be sharded: the same error naming position_ids on every rank
+    messages = [result["rows_error"] for result in results]
+    assert messages[0] == messages[1] and "must have batch size 1" in messages[0] and "position_ids" in messages[0]
 
 
 def test_shard_batch_shifts_labels_over_the_whole_sequence():

@@ -15,7 +15,8 @@ and value, the mask the model passes and keyword arguments (``scaling``,
 softmax_scale=scaling, dropout=dropout, **options)`` and calls it on ``(B, N, H, D)``
 views: GQA goes through unchanged (every implementation takes ``H_kv`` heads),
 a 2-D padding mask becomes ``key_padding_mask``, and ``position_ids`` that
-restart at 0 become ``cu_seqlens`` (packed batches, :mod:`ring_transformers.packing`).
+restart at 0 become ``cu_seqlens`` (packed batches, :mod:`ring_transformers.packing`;
+in one process, several packed rows are laid end to end into one).
 
 Our mask function in transformers' ``AttentionMaskInterface`` (:func:`ring_attention_mask`)
 builds no 4-D mask: it hands the attention the 2-D padding mask, and refuses a
@@ -26,7 +27,6 @@ cannot express. Causality comes from the layer's ``is_causal``.
 
 from __future__ import annotations
 
-import inspect
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,7 +74,7 @@ class Enabled:
                     raise RingTransformersError(
                         f"the model's layer uses sliding_window={window[0] + 1}, shorter than the sequence, and "
                         f"implementation {self.name!r} does not take window_size here ({exc}); use a model "
-                        "config without a sliding window shorter than the sequence, or a ring-core with window_size"
+                        "config without a sliding window shorter than the sequence, or an implementation that takes it"
                     ) from exc
                 raise
             self.modules[key] = module
@@ -212,17 +212,17 @@ def ring_attention_forward(
     window = _window(sliding_window, query.shape[2] * world_size)
     attn = choice.attention(scaling, float(dropout), window)
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
-    extra: dict[str, Any] = {}
+    padding = _key_padding_mask(attention_mask)
     cu_seqlens = _cu_seqlens(kwargs.get("position_ids"), choice, world_size, q.shape[0])
-    if cu_seqlens is not None:
-        if "cu_seqlens" not in inspect.signature(attn.forward).parameters:
-            raise RingTransformersError(
-                "packed batches need a ring-core with cu_seqlens support: the position_ids restart at 0 inside "
-                f"a row (several documents), and {type(attn).__name__}.forward takes no cu_seqlens"
-            )
-        extra["cu_seqlens"] = cu_seqlens
-    out = attn(q, k, v, is_causal=bool(is_causal), key_padding_mask=_key_padding_mask(attention_mask), **extra)
-    return out, None
+    if cu_seqlens is None:
+        return attn(q, k, v, is_causal=bool(is_causal), key_padding_mask=padding), None
+    # packed rows (one process): the rows end to end in one, each row starting a document, which
+    # is exactly attention per row (cu_seqlens takes a batch of one)
+    rows, n = q.shape[:2]
+    q, k, v = (x.reshape(1, rows * n, *x.shape[2:]) for x in (q, k, v))
+    padding = None if padding is None else padding.reshape(1, rows * n)
+    out = attn(q, k, v, is_causal=bool(is_causal), key_padding_mask=padding, cu_seqlens=cu_seqlens)
+    return out.reshape(rows, n, *out.shape[2:]), None
 
 
 def ring_attention_mask(
@@ -299,5 +299,5 @@ def _cu_seqlens(position_ids: torch.Tensor | None, choice: Enabled, world_size: 
                 f"every rank's position_ids are 0..{n - 1}: with the sequence sharded over {world_size} ranks, pass "
                 "the global positions of each rank's tokens (ring_transformers.shard_batch does)"
             )
-        position_ids = gathered
-    return cu_seqlens_from_position_ids(position_ids)
+        return cu_seqlens_from_position_ids(gathered)  # a sharded packed batch must be one row
+    return cu_seqlens_from_position_ids(position_ids.expand(batch, -1), flatten_rows=True)

@@ -12,13 +12,14 @@ from __future__ import annotations
 import torch
 
 
-def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor, flatten_rows: bool = False) -> torch.Tensor | None:
     """``cu_seqlens`` (int32, ``[0, ..., N]``) of a packed row, or None when no position restarts at 0.
 
     ``position_ids`` is ``(B, N)`` (or ``(N,)``). A restart at 0 after the first token
     starts a new document. Rows without a restart are one sequence each (any ``B``,
-    any starting position); a restart needs ``B = 1`` (flash-attn's convention), else
-    a ``ValueError``.
+    any starting position). A restart needs ``B = 1`` (flash-attn's convention), else
+    a ``ValueError``; with ``flatten_rows=True`` the rows are laid end to end instead
+    (every row starts a document) and the result indexes those ``B * N`` positions.
     """
     if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point():
         raise TypeError(f"position_ids must be an integer tensor, got {position_ids!r}")
@@ -26,16 +27,15 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor | N
         position_ids = position_ids[None]
     if position_ids.dim() != 2:
         raise ValueError(f"position_ids must have shape (B, N) or (N,), got {tuple(position_ids.shape)}")
-    restarts = position_ids[:, 1:] == 0
-    if not bool(restarts.any()):
+    starts = position_ids == 0
+    starts[:, 0] = True
+    if not bool(starts[:, 1:].any()):
         return None
-    if position_ids.shape[0] != 1:
+    if position_ids.shape[0] != 1 and not flatten_rows:
         raise ValueError(
             "a packed batch (position_ids restarting at 0 inside a row) must have batch size 1 "
             f"(flash-attn's convention): got position_ids of shape {tuple(position_ids.shape)}; "
             "pack all documents into one row, or pass position_ids that do not restart"
         )
-    n = position_ids.shape[1]
-    starts = torch.nonzero(restarts[0]).flatten() + 1
-    edges = [torch.zeros(1, dtype=starts.dtype, device=starts.device), starts, starts.new_full((1,), n)]
-    return torch.cat(edges).to(torch.int32)
+    edges = torch.nonzero(starts.flatten()).flatten()
+    return torch.cat([edges, edges.new_full((1,), starts.numel())]).to(torch.int32)
