@@ -90,13 +90,13 @@ def describe_arguments(impl: Implementation) -> list[ArgumentDoc]:
                     if "__init__" in klass.__dict__ else ""):  # fmt: skip
             for name, text in _docstring_descriptions(inspect.cleandoc(doc or "")).items():
                 own.setdefault(name, text)
-    kinds = {
+    kinds: dict[inspect._ParameterKind, str] = {
         inspect.Parameter.KEYWORD_ONLY: "keyword-only",
         inspect.Parameter.VAR_KEYWORD: "**",
         inspect.Parameter.VAR_POSITIONAL: "*",
     }
     described = []
-    for parameter in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+    for parameter in list(inspect.signature(cls.__init__).parameters.values())[1:]:  # type: ignore[misc]
         annotation = parameter.annotation
         if annotation is inspect.Parameter.empty:
             annotation = ""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .deprecation import aliases_for
 from .dilated import DilatedAttention
 from .hookspecs import hookimpl
@@ -20,13 +22,13 @@ DEPRECATED_NAMES = {"RingDilatedAttentionV2Collective": ("RingDilatedAttention",
 
 
 @hookimpl
-def register_kernels(register):
+def register_kernels(register: Callable[..., None]) -> None:
     register(CPUFlashKernel())
     register(MathKernel())
 
 
 @hookimpl
-def register_implementations(register):
+def register_implementations(register: Callable[..., None]) -> None:
     register(
         Implementation(
             name="dilated",

@@ -324,7 +324,7 @@ class DilatedSchedule(BlockSchedule):
             for part in dilated_parts(q.shape[1], branch, q.shape[2] // k.shape[2], q.device, self.documents):
                 yield from part_blocks(part, window, native_window=native)
 
-    def forward(self, q, k, v, acc: Accumulator) -> None:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, acc: Accumulator) -> None:
         """Merge each branch's blocks (its segments, gathered) into ``acc``; ``q, k, v``: ``(B, N, H, D)``."""
         for block_id, block in enumerate(self.blocks(q, k)):
             kv = (block.kv.gather_kv(k), block.kv.gather_kv(v), block.kv.key_mask(self.key_padding_mask))
@@ -332,7 +332,16 @@ class DilatedSchedule(BlockSchedule):
                 self.kernel, block.q, q, *kv, acc, causal=block.causal, block_id=block_id, window=block.window
             )
 
-    def backward(self, q, k, v, out, lse, dout, grads) -> None:
+    def backward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        dout: torch.Tensor,
+        grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> None:
         dq, dk, dv = grads
         for block_id, block in enumerate(self.blocks(q, k)):
             kv = (block.kv.gather_kv(k), block.kv.gather_kv(v), block.kv.key_mask(self.key_padding_mask))
@@ -348,13 +357,19 @@ class _DilatedOp(AttentionOp):
     """The custom ops' side of :func:`dilated_attention` for one configuration."""
 
     def __init__(
-        self, segments, rates, merge: str, softmax_scale: float | None, kernel: str | None, window=NO_WINDOW
+        self,
+        segments: tuple[int, ...],
+        rates: tuple[int, ...],
+        merge: str,
+        softmax_scale: float | None,
+        kernel: str | None,
+        window: tuple[int, int] = NO_WINDOW,
     ) -> None:
         super().__init__()
         self.segments, self.rates, self.merge = segments, rates, merge
         self.softmax_scale, self.kernel, self.window = softmax_scale, kernel, window
 
-    def schedule(self, q, k, v, call: OpCall) -> DilatedSchedule:
+    def schedule(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: OpCall) -> DilatedSchedule:
         mask = call.key_padding_mask
         bound = block_kernel(
             q, k, causal=call.causal, has_mask=mask is not None, dropout_p=call.dropout_p,
@@ -367,11 +382,18 @@ class _DilatedOp(AttentionOp):
         )  # fmt: skip
 
 
-_dilated_ops: dict[tuple, _DilatedOp] = {}
+_dilated_ops: dict[tuple[object, ...], _DilatedOp] = {}
 
 
-@torch.compiler.assume_constant_result
-def _dilated_op(segments, rates, merge: str, softmax_scale: float | None, kernel: str | None, window=NO_WINDOW) -> str:
+@torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]
+def _dilated_op(
+    segments: tuple[int, ...],
+    rates: tuple[int, ...],
+    merge: str,
+    softmax_scale: float | None,
+    kernel: str | None,
+    window: tuple[int, int] = NO_WINDOW,
+) -> str:
     """The name of the op of one configuration (made once; a constant for ``torch.compile``)."""
     key = (segments, rates, merge, softmax_scale, kernel, window)
     op = _dilated_ops.get(key)

@@ -103,7 +103,9 @@ def block_kernel(
     """
     if request is None:
         request = KernelRequest.for_tensors(q, k, causal=causal, has_mask=has_mask, dropout_p=dropout_p, window=window)
-    if dropout_p > 0 and seed is None:
+    if dropout_p <= 0:
+        seed = 0
+    elif seed is None:
         seed = dropout_seed()
     backend = select_kernel(request, kernel)
-    return BlockKernel(backend, default_scale(q.shape[-1], softmax_scale), dropout_p, seed if dropout_p > 0 else 0)
+    return BlockKernel(backend, default_scale(q.shape[-1], softmax_scale), dropout_p, seed)

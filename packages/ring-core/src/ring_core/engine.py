@@ -16,6 +16,7 @@ import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -162,7 +163,8 @@ def schedule_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``dq, dk, dv`` (dtypes of ``q, k, v``) of :func:`schedule_forward`'s ``out``, from the final ``out`` and ``lse``."""
     dtype = accumulation_dtype(q.dtype)
-    grads = tuple(torch.zeros(t.shape, dtype=dtype, device=t.device) for t in (q, k, v))
+    dq, dk, dv = (torch.zeros(t.shape, dtype=dtype, device=t.device) for t in (q, k, v))
+    grads = (dq, dk, dv)
     schedule.backward(q, k, v, out, lse, dout.contiguous(), grads)
     return grads[0].to(q.dtype), grads[1].to(k.dtype), grads[2].to(v.dtype)
 
@@ -178,29 +180,31 @@ class _RefuseDoubleBackward(torch.autograd.Function):
     """Identity on the gradients of a backward run with ``create_graph=True``; differentiating them raises."""
 
     @staticmethod
-    def forward(ctx, count, *tensors):  # type: ignore[override]
+    def forward(ctx: Any, count: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(t.view_as(t) for t in tensors[len(tensors) - count :])
 
     @staticmethod
-    def backward(ctx, *grads):  # type: ignore[override]
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[None, ...]:
         raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
 
 
-def no_double_backward(backward: Callable[..., tuple]) -> Callable[..., tuple]:
+def no_double_backward(
+    backward: Callable[..., tuple[torch.Tensor | None, ...]],
+) -> Callable[..., tuple[torch.Tensor | None, ...]]:
     """Decorator of an attention autograd Function's ``backward`` (the custom ops of :mod:`ring_core.ops` need
     none): it runs without building a graph, and under ``create_graph=True`` its gradients become outputs of a
     node whose own backward raises :data:`DOUBLE_BACKWARD_MESSAGE`, so gradients of gradients fail clearly
     instead of coming out wrong."""
 
     @functools.wraps(backward)
-    def wrapper(ctx, *grad_outputs):
+    def wrapper(ctx: Any, *grad_outputs: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         with torch.no_grad():
             grads = backward(ctx, *grad_outputs)
         if not torch.is_grad_enabled():
             return grads
         inputs = [t for t in (*ctx.saved_tensors, *grad_outputs) if isinstance(t, torch.Tensor)]
         present = [g for g in grads if g is not None]
-        wrapped = iter(_RefuseDoubleBackward.apply(len(present), *inputs, *present))
+        wrapped = iter(_RefuseDoubleBackward.apply(len(present), *inputs, *present))  # type: ignore[no-untyped-call]
         return tuple(None if g is None else next(wrapped) for g in grads)
 
     return wrapper
@@ -208,7 +212,9 @@ def no_double_backward(backward: Callable[..., tuple]) -> Callable[..., tuple]:
 
 class _BlockwiseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, schedule: BlockSchedule, q, k, v):  # type: ignore[override]
+    def forward(
+        ctx: Any, schedule: BlockSchedule, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         out, lse = schedule_forward(schedule, q, k, v)
         ctx.schedule = schedule
         ctx.save_for_backward(q, k, v, out, lse)
@@ -217,7 +223,7 @@ class _BlockwiseAttention(torch.autograd.Function):
 
     @staticmethod
     @no_double_backward
-    def backward(ctx, dout, _dlse):  # type: ignore[override]
+    def backward(ctx: Any, dout: torch.Tensor, _dlse: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         return None, *schedule_backward(ctx.schedule, q, k, v, out, lse, dout)
 
@@ -230,4 +236,5 @@ def blockwise_attention(
     Returns ``out`` (``(B, N, H, D)``, dtype of ``q``) and ``lse`` (``(B, N, H)``,
     accumulation dtype, not differentiable).
     """
-    return _BlockwiseAttention.apply(schedule, q, k, v)
+    out, lse = _BlockwiseAttention.apply(schedule, q, k, v)  # type: ignore[no-untyped-call]
+    return out, lse

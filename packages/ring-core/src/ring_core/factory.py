@@ -153,7 +153,8 @@ def _create(name: str, kind: str, config: dict[str, Any]) -> nn.Module:
         raise RuntimeError(f"implementation {impl.name!r} is not available here: " + "; ".join(reasons))
     if "device" in config and "device" not in inspect.signature(impl.cls).parameters:
         config = {key: value for key, value in config.items() if key != "device"}  # parameter-free: only a hint
-    return impl.cls(**config)
+    module: nn.Module = impl.cls(**config)
+    return module
 
 
 def create_attention(name: str = "auto", **config: Any) -> nn.Module:

@@ -277,7 +277,9 @@ class MathKernel(KernelBackend):
         generator.manual_seed((seed * 1_000_003 + chunk_index) % (2**63))
         return torch.rand(shape, generator=generator, device=device) >= p
 
-    def _scores(self, qc, k, scale, row0, causal, mask):
+    def _scores(
+        self, qc: torch.Tensor, k: torch.Tensor, scale: float, row0: int, causal: bool, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         s = torch.einsum("bnhd,bmhd->bhnm", qc, k) * scale
         n, m = s.shape[-2], s.shape[-1]
         allowed = None
@@ -291,14 +293,25 @@ class MathKernel(KernelBackend):
             s = s.masked_fill(~allowed, float("-inf"))
         return s
 
-    def _expand_kv(self, q, k, v):
+    def _expand_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         groups = q.shape[2] // k.shape[2]
         if groups > 1:
             k = k.repeat_interleave(groups, dim=2)
             v = v.repeat_interleave(groups, dim=2)
         return k, v, groups
 
-    def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float,
+        causal: bool = False,
+        mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        seed: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`KernelBackend.forward` by matrix products in the accumulation dtype, in row chunks."""
         acc = accumulation_dtype(q.dtype)
         b, n, h, _ = q.shape
@@ -319,7 +332,21 @@ class MathKernel(KernelBackend):
             lse[:, :, row0 : row0 + step] = lse_c
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+    def backward(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        *,
+        scale: float,
+        causal: bool = False,
+        mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        seed: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         acc = accumulation_dtype(q.dtype)
         b, n, h, _ = q.shape
         kv_heads = k.shape[2]
@@ -366,7 +393,9 @@ class CPUFlashKernel(KernelBackend):
         return []
 
     @staticmethod
-    def _additive(q, causal, mask):
+    def _additive(
+        q: torch.Tensor, causal: bool, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
         n, m = q.shape[1], mask.shape[-1] if mask is not None else q.shape[1]
         allowed = combined_mask(n, m, q.device, causal, mask)
         if allowed is None:
@@ -375,7 +404,18 @@ class CPUFlashKernel(KernelBackend):
         bias.masked_fill_(~allowed, float("-inf"))
         return bias, allowed
 
-    def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float,
+        causal: bool = False,
+        mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        seed: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`KernelBackend.forward` through ``aten._scaled_dot_product_flash_attention_for_cpu``."""
         if _has_nan(q) or _has_nan(k):
             # the fused op drops a NaN score on short key blocks (out = 0, lse = 0 where SDPA gives NaN); NaN in must
@@ -398,7 +438,21 @@ class CPUFlashKernel(KernelBackend):
             lse = lse.masked_fill(empty, float("-inf"))
         return out.transpose(1, 2), lse
 
-    def backward(self, dout, q, k, v, out, lse, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+    def backward(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        *,
+        scale: float,
+        causal: bool = False,
+        mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        seed: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = _packed_last_dim(q, k, v)
         bias, _ = self._additive(q, causal, mask)
         lse = lse.masked_fill(torch.isinf(lse), 0.0)

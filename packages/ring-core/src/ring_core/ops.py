@@ -134,7 +134,7 @@ class CallOp(AttentionOp):
         super().__init__()
         self.make = make
 
-    def schedule(self, q, k, v, call: OpCall) -> BlockSchedule:
+    def schedule(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: OpCall) -> BlockSchedule:
         return self.make(q, k, v, call)
 
 
@@ -181,12 +181,19 @@ def run_attention(
     if dropout_p > 0:
         seed_tensor = torch.randint(0, 2**62, (1,)) if seed is None else torch.tensor([seed], dtype=torch.int64)
     name = op if isinstance(op, str) else op.name
-    return torch.ops.ring_attention.attention(
+    out, lse = torch.ops.ring_attention.attention(
         q, k, v, key_padding_mask, cu_seqlens, seed_tensor, name, bool(causal), float(dropout_p), bool(lse_grad)
     )
+    return out, lse
 
 
-def _call(key_padding_mask, cu_seqlens, seed, causal: bool, dropout_p: float) -> OpCall:
+def _call(
+    key_padding_mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    causal: bool,
+    dropout_p: float,
+) -> OpCall:
     if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
         key_padding_mask = _padding_from_float(key_padding_mask)
     documents = None if cu_seqlens is None else check_documents([int(x) for x in cu_seqlens.tolist()], None)
@@ -209,13 +216,35 @@ def _padding_from_float(mask: torch.Tensor) -> torch.Tensor:
     schema="(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? cu_seqlens, Tensor? seed, str op, "
     "bool causal, float dropout_p, bool lse_grad) -> (Tensor, Tensor)",
 )
-def _attention(q, k, v, key_padding_mask, cu_seqlens, seed, op, causal, dropout_p, lse_grad):
+def _attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    op: str,
+    causal: bool,
+    dropout_p: float,
+    lse_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = _lookup(op).forward(q, k, v, _call(key_padding_mask, cu_seqlens, seed, causal, dropout_p))
     return out.contiguous(), lse.contiguous()
 
 
 @_attention.register_fake
-def _attention_fake(q, k, v, key_padding_mask, cu_seqlens, seed, op, causal, dropout_p, lse_grad):
+def _attention_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    op: str,
+    causal: bool,
+    dropout_p: float,
+    lse_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     b, n, h, _ = q.shape
     return q.new_empty(b, n, h, v.shape[-1]), q.new_empty(b, n, h, dtype=accumulation_dtype(q.dtype))
 
@@ -227,7 +256,21 @@ def _attention_fake(q, k, v, key_padding_mask, cu_seqlens, seed, op, causal, dro
     "Tensor? key_padding_mask, Tensor? cu_seqlens, Tensor? seed, str op, bool causal, float dropout_p) "
     "-> (Tensor, Tensor, Tensor)",
 )
-def _attention_backward(dout, dlse, q, k, v, out, lse, key_padding_mask, cu_seqlens, seed, op, causal, dropout_p):
+def _attention_backward(
+    dout: torch.Tensor,
+    dlse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    op: str,
+    causal: bool,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     runner, call = _lookup(op), _call(key_padding_mask, cu_seqlens, seed, causal, dropout_p)
     dq, dk, dv = runner.backward(dout, q, k, v, out, lse, call)
     if dlse is not None:  # one more pass: dS = P * dlse (see the module's note)
@@ -241,11 +284,25 @@ def _attention_backward(dout, dlse, q, k, v, out, lse, key_padding_mask, cu_seql
 
 
 @_attention_backward.register_fake
-def _attention_backward_fake(dout, dlse, q, k, v, out, lse, key_padding_mask, cu_seqlens, seed, op, causal, dropout_p):
+def _attention_backward_fake(
+    dout: torch.Tensor,
+    dlse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    op: str,
+    causal: bool,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
     q, k, v, key_padding_mask, cu_seqlens, seed, op, causal, dropout_p, lse_grad = inputs
     ctx.save_for_backward(q, k, v, *output, key_padding_mask, cu_seqlens, seed)
     ctx.call = (op, causal, dropout_p, lse_grad)
@@ -254,7 +311,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
 
 
-def _gradient(ctx, dout, dlse):
+def _gradient(ctx: Any, dout: torch.Tensor | None, dlse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     q, k, v, out, lse, key_padding_mask, cu_seqlens, seed = ctx.saved_tensors
     op, causal, dropout_p, lse_grad = ctx.call
     if not lse_grad:
@@ -269,7 +326,7 @@ def _gradient(ctx, dout, dlse):
     return (*grads, *(None,) * 7)
 
 
-def _no_double_backward(ctx, *grads):
+def _no_double_backward(ctx: Any, *grads: Any) -> tuple[None, ...]:
     raise RuntimeError(
         "ring attention has no double backward: its backward (ring_attention::attention_backward) is not "
         "differentiable; take gradients of gradients of another attention"

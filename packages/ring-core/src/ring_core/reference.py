@@ -10,7 +10,9 @@ import torch
 from .validation import check_cu_seqlens, check_dilated_config, check_window
 
 
-def _document_positions(seq_len: int, cu_seqlens, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _document_positions(
+    seq_len: int, cu_seqlens: torch.Tensor | None, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each position's document and its position inside the document (one document without ``cu_seqlens``)."""
     t = torch.arange(seq_len, device=device)
     if cu_seqlens is None:
@@ -110,11 +112,15 @@ def reference_attention(
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
     if segment_lengths is None:
         counts = document_mask(n, cu_seqlens, q.device).double().expand(h, n, n)
+    elif dilation_rates is None:
+        raise ValueError(f"dilation_rates must be given with segment_lengths={list(segment_lengths)}")
     else:
         counts = branch_counts(n, h, segment_lengths, dilation_rates, merge, q.device, cu_seqlens=cu_seqlens)
     if tuple(window_size) != (-1, -1):
         counts = counts * window_allowed(n, window_size, q.device).double()
     if block_layout is not None:
+        if block_size is None:
+            raise ValueError("block_size must be given with block_layout (the layout's block size in positions)")
         blocks = torch.arange(n, device=q.device) // block_size
         allowed = block_layout.to(q.device)[:, blocks][:, :, blocks]
         counts = counts * allowed.double()

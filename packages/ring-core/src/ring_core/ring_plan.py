@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -60,6 +60,10 @@ class _Span:
     base: int  # local position (in its rank's shard) of the first one
     index: int  # its index among the document's selected positions
     runs: tuple[_Run, ...]
+
+
+# a block's key group: ((branch, offset), key piece, key span, segment)
+_Group = tuple[tuple[int, int], int, _Span, int]
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,9 @@ def _run_for_segment(runs: Sequence[_Run], segment: int) -> tuple[int, int] | No
     return None
 
 
-def _spans(start: int, stop: int, local_start: int, branch: Branch, offset: int, documents) -> list[_Span]:
+def _spans(
+    start: int, stop: int, local_start: int, branch: Branch, offset: int, documents: Sequence[tuple[int, int]]
+) -> list[_Span]:
     """The spans of global piece ``[start, stop)`` (whose first position is ``local_start`` in its shard)."""
     spans = []
     for document, (doc_start, doc_stop) in enumerate(documents):
@@ -249,7 +255,7 @@ def build_ring_plan(
         heads, kv_heads = heads_of[key]
         return Part(span.base, branch_list[key[0]].rate, i0, i1, length, heads, kv_heads)
 
-    def blocks_between(src: int, dst: int):
+    def blocks_between(src: int, dst: int) -> Iterator[tuple[_Group, tuple[int, int], Part, tuple[int, int] | None]]:
         """``(slot group, key indices, q_part, window)`` of every block of ``dst``'s queries on ``src``'s keys."""
         for key in heads_of:
             win = windows[key]
@@ -284,11 +290,11 @@ def build_ring_plan(
 
     def transfer(src: int, dst: int) -> Transfer:
         found = list(blocks_between(src, dst))
-        needs: dict[tuple, list[tuple[int, int]]] = {}
+        needs: dict[_Group, list[tuple[int, int]]] = {}
         for group, k_idx, _, _ in found:
             needs.setdefault(group, []).append(k_idx)
-        slots: dict[tuple, list[tuple[int, tuple[int, int]]]] = {}  # group -> (slot, key indices)
-        kv_parts = []
+        slots: dict[_Group, list[tuple[int, tuple[int, int]]]] = {}  # group -> (slot, key indices)
+        kv_parts: list[Part] = []
         for group, ranges in needs.items():  # each key row travels once
             key, _, k_span, _ = group
             for lo, hi in _merge_slots(ranges):

@@ -30,14 +30,14 @@ def _reorder_gathered(shards: list[torch.Tensor], layout: str, dim: int) -> torc
 
 class _Unshard(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, layout, group, dim, world_size):  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, layout: str, group: Any, dim: int, world_size: int) -> torch.Tensor:
         ctx.layout, ctx.group, ctx.dim, ctx.world_size = layout, group, dim, world_size
         shards = [torch.empty_like(x) for _ in range(world_size)]
         dist.all_gather(shards, x.contiguous(), group=group)
         return _reorder_gathered(shards, layout, dim)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad = grad.contiguous()
         dist.all_reduce(grad, group=ctx.group)
         local = shard_sequence(grad, ctx.layout, ctx.group, ctx.dim)
@@ -55,7 +55,8 @@ def unshard_sequence(x: torch.Tensor, layout: str = "contiguous", group: Any = N
     if world_size == 1:
         return x
     _agree_on_shards(x, layout, group, dim, rank, world_size)
-    return _Unshard.apply(x, layout, group, dim, world_size)
+    gathered: torch.Tensor = _Unshard.apply(x, layout, group, dim, world_size)  # type: ignore[no-untyped-call]
+    return gathered
 
 
 MAX_DIMS = 8

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -117,7 +118,7 @@ def check_documents(values: Sequence[int], seq_len: int | None) -> tuple[int, ..
     return tuple(values)
 
 
-def varlen_layout(cu_seqlens, *tensors):
+def varlen_layout(cu_seqlens: object, *tensors: Any) -> tuple[tuple[Any, ...], bool]:
     """flash-attn's varlen layout: with ``cu_seqlens``, 3-dim ``(total, H, D)`` tensors (and a 1-dim
     ``(total,)`` padding mask) become a batch of one; returns the tensors and whether they were unbatched."""
     if cu_seqlens is None or not isinstance(tensors[0], torch.Tensor) or tensors[0].dim() != 3:

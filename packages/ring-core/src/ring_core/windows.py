@@ -25,8 +25,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .kernels import KernelBackend
 
 __all__ = [
     "NO_WINDOW",
@@ -87,7 +91,13 @@ def window_mask(n: int, m: int, window: tuple[int, int], device: torch.device | 
     return allowed
 
 
-def window_kwargs(backend, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, window) -> dict:
+def window_kwargs(
+    backend: KernelBackend,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    mask: torch.Tensor | None,
+    window: tuple[int, int] | None,
+) -> dict[str, Any]:
     """``mask`` and ``window`` keywords of ``backend``'s call on the block ``(q, k)``: the window itself for a
     backend that ``supports_window``, else folded into the mask (``window`` None or ``(-1, -1)``: none)."""
     if window is None or tuple(window) == NO_WINDOW:

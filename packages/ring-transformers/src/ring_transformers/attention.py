@@ -29,15 +29,18 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ring_core import create_attention, resolve_implementation, shard_sequence, unshard_sequence
+from ring_core import Implementation, create_attention, resolve_implementation, shard_sequence, unshard_sequence
 
 from .packing import cu_seqlens_from_position_ids
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 ATTENTION_NAME = "ring_attention"
 
@@ -60,7 +63,7 @@ class Enabled:
     options: dict[str, Any]
     previous: str | None
     distributed: bool
-    modules: dict[tuple, nn.Module] = field(default_factory=dict)
+    modules: dict[tuple[float | None, float, tuple[int, int] | None], nn.Module] = field(default_factory=dict)
 
     def attention(self, scaling: float | None, dropout: float, window: tuple[int, int] | None) -> nn.Module:
         key = (scaling, dropout, window)
@@ -106,7 +109,7 @@ def enable(model: nn.Module, name: str, **options: Any) -> nn.Module:
     shard of the sequence with the **global** ``position_ids`` of its tokens (see
     :func:`ring_transformers.shard_batch`).
     """
-    _check_model(model)
+    pretrained = _check_model(model)
     implementation = _resolve(name)
     for option, source in MODEL_OPTIONS.items():
         if option in options:
@@ -124,11 +127,11 @@ def enable(model: nn.Module, name: str, **options: Any) -> nn.Module:
 
     AttentionInterface.register(ATTENTION_NAME, ring_attention_forward)
     AttentionMaskInterface.register(ATTENTION_NAME, ring_attention_mask)
-    previous = _ENABLED[model].previous if model in _ENABLED else model.config._attn_implementation
+    previous = _ENABLED[model].previous if model in _ENABLED else pretrained.config._attn_implementation
     choice = Enabled(implementation.name, dict(options), previous, implementation.distributed)
     for module in model.modules():
         _ENABLED[module] = choice
-    model.set_attn_implementation(ATTENTION_NAME)
+    pretrained.set_attn_implementation(ATTENTION_NAME)
     return model
 
 
@@ -139,11 +142,12 @@ def disable(model: nn.Module) -> nn.Module:
         raise RingTransformersError(f"{type(model).__name__} was not enabled with ring_transformers.enable")
     for module in model.modules():
         _ENABLED.pop(module, None)
-    model.set_attn_implementation(choice.previous or "sdpa")
+    _check_model(model).set_attn_implementation(choice.previous or "sdpa")
     return model
 
 
-def _check_model(model: nn.Module) -> None:
+def _check_model(model: nn.Module) -> PreTrainedModel:
+    """``model`` as a transformers model whose attention can be switched, else a clear error."""
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):
@@ -163,9 +167,10 @@ def _check_model(model: nn.Module) -> None:
             f"{type(model).__name__} uses chunked attention (config.attention_chunk_size={chunk}), which ring "
             "attention does not compute"
         )
+    return model
 
 
-def _resolve(name: str):
+def _resolve(name: str) -> Implementation:
     if not isinstance(name, str) or name == "auto":
         raise RingTransformersError(f"name must be a registered attention implementation, got {name!r}")
     try:

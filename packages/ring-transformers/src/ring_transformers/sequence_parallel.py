@@ -121,7 +121,8 @@ def loss_share(logits: torch.Tensor, shard: Mapping[str, Any], ignore_index: int
     total = F.cross_entropy(
         logits.flatten(0, -2), targets.flatten().to(logits.device), ignore_index=ignore_index, reduction="sum"
     )
-    return total / shard["num_items_in_batch"]
+    share: torch.Tensor = total / shard["num_items_in_batch"]
+    return share
 
 
 def sum_over_ranks(value: torch.Tensor, group: Any = None) -> torch.Tensor:
