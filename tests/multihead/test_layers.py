@@ -127,5 +127,5 @@ def test_longnet_lm_forward_backward():
     for name, param in model.named_parameters():
         assert param.grad is not None and torch.isfinite(param.grad).all(), name
     assert sum(p.grad.abs().sum() > 0 for p in model.parameters()) == len(list(model.parameters()))
-    with pytest.raises(ValueError, match="positions must be < max_seq_len=64"):
+    with pytest.raises(ValueError, match=r"positions must be in \[0, max_seq_len=64\), got values from 60 to 82"):
         model(tokens, torch.arange(60, 83))

@@ -96,6 +96,19 @@ class LongNetLM(nn.Module):
         rank, world = dist.get_rank(self.process_group), dist.get_world_size(self.process_group)
         return shard_positions(local_len * world, rank, world, self.layout).to(device)
 
+    def check_positions(self, positions: torch.Tensor) -> None:
+        """Positions in ``[0, max_seq_len)``: a ``ValueError`` with the values, or under ``torch.compile`` a
+        ``RuntimeError`` from inside the graph (a Python branch on the values would break the graph)."""
+        if torch.compiler.is_compiling():
+            valid = ((positions >= 0) & (positions < self.max_seq_len)).all()
+            torch._assert_async(valid, f"positions must be in [0, max_seq_len={self.max_seq_len})")
+        elif positions.numel():
+            low, high = int(positions.min()), int(positions.max())
+            if low < 0 or high >= self.max_seq_len:
+                raise ValueError(
+                    f"positions must be in [0, max_seq_len={self.max_seq_len}), got values from {low} to {high}"
+                )
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -119,8 +132,7 @@ class LongNetLM(nn.Module):
             positions = self.default_positions(tokens.shape[1], tokens.device)
         if positions.shape[-1] != tokens.shape[1]:
             raise ValueError(f"positions must have {tokens.shape[1]} entries per row, got {tuple(positions.shape)}")
-        if positions.numel() and int(positions.max()) >= self.max_seq_len:
-            raise ValueError(f"positions must be < max_seq_len={self.max_seq_len}, got {int(positions.max())}")
+        self.check_positions(positions)
         x = self.embed(tokens) + self.positions(positions)
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
