@@ -434,6 +434,17 @@ class BlockSparseRingDilatedAttention(nn.Module):
             self._digests[identity] = layout_digest(block_layout)
         return self._digests[identity]
 
+    @property
+    def step(self) -> int:
+        """Calls so far (named in communication errors)."""
+        return int(self._steps)
+
+    @step.setter
+    def step(self, value: int) -> None:
+        # kept in a tensor and counted with _steps.add_(1): torch.compile specialises on a module's int
+        # attributes, so an int counted in forward made every call recompile (a CPU tensor never syncs)
+        self._steps = torch.full((), value, dtype=torch.int64)
+
     def _comm_options(self, world: int) -> dict:
         rank = dist.get_rank() if world > 1 else 0
         return {"timeout": self.timeout, "context": f"{type(self).__name__} rank {rank}, step {self.step}: "}
@@ -469,7 +480,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
             :attr:`last_plan` describe the call.
             With ``return_lse``, the pair ``(out, lse)``.
         """
-        self.step += 1
+        self._steps.add_(1)
         rank, world = group_rank_and_size(self.process_group)
         dropout_p = self.dropout if self.training else 0.0
         _agree(

@@ -232,6 +232,17 @@ class RingAttentionBase(nn.Module):
         """
         raise NotImplementedError(f"{type(self).__name__} must define forward")
 
+    @property
+    def step(self) -> int:
+        """Calls so far (named in communication errors)."""
+        return int(self._steps)
+
+    @step.setter
+    def step(self, value: int) -> None:
+        # kept in a tensor and counted with _steps.add_(1): torch.compile specialises on a module's int
+        # attributes, so an int counted in forward made every call recompile (a CPU tensor never syncs)
+        self._steps = torch.full((), value, dtype=torch.int64)
+
     def context(self) -> str:
         """How errors of this rank's current call start: the class, the global rank and the call (``step``)."""
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -353,7 +364,7 @@ class RingDilatedAttention(RingAttentionBase):
             RingConfigError: the ranks disagree (shapes, dtypes, flags) or ``N`` does not fit the
                 layout; every rank raises the same error, none hangs.
         """
-        self.step += 1
+        self._steps.add_(1)
         dropout_p = self.dropout if self.training else 0.0
         self._check(q, k, v, key_padding_mask, bool(is_causal), dropout_p, cu_seqlens)
         return self.run(

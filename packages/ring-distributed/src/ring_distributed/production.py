@@ -177,7 +177,10 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
         self.reuse_buffers = bool(reuse_buffers)
         self.buffers = BufferPool()
         self.nonfinite_events: list[dict[str, Any]] = []
-        self._call_step = 0
+        self._call_step: int | None = None  # the step being processed when it is not the latest
+
+    def _current_step(self) -> int:
+        return self.step if self._call_step is None else self._call_step
 
     # -- hooks of the base class ---------------------------------------------------------------------
     def _make_comm(self, group: Any, rank: int, size: int, device: torch.device) -> ManagedComm:
@@ -188,12 +191,12 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
 
     def _dropout_seed(self) -> int | None:
         if self.deterministic:
-            return self.seed + self._call_step * 1_000_003_000
+            return self.seed + self._current_step() * 1_000_003_000
         return super()._dropout_seed()
 
     def _where(self) -> str:
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        return f"RingDilatedAttentionProduction rank {rank}, step {self._call_step}"
+        return f"RingDilatedAttentionProduction rank {rank}, step {self._current_step()}"
 
     def context(self) -> str:
         return f"{self._where()}: "  # the step of the call (also when its backward recomputes it)
@@ -220,10 +223,10 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
         if not found:
             return False
         what = ", ".join(f"{name} on rank {rank} ({count} non-finite elements)" for rank, name, count in found)
-        message = f"RingDilatedAttentionProduction step {self._call_step}: NaN/Inf in the {stage}: {what}"
+        message = f"RingDilatedAttentionProduction step {self._current_step()}: NaN/Inf in the {stage}: {what}"
         if self.on_nonfinite == "raise":
             raise NonFiniteError(message)
-        self.nonfinite_events.append({"step": self._call_step, "stage": stage, "found": found})
+        self.nonfinite_events.append({"step": self._current_step(), "stage": stage, "found": found})
         warnings.warn(message + "; skipped (zeros)", RuntimeWarning, stacklevel=3)
         return True
 
@@ -276,10 +279,12 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
             :class:`NonFiniteError` on every rank.
             With ``return_lse``, the pair ``(out, lse)``.
         """
-        self.step += 1
-        step = self._call_step = self.step
+        self._steps.add_(1)  # a tensor (see RingAttentionBase.step)
         causal = bool(is_causal)
         dropout_p = self.dropout if self.training else 0.0
+        if torch.compiler.is_compiling():
+            return self._traced_forward(q, k, v, causal, key_padding_mask, dropout_p, return_lse, cu_seqlens)
+        step = self.step
         self._validate(q, k, v, key_padding_mask, causal, dropout_p, cu_seqlens)
         if self.on_nonfinite is not None:
             _, groups = self._resolve(q, k)
@@ -311,6 +316,22 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
             if self._handle_nonfinite(found, "output"):
                 return _zero_attention(q, k, v, return_lse)
         return (out, lse) if return_lse else out
+
+    def _traced_forward(self, q, k, v, causal: bool, key_padding_mask, dropout_p: float, return_lse: bool, cu_seqlens):
+        """Under ``torch.compile``: the checks and the module's op (what reads values on the host stays out)."""
+        if self.on_nonfinite is not None or self.deterministic:
+            raise RuntimeError(
+                f"RingDilatedAttentionProduction(on_nonfinite={self.on_nonfinite!r}, deterministic="
+                f"{self.deterministic}) reads values on the host in every call and runs eager only; compile it "
+                "with on_nonfinite=None and deterministic=False"
+            )
+        self._validate(q, k, v, key_padding_mask, causal, dropout_p, cu_seqlens)
+        attend = functools.partial(self._attend, return_lse=return_lse, cu_seqlens=cu_seqlens)
+        if self.checkpoint and torch.is_grad_enabled():
+            return activation_checkpoint(
+                attend, q, k, v, causal, key_padding_mask, dropout_p, use_reentrant=False, preserve_rng_state=True
+            )
+        return attend(q, k, v, causal, key_padding_mask, dropout_p)
 
     def extra_repr(self) -> str:
         return (
