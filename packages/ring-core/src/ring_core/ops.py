@@ -193,11 +193,23 @@ def _call(
     seed: torch.Tensor | None,
     causal: bool,
     dropout_p: float,
+    seq_len: int,
 ) -> OpCall:
     if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
         key_padding_mask = _padding_from_float(key_padding_mask)
-    documents = None if cu_seqlens is None else check_documents([int(x) for x in cu_seqlens.tolist()], None)
-    return OpCall(key_padding_mask, causal, dropout_p, 0 if seed is None else int(seed.item()), documents)
+    return OpCall(
+        key_padding_mask, causal, dropout_p, 0 if seed is None else int(seed.item()), _documents(cu_seqlens, seq_len)
+    )
+
+
+def _documents(cu_seqlens: torch.Tensor | None, seq_len: int) -> tuple[int, ...] | None:
+    """The checked boundaries without empty documents (they attend nothing), None for one document of the
+    whole (local) sequence: the same results. A caller that traces a fixed-length ``cu_seqlens``
+    (``torch.compile``: no value read on the host) pads it with repeated boundaries."""
+    if cu_seqlens is None:
+        return None
+    documents = tuple(dict.fromkeys(check_documents([int(x) for x in cu_seqlens.tolist()], None)))
+    return None if documents == (0, seq_len) else documents
 
 
 def _padding_from_float(mask: torch.Tensor) -> torch.Tensor:
@@ -228,7 +240,8 @@ def _attention(
     dropout_p: float,
     lse_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _lookup(op).forward(q, k, v, _call(key_padding_mask, cu_seqlens, seed, causal, dropout_p))
+    call = _call(key_padding_mask, cu_seqlens, seed, causal, dropout_p, q.shape[1])
+    out, lse = _lookup(op).forward(q, k, v, call)
     return out.contiguous(), lse.contiguous()
 
 
@@ -271,7 +284,7 @@ def _attention_backward(
     causal: bool,
     dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    runner, call = _lookup(op), _call(key_padding_mask, cu_seqlens, seed, causal, dropout_p)
+    runner, call = _lookup(op), _call(key_padding_mask, cu_seqlens, seed, causal, dropout_p, q.shape[1])
     dq, dk, dv = runner.backward(dout, q, k, v, out, lse, call)
     if dlse is not None:  # one more pass: dS = P * dlse (see the module's note)
         probe = torch.zeros_like(out)

@@ -37,7 +37,7 @@ from torch import nn
 
 from ring_core import Implementation, create_attention, resolve_implementation, shard_sequence, unshard_sequence
 
-from .packing import cu_seqlens_from_position_ids
+from .packing import cu_seqlens_from_position_ids, traced_cu_seqlens
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -131,6 +131,7 @@ def enable(model: nn.Module, name: str, **options: Any) -> nn.Module:
     choice = Enabled(implementation.name, dict(options), previous, implementation.distributed)
     for module in model.modules():
         _ENABLED[module] = choice
+    _build_ahead(pretrained, choice)
     pretrained.set_attn_implementation(ATTENTION_NAME)
     return model
 
@@ -168,6 +169,26 @@ def _check_model(model: nn.Module) -> PreTrainedModel:
             "attention does not compute"
         )
     return model
+
+
+def _build_ahead(model: PreTrainedModel, choice: Enabled) -> None:
+    """Build the modules the attention layers will ask for, so that a compiled forward only looks them up
+    (building one takes the registry's lock, a graph break). A combination missed here is built on its
+    first call; one that fails here fails again there, with its error."""
+    config_window = getattr(model.config, "sliding_window", None)
+    for layer in model.modules():
+        scaling = getattr(layer, "scaling", None)
+        if not isinstance(scaling, float) or not hasattr(layer, "is_causal"):
+            continue
+        dropouts = {0.0, float(getattr(layer, "attention_dropout", 0.0) or 0.0)}
+        sliding = getattr(layer, "sliding_window", None) or config_window
+        windows = {None, *([(sliding - 1, sliding - 1)] if isinstance(sliding, int) and sliding > 0 else [])}
+        for dropout in dropouts:
+            for window in windows:
+                try:
+                    choice.attention(scaling, dropout, window)
+                except (TypeError, ValueError):
+                    pass
 
 
 def _resolve(name: str) -> Implementation:
@@ -260,11 +281,15 @@ def ring_attention_mask(
     ):
         q_idx = torch.arange(q_offset, q_offset + q_length - 1, device=kwargs.get("device"))
         batch_idx = torch.arange(batch_size, device=q_idx.device)[:, None]
-        if bool(mask_function(batch_idx, 0, q_idx[None], q_idx[None] + 1).any()):
-            raise RingTransformersError(
-                "the model's causal mask lets some queries see later keys (a bidirectional block, e.g. of image "
-                "tokens), which ring attention cannot express"
-            )
+        sees_later = mask_function(batch_idx, 0, q_idx[None], q_idx[None] + 1).any()
+        message = (
+            "the model's causal mask lets some queries see later keys (a bidirectional block, e.g. of image "
+            "tokens), which ring attention cannot express"
+        )
+        if torch.compiler.is_compiling():  # checked inside the graph (a RuntimeError), not on the host
+            torch._assert_async(~sees_later, message)
+        elif bool(sees_later):
+            raise RingTransformersError(message)
     if attention_mask is None:
         return None
     return attention_mask[:, -kv_length:]
@@ -293,6 +318,8 @@ def _cu_seqlens(position_ids: torch.Tensor | None, choice: Enabled, world_size: 
     """Global ``cu_seqlens`` of a packed batch (gathered over the ranks when the sequence is sharded), or None."""
     if position_ids is None:
         return None
+    if world_size == 1 and torch.compiler.is_compiling():  # no value read on the host: no graph break
+        return traced_cu_seqlens(position_ids.expand(batch, -1))
     if world_size > 1:
         layout = choice.options.get("layout", "contiguous")
         local = position_ids.expand(batch, -1).contiguous()

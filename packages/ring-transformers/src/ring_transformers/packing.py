@@ -39,3 +39,17 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor, flatten_rows: bool 
         )
     edges = torch.nonzero(starts.flatten()).flatten()
     return torch.cat([edges, edges.new_full((1,), starts.numel())]).to(torch.int32)
+
+
+def traced_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor:
+    """``cu_seqlens`` of the ``(B, N)`` rows laid end to end, of the fixed length ``B * N + 1``, read on no host.
+
+    What :func:`cu_seqlens_from_position_ids` gives with ``flatten_rows=True`` (every row starting a
+    document), for ``torch.compile``: where no document starts, the last start repeats (empty documents,
+    which attend nothing and which ring-core's op drops; one document of the whole sequence is no packing).
+    """
+    starts = position_ids == 0
+    starts = torch.cat([torch.ones_like(starts[:, :1]), starts[:, 1:]], dim=1).flatten()
+    index = torch.arange(starts.numel(), device=starts.device)
+    last_start = torch.cummax(torch.where(starts, index, 0), dim=0).values
+    return torch.cat([last_start, index.new_full((1,), starts.numel())]).to(torch.int32)

@@ -1,0 +1,68 @@
+"""``torch.compile(model, fullgraph=True)`` of an enabled transformers model: one graph, eager's numbers.
+
+Compiled, nothing reads a value on the host: packed batches get a fixed-length ``cu_seqlens``
+(``traced_cu_seqlens``, padded with empty documents), the mask check runs in the graph, and the
+modules the layers use are built by ``enable``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_models import DENSE, build, relative_error, tokens
+from transformers import DataCollatorWithFlattening
+
+import ring_transformers
+from ring_transformers import cu_seqlens_from_position_ids
+from ring_transformers.packing import traced_cu_seqlens
+
+DILATED = {"segment_lengths": [2, 4, 8], "dilation_rates": [1, 2, 4]}
+
+
+def compiled_model(family: str, config: dict, **overrides):
+    torch._dynamo.reset()
+    model = ring_transformers.enable(build(family, **overrides), "dilated", **config)
+    return model, torch.compile(model, fullgraph=True, backend="aot_eager")
+
+
+def test_traced_cu_seqlens_are_the_boundaries_padded_with_empty_documents():
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1], [3, 4, 0, 1, 2, 3, 0, 1]])
+    traced = traced_cu_seqlens(positions)
+    assert traced.dtype == torch.int32 and traced.shape == (17,)
+    values = traced.tolist()
+    assert values == sorted(values) and values[0] == 0 and values[-1] == 16
+    assert list(dict.fromkeys(values)) == cu_seqlens_from_position_ids(positions, flatten_rows=True).tolist()
+    assert list(dict.fromkeys(traced_cu_seqlens(torch.arange(5)[None]).tolist())) == [0, 5]
+
+
+@pytest.mark.parametrize(
+    ("family", "config", "overrides"),
+    [("llama", DENSE, {}), ("mistral", DILATED, {"sliding_window": 5})],
+    ids=["llama-dense", "mistral-dilated-window"],
+)
+def test_compiled_model_is_one_graph_with_eager_logits_and_gradients(family, config, overrides):
+    model, compiled = compiled_model(family, config, **overrides)
+    ids = tokens(2, 13)
+    explanation = torch._dynamo.explain(model)(ids, use_cache=False)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    expected = model(ids, use_cache=False).logits
+    logits = compiled(ids, use_cache=False).logits
+    assert relative_error(logits, expected) <= 1e-12
+    params = list(model.parameters())
+    grads = torch.autograd.grad(logits.square().sum(), params)
+    for grad, ref in zip(grads, torch.autograd.grad(expected.square().sum(), params)):
+        assert relative_error(grad, ref) <= 1e-10
+
+
+def test_compiled_packed_rows_equal_the_documents_alone():
+    model, compiled = compiled_model("llama", DILATED)
+    generator = torch.Generator().manual_seed(2)
+    docs = [torch.randint(0, 53, (n,), generator=generator).tolist() for n in (5, 9, 1, 7)]
+    packed = DataCollatorWithFlattening()([{"input_ids": doc} for doc in docs])
+    alone = torch.cat([model(torch.tensor([doc]), use_cache=False).logits for doc in docs], dim=1)
+    logits = compiled(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+    assert relative_error(logits, alone) <= 1e-10
+    rows = packed["input_ids"].view(2, 11), packed["position_ids"].view(2, 11)  # two rows, a document across
+    expected = model(input_ids=rows[0], position_ids=rows[1], use_cache=False).logits
+    got = compiled(input_ids=rows[0], position_ids=rows[1], use_cache=False).logits
+    assert relative_error(got, expected) <= 1e-10
