@@ -70,7 +70,7 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], prefix: str = "")
         raise ValueError(f"state_dict has biases for some of {PROJECTIONS} under {prefix!r} only")
     converted[f"{prefix}in_proj_weight"] = torch.cat(weights, dim=0)
     if biases[0] is not None:
-        converted[f"{prefix}in_proj_bias"] = torch.cat(biases, dim=0)
+        converted[f"{prefix}in_proj_bias"] = torch.cat([b for b in biases if b is not None], dim=0)
     for name in ("out_proj.weight", "out_proj.bias", "norm.weight", "norm.bias"):
         if name in inner:
             converted[f"{prefix}{name}"] = inner.pop(name)

@@ -48,12 +48,21 @@ class WithExtraKeys(BlockSchedule):
     def __init__(self, inner: BlockSchedule, kernel: BlockKernel, n: int) -> None:
         self.inner, self.kernel, self.n = inner, kernel, n
 
-    def forward(self, q, k, v, acc: Accumulator) -> None:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, acc: Accumulator) -> None:
         n = self.n
         self.inner.forward(q, k[:, :n], v[:, :n], acc)
         self.kernel.forward_into(acc.out, acc.lse, q, k[:, n:], v[:, n:], block_id=EXTRA_BLOCK_ID)
 
-    def backward(self, q, k, v, out, lse, dout, grads) -> None:
+    def backward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        dout: torch.Tensor,
+        grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> None:
         dq, dk, dv = grads
         n = self.n
         self.inner.backward(q, k[:, :n], v[:, :n], out, lse, dout, (dq, dk[:, :n], dv[:, :n]))
@@ -72,10 +81,19 @@ class CrossSchedule(BlockSchedule):
         self.kernel = kernel
         self.mask = None if key_padding_mask is None else (~key_padding_mask)[:, None, None, :]
 
-    def forward(self, q, k, v, acc: Accumulator) -> None:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, acc: Accumulator) -> None:
         self.kernel.forward_into(acc.out, acc.lse, q, k, v, mask=self.mask)
 
-    def backward(self, q, k, v, out, lse, dout, grads) -> None:
+    def backward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        dout: torch.Tensor,
+        grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> None:
         for grad, block_grad in zip(grads, self.kernel.backward(dout, q, k, v, out, lse, mask=self.mask)):
             grad.add_(block_grad)
 
@@ -95,7 +113,7 @@ class _CoreOp(AttentionOp):
         super().__init__()
         self.segments, self.rates, self.merge, self.extra, self.window = segments, rates, merge, extra, window
 
-    def _one_block(self, q, k, call: OpCall) -> BlockKernel | None:
+    def _one_block(self, q: torch.Tensor, k: torch.Tensor, call: OpCall) -> BlockKernel | None:
         """The kernel when the call is one dense block, else None."""
         dense = self.segments is None or (self.rates == (1,) and self.segments[0] >= q.shape[1])
         positions = self.window != NO_WINDOW or call.documents is not None
@@ -103,7 +121,7 @@ class _CoreOp(AttentionOp):
             return None
         return None if q.shape[1] == 0 else block_kernel(q, k, causal=call.causal)
 
-    def schedule(self, q, k, v, call: OpCall) -> BlockSchedule:
+    def schedule(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: OpCall) -> BlockSchedule:
         n, mask = k.shape[1] - self.extra, call.key_padding_mask
         kernel = block_kernel(
             q, k, causal=call.causal, has_mask=mask is not None, dropout_p=call.dropout_p, seed=call.seed,
@@ -112,35 +130,56 @@ class _CoreOp(AttentionOp):
         if q.shape[1] != n:  # cross-attention: dense (forward refuses dilated configurations)
             inner: BlockSchedule = CrossSchedule(kernel, mask)
         else:
-            segments, rates = (self.segments, self.rates) if self.segments is not None else ((max(n, 1),), (1,))
+            segments: tuple[int, ...] = (max(n, 1),)
+            rates: tuple[int, ...] = (1,)
+            if self.segments is not None and self.rates is not None:
+                segments, rates = self.segments, self.rates
             inner = DilatedSchedule(
                 kernel, branches(segments, rates, self.merge, q.shape[2]), causal=call.causal, key_padding_mask=mask,
                 window=self.window, documents=call.documents,
             )  # fmt: skip
         return WithExtraKeys(inner, kernel, n) if self.extra else inner
 
-    def forward(self, q, k, v, call: OpCall):
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: OpCall
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         bound = self._one_block(q, k, call)
         if bound is None:
             return super().forward(q, k, v, call)
         out, lse = bound.backend.forward(q, k, v, scale=bound.scale, causal=call.causal)
         return out, lse.transpose(1, 2)
 
-    def backward(self, dout, q, k, v, out, lse, call: OpCall):
+    def backward(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        call: OpCall,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         bound = self._one_block(q, k, call)
         if bound is None:
             return super().backward(dout, q, k, v, out, lse, call)
         grads = bound.backend.backward(
             dout.contiguous(), q, k, v, out, lse.transpose(1, 2), scale=bound.scale, causal=call.causal
         )
-        return tuple(grad.to(x.dtype) for grad, x in zip(grads, (q, k, v)))
+        dq, dk, dv = (grad.to(x.dtype) for grad, x in zip(grads, (q, k, v)))
+        return dq, dk, dv
 
 
-_ops: dict[tuple, _CoreOp] = {}
+_ops: dict[tuple[object, ...], _CoreOp] = {}
 
 
-@torch.compiler.assume_constant_result
-def _core_op(segments, rates, merge: str, extra: int, window=NO_WINDOW) -> str:
+@torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]
+def _core_op(
+    segments: tuple[int, ...] | None,
+    rates: tuple[int, ...] | None,
+    merge: str,
+    extra: int,
+    window: tuple[int, int] = NO_WINDOW,
+) -> str:
     """The name of the op of one configuration (made once; a constant for ``torch.compile``)."""
     key = (segments, rates, merge, extra, window)
     op = _ops.get(key)
@@ -174,6 +213,8 @@ def sequence_attention(
     """
     segments, rates = None, None
     if segment_lengths is not None:
+        if dilation_rates is None:
+            raise ValueError(f"dilation_rates must be given with segment_lengths={list(segment_lengths)}")
         segments, rates = check_dilated_config(segment_lengths, dilation_rates, merge)
     if extra is not None:
         k, v = torch.cat([k, extra[0]], 1), torch.cat([v, extra[1]], 1)

@@ -32,7 +32,7 @@ from torch import nn
 from .multihead import MultiheadDilatedAttention
 from .ring import RingMultiheadDilatedAttention
 
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu}
 
 
 def _activation(activation: str | Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -88,6 +88,10 @@ class DilatedLayerBase(nn.Module):
     with torch's names; ``ffn_norm`` exists only with the sub-LayerNorm.
     """
 
+    self_attn: MultiheadDilatedAttention
+    dropout1: nn.Dropout
+    activation: Callable[[torch.Tensor], torch.Tensor]
+
     def _build_feed_forward(
         self,
         d_model: int,
@@ -113,17 +117,21 @@ class DilatedLayerBase(nn.Module):
                 if layer.bias is not None:
                     nn.init.zeros_(layer.bias)
 
-    def _sa_block(self, x, attn_mask, key_padding_mask, is_causal: bool) -> torch.Tensor:
+    def _sa_block(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, is_causal: bool
+    ) -> torch.Tensor:
         out = self.self_attn(
             x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False, is_causal=is_causal
         )[0]
-        return self.dropout1(out)
+        dropped: torch.Tensor = self.dropout1(out)
+        return dropped
 
     def _ff_block(self, x: torch.Tensor, out_dropout: nn.Dropout) -> torch.Tensor:
         h = self.activation(self.linear1(x))
         if self.ffn_norm is not None:
             h = self.ffn_norm(h)
-        return out_dropout(self.linear2(self.dropout(h)))
+        out: torch.Tensor = out_dropout(self.linear2(self.dropout(h)))
+        return out
 
 
 class DilatedTransformerEncoderLayer(DilatedLayerBase):
@@ -158,7 +166,7 @@ class DilatedTransformerEncoderLayer(DilatedLayerBase):
         layout: str = "contiguous",
     ) -> None:
         super().__init__()
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.self_attn = self_attention(
             d_model, nhead, dropout, bias, batch_first, factory, segment_lengths=segment_lengths,
             dilation_rates=dilation_rates, merge=merge, sub_layer_norm=sub_layer_norm,
@@ -198,7 +206,8 @@ class DilatedTransformerEncoderLayer(DilatedLayerBase):
             x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
             return x + self._ff_block(self.norm2(x), self.dropout2)
         x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal))
-        return self.norm2(x + self._ff_block(x, self.dropout2))
+        out: torch.Tensor = self.norm2(x + self._ff_block(x, self.dropout2))
+        return out
 
 
 class DilatedTransformerDecoderLayer(DilatedLayerBase):
@@ -235,7 +244,7 @@ class DilatedTransformerDecoderLayer(DilatedLayerBase):
         layout: str = "contiguous",
     ) -> None:
         super().__init__()
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.self_attn = self_attention(
             d_model, nhead, dropout, bias, batch_first, factory, segment_lengths=segment_lengths,
             dilation_rates=dilation_rates, merge=merge, sub_layer_norm=sub_layer_norm,
@@ -256,12 +265,20 @@ class DilatedTransformerDecoderLayer(DilatedLayerBase):
         self.dropout2 = nn.Dropout(dropout)
         self.dropout3 = nn.Dropout(dropout)
 
-    def _mha_block(self, x, memory, attn_mask, key_padding_mask, is_causal: bool) -> torch.Tensor:
+    def _mha_block(
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        key_padding_mask: torch.Tensor | None,
+        is_causal: bool,
+    ) -> torch.Tensor:
         out = self.multihead_attn(
             x, memory, memory, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False,
             is_causal=is_causal,
         )[0]  # fmt: skip
-        return self.dropout2(out)
+        dropped: torch.Tensor = self.dropout2(out)
+        return dropped
 
     def forward(
         self,
@@ -298,4 +315,5 @@ class DilatedTransformerDecoderLayer(DilatedLayerBase):
             return x + self._ff_block(self.norm3(x), self.dropout3)
         x = self.norm1(x + self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
         x = self.norm2(x + self._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal))
-        return self.norm3(x + self._ff_block(x, self.dropout3))
+        out: torch.Tensor = self.norm3(x + self._ff_block(x, self.dropout3))
+        return out

@@ -65,7 +65,7 @@ class LongNetLM(nn.Module):
         for name, value in (("vocab_size", vocab_size), ("max_seq_len", max_seq_len), ("num_layers", num_layers)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.max_seq_len = max_seq_len
         self.process_group = process_group
         self.layout = layout
@@ -139,4 +139,5 @@ class LongNetLM(nn.Module):
                 x = checkpoint(layer, x, src_key_padding_mask=key_padding_mask, is_causal=True, use_reentrant=False)
             else:
                 x = layer(x, src_key_padding_mask=key_padding_mask, is_causal=True)
-        return self.norm(x) @ self.embed.weight.T
+        logits: torch.Tensor = self.norm(x) @ self.embed.weight.T
+        return logits

@@ -19,7 +19,7 @@ sees no key outputs 0" replaces ``nn.MultiheadAttention``'s NaN for fully masked
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -110,9 +110,9 @@ class MultiheadDilatedAttention(nn.Module):
             raise ValueError(
                 f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim}, num_heads={num_heads}"
             )
-        for name, value in (("kdim", kdim), ("vdim", vdim)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ValueError(f"{name} must be None or a positive int, got {value!r}")
+        for name, dim in (("kdim", kdim), ("vdim", vdim)):
+            if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0):
+                raise ValueError(f"{name} must be None or a positive int, got {dim!r}")
         if not (isinstance(gamma_init, (int, float)) and not isinstance(gamma_init, bool) and gamma_init > 0):
             raise ValueError(f"gamma_init must be a positive float, got {gamma_init!r}")
         if segment_lengths is None:
@@ -126,7 +126,7 @@ class MultiheadDilatedAttention(nn.Module):
             rates = [1] * len(segment_lengths) if dilation_rates is None else dilation_rates
             self.segment_lengths, self.dilation_rates = check_dilated_config(segment_lengths, rates, merge)
             branches(self.segment_lengths, self.dilation_rates, merge, num_heads)  # head_groups: a head per branch
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         super().__init__()
         self.embed_dim = embed_dim
         self.kdim = kdim if kdim is not None else embed_dim
@@ -155,8 +155,8 @@ class MultiheadDilatedAttention(nn.Module):
             self.register_parameter("in_proj_bias", None)
         self.out_proj = nn.modules.linear.NonDynamicallyQuantizableLinear(embed_dim, embed_dim, bias=bias, **factory)
         if add_bias_kv:
-            self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
-            self.bias_v = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
+            self.bias_k: nn.Parameter | None = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
+            self.bias_v: nn.Parameter | None = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
         else:
             self.bias_k = self.bias_v = None
         self.add_zero_attn = add_zero_attn
@@ -179,7 +179,7 @@ class MultiheadDilatedAttention(nn.Module):
                 nn.init.zeros_(self.in_proj_bias)
             if self.out_proj.bias is not None:
                 nn.init.zeros_(self.out_proj.bias)
-            if self.bias_k is not None:
+            if self.bias_k is not None and self.bias_v is not None:
                 nn.init.xavier_normal_(self.bias_k)
                 nn.init.xavier_normal_(self.bias_v)
 
@@ -211,7 +211,7 @@ class MultiheadDilatedAttention(nn.Module):
 
     # -- forward -----------------------------------------------------------------------
     def _config(self, seq_len: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        if self.segment_lengths is None:
+        if self.segment_lengths is None or self.dilation_rates is None:
             return (max(seq_len, 1),), (1,)
         return self.segment_lengths, self.dilation_rates
 
@@ -337,7 +337,8 @@ class MultiheadDilatedAttention(nn.Module):
         heads = (self.num_heads, self.head_dim)
         if self_attention and self._packed_in_proj:  # one product for q, k and v, as nn.MultiheadAttention
             packed = F.linear(query, self.in_proj_weight, self.in_proj_bias)
-            return packed.unflatten(-1, (3, *heads)).unbind(-3)
+            q, k, v = packed.unflatten(-1, (3, *heads)).unbind(-3)
+            return q, k, v
         if self._packed_in_proj:
             wq, wk, wv = self.in_proj_weight[:e], self.in_proj_weight[e : 2 * e], self.in_proj_weight[2 * e :]
         else:
@@ -355,7 +356,7 @@ class MultiheadDilatedAttention(nn.Module):
         """``(B, e, H, D)`` keys and values appended by ``add_bias_kv`` then ``add_zero_attn``, or None."""
         b = k.shape[0]
         keys, values = [], []
-        if self.bias_k is not None:
+        if self.bias_k is not None and self.bias_v is not None:
             keys.append(self.bias_k.expand(b, 1, -1).unflatten(-1, (self.num_heads, self.head_dim)))
             values.append(self.bias_v.expand(b, 1, -1).unflatten(-1, (self.num_heads, self.head_dim)))
         if self.add_zero_attn:
@@ -395,7 +396,7 @@ class MultiheadDilatedAttention(nn.Module):
                 f"got {q_len} x {scores // q_len} = {scores}. Pass need_weights=False and at most a bool/causal mask "
                 f"(is_causal=True) for the O(N) path, or raise {type(self).__name__}.max_dense_scores"
             )
-        if self.segment_lengths is None:
+        if self.segment_lengths is None or self.dilation_rates is None:
             counts = torch.ones(1, q_len, k_len, dtype=q.dtype, device=q.device)
             if cu_seqlens is not None:
                 counts = counts * document_mask(n, cu_seqlens, q.device)[q_pos].to(q.dtype)
@@ -533,7 +534,7 @@ class MultiheadDilatedAttention(nn.Module):
     def extra_repr(self) -> str:
         config = (
             "dense"
-            if self.segment_lengths is None
+            if self.segment_lengths is None or self.dilation_rates is None
             else f"segment_lengths={list(self.segment_lengths)}, dilation_rates={list(self.dilation_rates)}"
         )
         window = f", window_size={self.window_size}" if self.window_size != NO_WINDOW else ""

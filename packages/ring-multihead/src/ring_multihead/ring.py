@@ -98,13 +98,16 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         self.process_group = process_group
         self.layout = check_layout(layout)
         self.timeout = check_timeout(timeout)
-        self._rings: dict[tuple, RingDilatedAttention] = {}  # ring_core RingDilatedAttention per configuration
+        # ring_core RingDilatedAttention per configuration
+        self._rings: dict[tuple[object, ...], RingDilatedAttention] = {}
 
     def _world(self) -> tuple[int, int]:
         """``(rank, P)`` in ``process_group``; ``(0, 1)`` without torch.distributed."""
         return group_rank_and_size(self.process_group)
 
-    def _global_keys(self, q, k, v, key_padding_mask):
+    def _global_keys(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, int]:
         rank, world = self._world()
         if world == 1:
             return super()._global_keys(q, k, v, key_padding_mask)
@@ -120,7 +123,18 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
     def _global_length(self, length: int) -> int:
         return length * self._world()[1]
 
-    def _sequence_attention(self, q, k, v, extra, *, is_causal, key_padding_mask, dropout_p, cu_seqlens=None):
+    def _sequence_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        extra: tuple[torch.Tensor, torch.Tensor] | None,
+        *,
+        is_causal: bool,
+        key_padding_mask: torch.Tensor | None,
+        dropout_p: float,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         _, world = self._world()
         if world == 1:
             return super()._sequence_attention(
@@ -142,7 +156,8 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
                 timeout=self.timeout,
             )
             self._rings[key] = ring
-        return ring(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens)
+        out: torch.Tensor = ring(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens)
+        return out
 
     def forward(
         self,
@@ -191,7 +206,15 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         )  # fmt: skip
 
     def _check_local(
-        self, world, query, key, value, key_padding_mask, need_weights, attn_mask, cu_seqlens=None
+        self,
+        world: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        need_weights: bool,
+        attn_mask: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[int, int]:
         """This rank's checks; returns ``(batch, local length)``."""
         batched = self._check_inputs(query, key, value)
@@ -222,8 +245,17 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         return batch, local_q
 
     def _check_across_ranks(
-        self, world, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal, cu_seqlens=None
-    ):
+        self,
+        world: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        need_weights: bool,
+        attn_mask: torch.Tensor | None,
+        is_causal: bool,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> None:
         def check() -> list[int]:
             batch, length = self._check_local(
                 world, query, key, value, key_padding_mask, need_weights, attn_mask, cu_seqlens
