@@ -188,3 +188,15 @@ def test_the_models_window_and_a_window_option_conflict():
     with pytest.raises(RingTransformersError, match="window_size"):  # rejected by enable, or at the first call
         ring_transformers.enable(model, "dilated", **DENSE, window_size=(2, 2))
         model(tokens(1, 21))
+
+
+def test_a_copied_model_stays_enabled_and_keeps_nothing_in_its_state():
+    import copy
+
+    model = ring_transformers.enable(build("llama"), "dilated", segment_lengths=[4, 8], dilation_rates=[1, 2])
+    copied = copy.deepcopy(model)
+    ids = tokens(1, 13)
+    assert relative_error(copied(ids).logits, model(ids).logits) == 0.0
+    assert set(copied.state_dict()) == set(build("llama").state_dict())
+    ring_transformers.disable(copied)
+    assert copied.config._attn_implementation == "sdpa" and model.config._attn_implementation == "ring_attention"

@@ -4,9 +4,9 @@ transformers looks each attention layer's function up by name in its
 ``AttentionInterface`` registry (``config._attn_implementation``). We register
 one function there, :data:`ATTENTION_NAME`, and ``enable`` points the model at
 it, so the model's code is untouched. The implementation name and the
-``create_attention`` options are kept in this module, per attention layer (a
-weak mapping), never in the config: ``save_pretrained`` writes the config as
-before.
+``create_attention`` options are kept on every submodule of the model (an attribute,
+:data:`CHOICE_ATTRIBUTE`: ``torch.compile`` guards it like any attribute), never in
+the config or the state dict: ``save_pretrained`` writes both as before.
 
 For every call, the function receives the layer's ``(B, H, N, D)`` query, key
 and value, the mask the model passes and keyword arguments (``scaling``,
@@ -27,7 +27,7 @@ cannot express. Causality comes from the layer's ``is_causal``.
 
 from __future__ import annotations
 
-import weakref
+import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -89,9 +89,18 @@ class Enabled:
             return 1
         return dist.get_world_size(self.options.get("process_group"))
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Enabled:
+        """A copied model keeps the choice (the options as they are: a process group is not copied)."""
+        return Enabled(self.name, copy.copy(self.options), self.previous, self.distributed)
 
-# attention layer (any submodule of an enabled model) -> its model's choice
-_ENABLED: weakref.WeakKeyDictionary[nn.Module, Enabled] = weakref.WeakKeyDictionary()
+
+# the attribute of every submodule of an enabled model that holds its model's choice
+CHOICE_ATTRIBUTE = "_ring_transformers_choice"
+
+
+def _choice(module: nn.Module) -> Enabled | None:
+    choice = module.__dict__.get(CHOICE_ATTRIBUTE)
+    return choice if isinstance(choice, Enabled) else None
 
 
 def enable(model: nn.Module, name: str, **options: Any) -> nn.Module:
@@ -127,10 +136,11 @@ def enable(model: nn.Module, name: str, **options: Any) -> nn.Module:
 
     AttentionInterface.register(ATTENTION_NAME, ring_attention_forward)
     AttentionMaskInterface.register(ATTENTION_NAME, ring_attention_mask)
-    previous = _ENABLED[model].previous if model in _ENABLED else pretrained.config._attn_implementation
+    enabled = _choice(model)
+    previous = enabled.previous if enabled is not None else pretrained.config._attn_implementation
     choice = Enabled(implementation.name, dict(options), previous, implementation.distributed)
     for module in model.modules():
-        _ENABLED[module] = choice
+        module.__dict__[CHOICE_ATTRIBUTE] = choice
     _build_ahead(pretrained, choice)
     pretrained.set_attn_implementation(ATTENTION_NAME)
     return model
@@ -138,11 +148,11 @@ def enable(model: nn.Module, name: str, **options: Any) -> nn.Module:
 
 def disable(model: nn.Module) -> nn.Module:
     """Undo :func:`enable`: the model's previous attention implementation again; returns ``model``."""
-    choice = _ENABLED.get(model)
+    choice = _choice(model)
     if choice is None:
         raise RingTransformersError(f"{type(model).__name__} was not enabled with ring_transformers.enable")
     for module in model.modules():
-        _ENABLED.pop(module, None)
+        module.__dict__.pop(CHOICE_ATTRIBUTE, None)
     _check_model(model).set_attn_implementation(choice.previous or "sdpa")
     return model
 
@@ -214,7 +224,7 @@ def ring_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: ``(B, H, N, D)`` in, ``((B, N, H, D), None)`` out."""
-    choice = _ENABLED.get(module)
+    choice = _choice(module)
     if choice is None:
         raise RingTransformersError(
             f"{type(module).__name__} runs with attn_implementation={ATTENTION_NAME!r} but its model was not "
