@@ -243,6 +243,10 @@ class RingAttentionBase(nn.Module):
         # attributes, so an int counted in forward made every call recompile (a CPU tensor never syncs)
         self._steps = torch.full((), value, dtype=torch.int64)
 
+    def count_step(self) -> None:
+        """Count one call (``forward`` of every subclass calls it first)."""
+        self._steps.add_(1)
+
     def context(self) -> str:
         """How errors of this rank's current call start: the class, the global rank and the call (``step``)."""
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -364,7 +368,7 @@ class RingDilatedAttention(RingAttentionBase):
             RingConfigError: the ranks disagree (shapes, dtypes, flags) or ``N`` does not fit the
                 layout; every rank raises the same error, none hangs.
         """
-        self._steps.add_(1)
+        self.count_step()
         dropout_p = self.dropout if self.training else 0.0
         self._check(q, k, v, key_padding_mask, bool(is_causal), dropout_p, cu_seqlens)
         return self.run(

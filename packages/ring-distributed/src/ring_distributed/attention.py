@@ -301,7 +301,7 @@ class RingDistributedDilatedAttention(RingAttentionBase):
             ``(B, N/P, H, D_v)``: this rank's rows of the output, dtype and device of ``q``.
             With ``return_lse``, the pair ``(out, lse)``.
         """
-        self._steps.add_(1)
+        self.count_step()
         dropout_p = self.dropout if self.training else 0.0
         self._validate(q, k, v, key_padding_mask, bool(is_causal), dropout_p, cu_seqlens)
         return self._attend(q, k, v, bool(is_causal), key_padding_mask, dropout_p, return_lse, cu_seqlens)

@@ -279,7 +279,7 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
             :class:`NonFiniteError` on every rank.
             With ``return_lse``, the pair ``(out, lse)``.
         """
-        self._steps.add_(1)  # a tensor (see RingAttentionBase.step)
+        self.count_step()  # in a tensor (see RingAttentionBase.step)
         causal = bool(is_causal)
         dropout_p = self.dropout if self.training else 0.0
         if torch.compiler.is_compiling():
