@@ -41,7 +41,6 @@ import argparse
 import datetime
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -51,6 +50,7 @@ import torch.nn.functional as F
 
 from ring_blocksparse import BlockSparseRingDilatedAttention, Random, build_pattern
 from ring_core.testing import relative_error
+from tools.bench.timing import median_ms
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 FWD = ("fwd_BLOCK_M", "fwd_BLOCK_N", "fwd_num_warps", "fwd_num_stages")
@@ -78,26 +78,6 @@ SWEEP = {
     "prescale-qk": {"PRESCALE_QK": True},
     "tma": {"USE_TMA": True},
 }
-
-
-def timed(fn, repeats: int, device: torch.device) -> float:
-    """Median milliseconds of ``fn()`` over ``repeats`` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
 
 
 def layout_for(kind: str, density: float, seq_len: int, block: int, seed: int = 0) -> torch.Tensor:
@@ -315,8 +295,8 @@ def main(argv=None) -> int:
 
             backend = sdpa_kernel(SDPBackend.CUDNN_ATTENTION)
             backend.__enter__()
-        fwd = timed(lambda causal=causal: sdpa(causal), args.repeats, device)
-        both = timed(lambda causal=causal: fwd_bwd(sdpa(causal)), args.repeats, device)
+        fwd = median_ms(lambda causal=causal: sdpa(causal), repeats=args.repeats, device=device)
+        both = median_ms(lambda causal=causal: fwd_bwd(sdpa(causal)), repeats=args.repeats, device=device)
         if backend is not None:
             backend.__exit__(None, None, None)
         useful = flops / (2 if causal else 1)
@@ -348,8 +328,10 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             row["first_call_s"] = time.perf_counter() - t0
-            row["fwd_ms"] = timed(lambda: attn(q, k, v, is_causal=causal), args.repeats, device)
-            row["fwd_bwd_ms"] = timed(lambda: fwd_bwd(attn(q, k, v, is_causal=causal)), args.repeats, device)
+            row["fwd_ms"] = median_ms(lambda: attn(q, k, v, is_causal=causal), repeats=args.repeats, device=device)
+            row["fwd_bwd_ms"] = median_ms(
+                lambda: fwd_bwd(attn(q, k, v, is_causal=causal)), repeats=args.repeats, device=device
+            )
             if method == "gather":
                 row["kernel_calls_fwd"] = sum(len(g) for g in attn.last_plan.groups.values())
             else:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,21 +42,7 @@ from ring_core.engine import Accumulator
 from ring_core.sharding import shard_positions
 from ring_core.testing import relative_error
 from tools import command_line
-
-
-def timed(fn, repeats: int) -> float:
-    """Median milliseconds of ``fn()`` over ``repeats`` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+from tools.bench.timing import median_ms
 
 
 def band(density: float, seq_len: int, block: int) -> torch.Tensor:
@@ -160,9 +145,9 @@ def main(argv=None) -> int:
 
     for causal in (False, True):
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            dense = timed(fwd_bwd(sdpa, causal), args.repeats)
+            dense = median_ms(fwd_bwd(sdpa, causal), repeats=args.repeats)
         plain = create_attention("ring_dilated_flash", segment_lengths=segments, dilation_rates=rates)
-        dilated = timed(fwd_bwd(plain, causal), args.repeats)
+        dilated = median_ms(fwd_bwd(plain, causal), repeats=args.repeats)
         label = "causal" if causal else "full"
         record["baselines"][label] = {"dense_sdpa_cudnn_ms": dense, "plain_dilated_ms": dilated}
         print(f"baselines ({label}): dense SDPA cuDNN {dense:.2f} ms, plain dilated {dilated:.2f} ms", flush=True)
@@ -203,8 +188,8 @@ def main(argv=None) -> int:
             fwd_bwd(attn, causal)()
             torch.cuda.synchronize()
             entry["first_call_s"] = time.perf_counter() - t0
-            entry["fwd_ms"] = timed(lambda: attn(q, k, v, is_causal=causal), args.repeats)
-            entry["fwd_bwd_ms"] = timed(fwd_bwd(attn, causal), args.repeats if method == "flex" else 3)
+            entry["fwd_ms"] = median_ms(lambda: attn(q, k, v, is_causal=causal), repeats=args.repeats)
+            entry["fwd_bwd_ms"] = median_ms(fwd_bwd(attn, causal), repeats=args.repeats if method == "flex" else 3)
             entry["method_used"] = attn.last_method
             modules[section, name, causal] = attn
         except Exception as exc:  # report, keep the rest
@@ -303,7 +288,7 @@ def simulate_ring(args, q, k, v, dout, layout, save, record) -> dict:
     causal = False
     kernel = _dense_kernel(q, causal, q.shape[-1] ** -0.5, None)
     one = BlockSparseRingDilatedAttention(segs, rts, block_size=block, block_layout=layout, method="flex")
-    one_ms = timed(lambda: torch.autograd.grad(one(q, k, v), (q, k, v), dout), args.repeats)
+    one_ms = median_ms(lambda: torch.autograd.grad(one(q, k, v), (q, k, v), dout), repeats=args.repeats)
     out1 = one(q, k, v)
     grads1 = torch.autograd.grad(out1, (q, k, v), dout)
     result = {"world_size": world, "layout": "contiguous", "pattern": "random", "density": layout.float().mean().item(),
@@ -325,8 +310,8 @@ def simulate_ring(args, q, k, v, dout, layout, save, record) -> dict:
 
         state: dict = {}
         run = (schedule, plan, rank, local[rank], received, state)
-        fwd_ms = timed(lambda run=run: rank_steps(*run, backward=False), args.repeats)
-        both_ms = timed(lambda run=run: rank_steps(*run, backward=True), args.repeats)
+        fwd_ms = median_ms(lambda run=run: rank_steps(*run, backward=False), repeats=args.repeats)
+        both_ms = median_ms(lambda run=run: rank_steps(*run, backward=True), repeats=args.repeats)
         total += both_ms
         outs.append(state["out"])
         grads[0][:, shards[rank]] += state["dq"]

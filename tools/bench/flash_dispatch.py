@@ -23,6 +23,7 @@ import torch
 import ring_core
 from ring_flash import RingDilatedAttentionFlash, TunedKernel
 from tools import command_line
+from tools.bench.timing import median_ms
 
 ROWS = (
     ("dense N=16384", 16384, [16384], [1], False),
@@ -31,23 +32,6 @@ ROWS = (
     ("dilated N=65536 [2048,4096,8192]/[1,2,4] causal", 65536, [2048, 4096, 8192], [1, 2, 4], True),
 )
 DISPATCH = "dispatch"
-
-
-def timed(step, iters: int = 5, warmup: int = 2, repeats: int = 3) -> float:
-    """Milliseconds per step: ``iters`` steps back to back, median over ``repeats`` (CUDA events)."""
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                     attn(q, k, v, is_causal=causal).backward(dout)
 
                 try:
-                    times[column].append(timed(step))
+                    times[column].append(median_ms(step, iters=5, warmup=2))
                 except Exception as exc:  # report and keep the other columns
                     print(f"{label} / {column}: {type(exc).__name__}: {exc}"[:400], file=sys.stderr)
                 q.grad = k.grad = v.grad = None

@@ -36,6 +36,7 @@ from ring_core.bench import useful_pairs
 from ring_core.testing import relative_error
 from ring_flash import RingDilatedAttentionFlash
 from tools import command_line
+from tools.bench.timing import median_ms
 
 SEGMENTS, RATES = [2048, 4096, 8192], [1, 2, 4]
 FWD_BWD = 3.5
@@ -84,22 +85,6 @@ def bare_cudnn(seq_len: int, h: int, d: int, causal: bool, gen: torch.Generator)
                 torch.autograd.grad(out, (q, k, v), dout)
 
     return step
-
-
-def timed(step: Callable[[], object], iters: int, warmup: int = 2, repeats: int = 3) -> float:
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    return statistics.median(times)
 
 
 def accuracy(seq_len: int, heads: int, head_dim: int) -> list[dict]:
@@ -165,7 +150,7 @@ def timing_case(seq_len: int, heads: int, head_dim: int, iters: int, causal: boo
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        measured[name].append(timed(steps[name][0], iters))
+        measured[name].append(median_ms(steps[name][0], iters=iters, warmup=2))
         peaks.setdefault(name, (torch.cuda.max_memory_allocated() - base) / 2**30)
     bare = statistics.mean(measured["bare cuDNN calls"])
     for name, (_, kernel_name) in steps.items():

@@ -25,11 +25,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
-import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +34,7 @@ from typing import Any
 import torch
 
 from tools import command_line
+from tools.bench.timing import median_ms
 
 ROWS = ("sdpa", "ours dense", "ours dilated")
 SEGMENTS, RATES = [2048, 4096, 8192], [1, 2, 4]
@@ -110,29 +108,6 @@ def inputs(setup: Setup) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, grad
 
 
-def timed(step: Callable[[], object], setup: Setup) -> float:
-    """Milliseconds per ``step`` (median over repeats of ``iters`` steps back to back; the first two untimed)."""
-    step()
-    step()
-    times = []
-    for _ in range(setup.repeats):
-        if setup.device.type == "cuda":
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(setup.iters):
-                step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / setup.iters)
-        else:
-            begin = time.perf_counter()
-            for _ in range(setup.iters):
-                step()
-            times.append((time.perf_counter() - begin) * 1e3 / setup.iters)
-    return statistics.median(times)
-
-
 def run_row(setup: Setup, row: str, compiled: bool, baseline: torch.Tensor | None) -> tuple[dict, torch.Tensor | None]:
     """One row: its output (checked against the baseline's) and its time; an error becomes the row."""
     result: dict[str, Any] = {"name": row + (" compiled" if compiled else ""), "attention": row, "compiled": compiled}
@@ -149,7 +124,7 @@ def run_row(setup: Setup, row: str, compiled: bool, baseline: torch.Tensor | Non
             model.zero_grad(set_to_none=True)
             model(input_ids=ids).last_hidden_state.backward(grad)
 
-        ms = timed(step, setup)
+        ms = median_ms(step, iters=setup.iters, warmup=2, repeats=setup.repeats, device=setup.device)
         result.update(ms=ms, tokens_per_s=setup.tokens / (ms * 1e-3))
     except Exception as exc:  # report and go on
         result["error"] = f"{type(exc).__name__}: {exc}"[:400]

@@ -28,24 +28,9 @@ from torch import nn
 from ring_core.testing import relative_error
 from ring_multihead import MultiheadDilatedAttention
 from tools import command_line
+from tools.bench.timing import median_ms
 
 FORMS = ("none", "hint", "is_causal", "mask")
-
-
-def timed(step, iters: int = 5, warmup: int = 2, repeats: int = 5) -> float:
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    return statistics.median(times)
 
 
 def kwargs_for(form: str, module: str, mask: torch.Tensor) -> dict:
@@ -89,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                 def step(module=module, kwargs=kwargs):
                     module(x, x, x, need_weights=False, **kwargs)[0].backward(grad)
 
-                times[name].append(timed(step))
+                times[name].append(median_ms(step, iters=5, warmup=2, repeats=5))
                 x.grad = None
                 module.zero_grad(set_to_none=True)
         ms = {name: statistics.mean(t) for name, t in times.items()}

@@ -27,9 +27,7 @@ import argparse
 import datetime
 import itertools
 import json
-import statistics
 import sys
-import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +37,7 @@ import torch
 import ring_core
 from ring_core.bench import useful_pairs
 from ring_core.testing import relative_error
+from tools.bench.timing import median_ms
 
 FWD_BWD = 3.5
 SEGMENTS, RATES = [2048, 4096, 8192], [1, 2, 4]
@@ -69,28 +68,6 @@ class Setup:
         low, high = self.doc_range
         lengths = torch.randint(low, high + 1, (self.documents,), generator=generator)
         return torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(torch.int32)
-
-
-def timed(step: Callable[[], object], setup: Setup) -> float:
-    """Milliseconds per ``step`` (median over repeats of ``iters`` steps back to back)."""
-    step()
-    times = []
-    for _ in range(setup.repeats):
-        if setup.device.type == "cuda":
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(setup.iters):
-                step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / setup.iters)
-        else:
-            begin = time.perf_counter()
-            for _ in range(setup.iters):
-                step()
-            times.append((time.perf_counter() - begin) * 1e3 / setup.iters)
-    return statistics.median(times)
 
 
 def fwd_bwd(fn: Callable[..., torch.Tensor], q, k, v, dout) -> Callable[[], tuple]:
@@ -169,7 +146,7 @@ def _row(name: str, fn, inputs, setup: Setup, pairs: int, reference=None, module
         if reference is not None:
             with torch.no_grad():
                 row["error_vs_bare"] = relative_error(fn(q, k, v), reference)
-        ms = timed(fwd_bwd(fn, q, k, v, dout), setup)
+        ms = median_ms(fwd_bwd(fn, q, k, v, dout), iters=setup.iters, repeats=setup.repeats, device=setup.device)
         row.update(ms=ms, tflops=tflops(pairs, setup.head_dim, ms))
         if module is not None:
             row["path"] = getattr(module, "last_path", None)
