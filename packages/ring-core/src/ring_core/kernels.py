@@ -38,6 +38,7 @@ __all__ = [
     "combined_mask",
     "default_scale",
     "merge_into",
+    "unit_last_stride",
 ]
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -421,7 +422,7 @@ class CPUFlashKernel(KernelBackend):
             # the fused op drops a NaN score on short key blocks (out = 0, lse = 0 where SDPA gives NaN); NaN in must
             # be NaN out, so such blocks take the plain matmuls (which propagate it exactly)
             return _MATH.forward(q, k, v, scale=scale, causal=causal, mask=mask)
-        q, k, v = _packed_last_dim(q, k, v)
+        q, k, v = unit_last_stride(q, k, v)
         bias, allowed = self._additive(q, causal, mask)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q.transpose(1, 2),
@@ -453,7 +454,7 @@ class CPUFlashKernel(KernelBackend):
         dropout_p: float = 0.0,
         seed: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = _packed_last_dim(q, k, v)
+        q, k, v = unit_last_stride(q, k, v)
         bias, _ = self._additive(q, causal, mask)
         lse = lse.masked_fill(torch.isinf(lse), 0.0)
         if q.dtype in (torch.float32, torch.float64):
@@ -476,9 +477,10 @@ class CPUFlashKernel(KernelBackend):
 _MATH = MathKernel()
 
 
-def _packed_last_dim(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Each tensor with a unit stride in its last dim (a copy only where it has another): the fused CPU op reads
-    the head dim as if packed, and a strided view gave silently wrong results."""
+def unit_last_stride(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each tensor with a unit stride in its last dim (a copy only where it has another, e.g. a head dim
+    viewed out of a fused projection): for kernels that read the head dim as packed (the fused CPU op gave
+    silently wrong results) or refuse it (aten's flash and memory-efficient ops)."""
     return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
 
 

@@ -81,6 +81,7 @@ from .kernels import (
     combined_mask,
     default_scale,
     merge_into,
+    unit_last_stride,
 )
 from .lse import merge_attention
 from .ops import AttentionOp, CallOp, OpCall, run_attention
@@ -204,6 +205,7 @@ __all__ = [
     "shard_ranges",
     "shard_sequence",
     "timed_wait",
+    "unit_last_stride",
     "unshard_sequence",
     "validate_ring_inputs",
     "warn_deprecated",

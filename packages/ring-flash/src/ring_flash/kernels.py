@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from ring_core.plugin import KernelBackend, MathKernel, combined_mask
+from ring_core.plugin import KernelBackend, MathKernel, combined_mask, unit_last_stride
 
 from .flash_attn import FlashAttn2Kernel, FlashAttn3Kernel, FlashAttn4Kernel
 from .gpu_kernel import HALF_DTYPES, GPUKernel
@@ -137,14 +137,14 @@ class SDPAFlashKernel(GPUKernel):
 
     def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0, window=None):
         """:meth:`~ring_core.kernels.KernelBackend.forward` through ``aten._flash_attention_forward``."""
-        q, k, v = _unit_last_stride(q, k, v)
+        q, k, v = unit_last_stride(q, k, v)
         out, lse, *_ = torch.ops.aten._flash_attention_forward(
             q, k, v, None, None, q.shape[1], k.shape[1], 0.0, causal, False, scale=scale, **self._window(window)
         )
         return out, lse
 
     def backward(self, dout, q, k, v, out, lse, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0, window=None):
-        dout, q, k, v, out = _unit_last_stride(dout, q, k, v, out)
+        dout, q, k, v, out = unit_last_stride(dout, q, k, v, out)
         empty = torch.empty(0, dtype=torch.int64, device=q.device)
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
             dout, q, k, v, out, lse.float().contiguous(), None, None, q.shape[1], k.shape[1],
@@ -154,7 +154,7 @@ class SDPAFlashKernel(GPUKernel):
 
     def forward_varlen(self, q, k, v, cu_q, cu_k, max_q, max_k, *, scale, causal=False, window=None):
         """``(total, H, D)`` rows in segments ``cu_q`` / ``cu_k`` (int32); returns ``out`` and lse ``(H, total)``."""
-        q, k, v = _unit_last_stride(q, k, v)
+        q, k, v = unit_last_stride(q, k, v)
         out, lse, *_ = torch.ops.aten._flash_attention_forward(
             q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale, **self._window(window)
         )
@@ -166,7 +166,7 @@ class SDPAFlashKernel(GPUKernel):
     def backward_varlen(self, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, *, scale, causal=False, window=None):
         """``dq, dk, dv`` of :meth:`forward_varlen`'s call from the final ``out`` and lse ``(H, total)``."""
         lse = lse.float().contiguous()
-        q, k, v = _unit_last_stride(q, k, v)
+        q, k, v = unit_last_stride(q, k, v)
         if self.padded_lse:
             lse = _pad_lse(lse, cu_q, max_q)
         empty = torch.empty(0, dtype=torch.int64, device=q.device)
@@ -175,12 +175,6 @@ class SDPAFlashKernel(GPUKernel):
             scale=scale, **self._window(window),
         )  # fmt: skip
         return dq, dk, dv
-
-
-def _unit_last_stride(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Each tensor with a unit stride in its last dim (a copy only where it has another): the aten flash and
-    memory-efficient ops refuse a strided head dim."""
-    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
 
 
 def _segment_rows(cu: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,7 +235,7 @@ class SDPAEfficientKernel(GPUKernel):
     def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
         """:meth:`~ring_core.kernels.KernelBackend.forward` through ``aten._efficient_attention_forward``."""
         bias, empty, mask_type = self._bias(q, k, causal, mask)
-        q, k, v = _unit_last_stride(q, k, v)
+        q, k, v = unit_last_stride(q, k, v)
         out, lse, *_ = torch.ops.aten._efficient_attention_forward(
             q, k, v, bias, None, None, None, None, 0.0, mask_type, True, scale=scale
         )
