@@ -18,6 +18,7 @@ import ring_flash.varlen
 from ring_core import hookimpl
 from ring_core.plugin import MathKernel, branches, dilated_parts, window_kwargs
 from ring_core.testing import PACKED_CASES, check_attention, make_inputs
+from ring_core.validation import check_documents
 
 
 class LoopVarlenKernel(MathKernel):
@@ -149,3 +150,22 @@ def test_native_windows_through_the_engine(varlen_kernel, name, case):
     attn = ring_core.create_attention(name, **case.config, **options, kernel="loop_varlen")
     result = check_attention(attn, case, torch.float64, seed=7)
     assert result.passed, f"{name} {case}: {result.errors}"
+
+
+def test_documents_are_read_once_per_step(varlen_kernel, monkeypatch):
+    """The module reads ``cu_seqlens`` (on a GPU, a wait for the GPU) once when it checks it; the ops, forward and
+    backward, reuse those values instead of reading the tensor again, and read it again when the tensor changed."""
+    reads = []
+    monkeypatch.setattr(ring_core.ops, "check_documents", lambda *a: reads.append(a) or check_documents(*a))
+    case = CASES[1]
+    attn = ring_core.create_attention("ring_dilated_flash", **case.config, kernel="loop_varlen")
+    assert check_attention(attn, case, torch.float64).passed
+    assert reads == []
+    q, k, v, _ = make_inputs(case, torch.float64)
+    cu_seqlens = case.forward_options()["cu_seqlens"]
+    ring_core.ops.run_attention(attn._op, q, k, v, cu_seqlens=cu_seqlens, documents=case.documents)
+    assert reads == []
+    with ring_core.ops._known_documents(cu_seqlens, (0, 5, case.seq_len)):
+        cu_seqlens.add_(0)  # a new version: the values given before are not trusted
+        torch.ops.ring_attention.attention(q, k, v, None, cu_seqlens, None, attn._op.name, False, 0.0, False)
+    assert len(reads) == 1

@@ -52,7 +52,7 @@ SCRIPT = textwrap.dedent(
         out, acc_lse = torch.randn(2, 12, 6, 8), lse.clone()
         expected, expected_lse = out.clone(), acc_lse.clone()
         merge_into(view(expected), view(expected_lse), block, block_lse)
-        merge._use_triton = lambda dsts, srcs, index=None: True  # online_merge checks for CUDA tensors
+        merge._use_triton = lambda dsts, srcs, index=None: True  # online_merge, gather_rows check for CUDA tensors
         assert merge.online_merge(view(out), view(acc_lse), block, block_lse)
         assert rel(out, expected) < 1e-6
         assert torch.equal(torch.isinf(acc_lse), torch.isinf(expected_lse))
@@ -72,6 +72,9 @@ SCRIPT = textwrap.dedent(
                 rows.index_add_(0, index, packed.float()) if accumulate else rows.index_copy_(0, index, packed.float())
             merge._merge_triton([g[:, 1::2] for g in grads], [packed] * 3, accumulate, index)
             assert all(rel(a, b) < 1e-6 for a, b in zip(grads, expected)), (dtype, accumulate)
+        fulls = [torch.randn(12, 6, 8).to(dtype) for _ in range(3)]
+        gathered = merge.gather_rows([x[:, 1::2] for x in fulls], index)  # one launch, three views
+        assert all(torch.equal(g, x[:, 1::2][index]) for g, x in zip(gathered, fulls))
         packed_lse = torch.randn(3, 5).transpose(0, 1)  # (total, h), strided as the varlen kernels give it
         packed_lse[1, 2] = float("-inf")
         out, acc_lse = torch.randn(12, 6, 8), lse[0].clone()

@@ -31,9 +31,11 @@ Note: attention under ``torch.compile``
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,13 +168,16 @@ def run_attention(
     lse_grad: bool = False,
     seed: int | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    documents: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One attention call through the custom ops: ``out`` and ``lse`` ``(B, N, H)``.
 
     ``op`` is an :class:`AttentionOp` or its name. ``key_padding_mask`` is bool ``(B, N)``
     (True = padding) or float holding only ``0`` and ``-inf`` (checked when the op runs).
-    ``cu_seqlens`` (checked) reaches the op as :attr:`OpCall.documents`.
-    ``lse`` is differentiable with
+    ``cu_seqlens`` (checked) reaches the op as :attr:`OpCall.documents`; ``documents``, its
+    checked values when the caller has read them already, spare the ops reading them again
+    (each read of a CUDA tensor waits for the GPU; backward reuses them too; ignored under
+    ``torch.compile``). ``lse`` is differentiable with
     ``lse_grad`` (pass it when the caller hands ``lse`` to its user), else its gradient is
     ignored. Inputs are assumed validated. Dropout's seed is ``seed`` when given (repeatable
     runs), else drawn from torch's generator in the graph.
@@ -181,10 +186,36 @@ def run_attention(
     if dropout_p > 0:
         seed_tensor = torch.randint(0, 2**62, (1,)) if seed is None else torch.tensor([seed], dtype=torch.int64)
     name = op if isinstance(op, str) else op.name
-    out, lse = torch.ops.ring_attention.attention(
-        q, k, v, key_padding_mask, cu_seqlens, seed_tensor, name, bool(causal), float(dropout_p), bool(lse_grad)
-    )
+    args = (q, k, v, key_padding_mask, cu_seqlens, seed_tensor, name, bool(causal), float(dropout_p), bool(lse_grad))
+    if documents is None or cu_seqlens is None or torch.compiler.is_compiling():
+        out, lse = torch.ops.ring_attention.attention(*args)
+        return out, lse
+    with _known_documents(cu_seqlens, tuple(documents)):
+        out, lse = torch.ops.ring_attention.attention(*args)
     return out, lse
+
+
+# The values of the ``cu_seqlens`` tensor being passed to an op on this thread, when known: the tensor itself (the
+# same object, not modified since: its version), and its values.
+_known = threading.local()
+
+
+@contextlib.contextmanager
+def _known_documents(cu_seqlens: torch.Tensor, documents: tuple[int, ...] | None) -> Iterator[None]:
+    outer = getattr(_known, "value", None)
+    _known.value = None if documents is None else (cu_seqlens, cu_seqlens._version, documents)
+    try:
+        yield
+    finally:
+        _known.value = outer
+
+
+def _read_documents(cu_seqlens: torch.Tensor) -> tuple[int, ...]:
+    """``cu_seqlens``' checked values: those its caller gave for this very tensor, else read (a host-device sync)."""
+    known = getattr(_known, "value", None)
+    if known is not None and known[0] is cu_seqlens and known[1] == cu_seqlens._version:
+        return known[2]  # type: ignore[no-any-return]
+    return check_documents([int(x) for x in cu_seqlens.tolist()], None)
 
 
 def _call(
@@ -208,7 +239,7 @@ def _documents(cu_seqlens: torch.Tensor | None, seq_len: int) -> tuple[int, ...]
     (``torch.compile``: no value read on the host) pads it with repeated boundaries."""
     if cu_seqlens is None:
         return None
-    documents = tuple(dict.fromkeys(check_documents([int(x) for x in cu_seqlens.tolist()], None)))
+    documents = tuple(dict.fromkeys(_read_documents(cu_seqlens)))
     return None if documents == (0, seq_len) else documents
 
 
@@ -321,6 +352,8 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor
     ctx.call = (op, causal, dropout_p, lse_grad)
     runner = _lookup(op)
     ctx.alive = (runner, runner.owner)  # the graph keeps what its backward runs (a per-call op, its module)
+    known = getattr(_known, "value", None)  # this call's documents, when its caller gave them: backward needs them too
+    ctx.documents = known[2] if known is not None and known[0] is cu_seqlens else None
     ctx.set_materialize_grads(False)
 
 
@@ -333,9 +366,10 @@ def _gradient(ctx: Any, dout: torch.Tensor | None, dlse: torch.Tensor | None) ->
         return (None,) * 10
     if dout is None:
         dout = torch.zeros_like(out)
-    grads = torch.ops.ring_attention.attention_backward(
-        dout, dlse, q, k, v, out, lse, key_padding_mask, cu_seqlens, seed, op, causal, dropout_p
-    )
+    with _known_documents(cu_seqlens, ctx.documents) if ctx.documents is not None else contextlib.nullcontext():
+        grads = torch.ops.ring_attention.attention_backward(
+            dout, dlse, q, k, v, out, lse, key_padding_mask, cu_seqlens, seed, op, causal, dropout_p
+        )
     return (*grads, *(None,) * 7)
 
 

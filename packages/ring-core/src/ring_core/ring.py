@@ -264,15 +264,17 @@ class RingAttentionBase(nn.Module):
         return_lse: bool,
         seed: int | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        documents: Sequence[int] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """This rank's output shard (and ``lse`` ``(B, H, N/P)`` with ``return_lse``) of checked inputs.
 
         ``seed``: dropout's (see :func:`~ring_core.ops.run_attention`); ``cu_seqlens``: the
-        checked global document boundaries (the op gives them as :attr:`~ring_core.ops.OpCall.documents`).
+        checked global document boundaries (the op gives them as :attr:`~ring_core.ops.OpCall.documents`);
+        ``documents``: their values, when the caller has read them (the op then reads nothing).
         """
         out, lse = run_attention(
             self._op, q, k, v, key_padding_mask=key_padding_mask, causal=causal, dropout_p=dropout_p,
-            lse_grad=return_lse, seed=seed, cu_seqlens=cu_seqlens,
+            lse_grad=return_lse, seed=seed, cu_seqlens=cu_seqlens, documents=documents,
         )  # fmt: skip
         return (out, lse.transpose(1, 2)) if return_lse else out
 
@@ -370,20 +372,19 @@ class RingDilatedAttention(RingAttentionBase):
         """
         self.count_step()
         dropout_p = self.dropout if self.training else 0.0
-        self._check(q, k, v, key_padding_mask, bool(is_causal), dropout_p, cu_seqlens)
+        documents = self._check(q, k, v, key_padding_mask, bool(is_causal), dropout_p, cu_seqlens)
         return self.run(
             q, k, v, causal=bool(is_causal), key_padding_mask=key_padding_mask, dropout_p=dropout_p,
-            return_lse=return_lse, cu_seqlens=cu_seqlens,
+            return_lse=return_lse, cu_seqlens=cu_seqlens, documents=documents,
         )  # fmt: skip
 
-    def _check(self, q, k, v, key_padding_mask, is_causal: bool, dropout_p: float, cu_seqlens=None) -> None:
+    def _check(self, q, k, v, key_padding_mask, is_causal: bool, dropout_p: float, cu_seqlens=None):
         """Inputs agree across ranks, on every call: ranks that have all seen two signatures may still call with
-        different ones (equal byte sizes would then give a wrong result silently). Errors name this class."""
+        different ones (equal byte sizes would then give a wrong result silently). Errors name this class.
+        Returns ``cu_seqlens``' values where they were read (one process), else None."""
         if group_rank_and_size(self.process_group)[1] == 1:  # nothing to agree on (and traceable)
             check_qkv(q, k, v, key_padding_mask)
-            if cu_seqlens is not None:
-                check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
-            return
+            return None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
         config = (self.segment_lengths, self.dilation_rates, self.merge, self.layout, dropout_p, self.window_size)
         validate_ring_inputs(
             q, k, v, key_padding_mask, causal=is_causal, layout=self.layout, merge=self.merge, config=config,

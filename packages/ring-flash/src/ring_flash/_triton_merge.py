@@ -16,8 +16,8 @@ def _rows(rows, n1, n2, n3, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
-def _dst_row(index, i2, row_ok, INDEXED: tl.constexpr):
-    """The destination's index along leading dim 2: ``i2``, or ``index[i2]`` (rows gathered from the destination)."""
+def _row(index, i2, row_ok, INDEXED: tl.constexpr):
+    """A tensor's index along leading dim 2: ``i2``, or ``index[i2]`` (packed rows gathered from its rows)."""
     if INDEXED:
         return tl.load(index + i2, mask=row_ok, other=0).to(tl.int64)
     return i2
@@ -27,13 +27,15 @@ def _dst_row(index, i2, row_ok, INDEXED: tl.constexpr):
 def merge_kernel(
     dst, src, index, rows, n1, n2, n3, ds0, ds1, ds2, ds3, ss0, ss1, ss2, ss3,
     width, dst_shift1, dst_shift2, src_shift1, src_shift2,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACCUMULATE: tl.constexpr, INDEXED: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACCUMULATE: tl.constexpr,
+    DST_INDEXED: tl.constexpr, SRC_INDEXED: tl.constexpr,
 ):  # fmt: skip
     """Rows ``(i0, i1, i2, i3)`` of ``width`` contiguous elements: ``dst (+)= src`` (added in float32).
 
     Program axis 1 picks one of up to three tensor pairs laid out alike: pair ``j``
-    starts ``dst_shift<j>`` / ``src_shift<j>`` elements after the first pair. ``INDEXED``:
-    ``src``'s row ``i2`` goes to ``dst``'s row ``index[i2]`` (distinct rows: no two programs write one).
+    starts ``dst_shift<j>`` / ``src_shift<j>`` elements after the first pair. ``DST_INDEXED``:
+    ``src``'s row ``i2`` goes to ``dst``'s row ``index[i2]`` (distinct rows: no two programs write one);
+    ``SRC_INDEXED``: ``dst``'s row ``i2`` is ``src``'s row ``index[i2]`` (a gather).
     """
     pair = tl.program_id(1)
     if pair == 1:
@@ -45,9 +47,10 @@ def merge_kernel(
     i0, i1, i2, i3, row_ok = _rows(rows, n1, n2, n3, BLOCK_R)
     col = tl.arange(0, BLOCK_D)
     ok = row_ok[:, None] & (col < width)[None, :]
-    x = tl.load(src + (i0 * ss0 + i1 * ss1 + i2 * ss2 + i3 * ss3)[:, None] + col[None, :], mask=ok, other=0.0)
+    s2 = _row(index, i2, row_ok, SRC_INDEXED)
+    x = tl.load(src + (i0 * ss0 + i1 * ss1 + s2 * ss2 + i3 * ss3)[:, None] + col[None, :], mask=ok, other=0.0)
     x = x.to(tl.float32)
-    d2 = _dst_row(index, i2, row_ok, INDEXED)
+    d2 = _row(index, i2, row_ok, DST_INDEXED)
     target = dst + (i0 * ds0 + i1 * ds1 + d2 * ds2 + i3 * ds3)[:, None] + col[None, :]
     if ACCUMULATE:
         x += tl.load(target, mask=ok, other=0.0).to(tl.float32)
@@ -66,7 +69,7 @@ def online_merge_kernel(
     i0, i1, i2, i3, row_ok = _rows(rows, n1, n2, n3, BLOCK_R)
     col = tl.arange(0, BLOCK_D)
     ok = row_ok[:, None] & (col < width)[None, :]
-    d2 = _dst_row(index, i2, row_ok, INDEXED)
+    d2 = _row(index, i2, row_ok, INDEXED)
     lse_at = acc_lse + i0 * als0 + i1 * als1 + d2 * als2 + i3 * als3
     a = tl.load(lse_at, mask=row_ok, other=float("-inf"))
     b = tl.load(blk_lse + i0 * bls0 + i1 * bls1 + i2 * bls2 + i3 * bls3, mask=row_ok, other=float("-inf"))

@@ -72,6 +72,24 @@ def merge_blocks(
         merge_block(dst, src, accumulate=accumulate, index=index)
 
 
+def gather_rows(srcs: Sequence[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
+    """``src[index]`` of each ``(N, h, D)`` view (any strides; int64 ``index``) as a new contiguous tensor, one pass
+    (alike views, e.g. ``q, k, v``, in one launch); torch's ``index_select`` on strided views is an elementwise
+    gather several times slower."""
+    dsts = [torch.empty((index.numel(), *src.shape[1:]), dtype=src.dtype, device=src.device) for src in srcs]
+    alike = (
+        len(srcs) <= 3
+        and len({(s.shape, s.stride(), s.dtype) for s in srcs}) == 1
+        and all(_shift(x, xs[0]) is not None for xs in (dsts, srcs) for x in xs)
+    )
+    if alike and _use_triton(dsts, srcs) and _indexable(srcs[0], dsts[0], index):
+        _merge_triton(dsts, srcs, False, index, gather=True)
+        return dsts
+    for dst, src in zip(dsts, srcs):
+        torch.index_select(src, 0, index, out=dst)
+    return dsts
+
+
 def _shift(x: torch.Tensor, first: torch.Tensor) -> int | None:
     """Elements from ``first``'s start to ``x``'s (``None`` unless a whole number of elements)."""
     delta = x.data_ptr() - first.data_ptr()
@@ -87,15 +105,16 @@ def _use_triton(dsts, srcs, index: torch.Tensor | None = None) -> bool:
     )
 
 
-def _indexable(dst: torch.Tensor, src: torch.Tensor, index: torch.Tensor) -> bool:
-    """Whether the kernels' row index (leading dim 2 of 4: the rows of ``(rows, h, D)``) serves ``dst[index]``."""
+def _indexable(full: torch.Tensor, packed: torch.Tensor, index: torch.Tensor) -> bool:
+    """Whether the kernels' row index (leading dim 2 of 4: the rows of ``(rows, h, D)``) serves ``full[index]``
+    against ``packed``."""
     return (
-        dst.dim() == src.dim() == 3
-        and dst.shape[1:] == src.shape[1:]
+        full.dim() == packed.dim() == 3
+        and full.shape[1:] == packed.shape[1:]
         and index.dim() == 1
-        and index.numel() == src.shape[0]
+        and index.numel() == packed.shape[0]
         and index.dtype == torch.int64
-        and index.device == dst.device
+        and index.device == full.device
         and index.is_contiguous()
     )
 
@@ -114,11 +133,12 @@ def _geometry(x: torch.Tensor) -> tuple[int, int, list[int], int, int]:
     return x.numel() // max(1, width), width, sizes, max(1, 4096 // block_d), block_d
 
 
-def _merge_triton(dsts, srcs, accumulate, index=None) -> None:
+def _merge_triton(dsts, srcs, accumulate, index=None, gather=False) -> None:
+    """The merge kernel over ``srcs``' rows (``gather``: over ``dsts``', read from ``srcs[index]``)."""
     from ._triton_merge import merge_kernel
 
     dst, src = dsts[0], srcs[0]
-    rows, width, sizes, block_r, block_d = _geometry(src)
+    rows, width, sizes, block_r, block_d = _geometry(dst if gather else src)
     if rows == 0 or width == 0:
         return
     shifts = [_shift(x, xs[0]) for xs in (dsts, srcs) for x in xs[1:]]
@@ -128,7 +148,8 @@ def _merge_triton(dsts, srcs, accumulate, index=None) -> None:
         merge_kernel[grid](
             dst, src, dst if index is None else index, rows, *sizes[1:], *_padded(dst.stride()[:-1]),
             *_padded(src.stride()[:-1]), width, *shifts,
-            BLOCK_R=block_r, BLOCK_D=block_d, ACCUMULATE=accumulate, INDEXED=index is not None, num_warps=4,
+            BLOCK_R=block_r, BLOCK_D=block_d, ACCUMULATE=accumulate, DST_INDEXED=index is not None and not gather,
+            SRC_INDEXED=gather, num_warps=4,
         )  # fmt: skip
 
 

@@ -37,7 +37,7 @@ import torch
 
 from ring_core.plugin import Branch, KernelBackend, Part, accumulation_dtype, dilated_parts, index_window
 
-from .merge import merge_blocks, online_merge
+from .merge import gather_rows, merge_blocks, online_merge
 
 
 @dataclass(eq=False)
@@ -96,11 +96,15 @@ def _calls(
     return tuple(calls)
 
 
-def _rows(x: torch.Tensor, call: _Call, heads) -> torch.Tensor:
-    """``(total, h, D)`` rows of ``x`` (``(N, H, D)``) for ``heads`` (a slice: a view when the call takes every
-    row; an index tensor); only the selected heads are gathered."""
-    y = x[:, heads] if isinstance(heads, slice) else x.index_select(1, heads)
-    return y if call.rows is None else y.index_select(0, call.rows)
+def _heads(x: torch.Tensor, heads: slice | torch.Tensor) -> torch.Tensor:
+    """``x[:, heads]`` (a view for a slice)."""
+    return x[:, heads] if isinstance(heads, slice) else x.index_select(1, heads)
+
+
+def _gathered(call: _Call, *views: torch.Tensor) -> list[torch.Tensor]:
+    """The call's rows of each ``(N, h, D)`` view, packed (the views themselves when it takes every row in order;
+    alike views gathered in one pass)."""
+    return list(views) if call.rows is None else gather_rows(views, call.rows)
 
 
 @dataclass
@@ -150,10 +154,12 @@ def varlen_forward(plan: VarlenPlan, q, k, v) -> tuple[torch.Tensor, torch.Tenso
     shape = (n, h, v.shape[-1])
     out = lse = None
     for call in plan.calls:
+        qb, kb, vb = _gathered(call, _heads(q0, call.heads), _heads(k0, call.kv_heads), _heads(v0, call.kv_heads))
         o, block_lse = plan.backend.forward_varlen(
-            _rows(q0, call, call.heads), _rows(k0, call, call.kv_heads), _rows(v0, call, call.kv_heads),
-            call.cu, call.cu, call.max_len, call.max_len, scale=plan.scale, causal=call.causal, window=call.window,
+            qb, kb, vb, call.cu, call.cu, call.max_len, call.max_len, scale=plan.scale, causal=call.causal,
+            window=call.window,
         )  # fmt: skip
+        del qb, kb, vb
         block_lse = block_lse.transpose(0, 1).to(acc)  # (total, h)
         if out is None and _owns(o, call, call.heads, shape, q.dtype):
             out, lse = o, block_lse  # the covering call (listed first): its output is the output
@@ -183,12 +189,14 @@ def varlen_backward(plan: VarlenPlan, dout, q, k, v, out, lse) -> tuple[torch.Te
     dout0, out0, lse0 = dout[0], out[0].to(q.dtype), lse[0]
     grads: list[torch.Tensor | None] = [None, None, None]
     for call in plan.calls:
+        doutb, qb, outb = _gathered(call, *(_heads(x, call.heads) for x in (dout0, inputs[0], out0)))
+        kb, vb = _gathered(call, *(_heads(x, call.kv_heads) for x in inputs[1:]))
+        lse_rows = lse0[:, call.heads] if call.rows is None else lse0[:, call.heads].index_select(0, call.rows)
         block = plan.backend.backward_varlen(
-            _rows(dout0, call, call.heads), _rows(inputs[0], call, call.heads), _rows(inputs[1], call, call.kv_heads),
-            _rows(inputs[2], call, call.kv_heads), _rows(out0, call, call.heads),
-            _rows(lse0[..., None], call, call.heads)[..., 0].transpose(0, 1), call.cu, call.cu, call.max_len,
-            call.max_len, scale=plan.scale, causal=call.causal, window=call.window,
+            doutb, qb, kb, vb, outb, lse_rows.transpose(0, 1), call.cu, call.cu, call.max_len, call.max_len,
+            scale=plan.scale, causal=call.causal, window=call.window,
         )  # fmt: skip
+        del doutb, qb, kb, vb, outb, lse_rows
         adds = []
         for i, (x, heads, block_grad) in enumerate(zip(inputs, (call.heads, call.kv_heads, call.kv_heads), block)):
             if grads[i] is None and _owns(block_grad, call, heads, x.shape, x.dtype):
