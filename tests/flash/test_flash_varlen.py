@@ -169,3 +169,22 @@ def test_documents_are_read_once_per_step(varlen_kernel, monkeypatch):
         cu_seqlens.add_(0)  # a new version: the values given before are not trusted
         torch.ops.ring_attention.attention(q, k, v, None, cu_seqlens, None, attn._op.name, False, 0.0, False)
     assert len(reads) == 1
+
+
+def test_other_offsets_gather_only_their_rows_and_heads(varlen_kernel, monkeypatch):
+    """A call that does not take every row gathers its rows once per tensor, only of its heads: ``q, k, v`` in
+    one pass in forward, ``dout, q, out`` and ``k, v`` in two in backward; the covering call gathers nothing."""
+    gathers = []
+
+    def gather_rows(views, index):
+        gathers.append([(tuple(x.shape), x.stride()) for x in views])
+        return [x.index_select(0, index) for x in views]
+
+    monkeypatch.setattr(ring_flash.varlen, "gather_rows", gather_rows)
+    case = dataclasses.replace(CASES[1], kv_heads=None)  # rates 1, 2, 4 over every head: 1 + 2 + 4 calls
+    assert check_attention(
+        ring_core.create_attention("ring_dilated_flash", **case.config, kernel="loop_varlen"), case, torch.float64
+    ).passed
+    heads = [len(range(case.heads)[o::r]) for r in case.dilation_rates[1:] for o in range(r)]
+    assert [len(g) for g in gathers] == [3] * len(heads) + [3, 2] * len(heads)
+    assert [g[0][0] for g in gathers[: len(heads)]] == [(case.seq_len, h, case.head_dim) for h in heads]
