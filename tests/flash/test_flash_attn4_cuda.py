@@ -12,7 +12,16 @@ import pytest
 import torch
 
 import ring_core
-from ring_core.testing import CASES, TOLERANCES, Case, check_attention, make_inputs, reference_outputs, relative_error
+from ring_core.testing import (
+    CASES,
+    TOLERANCES,
+    Case,
+    check_attention,
+    make_inputs,
+    packed_documents,
+    reference_outputs,
+    relative_error,
+)
 from ring_flash import RingDilatedAttentionFlash
 
 pytestmark = pytest.mark.cuda
@@ -24,6 +33,21 @@ FA4_CASES = (
     Case("d128-causal-gqa", 256, 8, (64, 256), (1, 2), head_dim=128, batch=1, kv_heads=2, causal=True),
     Case("d64-dense-causal", 200, 4, (256,), (1,), head_dim=64, causal=True),
 )
+
+
+# Packed documents (one varlen call per branch offset, an empty document in each) and sliding windows, through
+# ring-flash's single-device path; odd lengths, GQA, the head dims models use.
+FA4_PACKED_CASES = (
+    Case("packed-dense-causal", 999, 8, (1024,), (1,), head_dim=128, batch=1, causal=True,
+         documents=packed_documents(999, 9, 21)),
+    Case("packed-dilated-gqa", 1000, 8, (64, 128, 256), (1, 2, 4), kv_heads=2, head_dim=64, batch=1,
+         documents=packed_documents(1000, 7, 22)),
+    Case("packed-window-two-sided", 777, 4, (1024,), (1,), head_dim=64, batch=1, window_size=(33, 17),
+         documents=packed_documents(777, 6, 23)),
+    Case("window-causal", 1000, 8, (1024,), (1,), head_dim=64, batch=1, causal=True, window_size=(100, 0)),
+    Case("packed-window-dilated", 1024, 8, (128, 256), (1, 2), head_dim=64, batch=1, causal=True,
+         window_size=(60, -1), documents=packed_documents(1024, 6, 24)),
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +114,13 @@ def test_tuned_dispatch_matches_the_reference(case, path):
         attn = RingDilatedAttentionFlash(**case.config, kernel="tuned")
     result = check_attention(attn, case, torch.bfloat16, device="cuda", seed=12)
     assert result.passed, (path, result.errors, result.tolerance)
+
+
+@pytest.mark.parametrize("case", FA4_PACKED_CASES, ids=str)
+def test_flash_attn4_packed_and_windowed_match_the_reference(fa4, case):
+    """flash-attn 4's varlen calls (packed documents) and windows, forward and backward, against float64."""
+    attn = RingDilatedAttentionFlash(**case.config, kernel="flash_attn4")
+    result = check_attention(attn, case, torch.bfloat16, device="cuda", seed=13)
+    assert result.passed, (attn.last_path, result.errors, result.tolerance)
+    expected = "varlen flash_attn4" if case.documents is not None else "segments flash_attn4"
+    assert attn.last_path.startswith(expected), attn.last_path

@@ -12,7 +12,9 @@ that change the result if dropped (``causal``, ``softmax_scale``, ...). A librar
 function lacks one of those, or needs one we do not pass, is reported unavailable with the
 mismatch (``ring-attention info``) instead of being called: a silently ignored ``causal``
 would be silently wrong. Keywords the installed version does not know (another version's
-spelling of the same unbounded window, say) are left out.
+spelling of the same unbounded window, say) are left out; a window or packed segments
+(varlen, ``flash_attn4``) that the installed function cannot take make the request
+unsupported (dispatch picks another kernel) and a direct call raise.
 
 flash-attn 2 and 3 are source builds for a given torch and CUDA; they have not run on this
 project's GPU machines, so ``info`` marks them "untested here".
@@ -28,6 +30,8 @@ from functools import cache
 from typing import Any, ClassVar
 
 import torch
+
+from ring_core.plugin import KernelRequest
 
 from .gpu_kernel import GPUKernel
 
@@ -90,12 +94,18 @@ def _call(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
     return fn(**{key: value for key, value in kwargs.items() if key in accepted})
 
 
-def _check_lse(lse: torch.Tensor, q: torch.Tensor, library: str) -> torch.Tensor:
-    """The forward's log-sum-exp must be ``(B, H, N)``: another layout means another library version."""
-    b, n, h, _ = q.shape
-    if tuple(lse.shape) != (b, h, n):
+def _check_lse(lse: torch.Tensor, q: torch.Tensor, library: str, *, varlen: bool = False) -> torch.Tensor:
+    """The forward's log-sum-exp must be ``(B, H, N)`` (``(H, total)`` for packed segments): another layout
+    means another library version."""
+    if varlen:
+        total, h = q.shape[:2]
+        expected, names = (h, total), "(H, total)"
+    else:
+        b, n, h, _ = q.shape
+        expected, names = (b, h, n), "(B, H, N)"
+    if tuple(lse.shape) != expected:
         raise RuntimeError(
-            f"{library} returned a log-sum-exp of shape {tuple(lse.shape)}, expected {(b, h, n)} (B, H, N): "
+            f"{library} returned a log-sum-exp of shape {tuple(lse.shape)}, expected {expected} {names}: "
             "this version of the library is not supported"
         )
     return lse
@@ -111,6 +121,19 @@ class FlashAttnKernel(GPUKernel):
     def availability_reasons(self) -> list[str]:
         reasons = super().availability_reasons()
         return reasons or _library_reasons(type(self))
+
+    def not_supported_reasons(self, request: KernelRequest) -> list[str]:
+        """Also what the installed version's signatures lack for this request (windows, packed segments), so
+        dispatch picks another kernel rather than one that would raise."""
+        reasons = super().not_supported_reasons(request)
+        if reasons:
+            return reasons
+        for fn in (self._forward_fn(), self._backward_fn()):
+            if request.window:
+                reasons += filter(None, [_window_gap(fn)])
+            if request.varlen:
+                reasons += filter(None, [_segments_gap(fn)])
+        return reasons
 
     def _forward_fn(self) -> Callable[..., Any]:
         return _resolved(self.forward_call)
@@ -139,16 +162,54 @@ def _library_reasons(cls: type[FlashAttnKernel]) -> list[str]:
 
 
 _WINDOW = ("window_size", "window_size_left", "window_size_right")
+_SEGMENTS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
 
 
-def _window_keywords(fn: Callable[..., Any], window: tuple[int, int] | None) -> dict[str, Any]:
-    """The window in every spelling; a window that the installed function cannot take is an error (dropping
-    it would silently compute the whole block)."""
-    left, right = window or (-1, -1)
+def _name(fn: Callable[..., Any]) -> str:
+    return f"{fn.__module__}.{fn.__name__}"
+
+
+def _window_gap(fn: Callable[..., Any]) -> str | None:
+    """Why the installed ``fn`` cannot take a window (None: it can)."""
     accepted = _accepted(fn)
-    if window is not None and accepted is not None and not accepted & set(_WINDOW):
-        raise RuntimeError(f"{fn.__module__}.{fn.__name__} takes no window_size: this version cannot run windows")
+    if accepted is not None and not accepted & set(_WINDOW):
+        return f"{_name(fn)} takes no window_size: this version cannot run windows"
+    return None
+
+
+def _segments_gap(fn: Callable[..., Any]) -> str | None:
+    """Why the installed ``fn`` cannot take packed segments (None: it can)."""
+    accepted = _accepted(fn)
+    missing = [] if accepted is None else [name for name in _SEGMENTS if name not in accepted]
+    if missing:
+        return f"{_name(fn)} takes no {', '.join(missing)}: this version cannot run packed segments (varlen)"
+    return None
+
+
+def _window_keywords(
+    fn: Callable[..., Any], window: tuple[int, int] | None, unbounded: int | None = -1
+) -> dict[str, Any]:
+    """The window in every spelling, an unbounded side as ``unbounded``; a window that the installed function
+    cannot take is an error (dropping it would silently compute the whole block)."""
+    gap = None if window is None else _window_gap(fn)
+    if gap:
+        raise RuntimeError(gap)
+    left, right = (unbounded if side < 0 else side for side in (window or (-1, -1)))
     return {"window_size": (left, right), "window_size_left": left, "window_size_right": right}
+
+
+def _segment_keywords(fn: Callable[..., Any], cu_q, cu_k, max_q, max_k) -> dict[str, Any]:
+    """flash-attn's packed segments (int32 cumulative lengths, host ints); a function without them is an error
+    (dropping them would treat the packed rows as one sequence)."""
+    gap = _segments_gap(fn)
+    if gap:
+        raise RuntimeError(gap)
+    return {
+        "cu_seqlens_q": cu_q.to(torch.int32).contiguous(),
+        "cu_seqlens_k": cu_k.to(torch.int32).contiguous(),
+        "max_seqlen_q": int(max_q),
+        "max_seqlen_k": int(max_k),
+    }
 
 
 class FlashAttn2Kernel(FlashAttnKernel):
@@ -254,36 +315,70 @@ class FlashAttn3Kernel(FlashAttnKernel):
 
 
 class FlashAttn4Kernel(FlashAttnKernel):
-    """FlashAttention-4 (``flash_attn.cute``, CuTe DSL), when installed (``ring-flash[fa4]``)."""
+    """FlashAttention-4 (``flash_attn.cute``, CuTe DSL), when installed (``ring-flash[fa4]``).
+
+    Takes sliding windows (``window_size_left/right``) and packed segments (``cu_seqlens_q/k``,
+    :meth:`forward_varlen`). Its local mask is bottom-right aligned like ours, per segment:
+    ``flash_attn/cute/mask.py`` and ``block_info.py`` shift the key limits of query row ``i`` by
+    ``seqlen_k - seqlen_q``, so our windows go as they are. An unbounded side is ``None`` there,
+    never ``-1``: ``_resolve_causal_local_window`` only drops ``-1`` when both sides are negative,
+    and a left of ``-1`` is then a bound (with a right of 0 it masks every key).
+    """
 
     name = "flash_attn4"
-    description = "flash-attn 4 (flash_attn.cute; CuTe DSL, compiles each shape's kernel on first use), when installed"
+    description = (
+        "flash-attn 4 (flash_attn.cute; CuTe DSL, compiles each shape's kernel on first use; windows, varlen), "
+        "when installed"
+    )
     module = "flash_attn.cute"
     install_hint = 'pip install "flash-attn-4>=4.0.0b1"'
     min_compute_capability = (9, 0)
     priorities = (((10, 0), 110), ((9, 0), 85))
     forward_call = LibraryCall(
-        "flash_attn.cute.interface",
-        "_flash_attn_fwd",
-        passes=frozenset({"q", "k", "v", "softmax_scale", "causal", "return_lse"}),
+        "flash_attn.cute.interface", "_flash_attn_fwd",
+        passes=frozenset({"q", "k", "v", *_SEGMENTS, "softmax_scale", "causal", *_WINDOW[1:], "return_lse"}),
         essential=frozenset({"q", "k", "v", "softmax_scale", "causal", "return_lse"}),
-    )
+    )  # fmt: skip
     backward_call = LibraryCall(
-        "flash_attn.cute.interface",
-        "_flash_attn_bwd",
-        passes=frozenset({"q", "k", "v", "out", "dout", "lse", "softmax_scale", "causal"}),
+        "flash_attn.cute.interface", "_flash_attn_bwd",
+        passes=frozenset({"q", "k", "v", "out", "dout", "lse", "softmax_scale", "causal", *_WINDOW[1:],
+                          *_SEGMENTS}),
         essential=frozenset({"q", "k", "v", "out", "dout", "lse", "softmax_scale", "causal"}),
-    )
+    )  # fmt: skip
 
-    def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+    supports_window = True
+    supports_varlen = True
+
+    def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0, window=None):
         """:meth:`~ring_core.kernels.KernelBackend.forward` through FlashAttention-4 (``flash_attn.cute``)."""
-        out, lse = _call(self._forward_fn(), q=q, k=k, v=v, softmax_scale=scale, causal=causal, return_lse=True)[:2]
-        return out, _check_lse(lse, q, "flash_attn.cute")
+        return self._forward(q, k, v, {}, scale=scale, causal=causal, window=window)
 
-    def backward(self, dout, q, k, v, out, lse, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+    def backward(self, dout, q, k, v, out, lse, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0, window=None):
+        return self._backward(dout, q, k, v, out, lse, {}, scale=scale, causal=causal, window=window)
+
+    def forward_varlen(self, q, k, v, cu_q, cu_k, max_q, max_k, *, scale, causal=False, window=None):
+        """``(total, H, D)`` rows in segments ``cu_q`` / ``cu_k`` (int32); returns ``out`` and lse ``(H, total)``."""
+        segments = _segment_keywords(self._forward_fn(), cu_q, cu_k, max_q, max_k)
+        return self._forward(q, k, v, segments, scale=scale, causal=causal, window=window)
+
+    def backward_varlen(self, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, *, scale, causal=False, window=None):
+        """``dq, dk, dv`` of :meth:`forward_varlen`'s call from the final ``out`` and lse ``(H, total)``."""
+        segments = _segment_keywords(self._backward_fn(), cu_q, cu_k, max_q, max_k)
+        return self._backward(dout, q, k, v, out, lse, segments, scale=scale, causal=causal, window=window)
+
+    def _forward(self, q, k, v, segments, *, scale, causal, window):
+        fn = self._forward_fn()
+        out, lse = _call(
+            fn, q=q, k=k, v=v, **segments, softmax_scale=scale, causal=causal,
+            **_window_keywords(fn, window, unbounded=None), return_lse=True,
+        )[:2]  # fmt: skip
+        return out, _check_lse(lse, q, "flash_attn.cute", varlen=bool(segments))
+
+    def _backward(self, dout, q, k, v, out, lse, segments, *, scale, causal, window):
+        fn = self._backward_fn()
         dq, dk, dv = _call(
-            self._backward_fn(), q=q, k=k, v=v, out=out.contiguous(), dout=dout.contiguous(),
-            lse=_finite_lse(lse), softmax_scale=scale, causal=causal,
+            fn, q=q, k=k, v=v, out=out.contiguous(), dout=dout.contiguous(), lse=_finite_lse(lse),
+            softmax_scale=scale, causal=causal, **_window_keywords(fn, window, unbounded=None), **segments,
         )[:3]  # fmt: skip
         return dq, dk, dv
 
