@@ -129,10 +129,8 @@ class FlashAttnKernel(GPUKernel):
         if reasons:
             return reasons
         for fn in (self._forward_fn(), self._backward_fn()):
-            if request.window:
-                reasons += filter(None, [_window_gap(fn)])
-            if request.varlen:
-                reasons += filter(None, [_segments_gap(fn)])
+            gaps = (_window_gap(fn) if request.window else None, _segments_gap(fn) if request.varlen else None)
+            reasons += [gap for gap in gaps if gap]
         return reasons
 
     def _forward_fn(self) -> Callable[..., Any]:
