@@ -214,3 +214,34 @@ def test_ring_on_strips(world_size, layouts):
         boundaries = 1 if result is by_rank[0] or result is by_rank[-1] else 2
         row_bytes = 2 * 2 * (4 + 4) * 8  # batch 2, 2 kv heads, K and V of head dim 4, float64
         assert result["contiguous", "band"]["sent"]["forward"] == boundaries * 16 * row_bytes
+
+
+@pytest.mark.parametrize(
+    ("pattern", "options", "segments", "rates", "causal", "expected"),
+    [
+        ("random", {"density": 0.3, "seed": 1}, [512], [1], False, [True]),  # tiles are blocks: all full
+        ("random", {"density": 0.3, "seed": 1}, [512], [1], True, [True]),  # + causal diagonal tiles
+        ("local_window", {"window": 256, "sliding": True}, [192], [1], False, [False]),  # segments cut tiles
+        ("random", {"density": 0.5, "seed": 3}, [512], [2], False, [False, False]),  # a tile spans two blocks
+        (None, {}, [512], [2], True, [True, True]),  # plain dilated, causal: diagonal tiles only
+    ],
+)
+def test_flash_attn4_takes_calls_whose_tiles_need_no_rule(pattern, options, segments, rates, causal, expected):
+    """flash-attn 4 gets a strip call only when its full tiles, plus causal diagonal tiles of a strip against
+    itself, are everything it allows; the block lists are those tiles (its backward's, transposed)."""
+    from ring_blocksparse.fa4 import tile_grids
+
+    layout = None if pattern is None else build_pattern(pattern, **options).layout(1024, 128)
+    q = torch.zeros(1, 1024, 2, 64)
+    calls = strip_calls(
+        torch.arange(1024), torch.arange(1024), num_heads=2, num_kv_heads=2, block_size=128, layout=layout,
+        branch_list=branches(segments, rates, "lse", 2), causal=causal, q=q, dense=False, masks=False, tile=128,
+    )  # fmt: skip
+    grids = [tile_grids(c) for c in calls]
+    assert [g is not None for g in grids] == expected
+    for call, grid in zip(calls, grids):
+        if grid is not None:
+            full, diagonal = grid
+            assert torch.equal(full | diagonal, call.tiles.full | call.tiles.partial)
+            assert not (diagonal & ~torch.eye(diagonal.shape[1], dtype=torch.bool)).any()
+            assert causal or not diagonal.any()

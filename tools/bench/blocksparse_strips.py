@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ring_blocksparse import BlockSparseRingDilatedAttention, Random, build_pattern
 from ring_blocksparse.attention import _dense_kernel
+from ring_blocksparse.fa4 import Fa4Blocks
 from ring_blocksparse.strided import StripRingSchedule, build_strip_plan
 from ring_core import create_attention
 from ring_core.dilated import branches
@@ -96,6 +97,8 @@ def main(argv=None) -> int:
     parser.add_argument("--segments", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--rates", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--sparse-kernel", default="auto", choices=("auto", "flex"),
+                        help="the strips' kernel: auto (flash-attn 4 where it can, when installed) or flex")  # fmt: skip
     parser.add_argument("--ring", type=int, default=4, help="ranks simulated for the ring's steps (0: skip)")
     parser.add_argument("--skip", nargs="*", default=[], help="sections to skip: dilated patterns gather ring")
     parser.add_argument("--time-budget", type=float, default=1e9, help="stop starting new rows after this (s)")
@@ -173,6 +176,7 @@ def main(argv=None) -> int:
             entry["density"] = layout.float().mean().item()
         try:
             attn = BlockSparseRingDilatedAttention(segs, rts, block_size=block, block_layout=layout, method=method)
+            attn.sparse_kernel = args.sparse_kernel
             t0 = time.perf_counter()
             if method == "flex":
                 plan = build_strip_plan(
@@ -191,6 +195,8 @@ def main(argv=None) -> int:
             entry["fwd_ms"] = median_ms(lambda: attn(q, k, v, is_causal=causal), repeats=args.repeats)
             entry["fwd_bwd_ms"] = median_ms(fwd_bwd(attn, causal), repeats=args.repeats if method == "flex" else 3)
             entry["method_used"] = attn.last_method
+            if attn.last_method == "flex":
+                entry["flash_attn4_calls"] = sum(isinstance(c.fa4, Fa4Blocks) for c in attn.last_plan.calls[0])
             modules[section, name, causal] = attn
         except Exception as exc:  # report, keep the rest
             entry["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
@@ -288,6 +294,7 @@ def simulate_ring(args, q, k, v, dout, layout, save, record) -> dict:
     causal = False
     kernel = _dense_kernel(q, causal, q.shape[-1] ** -0.5, None)
     one = BlockSparseRingDilatedAttention(segs, rts, block_size=block, block_layout=layout, method="flex")
+    one.sparse_kernel = args.sparse_kernel
     one_ms = median_ms(lambda: torch.autograd.grad(one(q, k, v), (q, k, v), dout), repeats=args.repeats)
     out1 = one(q, k, v)
     grads1 = torch.autograd.grad(out1, (q, k, v), dout)
@@ -304,7 +311,7 @@ def simulate_ring(args, q, k, v, dout, layout, save, record) -> dict:
         plan = build_strip_plan(seq_len=n, rank=rank, world_size=world, layout_kind="contiguous", q=local[rank][0],
                                 **options)  # fmt: skip
         build_s = time.perf_counter() - t0
-        schedule = StripRingSchedule(plan, kernel)
+        schedule = StripRingSchedule(plan, kernel, sparse=args.sparse_kernel)
         received = {s: (local[s][1].index_select(1, plan.recv_rows[s]), local[s][2].index_select(1, plan.recv_rows[s]))
                     for s in range(world) if s != rank}  # fmt: skip
 

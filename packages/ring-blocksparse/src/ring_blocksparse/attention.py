@@ -310,8 +310,10 @@ class BlockSparseRingDilatedAttention(nn.Module):
       (:func:`ring_blocksparse.flex.kernel_options_for`).
     - ``**pattern_options``: the arguments of the named ``pattern`` (e.g. ``window``, ``seed``).
 
-    ``sparse_kernel`` (attribute): ``"flex"``, or ``"math"`` for the strip path's dense twin
-    (tests: a CPU backward). After each call, ``comm_stats`` holds the bytes this rank sent and
+    ``sparse_kernel`` (attribute): ``"auto"`` (flash-attn 4's block-sparse kernels for the strip calls
+    they can take, when installed and ``RING_BLOCKSPARSE_FA4`` is not ``0``; FlexAttention for the
+    rest), ``"flex"`` (FlexAttention only), or ``"math"`` for the strip path's dense twin (tests: a
+    CPU backward). After each call, ``comm_stats`` holds the bytes this rank sent and
     received, ``last_method`` the method and ``last_plan`` the plan.
 
     Across ranks every call first checks (one small all-gather) that all ranks passed the same
@@ -372,7 +374,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
         self.method = method
         self.flex_kernel_options = check_kernel_options(flex_kernel_options)
         self.timeout = check_timeout(timeout)
-        self.sparse_kernel = "flex"
+        self.sparse_kernel = "auto"
         self.last_method: str | None = None
         self._flex_failed = False
         self.comm_stats = CommStats()
@@ -593,7 +595,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
             block_size=self.block_size,
             key_padding_mask=key_padding_mask,
             dropout_p=dropout_p,
-            needs_grad=needs_grad and self.sparse_kernel == "flex",
+            needs_grad=needs_grad and self.sparse_kernel != "math",
         )
         if return_lse:
             reasons.append("return_lse (the strips' lse has no gradient; the gather path's has)")

@@ -13,6 +13,10 @@ gradients ``w * dout`` for ``o`` and ``w * rowsum(dout * (o - out))`` for ``lse_
 backward exactly the block's contribution under the final softmax (FlexAttention supports
 gradients through its LSE). On one process the forward's graphs are kept (no recomputation);
 each ring step recomputes its calls instead, so memory stays one shard.
+
+With flash-attn 4 installed, a call whose tiles need no token rule runs on its block-sparse
+kernels instead of FlexAttention (:mod:`ring_blocksparse.fa4`; backward from the final
+``out``/``lse``, like a dense call).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 
 from ring_core.plugin import Accumulator, BlockKernel, Branch, branch_offsets, no_double_backward, shard_positions
 
+from .fa4 import Fa4Blocks, available, blocks_for, fa4_backward, fa4_forward
 from .flex import (
     StripRule,
     flex_strip_attention,
@@ -36,7 +41,7 @@ from .flex import (
 from .gather import BlockSparseSchedule
 from .strips import Strip, Tiles, classify, needed_rows, runs, strip_of
 
-SPARSE_KERNELS = ("flex", "math")
+SPARSE_KERNELS = ("auto", "flex", "math")
 
 
 @dataclass
@@ -55,6 +60,7 @@ class StripCall:
     run: int | None = None  # dense: the registry's kernel over runs of this many strip rows
     block_mask: Any = None
     kernel_options: dict | None = None
+    fa4: Fa4Blocks | bool | None = None  # flash-attn 4's block lists (False: the call needs FlexAttention)
 
     def q_view(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, n, h, ...)`` strided view of a ``(B, N, H, ...)`` query-side tensor."""
@@ -158,9 +164,20 @@ class StripRun:
 
     calls: list[StripCall]
     kernel: BlockKernel  # the registry's kernel: dense strips, and the merges
-    sparse: str = "flex"  # "flex" (FlexAttention) or "math" (its dense twin: tests, CPU backward)
+    # "auto": flash-attn 4 for the calls it can take when installed (:mod:`ring_blocksparse.fa4`),
+    # FlexAttention for the rest; "flex": FlexAttention only; "math": its dense twin (tests, CPU backward)
+    sparse: str = "auto"
     grad: bool = True  # keep each FlexAttention call's graph for the backward
     saved: list = field(default_factory=list)
+
+
+def fa4_blocks(run: StripRun, call: StripCall, q: torch.Tensor) -> Fa4Blocks | None:
+    """The call's flash-attn 4 block lists when the run may use them and the call qualifies (kept on the call)."""
+    if run.sparse != "auto" or call.run is not None or not available(q):
+        return None
+    if call.fa4 is None:
+        call.fa4 = blocks_for(call, q.device) or False
+    return call.fa4 or None
 
 
 def sparse_forward(run: StripRun, call: StripCall, q, k, v, *, grad: bool):
@@ -271,9 +288,14 @@ class _StripAttention(torch.autograd.Function):
         run.saved = []
         for index, call in enumerate(run.calls):
             write = index == 0 and covered
+            blocks = fa4_blocks(run, call, q)
             if call.run is not None:
                 pieces = _dense_pieces(run, call, q, k, v)
                 run.saved.append(None)
+            elif blocks is not None:
+                o, lse_call = fa4_forward(call, blocks, q, k, v, scale=run.kernel.scale)
+                pieces = [(slice(None), o, lse_call.transpose(1, 2))]
+                run.saved.append(blocks)
             else:
                 o, lse_call, leaves = sparse_forward(run, call, q, k, v, grad=grad)
                 pieces = [(slice(None), o.transpose(1, 2), lse_call.transpose(1, 2))]
@@ -303,6 +325,9 @@ class _StripAttention(torch.autograd.Function):
         for index, (call, saved) in enumerate(zip(run.calls, run.saved)):
             if call.run is not None:
                 blocks = _dense_backward(run, call, q, k, v, out, lse, dout)
+            elif isinstance(saved, Fa4Blocks):
+                grads_fa4 = fa4_backward(call, saved, q, k, v, out, lse, dout, scale=run.kernel.scale)
+                blocks = [(slice(None), *grads_fa4)]
             else:
                 o, lse_call, leaves = saved
                 blocks = [(slice(None), *sparse_backward(call, o, lse_call, leaves, dout, out, lse))]
@@ -404,7 +429,7 @@ class StripRingSchedule(BlockSparseSchedule):
     their rows of that rank's shard (a buffer read only where the block masks allow), so each step is
     the same calls as on one GPU; the backward recomputes each step's calls (memory stays one shard)."""
 
-    def __init__(self, plan: StripPlan, kernel: BlockKernel, *, stats=None, sparse: str = "flex", **comm_options: Any):
+    def __init__(self, plan: StripPlan, kernel: BlockKernel, *, stats=None, sparse: str = "auto", **comm_options: Any):
         """``comm_options``: ``group``, ``timeout`` and ``context`` of :class:`~ring_blocksparse.gather.BlockSparseSchedule`."""
         super().__init__(plan, kernel, kernel, key_padding_mask=None, stats=stats, **comm_options)
         self.run = StripRun([], kernel, sparse)
@@ -425,16 +450,23 @@ class StripRingSchedule(BlockSparseSchedule):
 
     def forward_step(self, q, calls, kb, vb, acc: Accumulator) -> None:
         for call in calls:
-            o, lse, _ = sparse_forward(self.run, call, q, kb, vb, grad=False)
-            self.kernel.backend.merge(
-                call.q_view(acc.out), call.q_view(acc.lse), o.transpose(1, 2), lse.transpose(1, 2)
-            )
+            blocks = fa4_blocks(self.run, call, q)
+            if blocks is not None:
+                o, lse = fa4_forward(call, blocks, q, kb, vb, scale=self.kernel.scale)
+            else:
+                o, lse, _ = sparse_forward(self.run, call, q, kb, vb, grad=False)
+                o = o.transpose(1, 2)
+            self.kernel.backend.merge(call.q_view(acc.out), call.q_view(acc.lse), o, lse.transpose(1, 2))
 
     def backward_step(self, q, calls, kb, vb, out, lse, dout, dq, dkb, dvb) -> None:
         accumulate = self.kernel.backend.accumulate
         for call in calls:
-            o, lse_call, leaves = sparse_forward(self.run, call, q, kb, vb, grad=True)
-            bq, bk, bv = sparse_backward(call, o, lse_call, leaves, dout, out, lse)
+            blocks = fa4_blocks(self.run, call, q)
+            if blocks is not None:
+                bq, bk, bv = fa4_backward(call, blocks, q, kb, vb, out, lse, dout, scale=self.kernel.scale)
+            else:
+                o, lse_call, leaves = sparse_forward(self.run, call, q, kb, vb, grad=True)
+                bq, bk, bv = sparse_backward(call, o, lse_call, leaves, dout, out, lse)
             accumulate(call.q_view(dq), bq)
             accumulate(call.kv_leaf(dkb), bk)
             accumulate(call.kv_leaf(dvb), bv)
