@@ -50,7 +50,17 @@ _DESCRIPTOR_FIELDS = (
 
 
 def _describe(
-    q, k, v, key_padding_mask, causal: bool, layout: str, merge: str, config: tuple, scale, window, documents
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    layout: str,
+    merge: str,
+    config: tuple[object, ...],
+    scale: float | None,
+    window: tuple[int, int],
+    documents: tuple[int, ...] | None,
 ) -> list[int]:
     b, n, h, d = q.shape
     return [
@@ -132,22 +142,22 @@ def differing_fields(table: list[list[int]], fields: Sequence[str]) -> tuple[lis
 
 
 def validate_ring_inputs(
-    q,
-    k,
-    v,
-    key_padding_mask,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
     *,
     causal: bool,
     layout: str,
     merge: str,
-    config: tuple,
-    scale,
+    config: tuple[object, ...],
+    scale: float | None,
     comm: RingComm,
     name: str = "RingDilatedAttention",
     window_size: tuple[int, int] = (-1, -1),
     cu_seqlens: torch.Tensor | None = None,
     seq_len: int | None = None,
-    local_check: Callable[[], tuple] | None = None,
+    local_check: Callable[[], Sequence[object]] | None = None,
 ) -> tuple[int, ...] | None:
     """Local checks, then one small ``all_gather`` in ``comm`` so every rank raises the same error (or none).
 

@@ -254,6 +254,7 @@ class _Channel:
 
     def peer_bytes(self, peer: int) -> torch.Tensor:
         if peer not in self.remote:
+            assert self.buffer is not None, "a channel reads peers' slots only once it has its own"
             self.remote[peer] = self.handle.get_buffer(peer, (self.buffer.numel(),), torch.uint8, 0)
         return self.remote[peer]
 
@@ -325,7 +326,7 @@ class CopyEngineComm(RingComm):
 
         channel.release(self.group, device)
         channel.buffer = symm_mem.empty(2 * capacity, dtype=torch.uint8, device=device)
-        channel.handle = symm_mem.rendezvous(channel.buffer, self.group or dist.group.WORLD)
+        channel.handle = symm_mem.rendezvous(channel.buffer, _group_or_world(self.group))
         channel.capacity = capacity
         channel.stream = channel.stream or torch.cuda.Stream(device)
 
@@ -366,6 +367,7 @@ class CopyEngineComm(RingComm):
         recv = self.empty("recv", recv_numel, like)
         start = slot * channel.capacity
         remote = channel.peer_bytes(recv_from)[start : start + recv.numel() * recv.element_size()]
+        assert channel.stream is not None, "a channel with slots has its stream (see _grow)"
         channel.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(channel.stream):
             channel.handle.wait_signal(recv_from, channel.signal(_READY, slot), _SIGNAL_TIMEOUT_MS)
@@ -388,6 +390,13 @@ def _usable(group: Any, device: torch.device) -> bool:
     return all(row[0] for row in rows) and len({row[1] for row in rows}) == 1
 
 
+def _group_or_world(process_group: Any) -> dist.ProcessGroup:
+    """``process_group``, or the default group for None (torch.distributed is initialised wherever this is called)."""
+    group = process_group or dist.group.WORLD
+    assert group is not None, "torch.distributed is not initialised"
+    return group
+
+
 def release_copy_engine_slots(process_group: Any = None) -> int:
     """Free the copy-engine transport's slots of ``process_group`` (``None``: the default group) on this rank and
     return the bytes freed; the next ring call with ``transport="copy_engine"`` allocates them again.
@@ -396,7 +405,7 @@ def release_copy_engine_slots(process_group: Any = None) -> int:
     """
     if not _SLOTS:  # nothing allocated (no group needed to say so)
         return 0
-    group = process_group or dist.group.WORLD
+    group = _group_or_world(process_group)
     freed = 0
     for (name, index), slots in _SLOTS.items():
         if name == group.group_name and slots.group is group:
@@ -426,7 +435,7 @@ def ring_comm(
         return RingComm(process_group, rank, world_size, stats, timeout=timeout, context=context)
     if device.type != "cuda":
         raise ValueError(f"transport='copy_engine' needs CUDA tensors, got device {device}")
-    group = process_group or dist.group.WORLD
+    group = _group_or_world(process_group)
     key = (group.group_name, device.index if device.index is not None else torch.cuda.current_device())
     slots = _SLOTS.get(key)
     if slots is None or slots.group is not group:  # first use, or the group was destroyed and made anew

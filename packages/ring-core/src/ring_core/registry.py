@@ -203,7 +203,8 @@ class Registry:
             self.plugins = [p for p in self.plugins if p.name != name]
             self.pm.unregister(name=name)
             return
-        tables = {
+        # each kind's callback above staged records of its table's value type
+        tables: dict[str, dict[str, Any]] = {
             "kernel": self.kernels,
             "implementation": self.implementations,
             "pattern": self.patterns,

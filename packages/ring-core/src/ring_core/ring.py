@@ -68,7 +68,17 @@ __all__ = [
 
 
 def _schedule(
-    q, k, v, *, comm: RingComm, config: tuple, layout: str, call: OpCall, softmax_scale, kernel, window=NO_WINDOW
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    comm: RingComm,
+    config: tuple[Sequence[int], Sequence[int], str],
+    layout: str,
+    call: OpCall,
+    softmax_scale: float | None,
+    kernel: str | None,
+    window: tuple[int, int] = NO_WINDOW,
 ) -> BlockSchedule:
     """The blocks of one ring call: ``config`` is ``(segment_lengths, dilation_rates, merge)``; ``window`` the
     module's ``window_size`` and ``call.documents`` the call's global document boundaries."""
@@ -100,11 +110,24 @@ def _schedule(
 class _ModuleOp(AttentionOp):
     """The custom ops' side of a ring module: its :meth:`~RingAttentionBase.attention_forward` and backward."""
 
-    def forward(self, q, k, v, call):
-        return self.owner.attention_forward(q, k, v, call)
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: OpCall
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        owner: RingAttentionBase = self.owner
+        return owner.attention_forward(q, k, v, call)
 
-    def backward(self, dout, q, k, v, out, lse, call):
-        return self.owner.attention_backward(dout, q, k, v, out, lse, call)
+    def backward(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        call: OpCall,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        owner: RingAttentionBase = self.owner
+        return owner.attention_backward(dout, q, k, v, out, lse, call)
 
 
 def ring_dilated_attention(
@@ -145,7 +168,7 @@ def ring_dilated_attention(
     )  # fmt: skip
     if stats is not None:
         attn.comm_stats = stats
-    result = attn(
+    result: torch.Tensor | tuple[torch.Tensor, torch.Tensor] = attn(
         q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, return_lse=return_lse, cu_seqlens=cu_seqlens
     )
     if not unbatched:
@@ -378,7 +401,16 @@ class RingDilatedAttention(RingAttentionBase):
             return_lse=return_lse, cu_seqlens=cu_seqlens, documents=documents,
         )  # fmt: skip
 
-    def _check(self, q, k, v, key_padding_mask, is_causal: bool, dropout_p: float, cu_seqlens=None):
+    def _check(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        is_causal: bool,
+        dropout_p: float,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> tuple[int, ...] | None:
         """Inputs agree across ranks, on every call: ranks that have all seen two signatures may still call with
         different ones (equal byte sizes would then give a wrong result silently). Errors name this class.
         Returns ``cu_seqlens``' values where they were read (one process), else None."""
@@ -391,13 +423,14 @@ class RingDilatedAttention(RingAttentionBase):
             scale=self.softmax_scale, comm=self._comm(q.device), name=type(self).__name__,
             window_size=self.window_size, cu_seqlens=cu_seqlens,
         )  # fmt: skip
+        return None
 
     def _comm(self, device: torch.device) -> RingComm:
         return ring_comm(
             self.process_group, self.comm_stats, self.transport, device, timeout=self.timeout, context=self.context()
         )
 
-    def attention_schedule(self, q, k, v, call: OpCall) -> BlockSchedule:
+    def attention_schedule(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: OpCall) -> BlockSchedule:
         comm = self._comm(q.device)
         return _schedule(
             q, k, v, comm=comm, config=(self.segment_lengths, self.dilation_rates, self.merge), layout=self.layout,

@@ -22,6 +22,11 @@ from .ring_plan import Item, RingPlan, Step, Transfer, _part_kv_heads, _part_row
 
 __all__ = ["RingDilatedSchedule", "send_bounds"]
 
+# A key run's (k rows, v rows, kept-key mask or None), as forward_block/backward_block take them.
+_KV = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+# Per key run, the shapes of its tensors in a flat buffer.
+_Shapes = list[list[tuple[int, ...]]]
+
 
 def _block_cost(q_part: Part, kv_part: Part, causal: bool) -> float:
     """Relative work of a block: query rows x key rows x heads (half of it on a causal diagonal)."""
@@ -61,8 +66,8 @@ class RingDilatedSchedule(BlockSchedule):
         self.block_base = comm.rank * 1_000_003
 
     # -- payloads: per key run its k rows, v rows and (with padding) kept-key flags, flat ------------
-    def _shapes(self, parts: tuple[Part, ...], k: torch.Tensor, v: torch.Tensor, grads: bool = False):
-        shapes = []
+    def _shapes(self, parts: tuple[Part, ...], k: torch.Tensor, v: torch.Tensor, grads: bool = False) -> _Shapes:
+        shapes: _Shapes = []
         for part in parts:
             b, rows, heads = k.shape[0], _part_rows(part), _part_kv_heads(part, k.shape[2])
             shapes.append([(b, rows, heads, k.shape[3]), (b, rows, heads, v.shape[3])])
@@ -71,20 +76,21 @@ class RingDilatedSchedule(BlockSchedule):
         return shapes
 
     @staticmethod
-    def _numel(shapes) -> int:
+    def _numel(shapes: _Shapes) -> int:
         return sum(int(torch.Size(s).numel()) for group in shapes for s in group)
 
     @staticmethod
-    def _unpack(buffer: torch.Tensor, shapes) -> list[list[torch.Tensor]]:
+    def _unpack(buffer: torch.Tensor, shapes: _Shapes) -> list[list[torch.Tensor]]:
         flat = [s for group in shapes for s in group]
         tensors = [t.view(s) for t, s in zip(buffer.split([int(torch.Size(s).numel()) for s in flat]), flat)]
-        out, index = [], 0
+        out: list[list[torch.Tensor]] = []
+        index = 0
         for group in shapes:
             out.append(tensors[index : index + len(group)])
             index += len(group)
         return out
 
-    def _local_kv(self, part: Part, k: torch.Tensor, v: torch.Tensor):
+    def _local_kv(self, part: Part, k: torch.Tensor, v: torch.Tensor) -> _KV:
         return part.gather_kv(k), part.gather_kv(v), part.key_mask(self.key_padding_mask)
 
     def _start_kv(self, j: int, k: torch.Tensor, v: torch.Tensor) -> Exchange | None:
@@ -92,28 +98,32 @@ class RingDilatedSchedule(BlockSchedule):
             return None
         step = self.plan.steps[j - 1]
         send = None
+        mask = self.key_padding_mask
         if step.send.kv_parts:
             shapes = self._shapes(step.send.kv_parts, k, v)
             send = self.comm.empty("send", self._numel(shapes), k)
             for part, (kb, vb, *kept) in zip(step.send.kv_parts, self._unpack(send, shapes)):
                 kb.copy_(part.gather_kv(k))
                 vb.copy_(part.gather_kv(v))
-                if kept:
-                    kept[0].copy_(~self.key_padding_mask[:, part.positions()])
+                if mask is not None:  # its kept-key flags travel with the rows (see _shapes)
+                    kept[0].copy_(~mask[:, part.positions()])
         recv_numel = self._numel(self._shapes(step.recv.kv_parts, k, v))
         return self.comm.exchange(send, step.send_to, recv_numel, step.recv_from, k)
 
-    def _received(self, transfer: Transfer, buffer: torch.Tensor | None, k, v):
+    def _received(
+        self, transfer: Transfer, buffer: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor
+    ) -> list[_KV]:
         """``(k_block, v_block, mask)`` per key slot of a received transfer."""
         if not transfer.kv_parts:
             return []
-        slots = []
+        assert buffer is not None, "an exchange that receives key runs returns their buffer"
+        slots: list[_KV] = []
         for kb, vb, *kept in self._unpack(buffer, self._shapes(transfer.kv_parts, k, v)):
             slots.append((kb, vb, kept[0].bool()[:, None, None, :] if kept else None))
         return slots
 
     @staticmethod
-    def _item_kv(item: Item, slot: tuple) -> tuple:
+    def _item_kv(item: Item, slot: _KV) -> _KV:
         """The rows of a received slot that ``item`` sees."""
         if item.keys is None:
             return slot
@@ -121,7 +131,7 @@ class RingDilatedSchedule(BlockSchedule):
         kb, vb, mask = slot
         return kb[:, lo:hi], vb[:, lo:hi], None if mask is None else mask[..., lo:hi]
 
-    def _local_blocks(self, k, v) -> list[tuple[Block, tuple]]:
+    def _local_blocks(self, k: torch.Tensor, v: torch.Tensor) -> list[tuple[Block, _KV]]:
         """The blocks of this rank's own keys, in order, each with its ``(k, v, mask)``."""
         blocks = [(block, self._local_kv(block.kv, k, v)) for block in self.plan.local_blocks]
         for item in self.plan.local.items:
@@ -130,7 +140,7 @@ class RingDilatedSchedule(BlockSchedule):
         return blocks
 
     @staticmethod
-    def _split_block(block: Block, kv: tuple) -> list[tuple[Block, tuple]]:
+    def _split_block(block: Block, kv: _KV) -> list[tuple[Block, _KV]]:
         """A single local block (dense, non-causal, contiguous) as a third and two thirds of its query rows, so
         that backward can hide the first K/V fetch and the last dK/dV return behind the two."""
         q_part = block.q
@@ -145,7 +155,7 @@ class RingDilatedSchedule(BlockSchedule):
         return [(replace(block, q=part), kv) for part in parts]
 
     # -- forward ---------------------------------------------------------------------------------------
-    def forward(self, q, k, v, acc: Accumulator) -> None:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, acc: Accumulator) -> None:
         """Merge this rank's blocks into ``acc`` (``(B, N/P, H, D)`` shards).
 
         The peers' K/V rows arrive as the plan says, while the local blocks are computed.
@@ -171,7 +181,16 @@ class RingDilatedSchedule(BlockSchedule):
                 block_id += 1
 
     # -- backward --------------------------------------------------------------------------------------
-    def backward(self, q, k, v, out, lse, dout, grads) -> None:
+    def backward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        dout: torch.Tensor,
+        grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> None:
         """Local blocks around the ring steps: a few while the first peer's K/V arrive, the rest (about two
         thirds of the local work) while the last dK/dV (float32, twice the bytes) travel home."""
         self.comm.begin("backward")
@@ -186,7 +205,7 @@ class RingDilatedSchedule(BlockSchedule):
         costs = [_block_cost(block.q, block.kv, block.causal) for _, (block, _) in local]
         split = _overlap_split(costs) if self.plan.steps else len(local)
 
-        def local_backward(blocks) -> None:
+        def local_backward(blocks: list[tuple[int, tuple[Block, _KV]]]) -> None:
             for block_id, (block, kv) in blocks:
                 block_dk, block_dv = backward_block(
                     self.kernel, block.q, q, *kv, out, lse, dout, dq, causal=block.causal, block_id=block_id,
@@ -203,7 +222,9 @@ class RingDilatedSchedule(BlockSchedule):
             pending = self._start_kv(j + 1, k, v)
             slots = self._received(step.recv, buffer, k, v)
             # dK/dV of the sender's key runs, summed per slot in one flat buffer, go back to it
-            send, slot_grads, written = None, [], set()
+            send: torch.Tensor | None = None
+            slot_grads: list[list[torch.Tensor]] = []
+            written: set[int] = set()
             if slots:
                 grad_shapes = self._shapes(step.recv.kv_parts, k, v, grads=True)
                 send = self.comm.empty("grad", self._numel(grad_shapes), dk)
@@ -238,10 +259,13 @@ class RingDilatedSchedule(BlockSchedule):
         if returning is not None:
             self._add_returned(*returning, k, v, dk, dv)
 
-    def _add_returned(self, exchange: Exchange, step: Step, k, v, dk, dv) -> None:
+    def _add_returned(
+        self, exchange: Exchange, step: Step, k: torch.Tensor, v: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor
+    ) -> None:
         buffer = exchange.wait()
         if not step.send.kv_parts:
             return
+        assert buffer is not None, "an exchange that receives dK/dV returns their buffer"
         returned = self._unpack(buffer, self._shapes(step.send.kv_parts, k, v, grads=True))
         for part, (part_dk, part_dv) in zip(step.send.kv_parts, returned):
             part.add_kv_grad(dk, part_dk, self.kernel.accumulate)
