@@ -94,19 +94,19 @@ def _buffers(rank):
     counts = []
     for step in range(3):
         _step(module, *_inputs(rank, seed=step))
-        counts.append(module.buffers.allocations)
-    nbytes = module.buffers.nbytes
+        counts.append(module.buffer_pool.allocations)
+    nbytes = module.buffer_pool.nbytes
     _step(module, *_inputs(rank, n=16, seed=9))  # a new shape: new buffers, once
-    counts.append(module.buffers.allocations)
+    counts.append(module.buffer_pool.allocations)
     _step(module, *_inputs(rank, n=16, seed=10))
-    counts.append(module.buffers.allocations)
+    counts.append(module.buffer_pool.allocations)
     plain = RingDilatedAttentionProduction(**SPANNING, reuse_buffers=False)
     out_reused = _step(module, *_inputs(rank, seed=4))
     out_plain = _step(plain, *_inputs(rank, seed=4))
     same = torch.equal(out_reused[0], out_plain[0]) and all(
         torch.equal(a, b) for a, b in zip(out_reused[1], out_plain[1])
     )
-    return {"counts": counts, "nbytes": nbytes, "plain": plain.buffers.allocations, "same": same}
+    return {"counts": counts, "nbytes": nbytes, "plain": plain.buffer_pool.allocations, "same": same}
 
 
 def _nonfinite(rank):
@@ -347,6 +347,19 @@ def test_buffer_pool_reuses_by_key():
     assert pool.get(("forward", "recv", 0), 10, like) is a
     pool.get(("forward", "recv", 1), 10, like)
     assert pool.allocations == 2 and pool.nbytes == 2 * 10 * 4
+
+
+def test_buffers_are_nn_modules_and_the_pool_has_its_own_name():
+    module = RingDilatedAttentionProduction(**DILATED)
+    assert isinstance(module.buffer_pool, BufferPool)
+    assert "buffers" not in vars(module)  # nn.Module.buffers() is not shadowed
+    probe = torch.arange(3.0)
+    module.register_buffer("probe", probe)
+    buffers = list(module.buffers())
+    assert len(buffers) == 1 and buffers[0] is probe
+    assert [name for name, _ in module.named_buffers()] == ["probe"]
+    module.to(torch.float64)  # nn.Module's buffer machinery reaches it
+    assert module.probe.dtype == torch.float64 and torch.equal(module.state_dict()["probe"], probe.double())
 
 
 def test_single_process_skip_and_checkpoint():

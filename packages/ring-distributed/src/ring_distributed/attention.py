@@ -24,8 +24,10 @@ from typing import Any
 import torch
 
 from ring_core.plugin import (
+    Accumulator,
     AttentionOp,
     Block,
+    BlockKernel,
     BlockSchedule,
     OpCall,
     Part,
@@ -33,6 +35,7 @@ from ring_core.plugin import (
     RingComm,
     RingCommStats,
     RingDilatedSchedule,
+    RingPlan,
     backward_block,
     block_kernel,
     branches,
@@ -63,6 +66,8 @@ from .mesh import (
 
 __all__ = ["RingDistributedDilatedAttention"]
 
+_Result = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # out, or (out, lse) with return_lse
+
 
 # -- the all-gather schedule -------------------------------------------------------------------------
 
@@ -74,7 +79,16 @@ class AllGatherSchedule(RingDilatedSchedule):
     ``(B, R * n, H_kv, D)``; ``key_padding_mask`` likewise ``(B, R * n)``.
     """
 
-    def __init__(self, kernel, plan, comm, *, causal, key_padding_mask, shard_len: int) -> None:
+    def __init__(
+        self,
+        kernel: BlockKernel,
+        plan: RingPlan,
+        comm: RingComm,
+        *,
+        causal: bool,
+        key_padding_mask: torch.Tensor | None,
+        shard_len: int,
+    ) -> None:
         super().__init__(kernel, plan, comm, causal=causal, key_padding_mask=None)
         self.gathered_mask = key_padding_mask
         self.shard_len = shard_len
@@ -91,11 +105,13 @@ class AllGatherSchedule(RingDilatedSchedule):
             for item in transfer.items:
                 yield Block(item.q_part, item_kv_part(transfer, item), window=item.window), source
 
-    def _kv(self, part: Part, source: int, k, v):
+    def _kv(
+        self, part: Part, source: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         mask = None if self.gathered_mask is None else part.key_mask(self._shard(self.gathered_mask, source))
         return part.gather_kv(self._shard(k, source)), part.gather_kv(self._shard(v, source)), mask
 
-    def forward(self, q, k, v, acc) -> None:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, acc: Accumulator) -> None:
         for index, (block, source) in enumerate(self._blocks()):
             kb, vb, mask = self._kv(block.kv, source, k, v)
             forward_block(
@@ -103,7 +119,16 @@ class AllGatherSchedule(RingDilatedSchedule):
                 window=block.window,
             )  # fmt: skip
 
-    def backward(self, q, k, v, out, lse, dout, grads) -> None:
+    def backward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        dout: torch.Tensor,
+        grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> None:
         dq, dk, dv = grads
         for index, (block, source) in enumerate(self._blocks()):
             kb, vb, mask = self._kv(block.kv, source, k, v)
@@ -122,12 +147,16 @@ class _MeshOp(AttentionOp):
         super().__init__(module)
         self.strategy, self.groups = strategy, groups
 
-    def forward(self, q, k, v, call: OpCall):
-        self.owner.comm_stats.calls += 1
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: OpCall
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        owner: RingDistributedDilatedAttention = self.owner
+        owner.comm_stats.calls += 1
         return super().forward(q, k, v, call)
 
-    def schedule(self, q, k, v, call: OpCall) -> BlockSchedule:
-        return self.owner._mesh_schedule(self.strategy, self.groups, q, k, v, call)
+    def schedule(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: OpCall) -> BlockSchedule:
+        owner: RingDistributedDilatedAttention = self.owner
+        return owner._mesh_schedule(self.strategy, self.groups, q, k, v, call)
 
 
 # -- the module ----------------------------------------------------------------------------------------
@@ -212,8 +241,10 @@ class RingDistributedDilatedAttention(RingAttentionBase):
             dims = [dim for dim in dims if dim[2] > 1] or [(None, 0, 1)]
         else:
             dims = [(self.process_group, *group_rank_and_size(self.process_group))]
-        options = {"timeout": self.timeout, "context": self.context()}
-        return [RingComm(group, rank, size, RingCommStats(), **options) for group, rank, size in dims]
+        timeout, context = self.timeout, self.context()
+        return [
+            RingComm(group, rank, size, RingCommStats(), timeout=timeout, context=context) for group, rank, size in dims
+        ]
 
     def _world_size(self) -> int:
         if self.device_mesh is not None:
@@ -241,7 +272,16 @@ class RingDistributedDilatedAttention(RingAttentionBase):
         )
         return strategy, mesh_groups(self.process_group, u, node_size)
 
-    def _validate(self, q, k, v, key_padding_mask, causal: bool, dropout_p: float, cu_seqlens=None) -> None:
+    def _validate(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        causal: bool,
+        dropout_p: float,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> None:
         """Every rank checks its inputs and that all ranks agree (on every call); same error everywhere."""
         world_size = self._world_size()
         if world_size == 1:  # nothing to agree on (and traceable)
@@ -281,7 +321,7 @@ class RingDistributedDilatedAttention(RingAttentionBase):
         key_padding_mask: torch.Tensor | None = None,
         return_lse: bool = False,
         cu_seqlens: torch.Tensor | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    ) -> _Result:
         """Attention over the whole sequence from this rank's shard, by the module's strategy (SPEC.md).
 
         Args:
@@ -307,8 +347,16 @@ class RingDistributedDilatedAttention(RingAttentionBase):
         return self._attend(q, k, v, bool(is_causal), key_padding_mask, dropout_p, return_lse, cu_seqlens)
 
     def _attend(
-        self, q, k, v, causal: bool, key_padding_mask, dropout_p: float, return_lse: bool = False, cu_seqlens=None
-    ):
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool,
+        key_padding_mask: torch.Tensor | None,
+        dropout_p: float,
+        return_lse: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> _Result:
         seed = self._dropout_seed() if dropout_p > 0 else None
         if self._world_size() == 1:  # no mesh: the module's op, one op for torch.compile
             return self.run(
@@ -321,11 +369,14 @@ class RingDistributedDilatedAttention(RingAttentionBase):
         mask = key_padding_mask
         if u > 1:
             args = (groups.ulysses_group, u, self.layout, self.timeout)
-            q, k, v = (SeqToHeads.apply(x, *args) for x in (q, k, v))
+            q, k, v = (SeqToHeads.apply(x, *args) for x in (q, k, v))  # type: ignore[no-untyped-call]
             if mask is not None:
                 mask = gather_mask(mask, groups.ulysses_group, u, self.layout, self.timeout)
         if strategy == "allgather" and ring_size > 1:
-            k, v = (GatherShards.apply(x, groups.ring_group, ring_size, self.timeout) for x in (k, v))
+            k, v = (
+                GatherShards.apply(x, groups.ring_group, ring_size, self.timeout)  # type: ignore[no-untyped-call]
+                for x in (k, v)
+            )
             if mask is not None:
                 mask = gather_mask(mask, groups.ring_group, ring_size, None, self.timeout)
         if dropout_p > 0:  # each Ulysses rank's heads get their own dropout stream
@@ -335,17 +386,20 @@ class RingDistributedDilatedAttention(RingAttentionBase):
             lse_grad=return_lse, seed=seed, cu_seqlens=cu_seqlens,
         )  # fmt: skip
         if u > 1:
-            out = HeadsToSeq.apply(out, groups.ulysses_group, u, self.layout, self.timeout)
-            lse = HeadsToSeq.apply(lse.unsqueeze(-1), groups.ulysses_group, u, self.layout, self.timeout).squeeze(-1)
+            args = (groups.ulysses_group, u, self.layout, self.timeout)
+            out = HeadsToSeq.apply(out, *args)  # type: ignore[no-untyped-call]
+            lse = HeadsToSeq.apply(lse.unsqueeze(-1), *args).squeeze(-1)  # type: ignore[no-untyped-call]
         return (out, lse.transpose(1, 2)) if return_lse else out
 
-    def attention_schedule(self, q, k, v, call: OpCall) -> BlockSchedule:
+    def attention_schedule(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: OpCall) -> BlockSchedule:
         """One process: the mesh is one rank (the module's op)."""
         strategy, groups = self._resolve(q, k)
         self.last_strategy = (strategy, groups.ulysses_size)
         return self._mesh_schedule(strategy, groups, q, k, v, call)
 
-    def _mesh_schedule(self, strategy: str, groups: MeshGroups, q, k, v, call: OpCall) -> BlockSchedule:
+    def _mesh_schedule(
+        self, strategy: str, groups: MeshGroups, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: OpCall
+    ) -> BlockSchedule:
         """The blocks of this rank's head chunk: ``q`` is ``(B, N/R, H/u, D)``; ``k``, ``v`` are all-gathered
         over the ring group (``(B, N, H_kv/u, D)``) for ``"allgather"``."""
         u, ring_size = groups.ulysses_size, groups.ring_size

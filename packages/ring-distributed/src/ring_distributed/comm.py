@@ -47,6 +47,7 @@ def _to_ring_order(chunks: torch.Tensor, layout: str) -> torch.Tensor:
 def _from_ring_order(x: torch.Tensor, u: int, layout: str) -> torch.Tensor:
     """Inverse of :func:`_to_ring_order`: ``(B, u*n, ...)`` -> ``(u, B, n, ...)``."""
     n = x.shape[1] // u
+    y: torch.Tensor  # (Tensor.unflatten is untyped)
     if layout == "zigzag" and u > 1:
         y = x.unflatten(1, (2 * u, n // 2))
         y = torch.stack([y[:, :u], y[:, u:].flip(1)], dim=2).flatten(2, 3)  # (B, u, n, ...)
@@ -79,13 +80,13 @@ class SeqToHeads(torch.autograd.Function):
     """``(B, N/P, H, D)`` shards of a Ulysses group -> ``(B, u*N/P, H/u, D)``: all positions, a head chunk."""
 
     @staticmethod
-    def forward(ctx, x, group, u, layout, timeout):  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, group: Any, u: int, layout: str, timeout: float | None) -> torch.Tensor:
         """``x`` ``(B, N/P, H, D)`` -> ``(B, u*N/P, H/u, D)``; ``timeout`` bounds the all-to-all (seconds or None)."""
         ctx.args = (group, u, layout, timeout)
         return seq_to_heads_forward(x, group, u, layout, timeout)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
         return heads_to_seq_forward(grad.contiguous(), *ctx.args), None, None, None, None
 
 
@@ -93,13 +94,13 @@ class HeadsToSeq(torch.autograd.Function):
     """Inverse of :class:`SeqToHeads`."""
 
     @staticmethod
-    def forward(ctx, y, group, u, layout, timeout):  # type: ignore[override]
+    def forward(ctx: Any, y: torch.Tensor, group: Any, u: int, layout: str, timeout: float | None) -> torch.Tensor:
         """``y`` ``(B, u*N/P, H/u, D)`` -> ``(B, N/P, H, D)``; ``timeout`` bounds the all-to-all (seconds or None)."""
         ctx.args = (group, u, layout, timeout)
         return heads_to_seq_forward(y, group, u, layout, timeout)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
         return seq_to_heads_forward(grad.contiguous(), *ctx.args), None, None, None, None
 
 
@@ -121,7 +122,7 @@ class GatherShards(torch.autograd.Function):
     """Concatenate the group's ``(B, n, ...)`` shards in rank order; backward reduce-scatters the gradient."""
 
     @staticmethod
-    def forward(ctx, x, group, size, timeout):  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, group: Any, size: int, timeout: float | None) -> torch.Tensor:
         """``x`` ``(B, n, ...)`` of each of the ``size`` ranks -> ``(B, size*n, ...)`` in rank order."""
         ctx.args = (group, size, timeout)
         x = x.contiguous()
@@ -130,7 +131,7 @@ class GatherShards(torch.autograd.Function):
         return torch.cat(parts, dim=1)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         group, size, timeout = ctx.args
         chunks = [c.contiguous() for c in grad.chunk(size, dim=1)]
         out = torch.empty_like(chunks[0])
@@ -145,10 +146,10 @@ class BufferPool:
     """Communication buffers allocated once per (use, shape, dtype, device) and reused on every call."""
 
     def __init__(self) -> None:
-        self.buffers: dict[tuple, torch.Tensor] = {}
+        self.buffers: dict[tuple[object, ...], torch.Tensor] = {}
         self.allocations = 0
 
-    def get(self, key: tuple, numel: int, like: torch.Tensor) -> torch.Tensor:
+    def get(self, key: tuple[object, ...], numel: int, like: torch.Tensor) -> torch.Tensor:
         full = (*key, numel, like.dtype, like.device)
         buffer = self.buffers.get(full)
         if buffer is None:

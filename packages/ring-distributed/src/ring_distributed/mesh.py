@@ -205,7 +205,7 @@ class MeshGroups:
 
 
 _lock = threading.Lock()
-_groups: dict[tuple, Any] = {}
+_groups: dict[tuple[int, ...], Any] = {}
 
 
 def _subgroup(ranks: tuple[int, ...]) -> Any:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ring_core.plugin import hookimpl
 
 
 @hookimpl
-def register_implementations(register):
+def register_implementations(register: Callable[..., None]) -> None:
     from ring_core.plugin import Implementation
 
     from .attention import RingDistributedDilatedAttention

@@ -23,17 +23,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from .attention import RingDistributedDilatedAttention
+from .attention import RingDistributedDilatedAttention, _Result
 from .comm import BufferPool, ManagedComm, timed_wait
+from .mesh import MeshGroups
 
 NONFINITE_MODES = (None, "raise", "skip")
+
+_Grads = tuple[torch.Tensor | None, ...]
 
 
 class NonFiniteError(FloatingPointError):
@@ -44,18 +47,18 @@ class _ZeroAttention(torch.autograd.Function):
     """A skipped step: output zeros, gradients zeros (never NaN times zero)."""
 
     @staticmethod
-    def forward(ctx, q, k, v):  # type: ignore[override]
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx.metas = [(t.shape, t.dtype, t.device) for t in (q, k, v)]
         return torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.metas)
 
 
-def _zero_attention(q, k, v, return_lse: bool):
+def _zero_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool) -> _Result:
     """A skipped step's result: zeros (and an lse of -inf, a row that saw nothing)."""
-    out = _ZeroAttention.apply(q, k, v)
+    out: torch.Tensor = _ZeroAttention.apply(q, k, v)  # type: ignore[no-untyped-call]
     if not return_lse:
         return out
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -66,12 +69,14 @@ class _GradientGuard(torch.autograd.Function):
     """Identity on ``q, k, v``; its backward checks ``dq, dk, dv`` on every rank."""
 
     @staticmethod
-    def forward(ctx, check, q, k, v):  # type: ignore[override]
+    def forward(
+        ctx: Any, check: Callable[..., _Grads], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ctx.check = check
         return q.view_as(q), k.view_as(k), v.view_as(v)
 
     @staticmethod
-    def backward(ctx, dq, dk, dv):  # type: ignore[override]
+    def backward(ctx: Any, dq: torch.Tensor | None, dk: torch.Tensor | None, dv: torch.Tensor | None) -> _Grads:
         return (None, *ctx.check(dq, dk, dv))
 
 
@@ -97,7 +102,9 @@ class _DeterministicScope(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, attend, q, k, v):  # type: ignore[override]
+    def forward(
+        ctx: Any, attend: Callable[..., _Result], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         inputs = [x.detach().requires_grad_(x.requires_grad) for x in (q, k, v)]
         with torch.enable_grad(), _deterministic():
             result = attend(*inputs)
@@ -107,7 +114,7 @@ class _DeterministicScope(torch.autograd.Function):
         return tuple(o.detach() for o in outputs)
 
     @staticmethod
-    def backward(ctx, *grads):  # type: ignore[override]
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> _Grads:
         inputs, outputs = ctx.graph
         ctx.graph = None
         pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
@@ -132,7 +139,7 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
     - ``seed``: base of the dropout seed in deterministic mode.
     - ``reuse_buffers``: keep the communication buffers between calls.
 
-    :attr:`step` counts calls; :attr:`buffers` is the buffer pool;
+    :attr:`step` counts calls; :attr:`buffer_pool` is the pool of communication buffers;
     :attr:`nonfinite_events` lists what ``"skip"`` skipped.
     """
 
@@ -175,7 +182,7 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
         self.deterministic = bool(deterministic)
         self.seed = seed
         self.reuse_buffers = bool(reuse_buffers)
-        self.buffers = BufferPool()
+        self.buffer_pool = BufferPool()
         self.nonfinite_events: list[dict[str, Any]] = []
         self._call_step: int | None = None  # the step being processed when it is not the latest
 
@@ -186,7 +193,7 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
     def _make_comm(self, group: Any, rank: int, size: int, device: torch.device) -> ManagedComm:
         return ManagedComm(
             group, rank, size, self.comm_stats, timeout=self.timeout,
-            pool=self.buffers if self.reuse_buffers else None, context=f"{self._where()}: ",
+            pool=self.buffer_pool if self.reuse_buffers else None, context=f"{self._where()}: ",
         )  # fmt: skip
 
     def _dropout_seed(self) -> int | None:
@@ -202,7 +209,9 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
         return f"{self._where()}: "  # the step of the call (also when its backward recomputes it)
 
     # -- non-finite guard ----------------------------------------------------------------------------
-    def _nonfinite_report(self, tensors: dict[str, torch.Tensor | None], groups, stage: str) -> list[tuple]:
+    def _nonfinite_report(
+        self, tensors: dict[str, torch.Tensor | None], groups: MeshGroups, stage: str
+    ) -> list[tuple[int, str, int]]:
         """``(global rank, tensor, count)`` for every non-finite tensor on any rank (a collective)."""
         names = list(tensors)
         present = [t for t in tensors.values() if t is not None]
@@ -218,7 +227,7 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
         table = table.cpu()
         return [(groups.global_ranks[p], names[i], int(table[p, i])) for p, i in torch.nonzero(table).tolist()]
 
-    def _handle_nonfinite(self, found: list[tuple], stage: str) -> bool:
+    def _handle_nonfinite(self, found: list[tuple[int, str, int]], stage: str) -> bool:
         """Raise, or record and warn; ``True`` when the step's values must be replaced by zeros."""
         if not found:
             return False
@@ -230,7 +239,14 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
         warnings.warn(message + "; skipped (zeros)", RuntimeWarning, stacklevel=3)
         return True
 
-    def _check_gradients(self, step: int, groups, dq, dk, dv):
+    def _check_gradients(
+        self,
+        step: int,
+        groups: MeshGroups,
+        dq: torch.Tensor | None,
+        dk: torch.Tensor | None,
+        dv: torch.Tensor | None,
+    ) -> _Grads:
         previous, self._call_step = self._call_step, step
         try:
             found = self._nonfinite_report({"dq": dq, "dk": dk, "dv": dv}, groups, "gradients")
@@ -241,7 +257,18 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
             self._call_step = previous
 
     # -- forward -------------------------------------------------------------------------------------
-    def _attend_at(self, step: int, return_lse: bool, q, k, v, causal, key_padding_mask, dropout_p, cu_seqlens=None):
+    def _attend_at(
+        self,
+        step: int,
+        return_lse: bool,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool,
+        key_padding_mask: torch.Tensor | None,
+        dropout_p: float,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> _Result:
         previous, self._call_step = self._call_step, step
         try:
             return self._attend(q, k, v, causal, key_padding_mask, dropout_p, return_lse, cu_seqlens)
@@ -258,7 +285,7 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
         key_padding_mask: torch.Tensor | None = None,
         return_lse: bool = False,
         cu_seqlens: torch.Tensor | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    ) -> _Result:
         """As :meth:`RingDistributedDilatedAttention.forward`, hardened for training.
 
         Args:
@@ -290,34 +317,47 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
             _, groups = self._resolve(q, k)
             found = self._nonfinite_report({"q": q, "k": k, "v": v}, groups, "inputs")
             if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-                q, k, v = _GradientGuard.apply(functools.partial(self._check_gradients, step, groups), q, k, v)
+                check = functools.partial(self._check_gradients, step, groups)
+                q, k, v = _GradientGuard.apply(check, q, k, v)  # type: ignore[no-untyped-call]
             if self._handle_nonfinite(found, "inputs"):
                 return _zero_attention(q, k, v, return_lse)
         attend = functools.partial(self._attend_at, step, return_lse, cu_seqlens=cu_seqlens)
 
-        def run(q, k, v):
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> _Result:
             if self.checkpoint and torch.is_grad_enabled():
-                return activation_checkpoint(
+                checkpointed: _Result = activation_checkpoint(
                     attend, q, k, v, causal, key_padding_mask, dropout_p, use_reentrant=False, preserve_rng_state=True
                 )
+                return checkpointed
             return attend(q, k, v, causal, key_padding_mask, dropout_p)
 
+        result: _Result
         if not self.deterministic:
-            out = run(q, k, v)
+            result = run(q, k, v)
         elif torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            out = _DeterministicScope.apply(run, q, k, v)
-            out = out if return_lse else out[0]
+            scoped = _DeterministicScope.apply(run, q, k, v)  # type: ignore[no-untyped-call]
+            result = scoped if return_lse else scoped[0]
         else:
             with _deterministic():
-                out = run(q, k, v)
-        out, lse = out if return_lse else (out, None)
+                result = run(q, k, v)
         if self.on_nonfinite is not None:
+            out = result[0] if isinstance(result, tuple) else result  # a tuple with return_lse
             found = self._nonfinite_report({"output": out.detach()}, groups, "output")
             if self._handle_nonfinite(found, "output"):
                 return _zero_attention(q, k, v, return_lse)
-        return (out, lse) if return_lse else out
+        return result
 
-    def _traced_forward(self, q, k, v, causal: bool, key_padding_mask, dropout_p: float, return_lse: bool, cu_seqlens):
+    def _traced_forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool,
+        key_padding_mask: torch.Tensor | None,
+        dropout_p: float,
+        return_lse: bool,
+        cu_seqlens: torch.Tensor | None,
+    ) -> _Result:
         """Under ``torch.compile``: the checks and the module's op (what reads values on the host stays out)."""
         if self.on_nonfinite is not None or self.deterministic:
             raise RuntimeError(
@@ -328,9 +368,10 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
         self._validate(q, k, v, key_padding_mask, causal, dropout_p, cu_seqlens)
         attend = functools.partial(self._attend, return_lse=return_lse, cu_seqlens=cu_seqlens)
         if self.checkpoint and torch.is_grad_enabled():
-            return activation_checkpoint(
+            checkpointed: _Result = activation_checkpoint(
                 attend, q, k, v, causal, key_padding_mask, dropout_p, use_reentrant=False, preserve_rng_state=True
             )
+            return checkpointed
         return attend(q, k, v, causal, key_padding_mask, dropout_p)
 
     def extra_repr(self) -> str:
