@@ -110,9 +110,7 @@ class RingDilatedSchedule(BlockSchedule):
         recv_numel = self._numel(self._shapes(step.recv.kv_parts, k, v))
         return self.comm.exchange(send, step.send_to, recv_numel, step.recv_from, k)
 
-    def _received(
-        self, transfer: Transfer, buffer: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor
-    ) -> list[_KV]:
+    def _received(self, transfer: Transfer, buffer: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> list[_KV]:
         """``(k_block, v_block, mask)`` per key slot of a received transfer."""
         if not transfer.kv_parts:
             return []
