@@ -17,6 +17,7 @@ import dataclasses
 import torch
 
 from ring_core.plugin import (
+    KernelBackend,
     KernelNotAvailableError,
     KernelRequest,
     OpCall,
@@ -44,7 +45,7 @@ class RingDilatedAttentionFlash(RingDilatedAttention):
 
     last_path: str | None = None
 
-    def _local_plan(self, q, k, call: OpCall) -> FusedPlan | VarlenPlan | None:
+    def _local_plan(self, q: torch.Tensor, k: torch.Tensor, call: OpCall) -> FusedPlan | VarlenPlan | None:
         """The single-device path's plan (varlen or fused), or None when the call needs the ring or dropout."""
         world_size = group_rank_and_size(self.process_group)[1]
         local = (call.documents is None or world_size == 1) and segments_within_shards(
@@ -73,7 +74,9 @@ class RingDilatedAttentionFlash(RingDilatedAttention):
             window=self.window_size, documents=call.documents,
         )  # fmt: skip
 
-    def attention_forward(self, q, k, v, call: OpCall) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention_forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: OpCall
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         plan = self._local_plan(q, k, call)
         if plan is None:
             return super().attention_forward(q, k, v, call)
@@ -82,7 +85,16 @@ class RingDilatedAttentionFlash(RingDilatedAttention):
             return varlen_forward(plan, q, k, v)
         return fused_forward(plan, q, k, v)
 
-    def attention_backward(self, dout, q, k, v, out, lse, call: OpCall):
+    def attention_backward(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        call: OpCall,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         plan = self._local_plan(q, k, call)
         if plan is None:
             return super().attention_backward(dout, q, k, v, out, lse, call)
@@ -105,7 +117,7 @@ class RingDilatedAttentionFlash(RingDilatedAttention):
         return f"{super().extra_repr()}, kernel={self.kernel!r}"
 
 
-def _varlen_kernel(request: KernelRequest, name: str | None):
+def _varlen_kernel(request: KernelRequest, name: str | None) -> KernelBackend | None:
     """The kernel for packed documents in one call per branch offset, or None (then: one document at a time)."""
     try:
         return select_kernel(dataclasses.replace(request, varlen=True), name)

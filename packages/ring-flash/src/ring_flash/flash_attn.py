@@ -50,7 +50,8 @@ class LibraryCall:
     essential: frozenset[str]
 
     def resolve(self) -> Callable[..., Any]:
-        return getattr(importlib.import_module(self.module), self.function)
+        fn: Callable[..., Any] = getattr(importlib.import_module(self.module), self.function)
+        return fn
 
 
 def signature_reasons(fn: Callable[..., Any], call: LibraryCall) -> list[str]:
@@ -120,7 +121,7 @@ class FlashAttnKernel(GPUKernel):
 
     def availability_reasons(self) -> list[str]:
         reasons = super().availability_reasons()
-        return reasons or _library_reasons(type(self))
+        return reasons or _library_reasons(self.forward_call, self.backward_call)
 
     def not_supported_reasons(self, request: KernelRequest) -> list[str]:
         """Also what the installed version's signatures lack for this request (windows, packed segments), so
@@ -146,10 +147,10 @@ def _resolved(call: LibraryCall) -> Callable[..., Any]:
 
 
 @cache
-def _library_reasons(cls: type[FlashAttnKernel]) -> list[str]:
-    """Import the library's functions and check their signatures, once per backend class."""
+def _library_reasons(*calls: LibraryCall) -> list[str]:
+    """Import the library's functions and check their signatures, once per backend class (its calls)."""
     reasons = []
-    for call in (cls.forward_call, cls.backward_call):
+    for call in calls:
         try:
             fn = _resolved(call)
         except Exception as exc:  # present but broken (missing CUDA libraries, another layout)
@@ -236,7 +237,19 @@ class FlashAttn2Kernel(FlashAttnKernel):
 
     supports_window = True
 
-    def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0, window=None):
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float,
+        causal: bool = False,
+        mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        seed: int = 0,
+        window: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`~ring_core.kernels.KernelBackend.forward` through FlashAttention-2's ``_flash_attn_forward``."""
         fn = self._forward_fn()
         result = _call(
@@ -245,7 +258,22 @@ class FlashAttn2Kernel(FlashAttnKernel):
         )  # fmt: skip
         return result[0], _check_lse(result[1], q, "flash_attn")
 
-    def backward(self, dout, q, k, v, out, lse, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0, window=None):
+    def backward(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        *,
+        scale: float,
+        causal: bool = False,
+        mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        seed: int = 0,
+        window: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         fn = self._backward_fn()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         _call(
@@ -292,7 +320,19 @@ class FlashAttn3Kernel(FlashAttnKernel):
 
     supports_window = True
 
-    def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0, window=None):
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float,
+        causal: bool = False,
+        mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        seed: int = 0,
+        window: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`~ring_core.kernels.KernelBackend.forward` through FlashAttention-3's ``_flash_attn_forward``."""
         fn = self._forward_fn()
         result = _call(
@@ -301,7 +341,22 @@ class FlashAttn3Kernel(FlashAttnKernel):
         )  # fmt: skip
         return result[0], _check_lse(result[1], q, "flash_attn_interface")
 
-    def backward(self, dout, q, k, v, out, lse, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0, window=None):
+    def backward(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        *,
+        scale: float,
+        causal: bool = False,
+        mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        seed: int = 0,
+        window: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         fn = self._backward_fn()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         _call(

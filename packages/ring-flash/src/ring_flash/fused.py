@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -126,7 +127,7 @@ def fused_forward(
     writes = sum(1 for _, write in calls if write)
     weighted = len(calls) > 1 and _overlap(plan.branches)
     lse = torch.full((b, n, h), float("-inf"), dtype=acc, device=q.device)
-    out = None
+    out: torch.Tensor | None = None
     for block, write in calls:  # the covering calls first: they write; later blocks merge into what is there
         part = block.q
         qb, kb = part.view(q).flatten(0, 1), block.kv.gather_kv(k)
@@ -149,6 +150,7 @@ def fused_forward(
         else:  # the backend's merge: one Triton pass on GPUs
             plan.backend.merge(part.view(out), lse_view, o, block_lse)
         del o, block_lse  # before the next call allocates its own
+    assert out is not None  # (a plan has blocks)
     return out.to(q.dtype), lse
 
 
@@ -169,7 +171,9 @@ def fused_backward(
     groups = q.shape[2] // k.shape[2]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     grad_dtype = acc if plan.accumulate_fp32 else q.dtype
-    dq = dk = dv = None
+    dq: torch.Tensor | None = None
+    dk: torch.Tensor | None = None
+    dv: torch.Tensor | None = None
     for block, write in calls:
         part, kv_part = block.q, block.kv
         qb, kb = part.view(q).flatten(0, 1), kv_part.gather_kv(k)
@@ -193,12 +197,15 @@ def fused_backward(
                 kv_part.add_kv_grad(grad, block_grad)
         _write_or_add(merges)
         del bq, bk, bv, merges  # before the next call allocates its own
+    assert dq is not None and dk is not None and dv is not None  # (a plan has blocks)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 class _FusedDilated(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, plan: FusedPlan, q, k, v):  # type: ignore[override]
+    def forward(
+        ctx: Any, plan: FusedPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         out, lse = fused_forward(plan, q, k, v)
         ctx.plan = plan
         ctx.save_for_backward(q, k, v, out, lse)
@@ -206,7 +213,7 @@ class _FusedDilated(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    def backward(ctx, dout, _dlse):  # type: ignore[override]
+    def backward(ctx: Any, dout: torch.Tensor, _dlse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         return None, *fused_backward(ctx.plan, dout, q, k, v, out, lse)
 
@@ -220,7 +227,15 @@ def _overlap(branch_list: Sequence[Branch]) -> bool:
     )
 
 
-def _gradient(grad, shape, part, block, write, writes, dtype) -> tuple[torch.Tensor, bool]:
+def _gradient(
+    grad: torch.Tensor | None,
+    shape: tuple[int, ...],
+    part: Part,
+    block: torch.Tensor,
+    write: bool,
+    writes: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, bool]:
     """The gradient buffer (created on first use) and whether ``block`` became it (nothing left to add)."""
     if grad is not None:
         return grad, False
@@ -261,6 +276,7 @@ def fused_dilated_attention(
     """
     plan = FusedPlan(
         backend, scale, branches(segment_lengths, dilation_rates, merge, q.shape[2]), is_causal,
-        key_padding_mask, accumulate_fp32, max_rows, tuple(window_size), documents,
+        key_padding_mask, accumulate_fp32, max_rows, (*window_size,), documents,
     )  # fmt: skip
-    return _FusedDilated.apply(plan, q, k, v)
+    result: tuple[torch.Tensor, torch.Tensor] = _FusedDilated.apply(plan, q, k, v)  # type: ignore[no-untyped-call]
+    return result

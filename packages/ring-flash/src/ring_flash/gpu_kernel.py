@@ -26,7 +26,7 @@ class GPUKernel(KernelBackend):
     """Common capability data of the CUDA backends."""
 
     devices = ("cuda",)
-    dtypes = HALF_DTYPES
+    dtypes: ClassVar[tuple[torch.dtype, ...]] = HALF_DTYPES
     supports_mask = False
     supports_dropout = False
     supports_gqa: ClassVar[bool] = False
@@ -62,12 +62,14 @@ class GPUKernel(KernelBackend):
 
     install_hint: ClassVar[str] = ""
 
-    def merge(self, out_acc, lse_acc, out_block, lse_block) -> None:
+    def merge(
+        self, out_acc: torch.Tensor, lse_acc: torch.Tensor, out_block: torch.Tensor, lse_block: torch.Tensor
+    ) -> None:
         """One Triton pass where it applies (:func:`ring_flash.merge.online_merge`), else torch ops."""
         if not online_merge(out_acc, lse_acc, out_block, lse_block):
             super().merge(out_acc, lse_acc, out_block, lse_block)
 
-    def accumulate(self, grad, block_grad) -> None:
+    def accumulate(self, grad: torch.Tensor, block_grad: torch.Tensor) -> None:
         merge_block(grad, block_grad, accumulate=True)
 
     def not_supported_reasons(self, request: KernelRequest) -> list[str]:

@@ -202,10 +202,12 @@ def measure_rows(
     return rows
 
 
-def _step(kernel: KernelBackend, q, k, v, dout, causal: bool) -> Callable[[], object]:
+def _step(
+    kernel: KernelBackend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, causal: bool
+) -> Callable[[], object]:
     scale = q.shape[-1] ** -0.5
 
-    def step():
+    def step() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out, lse = kernel.forward(q, k, v, scale=scale, causal=causal)
         return kernel.backward(dout, q, k, v, out, lse, scale=scale, causal=causal)
 
@@ -219,7 +221,8 @@ def _elapsed_ms(step: Callable[[], object], device: torch.device) -> float:
         step()
         end.record()
         end.synchronize()
-        return start.elapsed_time(end)
+        elapsed: float = start.elapsed_time(end)
+        return elapsed
     begin = time.perf_counter()
     step()
     return (time.perf_counter() - begin) * 1e3

@@ -21,6 +21,8 @@ shape.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -54,7 +56,7 @@ class SDPACuDNNKernel(GPUKernel):
 
     strided_inputs = True  # cleared if this cuDNN rejects strided views (then inputs are made contiguous)
 
-    def _retry_contiguous(self, fn, *tensors):
+    def _retry_contiguous(self, fn: Callable[..., Any], *tensors: torch.Tensor) -> Any:
         """Call ``fn`` on strided views; if cuDNN rejects them, once more on contiguous copies."""
         if self.strided_inputs:
             try:
@@ -72,13 +74,24 @@ class SDPACuDNNKernel(GPUKernel):
         """cuDNN rejects single-row blocks (``s_q = s_kv = 1``): those go to the math kernel."""
         return q.shape[1] == 1 or k.shape[1] == 1
 
-    def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float,
+        causal: bool = False,
+        mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        seed: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`~ring_core.kernels.KernelBackend.forward` through ``aten._scaled_dot_product_cudnn_attention``."""
         b, n, h, _ = q.shape
         if self._tiny(q, k):
             return MathKernel().forward(q, k, v, scale=scale, causal=causal)
 
-        def run(q, k, v):
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Any:
             return torch.ops.aten._scaled_dot_product_cudnn_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, causal, False, scale=scale
             )
@@ -90,11 +103,26 @@ class SDPACuDNNKernel(GPUKernel):
     backward_variants = ("lse4", "lse4-long1", "contiguous", "flash", "lse3")
     backward_variant = os.environ.get("RING_FLASH_CUDNN_BACKWARD", "lse4")  # lse3 fails: "dim for Stats is invalid"
 
-    def backward(self, dout, q, k, v, out, lse, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+    def backward(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        *,
+        scale: float,
+        causal: bool = False,
+        mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        seed: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         variant = self.backward_variant
         if self._tiny(q, k):
             grads = MathKernel().backward(dout, q, k, v, out, lse, scale=scale, causal=causal)
-            return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v)))
+            dq, dk, dv = (g.to(x.dtype) for g, x in zip(grads, (q, k, v)))
+            return dq, dk, dv
         if variant == "flash":  # FlashAttention-2's backward: the same gradients from any out/lse
             return SDPAFlashKernel().backward(dout, q, k, v, out, lse, scale=scale, causal=causal)
         n, m = q.shape[1], k.shape[1]
@@ -103,7 +131,7 @@ class SDPACuDNNKernel(GPUKernel):
         if variant != "lse3":
             lse = lse.unsqueeze(-1)
 
-        def run(dout, q, k, v, out):
+        def run(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> Any:
             bhsd = [x.transpose(1, 2) for x in (dout, q, k, v, out)]
             if variant == "contiguous":
                 bhsd = [x.contiguous() for x in bhsd]
@@ -132,10 +160,22 @@ class SDPAFlashKernel(GPUKernel):
     padded_lse = False  # set by the first varlen call when this torch pads its lse to (B, H, max_seqlen)
 
     @staticmethod
-    def _window(window) -> dict:
+    def _window(window: tuple[int, int] | None) -> dict[str, int]:
         return {} if window is None else {"window_size_left": window[0], "window_size_right": window[1]}
 
-    def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0, window=None):
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float,
+        causal: bool = False,
+        mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        seed: int = 0,
+        window: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`~ring_core.kernels.KernelBackend.forward` through ``aten._flash_attention_forward``."""
         q, k, v = unit_last_stride(q, k, v)
         out, lse, *_ = torch.ops.aten._flash_attention_forward(
@@ -143,7 +183,22 @@ class SDPAFlashKernel(GPUKernel):
         )
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0, window=None):
+    def backward(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        *,
+        scale: float,
+        causal: bool = False,
+        mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        seed: int = 0,
+        window: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dout, q, k, v, out = unit_last_stride(dout, q, k, v, out)
         empty = torch.empty(0, dtype=torch.int64, device=q.device)
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
@@ -152,7 +207,20 @@ class SDPAFlashKernel(GPUKernel):
         )  # fmt: skip
         return dq, dk, dv
 
-    def forward_varlen(self, q, k, v, cu_q, cu_k, max_q, max_k, *, scale, causal=False, window=None):
+    def forward_varlen(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_q: torch.Tensor,
+        cu_k: torch.Tensor,
+        max_q: int,
+        max_k: int,
+        *,
+        scale: float,
+        causal: bool = False,
+        window: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(total, H, D)`` rows in segments ``cu_q`` / ``cu_k`` (int32); returns ``out`` and lse ``(H, total)``."""
         q, k, v = unit_last_stride(q, k, v)
         out, lse, *_ = torch.ops.aten._flash_attention_forward(
@@ -163,7 +231,23 @@ class SDPAFlashKernel(GPUKernel):
             lse = _unpad_lse(lse, cu_q)
         return out, lse
 
-    def backward_varlen(self, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, *, scale, causal=False, window=None):
+    def backward_varlen(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        cu_q: torch.Tensor,
+        cu_k: torch.Tensor,
+        max_q: int,
+        max_k: int,
+        *,
+        scale: float,
+        causal: bool = False,
+        window: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``dq, dk, dv`` of :meth:`forward_varlen`'s call from the final ``out`` and lse ``(H, total)``."""
         lse = lse.float().contiguous()
         q, k, v = unit_last_stride(q, k, v)
@@ -215,7 +299,9 @@ class SDPAEfficientKernel(GPUKernel):
     lse_align = 32  # the op pads the lse's last dim to a multiple of 32
 
     @staticmethod
-    def _bias(q, k, causal, mask):
+    def _bias(
+        q: torch.Tensor, k: torch.Tensor, causal: bool, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
         """Additive bias broadcast to ``(b, h, n, m)`` (or ``None``), rows that see no key, mask type."""
         mask_type = 1 if causal else 0  # 1: causal from the top left
         if mask is None:
@@ -229,10 +315,23 @@ class SDPAEfficientKernel(GPUKernel):
         if causal and allowed.shape[-2] == 1:  # row i sees key j <= i: any allowed key up to i
             seen = allowed.to(torch.uint8).cummax(-1).values.bool().transpose(-1, -2)[..., :n, 0]
         else:
-            seen = (combined_mask(n, m, q.device, causal, allowed) if causal else allowed).any(-1)
+            rows = combined_mask(n, m, q.device, causal, allowed) if causal else allowed
+            assert rows is not None  # (a mask was given)
+            seen = rows.any(-1)
         return bias.expand(b, h, n, m), ~seen.expand(b, h, n), mask_type
 
-    def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float,
+        causal: bool = False,
+        mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        seed: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`~ring_core.kernels.KernelBackend.forward` through ``aten._efficient_attention_forward``."""
         bias, empty, mask_type = self._bias(q, k, causal, mask)
         q, k, v = unit_last_stride(q, k, v)
@@ -245,7 +344,21 @@ class SDPAEfficientKernel(GPUKernel):
             out = out.masked_fill(empty.transpose(1, 2).unsqueeze(-1), 0.0)
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+    def backward(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        *,
+        scale: float,
+        causal: bool = False,
+        mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        seed: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         bias, _, mask_type = self._bias(q, k, causal, mask)
         b, n, h, _ = q.shape
         padded = torch.zeros(b, h, n + (-n % self.lse_align), dtype=torch.float32, device=q.device)

@@ -96,7 +96,7 @@ def _shift(x: torch.Tensor, first: torch.Tensor) -> int | None:
     return None if delta % x.element_size() else delta // x.element_size()
 
 
-def _use_triton(dsts, srcs, index: torch.Tensor | None = None) -> bool:
+def _use_triton(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], index: torch.Tensor | None = None) -> bool:
     return (
         all(x.is_cuda and x.dtype in _TRITON_DTYPES and x.stride(-1) == 1 for x in (*dsts, *srcs))
         and dsts[0].dim() - 1 <= _MAX_DIMS
@@ -133,7 +133,13 @@ def _geometry(x: torch.Tensor) -> tuple[int, int, list[int], int, int]:
     return x.numel() // max(1, width), width, sizes, max(1, 4096 // block_d), block_d
 
 
-def _merge_triton(dsts, srcs, accumulate, index=None, gather=False) -> None:
+def _merge_triton(
+    dsts: Sequence[torch.Tensor],
+    srcs: Sequence[torch.Tensor],
+    accumulate: bool,
+    index: torch.Tensor | None = None,
+    gather: bool = False,
+) -> None:
     """The merge kernel over ``srcs``' rows (``gather``: over ``dsts``', read from ``srcs[index]``)."""
     from ._triton_merge import merge_kernel
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from ring_core.plugin import Implementation, aliases_for, hookimpl
+from collections.abc import Callable
+
+from ring_core.plugin import Implementation, KernelBackend, aliases_for, hookimpl
 
 
 @hookimpl
-def register_kernels(register):
+def register_kernels(register: Callable[[KernelBackend], None]) -> None:
     """The GPU backends, available or not (``ring-attention info`` lists the reasons)."""
     from .kernels import all_kernels
 
@@ -15,7 +17,7 @@ def register_kernels(register):
 
 
 @hookimpl
-def register_implementations(register):
+def register_implementations(register: Callable[[Implementation], None]) -> None:
     from . import DEPRECATED
     from .attention import RingDilatedAttentionFlash
 

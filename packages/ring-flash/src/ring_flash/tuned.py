@@ -39,7 +39,7 @@ class TunedKernel(GPUKernel):
     priorities = (((8, 0), 120),)
     default_priority = 120
 
-    _choices: ClassVar[dict[tuple, KernelBackend]] = {}
+    _choices: ClassVar[dict[tuple[object, ...], KernelBackend]] = {}
 
     def table(self) -> KernelTable | None:
         card, capability = _card(), _capability()
@@ -69,6 +69,7 @@ class TunedKernel(GPUKernel):
         if reasons:
             return reasons
         table = self.table()
+        assert table is not None  # (else availability_reasons gave a reason)
         dtype = str(request.dtype).replace("torch.", "")
         if dtype not in table.dtypes:
             reasons.append(f"dtype {dtype} not measured (table: {list(table.dtypes)})")
@@ -109,12 +110,37 @@ class TunedKernel(GPUKernel):
         """Drop the per-shape choices (after the table or the registered kernels changed)."""
         cls._choices.clear()
 
-    def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float,
+        causal: bool = False,
+        mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        seed: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`~ring_core.kernels.KernelBackend.forward` by the kernel the card's table names for the shape."""
         backend = self.choose(q, k, causal, mask is not None)
         return backend.forward(q, k, v, scale=scale, causal=causal, mask=mask, dropout_p=dropout_p, seed=seed)
 
-    def backward(self, dout, q, k, v, out, lse, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0):
+    def backward(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        *,
+        scale: float,
+        causal: bool = False,
+        mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        seed: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         backend = self.choose(q, k, causal, mask is not None)
         return backend.backward(
             dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask, dropout_p=dropout_p, seed=seed

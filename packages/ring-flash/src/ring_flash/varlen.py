@@ -32,6 +32,7 @@ import functools
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, cast
 
 import torch
 
@@ -73,7 +74,7 @@ def _calls(
 ) -> tuple[_Call, ...]:
     """The calls of a geometry, those covering every row and head first (made once: the host builds every
     index, and copies it to the device, here only)."""
-    by_offset: dict[tuple, list[Part]] = {}
+    by_offset: dict[tuple[object, ...], list[Part]] = {}
     for bi, branch in enumerate(branch_list):
         for part in dilated_parts(seq_len, branch, groups, device, documents):
             by_offset.setdefault((bi, part.heads.start), []).append(part)
@@ -107,11 +108,52 @@ def _gathered(call: _Call, *views: torch.Tensor) -> list[torch.Tensor]:
     return list(views) if call.rows is None else gather_rows(views, call.rows)
 
 
+class VarlenKernel(Protocol):
+    """What a plan calls of its kernel: a backend that ``supports_varlen`` has these two (flash-attn's layout)."""
+
+    def forward_varlen(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_q: torch.Tensor,
+        cu_k: torch.Tensor,
+        max_q: int,
+        max_k: int,
+        *,
+        scale: float,
+        causal: bool = False,
+        window: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def backward_varlen(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        cu_q: torch.Tensor,
+        cu_k: torch.Tensor,
+        max_q: int,
+        max_k: int,
+        *,
+        scale: float,
+        causal: bool = False,
+        window: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def merge(
+        self, out_acc: torch.Tensor, lse_acc: torch.Tensor, out_block: torch.Tensor, lse_block: torch.Tensor
+    ) -> None: ...
+
+
 @dataclass
 class VarlenPlan:
     """The kernel and its calls: one per branch offset, every document in it."""
 
-    backend: KernelBackend
+    backend: VarlenKernel
     scale: float
     calls: Sequence[_Call]
 
@@ -132,10 +174,13 @@ def varlen_plan(
         tuple(branch_list), q.shape[1], q.shape[2], q.shape[2] // k.shape[2], tuple(window_size), bool(causal),
         tuple(documents), q.device,
     )  # fmt: skip
-    return VarlenPlan(backend, scale, calls)
+    # (the caller selected a backend for a varlen request: it supports_varlen)
+    return VarlenPlan(cast(VarlenKernel, backend), scale, calls)
 
 
-def _owns(block: torch.Tensor, call: _Call, heads, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+def _owns(
+    block: torch.Tensor, call: _Call, heads: slice | torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype
+) -> bool:
     """Whether ``block`` can become the whole result (every row and head, same shape, layout and dtype)."""
     return (
         call.rows is None
@@ -146,13 +191,16 @@ def _owns(block: torch.Tensor, call: _Call, heads, shape: tuple[int, ...], dtype
     )
 
 
-def varlen_forward(plan: VarlenPlan, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+def varlen_forward(
+    plan: VarlenPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``out`` ``(1, N, H, D)`` (dtype of ``q``) and ``lse`` ``(1, N, H)`` of the plan's calls, merged by LSE."""
     q0, k0, v0 = q[0], k[0], v[0]
     n, h = q0.shape[:2]
     acc = accumulation_dtype(q.dtype)
     shape = (n, h, v.shape[-1])
-    out = lse = None
+    out: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
     for call in plan.calls:
         qb, kb, vb = _gathered(call, _heads(q0, call.heads), _heads(k0, call.kv_heads), _heads(v0, call.kv_heads))
         o, block_lse = plan.backend.forward_varlen(
@@ -164,15 +212,23 @@ def varlen_forward(plan: VarlenPlan, q, k, v) -> tuple[torch.Tensor, torch.Tenso
         if out is None and _owns(o, call, call.heads, shape, q.dtype):
             out, lse = o, block_lse  # the covering call (listed first): its output is the output
             continue
-        if out is None:
+        if out is None or lse is None:  # (both None or neither)
             out = torch.zeros(shape, dtype=q.dtype, device=q.device)
             lse = torch.full((n, h), float("-inf"), dtype=acc, device=q.device)
         _merge(plan.backend, out[:, call.heads], lse[:, call.heads], o, block_lse, call.rows)
         del o, block_lse  # before the next call allocates its own
+    assert out is not None and lse is not None  # (a plan has calls)
     return out.unsqueeze(0), lse.unsqueeze(0)
 
 
-def _merge(backend: KernelBackend, out, lse, o, block_lse, rows: torch.Tensor | None) -> None:
+def _merge(
+    backend: VarlenKernel,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    o: torch.Tensor,
+    block_lse: torch.Tensor,
+    rows: torch.Tensor | None,
+) -> None:
     """LSE merge of a call's ``o, block_lse`` into the views ``out, lse`` (at their ``rows``, when given)."""
     if rows is None:
         backend.merge(out, lse, o, block_lse)
@@ -183,7 +239,15 @@ def _merge(backend: KernelBackend, out, lse, o, block_lse, rows: torch.Tensor | 
         lse.index_copy_(0, rows, rows_lse)
 
 
-def varlen_backward(plan: VarlenPlan, dout, q, k, v, out, lse) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def varlen_backward(
+    plan: VarlenPlan,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``dq, dk, dv`` (dtypes of ``q, k, v``) from :func:`varlen_forward`'s final ``out`` and ``lse``."""
     inputs = (q[0], k[0], v[0])
     dout0, out0, lse0 = dout[0], out[0].to(q.dtype), lse[0]
@@ -197,21 +261,24 @@ def varlen_backward(plan: VarlenPlan, dout, q, k, v, out, lse) -> tuple[torch.Te
             scale=plan.scale, causal=call.causal, window=call.window,
         )  # fmt: skip
         del doutb, qb, kb, vb, outb, lse_rows
-        adds = []
+        adds: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, (x, heads, block_grad) in enumerate(zip(inputs, (call.heads, call.kv_heads, call.kv_heads), block)):
-            if grads[i] is None and _owns(block_grad, call, heads, x.shape, x.dtype):
+            grad = grads[i]
+            if grad is None and _owns(block_grad, call, heads, x.shape, x.dtype):
                 grads[i] = block_grad  # the covering call (listed first): its gradient is the gradient
                 continue
-            if grads[i] is None:
-                grads[i] = torch.zeros_like(x)
+            if grad is None:
+                grad = grads[i] = torch.zeros_like(x)
             if isinstance(heads, slice):
-                adds.append((grads[i][:, heads], block_grad))
+                adds.append((grad[:, heads], block_grad))
             else:  # key/value heads repeated for grouped queries: they add up
-                _add_heads(grads[i], call.rows, heads, block_grad)
+                _add_heads(grad, call.rows, heads, block_grad)
         if adds:
             merge_blocks([g for g, _ in adds], [b for _, b in adds], accumulate=True, index=call.rows)
         del block, adds  # before the next call allocates its own
-    return tuple(g.unsqueeze(0) for g in grads)
+    dq, dk, dv = grads
+    assert dq is not None and dk is not None and dv is not None  # (the calls cover every row and head)
+    return dq.unsqueeze(0), dk.unsqueeze(0), dv.unsqueeze(0)
 
 
 def _add_heads(grad: torch.Tensor, rows: torch.Tensor | None, heads: torch.Tensor, block: torch.Tensor) -> None:
