@@ -14,7 +14,7 @@ from __future__ import annotations
 import warnings
 import zlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -55,16 +55,22 @@ from .strided import SPARSE_KERNELS, StripPlan, StripRingSchedule, StripRun, bui
 
 METHODS = ("auto", "gather", "flex")
 
+_V = TypeVar("_V")
+
 
 class _GatherOp(AttentionOp):
     """The custom ops' side of the gather path of a :class:`BlockSparseRingDilatedAttention`."""
 
-    def forward(self, q, k, v, call: OpCall):
-        self.owner.comm_stats = CommStats()  # this call's bytes (its backward adds to them)
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: OpCall
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        owner: BlockSparseRingDilatedAttention = self.owner
+        owner.comm_stats = CommStats()  # this call's bytes (its backward adds to them)
         return super().forward(q, k, v, call)
 
-    def schedule(self, q, k, v, call: OpCall) -> BlockSparseSchedule:
-        return self.owner._gather_schedule(q, k, v, call)
+    def schedule(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: OpCall) -> BlockSparseSchedule:
+        owner: BlockSparseRingDilatedAttention = self.owner
+        return owner._gather_schedule(q, k, v, call)
 
 
 def _kernels(
@@ -139,9 +145,10 @@ def block_sparse_dilated_attention(
         name="block_sparse_dilated_attention", window=window, cu_seqlens=cu_seqlens,
     )  # fmt: skip
     scale = default_scale(q.shape[-1], softmax_scale)
-    plans: dict = {}  # this call's plan, built once for its forward and backward
+    # this call's plan, built once for its forward and backward
+    plans: dict[tuple[int, ...] | None, tuple[Plan | None, dict[str, Any]]] = {}
 
-    def make(q, k, v, call: OpCall) -> BlockSparseSchedule:
+    def make(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: OpCall) -> BlockSparseSchedule:
         if call.documents not in plans:
             plans[call.documents] = _prepare(
                 q, k, v, segment_lengths=segment_lengths, dilation_rates=dilation_rates, block_size=block_size,
@@ -150,6 +157,7 @@ def block_sparse_dilated_attention(
                 timeout=timeout, window=window, documents=call.documents,
             )  # fmt: skip
         plan, schedule_args = plans[call.documents]
+        assert plan is not None  # (built)
         mask = call.key_padding_mask
         full, masked = _kernels(
             q, k, causal=call.causal, padded=mask is not None, dropout_p=call.dropout_p, scale=scale, kernel=kernel,
@@ -165,27 +173,27 @@ def block_sparse_dilated_attention(
 
 
 def _prepare(
-    q,
-    k,
-    v,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
     *,
-    segment_lengths,
-    dilation_rates,
-    block_size,
-    block_layout,
-    merge,
-    is_causal,
-    key_padding_mask,
-    layout,
-    process_group,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    block_size: int,
+    block_layout: torch.Tensor | None,
+    merge: str,
+    is_causal: bool,
+    key_padding_mask: torch.Tensor | None,
+    layout: str,
+    process_group: Any,
     transposed_backward: bool = True,
-    cache: dict | None = None,
+    cache: dict[tuple[Any, ...], Plan] | None = None,
     build: bool = True,
     timeout: float | None = None,
     context: str = "",
     window: tuple[int, int] = (-1, -1),
     documents: tuple[int, ...] | None = None,
-) -> tuple[Plan | None, dict]:
+) -> tuple[Plan | None, dict[str, Any]]:
     """Validate this rank's inputs and build or reuse the plan (if ``build``); across ranks :func:`_agree` ran
     first. Returns the plan and the schedule's communication arguments. ``window`` and ``documents``
     (checked ``cu_seqlens`` values) restrict the tile pairs; a plan of documents is not kept (a new
@@ -232,7 +240,7 @@ def layout_identity(block_layout: torch.Tensor | None) -> tuple[int, int] | None
     return None if block_layout is None else (id(block_layout), block_layout._version)
 
 
-def _remember(cache: dict, key: tuple, value: Any) -> None:
+def _remember(cache: dict[tuple[Any, ...], _V], key: tuple[Any, ...], value: _V) -> None:
     """``cache[key] = value`` (``key[0]``: :func:`layout_identity`); what was built for an earlier version of the
     same layout tensor is stale, and dropped."""
     if key[0] is not None:
@@ -252,10 +260,28 @@ def layout_digest(block_layout: torch.Tensor | None) -> int:
 
 
 def _agree(
-    q, k, v, *, segment_lengths, dilation_rates, block_size, layout_of, merge, is_causal, key_padding_mask, layout,
-    process_group, softmax_scale, dropout_p, transposed_backward, timeout, name, window=(-1, -1), cu_seqlens=None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    block_size: int,
+    layout_of: Callable[[int, int], torch.Tensor | None],
+    merge: str,
+    is_causal: bool,
+    key_padding_mask: torch.Tensor | None,
+    layout: str,
+    process_group: Any,
+    softmax_scale: float | None,
+    dropout_p: float,
+    transposed_backward: bool,
+    timeout: float | None,
+    name: str,
+    window: tuple[int, int] = (-1, -1),
+    cu_seqlens: torch.Tensor | None = None,
     digest: Callable[[torch.Tensor | None], int] = layout_digest,
-) -> None:  # fmt: skip
+) -> None:
     """Across ranks: check everything on this rank, then agree (one small all-gather, before any other
     communication): the same error on every rank, or none. ``layout_of(seq_len, num_heads)`` gives the block
     layout (or ``None``); ``digest`` fingerprints it; ``window`` and ``cu_seqlens`` (global ``N``) are
@@ -270,7 +296,7 @@ def _agree(
     check_block_size(block_size)
     check_layout(layout)
 
-    def local_check() -> tuple:
+    def local_check() -> tuple[int]:
         seq_len = q.shape[1] * world
         block_layout = layout_of(seq_len, q.shape[2])
         if block_layout is not None:
@@ -355,10 +381,10 @@ class BlockSparseRingDilatedAttention(nn.Module):
             raise ValueError(f"pattern options {sorted(pattern_options)} were given without a pattern")
         if pattern_options and not isinstance(pattern, str):
             raise ValueError(f"pattern options {sorted(pattern_options)} only apply to a pattern given by name")
-        self._plans: dict = {}
-        self._strip_plans: dict = {}
-        self._layouts: dict = {}
-        self._digests: dict = {}
+        self._plans: dict[tuple[Any, ...], Plan] = {}
+        self._strip_plans: dict[tuple[Any, ...], StripPlan] = {}
+        self._layouts: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._digests: dict[tuple[int, int] | None, int] = {}
         self._pattern: Pattern | None = None
         self._block_layout: torch.Tensor | None = None
         self.pattern = build_pattern(pattern, **pattern_options) if isinstance(pattern, str) else pattern
@@ -447,7 +473,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
         # attributes, so an int counted in forward made every call recompile (a CPU tensor never syncs)
         self._steps = torch.full((), value, dtype=torch.int64)
 
-    def _comm_options(self, world: int) -> dict:
+    def _comm_options(self, world: int) -> dict[str, Any]:
         rank = dist.get_rank() if world > 1 else 0
         return {"timeout": self.timeout, "context": f"{type(self).__name__} rank {rank}, step {self.step}: "}
 
@@ -518,7 +544,17 @@ class BlockSparseRingDilatedAttention(nn.Module):
         )  # fmt: skip
         return (out, lse.transpose(1, 2)) if return_lse else out
 
-    def _prepare(self, q, k, v, block_layout, causal: bool, key_padding_mask, build: bool = True, documents=None):
+    def _prepare(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        block_layout: torch.Tensor | None,
+        causal: bool,
+        key_padding_mask: torch.Tensor | None,
+        build: bool = True,
+        documents: tuple[int, ...] | None = None,
+    ) -> tuple[Plan | None, dict[str, Any]]:
         """Validate this rank's inputs and build or reuse the gather plan (if ``build``)."""
         return _prepare(
             q, k, v, segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates,
@@ -528,11 +564,12 @@ class BlockSparseRingDilatedAttention(nn.Module):
             documents=documents, **self._comm_options(group_rank_and_size(self.process_group)[1]),
         )  # fmt: skip
 
-    def _gather_schedule(self, q, k, v, call: OpCall) -> BlockSparseSchedule:
+    def _gather_schedule(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: OpCall) -> BlockSparseSchedule:
         """The gather path's blocks of one call (inside the custom ops: plans and kernels are made here)."""
         mask = call.key_padding_mask
         block_layout = self.layout_for(q.shape[1] * group_rank_and_size(self.process_group)[1], q.shape[2])
         plan, schedule_args = self._prepare(q, k, v, block_layout, call.causal, mask, documents=call.documents)
+        assert plan is not None  # (built)
         self.last_plan, self.last_method = plan, "gather"
         full, masked = _kernels(
             q, k, causal=call.causal, padded=mask is not None, dropout_p=call.dropout_p,
@@ -540,7 +577,18 @@ class BlockSparseRingDilatedAttention(nn.Module):
         )  # fmt: skip
         return BlockSparseSchedule(plan, full, masked, key_padding_mask=mask, stats=self.comm_stats, **schedule_args)
 
-    def _strip_forward(self, q, k, v, block_layout, causal: bool, rank: int, world: int, scale: float, schedule_args):
+    def _strip_forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        block_layout: torch.Tensor | None,
+        causal: bool,
+        rank: int,
+        world: int,
+        scale: float,
+        schedule_args: dict[str, Any],
+    ) -> torch.Tensor:
         if self.sparse_kernel not in SPARSE_KERNELS:
             raise ValueError(f"sparse_kernel must be one of {list(SPARSE_KERNELS)}, got {self.sparse_kernel!r}")
         key = (
@@ -570,11 +618,11 @@ class BlockSparseRingDilatedAttention(nn.Module):
         self,
         q: torch.Tensor,
         world: int,
-        key_padding_mask,
+        key_padding_mask: torch.Tensor | None,
         dropout_p: float,
         needs_grad: bool,
         return_lse: bool,
-        cu_seqlens=None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> bool:
         """Whether the call takes the strips (else the gather path, one op for ``torch.compile``)."""
         if self.method == "gather" or (

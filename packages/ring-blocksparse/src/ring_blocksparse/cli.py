@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -33,7 +34,9 @@ def _option(text: str) -> tuple[str, Any]:
 
 def add_pattern_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``pattern`` subcommand to an ``argparse`` subparsers object."""
-    parser = subparsers.add_parser("pattern", help="draw a block-sparse pattern (and its combination with dilation)")
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "pattern", help="draw a block-sparse pattern (and its combination with dilation)"
+    )
     parser.add_argument("name", help="a registered pattern: " + ", ".join(sorted(registered_patterns())))
     parser.add_argument("--seq-len", type=positive_int, required=True)
     parser.add_argument("--block-size", type=positive_int, default=64)
@@ -68,7 +71,13 @@ def text_picture(grid: torch.Tensor, max_cells: int = 64) -> str:
 
 
 def combined_mask(
-    layout: torch.Tensor, seq_len: int, block_size: int, head: int, segment_lengths, dilation_rates, causal: bool
+    layout: torch.Tensor,
+    seq_len: int,
+    block_size: int,
+    head: int,
+    segment_lengths: Sequence[int] | None,
+    dilation_rates: Sequence[int] | None,
+    causal: bool,
 ) -> torch.Tensor:
     """Token-level ``(N, N)`` bool: key allowed by the dilated branches, the layout and causality."""
     from ring_core.plugin import branch_counts
@@ -77,6 +86,7 @@ def combined_mask(
     layout_head = layout[head if layout.shape[0] > 1 else 0]
     allowed = layout_head[blocks][:, blocks]
     if segment_lengths:
+        assert dilation_rates is not None  # (given together)
         allowed &= branch_counts(seq_len, head + 1, segment_lengths, dilation_rates)[head] > 0
     if causal:
         allowed &= torch.ones(seq_len, seq_len, dtype=torch.bool).tril()

@@ -16,11 +16,18 @@ band), :data:`TUNED_OPTIONS` holds tile shapes measured on Hopper, and the calle
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .strips import FLEX_TILE, Strip, Tiles
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+
+# A FlexAttention ``mask_mod``: (batch, head, query index, key index) -> allowed.
+_MaskMod = Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 _COMPILED: dict[str, Any] = {}
 # Each strip shape and rule variant is one more compiled graph of flex_attention (a dilated
@@ -40,7 +47,7 @@ TUNED_OPTIONS: dict[tuple[int, torch.dtype, int], dict[str, Any]] = {
 _BOOL_OPTIONS = ("PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS", "WRITE_DQ", "USE_TMA")
 
 
-def _flex_attention():
+def _flex_attention() -> Callable[..., Any]:
     from torch.nn.attention.flex_attention import flex_attention
 
     return flex_attention
@@ -51,7 +58,7 @@ def flex_reasons(
     *,
     world_size: int,
     chunk: int,
-    dilation_rates,
+    dilation_rates: Sequence[int],
     block_size: int,
     key_padding_mask: torch.Tensor | None,
     dropout_p: float,
@@ -161,7 +168,17 @@ class StripRule:
     layout term is the one variant that compiles apart. :meth:`dense` evaluates it on the whole grid.
     """
 
-    def __init__(self, q: Strip, k: Strip, layout, *, block_size: int, segment: int, causal: bool, device) -> None:
+    def __init__(
+        self,
+        q: Strip,
+        k: Strip,
+        layout: torch.Tensor | None,
+        *,
+        block_size: int,
+        segment: int,
+        causal: bool,
+        device: torch.device,
+    ) -> None:
         def rows(strip: Strip) -> tuple[torch.Tensor, ...]:
             pos = strip.positions
             return tuple(x.to(device=device, dtype=torch.int32) for x in (pos // block_size, pos // segment, pos))
@@ -173,7 +190,7 @@ class StripRule:
         self.not_causal = torch.tensor(not causal, device=device)
         self.same_strip = torch.equal(q.positions, k.positions)
 
-    def mask_mod(self, layout: bool = True):
+    def mask_mod(self, layout: bool = True) -> _MaskMod:
         """A ``mask_mod``: segment, causality and (if asked and there is one) the layout."""
         lay = self.layout if layout else None
         return _rule(lay, self.qblk, self.kblk, self.qseg, self.kseg, self.qpos, self.kpos, self.not_causal)
@@ -189,10 +206,19 @@ class StripRule:
         return out.expand(h.numel(), n, m)
 
 
-def _rule(lay, qblk, kblk, qseg, kseg, qpos, kpos, not_causal):
+def _rule(
+    lay: torch.Tensor | None,
+    qblk: torch.Tensor,
+    kblk: torch.Tensor,
+    qseg: torch.Tensor,
+    kseg: torch.Tensor,
+    qpos: torch.Tensor,
+    kpos: torch.Tensor,
+    not_causal: torch.Tensor,
+) -> _MaskMod:
     # One code object for every call (dynamo matches closures by code; the tensors are graph inputs),
     # so only the shapes and whether the layout is read make separate compiled kernels.
-    def mask_mod(b, h, q_idx, kv_idx):
+    def mask_mod(b: Any, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         ok = (qseg[q_idx] == kseg[kv_idx]) & ((kpos[kv_idx] <= qpos[q_idx]) | not_causal)
         if lay is not None:
             ok = ok & lay[h % lay.shape[0], qblk[q_idx], kblk[kv_idx]]
@@ -201,7 +227,9 @@ def _rule(lay, qblk, kblk, qseg, kseg, qpos, kpos, not_causal):
     return mask_mod
 
 
-def strip_block_mask(tiles: Tiles, rule: StripRule, q_len: int, k_len: int, device: torch.device):
+def strip_block_mask(
+    tiles: Tiles, rule: StripRule, q_len: int, k_len: int, device: torch.device
+) -> tuple[BlockMask, dict[str, bool]]:
     """The ``BlockMask`` of one strip call and the kernel flags it makes safe."""
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -221,7 +249,16 @@ def strip_block_mask(tiles: Tiles, rule: StripRule, q_len: int, k_len: int, devi
     return block_mask, safe_flags(tiles.full, tiles.partial, diagonal_only)
 
 
-def flex_strip_attention(q, k, v, block_mask, *, scale: float, enable_gqa: bool, kernel_options=None):
+def flex_strip_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: BlockMask,
+    *,
+    scale: float,
+    enable_gqa: bool,
+    kernel_options: dict[str, Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, h, n, D)`` FlexAttention (compiled once per shape on CUDA); returns ``out`` and its natural-log
     ``lse`` ``(B, h, n)`` (float32; ``-inf`` and a zero output for rows with no allowed key)."""
     flex = _flex_attention()
@@ -235,8 +272,11 @@ def flex_strip_attention(q, k, v, block_mask, *, scale: float, enable_gqa: bool,
     try:
         from torch.nn.attention.flex_attention import AuxRequest
     except ImportError:  # torch < 2.9
-        return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
-                    kernel_options=kernel_options, return_lse=True)  # fmt: skip
+        result: tuple[torch.Tensor, torch.Tensor] = flex(
+            q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=kernel_options,
+            return_lse=True,
+        )  # fmt: skip
+        return result
     out, aux = flex(
         q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=kernel_options,
         return_aux=AuxRequest(lse=True),
@@ -244,7 +284,16 @@ def flex_strip_attention(q, k, v, block_mask, *, scale: float, enable_gqa: bool,
     return out, aux.lse
 
 
-def math_strip_attention(q, k, v, tiles: Tiles, rule: StripRule, *, scale: float, enable_gqa: bool):
+def math_strip_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tiles: Tiles,
+    rule: StripRule,
+    *,
+    scale: float,
+    enable_gqa: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The same call as dense masked attention in torch ops (any device and dtype, differentiable): the
     reference twin of :func:`flex_strip_attention` that tests run forward and backward on the CPU. It
     keeps the pairs of full tiles and the pairs of partial tiles that the rule (without the layout term

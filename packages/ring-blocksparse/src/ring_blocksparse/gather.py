@@ -5,6 +5,7 @@ the receiver needs, nothing at all when no tile needs them)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,11 @@ import torch
 from ring_core.plugin import Accumulator, BlockKernel, BlockSchedule, Exchange, RingComm, RingCommStats
 
 from .plan import CAUSAL, MASKED, Group, Plan
+
+_Shape = tuple[int, int, int, int]
+# per ring step: (source rank, its K rows, V rows, padding rows; the buffers None when nothing comes from it)
+_Source = tuple[int, "torch.Tensor | None", "torch.Tensor | None", "torch.Tensor | None"]
+_Posted = tuple[Exchange, _Shape, torch.Tensor]  # an exchange of dK|dV, its shape and the rows it is for
 
 
 @dataclass(repr=False)
@@ -102,7 +108,7 @@ class BlockSparseSchedule(BlockSchedule):
             self.stats.received[phase] += exchange.recv.numel() * exchange.recv.element_size()
         return exchange
 
-    def _sources(self, k: torch.Tensor, v: torch.Tensor, phase: str):
+    def _sources(self, k: torch.Tensor, v: torch.Tensor, phase: str) -> Iterator[_Source]:
         """Yield ``(source, k_buf, v_buf, padding_buf)`` per ring step (buffers ``None`` when
         nothing comes from that rank), prefetching the next step's rows while this one computes."""
         plan = self.plan
@@ -110,6 +116,7 @@ class BlockSparseSchedule(BlockSchedule):
         pending = self._post_kv(k, v, 1, phase) if world > 1 else None
         yield plan.rank, k, v, self.key_padding_mask
         for step in range(1, world):
+            assert pending is not None  # (posted for every step)
             source, shape, kv_exchange, pad_exchange = pending
             kv = kv_exchange.wait()
             pad = None if pad_exchange is None else pad_exchange.wait()
@@ -121,13 +128,16 @@ class BlockSparseSchedule(BlockSchedule):
                 kv = kv.view(shape)
                 yield source, kv[..., :d], kv[..., d:], None if pad is None else pad.view(shape[:2]).bool()
 
-    def _post_kv(self, k: torch.Tensor, v: torch.Tensor, step: int, phase: str):
+    def _post_kv(
+        self, k: torch.Tensor, v: torch.Tensor, step: int, phase: str
+    ) -> tuple[int, _Shape, Exchange, Exchange | None]:
         """Post this step's rows: K|V (one flat buffer) and, with padding, the uint8 padding flags (a second one)."""
         plan = self.plan
         source, dest = (plan.rank - step) % plan.world_size, (plan.rank + step) % plan.world_size
         pad = self.key_padding_mask
         rows = plan.send_rows[dest]
-        send = pad_send = None
+        send: torch.Tensor | None = None
+        pad_send: torch.Tensor | None = None
         if rows.numel():
             send = torch.cat([k.index_select(1, rows), v.index_select(1, rows)], -1).view(-1)
             if pad is not None:
@@ -142,7 +152,7 @@ class BlockSparseSchedule(BlockSchedule):
         return source, shape, kv_exchange, pad_exchange
 
     # -- per group -----------------------------------------------------------------
-    def _call_args(self, g: Group, pad: torch.Tensor | None, b: int) -> tuple[BlockKernel, dict]:
+    def _call_args(self, g: Group, pad: torch.Tensor | None, b: int) -> tuple[BlockKernel, dict[str, Any]]:
         groups, _, kk = g.shape
         mask = None
         if pad is not None:
@@ -154,7 +164,7 @@ class BlockSparseSchedule(BlockSchedule):
         kernel = self.masked_kernel if g.category == MASKED else self.kernel
         return kernel, {"causal": g.category == CAUSAL, "mask": mask, "block_id": g.block_id}
 
-    def forward(self, q, k, v, acc: Accumulator) -> None:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, acc: Accumulator) -> None:
         """Merge the allowed (query tile, key tile) blocks into ``acc``, gathered per group of tiles.
 
         ``q``, ``k``, ``v``: this rank's ``(B, n, H, D)`` shards.
@@ -164,7 +174,9 @@ class BlockSparseSchedule(BlockSchedule):
         if b == 0:  # nothing to compute or send (the ranks agreed on the batch size)
             return
         for source, k_buf, v_buf, pad in self._sources(k, v, "forward"):
-            for g in self.plan.groups[source] if k_buf is not None else ():
+            if k_buf is None or v_buf is None:  # nothing from that rank
+                continue
+            for g in self.plan.groups[source]:
                 groups, tq, _ = g.shape
                 kernel, args = self._call_args(g, pad, b)
                 out, lse = kernel.backend.forward(
@@ -184,13 +196,22 @@ class BlockSparseSchedule(BlockSchedule):
                 acc.out[:, :, g.heads].index_copy_(1, rows, out_rows)
                 acc.lse[:, :, g.heads].index_copy_(1, rows, lse_rows)
 
-    def backward(self, q, k, v, out, lse, dout, grads) -> None:
+    def backward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        dout: torch.Tensor,
+        grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> None:
         plan, b = self.plan, q.shape[0]
         if b == 0:
             return
         dq, dk, dv = grads
         d = k.shape[-1]
-        returning = []
+        returning: list[_Posted] = []
         table = plan.groups
         if plan.backward_groups is not None and self.kernel.dropout_p == 0:
             table = plan.backward_groups
@@ -198,27 +219,28 @@ class BlockSparseSchedule(BlockSchedule):
             dkv = None
             if source == plan.rank:
                 dk_buf, dv_buf = dk, dv
-            elif k_buf is not None:
+            elif k_buf is not None and v_buf is not None:
                 shape = (*k_buf.shape[:3], d + v_buf.shape[3])
                 dkv = self.comm.empty("grad", math.prod(shape), dk).zero_().view(shape)
                 dk_buf, dv_buf = dkv[..., :d], dkv[..., d:]
-            for g in table[source] if k_buf is not None else ():
-                groups = g.shape[0]
-                kernel, args = self._call_args(g, pad, b)
-                lse_rows = lse[:, :, g.heads].index_select(1, g.q_rows)
-                block_dq, block_dk, block_dv = kernel.backward(
-                    _gather_rows(dout, g.heads, g.q_rows, groups),
-                    _gather_rows(q, g.heads, g.q_rows, groups),
-                    _gather_rows(k_buf, g.kv_heads, g.k_rows, groups),
-                    _gather_rows(v_buf, g.kv_heads, g.k_rows, groups),
-                    _gather_rows(out, g.heads, g.q_rows, groups),
-                    lse_rows.reshape(b * groups, -1, lse_rows.shape[-1]),
-                    **args,
-                )
-                real, tq, kk = g.real, g.shape[1], g.shape[2]  # padded entries are dropped here
-                _add_rows(dq, g.heads, g.q_rows[: real * tq], block_dq.unflatten(0, (b, groups))[:, :real])
-                _add_rows(dk_buf, g.kv_heads, g.k_rows[: real * kk], block_dk.unflatten(0, (b, groups))[:, :real])
-                _add_rows(dv_buf, g.kv_heads, g.k_rows[: real * kk], block_dv.unflatten(0, (b, groups))[:, :real])
+            if k_buf is not None and v_buf is not None:  # (else nothing came from that rank)
+                for g in table[source]:
+                    groups = g.shape[0]
+                    kernel, args = self._call_args(g, pad, b)
+                    lse_rows = lse[:, :, g.heads].index_select(1, g.q_rows)
+                    block_dq, block_dk, block_dv = kernel.backward(
+                        _gather_rows(dout, g.heads, g.q_rows, groups),
+                        _gather_rows(q, g.heads, g.q_rows, groups),
+                        _gather_rows(k_buf, g.kv_heads, g.k_rows, groups),
+                        _gather_rows(v_buf, g.kv_heads, g.k_rows, groups),
+                        _gather_rows(out, g.heads, g.q_rows, groups),
+                        lse_rows.reshape(b * groups, -1, lse_rows.shape[-1]),
+                        **args,
+                    )
+                    real, tq, kk = g.real, g.shape[1], g.shape[2]  # padded entries are dropped here
+                    _add_rows(dq, g.heads, g.q_rows[: real * tq], block_dq.unflatten(0, (b, groups))[:, :real])
+                    _add_rows(dk_buf, g.kv_heads, g.k_rows[: real * kk], block_dk.unflatten(0, (b, groups))[:, :real])
+                    _add_rows(dv_buf, g.kv_heads, g.k_rows[: real * kk], block_dv.unflatten(0, (b, groups))[:, :real])
             if source != plan.rank:
                 returning.append(self._post_grads(dkv, source, dk, v.shape[-1]))
         for exchange, shape, rows in returning:
@@ -228,7 +250,7 @@ class BlockSparseSchedule(BlockSchedule):
                 dk.index_add_(1, rows, received[..., :d])
                 dv.index_add_(1, rows, received[..., d:])
 
-    def _post_grads(self, dkv: torch.Tensor | None, source: int, dk: torch.Tensor, value_dim: int):
+    def _post_grads(self, dkv: torch.Tensor | None, source: int, dk: torch.Tensor, value_dim: int) -> _Posted:
         """Send the gradients of ``source``'s rows back; receive ours from the rank we sent rows to."""
         plan = self.plan
         dest = (2 * plan.rank - source) % plan.world_size  # the rank that got our rows at this step

@@ -21,8 +21,9 @@ rows each other rank needs (``send``) and which rows it gets (``recv``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -46,8 +47,9 @@ class Group:
     kv_heads: slice | torch.Tensor
     q_pos: torch.Tensor  # (G, Tq) global positions
     k_pos: torch.Tensor  # (G, K) global positions
-    q_rows: torch.Tensor = field(default=None)  # (G*Tq,) rows of the local shard
-    k_rows: torch.Tensor = field(default=None)  # (G*K,) rows of the source buffer
+    # set by the plan once it knows every rank's rows (None until then)
+    q_rows: torch.Tensor = field(default=None)  # type: ignore[assignment]  # (G*Tq,) rows of the local shard
+    k_rows: torch.Tensor = field(default=None)  # type: ignore[assignment]  # (G*K,) rows of the source buffer
     mask: torch.Tensor | None = None  # (G, h', Tq, K) bool, masked groups only
     block_id: int = 0
     real: int = 0  # the first ``real`` of the G entries are real; the rest repeat entry 0 (padding)
@@ -72,7 +74,7 @@ class Plan:
     # for a backward whose dK/dV come out whole per call (None: not built)
     backward_groups: dict[int, list[Group]] | None = None
 
-    def all_groups(self):
+    def all_groups(self) -> Iterator[Group]:
         """Every group of both batchings."""
         for table in (self.groups, self.backward_groups or {}):
             for groups in table.values():
@@ -120,11 +122,20 @@ def _ownership(seq_len: int, world_size: int, layout: str) -> tuple[torch.Tensor
 
 
 def _tiles(
-    seq_len: int, segment: int, rate: int, offset: int, tile: int, chunk_starts, chunk_owner, documents=None
+    seq_len: int,
+    segment: int,
+    rate: int,
+    offset: int,
+    tile: int,
+    chunk_starts: torch.Tensor,
+    chunk_owner: torch.Tensor,
+    documents: Sequence[int] | None = None,
 ) -> _Tiles:
     """Tiles of the selected positions; with ``documents`` (``cu_seqlens`` values) offsets, segments and tiles
     restart at every document (segment numbers stay distinct across documents)."""
-    positions, indices, segments = [], [], []
+    positions: list[torch.Tensor] = []
+    indices: list[torch.Tensor] = []
+    segments: list[torch.Tensor] = []
     for start, stop in document_spans(documents, seq_len):
         j = torch.arange(len(range(offset, stop - start, rate)))
         if j.numel():
@@ -352,7 +363,16 @@ def _batch_bucket(real: int) -> int:
     return 3 * power // 4 if power >= 4 and 3 * power // 4 >= real else power
 
 
-def _make_groups(tiles: _Tiles, q, k, category: str, source: int, heads, kv_heads, max_rows: int) -> list[Group]:
+def _make_groups(
+    tiles: _Tiles,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    category: str,
+    source: int,
+    heads: slice,
+    kv_heads: slice | torch.Tensor,
+    max_rows: int,
+) -> list[Group]:
     """Batch the pairs ``(q[i], k[i])`` (sorted by query tile) into kernel calls of few distinct shapes.
 
     A batch of ``G`` query tiles is padded (to ``2^k`` or ``3 * 2^k``) by repeating its first
@@ -396,7 +416,7 @@ def _make_groups(tiles: _Tiles, q, k, category: str, source: int, heads, kv_head
     return out
 
 
-def _make_transposed_groups(tiles: _Tiles, q, k, *args) -> list[Group]:
+def _make_transposed_groups(tiles: _Tiles, q: torch.Tensor, k: torch.Tensor, *args: Any) -> list[Group]:
     """The pairs batched by key tile: each call has one key tile and its (gathered) query rows."""
     order = torch.argsort(k * tiles.first.numel() + q)
     out = _make_groups(tiles, k[order], q[order], *args)

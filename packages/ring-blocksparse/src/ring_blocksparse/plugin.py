@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ring_core.plugin import hookimpl
 
 
 @hookimpl
-def register_implementations(register):
+def register_implementations(register: Callable[..., None]) -> None:
     from ring_core.plugin import Implementation
 
     from .attention import BlockSparseRingDilatedAttention
@@ -26,7 +28,7 @@ def register_implementations(register):
 
 
 @hookimpl
-def register_patterns(register):
+def register_patterns(register: Callable[..., None]) -> None:
     from .patterns import BUILTIN_PATTERNS
 
     for name, builder in BUILTIN_PATTERNS.items():
@@ -34,7 +36,7 @@ def register_patterns(register):
 
 
 @hookimpl
-def register_commands(register):
+def register_commands(register: Callable[..., None]) -> None:
     from .cli import add_pattern_parser
 
     register("pattern", add_pattern_parser)

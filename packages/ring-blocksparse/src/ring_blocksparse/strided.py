@@ -21,7 +21,7 @@ kernels instead of FlexAttention (:mod:`ring_blocksparse.fa4`; backward from the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,10 +38,13 @@ from .flex import (
     strip_block_mask,
     tile_for,
 )
-from .gather import BlockSparseSchedule
+from .gather import BlockSparseSchedule, CommStats, _Posted
 from .strips import Strip, Tiles, classify, needed_rows, runs, strip_of
 
 SPARSE_KERNELS = ("auto", "flex", "math")
+
+# A FlexAttention call's (o, lse) and the leaves its graph starts from (the views the gradients land in).
+_Saved = tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]
 
 
 @dataclass
@@ -59,7 +62,7 @@ class StripCall:
     rule: StripRule
     run: int | None = None  # dense: the registry's kernel over runs of this many strip rows
     block_mask: Any = None
-    kernel_options: dict | None = None
+    kernel_options: dict[str, Any] | None = None
     fa4: Fa4Blocks | bool | None = None  # flash-attn 4's block lists (False: the call needs FlexAttention)
 
     def q_view(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +78,9 @@ class StripCall:
         return leaf if isinstance(self.kv, slice) else leaf.index_select(2, self.kv)
 
 
-def _kv_heads(heads: slice, num_heads: int, num_kv_heads: int, device) -> tuple[slice | torch.Tensor, bool]:
+def _kv_heads(
+    heads: slice, num_heads: int, num_kv_heads: int, device: torch.device
+) -> tuple[slice | torch.Tensor, bool]:
     groups = num_heads // num_kv_heads
     index = torch.arange(num_heads)[heads] // groups
     if groups == 1:
@@ -104,7 +109,7 @@ def strip_calls(
     dense: bool = True,
     masks: bool = True,
     tile: int | None = None,
-    kernel_options: dict | None = None,
+    kernel_options: dict[str, Any] | None = None,
     flags: bool = True,
 ) -> list[StripCall]:
     """The calls of a query buffer holding ``q_positions`` against a key buffer holding ``k_positions``.
@@ -113,7 +118,7 @@ def strip_calls(
     (not needed to know only which rows are read); ``flags``: pass the kernel flags the masks make
     safe (each distinct set is one more compiled kernel); ``tile`` overrides the kernel's tile (tests).
     """
-    calls = []
+    calls: list[StripCall] = []
     for branch in branch_list:
         rate = branch.rate
         for offset in branch_offsets(branch):
@@ -168,7 +173,7 @@ class StripRun:
     # FlexAttention for the rest; "flex": FlexAttention only; "math": its dense twin (tests, CPU backward)
     sparse: str = "auto"
     grad: bool = True  # keep each FlexAttention call's graph for the backward
-    saved: list = field(default_factory=list)
+    saved: list[_Saved | Fa4Blocks | None] = field(default_factory=list)
 
 
 def fa4_blocks(run: StripRun, call: StripCall, q: torch.Tensor) -> Fa4Blocks | None:
@@ -180,7 +185,9 @@ def fa4_blocks(run: StripRun, call: StripCall, q: torch.Tensor) -> Fa4Blocks | N
     return call.fa4 or None
 
 
-def sparse_forward(run: StripRun, call: StripCall, q, k, v, *, grad: bool):
+def sparse_forward(
+    run: StripRun, call: StripCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grad: bool
+) -> _Saved:
     """One FlexAttention call: ``(o (B, h, n, D), lse (B, h, n), leaves)``; with ``grad`` the graph from the
     leaves (the views the gradients land in) to ``o`` and ``lse`` is kept."""
     leaves = tuple(x.detach().requires_grad_(grad) for x in (call.q_view(q), call.kv_leaf(k), call.kv_leaf(v)))
@@ -196,7 +203,15 @@ def sparse_forward(run: StripRun, call: StripCall, q, k, v, *, grad: bool):
     return o, lse, leaves
 
 
-def sparse_backward(call: StripCall, o, lse_call, leaves, dout, out, lse):
+def sparse_backward(
+    call: StripCall,
+    o: torch.Tensor,
+    lse_call: torch.Tensor,
+    leaves: tuple[torch.Tensor, ...],
+    dout: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The exact ``(dq, dk, dv)`` of one FlexAttention call under the final ``out``/``lse`` (module docstring)."""
     grad_out, grad_lse = grad_inputs(
         call.q_view(dout).transpose(1, 2),
@@ -205,10 +220,13 @@ def sparse_backward(call: StripCall, o, lse_call, leaves, dout, out, lse):
         lse_call,
         call.q_view(lse).transpose(1, 2),
     )
-    return torch.autograd.grad((o, lse_call), leaves, (grad_out, grad_lse))
+    dq, dk, dv = torch.autograd.grad((o, lse_call), leaves, (grad_out, grad_lse))
+    return dq, dk, dv
 
 
-def grad_inputs(dout, o, out, lse_call, lse) -> tuple[torch.Tensor, torch.Tensor]:
+def grad_inputs(
+    dout: torch.Tensor, o: torch.Tensor, out: torch.Tensor, lse_call: torch.Tensor, lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(w * dout, w * rowsum(dout * (o - out)))`` with ``w = exp(lse_call - lse)`` (0 where ``lse`` is
     ``-inf``): ``(B, h, n, D)`` views and ``(B, h, n)`` log-sum-exps; one Triton pass on CUDA."""
     grad_out = torch.empty(o.shape, dtype=o.dtype, device=o.device)
@@ -250,7 +268,7 @@ def _triton_ready(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def _segments(x: torch.Tensor, length: int):
+def _segments(x: torch.Tensor, length: int) -> Iterator[tuple[slice, torch.Tensor]]:
     """``x`` (``(B, n, ...)``) cut into runs of ``length`` rows: ``[(rows, (B*nseg, length, ...) view)]``."""
     n = x.shape[1]
     full = n - n % length
@@ -267,7 +285,8 @@ def _dense_kv(call: StripCall, x: torch.Tensor, heads: int) -> torch.Tensor:
 def _fold_kv(call: StripCall, grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """A dense call's per-query-head key/value gradient summed back onto its key/value heads."""
     if call.gqa:
-        return grad.unflatten(2, (kv_heads, -1)).sum(3)
+        grouped: torch.Tensor = grad.unflatten(2, (kv_heads, -1))  # (Tensor.unflatten is untyped)
+        return grouped.sum(3)
     if not isinstance(call.kv, slice):
         folded = grad.new_zeros(*grad.shape[:2], kv_heads, grad.shape[-1])
         return folded.index_add_(2, call.kv, grad)
@@ -276,7 +295,9 @@ def _fold_kv(call: StripCall, grad: torch.Tensor, kv_heads: int) -> torch.Tensor
 
 class _StripAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run: StripRun, q, k, v):  # type: ignore[override]
+    def forward(
+        ctx: Any, run: StripRun, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         b, n, h, _ = q.shape
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         out_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else acc
@@ -288,6 +309,7 @@ class _StripAttention(torch.autograd.Function):
         run.saved = []
         for index, call in enumerate(run.calls):
             write = index == 0 and covered
+            pieces: list[tuple[slice, torch.Tensor, torch.Tensor]]
             blocks = fa4_blocks(run, call, q)
             if call.run is not None:
                 pieces = _dense_pieces(run, call, q, k, v)
@@ -314,7 +336,7 @@ class _StripAttention(torch.autograd.Function):
 
     @staticmethod
     @no_double_backward
-    def backward(ctx, dout, _dlse):  # type: ignore[override]
+    def backward(ctx: Any, dout: torch.Tensor, _dlse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         run: StripRun = ctx.run
         q, k, v, out, lse = ctx.saved_tensors
         dout = dout.contiguous()
@@ -329,43 +351,60 @@ class _StripAttention(torch.autograd.Function):
                 grads_fa4 = fa4_backward(call, saved, q, k, v, out, lse, dout, scale=run.kernel.scale)
                 blocks = [(slice(None), *grads_fa4)]
             else:
+                assert saved is not None  # (a sparse call's graph is kept when there is a backward)
                 o, lse_call, leaves = saved
                 blocks = [(slice(None), *sparse_backward(call, o, lse_call, leaves, dout, out, lse))]
             for i, (x, view) in enumerate(((q, call.q_view), (k, call.kv_leaf), (v, call.kv_leaf))):
                 for rows, *parts in blocks:
                     part = parts[i]
                     owns = index == 0 and call.covering and len(blocks) == 1 and part.dtype == grad_dtype
-                    if grads[i] is None and owns:
+                    grad = grads[i]
+                    if grad is None and owns:
                         grads[i] = part.reshape(x.shape)  # the covering call's gradient is where the others add
                         continue
-                    if grads[i] is None:
-                        grads[i] = torch.zeros(x.shape, dtype=grad_dtype, device=x.device)
-                    target = view(grads[i])[:, rows]
+                    if grad is None:
+                        grad = grads[i] = torch.zeros(x.shape, dtype=grad_dtype, device=x.device)
+                    target = view(grad)[:, rows]
                     backend.accumulate(target, part.reshape(target.shape))
         run.saved = []
         zeros = [torch.zeros_like(x) if g is None else g.to(x.dtype) for x, g in zip((q, k, v), grads)]
         return None, *zeros
 
 
-def _dense_pieces(run: StripRun, call: StripCall, q, k, v):
+def _dense_pieces(
+    run: StripRun, call: StripCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> list[tuple[slice, torch.Tensor, torch.Tensor]]:
     """A dense call forward: ``[(rows of the strip, out (B', L, h, D), lse (B', L, h))]`` per run length."""
+    assert call.run is not None  # (a dense call)
     kernel = run.kernel
     heads = call.q_view(q).shape[2]
     kk, vv = _dense_kv(call, k, heads), _dense_kv(call, v, heads)
     pieces = []
-    for (rows, qs), (_, ks), (_, vs) in zip(*(_segments(x, call.run) for x in (call.q_view(q), kk, vv))):
+    run_len = call.run
+    for (rows, qs), (_, ks), (_, vs) in zip(*(_segments(x, run_len) for x in (call.q_view(q), kk, vv))):
         o, lse = kernel.backend.forward(qs, ks, vs, scale=kernel.scale, causal=call.causal)
         pieces.append((rows, o, lse.transpose(1, 2)))
     return pieces
 
 
-def _dense_backward(run: StripRun, call: StripCall, q, k, v, out, lse, dout):
+def _dense_backward(
+    run: StripRun,
+    call: StripCall,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+) -> list[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    assert call.run is not None  # (a dense call)
     kernel = run.kernel
     heads = call.q_view(q).shape[2]
     kk, vv = _dense_kv(call, k, heads), _dense_kv(call, v, heads)
     blocks = []
     views = (call.q_view(dout), call.q_view(q), kk, vv, call.q_view(out), call.q_view(lse))
-    for pieces in zip(*(_segments(x, call.run) for x in views)):
+    run_len = call.run
+    for pieces in zip(*(_segments(x, run_len) for x in views)):
         rows = pieces[0][0]
         do, qs, ks, vs, os, ls = (piece for _, piece in pieces)
         bq, bk, bv = kernel.backend.backward(
@@ -377,10 +416,12 @@ def _dense_backward(run: StripRun, call: StripCall, q, k, v, out, lse, dout):
     return blocks
 
 
-def strip_attention(q, k, v, run: StripRun) -> tuple[torch.Tensor, torch.Tensor]:
+def strip_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, run: StripRun
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``out`` (B, N, H, D) and ``lse`` (B, N, H) of the calls in ``run`` (one process)."""
     run.grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    out, lse = _StripAttention.apply(run, q, k, v)
+    out, lse = _StripAttention.apply(run, q, k, v)  # type: ignore[no-untyped-call]
     return out.to(q.dtype), lse
 
 
@@ -396,14 +437,14 @@ class StripPlan:
     send_rows: dict[int, torch.Tensor]  # destination -> local rows sent
     recv_positions: dict[int, torch.Tensor]  # source -> global positions received (same order)
 
-    def to(self, device) -> StripPlan:
+    def to(self, device: torch.device) -> StripPlan:
         self.recv_rows = {s: r.to(device) for s, r in self.recv_rows.items()}
         self.send_rows = {d: r.to(device) for d, r in self.send_rows.items()}
         return self
 
 
 def build_strip_plan(
-    *, seq_len: int, rank: int, world_size: int, layout_kind: str, q: torch.Tensor, **call_options
+    *, seq_len: int, rank: int, world_size: int, layout_kind: str, q: torch.Tensor, **call_options: Any
 ) -> StripPlan:
     """The plan of ``rank``: its calls against every shard, and which rows each pair of ranks exchanges.
 
@@ -413,7 +454,10 @@ def build_strip_plan(
     # dense strips and per-mask kernel flags on one process only: a ring step's flags vary by step,
     # and each set would compile its own kernel
     options = dict(call_options, q=q, dense=world_size == 1, flags=world_size == 1)
-    calls, recv_rows, send_rows, recv_positions = {}, {}, {}, {}
+    calls: dict[int, list[StripCall]] = {}
+    recv_rows: dict[int, torch.Tensor] = {}
+    send_rows: dict[int, torch.Tensor] = {}
+    recv_positions: dict[int, torch.Tensor] = {}
     for source in range(world_size):
         calls[source] = strip_calls(positions[rank], positions[source], **options)
         if source != rank:
@@ -429,9 +473,20 @@ class StripRingSchedule(BlockSparseSchedule):
     their rows of that rank's shard (a buffer read only where the block masks allow), so each step is
     the same calls as on one GPU; the backward recomputes each step's calls (memory stays one shard)."""
 
-    def __init__(self, plan: StripPlan, kernel: BlockKernel, *, stats=None, sparse: str = "auto", **comm_options: Any):
+    # The base class's exchanges read only what both plans have: rank, world_size, send_rows, recv_positions.
+    plan: StripPlan  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        plan: StripPlan,
+        kernel: BlockKernel,
+        *,
+        stats: CommStats | None = None,
+        sparse: str = "auto",
+        **comm_options: Any,
+    ) -> None:
         """``comm_options``: ``group``, ``timeout`` and ``context`` of :class:`~ring_blocksparse.gather.BlockSparseSchedule`."""
-        super().__init__(plan, kernel, kernel, key_padding_mask=None, stats=stats, **comm_options)
+        super().__init__(plan, kernel, kernel, key_padding_mask=None, stats=stats, **comm_options)  # type: ignore[arg-type]
         self.run = StripRun([], kernel, sparse)
 
     def shard_buffers(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -439,7 +494,9 @@ class StripRingSchedule(BlockSparseSchedule):
         shape = (b, self.plan.shard_len, h)
         return k.new_zeros(*shape, k.shape[-1]), v.new_zeros(*shape, v.shape[-1])
 
-    def place(self, source: int, k_buf, v_buf, shard: tuple[torch.Tensor, torch.Tensor]):
+    def place(
+        self, source: int, k_buf: torch.Tensor, v_buf: torch.Tensor, shard: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The source's shard as this step sees it: received rows at their rows, the rest untouched (finite)."""
         if source == self.plan.rank:
             return k_buf, v_buf
@@ -448,7 +505,9 @@ class StripRingSchedule(BlockSparseSchedule):
         shard[1].index_copy_(1, rows, v_buf)
         return shard
 
-    def forward_step(self, q, calls, kb, vb, acc: Accumulator) -> None:
+    def forward_step(
+        self, q: torch.Tensor, calls: list[StripCall], kb: torch.Tensor, vb: torch.Tensor, acc: Accumulator
+    ) -> None:
         for call in calls:
             blocks = fa4_blocks(self.run, call, q)
             if blocks is not None:
@@ -458,7 +517,19 @@ class StripRingSchedule(BlockSparseSchedule):
                 o = o.transpose(1, 2)
             self.kernel.backend.merge(call.q_view(acc.out), call.q_view(acc.lse), o, lse.transpose(1, 2))
 
-    def backward_step(self, q, calls, kb, vb, out, lse, dout, dq, dkb, dvb) -> None:
+    def backward_step(
+        self,
+        q: torch.Tensor,
+        calls: list[StripCall],
+        kb: torch.Tensor,
+        vb: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        dout: torch.Tensor,
+        dq: torch.Tensor,
+        dkb: torch.Tensor,
+        dvb: torch.Tensor,
+    ) -> None:
         accumulate = self.kernel.backend.accumulate
         for call in calls:
             blocks = fa4_blocks(self.run, call, q)
@@ -471,25 +542,34 @@ class StripRingSchedule(BlockSparseSchedule):
             accumulate(call.kv_leaf(dkb), bk)
             accumulate(call.kv_leaf(dvb), bv)
 
-    def forward(self, q, k, v, acc: Accumulator) -> None:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, acc: Accumulator) -> None:
         self.stats.calls += 1
         shard = self.shard_buffers(k, v)
         for source, k_buf, v_buf, _ in self._sources(k, v, "forward"):
-            if k_buf is not None and self.plan.calls[source]:
+            if k_buf is not None and v_buf is not None and self.plan.calls[source]:
                 kb, vb = self.place(source, k_buf, v_buf, shard)
                 self.forward_step(q, self.plan.calls[source], kb, vb, acc)
 
-    def backward(self, q, k, v, out, lse, dout, grads) -> None:
+    def backward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        dout: torch.Tensor,
+        grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> None:
         plan = self.plan
         dq, dk, dv = grads
         d = k.shape[-1]
         shard = self.shard_buffers(k, v)
-        returning = []
+        returning: list[_Posted] = []
         for source, k_buf, v_buf, _ in self._sources(k, v, "backward"):
             dkv = None
             if source == plan.rank:
                 self.backward_step(q, plan.calls[source], k, v, out, lse, dout, dq, dk, dv)
-            elif k_buf is not None:
+            elif k_buf is not None and v_buf is not None:
                 kb, vb = self.place(source, k_buf, v_buf, shard)
                 dkb, dvb = torch.zeros_like(kb, dtype=dk.dtype), torch.zeros_like(vb, dtype=dv.dtype)
                 self.backward_step(q, plan.calls[source], kb, vb, out, lse, dout, dq, dkb, dvb)

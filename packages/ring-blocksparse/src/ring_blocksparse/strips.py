@@ -16,6 +16,7 @@ no mask evaluated), ``partial`` (some: the exact token rule above decides) or sk
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -73,7 +74,9 @@ class Tiles:
         return not bool(self.full.any() or self.partial.any())
 
 
-def _units(strip: Strip, unit: int, block_size: int, segment: int):
+def _units(
+    strip: Strip, unit: int, block_size: int, segment: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     pos = strip.positions.view(-1, unit)
     first, last = pos[:, 0], pos[:, -1]
     block = first // block_size
@@ -124,7 +127,7 @@ def classify(
     return Tiles(full, partial, any_, unit, tile, needs_layout, needs_segment, one_segment)
 
 
-def needed_rows(tiles_and_strips, buffer_len: int) -> torch.Tensor:
+def needed_rows(tiles_and_strips: Iterable[tuple[Tiles, Strip]], buffer_len: int) -> torch.Tensor:
     """Sorted buffer rows that some allowed pair of these calls reads: ``[(tiles, key strip), ...]``."""
     need = torch.zeros(buffer_len, dtype=torch.bool)
     for tiles, k in tiles_and_strips:
