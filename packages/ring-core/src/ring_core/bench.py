@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -132,7 +133,7 @@ def time_fwd_bwd(fn: Callable[[], torch.Tensor], device: torch.device, repeats: 
     """Median seconds of ``fn().backward(grad)`` over ``repeats`` runs (after one warm-up run)."""
     step = fwd_bwd(fn)
     step()
-    times = []
+    times: list[float] = []
     for _ in range(repeats):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -186,7 +187,8 @@ def cpu_peak_bytes(step: Callable[[], object]) -> int | None:
         tree = prof.profiler.kineto_results.experimental_event_tree()
     except (AttributeError, RuntimeError):
         return None
-    events, stack = [], list(tree)
+    events: list[tuple[int, int, int]] = []  # (time, bytes allocated, running total)
+    stack = list(tree)
     while stack:
         node = stack.pop()
         stack.extend(node.children)
@@ -218,6 +220,7 @@ def measure(
         base = torch.cuda.memory_allocated(device)
     with record_kernel_choices() as chosen:
         seconds = time_fwd_bwd(fn, device, repeats)
+    peak: int | None
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
@@ -259,7 +262,7 @@ def _wrap(text: str, width: int) -> list[str]:
     return [line.replace("\xa0", " ") for line in textwrap.wrap(kept, width)]
 
 
-def write_json(path: str | Path, meta: dict, results: Sequence[BenchResult]) -> None:
+def write_json(path: str | Path, meta: dict[str, Any], results: Sequence[BenchResult]) -> None:
     import json
 
     Path(path).write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2))

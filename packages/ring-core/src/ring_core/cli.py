@@ -7,15 +7,17 @@ import datetime
 import importlib.util
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
 from . import bench as bench_lib
 from .factory import create_attention, explain_auto, resolve_implementation
-from .registry import get_registry, list_implementations, list_kernels, plugin_errors
-from .testing import CASES, QUICK_CASES, check_attention, format_table
+from .kernels import KernelBackend
+from .registry import Implementation, get_registry, list_implementations, list_kernels, plugin_errors
+from .testing import CASES, QUICK_CASES, Case, DistributedCaseResult, check_attention, format_table
 from .validation import check_dilated_config, check_window
 
 __all__ = [
@@ -38,7 +40,7 @@ class UsageError(ValueError):
 class _Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (``prog: error: message (see prog --help)``), exit code 2."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -90,7 +92,7 @@ def _yes_or_reasons(reasons: Sequence[str]) -> str:
     return "yes" if not reasons else "no: " + "; ".join(reasons)
 
 
-def _windows(kernel) -> str:
+def _windows(kernel: KernelBackend) -> str:
     """How a kernel takes sliding windows: itself, as a mask (window tiles), or not at all."""
     return "native" if kernel.supports_window else "mask" if kernel.supports_mask else "no"
 
@@ -102,7 +104,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA device: {cuda}\n")
     print("Plugins")
-    rows = [(p.name, p.package or "-", p.version or "-", "loaded") for p in registry.plugins]
+    rows: list[tuple[object, ...]] = [(p.name, p.package or "-", p.version or "-", "loaded") for p in registry.plugins]
     rows += [(p.name, p.package or "-", p.version or "-", f"FAILED: {p.error}") for p in plugin_errors()]
     rows += [(p.name, p.package or "-", p.version or "-", p.error) for p in registry.disabled]
     print(format_table(rows, ["plugin", "package", "version", "status"]))
@@ -151,7 +153,11 @@ class _CaseLines:
 
     def __init__(self, total: int, names: Sequence[str], cases: Sequence[str]) -> None:
         self.total, self.done, self.failures = total, 0, 0
-        self.widths = (len(str(total)) * 2 + 3, max(map(len, names), default=0), max(map(len, cases), default=0))
+        self.widths: tuple[int, ...] = (
+            len(str(total)) * 2 + 3,
+            max(map(len, names), default=0),
+            max(map(len, cases), default=0),
+        )
         self.widths = tuple(max(w, len(h)) for w, h in zip(self.widths, ("", "implementation", "case")))
 
     def header(self) -> None:
@@ -228,7 +234,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return lines.summary()
 
 
-def _verify_distributed(args: argparse.Namespace, impls, cases, dtypes) -> int:
+def _verify_distributed(
+    args: argparse.Namespace, impls: Sequence[Implementation], cases: Sequence[Case], dtypes: Sequence[torch.dtype]
+) -> int:
     """Each distributed implementation on ``--world-size`` gloo processes, every rank vs the reference rows."""
     from .testing import check_distributed, fit_case
 
@@ -243,7 +251,9 @@ def _verify_distributed(args: argparse.Namespace, impls, cases, dtypes) -> int:
     for impl in impls:
         for dtype in dtypes:
 
-            def on_result(result, impl=impl, dtype=dtype) -> None:
+            def on_result(
+                result: DistributedCaseResult, impl: Implementation = impl, dtype: torch.dtype = dtype
+            ) -> None:
                 errors = {n: max(e[n] for e in result.rank_errors) for n in result.rank_errors[0]}
                 case = f"{result.case.name} (N={result.case.seq_len})"
                 lines.line(impl.name, case, dtype, errors, "PASS" if result.passed else "FAIL")
@@ -302,6 +312,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     b, h, d = args.batch, args.heads, args.head_dim
     jobs = [(n, None) for n in args.seq_lens] + [(n, impl) for n in args.seq_lens for impl in impls]
     results: list[bench_lib.BenchResult] = []
+    fn: Callable[[], torch.Tensor]
     # a bar on a terminal; in a log (not a terminal) nothing but the table
     for n, impl in tqdm(jobs, desc="bench", unit="run", file=sys.stderr, disable=None):
         q, k, v = (torch.randn(b, n, h, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
@@ -311,21 +322,33 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             name, pairs = "sdpa", bench_lib.dense_pairs(n, h, args.causal)
             kernel = bench_lib.sdpa_kernel_name(q.transpose(1, 2), args.causal)
 
-            def fn(q=q, k=k, v=v):
+            def sdpa(q: torch.Tensor = q, k: torch.Tensor = k, v: torch.Tensor = v) -> torch.Tensor:
                 return torch.nn.functional.scaled_dot_product_attention(
                     q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=args.causal
                 )
+
+            fn = sdpa
         else:
             options = impl.options if impl.bench_options is None else impl.bench_options
             module = create_attention(impl.name, **config, **options)
             name, pairs = impl.name, bench_lib.useful_pairs(n, h, args.segments, args.rates, causal=args.causal)
 
-            def fn(q=q, k=k, v=v, module=module, forward=forward):
-                return module(q, k, v, is_causal=args.causal, **forward)
+            def run(
+                q: torch.Tensor = q,
+                k: torch.Tensor = k,
+                v: torch.Tensor = v,
+                module: torch.nn.Module = module,
+                forward: dict[str, torch.Tensor] = forward,
+            ) -> torch.Tensor:
+                out: torch.Tensor = module(q, k, v, is_causal=args.causal, **forward)
+                return out
+
+            fn = run
 
         results.append(bench_lib.measure(name, fn, pairs, d, b, n, device, args.repeats, kernel=kernel))
-        if impl is not None and getattr(module, "last_path", None):
-            results[-1].kernel = module.last_path  # the path it ran (varlen, segments, ...) and its kernel
+        path = getattr(module, "last_path", None) if impl is not None else None
+        if path:
+            results[-1].kernel = path  # the path it ran (varlen, segments, ...) and its kernel
         del q, k, v
     baseline = {r.seq_len: r.time_ms for r in results if r.name == "sdpa"}
     for r in results:
@@ -427,7 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "dtype", None) is None and args.command == "bench":
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except UsageError as exc:  # a subcommand's argument check, before any work
         print(f"ring-attention {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -66,9 +67,9 @@ class Case:
     documents: tuple[int, ...] | None = None  # cu_seqlens values (packed, batch of one)
 
     @property
-    def config(self) -> dict:
+    def config(self) -> dict[str, Any]:
         """Constructor arguments (``window_size`` only when there is a window)."""
-        config = {
+        config: dict[str, Any] = {
             "segment_lengths": list(self.segment_lengths),
             "dilation_rates": list(self.dilation_rates),
             "merge": self.merge,
@@ -77,16 +78,16 @@ class Case:
             config["window_size"] = self.window_size
         return config
 
-    def forward_options(self, device: str | torch.device = "cpu") -> dict:
+    def forward_options(self, device: str | torch.device = "cpu") -> dict[str, Any]:
         """Extra keywords of the forward call: ``cu_seqlens`` for packed cases."""
         if self.documents is None:
             return {}
         return {"cu_seqlens": torch.tensor(self.documents, dtype=torch.int32, device=device)}
 
     @property
-    def reference_options(self) -> dict:
+    def reference_options(self) -> dict[str, Any]:
         """Keywords of :func:`~ring_core.reference_attention` beyond the config."""
-        options: dict = {"window_size": self.window_size}
+        options: dict[str, Any] = {"window_size": self.window_size}
         if self.documents is not None:
             options["cu_seqlens"] = torch.tensor(self.documents)
         return options
@@ -170,8 +171,8 @@ def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     value, reference = value.detach().double().cpu(), reference.detach().double().cpu()
     if not torch.isfinite(value).all():
         return float("inf")
-    denominator = reference.norm().item()
-    difference = (value - reference).norm().item()
+    denominator = float(reference.norm().item())
+    difference = float((value - reference).norm().item())
     return difference / denominator if denominator > 0 else difference
 
 
@@ -202,18 +203,21 @@ def reference_outputs(
     v: torch.Tensor,
     mask: torch.Tensor | None,
     dout: torch.Tensor,
-    **reference_options,
+    **reference_options: Any,
 ) -> dict[str, torch.Tensor]:
     """The float64 reference output and gradients for ``dout``."""
     leaves = [x.detach().double().cpu().requires_grad_() for x in (q, k, v)]
     config = {key: value for key, value in case.config.items() if key != "window_size"}
     ref = reference_attention(
-        *leaves,
+        leaves[0],
+        leaves[1],
+        leaves[2],
         **config,
         is_causal=case.causal,
         key_padding_mask=None if mask is None else mask.cpu(),
         **{**case.reference_options, **reference_options},
     )
+    assert isinstance(ref, torch.Tensor)  # (no return_lse)
     grads = torch.autograd.grad(ref, leaves, dout.double().cpu())
     return {"out": ref.detach(), "dq": grads[0], "dk": grads[1], "dv": grads[2]}
 
@@ -224,7 +228,7 @@ def check_attention(
     dtype: torch.dtype = torch.float64,
     device: str | torch.device = "cpu",
     seed: int = 0,
-    reference_options: dict | None = None,
+    reference_options: dict[str, Any] | None = None,
 ) -> CaseResult:
     """Run ``module(q, k, v, is_causal=..., key_padding_mask=...)`` forward and backward vs the reference.
 
@@ -239,7 +243,7 @@ def check_attention(
     expected = reference_outputs(case, q, k, v, mask, dout, **(reference_options or {}))
     actual = {"out": out, "dq": leaves[0].grad, "dk": leaves[1].grad, "dv": leaves[2].grad}
     errors = {
-        name: float("inf") if actual[name] is None else relative_error(actual[name], expected[name])
+        name: float("inf") if (value := actual[name]) is None else relative_error(value, expected[name])
         for name in expected
     }
     return CaseResult(case, dtype, errors, TOLERANCES[dtype])
@@ -267,10 +271,11 @@ def free_port() -> int:
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
-_progress: tuple[int, object] | None = None  # in a spawn_group child: (rank, the results queue)
+_progress: tuple[int, Any] | None = None  # in a spawn_group child: (rank, the results queue)
 
 
 def report_progress(value: object) -> None:
@@ -280,7 +285,17 @@ def report_progress(value: object) -> None:
         results.put((rank, None, value))
 
 
-def _worker(rank, world_size, port, backend, timeout, threads, fn, args, results) -> None:  # in a child process
+def _worker(
+    rank: int,
+    world_size: int,
+    port: int,
+    backend: str,
+    timeout: float | None,
+    threads: int | None,
+    fn: Callable[..., object],
+    args: tuple[object, ...],
+    results: Any,
+) -> None:  # in a child process
     import datetime
     import traceback
 
@@ -291,7 +306,7 @@ def _worker(rank, world_size, port, backend, timeout, threads, fn, args, results
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        options = {}
+        options: dict[str, Any] = {}
         if backend == "nccl":
             torch.cuda.set_device(rank)
             options["device_id"] = torch.device("cuda", rank)
@@ -457,15 +472,28 @@ def sharded_case_errors(
     out.backward(shard(dout).to(out.dtype))
     actual = {"out": out, "dq": leaves[0].grad, "dk": leaves[1].grad, "dv": leaves[2].grad}
     return {
-        key: float("inf") if actual[key] is None else relative_error(actual[key], shard(expected[key]))
+        key: float("inf") if (value := actual[key]) is None else relative_error(value, shard(expected[key]))
         for key in expected
     }
 
 
-def _distributed_check_worker(rank, world_size, name, cases, layouts, dtype, options, seed):
+# One checked case on one rank: the case (fitted to the group), its layout and the errors.
+_Row = tuple[Case, str, dict[str, float]]
+
+
+def _distributed_check_worker(
+    rank: int,
+    world_size: int,
+    name: str,
+    cases: Sequence[Case],
+    layouts: Sequence[str | None],
+    dtype: torch.dtype,
+    options: dict[str, Any] | None,
+    seed: int,
+) -> list[_Row]:
     from .factory import create_attention
 
-    rows = []
+    rows: list[_Row] = []
     for case in cases:
         for layout in layouts:
             fitted = fit_case(case, world_size, layout or "contiguous")
@@ -485,7 +513,7 @@ def check_distributed(
     world_size: int = 2,
     dtype: torch.dtype = torch.float64,
     layouts: Sequence[str | None] = (None,),
-    options: dict | None = None,
+    options: dict[str, Any] | None = None,
     seed: int = 0,
     timeout: float = 300.0,
     on_result: Callable[[DistributedCaseResult], None] | None = None,
@@ -501,17 +529,17 @@ def check_distributed(
     """
     reported: dict[int, dict[int, dict[str, float]]] = {}
 
-    def on_progress(rank: int, row: tuple) -> None:
-        index, case, layout, errors = row
+    def on_progress(rank: int, row: object) -> None:
+        index, case, layout, errors = cast(tuple[int, Case, str, dict[str, float]], row)  # the worker's report
         reported.setdefault(index, {})[rank] = errors
         if len(reported[index]) == world_size and on_result is not None:
             rank_errors = [reported[index][r] for r in range(world_size)]
             on_result(DistributedCaseResult(case, layout, world_size, dtype, rank_errors, TOLERANCES[dtype]))
 
-    per_rank = run_gloo(
+    per_rank = cast(list[list[_Row]], run_gloo(
         _distributed_check_worker, world_size, name, tuple(cases), tuple(layouts), dtype, options, seed,
         timeout=timeout, on_progress=on_progress,
-    )  # fmt: skip
+    ))  # fmt: skip
     results = []
     for index, (case, layout, _) in enumerate(per_rank[0]):
         rank_errors = [rows[index][2] for rows in per_rank]
