@@ -182,7 +182,7 @@ def fa4_blocks(run: StripRun, call: StripCall, q: torch.Tensor) -> Fa4Blocks | N
         return None
     if call.fa4 is None:
         call.fa4 = blocks_for(call, q.device) or False
-    return call.fa4 or None
+    return call.fa4 if isinstance(call.fa4, Fa4Blocks) else None
 
 
 def sparse_forward(

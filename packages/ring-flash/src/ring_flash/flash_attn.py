@@ -98,6 +98,7 @@ def _call(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
 def _check_lse(lse: torch.Tensor, q: torch.Tensor, library: str, *, varlen: bool = False) -> torch.Tensor:
     """The forward's log-sum-exp must be ``(B, H, N)`` (``(H, total)`` for packed segments): another layout
     means another library version."""
+    expected: tuple[int, ...]
     if varlen:
         total, h = q.shape[:2]
         expected, names = (h, total), "(H, total)"
