@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from .strips import block_lists
+
 TILE = 128  # flash-attn 4's sparse block on Hopper: 128 query rows x 128 key rows
 HEAD_DIMS = (64, 96, 128)
 DISABLE_ENV = "RING_BLOCKSPARSE_FA4"  # "0": never use flash-attn 4 (FlexAttention for every call)
@@ -56,13 +58,6 @@ class Fa4Blocks:
     causal: bool
 
 
-def _lists(mask: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Counts ``(1, h, rows)`` and ascending column indices ``(1, h, rows, cols)`` (int32) of a bool grid."""
-    counts = mask.sum(-1, dtype=torch.int32)
-    indices = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-    return counts[None].to(device).contiguous(), indices[None].to(device).contiguous()
-
-
 def tile_grids(call: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The call's full tiles and its partial tiles that flash-attn's causal mask decides (bool ``(h, nq, nk)``
     each), or None when some tile needs the token rule (then the call stays on FlexAttention)."""
@@ -88,8 +83,8 @@ def blocks_for(call: Any, device: torch.device) -> Fa4Blocks | None:
     types = _interface()[1]
 
     def tensors(full: torch.Tensor, partial: torch.Tensor) -> Any:
-        full_cnt, full_idx = _lists(full, device)
-        mask_cnt, mask_idx = _lists(partial, device)
+        full_cnt, full_idx = block_lists(full, device)
+        mask_cnt, mask_idx = block_lists(partial, device)
         return types(mask_cnt, mask_idx, full_cnt, full_idx, block_size=(TILE, TILE))
 
     forward = tensors(full, diagonal)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .strips import FLEX_TILE, Strip, Tiles
+from .strips import FLEX_TILE, Strip, Tiles, block_lists
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
@@ -233,13 +233,8 @@ def strip_block_mask(
     """The ``BlockMask`` of one strip call and the kernel flags it makes safe."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    def blocks(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        counts = mask.sum(-1, dtype=torch.int32)
-        indices = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-        return counts[None].to(device), indices[None].to(device)
-
-    kv_num, kv_index = blocks(tiles.partial)
-    full_num, full_index = blocks(tiles.full)
+    kv_num, kv_index = block_lists(tiles.partial, device)
+    full_num, full_index = block_lists(tiles.full, device)
     # the fused kernel asks the rule only inside partial tiles; the eager one ignores the tiles
     mask_mod = rule.mask_mod(tiles.needs_layout or device.type != "cuda")
     block_mask = BlockMask.from_kv_blocks(

@@ -127,6 +127,14 @@ def classify(
     return Tiles(full, partial, any_, unit, tile, needs_layout, needs_segment, one_segment)
 
 
+def block_lists(mask: torch.Tensor, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bool tile grid ``(h, rows, cols)`` as kernels' block lists: counts ``(1, h, rows)`` and each row's allowed
+    columns in ascending order, packed left, ``(1, h, rows, cols)`` (int32, on ``device``)."""
+    counts = mask.sum(-1, dtype=torch.int32)
+    indices = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return counts[None].to(device), indices[None].to(device)
+
+
 def needed_rows(tiles_and_strips: Iterable[tuple[Tiles, Strip]], buffer_len: int) -> torch.Tensor:
     """Sorted buffer rows that some allowed pair of these calls reads: ``[(tiles, key strip), ...]``."""
     need = torch.zeros(buffer_len, dtype=torch.bool)
