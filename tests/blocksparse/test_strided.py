@@ -8,6 +8,8 @@ the GPU in tests/blocksparse/test_cuda.py.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from tests.distributed_helpers import run_distributed
@@ -15,7 +17,7 @@ from tests.distributed_helpers import run_distributed
 from ring_blocksparse import BlockSparseRingDilatedAttention, build_pattern
 from ring_blocksparse.attention import _dense_kernel
 from ring_blocksparse.strided import StripRun, strip_attention, strip_calls
-from ring_blocksparse.strips import classify, runs, strip_of
+from ring_blocksparse.strips import block_lists, classify, runs, strip_of
 from ring_core import reference_attention
 from ring_core.dilated import branches
 from ring_core.sharding import shard_positions, shard_sequence
@@ -103,6 +105,19 @@ def test_tile_classes_are_exact():
         per_tile = allowed.unflatten(0, (-1, tile)).unflatten(2, (-1, tile))
         assert torch.equal(tiles.full[0], per_tile.all(3).all(1))
         assert torch.equal(tiles.full[0] | tiles.partial[0], per_tile.any(3).any(1))
+
+
+def test_block_lists_of_a_transposed_grid():
+    """Counts and ascending indices per row, contiguous even for a transposed grid (the backward's lists:
+    flash-attn 4 rejects strided block lists)."""
+    grid = torch.rand(2, 5, 7, generator=torch.Generator().manual_seed(0)) < 0.4
+    for mask in (grid, grid.transpose(1, 2)):
+        counts, indices = block_lists(mask, "cpu")
+        assert counts.is_contiguous() and indices.is_contiguous()
+        assert torch.equal(counts[0], mask.sum(-1, dtype=torch.int32))
+        for h, row in itertools.product(range(mask.shape[0]), range(mask.shape[1])):
+            expected = mask[h, row].nonzero().flatten().to(torch.int32)
+            assert torch.equal(indices[0, h, row, : counts[0, h, row]], expected)
 
 
 @pytest.mark.parametrize(
