@@ -326,11 +326,11 @@ class BlockSparseRingDilatedAttention(nn.Module):
     - ``transposed_backward``: batch the gather path's backward by key tile.
     - ``method``: ``"flex"`` (strips: one FlexAttention kernel per dilated branch offset on
       strided views, dense strips on the registry's kernel, LSE-merged; on one process and per
-      ring step; needs every rate to divide ``block_size``, runs of the sequence that split into
-      whole kernel tiles, no padding or dropout, and a backward only on CUDA; raises otherwise),
-      ``"gather"`` (tiles gathered into dense blocks, the blockwise engine; everything) or
-      ``"auto"`` (flex on CUDA when it applies, else gather; gather under ``torch.compile`` and
-      with ``return_lse``).
+      ring step; sliding windows and key padding too; needs every rate to divide ``block_size``,
+      runs of the sequence that split into whole kernel tiles, no dropout, and a backward only on
+      CUDA; raises otherwise), ``"gather"`` (tiles gathered into dense blocks, the blockwise
+      engine; everything) or ``"auto"`` (flex on CUDA when it applies, else gather; gather under
+      ``torch.compile``, with ``return_lse`` and with ``cu_seqlens``).
     - ``flex_kernel_options``: FlexAttention ``kernel_options`` (e.g. ``{"fwd_num_stages": 2}``)
       over the safe flags and tuned tiles the strip path picks itself
       (:func:`ring_blocksparse.flex.kernel_options_for`).
@@ -521,13 +521,15 @@ class BlockSparseRingDilatedAttention(nn.Module):
         )  # fmt: skip
         check_qkv(q, k, v, key_padding_mask)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        if self._use_flex(q, world, key_padding_mask, dropout_p, needs_grad, return_lse, cu_seqlens):
+        if self._use_flex(q, world, dropout_p, needs_grad, return_lse, cu_seqlens):
             block_layout = self.layout_for(q.shape[1] * world, q.shape[2])
             _, schedule_args = self._prepare(q, k, v, block_layout, bool(is_causal), key_padding_mask, build=False)
             self.comm_stats = CommStats()
             scale = default_scale(q.shape[-1], self.softmax_scale)
             try:
-                return self._strip_forward(q, k, v, block_layout, bool(is_causal), rank, world, scale, schedule_args)
+                return self._strip_forward(
+                    q, k, v, block_layout, bool(is_causal), rank, world, scale, schedule_args, key_padding_mask
+                )
             except Exception as exc:
                 if self.method == "flex" or world > 1:  # a ring cannot change course on one rank alone
                     raise
@@ -588,12 +590,14 @@ class BlockSparseRingDilatedAttention(nn.Module):
         world: int,
         scale: float,
         schedule_args: dict[str, Any],
+        key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.sparse_kernel not in SPARSE_KERNELS:
             raise ValueError(f"sparse_kernel must be one of {list(SPARSE_KERNELS)}, got {self.sparse_kernel!r}")
         key = (
             layout_identity(block_layout), q.shape[1], q.shape[2], k.shape[2], q.dtype, causal, str(q.device), rank,
-            world, self.segment_lengths, self.dilation_rates, self.merge, self.block_size,
+            world, self.segment_lengths, self.dilation_rates, self.merge, self.block_size, self.window_size,
+            key_padding_mask is not None,
         )  # fmt: skip
         if key not in self._strip_plans:  # built once per shape: no host work or sync on later calls
             plan = build_strip_plan(
@@ -601,16 +605,20 @@ class BlockSparseRingDilatedAttention(nn.Module):
                 num_heads=q.shape[2], num_kv_heads=k.shape[2],
                 branch_list=branches(self.segment_lengths, self.dilation_rates, self.merge, q.shape[2]),
                 block_size=self.block_size, layout=block_layout, causal=causal,
-                kernel_options=self.flex_kernel_options,
+                kernel_options=self.flex_kernel_options, window=self.window_size, padded=key_padding_mask is not None,
             )  # fmt: skip
             _remember(self._strip_plans, key, plan)
         plan = self._strip_plans[key]
         kernel = _dense_kernel(q, causal, scale, self.kernel)
         self.last_plan, self.last_method = plan, "flex"
         if world == 1:
-            out, _ = strip_attention(q, k, v, StripRun(plan.calls[0], kernel, self.sparse_kernel))
+            run = StripRun(plan.calls[0], kernel, self.sparse_kernel, key_padding_mask=key_padding_mask)
+            out, _ = strip_attention(q, k, v, run)
             return out
-        schedule = StripRingSchedule(plan, kernel, stats=self.comm_stats, sparse=self.sparse_kernel, **schedule_args)
+        schedule = StripRingSchedule(
+            plan, kernel, stats=self.comm_stats, sparse=self.sparse_kernel, key_padding_mask=key_padding_mask,
+            **schedule_args,
+        )  # fmt: skip
         out, _ = blockwise_attention(schedule, q, k, v)
         return out
 
@@ -618,7 +626,6 @@ class BlockSparseRingDilatedAttention(nn.Module):
         self,
         q: torch.Tensor,
         world: int,
-        key_padding_mask: torch.Tensor | None,
         dropout_p: float,
         needs_grad: bool,
         return_lse: bool,
@@ -641,14 +648,11 @@ class BlockSparseRingDilatedAttention(nn.Module):
             chunk=chunk,
             dilation_rates=self.dilation_rates,
             block_size=self.block_size,
-            key_padding_mask=key_padding_mask,
             dropout_p=dropout_p,
             needs_grad=needs_grad and self.sparse_kernel != "math",
         )
         if return_lse:
             reasons.append("return_lse (the strips' lse has no gradient; the gather path's has)")
-        if self.window_size != (-1, -1):
-            reasons.append(f"window_size={self.window_size} (the gather path takes sliding windows)")
         if cu_seqlens is not None:
             reasons.append("cu_seqlens (the gather path takes packed documents)")
         if self.method == "flex" and reasons:

@@ -5,7 +5,8 @@ flash-attn 4 (``flash_attn.cute``, when installed) takes block lists like a Flex
 unmasked. Its partial tiles would need the rule as a CuTe DSL ``mask_mod``, so a strip call runs
 on it only when it has no partial tile, or when its only partial tiles are the diagonal tiles of
 a causal call of a strip against itself (flash-attn's own causal mask decides there). Other calls
-stay on FlexAttention.
+stay on FlexAttention, and so does every call with a key padding mask (its full tiles become
+partial where a key is padded) or whose partial tiles a sliding window cuts.
 
 Backward is the engine's rule: the kernel's backward with the final ``out`` and ``lse`` (and the
 transposed block lists) gives exactly the call's share of the gradients.
@@ -62,11 +63,11 @@ def tile_grids(call: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The call's full tiles and its partial tiles that flash-attn's causal mask decides (bool ``(h, nq, nk)``
     each), or None when some tile needs the token rule (then the call stays on FlexAttention)."""
     tiles = call.tiles
-    if tiles.tile != TILE:
+    if tiles.tile != TILE or tiles.padded:
         return None
     if not bool(tiles.partial.any()):
         return tiles.full, tiles.partial
-    if not (call.causal and call.rule.same_strip) or tiles.needs_layout or tiles.needs_segment:
+    if not (call.causal and call.rule.same_strip) or tiles.needs_layout or tiles.needs_segment or tiles.needs_window:
         return None
     eye = torch.eye(tiles.partial.shape[1], tiles.partial.shape[2], dtype=torch.bool)
     if bool((tiles.partial & ~eye).any()):

@@ -2,9 +2,11 @@
 
 Each branch offset is a strided view of ``q, k, v`` (:mod:`ring_blocksparse.strips`), and what it
 allows is a ``BlockMask`` over that view: full tiles skip the mask, partial tiles evaluate the
-exact token rule (layout block, segment, causality; only the terms that can matter there), and
-empty tiles are never visited. The rule reads small per-row tensors captured by a closure of
-one code object, so a new layout or sequence never recompiles; each strip shape does, once.
+exact token rule (layout block, segment, sliding window and causality, key padding; the layout and
+the padding only where they can matter), and empty tiles are never visited. The rule reads small
+per-row tensors captured by a closure of one code object, so a new layout, window, padding or
+sequence never recompiles; each strip shape does, once per variant (layout read or not, padding
+read or not).
 Outputs come with their log-sum-exp, so branches (and ring steps) merge exactly.
 
 Kernel options (``flex_attention(kernel_options=...)``): the block mask says which flags
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .strips import FLEX_TILE, Strip, Tiles, block_lists
+from .strips import FLEX_TILE, Strip, Tiles, block_lists, padded_grids, window_bounds
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
@@ -60,7 +62,6 @@ def flex_reasons(
     chunk: int,
     dilation_rates: Sequence[int],
     block_size: int,
-    key_padding_mask: torch.Tensor | None,
     dropout_p: float,
     needs_grad: bool = False,
 ) -> list[str]:
@@ -73,8 +74,6 @@ def flex_reasons(
         reasons.append(f"this torch ({torch.__version__}) has no FlexAttention")
     if dropout_p > 0:
         reasons.append("dropout")
-    if key_padding_mask is not None:
-        reasons.append("key_padding_mask")
     for rate in sorted(set(dilation_rates)):
         if block_size % rate:
             reasons.append(f"dilation rate {rate} does not divide block_size {block_size}")
@@ -163,9 +162,11 @@ def kernel_options_for(
 class StripRule:
     """The exact token rule of one strip call, over per-row tensors (layout block, segment, position).
 
-    :meth:`mask_mod` checks segment and causality always (cheap per-row reads) and the layout (a
-    read per pair) only where asked: the fused kernel asks it only inside partial tiles, and the
-    layout term is the one variant that compiles apart. :meth:`dense` evaluates it on the whole grid.
+    :meth:`mask_mod` checks segment, window and causality always (cheap per-row reads; the window and
+    causality are one interval of offsets, :func:`~ring_blocksparse.strips.window_bounds`, held in
+    tensors), the layout (a read per pair) only where asked (the fused kernel asks it only inside
+    partial tiles) and the key padding (a ``(B, nk)`` read per key, per call) when given: those
+    two terms are the variants that compile apart. :meth:`dense` evaluates it on the whole grid.
     """
 
     def __init__(
@@ -178,6 +179,7 @@ class StripRule:
         segment: int,
         causal: bool,
         device: torch.device,
+        window: tuple[int, int] = (-1, -1),
     ) -> None:
         def rows(strip: Strip) -> tuple[torch.Tensor, ...]:
             pos = strip.positions
@@ -187,59 +189,72 @@ class StripRule:
         self.kblk, self.kseg, self.kpos = rows(k)
         self.layout = None if layout is None else layout.to(device)
         self.causal = causal
-        self.not_causal = torch.tensor(not causal, device=device)
+        self.lo, self.hi = (torch.tensor(x, dtype=torch.int32, device=device) for x in window_bounds(window, causal))
         self.same_strip = torch.equal(q.positions, k.positions)
 
-    def mask_mod(self, layout: bool = True) -> _MaskMod:
-        """A ``mask_mod``: segment, causality and (if asked and there is one) the layout."""
+    def mask_mod(self, layout: bool = True, pad: torch.Tensor | None = None) -> _MaskMod:
+        """A ``mask_mod``: segment, window and causality, (if asked and there is one) the layout, and (when given)
+        the key padding ``pad`` (bool ``(B, nk)`` over the key strip's rows, ``True``: padded)."""
         lay = self.layout if layout else None
-        return _rule(lay, self.qblk, self.kblk, self.qseg, self.kseg, self.qpos, self.kpos, self.not_causal)
+        return _rule(lay, pad, self.qblk, self.kblk, self.qseg, self.kseg, self.qpos, self.kpos, self.lo, self.hi)
 
-    def dense(self, heads: int, layout: bool = True) -> torch.Tensor:
-        """Bool ``(heads or 1, nq, nk)``: the rule on every pair."""
-        rule = self.mask_mod(layout)
+    def dense(self, heads: int, layout: bool = True, pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Bool ``(B or 1, heads or 1, nq, nk)``: the rule on every pair."""
+        rule = self.mask_mod(layout, pad)
         n, m = self.qpos.numel(), self.kpos.numel()
         device = self.qpos.device
         h = torch.arange(heads if self.layout is not None and self.layout.shape[0] > 1 else 1, device=device)
+        b = torch.arange(1 if pad is None else pad.shape[0], device=device)
         q_idx, kv_idx = torch.arange(n, device=device), torch.arange(m, device=device)
-        out = rule(0, h[:, None, None], q_idx[None, :, None], kv_idx[None, None, :])
-        return out.expand(h.numel(), n, m)
+        out = rule(b[:, None, None, None], h[:, None, None], q_idx[:, None], kv_idx)
+        return out.expand(b.numel(), h.numel(), n, m)
 
 
 def _rule(
     lay: torch.Tensor | None,
+    pad: torch.Tensor | None,
     qblk: torch.Tensor,
     kblk: torch.Tensor,
     qseg: torch.Tensor,
     kseg: torch.Tensor,
     qpos: torch.Tensor,
     kpos: torch.Tensor,
-    not_causal: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
 ) -> _MaskMod:
     # One code object for every call (dynamo matches closures by code; the tensors are graph inputs),
-    # so only the shapes and whether the layout is read make separate compiled kernels.
+    # so only the shapes and whether the layout and the padding are read make separate compiled kernels.
     def mask_mod(b: Any, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        ok = (qseg[q_idx] == kseg[kv_idx]) & ((kpos[kv_idx] <= qpos[q_idx]) | not_causal)
+        offset = kpos[kv_idx] - qpos[q_idx]
+        ok = (qseg[q_idx] == kseg[kv_idx]) & (offset >= lo) & (offset <= hi)
         if lay is not None:
             ok = ok & lay[h % lay.shape[0], qblk[q_idx], kblk[kv_idx]]
+        if pad is not None:
+            ok = ok & ~pad[b, kv_idx]
         return ok
 
     return mask_mod
 
 
 def strip_block_mask(
-    tiles: Tiles, rule: StripRule, q_len: int, k_len: int, device: torch.device
+    tiles: Tiles, rule: StripRule, q_len: int, k_len: int, device: torch.device, pad: torch.Tensor | None = None
 ) -> tuple[BlockMask, dict[str, bool]]:
-    """The ``BlockMask`` of one strip call and the kernel flags it makes safe."""
+    """The ``BlockMask`` of one strip call and the kernel flags it makes safe; with a key padding ``pad``
+    (bool ``(B, nk)`` over the key strip's rows, on ``device``: one mask per call) no flag is safe (a
+    query may have only padded keys, and padding splits runs of full tiles)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    kv_num, kv_index = block_lists(tiles.partial, device)
-    full_num, full_index = block_lists(tiles.full, device)
+    full, partial = (tiles.full, tiles.partial) if pad is None else padded_grids(tiles, pad)
+    kv_num, kv_index = block_lists(partial, device)
+    full_num, full_index = block_lists(full, device)
     # the fused kernel asks the rule only inside partial tiles; the eager one ignores the tiles
-    mask_mod = rule.mask_mod(tiles.needs_layout or device.type != "cuda")
+    mask_mod = rule.mask_mod(tiles.needs_layout or device.type != "cuda", pad)
     block_mask = BlockMask.from_kv_blocks(
         kv_num, kv_index, full_num, full_index, BLOCK_SIZE=tiles.tile, mask_mod=mask_mod, seq_lengths=(q_len, k_len)
     )
+    if pad is not None:
+        return block_mask, {}
+    # a query sees itself in its diagonal tile (every window holds offset 0) unless the layout or segment cut it
     diagonal_only = rule.same_strip and rule.causal and not (tiles.needs_layout or tiles.needs_segment)
     return block_mask, safe_flags(tiles.full, tiles.partial, diagonal_only)
 
@@ -288,18 +303,20 @@ def math_strip_attention(
     *,
     scale: float,
     enable_gqa: bool,
+    pad: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same call as dense masked attention in torch ops (any device and dtype, differentiable): the
     reference twin of :func:`flex_strip_attention` that tests run forward and backward on the CPU. It
     keeps the pairs of full tiles and the pairs of partial tiles that the rule (without the layout term
-    where the tiles say it cannot matter) allows: exactly what the fused kernel computes on CUDA."""
+    where the tiles say it cannot matter) allows: exactly what the fused kernel computes on CUDA, with
+    the key padding ``pad`` (as :func:`strip_block_mask`) the same way."""
     if enable_gqa:
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     t = tiles.tile
-    full = tiles.full.repeat_interleave(t, 1).repeat_interleave(t, 2).to(q.device)
-    partial = tiles.partial.repeat_interleave(t, 1).repeat_interleave(t, 2).to(q.device)
-    allowed = full | (partial & rule.dense(q.shape[1], tiles.needs_layout))
+    grids = (tiles.full, tiles.partial) if pad is None else padded_grids(tiles, pad)
+    full, partial = (x.repeat_interleave(t, 1).repeat_interleave(t, 2).to(q.device) for x in grids)
+    allowed = full | (partial & rule.dense(q.shape[1], tiles.needs_layout, pad))
     scores = torch.einsum("bhnd,bhmd->bhnm", q, k) * scale
     scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, -1)

@@ -17,6 +17,11 @@ each ring step recomputes its calls instead, so memory stays one shard.
 With flash-attn 4 installed, a call whose tiles need no token rule runs on its block-sparse
 kernels instead of FlexAttention (:mod:`ring_blocksparse.fa4`; backward from the final
 ``out``/``lse``, like a dense call).
+
+A sliding window is part of every call's tiles and rule (tiles it does not reach are skipped). A key
+padding mask is read by the rule; its tiles are known only per call, so a padded call's block mask
+is built per call, on the device (:func:`~ring_blocksparse.strips.padded_grids`), and no strip of
+it runs dense or on flash-attn 4.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ SPARSE_KERNELS = ("auto", "flex", "math")
 
 # A FlexAttention call's (o, lse) and the leaves its graph starts from (the views the gradients land in).
 _Saved = tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]
+# A source rank's shard as a ring step sees it: K, V and (with a key padding mask) the padding.
+_Shard = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 
 
 @dataclass
@@ -111,12 +118,16 @@ def strip_calls(
     tile: int | None = None,
     kernel_options: dict[str, Any] | None = None,
     flags: bool = True,
+    window: tuple[int, int] = (-1, -1),
+    padded: bool = False,
 ) -> list[StripCall]:
     """The calls of a query buffer holding ``q_positions`` against a key buffer holding ``k_positions``.
 
     ``dense``: run dense strips through the registry's kernel; ``masks``: build the block masks
     (not needed to know only which rows are read); ``flags``: pass the kernel flags the masks make
     safe (each distinct set is one more compiled kernel); ``tile`` overrides the kernel's tile (tests).
+    ``window``: SPEC.md's ``window_size``; ``padded``: the calls get a key padding mask (their block
+    masks are built per call, :func:`sparse_forward`).
     """
     calls: list[StripCall] = []
     for branch in branch_list:
@@ -136,7 +147,7 @@ def strip_calls(
                 call_layout = layout[heads]
             tiles = classify(
                 qs, ks, call_layout, block_size=block_size, segment=branch.segment, causal=causal,
-                tile=tile or tile_for(q.device, block_size, rate),
+                tile=tile or tile_for(q.device, block_size, rate), window=window, padded=padded,
             )  # fmt: skip
             if tiles.empty:
                 continue
@@ -148,13 +159,16 @@ def strip_calls(
                 and len(ks) == len(k_positions)
             )
             rule = StripRule(
-                qs, ks, call_layout, block_size=block_size, segment=branch.segment, causal=causal, device=q.device
-            )
+                qs, ks, call_layout, block_size=block_size, segment=branch.segment, causal=causal, device=q.device,
+                window=window,
+            )  # fmt: skip
             call = StripCall(qs, ks, heads, kv, gqa, causal, covering, tiles, rule)
             if dense:
                 call.run = runs(tiles, qs, ks)
             if masks and call.run is None:
-                call.block_mask, safe = strip_block_mask(tiles, rule, len(qs), len(ks), q.device)
+                safe: dict[str, bool] = {}
+                if not padded:
+                    call.block_mask, safe = strip_block_mask(tiles, rule, len(qs), len(ks), q.device)
                 call.kernel_options = kernel_options_for(
                     q, safe if flags else {}, kernel_options, tuned=not tiles.needs_layout
                 )
@@ -174,6 +188,7 @@ class StripRun:
     sparse: str = "auto"
     grad: bool = True  # keep each FlexAttention call's graph for the backward
     saved: list[_Saved | Fa4Blocks | None] = field(default_factory=list)
+    key_padding_mask: torch.Tensor | None = None  # (B, N) bool, True: padded key (the calls were built padded)
 
 
 def fa4_blocks(run: StripRun, call: StripCall, q: torch.Tensor) -> Fa4Blocks | None:
@@ -186,19 +201,32 @@ def fa4_blocks(run: StripRun, call: StripCall, q: torch.Tensor) -> Fa4Blocks | N
 
 
 def sparse_forward(
-    run: StripRun, call: StripCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grad: bool
+    run: StripRun,
+    call: StripCall,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    grad: bool,
+    pad: torch.Tensor | None = None,
 ) -> _Saved:
     """One FlexAttention call: ``(o (B, h, n, D), lse (B, h, n), leaves)``; with ``grad`` the graph from the
-    leaves (the views the gradients land in) to ``o`` and ``lse`` is kept."""
+    leaves (the views the gradients land in) to ``o`` and ``lse`` is kept. ``pad``: the key buffer's padding
+    (bool ``(B, rows)``) for a call built ``padded``."""
+    if pad is not None:
+        pad = pad[:, call.k.rows].contiguous()
     leaves = tuple(x.detach().requires_grad_(grad) for x in (call.q_view(q), call.kv_leaf(k), call.kv_leaf(v)))
     with torch.set_grad_enabled(grad):
         qt, kt, vt = (x.transpose(1, 2) for x in (leaves[0], call.kv_input(leaves[1]), call.kv_input(leaves[2])))
         scale = run.kernel.scale
         if run.sparse == "math":
-            o, lse = math_strip_attention(qt, kt, vt, call.tiles, call.rule, scale=scale, enable_gqa=call.gqa)
+            o, lse = math_strip_attention(qt, kt, vt, call.tiles, call.rule, scale=scale, enable_gqa=call.gqa, pad=pad)
         else:
+            block_mask = call.block_mask
+            if pad is not None:
+                block_mask, _ = strip_block_mask(call.tiles, call.rule, len(call.q), len(call.k), q.device, pad)
             o, lse = flex_strip_attention(
-                qt, kt, vt, call.block_mask, scale=scale, enable_gqa=call.gqa, kernel_options=call.kernel_options
+                qt, kt, vt, block_mask, scale=scale, enable_gqa=call.gqa, kernel_options=call.kernel_options
             )
     return o, lse, leaves
 
@@ -319,7 +347,7 @@ class _StripAttention(torch.autograd.Function):
                 pieces = [(slice(None), o, lse_call.transpose(1, 2))]
                 run.saved.append(blocks)
             else:
-                o, lse_call, leaves = sparse_forward(run, call, q, k, v, grad=grad)
+                o, lse_call, leaves = sparse_forward(run, call, q, k, v, grad=grad, pad=run.key_padding_mask)
                 pieces = [(slice(None), o.transpose(1, 2), lse_call.transpose(1, 2))]
                 run.saved.append((o, lse_call, leaves) if grad else None)
             for rows, o_rows, lse_rows in pieces:
@@ -483,37 +511,49 @@ class StripRingSchedule(BlockSparseSchedule):
         *,
         stats: CommStats | None = None,
         sparse: str = "auto",
+        key_padding_mask: torch.Tensor | None = None,
         **comm_options: Any,
     ) -> None:
-        """``comm_options``: ``group``, ``timeout`` and ``context`` of :class:`~ring_blocksparse.gather.BlockSparseSchedule`."""
-        super().__init__(plan, kernel, kernel, key_padding_mask=None, stats=stats, **comm_options)  # type: ignore[arg-type]
+        """``comm_options``: ``group``, ``timeout`` and ``context`` of :class:`~ring_blocksparse.gather.BlockSparseSchedule`;
+        ``key_padding_mask``: this rank's ``(B, n)`` (its rows travel with the key/value rows)."""
+        super().__init__(plan, kernel, kernel, key_padding_mask=key_padding_mask, stats=stats, **comm_options)  # type: ignore[arg-type]
         self.run = StripRun([], kernel, sparse)
 
-    def shard_buffers(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def shard_buffers(self, k: torch.Tensor, v: torch.Tensor) -> _Shard:
         b, _, h, _ = k.shape
         shape = (b, self.plan.shard_len, h)
-        return k.new_zeros(*shape, k.shape[-1]), v.new_zeros(*shape, v.shape[-1])
+        # rows not received are never read where a block mask allows; as padding they also skip tiles
+        pad = None if self.key_padding_mask is None else self.key_padding_mask.new_ones(b, self.plan.shard_len)
+        return k.new_zeros(*shape, k.shape[-1]), v.new_zeros(*shape, v.shape[-1]), pad
 
     def place(
-        self, source: int, k_buf: torch.Tensor, v_buf: torch.Tensor, shard: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, source: int, k_buf: torch.Tensor, v_buf: torch.Tensor, pad: torch.Tensor | None, shard: _Shard
+    ) -> _Shard:
         """The source's shard as this step sees it: received rows at their rows, the rest untouched (finite)."""
         if source == self.plan.rank:
-            return k_buf, v_buf
+            return k_buf, v_buf, pad
         rows = self.plan.recv_rows[source]
         shard[0].index_copy_(1, rows, k_buf)
         shard[1].index_copy_(1, rows, v_buf)
+        if pad is not None and shard[2] is not None:
+            shard[2].index_copy_(1, rows, pad)
         return shard
 
     def forward_step(
-        self, q: torch.Tensor, calls: list[StripCall], kb: torch.Tensor, vb: torch.Tensor, acc: Accumulator
+        self,
+        q: torch.Tensor,
+        calls: list[StripCall],
+        kb: torch.Tensor,
+        vb: torch.Tensor,
+        acc: Accumulator,
+        pad: torch.Tensor | None = None,
     ) -> None:
         for call in calls:
             blocks = fa4_blocks(self.run, call, q)
             if blocks is not None:
                 o, lse = fa4_forward(call, blocks, q, kb, vb, scale=self.kernel.scale)
             else:
-                o, lse, _ = sparse_forward(self.run, call, q, kb, vb, grad=False)
+                o, lse, _ = sparse_forward(self.run, call, q, kb, vb, grad=False, pad=pad)
                 o = o.transpose(1, 2)
             self.kernel.backend.merge(call.q_view(acc.out), call.q_view(acc.lse), o, lse.transpose(1, 2))
 
@@ -529,6 +569,7 @@ class StripRingSchedule(BlockSparseSchedule):
         dq: torch.Tensor,
         dkb: torch.Tensor,
         dvb: torch.Tensor,
+        pad: torch.Tensor | None = None,
     ) -> None:
         accumulate = self.kernel.backend.accumulate
         for call in calls:
@@ -536,7 +577,7 @@ class StripRingSchedule(BlockSparseSchedule):
             if blocks is not None:
                 bq, bk, bv = fa4_backward(call, blocks, q, kb, vb, out, lse, dout, scale=self.kernel.scale)
             else:
-                o, lse_call, leaves = sparse_forward(self.run, call, q, kb, vb, grad=True)
+                o, lse_call, leaves = sparse_forward(self.run, call, q, kb, vb, grad=True, pad=pad)
                 bq, bk, bv = sparse_backward(call, o, lse_call, leaves, dout, out, lse)
             accumulate(call.q_view(dq), bq)
             accumulate(call.kv_leaf(dkb), bk)
@@ -545,10 +586,10 @@ class StripRingSchedule(BlockSparseSchedule):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, acc: Accumulator) -> None:
         self.stats.calls += 1
         shard = self.shard_buffers(k, v)
-        for source, k_buf, v_buf, _ in self._sources(k, v, "forward"):
+        for source, k_buf, v_buf, pad in self._sources(k, v, "forward"):
             if k_buf is not None and v_buf is not None and self.plan.calls[source]:
-                kb, vb = self.place(source, k_buf, v_buf, shard)
-                self.forward_step(q, self.plan.calls[source], kb, vb, acc)
+                kb, vb, pb = self.place(source, k_buf, v_buf, pad, shard)
+                self.forward_step(q, self.plan.calls[source], kb, vb, acc, pb)
 
     def backward(
         self,
@@ -565,14 +606,14 @@ class StripRingSchedule(BlockSparseSchedule):
         d = k.shape[-1]
         shard = self.shard_buffers(k, v)
         returning: list[_Posted] = []
-        for source, k_buf, v_buf, _ in self._sources(k, v, "backward"):
+        for source, k_buf, v_buf, pad in self._sources(k, v, "backward"):
             dkv = None
             if source == plan.rank:
-                self.backward_step(q, plan.calls[source], k, v, out, lse, dout, dq, dk, dv)
+                self.backward_step(q, plan.calls[source], k, v, out, lse, dout, dq, dk, dv, pad)
             elif k_buf is not None and v_buf is not None:
-                kb, vb = self.place(source, k_buf, v_buf, shard)
+                kb, vb, pb = self.place(source, k_buf, v_buf, pad, shard)
                 dkb, dvb = torch.zeros_like(kb, dtype=dk.dtype), torch.zeros_like(vb, dtype=dv.dtype)
-                self.backward_step(q, plan.calls[source], kb, vb, out, lse, dout, dq, dkb, dvb)
+                self.backward_step(q, plan.calls[source], kb, vb, out, lse, dout, dq, dkb, dvb, pb)
                 rows = plan.recv_rows[source]
                 shape = (*k_buf.shape[:3], d + v_buf.shape[3])
                 dkv = self.comm.empty("grad", shape[0] * shape[1] * shape[2] * shape[3], dk).view(shape)

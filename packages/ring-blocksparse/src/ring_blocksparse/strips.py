@@ -6,9 +6,10 @@ divides the block size ``b``, a run of ``b/r`` strip rows lies in one layout blo
 layout becomes a block layout of the strip with blocks of ``b/r`` rows, and everything the branch
 allows between two strips is:
 
-    layout[h, blk(q), blk(k)]  and  seg(q) == seg(k)  (and  pos(k) <= pos(q)  when causal)
+    layout[h, blk(q), blk(k)]  and  seg(q) == seg(k)  and  lo <= pos(k) - pos(q) <= hi
 
-with ``blk``, ``seg`` and ``pos`` read off the global positions of the rows. A fused kernel visits
+(``[lo, hi]``: the sliding window and causality, :func:`window_bounds`; and the key not padded) with
+``blk``, ``seg`` and ``pos`` read off the global positions of the rows. A fused kernel visits
 **tiles** of ``tile x tile`` strip rows (FlexAttention's block): each is classified from **units**
 (runs of ``min(b/r, tile)`` rows, each inside one layout block) as ``full`` (every pair allowed:
 no mask evaluated), ``partial`` (some: the exact token rule above decides) or skipped.
@@ -22,6 +23,17 @@ from dataclasses import dataclass
 import torch
 
 FLEX_TILE = 128  # FlexAttention's block on CUDA: its default backward tiles need multiples of 128
+# No bound on a side of the window: larger than any offset between positions, small enough for int32 sums.
+UNBOUNDED = 1 << 30
+
+
+def window_bounds(window: tuple[int, int], causal: bool) -> tuple[int, int]:
+    """The allowed offsets ``pos(k) - pos(q)`` of a sliding window ``(left, right)`` (``-1``: unbounded) and
+    causality, as one interval ``[lo, hi]``."""
+    left, right = window
+    lo = -left if left >= 0 else -UNBOUNDED
+    hi = right if right >= 0 else UNBOUNDED
+    return lo, min(hi, 0) if causal else hi
 
 
 @dataclass(frozen=True)
@@ -68,6 +80,9 @@ class Tiles:
     needs_layout: bool  # partial tiles hold pairs of one segment that the layout forbids
     needs_segment: bool  # partial tiles hold pairs of different segments
     one_segment_units: bool  # no unit of either strip crosses a segment boundary
+    needs_window: bool = False  # partial tiles hold pairs the sliding window (beyond causality) forbids
+    # the rule reads the key padding, and full tiles holding a padded key are partial (per call: :func:`padded_grids`)
+    padded: bool = False
 
     @property
     def empty(self) -> bool:
@@ -82,6 +97,8 @@ def _units(
     block = first // block_size
     if bool((last // block_size != block).any()):
         raise ValueError(f"a unit of {unit} strip rows crosses a layout block of {block_size}")
+    if bool((last - first != (unit - 1) * strip.rate).any()):
+        raise ValueError(f"a unit of {unit} strip rows is not {unit} consecutive positions of rate {strip.rate}")
     return block, first // segment, last // segment, first, last
 
 
@@ -94,9 +111,12 @@ def classify(
     segment: int,
     causal: bool,
     tile: int,
+    window: tuple[int, int] = (-1, -1),
+    padded: bool = False,
 ) -> Tiles:
     """Classify the tiles of ``q x k`` under ``layout`` (bool ``(h or 1, nb, nb)`` for the call's heads, or
-    ``None``: every block), segments of ``segment`` positions and causality."""
+    ``None``: every block), segments of ``segment`` positions, causality and the sliding ``window``; tiles no
+    window reaches are skipped. ``padded``: the call has a key padding mask (:func:`padded_grids`)."""
     unit = min(tile, max(1, block_size // q.rate))
     if tile % unit or len(q) % tile or len(k) % tile:
         raise ValueError(f"strips of {len(q)} and {len(k)} rows do not split into tiles of {tile} (units {unit})")
@@ -108,23 +128,46 @@ def classify(
         lay = layout.cpu()[:, qb][:, :, kb]
     seg_any = (qs0[:, None] <= ks1[None, :]) & (ks0[None, :] <= qs1[:, None])
     seg_all = ((qs0 == qs1)[:, None] & (ks0 == ks1)[None, :]) & (qs0[:, None] == ks0[None, :])
-    any_ = lay & seg_any
-    all_ = lay & seg_all
-    if causal:
-        any_ = any_ & (kp0[None, :] <= qp1[:, None])
-        all_ = all_ & (kp1[None, :] <= qp0[:, None])
+    # offsets pos(k) - pos(q) of a unit pair: every multiple of the rate from d_lo to d_hi
+    d_lo, d_hi = kp0[None, :] - qp1[:, None], kp1[None, :] - qp0[:, None]
+    win_any, win_all = _offsets_within(d_lo, d_hi, q.rate, window_bounds(window, causal))
+    any_ = lay & seg_any & win_any
+    all_ = lay & seg_all & win_all
     g, h = tile // unit, any_.shape[0]
     shape = (h, len(q) // tile, g, len(k) // tile, g)
     full = all_.reshape(shape).all(4).all(2)
     partial = any_.reshape(shape).any(4).any(2) & ~full
     # which terms of the token rule can matter inside partial tiles
-    near = partial.repeat_interleave(g, 1).repeat_interleave(g, 2)
-    if causal:
-        near = near & (kp0[None, :] <= qp1[:, None])
+    near = partial.repeat_interleave(g, 1).repeat_interleave(g, 2) & win_any
     needs_segment = bool((near & ~seg_all).any())
     needs_layout = bool((near & ~lay & seg_any).any())
+    # the window's own cuts: its right side adds nothing to causality
+    _, window_all = _offsets_within(d_lo, d_hi, q.rate, window_bounds((window[0], -1) if causal else window, False))
+    needs_window = bool((near & ~window_all).any())
     one_segment = bool((qs0 == qs1).all() and (ks0 == ks1).all())
-    return Tiles(full, partial, any_, unit, tile, needs_layout, needs_segment, one_segment)
+    return Tiles(full, partial, any_, unit, tile, needs_layout, needs_segment, one_segment, needs_window, padded)
+
+
+def _offsets_within(
+    d_lo: torch.Tensor, d_hi: torch.Tensor, rate: int, bounds: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whether some / every offset ``d_lo, d_lo + rate, ..., d_hi`` lies in ``bounds``."""
+    lo, hi = bounds
+    first = d_lo + (lo - d_lo).clamp(min=0).add(rate - 1).div(rate, rounding_mode="floor") * rate
+    return first <= d_hi.clamp(max=hi), (d_lo >= lo) & (d_hi <= hi)
+
+
+def padded_grids(tiles: Tiles, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The call's ``(full, partial)`` tile grids under a key padding ``pad`` (bool ``(B, nk)`` over the key strip's
+    rows, on the kernel's device; computed there, no host sync): a full tile holding a padded key of any batch
+    element is partial (the rule reads the padding there), a tile whose keys are padded in every batch
+    element is skipped."""
+    device = pad.device
+    columns = pad.unflatten(1, (-1, tiles.tile))
+    some, every = columns.any(2).any(0), columns.all(2).all(0)
+    full = tiles.full.to(device) & ~some
+    partial = (tiles.full.to(device) | tiles.partial.to(device)) & ~every & ~full
+    return full, partial
 
 
 def block_lists(mask: torch.Tensor, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,6 +193,8 @@ def runs(tiles: Tiles, q: Strip, k: Strip) -> int | None:
     """The run length (strip rows) when every allowed pair is "same run of the strip" (the strip cut into equal
     consecutive runs, the last maybe shorter) and every such pair is allowed (up to causality): then a dense
     kernel over segments of that length computes it exactly. ``None`` otherwise."""
+    if tiles.needs_window or tiles.padded:
+        return None
     if not tiles.one_segment_units or len(q) != len(k) or not torch.equal(q.positions, k.positions):
         return None
     a = tiles.unit_any
