@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ring_blocksparse import BlockSparseRingDilatedAttention
+from ring_blocksparse.fa4 import Fa4Blocks
 from ring_core.testing import Case, check_attention
 
 pytestmark = pytest.mark.cuda
@@ -90,4 +91,43 @@ def test_dense_strips_on_gpu():
         attn, case, torch.bfloat16, device="cuda", reference_options={"block_layout": layout, "block_size": 128}
     )
     assert attn.last_method == "flex" and all(c.run is not None for c in attn.last_plan.calls[0])
+    assert result.passed, f"{case}: {result.errors} > {result.tolerance}"
+
+
+@pytest.mark.parametrize(
+    ("window", "padding"),
+    [((300, 0), False), ((200, 77), True), ((-1, -1), True), ((150, 0), True)],
+    ids=["causal-window", "two-sided-window-pad", "pad", "causal-window-pad"],
+)
+def test_flex_windows_and_padding_on_gpu(window, padding):
+    """Sliding windows and key padding on the fused strips (dilated branches, per-head layout, GQA), forward and
+    backward, SPEC.md's bf16 bounds; no call whose tiles need the window or the padding runs on flash-attn 4."""
+    case = Case(
+        "strips-window-pad", 1024, 4, (256, 1024), (1, 2), kv_heads=2, head_dim=64, causal=window[1] == 0,
+        padding=padding, window_size=window,
+    )  # fmt: skip
+    attn = BlockSparseRingDilatedAttention(
+        **case.config, block_size=128, pattern="random", density=0.5, seed=4, per_head=True, method="flex"
+    )
+    layout = attn.layout_for(case.seq_len, case.heads)
+    result = check_attention(
+        attn, case, torch.bfloat16, device="cuda", reference_options={"block_layout": layout, "block_size": 128}
+    )
+    calls = attn.last_plan.calls[0]
+    assert attn.last_method == "flex" and all(c.tiles.padded == padding for c in calls)
+    assert window == (-1, -1) or any(c.tiles.needs_window for c in calls)
+    assert not any(isinstance(c.fa4, Fa4Blocks) for c in calls if c.tiles.padded or c.tiles.needs_window)
+    assert result.passed, f"{case}: {result.errors} > {result.tolerance}"
+
+
+def test_flex_window_without_layout_on_gpu():
+    """A causal sliding window alone over dilated branches (no layout: the window is the only sparsity), GQA."""
+    case = Case("strips-window", 2048, 4, (512, 2048), (1, 2), kv_heads=1, head_dim=64, causal=True,
+                window_size=(257, 0))  # fmt: skip
+    attn = BlockSparseRingDilatedAttention(**case.config, block_size=128, method="flex")
+    result = check_attention(attn, case, torch.bfloat16, device="cuda")
+    calls = attn.last_plan.calls[0]
+    assert attn.last_method == "flex" and all(c.run is None for c in calls)
+    # the band: each query tile reaches itself and at most 3 earlier tiles
+    assert all(int((c.tiles.full | c.tiles.partial).sum(-1).max()) <= 4 for c in calls)
     assert result.passed, f"{case}: {result.errors} > {result.tolerance}"

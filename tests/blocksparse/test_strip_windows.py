@@ -13,6 +13,7 @@ import torch
 from tests.distributed_helpers import run_distributed
 
 from ring_blocksparse import BlockSparseRingDilatedAttention, build_pattern, flex, strided
+from ring_blocksparse.attention import _dense_kernel
 from ring_blocksparse.fa4 import tile_grids
 from ring_blocksparse.strips import classify, padded_grids, strip_of
 from ring_core import reference_attention
@@ -299,3 +300,38 @@ def test_ring_with_windows_and_padding(world_size, layouts):
     for rank, result in enumerate(by_rank):
         sent = result["contiguous", "window-causal-pad"]["sent"]["forward"]
         assert sent == (16 * row_bytes if rank < world_size - 1 else 0)
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["layout", "no-layout"])
+@pytest.mark.parametrize("tile", [16, 32])
+@pytest.mark.parametrize(("window", "causal"), [((70, 0), True), ((31, 50), False)])
+def test_windows_and_padding_in_tiles_of_several_units(tile, window, causal, dense):
+    """Kernel tiles larger than a layout block of the strip (the GPU case): window cuts and padded keys inside
+    multi-unit tiles (full ones among them), forward and backward, exactly the reference."""
+    n, h, block = 256, 4, 8
+    segments, rates = [64, 128, 256], [1, 2, 4]
+    layout = None if dense else build_pattern("random", density=0.5, seed=6, per_head=True).layout(n, block, h)
+    generator = torch.Generator().manual_seed(tile)
+    q, k, v, dout = (torch.randn(2, n, h, 5, generator=generator, dtype=torch.float64) for _ in range(4))
+    mask = torch.zeros(2, n, dtype=torch.bool)  # a few padded keys, so that some full tiles stay full
+    mask[0, 32:64] = True
+    mask[1, [5, 130, 131, 200]] = True
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    calls = strided.strip_calls(
+        torch.arange(n), torch.arange(n), num_heads=h, num_kv_heads=h, branch_list=branches(segments, rates, "lse", h),
+        block_size=block, layout=layout, causal=causal, q=q, tile=tile, window=window, padded=True,
+    )  # fmt: skip
+    assert all(c.tiles.tile == tile and c.tiles.padded for c in calls) and any(c.tiles.needs_window for c in calls)
+    assert dense <= any(padded_grids(c.tiles, mask[:, c.k.rows])[0].any() for c in calls)
+    run = strided.StripRun(calls, _dense_kernel(q, causal, 5**-0.5, None), "math", key_padding_mask=mask)
+    out, _ = strided.strip_attention(*leaves, run)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    expected = reference_attention(
+        *ref_leaves, segment_lengths=segments, dilation_rates=rates, is_causal=causal, block_layout=layout,
+        block_size=block, window_size=window, key_padding_mask=mask,
+    )  # fmt: skip
+    expected_grads = torch.autograd.grad(expected, ref_leaves, dout)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)

@@ -148,7 +148,8 @@ def kernel_options_for(
 
     The tuned forward tiles were measured with rules that read no layout; with the layout read inside
     partial tiles they need more shared memory than a Hopper SM has (H200, D=128), so such calls keep
-    FlexAttention's own tiles (``tuned=False``)."""
+    FlexAttention's own tiles (``tuned=False``), and so do calls that read the key padding (not
+    measured with it)."""
     if q.device.type != "cuda":
         return None  # the eager (CPU) path takes none
     major = torch.cuda.get_device_capability(q.device)[0]

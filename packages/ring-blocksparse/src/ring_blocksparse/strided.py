@@ -170,7 +170,7 @@ def strip_calls(
                 if not padded:
                     call.block_mask, safe = strip_block_mask(tiles, rule, len(qs), len(ks), q.device)
                 call.kernel_options = kernel_options_for(
-                    q, safe if flags else {}, kernel_options, tuned=not tiles.needs_layout
+                    q, safe if flags else {}, kernel_options, tuned=not (tiles.needs_layout or padded)
                 )
             calls.append(call)
     calls.sort(key=lambda call: not call.covering)
