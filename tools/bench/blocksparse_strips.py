@@ -353,7 +353,7 @@ def rank_steps(schedule, plan, rank: int, local, received: dict, state: dict, *,
     acc = Accumulator(ql, vl.shape[-1])
     shard = schedule.shard_buffers(kl, vl)
     for s in range(plan.world_size):
-        kb, vb = (kl, vl) if s == rank else schedule.place(s, *received[s], shard)
+        kb, vb, _ = (kl, vl, None) if s == rank else schedule.place(s, *received[s], None, shard)
         schedule.forward_step(ql, plan.calls[s], kb, vb, acc)
     out, lse = acc.out.to(ql.dtype), acc.lse
     state.update(out=out, lse=lse)
@@ -366,7 +366,7 @@ def rank_steps(schedule, plan, rank: int, local, received: dict, state: dict, *,
         if s == rank:
             schedule.backward_step(ql, plan.calls[s], kl, vl, out, lse, dl, dq, dk, dv)
             continue
-        kb, vb = schedule.place(s, *received[s], shard)
+        kb, vb, _ = schedule.place(s, *received[s], None, shard)
         dkb, dvb = torch.zeros_like(kb, dtype=torch.float32), torch.zeros_like(vb, dtype=torch.float32)
         schedule.backward_step(ql, plan.calls[s], kb, vb, out, lse, dl, dq, dkb, dvb)
         rows = plan.recv_rows[s]
