@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import ring_core
 from distributed_helpers import run_distributed
 from ring_core import merge_attention, reference_attention
+from ring_core.plugin import lse_for_backward
 
 IMPLEMENTATIONS = [impl for impl in ring_core.list_implementations("attention") if impl.available]
 NAMES = {impl.name for impl in IMPLEMENTATIONS}
@@ -113,6 +114,23 @@ def test_merge_keeps_rows_that_see_nothing_finite():
     assert merged_out.abs().max() == 0 and torch.isinf(merged_lse).all()
     grads = torch.autograd.grad(merged_out.sum(), (out, lse))
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_lse_for_backward_gives_rows_without_keys_plus_inf_and_keeps_the_rest():
+    """Rows that see no key (``-inf``) become ``+inf``, so a kernel's ``exp(s - lse)`` is 0 there, not infinite;
+    finite values, ``+inf`` and NaN stay as they are; float32 and contiguous, same shape, input untouched."""
+    values = [0.5, -math.inf, -3.25, math.nan, math.inf, 1e30]
+    rows = torch.tensor(values, dtype=torch.float64)[None, :, None].repeat(2, 1, 3)  # (B, N, H)
+    lse = rows.transpose(1, 2)  # (B, H, N), not contiguous (as a kernel's view of the final lse can be)
+    got = lse_for_backward(lse)
+    assert got.shape == lse.shape and got.dtype == torch.float32 and got.is_contiguous()
+    expected = torch.tensor([0.5, math.inf, -3.25, math.nan, math.inf, 1e30])
+    torch.testing.assert_close(got, expected.expand_as(got), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(lse[..., 1], torch.full((2, 3), -math.inf, dtype=torch.float64))  # input untouched
+    scores = torch.randn(2, 3, 6)
+    assert torch.isinf(torch.exp(scores - lse.float())[..., 1]).all()  # what a kernel would compute without it
+    probabilities = torch.exp(scores - got)
+    assert (probabilities[..., 1] == 0).all() and torch.isnan(probabilities[..., 3]).all()
 
 
 def test_lse_gradient_matches_finite_differences():

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from ring_core.plugin import lse_for_backward
+
 from .strips import block_lists
 
 TILE = 128  # flash-attn 4's sparse block on Hopper: 128 query rows x 128 key rows
@@ -110,8 +112,7 @@ def fa4_backward(call: Any, blocks: Fa4Blocks, q, k, v, out, lse, dout, *, scale
     interface = _interface()[0]
     qs = call.q_view(q)
     ks, vs = (call.kv_input(call.kv_leaf(x)) for x in (k, v))
-    final_lse = call.q_view(lse).transpose(1, 2).float()
-    final_lse = final_lse.masked_fill(torch.isneginf(final_lse), float("inf")).contiguous()  # no key: zero gradients
+    final_lse = lse_for_backward(call.q_view(lse).transpose(1, 2))
     dq, dk, dv = interface._flash_attn_bwd(
         qs, ks, vs, call.q_view(out).contiguous(), call.q_view(dout).contiguous(), final_lse,
         softmax_scale=scale, causal=blocks.causal, block_sparse_tensors=blocks.backward,

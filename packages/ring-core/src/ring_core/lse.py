@@ -16,6 +16,8 @@ Two results over disjoint sets of keys for the same queries merge into the resul
 their union with :func:`merge_attention`; so a user can combine our attention with their own
 (extra keys, a cache, another sequence), as long as the other side computes its ``lse`` over
 the same scaled scores.
+
+A fused backward kernel (flash-attn's) takes the final ``lse`` as :func:`lse_for_backward` gives it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 
 from .kernels import accumulation_dtype
 
-__all__ = ["merge_attention"]
+__all__ = ["lse_for_backward", "merge_attention"]
 
 
 def merge_attention(
@@ -50,3 +52,16 @@ def merge_attention(
     out = (weight_a / total).transpose(1, 2).unsqueeze(-1) * out_a.to(dtype)
     out = out + (weight_b / total).transpose(1, 2).unsqueeze(-1) * out_b.to(dtype)
     return out.to(out_a.dtype), lse
+
+
+def lse_for_backward(lse: torch.Tensor) -> torch.Tensor:
+    """The final ``lse`` as a fused backward kernel takes it: float32, contiguous, ``+inf`` where it is ``-inf``.
+
+    Such kernels (flash-attn's) recompute each probability as ``exp(s - lse)``. A row that sees
+    no key anywhere has ``lse = -inf`` (and ``out = 0``), which would make that ``exp(+inf)``:
+    infinite gradients. With ``+inf`` every probability of the row is ``exp(-inf) = 0``, so its
+    gradients are 0, as they should be for a constant output. Every other value is kept as it
+    is, NaN included (a NaN in the lse shows in the gradients, it is not hidden). Same shape.
+    """
+    lse = lse.float()
+    return lse.masked_fill(torch.isneginf(lse), float("inf")).contiguous()

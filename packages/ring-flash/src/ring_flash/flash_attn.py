@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ring_core.plugin import KernelRequest
+from ring_core.plugin import KernelRequest, lse_for_backward
 
 from .gpu_kernel import GPUKernel
 
@@ -279,7 +279,7 @@ class FlashAttn2Kernel(FlashAttnKernel):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         _call(
             fn, dout=dout.contiguous(), q=q, k=k, v=v, out=out.contiguous(),
-            softmax_lse=_finite_lse(lse), dq=dq, dk=dk, dv=dv, dropout_p=0.0, softmax_scale=scale,
+            softmax_lse=lse_for_backward(lse), dq=dq, dk=dk, dv=dv, dropout_p=0.0, softmax_scale=scale,
             causal=causal, **_window_keywords(fn, window), softcap=0.0, alibi_slopes=None, deterministic=False,
             rng_state=None,
         )  # fmt: skip
@@ -362,7 +362,7 @@ class FlashAttn3Kernel(FlashAttnKernel):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         _call(
             fn, dout=dout.contiguous(), q=q, k=k, v=v, out=out.contiguous(),
-            softmax_lse=_finite_lse(lse), **dict.fromkeys(self._BACKWARD_NONE), dq=dq, dk=dk, dv=dv,
+            softmax_lse=lse_for_backward(lse), **dict.fromkeys(self._BACKWARD_NONE), dq=dq, dk=dk, dv=dv,
             softmax_scale=scale, causal=causal, **_window_keywords(fn, window), softcap=0.0, deterministic=False,
         )  # fmt: skip
         return dq, dk, dv
@@ -431,14 +431,7 @@ class FlashAttn4Kernel(FlashAttnKernel):
     def _backward(self, dout, q, k, v, out, lse, segments, *, scale, causal, window):
         fn = self._backward_fn()
         dq, dk, dv = _call(
-            fn, q=q, k=k, v=v, out=out.contiguous(), dout=dout.contiguous(), lse=_finite_lse(lse),
+            fn, q=q, k=k, v=v, out=out.contiguous(), dout=dout.contiguous(), lse=lse_for_backward(lse),
             softmax_scale=scale, causal=causal, **_window_keywords(fn, window, unbounded=None), **segments,
         )[:3]  # fmt: skip
         return dq, dk, dv
-
-
-def _finite_lse(lse: torch.Tensor) -> torch.Tensor:
-    """float32, contiguous; a row that sees no key anywhere (``-inf``) gets ``+inf``: ``exp(s - lse) = 0``,
-    so its gradients are 0 (the kernels compute ``exp(s - lse)``, which ``-inf`` would make infinite)."""
-    lse = lse.float()
-    return lse.masked_fill(torch.isneginf(lse), float("inf")).contiguous()
