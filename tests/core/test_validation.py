@@ -105,3 +105,21 @@ def test_errors_before_any_kernel_call(monkeypatch):
     with pytest.raises(ValueError):
         dilated_attention(*qkv(h=3, hk=2), segment_lengths=[4], dilation_rates=[1])
     assert not called
+
+
+def test_validate_inputs_on_one_process_runs_the_local_checks_without_a_collective():
+    """One process: ``check_qkv`` then ``cu_seqlens`` against this rank's N, their errors as they are, and no
+    communicator asked for; the checked document boundaries come back for the op."""
+    from ring_core.plugin import validate_inputs
+
+    def no_comms():
+        raise AssertionError("one process needs no communicator")
+
+    q, k, v = qkv(n=8)
+    assert validate_inputs(q, k, v, None, world_size=1, comms=no_comms) is None
+    documents = validate_inputs(q, k, v, None, world_size=1, comms=no_comms, cu_seqlens=torch.tensor([0, 3, 8]))
+    assert documents == (0, 3, 8)
+    with pytest.raises(ValueError, match="q must have 4 dims"):
+        validate_inputs(q[0], k, v, None, world_size=1, comms=no_comms, cu_seqlens=torch.tensor([0, 3, 7]))
+    with pytest.raises(ValueError, match="cu_seqlens must end at N=8"):
+        validate_inputs(q, k, v, None, world_size=1, comms=no_comms, cu_seqlens=torch.tensor([0, 3, 7]))

@@ -31,7 +31,6 @@ from ring_core.plugin import (
     block_kernel,
     blockwise_attention,
     branches,
-    check_cu_seqlens,
     check_dilated_config,
     check_divisible,
     check_dropout,
@@ -44,7 +43,7 @@ from ring_core.plugin import (
     dropout_seed,
     group_rank_and_size,
     run_attention,
-    validate_ring_inputs,
+    validate_inputs,
 )
 
 from .flex import check_kernel_options, flex_reasons
@@ -285,13 +284,9 @@ def _agree(
     """Across ranks: check everything on this rank, then agree (one small all-gather, before any other
     communication): the same error on every rank, or none. ``layout_of(seq_len, num_heads)`` gives the block
     layout (or ``None``); ``digest`` fingerprints it; ``window`` and ``cu_seqlens`` (global ``N``) are
-    agreed on too. On one process only ``cu_seqlens`` is checked here."""
+    agreed on too. On one process there is no collective: the configuration, ``q, k, v`` and ``cu_seqlens``
+    are checked here, the block layout where the plan is built."""
     rank, world = group_rank_and_size(process_group)
-    if world == 1:
-        if cu_seqlens is not None:
-            check_qkv(q, k, v, key_padding_mask)
-            check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
-        return
     segments, rates = check_dilated_config(segment_lengths, dilation_rates, merge)
     check_block_size(block_size)
     check_layout(layout)
@@ -303,11 +298,12 @@ def _agree(
             check_block_layout(block_layout, seq_len, block_size, q.shape[2])
         return (digest(block_layout),)
 
-    validate_ring_inputs(
-        q, k, v, key_padding_mask, causal=bool(is_causal), layout=layout, merge=merge,
-        config=(segments, rates, block_size, dropout_p, bool(transposed_backward)), scale=softmax_scale,
-        comm=RingComm(process_group, rank, world, RingCommStats(), timeout=timeout), name=name,
-        local_check=local_check, window_size=window, cu_seqlens=cu_seqlens,
+    validate_inputs(
+        q, k, v, key_padding_mask, world_size=world,
+        comms=lambda: [RingComm(process_group, rank, world, RingCommStats(), timeout=timeout)], cu_seqlens=cu_seqlens,
+        causal=bool(is_causal), layout=layout, merge=merge,
+        config=(segments, rates, block_size, dropout_p, bool(transposed_backward)), scale=softmax_scale, name=name,
+        local_check=local_check, window_size=window,
     )  # fmt: skip
 
 
@@ -519,7 +515,6 @@ class BlockSparseRingDilatedAttention(nn.Module):
             timeout=self.timeout, name=type(self).__name__, digest=self._digest, window=self.window_size,
             cu_seqlens=cu_seqlens,
         )  # fmt: skip
-        check_qkv(q, k, v, key_padding_mask)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         if self._use_flex(q, world, dropout_p, needs_grad, return_lse, cu_seqlens):
             block_layout = self.layout_for(q.shape[1] * world, q.shape[2])

@@ -4,13 +4,14 @@ One small ``all_gather`` of an integer descriptor per rank (:func:`agree_across_
 replaces a hang or a wrong result when ranks disagree on shapes, dtypes or
 configuration; :func:`validate_ring_inputs` is the ring's use of it, on every call: ranks
 that have all seen two signatures may still call with different ones, and equal byte
-sizes would then give a wrong result without any error.
+sizes would then give a wrong result without any error. :func:`validate_inputs` is where a
+module's call starts: the local checks alone on one process, else the agreement.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from .kernels import FLOAT_DTYPES
 from .sharding import LAYOUTS
 from .validation import MERGES, check_cu_seqlens, check_qkv, check_window
 
-__all__ = ["RingConfigError", "agree_across_ranks", "differing_fields", "validate_ring_inputs"]
+__all__ = ["RingConfigError", "agree_across_ranks", "differing_fields", "validate_inputs", "validate_ring_inputs"]
 
 
 class RingConfigError(ValueError):
@@ -201,3 +202,35 @@ def validate_ring_inputs(
             f"positions (N={local_len * comm.world_size}), which is odd"
         )
     return documents[0]
+
+
+def validate_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    *,
+    world_size: int,
+    comms: Callable[[], Iterable[RingComm]],
+    cu_seqlens: torch.Tensor | None = None,
+    **agreement: Any,
+) -> tuple[int, ...] | None:
+    """A call's checks before any work or communication, with the same error on every rank: a module's first step.
+
+    On one process (``world_size == 1``) there is nothing to agree on: only this rank's checks
+    run (:func:`~ring_core.validation.check_qkv`, then ``cu_seqlens`` against ``N = q.shape[1]``),
+    without a collective, so ``torch.compile`` traces them; returns the checked ``cu_seqlens``
+    values (None without), which the op then need not read again. Otherwise
+    :func:`validate_ring_inputs` runs in each communicator of ``comms()`` (called only then: one
+    group, or one per dimension of a device mesh), with ``seq_len = q.shape[1] * world_size``
+    and ``agreement`` as its other keyword arguments (``causal``, ``layout``, ``merge``,
+    ``config``, ``scale``, ``name``, ``window_size``, ``local_check``); returns None.
+    """
+    if world_size == 1:
+        check_qkv(q, k, v, key_padding_mask)
+        return None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
+    for comm in comms():
+        validate_ring_inputs(
+            q, k, v, key_padding_mask, comm=comm, cu_seqlens=cu_seqlens, seq_len=q.shape[1] * world_size, **agreement
+        )
+    return None

@@ -30,7 +30,7 @@ reached for privately.
 
 from __future__ import annotations
 
-from .agreement import RingConfigError, agree_across_ranks, differing_fields, validate_ring_inputs
+from .agreement import RingConfigError, agree_across_ranks, differing_fields, validate_inputs, validate_ring_inputs
 from .cli import UsageError, check_output, positive_int
 from .comm import (
     CHANNELS,
@@ -208,6 +208,7 @@ __all__ = [
     "timed_wait",
     "unit_last_stride",
     "unshard_sequence",
+    "validate_inputs",
     "validate_ring_inputs",
     "warn_deprecated",
     "window_allowed",

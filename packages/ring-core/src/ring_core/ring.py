@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .agreement import RingConfigError, agree_across_ranks, differing_fields, validate_ring_inputs
+from .agreement import RingConfigError, agree_across_ranks, differing_fields, validate_inputs, validate_ring_inputs
 from .comm import Exchange, RingComm, RingCommStats, check_transport, ring_comm
 from .dilated import DilatedSchedule, branches, offset_heads
 from .dispatch import block_kernel
@@ -34,10 +34,8 @@ from .ring_plan import RingPlan, Transfer, build_ring_plan, segments_within_shar
 from .ring_schedule import RingDilatedSchedule, send_bounds
 from .sharding import check_layout, group_rank_and_size
 from .validation import (
-    check_cu_seqlens,
     check_dilated_config,
     check_dropout,
-    check_qkv,
     check_scale,
     check_timeout,
     check_window,
@@ -414,16 +412,13 @@ class RingDilatedAttention(RingAttentionBase):
         """Inputs agree across ranks, on every call: ranks that have all seen two signatures may still call with
         different ones (equal byte sizes would then give a wrong result silently). Errors name this class.
         Returns ``cu_seqlens``' values where they were read (one process), else None."""
-        if group_rank_and_size(self.process_group)[1] == 1:  # nothing to agree on (and traceable)
-            check_qkv(q, k, v, key_padding_mask)
-            return None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
         config = (self.segment_lengths, self.dilation_rates, self.merge, self.layout, dropout_p, self.window_size)
-        validate_ring_inputs(
-            q, k, v, key_padding_mask, causal=is_causal, layout=self.layout, merge=self.merge, config=config,
-            scale=self.softmax_scale, comm=self._comm(q.device), name=type(self).__name__,
-            window_size=self.window_size, cu_seqlens=cu_seqlens,
+        return validate_inputs(
+            q, k, v, key_padding_mask, world_size=group_rank_and_size(self.process_group)[1],
+            comms=lambda: [self._comm(q.device)], cu_seqlens=cu_seqlens, causal=is_causal, layout=self.layout,
+            merge=self.merge, config=config, scale=self.softmax_scale, name=type(self).__name__,
+            window_size=self.window_size,
         )  # fmt: skip
-        return None
 
     def _comm(self, device: torch.device) -> RingComm:
         return ring_comm(

@@ -40,8 +40,6 @@ from ring_core.plugin import (
     block_kernel,
     branches,
     build_ring_plan,
-    check_cu_seqlens,
-    check_qkv,
     dropout_seed,
     forward_block,
     group_rank_and_size,
@@ -49,7 +47,7 @@ from ring_core.plugin import (
     ring_comm,
     run_attention,
     send_bounds,
-    validate_ring_inputs,
+    validate_inputs,
 )
 
 from .comm import GatherShards, HeadsToSeq, SeqToHeads, gather_mask
@@ -282,23 +280,17 @@ class RingDistributedDilatedAttention(RingAttentionBase):
         dropout_p: float,
         cu_seqlens: torch.Tensor | None = None,
     ) -> None:
-        """Every rank checks its inputs and that all ranks agree (on every call); same error everywhere."""
-        world_size = self._world_size()
-        if world_size == 1:  # nothing to agree on (and traceable)
-            check_qkv(q, k, v, key_padding_mask)
-            if cu_seqlens is not None:
-                check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
-            return
+        """Every rank checks its inputs and that all ranks agree (on every call, in each group of the mesh); same
+        error everywhere."""
         config = (
             self.segment_lengths, self.dilation_rates, self.merge, self.layout, dropout_p, self.strategy,
             self.window_size,
         )  # fmt: skip
-        for comm in self._validation_comms():
-            validate_ring_inputs(
-                q, k, v, key_padding_mask, causal=causal, layout=self.layout, merge=self.merge,
-                config=config, scale=self.softmax_scale, comm=comm, name=type(self).__name__,
-                window_size=self.window_size, cu_seqlens=cu_seqlens, seq_len=q.shape[1] * world_size,
-            )  # fmt: skip
+        validate_inputs(
+            q, k, v, key_padding_mask, world_size=self._world_size(), comms=self._validation_comms,
+            cu_seqlens=cu_seqlens, causal=causal, layout=self.layout, merge=self.merge, config=config,
+            scale=self.softmax_scale, name=type(self).__name__, window_size=self.window_size,
+        )  # fmt: skip
 
     # -- hooks for RingDilatedAttentionProduction ---------------------------------------------------
     def _make_comm(self, group: Any, rank: int, size: int, device: torch.device) -> RingComm:
