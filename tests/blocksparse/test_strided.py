@@ -15,7 +15,7 @@ import torch
 from tests.distributed_helpers import run_distributed
 
 from ring_blocksparse import BlockSparseRingDilatedAttention, build_pattern
-from ring_blocksparse.attention import _dense_kernel
+from ring_blocksparse.attention import dense_strip_kernel
 from ring_blocksparse.strided import StripRun, strip_attention, strip_calls
 from ring_blocksparse.strips import block_lists, classify, runs, strip_of
 from ring_core import reference_attention
@@ -78,7 +78,7 @@ def test_tiles_of_several_units(tile, causal):
         block_size=block, layout=layout, causal=causal, q=q, tile=tile,
     )  # fmt: skip
     assert any(c.tiles.partial.any() for c in calls) and all(c.tiles.tile == tile for c in calls)
-    out, _ = strip_attention(*leaves, StripRun(calls, _dense_kernel(q, causal, 8**-0.5, None), "math"))
+    out, _ = strip_attention(*leaves, StripRun(calls, dense_strip_kernel(q, causal, 8**-0.5, None), "math"))
     grads = torch.autograd.grad(out, leaves, dout)
     ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     expected = reference_attention(

@@ -13,7 +13,7 @@ import torch
 from tests.distributed_helpers import run_distributed
 
 from ring_blocksparse import BlockSparseRingDilatedAttention, build_pattern, flex, strided
-from ring_blocksparse.attention import _dense_kernel
+from ring_blocksparse.attention import dense_strip_kernel
 from ring_blocksparse.fa4 import tile_grids
 from ring_blocksparse.strips import classify, padded_grids, strip_of
 from ring_core import reference_attention
@@ -323,7 +323,7 @@ def test_windows_and_padding_in_tiles_of_several_units(tile, window, causal, den
     )  # fmt: skip
     assert all(c.tiles.tile == tile and c.tiles.padded for c in calls) and any(c.tiles.needs_window for c in calls)
     assert dense <= any(padded_grids(c.tiles, mask[:, c.k.rows])[0].any() for c in calls)
-    run = strided.StripRun(calls, _dense_kernel(q, causal, 5**-0.5, None), "math", key_padding_mask=mask)
+    run = strided.StripRun(calls, dense_strip_kernel(q, causal, 5**-0.5, None), "math", key_padding_mask=mask)
     out, _ = strided.strip_attention(*leaves, run)
     grads = torch.autograd.grad(out, leaves, dout)
     ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ring_blocksparse import BlockSparseRingDilatedAttention, Random, build_pattern
-from ring_blocksparse.attention import _dense_kernel
+from ring_blocksparse.attention import dense_strip_kernel
 from ring_blocksparse.fa4 import Fa4Blocks
 from ring_blocksparse.strided import StripRingSchedule, build_strip_plan
 from ring_core import create_attention
@@ -292,7 +292,7 @@ def simulate_ring(args, q, k, v, dout, layout, save, record) -> dict:
     n, h, block, world = args.seq_len, args.heads, args.block_size, args.ring
     segs, rts = [n], [1]
     causal = False
-    kernel = _dense_kernel(q, causal, q.shape[-1] ** -0.5, None)
+    kernel = dense_strip_kernel(q, causal, q.shape[-1] ** -0.5, None)
     one = BlockSparseRingDilatedAttention(segs, rts, block_size=block, block_layout=layout, method="flex")
     one.sparse_kernel = args.sparse_kernel
     one_ms = median_ms(lambda: torch.autograd.grad(one(q, k, v), (q, k, v), dout), repeats=args.repeats)

@@ -604,7 +604,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
             )  # fmt: skip
             _remember(self._strip_plans, key, plan)
         plan = self._strip_plans[key]
-        kernel = _dense_kernel(q, causal, scale, self.kernel)
+        kernel = dense_strip_kernel(q, causal, scale, self.kernel)
         self.last_plan, self.last_method = plan, "flex"
         if world == 1:
             run = StripRun(plan.calls[0], kernel, self.sparse_kernel, key_padding_mask=key_padding_mask)
@@ -663,7 +663,9 @@ class BlockSparseRingDilatedAttention(nn.Module):
         )
 
 
-def _dense_kernel(q: torch.Tensor, causal: bool, scale: float, name: str | None) -> BlockKernel:
-    """The registry's kernel for dense strips (key/value heads expanded to the query's) and the merges."""
+def dense_strip_kernel(q: torch.Tensor, causal: bool, scale: float, name: str | None) -> BlockKernel:
+    """The registry's kernel for dense strips (key/value heads expanded to the query's) and the merges, as
+    ``method="flex"`` gives it to ``StripRun`` and ``StripRingSchedule``; ``name`` forces a registered kernel
+    (None: dispatch on ``q``'s device and dtype)."""
     request = KernelRequest.for_tensors(q, q, causal=causal, has_mask=False, dropout_p=0.0)
     return block_kernel(q, q, request=request, softmax_scale=scale, kernel=name)
