@@ -148,6 +148,36 @@ def test_safe_flags_follow_the_layout():
     assert _flags(gap, False)["BLOCKS_ARE_CONTIGUOUS"] is False
 
 
+def test_rows_are_safe_only_with_a_key_in_the_first_tile_visited():
+    """FlexAttention visits a row's partial tiles first (ascending), then its full ones, and with
+    ROWS_GUARANTEED_SAFE a row with no key in the first tile it visits turns NaN: the flag needs
+    every row of tiles to start at a tile that holds a key for each of its rows."""
+    from ring_blocksparse.flex import safe_flags
+
+    eye = torch.eye(4, dtype=torch.bool)[None]
+    full = torch.tril(torch.ones(4, 4, dtype=torch.bool), -1)[None]
+    assert safe_flags(full, eye, diagonal_only=True)["ROWS_GUARANTEED_SAFE"] is True  # causal: the diagonal
+    # a causal window: each row's far edge tile (partial, visited first) before its full and diagonal tiles
+    edge = torch.zeros(1, 4, 4, dtype=torch.bool)
+    edge[0, 2, 0] = edge[0, 3, 1] = True
+    band_full = full & ~edge & (torch.arange(4)[:, None] - torch.arange(4)[None, :] <= 2)
+    assert safe_flags(band_full, eye | edge, diagonal_only=True)["ROWS_GUARANTEED_SAFE"] is False
+    assert safe_flags(band_full, eye, diagonal_only=True)["ROWS_GUARANTEED_SAFE"] is True
+    # a layout's partial tile in a row that also has full tiles: some of its rows may have no key there
+    layout_partial = torch.zeros(1, 4, 4, dtype=torch.bool)
+    layout_partial[0, 1, 3] = True
+    assert (
+        safe_flags(torch.ones(1, 4, 4, dtype=torch.bool) & ~layout_partial, layout_partial)["ROWS_GUARANTEED_SAFE"]
+        is False
+    )
+    assert (
+        safe_flags(torch.ones(1, 4, 4, dtype=torch.bool), torch.zeros(1, 4, 4, dtype=torch.bool))[
+            "ROWS_GUARANTEED_SAFE"
+        ]
+        is True
+    )
+
+
 @pytest.mark.parametrize(
     ("options", "error", "match"),
     [
@@ -193,3 +223,44 @@ def test_tuned_tiles_only_where_the_rule_reads_no_layout(monkeypatch):
     plain = flex.kernel_options_for(q, {"ROWS_GUARANTEED_SAFE": True}, {"fwd_num_stages": 2}, tuned=False)
     assert tuned == {"ROWS_GUARANTEED_SAFE": True, **flex.TUNED_OPTIONS[9, torch.bfloat16, 128]}
     assert plain == {"ROWS_GUARANTEED_SAFE": True, "fwd_num_stages": 2}
+
+
+@pytest.mark.parametrize(
+    ("layout", "causal", "window"),
+    [("band", False, (-1, -1)), ("band", True, (-1, -1)), ("band", True, (40, 0)), ("band", False, (30, 50)),
+     (None, True, (-1, -1)), (None, False, (-1, -1)), (None, True, (40, 0))],
+)  # fmt: skip
+def test_flagged_calls_find_a_key_in_the_first_tile_they_visit(layout, causal, window):
+    """The contract of ROWS_GUARANTEED_SAFE checked on the rule itself, for every flagged strip call of
+    dilated branches (with and without a band layout, windows; tiles of several layout blocks, as on the
+    GPU): each row of a flagged call has a key in the first tile the kernel visits for it."""
+    from ring_blocksparse.flex import safe_flags
+    from ring_blocksparse.strided import strip_calls
+    from ring_core.dilated import branches
+
+    n, block, tile = 512, 8, 16
+    i = torch.arange(n // block)
+    band = ((i[:, None] - i[None, :]).abs() <= 5)[None] if layout else None
+    pos = torch.arange(n)
+    calls = strip_calls(
+        pos, pos, num_heads=2, num_kv_heads=2, branch_list=branches([64, 128, 256], [1, 2, 4], "lse", 2),
+        block_size=block, layout=band, causal=causal, q=torch.zeros(1, n, 2, 4), dense=False, masks=False,
+        tile=tile, window=window,
+    )  # fmt: skip
+    flagged = 0
+    for call in calls:
+        tiles = call.tiles
+        if tiles.empty:
+            continue
+        diagonal_only = call.rule.same_strip and causal and not (tiles.needs_layout or tiles.needs_segment)
+        if not safe_flags(tiles.full, tiles.partial, diagonal_only)["ROWS_GUARANTEED_SAFE"]:
+            continue
+        flagged += 1
+        allowed = call.rule.dense(1)[0, 0]  # (nq, nk): one layout for every head
+        for row in range(tiles.full.shape[1]):
+            partial, full = tiles.partial[0, row], tiles.full[0, row]
+            first = int(partial.nonzero()[0]) if partial.any() else int(full.nonzero()[0])
+            seen = allowed[row * tile : (row + 1) * tile, first * tile : (first + 1) * tile]
+            assert bool(seen.any(-1).all()), f"row tile {row}: a query without a key in tile {first}"
+    if layout is None and window == (-1, -1):
+        assert flagged  # (no layout: every row's first tile holds its keys)

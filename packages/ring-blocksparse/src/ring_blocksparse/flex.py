@@ -11,7 +11,7 @@ Outputs come with their log-sum-exp, so branches (and ring steps) merge exactly.
 
 Kernel options (``flex_attention(kernel_options=...)``): the block mask says which flags
 are safe (:func:`safe_flags`: ``ROWS_GUARANTEED_SAFE`` when every query row has an allowed
-key, ``BLOCKS_ARE_CONTIGUOUS`` when every row's and column's blocks are one run, e.g. a
+key in the first tile the kernel visits for it, ``BLOCKS_ARE_CONTIGUOUS`` when every row's and column's blocks are one run, e.g. a
 band), :data:`TUNED_OPTIONS` holds tile shapes measured on Hopper, and the caller's
 ``kernel_options`` override both.
 """
@@ -108,16 +108,20 @@ def _one_run(mask: torch.Tensor) -> bool:
 def safe_flags(full: torch.Tensor, partial: torch.Tensor, diagonal_only: bool = False) -> dict[str, bool]:
     """The FlexAttention flags this block mask makes safe (``full``/``partial``: bool (H, nq, nk)).
 
-    ``ROWS_GUARANTEED_SAFE``: every query row has a key: a full tile in every row of tiles, or
-    (``diagonal_only``: partial tiles are causal diagonal tiles of one strip, which hold the query
-    itself) the diagonal tile. ``BLOCKS_ARE_CONTIGUOUS``: the kernels step to the next block
-    without reading the index list, so every row's full and partial blocks, and every column's
-    (the backward walks columns), must be one run each.
+    ``ROWS_GUARANTEED_SAFE``: the kernel skips its guard for a query row with no key yet, so every
+    row must find a key in the first tile it visits: the partial tiles come first, in ascending
+    order, then the full ones. Safe where a row of tiles has no partial tile and some full tile,
+    or (``diagonal_only``: partial tiles are causal diagonal tiles of one strip, which hold the
+    query itself) where its first partial tile is the diagonal one. ``BLOCKS_ARE_CONTIGUOUS``:
+    the kernels step to the next block without reading the index list, so every row's full and
+    partial blocks, and every column's (the backward walks columns), must be one run each.
     """
-    has_key = full.any(-1)
+    has_partial = partial.any(-1)
+    safe = ~has_partial & full.any(-1)
     if diagonal_only and full.shape[-1] == full.shape[-2]:
-        has_key = has_key | (full | partial).diagonal(dim1=-2, dim2=-1)
-    rows_safe = bool(has_key.all())
+        first_partial = partial.to(torch.int8).argmax(-1)
+        safe |= has_partial & (first_partial == torch.arange(partial.shape[-2]))
+    rows_safe = bool(safe.all())
     contiguous = all(_one_run(m) and _one_run(m.transpose(-1, -2)) for m in (full, partial))
     return {"ROWS_GUARANTEED_SAFE": rows_safe, "BLOCKS_ARE_CONTIGUOUS": contiguous}
 
