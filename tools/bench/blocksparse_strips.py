@@ -18,7 +18,8 @@ at density ~0.1 with one rate-1 branch at most ``0.12 x dense`` (scaled by densi
 pattern's options cannot hit 0.1); the gather path at most ``1.2 x flex``; the ring (``--ring P``
 ranks simulated on one GPU: each rank's steps run on the rows the plan sends, scattered into the
 source shard as the ring does) at most ``1.1 x`` the one-GPU time of the same tiles. The plan build
-time (block masks) is reported for every case. JSON is rewritten after every row.
+time (block masks) is reported for every case; so is whether the output and gradients are finite
+(a row that is not never meets its target). JSON is rewritten after every row.
 """
 
 from __future__ import annotations
@@ -189,9 +190,14 @@ def main(argv=None) -> int:
                 entry["dense_strips"] = sum(c.run is not None for c in plan.calls[0])
                 entry["flex_calls"] = sum(c.run is None for c in plan.calls[0])
             t0 = time.perf_counter()
-            fwd_bwd(attn, causal)()
+            out = attn(q, k, v, is_causal=causal)
+            grads = torch.autograd.grad(out, (q, k, v), dout)
             torch.cuda.synchronize()
             entry["first_call_s"] = time.perf_counter() - t0
+            entry["finite"] = all(
+                bool(t.isfinite().all()) for t in (out, *grads)
+            )  # a NaN row's time counts for nothing
+            del out, grads
             entry["fwd_ms"] = median_ms(lambda: attn(q, k, v, is_causal=causal), repeats=args.repeats)
             entry["fwd_bwd_ms"] = median_ms(fwd_bwd(attn, causal), repeats=args.repeats if method == "flex" else 3)
             entry["method_used"] = attn.last_method
@@ -211,7 +217,7 @@ def main(argv=None) -> int:
         entry[ratio_name] = entry["fwd_bwd_ms"] / baseline
         if target is not None:
             entry["target"] = target
-            entry["met"] = entry[ratio_name] <= target
+            entry["met"] = entry[ratio_name] <= target and entry.get("finite", True)
         save()
         print(
             f"{entry['section']:8s} {entry['name']:22s} {'causal' if entry['causal'] else 'full':6s} "
@@ -280,6 +286,7 @@ def main(argv=None) -> int:
         print(
             f"{r['section']:8s} {r['name']:22s} {r['causal']!s:6s} {r.get('density', 1.0):7.4f} "
             f"{r['fwd_bwd_ms']:8.2f} {ratio[3:]:>7s} {r[ratio]:6.3f} {r.get('target', float('nan')):7.3f} {r.get('met')}"
+            + ("" if r.get("finite", True) else "  NOT FINITE")
         )
     if "ring" in record:
         ring = record["ring"]
