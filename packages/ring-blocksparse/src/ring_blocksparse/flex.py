@@ -11,9 +11,9 @@ Outputs come with their log-sum-exp, so branches (and ring steps) merge exactly.
 
 Kernel options (``flex_attention(kernel_options=...)``): the block mask says which flags
 are safe (:func:`safe_flags`: ``ROWS_GUARANTEED_SAFE`` when every query row has an allowed
-key in the first tile the kernel visits for it, ``BLOCKS_ARE_CONTIGUOUS`` when every row's and column's blocks are one run, e.g. a
-band), :data:`TUNED_OPTIONS` holds tile shapes measured on Hopper, and the caller's
-``kernel_options`` override both.
+key in the first tile the kernel visits for it, ``BLOCKS_ARE_CONTIGUOUS`` when every row's
+and column's blocks are one run, e.g. a band), :data:`TUNED_OPTIONS` holds tile shapes
+measured on Hopper, and the caller's ``kernel_options`` override both.
 """
 
 from __future__ import annotations
