@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ring_blocksparse import BlockSparseRingDilatedAttention, Random, build_pattern
 from ring_blocksparse.attention import dense_strip_kernel
 from ring_blocksparse.fa4 import Fa4Blocks
-from ring_blocksparse.strided import StripRingSchedule, build_strip_plan
+from ring_blocksparse.strip_ring import StripRingSchedule, build_strip_plan
 from ring_core import create_attention
 from ring_core.dilated import branches
 from ring_core.engine import Accumulator

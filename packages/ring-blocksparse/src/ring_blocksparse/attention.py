@@ -12,9 +12,8 @@ tile of the receiver needs (nothing at all when no tile needs them).
 from __future__ import annotations
 
 import warnings
-import zlib
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,35 +25,29 @@ from ring_core.plugin import (
     CallOp,
     KernelRequest,
     OpCall,
-    RingComm,
-    RingCommStats,
     block_kernel,
     blockwise_attention,
     branches,
     check_dilated_config,
-    check_divisible,
     check_dropout,
     check_layout,
-    check_qkv,
     check_scale,
     check_timeout,
     check_window,
     default_scale,
-    dropout_seed,
     group_rank_and_size,
     run_attention,
-    validate_inputs,
 )
 
+from .checks import _agree, _prepare, _remember, layout_digest, layout_identity
 from .flex import check_kernel_options, flex_reasons
-from .gather import BlockSparseSchedule, CommStats
-from .patterns import Pattern, build_pattern, check_block_layout, check_block_size
-from .plan import Plan, build_plan
-from .strided import SPARSE_KERNELS, StripPlan, StripRingSchedule, StripRun, build_strip_plan, strip_attention
+from .gather import BlockSparseSchedule, CommStats, _kernels
+from .patterns import Pattern, build_pattern, check_block_size
+from .plan import Plan
+from .strided import SPARSE_KERNELS, StripRun, strip_attention
+from .strip_ring import StripPlan, StripRingSchedule, build_strip_plan
 
 METHODS = ("auto", "gather", "flex")
-
-_V = TypeVar("_V")
 
 
 class _GatherOp(AttentionOp):
@@ -70,29 +63,6 @@ class _GatherOp(AttentionOp):
     def schedule(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: OpCall) -> BlockSparseSchedule:
         owner: BlockSparseRingDilatedAttention = self.owner
         return owner._gather_schedule(q, k, v, call)
-
-
-def _kernels(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    *,
-    causal: bool,
-    padded: bool,
-    dropout_p: float,
-    scale: float,
-    kernel: str | None,
-    seed: int | None = None,
-) -> tuple[BlockKernel, BlockKernel]:
-    """The kernel for unmasked tiles (and causal diagonal tiles) and the one for masked tiles (one dropout seed)."""
-    if seed is None:
-        seed = dropout_seed() if dropout_p > 0 else 0  # one seed: both kernels' blocks are one call's
-    full, masked = (
-        block_kernel(
-            q, k, causal=causal, has_mask=has_mask, dropout_p=dropout_p, softmax_scale=scale, kernel=kernel, seed=seed
-        )
-        for has_mask in (padded, True)
-    )
-    return full, masked
 
 
 def block_sparse_dilated_attention(
@@ -169,142 +139,6 @@ def block_sparse_dilated_attention(
         lse_grad=return_lse, cu_seqlens=cu_seqlens,
     )  # fmt: skip
     return (out, lse.transpose(1, 2)) if return_lse else out
-
-
-def _prepare(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    segment_lengths: Sequence[int],
-    dilation_rates: Sequence[int],
-    block_size: int,
-    block_layout: torch.Tensor | None,
-    merge: str,
-    is_causal: bool,
-    key_padding_mask: torch.Tensor | None,
-    layout: str,
-    process_group: Any,
-    transposed_backward: bool = True,
-    cache: dict[tuple[Any, ...], Plan] | None = None,
-    build: bool = True,
-    timeout: float | None = None,
-    context: str = "",
-    window: tuple[int, int] = (-1, -1),
-    documents: tuple[int, ...] | None = None,
-) -> tuple[Plan | None, dict[str, Any]]:
-    """Validate this rank's inputs and build or reuse the plan (if ``build``); across ranks :func:`_agree` ran
-    first. Returns the plan and the schedule's communication arguments. ``window`` and ``documents``
-    (checked ``cu_seqlens`` values) restrict the tile pairs; a plan of documents is not kept (a new
-    batch of documents every call)."""
-    segments, rates = check_dilated_config(segment_lengths, dilation_rates, merge)
-    check_block_size(block_size)
-    check_layout(layout)
-    check_qkv(q, k, v, key_padding_mask)
-    rank, world = group_rank_and_size(process_group)
-    seq_len = q.shape[1] * world
-    check_divisible(seq_len, world, layout)
-    if block_layout is not None:
-        check_block_layout(block_layout, seq_len, block_size, q.shape[2])
-    key = (
-        layout_identity(block_layout), seq_len, q.shape[2], k.shape[2], bool(is_causal), rank, world, layout,
-        str(q.device), transposed_backward, segments, rates, merge, block_size, window,
-    )  # fmt: skip
-    if documents is not None:
-        cache = None
-    plan = None if cache is None else cache.get(key)
-    if plan is None and build:
-        plan = build_plan(
-            seq_len=seq_len,
-            num_heads=q.shape[2],
-            num_kv_heads=k.shape[2],
-            branch_list=branches(segments, rates, merge, q.shape[2]),
-            block_size=block_size,
-            block_layout=block_layout,
-            causal=bool(is_causal),
-            rank=rank,
-            world_size=world,
-            layout=layout,
-            transposed_backward=transposed_backward,
-            window=window,
-            documents=documents,
-        ).to(q.device)
-        if cache is not None:
-            _remember(cache, key, plan)
-    return plan, {"group": process_group if world > 1 else None, "timeout": timeout, "context": context}
-
-
-def layout_identity(block_layout: torch.Tensor | None) -> tuple[int, int] | None:
-    """A layout tensor by identity and version: an in-place edit changes the version, so cached plans miss."""
-    return None if block_layout is None else (id(block_layout), block_layout._version)
-
-
-def _remember(cache: dict[tuple[Any, ...], _V], key: tuple[Any, ...], value: _V) -> None:
-    """``cache[key] = value`` (``key[0]``: :func:`layout_identity`); what was built for an earlier version of the
-    same layout tensor is stale, and dropped."""
-    if key[0] is not None:
-        for old in [old for old in cache if old[0] is not None and old[0][0] == key[0][0]]:
-            del cache[old]
-    cache[key] = value
-
-
-def layout_digest(block_layout: torch.Tensor | None) -> int:
-    """A fingerprint of a block layout (its shape and which blocks are allowed), equal on every rank for equal
-    layouts; 0 for ``None``."""
-    if block_layout is None:
-        return 0
-    allowed = block_layout.flatten().nonzero().flatten()
-    mixed = (allowed * 0x9E3779B1 + 0x7F4A7C15) * (allowed ^ 0x5BD1E995)  # int64, wraps
-    return zlib.crc32(repr((tuple(block_layout.shape), int(mixed.sum()), allowed.numel())).encode())
-
-
-def _agree(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    segment_lengths: Sequence[int],
-    dilation_rates: Sequence[int],
-    block_size: int,
-    layout_of: Callable[[int, int], torch.Tensor | None],
-    merge: str,
-    is_causal: bool,
-    key_padding_mask: torch.Tensor | None,
-    layout: str,
-    process_group: Any,
-    softmax_scale: float | None,
-    dropout_p: float,
-    transposed_backward: bool,
-    timeout: float | None,
-    name: str,
-    window: tuple[int, int] = (-1, -1),
-    cu_seqlens: torch.Tensor | None = None,
-    digest: Callable[[torch.Tensor | None], int] = layout_digest,
-) -> None:
-    """Across ranks: check everything on this rank, then agree (one small all-gather, before any other
-    communication): the same error on every rank, or none. ``layout_of(seq_len, num_heads)`` gives the block
-    layout (or ``None``); ``digest`` fingerprints it; ``window`` and ``cu_seqlens`` (global ``N``) are
-    agreed on too. On one process there is no collective: the configuration, ``q, k, v`` and ``cu_seqlens``
-    are checked here, the block layout where the plan is built."""
-    rank, world = group_rank_and_size(process_group)
-    segments, rates = check_dilated_config(segment_lengths, dilation_rates, merge)
-    check_block_size(block_size)
-    check_layout(layout)
-
-    def local_check() -> tuple[int]:
-        seq_len = q.shape[1] * world
-        block_layout = layout_of(seq_len, q.shape[2])
-        if block_layout is not None:
-            check_block_layout(block_layout, seq_len, block_size, q.shape[2])
-        return (digest(block_layout),)
-
-    validate_inputs(
-        q, k, v, key_padding_mask, world_size=world,
-        comms=lambda: [RingComm(process_group, rank, world, RingCommStats(), timeout=timeout)], cu_seqlens=cu_seqlens,
-        causal=bool(is_causal), layout=layout, merge=merge,
-        config=(segments, rates, block_size, dropout_p, bool(transposed_backward)), scale=softmax_scale, name=name,
-        local_check=local_check, window_size=window,
-    )  # fmt: skip
 
 
 class BlockSparseRingDilatedAttention(nn.Module):

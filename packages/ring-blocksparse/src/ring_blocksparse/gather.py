@@ -11,7 +11,16 @@ from typing import Any
 
 import torch
 
-from ring_core.plugin import Accumulator, BlockKernel, BlockSchedule, Exchange, RingComm, RingCommStats
+from ring_core.plugin import (
+    Accumulator,
+    BlockKernel,
+    BlockSchedule,
+    Exchange,
+    RingComm,
+    RingCommStats,
+    block_kernel,
+    dropout_seed,
+)
 
 from .plan import CAUSAL, MASKED, Group, Plan
 
@@ -70,6 +79,29 @@ def _add_rows(target: torch.Tensor, heads: slice | torch.Tensor, rows: torch.Ten
     else:
         index = (torch.arange(b, device=rows.device)[:, None, None], rows[None, :, None], heads[None, None, :])
         target.index_put_(index, grad, accumulate=True)
+
+
+def _kernels(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    causal: bool,
+    padded: bool,
+    dropout_p: float,
+    scale: float,
+    kernel: str | None,
+    seed: int | None = None,
+) -> tuple[BlockKernel, BlockKernel]:
+    """The kernel for unmasked tiles (and causal diagonal tiles) and the one for masked tiles (one dropout seed)."""
+    if seed is None:
+        seed = dropout_seed() if dropout_p > 0 else 0  # one seed: both kernels' blocks are one call's
+    full, masked = (
+        block_kernel(
+            q, k, causal=causal, has_mask=has_mask, dropout_p=dropout_p, softmax_scale=scale, kernel=kernel, seed=seed
+        )
+        for has_mask in (padded, True)
+    )
+    return full, masked
 
 
 class BlockSparseSchedule(BlockSchedule):

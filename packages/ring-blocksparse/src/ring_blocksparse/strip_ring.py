@@ -1,0 +1,200 @@
+"""The strips across ranks: each rank's plan of calls per source shard, and the sparse ring that runs them.
+
+Every rank computes the same plan for every pair of ranks (which key/value rows one sends the other),
+so sends and receives match without talking. Each ring step runs the calls of
+:mod:`ring_blocksparse.strided` against the source's shard, the received rows put back at their rows;
+the backward recomputes each step's calls instead of keeping their graphs, so memory stays one shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ring_core.plugin import Accumulator, BlockKernel, shard_positions
+
+from .fa4 import fa4_backward, fa4_forward
+from .gather import BlockSparseSchedule, CommStats, _Posted
+from .strided import StripCall, StripRun, fa4_blocks, sparse_backward, sparse_forward, strip_calls
+from .strips import needed_rows
+
+# A source rank's shard as a ring step sees it: K, V and (with a key padding mask) the padding.
+_Shard = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+
+
+@dataclass
+class StripPlan:
+    """One rank's ring: its calls per source rank and the rows that travel (in the source's row order)."""
+
+    rank: int
+    world_size: int
+    shard_len: int
+    calls: dict[int, list[StripCall]]
+    recv_rows: dict[int, torch.Tensor]  # source -> rows of the source's shard this rank receives
+    send_rows: dict[int, torch.Tensor]  # destination -> local rows sent
+    recv_positions: dict[int, torch.Tensor]  # source -> global positions received (same order)
+
+    def to(self, device: torch.device) -> StripPlan:
+        self.recv_rows = {s: r.to(device) for s, r in self.recv_rows.items()}
+        self.send_rows = {d: r.to(device) for d, r in self.send_rows.items()}
+        return self
+
+
+def build_strip_plan(
+    *, seq_len: int, rank: int, world_size: int, layout_kind: str, q: torch.Tensor, **call_options: Any
+) -> StripPlan:
+    """The plan of ``rank``: its calls against every shard, and which rows each pair of ranks exchanges.
+
+    Every rank computes the same exchange for every pair, so sends and receives match without talking.
+    """
+    positions = [shard_positions(seq_len, r, world_size, layout_kind) for r in range(world_size)]
+    # dense strips and per-mask kernel flags on one process only: a ring step's flags vary by step,
+    # and each set would compile its own kernel
+    options = dict(call_options, q=q, dense=world_size == 1, flags=world_size == 1)
+    calls: dict[int, list[StripCall]] = {}
+    recv_rows: dict[int, torch.Tensor] = {}
+    send_rows: dict[int, torch.Tensor] = {}
+    recv_positions: dict[int, torch.Tensor] = {}
+    for source in range(world_size):
+        calls[source] = strip_calls(positions[rank], positions[source], **options)
+        if source != rank:
+            rows = needed_rows([(c.tiles, c.k) for c in calls[source]], len(positions[source]))
+            recv_rows[source], recv_positions[source] = rows, positions[source][rows]
+            theirs = strip_calls(positions[source], positions[rank], **dict(options, masks=False))
+            send_rows[source] = needed_rows([(c.tiles, c.k) for c in theirs], len(positions[rank]))
+    return StripPlan(rank, world_size, len(positions[rank]), calls, recv_rows, send_rows, recv_positions).to(q.device)
+
+
+class StripRingSchedule(BlockSparseSchedule):
+    """The sparse ring with every step on the strip kernels: the rows received from a rank are put back at
+    their rows of that rank's shard (a buffer read only where the block masks allow), so each step is
+    the same calls as on one GPU; the backward recomputes each step's calls (memory stays one shard)."""
+
+    # The base class's exchanges read only what both plans have: rank, world_size, send_rows, recv_positions.
+    plan: StripPlan  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        plan: StripPlan,
+        kernel: BlockKernel,
+        *,
+        stats: CommStats | None = None,
+        sparse: str = "auto",
+        key_padding_mask: torch.Tensor | None = None,
+        **comm_options: Any,
+    ) -> None:
+        """``comm_options``: ``group``, ``timeout`` and ``context`` of :class:`~ring_blocksparse.gather.BlockSparseSchedule`;
+        ``key_padding_mask``: this rank's ``(B, n)`` (its rows travel with the key/value rows)."""
+        super().__init__(plan, kernel, kernel, key_padding_mask=key_padding_mask, stats=stats, **comm_options)  # type: ignore[arg-type]
+        self.run = StripRun([], kernel, sparse)
+
+    def shard_buffers(self, k: torch.Tensor, v: torch.Tensor) -> _Shard:
+        b, _, h, _ = k.shape
+        shape = (b, self.plan.shard_len, h)
+        # rows not received are never read where a block mask allows; as padding they also skip tiles
+        pad = None if self.key_padding_mask is None else self.key_padding_mask.new_ones(b, self.plan.shard_len)
+        return k.new_zeros(*shape, k.shape[-1]), v.new_zeros(*shape, v.shape[-1]), pad
+
+    def place(
+        self, source: int, k_buf: torch.Tensor, v_buf: torch.Tensor, pad: torch.Tensor | None, shard: _Shard
+    ) -> _Shard:
+        """The source's shard as this step sees it: received rows at their rows, the rest untouched (finite)."""
+        if source == self.plan.rank:
+            return k_buf, v_buf, pad
+        rows = self.plan.recv_rows[source]
+        shard[0].index_copy_(1, rows, k_buf)
+        shard[1].index_copy_(1, rows, v_buf)
+        if pad is not None and shard[2] is not None:
+            shard[2].index_copy_(1, rows, pad)
+        return shard
+
+    def forward_step(
+        self,
+        q: torch.Tensor,
+        calls: list[StripCall],
+        kb: torch.Tensor,
+        vb: torch.Tensor,
+        acc: Accumulator,
+        pad: torch.Tensor | None = None,
+    ) -> None:
+        for call in calls:
+            blocks = fa4_blocks(self.run, call, q)
+            if blocks is not None:
+                o, lse = fa4_forward(call, blocks, q, kb, vb, scale=self.kernel.scale)
+            else:
+                o, lse, _ = sparse_forward(self.run, call, q, kb, vb, grad=False, pad=pad)
+                o = o.transpose(1, 2)
+            self.kernel.backend.merge(call.q_view(acc.out), call.q_view(acc.lse), o, lse.transpose(1, 2))
+
+    def backward_step(
+        self,
+        q: torch.Tensor,
+        calls: list[StripCall],
+        kb: torch.Tensor,
+        vb: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        dout: torch.Tensor,
+        dq: torch.Tensor,
+        dkb: torch.Tensor,
+        dvb: torch.Tensor,
+        pad: torch.Tensor | None = None,
+    ) -> None:
+        accumulate = self.kernel.backend.accumulate
+        for call in calls:
+            blocks = fa4_blocks(self.run, call, q)
+            if blocks is not None:
+                bq, bk, bv = fa4_backward(call, blocks, q, kb, vb, out, lse, dout, scale=self.kernel.scale)
+            else:
+                o, lse_call, leaves = sparse_forward(self.run, call, q, kb, vb, grad=True, pad=pad)
+                bq, bk, bv = sparse_backward(call, o, lse_call, leaves, dout, out, lse)
+            accumulate(call.q_view(dq), bq)
+            accumulate(call.kv_leaf(dkb), bk)
+            accumulate(call.kv_leaf(dvb), bv)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, acc: Accumulator) -> None:
+        self.stats.calls += 1
+        shard = self.shard_buffers(k, v)
+        for source, k_buf, v_buf, pad in self._sources(k, v, "forward"):
+            if k_buf is not None and v_buf is not None and self.plan.calls[source]:
+                kb, vb, pb = self.place(source, k_buf, v_buf, pad, shard)
+                self.forward_step(q, self.plan.calls[source], kb, vb, acc, pb)
+
+    def backward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        dout: torch.Tensor,
+        grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> None:
+        plan = self.plan
+        dq, dk, dv = grads
+        d = k.shape[-1]
+        shard = self.shard_buffers(k, v)
+        returning: list[_Posted] = []
+        for source, k_buf, v_buf, pad in self._sources(k, v, "backward"):
+            dkv = None
+            if source == plan.rank:
+                self.backward_step(q, plan.calls[source], k, v, out, lse, dout, dq, dk, dv, pad)
+            elif k_buf is not None and v_buf is not None:
+                kb, vb, pb = self.place(source, k_buf, v_buf, pad, shard)
+                dkb, dvb = torch.zeros_like(kb, dtype=dk.dtype), torch.zeros_like(vb, dtype=dv.dtype)
+                self.backward_step(q, plan.calls[source], kb, vb, out, lse, dout, dq, dkb, dvb, pb)
+                rows = plan.recv_rows[source]
+                shape = (*k_buf.shape[:3], d + v_buf.shape[3])
+                dkv = self.comm.empty("grad", shape[0] * shape[1] * shape[2] * shape[3], dk).view(shape)
+                dkv[..., :d] = dkb.index_select(1, rows)
+                dkv[..., d:] = dvb.index_select(1, rows)
+            if source != plan.rank:
+                returning.append(self._post_grads(dkv, source, dk, v.shape[-1]))
+        for exchange, shape, rows in returning:
+            received = exchange.wait()
+            if received is not None:
+                received = received.view(shape)
+                dk.index_add_(1, rows, received[..., :d])
+                dv.index_add_(1, rows, received[..., d:])
