@@ -1,4 +1,4 @@
-"""Block-sparse dilated attention on strips, on one process: one fused kernel call per branch offset, merged by LSE.
+"""Block-sparse dilated attention on strips: the calls (one fused kernel call per branch offset), run on one process.
 
 Every branch offset is a :class:`StripCall`: strided views of ``q`` and of a key/value buffer (no
 gather), the tiles its layout, segments and causality allow, and either a FlexAttention
