@@ -38,24 +38,3 @@ def test_flash_attn4_strips_match_the_reference(case, pattern):
     calls = attn.last_plan.calls[0]
     assert any(isinstance(c.fa4, Fa4Blocks) for c in calls), [(c.tiles.needs_layout, c.run) for c in calls]
     assert result.passed, f"{case}: {result.errors} > {result.tolerance}"
-
-
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_split_calls_match_the_reference(causal):
-    """A call whose partial tiles need the token rule runs its full tiles on flash-attn 4 and its partial tiles
-    on FlexAttention, merged; query tiles with no full tile give flash-attn 4 empty rows (zero, ``-inf``)."""
-    if not available(torch.zeros(1, 1, 1, 128, device="cuda", dtype=torch.bfloat16)):
-        pytest.skip("flash-attn 4 is not installed")
-    case = Case("split", 2048, 4, (1024, 2048), (1, 2), kv_heads=2, head_dim=128, causal=causal)
-    attn = BlockSparseRingDilatedAttention(
-        **case.config, block_size=128, pattern="random", method="flex", density=0.6, seed=3, per_head=True
-    )
-    layout = attn.layout_for(case.seq_len, case.heads)
-    result = check_attention(
-        attn, case, torch.bfloat16, device="cuda", reference_options={"block_layout": layout, "block_size": 128}
-    )
-    calls = attn.last_plan.calls[0]
-    parts = [c for c in calls if isinstance(c.fa4, Fa4Blocks) and c.q.rate == 2]
-    assert parts and any(not bool(c.tiles.full.any(-1).all()) for c in parts), "no flash-attn 4 part with empty rows"
-    assert any(c.fa4 is False and c.q.rate == 2 and not c.tiles.full.any() for c in calls), "no FlexAttention part"
-    assert result.passed, f"{case}: {result.errors} > {result.tolerance}"

@@ -231,44 +231,6 @@ def test_ring_on_strips(world_size, layouts):
         assert result["contiguous", "band"]["sent"]["forward"] == boundaries * 16 * row_bytes
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_fa4_split_parts_are_the_call(causal):
-    """``fa4_split``: a call whose partial tiles need the token rule becomes its full tiles (a call flash-attn 4
-    takes whole) and its partial tiles (FlexAttention); the two cover exactly the call's tiles, only the first
-    may write the results, and together they give the float64 reference, forward and backward."""
-    from ring_blocksparse.fa4 import tile_grids
-
-    n, h, block, segments, rates = 1024, 2, 128, [512, 1024], [1, 2]
-    layout = build_pattern("random", density=0.6, seed=3, per_head=True).layout(n, block, h)
-    generator = torch.Generator().manual_seed(7)
-    q, k, v, dout = (torch.randn(1, n, h, 8, generator=generator, dtype=torch.float64) for _ in range(4))
-    options = dict(num_heads=h, num_kv_heads=h, branch_list=branches(segments, rates, "lse", h), block_size=block,
-                   layout=layout, causal=causal, q=q, tile=128)  # fmt: skip
-    whole = strip_calls(torch.arange(n), torch.arange(n), **options)
-    calls = strip_calls(torch.arange(n), torch.arange(n), **options, fa4_split=True)
-    assert len(calls) > len(whole)
-    for call in whole:
-        parts = [c for c in calls if (c.q.offset, c.q.rate, c.heads) == (call.q.offset, call.q.rate, call.heads)]
-        if tile_grids(call) is not None or not call.tiles.full.any():
-            assert len(parts) == 1
-            continue
-        first, second = parts
-        assert tile_grids(first) is not None and not first.tiles.partial.any() and not second.tiles.full.any()
-        assert torch.equal(first.tiles.full, call.tiles.full) and torch.equal(second.tiles.partial, call.tiles.partial)
-        assert not second.covering
-    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    out, _ = strip_attention(*leaves, StripRun(calls, dense_strip_kernel(q, causal, 8**-0.5, None), "math"))
-    grads = torch.autograd.grad(out, leaves, dout)
-    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    expected = reference_attention(
-        *ref_leaves, segment_lengths=segments, dilation_rates=rates, is_causal=causal, block_layout=layout,
-        block_size=block,
-    )  # fmt: skip
-    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
-    for got, want in zip(grads, torch.autograd.grad(expected, ref_leaves, dout)):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
-
-
 @pytest.mark.parametrize(
     ("pattern", "options", "segments", "rates", "causal", "expected"),
     [

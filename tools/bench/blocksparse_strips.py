@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from ring_blocksparse import BlockSparseRingDilatedAttention, Random, build_pattern
 from ring_blocksparse.attention import dense_strip_kernel
 from ring_blocksparse.fa4 import Fa4Blocks
-from ring_blocksparse.fa4 import available as fa4_available
 from ring_blocksparse.strip_ring import StripRingSchedule, build_strip_plan
 from ring_core import create_attention
 from ring_core.dilated import branches
@@ -184,7 +183,6 @@ def main(argv=None) -> int:
                 plan = build_strip_plan(
                     seq_len=n, rank=0, world_size=1, layout_kind="contiguous", q=q, num_heads=h, num_kv_heads=h,
                     branch_list=branches(segs, rts, "lse", h), block_size=block, layout=layout, causal=causal,
-                    fa4_split=args.sparse_kernel == "auto" and fa4_available(q),
                 )  # fmt: skip
                 torch.cuda.synchronize()
                 entry["plan_build_s"] = time.perf_counter() - t0
@@ -310,7 +308,7 @@ def simulate_ring(args, q, k, v, dout, layout, save, record) -> dict:
     result = {"world_size": world, "layout": "contiguous", "pattern": "random", "density": layout.float().mean().item(),
               "causal": causal, "one_gpu_ms": one_ms, "ranks": []}  # fmt: skip
     options = dict(num_heads=h, num_kv_heads=h, branch_list=branches(segs, rts, "lse", h), block_size=block,
-                   layout=layout, causal=causal, fa4_split=args.sparse_kernel == "auto" and fa4_available(q))  # fmt: skip
+                   layout=layout, causal=causal)  # fmt: skip
     shards = [shard_positions(n, r, world, "contiguous").to(q.device) for r in range(world)]
     local = [[x.detach()[:, rows] for x in (q, k, v, dout)] for rows in shards]
     outs, grads = [], [torch.zeros_like(x, dtype=torch.float32) for x in (q, k, v)]

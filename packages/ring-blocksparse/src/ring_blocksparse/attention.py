@@ -40,7 +40,6 @@ from ring_core.plugin import (
 )
 
 from .checks import _agree, _prepare, _remember, layout_digest, layout_identity
-from .fa4 import available as fa4_available
 from .flex import check_kernel_options, flex_reasons
 from .gather import BlockSparseSchedule, CommStats, _kernels
 from .patterns import Pattern, build_pattern, check_block_size
@@ -424,12 +423,10 @@ class BlockSparseRingDilatedAttention(nn.Module):
     ) -> torch.Tensor:
         if self.sparse_kernel not in SPARSE_KERNELS:
             raise ValueError(f"sparse_kernel must be one of {list(SPARSE_KERNELS)}, got {self.sparse_kernel!r}")
-        # flash-attn 4 takes the full tiles of calls whose partial tiles need the token rule (FlexAttention's)
-        fa4_split = self.sparse_kernel == "auto" and fa4_available(q)
         key = (
             layout_identity(block_layout), q.shape[1], q.shape[2], k.shape[2], q.dtype, causal, str(q.device), rank,
             world, self.segment_lengths, self.dilation_rates, self.merge, self.block_size, self.window_size,
-            key_padding_mask is not None, fa4_split,
+            key_padding_mask is not None,
         )  # fmt: skip
         if key not in self._strip_plans:  # built once per shape: no host work or sync on later calls
             plan = build_strip_plan(
@@ -438,7 +435,6 @@ class BlockSparseRingDilatedAttention(nn.Module):
                 branch_list=branches(self.segment_lengths, self.dilation_rates, self.merge, q.shape[2]),
                 block_size=self.block_size, layout=block_layout, causal=causal,
                 kernel_options=self.flex_kernel_options, window=self.window_size, padded=key_padding_mask is not None,
-                fa4_split=fa4_split,
             )  # fmt: skip
             _remember(self._strip_plans, key, plan)
         plan = self._strip_plans[key]

@@ -15,7 +15,7 @@ transposed block lists) gives exactly the call's share of the gradients.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -75,18 +75,6 @@ def tile_grids(call: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
     if bool((tiles.partial & ~eye).any()):
         return None
     return tiles.full, tiles.partial
-
-
-def split(call: Any) -> list[Any]:
-    """The call as flash-attn 4 can take the most of it: itself when :func:`tile_grids` takes it whole, has no
-    full tile or reads the key padding; else two calls over the same strips, its full tiles (flash-attn 4)
-    and its partial tiles (FlexAttention with the token rule), whose outputs merge like any two calls'."""
-    tiles = call.tiles
-    if tiles.tile != TILE or tiles.padded or not bool(tiles.full.any()) or tile_grids(call) is not None:
-        return [call]
-    none = torch.zeros_like(tiles.full)
-    whole = replace(tiles, partial=none, needs_layout=False, needs_segment=False, needs_window=False)
-    return [replace(call, tiles=whole), replace(call, tiles=replace(tiles, full=none), covering=False)]
 
 
 def blocks_for(call: Any, device: torch.device) -> Fa4Blocks | None:

@@ -34,7 +34,7 @@ import torch
 
 from ring_core.plugin import BlockKernel, Branch, branch_offsets, no_double_backward
 
-from .fa4 import Fa4Blocks, available, blocks_for, fa4_backward, fa4_forward, split
+from .fa4 import Fa4Blocks, available, blocks_for, fa4_backward, fa4_forward
 from .flex import (
     StripRule,
     flex_strip_attention,
@@ -117,7 +117,6 @@ def strip_calls(
     flags: bool = True,
     window: tuple[int, int] = (-1, -1),
     padded: bool = False,
-    fa4_split: bool = False,
 ) -> list[StripCall]:
     """The calls of a query buffer holding ``q_positions`` against a key buffer holding ``k_positions``.
 
@@ -125,8 +124,7 @@ def strip_calls(
     (not needed to know only which rows are read); ``flags``: pass the kernel flags the masks make
     safe (each distinct set is one more compiled kernel); ``tile`` overrides the kernel's tile (tests).
     ``window``: SPEC.md's ``window_size``; ``padded``: the calls get a key padding mask (their block
-    masks are built per call, :func:`sparse_forward`). ``fa4_split``: a call whose partial tiles need the
-    token rule gives its full tiles a call of their own, for flash-attn 4 (:func:`~ring_blocksparse.fa4.split`).
+    masks are built per call, :func:`sparse_forward`).
     """
     calls: list[StripCall] = []
     for branch in branch_list:
@@ -164,15 +162,14 @@ def strip_calls(
             call = StripCall(qs, ks, heads, kv, gqa, causal, covering, tiles, rule)
             if dense:
                 call.run = runs(tiles, qs, ks)
-            for part in split(call) if fa4_split and call.run is None else [call]:
-                if masks and part.run is None:
-                    safe: dict[str, bool] = {}
-                    if not padded:
-                        part.block_mask, safe = strip_block_mask(part.tiles, rule, len(qs), len(ks), q.device)
-                    part.kernel_options = kernel_options_for(
-                        q, safe if flags else {}, kernel_options, tuned=not (part.tiles.needs_layout or padded)
-                    )
-                calls.append(part)
+            if masks and call.run is None:
+                safe: dict[str, bool] = {}
+                if not padded:
+                    call.block_mask, safe = strip_block_mask(tiles, rule, len(qs), len(ks), q.device)
+                call.kernel_options = kernel_options_for(
+                    q, safe if flags else {}, kernel_options, tuned=not (tiles.needs_layout or padded)
+                )
+            calls.append(call)
     calls.sort(key=lambda call: not call.covering)
     return calls
 
