@@ -4,11 +4,22 @@ Every rank computes the same plan for every pair of ranks (which key/value rows 
 so sends and receives match without talking. Each ring step runs the calls of
 :mod:`ring_blocksparse.strided` against the source's shard, the received rows put back at their rows;
 the backward recomputes each step's calls instead of keeping their graphs, so memory stays one shard.
+
+Note (the steps' own passes over shard-sized tensors). When a rank receives every row of a source's
+shard (most sparse layouts need every key tile somewhere), the received K|V buffer *is* that shard in
+order: the calls read it directly, nothing is scattered, and the key gradients land straight in the
+buffer that sends them back. Otherwise the received rows are scattered into a shard buffer, and their
+gradients gathered from a float32 shard. When the calls' key/value views of a source are disjoint (one
+call per branch offset; key/value heads shared by several branches break this), each gradient element
+is at most one call's: the calls write it (``copy_``) instead of adding it to zeros, and when they
+also cover every received row on every key/value head nothing is zeroed first.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,6 +28,7 @@ from ring_core.plugin import Accumulator, BlockKernel, shard_positions
 
 from .fa4 import fa4_backward, fa4_forward
 from .gather import BlockSparseSchedule, CommStats, _Posted
+from .rows import gather_rows, scatter_rows
 from .strided import StripCall, StripRun, fa4_blocks, sparse_backward, sparse_forward, strip_calls
 from .strips import needed_rows
 
@@ -35,6 +47,9 @@ class StripPlan:
     recv_rows: dict[int, torch.Tensor]  # source -> rows of the source's shard this rank receives
     send_rows: dict[int, torch.Tensor]  # destination -> local rows sent
     recv_positions: dict[int, torch.Tensor]  # source -> global positions received (same order)
+    whole: dict[int, bool] = field(default_factory=dict)  # source -> every row of its shard received, in order
+    # source -> (the calls' key/value views are disjoint, they cover every received row on every kv head)
+    key_views: dict[int, tuple[bool, bool]] = field(default_factory=dict)
 
     def to(self, device: torch.device) -> StripPlan:
         self.recv_rows = {s: r.to(device) for s, r in self.recv_rows.items()}
@@ -43,7 +58,14 @@ class StripPlan:
 
 
 def build_strip_plan(
-    *, seq_len: int, rank: int, world_size: int, layout_kind: str, q: torch.Tensor, **call_options: Any
+    *,
+    seq_len: int,
+    rank: int,
+    world_size: int,
+    layout_kind: str,
+    q: torch.Tensor,
+    num_kv_heads: int,
+    **call_options: Any,
 ) -> StripPlan:
     """The plan of ``rank``: its calls against every shard, and which rows each pair of ranks exchanges.
 
@@ -52,19 +74,38 @@ def build_strip_plan(
     positions = [shard_positions(seq_len, r, world_size, layout_kind) for r in range(world_size)]
     # dense strips and per-mask kernel flags on one process only: a ring step's flags vary by step,
     # and each set would compile its own kernel
-    options = dict(call_options, q=q, dense=world_size == 1, flags=world_size == 1)
+    options = dict(call_options, q=q, num_kv_heads=num_kv_heads, dense=world_size == 1, flags=world_size == 1)
     calls: dict[int, list[StripCall]] = {}
     recv_rows: dict[int, torch.Tensor] = {}
     send_rows: dict[int, torch.Tensor] = {}
     recv_positions: dict[int, torch.Tensor] = {}
+    whole: dict[int, bool] = {}
+    key_views: dict[int, tuple[bool, bool]] = {}
     for source in range(world_size):
         calls[source] = strip_calls(positions[rank], positions[source], **options)
         if source != rank:
             rows = needed_rows([(c.tiles, c.k) for c in calls[source]], len(positions[source]))
             recv_rows[source], recv_positions[source] = rows, positions[source][rows]
+            whole[source] = rows.numel() == len(positions[source])
+            key_views[source] = disjoint_and_covering(calls[source], rows, len(positions[source]), num_kv_heads)
             theirs = strip_calls(positions[source], positions[rank], **dict(options, masks=False))
             send_rows[source] = needed_rows([(c.tiles, c.k) for c in theirs], len(positions[rank]))
-    return StripPlan(rank, world_size, len(positions[rank]), calls, recv_rows, send_rows, recv_positions).to(q.device)
+    plan = StripPlan(
+        rank, world_size, len(positions[rank]), calls, recv_rows, send_rows, recv_positions, whole, key_views
+    )
+    return plan.to(q.device)
+
+
+def disjoint_and_covering(
+    calls: Sequence[StripCall], rows: torch.Tensor, buffer_len: int, num_kv_heads: int
+) -> tuple[bool, bool]:
+    """Whether the calls' key/value views of a ``buffer_len``-row buffer are disjoint (each gradient element
+    is at most one call's), and whether they also cover every one of ``rows`` on every key/value head."""
+    count = torch.zeros(buffer_len, num_kv_heads, dtype=torch.int32)
+    for call in calls:
+        count[call.k.rows, call.kv if isinstance(call.kv, slice) else slice(None)] += 1
+    disjoint = bool((count <= 1).all())
+    return disjoint, disjoint and bool((count[rows] == 1).all())
 
 
 class StripRingSchedule(BlockSparseSchedule):
@@ -98,17 +139,23 @@ class StripRingSchedule(BlockSparseSchedule):
         return k.new_zeros(*shape, k.shape[-1]), v.new_zeros(*shape, v.shape[-1]), pad
 
     def place(
-        self, source: int, k_buf: torch.Tensor, v_buf: torch.Tensor, pad: torch.Tensor | None, shard: _Shard
+        self, source: int, k_buf: torch.Tensor, v_buf: torch.Tensor, pad: torch.Tensor | None, shard: _Shard | None
     ) -> _Shard:
-        """The source's shard as this step sees it: received rows at their rows, the rest untouched (finite)."""
-        if source == self.plan.rank:
+        """The source's shard as this step sees it: received rows at their rows, the rest untouched (finite).
+        A whole shard received is that shard already (``shard`` may then be None)."""
+        if source == self.plan.rank or self.plan.whole[source]:
             return k_buf, v_buf, pad
+        assert shard is not None, "place needs the shard buffers for a source whose rows are not all received"
         rows = self.plan.recv_rows[source]
-        shard[0].index_copy_(1, rows, k_buf)
-        shard[1].index_copy_(1, rows, v_buf)
+        scatter_rows(shard[0], rows, k_buf)
+        scatter_rows(shard[1], rows, v_buf)
         if pad is not None and shard[2] is not None:
             shard[2].index_copy_(1, rows, pad)
         return shard
+
+    def needs_shard(self) -> bool:
+        """Whether some source's rows are scattered into shard buffers (:meth:`place`)."""
+        return not all(self.plan.whole.values())
 
     def forward_step(
         self,
@@ -141,8 +188,13 @@ class StripRingSchedule(BlockSparseSchedule):
         dkb: torch.Tensor,
         dvb: torch.Tensor,
         pad: torch.Tensor | None = None,
+        *,
+        write_keys: bool = False,
     ) -> None:
+        """Add the calls' gradients to ``dq``, ``dkb``, ``dvb``; ``write_keys``: the calls' key/value views are
+        disjoint and ``dkb``/``dvb`` hold nothing yet, so each call's key/value gradient is written there."""
         accumulate = self.kernel.backend.accumulate
+        put_keys = _write if write_keys else accumulate
         for call in calls:
             blocks = fa4_blocks(self.run, call, q)
             if blocks is not None:
@@ -151,12 +203,12 @@ class StripRingSchedule(BlockSparseSchedule):
                 o, lse_call, leaves = sparse_forward(self.run, call, q, kb, vb, grad=True, pad=pad)
                 bq, bk, bv = sparse_backward(call, o, lse_call, leaves, dout, out, lse)
             accumulate(call.q_view(dq), bq)
-            accumulate(call.kv_leaf(dkb), bk)
-            accumulate(call.kv_leaf(dvb), bv)
+            put_keys(call.kv_leaf(dkb), bk)
+            put_keys(call.kv_leaf(dvb), bv)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, acc: Accumulator) -> None:
         self.stats.calls += 1
-        shard = self.shard_buffers(k, v)
+        shard = self.shard_buffers(k, v) if self.needs_shard() else None
         for source, k_buf, v_buf, pad in self._sources(k, v, "forward"):
             if k_buf is not None and v_buf is not None and self.plan.calls[source]:
                 kb, vb, pb = self.place(source, k_buf, v_buf, pad, shard)
@@ -175,26 +227,61 @@ class StripRingSchedule(BlockSparseSchedule):
         plan = self.plan
         dq, dk, dv = grads
         d = k.shape[-1]
-        shard = self.shard_buffers(k, v)
+        shard = self.shard_buffers(k, v) if self.needs_shard() else None
         returning: list[_Posted] = []
         for source, k_buf, v_buf, pad in self._sources(k, v, "backward"):
             dkv = None
             if source == plan.rank:
                 self.backward_step(q, plan.calls[source], k, v, out, lse, dout, dq, dk, dv, pad)
             elif k_buf is not None and v_buf is not None:
-                kb, vb, pb = self.place(source, k_buf, v_buf, pad, shard)
-                dkb, dvb = torch.zeros_like(kb, dtype=dk.dtype), torch.zeros_like(vb, dtype=dv.dtype)
-                self.backward_step(q, plan.calls[source], kb, vb, out, lse, dout, dq, dkb, dvb, pb)
-                rows = plan.recv_rows[source]
                 shape = (*k_buf.shape[:3], d + v_buf.shape[3])
-                dkv = self.comm.empty("grad", shape[0] * shape[1] * shape[2] * shape[3], dk).view(shape)
-                dkv[..., :d] = dkb.index_select(1, rows)
-                dkv[..., d:] = dvb.index_select(1, rows)
+                dkv = self.comm.empty("grad", math.prod(shape), dk).view(shape)
+                self.remote_backward_step(source, q, k_buf, v_buf, pad, shard, out, lse, dout, dq, dkv)
             if source != plan.rank:
                 returning.append(self._post_grads(dkv, source, dk, v.shape[-1]))
         for exchange, shape, rows in returning:
             received = exchange.wait()
             if received is not None:
                 received = received.view(shape)
-                dk.index_add_(1, rows, received[..., :d])
-                dv.index_add_(1, rows, received[..., d:])
+                if rows.numel() == dk.shape[1]:  # every row, in order
+                    dk.add_(received[..., :d])
+                    dv.add_(received[..., d:])
+                else:
+                    dk.index_add_(1, rows, received[..., :d])
+                    dv.index_add_(1, rows, received[..., d:])
+
+    def remote_backward_step(
+        self,
+        source: int,
+        q: torch.Tensor,
+        k_buf: torch.Tensor,
+        v_buf: torch.Tensor,
+        pad: torch.Tensor | None,
+        shard: _Shard | None,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        dout: torch.Tensor,
+        dq: torch.Tensor,
+        dkv: torch.Tensor,
+    ) -> None:
+        """A step of another rank's rows: ``dq`` added to, ``dkv`` (``(B, R, H, Dk + Dv)``, contents undefined)
+        filled with the received rows' key|value gradients (module Note: which buffers, written or added)."""
+        plan, d = self.plan, k_buf.shape[-1]
+        kb, vb, pb = self.place(source, k_buf, v_buf, pad, shard)
+        disjoint, covering = plan.key_views[source]
+        if plan.whole[source]:  # the gradients land where they are sent from
+            dkb, dvb = dkv[..., :d], dkv[..., d:]
+            if not covering:
+                dkv.zero_()
+        else:
+            new = torch.empty_like if covering else torch.zeros_like
+            dkb, dvb = new(kb, dtype=dkv.dtype), new(vb, dtype=dkv.dtype)
+        self.backward_step(q, plan.calls[source], kb, vb, out, lse, dout, dq, dkb, dvb, pb, write_keys=disjoint)
+        if not plan.whole[source]:
+            rows = plan.recv_rows[source]
+            gather_rows(dkv[..., :d], dkb, rows)
+            gather_rows(dkv[..., d:], dvb, rows)
+
+
+def _write(target: torch.Tensor, grad: torch.Tensor) -> None:
+    target.copy_(grad)
