@@ -354,11 +354,12 @@ def simulate_ring(args, q, k, v, dout, layout, save, record) -> dict:
 
 
 def rank_steps(schedule, plan, rank: int, local, received: dict, state: dict, *, backward: bool) -> None:
-    """One rank's ring steps (forward, then with ``backward`` the backward's): the received rows of each source
-    put back into its shard, as :class:`StripRingSchedule` does; results in ``state``."""
+    """One rank's ring steps (forward, then with ``backward`` the backward's), each source's received rows as
+    :class:`StripRingSchedule` takes them (``place``, ``forward_step``, ``remote_backward_step``); results in
+    ``state``."""
     ql, kl, vl, dl = local
     acc = Accumulator(ql, vl.shape[-1])
-    shard = schedule.shard_buffers(kl, vl)
+    shard = schedule.shard_buffers(kl, vl) if schedule.needs_shard() else None
     for s in range(plan.world_size):
         kb, vb, _ = (kl, vl, None) if s == rank else schedule.place(s, *received[s], None, shard)
         schedule.forward_step(ql, plan.calls[s], kb, vb, acc)
@@ -366,18 +367,19 @@ def rank_steps(schedule, plan, rank: int, local, received: dict, state: dict, *,
     state.update(out=out, lse=lse)
     if not backward:
         return
-    dq = torch.zeros_like(ql, dtype=torch.float32)
-    dk, dv = (torch.zeros_like(x, dtype=torch.float32) for x in (kl, vl))
+    grad_dtype = acc.lse.dtype  # the engine's accumulation dtype
+    dq = torch.zeros_like(ql, dtype=grad_dtype)
+    dk, dv = (torch.zeros_like(x, dtype=grad_dtype) for x in (kl, vl))
     state.update(dq=dq, dk=dk, dv=dv, remote={})
+    d = kl.shape[-1]
     for s in range(plan.world_size):
         if s == rank:
             schedule.backward_step(ql, plan.calls[s], kl, vl, out, lse, dl, dq, dk, dv)
             continue
-        kb, vb, _ = schedule.place(s, *received[s], None, shard)
-        dkb, dvb = torch.zeros_like(kb, dtype=torch.float32), torch.zeros_like(vb, dtype=torch.float32)
-        schedule.backward_step(ql, plan.calls[s], kb, vb, out, lse, dl, dq, dkb, dvb)
-        rows = plan.recv_rows[s]
-        state["remote"][s] = (rows, dkb.index_select(1, rows), dvb.index_select(1, rows))
+        kr, vr = received[s]
+        dkv = torch.empty((*kr.shape[:3], d + vr.shape[-1]), dtype=grad_dtype, device=kr.device)  # the send buffer
+        schedule.remote_backward_step(s, ql, kr, vr, None, shard, out, lse, dl, dq, dkv)
+        state["remote"][s] = (plan.recv_rows[s], dkv[..., :d], dkv[..., d:])
 
 
 def plot(path: str, record: dict) -> None:
