@@ -319,8 +319,9 @@ def simulate_ring(args, q, k, v, dout, layout, save, record) -> dict:
                                 **options)  # fmt: skip
         build_s = time.perf_counter() - t0
         schedule = StripRingSchedule(plan, kernel, sparse=args.sparse_kernel)
-        received = {s: (local[s][1].index_select(1, plan.recv_rows[s]), local[s][2].index_select(1, plan.recv_rows[s]))
-                    for s in range(world) if s != rank}  # fmt: skip
+        # the rows as the ring receives them: K and V views of one K|V buffer
+        received = {s: torch.cat([local[s][1], local[s][2]], -1).index_select(1, plan.recv_rows[s]).split(
+                    [k.shape[-1], v.shape[-1]], -1) for s in range(world) if s != rank}  # fmt: skip
 
         state: dict = {}
         run = (schedule, plan, rank, local[rank], received, state)
