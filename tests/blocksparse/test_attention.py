@@ -76,6 +76,16 @@ def test_float32_within_tolerance():
     assert result.passed, result.errors
 
 
+def test_functional_form_import_paths():
+    """The functional form lives in ring_blocksparse.functional and stays importable from its old module."""
+    import ring_blocksparse.attention as attention
+    import ring_blocksparse.functional as functional
+
+    assert functional.block_sparse_dilated_attention is block_sparse_dilated_attention
+    assert attention.block_sparse_dilated_attention is block_sparse_dilated_attention
+    assert block_sparse_dilated_attention.__module__ == "ring_blocksparse.functional"
+
+
 def test_rows_with_no_allowed_key_give_zero():
     """A query block whose layout row is empty outputs 0 and gets zero gradient; no NaN anywhere."""
     layout = torch.ones(1, 5, 5, dtype=torch.bool)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
-from .attention import BlockSparseRingDilatedAttention, block_sparse_dilated_attention
+from .attention import BlockSparseRingDilatedAttention
+from .functional import block_sparse_dilated_attention
 from .gather import BlockSparseSchedule, CommStats
 from .patterns import (
     DilatedSparse,
