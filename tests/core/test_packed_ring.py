@@ -334,3 +334,54 @@ def test_send_bound_covers_packed_and_windowed_sends(world, layout, segments, ra
             values = sum(part_rows(p) * part_kv_heads(p, kv_heads) * 2 * D for p in step.send.kv_parts)
             flags = sum(part_rows(p) for p in step.send.kv_parts)
             assert (values + flags) * k.element_size() <= bound
+
+
+def _cu_seqlens_reads(rank, world_size):
+    """How often each call reads this rank's ``cu_seqlens`` on the host (each read of a CUDA tensor waits for the
+    GPU): forward and backward of a ring call with documents crossing the shards, twice (the second call gets a
+    new tensor of other boundaries), and the same output and gradients as a call whose op reads them itself."""
+    reads = []
+    tolist = torch.Tensor.tolist
+
+    def counting(self, *args, **kwargs):
+        if getattr(self, "_counted", False):
+            reads.append(tuple(self.shape))
+        return tolist(self, *args, **kwargs)
+
+    module = RingDilatedAttention([8, 16], [1, 2])
+    results = []
+    torch.Tensor.tolist = counting
+    try:
+        for documents in ((0, 5, 13, 16), (0, 9, 16)):
+            cu_seqlens = torch.tensor(documents)
+            cu_seqlens._counted = True
+            q, k, v = (x.requires_grad_() for x in _inputs(8, rank, seed=3))
+            before = len(reads)
+            out = module(q, k, v, is_causal=True, cu_seqlens=cu_seqlens)
+            out.sum().backward()
+            results.append((len(reads) - before, out.detach(), [x.grad for x in (q, k, v)]))
+    finally:
+        torch.Tensor.tolist = tolist
+    expected = []
+    for documents in ((0, 5, 13, 16), (0, 9, 16)):
+        q, k, v = (x.requires_grad_() for x in _inputs(8, rank, seed=3))
+        out = module.run(
+            q, k, v, causal=True, key_padding_mask=None, dropout_p=0.0,
+            return_lse=False, cu_seqlens=torch.tensor(documents),
+        )  # fmt: skip
+        out.sum().backward()
+        expected.append((out.detach(), [x.grad for x in (q, k, v)]))
+    same = all(
+        torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, gb))
+        for (_, a, ga), (b, gb) in zip(results, expected)
+    )
+    return [count for count, _, _ in results], same
+
+
+@pytest.mark.distributed
+def test_ring_reads_cu_seqlens_once_per_call():
+    """On several ranks the module reads ``cu_seqlens`` once, when every rank checks and agrees on it; the ops,
+    forward and backward, reuse those values (the same results as an op that reads them itself)."""
+    for counts, same in run_distributed(_cu_seqlens_reads, 2):
+        assert counts == [1, 1], counts
+        assert same

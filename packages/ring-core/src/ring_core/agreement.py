@@ -219,18 +219,21 @@ def validate_inputs(
 
     On one process (``world_size == 1``) there is nothing to agree on: only this rank's checks
     run (:func:`~ring_core.validation.check_qkv`, then ``cu_seqlens`` against ``N = q.shape[1]``),
-    without a collective, so ``torch.compile`` traces them; returns the checked ``cu_seqlens``
-    values (None without), which the op then need not read again. Otherwise
+    without a collective, so ``torch.compile`` traces them. Otherwise
     :func:`validate_ring_inputs` runs in each communicator of ``comms()`` (called only then: one
     group, or one per dimension of a device mesh), with ``seq_len = q.shape[1] * world_size``
     and ``agreement`` as its other keyword arguments (``causal``, ``layout``, ``merge``,
-    ``config``, ``scale``, ``name``, ``window_size``, ``local_check``); returns None.
+    ``config``, ``scale``, ``name``, ``window_size``, ``local_check``). Returns the checked
+    ``cu_seqlens`` values (None without, or under ``torch.compile``), the same on every rank,
+    for :func:`~ring_core.ops.run_attention`'s ``documents``: the ops then need not read the
+    tensor again (each read of a CUDA tensor waits for the GPU).
     """
     if world_size == 1:
         check_qkv(q, k, v, key_padding_mask)
         return None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
+    documents = None
     for comm in comms():
-        validate_ring_inputs(
+        documents = validate_ring_inputs(
             q, k, v, key_padding_mask, comm=comm, cu_seqlens=cu_seqlens, seq_len=q.shape[1] * world_size, **agreement
         )
-    return None
+    return documents

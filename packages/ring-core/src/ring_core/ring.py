@@ -411,7 +411,7 @@ class RingDilatedAttention(RingAttentionBase):
     ) -> tuple[int, ...] | None:
         """Inputs agree across ranks, on every call: ranks that have all seen two signatures may still call with
         different ones (equal byte sizes would then give a wrong result silently). Errors name this class.
-        Returns ``cu_seqlens``' values where they were read (one process), else None."""
+        Returns ``cu_seqlens``' checked values (None without), which the ops reuse instead of reading them again."""
         config = (self.segment_lengths, self.dilation_rates, self.merge, self.layout, dropout_p, self.window_size)
         return validate_inputs(
             q, k, v, key_padding_mask, world_size=group_rank_and_size(self.process_group)[1],
