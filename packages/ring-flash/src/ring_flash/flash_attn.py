@@ -198,7 +198,9 @@ def _window_keywords(
     return {"window_size": (left, right), "window_size_left": left, "window_size_right": right}
 
 
-def _segment_keywords(fn: Callable[..., Any], cu_q, cu_k, max_q, max_k) -> dict[str, Any]:
+def _segment_keywords(
+    fn: Callable[..., Any], cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int
+) -> dict[str, Any]:
     """flash-attn's packed segments (int32 cumulative lengths, host ints); a function without them is an error
     (dropping them would treat the packed rows as one sequence)."""
     gap = _segments_gap(fn)
@@ -403,24 +405,90 @@ class FlashAttn4Kernel(FlashAttnKernel):
     supports_window = True
     supports_varlen = True
 
-    def forward(self, q, k, v, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0, window=None):
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float,
+        causal: bool = False,
+        mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        seed: int = 0,
+        window: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`~ring_core.kernels.KernelBackend.forward` through FlashAttention-4 (``flash_attn.cute``)."""
         return self._forward(q, k, v, {}, scale=scale, causal=causal, window=window)
 
-    def backward(self, dout, q, k, v, out, lse, *, scale, causal=False, mask=None, dropout_p=0.0, seed=0, window=None):
+    def backward(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        *,
+        scale: float,
+        causal: bool = False,
+        mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        seed: int = 0,
+        window: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self._backward(dout, q, k, v, out, lse, {}, scale=scale, causal=causal, window=window)
 
-    def forward_varlen(self, q, k, v, cu_q, cu_k, max_q, max_k, *, scale, causal=False, window=None):
+    def forward_varlen(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_q: torch.Tensor,
+        cu_k: torch.Tensor,
+        max_q: int,
+        max_k: int,
+        *,
+        scale: float,
+        causal: bool = False,
+        window: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(total, H, D)`` rows in segments ``cu_q`` / ``cu_k`` (int32); returns ``out`` and lse ``(H, total)``."""
         segments = _segment_keywords(self._forward_fn(), cu_q, cu_k, max_q, max_k)
         return self._forward(q, k, v, segments, scale=scale, causal=causal, window=window)
 
-    def backward_varlen(self, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, *, scale, causal=False, window=None):
+    def backward_varlen(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        cu_q: torch.Tensor,
+        cu_k: torch.Tensor,
+        max_q: int,
+        max_k: int,
+        *,
+        scale: float,
+        causal: bool = False,
+        window: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``dq, dk, dv`` of :meth:`forward_varlen`'s call from the final ``out`` and lse ``(H, total)``."""
         segments = _segment_keywords(self._backward_fn(), cu_q, cu_k, max_q, max_k)
         return self._backward(dout, q, k, v, out, lse, segments, scale=scale, causal=causal, window=window)
 
-    def _forward(self, q, k, v, segments, *, scale, causal, window):
+    def _forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        segments: dict[str, Any],
+        *,
+        scale: float,
+        causal: bool,
+        window: tuple[int, int] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         fn = self._forward_fn()
         out, lse = _call(
             fn, q=q, k=k, v=v, **segments, softmax_scale=scale, causal=causal,
@@ -428,7 +496,20 @@ class FlashAttn4Kernel(FlashAttnKernel):
         )[:2]  # fmt: skip
         return out, _check_lse(lse, q, "flash_attn.cute", varlen=bool(segments))
 
-    def _backward(self, dout, q, k, v, out, lse, segments, *, scale, causal, window):
+    def _backward(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        segments: dict[str, Any],
+        *,
+        scale: float,
+        causal: bool,
+        window: tuple[int, int] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         fn = self._backward_fn()
         dq, dk, dv = _call(
             fn, q=q, k=k, v=v, out=out.contiguous(), dout=dout.contiguous(), lse=lse_for_backward(lse),
