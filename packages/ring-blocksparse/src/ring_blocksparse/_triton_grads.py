@@ -1,4 +1,4 @@
-"""One Triton pass for the incoming gradients of a strip call's ``(o, lse)`` (see :mod:`ring_blocksparse.strided`).
+"""One Triton pass for the incoming gradients of a strip call's ``(o, lse)`` (see :func:`ring_blocksparse.flex.grad_inputs`).
 
 Per row: ``w = exp(lse_call - lse)`` (0 where ``lse`` is ``-inf``), ``grad_o = w * dout`` and
 ``grad_lse = w * sum(dout * (o - out))``, in float32, reading ``dout``, ``o`` and ``out`` once.

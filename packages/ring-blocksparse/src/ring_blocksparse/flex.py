@@ -327,3 +327,69 @@ def math_strip_attention(
     lse = torch.logsumexp(scores, -1)
     weights = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0)[..., None])
     return torch.einsum("bhnm,bhmd->bhnd", weights, v), lse
+
+
+def sparse_backward(
+    call: Any,
+    o: torch.Tensor,
+    lse_call: torch.Tensor,
+    leaves: tuple[torch.Tensor, ...],
+    dout: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exact ``(dq, dk, dv)`` of one FlexAttention call under the final ``out``/``lse`` (its graph kept from
+    ``o, lse_call`` to ``leaves``; the rule is in :mod:`ring_blocksparse.strided`'s docstring)."""
+    grad_out, grad_lse = grad_inputs(
+        call.q_view(dout).transpose(1, 2),
+        o,
+        call.q_view(out).transpose(1, 2),
+        lse_call,
+        call.q_view(lse).transpose(1, 2),
+    )
+    dq, dk, dv = torch.autograd.grad((o, lse_call), leaves, (grad_out, grad_lse))
+    return dq, dk, dv
+
+
+def grad_inputs(
+    dout: torch.Tensor, o: torch.Tensor, out: torch.Tensor, lse_call: torch.Tensor, lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w * dout, w * rowsum(dout * (o - out)))`` with ``w = exp(lse_call - lse)`` (0 where ``lse`` is
+    ``-inf``): ``(B, h, n, D)`` views and ``(B, h, n)`` log-sum-exps; one Triton pass on CUDA."""
+    grad_out = torch.empty(o.shape, dtype=o.dtype, device=o.device)
+    grad_lse = torch.empty(lse_call.shape, dtype=lse_call.dtype, device=o.device)
+    if _triton_ready(dout, o, out) and lse_call.dtype == lse.dtype == torch.float32:
+        from ._triton_grads import grad_inputs_kernel
+
+        b, h, n, width = o.shape
+        block_d = max(16, 1 << (width - 1).bit_length())
+        block_r = max(1, 4096 // block_d)
+        strides = [x.stride()[:3] for x in (dout, o, out, lse_call, lse, grad_out, grad_lse)]
+        with torch.cuda.device(o.device):
+            grad_inputs_kernel[(_cdiv(b * h * n, block_r),)](
+                dout, o, out, lse_call, lse, grad_out, grad_lse, b * h * n, h, n, width,
+                *(s for group in strides for s in group), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
+            )  # fmt: skip
+        return grad_out, grad_lse
+    acc = lse_call.dtype
+    finite = torch.isfinite(lse)
+    weight = torch.exp(lse_call - lse.masked_fill(~finite, 0)).masked_fill(~finite, 0)
+    grad_out.copy_(dout.to(acc) * weight[..., None])
+    grad_lse.copy_(weight * (dout.to(acc) * (o.to(acc) - out.to(acc))).sum(-1))
+    return grad_out, grad_lse
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _triton_ready(*tensors: torch.Tensor) -> bool:
+    if not all(
+        x.is_cuda and x.stride(-1) == 1 and x.dtype in (torch.float16, torch.bfloat16, torch.float32) for x in tensors
+    ):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -14,9 +14,9 @@ backward exactly the block's contribution under the final softmax (FlexAttention
 gradients through its LSE). On one process the forward's graphs are kept (no recomputation); the
 ring (:mod:`ring_blocksparse.strip_ring`) recomputes each step's calls instead.
 
-With flash-attn 4 installed, a call whose tiles need no token rule runs on its block-sparse
-kernels instead of FlexAttention (:mod:`ring_blocksparse.fa4`; backward from the final
-``out``/``lse``, like a dense call).
+With flash-attn 4 installed, a call runs on its block-sparse kernels instead of FlexAttention,
+the token rule of its partial tiles as a ``mask_mod`` where it needs one (:mod:`ring_blocksparse.fa4`;
+backward from the final ``out``/``lse``, like a dense call).
 
 A sliding window is part of every call's tiles and rule (tiles it does not reach are skipped). A key
 padding mask is read by the rule; its tiles are known only per call, so a padded call's block mask
@@ -34,12 +34,13 @@ import torch
 
 from ring_core.plugin import BlockKernel, Branch, branch_offsets, no_double_backward
 
-from .fa4 import Fa4Blocks, available, blocks_for, fa4_backward, fa4_forward
+from .fa4 import Fa4Blocks, available, blocks_for, fa4_backward, fa4_forward, rule_ready
 from .flex import (
     StripRule,
     flex_strip_attention,
     kernel_options_for,
     math_strip_attention,
+    sparse_backward,
     strip_block_mask,
     tile_for,
 )
@@ -193,7 +194,7 @@ def fa4_blocks(run: StripRun, call: StripCall, q: torch.Tensor) -> Fa4Blocks | N
     if run.sparse != "auto" or call.run is not None or not available(q):
         return None
     if call.fa4 is None:
-        call.fa4 = blocks_for(call, q.device) or False
+        call.fa4 = blocks_for(call, q.device, rule=rule_ready(q)) or False
     return call.fa4 if isinstance(call.fa4, Fa4Blocks) else None
 
 
@@ -226,71 +227,6 @@ def sparse_forward(
                 qt, kt, vt, block_mask, scale=scale, enable_gqa=call.gqa, kernel_options=call.kernel_options
             )
     return o, lse, leaves
-
-
-def sparse_backward(
-    call: StripCall,
-    o: torch.Tensor,
-    lse_call: torch.Tensor,
-    leaves: tuple[torch.Tensor, ...],
-    dout: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The exact ``(dq, dk, dv)`` of one FlexAttention call under the final ``out``/``lse`` (module docstring)."""
-    grad_out, grad_lse = grad_inputs(
-        call.q_view(dout).transpose(1, 2),
-        o,
-        call.q_view(out).transpose(1, 2),
-        lse_call,
-        call.q_view(lse).transpose(1, 2),
-    )
-    dq, dk, dv = torch.autograd.grad((o, lse_call), leaves, (grad_out, grad_lse))
-    return dq, dk, dv
-
-
-def grad_inputs(
-    dout: torch.Tensor, o: torch.Tensor, out: torch.Tensor, lse_call: torch.Tensor, lse: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(w * dout, w * rowsum(dout * (o - out)))`` with ``w = exp(lse_call - lse)`` (0 where ``lse`` is
-    ``-inf``): ``(B, h, n, D)`` views and ``(B, h, n)`` log-sum-exps; one Triton pass on CUDA."""
-    grad_out = torch.empty(o.shape, dtype=o.dtype, device=o.device)
-    grad_lse = torch.empty(lse_call.shape, dtype=lse_call.dtype, device=o.device)
-    if _triton_ready(dout, o, out) and lse_call.dtype == lse.dtype == torch.float32:
-        from ._triton_grads import grad_inputs_kernel
-
-        b, h, n, width = o.shape
-        block_d = max(16, 1 << (width - 1).bit_length())
-        block_r = max(1, 4096 // block_d)
-        strides = [x.stride()[:3] for x in (dout, o, out, lse_call, lse, grad_out, grad_lse)]
-        with torch.cuda.device(o.device):
-            grad_inputs_kernel[(_cdiv(b * h * n, block_r),)](
-                dout, o, out, lse_call, lse, grad_out, grad_lse, b * h * n, h, n, width,
-                *(s for group in strides for s in group), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
-            )  # fmt: skip
-        return grad_out, grad_lse
-    acc = lse_call.dtype
-    finite = torch.isfinite(lse)
-    weight = torch.exp(lse_call - lse.masked_fill(~finite, 0)).masked_fill(~finite, 0)
-    grad_out.copy_(dout.to(acc) * weight[..., None])
-    grad_lse.copy_(weight * (dout.to(acc) * (o.to(acc) - out.to(acc))).sum(-1))
-    return grad_out, grad_lse
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _triton_ready(*tensors: torch.Tensor) -> bool:
-    if not all(
-        x.is_cuda and x.stride(-1) == 1 and x.dtype in (torch.float16, torch.bfloat16, torch.float32) for x in tensors
-    ):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _segments(x: torch.Tensor, length: int) -> Iterator[tuple[slice, torch.Tensor]]:
