@@ -1,0 +1,235 @@
+"""flash-attn 4's strip calls with the token rule as a ``mask_mod``, on the CPU: what the host computes.
+
+flash-attn 4 never runs here. These check everything it would be given: the block lists (full tiles
+unmasked, partial tiles under the ``mask_mod``) and the aux tensors, through the ``mask_mod``'s torch
+twin (:func:`ring_blocksparse.fa4_rule.twin`, the same formula over the same tensors as the CuTe
+code), against :class:`~ring_blocksparse.flex.StripRule` on every pair; and that a rejected call
+falls back to FlexAttention, loudly and exactly (forward; the backward on the GPU,
+tests/blocksparse/test_fa4_cuda.py).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, ClassVar
+
+import pytest
+import torch
+
+from ring_blocksparse import build_pattern, fa4
+from ring_blocksparse.fa4 import Fa4Blocks, Fa4FallbackWarning, blocks_for, fa4_forward, rule_ready, tile_grids
+from ring_blocksparse.fa4_rule import INDEX_LIMIT, Fa4Rule, rule_tensors, twin
+from ring_blocksparse.flex import math_strip_attention
+from ring_blocksparse.strided import strip_calls
+from ring_core.dilated import branches
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+TILE = 128
+
+
+@dataclass
+class _Lists:
+    """Stands for flash-attn 4's ``BlockSparseTensorsTorch`` (same positional fields)."""
+
+    mask_block_cnt: torch.Tensor
+    mask_block_idx: torch.Tensor
+    full_block_cnt: torch.Tensor
+    full_block_idx: torch.Tensor
+    block_size: Any = None
+
+
+@pytest.fixture
+def fake_fa4(monkeypatch):
+    """flash-attn 4's interface as far as the host needs it: the block-list type, and a kernel call that fails."""
+
+    class Interface:
+        calls: ClassVar[list[dict]] = []
+
+        @classmethod
+        def _flash_attn_fwd(cls, *args, **kwargs):
+            cls.calls.append(kwargs)
+            raise RuntimeError("mask_mod did not compile")
+
+        _flash_attn_bwd = _flash_attn_fwd
+
+    monkeypatch.setattr(fa4, "_interface", lambda: (Interface, _Lists))
+    cute = SimpleNamespace(strip_rule="cute strip_rule", strip_rule_layout="cute strip_rule_layout")
+    monkeypatch.setattr("ring_blocksparse.fa4_rule._cute_module", lambda: cute)
+    monkeypatch.setattr(fa4, "_REJECTED", set())
+    return Interface
+
+
+# name -> (N, H, H_kv, segments, rates, pattern, pattern options, causal, window)
+CASES = {
+    "band-dilated": (1536, 4, 2, (384, 768, 1536), (1, 2, 4), "local_window", {"window": 300, "sliding": True}, False),
+    "band-dilated-causal": (1536, 4, 2, (384, 768, 1536), (1, 2, 4), "local_window", {"window": 300, "sliding": True}, True),
+    "random-per-head": (1536, 6, 3, (768, 1536), (1, 2), "random", {"density": 0.3, "seed": 3, "per_head": True}, False),
+    "random-per-head-rate2": (1024, 4, 1, (1024,), (2,), "random", {"density": 0.4, "seed": 7, "per_head": True}, True),
+    "segments-only-causal": (1536, 3, 3, (384, 1536), (2, 4), None, {}, True),
+    "window-causal": (1536, 4, 2, (768, 1536), (1, 2), None, {}, True, (300, -1)),
+    "window-two-sided-layout": (1536, 2, 2, (1536,), (4,), "random", {"density": 0.5, "seed": 1}, False, (200, 77)),
+    "window-diagonal": (1024, 2, 2, (512,), (2,), None, {}, True, (0, -1)),
+}  # fmt: skip
+
+
+def _calls(name: str, masks: bool = False) -> tuple[list, torch.Tensor | None]:
+    n, h, kv, segments, rates, pattern, options, causal, *window = CASES[name]
+    layout = None if pattern is None else build_pattern(pattern, **options).layout(n, 128, h)
+    calls = strip_calls(
+        torch.arange(n), torch.arange(n), num_heads=h, num_kv_heads=kv, branch_list=branches(segments, rates, "lse", h),
+        block_size=128, layout=layout, causal=causal, q=torch.zeros(1, n, h, 64), dense=False, masks=masks,
+        tile=TILE, window=window[0] if window else (-1, -1),
+    )  # fmt: skip
+    return calls, layout
+
+
+def _grid(counts: torch.Tensor, indices: torch.Tensor, cols: int) -> torch.Tensor:
+    """Block lists back to a bool tile grid ``(h, rows, cols)``."""
+    keep = torch.arange(cols) < counts[0, ..., None]
+    return torch.zeros(keep.shape, dtype=torch.bool).scatter_(2, indices[0].long(), keep)
+
+
+def _tiles_to_tokens(grid: torch.Tensor) -> torch.Tensor:
+    return grid.repeat_interleave(TILE, 1).repeat_interleave(TILE, 2)
+
+
+def _kernel_mask(lists: _Lists, rule: Fa4Rule | None, n: int, m: int) -> torch.Tensor:
+    """What flash-attn 4 computes from these lists and rule: full tiles whole, partial tiles where the rule allows."""
+    full = _tiles_to_tokens(_grid(lists.full_block_cnt, lists.full_block_idx, m // TILE))
+    partial = _tiles_to_tokens(_grid(lists.mask_block_cnt, lists.mask_block_idx, m // TILE))
+    assert not (full & partial).any()
+    if rule is None:  # (not asked here: calls without a rule are tile_grids' case)
+        return full | partial
+    h = torch.arange(full.shape[0])[:, None, None]
+    return full | (partial & twin(rule)(0, h, torch.arange(n)[:, None], torch.arange(m)))
+
+
+def _exact(call: Any, heads: int) -> torch.Tensor:
+    return call.rule.dense(heads, layout=True)[0].expand(heads, len(call.q), len(call.k))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_rule_calls_give_flash_attn4_exactly_the_strip_rule(name, fake_fa4):
+    """Every call that needs the token rule gets block lists and aux tensors whose kernel mask is StripRule's."""
+    calls, _ = _calls(name)
+    ruled = 0
+    for call in calls:
+        blocks = blocks_for(call, torch.device("cpu"), rule=True)
+        assert isinstance(blocks, Fa4Blocks)
+        if tile_grids(call) is not None:
+            assert blocks.rule is None and blocks_for(call, torch.device("cpu")) is not None
+            continue
+        ruled += 1
+        assert blocks_for(call, torch.device("cpu"), rule=False) is None  # the mask_mod path off: FlexAttention
+        assert blocks.rule is not None and not blocks.causal  # (the rule holds causality)
+        assert blocks.rule.layout == call.tiles.needs_layout  # the layout is read only where it can matter
+        assert all(x.dtype == (torch.uint8 if i == 7 else torch.int32) for i, x in enumerate(blocks.rule.aux))
+        assert all(x.dim() == 1 and x.is_contiguous() for x in blocks.rule.aux)
+        heads, n, m = call.tiles.full.shape[0], len(call.q), len(call.k)
+        assert torch.equal(_kernel_mask(blocks.forward, blocks.rule, n, m), _exact(call, heads)), call
+        # the backward's lists: the same tiles, per key tile
+        back = blocks.backward
+        for kind in ("full", "mask"):
+            fwd = _grid(
+                getattr(blocks.forward, f"{kind}_block_cnt"), getattr(blocks.forward, f"{kind}_block_idx"), m // TILE
+            )
+            bwd = _grid(getattr(back, f"{kind}_block_cnt"), getattr(back, f"{kind}_block_idx"), n // TILE)
+            assert torch.equal(bwd, fwd.transpose(1, 2))
+    assert ruled, "no call of this case needs the rule"
+
+
+def test_the_check_can_fail(fake_fa4):
+    """A rule without its layout term, or with the causal bound off by one, is caught by the comparison above."""
+    calls, _ = _calls("random-per-head")
+    call = next(c for c in calls if c.tiles.needs_layout)
+    blocks = blocks_for(call, torch.device("cpu"), rule=True)
+    heads, n, m = call.tiles.full.shape[0], len(call.q), len(call.k)
+    assert torch.equal(_kernel_mask(blocks.forward, blocks.rule, n, m), _exact(call, heads))
+    without = rule_tensors(call.rule, layout=False)
+    assert not torch.equal(_kernel_mask(blocks.forward, without, n, m), _exact(call, heads))
+    calls, _ = _calls("window-causal")
+    call = next(c for c in calls if tile_grids(c) is None)
+    blocks = blocks_for(call, torch.device("cpu"), rule=True)
+    heads, n, m = call.tiles.full.shape[0], len(call.q), len(call.k)
+    aux = blocks.rule.aux
+    assert aux[4][:2].tolist() == [-300, 0]
+    strict = Fa4Rule(blocks.rule.layout, (*aux[:4], aux[4] - torch.tensor([0, 1, 0, 0], dtype=torch.int32), *aux[5:]))
+    assert not torch.equal(_kernel_mask(blocks.forward, strict, n, m), _exact(call, heads))
+
+
+def test_window_bounds_and_strides_in_params():
+    """``params``: the offsets' interval (window and causality) and the layout's head / row strides."""
+    calls, layout = _calls("window-two-sided-layout")
+    call = next(c for c in calls if c.tiles.needs_layout)
+    rule = rule_tensors(call.rule, layout=True)
+    nb = layout.shape[-1]
+    assert rule.aux[4].tolist() == [-200, 77, 0, nb]  # one layout for every head: head stride 0
+    calls, layout = _calls("random-per-head")
+    call = next(c for c in calls if c.tiles.needs_layout and c.rule.layout.shape[0] > 1)
+    rule = rule_tensors(call.rule, layout=True)
+    assert rule.aux[4].tolist()[2:] == [nb * nb, nb] and rule.aux[4].tolist()[:2] == [-(1 << 30), 1 << 30]
+    assert rule_tensors(call.rule, layout=False).aux[4].tolist()[2:] == [0, 0] and len(rule.aux) == 8
+
+
+def test_a_layout_too_large_for_int32_stays_on_flex(monkeypatch, fake_fa4):
+    calls, _ = _calls("random-per-head")
+    call = next(c for c in calls if c.tiles.needs_layout)
+    monkeypatch.setattr("ring_blocksparse.fa4_rule.INDEX_LIMIT", call.rule.layout.numel())
+    assert rule_tensors(call.rule, layout=True) is None and blocks_for(call, torch.device("cpu"), rule=True) is None
+    assert INDEX_LIMIT == 1 << 31
+
+
+def test_padded_calls_and_other_tiles_stay_on_flex(fake_fa4):
+    n = 1024
+    for padded, tile in ((True, TILE), (False, 64)):
+        calls = strip_calls(
+            torch.arange(n), torch.arange(n), num_heads=2, num_kv_heads=2, branch_list=branches([512], [2], "lse", 2),
+            block_size=128, layout=None, causal=True, q=torch.zeros(1, n, 2, 64), dense=False, masks=False, tile=tile,
+            window=(100, -1), padded=padded,
+        )  # fmt: skip
+        assert calls and all(blocks_for(c, torch.device("cpu"), rule=True) is None for c in calls)
+
+
+def test_rule_path_needs_cuda_and_can_be_turned_off(monkeypatch):
+    assert not rule_ready(torch.zeros(1, 8, 1, 64))
+    if torch.cuda.is_available():
+        monkeypatch.setenv(fa4.MASK_ENV, "0")
+        assert not rule_ready(torch.zeros(1, 8, 1, 64, device="cuda"))
+
+
+def test_a_rejected_call_falls_back_to_flex_loudly_and_exactly(fake_fa4):
+    """flash-attn 4 failing on a mask_mod call: the forward is FlexAttention's (the exact rule), one warning, the
+    variant is not tried again; a call without a rule still raises."""
+    calls, _ = _calls("band-dilated", masks=True)
+    call = next(c for c in calls if tile_grids(c) is None)
+    n, h = 1536, 4
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, h, 64, generator=generator) for _ in range(3))
+    blocks = blocks_for(call, torch.device("cpu"), rule=True)
+    with pytest.warns(Fa4FallbackWarning, match="rejected"):
+        o, lse = fa4_forward(call, blocks, q, k, v, scale=0.125)
+    assert call.fa4 is False and len(fake_fa4.calls) == 1
+    asked = fake_fa4.calls[0]  # what flash-attn 4 was given: the variant, the aux tensors, no causal flag
+    assert asked["mask_mod"] == f"cute {blocks.rule.variant}" and not asked["causal"]
+    assert all(a is b for a, b in zip(asked["aux_tensors"], blocks.rule.aux, strict=True))
+    assert asked["block_sparse_tensors"] is blocks.forward
+    views = [
+        x.transpose(1, 2) for x in (call.q_view(q), call.kv_input(call.kv_leaf(k)), call.kv_input(call.kv_leaf(v)))
+    ]
+    o_ref, lse_ref = math_strip_attention(*views, call.tiles, call.rule, scale=0.125, enable_gqa=call.gqa)
+    torch.testing.assert_close(o, o_ref.transpose(1, 2), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, lse_ref, atol=2e-5, rtol=2e-5)
+    # the next call of this variant goes to FlexAttention without trying flash-attn 4, and without a warning
+    other = next(c for c in calls if c is not call and tile_grids(c) is None)
+    assert other.tiles.needs_layout == call.tiles.needs_layout  # (the same variant)
+    assert blocks_for(other, torch.device("cpu"), rule=True) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Fa4FallbackWarning)
+        fa4_forward(call, blocks, q, k, v, scale=0.125)
+    assert len(fake_fa4.calls) == 1
+    plain = next(c for c in calls if tile_grids(c) is not None)
+    with pytest.raises(RuntimeError, match="did not compile"):
+        fa4_forward(plain, blocks_for(plain, torch.device("cpu")), q, k, v, scale=0.125)
