@@ -233,3 +233,16 @@ def test_a_rejected_call_falls_back_to_flex_loudly_and_exactly(fake_fa4):
     plain = next(c for c in calls if tile_grids(c) is not None)
     with pytest.raises(RuntimeError, match="did not compile"):
         fa4_forward(plain, blocks_for(plain, torch.device("cpu")), q, k, v, scale=0.125)
+
+
+def test_the_backward_passes_strided_views_in_place_and_copies_broadcast_ones():
+    """``out``/``dout`` go to flash-attn 4's backward as the call's strided views (no copy per call); a
+    view the kernel cannot take (broadcast, or a last stride other than 1) is copied."""
+    out = torch.randn(1, 96, 4, 8)
+    view = out[:, 1::4, 2:4]  # a rate-4 offset-1 branch on heads 2..3
+    assert fa4.kernel_view(view).data_ptr() == view.data_ptr()
+    broadcast = torch.ones(1, 1, 1, 1).expand(1, 24, 2, 8)
+    assert fa4.kernel_view(broadcast).stride() == (384, 16, 8, 1)
+    transposed = out.transpose(-1, -2)
+    copied = fa4.kernel_view(transposed)
+    assert copied.is_contiguous() and torch.equal(copied, transposed)

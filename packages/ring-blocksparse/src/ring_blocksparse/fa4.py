@@ -172,6 +172,13 @@ def _flex_call(call: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
     return o, lse, leaves
 
 
+def kernel_view(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as flash-attn 4 reads it in place: a strided view with a unit last stride and no broadcast
+    dimension is passed as is (the kernels take strides; flash-attn 4 copies what it cannot align), anything
+    else is copied once."""
+    return x if x.stride(-1) == 1 and 0 not in x.stride() else x.contiguous()
+
+
 def fa4_forward(call: Any, blocks: Fa4Blocks, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float):
     """``o`` ``(B, n, h, D)`` and ``lse`` ``(B, h, n)`` (float32) of one call on its strided views."""
     if blocks.rule is None or blocks.rule.variant not in _REJECTED:
@@ -203,7 +210,7 @@ def fa4_backward(call: Any, blocks: Fa4Blocks, q, k, v, out, lse, dout, *, scale
     final_lse = lse_for_backward(call.q_view(lse).transpose(1, 2))
     try:
         dq, dk, dv = interface._flash_attn_bwd(
-            qs, ks, vs, call.q_view(out).contiguous(), call.q_view(dout).contiguous(), final_lse,
+            qs, ks, vs, kernel_view(call.q_view(out)), kernel_view(call.q_view(dout)), final_lse,
             softmax_scale=scale, causal=blocks.causal, block_sparse_tensors=blocks.backward, **_rule_options(blocks),
         )[:3]  # fmt: skip
     except Exception as exc:
