@@ -132,3 +132,35 @@ def test_flex_window_without_layout_on_gpu():
     # the band: each query tile reaches itself and at most 3 earlier tiles
     assert all(int((c.tiles.full | c.tiles.partial).sum(-1).max()) <= 4 for c in calls)
     assert result.passed, f"{case}: {result.errors} > {result.tolerance}"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_return_lse_on_the_strips_on_gpu(causal):
+    """``return_lse=True`` takes the strips (FlexAttention; dense calls for rate-1 runs), the lse's gradient
+    included: bf16 vs float64 within SPEC's bounds."""
+    from ring_core import reference_attention
+    from ring_core.testing import TOLERANCES, relative_error
+
+    n, h, d, segments, rates = 2048, 4, 64, (512, 1024, 2048), (1, 2, 4)
+    attn = BlockSparseRingDilatedAttention(
+        segments, rates, block_size=128, pattern="local_window", window=384, sliding=True, method="flex"
+    )
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v, d_out = (torch.randn(1, n, h, d, device="cuda", generator=gen) for _ in range(4))
+    d_lse = torch.randn(1, h, n, device="cuda", generator=gen)
+    results = []
+    for dtype, run in ((torch.bfloat16, attn), (torch.float64, None)):
+        inputs = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+        if run is None:
+            out, lse = reference_attention(
+                *inputs, segment_lengths=segments, dilation_rates=rates, is_causal=causal, return_lse=True,
+                block_layout=attn.layout_for(n, h), block_size=128,
+            )  # fmt: skip
+        else:
+            out, lse = run(*inputs, is_causal=causal, return_lse=True)
+            assert run.last_method == "flex"
+        loss = (out.double() * d_out.double()).sum() + (lse.double() * d_lse.double()).sum()
+        results.append([out, lse, *torch.autograd.grad(loss, inputs)])
+    out_bound, grad_bound = TOLERANCES[torch.bfloat16]
+    errors = [relative_error(got, want) for got, want in zip(*results)]
+    assert max(errors[:2]) <= out_bound and max(errors[2:]) <= grad_bound, errors

@@ -260,3 +260,45 @@ def test_flash_attn4_takes_calls_whose_tiles_need_no_rule(pattern, options, segm
             assert torch.equal(full | diagonal, call.tiles.full | call.tiles.partial)
             assert not (diagonal & ~torch.eye(diagonal.shape[1], dtype=torch.bool)).any()
             assert causal or not diagonal.any()
+
+
+@pytest.mark.parametrize(
+    ("name", "segments", "rates", "kv_heads", "merge", "causal"),
+    [
+        ("random-per-head", (12, 32, 64), (1, 2, 4), 2, "lse", True),
+        ("none", (16, 64), (2, 4), 1, "head_groups", False),
+        ("band", (64,), (1,), 4, "lse", False),
+    ],
+    ids=["dilated-causal-gqa", "head-groups-dense-calls", "band"],
+)
+def test_return_lse_runs_on_the_strips_with_its_gradient(name, segments, rates, kv_heads, merge, causal):
+    """``return_lse=True`` on one process takes the strips, and the lse's gradient reaches q and k exactly (sparse
+    calls through their lse, dense calls through one more backward pass): float64 vs the reference."""
+    n, h, d = 64, 4, 8
+    attn = _module({"segment_lengths": segments, "dilation_rates": rates, "merge": merge}, 8, name)
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(2, n, h, d, dtype=torch.float64, generator=gen, requires_grad=True)
+    k, v = (torch.randn(2, n, kv_heads, d, dtype=torch.float64, generator=gen, requires_grad=True) for _ in "kv")
+    d_out = torch.randn(2, n, h, d, dtype=torch.float64, generator=gen)
+    d_lse = torch.randn(2, h, n, dtype=torch.float64, generator=gen)
+
+    def loss(out, lse):
+        return (out * d_out).sum() + torch.where(torch.isfinite(lse), lse * d_lse, 0).sum()
+
+    out, lse = attn(q, k, v, is_causal=causal, return_lse=True)
+    assert attn.last_method == "flex"
+    grads = torch.autograd.grad(loss(out, lse), (q, k, v))
+    ref_out, ref_lse = reference_attention(
+        q, k, v, segment_lengths=segments, dilation_rates=rates, merge=merge, is_causal=causal, return_lse=True,
+        block_layout=attn.layout_for(n, h), block_size=8,
+    )  # fmt: skip
+    ref_grads = torch.autograd.grad(loss(ref_out, ref_lse), (q, k, v))
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse.to(lse.dtype), atol=1e-6, rtol=1e-6)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)
+    without_lse = torch.autograd.grad((reference_attention(
+        q, k, v, segment_lengths=segments, dilation_rates=rates, merge=merge, is_causal=causal,
+        block_layout=attn.layout_for(n, h), block_size=8,
+    ) * d_out).sum(), q)[0]  # fmt: skip
+    assert not torch.allclose(without_lse, ref_grads[0])  # the lse's gradient is part of what is checked

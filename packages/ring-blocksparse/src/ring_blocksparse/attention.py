@@ -86,7 +86,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
       runs of the sequence that split into whole kernel tiles, no dropout, and a backward only on
       CUDA; raises otherwise), ``"gather"`` (tiles gathered into dense blocks, the blockwise
       engine; everything) or ``"auto"`` (flex on CUDA when it applies, else gather; gather under
-      ``torch.compile``, with ``return_lse`` and with ``cu_seqlens``).
+      ``torch.compile``, with ``cu_seqlens``, and with ``return_lse`` on several ranks).
     - ``flex_kernel_options``: FlexAttention ``kernel_options`` (e.g. ``{"fwd_num_stages": 2}``)
       over the safe flags and tuned tiles the strip path picks itself
       (:func:`ring_blocksparse.flex.kernel_options_for`).
@@ -282,9 +282,20 @@ class BlockSparseRingDilatedAttention(nn.Module):
             self.comm_stats = CommStats()
             scale = default_scale(q.shape[-1], self.softmax_scale)
             try:
-                return self._strip_forward(
-                    q, k, v, block_layout, bool(is_causal), rank, world, scale, schedule_args, key_padding_mask
+                out, lse = self._strip_forward(
+                    q,
+                    k,
+                    v,
+                    block_layout,
+                    bool(is_causal),
+                    rank,
+                    world,
+                    scale,
+                    schedule_args,
+                    key_padding_mask,
+                    lse_grad=return_lse and needs_grad,
                 )
+                return (out, lse.transpose(1, 2)) if return_lse else out
             except Exception as exc:
                 if self.method == "flex" or world > 1:  # a ring cannot change course on one rank alone
                     raise
@@ -346,7 +357,10 @@ class BlockSparseRingDilatedAttention(nn.Module):
         scale: float,
         schedule_args: dict[str, Any],
         key_padding_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        *,
+        lse_grad: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``out`` and ``lse`` ``(B, n, H)`` of the strips; ``lse_grad``: ``lse`` is differentiable (one process)."""
         if self.sparse_kernel not in SPARSE_KERNELS:
             raise ValueError(f"sparse_kernel must be one of {list(SPARSE_KERNELS)}, got {self.sparse_kernel!r}")
         key = (
@@ -367,15 +381,15 @@ class BlockSparseRingDilatedAttention(nn.Module):
         kernel = dense_strip_kernel(q, causal, scale, self.kernel)
         self.last_plan, self.last_method = plan, "flex"
         if world == 1:
-            run = StripRun(plan.calls[0], kernel, self.sparse_kernel, key_padding_mask=key_padding_mask)
-            out, _ = strip_attention(q, k, v, run)
-            return out
+            run = StripRun(
+                plan.calls[0], kernel, self.sparse_kernel, key_padding_mask=key_padding_mask, lse_grad=lse_grad
+            )
+            return strip_attention(q, k, v, run)
         schedule = StripRingSchedule(
             plan, kernel, stats=self.comm_stats, sparse=self.sparse_kernel, key_padding_mask=key_padding_mask,
             **schedule_args,
         )  # fmt: skip
-        out, _ = blockwise_attention(schedule, q, k, v)
-        return out
+        return blockwise_attention(schedule, q, k, v)
 
     def _use_flex(
         self,
@@ -406,8 +420,8 @@ class BlockSparseRingDilatedAttention(nn.Module):
             dropout_p=dropout_p,
             needs_grad=needs_grad and self.sparse_kernel != "math",
         )
-        if return_lse:
-            reasons.append("return_lse (the strips' lse has no gradient; the gather path's has)")
+        if return_lse and world > 1:
+            reasons.append("return_lse on several ranks (the sparse ring's lse has no gradient; the gather path's has)")
         if cu_seqlens is not None:
             reasons.append("cu_seqlens (the gather path takes packed documents)")
         if self.method == "flex" and reasons:

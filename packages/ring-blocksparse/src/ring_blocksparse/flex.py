@@ -337,16 +337,22 @@ def sparse_backward(
     dout: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
+    dlse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The exact ``(dq, dk, dv)`` of one FlexAttention call under the final ``out``/``lse`` (its graph kept from
-    ``o, lse_call`` to ``leaves``; the rule is in :mod:`ring_blocksparse.strided`'s docstring)."""
+    ``o, lse_call`` to ``leaves``; the rule is in :mod:`ring_blocksparse.strided`'s docstring). ``dlse``: the
+    final lse's gradient ``(B, N, H)``; it reaches the call's lse times ``exp(lse_call - lse)``."""
+    final_lse = call.q_view(lse).transpose(1, 2)
     grad_out, grad_lse = grad_inputs(
         call.q_view(dout).transpose(1, 2),
         o,
         call.q_view(out).transpose(1, 2),
         lse_call,
-        call.q_view(lse).transpose(1, 2),
+        final_lse,
     )
+    if dlse is not None:
+        share = torch.where(torch.isneginf(final_lse), 0.0, torch.exp(lse_call - final_lse))
+        grad_lse = grad_lse + share * call.q_view(dlse).transpose(1, 2)
     dq, dk, dv = torch.autograd.grad((o, lse_call), leaves, (grad_out, grad_lse))
     return dq, dk, dv
 

@@ -187,11 +187,14 @@ class StripRun:
     grad: bool = True  # keep each FlexAttention call's graph for the backward
     saved: list[_Saved | Fa4Blocks | None] = field(default_factory=list)
     key_padding_mask: torch.Tensor | None = None  # (B, N) bool, True: padded key (the calls were built padded)
+    # the caller returns ``lse`` with its gradient (``return_lse``): the calls stay on FlexAttention, whose
+    # backward takes it (flash-attn 4's ``dlse`` has not run here)
+    lse_grad: bool = False
 
 
 def fa4_blocks(run: StripRun, call: StripCall, q: torch.Tensor) -> Fa4Blocks | None:
     """The call's flash-attn 4 block lists when the run may use them and the call qualifies (kept on the call)."""
-    if run.sparse != "auto" or call.run is not None or not available(q):
+    if run.sparse != "auto" or run.lse_grad or call.run is not None or not available(q):
         return None
     if call.fa4 is None:
         call.fa4 = blocks_for(call, q.device, rule=rule_ready(q)) or False
@@ -292,15 +295,18 @@ class _StripAttention(torch.autograd.Function):
                     backend.merge(out_view, lse_view, o_rows.reshape(out_view.shape), lse_rows.reshape(lse_view.shape))
         ctx.run = run
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mark_non_differentiable(lse)
+        if not run.lse_grad:
+            ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     @no_double_backward
-    def backward(ctx: Any, dout: torch.Tensor, _dlse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, dout: torch.Tensor, dlse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         run: StripRun = ctx.run
         q, k, v, out, lse = ctx.saved_tensors
         dout = dout.contiguous()
+        dlse = dlse if run.lse_grad else None
+        lse_probe = None if dlse is None or not any(c.run is not None for c in run.calls) else _lse_probe(v, out, dlse)
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         grad_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else acc
         grads: list[torch.Tensor | None] = [None, None, None]
@@ -308,13 +314,18 @@ class _StripAttention(torch.autograd.Function):
         for index, (call, saved) in enumerate(zip(run.calls, run.saved)):
             if call.run is not None:
                 blocks = _dense_backward(run, call, q, k, v, out, lse, dout)
+                if lse_probe is not None:  # one more pass over the call: dS = P * dlse (the probe's note)
+                    probe_blocks = _dense_backward(run, call, q, k, lse_probe[0], lse_probe[2], lse, lse_probe[1])
+                    blocks = [
+                        (r, bq + pq, bk + pk, bv) for (r, bq, bk, bv), (_, pq, pk, _) in zip(blocks, probe_blocks)
+                    ]
             elif isinstance(saved, Fa4Blocks):
                 grads_fa4 = fa4_backward(call, saved, q, k, v, out, lse, dout, scale=run.kernel.scale)
                 blocks = [(slice(None), *grads_fa4)]
             else:
                 assert saved is not None  # (a sparse call's graph is kept when there is a backward)
                 o, lse_call, leaves = saved
-                blocks = [(slice(None), *sparse_backward(call, o, lse_call, leaves, dout, out, lse))]
+                blocks = [(slice(None), *sparse_backward(call, o, lse_call, leaves, dout, out, lse, dlse))]
             for i, (x, view) in enumerate(((q, call.q_view), (k, call.kv_leaf), (v, call.kv_leaf))):
                 for rows, *parts in blocks:
                     part = parts[i]
@@ -330,6 +341,17 @@ class _StripAttention(torch.autograd.Function):
         run.saved = []
         zeros = [torch.zeros_like(x) if g is None else g.to(x.dtype) for x, g in zip((q, k, v), grads)]
         return None, *zeros
+
+
+def _lse_probe(v: torch.Tensor, out: torch.Tensor, dlse: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(v', dout', out')`` whose backward gives the lse's gradient through a dense kernel: its backward
+    computes ``dS = P * (dout' . v' - rowsum(dout' * out'))``, which is ``P * dlse`` for ``v' = 0``, ``dout'``
+    the first unit vector and ``out'`` holding ``-dlse`` there (``d lse / d s = P``; as ring-core's ops)."""
+    probe = torch.zeros_like(out)
+    probe[..., 0] = 1
+    shifted = torch.zeros_like(out)
+    shifted[..., 0] = -dlse.to(out.dtype)
+    return torch.zeros_like(v), probe, shifted
 
 
 def _dense_pieces(
