@@ -161,10 +161,16 @@ RING = "ring-4xh200.json"
 
 
 SPARSE = "blocksparse-h200.json"
+STRIPS = "blocksparse-strips-fa4-h200.json"
 WINDOWS = "packed-windows-h200.json"
 SPARSE_RING = "blocksparse-ring-2xh200.json"
 CPU = "cli-bench-cpu.json"
 CPU_LONG = "core-cpu.json"
+
+
+def strip_patterns() -> list[dict]:
+    """The strips run's registered patterns at density 0.10 (one rate-1 branch), vs dense SDPA cuDNN."""
+    return [r for r in load(STRIPS)["results"] if r["section"] == "pattern" and abs(r["density"] - 0.1) < 0.005]
 
 
 def mask(causal: bool) -> str:

@@ -269,6 +269,7 @@ def main(argv=None) -> int:
                 save()
     if args.ring and "ring" not in args.skip and time.perf_counter() - started < args.time_budget:
         record["ring"] = simulate_ring(args, q, k, v, dout, layouts["random"], save, record)
+        save()
     if args.plot:
         try:
             plot(args.plot, record)
