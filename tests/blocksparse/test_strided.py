@@ -12,7 +12,7 @@ import itertools
 
 import pytest
 import torch
-from tests.distributed_helpers import run_distributed
+from tests.distributed_helpers import raised, run_distributed
 
 from ring_blocksparse import BlockSparseRingDilatedAttention, build_pattern
 from ring_blocksparse.attention import dense_strip_kernel
@@ -229,6 +229,64 @@ def test_ring_on_strips(world_size, layouts):
         boundaries = 1 if result is by_rank[0] or result is by_rank[-1] else 2
         row_bytes = 2 * 2 * (4 + 4) * 8  # batch 2, 2 kv heads, K and V of head dim 4, float64
         assert result["contiguous", "band"]["sent"]["forward"] == boundaries * 16 * row_bytes
+
+
+def _ring_lse_rank(rank: int, world_size: int, layouts: list[str]) -> dict:
+    results = {}
+    for layout in layouts:
+        for name in ("random-dilated-gqa", "band"):
+            segments, rates, _, _, block, pattern, causal = RING[name]
+            q, k, v, dout = _ring_inputs(name)
+            d_lse = torch.randn(2, q.shape[2], 128, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+            local = [
+                shard_sequence(x, layout, rank=rank, world_size=world_size).clone().requires_grad_() for x in (q, k, v)
+            ]
+            attn = _module({"segment_lengths": segments, "dilation_rates": rates}, block, pattern, layout=layout)
+            out, lse = attn(*local, is_causal=causal, return_lse=True)
+            rows = shard_positions(128, rank, world_size, layout)
+            loss = (out * shard_sequence(dout, layout, rank=rank, world_size=world_size)).sum()
+            loss = loss + torch.where(torch.isfinite(lse), lse * d_lse[:, :, rows], 0).sum()
+            loss.backward()
+            results[layout, name] = {
+                "out": out.detach().numpy(), "lse": lse.detach().numpy(), "grads": [x.grad.numpy() for x in local],
+                "method": attn.last_method,
+            }  # fmt: skip
+    disagree = _module({"segment_lengths": (128,), "dilation_rates": (1,)}, 8, "band")
+    local = [shard_sequence(x, "contiguous", rank=rank, world_size=world_size) for x in _ring_inputs("band")[:3]]
+    results["disagree"] = raised(lambda: disagree(*local, return_lse=rank == 0))
+    return results
+
+
+@pytest.mark.distributed
+def test_ring_on_strips_returns_lse_with_its_gradient():
+    """``return_lse=True`` on the sparse ring runs on the strips; the lse's gradient (one more backward pass of the
+    ring) is exact on both layouts. Ranks that disagree on ``return_lse`` raise the same error, none hangs."""
+    world_size, layouts = 2, ["contiguous", "zigzag"]
+    by_rank = run_distributed(_ring_lse_rank, world_size, layouts, timeout=300)
+    for layout in layouts:
+        for name in ("random-dilated-gqa", "band"):
+            segments, rates, h, _, block, pattern, causal = RING[name]
+            q, k, v, dout = _ring_inputs(name)
+            d_lse = torch.randn(2, h, 128, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+            pattern_name, options = PATTERNS[pattern]
+            out, lse = reference_attention(
+                *leaves, segment_lengths=segments, dilation_rates=rates, is_causal=causal, return_lse=True,
+                block_layout=build_pattern(pattern_name, **options).layout(128, block, h), block_size=block,
+            )  # fmt: skip
+            ((out * dout).sum() + torch.where(torch.isfinite(lse), lse * d_lse, 0).sum()).backward()
+            for rank, result in enumerate(by_rank):
+                got = result[layout, name]
+                assert got["method"] == "flex"
+                rows = shard_positions(128, rank, world_size, layout)
+                torch.testing.assert_close(torch.from_numpy(got["out"]), out.detach()[:, rows], rtol=1e-10, atol=1e-12)
+                torch.testing.assert_close(
+                    torch.from_numpy(got["lse"]), lse.detach()[:, :, rows], rtol=1e-10, atol=1e-12
+                )
+                for grad, leaf in zip(got["grads"], leaves):
+                    torch.testing.assert_close(torch.from_numpy(grad), leaf.grad[:, rows], rtol=1e-9, atol=1e-11)
+    errors = [result["disagree"] for result in by_rank]
+    assert errors[0] is not None and all(e == errors[0] for e in errors), errors
 
 
 @pytest.mark.parametrize(

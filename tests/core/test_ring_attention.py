@@ -67,12 +67,12 @@ def _errors(rank):
     out = {}
     dense = {"segment_lengths": [64], "dilation_rates": [1]}
 
-    def call(n_local=4, dtype=torch.float64, layout="contiguous", causal=False, config=dense, q=None):
+    def call(n_local=4, dtype=torch.float64, layout="contiguous", causal=False, config=dense, q=None, lse=False):
         module = RingDilatedAttention(**config, layout=layout)
         tensors = list(_inputs(n_local, 2, dtype, rank=rank))
         if q is not None:
             tensors[0] = q
-        return module(*tensors, is_causal=causal)
+        return module(*tensors, is_causal=causal, return_lse=lse)
 
     out["local_len"] = raised(lambda: call(n_local=5 if rank == 0 else 4))
     out["zigzag_odd"] = raised(lambda: call(n_local=3, layout="zigzag"))
@@ -80,6 +80,7 @@ def _errors(rank):
     other = {"segment_lengths": [8, 64], "dilation_rates": [1, 2]}
     out["config"] = raised(lambda: call(config=other if rank == 2 else dense))
     out["causal"] = raised(lambda: call(causal=rank == 3))
+    out["return_lse"] = raised(lambda: call(lse=rank == 1))  # its gradient is one more ring pass: never a hang
     out["bad_tensor"] = raised(lambda: call(q=torch.randn(4, H, D, dtype=torch.float64) if rank == 0 else None))
     out["shard_n"] = raised(lambda: shard_sequence(torch.zeros(1, 10, 2, 2)))
     copy_engine = RingDilatedAttention([64], [1], transport="copy_engine")
@@ -248,6 +249,7 @@ def test_errors_are_raised_on_every_rank(world):
         "dtype": ("dtype",),
         "config": ("config",),
         "causal": ("causal",),
+        "return_lse": ("config",),
     }.items():
         for rank, result in enumerate(errors):
             assert result[scenario] is not None, f"rank {rank} did not raise for {scenario}"

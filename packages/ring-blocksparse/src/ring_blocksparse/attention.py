@@ -86,7 +86,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
       runs of the sequence that split into whole kernel tiles, no dropout, and a backward only on
       CUDA; raises otherwise), ``"gather"`` (tiles gathered into dense blocks, the blockwise
       engine; everything) or ``"auto"`` (flex on CUDA when it applies, else gather; gather under
-      ``torch.compile``, with ``cu_seqlens``, and with ``return_lse`` on several ranks).
+      ``torch.compile`` and with ``cu_seqlens``).
     - ``flex_kernel_options``: FlexAttention ``kernel_options`` (e.g. ``{"fwd_num_stages": 2}``)
       over the safe flags and tuned tiles the strip path picks itself
       (:func:`ring_blocksparse.flex.kernel_options_for`).
@@ -273,10 +273,10 @@ class BlockSparseRingDilatedAttention(nn.Module):
             key_padding_mask=key_padding_mask, layout=self.layout, process_group=self.process_group,
             softmax_scale=self.softmax_scale, dropout_p=dropout_p, transposed_backward=self.transposed_backward,
             timeout=self.timeout, name=type(self).__name__, digest=self._digest, window=self.window_size,
-            cu_seqlens=cu_seqlens,
+            cu_seqlens=cu_seqlens, return_lse=return_lse,
         )  # fmt: skip
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        if self._use_flex(q, world, dropout_p, needs_grad, return_lse, cu_seqlens):
+        if self._use_flex(q, world, dropout_p, needs_grad, cu_seqlens):
             block_layout = self.layout_for(q.shape[1] * world, q.shape[2])
             _, schedule_args = self._prepare(q, k, v, block_layout, bool(is_causal), key_padding_mask, build=False)
             self.comm_stats = CommStats()
@@ -293,7 +293,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
                     scale,
                     schedule_args,
                     key_padding_mask,
-                    lse_grad=return_lse and needs_grad,
+                    lse_grad=return_lse,
                 )
                 return (out, lse.transpose(1, 2)) if return_lse else out
             except Exception as exc:
@@ -360,7 +360,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
         *,
         lse_grad: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``out`` and ``lse`` ``(B, n, H)`` of the strips; ``lse_grad``: ``lse`` is differentiable (one process)."""
+        """``out`` and ``lse`` ``(B, n, H)`` of the strips; ``lse_grad``: ``lse`` is differentiable."""
         if self.sparse_kernel not in SPARSE_KERNELS:
             raise ValueError(f"sparse_kernel must be one of {list(SPARSE_KERNELS)}, got {self.sparse_kernel!r}")
         key = (
@@ -389,7 +389,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
             plan, kernel, stats=self.comm_stats, sparse=self.sparse_kernel, key_padding_mask=key_padding_mask,
             **schedule_args,
         )  # fmt: skip
-        return blockwise_attention(schedule, q, k, v)
+        return blockwise_attention(schedule, q, k, v, lse_grad=lse_grad)
 
     def _use_flex(
         self,
@@ -397,7 +397,6 @@ class BlockSparseRingDilatedAttention(nn.Module):
         world: int,
         dropout_p: float,
         needs_grad: bool,
-        return_lse: bool,
         cu_seqlens: torch.Tensor | None = None,
     ) -> bool:
         """Whether the call takes the strips (else the gather path, one op for ``torch.compile``)."""
@@ -420,8 +419,6 @@ class BlockSparseRingDilatedAttention(nn.Module):
             dropout_p=dropout_p,
             needs_grad=needs_grad and self.sparse_kernel != "math",
         )
-        if return_lse and world > 1:
-            reasons.append("return_lse on several ranks (the sparse ring's lse has no gradient; the gather path's has)")
         if cu_seqlens is not None:
             reasons.append("cu_seqlens (the gather path takes packed documents)")
         if self.method == "flex" and reasons:

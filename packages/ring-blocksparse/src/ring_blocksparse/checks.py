@@ -142,11 +142,12 @@ def _agree(
     window: tuple[int, int] = (-1, -1),
     cu_seqlens: torch.Tensor | None = None,
     digest: Callable[[torch.Tensor | None], int] = layout_digest,
+    return_lse: bool = False,
 ) -> None:
     """Across ranks: check everything on this rank, then agree (one small all-gather, before any other
     communication): the same error on every rank, or none. ``layout_of(seq_len, num_heads)`` gives the block
     layout (or ``None``); ``digest`` fingerprints it; ``window`` and ``cu_seqlens`` (global ``N``) are
-    agreed on too. On one process there is no collective: the configuration, ``q, k, v`` and ``cu_seqlens``
+    agreed on too, and ``return_lse`` (its gradient is one more pass of the ring's backward). On one process there is no collective: the configuration, ``q, k, v`` and ``cu_seqlens``
     are checked here, the block layout where the plan is built."""
     rank, world = group_rank_and_size(process_group)
     segments, rates = check_dilated_config(segment_lengths, dilation_rates, merge)
@@ -164,6 +165,7 @@ def _agree(
         q, k, v, key_padding_mask, world_size=world,
         comms=lambda: [RingComm(process_group, rank, world, RingCommStats(), timeout=timeout)], cu_seqlens=cu_seqlens,
         causal=bool(is_causal), layout=layout, merge=merge,
-        config=(segments, rates, block_size, dropout_p, bool(transposed_backward)), scale=softmax_scale, name=name,
+        config=(segments, rates, block_size, dropout_p, bool(transposed_backward), bool(return_lse)),
+        scale=softmax_scale, name=name,
         local_check=local_check, window_size=window,
     )  # fmt: skip

@@ -72,7 +72,7 @@ def block_sparse_dilated_attention(
         layout_of=lambda seq_len, num_heads: block_layout, merge=merge, is_causal=is_causal,
         key_padding_mask=key_padding_mask, layout=layout, process_group=process_group, softmax_scale=softmax_scale,
         dropout_p=dropout_p, transposed_backward=transposed_backward, timeout=timeout,
-        name="block_sparse_dilated_attention", window=window, cu_seqlens=cu_seqlens,
+        name="block_sparse_dilated_attention", window=window, cu_seqlens=cu_seqlens, return_lse=return_lse,
     )  # fmt: skip
     scale = default_scale(q.shape[-1], softmax_scale)
     # this call's plan, built once for its forward and backward

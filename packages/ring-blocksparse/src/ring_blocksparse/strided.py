@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ring_core.plugin import BlockKernel, Branch, branch_offsets, no_double_backward
+from ring_core.plugin import BlockKernel, Branch, branch_offsets, lse_probe, no_double_backward
 
 from .fa4 import Fa4Blocks, available, blocks_for, fa4_backward, fa4_forward, rule_ready
 from .flex import (
@@ -306,7 +306,7 @@ class _StripAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         dout = dout.contiguous()
         dlse = dlse if run.lse_grad else None
-        lse_probe = None if dlse is None or not any(c.run is not None for c in run.calls) else _lse_probe(v, out, dlse)
+        probes = None if dlse is None or not any(c.run is not None for c in run.calls) else lse_probe(v, out, dlse)
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         grad_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else acc
         grads: list[torch.Tensor | None] = [None, None, None]
@@ -314,8 +314,9 @@ class _StripAttention(torch.autograd.Function):
         for index, (call, saved) in enumerate(zip(run.calls, run.saved)):
             if call.run is not None:
                 blocks = _dense_backward(run, call, q, k, v, out, lse, dout)
-                if lse_probe is not None:  # one more pass over the call: dS = P * dlse (the probe's note)
-                    probe_blocks = _dense_backward(run, call, q, k, lse_probe[0], lse_probe[2], lse, lse_probe[1])
+                if probes is not None:  # one more pass over the call: dS = P * dlse (ring_core's lse_probe)
+                    probe, zeros, shifted = probes
+                    probe_blocks = _dense_backward(run, call, q, k, zeros, shifted, lse, probe)
                     blocks = [
                         (r, bq + pq, bk + pk, bv) for (r, bq, bk, bv), (_, pq, pk, _) in zip(blocks, probe_blocks)
                     ]
@@ -341,17 +342,6 @@ class _StripAttention(torch.autograd.Function):
         run.saved = []
         zeros = [torch.zeros_like(x) if g is None else g.to(x.dtype) for x, g in zip((q, k, v), grads)]
         return None, *zeros
-
-
-def _lse_probe(v: torch.Tensor, out: torch.Tensor, dlse: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``(v', dout', out')`` whose backward gives the lse's gradient through a dense kernel: its backward
-    computes ``dS = P * (dout' . v' - rowsum(dout' * out'))``, which is ``P * dlse`` for ``v' = 0``, ``dout'``
-    the first unit vector and ``out'`` holding ``-dlse`` there (``d lse / d s = P``; as ring-core's ops)."""
-    probe = torch.zeros_like(out)
-    probe[..., 0] = 1
-    shifted = torch.zeros_like(out)
-    shifted[..., 0] = -dlse.to(out.dtype)
-    return torch.zeros_like(v), probe, shifted
 
 
 def _dense_pieces(

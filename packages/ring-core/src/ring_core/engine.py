@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .kernels import KernelBackend, accumulation_dtype
+from .lse import lse_probe
 from .windows import window_kwargs
 
 __all__ = [
@@ -213,28 +214,36 @@ def no_double_backward(
 class _BlockwiseAttention(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, schedule: BlockSchedule, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        ctx: Any, schedule: BlockSchedule, lse_grad: bool, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         out, lse = schedule_forward(schedule, q, k, v)
-        ctx.schedule = schedule
+        ctx.schedule, ctx.lse_grad = schedule, lse_grad
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mark_non_differentiable(lse)
+        if not lse_grad:
+            ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     @no_double_backward
-    def backward(ctx: Any, dout: torch.Tensor, _dlse: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, dout: torch.Tensor, dlse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
-        return None, *schedule_backward(ctx.schedule, q, k, v, out, lse, dout)
+        dq, dk, dv = schedule_backward(ctx.schedule, q, k, v, out, lse, dout)
+        if ctx.lse_grad and dlse is not None:  # one more pass over the blocks (lse_probe)
+            probe, zeros, shifted = lse_probe(v, out, dlse)
+            lse_dq, lse_dk, _ = schedule_backward(ctx.schedule, q, k, zeros, shifted, lse, probe)
+            dq, dk = dq + lse_dq, dk + lse_dk
+        return None, None, dq, dk, dv
 
 
 def blockwise_attention(
-    schedule: BlockSchedule, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    schedule: BlockSchedule, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, lse_grad: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``schedule`` forward (and, through autograd, backward).
 
     Returns ``out`` (``(B, N, H, D)``, dtype of ``q``) and ``lse`` (``(B, N, H)``,
-    accumulation dtype, not differentiable).
+    accumulation dtype), differentiable with ``lse_grad`` (its gradient costs one more
+    backward pass over the schedule's blocks, communication included, and only when it
+    arrives), else not.
     """
-    out, lse = _BlockwiseAttention.apply(schedule, q, k, v)  # type: ignore[no-untyped-call]
+    out, lse = _BlockwiseAttention.apply(schedule, lse_grad, q, k, v)  # type: ignore[no-untyped-call]
     return out, lse

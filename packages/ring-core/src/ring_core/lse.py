@@ -65,3 +65,22 @@ def lse_for_backward(lse: torch.Tensor) -> torch.Tensor:
     """
     lse = lse.float()
     return lse.masked_fill(torch.isneginf(lse), float("inf")).contiguous()
+
+
+def lse_probe(
+    v: torch.Tensor, out: torch.Tensor, dlse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dout', v', out')`` that make any attention backward give the gradient of the final ``lse``.
+
+    ``d lse_t / d s_ts`` is the final probability ``P_ts``, and a backward from the final
+    ``out``/``lse`` computes ``dS = P * (dout . v - rowsum(dout * out))``: for ``v' = 0``, ``dout'``
+    the first unit vector and ``out'`` holding ``-dlse`` in its first channel that is ``P * dlse``.
+    So one more backward pass over the same blocks with these (``dq``, ``dk`` added; its ``dv`` is
+    0 and dropped) adds the lse's gradient, whatever computes the blocks. ``dlse``: ``(B, N, H)``
+    like the engine's ``lse``; ``out'`` keeps ``out``'s dtype.
+    """
+    probe = torch.zeros_like(out)
+    probe[..., 0] = 1
+    shifted = torch.zeros_like(out)
+    shifted[..., 0] = -dlse.to(out.dtype)
+    return probe, torch.zeros_like(v), shifted

@@ -43,6 +43,7 @@ import torch
 
 from .engine import BlockSchedule, schedule_backward, schedule_forward
 from .kernels import accumulation_dtype
+from .lse import lse_probe
 from .validation import check_documents
 
 __all__ = ["AttentionOp", "CallOp", "OpCall", "run_attention"]
@@ -318,11 +319,8 @@ def _attention_backward(
     runner, call = _lookup(op), _call(key_padding_mask, cu_seqlens, seed, causal, dropout_p, q.shape[1])
     dq, dk, dv = runner.backward(dout, q, k, v, out, lse, call)
     if dlse is not None:  # one more pass: dS = P * dlse (see the module's note)
-        probe = torch.zeros_like(out)
-        probe[..., 0] = 1
-        shifted = torch.zeros_like(out)
-        shifted[..., 0] = -dlse
-        lse_dq, lse_dk, _ = runner.backward(probe, q, k, torch.zeros_like(v), shifted, lse, call)
+        probe, zeros, shifted = lse_probe(v, out, dlse)
+        lse_dq, lse_dk, _ = runner.backward(probe, q, k, zeros, shifted, lse, call)
         dq, dk = dq + lse_dq, dk + lse_dk
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 

@@ -83,7 +83,7 @@ from .kernels import (
     merge_into,
     unit_last_stride,
 )
-from .lse import lse_for_backward, merge_attention
+from .lse import lse_for_backward, lse_probe, merge_attention
 from .ops import AttentionOp, CallOp, OpCall, run_attention
 from .reference import branch_counts, document_mask, reference_attention, window_allowed
 from .registry import Implementation, get_registry
@@ -188,6 +188,7 @@ __all__ = [
     "item_kv_part",
     "kernel_window",
     "lse_for_backward",
+    "lse_probe",
     "merge_attention",
     "merge_into",
     "no_double_backward",

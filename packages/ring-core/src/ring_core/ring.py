@@ -393,7 +393,7 @@ class RingDilatedAttention(RingAttentionBase):
         """
         self.count_step()
         dropout_p = self.dropout if self.training else 0.0
-        documents = self._check(q, k, v, key_padding_mask, bool(is_causal), dropout_p, cu_seqlens)
+        documents = self._check(q, k, v, key_padding_mask, bool(is_causal), dropout_p, cu_seqlens, return_lse)
         return self.run(
             q, k, v, causal=bool(is_causal), key_padding_mask=key_padding_mask, dropout_p=dropout_p,
             return_lse=return_lse, cu_seqlens=cu_seqlens, documents=documents,
@@ -408,11 +408,16 @@ class RingDilatedAttention(RingAttentionBase):
         is_causal: bool,
         dropout_p: float,
         cu_seqlens: torch.Tensor | None = None,
+        return_lse: bool = False,
     ) -> tuple[int, ...] | None:
         """Inputs agree across ranks, on every call: ranks that have all seen two signatures may still call with
         different ones (equal byte sizes would then give a wrong result silently). Errors name this class.
-        Returns ``cu_seqlens``' checked values (None without), which the ops reuse instead of reading them again."""
-        config = (self.segment_lengths, self.dilation_rates, self.merge, self.layout, dropout_p, self.window_size)
+        Returns ``cu_seqlens``' checked values (None without), which the ops reuse instead of reading them again.
+        ``return_lse`` is agreed on too: the lse's gradient is one more pass of the ring's backward."""
+        config = (
+            self.segment_lengths, self.dilation_rates, self.merge, self.layout, dropout_p, self.window_size,
+            bool(return_lse),
+        )  # fmt: skip
         return validate_inputs(
             q, k, v, key_padding_mask, world_size=group_rank_and_size(self.process_group)[1],
             comms=lambda: [self._comm(q.device)], cu_seqlens=cu_seqlens, causal=is_causal, layout=self.layout,
