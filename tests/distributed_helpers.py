@@ -5,16 +5,20 @@
 in rank order, and raises with every failing rank's traceback. A timeout kills the
 processes, so a failing test never hangs. ``fn`` must be a module-level function of an
 importable module (a test module is fine) and return something picklable. Spawning
-costs seconds: group several checks into one call.
+costs seconds: group several checks into one call. ``host_reads`` and ``cu_seqlens_reads`` count
+the host reads of a call's ``cu_seqlens`` (each one of a CUDA tensor waits for the GPU).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
-from ring_core.testing import DistributedRunError, run_gloo
+import torch
 
-__all__ = ["DistributedRunError", "raised", "run_distributed"]
+from ring_core.testing import Case, DistributedRunError, run_gloo, sharded_case_errors
+
+__all__ = ["DistributedRunError", "cu_seqlens_reads", "host_reads", "raised", "run_distributed"]
 
 
 def run_distributed(fn: Callable[..., object], world_size: int, *args: object, timeout: float = 120.0) -> list[object]:
@@ -30,3 +34,42 @@ def raised(fn: Callable[[], object]) -> tuple[str, str] | None:
     except Exception as exc:  # every rank must raise; the parent checks type and message
         return type(exc).__name__, str(exc)
     return None
+
+
+@contextlib.contextmanager
+def host_reads() -> Iterator[list[tuple[int, ...]]]:
+    """Inside, every ``tolist()`` of a tensor marked ``tensor._counted = True`` (a host read: for a CUDA tensor, a
+    wait for the GPU) appends the tensor's shape to the list yielded."""
+    reads: list[tuple[int, ...]] = []
+    tolist = torch.Tensor.tolist
+
+    def counting(self: torch.Tensor, *args: object, **kwargs: object) -> object:
+        if getattr(self, "_counted", False):
+            reads.append(tuple(self.shape))
+        return tolist(self, *args, **kwargs)
+
+    torch.Tensor.tolist = counting  # type: ignore[method-assign]
+    try:
+        yield reads
+    finally:
+        torch.Tensor.tolist = tolist  # type: ignore[method-assign]
+
+
+def cu_seqlens_reads(
+    module: Callable[..., torch.Tensor], cases: Sequence[Case], rank: int, world_size: int, layout: str = "contiguous"
+) -> list[tuple[int, dict[str, float]]]:
+    """On rank ``rank`` of a running group, one call of ``module`` per packed case (in order, on this rank's
+    shards, forward and backward: :func:`~ring_core.testing.sharded_case_errors`): how often the call read the
+    ``cu_seqlens`` tensor it was given to the host, and its errors against the reference rows."""
+
+    def call(*args: torch.Tensor, cu_seqlens: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        cu_seqlens._counted = True  # type: ignore[attr-defined]
+        return module(*args, cu_seqlens=cu_seqlens, **kwargs)
+
+    results = []
+    with host_reads() as reads:
+        for seed, case in enumerate(cases):
+            before = len(reads)
+            errors = sharded_case_errors(call, case, rank, world_size, layout, seed=seed)
+            results.append((len(reads) - before, errors))
+    return results

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import ring_core
-from distributed_helpers import raised, run_distributed
+from distributed_helpers import host_reads, raised, run_distributed
 from ring_core import RingDilatedAttention, hookimpl
 from ring_core.kernels import MathKernel
 from ring_core.testing import PACKED_CASES, TOLERANCES, fit_case, sharded_case_errors
@@ -340,18 +340,9 @@ def _cu_seqlens_reads(rank, world_size):
     """How often each call reads this rank's ``cu_seqlens`` on the host (each read of a CUDA tensor waits for the
     GPU): forward and backward of a ring call with documents crossing the shards, twice (the second call gets a
     new tensor of other boundaries), and the same output and gradients as a call whose op reads them itself."""
-    reads = []
-    tolist = torch.Tensor.tolist
-
-    def counting(self, *args, **kwargs):
-        if getattr(self, "_counted", False):
-            reads.append(tuple(self.shape))
-        return tolist(self, *args, **kwargs)
-
     module = RingDilatedAttention([8, 16], [1, 2])
     results = []
-    torch.Tensor.tolist = counting
-    try:
+    with host_reads() as reads:
         for documents in ((0, 5, 13, 16), (0, 9, 16)):
             cu_seqlens = torch.tensor(documents)
             cu_seqlens._counted = True
@@ -360,8 +351,6 @@ def _cu_seqlens_reads(rank, world_size):
             out = module(q, k, v, is_causal=True, cu_seqlens=cu_seqlens)
             out.sum().backward()
             results.append((len(reads) - before, out.detach(), [x.grad for x in (q, k, v)]))
-    finally:
-        torch.Tensor.tolist = tolist
     expected = []
     for documents in ((0, 5, 13, 16), (0, 9, 16)):
         q, k, v = (x.requires_grad_() for x in _inputs(8, rank, seed=3))

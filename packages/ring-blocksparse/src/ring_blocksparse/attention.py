@@ -267,7 +267,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
         self._steps.add_(1)
         rank, world = group_rank_and_size(self.process_group)
         dropout_p = self.dropout if self.training else 0.0
-        _agree(
+        documents = _agree(
             q, k, v, segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates,
             block_size=self.block_size, layout_of=self.layout_for, merge=self.merge, is_causal=is_causal,
             key_padding_mask=key_padding_mask, layout=self.layout, process_group=self.process_group,
@@ -308,7 +308,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
                 self._flex_failed = True
         out, lse = run_attention(
             self._op, q, k, v, key_padding_mask=key_padding_mask, causal=bool(is_causal), dropout_p=dropout_p,
-            lse_grad=return_lse, cu_seqlens=cu_seqlens,
+            lse_grad=return_lse, cu_seqlens=cu_seqlens, documents=documents,
         )  # fmt: skip
         return (out, lse.transpose(1, 2)) if return_lse else out
 

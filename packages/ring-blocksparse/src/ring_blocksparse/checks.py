@@ -143,12 +143,14 @@ def _agree(
     cu_seqlens: torch.Tensor | None = None,
     digest: Callable[[torch.Tensor | None], int] = layout_digest,
     return_lse: bool = False,
-) -> None:
+) -> tuple[int, ...] | None:
     """Across ranks: check everything on this rank, then agree (one small all-gather, before any other
     communication): the same error on every rank, or none. ``layout_of(seq_len, num_heads)`` gives the block
-    layout (or ``None``); ``digest`` fingerprints it; ``window`` and ``cu_seqlens`` (global ``N``) are
-    agreed on too, and ``return_lse`` (its gradient is one more pass of the ring's backward). On one process there is no collective: the configuration, ``q, k, v`` and ``cu_seqlens``
-    are checked here, the block layout where the plan is built."""
+    layout (or ``None``); ``digest`` fingerprints it; ``window``, ``cu_seqlens`` (global ``N``) and
+    ``return_lse`` (its gradient is one more pass of the ring's backward) are agreed on too. On one process
+    there is no collective: the configuration, ``q, k, v`` and ``cu_seqlens`` are checked here, the block
+    layout where the plan is built. Returns ``cu_seqlens``' checked values (None without), for
+    :func:`~ring_core.ops.run_attention`'s ``documents``: the ops then need not read the tensor again."""
     rank, world = group_rank_and_size(process_group)
     segments, rates = check_dilated_config(segment_lengths, dilation_rates, merge)
     check_block_size(block_size)
@@ -161,7 +163,7 @@ def _agree(
             check_block_layout(block_layout, seq_len, block_size, q.shape[2])
         return (digest(block_layout),)
 
-    validate_inputs(
+    return validate_inputs(
         q, k, v, key_padding_mask, world_size=world,
         comms=lambda: [RingComm(process_group, rank, world, RingCommStats(), timeout=timeout)], cu_seqlens=cu_seqlens,
         causal=bool(is_causal), layout=layout, merge=merge,

@@ -67,7 +67,7 @@ def block_sparse_dilated_attention(
     dropout_p = check_dropout(dropout_p)
     softmax_scale = check_scale(softmax_scale)
     window = check_window(window_size)
-    _agree(
+    documents = _agree(
         q, k, v, segment_lengths=segment_lengths, dilation_rates=dilation_rates, block_size=block_size,
         layout_of=lambda seq_len, num_heads: block_layout, merge=merge, is_causal=is_causal,
         key_padding_mask=key_padding_mask, layout=layout, process_group=process_group, softmax_scale=softmax_scale,
@@ -97,6 +97,6 @@ def block_sparse_dilated_attention(
 
     out, lse = run_attention(
         CallOp(make), q, k, v, key_padding_mask=key_padding_mask, causal=bool(is_causal), dropout_p=dropout_p,
-        lse_grad=return_lse, cu_seqlens=cu_seqlens,
+        lse_grad=return_lse, cu_seqlens=cu_seqlens, documents=documents,
     )  # fmt: skip
     return (out, lse.transpose(1, 2)) if return_lse else out

@@ -279,14 +279,15 @@ class RingDistributedDilatedAttention(RingAttentionBase):
         causal: bool,
         dropout_p: float,
         cu_seqlens: torch.Tensor | None = None,
-    ) -> None:
+    ) -> tuple[int, ...] | None:
         """Every rank checks its inputs and that all ranks agree (on every call, in each group of the mesh); same
-        error everywhere."""
+        error everywhere. Returns ``cu_seqlens``' checked values (None without), which the ops reuse instead of
+        reading the tensor again."""
         config = (
             self.segment_lengths, self.dilation_rates, self.merge, self.layout, dropout_p, self.strategy,
             self.window_size,
         )  # fmt: skip
-        validate_inputs(
+        return validate_inputs(
             q, k, v, key_padding_mask, world_size=self._world_size(), comms=self._validation_comms,
             cu_seqlens=cu_seqlens, causal=causal, layout=self.layout, merge=self.merge, config=config,
             scale=self.softmax_scale, name=type(self).__name__, window_size=self.window_size,
@@ -335,8 +336,8 @@ class RingDistributedDilatedAttention(RingAttentionBase):
         """
         self.count_step()
         dropout_p = self.dropout if self.training else 0.0
-        self._validate(q, k, v, key_padding_mask, bool(is_causal), dropout_p, cu_seqlens)
-        return self._attend(q, k, v, bool(is_causal), key_padding_mask, dropout_p, return_lse, cu_seqlens)
+        documents = self._validate(q, k, v, key_padding_mask, bool(is_causal), dropout_p, cu_seqlens)
+        return self._attend(q, k, v, bool(is_causal), key_padding_mask, dropout_p, return_lse, cu_seqlens, documents)
 
     def _attend(
         self,
@@ -348,12 +349,14 @@ class RingDistributedDilatedAttention(RingAttentionBase):
         dropout_p: float,
         return_lse: bool = False,
         cu_seqlens: torch.Tensor | None = None,
+        documents: tuple[int, ...] | None = None,
     ) -> _Result:
+        """The call after its checks; ``documents``: ``cu_seqlens``' values as :meth:`_validate` returned them."""
         seed = self._dropout_seed() if dropout_p > 0 else None
         if self._world_size() == 1:  # no mesh: the module's op, one op for torch.compile
             return self.run(
                 q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
-                return_lse=return_lse, seed=seed, cu_seqlens=cu_seqlens,
+                return_lse=return_lse, seed=seed, cu_seqlens=cu_seqlens, documents=documents,
             )  # fmt: skip
         strategy, groups = self._resolve(q, k)
         u, ring_size = groups.ulysses_size, groups.ring_size
@@ -375,7 +378,7 @@ class RingDistributedDilatedAttention(RingAttentionBase):
             seed = (dropout_seed() if seed is None else seed) + groups.ulysses_rank * 7_919 * 1_000_003
         out, lse = run_attention(
             _MeshOp(self, strategy, groups), q, k, v, key_padding_mask=mask, causal=causal, dropout_p=dropout_p,
-            lse_grad=return_lse, seed=seed, cu_seqlens=cu_seqlens,
+            lse_grad=return_lse, seed=seed, cu_seqlens=cu_seqlens, documents=documents,
         )  # fmt: skip
         if u > 1:
             args = (groups.ulysses_group, u, self.layout, self.timeout)

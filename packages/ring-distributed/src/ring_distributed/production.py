@@ -268,10 +268,11 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
         key_padding_mask: torch.Tensor | None,
         dropout_p: float,
         cu_seqlens: torch.Tensor | None = None,
+        documents: tuple[int, ...] | None = None,
     ) -> _Result:
         previous, self._call_step = self._call_step, step
         try:
-            return self._attend(q, k, v, causal, key_padding_mask, dropout_p, return_lse, cu_seqlens)
+            return self._attend(q, k, v, causal, key_padding_mask, dropout_p, return_lse, cu_seqlens, documents)
         finally:
             self._call_step = previous
 
@@ -312,7 +313,7 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
         if torch.compiler.is_compiling():
             return self._traced_forward(q, k, v, causal, key_padding_mask, dropout_p, return_lse, cu_seqlens)
         step = self.step
-        self._validate(q, k, v, key_padding_mask, causal, dropout_p, cu_seqlens)
+        documents = self._validate(q, k, v, key_padding_mask, causal, dropout_p, cu_seqlens)
         if self.on_nonfinite is not None:
             _, groups = self._resolve(q, k)
             found = self._nonfinite_report({"q": q, "k": k, "v": v}, groups, "inputs")
@@ -321,7 +322,8 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
                 q, k, v = _GradientGuard.apply(check, q, k, v)  # type: ignore[no-untyped-call]
             if self._handle_nonfinite(found, "inputs"):
                 return _zero_attention(q, k, v, return_lse)
-        attend = functools.partial(self._attend_at, step, return_lse, cu_seqlens=cu_seqlens)
+        # a recomputation (checkpoint) reuses the checked documents too
+        attend = functools.partial(self._attend_at, step, return_lse, cu_seqlens=cu_seqlens, documents=documents)
 
         def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> _Result:
             if self.checkpoint and torch.is_grad_enabled():
@@ -365,8 +367,8 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
                 f"{self.deterministic}) reads values on the host in every call and runs eager only; compile it "
                 "with on_nonfinite=None and deterministic=False"
             )
-        self._validate(q, k, v, key_padding_mask, causal, dropout_p, cu_seqlens)
-        attend = functools.partial(self._attend, return_lse=return_lse, cu_seqlens=cu_seqlens)
+        documents = self._validate(q, k, v, key_padding_mask, causal, dropout_p, cu_seqlens)
+        attend = functools.partial(self._attend, return_lse=return_lse, cu_seqlens=cu_seqlens, documents=documents)
         if self.checkpoint and torch.is_grad_enabled():
             checkpointed: _Result = activation_checkpoint(
                 attend, q, k, v, causal, key_padding_mask, dropout_p, use_reentrant=False, preserve_rng_state=True
