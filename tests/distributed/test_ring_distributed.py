@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 
 import ring_core
-from distributed_helpers import run_distributed
-from ring_core.testing import Case, fit_case, sharded_case_errors
+from distributed_helpers import cu_seqlens_reads, run_distributed
+from ring_core.testing import PACKED_CASES, Case, fit_case, sharded_case_errors
 from ring_distributed import (
     RingDilatedAttentionProduction,
     RingDistributedDilatedAttention,
@@ -73,7 +73,10 @@ def _device_mesh(rank, world_size):
             # the shard index with a mesh is ring_index * 2 + ulysses_index: here the global rank
             errors = sharded_case_errors(module, fit_case(case, world_size, layout), rank, world_size, layout, seed=7)
             rows.append((strategy, layout, errors))
-    return rows
+    # packed documents: one host read of cu_seqlens per call, though the ranks agree in both dims of the mesh
+    packed = fit_case(next(c for c in PACKED_CASES if c.name == "packed-window-dilated-causal-gqa"), world_size)
+    module = RingDistributedDilatedAttention(**packed.config, device_mesh=mesh, strategy="hybrid")
+    return {"rows": rows, "packed": cu_seqlens_reads(module, [packed], rank, world_size)}
 
 
 def _bytes(rank):
@@ -176,9 +179,18 @@ def test_every_rank_matches_reference_rows(world, mesh):
 @pytest.mark.distributed
 def test_device_mesh_2x2(world):
     for rank, result in enumerate(world):
-        assert len(result["mesh"]) == 4
-        for strategy, layout, errors in result["mesh"]:
+        assert len(result["mesh"]["rows"]) == 4
+        for strategy, layout, errors in result["mesh"]["rows"]:
             assert errors["out"] <= 1e-10 and max(errors.values()) <= 1e-9, (rank, strategy, layout, errors)
+
+
+@pytest.mark.distributed
+def test_device_mesh_reads_cu_seqlens_once_per_call(world):
+    """The ranks agree in both dims of the mesh, on values read to the host once (packed documents, exact)."""
+    for rank, result in enumerate(world):
+        ((reads, errors),) = result["mesh"]["packed"]
+        assert reads == 1, (rank, reads)
+        assert errors["out"] <= 1e-10 and max(errors.values()) <= 1e-9, (rank, errors)
 
 
 @pytest.mark.distributed

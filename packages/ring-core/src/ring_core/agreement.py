@@ -223,7 +223,8 @@ def validate_inputs(
     :func:`validate_ring_inputs` runs in each communicator of ``comms()`` (called only then: one
     group, or one per dimension of a device mesh), with ``seq_len = q.shape[1] * world_size``
     and ``agreement`` as its other keyword arguments (``causal``, ``layout``, ``merge``,
-    ``config``, ``scale``, ``name``, ``window_size``, ``local_check``). Returns the checked
+    ``config``, ``scale``, ``name``, ``window_size``, ``local_check``); ``cu_seqlens`` is read to
+    the host once, in the first of them. Returns the checked
     ``cu_seqlens`` values (None without, or under ``torch.compile``), the same on every rank,
     for :func:`~ring_core.ops.run_attention`'s ``documents``: the ops then need not read the
     tensor again (each read of a CUDA tensor waits for the GPU).
@@ -233,7 +234,9 @@ def validate_inputs(
         return None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
     documents = None
     for comm in comms():
+        # after the first communicator, a host copy of the values read there: the tensor is read once
+        checked = cu_seqlens if documents is None else torch.tensor(documents)
         documents = validate_ring_inputs(
-            q, k, v, key_padding_mask, comm=comm, cu_seqlens=cu_seqlens, seq_len=q.shape[1] * world_size, **agreement
+            q, k, v, key_padding_mask, comm=comm, cu_seqlens=checked, seq_len=q.shape[1] * world_size, **agreement
         )
     return documents
