@@ -117,6 +117,10 @@ def _errors(rank):
     out["ring-with-degree"] = _expect_error(lambda: call(8, 8, strategy="ring", ulysses_degree=2))
     out["straddles-nodes"] = _expect_error(lambda: call(8, 8, strategy="hybrid", ulysses_degree=2, node_size=3))
     out["shapes-differ"] = _expect_error(lambda: call(8, 8, n=8 if rank else 4, strategy="hybrid", ulysses_degree=2))
+    # the lse's gradient is one more pass of the backward's communication: ranks must agree on return_lse
+    lse_module = RingDilatedAttentionProduction([32], [1], strategy="hybrid", ulysses_degree=2)
+    q, k, v = (torch.randn(1, 8, 8, 8, dtype=torch.float64) for _ in range(3))
+    out["return-lse-differs"] = _expect_error(lambda: lse_module(q, k, v, return_lse=rank == 2))
     # the same mismatch through each ring class: validate_ring_inputs(name=) names the calling class
     q, k, v = (torch.randn(1, 8 if rank else 4, 4, 8, dtype=torch.float64) for _ in range(3))
     out["named"] = {
@@ -213,6 +217,7 @@ def test_errors_are_raised_on_every_rank(world):
         "ring-with-degree": ("ValueError", r"strategy='ring' uses no Ulysses groups: ulysses_degree must be 1, got 2"),
         "straddles-nodes": ("ValueError", r"node_size must divide the world size: node_size=3, P=4"),
         "shapes-differ": ("RingConfigError", r"local_len: rank 0=4, rank 1=8"),
+        "return-lse-differs": ("RingConfigError", r"config: rank 0="),
     }
     import re
 

@@ -279,13 +279,15 @@ class RingDistributedDilatedAttention(RingAttentionBase):
         causal: bool,
         dropout_p: float,
         cu_seqlens: torch.Tensor | None = None,
+        return_lse: bool = False,
     ) -> tuple[int, ...] | None:
         """Every rank checks its inputs and that all ranks agree (on every call, in each group of the mesh); same
-        error everywhere. Returns ``cu_seqlens``' checked values (None without), which the ops reuse instead of
+        error everywhere. ``return_lse`` is agreed on too (its gradient is one more pass of the backward's
+        communication). Returns ``cu_seqlens``' checked values (None without), which the ops reuse instead of
         reading the tensor again."""
         config = (
             self.segment_lengths, self.dilation_rates, self.merge, self.layout, dropout_p, self.strategy,
-            self.window_size,
+            self.window_size, bool(return_lse),
         )  # fmt: skip
         return validate_inputs(
             q, k, v, key_padding_mask, world_size=self._world_size(), comms=self._validation_comms,
@@ -336,7 +338,7 @@ class RingDistributedDilatedAttention(RingAttentionBase):
         """
         self.count_step()
         dropout_p = self.dropout if self.training else 0.0
-        documents = self._validate(q, k, v, key_padding_mask, bool(is_causal), dropout_p, cu_seqlens)
+        documents = self._validate(q, k, v, key_padding_mask, bool(is_causal), dropout_p, cu_seqlens, return_lse)
         return self._attend(q, k, v, bool(is_causal), key_padding_mask, dropout_p, return_lse, cu_seqlens, documents)
 
     def _attend(

@@ -313,7 +313,7 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
         if torch.compiler.is_compiling():
             return self._traced_forward(q, k, v, causal, key_padding_mask, dropout_p, return_lse, cu_seqlens)
         step = self.step
-        documents = self._validate(q, k, v, key_padding_mask, causal, dropout_p, cu_seqlens)
+        documents = self._validate(q, k, v, key_padding_mask, causal, dropout_p, cu_seqlens, return_lse)
         if self.on_nonfinite is not None:
             _, groups = self._resolve(q, k)
             found = self._nonfinite_report({"q": q, "k": k, "v": v}, groups, "inputs")
@@ -367,7 +367,7 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
                 f"{self.deterministic}) reads values on the host in every call and runs eager only; compile it "
                 "with on_nonfinite=None and deterministic=False"
             )
-        documents = self._validate(q, k, v, key_padding_mask, causal, dropout_p, cu_seqlens)
+        documents = self._validate(q, k, v, key_padding_mask, causal, dropout_p, cu_seqlens, return_lse)
         attend = functools.partial(self._attend, return_lse=return_lse, cu_seqlens=cu_seqlens, documents=documents)
         if self.checkpoint and torch.is_grad_enabled():
             checkpointed: _Result = activation_checkpoint(
