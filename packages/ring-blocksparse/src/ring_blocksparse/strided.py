@@ -315,8 +315,8 @@ class _StripAttention(torch.autograd.Function):
             if call.run is not None:
                 blocks = _dense_backward(run, call, q, k, v, out, lse, dout)
                 if probes is not None:  # one more pass over the call: dS = P * dlse (ring_core's lse_probe)
-                    probe, zeros, shifted = probes
-                    probe_blocks = _dense_backward(run, call, q, k, zeros, shifted, lse, probe)
+                    probe, zero_v, shifted = probes
+                    probe_blocks = _dense_backward(run, call, q, k, zero_v, shifted, lse, probe)
                     blocks = [
                         (r, bq + pq, bk + pk, bv) for (r, bq, bk, bv), (_, pq, pk, _) in zip(blocks, probe_blocks)
                     ]

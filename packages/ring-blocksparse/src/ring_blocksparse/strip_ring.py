@@ -27,9 +27,10 @@ import torch
 from ring_core.plugin import Accumulator, BlockKernel, shard_positions
 
 from .fa4 import fa4_backward, fa4_forward
+from .flex import sparse_backward
 from .gather import BlockSparseSchedule, CommStats, _Posted
 from .rows import gather_rows, scatter_rows
-from .strided import StripCall, StripRun, fa4_blocks, sparse_backward, sparse_forward, strip_calls
+from .strided import StripCall, StripRun, fa4_blocks, sparse_forward, strip_calls
 from .strips import needed_rows
 
 # A source rank's shard as a ring step sees it: K, V and (with a key padding mask) the padding.
