@@ -277,7 +277,7 @@ def blocksparse() -> Answer:
         f"[2048, 4096, 8192]/[1, 2, 4] a 10% layout costs {min(r['vs_plain_dilated'] for r in with_layout):.2f}-"
         f"{max(r['vs_plain_dilated'] for r in with_layout):.2f}x plain dilated attention's time: a 128-row kernel "
         "tile of a rate-r branch spans r layout blocks, so the layout removes little of the kernels' work. "
-        f"The gather path (dropout, packed documents, `torch.compile`, the ring's `return_lse`) is "
+        f"The gather path (dropout, packed documents, `torch.compile`) is "
         f"{gather['vs_flex']:.1f}x the strips, and the sparse ring's steps simulated at {ring['world_size']} ranks "
         f"cost {ring['vs_one_gpu']:.2f}x the one-GPU run."
     )
