@@ -136,8 +136,8 @@ def test_flex_window_without_layout_on_gpu():
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_return_lse_on_the_strips_on_gpu(causal):
-    """``return_lse=True`` takes the strips (FlexAttention; dense calls for rate-1 runs), the lse's gradient
-    included: bf16 vs float64 within SPEC's bounds."""
+    """``return_lse=True`` takes the strips (flash-attn 4 where installed, else FlexAttention; dense calls for
+    rate-1 runs), the lse's gradient included: bf16 vs float64 within SPEC's bounds."""
     from ring_core import reference_attention
     from ring_core.testing import TOLERANCES, relative_error
 

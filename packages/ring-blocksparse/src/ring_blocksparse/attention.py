@@ -283,18 +283,9 @@ class BlockSparseRingDilatedAttention(nn.Module):
             scale = default_scale(q.shape[-1], self.softmax_scale)
             try:
                 out, lse = self._strip_forward(
-                    q,
-                    k,
-                    v,
-                    block_layout,
-                    bool(is_causal),
-                    rank,
-                    world,
-                    scale,
-                    schedule_args,
-                    key_padding_mask,
+                    q, k, v, block_layout, bool(is_causal), rank, world, scale, schedule_args, key_padding_mask,
                     lse_grad=return_lse,
-                )
+                )  # fmt: skip
                 return (out, lse.transpose(1, 2)) if return_lse else out
             except Exception as exc:
                 if self.method == "flex" or world > 1:  # a ring cannot change course on one rank alone

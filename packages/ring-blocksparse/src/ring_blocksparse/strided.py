@@ -187,14 +187,12 @@ class StripRun:
     grad: bool = True  # keep each FlexAttention call's graph for the backward
     saved: list[_Saved | Fa4Blocks | None] = field(default_factory=list)
     key_padding_mask: torch.Tensor | None = None  # (B, N) bool, True: padded key (the calls were built padded)
-    # the caller returns ``lse`` with its gradient (``return_lse``): the calls stay on FlexAttention, whose
-    # backward takes it (flash-attn 4's ``dlse`` has not run here)
-    lse_grad: bool = False
+    lse_grad: bool = False  # the caller returns ``lse`` with its gradient (``return_lse``)
 
 
 def fa4_blocks(run: StripRun, call: StripCall, q: torch.Tensor) -> Fa4Blocks | None:
     """The call's flash-attn 4 block lists when the run may use them and the call qualifies (kept on the call)."""
-    if run.sparse != "auto" or run.lse_grad or call.run is not None or not available(q):
+    if run.sparse != "auto" or call.run is not None or not available(q):
         return None
     if call.fa4 is None:
         call.fa4 = blocks_for(call, q.device, rule=rule_ready(q)) or False
@@ -306,7 +304,9 @@ class _StripAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         dout = dout.contiguous()
         dlse = dlse if run.lse_grad else None
-        probes = None if dlse is None or not any(c.run is not None for c in run.calls) else lse_probe(v, out, dlse)
+        # the lse's gradient: a FlexAttention call takes it through its own lse; a dense or flash-attn 4 call (its
+        # backward starts from the final out/lse) by one more backward pass with ring_core's lse_probe
+        probes = None if dlse is None else lse_probe(v, out, dlse)
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         grad_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else acc
         grads: list[torch.Tensor | None] = [None, None, None]
@@ -314,15 +314,16 @@ class _StripAttention(torch.autograd.Function):
         for index, (call, saved) in enumerate(zip(run.calls, run.saved)):
             if call.run is not None:
                 blocks = _dense_backward(run, call, q, k, v, out, lse, dout)
-                if probes is not None:  # one more pass over the call: dS = P * dlse (ring_core's lse_probe)
+                if probes is not None:
                     probe, zero_v, shifted = probes
-                    probe_blocks = _dense_backward(run, call, q, k, zero_v, shifted, lse, probe)
-                    blocks = [
-                        (r, bq + pq, bk + pk, bv) for (r, bq, bk, bv), (_, pq, pk, _) in zip(blocks, probe_blocks)
-                    ]
+                    blocks = _with_lse(blocks, _dense_backward(run, call, q, k, zero_v, shifted, lse, probe))
             elif isinstance(saved, Fa4Blocks):
-                grads_fa4 = fa4_backward(call, saved, q, k, v, out, lse, dout, scale=run.kernel.scale)
-                blocks = [(slice(None), *grads_fa4)]
+                scale = run.kernel.scale
+                blocks = [(slice(None), *fa4_backward(call, saved, q, k, v, out, lse, dout, scale=scale))]
+                if probes is not None:
+                    probe, zero_v, shifted = probes
+                    lse_grads = fa4_backward(call, saved, q, k, zero_v, shifted, lse, probe, scale=scale)
+                    blocks = _with_lse(blocks, [(slice(None), *lse_grads)])
             else:
                 assert saved is not None  # (a sparse call's graph is kept when there is a backward)
                 o, lse_call, leaves = saved
@@ -342,6 +343,11 @@ class _StripAttention(torch.autograd.Function):
         run.saved = []
         zeros = [torch.zeros_like(x) if g is None else g.to(x.dtype) for x, g in zip((q, k, v), grads)]
         return None, *zeros
+
+
+def _with_lse(blocks: list[tuple[Any, ...]], lse_blocks: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """``blocks`` ``(rows, dq, dk, dv)`` with the lse pass's ``dq`` and ``dk`` added (its ``dv`` is 0)."""
+    return [(r, bq + pq, bk + pk, bv) for (r, bq, bk, bv), (_, pq, pk, _) in zip(blocks, lse_blocks)]
 
 
 def _dense_pieces(
