@@ -246,3 +246,26 @@ def test_the_backward_passes_strided_views_in_place_and_copies_broadcast_ones():
     transposed = out.transpose(-1, -2)
     copied = fa4.kernel_view(transposed)
     assert copied.is_contiguous() and torch.equal(copied, transposed)
+
+
+def test_out_of_memory_is_raised_not_taken_for_a_rejection(fake_fa4, monkeypatch):
+    """A mask_mod call that runs out of GPU memory raises (the variant stays usable): the fallback is for a
+    mask_mod flash-attn 4 cannot take, not for a full device."""
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(fake_fa4, "_flash_attn_fwd", out_of_memory)
+    monkeypatch.setattr(fake_fa4, "_flash_attn_bwd", out_of_memory)
+    calls, _ = _calls("band-dilated", masks=True)
+    call = next(c for c in calls if tile_grids(c) is None)
+    q, k, v = (torch.randn(1, 1536, 4, 64) for _ in range(3))
+    blocks = blocks_for(call, torch.device("cpu"), rule=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Fa4FallbackWarning)
+        with pytest.raises(torch.OutOfMemoryError):
+            fa4_forward(call, blocks, q, k, v, scale=0.125)
+        lse = torch.zeros(1, 1536, 4)
+        with pytest.raises(torch.OutOfMemoryError):
+            fa4.fa4_backward(call, blocks, q, k, v, q, lse, q, scale=0.125)
+    assert not fa4._REJECTED and call.fa4 is not False

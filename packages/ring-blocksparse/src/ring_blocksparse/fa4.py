@@ -18,7 +18,7 @@ is padded, per call). ``RING_BLOCKSPARSE_FA4=0`` turns flash-attn 4 off entirely
 If flash-attn 4 rejects a ``mask_mod`` call (it fails to compile, or raises), the call is computed
 on FlexAttention instead (forward, or backward recomputing its forward there), a
 :class:`Fa4FallbackWarning` says so once, and that ``mask_mod`` variant is not used again in the
-process.
+process. Running out of GPU memory is no rejection: it propagates.
 
 Backward is the engine's rule: the kernel's backward with the final ``out`` and ``lse`` (and the
 transposed block lists) gives exactly the call's share of the gradients. With a ``mask_mod`` both
@@ -192,7 +192,7 @@ def fa4_forward(call: Any, blocks: Fa4Blocks, q: torch.Tensor, k: torch.Tensor, 
             )[:2]  # fmt: skip
             return out, lse
         except Exception as exc:
-            if blocks.rule is None:
+            if blocks.rule is None or isinstance(exc, torch.OutOfMemoryError):
                 raise
             _rejected(call, blocks, exc)
     o, lse, _ = _flex_call(call, q, k, v, scale=scale, grad=False)
@@ -214,7 +214,7 @@ def fa4_backward(call: Any, blocks: Fa4Blocks, q, k, v, out, lse, dout, *, scale
             softmax_scale=scale, causal=blocks.causal, block_sparse_tensors=blocks.backward, **_rule_options(blocks),
         )[:3]  # fmt: skip
     except Exception as exc:
-        if blocks.rule is None:
+        if blocks.rule is None or isinstance(exc, torch.OutOfMemoryError):
             raise
         _rejected(call, blocks, exc)
         return _flex_backward(call, q, k, v, out, lse, dout, scale=scale)
