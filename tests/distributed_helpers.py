@@ -12,11 +12,21 @@ the host reads of a call's ``cu_seqlens`` (each one of a CUDA tensor waits for t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from ring_core.testing import Case, DistributedRunError, run_gloo, sharded_case_errors
+from ring_core.testing import (
+    PACKED_CASES,
+    TOLERANCES,
+    Case,
+    DistributedRunError,
+    packed_documents,
+    run_gloo,
+    sharded_case_errors,
+    within_tolerance,
+)
 
 __all__ = ["DistributedRunError", "cu_seqlens_reads", "host_reads", "raised", "run_distributed"]
 
@@ -73,3 +83,16 @@ def cu_seqlens_reads(
             errors = sharded_case_errors(call, case, rank, world_size, layout, seed=seed)
             results.append((len(reads) - before, errors))
     return results
+
+
+# two calls with other document boundaries each time, for cu_seqlens_reads
+_READ_CASE = next(case for case in PACKED_CASES if case.name == "packed-window-dilated-causal-gqa")
+READ_CASES = (_READ_CASE, dataclasses.replace(_READ_CASE, documents=packed_documents(_READ_CASE.seq_len, 4, 9)))
+
+
+def assert_one_read_per_call(by_name: dict[str, list[tuple[int, dict[str, float]]]]) -> None:
+    """Every :func:`cu_seqlens_reads` result of :data:`READ_CASES` (by module name): one read per call, and exact
+    (float64 bounds)."""
+    for name, results in by_name.items():
+        assert [count for count, _ in results] == [1] * len(READ_CASES), (name, results)
+        assert all(within_tolerance(errors, TOLERANCES[torch.float64]) for _, errors in results), (name, results)

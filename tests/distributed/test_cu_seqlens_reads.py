@@ -4,17 +4,10 @@ with other boundaries each time, every strategy that runs on 2 gloo ranks, and o
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
-import torch
 
-from distributed_helpers import cu_seqlens_reads, run_distributed
-from ring_core.testing import PACKED_CASES, TOLERANCES, packed_documents, within_tolerance
+from distributed_helpers import READ_CASES, assert_one_read_per_call, cu_seqlens_reads, run_distributed
 from ring_distributed import RingDilatedAttentionProduction, RingDistributedDilatedAttention
-
-CASE = next(case for case in PACKED_CASES if case.name == "packed-window-dilated-causal-gqa")
-CASES = (CASE, dataclasses.replace(CASE, documents=packed_documents(CASE.seq_len, 4, 9)))
 
 # name -> (class, constructor options)
 MODULES = {
@@ -29,22 +22,16 @@ MODULES = {
 
 def _reads(rank, world_size):
     return {
-        name: cu_seqlens_reads(cls(**CASE.config, **options), CASES, rank, world_size)
+        name: cu_seqlens_reads(cls(**READ_CASES[0].config, **options), READ_CASES, rank, world_size)
         for name, (cls, options) in MODULES.items()
     }
-
-
-def _check(by_name):
-    for name, results in by_name.items():
-        assert [count for count, _ in results] == [1, 1], (name, results)
-        assert all(within_tolerance(errors, TOLERANCES[torch.float64]) for _, errors in results), (name, results)
 
 
 @pytest.mark.distributed
 def test_one_read_of_cu_seqlens_per_call_on_two_ranks():
     for by_name in run_distributed(_reads, 2):
-        _check(by_name)
+        assert_one_read_per_call(by_name)
 
 
 def test_one_read_of_cu_seqlens_per_call_on_one_process():
-    _check(_reads(0, 1))
+    assert_one_read_per_call(_reads(0, 1))
