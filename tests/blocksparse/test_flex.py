@@ -92,12 +92,12 @@ def test_auto_uses_gather_on_cpu():
 def test_auto_falls_back_to_gather_when_flex_fails(monkeypatch):
     """'auto' warns once and computes the same result through the gather path; 'flex' raises."""
     import ring_blocksparse.attention as attention
-    import ring_blocksparse.strided as strided
+    import ring_blocksparse.flex as flex
 
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel for this GPU")
 
-    monkeypatch.setattr(strided, "flex_strip_attention", broken)
+    monkeypatch.setattr(flex, "flex_strip_attention", broken)
     monkeypatch.setattr(attention.BlockSparseRingDilatedAttention, "_use_flex", lambda self, *a: not self._flex_failed)
     attn = BlockSparseRingDilatedAttention([32], [1], block_size=8, pattern="local_window", window=16, sliding=True)
     q = torch.randn(1, 32, 2, 4, dtype=torch.float64)

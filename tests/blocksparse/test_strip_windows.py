@@ -191,7 +191,7 @@ def test_windowed_strips_compute_only_window_tiles(monkeypatch):
         seen.append(int(block_mask.kv_num_blocks.sum()) + int(block_mask.full_kv_num_blocks.sum()))
         return real(q, k, v, block_mask, **options)
 
-    monkeypatch.setattr(strided, "flex_strip_attention", counting)
+    monkeypatch.setattr(flex, "flex_strip_attention", counting)
     n = 256
     attn = BlockSparseRingDilatedAttention([64, 256], [1, 2], block_size=8, window_size=(10, 0), method="flex")
     attn.sparse_kernel = "flex"

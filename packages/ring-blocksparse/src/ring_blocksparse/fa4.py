@@ -39,7 +39,7 @@ import torch
 from ring_core.plugin import lse_for_backward
 
 from .fa4_rule import Fa4Rule, cute_ready, rule_tensors
-from .flex import flex_strip_attention, sparse_backward
+from .flex import sparse_backward, strip_call_forward
 from .strips import block_lists
 
 TILE = 128  # flash-attn 4's sparse block on Hopper: 128 query rows x 128 key rows
@@ -163,13 +163,7 @@ def _flex_call(call: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
     """The call on FlexAttention (its block mask): ``(o (B, h, n, D), lse (B, h, n), leaves)``."""
     if call.block_mask is None:
         raise RuntimeError("a strip call rejected by flash-attn 4 has no FlexAttention block mask to fall back on")
-    leaves = tuple(x.detach().requires_grad_(grad) for x in (call.q_view(q), call.kv_leaf(k), call.kv_leaf(v)))
-    with torch.set_grad_enabled(grad):
-        qt, kt, vt = (x.transpose(1, 2) for x in (leaves[0], call.kv_input(leaves[1]), call.kv_input(leaves[2])))
-        o, lse = flex_strip_attention(
-            qt, kt, vt, call.block_mask, scale=scale, enable_gqa=call.gqa, kernel_options=call.kernel_options
-        )
-    return o, lse, leaves
+    return strip_call_forward(call, q, k, v, scale=scale, grad=grad)
 
 
 def kernel_view(x: torch.Tensor) -> torch.Tensor:

@@ -329,6 +329,37 @@ def math_strip_attention(
     return torch.einsum("bhnm,bhmd->bhnd", weights, v), lse
 
 
+def strip_call_forward(
+    call: Any,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    grad: bool,
+    math: bool = False,
+    pad: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """One strip call on FlexAttention (``math``: its dense twin): ``(o (B, h, n, D), lse (B, h, n), leaves)``;
+    with ``grad`` the graph from the leaves (the views the gradients land in) to ``o`` and ``lse`` is kept.
+    ``pad``: the key buffer's padding (bool ``(B, rows)``) for a call built ``padded``."""
+    if pad is not None:
+        pad = pad[:, call.k.rows].contiguous()
+    leaves = tuple(x.detach().requires_grad_(grad) for x in (call.q_view(q), call.kv_leaf(k), call.kv_leaf(v)))
+    with torch.set_grad_enabled(grad):
+        qt, kt, vt = (x.transpose(1, 2) for x in (leaves[0], call.kv_input(leaves[1]), call.kv_input(leaves[2])))
+        if math:
+            o, lse = math_strip_attention(qt, kt, vt, call.tiles, call.rule, scale=scale, enable_gqa=call.gqa, pad=pad)
+        else:
+            block_mask = call.block_mask
+            if pad is not None:
+                block_mask, _ = strip_block_mask(call.tiles, call.rule, len(call.q), len(call.k), q.device, pad)
+            o, lse = flex_strip_attention(
+                qt, kt, vt, block_mask, scale=scale, enable_gqa=call.gqa, kernel_options=call.kernel_options
+            )
+    return o, lse, leaves
+
+
 def sparse_backward(
     call: Any,
     o: torch.Tensor,

@@ -37,11 +37,10 @@ from ring_core.plugin import BlockKernel, Branch, branch_offsets, lse_probe, no_
 from .fa4 import Fa4Blocks, available, blocks_for, fa4_backward, fa4_forward, rule_ready
 from .flex import (
     StripRule,
-    flex_strip_attention,
     kernel_options_for,
-    math_strip_attention,
     sparse_backward,
     strip_block_mask,
+    strip_call_forward,
     tile_for,
 )
 from .strips import Strip, Tiles, classify, runs, strip_of
@@ -212,22 +211,7 @@ def sparse_forward(
     """One FlexAttention call: ``(o (B, h, n, D), lse (B, h, n), leaves)``; with ``grad`` the graph from the
     leaves (the views the gradients land in) to ``o`` and ``lse`` is kept. ``pad``: the key buffer's padding
     (bool ``(B, rows)``) for a call built ``padded``."""
-    if pad is not None:
-        pad = pad[:, call.k.rows].contiguous()
-    leaves = tuple(x.detach().requires_grad_(grad) for x in (call.q_view(q), call.kv_leaf(k), call.kv_leaf(v)))
-    with torch.set_grad_enabled(grad):
-        qt, kt, vt = (x.transpose(1, 2) for x in (leaves[0], call.kv_input(leaves[1]), call.kv_input(leaves[2])))
-        scale = run.kernel.scale
-        if run.sparse == "math":
-            o, lse = math_strip_attention(qt, kt, vt, call.tiles, call.rule, scale=scale, enable_gqa=call.gqa, pad=pad)
-        else:
-            block_mask = call.block_mask
-            if pad is not None:
-                block_mask, _ = strip_block_mask(call.tiles, call.rule, len(call.q), len(call.k), q.device, pad)
-            o, lse = flex_strip_attention(
-                qt, kt, vt, block_mask, scale=scale, enable_gqa=call.gqa, kernel_options=call.kernel_options
-            )
-    return o, lse, leaves
+    return strip_call_forward(call, q, k, v, scale=run.kernel.scale, grad=grad, math=run.sparse == "math", pad=pad)
 
 
 def _segments(x: torch.Tensor, length: int) -> Iterator[tuple[slice, torch.Tensor]]:
