@@ -290,7 +290,8 @@ class _StripAttention(torch.autograd.Function):
         dlse = dlse if run.lse_grad else None
         # the lse's gradient: a FlexAttention call takes it through its own lse; a dense or flash-attn 4 call (its
         # backward starts from the final out/lse) by one more backward pass with ring_core's lse_probe
-        probes = None if dlse is None else lse_probe(v, out, dlse)
+        passes = any(c.run is not None or isinstance(saved, Fa4Blocks) for c, saved in zip(run.calls, run.saved))
+        probes = lse_probe(v, out, dlse) if dlse is not None and passes else None
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         grad_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else acc
         grads: list[torch.Tensor | None] = [None, None, None]
