@@ -269,3 +269,31 @@ def test_out_of_memory_is_raised_not_taken_for_a_rejection(fake_fa4, monkeypatch
         with pytest.raises(torch.OutOfMemoryError):
             fa4.fa4_backward(call, blocks, q, k, v, q, lse, q, scale=0.125)
     assert not fa4._REJECTED and call.fa4 is not False
+
+
+def test_the_backward_writes_key_gradients_into_given_views(fake_fa4, monkeypatch):
+    """With ``outputs``, flash-attn 4's backward is given them as ``dk``/``dv`` (it writes the send buffer's
+    strided views itself) and they are what the call returns: nothing else of the buffer is touched."""
+
+    def backward(q, k, v, out, dout, lse, **kwargs):
+        fake_fa4.calls.append(kwargs)
+        kwargs["dk"].fill_(1.0)
+        kwargs["dv"].fill_(2.0)
+        return torch.zeros_like(q), kwargs["dk"], kwargs["dv"]
+
+    monkeypatch.setattr(fake_fa4, "_flash_attn_bwd", backward)
+    calls, _ = _calls("band-dilated", masks=True)
+    call = next(c for c in calls if c.k.rate > 1)  # a strided view of key/value rows and heads
+    q = torch.randn(1, 1536, 4, 64)
+    k, v = (torch.randn(1, 1536, 2, 64) for _ in range(2))
+    dkv = torch.zeros(1, 1536, 2, 128)  # a K|V send buffer: the calls' gradients land in its halves' views
+    outputs = call.kv_leaf(dkv[..., :64]), call.kv_leaf(dkv[..., 64:])
+    blocks = blocks_for(call, torch.device("cpu"), rule=True)
+    _, dk, dv = fa4.fa4_backward(call, blocks, q, k, v, q, torch.zeros(1, 1536, 4), q, scale=0.125, outputs=outputs)
+    assert dk is outputs[0] and dv is outputs[1]
+    asked = fake_fa4.calls[-1]
+    assert asked["dk"] is outputs[0] and asked["dv"] is outputs[1]
+    expected = torch.zeros_like(dkv)
+    call.kv_leaf(expected[..., :64]).fill_(1.0)
+    call.kv_leaf(expected[..., 64:]).fill_(2.0)
+    assert torch.equal(dkv, expected) and 0 < int((dkv != 0).sum()) < dkv.numel()

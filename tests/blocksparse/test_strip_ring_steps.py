@@ -115,31 +115,42 @@ def test_overlapping_key_views_are_not_disjoint():
     assert not torch.allclose(grads[0], grads[1])
 
 
-def _schedule(plan, q):
-    return StripRingSchedule(plan, dense_strip_kernel(q, False, q.shape[-1] ** -0.5, None), sparse="math")
+def _schedule(plan, q, sparse="math"):
+    return StripRingSchedule(plan, dense_strip_kernel(q, False, q.shape[-1] ** -0.5, None), sparse=sparse)
 
 
-@pytest.mark.parametrize("name", [name for name in CASES if not CASES[name][6]])  # (it passes no padding)
-def test_simulated_rank_steps_match_reference(name):
+def _simulate(inputs, plan_of, sparse: str = "math", world: int = WORLD):
     """The benchmark's one-process run of each rank's steps (``rank_steps``: the schedule's own step methods),
-    the received rows' gradients returned to their ranks: the reference's output and gradients."""
-    q, k, v, dout, _ = _inputs(name)
-    expected, expected_grads = _reference(name)
-    out = torch.empty_like(expected)
-    grads = [torch.zeros_like(x) for x in (q, k, v)]
-    shards = [shard_positions(N, r, WORLD, "contiguous") for r in range(WORLD)]
+    the received rows' gradients returned to their ranks: the whole output and gradients (float64), and the
+    dtype the remote gradients travelled in, per (rank, source)."""
+    q, k, v, dout = inputs
+    n = q.shape[1]
+    out = torch.empty_like(q, dtype=torch.float64)
+    grads = [torch.zeros_like(x, dtype=torch.float64) for x in (q, k, v)]
+    shards = [shard_positions(n, r, world, "contiguous").to(q.device) for r in range(world)]
     local = [[x[:, rows] for x in (q, k, v, dout)] for rows in shards]
-    for rank in range(WORLD):
-        plan = _plan(name, rank)
+    travelled = {}
+    for rank in range(world):
+        plan = plan_of(rank)
         received = {s: tuple(x.index_select(1, plan.recv_rows[s]) for x in local[s][1:3]) for s in plan.recv_rows}
         state: dict = {}
-        rank_steps(_schedule(plan, local[rank][0]), plan, rank, local[rank], received, state, backward=True)
-        out[:, shards[rank]] = state["out"]
+        rank_steps(_schedule(plan, local[rank][0], sparse), plan, rank, local[rank], received, state, backward=True)
+        out[:, shards[rank]] = state["out"].double()
         for grad, key in zip(grads, ("dq", "dk", "dv")):
             grad[:, shards[rank]] += state[key]
         for s, (rows, dk_rows, dv_rows) in state["remote"].items():
             grads[1][:, shards[s][rows]] += dk_rows
             grads[2][:, shards[s][rows]] += dv_rows
+            travelled[rank, s] = dk_rows.dtype
+    return out, grads, travelled
+
+
+@pytest.mark.parametrize("name", [name for name in CASES if not CASES[name][6]])  # (it passes no padding)
+def test_simulated_rank_steps_match_reference(name):
+    """Each rank's steps run in one process (the benchmark's simulation): the reference's output and gradients."""
+    q, k, v, dout, _ = _inputs(name)
+    expected, expected_grads = _reference(name)
+    out, grads, _ = _simulate((q, k, v, dout), lambda rank: _plan(name, rank))
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
     for grad, ref in zip(grads, expected_grads):
         torch.testing.assert_close(grad, ref, rtol=1e-9, atol=1e-11)
@@ -176,6 +187,103 @@ def test_ring_steps_match_reference():
             torch.testing.assert_close(torch.from_numpy(got["out"]), expected[:, rows], rtol=1e-10, atol=1e-12)
             for grad, ref in zip(got["grads"], expected_grads):
                 torch.testing.assert_close(torch.from_numpy(grad), ref[:, rows], rtol=1e-9, atol=1e-11)
+
+
+# at 4 ranks: every pair's key views disjoint (bf16 returns); and disjoint for some pairs, overlapping (float32) for others
+BF16_CASES = {"partial-written": {True}, "shared-kv-added": {True, False}}
+
+
+def _bf16_ring_rank(rank: int, world_size: int) -> dict:
+    results = {}
+    for name in BF16_CASES:
+        segments, rates, _, _, (pattern, options), causal, _, _ = CASES[name]
+        q, k, v, dout, _ = _inputs(name)
+        local = [shard_sequence(x, "contiguous", rank=rank, world_size=world_size) for x in (q, k, v, dout)]
+        leaves = [x.bfloat16().requires_grad_() for x in local[:3]]
+        attn = BlockSparseRingDilatedAttention(
+            segments, rates, block_size=BLOCK, pattern=pattern, method="flex", **options
+        )
+        attn.sparse_kernel = "math"
+        out = attn(*leaves, is_causal=causal)
+        out.backward(local[3].bfloat16())
+        plan, row = attn.last_plan, k.shape[0] * k.shape[2] * 2 * k.shape[3]  # elements of one K|V row
+        # the backward sends K|V rows again (bf16), then returns each source's key|value gradients: 2 bytes an
+        # element where this rank's calls' views of that source are disjoint, else 4 (float32 sums)
+        kv_bytes = sum(rows.numel() * row * 2 for rows in plan.send_rows.values())
+        grad_bytes = sum(plan.recv_rows[s].numel() * row * (2 if plan.key_views[s][0] else 4) for s in plan.recv_rows)
+        results[name] = {
+            "out": out.detach().double().numpy(),
+            "grads": [x.grad.double().numpy() for x in leaves],
+            "sent": attn.comm_stats.sent["backward"],
+            "expected_sent": kv_bytes + grad_bytes,
+            "disjoint": {s: plan.key_views[s][0] for s in plan.recv_rows},
+        }
+    return results
+
+
+@pytest.mark.distributed
+def test_bf16_ring_returns_disjoint_gradients_in_bf16():
+    """Real gloo ranks, bf16: the gradients of another rank's rows travel in bf16 where the calls' key views are
+    disjoint (each element one kernel output: nothing lost), in float32 where calls add up, pair by pair (the
+    receiver knows which); within SPEC's bf16 bounds of the float64 reference."""
+    from ring_core.testing import TOLERANCES, relative_error
+
+    world = 4
+    by_rank = run_distributed(_bf16_ring_rank, world, timeout=300)
+    out_bound, grad_bound = TOLERANCES[torch.bfloat16]
+    for name, disjoint in BF16_CASES.items():
+        expected, expected_grads = _reference(name)
+        assert {flag for result in by_rank for flag in result[name]["disjoint"].values()} == disjoint
+        for rank, result in enumerate(by_rank):
+            got = result[name]
+            assert got["sent"] == got["expected_sent"]
+            rows = shard_positions(N, rank, world, "contiguous")
+            assert relative_error(torch.from_numpy(got["out"]), expected[:, rows]) <= out_bound
+            for grad, ref in zip(got["grads"], expected_grads):
+                assert relative_error(torch.from_numpy(grad), ref[:, rows]) <= grad_bound
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("segments, rates, kv_heads", [((4096,), (1,), 2), ((2048, 4096), (1, 2), 4)], ids=str)
+def test_simulated_rank_steps_on_gpu(segments, rates, kv_heads):
+    """The ring's steps on the GPU's sparse kernels (flash-attn 4 where installed: the key/value gradients of
+    disjoint calls written into the bf16 send buffer by the kernel itself), bf16 vs float64 within SPEC's
+    bounds; the gradients of another rank's rows travel in bf16 exactly where the calls' key views are
+    disjoint."""
+    from ring_core.testing import TOLERANCES, relative_error
+
+    n, h, d, block, world = 4096, 4, 128, 128, 2
+    layout = build_pattern("random", density=0.3, seed=2, per_head=True).layout(n, block, h)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    q, dout = (torch.randn(1, n, h, d, device="cuda", generator=gen) for _ in range(2))
+    k, v = (torch.randn(1, n, kv_heads, d, device="cuda", generator=gen) for _ in range(2))
+    plans = {}
+
+    def plan_of(rank):
+        plans[rank] = build_strip_plan(
+            seq_len=n, rank=rank, world_size=world, layout_kind="contiguous", q=q[:, : n // world].bfloat16(),
+            num_heads=h, num_kv_heads=kv_heads, branch_list=branches(segments, rates, "lse", h), block_size=block,
+            layout=layout, causal=False,
+        )  # fmt: skip
+        return plans[rank]
+
+    out, grads, travelled = _simulate([x.bfloat16() for x in (q, k, v, dout)], plan_of, sparse="auto", world=world)
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    expected = reference_attention(
+        *leaves, segment_lengths=segments, dilation_rates=rates, block_layout=layout, block_size=block
+    )
+    expected_grads = torch.autograd.grad(expected, leaves, dout.double())
+    out_bound, grad_bound = TOLERANCES[torch.bfloat16]
+    assert relative_error(out, expected) <= out_bound
+    errors = [relative_error(g, want) for g, want in zip(grads, expected_grads)]
+    assert max(errors) <= grad_bound, errors
+    assert travelled == {
+        (rank, s): torch.bfloat16 if plans[rank].key_views[s][0] else torch.float32
+        for rank in plans
+        for s in plans[rank].recv_rows
+    }
+    assert torch.bfloat16 in travelled.values()
 
 
 def _strided_pair(dtype, device):

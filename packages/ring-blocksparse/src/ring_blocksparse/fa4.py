@@ -193,30 +193,45 @@ def fa4_forward(call: Any, blocks: Fa4Blocks, q: torch.Tensor, k: torch.Tensor, 
     return o.transpose(1, 2), lse
 
 
-def fa4_backward(call: Any, blocks: Fa4Blocks, q, k, v, out, lse, dout, *, scale: float):
+def fa4_backward(call: Any, blocks: Fa4Blocks, q, k, v, out, lse, dout, *, scale: float, outputs=None):
     """``dq`` (the query view's shape), ``dk``, ``dv`` (the key/value leaves' shapes) under the final ``out``
-    and ``lse`` ``(B, N, H)``."""
+    and ``lse`` ``(B, N, H)``. ``outputs``: views of the leaves' shape and ``q``'s dtype (a call with a slice
+    of key/value heads) that flash-attn 4 writes ``dk`` and ``dv`` into; they are returned then (and are
+    written, by a copy, also when the call falls back to FlexAttention)."""
     if blocks.rule is not None and blocks.rule.variant in _REJECTED:
-        return _flex_backward(call, q, k, v, out, lse, dout, scale=scale)
+        return _written(_flex_backward(call, q, k, v, out, lse, dout, scale=scale), outputs)
     interface = _interface()[0]
     qs = call.q_view(q)
     ks, vs = (call.kv_input(call.kv_leaf(x)) for x in (k, v))
     final_lse = lse_for_backward(call.q_view(lse).transpose(1, 2))
+    written = {} if outputs is None else {"dk": outputs[0], "dv": outputs[1]}
     try:
         dq, dk, dv = interface._flash_attn_bwd(
             qs, ks, vs, kernel_view(call.q_view(out)), kernel_view(call.q_view(dout)), final_lse,
             softmax_scale=scale, causal=blocks.causal, block_sparse_tensors=blocks.backward, **_rule_options(blocks),
+            **written,
         )[:3]  # fmt: skip
     except Exception as exc:
         if blocks.rule is None or isinstance(exc, torch.OutOfMemoryError):
             raise
         _rejected(call, blocks, exc)
-        return _flex_backward(call, q, k, v, out, lse, dout, scale=scale)
+        return _written(_flex_backward(call, q, k, v, out, lse, dout, scale=scale), outputs)
+    if outputs is not None:
+        return dq, *outputs
     if not isinstance(call.kv, slice):  # one key/value head per query head: sum back onto the leaves' heads
         leaf = call.kv_leaf(k)
         dk = dk.new_zeros(leaf.shape).index_add_(2, call.kv, dk)
         dv = dv.new_zeros(call.kv_leaf(v).shape).index_add_(2, call.kv, dv)
     return dq, dk, dv
+
+
+def _written(grads: tuple[torch.Tensor, ...], outputs: tuple[torch.Tensor, torch.Tensor] | None):
+    """``(dq, dk, dv)``, with ``dk`` and ``dv`` copied into ``outputs`` (and those returned) when given."""
+    if outputs is None:
+        return grads
+    outputs[0].copy_(grads[1])
+    outputs[1].copy_(grads[2])
+    return grads[0], *outputs
 
 
 def _flex_backward(call: Any, q, k, v, out, lse, dout, *, scale: float):

@@ -282,10 +282,15 @@ class BlockSparseSchedule(BlockSchedule):
                 dk.index_add_(1, rows, received[..., :d])
                 dv.index_add_(1, rows, received[..., d:])
 
+    def _returning_rank(self, source: int) -> int:
+        """The rank that got our rows at the step that brought ``source``'s: it returns their gradients then."""
+        return (2 * self.plan.rank - source) % self.plan.world_size
+
     def _post_grads(self, dkv: torch.Tensor | None, source: int, dk: torch.Tensor, value_dim: int) -> _Posted:
-        """Send the gradients of ``source``'s rows back; receive ours from the rank we sent rows to."""
+        """Send the gradients of ``source``'s rows back; receive ours (``dk``'s shape and dtype) from the rank we
+        sent rows to."""
         plan = self.plan
-        dest = (2 * plan.rank - source) % plan.world_size  # the rank that got our rows at this step
+        dest = self._returning_rank(source)
         rows = plan.send_rows[dest]
         shape = (dk.shape[0], rows.numel(), dk.shape[2], dk.shape[3] + value_dim)
         send = None if dkv is None else dkv.view(-1)

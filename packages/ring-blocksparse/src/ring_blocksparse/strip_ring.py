@@ -9,10 +9,12 @@ Note (the steps' own passes over shard-sized tensors). When a rank receives ever
 shard (most sparse layouts need every key tile somewhere), the received K|V buffer *is* that shard in
 order: the calls read it directly, nothing is scattered, and the key gradients land straight in the
 buffer that sends them back. Otherwise the received rows are scattered into a shard buffer, and their
-gradients gathered from a float32 shard. When the calls' key/value views of a source are disjoint (one
+gradients gathered from a shard-sized one. When the calls' key/value views of a source are disjoint (one
 call per branch offset; key/value heads shared by several branches break this), each gradient element
 is at most one call's: the calls write it (``copy_``) instead of adding it to zeros, and when they
-also cover every received row on every key/value head nothing is zeroed first.
+also cover every received row on every key/value head nothing is zeroed first. Such an element is one
+kernel's output, so it travels back in the inputs' dtype (bf16: half the bytes of the float32 that sums
+need) with nothing lost, and flash-attn 4 writes it into the send buffer itself.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ class StripPlan:
     whole: dict[int, bool] = field(default_factory=dict)  # source -> every row of its shard received, in order
     # source -> (the calls' key/value views are disjoint, they cover every received row on every kv head)
     key_views: dict[int, tuple[bool, bool]] = field(default_factory=dict)
+    # destination -> its calls' views of this rank's rows are disjoint: their gradients return in the inputs'
+    # dtype (the module Note); for sources, key_views[source][0] says the same of this rank's own calls
+    returns_disjoint: dict[int, bool] = field(default_factory=dict)
 
     def to(self, device: torch.device) -> StripPlan:
         self.recv_rows = {s: r.to(device) for s, r in self.recv_rows.items()}
@@ -82,6 +87,7 @@ def build_strip_plan(
     recv_positions: dict[int, torch.Tensor] = {}
     whole: dict[int, bool] = {}
     key_views: dict[int, tuple[bool, bool]] = {}
+    returns_disjoint: dict[int, bool] = {}
     for source in range(world_size):
         calls[source] = strip_calls(positions[rank], positions[source], **options)
         if source != rank:
@@ -91,9 +97,13 @@ def build_strip_plan(
             key_views[source] = disjoint_and_covering(calls[source], rows, len(positions[source]), num_kv_heads)
             theirs = strip_calls(positions[source], positions[rank], **dict(options, masks=False))
             send_rows[source] = needed_rows([(c.tiles, c.k) for c in theirs], len(positions[rank]))
+            returns_disjoint[source] = disjoint_and_covering(
+                theirs, send_rows[source], len(positions[rank]), num_kv_heads
+            )[0]
     plan = StripPlan(
-        rank, world_size, len(positions[rank]), calls, recv_rows, send_rows, recv_positions, whole, key_views
-    )
+        rank, world_size, len(positions[rank]), calls, recv_rows, send_rows, recv_positions, whole, key_views,
+        returns_disjoint,
+    )  # fmt: skip
     return plan.to(q.device)
 
 
@@ -198,14 +208,21 @@ class StripRingSchedule(BlockSparseSchedule):
         put_keys = _write if write_keys else accumulate
         for call in calls:
             blocks = fa4_blocks(self.run, call, q)
+            dk_view, dv_view = call.kv_leaf(dkb), call.kv_leaf(dvb)
             if blocks is not None:
-                bq, bk, bv = fa4_backward(call, blocks, q, kb, vb, out, lse, dout, scale=self.kernel.scale)
+                # written in place where it can be: flash-attn 4 takes output views of its own dtype and heads
+                direct = write_keys and isinstance(call.kv, slice) and dkb.dtype == q.dtype
+                outputs = (dk_view, dv_view) if direct else None
+                bq, bk, bv = fa4_backward(
+                    call, blocks, q, kb, vb, out, lse, dout, scale=self.kernel.scale, outputs=outputs
+                )
             else:
                 o, lse_call, leaves = sparse_forward(self.run, call, q, kb, vb, grad=True, pad=pad)
                 bq, bk, bv = sparse_backward(call, o, lse_call, leaves, dout, out, lse)
             accumulate(call.q_view(dq), bq)
-            put_keys(call.kv_leaf(dkb), bk)
-            put_keys(call.kv_leaf(dvb), bv)
+            if bk is not dk_view:  # (else written there already)
+                put_keys(dk_view, bk)
+                put_keys(dv_view, bv)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, acc: Accumulator) -> None:
         self.stats.calls += 1
@@ -236,10 +253,12 @@ class StripRingSchedule(BlockSparseSchedule):
                 self.backward_step(q, plan.calls[source], k, v, out, lse, dout, dq, dk, dv, pad)
             elif k_buf is not None and v_buf is not None:
                 shape = (*k_buf.shape[:3], d + v_buf.shape[3])
-                dkv = self.comm.empty("grad", math.prod(shape), dk).view(shape)
+                like = k_buf if plan.key_views[source][0] else dk  # (module Note: which dtype travels)
+                dkv = self.comm.empty("grad", math.prod(shape), like).view(shape)
                 self.remote_backward_step(source, q, k_buf, v_buf, pad, shard, out, lse, dout, dq, dkv)
             if source != plan.rank:
-                returning.append(self._post_grads(dkv, source, dk, v.shape[-1]))
+                dest = self._returning_rank(source)
+                returning.append(self._post_grads(dkv, source, k if plan.returns_disjoint[dest] else dk, v.shape[-1]))
         for exchange, shape, rows in returning:
             received = exchange.wait()
             if received is not None:
@@ -248,6 +267,7 @@ class StripRingSchedule(BlockSparseSchedule):
                     dk.add_(received[..., :d])
                     dv.add_(received[..., d:])
                 else:
+                    received = received.to(dk.dtype)
                     dk.index_add_(1, rows, received[..., :d])
                     dv.index_add_(1, rows, received[..., d:])
 
@@ -265,8 +285,9 @@ class StripRingSchedule(BlockSparseSchedule):
         dq: torch.Tensor,
         dkv: torch.Tensor,
     ) -> None:
-        """A step of another rank's rows: ``dq`` added to, ``dkv`` (``(B, R, H, Dk + Dv)``, contents undefined)
-        filled with the received rows' key|value gradients (module Note: which buffers, written or added)."""
+        """A step of another rank's rows: ``dq`` added to, ``dkv`` (``(B, R, H, Dk + Dv)``, contents undefined; the
+        inputs' dtype where the calls' key views are disjoint) filled with the received rows' key|value gradients
+        (module Note: which buffers, written or added)."""
         plan, d = self.plan, k_buf.shape[-1]
         kb, vb, pb = self.place(source, k_buf, v_buf, pad, shard)
         disjoint, covering = plan.key_views[source]
