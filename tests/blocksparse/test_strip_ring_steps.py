@@ -17,7 +17,7 @@ from tests.distributed_helpers import run_distributed
 
 from ring_blocksparse import BlockSparseRingDilatedAttention, build_pattern
 from ring_blocksparse.attention import dense_strip_kernel
-from ring_blocksparse.rows import gather_rows, scatter_rows
+from ring_blocksparse.rows import add_rows, gather_rows, scatter_rows
 from ring_blocksparse.strip_ring import StripRingSchedule, build_strip_plan, disjoint_and_covering
 from ring_core import reference_attention
 from ring_core.dilated import branches
@@ -295,7 +295,7 @@ def _strided_pair(dtype, device):
     return kv[..., :9], shard, rows
 
 
-def _check_rows(scatter, gather, device):
+def _check_rows(scatter, gather, device, add=None):
     for dtype in (torch.float32, torch.bfloat16):
         src, shard, rows = _strided_pair(dtype, device)
         expected = shard.clone().index_copy_(1, rows, src)
@@ -304,17 +304,24 @@ def _check_rows(scatter, gather, device):
         packed = torch.empty_like(src)
         gather(packed, shard, rows)
         assert torch.equal(packed, src)
+        if add is not None:  # into a float32 strided target, repeated rows adding up
+            target = _strided_pair(torch.float32, device)[1]
+            repeated = torch.tensor([3, 0, 3, 18, 7, 3, 0], device=device)
+            expected = target.clone().index_add_(1, repeated, src.float())
+            add(target, repeated, src)
+            torch.testing.assert_close(target, expected, rtol=1e-6, atol=1e-6)
+            assert not torch.equal(target, _strided_pair(torch.float32, device)[1])
 
 
 def test_rows_on_the_cpu():
-    _check_rows(scatter_rows, gather_rows, "cpu")
+    _check_rows(scatter_rows, gather_rows, "cpu", add_rows)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_rows_on_cuda_match_index_copy():
-    """The Triton row copies (when Triton is installed) on odd shapes and strided views, vs torch."""
-    _check_rows(scatter_rows, gather_rows, "cuda")
+    """The Triton row copies and adds (when Triton is installed) on odd shapes and strided views, vs torch."""
+    _check_rows(scatter_rows, gather_rows, "cuda", add_rows)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -332,7 +339,10 @@ def test_row_kernel_in_the_interpreter():
         def gather(dst, src, rows):
             copy_rows_triton(dst, src, rows, scatter=False)
 
-        _check_rows(scatter, gather, "cpu")
+        def add(dst, rows, src):
+            copy_rows_triton(dst, src, rows, scatter=True, add=True)
+
+        _check_rows(scatter, gather, "cpu", add)
         print("ok")
         """
     )

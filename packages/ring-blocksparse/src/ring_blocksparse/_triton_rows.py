@@ -9,9 +9,10 @@ import triton.language as tl
 @triton.jit
 def copy_rows_kernel(
     dst, src, index, count, heads, width, d_b, d_n, d_h, s_b, s_n, s_h,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, SCATTER: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, SCATTER: tl.constexpr, ADD: tl.constexpr,
 ):  # fmt: skip
-    """``SCATTER``: ``dst[b, index[r]] = src[b, r]``; else ``dst[b, r] = src[b, index[r]]`` (``count`` packed rows)."""
+    """``SCATTER``: ``dst[b, index[r]] = src[b, r]`` (``ADD``: ``+=``, atomically, in ``dst``'s dtype); else
+    ``dst[b, r] = src[b, index[r]]`` (``count`` packed rows)."""
     pid = tl.program_id(0)
     b = (pid // count).to(tl.int64)
     r = (pid % count).to(tl.int64)
@@ -26,4 +27,8 @@ def copy_rows_kernel(
     cols = tl.arange(0, BLOCK_D)
     mask = (h[:, None] < heads) & (cols[None, :] < width)
     values = tl.load(src + b * s_b + s_row * s_n + h[:, None] * s_h + cols[None, :], mask=mask)
-    tl.store(dst + b * d_b + d_row * d_n + h[:, None] * d_h + cols[None, :], values, mask=mask)
+    target = dst + b * d_b + d_row * d_n + h[:, None] * d_h + cols[None, :]
+    if ADD:
+        tl.atomic_add(target, values.to(dst.dtype.element_ty), mask=mask, sem="relaxed")
+    else:
+        tl.store(target, values, mask=mask)

@@ -23,6 +23,7 @@ from ring_core.plugin import (
 )
 
 from .plan import CAUSAL, MASKED, Group, Plan
+from .rows import add_rows, gather_rows, scatter_rows
 
 _Shape = tuple[int, int, int, int]
 # per ring step: (source rank, its K rows, V rows, padding rows; the buffers None when nothing comes from it)
@@ -61,10 +62,20 @@ class CommStats(RingCommStats):
         return f"CommStats(sent={self.sent}, received={self.received})"
 
 
+def _select_rows(view: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``view.index_select(1, rows)`` of a ``(B, N, h, D)`` view; on CUDA one pass per row
+    (:mod:`ring_blocksparse.rows`), not an index computed per element."""
+    if not view.is_cuda:
+        return view.index_select(1, rows)
+    selected = view.new_empty(view.shape[0], rows.numel(), *view.shape[2:])
+    gather_rows(selected, view, rows)
+    return selected
+
+
 def _gather_rows(x: torch.Tensor, heads: slice | torch.Tensor, rows: torch.Tensor, groups: int) -> torch.Tensor:
     """``x[:, rows, heads]`` as ``(B*G, rows/G, h, D)``."""
     if isinstance(heads, slice):
-        y = x[:, :, heads].index_select(1, rows)
+        y = _select_rows(x[:, :, heads], rows)
     else:
         y = x.index_select(1, rows).index_select(2, heads)
     return y.reshape(x.shape[0] * groups, -1, y.shape[2], y.shape[3])
@@ -73,10 +84,11 @@ def _gather_rows(x: torch.Tensor, heads: slice | torch.Tensor, rows: torch.Tenso
 def _add_rows(target: torch.Tensor, heads: slice | torch.Tensor, rows: torch.Tensor, grad: torch.Tensor) -> None:
     """``target[:, rows, heads] += grad`` (``grad``: ``(B, G, rows/G, h, D)``), repeated rows accumulated."""
     b = target.shape[0]
-    grad = grad.reshape(b, rows.numel(), grad.shape[-2], grad.shape[-1]).to(target.dtype)
+    grad = grad.reshape(b, rows.numel(), grad.shape[-2], grad.shape[-1])
     if isinstance(heads, slice):
-        target[:, :, heads].index_add_(1, rows, grad)
+        add_rows(target[:, :, heads], rows, grad)
     else:
+        grad = grad.to(target.dtype)
         index = (torch.arange(b, device=rows.device)[:, None, None], rows[None, :, None], heads[None, None, :])
         target.index_put_(index, grad, accumulate=True)
 
@@ -222,10 +234,10 @@ class BlockSparseSchedule(BlockSchedule):
                 rows = g.q_rows[: g.real * tq]  # padded entries are dropped here
                 out = out.unflatten(0, (b, groups))[:, : g.real].reshape(b, -1, h, out.shape[-1])
                 lse = lse.unflatten(0, (b, groups))[:, : g.real].transpose(2, 3).reshape(b, -1, h)
-                out_rows = acc.out[:, :, g.heads].index_select(1, rows)
+                out_rows = _select_rows(acc.out[:, :, g.heads], rows)
                 lse_rows = acc.lse[:, :, g.heads].index_select(1, rows)
                 kernel.backend.merge(out_rows, lse_rows, out, lse)
-                acc.out[:, :, g.heads].index_copy_(1, rows, out_rows)
+                scatter_rows(acc.out[:, :, g.heads], rows, out_rows)
                 acc.lse[:, :, g.heads].index_copy_(1, rows, lse_rows)
 
     def backward(

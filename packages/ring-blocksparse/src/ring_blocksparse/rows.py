@@ -1,8 +1,11 @@
-"""Whole rows copied between ``(B, N, H, D)`` tensors by a row index: one Triton pass on CUDA, torch elsewhere.
+"""Whole rows copied (or added) between ``(B, N, H, D)`` tensors by a row index: one Triton pass on CUDA, torch
+elsewhere.
 
-torch's ``index_copy_`` / ``index_select`` on dim 1 of a strided 4-d view run an elementwise index kernel
-(every element's offset computed from the index); here one program copies a row's ``H x D`` elements
-(any strides, the last dim contiguous), so the copy runs at memory speed.
+torch's ``index_copy_`` / ``index_select`` / ``index_add_`` on dim 1 of a strided 4-d view run an elementwise
+index kernel (every element's offset computed from the index); here one program copies a row's ``H x D``
+elements (any strides, the last dim contiguous), so the copy runs at memory speed. :func:`add_rows` also
+converts the added rows to the target's dtype in the same pass (atomic adds: repeated rows add up; torch's
+``index_add_`` under ``torch.use_deterministic_algorithms``).
 """
 
 from __future__ import annotations
@@ -32,17 +35,31 @@ def gather_rows(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> Non
         dst.copy_(src.index_select(1, rows))
 
 
+def add_rows(dst: torch.Tensor, rows: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst[:, rows] += src`` (converted to ``dst``'s float32 or float64): ``src`` ``(B, R, H, D)``, ``rows`` ``R``
+    int64 rows of ``dst``, repeats allowed (they add up)."""
+    if (
+        _triton_ready(dst, src, rows, same_dtype=False)
+        and dst.dtype in (torch.float32, torch.float64)
+        and not torch.are_deterministic_algorithms_enabled()
+    ):
+        copy_rows_triton(dst, src, rows, scatter=True, add=True)
+    else:
+        dst.index_add_(1, rows, src.to(dst.dtype))
+
+
 @cache
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _triton_ready(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> bool:
+def _triton_ready(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor, same_dtype: bool = True) -> bool:
     return (
         dst.is_cuda
         and src.device == dst.device == rows.device
-        and dst.dtype == src.dtype
+        and (dst.dtype == src.dtype or not same_dtype)
         and dst.dtype in _DTYPES
+        and src.dtype in _DTYPES
         and dst.dim() == src.dim() == 4
         and dst.stride(-1) == src.stride(-1) == 1
         and rows.dtype == torch.int64
@@ -50,8 +67,11 @@ def _triton_ready(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> b
     )
 
 
-def copy_rows_triton(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor, *, scatter: bool) -> None:
-    """The Triton copy (CUDA tensors; CPU ones under ``TRITON_INTERPRET=1``, as the tests run it)."""
+def copy_rows_triton(
+    dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor, *, scatter: bool, add: bool = False
+) -> None:
+    """The Triton copy (CUDA tensors; CPU ones under ``TRITON_INTERPRET=1``, as the tests run it); ``add``
+    (with ``scatter``): atomic adds into ``dst`` instead of stores."""
     from ._triton_rows import copy_rows_kernel
 
     packed = src if scatter else dst
@@ -65,5 +85,5 @@ def copy_rows_triton(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor, *
     with torch.cuda.device(dst.device) if dst.is_cuda else contextlib.nullcontext():
         copy_rows_kernel[grid](
             dst, src, rows, count, heads, width, *dst.stride()[:3], *src.stride()[:3],
-            BLOCK_H=block_h, BLOCK_D=block_d, SCATTER=scatter, num_warps=4,
+            BLOCK_H=block_h, BLOCK_D=block_d, SCATTER=scatter, ADD=add, num_warps=4,
         )  # fmt: skip
