@@ -164,6 +164,8 @@ SPARSE = "blocksparse-h200.json"
 STRIPS = "blocksparse-strips-fa4-h200.json"
 # a later run of the dilated + layout rows and the simulated ring (after the ring-step and backward changes)
 STRIPS_RING = "blocksparse-strips-ring-h200.json"
+# a later run of the gather path against the strips (after its rows moved to one Triton pass per row)
+STRIPS_GATHER = "blocksparse-strips-gather-h200.json"
 WINDOWS = "packed-windows-h200.json"
 SPARSE_RING = "blocksparse-ring-2xh200.json"
 CPU = "cli-bench-cpu.json"
