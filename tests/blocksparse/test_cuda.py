@@ -164,3 +164,27 @@ def test_return_lse_on_the_strips_on_gpu(causal):
     out_bound, grad_bound = TOLERANCES[torch.bfloat16]
     errors = [relative_error(got, want) for got, want in zip(*results)]
     assert max(errors[:2]) <= out_bound and max(errors[2:]) <= grad_bound, errors
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case("packed-causal-gqa", 4096, 4, (4096,), (1,), kv_heads=2, batch=1, head_dim=64, causal=True,
+             documents=(0, 1000, 1000, 2571, 4096)),
+        Case("packed-dilated-window", 4096, 4, (1024, 4096), (1, 2), batch=1, head_dim=64, window_size=(700, 0),
+             causal=True, documents=(0, 1536, 2046, 4096)),
+    ],
+    ids=str,
+)  # fmt: skip
+def test_packed_documents_on_the_strips_on_gpu(case):
+    """Packed documents on the fused FlexAttention strips (per-call segment ids and tiles), bf16 vs float64 within
+    SPEC's bounds, forward and backward; documents cross layout blocks and kernel tiles."""
+    attn = BlockSparseRingDilatedAttention(
+        **case.config, block_size=128, pattern="local_window", window=512, sliding=True, method="flex"
+    )
+    layout = attn.layout_for(case.seq_len, case.heads)
+    result = check_attention(
+        attn, case, torch.bfloat16, device="cuda", reference_options={"block_layout": layout, "block_size": 128}
+    )
+    assert attn.last_method == "flex"
+    assert result.passed, f"{case}: {result.errors} > {result.tolerance}"

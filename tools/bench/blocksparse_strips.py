@@ -1,5 +1,5 @@
 """Block-sparse attention on strips against its baselines, in one run: dilated + layout, patterns at 10%, the
-gather path, and the sparse ring's steps simulated on one GPU.
+gather path, packed documents, and the sparse ring's steps simulated on one GPU.
 
     python -m tools.bench.blocksparse_strips --json docs/benchmarks/blocksparse-strips-h200.json \\
         --plot docs/benchmarks/blocksparse-strips-h200.png
@@ -10,7 +10,10 @@ measured in the same run:
 
 - ``dense``: ``scaled_dot_product_attention`` forced to cuDNN, same causality;
 - ``dilated``: plain dilated attention (``ring_dilated_flash``, no layout) of the same branches;
-- ``flex``: for the gather path, the strip path on the same work.
+- ``flex``: for the gather path, the strip path on the same work;
+- ``packed``: packed documents (``cu_seqlens``: lengths 512-4096, multiples of every rate) with the band
+  layout and the dilated branches, causal, on the strips against the gather path on the same documents
+  (where the gather path took every packed call before) and the strips on the same tokens unpacked.
 
 Targets (each row says which applies): dilated + layout at most ``dilated x kept x 1.15`` where ``kept``
 is the fraction of the branches' (query, key) pairs the layout keeps (counted from the plan); a pattern
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -101,7 +105,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sparse-kernel", default="auto", choices=("auto", "flex"),
                         help="the strips' kernel: auto (flash-attn 4 where it can, when installed) or flex")  # fmt: skip
     parser.add_argument("--ring", type=int, default=4, help="ranks simulated for the ring's steps (0: skip)")
-    parser.add_argument("--skip", nargs="*", default=[], help="sections to skip: dilated patterns gather ring")
+    parser.add_argument("--skip", nargs="*", default=[], help="sections to skip: dilated patterns gather packed ring")
     parser.add_argument("--time-budget", type=float, default=1e9, help="stop starting new rows after this (s)")
     parser.add_argument("--json", default="bench-results/blocksparse-strips.json")
     parser.add_argument("--plot", default="bench-results/blocksparse-strips.png")
@@ -137,8 +141,8 @@ def main(argv=None) -> int:
     for x in (q, k, v):
         x.requires_grad_()
 
-    def fwd_bwd(module, causal):
-        return lambda: torch.autograd.grad(module(q, k, v, is_causal=causal), (q, k, v), dout)
+    def fwd_bwd(module, causal, **options):
+        return lambda: torch.autograd.grad(module(q, k, v, is_causal=causal, **options), (q, k, v), dout)
 
     def sdpa(q_, k_, v_, is_causal):
         return F.scaled_dot_product_attention(
@@ -167,12 +171,16 @@ def main(argv=None) -> int:
             results.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
         return {name: relative_error(x, y) for name, x, y in zip(("out", "dq", "dk", "dv"), *results)}
 
-    def row(section: str, name: str, causal: bool, segs, rts, layout, method="flex") -> dict | None:
+    def row(section: str, name: str, causal: bool, segs, rts, layout, method="flex", documents=None) -> dict | None:
         if time.perf_counter() - started > args.time_budget:
             print(f"time budget reached: skipping {section} {name}")
             return None
         entry = {"section": section, "name": name, "causal": causal, "method": method,
                  "segments": list(segs), "rates": list(rts)}  # fmt: skip
+        options = {}
+        if documents is not None:
+            entry["documents"] = len(documents) - 1
+            options["cu_seqlens"] = torch.tensor(documents, dtype=torch.int32, device=device)
         if layout is not None:
             entry["density"] = layout.float().mean().item()
         try:
@@ -183,14 +191,16 @@ def main(argv=None) -> int:
                 plan = build_strip_plan(
                     seq_len=n, rank=0, world_size=1, layout_kind="contiguous", q=q, num_heads=h, num_kv_heads=h,
                     branch_list=branches(segs, rts, "lse", h), block_size=block, layout=layout, causal=causal,
+                    documents=documents is not None,
                 )  # fmt: skip
                 torch.cuda.synchronize()
                 entry["plan_build_s"] = time.perf_counter() - t0
-                entry["kept_pairs"] = kept_pairs(plan)
+                if documents is None:  # (a plan for documents ignores segments: its pairs are a superset)
+                    entry["kept_pairs"] = kept_pairs(plan)
                 entry["dense_strips"] = sum(c.run is not None for c in plan.calls[0])
                 entry["flex_calls"] = sum(c.run is None for c in plan.calls[0])
             t0 = time.perf_counter()
-            out = attn(q, k, v, is_causal=causal)
+            out = attn(q, k, v, is_causal=causal, **options)
             grads = torch.autograd.grad(out, (q, k, v), dout)
             torch.cuda.synchronize()
             entry["first_call_s"] = time.perf_counter() - t0
@@ -198,8 +208,10 @@ def main(argv=None) -> int:
                 bool(t.isfinite().all()) for t in (out, *grads)
             )  # a NaN row's time counts for nothing
             del out, grads
-            entry["fwd_ms"] = median_ms(lambda: attn(q, k, v, is_causal=causal), repeats=args.repeats)
-            entry["fwd_bwd_ms"] = median_ms(fwd_bwd(attn, causal), repeats=args.repeats if method == "flex" else 3)
+            entry["fwd_ms"] = median_ms(lambda: attn(q, k, v, is_causal=causal, **options), repeats=args.repeats)
+            entry["fwd_bwd_ms"] = median_ms(
+                fwd_bwd(attn, causal, **options), repeats=args.repeats if method == "flex" else 3
+            )
             entry["method_used"] = attn.last_method
             if attn.last_method == "flex":
                 entry["flash_attn4_calls"] = sum(isinstance(c.fa4, Fa4Blocks) for c in attn.last_plan.calls[0])
@@ -267,6 +279,8 @@ def main(argv=None) -> int:
                 pair = modules["gather", "band", False], modules["dilated", "band", False]
                 entry["rel_diff_vs_flex"] = agreement(*pair, False)
                 save()
+    if "packed" not in args.skip:
+        packed_rows(args, row, finish, record, save, layouts["band"])
     if args.ring and "ring" not in args.skip and time.perf_counter() - started < args.time_budget:
         record["ring"] = simulate_ring(args, q, k, v, dout, layouts["random"], save, record)
         save()
@@ -280,7 +294,7 @@ def main(argv=None) -> int:
         f"{'section':8s} {'case':22s} {'causal':6s} {'density':>7s} {'fwd+bwd':>8s} {'ratio':>14s} {'target':>7s} met"
     )
     for r in record["results"]:
-        ratio = next((key for key in ("vs_plain_dilated", "vs_dense", "vs_flex") if key in r), None)
+        ratio = next((key for key in ("vs_plain_dilated", "vs_dense", "vs_flex", "vs_unpacked") if key in r), None)
         if "error" in r or ratio is None:
             print(f"{r['section']:8s} {r['name']:22s} ERROR {r.get('error', 'no ratio')[:60]}")
             continue
@@ -293,6 +307,35 @@ def main(argv=None) -> int:
         ring = record["ring"]
         print(f"ring x{ring['world_size']} (simulated): {json.dumps({k: ring[k] for k in ring if k != 'ranks'})}")
     return 0
+
+
+def packed_documents(n: int, multiple: int, seed: int = 0) -> list[int]:
+    """``cu_seqlens`` of documents of 512-4096 tokens, each a multiple of ``multiple``, filling ``n``."""
+    generator = torch.Generator().manual_seed(seed)
+    bounds = [0]
+    while bounds[-1] < n:
+        length = int(torch.randint(512 // multiple, 4096 // multiple + 1, (1,), generator=generator)) * multiple
+        bounds.append(min(n, bounds[-1] + length))
+    return bounds
+
+
+def packed_rows(args, row, finish, record, save, layout) -> None:
+    """Packed documents, band layout and the dilated branches, causal: strips vs gather vs unpacked strips."""
+    n, segments, rates = args.seq_len, args.segments, args.rates
+    multiple = 1
+    for rate in rates:
+        multiple = multiple * rate // math.gcd(multiple, rate)
+    documents = packed_documents(n, multiple)
+    record["packed_documents"] = documents
+    unpacked = next((r for r in record["results"] if r["section"] == "dilated" and r["name"] == "band"
+                     and r["causal"] and "error" not in r), None)  # fmt: skip
+    strips = row("packed", "band", True, segments, rates, layout, documents=documents)
+    if unpacked is not None:
+        finish(strips, "vs_unpacked", unpacked["fwd_bwd_ms"], None)
+    gather = row("packed", "band", True, segments, rates, layout, method="gather", documents=documents)
+    if strips is not None and "error" not in strips:
+        finish(gather, "vs_flex", strips["fwd_bwd_ms"], 1.2)
+    save()
 
 
 def simulate_ring(args, q, k, v, dout, layout, save, record) -> dict:
@@ -394,7 +437,7 @@ def plot(path: str, record: dict) -> None:
     rows = [r for r in record["results"] if "error" not in r and "target" in r]
     labels, ratios, targets = [], [], []
     for r in rows:
-        key = next(key for key in ("vs_plain_dilated", "vs_dense", "vs_flex") if key in r)
+        key = next(key for key in ("vs_plain_dilated", "vs_dense", "vs_flex", "vs_unpacked") if key in r)
         labels.append(f"{r['section']}: {r['name']}{' causal' if r['causal'] else ''} ({key[3:]})")
         ratios.append(r[key])
         targets.append(r["target"])

@@ -82,11 +82,12 @@ class BlockSparseRingDilatedAttention(nn.Module):
     - ``transposed_backward``: batch the gather path's backward by key tile.
     - ``method``: ``"flex"`` (strips: one FlexAttention kernel per dilated branch offset on
       strided views, dense strips on the registry's kernel, LSE-merged; on one process and per
-      ring step; sliding windows and key padding too; needs every rate to divide ``block_size``,
+      ring step; sliding windows and key padding too, and packed documents on one process when every
+      document starts at a multiple of every rate; needs every rate to divide ``block_size``,
       runs of the sequence that split into whole kernel tiles, no dropout, and a backward only on
       CUDA; raises otherwise), ``"gather"`` (tiles gathered into dense blocks, the blockwise
       engine; everything) or ``"auto"`` (flex on CUDA when it applies, else gather; gather under
-      ``torch.compile`` and with ``cu_seqlens``).
+      ``torch.compile``).
     - ``flex_kernel_options``: FlexAttention ``kernel_options`` (e.g. ``{"fwd_num_stages": 2}``)
       over the safe flags and tuned tiles the strip path picks itself
       (:func:`ring_blocksparse.flex.kernel_options_for`).
@@ -276,7 +277,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
             cu_seqlens=cu_seqlens, return_lse=return_lse,
         )  # fmt: skip
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        if self._use_flex(q, world, dropout_p, needs_grad, cu_seqlens):
+        if self._use_flex(q, world, dropout_p, needs_grad, documents):
             block_layout = self.layout_for(q.shape[1] * world, q.shape[2])
             _, schedule_args = self._prepare(q, k, v, block_layout, bool(is_causal), key_padding_mask, build=False)
             self.comm_stats = CommStats()
@@ -284,7 +285,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
             try:
                 out, lse = self._strip_forward(
                     q, k, v, block_layout, bool(is_causal), rank, world, scale, schedule_args, key_padding_mask,
-                    lse_grad=return_lse,
+                    lse_grad=return_lse, documents=documents,
                 )  # fmt: skip
                 return (out, lse.transpose(1, 2)) if return_lse else out
             except Exception as exc:
@@ -350,14 +351,16 @@ class BlockSparseRingDilatedAttention(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         *,
         lse_grad: bool = False,
+        documents: tuple[int, ...] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``out`` and ``lse`` ``(B, n, H)`` of the strips; ``lse_grad``: ``lse`` is differentiable."""
+        """``out`` and ``lse`` ``(B, n, H)`` of the strips; ``lse_grad``: ``lse`` is differentiable;
+        ``documents``: the checked ``cu_seqlens`` values (one process)."""
         if self.sparse_kernel not in SPARSE_KERNELS:
             raise ValueError(f"sparse_kernel must be one of {list(SPARSE_KERNELS)}, got {self.sparse_kernel!r}")
         key = (
             layout_identity(block_layout), q.shape[1], q.shape[2], k.shape[2], q.dtype, causal, str(q.device), rank,
             world, self.segment_lengths, self.dilation_rates, self.merge, self.block_size, self.window_size,
-            key_padding_mask is not None,
+            key_padding_mask is not None, documents is not None,
         )  # fmt: skip
         if key not in self._strip_plans:  # built once per shape: no host work or sync on later calls
             plan = build_strip_plan(
@@ -366,15 +369,18 @@ class BlockSparseRingDilatedAttention(nn.Module):
                 branch_list=branches(self.segment_lengths, self.dilation_rates, self.merge, q.shape[2]),
                 block_size=self.block_size, layout=block_layout, causal=causal,
                 kernel_options=self.flex_kernel_options, window=self.window_size, padded=key_padding_mask is not None,
+                documents=documents is not None,
             )  # fmt: skip
             _remember(self._strip_plans, key, plan)
         plan = self._strip_plans[key]
         kernel = dense_strip_kernel(q, causal, scale, self.kernel)
         self.last_plan, self.last_method = plan, "flex"
         if world == 1:
+            bounds = None if documents is None else torch.tensor(documents, dtype=torch.int32, device=q.device)
             run = StripRun(
-                plan.calls[0], kernel, self.sparse_kernel, key_padding_mask=key_padding_mask, lse_grad=lse_grad
-            )
+                plan.calls[0], kernel, self.sparse_kernel, key_padding_mask=key_padding_mask, lse_grad=lse_grad,
+                documents=bounds,
+            )  # fmt: skip
             return strip_attention(q, k, v, run)
         schedule = StripRingSchedule(
             plan, kernel, stats=self.comm_stats, sparse=self.sparse_kernel, key_padding_mask=key_padding_mask,
@@ -388,9 +394,10 @@ class BlockSparseRingDilatedAttention(nn.Module):
         world: int,
         dropout_p: float,
         needs_grad: bool,
-        cu_seqlens: torch.Tensor | None = None,
+        documents: tuple[int, ...] | None = None,
     ) -> bool:
-        """Whether the call takes the strips (else the gather path, one op for ``torch.compile``)."""
+        """Whether the call takes the strips (else the gather path, one op for ``torch.compile``); ``documents``:
+        the checked ``cu_seqlens`` values."""
         if self.method == "gather" or (
             self.method == "auto" and (self._flex_failed or q.device.type != "cuda" or torch.compiler.is_compiling())
         ):
@@ -410,8 +417,15 @@ class BlockSparseRingDilatedAttention(nn.Module):
             dropout_p=dropout_p,
             needs_grad=needs_grad and self.sparse_kernel != "math",
         )
-        if cu_seqlens is not None:
-            reasons.append("cu_seqlens (the gather path takes packed documents)")
+        if documents is not None:
+            if world > 1:
+                reasons.append("cu_seqlens across ranks (the gather path takes packed documents there)")
+            starts = [start for start in documents[:-1] if any(start % rate for rate in self.dilation_rates)]
+            if starts:
+                reasons.append(
+                    f"cu_seqlens with a document starting at {starts[0]}, not a multiple of every dilation rate "
+                    f"{list(self.dilation_rates)} (the gather path takes such documents)"
+                )
         if self.method == "flex" and reasons:
             raise ValueError("method='flex' cannot run this call: " + "; ".join(reasons))
         return not reasons and (self.method == "flex" or q.device.type == "cuda")

@@ -23,13 +23,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .strips import FLEX_TILE, Strip, Tiles, block_lists, padded_grids, window_bounds
+from .strips import FLEX_TILE, Strip, Tiles, block_lists, call_grids, window_bounds
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
 # A FlexAttention ``mask_mod``: (batch, head, query index, key index) -> allowed.
 _MaskMod = Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# per-call segment ids of a call's query and key strip rows (packed documents)
+_Segments = tuple[torch.Tensor, torch.Tensor]
 
 _COMPILED: dict[str, Any] = {}
 # Each strip shape and rule variant is one more compiled graph of flex_attention (a dilated
@@ -197,15 +199,21 @@ class StripRule:
         self.lo, self.hi = (torch.tensor(x, dtype=torch.int32, device=device) for x in window_bounds(window, causal))
         self.same_strip = torch.equal(q.positions, k.positions)
 
-    def mask_mod(self, layout: bool = True, pad: torch.Tensor | None = None) -> _MaskMod:
+    def mask_mod(
+        self, layout: bool = True, pad: torch.Tensor | None = None, segments: _Segments | None = None
+    ) -> _MaskMod:
         """A ``mask_mod``: segment, window and causality, (if asked and there is one) the layout, and (when given)
-        the key padding ``pad`` (bool ``(B, nk)`` over the key strip's rows, ``True``: padded)."""
+        the key padding ``pad`` (bool ``(B, nk)`` over the key strip's rows, ``True``: padded); ``segments``: the
+        rows' segment ids of this call instead of the plan's (packed documents, :func:`document_segments`)."""
         lay = self.layout if layout else None
-        return _rule(lay, pad, self.qblk, self.kblk, self.qseg, self.kseg, self.qpos, self.kpos, self.lo, self.hi)
+        qseg, kseg = (self.qseg, self.kseg) if segments is None else segments
+        return _rule(lay, pad, self.qblk, self.kblk, qseg, kseg, self.qpos, self.kpos, self.lo, self.hi)
 
-    def dense(self, heads: int, layout: bool = True, pad: torch.Tensor | None = None) -> torch.Tensor:
+    def dense(
+        self, heads: int, layout: bool = True, pad: torch.Tensor | None = None, segments: _Segments | None = None
+    ) -> torch.Tensor:
         """Bool ``(B or 1, heads or 1, nq, nk)``: the rule on every pair."""
-        rule = self.mask_mod(layout, pad)
+        rule = self.mask_mod(layout, pad, segments)
         n, m = self.qpos.numel(), self.kpos.numel()
         device = self.qpos.device
         h = torch.arange(heads if self.layout is not None and self.layout.shape[0] > 1 else 1, device=device)
@@ -241,23 +249,38 @@ def _rule(
     return mask_mod
 
 
+def document_segments(positions: torch.Tensor, bounds: torch.Tensor, segment: int) -> torch.Tensor:
+    """Segment ids of ``positions`` (int32, on the bounds' device) in packed documents: segments restart at every
+    document (``bounds``: the ``cu_seqlens`` values, int32, same device), so the id is the document's start
+    plus the segment's number inside it: distinct across documents, non-decreasing along the positions."""
+    start = bounds[torch.searchsorted(bounds, positions, right=True) - 1]
+    return start + torch.div(positions - start, segment, rounding_mode="floor")
+
+
 def strip_block_mask(
-    tiles: Tiles, rule: StripRule, q_len: int, k_len: int, device: torch.device, pad: torch.Tensor | None = None
+    tiles: Tiles,
+    rule: StripRule,
+    q_len: int,
+    k_len: int,
+    device: torch.device,
+    pad: torch.Tensor | None = None,
+    segments: _Segments | None = None,
 ) -> tuple[BlockMask, dict[str, bool]]:
     """The ``BlockMask`` of one strip call and the kernel flags it makes safe; with a key padding ``pad``
-    (bool ``(B, nk)`` over the key strip's rows, on ``device``: one mask per call) no flag is safe (a
-    query may have only padded keys, and padding splits runs of full tiles)."""
+    (bool ``(B, nk)`` over the key strip's rows, on ``device``) or per-call ``segments`` (packed documents)
+    there is one mask per call and no flag is safe (a query may have only padded keys, and padding or a
+    document's end splits runs of full tiles)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    full, partial = (tiles.full, tiles.partial) if pad is None else padded_grids(tiles, pad)
+    full, partial = call_grids(tiles, pad, segments)
     kv_num, kv_index = block_lists(partial, device)
     full_num, full_index = block_lists(full, device)
     # the fused kernel asks the rule only inside partial tiles; the eager one ignores the tiles
-    mask_mod = rule.mask_mod(tiles.needs_layout or device.type != "cuda", pad)
+    mask_mod = rule.mask_mod(tiles.needs_layout or device.type != "cuda", pad, segments)
     block_mask = BlockMask.from_kv_blocks(
         kv_num, kv_index, full_num, full_index, BLOCK_SIZE=tiles.tile, mask_mod=mask_mod, seq_lengths=(q_len, k_len)
     )
-    if pad is not None:
+    if pad is not None or segments is not None:
         return block_mask, {}
     # a query sees itself in its diagonal tile (every window holds offset 0) unless the layout or segment cut it
     diagonal_only = rule.same_strip and rule.causal and not (tiles.needs_layout or tiles.needs_segment)
@@ -309,19 +332,20 @@ def math_strip_attention(
     scale: float,
     enable_gqa: bool,
     pad: torch.Tensor | None = None,
+    segments: _Segments | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same call as dense masked attention in torch ops (any device and dtype, differentiable): the
     reference twin of :func:`flex_strip_attention` that tests run forward and backward on the CPU. It
     keeps the pairs of full tiles and the pairs of partial tiles that the rule (without the layout term
     where the tiles say it cannot matter) allows: exactly what the fused kernel computes on CUDA, with
-    the key padding ``pad`` (as :func:`strip_block_mask`) the same way."""
+    the key padding ``pad`` and the per-call ``segments`` (as :func:`strip_block_mask`) the same way."""
     if enable_gqa:
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     t = tiles.tile
-    grids = (tiles.full, tiles.partial) if pad is None else padded_grids(tiles, pad)
+    grids = call_grids(tiles, pad, segments)
     full, partial = (x.repeat_interleave(t, 1).repeat_interleave(t, 2).to(q.device) for x in grids)
-    allowed = full | (partial & rule.dense(q.shape[1], tiles.needs_layout, pad))
+    allowed = full | (partial & rule.dense(q.shape[1], tiles.needs_layout, pad, segments))
     scores = torch.einsum("bhnd,bhmd->bhnm", q, k) * scale
     scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, -1)
@@ -339,21 +363,31 @@ def strip_call_forward(
     grad: bool,
     math: bool = False,
     pad: torch.Tensor | None = None,
+    documents: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
     """One strip call on FlexAttention (``math``: its dense twin): ``(o (B, h, n, D), lse (B, h, n), leaves)``;
     with ``grad`` the graph from the leaves (the views the gradients land in) to ``o`` and ``lse`` is kept.
-    ``pad``: the key buffer's padding (bool ``(B, rows)``) for a call built ``padded``."""
+    ``pad``: the key buffer's padding (bool ``(B, rows)``) for a call built ``padded``; ``documents``: the
+    ``cu_seqlens`` values (int32, on the device) for a call built for packed documents."""
     if pad is not None:
         pad = pad[:, call.k.rows].contiguous()
+    segments = None
+    if documents is not None:
+        rule = call.rule
+        segments = tuple(document_segments(pos, documents, call.segment) for pos in (rule.qpos, rule.kpos))
     leaves = tuple(x.detach().requires_grad_(grad) for x in (call.q_view(q), call.kv_leaf(k), call.kv_leaf(v)))
     with torch.set_grad_enabled(grad):
         qt, kt, vt = (x.transpose(1, 2) for x in (leaves[0], call.kv_input(leaves[1]), call.kv_input(leaves[2])))
         if math:
-            o, lse = math_strip_attention(qt, kt, vt, call.tiles, call.rule, scale=scale, enable_gqa=call.gqa, pad=pad)
+            o, lse = math_strip_attention(
+                qt, kt, vt, call.tiles, call.rule, scale=scale, enable_gqa=call.gqa, pad=pad, segments=segments
+            )
         else:
             block_mask = call.block_mask
-            if pad is not None:
-                block_mask, _ = strip_block_mask(call.tiles, call.rule, len(call.q), len(call.k), q.device, pad)
+            if pad is not None or segments is not None:
+                block_mask, _ = strip_block_mask(
+                    call.tiles, call.rule, len(call.q), len(call.k), q.device, pad, segments
+                )
             o, lse = flex_strip_attention(
                 qt, kt, vt, block_mask, scale=scale, enable_gqa=call.gqa, kernel_options=call.kernel_options
             )

@@ -20,8 +20,11 @@ backward from the final ``out``/``lse``, like a dense call).
 
 A sliding window is part of every call's tiles and rule (tiles it does not reach are skipped). A key
 padding mask is read by the rule; its tiles are known only per call, so a padded call's block mask
-is built per call, on the device (:func:`~ring_blocksparse.strips.padded_grids`), and no strip of
-it runs dense or on flash-attn 4.
+is built per call, on the device (:func:`~ring_blocksparse.strips.call_grids`), and no strip of
+it runs dense or on flash-attn 4. Packed documents the same way: their segments restart at every
+document, so the plan ignores segments and each call reads the rows' segment ids
+(:func:`~ring_blocksparse.flex.document_segments`); a branch's strip is still every ``rate``-th
+position when every document starts at a multiple of the rate (the strips' condition for them).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from .flex import (
     strip_call_forward,
     tile_for,
 )
-from .strips import Strip, Tiles, classify, runs, strip_of
+from .strips import UNBOUNDED, Strip, Tiles, classify, runs, strip_of
 
 SPARSE_KERNELS = ("auto", "flex", "math")
 
@@ -68,6 +71,7 @@ class StripCall:
     block_mask: Any = None
     kernel_options: dict[str, Any] | None = None
     fa4: Fa4Blocks | bool | None = None  # flash-attn 4's block lists (False: the call needs FlexAttention)
+    segment: int = 0  # the branch's segment length (a plan for packed documents cuts segments per call)
 
     def q_view(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, n, h, ...)`` strided view of a ``(B, N, H, ...)`` query-side tensor."""
@@ -117,6 +121,7 @@ def strip_calls(
     flags: bool = True,
     window: tuple[int, int] = (-1, -1),
     padded: bool = False,
+    documents: bool = False,
 ) -> list[StripCall]:
     """The calls of a query buffer holding ``q_positions`` against a key buffer holding ``k_positions``.
 
@@ -124,9 +129,13 @@ def strip_calls(
     (not needed to know only which rows are read); ``flags``: pass the kernel flags the masks make
     safe (each distinct set is one more compiled kernel); ``tile`` overrides the kernel's tile (tests).
     ``window``: SPEC.md's ``window_size``; ``padded``: the calls get a key padding mask (their block
-    masks are built per call, :func:`sparse_forward`).
+    masks are built per call, :func:`sparse_forward`). ``documents``: the calls get packed documents,
+    whose segments restart at each document: the plan's tiles and rule ignore segments (a superset of the
+    pairs) and each call cuts them (:func:`~ring_blocksparse.strips.call_grids`); no strip runs dense.
     """
     calls: list[StripCall] = []
+    dense = dense and not documents
+    per_call = padded or documents  # block masks known only per call
     for branch in branch_list:
         rate = branch.rate
         for offset in branch_offsets(branch):
@@ -142,8 +151,9 @@ def strip_calls(
             call_layout = layout
             if layout is not None and layout.shape[0] > 1:
                 call_layout = layout[heads]
+            segment = UNBOUNDED if documents else branch.segment
             tiles = classify(
-                qs, ks, call_layout, block_size=block_size, segment=branch.segment, causal=causal,
+                qs, ks, call_layout, block_size=block_size, segment=segment, causal=causal,
                 tile=tile or tile_for(q.device, block_size, rate), window=window, padded=padded,
             )  # fmt: skip
             if tiles.empty:
@@ -156,15 +166,15 @@ def strip_calls(
                 and len(ks) == len(k_positions)
             )
             rule = StripRule(
-                qs, ks, call_layout, block_size=block_size, segment=branch.segment, causal=causal, device=q.device,
+                qs, ks, call_layout, block_size=block_size, segment=segment, causal=causal, device=q.device,
                 window=window,
             )  # fmt: skip
-            call = StripCall(qs, ks, heads, kv, gqa, causal, covering, tiles, rule)
+            call = StripCall(qs, ks, heads, kv, gqa, causal, covering, tiles, rule, segment=branch.segment)
             if dense:
                 call.run = runs(tiles, qs, ks)
             if masks and call.run is None:
                 safe: dict[str, bool] = {}
-                if not padded:
+                if not per_call:
                     call.block_mask, safe = strip_block_mask(tiles, rule, len(qs), len(ks), q.device)
                 call.kernel_options = kernel_options_for(
                     q, safe if flags else {}, kernel_options, tuned=not (tiles.needs_layout or padded)
@@ -187,12 +197,13 @@ class StripRun:
     saved: list[_Saved | Fa4Blocks | None] = field(default_factory=list)
     key_padding_mask: torch.Tensor | None = None  # (B, N) bool, True: padded key (the calls were built padded)
     lse_grad: bool = False  # the caller returns ``lse`` with its gradient (``return_lse``)
+    documents: torch.Tensor | None = None  # int32 cu_seqlens on the device (the calls were built for documents)
 
 
 def fa4_blocks(run: StripRun, call: StripCall, q: torch.Tensor) -> Fa4Blocks | None:
     """The call's flash-attn 4 block lists when the run may use them and the call qualifies (kept on the call)."""
-    if run.sparse != "auto" or call.run is not None or not available(q):
-        return None
+    if run.sparse != "auto" or call.run is not None or run.documents is not None or not available(q):
+        return None  # (a call of packed documents reads its segment ids per call: FlexAttention)
     if call.fa4 is None:
         call.fa4 = blocks_for(call, q.device, rule=rule_ready(q)) or False
     return call.fa4 if isinstance(call.fa4, Fa4Blocks) else None
@@ -210,8 +221,10 @@ def sparse_forward(
 ) -> _Saved:
     """One FlexAttention call: ``(o (B, h, n, D), lse (B, h, n), leaves)``; with ``grad`` the graph from the
     leaves (the views the gradients land in) to ``o`` and ``lse`` is kept. ``pad``: the key buffer's padding
-    (bool ``(B, rows)``) for a call built ``padded``."""
-    return strip_call_forward(call, q, k, v, scale=run.kernel.scale, grad=grad, math=run.sparse == "math", pad=pad)
+    (bool ``(B, rows)``) for a call built ``padded``; the run's packed documents for a call built for them."""
+    return strip_call_forward(
+        call, q, k, v, scale=run.kernel.scale, grad=grad, math=run.sparse == "math", pad=pad, documents=run.documents
+    )
 
 
 def _segments(x: torch.Tensor, length: int) -> Iterator[tuple[slice, torch.Tensor]]:

@@ -162,12 +162,35 @@ def padded_grids(tiles: Tiles, pad: torch.Tensor) -> tuple[torch.Tensor, torch.T
     rows, on the kernel's device; computed there, no host sync): a full tile holding a padded key of any batch
     element is partial (the rule reads the padding there), a tile whose keys are padded in every batch
     element is skipped."""
-    device = pad.device
-    columns = pad.unflatten(1, (-1, tiles.tile))
+    return _padded(tiles.full.to(pad.device), tiles.partial.to(pad.device), pad, tiles.tile)
+
+
+def _padded(
+    full: torch.Tensor, partial: torch.Tensor, pad: torch.Tensor, tile: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    columns = pad.unflatten(1, (-1, tile))
     some, every = columns.any(2).any(0), columns.all(2).all(0)
-    full = tiles.full.to(device) & ~some
-    partial = (tiles.full.to(device) | tiles.partial.to(device)) & ~every & ~full
-    return full, partial
+    return full & ~some, (full | partial) & ~every & ~(full & ~some)
+
+
+def call_grids(
+    tiles: Tiles, pad: torch.Tensor | None = None, segments: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The call's ``(full, partial)`` tile grids: the plan's, then under per-call segment ids ``segments`` (int
+    ``(nq,)`` and ``(nk,)`` over the strips' rows, non-decreasing: packed documents, whose segments the plan
+    cannot know) and the key padding ``pad`` (:func:`padded_grids`); on the device of those tensors. With
+    ``segments`` a full tile stays full only when all its rows are in one segment, and a tile whose query
+    and key rows cannot share a segment is skipped."""
+    if segments is None:
+        return (tiles.full, tiles.partial) if pad is None else padded_grids(tiles, pad)
+    qseg, kseg = (x.view(-1, tiles.tile) for x in segments)
+    q0, q1, k0, k1 = qseg[:, 0], qseg[:, -1], kseg[:, 0], kseg[:, -1]
+    same = (q0 == q1)[:, None] & (k0 == k1)[None, :] & (q0[:, None] == k0[None, :])
+    meet = (q0[:, None] <= k1[None, :]) & (k0[None, :] <= q1[:, None])
+    plan_full, plan_partial = (x.to(qseg.device) for x in (tiles.full, tiles.partial))
+    full = plan_full & same
+    partial = (plan_full | plan_partial) & meet & ~full
+    return (full, partial) if pad is None else _padded(full, partial, pad, tiles.tile)
 
 
 def block_lists(mask: torch.Tensor, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,115 @@
+"""Packed documents (``cu_seqlens``) on the strip path vs the float64 reference, forward and backward.
+
+Segments, offsets, windows and causality restart at every document, the layout indexes global positions
+(SPEC.md). On one process the strips take them when every document starts at a multiple of every
+dilation rate: the plan ignores segments and each call reads its rows' segment ids
+(:func:`ring_blocksparse.flex.document_segments`, :func:`ring_blocksparse.strips.call_grids`). As in
+tests/blocksparse/test_strip_windows.py the CPU runs the fused kernel's dense twin (``sparse_kernel =
+"math"``: the same per-call tiles and rule) and the eager FlexAttention forward; the fused kernel runs
+in tests/blocksparse/test_cuda.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ring_blocksparse import BlockSparseRingDilatedAttention
+from ring_blocksparse.flex import document_segments
+from ring_blocksparse.strips import call_grids
+from ring_core import reference_attention
+from ring_core.testing import Case, check_attention, make_inputs
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+PATTERNS = {
+    "random-per-head": ("random", {"density": 0.5, "seed": 4, "per_head": True}),
+    "band": ("local_window", {"window": 20, "sliding": True}),
+    "none": (None, {}),
+}
+
+# documents starting at multiples of every rate (the strips' condition), empty ones and ones crossing
+# layout blocks and segment boundaries included
+CASES = [
+    (Case("one-branch-causal", 64, 4, (64,), (1,), batch=1, causal=True, documents=(0, 5, 5, 29, 64)), "band"),
+    (
+        Case("dilated-gqa", 72, 4, (12, 24, 72), (1, 2, 4), kv_heads=2, batch=1, head_dim=5,
+             documents=(0, 20, 36, 72)),
+        "random-per-head",
+    ),
+    (
+        Case("dilated-causal-window", 64, 3, (16, 64), (1, 2), batch=1, head_dim=5, causal=True, window_size=(9, 0),
+             documents=(0, 14, 50, 64)),
+        "band",
+    ),
+    (
+        Case("head-groups-padded", 64, 4, (8, 32, 64), (1, 2, 4), merge="head_groups", batch=1, head_dim=3,
+             padding=True, documents=(0, 28, 28, 64)),
+        "random-per-head",
+    ),
+    (Case("short-documents", 48, 2, (16, 48), (1, 2), batch=1, documents=(0, 2, 4, 10, 30, 48)), "none"),
+]  # fmt: skip
+
+
+def _module(case: Case, name: str) -> BlockSparseRingDilatedAttention:
+    pattern, options = PATTERNS[name]
+    attn = BlockSparseRingDilatedAttention(**case.config, block_size=8, pattern=pattern, method="flex", **options)
+    attn.sparse_kernel = "math"
+    return attn
+
+
+@pytest.mark.parametrize(("case", "name"), CASES, ids=[case.name for case, _ in CASES])
+def test_packed_documents_on_the_strips_match_reference(case, name):
+    attn = _module(case, name)
+    layout = attn.layout_for(case.seq_len, case.heads)
+    result = check_attention(attn, case, torch.float64, reference_options={"block_layout": layout, "block_size": 8})
+    assert attn.last_method == "flex"
+    assert all(c.block_mask is None and c.run is None for c in attn.last_plan.calls[0])  # (per call, never dense)
+    assert result.passed, f"{case}: {result.errors} > {result.tolerance}"
+
+
+def test_packed_documents_on_flex_forward_match_reference():
+    """The eager FlexAttention forward (the per-call block masks, not the dense twin)."""
+    case, name = CASES[2]
+    attn = _module(case, name)
+    attn.sparse_kernel = "flex"
+    q, k, v, _ = make_inputs(case, torch.float64, "cpu", 0)
+    with torch.no_grad():
+        out = attn(q, k, v, is_causal=case.causal, **case.forward_options())
+    assert attn.last_method == "flex"
+    expected = reference_attention(
+        q, k, v, **case.config, is_causal=case.causal, block_layout=attn.layout_for(case.seq_len, case.heads),
+        block_size=8, cu_seqlens=torch.tensor(case.documents),
+    )  # fmt: skip
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_a_document_not_at_a_multiple_of_the_rates_takes_the_gather_path():
+    """'auto' takes the gather path (exactly); 'flex' names the document and the rates."""
+    attn = BlockSparseRingDilatedAttention([16, 32], [1, 2], block_size=8)
+    q = torch.randn(1, 32, 2, 4, dtype=torch.float64)
+    attn(q, q, q, cu_seqlens=torch.tensor([0, 9, 32]))
+    assert attn.last_method == "gather"
+    attn.method = "flex"
+    with pytest.raises(ValueError, match="document starting at 9, not a multiple of every dilation rate"):
+        attn(q, q, q, cu_seqlens=torch.tensor([0, 9, 32]))
+
+
+def test_document_segments_restart_at_every_document():
+    bounds = torch.tensor([0, 5, 5, 12, 20], dtype=torch.int32)
+    ids = document_segments(torch.arange(20, dtype=torch.int32), bounds, 4)
+    expected = [0] * 4 + [1] + [5] * 4 + [6] * 3 + [12] * 4 + [13] * 4
+    assert ids.tolist() == expected
+
+
+def test_call_grids_cut_full_tiles_at_documents():
+    """A tile full in the plan holding two documents becomes partial; a pair of tiles in different documents
+    is skipped; one document's tiles stay full."""
+    from types import SimpleNamespace
+
+    full = torch.ones(1, 3, 3, dtype=torch.bool)
+    tiles = SimpleNamespace(full=full, partial=torch.zeros_like(full), tile=4)
+    ids = torch.tensor([0, 0, 0, 0, 0, 0, 6, 6, 8, 8, 8, 8])  # rows 0-5: document 0; 6-7; 8-11
+    got_full, got_partial = call_grids(tiles, segments=(ids, ids))
+    assert got_full[0].tolist() == [[True, False, False], [False, False, False], [False, False, True]]
+    assert got_partial[0].tolist() == [[False, True, False], [True, True, False], [False, False, False]]
