@@ -16,7 +16,7 @@ import torch
 
 from ring_blocksparse import BlockSparseRingDilatedAttention
 from ring_blocksparse.flex import document_segments
-from ring_blocksparse.strips import call_grids
+from ring_blocksparse.strips import Tiles, call_grids
 from ring_core import reference_attention
 from ring_core.testing import Case, check_attention, make_inputs
 
@@ -105,10 +105,9 @@ def test_document_segments_restart_at_every_document():
 def test_call_grids_cut_full_tiles_at_documents():
     """A tile full in the plan holding two documents becomes partial; a pair of tiles in different documents
     is skipped; one document's tiles stay full."""
-    from types import SimpleNamespace
-
     full = torch.ones(1, 3, 3, dtype=torch.bool)
-    tiles = SimpleNamespace(full=full, partial=torch.zeros_like(full), tile=4)
+    tiles = Tiles(full, torch.zeros_like(full), full, unit=4, tile=4, needs_layout=False, needs_segment=False,
+                  one_segment_units=True)  # fmt: skip
     ids = torch.tensor([0, 0, 0, 0, 0, 0, 6, 6, 8, 8, 8, 8])  # rows 0-5: document 0; 6-7; 8-11
     got_full, got_partial = call_grids(tiles, segments=(ids, ids))
     assert got_full[0].tolist() == [[True, False, False], [False, False, False], [False, False, True]]

@@ -285,7 +285,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
             try:
                 out, lse = self._strip_forward(
                     q, k, v, block_layout, bool(is_causal), rank, world, scale, schedule_args, key_padding_mask,
-                    lse_grad=return_lse, documents=documents,
+                    lse_grad=return_lse, documents=None if cu_seqlens is None else cu_seqlens.to(q.device, torch.int32),
                 )  # fmt: skip
                 return (out, lse.transpose(1, 2)) if return_lse else out
             except Exception as exc:
@@ -351,10 +351,10 @@ class BlockSparseRingDilatedAttention(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         *,
         lse_grad: bool = False,
-        documents: tuple[int, ...] | None = None,
+        documents: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``out`` and ``lse`` ``(B, n, H)`` of the strips; ``lse_grad``: ``lse`` is differentiable;
-        ``documents``: the checked ``cu_seqlens`` values (one process)."""
+        ``documents``: the checked ``cu_seqlens``, int32 on ``q``'s device (one process)."""
         if self.sparse_kernel not in SPARSE_KERNELS:
             raise ValueError(f"sparse_kernel must be one of {list(SPARSE_KERNELS)}, got {self.sparse_kernel!r}")
         key = (
@@ -376,10 +376,9 @@ class BlockSparseRingDilatedAttention(nn.Module):
         kernel = dense_strip_kernel(q, causal, scale, self.kernel)
         self.last_plan, self.last_method = plan, "flex"
         if world == 1:
-            bounds = None if documents is None else torch.tensor(documents, dtype=torch.int32, device=q.device)
             run = StripRun(
                 plan.calls[0], kernel, self.sparse_kernel, key_padding_mask=key_padding_mask, lse_grad=lse_grad,
-                documents=bounds,
+                documents=documents,
             )  # fmt: skip
             return strip_attention(q, k, v, run)
         schedule = StripRingSchedule(

@@ -18,7 +18,7 @@ no mask evaluated), ``partial`` (some: the exact token rule above decides) or sk
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -83,10 +83,20 @@ class Tiles:
     needs_window: bool = False  # partial tiles hold pairs the sliding window (beyond causality) forbids
     # the rule reads the key padding, and full tiles holding a padded key are partial (per call: :func:`padded_grids`)
     padded: bool = False
+    _on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @property
     def empty(self) -> bool:
         return not bool(self.full.any() or self.partial.any())
+
+    def grids_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(full, partial)`` on ``device``, copied once (a per-call grid then costs no host-to-device copy, which
+        would wait for the stream)."""
+        if device not in self._on_device:
+            self._on_device[device] = (self.full.to(device), self.partial.to(device))
+        return self._on_device[device]
 
 
 def _units(
@@ -162,7 +172,7 @@ def padded_grids(tiles: Tiles, pad: torch.Tensor) -> tuple[torch.Tensor, torch.T
     rows, on the kernel's device; computed there, no host sync): a full tile holding a padded key of any batch
     element is partial (the rule reads the padding there), a tile whose keys are padded in every batch
     element is skipped."""
-    return _padded(tiles.full.to(pad.device), tiles.partial.to(pad.device), pad, tiles.tile)
+    return _padded(*tiles.grids_on(pad.device), pad, tiles.tile)
 
 
 def _padded(
@@ -187,7 +197,7 @@ def call_grids(
     q0, q1, k0, k1 = qseg[:, 0], qseg[:, -1], kseg[:, 0], kseg[:, -1]
     same = (q0 == q1)[:, None] & (k0 == k1)[None, :] & (q0[:, None] == k0[None, :])
     meet = (q0[:, None] <= k1[None, :]) & (k0[None, :] <= q1[:, None])
-    plan_full, plan_partial = (x.to(qseg.device) for x in (tiles.full, tiles.partial))
+    plan_full, plan_partial = tiles.grids_on(qseg.device)
     full = plan_full & same
     partial = (plan_full | plan_partial) & meet & ~full
     return (full, partial) if pad is None else _padded(full, partial, pad, tiles.tile)
