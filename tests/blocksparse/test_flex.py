@@ -268,3 +268,34 @@ def test_flagged_calls_find_a_key_in_the_first_tile_they_visit(layout, causal, w
             assert bool(seen.any(-1).all()), f"row tile {row}: a query without a key in tile {first}"
     if layout is None and window == (-1, -1):
         assert flagged  # (no layout: every row's first tile holds its keys)
+
+
+def test_strip_block_masks_carry_the_transposed_lists_flex_would_compute():
+    """The backward's per-key-tile lists, sorted here from the transposed grids, are the ones FlexAttention's own
+    transpose gives (as sets of tiles; order within a row ascending)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from ring_blocksparse.flex import StripRule, strip_block_mask
+    from ring_blocksparse.strips import classify, strip_of
+
+    positions = torch.arange(96)
+    layout = build_pattern("random", density=0.5, seed=2, per_head=True).layout(96, 8, 3)
+    q = k = strip_of(positions, 1, 2)
+    tiles = classify(q, k, layout, block_size=8, segment=32, causal=True, tile=4)
+    rule = StripRule(q, k, layout, block_size=8, segment=32, causal=True, device=torch.device("cpu"))
+    mask, _ = strip_block_mask(tiles, rule, len(q), len(k), torch.device("cpu"))
+    own = BlockMask.from_kv_blocks(
+        mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices, BLOCK_SIZE=4
+    )
+
+    def tiles_of(counts, indices):
+        keep = torch.arange(indices.shape[-1]) < counts[..., None]
+        return torch.zeros(keep.shape, dtype=torch.bool).scatter_(-1, indices.long(), keep)
+
+    assert bool(tiles.partial.any()) and bool(tiles.full.any())
+    for mine, flex_own in (
+        ((mask.q_num_blocks, mask.q_indices), (own.q_num_blocks, own.q_indices)),
+        ((mask.full_q_num_blocks, mask.full_q_indices), (own.full_q_num_blocks, own.full_q_indices)),
+    ):
+        assert torch.equal(tiles_of(*mine), tiles_of(*flex_own))
+        assert torch.equal(mine[0], flex_own[0])
