@@ -271,8 +271,8 @@ def test_flagged_calls_find_a_key_in_the_first_tile_they_visit(layout, causal, w
 
 
 def test_strip_block_masks_carry_the_transposed_lists_flex_would_compute():
-    """The backward's per-key-tile lists, sorted here from the transposed grids, are the ones FlexAttention's own
-    transpose gives (as sets of tiles; order within a row ascending)."""
+    """A per-call mask's backward lists (per key tile), sorted here from the transposed grids, are the ones
+    FlexAttention's own transpose gives (as sets of tiles; order within a row ascending)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     from ring_blocksparse.flex import StripRule, strip_block_mask
@@ -283,7 +283,9 @@ def test_strip_block_masks_carry_the_transposed_lists_flex_would_compute():
     q = k = strip_of(positions, 1, 2)
     tiles = classify(q, k, layout, block_size=8, segment=32, causal=True, tile=4)
     rule = StripRule(q, k, layout, block_size=8, segment=32, causal=True, device=torch.device("cpu"))
-    mask, _ = strip_block_mask(tiles, rule, len(q), len(k), torch.device("cpu"))
+    pad = torch.zeros(2, len(k), dtype=torch.bool)  # a per-call mask (padding, none padded)
+    pad[1, 5] = True
+    mask, _ = strip_block_mask(tiles, rule, len(q), len(k), torch.device("cpu"), pad)
     own = BlockMask.from_kv_blocks(
         mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices, BLOCK_SIZE=4
     )

@@ -277,15 +277,16 @@ def strip_block_mask(
     full_num, full_index = block_lists(full, device)
     # the fused kernel asks the rule only inside partial tiles; the eager one ignores the tiles
     mask_mod = rule.mask_mod(tiles.needs_layout or device.type != "cuda", pad, segments)
+    per_call = pad is not None or segments is not None
     block_mask = BlockMask.from_kv_blocks(
         kv_num, kv_index, full_num, full_index, BLOCK_SIZE=tiles.tile, mask_mod=mask_mod, seq_lengths=(q_len, k_len),
-        compute_q_blocks=False,
+        compute_q_blocks=not per_call,
     )  # fmt: skip
-    # the backward's lists (per key tile) by the same sort of the transposed grids: FlexAttention's own transpose
-    # goes through a vmapped dense scatter, whose dispatch cost dominated calls that build masks per call
-    block_mask.q_num_blocks, block_mask.q_indices = block_lists(partial.transpose(1, 2), device)
-    block_mask.full_q_num_blocks, block_mask.full_q_indices = block_lists(full.transpose(1, 2), device)
-    if pad is not None or segments is not None:
+    if per_call:
+        # the backward's lists (per key tile) by the same sort of the transposed grids: FlexAttention's own
+        # transpose goes through a vmapped dense scatter, whose dispatch cost dominated masks built per call
+        block_mask.q_num_blocks, block_mask.q_indices = block_lists(partial.transpose(1, 2), device)
+        block_mask.full_q_num_blocks, block_mask.full_q_indices = block_lists(full.transpose(1, 2), device)
         return block_mask, {}
     # a query sees itself in its diagonal tile (every window holds offset 0) unless the layout or segment cut it
     diagonal_only = rule.same_strip and rule.causal and not (tiles.needs_layout or tiles.needs_segment)
