@@ -112,3 +112,74 @@ def test_call_grids_cut_full_tiles_at_documents():
     got_full, got_partial = call_grids(tiles, segments=(ids, ids))
     assert got_full[0].tolist() == [[True, False, False], [False, False, False], [False, False, True]]
     assert got_partial[0].tolist() == [[False, True, False], [True, True, False], [False, False, False]]
+
+
+# name: segments, rates, heads, kv heads, pattern, causal, window, documents (starting at multiples of the rates,
+# crossing the shards of 2 and 3 ranks in both layouts)
+RING = {
+    "dilated-gqa": ((24, 96), (1, 2), 4, 2, "random-per-head", False, (-1, -1), (0, 10, 40, 70, 96)),
+    "causal-window": ((32, 96), (1, 4), 2, 2, "band", True, (13, 0), (0, 4, 4, 52, 96)),
+}
+
+
+def _ring_inputs(name: str):
+    _, _, h, hkv, *_ = RING[name]
+    generator = torch.Generator().manual_seed(len(name))
+    q, dout = (torch.randn(1, 96, h, 4, generator=generator, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(1, 96, hkv, 4, generator=generator, dtype=torch.float64) for _ in range(2))
+    return q, k, v, dout
+
+
+def _ring_rank(rank: int, world_size: int, layouts: list[str]) -> dict:
+    from ring_core.sharding import shard_sequence
+
+    results = {}
+    for layout in layouts:
+        for name, (segments, rates, _, _, pattern, causal, window, documents) in RING.items():
+            q, k, v, dout = _ring_inputs(name)
+            local = [
+                shard_sequence(x, layout, rank=rank, world_size=world_size).clone().requires_grad_() for x in (q, k, v)
+            ]
+            case = Case(name, 96, 1, segments, rates, window_size=window)
+            attn = _module(case, pattern)
+            attn.layout = layout
+            out = attn(*local, is_causal=causal, cu_seqlens=torch.tensor(documents))
+            out.backward(shard_sequence(dout, layout, rank=rank, world_size=world_size))
+            results[layout, name] = {
+                "out": out.detach().numpy(),
+                "grads": [x.grad.numpy() for x in local],
+                "method": attn.last_method,
+            }
+    return results
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("world_size", "layouts"), [(2, ["contiguous", "zigzag"]), (3, ["contiguous"])])
+def test_ring_with_packed_documents(world_size, layouts):
+    """The sparse ring on the strips with documents crossing shards (real gloo ranks): exact on every rank."""
+    from tests.distributed_helpers import run_distributed
+
+    from ring_blocksparse import build_pattern
+    from ring_core.sharding import shard_positions
+
+    by_rank = run_distributed(_ring_rank, world_size, layouts, timeout=300)
+    for layout in layouts:
+        for name, (segments, rates, h, _, pattern, causal, window, documents) in RING.items():
+            q, k, v, dout = _ring_inputs(name)
+            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+            pattern_name, options = PATTERNS[pattern]
+            block_layout = build_pattern(pattern_name, **options).layout(96, 8, h)
+            expected = reference_attention(
+                *leaves, segment_lengths=segments, dilation_rates=rates, is_causal=causal, window_size=window,
+                block_layout=block_layout, block_size=8, cu_seqlens=torch.tensor(documents),
+            )  # fmt: skip
+            expected_grads = torch.autograd.grad(expected, leaves, dout)
+            for rank, result in enumerate(by_rank):
+                got = result[layout, name]
+                assert got["method"] == "flex"
+                rows = shard_positions(96, rank, world_size, layout)
+                torch.testing.assert_close(
+                    torch.from_numpy(got["out"]), expected.detach()[:, rows], rtol=1e-10, atol=1e-12
+                )
+                for grad, ref in zip(got["grads"], expected_grads):
+                    torch.testing.assert_close(torch.from_numpy(grad), ref[:, rows], rtol=1e-9, atol=1e-11)

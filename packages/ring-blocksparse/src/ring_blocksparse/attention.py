@@ -82,8 +82,8 @@ class BlockSparseRingDilatedAttention(nn.Module):
     - ``transposed_backward``: batch the gather path's backward by key tile.
     - ``method``: ``"flex"`` (strips: one FlexAttention kernel per dilated branch offset on
       strided views, dense strips on the registry's kernel, LSE-merged; on one process and per
-      ring step; sliding windows and key padding too, and packed documents on one process when every
-      document starts at a multiple of every rate; needs every rate to divide ``block_size``,
+      ring step; sliding windows and key padding too, and packed documents when every document starts
+      at a multiple of every rate; needs every rate to divide ``block_size``,
       runs of the sequence that split into whole kernel tiles, no dropout, and a backward only on
       CUDA; raises otherwise), ``"gather"`` (tiles gathered into dense blocks, the blockwise
       engine; everything) or ``"auto"`` (flex on CUDA when it applies, else gather; gather under
@@ -354,7 +354,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
         documents: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``out`` and ``lse`` ``(B, n, H)`` of the strips; ``lse_grad``: ``lse`` is differentiable;
-        ``documents``: the checked ``cu_seqlens``, int32 on ``q``'s device (one process)."""
+        ``documents``: the checked global ``cu_seqlens``, int32 on ``q``'s device."""
         if self.sparse_kernel not in SPARSE_KERNELS:
             raise ValueError(f"sparse_kernel must be one of {list(SPARSE_KERNELS)}, got {self.sparse_kernel!r}")
         key = (
@@ -383,7 +383,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
             return strip_attention(q, k, v, run)
         schedule = StripRingSchedule(
             plan, kernel, stats=self.comm_stats, sparse=self.sparse_kernel, key_padding_mask=key_padding_mask,
-            **schedule_args,
+            documents=documents, **schedule_args,
         )  # fmt: skip
         return blockwise_attention(schedule, q, k, v, lse_grad=lse_grad)
 
@@ -417,8 +417,6 @@ class BlockSparseRingDilatedAttention(nn.Module):
             needs_grad=needs_grad and self.sparse_kernel != "math",
         )
         if documents is not None:
-            if world > 1:
-                reasons.append("cu_seqlens across ranks (the gather path takes packed documents there)")
             starts = [start for start in documents[:-1] if any(start % rate for rate in self.dilation_rates)]
             if starts:
                 reasons.append(

@@ -135,12 +135,15 @@ class StripRingSchedule(BlockSparseSchedule):
         stats: CommStats | None = None,
         sparse: str = "auto",
         key_padding_mask: torch.Tensor | None = None,
+        documents: torch.Tensor | None = None,
         **comm_options: Any,
     ) -> None:
         """``comm_options``: ``group``, ``timeout`` and ``context`` of :class:`~ring_blocksparse.gather.BlockSparseSchedule`;
-        ``key_padding_mask``: this rank's ``(B, n)`` (its rows travel with the key/value rows)."""
+        ``key_padding_mask``: this rank's ``(B, n)`` (its rows travel with the key/value rows); ``documents``: the
+        global ``cu_seqlens`` (int32, on the device) for a plan built for packed documents (each call cuts its
+        tiles and segments per document; the rows that travel are the plan's, a superset)."""
         super().__init__(plan, kernel, kernel, key_padding_mask=key_padding_mask, stats=stats, **comm_options)  # type: ignore[arg-type]
-        self.run = StripRun([], kernel, sparse)
+        self.run = StripRun([], kernel, sparse, documents=documents)
 
     def shard_buffers(self, k: torch.Tensor, v: torch.Tensor) -> _Shard:
         b, _, h, _ = k.shape
