@@ -380,7 +380,10 @@ def strip_call_forward(
     segments = None
     if documents is not None:
         rule = call.rule
-        segments = tuple(document_segments(pos, documents, call.segment) for pos in (rule.qpos, rule.kpos))
+        segments = (
+            document_segments(rule.qpos, documents, call.segment),
+            document_segments(rule.kpos, documents, call.segment),
+        )
     leaves = tuple(x.detach().requires_grad_(grad) for x in (call.q_view(q), call.kv_leaf(k), call.kv_leaf(v)))
     with torch.set_grad_enabled(grad):
         qt, kt, vt = (x.transpose(1, 2) for x in (leaves[0], call.kv_input(leaves[1]), call.kv_input(leaves[2])))
