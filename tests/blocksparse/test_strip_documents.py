@@ -1,8 +1,8 @@
 """Packed documents (``cu_seqlens``) on the strip path vs the float64 reference, forward and backward.
 
 Segments, offsets, windows and causality restart at every document, the layout indexes global positions
-(SPEC.md). On one process the strips take them when every document starts at a multiple of every
-dilation rate: the plan ignores segments and each call reads its rows' segment ids
+(SPEC.md). The strips take them (one process and the sparse ring over gloo) when every document starts at
+a multiple of every dilation rate: the plan ignores segments and each call reads its rows' segment ids
 (:func:`ring_blocksparse.flex.document_segments`, :func:`ring_blocksparse.strips.call_grids`). As in
 tests/blocksparse/test_strip_windows.py the CPU runs the fused kernel's dense twin (``sparse_kernel =
 "math"``: the same per-call tiles and rule) and the eager FlexAttention forward; the fused kernel runs
@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.blocksparse.test_strip_windows import PATTERNS, _module
+from tests.distributed_helpers import run_distributed
 
-from ring_blocksparse import BlockSparseRingDilatedAttention
+from ring_blocksparse import BlockSparseRingDilatedAttention, build_pattern
 from ring_blocksparse.flex import document_segments
 from ring_blocksparse.strips import Tiles, call_grids
 from ring_core import reference_attention
+from ring_core.sharding import shard_positions, shard_sequence
 from ring_core.testing import Case, check_attention, make_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-
-PATTERNS = {
-    "random-per-head": ("random", {"density": 0.5, "seed": 4, "per_head": True}),
-    "band": ("local_window", {"window": 20, "sliding": True}),
-    "none": (None, {}),
-}
 
 # documents starting at multiples of every rate (the strips' condition), empty ones and ones crossing
 # layout blocks and segment boundaries included
@@ -49,13 +46,6 @@ CASES = [
     ),
     (Case("short-documents", 48, 2, (16, 48), (1, 2), batch=1, documents=(0, 2, 4, 10, 30, 48)), "none"),
 ]  # fmt: skip
-
-
-def _module(case: Case, name: str) -> BlockSparseRingDilatedAttention:
-    pattern, options = PATTERNS[name]
-    attn = BlockSparseRingDilatedAttention(**case.config, block_size=8, pattern=pattern, method="flex", **options)
-    attn.sparse_kernel = "math"
-    return attn
 
 
 @pytest.mark.parametrize(("case", "name"), CASES, ids=[case.name for case, _ in CASES])
@@ -131,8 +121,6 @@ def _ring_inputs(name: str):
 
 
 def _ring_rank(rank: int, world_size: int, layouts: list[str]) -> dict:
-    from ring_core.sharding import shard_sequence
-
     results = {}
     for layout in layouts:
         for name, (segments, rates, _, _, pattern, causal, window, documents) in RING.items():
@@ -157,11 +145,6 @@ def _ring_rank(rank: int, world_size: int, layouts: list[str]) -> dict:
 @pytest.mark.parametrize(("world_size", "layouts"), [(2, ["contiguous", "zigzag"]), (3, ["contiguous"])])
 def test_ring_with_packed_documents(world_size, layouts):
     """The sparse ring on the strips with documents crossing shards (real gloo ranks): exact on every rank."""
-    from tests.distributed_helpers import run_distributed
-
-    from ring_blocksparse import build_pattern
-    from ring_core.sharding import shard_positions
-
     by_rank = run_distributed(_ring_rank, world_size, layouts, timeout=300)
     for layout in layouts:
         for name, (segments, rates, h, _, pattern, causal, window, documents) in RING.items():
