@@ -166,3 +166,28 @@ def test_ring_with_packed_documents(world_size, layouts):
                 )
                 for grad, ref in zip(got["grads"], expected_grads):
                     torch.testing.assert_close(torch.from_numpy(grad), ref[:, rows], rtol=1e-9, atol=1e-11)
+
+
+def test_return_lse_with_packed_documents_on_the_strips():
+    """``return_lse=True`` with documents: the lse (every row restarts at its document) and its gradient, exact."""
+    case, name = CASES[2]
+    attn = _module(case, name)
+    q, k, v, _ = make_inputs(case, torch.float64, "cpu", 3)
+    gen = torch.Generator().manual_seed(5)
+    d_out = torch.randn(q.shape, dtype=torch.float64, generator=gen)
+    d_lse = torch.randn(1, case.heads, case.seq_len, dtype=torch.float64, generator=gen)
+    results = []
+    for run in (True, False):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        if run:
+            out, lse = attn(*leaves, is_causal=case.causal, return_lse=True, **case.forward_options())
+            assert attn.last_method == "flex"
+        else:
+            out, lse = reference_attention(
+                *leaves, **case.config, is_causal=case.causal, return_lse=True, cu_seqlens=torch.tensor(case.documents),
+                block_layout=attn.layout_for(case.seq_len, case.heads), block_size=8,
+            )  # fmt: skip
+        loss = (out * d_out).sum() + torch.where(torch.isfinite(lse), lse * d_lse, 0).sum()
+        results.append([out.detach(), lse.detach(), *torch.autograd.grad(loss, leaves)])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
