@@ -285,7 +285,7 @@ def blocksparse() -> Answer:
         f"{max(r['vs_plain_dilated'] for r in with_layout):.2f}x plain dilated attention's time (a later run on "
         "the same card): a 128-row kernel tile of a rate-r branch spans r layout blocks, so the layout removes "
         "little of the kernels' work. "
-        f"The gather path (dropout, `torch.compile`, packed documents starting off the rates) "
+        f"The gather path (dropout, `torch.compile`) "
         f"is {gather['vs_flex']:.1f}x the strips (a third run); packed documents on the strips took "
         f"{packed['fwd_bwd_ms']:.1f} ms against {packed_gather['fwd_bwd_ms']:,.0f} ms on the gather path (a fourth "
         f"run, FlexAttention only); and the sparse ring's steps simulated at {ring['world_size']} ranks "

@@ -173,6 +173,8 @@ def test_return_lse_on_the_strips_on_gpu(causal):
              documents=(0, 1000, 1000, 2571, 4096)),
         Case("packed-dilated-window", 4096, 4, (1024, 4096), (1, 2), batch=1, head_dim=64, window_size=(700, 0),
              causal=True, documents=(0, 1536, 2046, 4096)),
+        Case("packed-anywhere-gqa", 4096, 4, (1024, 2048, 4096), (1, 2, 4), kv_heads=2, batch=1, head_dim=64,
+             causal=True, documents=(0, 999, 1001, 2570, 4096)),
     ],
     ids=str,
 )  # fmt: skip

@@ -66,11 +66,6 @@ def test_flex_rows_with_no_allowed_key_give_zero():
     [
         ({"segment_lengths": [8, 24], "dilation_rates": [1, 3]}, {}, "dilation rate 3 does not divide block_size 8"),
         ({"segment_lengths": [12], "dilation_rates": [1]}, {"n": 36}, "N=36 is not a multiple of rate 1 x tile 8"),
-        (
-            {"segment_lengths": [16, 32], "dilation_rates": [1, 2]},
-            {"documents": [0, 15, 32]},
-            r"cu_seqlens with a document starting at 15, not a multiple of every dilation rate \[1, 2\]",
-        ),
         ({"segment_lengths": [32], "dilation_rates": [1]}, {"grad": True}, "FlexAttention has no backward on cpu"),
     ],
 )
@@ -78,9 +73,8 @@ def test_flex_says_why_it_cannot_run(config, call, match):
     attn = BlockSparseRingDilatedAttention(**config, block_size=8, method="flex")
     n = call.get("n", 32)
     q = torch.randn(1, n, 2, 4, requires_grad=call.get("grad", False))
-    documents = torch.tensor(call["documents"]) if "documents" in call else None
     with pytest.raises(ValueError, match=f"method='flex' cannot run this call: .*{match}"):
-        attn(q, q, q, cu_seqlens=documents)
+        attn(q, q, q)
 
 
 def test_auto_uses_gather_on_cpu():

@@ -1,8 +1,8 @@
 """Packed documents (``cu_seqlens``) on the strip path vs the float64 reference, forward and backward.
 
 Segments, offsets, windows and causality restart at every document, the layout indexes global positions
-(SPEC.md). The strips take them (one process and the sparse ring over gloo) when every document starts at
-a multiple of every dilation rate: the plan ignores segments and each call reads its rows' segment ids
+(SPEC.md). The strips take them (one process and the sparse ring over gloo): the plan ignores segments, a
+dilated branch reads each document on the strip its start selects, and each call reads its rows' segment ids
 (:func:`ring_blocksparse.flex.document_segments`, :func:`ring_blocksparse.strips.call_grids`). As in
 tests/blocksparse/test_strip_windows.py the CPU runs the fused kernel's dense twin (``sparse_kernel =
 "math"``: the same per-call tiles and rule) and the eager FlexAttention forward; the fused kernel runs
@@ -16,7 +16,7 @@ import torch
 from tests.blocksparse.test_strip_windows import PATTERNS, _module
 from tests.distributed_helpers import run_distributed
 
-from ring_blocksparse import BlockSparseRingDilatedAttention, build_pattern
+from ring_blocksparse import build_pattern
 from ring_blocksparse.flex import document_segments
 from ring_blocksparse.strips import Tiles, call_grids
 from ring_core import reference_attention
@@ -25,8 +25,8 @@ from ring_core.testing import Case, check_attention, make_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
-# documents starting at multiples of every rate (the strips' condition), empty ones and ones crossing
-# layout blocks and segment boundaries included
+# documents starting at multiples of every rate, then anywhere; empty ones and ones crossing layout blocks and
+# segment boundaries included
 CASES = [
     (Case("one-branch-causal", 64, 4, (64,), (1,), batch=1, causal=True, documents=(0, 5, 5, 29, 64)), "band"),
     (
@@ -45,6 +45,22 @@ CASES = [
         "random-per-head",
     ),
     (Case("short-documents", 48, 2, (16, 48), (1, 2), batch=1, documents=(0, 2, 4, 10, 30, 48)), "none"),
+    # documents starting anywhere: each head offset's rows of a document lie on the strip of (start + offset) % rate
+    (
+        Case("off-rate-dilated-gqa", 72, 4, (12, 24, 72), (1, 2, 4), kv_heads=2, batch=1, head_dim=5,
+             documents=(0, 7, 30, 53, 72)),
+        "random-per-head",
+    ),
+    (
+        Case("off-rate-causal-window", 64, 3, (16, 64), (1, 4), batch=1, head_dim=5, causal=True, window_size=(9, 0),
+             documents=(0, 13, 13, 38, 61, 64)),
+        "band",
+    ),
+    (
+        Case("off-rate-head-groups-padded", 64, 5, (8, 32, 64), (1, 2, 4), merge="head_groups", batch=1, head_dim=3,
+             padding=True, documents=(0, 3, 21, 50, 64)),
+        "random-per-head",
+    ),
 ]  # fmt: skip
 
 
@@ -74,22 +90,30 @@ def test_packed_documents_on_flex_forward_match_reference():
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
 
 
-def test_a_document_not_at_a_multiple_of_the_rates_takes_the_gather_path():
-    """'auto' takes the gather path (exactly); 'flex' names the document and the rates."""
-    attn = BlockSparseRingDilatedAttention([16, 32], [1, 2], block_size=8)
-    q = torch.randn(1, 32, 2, 4, dtype=torch.float64)
-    attn(q, q, q, cu_seqlens=torch.tensor([0, 9, 32]))
-    assert attn.last_method == "gather"
-    attn.method = "flex"
-    with pytest.raises(ValueError, match="document starting at 9, not a multiple of every dilation rate"):
-        attn(q, q, q, cu_seqlens=torch.tensor([0, 9, 32]))
-
-
 def test_document_segments_restart_at_every_document():
     bounds = torch.tensor([0, 5, 5, 12, 20], dtype=torch.int32)
     ids = document_segments(torch.arange(20, dtype=torch.int32), bounds, 4)
     expected = [0] * 4 + [1] + [5] * 4 + [6] * 3 + [12] * 4 + [13] * 4
     assert ids.tolist() == expected
+    # a rate-2 call of phase 1 serves the document starting at 5 only (its strip of offset 1: rows 5, 7, 9, 11)
+    served = document_segments(torch.arange(1, 20, 2, dtype=torch.int32), bounds, 4, rate=2, phase=1, outside=-2)
+    assert served.tolist() == [-2, -2, 5, 5, 6, 6, -2, -2, -2, -2]
+
+
+def test_only_the_calls_some_document_needs_run():
+    """Per head offset, a call per strip of its rate; a call runs when a non-empty document starts at its phase."""
+    from ring_blocksparse.strided import document_calls, strip_calls
+    from ring_core.dilated import branches
+
+    q = torch.zeros(1, 64, 4, 8)
+    calls = strip_calls(
+        torch.arange(64), torch.arange(64), num_heads=4, num_kv_heads=4, branch_list=branches((32, 64), (1, 4), "lse", 4),
+        block_size=8, layout=None, causal=False, q=q, documents=True, tile=4,
+    )  # fmt: skip
+    assert sorted((c.q.rate, c.phase) for c in calls) == [(1, 0)] + [(4, p) for p in range(4) for _ in range(4)]
+    needed = document_calls(calls, (0, 8, 8, 21, 64))  # non-empty documents start at 0, 8 and 21: phases 0 and 1
+    assert sorted({(c.q.rate, c.phase) for c in needed}) == [(1, 0), (4, 0), (4, 1)]
+    assert document_calls(calls, None) is calls
 
 
 def test_call_grids_cut_full_tiles_at_documents():
@@ -102,6 +126,11 @@ def test_call_grids_cut_full_tiles_at_documents():
     got_full, got_partial = call_grids(tiles, segments=(ids, ids))
     assert got_full[0].tolist() == [[True, False, False], [False, False, False], [False, False, True]]
     assert got_partial[0].tolist() == [[False, True, False], [True, True, False], [False, False, False]]
+    # rows a call does not serve (negative ids) make a tile partial, or skipped when no row is served
+    served = torch.tensor([0, 0, 0, 0, -1, 0, 6, 6, -1, -1, -1, -1])
+    got_full, got_partial = call_grids(tiles, segments=(served, served))
+    assert got_full[0].tolist() == [[True, False, False], [False, False, False], [False, False, False]]
+    assert got_partial[0].tolist() == [[False, True, False], [True, True, False], [False, False, False]]
 
 
 # name: segments, rates, heads, kv heads, pattern, causal, window, documents (starting at multiples of the rates,
@@ -109,6 +138,7 @@ def test_call_grids_cut_full_tiles_at_documents():
 RING = {
     "dilated-gqa": ((24, 96), (1, 2), 4, 2, "random-per-head", False, (-1, -1), (0, 10, 40, 70, 96)),
     "causal-window": ((32, 96), (1, 4), 2, 2, "band", True, (13, 0), (0, 4, 4, 52, 96)),
+    "off-rate": ((24, 48, 96), (1, 2, 4), 4, 2, "random-per-head", True, (-1, -1), (0, 9, 31, 47, 70, 96)),
 }
 
 
@@ -191,3 +221,20 @@ def test_return_lse_with_packed_documents_on_the_strips():
         results.append([out.detach(), lse.detach(), *torch.autograd.grad(loss, leaves)])
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_a_plan_for_documents_never_takes_the_received_rows_as_covered():
+    """Per head offset the calls of a plan for documents split by phase, and only the phases some document needs
+    run: rows of the others are not written, so the ring must zero the gradient buffers it sends back."""
+    from ring_blocksparse.strip_ring import build_strip_plan, disjoint_and_covering
+    from ring_core.dilated import branches
+
+    plan = build_strip_plan(
+        seq_len=96, rank=0, world_size=2, layout_kind="contiguous", q=torch.empty(1, 48, 2, 4), num_heads=2,
+        num_kv_heads=2, branch_list=branches((96,), (2,), "lse", 2), block_size=8, layout=None, causal=False,
+        documents=True,
+    )  # fmt: skip
+    # every phase's calls together write each received row on each key/value head once ...
+    assert disjoint_and_covering(plan.calls[1], plan.recv_rows[1], 48, 2) == (True, True)
+    # ... but a call runs only when a document starts at its phase: not taken as covered
+    assert plan.key_views[1] == (True, False)

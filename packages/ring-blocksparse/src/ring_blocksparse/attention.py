@@ -46,7 +46,7 @@ from .functional import block_sparse_dilated_attention as block_sparse_dilated_a
 from .gather import BlockSparseSchedule, CommStats, _kernels
 from .patterns import Pattern, build_pattern, check_block_size
 from .plan import Plan
-from .strided import SPARSE_KERNELS, StripRun, strip_attention
+from .strided import SPARSE_KERNELS, StripRun, document_calls, strip_attention
 from .strip_ring import StripPlan, StripRingSchedule, build_strip_plan
 
 METHODS = ("auto", "gather", "flex")
@@ -82,8 +82,8 @@ class BlockSparseRingDilatedAttention(nn.Module):
     - ``transposed_backward``: batch the gather path's backward by key tile.
     - ``method``: ``"flex"`` (strips: one FlexAttention kernel per dilated branch offset on
       strided views, dense strips on the registry's kernel, LSE-merged; on one process and per
-      ring step; sliding windows and key padding too, and packed documents when every document starts
-      at a multiple of every rate; needs every rate to divide ``block_size``,
+      ring step; sliding windows, key padding and packed documents too; needs every rate to divide
+      ``block_size``,
       runs of the sequence that split into whole kernel tiles, no dropout, and a backward only on
       CUDA; raises otherwise), ``"gather"`` (tiles gathered into dense blocks, the blockwise
       engine; everything) or ``"auto"`` (flex on CUDA when it applies, else gather; gather under
@@ -277,7 +277,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
             cu_seqlens=cu_seqlens, return_lse=return_lse,
         )  # fmt: skip
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        if self._use_flex(q, world, dropout_p, needs_grad, documents):
+        if self._use_flex(q, world, dropout_p, needs_grad):
             block_layout = self.layout_for(q.shape[1] * world, q.shape[2])
             _, schedule_args = self._prepare(q, k, v, block_layout, bool(is_causal), key_padding_mask, build=False)
             self.comm_stats = CommStats()
@@ -285,7 +285,8 @@ class BlockSparseRingDilatedAttention(nn.Module):
             try:
                 out, lse = self._strip_forward(
                     q, k, v, block_layout, bool(is_causal), rank, world, scale, schedule_args, key_padding_mask,
-                    lse_grad=return_lse, documents=None if cu_seqlens is None else cu_seqlens.to(q.device, torch.int32),
+                    lse_grad=return_lse, documents=documents,
+                    bounds=None if cu_seqlens is None else cu_seqlens.to(q.device, torch.int32),
                 )  # fmt: skip
                 return (out, lse.transpose(1, 2)) if return_lse else out
             except Exception as exc:
@@ -351,10 +352,11 @@ class BlockSparseRingDilatedAttention(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         *,
         lse_grad: bool = False,
-        documents: torch.Tensor | None = None,
+        documents: tuple[int, ...] | None = None,
+        bounds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``out`` and ``lse`` ``(B, n, H)`` of the strips; ``lse_grad``: ``lse`` is differentiable;
-        ``documents``: the checked global ``cu_seqlens``, int32 on ``q``'s device."""
+        ``documents``: the checked global ``cu_seqlens`` values, ``bounds`` the same as int32 on ``q``'s device."""
         if self.sparse_kernel not in SPARSE_KERNELS:
             raise ValueError(f"sparse_kernel must be one of {list(SPARSE_KERNELS)}, got {self.sparse_kernel!r}")
         key = (
@@ -377,13 +379,15 @@ class BlockSparseRingDilatedAttention(nn.Module):
         self.last_plan, self.last_method = plan, "flex"
         if world == 1:
             run = StripRun(
-                plan.calls[0], kernel, self.sparse_kernel, key_padding_mask=key_padding_mask, lse_grad=lse_grad,
-                documents=documents,
+                document_calls(plan.calls[0], documents), kernel, self.sparse_kernel,
+                key_padding_mask=key_padding_mask, lse_grad=lse_grad, documents=bounds,
             )  # fmt: skip
             return strip_attention(q, k, v, run)
         schedule = StripRingSchedule(
             plan, kernel, stats=self.comm_stats, sparse=self.sparse_kernel, key_padding_mask=key_padding_mask,
-            documents=documents, **schedule_args,
+            documents=bounds, calls=None if documents is None else {
+                source: document_calls(calls, documents) for source, calls in plan.calls.items()
+            }, **schedule_args,
         )  # fmt: skip
         return blockwise_attention(schedule, q, k, v, lse_grad=lse_grad)
 
@@ -393,10 +397,8 @@ class BlockSparseRingDilatedAttention(nn.Module):
         world: int,
         dropout_p: float,
         needs_grad: bool,
-        documents: tuple[int, ...] | None = None,
     ) -> bool:
-        """Whether the call takes the strips (else the gather path, one op for ``torch.compile``); ``documents``:
-        the checked ``cu_seqlens`` values."""
+        """Whether the call takes the strips (else the gather path, one op for ``torch.compile``)."""
         if self.method == "gather" or (
             self.method == "auto" and (self._flex_failed or q.device.type != "cuda" or torch.compiler.is_compiling())
         ):
@@ -416,13 +418,6 @@ class BlockSparseRingDilatedAttention(nn.Module):
             dropout_p=dropout_p,
             needs_grad=needs_grad and self.sparse_kernel != "math",
         )
-        if documents is not None:
-            starts = [start for start in documents[:-1] if any(start % rate for rate in self.dilation_rates)]
-            if starts:
-                reasons.append(
-                    f"cu_seqlens with a document starting at {starts[0]}, not a multiple of every dilation rate "
-                    f"{list(self.dilation_rates)} (the gather path takes such documents)"
-                )
         if self.method == "flex" and reasons:
             raise ValueError("method='flex' cannot run this call: " + "; ".join(reasons))
         return not reasons and (self.method == "flex" or q.device.type == "cuda")

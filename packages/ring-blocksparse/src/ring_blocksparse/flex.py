@@ -249,12 +249,17 @@ def _rule(
     return mask_mod
 
 
-def document_segments(positions: torch.Tensor, bounds: torch.Tensor, segment: int) -> torch.Tensor:
-    """Segment ids of ``positions`` (int32, on the bounds' device) in packed documents: segments restart at every
-    document (``bounds``: the ``cu_seqlens`` values, int32, same device), so the id is the document's start
-    plus the segment's number inside it: distinct across documents, non-decreasing along the positions."""
+def document_segments(
+    positions: torch.Tensor, bounds: torch.Tensor, segment: int, rate: int = 1, phase: int = 0, outside: int = -1
+) -> torch.Tensor:
+    """Segment ids of a strip's ``positions`` (int32, on the bounds' device) in packed documents: segments restart
+    at every document (``bounds``: the ``cu_seqlens`` values, int32, same device), so the id is the document's
+    start plus the segment's number inside it (distinct across documents, non-decreasing along the positions).
+    A call of rate ``rate`` serves the documents starting at ``phase`` modulo the rate; the rows of other
+    documents get ``outside`` (negative; queries and keys pass different values, so they never match)."""
     start = bounds[torch.searchsorted(bounds, positions, right=True) - 1]
-    return start + torch.div(positions - start, segment, rounding_mode="floor")
+    ids = start + torch.div(positions - start, segment, rounding_mode="floor")
+    return ids if rate == 1 else torch.where(start % rate == phase, ids, outside)
 
 
 def strip_block_mask(
@@ -380,9 +385,10 @@ def strip_call_forward(
     segments = None
     if documents is not None:
         rule = call.rule
+        rate, phase = call.q.rate, call.phase
         segments = (
-            document_segments(rule.qpos, documents, call.segment),
-            document_segments(rule.kpos, documents, call.segment),
+            document_segments(rule.qpos, documents, call.segment, rate, phase, outside=-1),
+            document_segments(rule.kpos, documents, call.segment, rate, phase, outside=-2),
         )
     leaves = tuple(x.detach().requires_grad_(grad) for x in (call.q_view(q), call.kv_leaf(k), call.kv_leaf(v)))
     with torch.set_grad_enabled(grad):

@@ -21,16 +21,18 @@ backward from the final ``out``/``lse``, like a dense call).
 A sliding window is part of every call's tiles and rule (tiles it does not reach are skipped). A key
 padding mask is read by the rule; its tiles are known only per call, so a padded call's block mask
 is built per call, on the device (:func:`~ring_blocksparse.strips.call_grids`), and no strip of
-it runs dense or on flash-attn 4. Packed documents the same way: their segments restart at every
-document, so the plan ignores segments and each call reads the rows' segment ids
-(:func:`~ring_blocksparse.flex.document_segments`); a branch's strip is still every ``rate``-th
-position when every document starts at a multiple of the rate (the strips' condition for them).
+it runs dense or on flash-attn 4. Packed documents the same way: their segments and offsets restart at
+every document, so the plan ignores segments, each head offset has a call on every strip of its rate
+(a document starting at ``c`` is read on the strip of ``(c + offset) % rate``), and each call reads its
+rows' segment ids (:func:`~ring_blocksparse.flex.document_segments`: rows of documents it does not serve
+match nothing); calls no document needs are not run (:func:`document_calls`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -72,6 +74,7 @@ class StripCall:
     kernel_options: dict[str, Any] | None = None
     fa4: Fa4Blocks | bool | None = None  # flash-attn 4's block lists (False: the call needs FlexAttention)
     segment: int = 0  # the branch's segment length (a plan for packed documents cuts segments per call)
+    phase: int = 0  # the documents it serves start at this phase modulo the rate (packed documents; else 0)
 
     def q_view(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, n, h, ...)`` strided view of a ``(B, N, H, ...)`` query-side tensor."""
@@ -130,8 +133,10 @@ def strip_calls(
     safe (each distinct set is one more compiled kernel); ``tile`` overrides the kernel's tile (tests).
     ``window``: SPEC.md's ``window_size``; ``padded``: the calls get a key padding mask (their block
     masks are built per call, :func:`sparse_forward`). ``documents``: the calls get packed documents,
-    whose segments restart at each document: the plan's tiles and rule ignore segments (a superset of the
-    pairs) and each call cuts them (:func:`~ring_blocksparse.strips.call_grids`); no strip runs dense.
+    whose segments and offsets restart at each document: the plan's tiles and rule ignore segments (a
+    superset of the pairs), each head offset gets a call on every strip of its rate (a document starting at
+    ``c`` is read on the strip of ``(c + offset) % rate``: the call's ``phase``), and each call cuts its tiles
+    per document (:func:`~ring_blocksparse.strips.call_grids`); no strip runs dense.
     """
     calls: list[StripCall] = []
     dense = dense and not documents
@@ -142,46 +147,86 @@ def strip_calls(
             first = branch.head_start + (offset - branch.head_start) % rate
             if first >= branch.head_stop:
                 continue
-            qs, ks = strip_of(q_positions, offset, rate), strip_of(k_positions, offset, rate)
-            if qs is None or ks is None:
-                raise ValueError(f"the shards do not split into strips of rate {rate} (chunks must start at multiples)")
-            if not len(qs) or not len(ks):
-                continue
             heads = slice(first, branch.head_stop, rate)
-            call_layout = layout
-            if layout is not None and layout.shape[0] > 1:
-                call_layout = layout[heads]
-            segment = UNBOUNDED if documents else branch.segment
-            tiles = classify(
-                qs, ks, call_layout, block_size=block_size, segment=segment, causal=causal,
-                tile=tile or tile_for(q.device, block_size, rate), window=window, padded=padded,
-            )  # fmt: skip
-            if tiles.empty:
-                continue
-            kv, gqa = _kv_heads(heads, num_heads, num_kv_heads, q.device)
-            covering = (
-                rate == 1
-                and heads == slice(0, num_heads, 1)
-                and len(qs) == len(q_positions)
-                and len(ks) == len(k_positions)
-            )
-            rule = StripRule(
-                qs, ks, call_layout, block_size=block_size, segment=segment, causal=causal, device=q.device,
-                window=window,
-            )  # fmt: skip
-            call = StripCall(qs, ks, heads, kv, gqa, causal, covering, tiles, rule, segment=branch.segment)
-            if dense:
-                call.run = runs(tiles, qs, ks)
-            if masks and call.run is None:
-                safe: dict[str, bool] = {}
-                if not per_call:
-                    call.block_mask, safe = strip_block_mask(tiles, rule, len(qs), len(ks), q.device)
-                call.kernel_options = kernel_options_for(
-                    q, safe if flags else {}, kernel_options, tuned=not (tiles.needs_layout or padded)
-                )
-            calls.append(call)
+            # a document starting at c is read by these heads on the strip of offset (c + offset) % rate: with
+            # packed documents every strip may serve them (phase: the strip's offset minus the heads')
+            for strip_offset in range(rate) if documents else (offset,):
+                call = _strip_call(
+                    q_positions, k_positions, branch, strip_offset, heads, num_heads=num_heads,
+                    num_kv_heads=num_kv_heads, block_size=block_size, layout=layout, causal=causal, q=q,
+                    tile=tile, window=window, padded=padded, documents=documents,
+                )  # fmt: skip
+                if call is None:
+                    continue
+                call.phase = (strip_offset - offset) % rate
+                if dense:
+                    call.run = runs(call.tiles, call.q, call.k)
+                if masks and call.run is None:
+                    safe: dict[str, bool] = {}
+                    if not per_call:
+                        call.block_mask, safe = strip_block_mask(
+                            call.tiles, call.rule, len(call.q), len(call.k), q.device
+                        )
+                    call.kernel_options = kernel_options_for(
+                        q, safe if flags else {}, kernel_options, tuned=not (call.tiles.needs_layout or padded)
+                    )
+                calls.append(call)
     calls.sort(key=lambda call: not call.covering)
     return calls
+
+
+def _strip_call(
+    q_positions: torch.Tensor,
+    k_positions: torch.Tensor,
+    branch: Branch,
+    strip_offset: int,
+    heads: slice,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    block_size: int,
+    layout: torch.Tensor | None,
+    causal: bool,
+    q: torch.Tensor,
+    tile: int | None,
+    window: tuple[int, int],
+    padded: bool,
+    documents: bool,
+) -> StripCall | None:
+    """The call of ``heads`` of ``branch`` on the strips of ``strip_offset`` (None: nothing to compute)."""
+    rate = branch.rate
+    qs, ks = strip_of(q_positions, strip_offset, rate), strip_of(k_positions, strip_offset, rate)
+    if qs is None or ks is None:
+        raise ValueError(f"the shards do not split into strips of rate {rate} (chunks must start at multiples)")
+    if not len(qs) or not len(ks):
+        return None
+    call_layout = layout
+    if layout is not None and layout.shape[0] > 1:
+        call_layout = layout[heads]
+    segment = UNBOUNDED if documents else branch.segment
+    tiles = classify(
+        qs, ks, call_layout, block_size=block_size, segment=segment, causal=causal,
+        tile=tile or tile_for(q.device, block_size, rate), window=window, padded=padded,
+    )  # fmt: skip
+    if tiles.empty:
+        return None
+    kv, gqa = _kv_heads(heads, num_heads, num_kv_heads, q.device)
+    covering = (
+        rate == 1 and heads == slice(0, num_heads, 1) and len(qs) == len(q_positions) and len(ks) == len(k_positions)
+    )
+    rule = StripRule(
+        qs, ks, call_layout, block_size=block_size, segment=segment, causal=causal, device=q.device, window=window
+    )
+    return StripCall(qs, ks, heads, kv, gqa, causal, covering, tiles, rule, segment=branch.segment)
+
+
+def document_calls(calls: list[StripCall], documents: Sequence[int] | None) -> list[StripCall]:
+    """The calls packed documents (``cu_seqlens`` values) need: those whose phase some non-empty document starts at
+    (all of them without documents)."""
+    if documents is None:
+        return calls
+    starts = [start for start, stop in pairwise(documents) if stop > start]
+    return [call for call in calls if any(start % call.q.rate == call.phase for start in starts)]
 
 
 @dataclass

@@ -94,7 +94,9 @@ def build_strip_plan(
             rows = needed_rows([(c.tiles, c.k) for c in calls[source]], len(positions[source]))
             recv_rows[source], recv_positions[source] = rows, positions[source][rows]
             whole[source] = rows.numel() == len(positions[source])
-            key_views[source] = disjoint_and_covering(calls[source], rows, len(positions[source]), num_kv_heads)
+            disjoint, covering = disjoint_and_covering(calls[source], rows, len(positions[source]), num_kv_heads)
+            # (with packed documents a call runs only for the documents it serves: no row is sure to be written)
+            key_views[source] = disjoint, covering and not call_options.get("documents", False)
             theirs = strip_calls(positions[source], positions[rank], **dict(options, masks=False))
             send_rows[source] = needed_rows([(c.tiles, c.k) for c in theirs], len(positions[rank]))
             returns_disjoint[source] = disjoint_and_covering(
@@ -136,14 +138,17 @@ class StripRingSchedule(BlockSparseSchedule):
         sparse: str = "auto",
         key_padding_mask: torch.Tensor | None = None,
         documents: torch.Tensor | None = None,
+        calls: dict[int, list[StripCall]] | None = None,
         **comm_options: Any,
     ) -> None:
         """``comm_options``: ``group``, ``timeout`` and ``context`` of :class:`~ring_blocksparse.gather.BlockSparseSchedule`;
         ``key_padding_mask``: this rank's ``(B, n)`` (its rows travel with the key/value rows); ``documents``: the
         global ``cu_seqlens`` (int32, on the device) for a plan built for packed documents (each call cuts its
-        tiles and segments per document; the rows that travel are the plan's, a superset)."""
+        tiles and segments per document; the rows that travel are the plan's, a superset), and ``calls`` the
+        plan's calls that these documents need (:func:`~ring_blocksparse.strided.document_calls`)."""
         super().__init__(plan, kernel, kernel, key_padding_mask=key_padding_mask, stats=stats, **comm_options)  # type: ignore[arg-type]
         self.run = StripRun([], kernel, sparse, documents=documents)
+        self.calls = plan.calls if calls is None else calls
 
     def shard_buffers(self, k: torch.Tensor, v: torch.Tensor) -> _Shard:
         b, _, h, _ = k.shape
@@ -231,9 +236,9 @@ class StripRingSchedule(BlockSparseSchedule):
         self.stats.calls += 1
         shard = self.shard_buffers(k, v) if self.needs_shard() else None
         for source, k_buf, v_buf, pad in self._sources(k, v, "forward"):
-            if k_buf is not None and v_buf is not None and self.plan.calls[source]:
+            if k_buf is not None and v_buf is not None and self.calls[source]:
                 kb, vb, pb = self.place(source, k_buf, v_buf, pad, shard)
-                self.forward_step(q, self.plan.calls[source], kb, vb, acc, pb)
+                self.forward_step(q, self.calls[source], kb, vb, acc, pb)
 
     def backward(
         self,
@@ -253,7 +258,7 @@ class StripRingSchedule(BlockSparseSchedule):
         for source, k_buf, v_buf, pad in self._sources(k, v, "backward"):
             dkv = None
             if source == plan.rank:
-                self.backward_step(q, plan.calls[source], k, v, out, lse, dout, dq, dk, dv, pad)
+                self.backward_step(q, self.calls[source], k, v, out, lse, dout, dq, dk, dv, pad)
             elif k_buf is not None and v_buf is not None:
                 shape = (*k_buf.shape[:3], d + v_buf.shape[3])
                 like = k_buf if plan.key_views[source][0] else dk  # (module Note: which dtype travels)
@@ -301,7 +306,7 @@ class StripRingSchedule(BlockSparseSchedule):
         else:
             new = torch.empty_like if covering else torch.zeros_like
             dkb, dvb = new(kb, dtype=dkv.dtype), new(vb, dtype=dkv.dtype)
-        self.backward_step(q, plan.calls[source], kb, vb, out, lse, dout, dq, dkb, dvb, pb, write_keys=disjoint)
+        self.backward_step(q, self.calls[source], kb, vb, out, lse, dout, dq, dkb, dvb, pb, write_keys=disjoint)
         if not plan.whole[source]:
             rows = plan.recv_rows[source]
             gather_rows(dkv[..., :d], dkb, rows)

@@ -183,21 +183,30 @@ def _padded(
     return full & ~some, (full | partial) & ~every & ~(full & ~some)
 
 
+def _segment_spans(ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per tile (row of ``ids``): the smallest and largest segment id of its served rows, whether every row is
+    served and whether any is (ids below 0: not served)."""
+    served = ids >= 0
+    first = torch.where(served, ids, torch.iinfo(ids.dtype).max).amin(-1)
+    last = torch.where(served, ids, -1).amax(-1)
+    return first, last, served.all(-1), served.any(-1)
+
+
 def call_grids(
     tiles: Tiles, pad: torch.Tensor | None = None, segments: tuple[torch.Tensor, torch.Tensor] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The call's ``(full, partial)`` tile grids: the plan's, then under per-call segment ids ``segments`` (int
-    ``(nq,)`` and ``(nk,)`` over the strips' rows, non-decreasing: packed documents, whose segments the plan
-    cannot know) and the key padding ``pad`` (:func:`padded_grids`); on the device of those tensors. With
-    ``segments`` a full tile stays full only when all its rows are in one segment, and a tile whose query
-    and key rows cannot share a segment is skipped."""
+    ``(nq,)`` and ``(nk,)`` over the strips' rows, non-decreasing where not negative, negative for rows the call
+    does not serve: packed documents, whose segments the plan cannot know) and the key padding ``pad``
+    (:func:`padded_grids`); on the device of those tensors. With ``segments`` a full tile stays full only when
+    all its rows are served and in one segment, and a tile whose query and key rows cannot share a segment
+    is skipped."""
     if segments is None:
         return (tiles.full, tiles.partial) if pad is None else padded_grids(tiles, pad)
-    qseg, kseg = (x.view(-1, tiles.tile) for x in segments)
-    q0, q1, k0, k1 = qseg[:, 0], qseg[:, -1], kseg[:, 0], kseg[:, -1]
-    same = (q0 == q1)[:, None] & (k0 == k1)[None, :] & (q0[:, None] == k0[None, :])
-    meet = (q0[:, None] <= k1[None, :]) & (k0[None, :] <= q1[:, None])
-    plan_full, plan_partial = tiles.grids_on(qseg.device)
+    (q0, q1, q_all, q_any), (k0, k1, k_all, k_any) = (_segment_spans(x.view(-1, tiles.tile)) for x in segments)
+    same = (q_all & (q0 == q1))[:, None] & (k_all & (k0 == k1))[None, :] & (q0[:, None] == k0[None, :])
+    meet = q_any[:, None] & k_any[None, :] & (q0[:, None] <= k1[None, :]) & (k0[None, :] <= q1[:, None])
+    plan_full, plan_partial = tiles.grids_on(segments[0].device)
     full = plan_full & same
     partial = (plan_full | plan_partial) & meet & ~full
     return (full, partial) if pad is None else _padded(full, partial, pad, tiles.tile)
