@@ -11,9 +11,10 @@ measured in the same run:
 - ``dense``: ``scaled_dot_product_attention`` forced to cuDNN, same causality;
 - ``dilated``: plain dilated attention (``ring_dilated_flash``, no layout) of the same branches;
 - ``flex``: for the gather path, the strip path on the same work;
-- ``packed``: packed documents (``cu_seqlens``: lengths 512-4096, multiples of every rate) with the band
-  layout and the dilated branches, causal, on the strips against the gather path on the same documents
-  (where the gather path took every packed call before) and the strips on the same tokens unpacked.
+- ``packed``: packed documents (``cu_seqlens``: lengths 512-4096, multiples of every rate, or of
+  ``--packed-multiple``) with the band layout and the dilated branches, causal, on the strips against the
+  gather path on the same documents (where the gather path took every packed call before) and the strips
+  on the same tokens unpacked.
 
 Targets (each row says which applies): dilated + layout at most ``dilated x kept x 1.15`` where ``kept``
 is the fraction of the branches' (query, key) pairs the layout keeps (counted from the plan); a pattern
@@ -107,6 +108,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ring", type=int, default=4, help="ranks simulated for the ring's steps (0: skip)")
     parser.add_argument("--skip", nargs="*", default=[], help="sections to skip: dilated patterns gather packed ring")
     parser.add_argument("--time-budget", type=float, default=1e9, help="stop starting new rows after this (s)")
+    parser.add_argument("--packed-multiple", type=int, default=0,
+                        help="packed documents' lengths are multiples of this (0: of every rate; 1: any length)")  # fmt: skip
     parser.add_argument("--json", default="bench-results/blocksparse-strips.json")
     parser.add_argument("--plot", default="bench-results/blocksparse-strips.png")
     parser.add_argument("--replot", metavar="JSON")
@@ -322,9 +325,7 @@ def packed_documents(n: int, multiple: int, seed: int = 0) -> list[int]:
 def packed_rows(args, row, finish, record, save, layout) -> None:
     """Packed documents, band layout and the dilated branches, causal: strips vs gather vs unpacked strips."""
     n, segments, rates = args.seq_len, args.segments, args.rates
-    multiple = 1
-    for rate in rates:
-        multiple = multiple * rate // math.gcd(multiple, rate)
+    multiple = args.packed_multiple or math.lcm(*rates)
     documents = packed_documents(n, multiple)
     record["packed_documents"] = documents
     unpacked = next((r for r in record["results"] if r["section"] == "dilated" and r["name"] == "band"
