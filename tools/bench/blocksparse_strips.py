@@ -423,8 +423,7 @@ def rank_steps(schedule, plan, rank: int, local, received: dict, state: dict, *,
             schedule.backward_step(ql, plan.calls[s], kl, vl, out, lse, dl, dq, dk, dv)
             continue
         kr, vr = received[s]
-        dtype = kr.dtype if plan.key_views[s][0] else grad_dtype  # the send buffer's, as the ring's backward picks
-        dkv = torch.empty((*kr.shape[:3], d + vr.shape[-1]), dtype=dtype, device=kr.device)
+        dkv = schedule.grad_buffer(s, kr, vr, dk)  # the send buffer, as the ring's backward takes it
         schedule.remote_backward_step(s, ql, kr, vr, None, shard, out, lse, dl, dq, dkv)
         state["remote"][s] = (plan.recv_rows[s], dkv[..., :d], dkv[..., d:])
 

@@ -71,6 +71,7 @@ def build_strip_plan(
     layout_kind: str,
     q: torch.Tensor,
     num_kv_heads: int,
+    documents: bool = False,
     **call_options: Any,
 ) -> StripPlan:
     """The plan of ``rank``: its calls against every shard, and which rows each pair of ranks exchanges.
@@ -80,7 +81,9 @@ def build_strip_plan(
     positions = [shard_positions(seq_len, r, world_size, layout_kind) for r in range(world_size)]
     # dense strips and per-mask kernel flags on one process only: a ring step's flags vary by step,
     # and each set would compile its own kernel
-    options = dict(call_options, q=q, num_kv_heads=num_kv_heads, dense=world_size == 1, flags=world_size == 1)
+    options = dict(
+        call_options, q=q, num_kv_heads=num_kv_heads, dense=world_size == 1, flags=world_size == 1, documents=documents
+    )
     calls: dict[int, list[StripCall]] = {}
     recv_rows: dict[int, torch.Tensor] = {}
     send_rows: dict[int, torch.Tensor] = {}
@@ -96,7 +99,7 @@ def build_strip_plan(
             whole[source] = rows.numel() == len(positions[source])
             disjoint, covering = disjoint_and_covering(calls[source], rows, len(positions[source]), num_kv_heads)
             # (with packed documents a call runs only for the documents it serves: no row is sure to be written)
-            key_views[source] = disjoint, covering and not call_options.get("documents", False)
+            key_views[source] = disjoint, covering and not documents
             theirs = strip_calls(positions[source], positions[rank], **dict(options, masks=False))
             send_rows[source] = needed_rows([(c.tiles, c.k) for c in theirs], len(positions[rank]))
             returns_disjoint[source] = disjoint_and_covering(
@@ -260,9 +263,7 @@ class StripRingSchedule(BlockSparseSchedule):
             if source == plan.rank:
                 self.backward_step(q, self.calls[source], k, v, out, lse, dout, dq, dk, dv, pad)
             elif k_buf is not None and v_buf is not None:
-                shape = (*k_buf.shape[:3], d + v_buf.shape[3])
-                like = k_buf if plan.key_views[source][0] else dk  # (module Note: which dtype travels)
-                dkv = self.comm.empty("grad", math.prod(shape), like).view(shape)
+                dkv = self.grad_buffer(source, k_buf, v_buf, dk)
                 self.remote_backward_step(source, q, k_buf, v_buf, pad, shard, out, lse, dout, dq, dkv)
             if source != plan.rank:
                 dest = self._returning_rank(source)
@@ -278,6 +279,14 @@ class StripRingSchedule(BlockSparseSchedule):
                     received = received.to(dk.dtype)
                     dk.index_add_(1, rows, received[..., :d])
                     dv.index_add_(1, rows, received[..., d:])
+
+    def grad_buffer(self, source: int, k_buf: torch.Tensor, v_buf: torch.Tensor, dk: torch.Tensor) -> torch.Tensor:
+        """The buffer ``(B, R, H, Dk + Dv)`` (contents undefined) that returns the key|value gradients of the rows
+        received from ``source``: the inputs' dtype where this rank's calls' views of them are disjoint, else
+        ``dk``'s (module Note)."""
+        shape = (*k_buf.shape[:3], k_buf.shape[3] + v_buf.shape[3])
+        like = k_buf if self.plan.key_views[source][0] else dk
+        return self.comm.empty("grad", math.prod(shape), like).view(shape)
 
     def remote_backward_step(
         self,

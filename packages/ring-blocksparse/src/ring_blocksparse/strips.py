@@ -180,7 +180,8 @@ def _padded(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     columns = pad.unflatten(1, (-1, tile))
     some, every = columns.any(2).any(0), columns.all(2).all(0)
-    return full & ~some, (full | partial) & ~every & ~(full & ~some)
+    kept = full & ~some
+    return kept, (full | partial) & ~every & ~kept
 
 
 def _segment_spans(ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
