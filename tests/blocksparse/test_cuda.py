@@ -66,17 +66,20 @@ def test_flex_band_with_kernel_options_on_gpu():
     assert result.passed, f"{case}: {result.errors} > {result.tolerance}"
 
 
-def test_strips_with_dilation_on_gpu():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_strips_with_dilation_on_gpu(compiled):
     """Dilated branches (rates 1, 2, 4) on strips: FlexAttention per branch offset, partial tiles where a
-    kernel tile covers several layout blocks of the strip, GQA, causal; SPEC.md's bf16 bounds."""
+    kernel tile covers several layout blocks of the strip, GQA, causal; SPEC.md's bf16 bounds. Compiled
+    (``fullgraph``) the strips are one op whose backward recomputes each FlexAttention call."""
     case = Case("strips", 1024, 4, (256, 512, 1024), (1, 2, 4), kv_heads=2, head_dim=64, causal=True)
     attn = BlockSparseRingDilatedAttention(
         **case.config, block_size=128, pattern="random", density=0.3, seed=3, per_head=True, method="flex"
     )
     layout = attn.layout_for(case.seq_len, case.heads)
     result = check_attention(
-        attn, case, torch.bfloat16, device="cuda", reference_options={"block_layout": layout, "block_size": 128}
-    )
+        torch.compile(attn, fullgraph=True) if compiled else attn, case, torch.bfloat16, device="cuda",
+        reference_options={"block_layout": layout, "block_size": 128},
+    )  # fmt: skip
     calls = attn.last_plan.calls[0]
     assert attn.last_method == "flex" and any(c.tiles.partial.any() and c.tiles.needs_layout for c in calls)
     assert result.passed, f"{case}: {result.errors} > {result.tolerance}"
@@ -178,15 +181,17 @@ def test_return_lse_on_the_strips_on_gpu(causal):
     ],
     ids=str,
 )  # fmt: skip
-def test_packed_documents_on_the_strips_on_gpu(case):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_packed_documents_on_the_strips_on_gpu(case, compiled):
     """Packed documents on the fused FlexAttention strips (per-call segment ids and tiles), bf16 vs float64 within
-    SPEC's bounds, forward and backward; documents cross layout blocks and kernel tiles."""
+    SPEC's bounds, forward and backward; documents cross layout blocks and kernel tiles; eager and compiled."""
     attn = BlockSparseRingDilatedAttention(
         **case.config, block_size=128, pattern="local_window", window=512, sliding=True, method="flex"
     )
     layout = attn.layout_for(case.seq_len, case.heads)
     result = check_attention(
-        attn, case, torch.bfloat16, device="cuda", reference_options={"block_layout": layout, "block_size": 128}
-    )
+        torch.compile(attn, fullgraph=True) if compiled else attn, case, torch.bfloat16, device="cuda",
+        reference_options={"block_layout": layout, "block_size": 128},
+    )  # fmt: skip
     assert attn.last_method == "flex"
     assert result.passed, f"{case}: {result.errors} > {result.tolerance}"

@@ -89,14 +89,6 @@ def test_inductor():
     assert_same(compiled(q * 2, k, v, key_padding_mask=mask), attn(q * 2, k, v, key_padding_mask=mask), (q, k, v))
 
 
-def test_block_sparse_flex_is_refused_when_compiled():
-    blocksparse = pytest.importorskip("ring_blocksparse")
-    attn = blocksparse.BlockSparseRingDilatedAttention([16], [1], block_size=16, method="flex")
-    q, k, v = (torch.randn(1, 32, 2, 16) for _ in range(3))
-    with pytest.raises(Exception, match="method='flex' cannot run under torch.compile"):
-        torch.compile(attn, fullgraph=True, backend="aot_eager")(q, k, v)
-
-
 def test_dropout_compiled_is_one_draw_per_call():
     """Dropout's seed is drawn in the graph: compiled calls differ from each other, forward and backward agree."""
     attn = build("dilated", dropout=0.5)

@@ -59,12 +59,13 @@ def test_compiled_on_cuda(impl):
     check(attn, (q, k, v), is_causal=True)
 
 
-def test_block_sparse_compiles_on_the_gather_path():
-    """A configuration the strips (FlexAttention) would take eagerly: compiled, 'auto' takes the gather op."""
+def test_block_sparse_compiles_on_the_strips():
+    """Compiled, 'auto' takes the strips (one op; its backward recomputes each FlexAttention call)."""
     blocksparse = pytest.importorskip("ring_blocksparse")
     attn = blocksparse.BlockSparseRingDilatedAttention([N], [1], block_size=128, pattern="local_window", window=256)
     inputs = [torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
     check(attn, inputs, is_causal=True)
+    assert attn.last_method == "flex"
 
 
 def test_transformer_encoder_layer_on_cuda():

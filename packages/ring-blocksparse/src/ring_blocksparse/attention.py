@@ -11,8 +11,9 @@ tile of the receiver needs (nothing at all when no tile needs them).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -46,7 +47,15 @@ from .functional import block_sparse_dilated_attention as block_sparse_dilated_a
 from .gather import BlockSparseSchedule, CommStats, _kernels
 from .patterns import Pattern, build_pattern, check_block_size
 from .plan import Plan
-from .strided import SPARSE_KERNELS, StripRun, document_calls, strip_attention
+from .strided import (
+    SPARSE_KERNELS,
+    StripRun,
+    document_calls,
+    fa4_blocks,
+    strip_attention,
+    strip_backward,
+    strip_forward,
+)
 from .strip_ring import StripPlan, StripRingSchedule, build_strip_plan
 
 METHODS = ("auto", "gather", "flex")
@@ -65,6 +74,57 @@ class _GatherOp(AttentionOp):
     def schedule(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: OpCall) -> BlockSparseSchedule:
         owner: BlockSparseRingDilatedAttention = self.owner
         return owner._gather_schedule(q, k, v, call)
+
+
+@contextlib.contextmanager
+def _eager_dispatch() -> Iterator[None]:
+    """Dispatch as eager code outside any op does: ``torch.library`` runs an op's body below autograd, and a
+    compiled graph's runtime below ADInplaceOrView and functorch too, but the strips build block masks with
+    ``vmap`` and differentiate each FlexAttention call they recompute. Autocast stays as it was (off in an op)."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    autocast = torch._C.DispatchKeySet(torch._C.DispatchKey.Undefined)
+    for name, key in torch._C.DispatchKey.__members__.items():
+        if name.startswith("Autocast") and exclude.has(key):
+            autocast = autocast.add(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), autocast):
+        yield
+
+
+class _StripOp(AttentionOp):
+    """The custom ops' side of the strips on one process (under ``torch.compile``): the forward keeps no FlexAttention
+    graph, the backward recomputes each such call (as a ring step does; flash-attn 4 and dense calls need nothing
+    kept)."""
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: OpCall
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.owner.comm_stats = CommStats()  # this call's bytes (its backward adds to them)
+        with _eager_dispatch(), torch.no_grad():
+            run = self._run(q, k, v, call)
+            run.grad = False
+            out, lse = strip_forward(run, q, k, v)
+        return out.to(q.dtype), lse
+
+    def backward(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        call: OpCall,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with _eager_dispatch(), torch.no_grad():
+            run = self._run(q, k, v, call)
+            run.saved = [fa4_blocks(run, c, q) or None for c in run.calls]  # nothing kept but the block lists
+            return strip_backward(run, q, k, v, out, lse, dout)
+
+    def _run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: OpCall) -> StripRun:
+        owner: BlockSparseRingDilatedAttention = self.owner
+        run = owner._strips(q, k, v, call.causal, call.key_padding_mask, call.documents)
+        assert isinstance(run, StripRun)  # (a compiled call runs on one process: docs/compile.md)
+        return run
 
 
 class BlockSparseRingDilatedAttention(nn.Module):
@@ -86,8 +146,9 @@ class BlockSparseRingDilatedAttention(nn.Module):
       ``block_size``,
       runs of the sequence that split into whole kernel tiles, no dropout, and a backward only on
       CUDA; raises otherwise), ``"gather"`` (tiles gathered into dense blocks, the blockwise
-      engine; everything) or ``"auto"`` (flex on CUDA when it applies, else gather; gather under
-      ``torch.compile``).
+      engine; everything) or ``"auto"`` (flex on CUDA when it applies, else gather). Under
+      ``torch.compile`` either is one custom op; there the strips keep no FlexAttention graph from
+      forward to backward but recompute each such call in the backward.
     - ``flex_kernel_options``: FlexAttention ``kernel_options`` (e.g. ``{"fwd_num_stages": 2}``)
       over the safe flags and tuned tiles the strip path picks itself
       (:func:`ring_blocksparse.flex.kernel_options_for`).
@@ -164,6 +225,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
         self.last_plan: Plan | StripPlan | None = None
         self.step = 0  # calls so far (named in communication errors)
         self._op = _GatherOp(self)
+        self._strip_op = _StripOp(self)
 
     # A new pattern or layout (assigned, or a layout tensor edited in place: its version changes) must never meet
     # a plan or layout built for the old one: assigning clears them, and cached plans are keyed by the layout
@@ -266,7 +328,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
             With ``return_lse``, the pair ``(out, lse)``.
         """
         self._steps.add_(1)
-        rank, world = group_rank_and_size(self.process_group)
+        world = group_rank_and_size(self.process_group)[1]
         dropout_p = self.dropout if self.training else 0.0
         documents = _agree(
             q, k, v, segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates,
@@ -278,16 +340,19 @@ class BlockSparseRingDilatedAttention(nn.Module):
         )  # fmt: skip
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         if self._use_flex(q, world, dropout_p, needs_grad):
-            block_layout = self.layout_for(q.shape[1] * world, q.shape[2])
-            _, schedule_args = self._prepare(q, k, v, block_layout, bool(is_causal), key_padding_mask, build=False)
-            self.comm_stats = CommStats()
-            scale = default_scale(q.shape[-1], self.softmax_scale)
-            try:
-                out, lse = self._strip_forward(
-                    q, k, v, block_layout, bool(is_causal), rank, world, scale, schedule_args, key_padding_mask,
-                    lse_grad=return_lse, documents=documents,
-                    bounds=None if cu_seqlens is None else cu_seqlens.to(q.device, torch.int32),
+            if torch.compiler.is_compiling():  # one op for the graph (the strips' Python is no graph)
+                out, lse = run_attention(
+                    self._strip_op, q, k, v, key_padding_mask=key_padding_mask, causal=bool(is_causal),
+                    lse_grad=return_lse, cu_seqlens=cu_seqlens,
                 )  # fmt: skip
+                return (out, lse.transpose(1, 2)) if return_lse else out
+            self.comm_stats = CommStats()  # this call's bytes (its backward adds to them)
+            try:
+                work = self._strips(q, k, v, bool(is_causal), key_padding_mask, documents, lse_grad=return_lse)
+                if isinstance(work, StripRun):
+                    out, lse = strip_attention(q, k, v, work)
+                else:
+                    out, lse = blockwise_attention(work, q, k, v, lse_grad=return_lse)
                 return (out, lse.transpose(1, 2)) if return_lse else out
             except Exception as exc:
                 if self.method == "flex" or world > 1:  # a ring cannot change course on one rank alone
@@ -338,33 +403,30 @@ class BlockSparseRingDilatedAttention(nn.Module):
         )  # fmt: skip
         return BlockSparseSchedule(plan, full, masked, key_padding_mask=mask, stats=self.comm_stats, **schedule_args)
 
-    def _strip_forward(
+    def _strips(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        block_layout: torch.Tensor | None,
         causal: bool,
-        rank: int,
-        world: int,
-        scale: float,
-        schedule_args: dict[str, Any],
-        key_padding_mask: torch.Tensor | None = None,
-        *,
+        key_padding_mask: torch.Tensor | None,
+        documents: tuple[int, ...] | None,
         lse_grad: bool = False,
-        documents: tuple[int, ...] | None = None,
-        bounds: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``out`` and ``lse`` ``(B, n, H)`` of the strips; ``lse_grad``: ``lse`` is differentiable;
-        ``documents``: the checked global ``cu_seqlens`` values, ``bounds`` the same as int32 on ``q``'s device."""
+    ) -> StripRun | StripRingSchedule:
+        """This call's strips: a :class:`StripRun` on one process, else the sparse ring's schedule (the plan built
+        once per shape: no host work or sync on later calls). ``documents``: the checked ``cu_seqlens`` values;
+        ``lse_grad``: the caller returns ``lse`` with its gradient."""
         if self.sparse_kernel not in SPARSE_KERNELS:
             raise ValueError(f"sparse_kernel must be one of {list(SPARSE_KERNELS)}, got {self.sparse_kernel!r}")
+        rank, world = group_rank_and_size(self.process_group)
+        block_layout = self.layout_for(q.shape[1] * world, q.shape[2])
+        _, schedule_args = self._prepare(q, k, v, block_layout, causal, key_padding_mask, build=False)
         key = (
             layout_identity(block_layout), q.shape[1], q.shape[2], k.shape[2], q.dtype, causal, str(q.device), rank,
             world, self.segment_lengths, self.dilation_rates, self.merge, self.block_size, self.window_size,
             key_padding_mask is not None, documents is not None,
         )  # fmt: skip
-        if key not in self._strip_plans:  # built once per shape: no host work or sync on later calls
+        if key not in self._strip_plans:
             plan = build_strip_plan(
                 seq_len=q.shape[1] * world, rank=rank, world_size=world, layout_kind=self.layout, q=q,
                 num_heads=q.shape[2], num_kv_heads=k.shape[2],
@@ -375,21 +437,25 @@ class BlockSparseRingDilatedAttention(nn.Module):
             )  # fmt: skip
             _remember(self._strip_plans, key, plan)
         plan = self._strip_plans[key]
-        kernel = dense_strip_kernel(q, causal, scale, self.kernel)
+        kernel = dense_strip_kernel(q, causal, default_scale(q.shape[-1], self.softmax_scale), self.kernel)
         self.last_plan, self.last_method = plan, "flex"
+        bounds = None if documents is None else torch.tensor(documents, dtype=torch.int32, device=q.device)
         if world == 1:
-            run = StripRun(
-                document_calls(plan.calls[0], documents), kernel, self.sparse_kernel,
-                key_padding_mask=key_padding_mask, lse_grad=lse_grad, documents=bounds,
-            )  # fmt: skip
-            return strip_attention(q, k, v, run)
-        schedule = StripRingSchedule(
+            calls = document_calls(plan.calls[0], documents)
+            return StripRun(
+                calls,
+                kernel,
+                self.sparse_kernel,
+                key_padding_mask=key_padding_mask,
+                lse_grad=lse_grad,
+                documents=bounds,
+            )
+        return StripRingSchedule(
             plan, kernel, stats=self.comm_stats, sparse=self.sparse_kernel, key_padding_mask=key_padding_mask,
             documents=bounds, calls=None if documents is None else {
                 source: document_calls(calls, documents) for source, calls in plan.calls.items()
             }, **schedule_args,
         )  # fmt: skip
-        return blockwise_attention(schedule, q, k, v, lse_grad=lse_grad)
 
     def _use_flex(
         self,
@@ -398,16 +464,9 @@ class BlockSparseRingDilatedAttention(nn.Module):
         dropout_p: float,
         needs_grad: bool,
     ) -> bool:
-        """Whether the call takes the strips (else the gather path, one op for ``torch.compile``)."""
-        if self.method == "gather" or (
-            self.method == "auto" and (self._flex_failed or q.device.type != "cuda" or torch.compiler.is_compiling())
-        ):
+        """Whether the call takes the strips (else the gather path)."""
+        if self.method == "gather" or (self.method == "auto" and (self._flex_failed or q.device.type != "cuda")):
             return False
-        if torch.compiler.is_compiling():
-            raise ValueError(
-                "method='flex' cannot run under torch.compile: the strips keep per-call state from forward to "
-                "backward; method='auto' or 'gather' compile (the gather path is one op)"
-            )
         chunk = q.shape[1] if world == 1 or self.layout == "contiguous" else q.shape[1] // 2
         reasons = flex_reasons(
             q,

@@ -297,42 +297,106 @@ def _fold_kv(call: StripCall, grad: torch.Tensor, kv_heads: int) -> torch.Tensor
     return grad
 
 
+def strip_forward(
+    run: StripRun, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out`` (B, N, H, D) and ``lse`` (B, N, H) of the calls in ``run``; ``run.saved`` keeps what the backward
+    needs of each call (a FlexAttention call's graph only when ``run.grad``)."""
+    b, n, h, _ = q.shape
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else acc
+    backend = run.kernel.backend
+    lse = torch.full((b, n, h), float("-inf"), dtype=acc, device=q.device)
+    covered = bool(run.calls) and run.calls[0].covering
+    out = (torch.empty if covered else torch.zeros)(b, n, h, v.shape[-1], dtype=out_dtype, device=q.device)
+    run.saved = []
+    for index, call in enumerate(run.calls):
+        write = index == 0 and covered
+        pieces: list[tuple[slice, torch.Tensor, torch.Tensor]]
+        blocks = fa4_blocks(run, call, q)
+        if call.run is not None:
+            pieces = _dense_pieces(run, call, q, k, v)
+            run.saved.append(None)
+        elif blocks is not None:
+            o, lse_call = fa4_forward(call, blocks, q, k, v, scale=run.kernel.scale)
+            pieces = [(slice(None), o, lse_call.transpose(1, 2))]
+            run.saved.append(blocks)
+        else:
+            o, lse_call, leaves = sparse_forward(run, call, q, k, v, grad=run.grad, pad=run.key_padding_mask)
+            pieces = [(slice(None), o.transpose(1, 2), lse_call.transpose(1, 2))]
+            run.saved.append((o, lse_call, leaves) if run.grad else None)
+        for rows, o_rows, lse_rows in pieces:
+            out_view, lse_view = call.q_view(out)[:, rows], call.q_view(lse)[:, rows]
+            if write:
+                out_view.copy_(o_rows.reshape(out_view.shape))
+                lse_view.copy_(lse_rows.reshape(lse_view.shape))
+            else:
+                backend.merge(out_view, lse_view, o_rows.reshape(out_view.shape), lse_rows.reshape(lse_view.shape))
+    return out, lse
+
+
+def strip_backward(
+    run: StripRun,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+    dlse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``dq, dk, dv`` of :func:`strip_forward`'s ``run`` (``dlse``: the gradient of its ``lse``, or None); a
+    FlexAttention call whose graph the forward did not keep is recomputed (as a ring step's is)."""
+    dout = dout.contiguous()
+    # the lse's gradient: a FlexAttention call takes it through its own lse; a dense or flash-attn 4 call (its
+    # backward starts from the final out/lse) by one more backward pass with ring_core's lse_probe
+    passes = any(c.run is not None or isinstance(saved, Fa4Blocks) for c, saved in zip(run.calls, run.saved))
+    probes = lse_probe(v, out, dlse) if dlse is not None and passes else None
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    grad_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else acc
+    grads: list[torch.Tensor | None] = [None, None, None]
+    backend = run.kernel.backend
+    for index, (call, saved) in enumerate(zip(run.calls, run.saved)):
+        if call.run is not None:
+            blocks = _dense_backward(run, call, q, k, v, out, lse, dout)
+            if probes is not None:
+                probe, zero_v, shifted = probes
+                blocks = _with_lse(blocks, _dense_backward(run, call, q, k, zero_v, shifted, lse, probe))
+        elif isinstance(saved, Fa4Blocks):
+            scale = run.kernel.scale
+            blocks = [(slice(None), *fa4_backward(call, saved, q, k, v, out, lse, dout, scale=scale))]
+            if probes is not None:
+                probe, zero_v, shifted = probes
+                lse_grads = fa4_backward(call, saved, q, k, zero_v, shifted, lse, probe, scale=scale)
+                blocks = _with_lse(blocks, [(slice(None), *lse_grads)])
+        else:
+            if saved is None:
+                saved = sparse_forward(run, call, q, k, v, grad=True, pad=run.key_padding_mask)
+            o, lse_call, leaves = saved
+            blocks = [(slice(None), *sparse_backward(call, o, lse_call, leaves, dout, out, lse, dlse))]
+        for i, (x, view) in enumerate(((q, call.q_view), (k, call.kv_leaf), (v, call.kv_leaf))):
+            for rows, *parts in blocks:
+                part = parts[i]
+                owns = index == 0 and call.covering and len(blocks) == 1 and part.dtype == grad_dtype
+                grad = grads[i]
+                if grad is None and owns:
+                    grads[i] = part.reshape(x.shape)  # the covering call's gradient is where the others add
+                    continue
+                if grad is None:
+                    grad = grads[i] = torch.zeros(x.shape, dtype=grad_dtype, device=x.device)
+                target = view(grad)[:, rows]
+                backend.accumulate(target, part.reshape(target.shape))
+    run.saved = []
+    dq, dk, dv = (torch.zeros_like(x) if g is None else g.to(x.dtype) for x, g in zip((q, k, v), grads))
+    return dq, dk, dv
+
+
 class _StripAttention(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, run: StripRun, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        b, n, h, _ = q.shape
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        out_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else acc
-        grad = run.grad
-        backend = run.kernel.backend
-        lse = torch.full((b, n, h), float("-inf"), dtype=acc, device=q.device)
-        covered = bool(run.calls) and run.calls[0].covering
-        out = (torch.empty if covered else torch.zeros)(b, n, h, v.shape[-1], dtype=out_dtype, device=q.device)
-        run.saved = []
-        for index, call in enumerate(run.calls):
-            write = index == 0 and covered
-            pieces: list[tuple[slice, torch.Tensor, torch.Tensor]]
-            blocks = fa4_blocks(run, call, q)
-            if call.run is not None:
-                pieces = _dense_pieces(run, call, q, k, v)
-                run.saved.append(None)
-            elif blocks is not None:
-                o, lse_call = fa4_forward(call, blocks, q, k, v, scale=run.kernel.scale)
-                pieces = [(slice(None), o, lse_call.transpose(1, 2))]
-                run.saved.append(blocks)
-            else:
-                o, lse_call, leaves = sparse_forward(run, call, q, k, v, grad=grad, pad=run.key_padding_mask)
-                pieces = [(slice(None), o.transpose(1, 2), lse_call.transpose(1, 2))]
-                run.saved.append((o, lse_call, leaves) if grad else None)
-            for rows, o_rows, lse_rows in pieces:
-                out_view, lse_view = call.q_view(out)[:, rows], call.q_view(lse)[:, rows]
-                if write:
-                    out_view.copy_(o_rows.reshape(out_view.shape))
-                    lse_view.copy_(lse_rows.reshape(lse_view.shape))
-                else:
-                    backend.merge(out_view, lse_view, o_rows.reshape(out_view.shape), lse_rows.reshape(lse_view.shape))
+        out, lse = strip_forward(run, q, k, v)
         ctx.run = run
         ctx.save_for_backward(q, k, v, out, lse)
         if not run.lse_grad:
@@ -343,49 +407,7 @@ class _StripAttention(torch.autograd.Function):
     @no_double_backward
     def backward(ctx: Any, dout: torch.Tensor, dlse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         run: StripRun = ctx.run
-        q, k, v, out, lse = ctx.saved_tensors
-        dout = dout.contiguous()
-        dlse = dlse if run.lse_grad else None
-        # the lse's gradient: a FlexAttention call takes it through its own lse; a dense or flash-attn 4 call (its
-        # backward starts from the final out/lse) by one more backward pass with ring_core's lse_probe
-        passes = any(c.run is not None or isinstance(saved, Fa4Blocks) for c, saved in zip(run.calls, run.saved))
-        probes = lse_probe(v, out, dlse) if dlse is not None and passes else None
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        grad_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else acc
-        grads: list[torch.Tensor | None] = [None, None, None]
-        backend = run.kernel.backend
-        for index, (call, saved) in enumerate(zip(run.calls, run.saved)):
-            if call.run is not None:
-                blocks = _dense_backward(run, call, q, k, v, out, lse, dout)
-                if probes is not None:
-                    probe, zero_v, shifted = probes
-                    blocks = _with_lse(blocks, _dense_backward(run, call, q, k, zero_v, shifted, lse, probe))
-            elif isinstance(saved, Fa4Blocks):
-                scale = run.kernel.scale
-                blocks = [(slice(None), *fa4_backward(call, saved, q, k, v, out, lse, dout, scale=scale))]
-                if probes is not None:
-                    probe, zero_v, shifted = probes
-                    lse_grads = fa4_backward(call, saved, q, k, zero_v, shifted, lse, probe, scale=scale)
-                    blocks = _with_lse(blocks, [(slice(None), *lse_grads)])
-            else:
-                assert saved is not None  # (a sparse call's graph is kept when there is a backward)
-                o, lse_call, leaves = saved
-                blocks = [(slice(None), *sparse_backward(call, o, lse_call, leaves, dout, out, lse, dlse))]
-            for i, (x, view) in enumerate(((q, call.q_view), (k, call.kv_leaf), (v, call.kv_leaf))):
-                for rows, *parts in blocks:
-                    part = parts[i]
-                    owns = index == 0 and call.covering and len(blocks) == 1 and part.dtype == grad_dtype
-                    grad = grads[i]
-                    if grad is None and owns:
-                        grads[i] = part.reshape(x.shape)  # the covering call's gradient is where the others add
-                        continue
-                    if grad is None:
-                        grad = grads[i] = torch.zeros(x.shape, dtype=grad_dtype, device=x.device)
-                    target = view(grad)[:, rows]
-                    backend.accumulate(target, part.reshape(target.shape))
-        run.saved = []
-        zeros = [torch.zeros_like(x) if g is None else g.to(x.dtype) for x, g in zip((q, k, v), grads)]
-        return None, *zeros
+        return None, *strip_backward(run, *ctx.saved_tensors, dout, dlse if run.lse_grad else None)
 
 
 def _with_lse(blocks: list[tuple[Any, ...]], lse_blocks: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
