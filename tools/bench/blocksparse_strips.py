@@ -106,7 +106,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sparse-kernel", default="auto", choices=("auto", "flex"),
                         help="the strips' kernel: auto (flash-attn 4 where it can, when installed) or flex")  # fmt: skip
     parser.add_argument("--ring", type=int, default=4, help="ranks simulated for the ring's steps (0: skip)")
-    parser.add_argument("--skip", nargs="*", default=[], help="sections to skip: dilated patterns gather packed ring")
+    parser.add_argument(
+        "--skip", nargs="*", default=[], help="sections to skip: dilated patterns gather compiled packed ring"
+    )
     parser.add_argument("--time-budget", type=float, default=1e9, help="stop starting new rows after this (s)")
     parser.add_argument("--packed-multiple", type=int, default=0,
                         help="packed documents' lengths are multiples of this (0: of every rate; 1: any length)")  # fmt: skip
@@ -174,11 +176,13 @@ def main(argv=None) -> int:
             results.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
         return {name: relative_error(x, y) for name, x, y in zip(("out", "dq", "dk", "dv"), *results)}
 
-    def row(section: str, name: str, causal: bool, segs, rts, layout, method="flex", documents=None) -> dict | None:
+    def row(
+        section: str, name: str, causal: bool, segs, rts, layout, method="flex", documents=None, compiled=False
+    ) -> dict | None:
         if time.perf_counter() - started > args.time_budget:
             print(f"time budget reached: skipping {section} {name}")
             return None
-        entry = {"section": section, "name": name, "causal": causal, "method": method,
+        entry = {"section": section, "name": name, "causal": causal, "method": method, "compiled": compiled,
                  "segments": list(segs), "rates": list(rts)}  # fmt: skip
         options = {}
         if documents is not None:
@@ -189,6 +193,7 @@ def main(argv=None) -> int:
         try:
             attn = BlockSparseRingDilatedAttention(segs, rts, block_size=block, block_layout=layout, method=method)
             attn.sparse_kernel = args.sparse_kernel
+            call = torch.compile(attn, fullgraph=True) if compiled else attn
             t0 = time.perf_counter()
             if method == "flex":
                 plan = build_strip_plan(
@@ -203,7 +208,7 @@ def main(argv=None) -> int:
                 entry["dense_strips"] = sum(c.run is not None for c in plan.calls[0])
                 entry["flex_calls"] = sum(c.run is None for c in plan.calls[0])
             t0 = time.perf_counter()
-            out = attn(q, k, v, is_causal=causal, **options)
+            out = call(q, k, v, is_causal=causal, **options)
             grads = torch.autograd.grad(out, (q, k, v), dout)
             torch.cuda.synchronize()
             entry["first_call_s"] = time.perf_counter() - t0
@@ -211,9 +216,9 @@ def main(argv=None) -> int:
                 bool(t.isfinite().all()) for t in (out, *grads)
             )  # a NaN row's time counts for nothing
             del out, grads
-            entry["fwd_ms"] = median_ms(lambda: attn(q, k, v, is_causal=causal, **options), repeats=args.repeats)
+            entry["fwd_ms"] = median_ms(lambda: call(q, k, v, is_causal=causal, **options), repeats=args.repeats)
             entry["fwd_bwd_ms"] = median_ms(
-                fwd_bwd(attn, causal, **options), repeats=args.repeats if method == "flex" else 3
+                fwd_bwd(call, causal, **options), repeats=args.repeats if method == "flex" else 3
             )
             entry["method_used"] = attn.last_method
             if attn.last_method == "flex":
@@ -282,6 +287,13 @@ def main(argv=None) -> int:
                 pair = modules["gather", "band", False], modules["dilated", "band", False]
                 entry["rel_diff_vs_flex"] = agreement(*pair, False)
                 save()
+    if "compiled" not in args.skip:  # torch.compile(fullgraph=True): the strips as one op, backward recomputing
+        for causal in (False, True):
+            eager = next((r for r in record["results"] if r["section"] == "dilated" and r["name"] == "band"
+                          and r["causal"] == causal and "error" not in r), None)  # fmt: skip
+            entry = row("compiled", "band", causal, segments, rates, layouts["band"], compiled=True)
+            if eager is not None:
+                finish(entry, "vs_eager", eager["fwd_bwd_ms"], 1.2)
     if "packed" not in args.skip:
         packed_rows(args, row, finish, record, save, layouts["band"])
     if args.ring and "ring" not in args.skip and time.perf_counter() - started < args.time_budget:
@@ -297,7 +309,8 @@ def main(argv=None) -> int:
         f"{'section':8s} {'case':22s} {'causal':6s} {'density':>7s} {'fwd+bwd':>8s} {'ratio':>14s} {'target':>7s} met"
     )
     for r in record["results"]:
-        ratio = next((key for key in ("vs_plain_dilated", "vs_dense", "vs_flex", "vs_unpacked") if key in r), None)
+        ratios = ("vs_plain_dilated", "vs_dense", "vs_flex", "vs_unpacked", "vs_eager")
+        ratio = next((key for key in ratios if key in r), None)
         if "error" in r or ratio is None:
             print(f"{r['section']:8s} {r['name']:22s} ERROR {r.get('error', 'no ratio')[:60]}")
             continue
@@ -323,7 +336,8 @@ def packed_documents(n: int, multiple: int, seed: int = 0) -> list[int]:
 
 
 def packed_rows(args, row, finish, record, save, layout) -> None:
-    """Packed documents, band layout and the dilated branches, causal: strips vs gather vs unpacked strips."""
+    """Packed documents, band layout and the dilated branches, causal: strips vs gather, compiled strips and unpacked
+    strips."""
     n, segments, rates = args.seq_len, args.segments, args.rates
     multiple = args.packed_multiple or math.lcm(*rates)
     documents = packed_documents(n, multiple)
@@ -334,8 +348,10 @@ def packed_rows(args, row, finish, record, save, layout) -> None:
     if unpacked is not None:
         finish(strips, "vs_unpacked", unpacked["fwd_bwd_ms"], None)
     gather = row("packed", "band", True, segments, rates, layout, method="gather", documents=documents)
+    compiled = row("packed", "band compiled", True, segments, rates, layout, documents=documents, compiled=True)
     if strips is not None and "error" not in strips:
         finish(gather, "vs_flex", strips["fwd_bwd_ms"], 1.2)
+        finish(compiled, "vs_eager", strips["fwd_bwd_ms"], 1.2)
     save()
 
 
