@@ -51,6 +51,9 @@ from ring_core.testing import relative_error
 from tools import command_line
 from tools.bench.timing import median_ms
 
+# each row's ratio, against the baseline its section names
+RATIOS = ("vs_plain_dilated", "vs_dense", "vs_flex", "vs_unpacked", "vs_eager")
+
 
 def band(density: float, seq_len: int, block: int) -> torch.Tensor:
     """Each query block's nearest key blocks (exactly ``density``, rows floor/ceil of ``density * nb``)."""
@@ -309,8 +312,7 @@ def main(argv=None) -> int:
         f"{'section':8s} {'case':22s} {'causal':6s} {'density':>7s} {'fwd+bwd':>8s} {'ratio':>14s} {'target':>7s} met"
     )
     for r in record["results"]:
-        ratios = ("vs_plain_dilated", "vs_dense", "vs_flex", "vs_unpacked", "vs_eager")
-        ratio = next((key for key in ratios if key in r), None)
+        ratio = next((key for key in RATIOS if key in r), None)
         if "error" in r or ratio is None:
             print(f"{r['section']:8s} {r['name']:22s} ERROR {r.get('error', 'no ratio')[:60]}")
             continue
@@ -453,7 +455,7 @@ def plot(path: str, record: dict) -> None:
     rows = [r for r in record["results"] if "error" not in r and "target" in r]
     labels, ratios, targets = [], [], []
     for r in rows:
-        key = next(key for key in ("vs_plain_dilated", "vs_dense", "vs_flex", "vs_unpacked") if key in r)
+        key = next(key for key in RATIOS if key in r)
         labels.append(f"{r['section']}: {r['name']}{' causal' if r['causal'] else ''} ({key[3:]})")
         ratios.append(r[key])
         targets.append(r["target"])
@@ -467,7 +469,7 @@ def plot(path: str, record: dict) -> None:
     ax.scatter(targets, list(y), marker="|", s=200, color="black", label="target")
     ax.set_yticks(list(y), labels, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("fwd+bwd time / baseline of the same run (dense SDPA cuDNN, plain dilated, or the flex path)")
+    ax.set_xlabel("fwd+bwd time / baseline of the same run (dense SDPA cuDNN, plain dilated, the eager strips)")
     ax.set_title(record["title"], fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
