@@ -269,7 +269,7 @@ def test_strip_block_masks_carry_the_transposed_lists_flex_would_compute():
     FlexAttention's own transpose gives (as sets of tiles; order within a row ascending)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    from ring_blocksparse.flex import StripRule, strip_block_mask
+    from ring_blocksparse.flex import StripRule, strip_block_mask, tile_cut
     from ring_blocksparse.strips import classify, strip_of
 
     positions = torch.arange(96)
@@ -279,7 +279,9 @@ def test_strip_block_masks_carry_the_transposed_lists_flex_would_compute():
     rule = StripRule(q, k, layout, block_size=8, segment=32, causal=True, device=torch.device("cpu"))
     pad = torch.zeros(2, len(k), dtype=torch.bool)  # a per-call mask (padding, none padded)
     pad[1, 5] = True
-    mask, _ = strip_block_mask(tiles, rule, len(q), len(k), torch.device("cpu"), pad)
+    mask, _ = strip_block_mask(
+        tiles, rule, len(q), len(k), torch.device("cpu"), tile_cut(tiles.full, tiles.partial, 4, pad)
+    )
     own = BlockMask.from_kv_blocks(
         mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices, BLOCK_SIZE=4
     )

@@ -238,3 +238,31 @@ def test_a_plan_for_documents_never_takes_the_received_rows_as_covered():
     assert disjoint_and_covering(plan.calls[1], plan.recv_rows[1], 48, 2) == (True, True)
     # ... but a call runs only when a document starts at its phase: not taken as covered
     assert plan.key_views[1] == (True, False)
+
+
+def test_cuts_batched_over_calls_equal_each_call_alone():
+    """call_cuts builds the cuts of all calls of one shape at once: each equals its call's own, padding too."""
+    from ring_blocksparse.flex import call_cuts, tile_cut
+    from ring_blocksparse.strided import strip_calls
+    from ring_core.dilated import branches
+
+    q = torch.zeros(2, 96, 4, 8)
+    calls = strip_calls(
+        torch.arange(96), torch.arange(96), num_heads=4, num_kv_heads=4, branch_list=branches((24, 96), (1, 4), "lse", 4),
+        block_size=8, layout=build_pattern("random", density=0.6, seed=1).layout(96, 8, 4), causal=True, q=q,
+        documents=True, padded=True, tile=2,
+    )  # fmt: skip
+    bounds = torch.tensor([0, 7, 30, 31, 61, 96], dtype=torch.int32)
+    pad = torch.rand(2, 96, generator=torch.Generator().manual_seed(0)) < 0.2
+    cuts = call_cuts(calls, pad, bounds)
+    assert sum(c.q.rate == 4 for c in calls) > 1  # (a batch of several calls)
+    for call, cut in zip(calls, cuts):
+        segments = tuple(
+            document_segments(pos, bounds, call.segment, call.q.rate, call.phase, outside)
+            for pos, outside in ((call.rule.qpos, -1), (call.rule.kpos, -2))
+        )
+        alone = tile_cut(call.tiles.full, call.tiles.partial, call.tiles.tile, pad[:, call.k.rows], segments)
+        for got, expected in zip(
+            (cut.full, cut.partial, *cut.lists, *cut.segments), (alone.full, alone.partial, *alone.lists, *segments)
+        ):
+            assert torch.equal(got, expected)

@@ -19,11 +19,12 @@ measured on Hopper, and the caller's ``kernel_options`` override both.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .strips import FLEX_TILE, Strip, Tiles, block_lists, call_grids, window_bounds
+from .strips import FLEX_TILE, Strip, Tiles, block_lists, cut_grids, window_bounds
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
@@ -250,16 +251,90 @@ def _rule(
 
 
 def document_segments(
-    positions: torch.Tensor, bounds: torch.Tensor, segment: int, rate: int = 1, phase: int = 0, outside: int = -1
+    positions: torch.Tensor,
+    bounds: torch.Tensor,
+    segment: int | torch.Tensor,
+    rate: int | torch.Tensor = 1,
+    phase: int | torch.Tensor = 0,
+    outside: int = -1,
 ) -> torch.Tensor:
     """Segment ids of a strip's ``positions`` (int32, on the bounds' device) in packed documents: segments restart
     at every document (``bounds``: the ``cu_seqlens`` values, int32, same device), so the id is the document's
     start plus the segment's number inside it (distinct across documents, non-decreasing along the positions).
     A call of rate ``rate`` serves the documents starting at ``phase`` modulo the rate; the rows of other
-    documents get ``outside`` (negative; queries and keys pass different values, so they never match)."""
+    documents get ``outside`` (negative; queries and keys pass different values, so they never match).
+    ``segment``, ``rate`` and ``phase`` may be tensors broadcasting with ``positions`` (calls batched)."""
     start = bounds[torch.searchsorted(bounds, positions, right=True) - 1]
     ids = start + torch.div(positions - start, segment, rounding_mode="floor")
-    return ids if rate == 1 else torch.where(start % rate == phase, ids, outside)
+    return ids if isinstance(rate, int) and rate == 1 else torch.where(start % rate == phase, ids, outside)
+
+
+@dataclass
+class Cut:
+    """A call's tiles and rule inputs known only per call (key padding, packed documents): its ``(full, partial)``
+    grids, their block lists (:func:`tile_cut`'s order), the padding ``(B, nk)`` and the segment ids it reads."""
+
+    full: torch.Tensor
+    partial: torch.Tensor
+    lists: tuple[torch.Tensor, ...]  # kv and full kv counts and indices, then the same for the transposed grids
+    pad: torch.Tensor | None = None
+    segments: _Segments | None = None
+
+    def select(self, index: int) -> Cut:
+        """The ``index``-th call of a cut batched over calls of one shape (:func:`call_cuts`)."""
+        return Cut(
+            self.full[index], self.partial[index], tuple(x[:, index] for x in self.lists),
+            None if self.pad is None else self.pad[index],
+            None if self.segments is None else (self.segments[0][index], self.segments[1][index]),
+        )  # fmt: skip
+
+
+def tile_cut(
+    full: torch.Tensor,
+    partial: torch.Tensor,
+    tile: int,
+    pad: torch.Tensor | None = None,
+    segments: _Segments | None = None,
+) -> Cut:
+    """The :class:`Cut` of plan grids ``(..., h, rows, cols)`` under ``pad`` and ``segments`` (:func:`cut_grids`;
+    leading dims batch calls of one shape), with the forward's and the backward's block lists."""
+    full, partial = cut_grids(full, partial, tile, pad, segments)
+    device = full.device
+    lists = (*block_lists(partial, device), *block_lists(full, device))
+    # the backward's lists (per key tile) by the same sort of the transposed grids: FlexAttention's own
+    # transpose goes through a vmapped dense scatter, whose dispatch cost dominated masks built per call
+    lists += (*block_lists(partial.transpose(-2, -1), device), *block_lists(full.transpose(-2, -1), device))
+    return Cut(full, partial, lists, pad, segments)
+
+
+def call_cuts(calls: Sequence[Any], pad: torch.Tensor | None, documents: torch.Tensor | None) -> list[Cut | None]:
+    """Each call's :class:`Cut` under the key buffer's padding ``pad`` (bool ``(B, rows)``) and packed ``documents``
+    (``cu_seqlens`` int32), both on the device (None each: no cut, the plan's block masks serve). Built for all
+    calls of one shape at once: per call, the dozens of small tensor ops cost more to launch than to run."""
+    cuts: list[Cut | None] = [None] * len(calls)
+    if pad is None and documents is None:
+        return cuts
+    device = pad.device if pad is not None else documents.device  # type: ignore[union-attr]
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for index, call in enumerate(calls):
+        if call.run is None:  # (dense calls have neither padding nor documents)
+            groups.setdefault((len(call.q), len(call.k), call.tiles.tile, call.tiles.full.shape), []).append(index)
+    for members in groups.values():
+        group = [calls[i] for i in members]
+        segments = None
+        if documents is not None:
+            params = torch.tensor([(c.segment, c.q.rate, c.phase) for c in group], dtype=torch.int32, device=device)
+            segment, rate, phase = params.T[..., None]
+            segments = (
+                document_segments(torch.stack([c.rule.qpos for c in group]), documents, segment, rate, phase, -1),
+                document_segments(torch.stack([c.rule.kpos for c in group]), documents, segment, rate, phase, -2),
+            )
+        pads = None if pad is None else torch.stack([pad[:, c.k.rows] for c in group])
+        full, partial = (torch.stack(grids) for grids in zip(*(c.tiles.grids_on(device) for c in group)))
+        batch = tile_cut(full, partial, group[0].tiles.tile, pads, segments)
+        for position, index in enumerate(members):
+            cuts[index] = batch.select(position)
+    return cuts
 
 
 def strip_block_mask(
@@ -268,30 +343,27 @@ def strip_block_mask(
     q_len: int,
     k_len: int,
     device: torch.device,
-    pad: torch.Tensor | None = None,
-    segments: _Segments | None = None,
+    cut: Cut | None = None,
 ) -> tuple[BlockMask, dict[str, bool]]:
-    """The ``BlockMask`` of one strip call and the kernel flags it makes safe; with a key padding ``pad``
-    (bool ``(B, nk)`` over the key strip's rows, on ``device``) or per-call ``segments`` (packed documents)
-    there is one mask per call and no flag is safe (a query may have only padded keys, and padding or a
-    document's end splits runs of full tiles)."""
+    """The ``BlockMask`` of one strip call and the kernel flags it makes safe; with a :class:`Cut` (key padding or
+    packed documents) there is one mask per call and no flag is safe (a query may have only padded keys, and
+    padding or a document's end splits runs of full tiles)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    full, partial = call_grids(tiles, pad, segments)
-    kv_num, kv_index = block_lists(partial, device)
-    full_num, full_index = block_lists(full, device)
+    if cut is None:
+        lists = (*block_lists(tiles.partial, device), *block_lists(tiles.full, device))
+    else:
+        lists = cut.lists
     # the fused kernel asks the rule only inside partial tiles; the eager one ignores the tiles
-    mask_mod = rule.mask_mod(tiles.needs_layout or device.type != "cuda", pad, segments)
-    per_call = pad is not None or segments is not None
+    layout = tiles.needs_layout or device.type != "cuda"
+    mask_mod = rule.mask_mod(layout) if cut is None else rule.mask_mod(layout, cut.pad, cut.segments)
     block_mask = BlockMask.from_kv_blocks(
-        kv_num, kv_index, full_num, full_index, BLOCK_SIZE=tiles.tile, mask_mod=mask_mod, seq_lengths=(q_len, k_len),
-        compute_q_blocks=not per_call,
-    )  # fmt: skip
-    if per_call:
-        # the backward's lists (per key tile) by the same sort of the transposed grids: FlexAttention's own
-        # transpose goes through a vmapped dense scatter, whose dispatch cost dominated masks built per call
-        block_mask.q_num_blocks, block_mask.q_indices = block_lists(partial.transpose(1, 2), device)
-        block_mask.full_q_num_blocks, block_mask.full_q_indices = block_lists(full.transpose(1, 2), device)
+        *lists[:4], BLOCK_SIZE=tiles.tile, mask_mod=mask_mod, seq_lengths=(q_len, k_len), compute_q_blocks=cut is None
+    )
+    if cut is not None:
+        block_mask.q_num_blocks, block_mask.q_indices, block_mask.full_q_num_blocks, block_mask.full_q_indices = (
+            cut.lists[4:]
+        )
         return block_mask, {}
     # a query sees itself in its diagonal tile (every window holds offset 0) unless the layout or segment cut it
     diagonal_only = rule.same_strip and rule.causal and not (tiles.needs_layout or tiles.needs_segment)
@@ -342,19 +414,19 @@ def math_strip_attention(
     *,
     scale: float,
     enable_gqa: bool,
-    pad: torch.Tensor | None = None,
-    segments: _Segments | None = None,
+    cut: Cut | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same call as dense masked attention in torch ops (any device and dtype, differentiable): the
     reference twin of :func:`flex_strip_attention` that tests run forward and backward on the CPU. It
     keeps the pairs of full tiles and the pairs of partial tiles that the rule (without the layout term
     where the tiles say it cannot matter) allows: exactly what the fused kernel computes on CUDA, with
-    the key padding ``pad`` and the per-call ``segments`` (as :func:`strip_block_mask`) the same way."""
+    the call's :class:`Cut` (key padding, packed documents) the same way."""
     if enable_gqa:
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     t = tiles.tile
-    grids = call_grids(tiles, pad, segments)
+    grids = (tiles.full, tiles.partial) if cut is None else (cut.full, cut.partial)
+    pad, segments = (None, None) if cut is None else (cut.pad, cut.segments)
     full, partial = (x.repeat_interleave(t, 1).repeat_interleave(t, 2).to(q.device) for x in grids)
     allowed = full | (partial & rule.dense(q.shape[1], tiles.needs_layout, pad, segments))
     scores = torch.einsum("bhnd,bhmd->bhnm", q, k) * scale
@@ -373,36 +445,20 @@ def strip_call_forward(
     scale: float,
     grad: bool,
     math: bool = False,
-    pad: torch.Tensor | None = None,
-    documents: torch.Tensor | None = None,
+    cut: Cut | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
     """One strip call on FlexAttention (``math``: its dense twin): ``(o (B, h, n, D), lse (B, h, n), leaves)``;
     with ``grad`` the graph from the leaves (the views the gradients land in) to ``o`` and ``lse`` is kept.
-    ``pad``: the key buffer's padding (bool ``(B, rows)``) for a call built ``padded``; ``documents``: the
-    ``cu_seqlens`` values (int32, on the device) for a call built for packed documents."""
-    if pad is not None:
-        pad = pad[:, call.k.rows].contiguous()
-    segments = None
-    if documents is not None:
-        rule = call.rule
-        rate, phase = call.q.rate, call.phase
-        segments = (
-            document_segments(rule.qpos, documents, call.segment, rate, phase, outside=-1),
-            document_segments(rule.kpos, documents, call.segment, rate, phase, outside=-2),
-        )
+    ``cut``: the call's :class:`Cut` (:func:`call_cuts`) when it was built padded or for packed documents."""
     leaves = tuple(x.detach().requires_grad_(grad) for x in (call.q_view(q), call.kv_leaf(k), call.kv_leaf(v)))
     with torch.set_grad_enabled(grad):
         qt, kt, vt = (x.transpose(1, 2) for x in (leaves[0], call.kv_input(leaves[1]), call.kv_input(leaves[2])))
         if math:
-            o, lse = math_strip_attention(
-                qt, kt, vt, call.tiles, call.rule, scale=scale, enable_gqa=call.gqa, pad=pad, segments=segments
-            )
+            o, lse = math_strip_attention(qt, kt, vt, call.tiles, call.rule, scale=scale, enable_gqa=call.gqa, cut=cut)
         else:
             block_mask = call.block_mask
-            if pad is not None or segments is not None:
-                block_mask, _ = strip_block_mask(
-                    call.tiles, call.rule, len(call.q), len(call.k), q.device, pad, segments
-                )
+            if cut is not None:
+                block_mask, _ = strip_block_mask(call.tiles, call.rule, len(call.q), len(call.k), q.device, cut)
             o, lse = flex_strip_attention(
                 qt, kt, vt, block_mask, scale=scale, enable_gqa=call.gqa, kernel_options=call.kernel_options
             )

@@ -41,7 +41,9 @@ from ring_core.plugin import BlockKernel, Branch, branch_offsets, lse_probe, no_
 
 from .fa4 import Fa4Blocks, available, blocks_for, fa4_backward, fa4_forward, rule_ready
 from .flex import (
+    Cut,
     StripRule,
+    call_cuts,
     kernel_options_for,
     sparse_backward,
     strip_block_mask,
@@ -255,21 +257,12 @@ def fa4_blocks(run: StripRun, call: StripCall, q: torch.Tensor) -> Fa4Blocks | N
 
 
 def sparse_forward(
-    run: StripRun,
-    call: StripCall,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    grad: bool,
-    pad: torch.Tensor | None = None,
+    run: StripRun, call: StripCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grad: bool, cut: Cut | None
 ) -> _Saved:
     """One FlexAttention call: ``(o (B, h, n, D), lse (B, h, n), leaves)``; with ``grad`` the graph from the
-    leaves (the views the gradients land in) to ``o`` and ``lse`` is kept. ``pad``: the key buffer's padding
-    (bool ``(B, rows)``) for a call built ``padded``; the run's packed documents for a call built for them."""
-    return strip_call_forward(
-        call, q, k, v, scale=run.kernel.scale, grad=grad, math=run.sparse == "math", pad=pad, documents=run.documents
-    )
+    leaves (the views the gradients land in) to ``o`` and ``lse`` is kept. ``cut``: the call's
+    :class:`~ring_blocksparse.flex.Cut` (:func:`~ring_blocksparse.flex.call_cuts`: key padding, packed documents)."""
+    return strip_call_forward(call, q, k, v, scale=run.kernel.scale, grad=grad, math=run.sparse == "math", cut=cut)
 
 
 def _segments(x: torch.Tensor, length: int) -> Iterator[tuple[slice, torch.Tensor]]:
@@ -310,6 +303,7 @@ def strip_forward(
     covered = bool(run.calls) and run.calls[0].covering
     out = (torch.empty if covered else torch.zeros)(b, n, h, v.shape[-1], dtype=out_dtype, device=q.device)
     run.saved = []
+    cuts = call_cuts(run.calls, run.key_padding_mask, run.documents)
     for index, call in enumerate(run.calls):
         write = index == 0 and covered
         pieces: list[tuple[slice, torch.Tensor, torch.Tensor]]
@@ -322,7 +316,7 @@ def strip_forward(
             pieces = [(slice(None), o, lse_call.transpose(1, 2))]
             run.saved.append(blocks)
         else:
-            o, lse_call, leaves = sparse_forward(run, call, q, k, v, grad=run.grad, pad=run.key_padding_mask)
+            o, lse_call, leaves = sparse_forward(run, call, q, k, v, grad=run.grad, cut=cuts[index])
             pieces = [(slice(None), o.transpose(1, 2), lse_call.transpose(1, 2))]
             run.saved.append((o, lse_call, leaves) if run.grad else None)
         for rows, o_rows, lse_rows in pieces:
@@ -356,6 +350,8 @@ def strip_backward(
     grad_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else acc
     grads: list[torch.Tensor | None] = [None, None, None]
     backend = run.kernel.backend
+    recompute = any(saved is None and call.run is None for call, saved in zip(run.calls, run.saved))
+    cuts = call_cuts(run.calls, run.key_padding_mask, run.documents) if recompute else []
     for index, (call, saved) in enumerate(zip(run.calls, run.saved)):
         if call.run is not None:
             blocks = _dense_backward(run, call, q, k, v, out, lse, dout)
@@ -371,7 +367,7 @@ def strip_backward(
                 blocks = _with_lse(blocks, [(slice(None), *lse_grads)])
         else:
             if saved is None:
-                saved = sparse_forward(run, call, q, k, v, grad=True, pad=run.key_padding_mask)
+                saved = sparse_forward(run, call, q, k, v, grad=True, cut=cuts[index])
             o, lse_call, leaves = saved
             blocks = [(slice(None), *sparse_backward(call, o, lse_call, leaves, dout, out, lse, dlse))]
         for i, (x, view) in enumerate(((q, call.q_view), (k, call.kv_leaf), (v, call.kv_leaf))):

@@ -29,7 +29,7 @@ import torch
 from ring_core.plugin import Accumulator, BlockKernel, shard_positions
 
 from .fa4 import fa4_backward, fa4_forward
-from .flex import sparse_backward
+from .flex import call_cuts, sparse_backward
 from .gather import BlockSparseSchedule, CommStats, _Posted
 from .rows import gather_rows, scatter_rows
 from .strided import StripCall, StripRun, fa4_blocks, sparse_forward, strip_calls
@@ -188,12 +188,13 @@ class StripRingSchedule(BlockSparseSchedule):
         acc: Accumulator,
         pad: torch.Tensor | None = None,
     ) -> None:
-        for call in calls:
+        cuts = call_cuts(calls, pad, self.run.documents)
+        for call, cut in zip(calls, cuts):
             blocks = fa4_blocks(self.run, call, q)
             if blocks is not None:
                 o, lse = fa4_forward(call, blocks, q, kb, vb, scale=self.kernel.scale)
             else:
-                o, lse, _ = sparse_forward(self.run, call, q, kb, vb, grad=False, pad=pad)
+                o, lse, _ = sparse_forward(self.run, call, q, kb, vb, grad=False, cut=cut)
                 o = o.transpose(1, 2)
             self.kernel.backend.merge(call.q_view(acc.out), call.q_view(acc.lse), o, lse.transpose(1, 2))
 
@@ -217,7 +218,8 @@ class StripRingSchedule(BlockSparseSchedule):
         disjoint and ``dkb``/``dvb`` hold nothing yet, so each call's key/value gradient is written there."""
         accumulate = self.kernel.backend.accumulate
         put_keys = _write if write_keys else accumulate
-        for call in calls:
+        cuts = call_cuts(calls, pad, self.run.documents)
+        for call, cut in zip(calls, cuts):
             blocks = fa4_blocks(self.run, call, q)
             dk_view, dv_view = call.kv_leaf(dkb), call.kv_leaf(dvb)
             if blocks is not None:
@@ -228,7 +230,7 @@ class StripRingSchedule(BlockSparseSchedule):
                     call, blocks, q, kb, vb, out, lse, dout, scale=self.kernel.scale, outputs=outputs
                 )
             else:
-                o, lse_call, leaves = sparse_forward(self.run, call, q, kb, vb, grad=True, pad=pad)
+                o, lse_call, leaves = sparse_forward(self.run, call, q, kb, vb, grad=True, cut=cut)
                 bq, bk, bv = sparse_backward(call, o, lse_call, leaves, dout, out, lse)
             accumulate(call.q_view(dq), bq)
             if bk is not dk_view:  # (else written there already)

@@ -178,15 +178,15 @@ def padded_grids(tiles: Tiles, pad: torch.Tensor) -> tuple[torch.Tensor, torch.T
 def _padded(
     full: torch.Tensor, partial: torch.Tensor, pad: torch.Tensor, tile: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    columns = pad.unflatten(1, (-1, tile))
-    some, every = columns.any(2).any(0), columns.all(2).all(0)
+    columns = pad.unflatten(-1, (-1, tile))  # (..., B, key tiles, tile)
+    some, every = columns.any(-1).any(-2)[..., None, None, :], columns.all(-1).all(-2)[..., None, None, :]
     kept = full & ~some
     return kept, (full | partial) & ~every & ~kept
 
 
 def _segment_spans(ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Per tile (row of ``ids``): the smallest and largest segment id of its served rows, whether every row is
-    served and whether any is (ids below 0: not served)."""
+    """Per tile (last dim of ``ids``): the smallest and largest segment id of its served rows, whether every row
+    is served and whether any is (ids below 0: not served)."""
     served = ids >= 0
     first = torch.where(served, ids, torch.iinfo(ids.dtype).max).amin(-1)
     last = torch.where(served, ids, -1).amax(-1)
@@ -196,21 +196,39 @@ def _segment_spans(ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def call_grids(
     tiles: Tiles, pad: torch.Tensor | None = None, segments: tuple[torch.Tensor, torch.Tensor] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The call's ``(full, partial)`` tile grids: the plan's, then under per-call segment ids ``segments`` (int
-    ``(nq,)`` and ``(nk,)`` over the strips' rows, non-decreasing where not negative, negative for rows the call
-    does not serve: packed documents, whose segments the plan cannot know) and the key padding ``pad``
-    (:func:`padded_grids`); on the device of those tensors. With ``segments`` a full tile stays full only when
-    all its rows are served and in one segment, and a tile whose query and key rows cannot share a segment
-    is skipped."""
-    if segments is None:
-        return (tiles.full, tiles.partial) if pad is None else padded_grids(tiles, pad)
-    (q0, q1, q_all, q_any), (k0, k1, k_all, k_any) = (_segment_spans(x.view(-1, tiles.tile)) for x in segments)
-    same = (q_all & (q0 == q1))[:, None] & (k_all & (k0 == k1))[None, :] & (q0[:, None] == k0[None, :])
-    meet = q_any[:, None] & k_any[None, :] & (q0[:, None] <= k1[None, :]) & (k0[None, :] <= q1[:, None])
-    plan_full, plan_partial = tiles.grids_on(segments[0].device)
-    full = plan_full & same
-    partial = (plan_full | plan_partial) & meet & ~full
-    return (full, partial) if pad is None else _padded(full, partial, pad, tiles.tile)
+    """The call's ``(full, partial)`` tile grids: the plan's, then under per-call segment ids ``segments`` and the
+    key padding ``pad`` (:func:`cut_grids`); on the device of those tensors."""
+    if segments is None and pad is None:
+        return tiles.full, tiles.partial
+    device = segments[0].device if segments is not None else pad.device  # type: ignore[union-attr]
+    return cut_grids(*tiles.grids_on(device), tiles.tile, pad, segments)
+
+
+def cut_grids(
+    full: torch.Tensor,
+    partial: torch.Tensor,
+    tile: int,
+    pad: torch.Tensor | None = None,
+    segments: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plan's ``(full, partial)`` grids ``(..., h, rows, cols)`` under per-call segment ids ``segments`` (int
+    ``(..., nq)`` and ``(..., nk)`` over the strips' rows, non-decreasing where not negative, negative for rows the
+    call does not serve: packed documents, whose segments the plan cannot know) and the key padding ``pad`` (bool
+    ``(..., B, nk)``, :func:`padded_grids`); leading dims batch calls of one shape. With ``segments`` a full tile
+    stays full only when all its rows are served and in one segment, and a tile whose query and key rows cannot
+    share a segment is skipped."""
+    if segments is not None:
+        (q0, q1, q_all, q_any), (k0, k1, k_all, k_any) = (_segment_spans(x.unflatten(-1, (-1, tile))) for x in segments)
+        same = (
+            (q_all & (q0 == q1))[..., :, None]
+            & (k_all & (k0 == k1))[..., None, :]
+            & (q0[..., None] == k0[..., None, :])
+        )
+        meet = q_any[..., :, None] & k_any[..., None, :] & (q0[..., None] <= k1[..., None, :])
+        meet &= k0[..., None, :] <= q1[..., None]
+        full, partial = full & same[..., None, :, :], (full | partial) & meet[..., None, :, :]
+        partial &= ~full
+    return (full, partial) if pad is None else _padded(full, partial, pad, tile)
 
 
 def block_lists(mask: torch.Tensor, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
