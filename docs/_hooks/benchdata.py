@@ -166,8 +166,8 @@ STRIPS = "blocksparse-strips-fa4-h200.json"
 STRIPS_RING = "blocksparse-strips-ring-h200.json"
 # a later run of the gather path against the strips (after its rows moved to one Triton pass per row)
 STRIPS_GATHER = "blocksparse-strips-gather-h200.json"
-# packed documents on the strips against the gather path (flash-attn 4 not installed on that machine)
-STRIPS_PACKED = "blocksparse-strips-packed-h200.json"
+# the strips compiled against eager, and packed documents starting anywhere on the strips against the gather path
+STRIPS_COMPILED = "blocksparse-strips-compiled-h200.json"
 WINDOWS = "packed-windows-h200.json"
 SPARSE_RING = "blocksparse-ring-2xh200.json"
 CPU = "cli-bench-cpu.json"
