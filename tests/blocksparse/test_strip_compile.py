@@ -54,3 +54,25 @@ def test_compiled_strips_return_lse_with_its_gradient():
     expected = torch.autograd.grad((expected_out.sum() + (expected_lse * weights).sum()), eager)
     for a, b in zip(grads, expected):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_compiled_auto_falls_back_to_gather_when_the_strips_fail(monkeypatch):
+    """Compiled, 'auto' warns and computes the call on the gather path inside the op, forward and backward."""
+    import ring_blocksparse.attention as attention
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setattr(attention, "strip_forward", broken)
+    monkeypatch.setattr(attention.BlockSparseRingDilatedAttention, "_use_flex", lambda self, *a: not self._flex_failed)
+    case, name = CASES[0]
+    attn = _module(case, name)
+    attn.method = "auto"
+    compiled = torch.compile(attn, fullgraph=True, backend="aot_eager")
+    layout = attn.layout_for(case.seq_len, case.heads)
+    with pytest.warns(RuntimeWarning, match="FlexAttention failed .*no kernel for this GPU.*gather path"):
+        result = check_attention(
+            compiled, case, torch.float64, reference_options={"block_layout": layout, "block_size": 8}
+        )
+    assert attn.last_method == "gather" and attn._flex_failed
+    assert result.passed, f"{case}: {result.errors} > {result.tolerance}"

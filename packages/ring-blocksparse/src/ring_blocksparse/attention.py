@@ -98,12 +98,19 @@ class _StripOp(AttentionOp):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: OpCall
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        self.owner.comm_stats = CommStats()  # this call's bytes (its backward adds to them)
-        with _eager_dispatch(), torch.no_grad():
-            run = self._run(q, k, v, call)
-            run.grad = False
-            out, lse = strip_forward(run, q, k, v)
-        return out.to(q.dtype), lse
+        owner: BlockSparseRingDilatedAttention = self.owner
+        if not owner._flex_failed:
+            owner.comm_stats = CommStats()  # this call's bytes (its backward adds to them)
+            try:
+                with _eager_dispatch(), torch.no_grad():
+                    run = self._run(q, k, v, call)
+                    run.grad = False
+                    out, lse = strip_forward(run, q, k, v)
+                return out.to(q.dtype), lse
+            except Exception as exc:
+                owner._flex_failure(exc)  # (raises for method="flex")
+        # the same attention, and either path's backward is exact from the other's out and lse
+        return owner._op.forward(q, k, v, call)
 
     def backward(
         self,
@@ -115,6 +122,8 @@ class _StripOp(AttentionOp):
         lse: torch.Tensor,
         call: OpCall,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.owner._flex_failed:
+            return self.owner._op.backward(dout, q, k, v, out, lse, call)  # type: ignore[no-any-return]
         with _eager_dispatch(), torch.no_grad():
             run = self._run(q, k, v, call)
             run.saved = [fa4_blocks(run, c, q) or None for c in run.calls]  # nothing kept but the block lists
@@ -355,15 +364,9 @@ class BlockSparseRingDilatedAttention(nn.Module):
                     out, lse = blockwise_attention(work, q, k, v, lse_grad=return_lse)
                 return (out, lse.transpose(1, 2)) if return_lse else out
             except Exception as exc:
-                if self.method == "flex" or world > 1:  # a ring cannot change course on one rank alone
+                if world > 1:  # a ring cannot change course on one rank alone
                     raise
-                warnings.warn(
-                    f"FlexAttention failed ({type(exc).__name__}: {exc}); method='auto' uses the gather path "
-                    "from now on",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                self._flex_failed = True
+                self._flex_failure(exc)
         out, lse = run_attention(
             self._op, q, k, v, key_padding_mask=key_padding_mask, causal=bool(is_causal), dropout_p=dropout_p,
             lse_grad=return_lse, cu_seqlens=cu_seqlens, documents=documents,
@@ -456,6 +459,18 @@ class BlockSparseRingDilatedAttention(nn.Module):
                 source: document_calls(calls, documents) for source, calls in plan.calls.items()
             }, **schedule_args,
         )  # fmt: skip
+
+    def _flex_failure(self, exc: Exception) -> None:
+        """After the strips failed on one process: re-raise for ``method="flex"``; for ``"auto"`` warn and take the
+        gather path from now on."""
+        if self.method == "flex":
+            raise exc
+        warnings.warn(
+            f"FlexAttention failed ({type(exc).__name__}: {exc}); method='auto' uses the gather path from now on",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self._flex_failed = True
 
     def _use_flex(
         self,
