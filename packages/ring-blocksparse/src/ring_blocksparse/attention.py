@@ -56,7 +56,7 @@ from .strided import (
     strip_backward,
     strip_forward,
 )
-from .strip_ring import StripPlan, StripRingSchedule, build_strip_plan
+from .strip_ring import StripPlan, StripRingSchedule, build_strip_plan, document_plan
 
 METHODS = ("auto", "gather", "flex")
 
@@ -453,6 +453,8 @@ class BlockSparseRingDilatedAttention(nn.Module):
                 lse_grad=lse_grad,
                 documents=bounds,
             )
+        if documents is not None:  # (rows of documents without a query here do not travel)
+            plan = document_plan(plan, documents)
         return StripRingSchedule(
             plan, kernel, stats=self.comm_stats, sparse=self.sparse_kernel, key_padding_mask=key_padding_mask,
             documents=bounds, calls=None if documents is None else {

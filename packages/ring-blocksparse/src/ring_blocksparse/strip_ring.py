@@ -19,6 +19,7 @@ need) with nothing lost, and flash-attn 4 writes it into the send buffer itself.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,6 +57,8 @@ class StripPlan:
     # destination -> its calls' views of this rank's rows are disjoint: their gradients return in the inputs'
     # dtype (the module Note); for sources, key_views[source][0] says the same of this rank's own calls
     returns_disjoint: dict[int, bool] = field(default_factory=dict)
+    positions: list[torch.Tensor] = field(default_factory=list)  # every rank's global positions (on the CPU)
+    send_positions: dict[int, torch.Tensor] = field(default_factory=dict)  # destination -> global positions sent
 
     def to(self, device: torch.device) -> StripPlan:
         self.recv_rows = {s: r.to(device) for s, r in self.recv_rows.items()}
@@ -88,6 +91,7 @@ def build_strip_plan(
     recv_rows: dict[int, torch.Tensor] = {}
     send_rows: dict[int, torch.Tensor] = {}
     recv_positions: dict[int, torch.Tensor] = {}
+    send_positions: dict[int, torch.Tensor] = {}
     whole: dict[int, bool] = {}
     key_views: dict[int, tuple[bool, bool]] = {}
     returns_disjoint: dict[int, bool] = {}
@@ -102,14 +106,42 @@ def build_strip_plan(
             key_views[source] = disjoint, covering and not documents
             theirs = strip_calls(positions[source], positions[rank], **dict(options, masks=False))
             send_rows[source] = needed_rows([(c.tiles, c.k) for c in theirs], len(positions[rank]))
+            send_positions[source] = positions[rank][send_rows[source]]
             returns_disjoint[source] = disjoint_and_covering(
                 theirs, send_rows[source], len(positions[rank]), num_kv_heads
             )[0]
     plan = StripPlan(
         rank, world_size, len(positions[rank]), calls, recv_rows, send_rows, recv_positions, whole, key_views,
-        returns_disjoint,
+        returns_disjoint, positions, send_positions,
     )  # fmt: skip
     return plan.to(q.device)
+
+
+def document_plan(plan: StripPlan, documents: Sequence[int]) -> StripPlan:
+    """``plan`` for packed ``documents`` (``cu_seqlens`` values): of the plan's rows, only those whose document holds
+    a query of the receiving rank travel (a key matches no query of another document), cut the same way on both
+    sides of every pair. Host work on the plan's CPU positions; the cached plan is left as it was."""
+    bounds = torch.tensor(documents)
+
+    def kept(positions: torch.Tensor, receiver: int) -> torch.Tensor:
+        """Indices of ``positions`` whose document holds some position of ``receiver``."""
+        ids, theirs = (torch.searchsorted(bounds, x, right=True) for x in (positions, plan.positions[receiver]))
+        return torch.isin(ids, theirs).nonzero().flatten()
+
+    recv_rows, recv_positions, whole, send_rows, send_positions = {}, {}, {}, {}, {}
+    for source, rows in plan.recv_rows.items():
+        index = kept(plan.recv_positions[source], plan.rank)
+        recv_positions[source] = plan.recv_positions[source][index]
+        recv_rows[source] = rows[index.to(rows.device)]
+        whole[source] = plan.whole[source] and index.numel() == rows.numel()
+    for dest, rows in plan.send_rows.items():
+        index = kept(plan.send_positions[dest], dest)
+        send_positions[dest] = plan.send_positions[dest][index]
+        send_rows[dest] = rows[index.to(rows.device)]
+    return dataclasses.replace(
+        plan, recv_rows=recv_rows, send_rows=send_rows, recv_positions=recv_positions, whole=whole,
+        send_positions=send_positions,
+    )  # fmt: skip
 
 
 def disjoint_and_covering(
