@@ -179,7 +179,7 @@ class StripRingSchedule(BlockSparseSchedule):
         """``comm_options``: ``group``, ``timeout`` and ``context`` of :class:`~ring_blocksparse.gather.BlockSparseSchedule`;
         ``key_padding_mask``: this rank's ``(B, n)`` (its rows travel with the key/value rows); ``documents``: the
         global ``cu_seqlens`` (int32, on the device) for a plan built for packed documents (each call cuts its
-        tiles and segments per document; the rows that travel are the plan's, a superset), and ``calls`` the
+        tiles and segments per document; the plan is :func:`document_plan`'s for them), and ``calls`` the
         plan's calls that these documents need (:func:`~ring_blocksparse.strided.document_calls`)."""
         super().__init__(plan, kernel, kernel, key_padding_mask=key_padding_mask, stats=stats, **comm_options)  # type: ignore[arg-type]
         self.run = StripRun([], kernel, sparse, documents=documents)
