@@ -299,11 +299,10 @@ def tile_cut(
     """The :class:`Cut` of plan grids ``(..., h, rows, cols)`` under ``pad`` and ``segments`` (:func:`cut_grids`;
     leading dims batch calls of one shape), with the forward's and the backward's block lists."""
     full, partial = cut_grids(full, partial, tile, pad, segments)
-    device = full.device
-    lists = (*block_lists(partial, device), *block_lists(full, device))
     # the backward's lists (per key tile) by the same sort of the transposed grids: FlexAttention's own
     # transpose goes through a vmapped dense scatter, whose dispatch cost dominated masks built per call
-    lists += (*block_lists(partial.transpose(-2, -1), device), *block_lists(full.transpose(-2, -1), device))
+    grids = (partial, full, partial.transpose(-2, -1), full.transpose(-2, -1))
+    lists = tuple(x for grid in grids for x in block_lists(grid, full.device))
     return Cut(full, partial, lists, pad, segments)
 
 
@@ -350,16 +349,17 @@ def strip_block_mask(
     padding or a document's end splits runs of full tiles)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    if cut is None:
-        lists = (*block_lists(tiles.partial, device), *block_lists(tiles.full, device))
-    else:
-        lists = cut.lists
+    lists: tuple[torch.Tensor, ...] = (
+        (*block_lists(tiles.partial, device), *block_lists(tiles.full, device)) if cut is None else cut.lists
+    )
     # the fused kernel asks the rule only inside partial tiles; the eager one ignores the tiles
     layout = tiles.needs_layout or device.type != "cuda"
     mask_mod = rule.mask_mod(layout) if cut is None else rule.mask_mod(layout, cut.pad, cut.segments)
+    kv_num, kv_index, full_num, full_index = lists[:4]
     block_mask = BlockMask.from_kv_blocks(
-        *lists[:4], BLOCK_SIZE=tiles.tile, mask_mod=mask_mod, seq_lengths=(q_len, k_len), compute_q_blocks=cut is None
-    )
+        kv_num, kv_index, full_num, full_index, BLOCK_SIZE=tiles.tile, mask_mod=mask_mod, seq_lengths=(q_len, k_len),
+        compute_q_blocks=cut is None,
+    )  # fmt: skip
     if cut is not None:
         block_mask.q_num_blocks, block_mask.q_indices, block_mask.full_q_num_blocks, block_mask.full_q_indices = (
             cut.lists[4:]

@@ -403,7 +403,8 @@ class _StripAttention(torch.autograd.Function):
     @no_double_backward
     def backward(ctx: Any, dout: torch.Tensor, dlse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         run: StripRun = ctx.run
-        return None, *strip_backward(run, *ctx.saved_tensors, dout, dlse if run.lse_grad else None)
+        q, k, v, out, lse = ctx.saved_tensors
+        return None, *strip_backward(run, q, k, v, out, lse, dout, dlse if run.lse_grad else None)
 
 
 def _with_lse(blocks: list[tuple[Any, ...]], lse_blocks: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
