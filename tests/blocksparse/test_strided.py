@@ -12,6 +12,7 @@ import itertools
 
 import pytest
 import torch
+from tests.blocksparse.ring_helpers import assert_rows_match, run_shard
 from tests.distributed_helpers import raised, run_distributed
 
 from ring_blocksparse import BlockSparseRingDilatedAttention, build_pattern
@@ -181,19 +182,8 @@ def _ring_rank(rank: int, world_size: int, layouts: list[str]) -> dict:
     results = {}
     for layout in layouts:
         for name, (segments, rates, _, _, block, pattern, causal) in RING.items():
-            q, k, v, dout = _ring_inputs(name)
-            local = [
-                shard_sequence(x, layout, rank=rank, world_size=world_size).clone().requires_grad_() for x in (q, k, v)
-            ]
             attn = _module({"segment_lengths": segments, "dilation_rates": rates}, block, pattern, layout=layout)
-            out = attn(*local, is_causal=causal)
-            out.backward(shard_sequence(dout, layout, rank=rank, world_size=world_size))
-            results[layout, name] = {
-                "out": out.detach().numpy(),
-                "grads": [x.grad.numpy() for x in local],
-                "sent": dict(attn.comm_stats.sent),
-                "method": attn.last_method,
-            }
+            results[layout, name] = run_shard(attn, _ring_inputs(name), rank, world_size, layout, is_causal=causal)
     return results
 
 
@@ -212,16 +202,9 @@ def test_ring_on_strips(world_size, layouts):
                 *leaves, segment_lengths=segments, dilation_rates=rates, is_causal=causal,
                 block_layout=build_pattern(pattern_name, **options).layout(128, block, h), block_size=block,
             )  # fmt: skip
-            expected.backward(dout)
+            grads = torch.autograd.grad(expected, leaves, dout)
             for rank, result in enumerate(by_rank):
-                got = result[layout, name]
-                assert got["method"] == "flex"
-                rows = shard_positions(128, rank, world_size, layout)
-                torch.testing.assert_close(
-                    torch.from_numpy(got["out"]), expected.detach()[:, rows], rtol=1e-10, atol=1e-12
-                )
-                for grad, leaf in zip(got["grads"], leaves):
-                    torch.testing.assert_close(torch.from_numpy(grad), leaf.grad[:, rows], rtol=1e-9, atol=1e-11)
+                assert_rows_match(result[layout, name], expected, grads, rank, world_size, layout)
     for result in by_rank:
         if world_size == 2:
             assert sum(result["contiguous", "windows-in-shards"]["sent"].values()) == 0

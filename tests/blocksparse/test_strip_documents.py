@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.blocksparse.ring_helpers import assert_rows_match, run_shard
 from tests.blocksparse.test_strip_windows import PATTERNS, _module
 from tests.distributed_helpers import run_distributed
 
@@ -20,7 +21,6 @@ from ring_blocksparse import build_pattern
 from ring_blocksparse.flex import document_segments
 from ring_blocksparse.strips import Tiles, call_grids
 from ring_core import reference_attention
-from ring_core.sharding import shard_positions, shard_sequence
 from ring_core.testing import Case, check_attention, make_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -156,21 +156,10 @@ def _ring_rank(rank: int, world_size: int, layouts: list[str]) -> dict:
     results = {}
     for layout in layouts:
         for name, (segments, rates, _, _, pattern, causal, window, documents) in RING.items():
-            q, k, v, dout = _ring_inputs(name)
-            local = [
-                shard_sequence(x, layout, rank=rank, world_size=world_size).clone().requires_grad_() for x in (q, k, v)
-            ]
-            case = Case(name, 96, 1, segments, rates, window_size=window)
-            attn = _module(case, pattern)
-            attn.layout = layout
-            out = attn(*local, is_causal=causal, cu_seqlens=torch.tensor(documents))
-            out.backward(shard_sequence(dout, layout, rank=rank, world_size=world_size))
-            results[layout, name] = {
-                "out": out.detach().numpy(),
-                "grads": [x.grad.numpy() for x in local],
-                "method": attn.last_method,
-                "sent": attn.comm_stats.total_sent,
-            }
+            attn = _module(Case(name, 96, 1, segments, rates, window_size=window), pattern, layout=layout)
+            results[layout, name] = run_shard(
+                attn, _ring_inputs(name), rank, world_size, layout, is_causal=causal, cu_seqlens=torch.tensor(documents)
+            )
     return results
 
 
@@ -193,15 +182,10 @@ def test_ring_with_packed_documents(world_size, layouts):
             expected_grads = torch.autograd.grad(expected, leaves, dout)
             for rank, result in enumerate(by_rank):
                 got = result[layout, name]
-                assert got["method"] == "flex"
-                assert got["sent"] > 0 or name == "inside-shards"
-                assert got["sent"] == 0 or (name, layout) != ("inside-shards", "contiguous")
-                rows = shard_positions(96, rank, world_size, layout)
-                torch.testing.assert_close(
-                    torch.from_numpy(got["out"]), expected.detach()[:, rows], rtol=1e-10, atol=1e-12
-                )
-                for grad, ref in zip(got["grads"], expected_grads):
-                    torch.testing.assert_close(torch.from_numpy(grad), ref[:, rows], rtol=1e-9, atol=1e-11)
+                assert_rows_match(got, expected, expected_grads, rank, world_size, layout)
+                sent = sum(got["sent"].values())
+                assert sent > 0 or name == "inside-shards"
+                assert sent == 0 or (name, layout) != ("inside-shards", "contiguous")
 
 
 def test_return_lse_with_packed_documents_on_the_strips():

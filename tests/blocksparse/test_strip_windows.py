@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.blocksparse.ring_helpers import assert_rows_match, run_shard
 from tests.distributed_helpers import run_distributed
 
 from ring_blocksparse import BlockSparseRingDilatedAttention, build_pattern, flex, strided
@@ -18,7 +19,7 @@ from ring_blocksparse.fa4 import tile_grids
 from ring_blocksparse.strips import classify, padded_grids, strip_of
 from ring_core import reference_attention
 from ring_core.dilated import branches
-from ring_core.sharding import shard_positions, shard_sequence
+from ring_core.sharding import shard_sequence
 from ring_core.testing import Case, check_attention
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -252,21 +253,12 @@ def _ring_rank(rank: int, world_size: int, layouts: list[str]) -> dict:
     results = {}
     for layout in layouts:
         for name, (segments, rates, _, _, pattern, causal, window, padding) in RING.items():
-            q, k, v, dout, mask = _ring_inputs(name)
-            local = [
-                shard_sequence(x, layout, rank=rank, world_size=world_size).clone().requires_grad_() for x in (q, k, v)
-            ]
+            *inputs, mask = _ring_inputs(name)
             local_mask = shard_sequence(mask, layout, rank=rank, world_size=world_size) if padding else None
-            case = Case(name, 96, 1, segments, rates, window_size=window)
-            attn = _module(case, pattern, layout=layout)
-            out = attn(*local, is_causal=causal, key_padding_mask=local_mask)
-            out.backward(shard_sequence(dout, layout, rank=rank, world_size=world_size))
-            results[layout, name] = {
-                "out": out.detach().numpy(),
-                "grads": [x.grad.numpy() for x in local],
-                "sent": dict(attn.comm_stats.sent),
-                "method": attn.last_method,
-            }
+            attn = _module(Case(name, 96, 1, segments, rates, window_size=window), pattern, layout=layout)
+            results[layout, name] = run_shard(
+                attn, tuple(inputs), rank, world_size, layout, is_causal=causal, key_padding_mask=local_mask
+            )
     return results
 
 
@@ -286,16 +278,9 @@ def test_ring_with_windows_and_padding(world_size, layouts):
                 *leaves, segment_lengths=segments, dilation_rates=rates, is_causal=causal, window_size=window,
                 key_padding_mask=mask if padding else None, block_layout=block_layout, block_size=8,
             )  # fmt: skip
-            expected.backward(dout)
+            grads = torch.autograd.grad(expected, leaves, dout)
             for rank, result in enumerate(by_rank):
-                got = result[layout, name]
-                assert got["method"] == "flex"
-                rows = shard_positions(96, rank, world_size, layout)
-                torch.testing.assert_close(
-                    torch.from_numpy(got["out"]), expected.detach()[:, rows], rtol=1e-10, atol=1e-12
-                )
-                for grad, leaf in zip(got["grads"], leaves):
-                    torch.testing.assert_close(torch.from_numpy(grad), leaf.grad[:, rows], rtol=1e-9, atol=1e-11)
+                assert_rows_match(result[layout, name], expected, grads, rank, world_size, layout)
     row_bytes = 2 * 2 * (4 + 4) * 8 + 2  # batch 2, 2 kv heads, K and V of head dim 4, float64; padding flags
     for rank, result in enumerate(by_rank):
         sent = result["contiguous", "window-causal-pad"]["sent"]["forward"]
