@@ -444,15 +444,10 @@ class BlockSparseRingDilatedAttention(nn.Module):
         self.last_plan, self.last_method = plan, "flex"
         bounds = None if documents is None else torch.tensor(documents, dtype=torch.int32, device=q.device)
         if world == 1:
-            calls = document_calls(plan.calls[0], documents)
             return StripRun(
-                calls,
-                kernel,
-                self.sparse_kernel,
-                key_padding_mask=key_padding_mask,
-                lse_grad=lse_grad,
-                documents=bounds,
-            )
+                document_calls(plan.calls[0], documents), kernel, self.sparse_kernel,
+                key_padding_mask=key_padding_mask, lse_grad=lse_grad, documents=bounds,
+            )  # fmt: skip
         if documents is not None:  # (rows of documents without a query here do not travel)
             plan = document_plan(plan, documents)
         return StripRingSchedule(
