@@ -11,9 +11,8 @@ tile of the receiver needs (nothing at all when no tile needs them).
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -35,6 +34,7 @@ from ring_core.plugin import (
     check_timeout,
     check_window,
     default_scale,
+    eager_dispatch,
     group_rank_and_size,
     run_attention,
 )
@@ -76,20 +76,6 @@ class _GatherOp(AttentionOp):
         return owner._gather_schedule(q, k, v, call)
 
 
-@contextlib.contextmanager
-def _eager_dispatch() -> Iterator[None]:
-    """Dispatch as eager code outside any op does: ``torch.library`` runs an op's body below autograd, and a
-    compiled graph's runtime below ADInplaceOrView and functorch too, but the strips build block masks with
-    ``vmap`` and differentiate each FlexAttention call they recompute. Autocast stays as it was (off in an op)."""
-    exclude = torch._C._dispatch_tls_local_exclude_set()
-    autocast = torch._C.DispatchKeySet(torch._C.DispatchKey.Undefined)
-    for name, key in torch._C.DispatchKey.__members__.items():
-        if name.startswith("Autocast") and exclude.has(key):
-            autocast = autocast.add(key)
-    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), autocast):
-        yield
-
-
 class _StripOp(AttentionOp):
     """The custom ops' side of the strips on one process (under ``torch.compile``): the forward keeps no FlexAttention
     graph, the backward recomputes each such call (as a ring step does; flash-attn 4 and dense calls need nothing
@@ -102,7 +88,7 @@ class _StripOp(AttentionOp):
         if not owner._flex_failed:
             owner.comm_stats = CommStats()  # this call's bytes (its backward adds to them)
             try:
-                with _eager_dispatch(), torch.no_grad():
+                with eager_dispatch(), torch.no_grad():
                     run = self._run(q, k, v, call)
                     run.grad = False
                     out, lse = strip_forward(run, q, k, v)
@@ -124,7 +110,7 @@ class _StripOp(AttentionOp):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.owner._flex_failed:
             return self.owner._op.backward(dout, q, k, v, out, lse, call)  # type: ignore[no-any-return]
-        with _eager_dispatch(), torch.no_grad():
+        with eager_dispatch(), torch.no_grad():
             run = self._run(q, k, v, call)
             run.saved = [fa4_blocks(run, c, q) or None for c in run.calls]  # nothing kept but the block lists
             return strip_backward(run, q, k, v, out, lse, dout)

@@ -46,7 +46,7 @@ from .kernels import accumulation_dtype
 from .lse import lse_probe
 from .validation import check_documents
 
-__all__ = ["AttentionOp", "CallOp", "OpCall", "run_attention"]
+__all__ = ["AttentionOp", "CallOp", "OpCall", "eager_dispatch", "run_attention"]
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,24 @@ class CallOp(AttentionOp):
 
     def schedule(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: OpCall) -> BlockSchedule:
         return self.make(q, k, v, call)
+
+
+@contextlib.contextmanager
+def eager_dispatch() -> Iterator[None]:
+    """Inside an :class:`AttentionOp`'s ``forward`` or ``backward``: dispatch as eager code outside any op does.
+
+    ``torch.library`` runs an op's body below autograd, and a compiled graph's runtime below
+    ADInplaceOrView and functorch too; code that differentiates something of its own there
+    (``torch.autograd.grad`` on a block it recomputes) or uses ``vmap`` (FlexAttention builds block masks
+    with it) needs them back. Autocast stays as it was. Elsewhere it changes nothing.
+    """
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    autocast = torch._C.DispatchKeySet(torch._C.DispatchKey.Undefined)
+    for name, key in torch._C.DispatchKey.__members__.items():
+        if name.startswith("Autocast") and exclude.has(key):
+            autocast = autocast.add(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), autocast):
+        yield
 
 
 def _register(op: AttentionOp) -> str:

@@ -11,7 +11,8 @@ repository, and ``docs/plugins.md`` documents the names by purpose:
 - kernels: the backend base class, the request it answers, dispatch and the block helpers;
 - the engine: schedules, the accumulator, the one autograd function and the schedule's
   forward and backward as functions;
-- the custom ops (what ``torch.compile`` sees of a call): ``AttentionOp``, ``run_attention``;
+- the custom ops (what ``torch.compile`` sees of a call): ``AttentionOp``, ``run_attention``, and
+  ``eager_dispatch`` for an op's body that needs autograd or ``vmap``;
 - the dilated pattern: branches, parts (strided views of selected positions), blocks;
 - packed documents and sliding windows: their checks, the window geometry of a block
   (:mod:`ring_core.windows`) and how a kernel takes it (``window_kwargs``);
@@ -84,7 +85,7 @@ from .kernels import (
     unit_last_stride,
 )
 from .lse import lse_for_backward, lse_probe, merge_attention
-from .ops import AttentionOp, CallOp, OpCall, run_attention
+from .ops import AttentionOp, CallOp, OpCall, eager_dispatch, run_attention
 from .reference import branch_counts, document_mask, reference_attention, window_allowed
 from .registry import Implementation, get_registry
 from .ring import RingAttentionBase, RingDilatedAttention
@@ -180,6 +181,7 @@ __all__ = [
     "document_mask",
     "document_spans",
     "dropout_seed",
+    "eager_dispatch",
     "forward_block",
     "get_registry",
     "group_rank_and_size",
