@@ -63,6 +63,10 @@ def block_sparse_dilated_attention(
     (seconds, ``None``: forever) bounds every wait for a peer (``CollectiveError`` after).
     ``window_size`` and ``cu_seqlens`` (global document boundaries, ``B = 1``) as in
     :func:`ring_core.dilated_attention`; the layout indexes global positions.
+
+    This function runs the gather path and plans every call anew; repeated calls on CUDA are
+    much faster through :class:`~ring_blocksparse.BlockSparseRingDilatedAttention` (plans cached
+    per shape, the strips' fused kernels: ``docs/benchmarks/blocksparse-strips-gather-h200.json``).
     """
     dropout_p = check_dropout(dropout_p)
     softmax_scale = check_scale(softmax_scale)
