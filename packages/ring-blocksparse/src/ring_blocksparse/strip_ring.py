@@ -19,6 +19,7 @@ need) with nothing lost, and flash-attn 4 writes it into the send buffer itself.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -57,7 +58,7 @@ class StripPlan:
     # destination -> its calls' views of this rank's rows are disjoint: their gradients return in the inputs'
     # dtype (the module Note); for sources, key_views[source][0] says the same of this rank's own calls
     returns_disjoint: dict[int, bool] = field(default_factory=dict)
-    positions: list[torch.Tensor] = field(default_factory=list)  # every rank's global positions (on the CPU)
+    chunks: list[list[tuple[int, int]]] = field(default_factory=list)  # every rank's runs of positions [start, stop)
     send_positions: dict[int, torch.Tensor] = field(default_factory=dict)  # destination -> global positions sent
 
     def to(self, device: torch.device) -> StripPlan:
@@ -112,7 +113,7 @@ def build_strip_plan(
             )[0]
     plan = StripPlan(
         rank, world_size, len(positions[rank]), calls, recv_rows, send_rows, recv_positions, whole, key_views,
-        returns_disjoint, positions, send_positions,
+        returns_disjoint, [_runs(x) for x in positions], send_positions,
     )  # fmt: skip
     return plan.to(q.device)
 
@@ -121,12 +122,15 @@ def document_plan(plan: StripPlan, documents: Sequence[int]) -> StripPlan:
     """``plan`` for packed ``documents`` (``cu_seqlens`` values): of the plan's rows, only those whose document holds
     a query of the receiving rank travel (a key matches no query of another document), cut the same way on both
     sides of every pair. Host work on the plan's CPU positions; the cached plan is left as it was."""
-    bounds = torch.tensor(documents)
 
     def kept(positions: torch.Tensor, receiver: int) -> torch.Tensor:
-        """Indices of ``positions`` whose document holds some position of ``receiver``."""
-        ids, theirs = (torch.searchsorted(bounds, x, right=True) for x in (positions, plan.positions[receiver]))
-        return torch.isin(ids, theirs).nonzero().flatten()
+        """Indices of ``positions`` whose document holds some position of ``receiver`` (whose runs of positions
+        span the documents from the one holding their start to the one holding their end)."""
+        keep = torch.zeros(positions.shape, dtype=torch.bool)
+        for start, stop in plan.chunks[receiver]:
+            first = documents[bisect.bisect_right(documents, start) - 1]
+            keep |= (positions >= first) & (positions < documents[bisect.bisect_right(documents, stop - 1)])
+        return keep.nonzero().flatten()
 
     recv_rows, recv_positions, whole, send_rows, send_positions = {}, {}, {}, {}, {}
     for source, rows in plan.recv_rows.items():
@@ -142,6 +146,12 @@ def document_plan(plan: StripPlan, documents: Sequence[int]) -> StripPlan:
         plan, recv_rows=recv_rows, send_rows=send_rows, recv_positions=recv_positions, whole=whole,
         send_positions=send_positions,
     )  # fmt: skip
+
+
+def _runs(positions: torch.Tensor) -> list[tuple[int, int]]:
+    """Sorted ``positions`` as runs of consecutive ones, ``[start, stop)`` each."""
+    breaks = ((positions.diff() != 1).nonzero().flatten() + 1).tolist()
+    return [(int(positions[a]), int(positions[b - 1]) + 1) for a, b in zip([0, *breaks], [*breaks, len(positions)])]
 
 
 def disjoint_and_covering(
