@@ -21,6 +21,7 @@ from ring_blocksparse import build_pattern
 from ring_blocksparse.flex import document_segments
 from ring_blocksparse.strips import Tiles, call_grids
 from ring_core import reference_attention
+from ring_core.sharding import shard_sequence
 from ring_core.testing import Case, check_attention, make_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -228,6 +229,37 @@ def test_a_plan_for_documents_never_takes_the_received_rows_as_covered():
     assert disjoint_and_covering(plan.calls[1], plan.recv_rows[1], 48, 2) == (True, True)
     # ... but a call runs only when a document starts at its phase: not taken as covered
     assert plan.key_views[1] == (True, False)
+
+
+def _padded_ring_rank(rank: int, world_size: int, mask: torch.Tensor) -> dict:
+    segments, rates, _, _, pattern, causal, window, documents = RING["off-rate"]
+    attn = _module(Case("padded", 96, 1, segments, rates, window_size=window), pattern)
+    local_mask = shard_sequence(mask, "contiguous", rank=rank, world_size=world_size)
+    return run_shard(
+        attn, _ring_inputs("off-rate"), rank, world_size, "contiguous", is_causal=causal,
+        key_padding_mask=local_mask, cu_seqlens=torch.tensor(documents),
+    )  # fmt: skip
+
+
+@pytest.mark.distributed
+def test_ring_with_packed_documents_and_padding():
+    """Packed documents and padded keys together on the ring (the padding flags travel with the rows the documents
+    keep): exact on every rank."""
+    segments, rates, h, _, pattern, causal, window, documents = RING["off-rate"]
+    mask = torch.rand(1, 96, generator=torch.Generator().manual_seed(5)) < 0.3
+    by_rank = run_distributed(_padded_ring_rank, 2, mask, timeout=300)
+    q, k, v, dout = _ring_inputs("off-rate")
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    pattern_name, options = PATTERNS[pattern]
+    expected = reference_attention(
+        *leaves, segment_lengths=segments, dilation_rates=rates, is_causal=causal, window_size=window,
+        key_padding_mask=mask, block_layout=build_pattern(pattern_name, **options).layout(96, 8, h), block_size=8,
+        cu_seqlens=torch.tensor(documents),
+    )  # fmt: skip
+    grads = torch.autograd.grad(expected, leaves, dout)
+    for rank, result in enumerate(by_rank):
+        assert_rows_match(result, expected, grads, rank, 2, "contiguous")
+        assert sum(result["sent"].values()) > 0
 
 
 def test_cuts_batched_over_calls_equal_each_call_alone():
