@@ -289,7 +289,7 @@ def blocksparse() -> Answer:
         "little of the kernels' work. "
         f"The gather path, now taken only with dropout, "
         f"is {gather['vs_flex']:.1f}x the strips (a third run). Under `torch.compile(fullgraph=True)` the strips "
-        f"take {min(compiled):.2f}-{max(compiled):.2f}x their eager time (one op; that run's backward recomputed each "
+        f"take {min(compiled):.2f}-{max(compiled):.2f}x their eager time (one op whose backward recomputes each "
         f"FlexAttention call; a fourth run); packed documents starting anywhere took "
         f"{packed['fwd_bwd_ms']:.1f} ms on the strips ({packed_compiled['fwd_bwd_ms']:.1f} ms compiled) against "
         f"{packed_gather['fwd_bwd_ms']:,.0f} ms on the gather path (the same run); and the sparse ring's steps "

@@ -70,7 +70,7 @@ def test_flex_band_with_kernel_options_on_gpu():
 def test_strips_with_dilation_on_gpu(compiled):
     """Dilated branches (rates 1, 2, 4) on strips: FlexAttention per branch offset, partial tiles where a
     kernel tile covers several layout blocks of the strip, GQA, causal; SPEC.md's bf16 bounds. Compiled
-    (``fullgraph``) the strips are one op, keeping its FlexAttention graphs for the backward."""
+    (``fullgraph``) the strips are one op whose backward recomputes each FlexAttention call."""
     case = Case("strips", 1024, 4, (256, 512, 1024), (1, 2, 4), kv_heads=2, head_dim=64, causal=True)
     attn = BlockSparseRingDilatedAttention(
         **case.config, block_size=128, pattern="random", density=0.3, seed=3, per_head=True, method="flex"

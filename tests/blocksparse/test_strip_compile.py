@@ -1,8 +1,8 @@
 """The strips under ``torch.compile(fullgraph=True)`` vs the float64 reference, forward and backward.
 
-Compiled, a strip call is one custom op of ring_core's (``ring_attention::attention`` and its backward): a call
-that needs a backward keeps its FlexAttention graphs for it, else the backward recomputes each such call
-inside the op, below autograd (``ring_core.plugin.eager_dispatch`` gives the op's body autograd back). ``aot_eager`` runs the ops, their fake implementations and
+Compiled, a strip call is one custom op of ring_core's (``ring_attention::attention`` and its backward): the
+forward keeps no FlexAttention graph and the backward recomputes each such call inside the op, below
+autograd (:func:`ring_blocksparse.flex.recording`). ``aot_eager`` runs the ops, their fake implementations and
 autograd as Inductor would; the CPU computes the fused kernel's dense twin (``sparse_kernel = "math"``: the
 same calls, tiles and rule, differentiated by autograd like FlexAttention); the fused kernels compiled run in
 tests/core/test_compile_cuda.py.

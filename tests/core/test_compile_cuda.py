@@ -60,7 +60,7 @@ def test_compiled_on_cuda(impl):
 
 
 def test_block_sparse_compiles_on_the_strips():
-    """Compiled, 'auto' takes the strips (one op, keeping its FlexAttention graphs for the backward)."""
+    """Compiled, 'auto' takes the strips (one op; its backward recomputes each FlexAttention call)."""
     blocksparse = pytest.importorskip("ring_blocksparse")
     attn = blocksparse.BlockSparseRingDilatedAttention([N], [1], block_size=128, pattern="local_window", window=256)
     inputs = [torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]

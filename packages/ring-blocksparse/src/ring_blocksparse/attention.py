@@ -168,8 +168,8 @@ class BlockSparseRingDilatedAttention(nn.Module):
       runs of the sequence that split into whole kernel tiles, no dropout, and a backward only on
       CUDA; raises otherwise), ``"gather"`` (tiles gathered into dense blocks, the blockwise
       engine; everything) or ``"auto"`` (flex on CUDA when it applies, else gather). Under
-      ``torch.compile`` either is one custom op (the strips' op keeps its FlexAttention graphs for
-      the backward, as eager calls do).
+      ``torch.compile`` either is one custom op; there the strips keep no FlexAttention graph from
+      forward to backward but recompute each such call in the backward.
     - ``flex_kernel_options``: FlexAttention ``kernel_options`` (e.g. ``{"fwd_num_stages": 2}``)
       over the safe flags and tuned tiles the strip path picks itself
       (:func:`ring_blocksparse.flex.kernel_options_for`).
