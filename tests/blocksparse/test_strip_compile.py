@@ -76,35 +76,3 @@ def test_compiled_auto_falls_back_to_gather_when_the_strips_fail(monkeypatch):
         )
     assert attn.last_method == "gather" and attn._flex_failed
     assert result.passed, f"{case}: {result.errors} > {result.tolerance}"
-
-
-def test_compiled_backward_takes_the_forwards_graphs(monkeypatch):
-    """A compiled call that needs a backward keeps its FlexAttention graphs for it (no call recomputed); one without
-    keeps nothing; the probe pass of the lse's gradient recomputes (another ``v``)."""
-    import ring_blocksparse.strided as strided
-
-    calls = []
-    original = strided.sparse_forward
-
-    def counted(*args, **kwargs):
-        calls.append(kwargs["grad"])
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(strided, "sparse_forward", counted)
-    case, name = CASES[0]
-    attn = _module(case, name)
-    compiled = torch.compile(attn, fullgraph=True, backend="aot_eager")
-    q, k, v, _ = make_inputs(case, torch.float64, "cpu", 5)
-    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    out = compiled(*leaves, is_causal=True)
-    forward = len(calls)
-    assert forward > 0 and all(calls) and len(attn._strip_ops[True]._kept) == 1
-    out.backward(torch.ones_like(out))
-    assert len(calls) == forward and not attn._strip_ops[True]._kept  # (the kept graphs served)
-    expected = [x.clone().requires_grad_() for x in (q, k, v)]
-    attn(*expected, is_causal=True).backward(torch.ones_like(out))
-    for a, b in zip(leaves, expected):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
-    with torch.no_grad():
-        compiled(q, k, v, is_causal=True)
-    assert not attn._strip_ops[False]._kept and not attn._strip_ops[True]._kept

@@ -77,18 +77,9 @@ class _GatherOp(AttentionOp):
 
 
 class _StripOp(AttentionOp):
-    """The custom ops' side of the strips on one process (under ``torch.compile``). With ``keep`` (the call needs a
-    backward) the forward keeps each FlexAttention call's graph for it, as eager calls do, found again by the
-    output tensor the backward receives (the op's own); else, or when it is not found (more forwards in flight
-    than :data:`KEPT_RUNS`, a copy of the output), the backward recomputes each such call, as a ring step does.
-    flash-attn 4 and dense calls keep nothing: their backward starts from the final out and lse."""
-
-    KEPT_RUNS = 4  # forwards whose graphs wait for their backward, per op (more: the oldest recompute)
-
-    def __init__(self, owner: Any, keep: bool) -> None:
-        super().__init__(owner)
-        self.keep = keep
-        self._kept: dict[tuple[Any, ...], StripRun] = {}
+    """The custom ops' side of the strips on one process (under ``torch.compile``): the forward keeps no FlexAttention
+    graph, the backward recomputes each such call (as a ring step does; flash-attn 4 and dense calls need nothing
+    kept)."""
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: OpCall
@@ -99,17 +90,11 @@ class _StripOp(AttentionOp):
             try:
                 with eager_dispatch(), torch.no_grad():
                     run = self._run(q, k, v, call)
-                    run.grad = self.keep
+                    run.grad = False
                     out, lse = strip_forward(run, q, k, v)
+                return out.to(q.dtype), lse
             except Exception as exc:
                 owner._flex_failure(exc)  # (raises for method="flex")
-            else:
-                out = out.to(q.dtype).contiguous()  # (the tensor the backward receives)
-                if self.keep:
-                    self._kept[_identity(out)] = run
-                    while len(self._kept) > self.KEPT_RUNS:
-                        self._kept.pop(next(iter(self._kept)))
-                return out, lse
         # the same attention, and either path's backward is exact from the other's out and lse
         return owner._op.forward(q, k, v, call)
 
@@ -123,29 +108,18 @@ class _StripOp(AttentionOp):
         lse: torch.Tensor,
         call: OpCall,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        run = self._kept.pop(_identity(out), None)
         if self.owner._flex_failed:
             return self.owner._op.backward(dout, q, k, v, out, lse, call)  # type: ignore[no-any-return]
         with eager_dispatch(), torch.no_grad():
-            if run is None:
-                run = self._run(q, k, v, call)
-                run.saved = [fa4_blocks(run, c, q) or None for c in run.calls]  # the block lists, no graph
+            run = self._run(q, k, v, call)
+            run.saved = [fa4_blocks(run, c, q) or None for c in run.calls]  # nothing kept but the block lists
             return strip_backward(run, q, k, v, out, lse, dout)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "_kept": {}}
 
     def _run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: OpCall) -> StripRun:
         owner: BlockSparseRingDilatedAttention = self.owner
         run = owner._strips(q, k, v, call.causal, call.key_padding_mask, call.documents)
         assert isinstance(run, StripRun)  # (a compiled call runs on one process: docs/compile.md)
         return run
-
-
-def _identity(x: torch.Tensor) -> tuple[Any, ...]:
-    """A live tensor's identity by its storage (no two live outputs share one; a freed output's storage, reused by
-    a later forward's output, is kept again under the same identity, replacing the stale run)."""
-    return x.data_ptr(), x.device, x.dtype, tuple(x.shape), x.stride()
 
 
 class BlockSparseRingDilatedAttention(nn.Module):
@@ -246,7 +220,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
         self.last_plan: Plan | StripPlan | None = None
         self.step = 0  # calls so far (named in communication errors)
         self._op = _GatherOp(self)
-        self._strip_ops = {keep: _StripOp(self, keep) for keep in (False, True)}  # (keep: a backward follows)
+        self._strip_op = _StripOp(self)
 
     # A new pattern or layout (assigned, or a layout tensor edited in place: its version changes) must never meet
     # a plan or layout built for the old one: assigning clears them, and cached plans are keyed by the layout
@@ -363,7 +337,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
         if self._use_flex(q, world, dropout_p, needs_grad):
             if torch.compiler.is_compiling():  # one op for the graph (the strips' Python is no graph)
                 out, lse = run_attention(
-                    self._strip_ops[needs_grad], q, k, v, key_padding_mask=key_padding_mask, causal=bool(is_causal),
+                    self._strip_op, q, k, v, key_padding_mask=key_padding_mask, causal=bool(is_causal),
                     lse_grad=return_lse, cu_seqlens=cu_seqlens,
                 )  # fmt: skip
                 return (out, lse.transpose(1, 2)) if return_lse else out
