@@ -343,3 +343,39 @@ def test_return_lse_runs_on_the_strips_with_its_gradient(name, segments, rates, 
         block_layout=attn.layout_for(n, h), block_size=8,
     ) * d_out).sum(), q)[0]  # fmt: skip
     assert not torch.allclose(without_lse, ref_grads[0])  # the lse's gradient is part of what is checked
+
+
+def test_checkpointed_strips_keep_no_graph(monkeypatch):
+    """Under activation checkpointing (saved-tensor hooks) the forward keeps no FlexAttention graph, which would hold
+    what the checkpoint frees; the backward recomputes each call: the same gradients as without."""
+    from torch.utils.checkpoint import checkpoint
+
+    import ring_blocksparse.strided as strided
+
+    kept = []
+    original = strided.sparse_forward
+
+    def spy(*args, **kwargs):
+        kept.append(kwargs["grad"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(strided, "sparse_forward", spy)
+    attn = _module({"segment_lengths": (16, 32, 64), "dilation_rates": (1, 2, 4)}, 8, "random-per-head")
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 64, 4, 5, generator=generator, dtype=torch.float64) for _ in range(3))
+    results = []
+    for wrap in (
+        lambda *x: attn(*x, is_causal=True),
+        lambda *x: checkpoint(attn, *x, is_causal=True, use_reentrant=False),
+    ):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        kept.clear()
+        out = wrap(*leaves)
+        forward = list(kept)
+        out.backward(torch.ones_like(out))
+        results.append((forward, out, [x.grad for x in leaves]))
+    (plain, out, grads), (hooked, checked_out, checked_grads) = results
+    assert plain and all(plain) and hooked and not any(hooked)
+    torch.testing.assert_close(checked_out, out, rtol=1e-12, atol=1e-12)
+    for a, b in zip(checked_grads, grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -460,7 +460,10 @@ def _dense_backward(
 def strip_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, run: StripRun
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``out`` (B, N, H, D) and ``lse`` (B, N, H) of the calls in ``run`` (one process)."""
-    run.grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    """``out`` (B, N, H, D) and ``lse`` (B, N, H) of the calls in ``run`` (one process). The forward keeps each
+    FlexAttention call's graph for the backward, except under saved-tensor hooks (activation checkpointing,
+    offloading: the graphs would hold what the hooks manage), where the backward recomputes each such call."""
+    hooked = torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    run.grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)) and not hooked
     out, lse = _StripAttention.apply(run, q, k, v)  # type: ignore[no-untyped-call]
     return out.to(q.dtype), lse
