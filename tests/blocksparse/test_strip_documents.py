@@ -3,7 +3,7 @@
 Segments, offsets, windows and causality restart at every document, the layout indexes global positions
 (SPEC.md). The strips take them (one process and the sparse ring over gloo): the plan ignores segments, a
 dilated branch reads each document on the strip its start selects, and each call reads its rows' segment ids
-(:func:`ring_blocksparse.flex.document_segments`, :func:`ring_blocksparse.strips.call_grids`). As in
+(:func:`ring_blocksparse.flex.document_segments`, :func:`ring_blocksparse.strips.cut_grids`). As in
 tests/blocksparse/test_strip_windows.py the CPU runs the fused kernel's dense twin (``sparse_kernel =
 "math"``: the same per-call tiles and rule) and the eager FlexAttention forward; the fused kernel runs
 in tests/blocksparse/test_cuda.py.
@@ -19,7 +19,7 @@ from tests.distributed_helpers import run_distributed
 
 from ring_blocksparse import build_pattern
 from ring_blocksparse.flex import document_segments
-from ring_blocksparse.strips import Tiles, call_grids
+from ring_blocksparse.strips import Tiles, cut_grids
 from ring_core import reference_attention
 from ring_core.sharding import shard_sequence
 from ring_core.testing import Case, check_attention, make_inputs
@@ -117,19 +117,19 @@ def test_only_the_calls_some_document_needs_run():
     assert document_calls(calls, None) is calls
 
 
-def test_call_grids_cut_full_tiles_at_documents():
+def test_cut_grids_cut_full_tiles_at_documents():
     """A tile full in the plan holding two documents becomes partial; a pair of tiles in different documents
     is skipped; one document's tiles stay full."""
     full = torch.ones(1, 3, 3, dtype=torch.bool)
     tiles = Tiles(full, torch.zeros_like(full), full, unit=4, tile=4, needs_layout=False, needs_segment=False,
                   one_segment_units=True)  # fmt: skip
     ids = torch.tensor([0, 0, 0, 0, 0, 0, 6, 6, 8, 8, 8, 8])  # rows 0-5: document 0; 6-7; 8-11
-    got_full, got_partial = call_grids(tiles, segments=(ids, ids))
+    got_full, got_partial = cut_grids(tiles.full, tiles.partial, tiles.tile, segments=(ids, ids))
     assert got_full[0].tolist() == [[True, False, False], [False, False, False], [False, False, True]]
     assert got_partial[0].tolist() == [[False, True, False], [True, True, False], [False, False, False]]
     # rows a call does not serve (negative ids) make a tile partial, or skipped when no row is served
     served = torch.tensor([0, 0, 0, 0, -1, 0, 6, 6, -1, -1, -1, -1])
-    got_full, got_partial = call_grids(tiles, segments=(served, served))
+    got_full, got_partial = cut_grids(tiles.full, tiles.partial, tiles.tile, segments=(served, served))
     assert got_full[0].tolist() == [[True, False, False], [False, False, False], [False, False, False]]
     assert got_partial[0].tolist() == [[False, True, False], [True, True, False], [False, False, False]]
 

@@ -16,7 +16,7 @@ from tests.distributed_helpers import run_distributed
 from ring_blocksparse import BlockSparseRingDilatedAttention, build_pattern, flex, strided
 from ring_blocksparse.attention import dense_strip_kernel
 from ring_blocksparse.fa4 import tile_grids
-from ring_blocksparse.strips import classify, padded_grids, strip_of
+from ring_blocksparse.strips import classify, cut_grids, strip_of
 from ring_core import reference_attention
 from ring_core.dilated import branches
 from ring_core.sharding import shard_sequence
@@ -173,7 +173,7 @@ def test_padded_tiles_are_partial_or_skipped():
     pad[0, 17] = True  # key tile 2: some padded
     pad[:, 40:48] = True  # key tile 5: all padded, every batch element
     pad[1, 56:64] = True  # key tile 7: all padded in one element only
-    full, partial = padded_grids(tiles, pad)
+    full, partial = cut_grids(tiles.full, tiles.partial, tiles.tile, pad)
     assert not (full[:, :, [2, 5, 7]]).any() and not partial[:, :, 5].any()
     assert torch.equal(partial[:, :, 2], (tiles.full | tiles.partial)[:, :, 2])
     assert torch.equal(partial[:, :, 7], (tiles.full | tiles.partial)[:, :, 7])
@@ -307,7 +307,9 @@ def test_windows_and_padding_in_tiles_of_several_units(tile, window, causal, den
         block_size=block, layout=layout, causal=causal, q=q, tile=tile, window=window, padded=True,
     )  # fmt: skip
     assert all(c.tiles.tile == tile and c.tiles.padded for c in calls) and any(c.tiles.needs_window for c in calls)
-    assert dense <= any(padded_grids(c.tiles, mask[:, c.k.rows])[0].any() for c in calls)
+    assert dense <= any(
+        cut_grids(c.tiles.full, c.tiles.partial, c.tiles.tile, mask[:, c.k.rows])[0].any() for c in calls
+    )
     run = strided.StripRun(calls, dense_strip_kernel(q, causal, 5**-0.5, None), "math", key_padding_mask=mask)
     out, _ = strided.strip_attention(*leaves, run)
     grads = torch.autograd.grad(out, leaves, dout)

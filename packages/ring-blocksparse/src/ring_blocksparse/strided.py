@@ -20,7 +20,7 @@ backward from the final ``out``/``lse``, like a dense call).
 
 A sliding window is part of every call's tiles and rule (tiles it does not reach are skipped). A key
 padding mask is read by the rule; its tiles are known only per call, so a padded call's block mask
-is built per call, on the device (:func:`~ring_blocksparse.strips.call_grids`), and no strip of
+is built per call, on the device (:func:`~ring_blocksparse.flex.call_cuts`), and no strip of
 it runs dense or on flash-attn 4. Packed documents the same way: their segments and offsets restart at
 every document, so the plan ignores segments, each head offset has a call on every strip of its rate
 (a document starting at ``c`` is read on the strip of ``(c + offset) % rate``), and each call reads its
@@ -138,7 +138,7 @@ def strip_calls(
     whose segments and offsets restart at each document: the plan's tiles and rule ignore segments (a
     superset of the pairs), each head offset gets a call on every strip of its rate (a document starting at
     ``c`` is read on the strip of ``(c + offset) % rate``: the call's ``phase``), and each call cuts its tiles
-    per document (:func:`~ring_blocksparse.strips.call_grids`); no strip runs dense.
+    per document (:func:`~ring_blocksparse.flex.call_cuts`); no strip runs dense.
     """
     calls: list[StripCall] = []
     dense = dense and not documents

@@ -81,7 +81,7 @@ class Tiles:
     needs_segment: bool  # partial tiles hold pairs of different segments
     one_segment_units: bool  # no unit of either strip crosses a segment boundary
     needs_window: bool = False  # partial tiles hold pairs the sliding window (beyond causality) forbids
-    # the rule reads the key padding, and full tiles holding a padded key are partial (per call: :func:`padded_grids`)
+    # the rule reads the key padding, and full tiles holding a padded key are partial (per call: :func:`cut_grids`)
     padded: bool = False
     _on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, repr=False, compare=False
@@ -126,7 +126,7 @@ def classify(
 ) -> Tiles:
     """Classify the tiles of ``q x k`` under ``layout`` (bool ``(h or 1, nb, nb)`` for the call's heads, or
     ``None``: every block), segments of ``segment`` positions, causality and the sliding ``window``; tiles no
-    window reaches are skipped. ``padded``: the call has a key padding mask (:func:`padded_grids`)."""
+    window reaches are skipped. ``padded``: the call has a key padding mask (:func:`cut_grids`)."""
     unit = min(tile, max(1, block_size // q.rate))
     if tile % unit or len(q) % tile or len(k) % tile:
         raise ValueError(f"strips of {len(q)} and {len(k)} rows do not split into tiles of {tile} (units {unit})")
@@ -167,14 +167,6 @@ def _offsets_within(
     return first <= d_hi.clamp(max=hi), (d_lo >= lo) & (d_hi <= hi)
 
 
-def padded_grids(tiles: Tiles, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The call's ``(full, partial)`` tile grids under a key padding ``pad`` (bool ``(B, nk)`` over the key strip's
-    rows, on the kernel's device; computed there, no host sync): a full tile holding a padded key of any batch
-    element is partial (the rule reads the padding there), a tile whose keys are padded in every batch
-    element is skipped."""
-    return _padded(*tiles.grids_on(pad.device), pad, tiles.tile)
-
-
 def _padded(
     full: torch.Tensor, partial: torch.Tensor, pad: torch.Tensor, tile: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,17 +185,6 @@ def _segment_spans(ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return first, last, served.all(-1), served.any(-1)
 
 
-def call_grids(
-    tiles: Tiles, pad: torch.Tensor | None = None, segments: tuple[torch.Tensor, torch.Tensor] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The call's ``(full, partial)`` tile grids: the plan's, then under per-call segment ids ``segments`` and the
-    key padding ``pad`` (:func:`cut_grids`); on the device of those tensors."""
-    if segments is None and pad is None:
-        return tiles.full, tiles.partial
-    device = segments[0].device if segments is not None else pad.device  # type: ignore[union-attr]
-    return cut_grids(*tiles.grids_on(device), tiles.tile, pad, segments)
-
-
 def cut_grids(
     full: torch.Tensor,
     partial: torch.Tensor,
@@ -214,9 +195,11 @@ def cut_grids(
     """The plan's ``(full, partial)`` grids ``(..., h, rows, cols)`` under per-call segment ids ``segments`` (int
     ``(..., nq)`` and ``(..., nk)`` over the strips' rows, non-decreasing where not negative, negative for rows the
     call does not serve: packed documents, whose segments the plan cannot know) and the key padding ``pad`` (bool
-    ``(..., B, nk)``, :func:`padded_grids`); leading dims batch calls of one shape. With ``segments`` a full tile
-    stays full only when all its rows are served and in one segment, and a tile whose query and key rows cannot
-    share a segment is skipped."""
+    ``(..., B, nk)`` over the key strip's rows); on the device of the grids, no host sync; leading dims batch calls
+    of one shape. With ``segments`` a full tile stays full only when all its rows are served and in one segment,
+    and a tile whose query and key rows cannot share a segment is skipped. With ``pad`` a full tile holding a
+    padded key of any batch element is partial (the rule reads the padding there), and a tile whose keys are
+    padded in every batch element is skipped."""
     if segments is not None:
         (q0, q1, q_all, q_any), (k0, k1, k_all, k_any) = (_segment_spans(x.unflatten(-1, (-1, tile))) for x in segments)
         same = (
