@@ -123,28 +123,22 @@ def document_plan(plan: StripPlan, documents: Sequence[int]) -> StripPlan:
     a query of the receiving rank travel (a key matches no query of another document), cut the same way on both
     sides of every pair. Host work on the plan's CPU positions; the cached plan is left as it was."""
 
-    def kept(positions: torch.Tensor, receiver: int) -> torch.Tensor:
-        """Indices of ``positions`` whose document holds some position of ``receiver`` (whose runs of positions
-        span the documents from the one holding their start to the one holding their end)."""
+    def cut(rows: torch.Tensor, positions: torch.Tensor, receiver: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``rows`` (at global ``positions``) whose document holds some position of ``receiver`` (whose runs of
+        positions span the documents from the one holding their start to the one holding their end)."""
         keep = torch.zeros(positions.shape, dtype=torch.bool)
         for start, stop in plan.chunks[receiver]:
             first = documents[bisect.bisect_right(documents, start) - 1]
             keep |= (positions >= first) & (positions < documents[bisect.bisect_right(documents, stop - 1)])
-        return keep.nonzero().flatten()
+        index = keep.nonzero().flatten()
+        return rows[index.to(rows.device)], positions[index]
 
-    recv_rows, recv_positions, whole, send_rows, send_positions = {}, {}, {}, {}, {}
-    for source, rows in plan.recv_rows.items():
-        index = kept(plan.recv_positions[source], plan.rank)
-        recv_positions[source] = plan.recv_positions[source][index]
-        recv_rows[source] = rows[index.to(rows.device)]
-        whole[source] = plan.whole[source] and index.numel() == rows.numel()
-    for dest, rows in plan.send_rows.items():
-        index = kept(plan.send_positions[dest], dest)
-        send_positions[dest] = plan.send_positions[dest][index]
-        send_rows[dest] = rows[index.to(rows.device)]
+    recv = {source: cut(rows, plan.recv_positions[source], plan.rank) for source, rows in plan.recv_rows.items()}
+    send = {dest: cut(rows, plan.send_positions[dest], dest) for dest, rows in plan.send_rows.items()}
     return dataclasses.replace(
-        plan, recv_rows=recv_rows, send_rows=send_rows, recv_positions=recv_positions, whole=whole,
-        send_positions=send_positions,
+        plan, recv_rows={s: r for s, (r, _) in recv.items()}, recv_positions={s: p for s, (_, p) in recv.items()},
+        send_rows={d: r for d, (r, _) in send.items()}, send_positions={d: p for d, (_, p) in send.items()},
+        whole={s: plan.whole[s] and recv[s][0].numel() == plan.recv_rows[s].numel() for s in recv},
     )  # fmt: skip
 
 
