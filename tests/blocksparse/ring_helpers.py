@@ -9,6 +9,16 @@ import torch
 from ring_core.sharding import shard_positions, shard_sequence
 
 
+def ring_inputs(
+    seed: int, batch: int, seq_len: int, heads: int, kv_heads: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Global float64 ``(q, k, v, dout)`` of head dim 4, the same on every rank for one ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    q, dout = (torch.randn(batch, seq_len, heads, 4, generator=generator, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(batch, seq_len, kv_heads, 4, generator=generator, dtype=torch.float64) for _ in range(2))
+    return q, k, v, dout
+
+
 def run_shard(attn: Any, inputs: tuple[torch.Tensor, ...], rank: int, world_size: int, layout: str, **forward: Any):
     """This rank's shard of the global ``(q, k, v, dout)``, forward (``forward``: its other arguments, sharded
     already) and backward: the results as the parent process receives them."""

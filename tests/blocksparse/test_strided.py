@@ -12,7 +12,7 @@ import itertools
 
 import pytest
 import torch
-from tests.blocksparse.ring_helpers import assert_rows_match, run_shard
+from tests.blocksparse.ring_helpers import assert_rows_match, ring_inputs, run_shard
 from tests.distributed_helpers import raised, run_distributed
 
 from ring_blocksparse import BlockSparseRingDilatedAttention, build_pattern
@@ -172,10 +172,7 @@ RING = {
 
 def _ring_inputs(name: str):
     _, _, h, hkv, *_ = RING[name]
-    generator = torch.Generator().manual_seed(len(name))
-    q, dout = (torch.randn(2, 128, h, 4, generator=generator, dtype=torch.float64) for _ in range(2))
-    k, v = (torch.randn(2, 128, hkv, 4, generator=generator, dtype=torch.float64) for _ in range(2))
-    return q, k, v, dout
+    return ring_inputs(len(name), 2, 128, h, hkv)
 
 
 def _ring_rank(rank: int, world_size: int, layouts: list[str]) -> dict:

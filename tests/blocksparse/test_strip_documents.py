@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.blocksparse.ring_helpers import assert_rows_match, run_shard
+from tests.blocksparse.ring_helpers import assert_rows_match, ring_inputs, run_shard
 from tests.blocksparse.test_strip_windows import PATTERNS, _module
 from tests.distributed_helpers import run_distributed
 
@@ -147,10 +147,7 @@ RING = {
 
 def _ring_inputs(name: str):
     _, _, h, hkv, *_ = RING[name]
-    generator = torch.Generator().manual_seed(len(name))
-    q, dout = (torch.randn(1, 96, h, 4, generator=generator, dtype=torch.float64) for _ in range(2))
-    k, v = (torch.randn(1, 96, hkv, 4, generator=generator, dtype=torch.float64) for _ in range(2))
-    return q, k, v, dout
+    return ring_inputs(len(name), 1, 96, h, hkv)
 
 
 def _ring_rank(rank: int, world_size: int, layouts: list[str]) -> dict:
