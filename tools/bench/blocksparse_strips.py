@@ -13,13 +13,14 @@ measured in the same run:
 - ``flex``: for the gather path, the strip path on the same work;
 - ``packed``: packed documents (``cu_seqlens``: lengths 512-4096, multiples of every rate, or of
   ``--packed-multiple``) with the band layout and the dilated branches, causal, on the strips against the
-  gather path on the same documents (where the gather path took every packed call before) and the strips
-  on the same tokens unpacked.
+  gather path on the same documents (where the gather path took every packed call before), the strips
+  compiled, and the strips on the same tokens unpacked;
+- ``eager``: for the ``compiled`` rows (``torch.compile(fullgraph=True)``), the eager strips on the same work.
 
 Targets (each row says which applies): dilated + layout at most ``dilated x kept x 1.15`` where ``kept``
 is the fraction of the branches' (query, key) pairs the layout keeps (counted from the plan); a pattern
 at density ~0.1 with one rate-1 branch at most ``0.12 x dense`` (scaled by density / 0.1 where a
-pattern's options cannot hit 0.1); the gather path at most ``1.2 x flex``; the ring (``--ring P``
+pattern's options cannot hit 0.1); the gather path and compiled strips at most ``1.2 x`` their baseline; the ring (``--ring P``
 ranks simulated on one GPU: each rank's steps run on the rows the plan sends, scattered into the
 source shard as the ring does) at most ``1.1 x`` the one-GPU time of the same tiles. The plan build
 time (block masks) is reported for every case; so is whether the output and gradients are finite
