@@ -22,7 +22,9 @@ is the fraction of the branches' (query, key) pairs the layout keeps (counted fr
 at density ~0.1 with one rate-1 branch at most ``0.12 x dense`` (scaled by density / 0.1 where a
 pattern's options cannot hit 0.1); the gather path and compiled strips at most ``1.2 x`` their baseline; the ring (``--ring P``
 ranks simulated on one GPU: each rank's steps run on the rows the plan sends, scattered into the
-source shard as the ring does) at most ``1.1 x`` the one-GPU time of the same tiles. The plan build
+source shard as the ring does) at most ``1.1 x`` the one-GPU time of the same tiles; reported beside it, the
+same tiles split into the same steps with the kernels alone (no merge, accumulation or placing): what the
+split itself costs against one GPU, and what the steps add to their kernels. The plan build
 time (block masks) is reported for every case; so is whether the output and gradients are finite
 (a row that is not never meets its target). JSON is rewritten after every row.
 """
@@ -42,7 +44,9 @@ import torch.nn.functional as F
 
 from ring_blocksparse import BlockSparseRingDilatedAttention, Random, build_pattern
 from ring_blocksparse.attention import dense_strip_kernel
-from ring_blocksparse.fa4 import Fa4Blocks
+from ring_blocksparse.fa4 import Fa4Blocks, fa4_backward, fa4_forward
+from ring_blocksparse.flex import sparse_backward
+from ring_blocksparse.strided import fa4_blocks, sparse_forward
 from ring_blocksparse.strip_ring import StripRingSchedule, build_strip_plan
 from ring_core import create_attention
 from ring_core.dilated import branches
@@ -376,7 +380,7 @@ def simulate_ring(args, q, k, v, dout, layout, save, record) -> dict:
     shards = [shard_positions(n, r, world, "contiguous").to(q.device) for r in range(world)]
     local = [[x.detach()[:, rows] for x in (q, k, v, dout)] for rows in shards]
     outs, grads = [], [torch.zeros_like(x, dtype=torch.float32) for x in (q, k, v)]
-    total = 0.0
+    total = kernels = 0.0
     for rank in range(world):
         t0 = time.perf_counter()
         plan = build_strip_plan(seq_len=n, rank=rank, world_size=world, layout_kind="contiguous", q=local[rank][0],
@@ -392,6 +396,8 @@ def simulate_ring(args, q, k, v, dout, layout, save, record) -> dict:
         fwd_ms = median_ms(lambda run=run: rank_steps(*run, backward=False), repeats=args.repeats)
         both_ms = median_ms(lambda run=run: rank_steps(*run, backward=True), repeats=args.repeats)
         total += both_ms
+        kernels_ms = median_ms(kernels_alone(*run), repeats=args.repeats)
+        kernels += kernels_ms
         outs.append(state["out"])
         grads[0][:, shards[rank]] += state["dq"]
         grads[1][:, shards[rank]] += state["dk"]
@@ -400,9 +406,11 @@ def simulate_ring(args, q, k, v, dout, layout, save, record) -> dict:
             grads[1][:, shards[s][rows]] += dkr
             grads[2][:, shards[s][rows]] += dvr
         result["ranks"].append({"rank": rank, "plan_build_s": build_s, "fwd_ms": fwd_ms, "fwd_bwd_ms": both_ms,
-                                "received_rows": {s: int(plan.recv_rows[s].numel()) for s in received}})  # fmt: skip
+                                "kernels_ms": kernels_ms, "received_rows": {s: int(plan.recv_rows[s].numel()) for s in received}})  # fmt: skip
         print(
-            f"ring rank {rank}: steps fwd {fwd_ms:.2f} ms, fwd+bwd {both_ms:.2f} ms, plan {build_s:.2f} s", flush=True
+            f"ring rank {rank}: steps fwd {fwd_ms:.2f} ms, fwd+bwd {both_ms:.2f} ms (kernels alone {kernels_ms:.2f}), "
+            f"plan {build_s:.2f} s",
+            flush=True,
         )
         save()
     out = torch.cat(outs, 1)
@@ -410,12 +418,46 @@ def simulate_ring(args, q, k, v, dout, layout, save, record) -> dict:
     result["vs_one_gpu"] = total / one_ms
     result["target"] = 1.1
     result["met"] = result["vs_one_gpu"] <= 1.1
+    # the same split into steps with nothing around the kernels: what the split itself costs, and what the steps add
+    result["kernels_total_ms"] = kernels
+    result["kernels_vs_one_gpu"] = kernels / one_ms
+    result["vs_kernels"] = total / kernels
     result["rel_diff_vs_one_gpu"] = {
         "out": relative_error(out, out1),
         **{f"d{name}": relative_error(g, g1) for name, g, g1 in zip("qkv", grads, grads1)},
     }
-    print(f"ring total {total:.2f} ms vs one GPU {one_ms:.2f} ms: {result['vs_one_gpu']:.3f}", flush=True)
+    print(
+        f"ring total {total:.2f} ms vs one GPU {one_ms:.2f} ms: {result['vs_one_gpu']:.3f}; the steps' kernels alone "
+        f"{kernels:.2f} ms ({result['kernels_vs_one_gpu']:.3f} of one GPU; the steps {result['vs_kernels']:.3f} of them)",
+        flush=True,
+    )
     return result
+
+
+def kernels_alone(schedule, plan, rank: int, local, received: dict, state: dict):
+    """The same tiles as :func:`rank_steps`, split into the same steps, kernels alone: each step's calls forward and
+    backward (under the final ``out``/``lse`` of ``state``), as one GPU would run them; nothing merged, accumulated
+    or placed (a source's rows are placed once, here, outside the timed step)."""
+    ql, kl, vl, dl = local
+    out, lse = state["out"], state["lse"]
+    scale = schedule.kernel.scale
+    inputs = {rank: (kl, vl)}
+    for s in received:
+        shard = schedule.shard_buffers(kl, vl) if not plan.whole[s] else None
+        inputs[s] = schedule.place(s, *received[s], None, shard)[:2]
+
+    def step() -> None:
+        for s, (kb, vb) in inputs.items():
+            for call in plan.calls[s]:
+                blocks = fa4_blocks(schedule.run, call, ql)
+                if blocks is not None:
+                    fa4_forward(call, blocks, ql, kb, vb, scale=scale)
+                    fa4_backward(call, blocks, ql, kb, vb, out, lse, dl, scale=scale)
+                else:
+                    o, lse_call, leaves = sparse_forward(schedule.run, call, ql, kb, vb, grad=True, cut=None)
+                    sparse_backward(call, o, lse_call, leaves, dl, out, lse)
+
+    return step
 
 
 def rank_steps(schedule, plan, rank: int, local, received: dict, state: dict, *, backward: bool) -> None:
