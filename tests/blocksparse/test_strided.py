@@ -63,23 +63,27 @@ def test_strips_match_reference(segments, rates, kv_heads, merge, name, causal):
     assert result.passed, f"{case}: {result.errors} > {result.tolerance}"
 
 
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("tile", [8, 16, 32])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_tiles_of_several_units(tile, causal):
+def test_tiles_of_several_units(tile, causal, batch):
     """Kernel tiles larger than a layout block of the strip (the GPU case: 128 rows, blocks of 128/r): full
-    tiles, partial tiles (the rule decides) and skipped ones still give exactly the reference."""
+    tiles, partial tiles (the rule decides) and skipped ones still give exactly the reference; at batch 1 each
+    branch's offsets run as one batched call (:mod:`ring_blocksparse.batches`), each reading its own layout."""
     n, h, block = 128, 4, 8
     segments, rates = [24, 64, 128], [1, 2, 4]
     layout = build_pattern("random", density=0.3, seed=5, per_head=True).layout(n, block, h)
     generator = torch.Generator().manual_seed(tile)
-    q, k, v, dout = (torch.randn(2, n, h, 8, generator=generator, dtype=torch.float64) for _ in range(4))
+    q, k, v, dout = (torch.randn(batch, n, h, 8, generator=generator, dtype=torch.float64) for _ in range(4))
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     calls = strip_calls(
         torch.arange(n), torch.arange(n), num_heads=h, num_kv_heads=h, branch_list=branches(segments, rates, "lse", h),
         block_size=block, layout=layout, causal=causal, q=q, tile=tile,
     )  # fmt: skip
     assert any(c.tiles.partial.any() for c in calls) and all(c.tiles.tile == tile for c in calls)
-    out, _ = strip_attention(*leaves, StripRun(calls, dense_strip_kernel(q, causal, 8**-0.5, None), "math"))
+    run = StripRun(calls, dense_strip_kernel(q, causal, 8**-0.5, None), "math")
+    out, _ = strip_attention(*leaves, run)
+    assert len(run.units) == (3 if batch == 1 else len(calls))
     grads = torch.autograd.grad(out, leaves, dout)
     ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     expected = reference_attention(

@@ -52,6 +52,7 @@ from .strided import (
     StripRun,
     document_calls,
     fa4_blocks,
+    run_units,
     strip_attention,
     strip_backward,
     strip_forward,
@@ -112,7 +113,7 @@ class _StripOp(AttentionOp):
             return self.owner._op.backward(dout, q, k, v, out, lse, call)  # type: ignore[no-any-return]
         with eager_dispatch(), torch.no_grad():
             run = self._run(q, k, v, call)
-            run.saved = [fa4_blocks(run, c, q) or None for c in run.calls]  # nothing kept but the block lists
+            run.saved = [fa4_blocks(run, c, q) or None for c in run_units(run, q)]  # nothing kept but block lists
             return strip_backward(run, q, k, v, out, lse, dout)
 
     def _run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: OpCall) -> StripRun:

@@ -224,6 +224,67 @@ class StripRule:
         return out.expand(b.numel(), h.numel(), n, m)
 
 
+class BatchRule:
+    """The rules of a batch of strip calls (:class:`~ring_blocksparse.batches.StripBatch`) as one: their per-row
+    tensors stacked, batch ``b`` of the kernel reading call ``b``'s (its layout and padding too)."""
+
+    def __init__(self, rules: Sequence[StripRule]) -> None:
+        first = rules[0]
+        names = ("qblk", "kblk", "qseg", "kseg", "qpos", "kpos")
+        self.qblk, self.kblk, self.qseg, self.kseg, self.qpos, self.kpos = (
+            torch.stack([getattr(r, name) for r in rules]) for name in names
+        )
+        self.layout = None if first.layout is None else torch.stack([r.layout for r in rules])  # type: ignore[misc]
+        self.causal, self.lo, self.hi = first.causal, first.lo, first.hi
+        self.same_strip = all(r.same_strip for r in rules)
+
+    def mask_mod(
+        self, layout: bool = True, pad: torch.Tensor | None = None, segments: _Segments | None = None
+    ) -> _MaskMod:
+        """:meth:`StripRule.mask_mod` of each call, on its batch (``pad``: ``(m, nk)``; ``segments``: ``(m, n)`` each)."""
+        lay = self.layout if layout else None
+        qseg, kseg = (self.qseg, self.kseg) if segments is None else segments
+        return _batched_rule(lay, pad, self.qblk, self.kblk, qseg, kseg, self.qpos, self.kpos, self.lo, self.hi)
+
+    def dense(
+        self, heads: int, layout: bool = True, pad: torch.Tensor | None = None, segments: _Segments | None = None
+    ) -> torch.Tensor:
+        """Bool ``(m, heads or 1, nq, nk)``: each call's rule on every pair."""
+        rule = self.mask_mod(layout, pad, segments)
+        m, n = self.qpos.shape
+        device = self.qpos.device
+        h = torch.arange(heads if self.layout is not None and self.layout.shape[1] > 1 else 1, device=device)
+        b = torch.arange(m, device=device)
+        q_idx, kv_idx = torch.arange(n, device=device), torch.arange(self.kpos.shape[1], device=device)
+        out = rule(b[:, None, None, None], h[:, None, None], q_idx[:, None], kv_idx)
+        return out.expand(m, h.numel(), n, kv_idx.numel())
+
+
+def _batched_rule(
+    lay: torch.Tensor | None,
+    pad: torch.Tensor | None,
+    qblk: torch.Tensor,
+    kblk: torch.Tensor,
+    qseg: torch.Tensor,
+    kseg: torch.Tensor,
+    qpos: torch.Tensor,
+    kpos: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+) -> _MaskMod:
+    # :func:`_rule` with every per-row tensor and the layout read at the batch's row (one code object, as there)
+    def mask_mod(b: Any, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        offset = kpos[b, kv_idx] - qpos[b, q_idx]
+        ok = (qseg[b, q_idx] == kseg[b, kv_idx]) & (offset >= lo) & (offset <= hi)
+        if lay is not None:
+            ok = ok & lay[b, h % lay.shape[1], qblk[b, q_idx], kblk[b, kv_idx]]
+        if pad is not None:
+            ok = ok & ~pad[b, kv_idx]
+        return ok
+
+    return mask_mod
+
+
 def _rule(
     lay: torch.Tensor | None,
     pad: torch.Tensor | None,
@@ -283,9 +344,18 @@ class Cut:
     def select(self, index: int) -> Cut:
         """The ``index``-th call of a cut batched over calls of one shape (:func:`call_cuts`)."""
         return Cut(
-            self.full[index], self.partial[index], tuple(x[:, index] for x in self.lists),
+            self.full[index], self.partial[index], tuple(x[index : index + 1] for x in self.lists),
             None if self.pad is None else self.pad[index],
             None if self.segments is None else (self.segments[0][index], self.segments[1][index]),
+        )  # fmt: skip
+
+    def take(self, start: int, stop: int) -> Cut:
+        """Calls ``start`` to ``stop`` of a batched cut, as the cut of their :class:`~ring_blocksparse.batches.StripBatch`
+        (batch 1 each: the padding ``(m, nk)``)."""
+        return Cut(
+            self.full[start:stop], self.partial[start:stop], tuple(x[start:stop] for x in self.lists),
+            None if self.pad is None else self.pad[start:stop, 0],
+            None if self.segments is None else (self.segments[0][start:stop], self.segments[1][start:stop]),
         )  # fmt: skip
 
 
@@ -306,14 +376,17 @@ def tile_cut(
     return Cut(full, partial, lists, pad, segments)
 
 
-def call_cuts(calls: Sequence[Any], pad: torch.Tensor | None, documents: torch.Tensor | None) -> list[Cut | None]:
-    """Each call's :class:`Cut` under the key buffer's padding ``pad`` (bool ``(B, rows)``) and packed ``documents``
-    (``cu_seqlens`` int32), both on the device (None each: no cut, the plan's block masks serve). Built for all
-    calls of one shape at once: per call, the dozens of small tensor ops cost more to launch than to run."""
-    cuts: list[Cut | None] = [None] * len(calls)
+def call_cuts(units: Sequence[Any], pad: torch.Tensor | None, documents: torch.Tensor | None) -> list[Cut | None]:
+    """Each unit's :class:`Cut` (a call's, or a :class:`~ring_blocksparse.batches.StripBatch`'s: its calls' cuts
+    together) under the key buffer's padding ``pad`` (bool ``(B, rows)``) and packed ``documents`` (``cu_seqlens``
+    int32), both on the device (None each: no cut, the plan's block masks serve). Built for all calls of one
+    shape at once: per call, the dozens of small tensor ops cost more to launch than to run."""
+    cuts: list[Cut | None] = [None] * len(units)
     if pad is None and documents is None:
         return cuts
     device = pad.device if pad is not None else documents.device  # type: ignore[union-attr]
+    calls = [call for unit in units for call in getattr(unit, "calls", [unit])]
+    owner = [index for index, unit in enumerate(units) for _ in getattr(unit, "calls", [unit])]
     groups: dict[tuple[Any, ...], list[int]] = {}
     for index, call in enumerate(calls):
         if call.run is None:  # (dense calls have neither padding nor documents)
@@ -331,14 +404,18 @@ def call_cuts(calls: Sequence[Any], pad: torch.Tensor | None, documents: torch.T
         pads = None if pad is None else torch.stack([pad[:, c.k.rows] for c in group])
         full, partial = (torch.stack(grids) for grids in zip(*(c.tiles.grids_on(device) for c in group)))
         batch = tile_cut(full, partial, group[0].tiles.tile, pads, segments)
+        # a batch's calls are consecutive here (one shape, in order): its cut is theirs, together
         for position, index in enumerate(members):
-            cuts[index] = batch.select(position)
+            unit = owner[index]
+            if cuts[unit] is None:
+                size = len(getattr(units[unit], "calls", [None]))
+                cuts[unit] = batch.select(position) if size == 1 else batch.take(position, position + size)
     return cuts
 
 
 def strip_block_mask(
     tiles: Tiles,
-    rule: StripRule,
+    rule: StripRule | BatchRule,
     q_len: int,
     k_len: int,
     device: torch.device,
@@ -410,7 +487,7 @@ def math_strip_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     tiles: Tiles,
-    rule: StripRule,
+    rule: StripRule | BatchRule,
     *,
     scale: float,
     enable_gqa: bool,
@@ -427,7 +504,7 @@ def math_strip_attention(
     t = tiles.tile
     grids = (tiles.full, tiles.partial) if cut is None else (cut.full, cut.partial)
     pad, segments = (None, None) if cut is None else (cut.pad, cut.segments)
-    full, partial = (x.repeat_interleave(t, 1).repeat_interleave(t, 2).to(q.device) for x in grids)
+    full, partial = (x.repeat_interleave(t, -2).repeat_interleave(t, -1).to(q.device) for x in grids)
     allowed = full | (partial & rule.dense(q.shape[1], tiles.needs_layout, pad, segments))
     scores = torch.einsum("bhnd,bhmd->bhnm", q, k) * scale
     scores = scores.masked_fill(~allowed, float("-inf"))

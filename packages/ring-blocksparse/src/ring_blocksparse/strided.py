@@ -39,6 +39,7 @@ import torch
 
 from ring_core.plugin import BlockKernel, Branch, branch_offsets, lse_probe, no_double_backward
 
+from .batches import strip_batches
 from .fa4 import Fa4Blocks, available, blocks_for, fa4_backward, fa4_forward, rule_ready
 from .flex import (
     Cut,
@@ -77,6 +78,8 @@ class StripCall:
     fa4: Fa4Blocks | bool | None = None  # flash-attn 4's block lists (False: the call needs FlexAttention)
     segment: int = 0  # the branch's segment length (a plan for packed documents cuts segments per call)
     phase: int = 0  # the documents it serves start at this phase modulo the rate (packed documents; else 0)
+    # batches this call leads (:func:`~ring_blocksparse.batches.strip_batches`), by their calls' ids
+    batches: dict[tuple[int, ...], Any] = field(default_factory=dict, repr=False, compare=False)
 
     def q_view(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, n, h, ...)`` strided view of a ``(B, N, H, ...)`` query-side tensor."""
@@ -245,10 +248,20 @@ class StripRun:
     key_padding_mask: torch.Tensor | None = None  # (B, N) bool, True: padded key (the calls were built padded)
     lse_grad: bool = False  # the caller returns ``lse`` with its gradient (``return_lse``)
     documents: torch.Tensor | None = None  # int32 cu_seqlens on the device (the calls were built for documents)
+    units: list[Any] = field(default_factory=list)  # what runs: calls and batches of calls (:func:`run_units`)
 
 
-def fa4_blocks(run: StripRun, call: StripCall, q: torch.Tensor) -> Fa4Blocks | None:
-    """The call's flash-attn 4 block lists when the run may use them and the call qualifies (kept on the call)."""
+def run_units(run: StripRun, q: torch.Tensor) -> list[Any]:
+    """The run's calls as it executes them (kept in ``run.units``): FlexAttention calls of one shape batched into one
+    call each (:mod:`ring_blocksparse.batches`), dense and flash-attn 4 calls alone."""
+    alone = [call.run is not None or fa4_blocks(run, call, q) is not None for call in run.calls]
+    run.units = strip_batches(run.calls, q, alone)
+    return run.units
+
+
+def fa4_blocks(run: StripRun, call: Any, q: torch.Tensor) -> Fa4Blocks | None:
+    """The call's flash-attn 4 block lists when the run may use them and the call qualifies (kept on the call; a batch
+    of calls never does)."""
     if run.sparse != "auto" or call.run is not None or run.documents is not None or not available(q):
         return None  # (a call of packed documents reads its segment ids per call: FlexAttention)
     if call.fa4 is None:
@@ -257,7 +270,7 @@ def fa4_blocks(run: StripRun, call: StripCall, q: torch.Tensor) -> Fa4Blocks | N
 
 
 def sparse_forward(
-    run: StripRun, call: StripCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grad: bool, cut: Cut | None
+    run: StripRun, call: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grad: bool, cut: Cut | None
 ) -> _Saved:
     """One FlexAttention call: ``(o (B, h, n, D), lse (B, h, n), leaves)``; with ``grad`` the graph from the
     leaves (the views the gradients land in) to ``o`` and ``lse`` is kept. ``cut``: the call's
@@ -294,17 +307,18 @@ def strip_forward(
     run: StripRun, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``out`` (B, N, H, D) and ``lse`` (B, N, H) of the calls in ``run``; ``run.saved`` keeps what the backward
-    needs of each call (a FlexAttention call's graph only when ``run.grad``)."""
+    needs of each unit (:func:`run_units`; a FlexAttention call's graph only when ``run.grad``)."""
     b, n, h, _ = q.shape
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     out_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else acc
     backend = run.kernel.backend
     lse = torch.full((b, n, h), float("-inf"), dtype=acc, device=q.device)
-    covered = bool(run.calls) and run.calls[0].covering
+    units = run_units(run, q)
+    covered = bool(units) and units[0].covering
     out = (torch.empty if covered else torch.zeros)(b, n, h, v.shape[-1], dtype=out_dtype, device=q.device)
     run.saved = []
-    cuts = call_cuts(run.calls, run.key_padding_mask, run.documents)
-    for index, call in enumerate(run.calls):
+    cuts = call_cuts(units, run.key_padding_mask, run.documents)
+    for index, call in enumerate(units):
         write = index == 0 and covered
         pieces: list[tuple[slice, torch.Tensor, torch.Tensor]]
         blocks = fa4_blocks(run, call, q)
@@ -344,15 +358,15 @@ def strip_backward(
     dout = dout.contiguous()
     # the lse's gradient: a FlexAttention call takes it through its own lse; a dense or flash-attn 4 call (its
     # backward starts from the final out/lse) by one more backward pass with ring_core's lse_probe
-    passes = any(c.run is not None or isinstance(saved, Fa4Blocks) for c, saved in zip(run.calls, run.saved))
+    passes = any(c.run is not None or isinstance(saved, Fa4Blocks) for c, saved in zip(run.units, run.saved))
     probes = lse_probe(v, out, dlse) if dlse is not None and passes else None
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     grad_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else acc
     grads: list[torch.Tensor | None] = [None, None, None]
     backend = run.kernel.backend
-    recompute = any(saved is None and call.run is None for call, saved in zip(run.calls, run.saved))
-    cuts = call_cuts(run.calls, run.key_padding_mask, run.documents) if recompute else []
-    for index, (call, saved) in enumerate(zip(run.calls, run.saved)):
+    recompute = any(saved is None and call.run is None for call, saved in zip(run.units, run.saved))
+    cuts = call_cuts(run.units, run.key_padding_mask, run.documents) if recompute else []
+    for index, (call, saved) in enumerate(zip(run.units, run.saved)):
         if call.run is not None:
             blocks = _dense_backward(run, call, q, k, v, out, lse, dout)
             if probes is not None:

@@ -217,10 +217,12 @@ def cut_grids(
 def block_lists(mask: torch.Tensor, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """A bool tile grid ``(h, rows, cols)`` as kernels' block lists: counts ``(1, h, rows)`` and each row's allowed
     columns in ascending order, packed left, ``(1, h, rows, cols)`` (int32, on ``device``; contiguous, as
-    flash-attn 4 requires, also for a transposed grid)."""
+    flash-attn 4 requires, also for a transposed grid). Grids of a batch ``(m, h, rows, cols)`` give ``(m, h, ...)``."""
     counts = mask.sum(-1, dtype=torch.int32)
     indices = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-    return counts[None].to(device).contiguous(), indices[None].to(device).contiguous()
+    if mask.dim() == 3:
+        counts, indices = counts[None], indices[None]
+    return counts.to(device).contiguous(), indices.to(device).contiguous()
 
 
 def needed_rows(tiles_and_strips: Iterable[tuple[Tiles, Strip]], buffer_len: int) -> torch.Tensor:

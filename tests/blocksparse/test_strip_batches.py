@@ -1,0 +1,107 @@
+"""Strip calls of one shape batched into one kernel call (:mod:`ring_blocksparse.batches`): which calls join, and
+that a batched run gives each call's results exactly (float64, the fused kernel's dense twin on the CPU; the fused
+kernel batched in tests/blocksparse/test_cuda.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.blocksparse.test_strip_windows import _module
+
+import ring_blocksparse.strided as strided
+from ring_blocksparse.batches import StripBatch, batch_groups, stacked
+from ring_blocksparse.strided import strip_calls
+from ring_core import reference_attention
+from ring_core.dilated import branches
+from ring_core.testing import Case, make_inputs
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+# (case, pattern of tests/blocksparse/test_strip_windows.py): every case has sparse (not dense) dilated calls
+CASES = [
+    (Case("dilated-gqa-window", 64, 4, (16, 32, 64), (1, 2, 4), kv_heads=2, batch=1, head_dim=5, window_size=(9, 3)),
+     "none"),
+    (Case("causal-padded", 64, 4, (32, 64), (1, 4), batch=1, head_dim=3, causal=True, padding=True), "band"),
+    (Case("packed-anywhere", 72, 4, (12, 24, 72), (1, 2, 4), kv_heads=2, batch=1, head_dim=5, causal=True,
+          documents=(0, 7, 30, 53, 72)), "random-per-head"),
+    (Case("head-groups", 64, 6, (8, 32, 64), (1, 2, 4), merge="head_groups", batch=1, head_dim=3), "random-per-head"),
+]  # fmt: skip
+
+
+def _calls(n: int, heads: int, kv_heads: int, rates: tuple[int, ...], documents: bool = False):
+    segments = tuple(n // len(rates) * (i + 1) for i in range(len(rates)))
+    return strip_calls(
+        torch.arange(n), torch.arange(n), num_heads=heads, num_kv_heads=kv_heads,
+        branch_list=branches(segments, rates, "lse", heads), block_size=8, layout=None, causal=False,
+        q=torch.zeros(1, n, heads, 4), dense=False, documents=documents,
+    )  # fmt: skip
+
+
+def _layout(case: Case, pattern: str) -> dict:
+    layout = _module(case, pattern).layout_for(case.seq_len, case.heads)
+    return {} if layout is None else {"block_layout": layout, "block_size": 8}
+
+
+def test_each_branch_is_one_batch():
+    """Rates 1, 2, 4 on 4 heads: the rate-1 call alone (it writes the results first), each other branch's offsets one
+    batch; with packed documents each offset's calls on every strip of its rate one batch (21 calls, 7 kernel calls)."""
+    calls = _calls(64, 4, 4, (1, 2, 4))
+    assert [len(g) for g in batch_groups(calls)] == [1, 2, 4]
+    packed = _calls(64, 4, 4, (1, 2, 4), documents=True)
+    assert len(packed) == 21
+    assert [len(g) for g in batch_groups(packed)] == [1, 2, 2, 4, 4, 4, 4]
+
+
+def test_calls_sharing_key_views_stay_apart():
+    """Two calls reading the same key rows and key/value head (packed documents, one key/value head: the offsets'
+    calls on one strip) would add their gradients into one view: they are not batched."""
+    calls = _calls(64, 4, 1, (2,), documents=True)
+    by_strip = sorted(calls, key=lambda c: c.q.offset)  # offsets 0 and 1 on strip 0, then on strip 1
+    # (offset 1 on strip 0 and offset 0 on strip 1 share no key rows: they may join)
+    assert [len(g) for g in batch_groups(by_strip)] == [1, 2, 1]
+    assert [len(g) for g in batch_groups(calls)] == [2, 2]  # (plan order: each offset on both strips)
+
+
+def test_stacked_views():
+    x = torch.randn(1, 24, 6, 3)
+    views = [x[:, o::4, o::2] for o in range(2)]
+    torch.testing.assert_close(stacked(views), torch.cat(views))
+    assert stacked(views).data_ptr() == x.data_ptr()
+    with pytest.raises(AssertionError, match="step evenly"):
+        stacked([x[:, 0::4], x[:, 1::4], x[:, 3::4]])
+
+
+@pytest.mark.parametrize(("case", "pattern"), CASES, ids=[case.name for case, _ in CASES])
+def test_batched_run_equals_each_call(case, pattern, monkeypatch):
+    """The same module with and without batches: equal outputs and gradients (float64), and both the reference's.
+    Fails if a batch reads another call's tiles, rule, padding or documents, or writes another call's rows."""
+    q, k, v, mask = make_inputs(case, torch.float64, seed=3)
+    dout = torch.randn_like(q)
+    options = {**case.forward_options(), "is_causal": case.causal}
+    if mask is not None:
+        options["key_padding_mask"] = mask
+    units = []
+    real = strided.strip_batches
+
+    def recording(calls, q_, alone):
+        result = real(calls, q_, alone)
+        units.append(sum(isinstance(u, StripBatch) for u in result))
+        return result
+
+    results = []
+    for batched in (True, False):
+        monkeypatch.setattr(strided, "strip_batches", recording if batched else lambda calls, q_, alone: list(calls))
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = _module(case, pattern)(*leaves, **options)
+        results.append((out, *torch.autograd.grad(out, leaves, dout)))
+    assert units and all(count > 0 for count in units)
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-13)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    reference = reference_attention(
+        *leaves, **{**case.config, **case.reference_options}, is_causal=case.causal, key_padding_mask=mask,
+        **_layout(case, pattern),
+    )  # fmt: skip
+    torch.testing.assert_close(results[0][0], reference, rtol=1e-10, atol=1e-12)
+    for got, expected in zip(results[0][1:], torch.autograd.grad(reference, leaves, dout)):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11)
