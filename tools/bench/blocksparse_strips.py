@@ -115,7 +115,10 @@ def main(argv=None) -> int:
                         help="the strips' kernel: auto (flash-attn 4 where it can, when installed) or flex")  # fmt: skip
     parser.add_argument("--ring", type=int, default=4, help="ranks simulated for the ring's steps (0: skip)")
     parser.add_argument(
-        "--skip", nargs="*", default=[], help="sections to skip: dilated patterns gather compiled packed ring"
+        "--skip",
+        nargs="*",
+        default=[],
+        help="sections to skip: dilated patterns gather compiled packed packed-gather ring",
     )
     parser.add_argument("--time-budget", type=float, default=1e9, help="stop starting new rows after this (s)")
     parser.add_argument("--packed-multiple", type=int, default=0,
@@ -354,7 +357,9 @@ def packed_rows(args, row, finish, record, save, layout) -> None:
     strips = row("packed", "band", True, segments, rates, layout, documents=documents)
     if unpacked is not None:
         finish(strips, "vs_unpacked", unpacked["fwd_bwd_ms"], None)
-    gather = row("packed", "band", True, segments, rates, layout, method="gather", documents=documents)
+    gather = None
+    if "packed-gather" not in args.skip:  # (seconds per call: the row to leave out of a quick run)
+        gather = row("packed", "band", True, segments, rates, layout, method="gather", documents=documents)
     compiled = row("packed", "band compiled", True, segments, rates, layout, documents=documents, compiled=True)
     if strips is not None and "error" not in strips:
         finish(gather, "vs_flex", strips["fwd_bwd_ms"], 1.2)
