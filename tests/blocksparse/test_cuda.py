@@ -98,17 +98,17 @@ def test_dense_strips_on_gpu():
 
 
 @pytest.mark.parametrize(
-    ("window", "padding"),
-    [((300, 0), False), ((200, 77), True), ((-1, -1), True), ((150, 0), True)],
-    ids=["causal-window", "two-sided-window-pad", "pad", "causal-window-pad"],
+    ("window", "padding", "batch"),
+    [((300, 0), False, 2), ((200, 77), True, 2), ((-1, -1), True, 2), ((150, 0), True, 2), ((150, 0), True, 1)],
+    ids=["causal-window", "two-sided-window-pad", "pad", "causal-window-pad", "causal-window-pad-batched"],
 )
-def test_flex_windows_and_padding_on_gpu(window, padding):
+def test_flex_windows_and_padding_on_gpu(window, padding, batch):
     """Sliding windows and key padding on the fused strips (dilated branches, per-head layout, GQA), forward and
     backward, SPEC.md's bf16 bounds; no padded call runs on flash-attn 4 (windowed ones may, with the rule as a
-    mask_mod: tests/blocksparse/test_fa4_cuda.py)."""
+    mask_mod: tests/blocksparse/test_fa4_cuda.py). At batch 1 a branch's offsets run as one batched call."""
     case = Case(
         "strips-window-pad", 1024, 4, (256, 1024), (1, 2), kv_heads=2, head_dim=64, causal=window[1] == 0,
-        padding=padding, window_size=window,
+        padding=padding, window_size=window, batch=batch,
     )  # fmt: skip
     attn = BlockSparseRingDilatedAttention(
         **case.config, block_size=128, pattern="random", density=0.5, seed=4, per_head=True, method="flex"
