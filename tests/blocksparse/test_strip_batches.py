@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.blocksparse.test_strip_ring_steps import _simulate
 from tests.blocksparse.test_strip_windows import _module
 
 import ring_blocksparse.strided as strided
+import ring_blocksparse.strip_ring as strip_ring
+from ring_blocksparse import build_pattern
 from ring_blocksparse.batches import StripBatch, batch_groups, stacked
 from ring_blocksparse.strided import strip_calls
+from ring_blocksparse.strip_ring import build_strip_plan
 from ring_core import reference_attention
 from ring_core.dilated import branches
 from ring_core.testing import Case, make_inputs
@@ -105,3 +109,39 @@ def test_batched_run_equals_each_call(case, pattern, monkeypatch):
     torch.testing.assert_close(results[0][0], reference, rtol=1e-10, atol=1e-12)
     for got, expected in zip(results[0][1:], torch.autograd.grad(reference, leaves, dout)):
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11)
+
+
+def test_ring_steps_run_batches(monkeypatch):
+    """Each rank's ring steps (the benchmark's one-process simulation, 2 ranks, batch 1) batch a branch's offsets
+    too, and stay exact: the reference's output and gradients (float64)."""
+    n, h, segments, rates, window = 96, 4, (32, 96), (1, 2), (9, 3)
+    generator = torch.Generator().manual_seed(5)
+    q, k, v, dout = (torch.randn(1, n, h, 4, generator=generator, dtype=torch.float64) for _ in range(4))
+    layout = build_pattern("random", density=0.5, seed=2, per_head=True).layout(n, 8, h)
+    batches = []
+    real = strip_ring.strip_units
+
+    def recording(run, calls, q_):
+        units = real(run, calls, q_)
+        batches.append(sum(isinstance(u, StripBatch) for u in units))
+        return units
+
+    monkeypatch.setattr(strip_ring, "strip_units", recording)
+
+    def plan_of(rank: int):
+        return build_strip_plan(
+            seq_len=n, rank=rank, world_size=2, layout_kind="contiguous", q=q[:, : n // 2], num_heads=h,
+            num_kv_heads=h, branch_list=branches(segments, rates, "lse", h), block_size=8, layout=layout,
+            causal=False, window=window,
+        )  # fmt: skip
+
+    out, grads, _ = _simulate((q, k, v, dout), plan_of)
+    # the rate-2 branch's two offsets, on every rank's own shard (a window's step across shards may need one)
+    assert batches and sum(batches) >= 2
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    expected = reference_attention(
+        *leaves, segment_lengths=segments, dilation_rates=rates, window_size=window, block_layout=layout, block_size=8
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    for got, want in zip(grads, torch.autograd.grad(expected, leaves, dout)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)

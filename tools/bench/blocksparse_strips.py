@@ -46,7 +46,7 @@ from ring_blocksparse import BlockSparseRingDilatedAttention, Random, build_patt
 from ring_blocksparse.attention import dense_strip_kernel
 from ring_blocksparse.fa4 import Fa4Blocks, fa4_backward, fa4_forward
 from ring_blocksparse.flex import sparse_backward
-from ring_blocksparse.strided import fa4_blocks, sparse_forward
+from ring_blocksparse.strided import fa4_blocks, sparse_forward, strip_units
 from ring_blocksparse.strip_ring import StripRingSchedule, build_strip_plan
 from ring_core import create_attention
 from ring_core.dilated import branches
@@ -453,7 +453,7 @@ def kernels_alone(schedule, plan, rank: int, local, received: dict, state: dict)
 
     def step() -> None:
         for s, (kb, vb) in inputs.items():
-            for call in plan.calls[s]:
+            for call in strip_units(schedule.run, plan.calls[s], ql):  # (as the steps run them: batches too)
                 blocks = fa4_blocks(schedule.run, call, ql)
                 if blocks is not None:
                     fa4_forward(call, blocks, ql, kb, vb, scale=scale)

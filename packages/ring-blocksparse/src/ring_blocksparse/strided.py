@@ -251,11 +251,16 @@ class StripRun:
     units: list[Any] = field(default_factory=list)  # what runs: calls and batches of calls (:func:`run_units`)
 
 
+def strip_units(run: StripRun, calls: list[StripCall], q: torch.Tensor) -> list[Any]:
+    """``calls`` as the run executes them: FlexAttention calls of one shape batched into one call each
+    (:mod:`ring_blocksparse.batches`), dense and flash-attn 4 calls alone."""
+    alone = [call.run is not None or fa4_blocks(run, call, q) is not None for call in calls]
+    return strip_batches(calls, q, alone)
+
+
 def run_units(run: StripRun, q: torch.Tensor) -> list[Any]:
-    """The run's calls as it executes them (kept in ``run.units``): FlexAttention calls of one shape batched into one
-    call each (:mod:`ring_blocksparse.batches`), dense and flash-attn 4 calls alone."""
-    alone = [call.run is not None or fa4_blocks(run, call, q) is not None for call in run.calls]
-    run.units = strip_batches(run.calls, q, alone)
+    """The run's calls as it executes them (:func:`strip_units`), kept in ``run.units``."""
+    run.units = strip_units(run, run.calls, q)
     return run.units
 
 

@@ -34,7 +34,7 @@ from .fa4 import fa4_backward, fa4_forward
 from .flex import call_cuts, sparse_backward
 from .gather import BlockSparseSchedule, CommStats, _Posted
 from .rows import gather_rows, scatter_rows
-from .strided import StripCall, StripRun, fa4_blocks, sparse_forward, strip_calls
+from .strided import StripCall, StripRun, fa4_blocks, sparse_forward, strip_calls, strip_units
 from .strips import needed_rows
 
 # A source rank's shard as a ring step sees it: K, V and (with a key padding mask) the padding.
@@ -224,8 +224,9 @@ class StripRingSchedule(BlockSparseSchedule):
         acc: Accumulator,
         pad: torch.Tensor | None = None,
     ) -> None:
-        cuts = call_cuts(calls, pad, self.run.documents)
-        for call, cut in zip(calls, cuts):
+        units = strip_units(self.run, calls, q)
+        cuts = call_cuts(units, pad, self.run.documents)
+        for call, cut in zip(units, cuts):
             blocks = fa4_blocks(self.run, call, q)
             if blocks is not None:
                 o, lse = fa4_forward(call, blocks, q, kb, vb, scale=self.kernel.scale)
@@ -254,8 +255,9 @@ class StripRingSchedule(BlockSparseSchedule):
         disjoint and ``dkb``/``dvb`` hold nothing yet, so each call's key/value gradient is written there."""
         accumulate = self.kernel.backend.accumulate
         put_keys = _write if write_keys else accumulate
-        cuts = call_cuts(calls, pad, self.run.documents)
-        for call, cut in zip(calls, cuts):
+        units = strip_units(self.run, calls, q)
+        cuts = call_cuts(units, pad, self.run.documents)
+        for call, cut in zip(units, cuts):
             blocks = fa4_blocks(self.run, call, q)
             dk_view, dv_view = call.kv_leaf(dkb), call.kv_leaf(dvb)
             if blocks is not None:
