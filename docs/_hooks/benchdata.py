@@ -168,6 +168,10 @@ STRIPS_RING = "blocksparse-strips-ring-h200.json"
 STRIPS_GATHER = "blocksparse-strips-gather-h200.json"
 # the strips compiled against eager, and packed documents starting anywhere on the strips against the gather path
 STRIPS_COMPILED = "blocksparse-strips-compiled-h200.json"
+# the dilated + layout, compiled and packed rows after a branch's FlexAttention calls were batched into one
+STRIPS_BATCHED = "blocksparse-strips-batched-h200.json"
+# the simulated ring again, with the same steps' kernels alone beside it (saved under its own name)
+STRIPS_RING_KERNELS = "blocksparse-strips-ring-kernels-h200.json"
 WINDOWS = "packed-windows-h200.json"
 SPARSE_RING = "blocksparse-ring-2xh200.json"
 CPU = "cli-bench-cpu.json"

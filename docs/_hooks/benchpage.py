@@ -24,9 +24,11 @@ from benchdata import (
     SPARSE,
     SPARSE_RING,
     STRIPS,
+    STRIPS_BATCHED,
     STRIPS_COMPILED,
     STRIPS_GATHER,
     STRIPS_RING,
+    STRIPS_RING_KERNELS,
     folded,
     load,
     mask,
@@ -270,13 +272,16 @@ def blocksparse() -> Answer:
     dilated = [r for r in later["results"] if r["section"] == "dilated"]
     with_layout = [r for r in dilated if r["name"] != "no layout"]
     gather = next(r for r in load(STRIPS_GATHER)["results"] if r["section"] == "gather")
-    later_runs = load(STRIPS_COMPILED)["results"]
-    packed, packed_gather, packed_compiled = (
-        next(r for r in later_runs if r["section"] == "packed" and r["method"] == method and r["compiled"] == compiled)
-        for method, compiled in (("flex", False), ("gather", False), ("flex", True))
+    packed_gather = next(
+        r for r in load(STRIPS_COMPILED)["results"] if r["section"] == "packed" and r["method"] == "gather"
+    )
+    later_runs = load(STRIPS_BATCHED)["results"]
+    packed, packed_compiled = (
+        next(r for r in later_runs if r["section"] == "packed" and r["compiled"] == compiled)
+        for compiled in (False, True)
     )
     compiled = [r["vs_eager"] for r in later_runs if r["section"] == "compiled"]
-    ring = later["ring"]
+    ring = load(STRIPS_RING_KERNELS)["ring"]
     dense, later_dense = strips["baselines"], later["baselines"]
     conclusion = (
         f"At 10% density (N=65,536, one {meta(strips)['card']}, flash-attn 4 installed) every registered "
@@ -290,10 +295,12 @@ def blocksparse() -> Answer:
         f"The gather path, now taken only with dropout, "
         f"is {gather['vs_flex']:.1f}x the strips (a third run). Under `torch.compile(fullgraph=True)` the strips "
         f"take {min(compiled):.2f}-{max(compiled):.2f}x their eager time (one op whose backward recomputes each "
-        f"FlexAttention call; a fourth run); packed documents starting anywhere took "
-        f"{packed['fwd_bwd_ms']:.1f} ms on the strips ({packed_compiled['fwd_bwd_ms']:.1f} ms compiled) against "
-        f"{packed_gather['fwd_bwd_ms']:,.0f} ms on the gather path (the same run); and the sparse ring's steps "
-        f"simulated at {ring['world_size']} ranks cost {ring['vs_one_gpu']:.2f}x the one-GPU run."
+        f"FlexAttention call; a fifth run); packed documents starting anywhere took "
+        f"{packed['fwd_bwd_ms']:.1f} ms on the strips ({packed_compiled['fwd_bwd_ms']:.1f} ms compiled; a branch's "
+        f"calls batched) against {packed_gather['fwd_bwd_ms']:,.0f} ms on the gather path (a fourth run); and the "
+        f"sparse ring's steps simulated at {ring['world_size']} ranks cost {ring['vs_one_gpu']:.2f}x the one-GPU "
+        f"run, of which the split into steps itself is {ring['kernels_vs_one_gpu']:.2f}x (the same steps' kernels "
+        f"alone) and the steps' merges and accumulation {ring['vs_kernels']:.2f}x their kernels (a sixth run)."
     )
     pattern_rows = [
         [r["name"], _strip_kernel(r), mask(r["causal"]), f"{r['density']:.3f}", f"{r['fwd_bwd_ms']:.1f}",
@@ -332,6 +339,8 @@ def blocksparse() -> Answer:
         folded(STRIPS_RING, "The later run: dilated + layout and the simulated ring"),
         folded(STRIPS_GATHER, "The third run: the gather path against the strips (and dilated + layout again)"),
         folded(STRIPS_COMPILED, "The fourth run: the strips compiled, and packed documents starting anywhere (strips, compiled strips, gather path)"),
+        folded(STRIPS_BATCHED, "The fifth run: a branch's FlexAttention calls batched (dilated + layout, compiled, packed)"),
+        folded(STRIPS_RING_KERNELS, "The sixth run: the simulated ring, and the same steps' kernels alone"),
         folded(SPARSE, "Time vs density on FlexAttention alone (the figure; before flash-attn 4 took the calls)"),
         '??? note "The sparse ring over 2 GPUs (an older run, on the gather path)"\n    '
         + (ring_table + "\n\n" + source(SPARSE_RING)).replace("\n", "\n    ") + "\n",
