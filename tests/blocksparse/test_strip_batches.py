@@ -41,6 +41,20 @@ def _calls(n: int, heads: int, kv_heads: int, rates: tuple[int, ...], documents:
     )  # fmt: skip
 
 
+def _count_batches(monkeypatch, module, name: str) -> list[int]:
+    """Wrap ``module.name`` (a function returning a run's units) to record how many batches each call of it made."""
+    counts: list[int] = []
+    real = getattr(module, name)
+
+    def recording(*args):
+        units = real(*args)
+        counts.append(sum(isinstance(u, StripBatch) for u in units))
+        return units
+
+    monkeypatch.setattr(module, name, recording)
+    return counts
+
+
 def _layout(case: Case, pattern: str) -> dict:
     layout = _module(case, pattern).layout_for(case.seq_len, case.heads)
     return {} if layout is None else {"block_layout": layout, "block_size": 8}
@@ -84,17 +98,11 @@ def test_batched_run_equals_each_call(case, pattern, monkeypatch):
     options = {**case.forward_options(), "is_causal": case.causal}
     if mask is not None:
         options["key_padding_mask"] = mask
-    units = []
-    real = strided.strip_batches
-
-    def recording(calls, q_, alone):
-        result = real(calls, q_, alone)
-        units.append(sum(isinstance(u, StripBatch) for u in result))
-        return result
-
+    units = _count_batches(monkeypatch, strided, "strip_batches")
     results = []
     for batched in (True, False):
-        monkeypatch.setattr(strided, "strip_batches", recording if batched else lambda calls, q_, alone: list(calls))
+        if not batched:
+            monkeypatch.setattr(strided, "strip_batches", lambda calls, q_, alone: list(calls))
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
         out = _module(case, pattern)(*leaves, **options)
         results.append((out, *torch.autograd.grad(out, leaves, dout)))
@@ -118,15 +126,7 @@ def test_ring_steps_run_batches(monkeypatch):
     generator = torch.Generator().manual_seed(5)
     q, k, v, dout = (torch.randn(1, n, h, 4, generator=generator, dtype=torch.float64) for _ in range(4))
     layout = build_pattern("random", density=0.5, seed=2, per_head=True).layout(n, 8, h)
-    batches = []
-    real = strip_ring.strip_units
-
-    def recording(run, calls, q_):
-        units = real(run, calls, q_)
-        batches.append(sum(isinstance(u, StripBatch) for u in units))
-        return units
-
-    monkeypatch.setattr(strip_ring, "strip_units", recording)
+    batches = _count_batches(monkeypatch, strip_ring, "strip_units")
 
     def plan_of(rank: int):
         return build_strip_plan(

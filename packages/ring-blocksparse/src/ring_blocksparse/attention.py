@@ -3,7 +3,7 @@
 A key is allowed iff the dilated branches allow it (counted as in SPEC.md) **and** the
 block layout does; the softmax runs over the allowed keys through LSE merges. Two ways
 compute it: strips (:mod:`ring_blocksparse.strided`: one fused kernel per branch offset on
-strided views, per ring step too) and the gather path (:mod:`ring_blocksparse.gather`: tiles
+strided views, at batch 1 a branch's FlexAttention calls batched into one, per ring step too) and the gather path (:mod:`ring_blocksparse.gather`: tiles
 gathered into dense blocks; everything, on any device). Empty (query tile, key tile) pairs
 are never computed, and across ranks a rank sends exactly the key/value rows some query
 tile of the receiver needs (nothing at all when no tile needs them).
@@ -137,7 +137,8 @@ class BlockSparseRingDilatedAttention(nn.Module):
       sequence, instead of a ``pattern``.
     - ``transposed_backward``: batch the gather path's backward by key tile.
     - ``method``: ``"flex"`` (strips: one FlexAttention kernel per dilated branch offset on
-      strided views, dense strips on the registry's kernel, LSE-merged; on one process and per
+      strided views, at batch 1 one per branch and shape (:mod:`ring_blocksparse.batches`), dense
+      strips on the registry's kernel, LSE-merged; on one process and per
       ring step; sliding windows, key padding and packed documents too; needs every rate to divide
       ``block_size``,
       runs of the sequence that split into whole kernel tiles, no dropout, and a backward only on

@@ -141,9 +141,6 @@ class StripBatch:
             device = self.rule.qpos.device
             self.block_mask, _ = strip_block_mask(self.tiles, self.rule, len(self.q), len(self.k), device)
 
-    def __len__(self) -> int:
-        return len(self.calls)
-
     def q_view(self, x: torch.Tensor) -> torch.Tensor:
         """``(m, n, h, ...)``: the calls' query-side views of a ``(1, N, H, ...)`` tensor, stacked."""
         return stacked([c.q_view(x) for c in self.calls])

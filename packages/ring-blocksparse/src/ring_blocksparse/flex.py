@@ -1,4 +1,5 @@
-"""FlexAttention on strips: one fused block-sparse kernel per dilated branch offset.
+"""FlexAttention on strips: one fused block-sparse kernel per dilated branch offset (a batch of them per call at
+batch 1: :class:`BatchRule`, :mod:`ring_blocksparse.batches`).
 
 Each branch offset is a strided view of ``q, k, v`` (:mod:`ring_blocksparse.strips`), and what it
 allows is a ``BlockMask`` over that view: full tiles skip the mask, partial tiles evaluate the
@@ -214,14 +215,9 @@ class StripRule:
         self, heads: int, layout: bool = True, pad: torch.Tensor | None = None, segments: _Segments | None = None
     ) -> torch.Tensor:
         """Bool ``(B or 1, heads or 1, nq, nk)``: the rule on every pair."""
-        rule = self.mask_mod(layout, pad, segments)
-        n, m = self.qpos.numel(), self.kpos.numel()
-        device = self.qpos.device
-        h = torch.arange(heads if self.layout is not None and self.layout.shape[0] > 1 else 1, device=device)
-        b = torch.arange(1 if pad is None else pad.shape[0], device=device)
-        q_idx, kv_idx = torch.arange(n, device=device), torch.arange(m, device=device)
-        out = rule(b[:, None, None, None], h[:, None, None], q_idx[:, None], kv_idx)
-        return out.expand(b.numel(), h.numel(), n, m)
+        per_head = self.layout is not None and self.layout.shape[0] > 1
+        batch = 1 if pad is None else pad.shape[0]
+        return _every_pair(self.mask_mod(layout, pad, segments), batch, heads if per_head else 1, self.qpos, self.kpos)
 
 
 class BatchRule:
@@ -250,14 +246,17 @@ class BatchRule:
         self, heads: int, layout: bool = True, pad: torch.Tensor | None = None, segments: _Segments | None = None
     ) -> torch.Tensor:
         """Bool ``(m, heads or 1, nq, nk)``: each call's rule on every pair."""
+        per_head = self.layout is not None and self.layout.shape[1] > 1
         rule = self.mask_mod(layout, pad, segments)
-        m, n = self.qpos.shape
-        device = self.qpos.device
-        h = torch.arange(heads if self.layout is not None and self.layout.shape[1] > 1 else 1, device=device)
-        b = torch.arange(m, device=device)
-        q_idx, kv_idx = torch.arange(n, device=device), torch.arange(self.kpos.shape[1], device=device)
-        out = rule(b[:, None, None, None], h[:, None, None], q_idx[:, None], kv_idx)
-        return out.expand(m, h.numel(), n, kv_idx.numel())
+        return _every_pair(rule, self.qpos.shape[0], heads if per_head else 1, self.qpos[0], self.kpos[0])
+
+
+def _every_pair(rule: _MaskMod, batch: int, heads: int, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+    """A ``mask_mod`` evaluated on every (batch, head, query row, key row): bool ``(batch, heads, nq, nk)``."""
+    n, m, device = qpos.numel(), kpos.numel(), qpos.device
+    b, h = torch.arange(batch, device=device), torch.arange(heads, device=device)
+    q_idx, kv_idx = torch.arange(n, device=device), torch.arange(m, device=device)
+    return rule(b[:, None, None, None], h[:, None, None], q_idx[:, None], kv_idx).expand(batch, heads, n, m)
 
 
 def _batched_rule(
@@ -272,7 +271,8 @@ def _batched_rule(
     lo: torch.Tensor,
     hi: torch.Tensor,
 ) -> _MaskMod:
-    # :func:`_rule` with every per-row tensor and the layout read at the batch's row (one code object, as there)
+    # :func:`_rule` with every per-row tensor and the layout read at the batch index (one code object, as there): a
+    # single call's tensors serve every batch element instead, so the two cannot share one closure
     def mask_mod(b: Any, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         offset = kpos[b, kv_idx] - qpos[b, q_idx]
         ok = (qseg[b, q_idx] == kseg[b, kv_idx]) & (offset >= lo) & (offset <= hi)

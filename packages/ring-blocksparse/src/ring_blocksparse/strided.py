@@ -1,5 +1,8 @@
 """Block-sparse dilated attention on strips: the calls (one fused kernel call per branch offset), run on one process.
 
+At batch 1 a branch's FlexAttention calls of one shape run as one call (:mod:`ring_blocksparse.batches`); the
+loops below run such units (:func:`strip_units`) as they run calls.
+
 Every branch offset is a :class:`StripCall`: strided views of ``q`` and of a key/value buffer (no
 gather), the tiles its layout, segments and causality allow, and either a FlexAttention
 ``BlockMask`` over them or, when the strip is "dense" (every allowed pair is "same run of
