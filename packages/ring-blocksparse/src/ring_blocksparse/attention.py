@@ -3,8 +3,9 @@
 A key is allowed iff the dilated branches allow it (counted as in SPEC.md) **and** the
 block layout does; the softmax runs over the allowed keys through LSE merges. Two ways
 compute it: strips (:mod:`ring_blocksparse.strided`: one fused kernel per branch offset on
-strided views, at batch 1 a branch's FlexAttention calls batched into one, per ring step too) and the gather path (:mod:`ring_blocksparse.gather`: tiles
-gathered into dense blocks; everything, on any device). Empty (query tile, key tile) pairs
+strided views, at batch 1 a branch's FlexAttention calls batched into one, per ring step too)
+and the gather path (:mod:`ring_blocksparse.gather`: tiles gathered into dense blocks;
+everything, on any device). Empty (query tile, key tile) pairs
 are never computed, and across ranks a rank sends exactly the key/value rows some query
 tile of the receiver needs (nothing at all when no tile needs them).
 """

@@ -63,27 +63,37 @@ def batchable(call: Any) -> bool:
 def batch_groups(calls: Sequence[Any]) -> list[list[int]]:
     """The calls (indices, in order) grouped into batches: consecutive batchable calls of one shape whose geometry
     steps evenly and whose key/value views do not overlap; every other call alone."""
+    # each call's shape and geometry once (a run groups its calls on every forward and backward)
+    shapes = [_shape(call) if batchable(call) else None for call in calls]
+    places = [None if shape is None else _geometry(call) for call, shape in zip(calls, shapes)]
     groups: list[list[int]] = []
-    for index, call in enumerate(calls):
+    for index, shape in enumerate(shapes):
         group = groups[-1] if groups else None
-        if group is not None and batchable(call) and _joins(calls, group, call):
+        if (
+            group is not None
+            and shape is not None
+            and shape == shapes[group[0]]
+            and _joins(calls, places, group, index)
+        ):
             group.append(index)
         else:
             groups.append([index])
     return groups
 
 
-def _joins(calls: Sequence[Any], group: list[int], call: Any) -> bool:
-    first = calls[group[0]]
-    if not batchable(first) or _shape(first) != _shape(call):
+def _step(a: Any, b: Any) -> tuple[int, ...]:
+    return tuple(y - x for x, y in zip(a, b))
+
+
+def _joins(calls: Sequence[Any], places: Sequence[Any], group: list[int], index: int) -> bool:
+    """Whether call ``index`` (of the group's shape) continues the group: the same step from the last call as the
+    group's, another query view, and key/value views no call of the group has."""
+    step = _step(places[group[-1]], places[index])
+    if len(group) > 1 and step != _step(places[group[0]], places[group[1]]):
         return False
-    last = calls[group[-1]]
-    step = [b - a for a, b in zip(_geometry(last), _geometry(call))]
-    if len(group) > 1 and step != [b - a for a, b in zip(_geometry(first), _geometry(calls[group[1]]))]:
-        return False
-    if step[:2] == [0, 0]:
+    if step[:2] == (0, 0):
         return False  # (the same query view twice)
-    cells = _kv_cells(call)
+    cells = _kv_cells(calls[index])
     return all(not (cells & _kv_cells(calls[i])) for i in group)
 
 

@@ -385,8 +385,9 @@ def call_cuts(units: Sequence[Any], pad: torch.Tensor | None, documents: torch.T
     if pad is None and documents is None:
         return cuts
     device = pad.device if pad is not None else documents.device  # type: ignore[union-attr]
-    calls = [call for unit in units for call in getattr(unit, "calls", [unit])]
-    owner = [index for index, unit in enumerate(units) for _ in getattr(unit, "calls", [unit])]
+    members_of = [getattr(unit, "calls", [unit]) for unit in units]  # a batch's calls, or the call itself
+    calls = [call for members in members_of for call in members]
+    owner = [index for index, members in enumerate(members_of) for _ in members]
     groups: dict[tuple[Any, ...], list[int]] = {}
     for index, call in enumerate(calls):
         if call.run is None:  # (dense calls have neither padding nor documents)
@@ -408,7 +409,7 @@ def call_cuts(units: Sequence[Any], pad: torch.Tensor | None, documents: torch.T
         for position, index in enumerate(members):
             unit = owner[index]
             if cuts[unit] is None:
-                size = len(getattr(units[unit], "calls", [None]))
+                size = len(members_of[unit])
                 cuts[unit] = batch.select(position) if size == 1 else batch.take(position, position + size)
     return cuts
 
