@@ -10,6 +10,8 @@ flash-attn 4 is not installed (``tools/gpu/fa4_wheels.sh`` brings it).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -81,6 +83,23 @@ def test_rule_calls_run_on_flash_attn4(case, pattern, variants):
     assert sparse and all(isinstance(c.fa4, Fa4Blocks) for c in sparse), [c.fa4 for c in sparse]
     ruled = {c.fa4.rule.layout for c in sparse if c.fa4.rule is not None}
     assert ruled and (variants is None or ruled == variants), ruled
+    assert not fa4._REJECTED
+
+
+@pytest.mark.parametrize(
+    ("case", "pattern", "variants"), RULE_CASES[:2] + RULE_CASES[4:5], ids=["band", "band-causal", "window-causal"]
+)
+def test_batched_calls_run_on_flash_attn4(case, pattern, variants):
+    """At batch 1 a branch's calls run as one flash-attn 4 call (:mod:`ring_blocksparse.batches`: stacked strided views,
+    block lists per batch, the mask_mod reading the batch index), exactly."""
+    _needs_fa4(case.head_dim)
+    if not rule_ready(torch.zeros(1, 1, 1, case.head_dim, device="cuda")):
+        pytest.skip("flash-attn 4 takes no mask_mod calls on this GPU (fa4.MASK_MAJORS) or RING_BLOCKSPARSE_FA4_MASK=0")
+    case = dataclasses.replace(case, batch=1)
+    _, calls = _run(case, pattern)
+    batches = [u for c in calls for u in c.batches.values()]
+    assert batches and all(isinstance(u.fa4, Fa4Blocks) for u in batches), [u.fa4 for u in batches]
+    assert {u.fa4.rule.layout for u in batches if u.fa4.rule is not None} <= variants
     assert not fa4._REJECTED
 
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from ring_blocksparse import build_pattern, fa4
+from ring_blocksparse.batches import StripBatch, batch_groups
 from ring_blocksparse.fa4 import Fa4Blocks, Fa4FallbackWarning, blocks_for, fa4_forward, rule_ready, tile_grids
 from ring_blocksparse.fa4_rule import INDEX_LIMIT, Fa4Rule, rule_tensors, twin
 from ring_blocksparse.flex import math_strip_attention
@@ -96,15 +97,16 @@ def _tiles_to_tokens(grid: torch.Tensor) -> torch.Tensor:
     return grid.repeat_interleave(TILE, 1).repeat_interleave(TILE, 2)
 
 
-def _kernel_mask(lists: _Lists, rule: Fa4Rule | None, n: int, m: int) -> torch.Tensor:
-    """What flash-attn 4 computes from these lists and rule: full tiles whole, partial tiles where the rule allows."""
+def _kernel_mask(lists: _Lists, rule: Fa4Rule | None, n: int, m: int, batch: int = 0) -> torch.Tensor:
+    """What flash-attn 4 computes from these lists and rule (at batch index ``batch``): full tiles whole, partial tiles
+    where the rule allows."""
     full = _tiles_to_tokens(_grid(lists.full_block_cnt, lists.full_block_idx, m // TILE))
     partial = _tiles_to_tokens(_grid(lists.mask_block_cnt, lists.mask_block_idx, m // TILE))
     assert not (full & partial).any()
     if rule is None:  # (not asked here: calls without a rule are tile_grids' case)
         return full | partial
     h = torch.arange(full.shape[0])[:, None, None]
-    return full | (partial & twin(rule)(0, h, torch.arange(n)[:, None], torch.arange(m)))
+    return full | (partial & twin(rule)(batch, h, torch.arange(n)[:, None], torch.arange(m)))
 
 
 def _exact(call: Any, heads: int) -> torch.Tensor:
@@ -141,6 +143,29 @@ def test_rule_calls_give_flash_attn4_exactly_the_strip_rule(name, fake_fa4):
     assert ruled, "no call of this case needs the rule"
 
 
+@pytest.mark.parametrize("name", ["random-per-head", "band-dilated-causal", "window-causal", "segments-only-causal"])
+def test_a_batch_of_calls_gives_flash_attn4_each_calls_rule(name, fake_fa4):
+    """A branch's calls batched (:mod:`ring_blocksparse.batches`): batch ``b`` of the block lists and of the rule (its
+    aux tensors, read at the batch index) is exactly call ``b``'s rule."""
+    calls, _ = _calls(name)
+    groups = [g for g in batch_groups(calls) if len(g) > 1]
+    assert groups
+    for group in groups:
+        batch = StripBatch([calls[i] for i in group])
+        blocks = blocks_for(batch, torch.device("cpu"), rule=True)
+        assert isinstance(blocks, Fa4Blocks)
+        n, m = len(batch.q), len(batch.k)
+        for b, call in enumerate(batch.calls):
+            heads = call.tiles.full.shape[0]
+            fields = ("mask_block_cnt", "mask_block_idx", "full_block_cnt", "full_block_idx")
+            lists = _Lists(*(getattr(blocks.forward, f)[b : b + 1] for f in fields))
+            kernel = _kernel_mask(lists, blocks.rule, n, m, batch=b)
+            if blocks.rule is None:  # only causal diagonal tiles: flash-attn's causal mask decides there
+                assert blocks.causal and batch.rule.same_strip
+                kernel &= torch.ones(n, m, dtype=torch.bool).tril()
+            assert torch.equal(kernel, _exact(call, heads)), (name, b)
+
+
 def test_the_check_can_fail(fake_fa4):
     """A rule without its layout term, or with the causal bound off by one, is caught by the comparison above."""
     calls, _ = _calls("random-per-head")
@@ -156,22 +181,31 @@ def test_the_check_can_fail(fake_fa4):
     heads, n, m = call.tiles.full.shape[0], len(call.q), len(call.k)
     aux = blocks.rule.aux
     assert aux[4][:2].tolist() == [-300, 0]
-    strict = Fa4Rule(blocks.rule.layout, (*aux[:4], aux[4] - torch.tensor([0, 1, 0, 0], dtype=torch.int32), *aux[5:]))
+    strict = Fa4Rule(
+        blocks.rule.layout, (*aux[:4], aux[4] - torch.tensor([0, 1, 0, 0, 0, 0, 0], dtype=torch.int32), *aux[5:])
+    )
     assert not torch.equal(_kernel_mask(blocks.forward, strict, n, m), _exact(call, heads))
 
 
 def test_window_bounds_and_strides_in_params():
-    """``params``: the offsets' interval (window and causality) and the layout's head / row strides."""
+    """``params``: the offsets' interval (window and causality), the layout's head / row strides and the batch strides
+    (0 for one call)."""
     calls, layout = _calls("window-two-sided-layout")
     call = next(c for c in calls if c.tiles.needs_layout)
     rule = rule_tensors(call.rule, layout=True)
     nb = layout.shape[-1]
-    assert rule.aux[4].tolist() == [-200, 77, 0, nb]  # one layout for every head: head stride 0
+    assert rule.aux[4].tolist() == [-200, 77, 0, nb, 0, 0, 0]  # one layout for every head: head stride 0
     calls, layout = _calls("random-per-head")
     call = next(c for c in calls if c.tiles.needs_layout and c.rule.layout.shape[0] > 1)
     rule = rule_tensors(call.rule, layout=True)
-    assert rule.aux[4].tolist()[2:] == [nb * nb, nb] and rule.aux[4].tolist()[:2] == [-(1 << 30), 1 << 30]
-    assert rule_tensors(call.rule, layout=False).aux[4].tolist()[2:] == [0, 0] and len(rule.aux) == 8
+    assert rule.aux[4].tolist()[2:4] == [nb * nb, nb] and rule.aux[4].tolist()[:2] == [-(1 << 30), 1 << 30]
+    assert rule_tensors(call.rule, layout=False).aux[4].tolist()[2:] == [0] * 5 and len(rule.aux) == 8
+    # a batch of calls: its rows and layouts flattened call after call
+    batch = StripBatch([c for c in calls if c.q.rate == 2])
+    heads, n, m = batch.rule.layout.shape[1], len(batch.q), len(batch.k)
+    aux = rule_tensors(batch.rule, layout=True).aux
+    assert aux[4].tolist()[2:] == [nb * nb, nb, n, m, heads * nb * nb]
+    assert torch.equal(aux[0], torch.cat([c.rule.qpos for c in batch.calls]))
 
 
 def test_a_layout_too_large_for_int32_stays_on_flex(monkeypatch, fake_fa4):

@@ -18,11 +18,11 @@ from flash_attn.cute.utils import scalar_to_ssa
 
 
 @cute.jit
-def _segment_and_window(q_idx, kv_idx, aux_tensors):
-    # aux: qpos, kpos, qseg, kseg, params (lo, hi, layout head stride, layout row stride)
+def _segment_and_window(batch, q_idx, kv_idx, aux_tensors):
+    # aux: qpos, kpos, qseg, kseg, params (lo, hi, layout head and row strides, query/key/layout batch strides)
     qpos, kpos, qseg, kseg, params = aux_tensors[0], aux_tensors[1], aux_tensors[2], aux_tensors[3], aux_tensors[4]
-    i = q_idx[0]
-    j = kv_idx[0]
+    i = q_idx[0] + batch[0] * params[4]
+    j = kv_idx[0] + batch[0] * params[5]
     offset = scalar_to_ssa(kpos[j] - qpos[i], cutlass.Int32)
     lo = scalar_to_ssa(params[0], cutlass.Int32)
     hi = scalar_to_ssa(params[1], cutlass.Int32)
@@ -31,10 +31,12 @@ def _segment_and_window(q_idx, kv_idx, aux_tensors):
 
 
 @cute.jit
-def _layout_allows(head, q_idx, kv_idx, aux_tensors):
+def _layout_allows(batch, head, q_idx, kv_idx, aux_tensors):
     # aux[5:]: qblk, kblk, the layout (uint8, flattened)
     params, qblk, kblk, layout = aux_tensors[4], aux_tensors[5], aux_tensors[6], aux_tensors[7]
-    index = head[0] * params[2] + qblk[q_idx[0]] * params[3] + kblk[kv_idx[0]]
+    i = q_idx[0] + batch[0] * params[4]
+    j = kv_idx[0] + batch[0] * params[5]
+    index = batch[0] * params[6] + head[0] * params[2] + qblk[i] * params[3] + kblk[j]
     allowed = scalar_to_ssa(cutlass.Int32(layout[index]), cutlass.Int32)
     return allowed > scalar_to_ssa(0, cutlass.Int32)
 
@@ -42,13 +44,14 @@ def _layout_allows(head, q_idx, kv_idx, aux_tensors):
 @cute.jit
 def strip_rule(batch, head, q_idx, kv_idx, seqlen_info, aux_tensors):
     """Segment, window and causality (partial tiles whose layout blocks all allow)."""
-    return _segment_and_window(q_idx, kv_idx, aux_tensors)
+    return _segment_and_window(batch, q_idx, kv_idx, aux_tensors)
 
 
 @cute.jit
 def strip_rule_layout(batch, head, q_idx, kv_idx, seqlen_info, aux_tensors):
     """The whole rule: the layout too."""
-    return _segment_and_window(q_idx, kv_idx, aux_tensors) & _layout_allows(head, q_idx, kv_idx, aux_tensors)
+    allowed = _segment_and_window(batch, q_idx, kv_idx, aux_tensors)
+    return allowed & _layout_allows(batch, head, q_idx, kv_idx, aux_tensors)
 
 
 _SOURCE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()

@@ -9,8 +9,9 @@ heads ``o, o+1, ...`` each with its own strided set) are one strided view of eve
 calls on its batch dimension: the view of call ``i`` starts ``i * step`` elements after the first's.
 :class:`StripBatch` is such a group: one FlexAttention call whose block mask and rule are the calls'
 own, stacked (batch ``i`` reads call ``i``'s tiles, positions, segments, layout and padding), so its
-results are each call's exactly. Key/value views must not overlap across the calls (their gradients
-land there); calls that share key/value rows and heads stay apart.
+results are each call's exactly; so is one flash-attn 4 call (its block lists per batch, its ``mask_mod``
+reading the batch index). Key/value views must not overlap across the calls (their gradients land
+there); calls that share key/value rows and heads stay apart, and so do calls on different kernels.
 """
 
 from __future__ import annotations
@@ -60,11 +61,16 @@ def batchable(call: Any) -> bool:
     return call.run is None and not call.covering and isinstance(call.kv, slice) and isinstance(call.heads, slice)
 
 
-def batch_groups(calls: Sequence[Any]) -> list[list[int]]:
-    """The calls (indices, in order) grouped into batches: consecutive batchable calls of one shape whose geometry
-    steps evenly and whose key/value views do not overlap; every other call alone."""
-    # each call's shape and geometry once (a run groups its calls on every forward and backward)
-    shapes = [_shape(call) if batchable(call) else None for call in calls]
+def batch_groups(calls: Sequence[Any], kernels: Sequence[str | None] | None = None) -> list[list[int]]:
+    """The calls (indices, in order) grouped into batches: consecutive batchable calls of one shape and one kernel
+    (``kernels``: what computes each call, None for a call that runs alone) whose geometry steps evenly and whose
+    key/value views do not overlap; every other call alone."""
+    kernels = kernels or ["any"] * len(calls)
+    # each call's shape (with its kernel) and geometry once (a run groups its calls on every forward and backward)
+    shapes = [
+        None if kernel is None or not batchable(call) else (kernel, _shape(call))
+        for call, kernel in zip(calls, kernels)
+    ]
     places = [None if shape is None else _geometry(call) for call, shape in zip(calls, shapes)]
     groups: list[list[int]] = []
     for index, shape in enumerate(shapes):
@@ -124,17 +130,18 @@ def _stacked_tiles(tiles: Sequence[Tiles]) -> Tiles:
 
 @dataclass
 class StripBatch:
-    """Strip calls of one shape run as one FlexAttention call (batch ``i``: call ``i``); it answers what a
-    :class:`~ring_blocksparse.strided.StripCall` does where the FlexAttention path asks (its views stacked)."""
+    """Strip calls of one shape run as one kernel call (batch ``i``: call ``i``); it answers what a
+    :class:`~ring_blocksparse.strided.StripCall` does where the FlexAttention and flash-attn 4 paths ask (its
+    views stacked)."""
 
     calls: list[Any]
     tiles: Tiles = field(init=False)
     rule: BatchRule = field(init=False)
     block_mask: Any = None  # the calls' block masks stacked (None: theirs are built per call, from cuts)
     kernel_options: dict[str, Any] | None = None
+    fa4: Any = False  # flash-attn 4's block lists of the batch (None: not built yet; False: FlexAttention)
     run: None = None
     covering: bool = False
-    fa4: bool = False
 
     def __post_init__(self) -> None:
         first = self.calls[0]
@@ -162,20 +169,21 @@ class StripBatch:
         return leaf
 
 
-def strip_batches(calls: Sequence[Any], q: torch.Tensor, run_alone: Sequence[bool]) -> list[Any]:
-    """``calls`` as the units a run executes: batches of calls (:func:`batch_groups`) where the batch is 1 and no
-    call of the group runs alone (``run_alone``: a dense or flash-attn 4 call), each call alone otherwise. A batch
-    is kept on its first call, so a cached plan builds it (and its block mask) once."""
+def strip_batches(calls: Sequence[Any], q: torch.Tensor, kernels: Sequence[str | None]) -> list[Any]:
+    """``calls`` as the units a run executes: at batch 1, batches of calls (:func:`batch_groups`; ``kernels``: what
+    computes each call, ``"flex"``, a flash-attn 4 variant, or None for a dense call), each call alone otherwise.
+    A batch is kept on its first call, so a cached plan builds it (and its block lists) once."""
     if q.shape[0] != 1:
         return list(calls)
     units: list[Any] = []
-    for group in batch_groups(calls):
+    for group in batch_groups(calls, kernels):
         members = [calls[i] for i in group]
-        if len(group) == 1 or any(run_alone[i] for i in group):
+        if len(group) == 1:
             units += members
             continue
         key = tuple(id(c) for c in members)
         if key not in members[0].batches:
-            members[0].batches[key] = StripBatch(members)
+            flex = kernels[group[0]] == "flex"
+            members[0].batches[key] = StripBatch(members, fa4=False if flex else None)
         units.append(members[0].batches[key])
     return units

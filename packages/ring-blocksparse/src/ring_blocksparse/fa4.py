@@ -105,7 +105,7 @@ def tile_grids(call: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
         return tiles.full, tiles.partial
     if not (call.causal and call.rule.same_strip) or tiles.needs_layout or tiles.needs_segment or tiles.needs_window:
         return None
-    eye = torch.eye(tiles.partial.shape[1], tiles.partial.shape[2], dtype=torch.bool)
+    eye = torch.eye(tiles.partial.shape[-2], tiles.partial.shape[-1], dtype=torch.bool)
     if bool((tiles.partial & ~eye).any()):
         return None
     return tiles.full, tiles.partial
@@ -133,7 +133,7 @@ def blocks_for(call: Any, device: torch.device, rule: bool = False) -> Fa4Blocks
         return types(mask_cnt, mask_idx, full_cnt, full_idx, block_size=(TILE, TILE))
 
     forward = tensors(full, partial)
-    backward = tensors(full.transpose(1, 2), partial.transpose(1, 2))
+    backward = tensors(full.transpose(-2, -1), partial.transpose(-2, -1))
     causal = token_rule is None and bool(partial.any())
     return Fa4Blocks(forward, backward, causal=causal, rule=token_rule)
 

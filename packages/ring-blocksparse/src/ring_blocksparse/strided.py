@@ -255,10 +255,19 @@ class StripRun:
 
 
 def strip_units(run: StripRun, calls: list[StripCall], q: torch.Tensor) -> list[Any]:
-    """``calls`` as the run executes them: FlexAttention calls of one shape batched into one call each
-    (:mod:`ring_blocksparse.batches`), dense and flash-attn 4 calls alone."""
-    alone = [call.run is not None or fa4_blocks(run, call, q) is not None for call in calls]
-    return strip_batches(calls, q, alone)
+    """``calls`` as the run executes them: calls of one shape on one kernel (FlexAttention, or flash-attn 4 with one
+    ``mask_mod`` variant) batched into one call each (:mod:`ring_blocksparse.batches`), dense calls alone."""
+    return strip_batches(calls, q, [_kernel_of(run, call, q) for call in calls])
+
+
+def _kernel_of(run: StripRun, call: StripCall, q: torch.Tensor) -> str | None:
+    """What computes a call: None (dense), ``"flex"``, or flash-attn 4 with its ``mask_mod`` variant and causal flag."""
+    if call.run is not None:
+        return None
+    blocks = fa4_blocks(run, call, q)
+    if blocks is None:
+        return "flex"
+    return f"flash_attn4 {blocks.rule.variant if blocks.rule is not None else 'no rule'} causal={blocks.causal}"
 
 
 def run_units(run: StripRun, q: torch.Tensor) -> list[Any]:
