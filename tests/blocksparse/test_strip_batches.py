@@ -4,11 +4,14 @@ kernel batched in tests/blocksparse/test_cuda.py)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from tests.blocksparse.test_strip_ring_steps import _simulate
 from tests.blocksparse.test_strip_windows import _module
 
+import ring_blocksparse.batches as batches
 import ring_blocksparse.strided as strided
 import ring_blocksparse.strip_ring as strip_ring
 from ring_blocksparse import build_pattern
@@ -101,12 +104,14 @@ def test_batched_run_equals_each_call(case, pattern, monkeypatch):
     units = _count_batches(monkeypatch, strided, "strip_batches")
     results = []
     for batched in (True, False):
-        if not batched:
-            monkeypatch.setattr(strided, "strip_batches", lambda calls, q_, alone: list(calls))
+        if not batched:  # (the A/B switch: every call alone)
+            assert units and all(count > 0 for count in units)
+            batched_runs = len(units)
+            monkeypatch.setenv(batches.BATCH_ENV, "0")
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
         out = _module(case, pattern)(*leaves, **options)
         results.append((out, *torch.autograd.grad(out, leaves, dout)))
-    assert units and all(count > 0 for count in units)
+    assert len(units) > batched_runs and not any(units[batched_runs:])
     for got, expected in zip(*results):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-13)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
@@ -145,3 +150,33 @@ def test_ring_steps_run_batches(monkeypatch):
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
     for got, want in zip(grads, torch.autograd.grad(expected, leaves, dout)):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_benchmark_times_the_unbatched_rows_with_batching_off():
+    """The strips benchmark's ``unbatched`` section: each batched band row again, with ``RING_BLOCKSPARSE_BATCH=0``
+    set only while it runs, against that row."""
+    from tools.bench.blocksparse_strips import unbatched_rows
+
+    assert batches.BATCH_ENV not in os.environ
+    base = {"compiled": False, "method": "flex"}
+    record = {
+        "packed_documents": [0, 40, 96],
+        "results": [
+            {**base, "section": "dilated", "name": "band", "causal": False, "fwd_bwd_ms": 2.0},
+            {**base, "section": "dilated", "name": "band", "causal": True, "fwd_bwd_ms": 1.0},
+            {**base, "section": "packed", "name": "band", "causal": True, "compiled": True, "fwd_bwd_ms": 5.0},
+        ],
+    }
+    seen, ratios = [], []
+
+    def row(section, name, causal, segs, rts, layout, documents=None):
+        seen.append((name, causal, documents, os.environ.get(batches.BATCH_ENV)))
+        return {"fwd_bwd_ms": 3.0}
+
+    def finish(entry, ratio, baseline, target):
+        ratios.append((ratio, entry["fwd_bwd_ms"] / baseline, target))
+
+    unbatched_rows(row, finish, record, None, [32], [1])
+    assert seen == [("dilated band", False, None, "0"), ("dilated band", True, None, "0")]  # (no eager packed row)
+    assert ratios == [("vs_batched", 1.5, None), ("vs_batched", 3.0, None)]
+    assert batches.BATCH_ENV not in os.environ

@@ -15,7 +15,9 @@ measured in the same run:
   ``--packed-multiple``) with the band layout and the dilated branches, causal, on the strips against the
   gather path on the same documents (where the gather path took every packed call before), the strips
   compiled, and the strips on the same tokens unpacked;
-- ``eager``: for the ``compiled`` rows (``torch.compile(fullgraph=True)``), the eager strips on the same work.
+- ``eager``: for the ``compiled`` rows (``torch.compile(fullgraph=True)``), the eager strips on the same work;
+- ``batched``: for the ``unbatched`` rows (``RING_BLOCKSPARSE_BATCH=0``: every strip call alone), the same band
+  + dilated rows (full, causal, packed) with a branch's calls batched (no target: what batching saves).
 
 Targets (each row says which applies): dilated + layout at most ``dilated x kept x 1.15`` where ``kept``
 is the fraction of the branches' (query, key) pairs the layout keeps (counted from the plan); a pattern
@@ -35,6 +37,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,6 +47,7 @@ import torch.nn.functional as F
 
 from ring_blocksparse import BlockSparseRingDilatedAttention, Random, build_pattern
 from ring_blocksparse.attention import dense_strip_kernel
+from ring_blocksparse.batches import BATCH_ENV
 from ring_blocksparse.fa4 import Fa4Blocks, fa4_backward, fa4_forward
 from ring_blocksparse.flex import sparse_backward
 from ring_blocksparse.strided import fa4_blocks, sparse_forward, strip_units
@@ -57,7 +61,7 @@ from tools import command_line
 from tools.bench.timing import median_ms
 
 # each row's ratio, against the baseline its section names
-RATIOS = ("vs_plain_dilated", "vs_dense", "vs_flex", "vs_unpacked", "vs_eager")
+RATIOS = ("vs_plain_dilated", "vs_dense", "vs_flex", "vs_unpacked", "vs_eager", "vs_batched")
 
 
 def band(density: float, seq_len: int, block: int) -> torch.Tensor:
@@ -118,7 +122,7 @@ def main(argv=None) -> int:
         "--skip",
         nargs="*",
         default=[],
-        help="sections to skip: dilated patterns gather compiled packed packed-gather ring",
+        help="sections to skip: dilated patterns gather compiled packed packed-gather unbatched ring",
     )
     parser.add_argument("--time-budget", type=float, default=1e9, help="stop starting new rows after this (s)")
     parser.add_argument("--packed-multiple", type=int, default=0,
@@ -307,6 +311,8 @@ def main(argv=None) -> int:
                 finish(entry, "vs_eager", eager["fwd_bwd_ms"], 1.2)
     if "packed" not in args.skip:
         packed_rows(args, row, finish, record, save, layouts["band"])
+    if "unbatched" not in args.skip:
+        unbatched_rows(row, finish, record, layouts["band"], segments, rates)
     if args.ring and "ring" not in args.skip and time.perf_counter() - started < args.time_budget:
         record["ring"] = simulate_ring(args, q, k, v, dout, layouts["random"], save, record)
         save()
@@ -365,6 +371,23 @@ def packed_rows(args, row, finish, record, save, layout) -> None:
         finish(gather, "vs_flex", strips["fwd_bwd_ms"], 1.2)
         finish(compiled, "vs_eager", strips["fwd_bwd_ms"], 1.2)
     save()
+
+
+def unbatched_rows(row, finish, record, layout, segments, rates) -> None:
+    """The band + dilated rows measured above (full, causal, packed) again with every strip call alone."""
+    documents = record.get("packed_documents")
+    os.environ[BATCH_ENV] = "0"
+    try:
+        for section, name, causal in (("dilated", "band", False), ("dilated", "band", True), ("packed", "band", True)):
+            batched = next((r for r in record["results"] if (r["section"], r["name"], r["causal"]) == (section, name, causal)
+                            and not r["compiled"] and r["method"] == "flex" and "error" not in r), None)  # fmt: skip
+            if batched is None:
+                continue
+            packed = documents if section == "packed" else None
+            entry = row("unbatched", f"{section} {name}", causal, segments, rates, layout, documents=packed)
+            finish(entry, "vs_batched", batched["fwd_bwd_ms"], None)
+    finally:
+        del os.environ[BATCH_ENV]
 
 
 def simulate_ring(args, q, k, v, dout, layout, save, record) -> dict:

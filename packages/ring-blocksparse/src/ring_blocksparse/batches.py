@@ -12,10 +12,12 @@ own, stacked (batch ``i`` reads call ``i``'s tiles, positions, segments, layout 
 results are each call's exactly; so is one flash-attn 4 call (its block lists per batch, its ``mask_mod``
 reading the batch index). Key/value views must not overlap across the calls (their gradients land
 there); calls that share key/value rows and heads stay apart, and so do calls on different kernels.
+``RING_BLOCKSPARSE_BATCH=0`` runs every call alone (for A/B timing).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +26,8 @@ import torch
 
 from .flex import BatchRule, strip_block_mask
 from .strips import Strip, Tiles
+
+BATCH_ENV = "RING_BLOCKSPARSE_BATCH"  # "0": every strip call alone
 
 
 def _start(index: slice | torch.Tensor) -> int:
@@ -171,9 +175,10 @@ class StripBatch:
 
 def strip_batches(calls: Sequence[Any], q: torch.Tensor, kernels: Sequence[str | None]) -> list[Any]:
     """``calls`` as the units a run executes: at batch 1, batches of calls (:func:`batch_groups`; ``kernels``: what
-    computes each call, ``"flex"``, a flash-attn 4 variant, or None for a dense call), each call alone otherwise.
+    computes each call, ``"flex"``, a flash-attn 4 variant, or None for a dense call), each call alone otherwise
+    (and with ``RING_BLOCKSPARSE_BATCH=0``).
     A batch is kept on its first call, so a cached plan builds it (and its block lists) once."""
-    if q.shape[0] != 1:
+    if q.shape[0] != 1 or os.environ.get(BATCH_ENV, "1") == "0":
         return list(calls)
     units: list[Any] = []
     for group in batch_groups(calls, kernels):
