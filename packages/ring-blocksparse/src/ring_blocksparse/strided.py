@@ -277,8 +277,8 @@ def run_units(run: StripRun, q: torch.Tensor) -> list[Any]:
 
 
 def fa4_blocks(run: StripRun, call: Any, q: torch.Tensor) -> Fa4Blocks | None:
-    """The call's flash-attn 4 block lists when the run may use them and the call qualifies (kept on the call; a batch
-    of calls never does)."""
+    """The call's flash-attn 4 block lists when the run may use them and the call qualifies (kept on the call, or on
+    the batch: a batch of FlexAttention calls is made with ``fa4=False``)."""
     if run.sparse != "auto" or call.run is not None or run.documents is not None or not available(q):
         return None  # (a call of packed documents reads its segment ids per call: FlexAttention)
     if call.fa4 is None:
