@@ -26,8 +26,10 @@ pattern's options cannot hit 0.1); the gather path and compiled strips at most `
 ranks simulated on one GPU: each rank's steps run on the rows the plan sends, scattered into the
 source shard as the ring does) at most ``1.1 x`` the one-GPU time of the same tiles; reported beside it, the
 same tiles split into the same steps with the kernels alone (no merge, accumulation or placing): what the
-split itself costs against one GPU, and what the steps add to their kernels. The plan build
-time (block masks) is reported for every case; so is whether the output and gradients are finite
+split itself costs against one GPU, and what the steps add to their kernels. Each unpacked strips row
+counts its work: the pairs the layout keeps, the pairs in the tiles the kernels visit and of those the pairs
+in partial tiles (rule per pair), at the kernel's tile and at tiles of one layout block of each strip
+(``b / r`` rows). The plan build time (block masks) is reported for every case; so is whether the output and gradients are finite
 (a row that is not never meets its target). JSON is rewritten after every row.
 """
 
@@ -104,6 +106,19 @@ def kept_pairs(plan) -> int:
             heads = len(range(*call.heads.indices(10**9)))
             total += pairs * (heads // any_.shape[0])
     return total
+
+
+def visited_pairs(plan) -> tuple[int, int]:
+    """(query, key) pairs in the tiles the kernels visit, over every call and head, and of those the pairs in partial
+    tiles (where the rule is evaluated per pair)."""
+    visited = partial = 0
+    for calls in plan.calls.values():
+        for call in calls:
+            tiles = call.tiles
+            heads = len(range(*call.heads.indices(10**9))) // tiles.full.shape[0]
+            visited += int((tiles.full | tiles.partial).sum()) * tiles.tile**2 * heads
+            partial += int(tiles.partial.sum()) * tiles.tile**2 * heads
+    return visited, partial
 
 
 def main(argv=None) -> int:
@@ -211,15 +226,20 @@ def main(argv=None) -> int:
             call = torch.compile(attn, fullgraph=True) if compiled else attn
             t0 = time.perf_counter()
             if method == "flex":
-                plan = build_strip_plan(
+                plan_options = dict(
                     seq_len=n, rank=0, world_size=1, layout_kind="contiguous", q=q, num_heads=h, num_kv_heads=h,
                     branch_list=branches(segs, rts, "lse", h), block_size=block, layout=layout, causal=causal,
                     documents=documents is not None,
                 )  # fmt: skip
+                plan = build_strip_plan(**plan_options)
                 torch.cuda.synchronize()
                 entry["plan_build_s"] = time.perf_counter() - t0
                 if documents is None:  # (a plan for documents ignores segments: its pairs are a superset)
                     entry["kept_pairs"] = kept_pairs(plan)
+                    entry["visited_pairs"], entry["partial_pairs"] = visited_pairs(plan)
+                    # the same plan with tiles of one layout block of each strip (b / r rows), as off CUDA
+                    fine = build_strip_plan(**dict(plan_options, q=torch.zeros(()).expand(q.shape), masks=False))
+                    entry["visited_pairs_block_tiles"], entry["partial_pairs_block_tiles"] = visited_pairs(fine)
                 entry["dense_strips"] = sum(c.run is not None for c in plan.calls[0])
                 entry["flex_calls"] = sum(c.run is None for c in plan.calls[0])
             t0 = time.perf_counter()
