@@ -147,7 +147,21 @@ def test_dense_strips_are_found(pattern, options, segments, rates, expected):
     assert [c.run for c in calls] == expected
     strip = strip_of(torch.arange(64), 0, 1)
     tiles = classify(strip, strip, None, block_size=8, segment=12, causal=False, tile=8)
-    assert runs(tiles, strip, strip) is None  # segments across units: not a dense strip
+    assert runs(tiles, strip, strip, False) is None  # segments across units: not a dense strip
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_lower_triangular_layout_is_dense_only_in_a_causal_call(causal):
+    """Blocks allowed on and below the diagonal: a causal call computes them as one causal dense run, a call that
+    is not causal may not (its dense kernel would read the blocks above the diagonal); both exact."""
+    n, block = 16, 4
+    layout = torch.ones(n // block, n // block, dtype=torch.bool).tril()[None]
+    attn = BlockSparseRingDilatedAttention([n], [1], block_size=block, block_layout=layout, method="flex")
+    attn.sparse_kernel = "math"
+    case = Case("lower-triangular", n, 2, (n,), (1,), causal=causal)
+    result = check_attention(attn, case, torch.float64, reference_options={"block_layout": layout, "block_size": block})
+    assert [c.run for c in attn.last_plan.calls[0]] == ([n] if causal else [None])
+    assert result.passed, result.errors
 
 
 def test_eager_flex_forward_on_strips():

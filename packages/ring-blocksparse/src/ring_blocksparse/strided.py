@@ -168,7 +168,7 @@ def strip_calls(
                     continue
                 call.phase = (strip_offset - offset) % rate
                 if dense:
-                    call.run = runs(call.tiles, call.q, call.k)
+                    call.run = runs(call.tiles, call.q, call.k, call.causal)
                 if masks and call.run is None:
                     safe: dict[str, bool] = {}
                     if not per_call:

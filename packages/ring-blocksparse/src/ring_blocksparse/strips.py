@@ -235,10 +235,11 @@ def needed_rows(tiles_and_strips: Iterable[tuple[Tiles, Strip]], buffer_len: int
     return need.nonzero().flatten()
 
 
-def runs(tiles: Tiles, q: Strip, k: Strip) -> int | None:
+def runs(tiles: Tiles, q: Strip, k: Strip, causal: bool) -> int | None:
     """The run length (strip rows) when every allowed pair is "same run of the strip" (the strip cut into equal
-    consecutive runs, the last maybe shorter) and every such pair is allowed (up to causality): then a dense
-    kernel over segments of that length computes it exactly. ``None`` otherwise."""
+    consecutive runs, the last maybe shorter) and every such pair is allowed (with ``causal``, every such pair
+    causality allows): then a dense kernel over segments of that length, causal when the call is, computes it
+    exactly. ``None`` otherwise (a layout whose blocks are lower triangular in a call that is not causal too)."""
     if tiles.needs_window or tiles.padded:
         return None
     if not tiles.one_segment_units or len(q) != len(k) or not torch.equal(q.positions, k.positions):
@@ -253,7 +254,7 @@ def runs(tiles: Tiles, q: Strip, k: Strip) -> int | None:
         return None
     run = first[:, None] == first[None, :]
     lower = torch.arange(n)[None, :] <= torch.arange(n)[:, None]
-    if not torch.equal(a, run) and not torch.equal(a, run & lower):
+    if not torch.equal(a, run & lower if causal else run):
         return None
     if not bool((first <= torch.arange(n)).all()) or not bool((first[1:] >= first[:-1]).all()):
         return None
