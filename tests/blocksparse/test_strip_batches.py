@@ -78,9 +78,19 @@ def test_calls_sharing_key_views_stay_apart():
     calls on one strip) would add their gradients into one view: they are not batched."""
     calls = _calls(64, 4, 1, (2,), documents=True)
     by_strip = sorted(calls, key=lambda c: c.q.offset)  # offsets 0 and 1 on strip 0, then on strip 1
-    # (offset 1 on strip 0 and offset 0 on strip 1 share no key rows: they may join)
-    assert [len(g) for g in batch_groups(by_strip)] == [1, 2, 1]
+    # (offset 1 on strip 0 and offset 0 on strip 1 share no key rows, but the second is a head back: apart too)
+    assert [len(g) for g in batch_groups(by_strip)] == [1, 1, 1, 1]
     assert [len(g) for g in batch_groups(calls)] == [2, 2]  # (plan order: each offset on both strips)
+
+
+def test_calls_stepping_back_stay_apart():
+    """Packed documents select the calls that serve them (:func:`~ring_blocksparse.strided.document_calls`): an
+    offset's last strip may come right before the next offset's first, a step back in rows (a negative batch stride,
+    which no view can have): those calls start a new batch."""
+    calls = _calls(64, 4, 1, (4,), documents=True)
+    assert [(c.q.offset, c.heads.start) for c in calls[:5]] == [(0, 0), (1, 0), (2, 0), (3, 0), (0, 1)]
+    selected = [calls[i] for i in (0, 2, 3, 4, 6)]  # rows 0, 2, 3 of head 0, then rows 0, 2 of head 1
+    assert batch_groups(selected) == [[0, 1], [2], [3, 4]]
 
 
 def test_stacked_views():

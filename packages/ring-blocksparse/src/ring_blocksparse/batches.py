@@ -97,10 +97,13 @@ def _step(a: Any, b: Any) -> tuple[int, ...]:
 
 def _joins(calls: Sequence[Any], places: Sequence[Any], group: list[int], index: int) -> bool:
     """Whether call ``index`` (of the group's shape) continues the group: the same step from the last call as the
-    group's, another query view, and key/value views no call of the group has."""
+    group's, none of its parts negative (a view's batch stride is the step in memory), another query view, and
+    key/value views no call of the group has."""
     step = _step(places[group[-1]], places[index])
     if len(group) > 1 and step != _step(places[group[0]], places[group[1]]):
         return False
+    if min(step) < 0:
+        return False  # (packed documents: an offset's last strip, then the next offset's first)
     if step[:2] == (0, 0):
         return False  # (the same query view twice)
     cells = _kv_cells(calls[index])
