@@ -49,8 +49,13 @@ def _module(config: dict, block: int, name: str, **extra) -> BlockSparseRingDila
 @pytest.mark.parametrize("name", PATTERNS)
 @pytest.mark.parametrize(
     ("segments", "rates", "kv_heads", "merge"),
-    [((64,), (1,), 4, "lse"), ((12, 32, 64), (1, 2, 4), 2, "lse"), ((16, 64), (2, 4), 1, "head_groups")],
-    ids=["dense", "dilated-gqa", "head-groups-mqa"],
+    [
+        ((64,), (1,), 4, "lse"),
+        ((12, 32, 64), (1, 2, 4), 2, "lse"),
+        ((16, 64), (2, 4), 1, "head_groups"),
+        ((16, 32, 64), (1, 2, 4), 2, "head_groups"),  # the rate-1 group: two query heads of one kv head
+    ],
+    ids=["dense", "dilated-gqa", "head-groups-mqa", "head-groups-gqa"],
 )
 def test_strips_match_reference(segments, rates, kv_heads, merge, name, causal):
     """Forward and backward, float64: patterns x branches (segments across blocks, rates 2 and 4, GQA)."""

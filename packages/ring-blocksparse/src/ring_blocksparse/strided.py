@@ -310,9 +310,12 @@ def _dense_kv(call: StripCall, x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _fold_kv(call: StripCall, grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """A dense call's per-query-head key/value gradient summed back onto its key/value heads."""
+    """A dense call's per-query-head key/value gradient summed back onto its key/value heads (``kv_heads``: the
+    buffer's, which a call with one index per query head folds onto)."""
     if call.gqa:
-        grouped: torch.Tensor = grad.unflatten(2, (kv_heads, -1))  # (Tensor.unflatten is untyped)
+        assert isinstance(call.kv, slice)  # (its heads, each serving an equal group of query heads)
+        count = len(range(call.kv.start, call.kv.stop, call.kv.step or 1))
+        grouped: torch.Tensor = grad.unflatten(2, (count, -1))  # (Tensor.unflatten is untyped)
         return grouped.sum(3)
     if not isinstance(call.kv, slice):
         folded = grad.new_zeros(*grad.shape[:2], kv_heads, grad.shape[-1])
