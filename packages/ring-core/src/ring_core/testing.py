@@ -132,6 +132,8 @@ PACKED_CASES: tuple[Case, ...] = (
         documents=packed_documents(47, 5, 3),
     ),
     Case("window-left", 45, 4, (8, 16), (1, 2), window_size=(5, -1)),
+    # a causal window inside segments of odd length: window tiles whose keys are their rows, and others
+    Case("window-causal-odd-segments", 59, 2, (33,), (1,), causal=True, window_size=(2, 0)),
     Case("window-causal-gqa-pad", 41, 6, (64,), (1,), kv_heads=3, causal=True, padding=True, window_size=(6, 0)),
     Case("window-two-sided-head-groups-pad", 39, 4, (6, 12), (1, 3), merge="head_groups", window_size=(4, 3),
          padding=True),

@@ -168,7 +168,9 @@ def fused_backward(
     dout = dout.contiguous()
     calls = _plan_parts(plan, q, k)
     writes = sum(1 for _, write in calls if write)
-    groups = q.shape[2] // k.shape[2]
+    # the covering blocks write the key/value gradients only when their keys are their queries, every one of them
+    # (window tiles read keys beyond their rows: then no block writes, all add into zeros)
+    kv_writes = q.shape[2] == k.shape[2] and all(block.kv == block.q for block, write in calls if write)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     grad_dtype = acc if plan.accumulate_fp32 else q.dtype
     dq: torch.Tensor | None = None
@@ -182,8 +184,7 @@ def fused_backward(
             part.view(lse).flatten(0, 1).transpose(1, 2), scale=plan.scale, causal=block.causal,
             **window_kwargs(plan.backend, qb, kb, kv_part.key_mask(plan.key_padding_mask), block.window),
         )  # fmt: skip
-        # window tiles share key rows: only a block whose keys are its queries writes them
-        kv_write = write and groups == 1 and kv_part == part
+        kv_write = write and kv_writes
         dq, owned_q = _gradient(dq, q.shape, part, bq, write, writes, grad_dtype)
         dk, owned_k = _gradient(dk, k.shape, kv_part, bk, kv_write, writes, grad_dtype)
         dv, owned_v = _gradient(dv, v.shape, kv_part, bv, kv_write, writes, grad_dtype)
