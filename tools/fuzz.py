@@ -94,7 +94,7 @@ def draw_block_sparse(seed: int) -> tuple[Any, dict[str, Any]]:
     return case, {"block_size": block, "method": method, "pattern": pattern[0], **pattern[1]}
 
 
-def draw(seed: int, names: list[str], world_size: int = 1) -> tuple[str, Any, dict[str, Any]]:
+def draw(seed: int, names: list[str], world_size: int = 1, max_len: int = 96) -> tuple[str, Any, dict[str, Any]]:
     """One draw: an implementation of ``names`` (or :data:`BLOCK_SPARSE`), its case fitted to ``world_size`` ranks
     (``N`` a multiple of the shards; of the block too on the strips), and its constructor options."""
     from ring_core.testing import packed_documents
@@ -103,7 +103,7 @@ def draw(seed: int, names: list[str], world_size: int = 1) -> tuple[str, Any, di
     if name == BLOCK_SPARSE:
         case, options = draw_block_sparse(seed)
     else:
-        case, options = draw_case(seed), {}
+        case, options = draw_case(seed, max_len=max_len), {}
     r = random.Random(seed + 1)
     if world_size > 1:
         options["layout"] = r.choice(["contiguous", "zigzag"])
@@ -118,7 +118,7 @@ def draw(seed: int, names: list[str], world_size: int = 1) -> tuple[str, Any, di
 
 
 def run_draw(seed: int, names: list[str], *, rank: int = 0, world_size: int = 1, device: str = "cpu",
-             dtype: torch.dtype = torch.float64, lse: bool = False) -> tuple[str, str, dict[str, float] | str]:  # fmt: skip
+             dtype: torch.dtype = torch.float64, lse: bool = False, max_len: int = 96) -> tuple[str, str, dict[str, float] | str]:  # fmt: skip
     """``(outcome, description, errors or the error)``: outcome ``ok``, ``wrong``, ``refused`` (a ValueError) or
     ``raised`` (anything else)."""
     import ring_core
@@ -126,7 +126,7 @@ def run_draw(seed: int, names: list[str], *, rank: int = 0, world_size: int = 1,
     from ring_core.sharding import shard_sequence
     from ring_core.testing import TOLERANCES, make_inputs, relative_error, within_tolerance
 
-    name, case, options = draw(seed, names, world_size)
+    name, case, options = draw(seed, names, world_size, max_len)
     where = f"seed {seed}: {name} {options} {case.__dict__}"
     try:
         if name == BLOCK_SPARSE:
@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the seeds")
     parser.add_argument("--replay", type=int, help="run this draw's seed once and print its result")
     parser.add_argument("--lse", action="store_true", help="return_lse=True, the loss on the lse too")
+    parser.add_argument("--max-len", type=int, default=96, help="longest N of the contract's draws")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float64", choices=("float64", "float32", "float16", "bfloat16"))
     parser.add_argument("--only", nargs="*", help="implementation names to draw from (block_sparse: the module's draw)")
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     available = [i for i in ring_core.list_implementations("attention") if i.available]
     names = [i.name for i in available if args.ranks == 1 or i.distributed] + [BLOCK_SPARSE]
     names = [n for n in names if not args.only or n in args.only]
-    options = {"device": args.device, "dtype": getattr(torch, args.dtype), "lse": args.lse}
+    options = {"device": args.device, "dtype": getattr(torch, args.dtype), "lse": args.lse, "max_len": args.max_len}
     if args.replay is not None:
         print(run_draw(args.replay, names, **options) if args.ranks == 1 else
               run_gloo(_rank_loop, args.ranks, [args.replay], names, options))  # fmt: skip
