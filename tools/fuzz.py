@@ -30,6 +30,26 @@ import torch
 BLOCK_SPARSE = "block_sparse"  # the block-sparse module with draw_block_sparse's options
 
 
+def _segments(bases: list[int], rates: list[int]) -> list[int]:
+    """``base * rate`` per branch; strictly increasing, as the contract asks, else multiples of the largest."""
+    segments = [base * rate for base, rate in zip(bases, rates, strict=True)]
+    if any(a >= b for a, b in itertools.pairwise(segments)):
+        segments = [max(segments) * (i + 1) for i in range(len(rates))]
+    return segments
+
+
+def _window(r: random.Random, causal: bool) -> tuple[int, int]:
+    """No window (most draws), left-only, ``(w, 0)`` or two-sided; a causal call's right side clipped to 0."""
+    left, right = r.choice(
+        [(-1, -1)] * 3 + [(r.randint(0, 20), -1), (r.randint(0, 20), 0), (r.randint(0, 9), r.randint(0, 9))]
+    )
+    return (left, 0) if causal and right > 0 else (left, right)
+
+
+def _kv_heads(r: random.Random, heads: int) -> int:
+    return r.choice([h for h in (1, 2, 3, heads) if heads % h == 0])
+
+
 def draw_case(seed: int, *, max_len: int = 96) -> Any:
     """A random case any implementation of the contract must take (``N`` up to ``max_len``)."""
     from ring_core.testing import Case, packed_documents
@@ -37,21 +57,16 @@ def draw_case(seed: int, *, max_len: int = 96) -> Any:
     r = random.Random(seed)
     count = r.randint(1, 3)
     rates = sorted(r.sample([1, 2, 3, 4], count))
-    segments = [base * rate for base, rate in zip(sorted(r.sample(range(2, 48), count)), rates, strict=True)]
-    if any(a >= b for a, b in itertools.pairwise(segments)):
-        segments = [max(segments) * (i + 1) for i in range(count)]
+    segments = _segments(sorted(r.sample(range(2, 48), count)), rates)
     n = r.randint(1, max_len)
     heads = r.choice([1, 2, 3, 4, 6])
     batch = r.choice([1, 1, 2])
     causal = r.random() < 0.5
-    window = r.choice(
-        [(-1, -1)] * 3 + [(r.randint(0, 20), -1), (r.randint(0, 20), 0), (r.randint(0, 9), r.randint(0, 9))]
-    )
+    window = _window(r, causal)
     return Case(
-        f"seed{seed}", n, heads, tuple(segments), tuple(rates),
-        kv_heads=r.choice([h for h in (1, 2, 3, heads) if heads % h == 0]), batch=batch,
+        f"seed{seed}", n, heads, tuple(segments), tuple(rates), kv_heads=_kv_heads(r, heads), batch=batch,
         head_dim=r.choice([1, 3, 4, 8]), merge=r.choice(["lse", "lse", "head_groups"]) if heads >= count else "lse",
-        causal=causal, padding=r.random() < 0.3, window_size=(window[0], 0) if causal and window[1] > 0 else window,
+        causal=causal, padding=r.random() < 0.3, window_size=window,
         documents=packed_documents(n, r.randint(3, 6), seed) if batch == 1 and n >= 3 and r.random() < 0.4 else None,
     )  # fmt: skip
 
@@ -65,23 +80,16 @@ def draw_block_sparse(seed: int) -> tuple[Any, dict[str, Any]]:
     block = r.choice([4, 8, 16])
     method = r.choice(["flex", "flex", "gather"])
     rates = sorted(r.sample([rate for rate in (1, 2, 4) if block % rate == 0], r.randint(1, 3)))
-    bases = sorted(r.sample([block * m for m in (1, 2, 4, 8, 16)], len(rates)))
-    segments = [base * rate for base, rate in zip(bases, rates, strict=True)]
-    if any(a >= b for a, b in itertools.pairwise(segments)):
-        segments = [max(segments) * (i + 1) for i in range(len(rates))]
+    segments = _segments(sorted(r.sample([block * m for m in (1, 2, 4, 8, 16)], len(rates))), rates)
     n = r.randint(2, 12) * block if method == "flex" else r.randint(3, 100)
     heads = r.choice([2, 3, 4, 6])
     causal = r.random() < 0.5
-    window = r.choice(
-        [(-1, -1)] * 3 + [(r.randint(0, 20), -1), (r.randint(0, 20), 0), (r.randint(0, 9), r.randint(0, 9))]
-    )
+    window = _window(r, causal)
     batch = r.choice([1, 1, 2])
     merge = r.choice(["lse", "lse", "head_groups"]) if heads >= len(rates) else "lse"
     case = Case(
-        f"seed{seed}-{method}", n, heads, tuple(segments), tuple(rates),
-        kv_heads=r.choice([h for h in (1, 2, 3, heads) if heads % h == 0]), batch=batch, head_dim=r.choice([3, 4, 5]),
-        merge=merge, causal=causal, padding=r.random() < 0.3,
-        window_size=(window[0], 0) if causal and window[1] > 0 else window,
+        f"seed{seed}-{method}", n, heads, tuple(segments), tuple(rates), kv_heads=_kv_heads(r, heads), batch=batch,
+        head_dim=r.choice([3, 4, 5]), merge=merge, causal=causal, padding=r.random() < 0.3, window_size=window,
         documents=packed_documents(n, r.randint(3, 6), seed) if batch == 1 and r.random() < 0.4 else None,
     )  # fmt: skip
     pattern = r.choice(

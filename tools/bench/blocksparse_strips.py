@@ -43,6 +43,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -396,8 +397,7 @@ def packed_rows(args, row, finish, record, save, layout) -> None:
 def unbatched_rows(row, finish, record, layout, segments, rates) -> None:
     """The band + dilated rows measured above (full, causal, packed) again with every strip call alone."""
     documents = record.get("packed_documents")
-    os.environ[BATCH_ENV] = "0"
-    try:
+    with mock.patch.dict(os.environ, {BATCH_ENV: "0"}):  # (the caller's setting, if any, comes back after)
         for section, name, causal in (("dilated", "band", False), ("dilated", "band", True), ("packed", "band", True)):
             batched = next((r for r in record["results"] if (r["section"], r["name"], r["causal"]) == (section, name, causal)
                             and not r["compiled"] and r["method"] == "flex" and "error" not in r), None)  # fmt: skip
@@ -406,8 +406,6 @@ def unbatched_rows(row, finish, record, layout, segments, rates) -> None:
             packed = documents if section == "packed" else None
             entry = row("unbatched", f"{section} {name}", causal, segments, rates, layout, documents=packed)
             finish(entry, "vs_batched", batched["fwd_bwd_ms"], None)
-    finally:
-        del os.environ[BATCH_ENV]
 
 
 def simulate_ring(args, q, k, v, dout, layout, save, record) -> dict:
