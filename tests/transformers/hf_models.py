@@ -147,37 +147,51 @@ def default_positions_error(rank: int) -> str:
 
 
 PACKED_LENGTHS = (5, 11, 3, 5)  # documents crossing the shard boundaries of 2 ranks in both layouts
+ALIGNED_LENGTHS = (12, 12)  # one document per shard of 2 contiguous ranks: every rank's positions are 0..11
 
 
-def packed_batch(seed: int = 4) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
+def packed_batch(seed: int = 4, lengths: tuple[int, ...] = PACKED_LENGTHS) -> tuple[list[list[int]], dict[str, Any]]:
     """Documents and their packed batch (``DataCollatorWithFlattening``: one row, positions restart at 0)."""
     from transformers import DataCollatorWithFlattening
 
     generator = torch.Generator().manual_seed(seed)
-    docs = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in PACKED_LENGTHS]
+    docs = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in lengths]
     return docs, DataCollatorWithFlattening()([{"input_ids": doc} for doc in docs])
 
 
 def packed_sequence_parallel_logits(rank: int, world_size: int, layouts: tuple[str, ...]) -> dict[str, Any]:
     """This rank's logits of the packed batch per layout, sharded with its global (restarting) position ids.
 
-    Also the error of a sharded packed batch of two rows (rows end to end would break the sharding).
+    Also the logits of documents that line up with the contiguous shards (every rank's positions ``0 .. n-1``, told
+    apart from a missing ``position_ids`` by the ``cu_seq_lens_q``/``_k`` that ``shard_batch`` adds), and the errors
+    of a packed batch of two rows (rows end to end would break the sharding) and of the shard's own documents as
+    ``cu_seq_lens_q``/``_k`` (they must be the whole sequence's).
     """
     import ring_transformers
 
-    _, batch = packed_batch()
-    results = []
-    for layout in layouts:
+    def logits_of(batch: dict[str, Any], layout: str, keys: tuple[str, ...]) -> Any:
         model = ring_transformers.enable(build("llama"), "ring_dilated", layout=layout, **DENSE)
         shard = ring_transformers.shard_batch(batch, None, layout)
-        logits = model(input_ids=shard["input_ids"], position_ids=shard["position_ids"]).logits
-        results.append(logits.detach().numpy())
-    rows = {key: batch[key].expand(2, -1) for key in ("input_ids", "position_ids")}
-    shard = ring_transformers.shard_batch(rows, None, "contiguous")
+        return model(**{key: shard[key] for key in keys}).logits.detach().numpy()
+
+    _, batch = packed_batch()
+    positions_only = ("input_ids", "position_ids")  # the ranks gather the positions
+    results = [logits_of(batch, layout, positions_only) for layout in layouts]
+    _, aligned = packed_batch(lengths=ALIGNED_LENGTHS)
+    aligned_logits = logits_of(aligned, "contiguous", (*positions_only, "cu_seq_lens_q", "cu_seq_lens_k"))
+    errors = {}
+    rows = {key: batch[key].expand(2, -1) for key in positions_only}
+    errors["rows"] = error_of(lambda: ring_transformers.shard_batch(rows, None, "contiguous"))
+    local = {"cu_seq_lens_q": torch.tensor([0, 12], dtype=torch.int32)}  # this rank's 12 tokens, not the 24
+    local["cu_seq_lens_k"] = local["cu_seq_lens_q"]
+    errors["local"] = error_of(lambda: logits_of({**aligned, **local}, "contiguous", (*positions_only, *local)))
+    return {"logits": results, "aligned": aligned_logits, "errors": errors}
+
+
+def error_of(fn: Any) -> str:
+    """The message of the ``ValueError`` that ``fn()`` raises, or ``"no error"``."""
     try:
-        model = ring_transformers.enable(build("llama"), "ring_dilated", **DENSE)
-        model(input_ids=shard["input_ids"], position_ids=shard["position_ids"])
-        rows_error = "no error"
+        fn()
     except ValueError as exc:
-        rows_error = str(exc)
-    return {"logits": results, "rows_error": rows_error}
+        return str(exc)
+    return "no error"

@@ -94,3 +94,24 @@ def test_several_packed_rows_equal_the_documents_alone():
     short = [second[0], second[1][:3]]
     assert relative_error(padded[1, :11], alone(model, short, starts=[3, 0])[0]) <= 1e-10
     assert relative_error(padded[0], logits[0]) <= 1e-10
+
+
+def test_flash_attn_varlen_keywords_separate_the_documents():
+    """``cu_seq_lens_q``/``_k`` alone (the collator's ``return_flash_attn_kwargs``, positions not restarting) are the
+    documents, as in flash-attn's varlen path; unequal ones raise."""
+    docs = documents()
+    model = ring_transformers.enable(build("llama"), "dilated", **DILATED)
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_position_ids=False)(
+        [{"input_ids": doc} for doc in docs]
+    )
+    del batch["labels"]
+    starts = [0, *torch.tensor(LENGTHS).cumsum(0)[:-1].tolist()]  # the positions each document has in the row
+    expected = alone(model, docs, starts)
+    assert relative_error(model(**batch).logits, expected) <= 1e-10
+    batch["cu_seq_lens_k"] = batch["cu_seq_lens_k"].clone()
+    batch["cu_seq_lens_k"][1] += 1
+    with pytest.raises(ring_transformers.RingTransformersError, match="cu_seq_lens_q and cu_seq_lens_k differ"):
+        model(**batch)
+    del batch["cu_seq_lens_k"]
+    with pytest.raises(ring_transformers.RingTransformersError, match=r"shapes \(5,\) and None"):
+        model(**batch)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hf_models import (
+    ALIGNED_LENGTHS,
     DENSE,
     build,
     causal_batch,
@@ -89,19 +90,30 @@ def test_ranks_need_global_positions(two_ranks):
     assert messages[0] == messages[1] and "pass the global positions of each rank's tokens" in messages[0]
 
 
+def alone(model: torch.nn.Module, docs: list[list[int]]) -> torch.Tensor:
+    return torch.cat([model(torch.tensor([doc])).logits for doc in docs], dim=1)
+
+
 def test_packed_batch_over_two_ranks_equals_the_documents_alone():
     docs, _ = packed_batch()
     model = build("llama")
-    expected = torch.cat([model(torch.tensor([doc])).logits for doc in docs], dim=1)
+    expected = alone(model, docs)
     layouts = ("contiguous", "zigzag")
     results = run_distributed(packed_sequence_parallel_logits, 2, layouts)
     for rank, result in enumerate(results):
         for layout, logits in zip(layouts, result["logits"]):
             rows = shard_sequence(expected, layout, dim=1, rank=rank, world_size=2)
             assert relative_error(torch.from_numpy(logits), rows) <= 1e-10, (layout, rank)
+    # documents that line up with the shards (every rank's positions 0..11) stay apart
+    docs, _ = packed_batch(lengths=ALIGNED_LENGTHS)
+    for rank, result in enumerate(results):
+        assert relative_error(torch.from_numpy(result["aligned"]), alone(model, [docs[rank]])) <= 1e-10, rank
     # several packed rows cannot be sharded: the same error naming position_ids on every rank
-    messages = [result["rows_error"] for result in results]
+    messages = [result["errors"]["rows"] for result in results]
     assert messages[0] == messages[1] and "must have batch size 1" in messages[0] and "position_ids" in messages[0]
+    # a rank's own documents as cu_seq_lens: the whole sequence's are needed
+    messages = [result["errors"]["local"] for result in results]
+    assert messages[0] == messages[1] and "cu_seqlens" in messages[0], messages[0]
 
 
 def test_shard_batch_shifts_labels_over_the_whole_sequence():

@@ -14,9 +14,10 @@ and value, the mask the model passes and keyword arguments (``scaling``,
 ``scaling`` / ``dropout`` / window) the module ``create_attention(name,
 softmax_scale=scaling, dropout=dropout, **options)`` and calls it on ``(B, N, H, D)``
 views: GQA goes through unchanged (every implementation takes ``H_kv`` heads),
-a 2-D padding mask becomes ``key_padding_mask``, and ``position_ids`` that
-restart at 0 become ``cu_seqlens`` (packed batches, :mod:`ring_transformers.packing`;
-in one process, several packed rows are laid end to end into one).
+a 2-D padding mask becomes ``key_padding_mask``, and flash-attn's ``cu_seq_lens_q`` /
+``cu_seq_lens_k``, else ``position_ids`` that restart at 0, become ``cu_seqlens`` (packed
+batches, :mod:`ring_transformers.packing`; in one process, several packed rows are laid
+end to end into one).
 
 Our mask function in transformers' ``AttentionMaskInterface`` (:func:`ring_attention_mask`)
 builds no 4-D mask: it hands the attention the 2-D padding mask, and refuses a
@@ -249,7 +250,9 @@ def ring_attention_forward(
     attn = choice.attention(scaling, float(dropout), window)
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
     padding = _key_padding_mask(attention_mask)
-    cu_seqlens = _cu_seqlens(kwargs.get("position_ids"), choice, world_size, q.shape[0])
+    cu_seqlens = _given_cu_seqlens(kwargs)
+    if cu_seqlens is None:
+        cu_seqlens = _cu_seqlens(kwargs.get("position_ids"), choice, world_size, q.shape[0])
     if cu_seqlens is None:
         return attn(q, k, v, is_causal=bool(is_causal), key_padding_mask=padding), None
     # packed rows (one process): the rows end to end in one, each row starting a document, which
@@ -324,6 +327,31 @@ def _key_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | Non
     return attention_mask == 0 if attention_mask.dtype != torch.bool else ~attention_mask
 
 
+def _given_cu_seqlens(kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """flash-attn's varlen keywords ``cu_seq_lens_q`` / ``cu_seq_lens_k`` as ``cu_seqlens``, or None.
+
+    transformers passes them through to attention when the batch has them (``DataCollatorWithFlattening(
+    return_flash_attn_kwargs=True)``, :func:`~ring_transformers.shard_batch` of a packed batch); they index the
+    rows laid end to end, as in flash-attn's varlen path. They win over ``position_ids``, as there.
+    """
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None and cu_k is None:
+        return None
+    if cu_q is None or cu_k is None or cu_q.shape != cu_k.shape:
+        shapes = [None if x is None else tuple(x.shape) for x in (cu_q, cu_k)]
+        raise RingTransformersError(
+            f"got cu_seq_lens_q and cu_seq_lens_k of shapes {shapes[0]} and {shapes[1]}: ring attention runs each "
+            "document's queries on the same document's keys, so pass both, equal"
+        )
+    if cu_q is not cu_k:
+        message = "cu_seq_lens_q and cu_seq_lens_k differ: ring attention runs self-attention, pass equal ones"
+        if torch.compiler.is_compiling():  # checked inside the graph (a RuntimeError), not on the host
+            torch._assert_async((cu_q == cu_k).all(), message)
+        elif not torch.equal(cu_q, cu_k):
+            raise RingTransformersError(message)
+    return cu_q
+
+
 def _cu_seqlens(position_ids: torch.Tensor | None, choice: Enabled, world_size: int, batch: int) -> torch.Tensor | None:
     """Global ``cu_seqlens`` of a packed batch (gathered over the ranks when the sequence is sharded), or None."""
     if position_ids is None:
@@ -339,7 +367,8 @@ def _cu_seqlens(position_ids: torch.Tensor | None, choice: Enabled, world_size: 
         if all(bool((shard == default).all()) for shard in shards):
             raise RingTransformersError(
                 f"every rank's position_ids are 0..{n - 1}: with the sequence sharded over {world_size} ranks, pass "
-                "the global positions of each rank's tokens (ring_transformers.shard_batch does)"
+                "the global positions of each rank's tokens (ring_transformers.shard_batch does); packed "
+                "documents that line up with the shards need cu_seq_lens_q/cu_seq_lens_k (shard_batch adds them)"
             )
         return cu_seqlens_from_position_ids(gathered)  # a sharded packed batch must be one row
     return cu_seqlens_from_position_ids(position_ids.expand(batch, -1), flatten_rows=True)

@@ -27,10 +27,14 @@ import torch.nn.functional as F
 
 from ring_core import shard_positions, shard_sequence
 
+from .packing import cu_seqlens_from_position_ids
+
 IGNORE_INDEX = -100
 
 # (B, N, ...) entries of a causal-LM batch, sharded along N.
 SEQUENCE_KEYS = ("input_ids", "inputs_embeds", "position_ids", "attention_mask", "token_type_ids")
+# flash-attn's varlen keywords of a packed batch: they describe the whole sequence, so every rank keeps them.
+VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 def _rank_and_size(group: Any) -> tuple[int, int]:
@@ -59,6 +63,10 @@ def shard_batch(
       this rank's positions (``layout`` ``"contiguous"`` or ``"zigzag"``, SPEC.md);
     - ``position_ids``: the global positions of those tokens (the batch's own
       ``position_ids`` when given, e.g. a packed batch, else ``0 .. N-1``);
+    - ``cu_seq_lens_q`` / ``cu_seq_lens_k`` of a packed batch (``position_ids`` restarting at 0, one row): the
+      documents of the whole sequence, flash-attn's varlen keywords, which transformers passes on to attention
+      (so no rank gathers the positions, and documents that line up with the shards stay apart); a batch's own
+      varlen keywords are kept as they are;
     - ``labels``: shifted over the whole sequence first (``shift_labels``), then sharded;
       returned as ``shift_labels`` (transformers' loss uses them as they are) and as
       ``labels`` (so the model computes its loss), with ``num_items_in_batch``, the
@@ -74,11 +82,10 @@ def shard_batch(
         group_rank, group_size = _rank_and_size(group)
         rank = group_rank if rank is None else rank
         world_size = group_size if world_size is None else world_size
-    unknown = sorted(set(batch) - {*SEQUENCE_KEYS, "labels", "shift_labels"})
+    known = [*SEQUENCE_KEYS, *VARLEN_KEYS, "labels", "shift_labels"]
+    unknown = sorted(set(batch) - set(known))
     if unknown:
-        raise ValueError(
-            f"shard_batch does not know how to shard {unknown}; known keys: {[*SEQUENCE_KEYS, 'labels', 'shift_labels']}"
-        )
+        raise ValueError(f"shard_batch does not know how to shard {unknown}; known keys: {known}")
     tokens = batch.get("input_ids", batch.get("inputs_embeds"))
     if tokens is None:
         raise ValueError("shard_batch needs input_ids or inputs_embeds")
@@ -89,6 +96,11 @@ def shard_batch(
             out[key] = _shard(batch[key], key, n, layout, rank, world_size)
     if "position_ids" not in out:
         out["position_ids"] = shard_positions(n, rank, world_size, layout).to(tokens.device)[None]
+    out.update({key: batch[key] for key in VARLEN_KEYS if batch.get(key) is not None})
+    if "cu_seq_lens_q" not in out and batch.get("position_ids") is not None:
+        cu_seqlens = cu_seqlens_from_position_ids(batch["position_ids"])
+        if cu_seqlens is not None:
+            out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = cu_seqlens
     targets = batch.get("shift_labels")
     if targets is None and batch.get("labels") is not None:
         targets = shift_labels(batch["labels"], ignore_index)
