@@ -66,3 +66,11 @@ def test_compiled_packed_rows_equal_the_documents_alone():
     expected = model(input_ids=rows[0], position_ids=rows[1], use_cache=False).logits
     got = compiled(input_ids=rows[0], position_ids=rows[1], use_cache=False).logits
     assert relative_error(got, expected) <= 1e-10
+    # flash-attn's varlen keywords: the documents as given, checked equal inside the graph
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True)([{"input_ids": doc} for doc in docs])
+    del batch["labels"]
+    assert relative_error(compiled(**batch, use_cache=False).logits, alone) <= 1e-10
+    batch["cu_seq_lens_k"] = batch["cu_seq_lens_k"].clone()
+    batch["cu_seq_lens_k"][2] += 1
+    with pytest.raises(RuntimeError, match="cu_seq_lens_q and cu_seq_lens_k differ"):
+        compiled(**batch, use_cache=False)
