@@ -6,6 +6,8 @@ constructor TypeError, TorchScript's ``unordered_map::at``) or effectively hung.
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -31,6 +33,20 @@ def test_bad_shapes_and_scales_are_named(impl):
     for scale in ("abc", float("nan"), True):
         with pytest.raises(ValueError, match="softmax_scale must be a finite number or None"):
             _build(impl, softmax_scale=scale)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=lambda i: i.name)
+def test_switch_options_take_only_true_or_false(impl):
+    """Every ``bool`` constructor option refuses a truthy string: ``deterministic="false"`` once meant True."""
+    switches = [
+        name
+        for name, parameter in inspect.signature(impl.cls.__init__).parameters.items()
+        if parameter.annotation in (bool, "bool")
+    ]
+    for name in switches:
+        for value in ("false", None, 1):
+            with pytest.raises(TypeError, match=f"{name} must be True or False, got {value!r}"):
+                _build(impl, **{name: value})
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # shape checks are constants in a trace

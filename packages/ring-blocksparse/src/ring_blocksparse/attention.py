@@ -30,6 +30,7 @@ from ring_core.plugin import (
     branches,
     check_dilated_config,
     check_dropout,
+    check_flag,
     check_layout,
     check_scale,
     check_timeout,
@@ -210,7 +211,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
         self.softmax_scale = check_scale(softmax_scale)
         self.dropout = check_dropout(dropout)
         self.kernel = kernel
-        self.transposed_backward = bool(transposed_backward)
+        self.transposed_backward = check_flag("transposed_backward", transposed_backward)
         if method not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
         self.method = method

@@ -63,6 +63,13 @@ def check_dropout(dropout: float) -> float:
     return float(dropout)
 
 
+def check_flag(name: str, value: object) -> bool:
+    """A switch option as given, ``True`` or ``False``; anything else (``"false"`` is truthy) a ``TypeError`` naming it."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_window(window_size: object) -> tuple[int, int]:
     """``window_size = (left, right)`` as a tuple of two ints, each ``>= -1`` (``-1``: unbounded)."""
     if (

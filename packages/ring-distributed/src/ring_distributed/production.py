@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+from ring_core.plugin import check_flag
+
 from .attention import RingDistributedDilatedAttention, _Result
 from .comm import BufferPool, ManagedComm, timed_wait
 from .mesh import MeshGroups
@@ -177,11 +179,11 @@ class RingDilatedAttentionProduction(RingDistributedDilatedAttention):
             raise ValueError(f"on_nonfinite must be one of {list(NONFINITE_MODES)}, got {on_nonfinite!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
-        self.checkpoint = bool(checkpoint)
+        self.checkpoint = check_flag("checkpoint", checkpoint)
         self.on_nonfinite = on_nonfinite
-        self.deterministic = bool(deterministic)
+        self.deterministic = check_flag("deterministic", deterministic)
         self.seed = seed
-        self.reuse_buffers = bool(reuse_buffers)
+        self.reuse_buffers = check_flag("reuse_buffers", reuse_buffers)
         self.buffer_pool = BufferPool()
         self.nonfinite_events: list[dict[str, Any]] = []
         self._call_step: int | None = None  # the step being processed when it is not the latest
