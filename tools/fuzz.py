@@ -120,8 +120,10 @@ def draw(seed: int, names: list[str], world_size: int = 1, max_len: int = 96) ->
         n = max(unit, case.seq_len // unit * unit)
         documents = None if case.documents is None else packed_documents(n, len(case.documents) - 1, seed)
         case = dataclasses.replace(case, seq_len=n, documents=documents)
-        if name == "ring_distributed_dilated":
+        if name in ("ring_distributed_dilated", "ring_dilated_production"):
             options["strategy"] = r.choice(["auto", "ring", "ulysses", "hybrid", "allgather"])
+    if name == "ring_dilated_production":
+        options.update(checkpoint=r.random() < 0.5, deterministic=r.random() < 0.3, reuse_buffers=r.random() < 0.7)
     return name, case, options
 
 
