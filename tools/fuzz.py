@@ -3,7 +3,7 @@
     python -m tools.fuzz --minutes 5                     every registered attention implementation, one process
     python -m tools.fuzz --minutes 5 --ranks 2           the distributed ones on a real gloo group (2-4 ranks)
     python -m tools.fuzz --minutes 5 --lse               return_lse=True, a loss on the lse too
-    python -m tools.fuzz --device cuda --dtype bfloat16  on a GPU, within SPEC's bf16 bounds
+    python -m tools.fuzz --device cuda --dtype bfloat16  on a GPU, within SPEC's bf16 bounds (below)
 
 Each draw is one seed: a :class:`~ring_core.testing.Case` (odd ``N``, one to three dilated branches, GQA, batch,
 causality, key padding, a sliding window, packed documents, both merges) and an implementation, the block-sparse
@@ -11,6 +11,12 @@ module with its own draw (block size, strips or gather path, pattern, density). 
 allow raises ``ValueError`` (counted as ``refused``, every rank alike); anything else that raises, and every result
 outside the bounds, is printed with its seed: ``--replay SEED`` runs that draw again. ``tests/conformance/
 test_random_cases.py`` and ``tests/blocksparse/test_random_configs.py`` run fixed seeds of the same draws.
+
+In float16 / bfloat16 the head dims are 16x the drawn ones (SPEC's bounds are for real head dims), and a result
+passes within SPEC's bound or 2x the error of dense SDPA on the same inputs, whichever is larger (SPEC.md's
+"no worse than 2x SDPA"; at a few keys per query SDPA's own bf16 ``dq`` errs by up to 4%). Where dilation leaves
+a query one or two keys, the gradients can still exceed that floor by rounding alone: read such a draw's numbers
+(its ``sdpa_*`` errors are printed too) before calling it a bug.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Any
 
 import torch
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 BLOCK_SPARSE = "block_sparse"  # the block-sparse module with draw_block_sparse's options
 
 
@@ -137,6 +144,8 @@ def run_draw(seed: int, names: list[str], *, rank: int = 0, world_size: int = 1,
     from ring_core.testing import TOLERANCES, make_inputs, relative_error, within_tolerance
 
     name, case, options = draw(seed, names, world_size, max_len)
+    if dtype in LOW_PRECISION:  # SPEC's bounds are for real head dims: at D <= 8 rounding alone can exceed them
+        case = dataclasses.replace(case, head_dim=case.head_dim * 16)
     where = f"seed {seed}: {name} {options} {case.__dict__}"
     try:
         if name == BLOCK_SPARSE:
@@ -200,7 +209,26 @@ def run_draw(seed: int, names: list[str], *, rank: int = 0, world_size: int = 1,
             relative_error(mine_lse[finite], shard_lse(expected[1].detach())[finite]) if finite.any() else 0.0
         )
         errors["lse_inf"] = float(not torch.equal(torch.isinf(mine_lse), ~finite))
-    return ("ok" if within_tolerance(errors, TOLERANCES[dtype]) else "wrong"), where, errors
+    bounds = TOLERANCES[dtype]
+    if dtype in LOW_PRECISION:  # SPEC.md: no worse than 2x SDPA's error on the same inputs (tiny N: dq of 4% in bf16)
+        floor = sdpa_errors(q, k, v, dout, case.causal, dtype, device)
+        bounds = {key: max(bounds[key != "out"], 2 * floor.get(key, 0.0)) for key in errors}
+        outcome = "ok" if all(errors[key] <= bounds[key] for key in errors) else "wrong"
+        return outcome, where, {**errors, **{f"sdpa_{key}": value for key, value in floor.items()}}
+    return ("ok" if within_tolerance(errors, bounds) else "wrong"), where, errors
+
+
+def sdpa_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, causal: bool,
+                dtype: torch.dtype, device: str) -> dict[str, float]:  # fmt: skip
+    """Dense SDPA's errors in ``dtype`` against SDPA in float64, on the same ``(B, N, H, D)`` inputs: out, dq, dk, dv."""
+    from ring_core.testing import relative_error
+
+    def run(dt: torch.dtype) -> list[torch.Tensor]:
+        x = [t.transpose(1, 2).to(device=device, dtype=dt).requires_grad_() for t in (q, k, v)]
+        out = torch.nn.functional.scaled_dot_product_attention(*x, is_causal=causal, enable_gqa=True)
+        return [out, *torch.autograd.grad((out * dout.transpose(1, 2).to(out)).sum(), x)]
+
+    return dict(zip(("out", "dq", "dk", "dv"), map(relative_error, run(dtype), run(torch.float64)), strict=True))
 
 
 def _rank_loop(rank: int, world_size: int, seeds: list[int], names: list[str], options: dict[str, Any]) -> list[Any]:

@@ -507,11 +507,12 @@ def math_strip_attention(
     pad, segments = (None, None) if cut is None else (cut.pad, cut.segments)
     full, partial = (x.repeat_interleave(t, -2).repeat_interleave(t, -1).to(q.device) for x in grids)
     allowed = full | (partial & rule.dense(q.shape[1], tiles.needs_layout, pad, segments))
-    scores = torch.einsum("bhnd,bhmd->bhnm", q, k) * scale
+    work = torch.promote_types(q.dtype, torch.float32)  # as the kernel: scores, softmax and lse in float32 at least
+    scores = torch.einsum("bhnd,bhmd->bhnm", q.to(work), k.to(work)) * scale
     scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, -1)
     weights = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0)[..., None])
-    return torch.einsum("bhnm,bhmd->bhnd", weights, v), lse
+    return torch.einsum("bhnm,bhmd->bhnd", weights, v.to(work)).to(q.dtype), lse
 
 
 def strip_call_forward(
