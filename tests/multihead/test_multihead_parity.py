@@ -194,3 +194,80 @@ def test_cross_attention_fast_path_has_no_length_limit():
     ours.max_dense_scores = 1  # any dense computation would raise
     q, k, v = randn(2, 3, 12, seed=1), randn(2, L, 12, seed=2), randn(2, L, 12, seed=3)
     compare(reference, ours, [q, k, v], key_padding_mask=key_padding("bool", "batch_first"), need_weights=False)
+
+
+@pytest.mark.parametrize("extras", EXTRAS)
+@pytest.mark.parametrize("need_weights", [False, True], ids=["fast", "dense"])
+@pytest.mark.parametrize(("q_len", "k_len"), [(0, 5), (3, 0), (0, 0)])
+def test_no_query_or_no_key_matches(q_len, k_len, need_weights, extras):
+    """nn.MultiheadAttention's empty output, or with no key zeros (or the extra keys' attention), and gradients.
+
+    The fused CPU kernel once stopped the process (SIGFPE) on these, and the dense path raised in ``amax``."""
+    bias_kv, zero_attn = extras in ("bias_kv", "both"), extras in ("zero_attn", "both")
+    reference, ours = pair(batch_first=True, add_bias_kv=bias_kv, add_zero_attn=zero_attn)
+    inputs = [randn(2, q_len, 12, seed=1), randn(2, k_len, 12, seed=2), randn(2, k_len, 12, seed=3)]
+    results = []
+    for module in (reference, ours):
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        module.zero_grad(set_to_none=True)
+        out, weights = module(*leaves, need_weights=need_weights)
+        (out * randn(*out.shape, seed=4)).sum().backward()
+        grads = [x.grad for x in leaves] + [p.grad for p in module.parameters()]
+        results.append((out, weights, grads))
+    (out, weights, grads), (expected, expected_weights, expected_grads) = results[1], results[0]
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    assert (weights is None) == (expected_weights is None)
+    if weights is not None:
+        torch.testing.assert_close(weights, expected_weights, rtol=1e-10, atol=1e-12)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        if expected_grad is None or grad is None:  # a parameter that no output reads (torch leaves None, we 0)
+            assert grad is None or not grad.any()
+            continue
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_a_3d_mask_of_no_query_rows():
+    reference, ours = pair(batch_first=True)
+    q, k = randn(2, 0, 12, seed=1), randn(2, 5, 12, seed=2)
+    mask = torch.zeros(2 * 3, 0, 5, dtype=torch.bool)  # (B * heads, L = 0, S)
+    out, _ = ours(q, k, k, attn_mask=mask)
+    assert out.shape == reference(q, k, k, attn_mask=mask)[0].shape == (2, 0, 12)
+
+
+@pytest.mark.parametrize("which", ["attn_mask", "key_padding_mask"])
+def test_a_float_mask_of_zeros_and_minus_inf_gets_its_gradient(which):
+    """Such a mask is read as bool (the causal fast path) unless it requires grad: then nn.MultiheadAttention's."""
+    reference, ours = pair(batch_first=True)
+    x = randn(2, L, 12, seed=1)
+    mask = (
+        nn.Transformer.generate_square_subsequent_mask(L, dtype=F64)
+        if which == "attn_mask"
+        else key_padding("float01", "batch_first")
+    )
+    grads = []
+    for module in (reference, ours):
+        leaf = mask.clone().requires_grad_()
+        out, _ = module(x, x, x, **{which: leaf})
+        (out * randn(*out.shape, seed=2)).sum().backward()
+        grads.append(leaf.grad)
+    assert grads[1] is not None
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+def test_nested_tensors_from_a_transformer_encoder_are_refused_clearly():
+    """A drop-in swapped into an nn.TransformerEncoder built around nn.MultiheadAttention gets its nested tensors
+    (eval, no grad, padding): a clear error saying what to do, not torch's internal one."""
+    layer = nn.TransformerEncoderLayer(12, 2, 16, dropout=0.0, batch_first=True, dtype=F64)  # even heads: nested
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    for block in encoder.layers:
+        reference = block.self_attn
+        block.self_attn = pair(num_heads=2, batch_first=True)[1]
+        block.self_attn.load_state_dict(reference.state_dict())
+    padding = torch.zeros(2, L, dtype=torch.bool)
+    padding[0, -2:] = True
+    with torch.no_grad(), pytest.raises(TypeError, match="nested tensor.*enable_nested_tensor=False"):
+        encoder(randn(2, L, 12, seed=1), src_key_padding_mask=padding)
+    encoder.use_nested_tensor = False  # what enable_nested_tensor=False sets
+    with torch.no_grad():
+        assert encoder(randn(2, L, 12, seed=1), src_key_padding_mask=padding).isfinite().all()

@@ -418,9 +418,10 @@ class CPUFlashKernel(KernelBackend):
         seed: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`KernelBackend.forward` through ``aten._scaled_dot_product_flash_attention_for_cpu``."""
-        if _has_nan(q) or _has_nan(k):
+        if _has_nan(q) or _has_nan(k) or _empty(q, k):
             # the fused op drops a NaN score on short key blocks (out = 0, lse = 0 where SDPA gives NaN); NaN in must
-            # be NaN out, so such blocks take the plain matmuls (which propagate it exactly)
+            # be NaN out, so such blocks take the plain matmuls (which propagate it exactly); and it stops the
+            # process (SIGFPE) on no queries or no keys
             return _MATH.forward(q, k, v, scale=scale, causal=causal, mask=mask)
         q, k, v = unit_last_stride(q, k, v)
         bias, allowed = self._additive(q, causal, mask)
@@ -454,6 +455,8 @@ class CPUFlashKernel(KernelBackend):
         dropout_p: float = 0.0,
         seed: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if _empty(q, k):
+            return _MATH.backward(dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask)
         q, k, v = unit_last_stride(q, k, v)
         bias, _ = self._additive(q, causal, mask)
         lse = lse.masked_fill(torch.isinf(lse), 0.0)
@@ -487,6 +490,11 @@ def unit_last_stride(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def _has_nan(x: torch.Tensor) -> bool:
     """Whether ``x`` holds a NaN: one reduction (a sum that is NaN; also when it holds both +inf and -inf)."""
     return bool(torch.isnan(x.sum(dtype=accumulation_dtype(x.dtype))))
+
+
+def _empty(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """No query or no key (``(B, N, H, D)``): the fused CPU op raises SIGFPE on such shapes."""
+    return q.shape[1] == 0 or k.shape[1] == 0
 
 
 def default_scale(head_dim: int, scale: float | None) -> float:

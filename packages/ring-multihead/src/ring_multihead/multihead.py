@@ -51,7 +51,7 @@ def _binary_to_bool(mask: torch.Tensor, name: str) -> tuple[torch.Tensor, bool]:
         return mask, True
     if not mask.is_floating_point():
         raise TypeError(f"{name} must be a bool or floating-point tensor, got {_dtype_name(mask.dtype)}")
-    if bool(((mask == 0) | (mask == float("-inf"))).all()):
+    if not mask.requires_grad and bool(((mask == 0) | (mask == float("-inf"))).all()):  # else it gets a gradient
         return mask == float("-inf"), True
     return mask, False
 
@@ -77,6 +77,8 @@ class MultiheadDilatedAttention(nn.Module):
     # torch's TransformerEncoder(Layer) take their fused inference paths (eval, no grad: dense attention on
     # in_proj_weight through merge_masks, nested tensors for padding) only when this is True; they would compute
     # plain attention (no dilation, no sub-LayerNorm), never calling this module. False keeps them on forward.
+    # An encoder decides on nested tensors in its constructor: one built around nn.MultiheadAttention and given
+    # this module afterwards passes them, which _check_inputs refuses with what to do.
     _qkv_same_embed_dim: ClassVar[bool] = False
     max_dense_scores: ClassVar[int] = 1 << 24
 
@@ -220,6 +222,12 @@ class MultiheadDilatedAttention(nn.Module):
         for name, x in (("query", query), ("key", key), ("value", value)):
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            if x.is_nested:  # nn.TransformerEncoder's fast path, chosen when it was built around nn.MultiheadAttention
+                raise TypeError(
+                    f"{name} is a nested tensor, which {type(self).__name__} does not take: nn.TransformerEncoder "
+                    "passes them when it was built around nn.MultiheadAttention (it decides in its constructor); "
+                    "swap this module in before building the encoder, or build it with enable_nested_tensor=False"
+                )
         if query.dim() not in (2, 3):
             raise ValueError(f"query must be 3-D (batched) or 2-D (unbatched), got shape {tuple(query.shape)}")
         if key.dim() != query.dim() or value.dim() != query.dim():
@@ -327,7 +335,7 @@ class MultiheadDilatedAttention(nn.Module):
             if bool((mask == causal_pattern).all()):
                 return True, None
         if mask.dim() == 3:
-            mask = mask.view(-1, self.num_heads, q_len, k_len)
+            mask = mask.view(mask.shape[0] // self.num_heads, self.num_heads, q_len, k_len)
         return False, mask
 
     def _project(
@@ -425,8 +433,11 @@ class MultiheadDilatedAttention(nn.Module):
             extra_logits = torch.einsum("blhd,bshd->bhls", q, extra[0]) * default_scale(self.head_dim, None)
             logits = torch.cat([logits, extra_logits], -1)
             v = torch.cat([v, extra[1]], 1)
-        row_max = logits.detach().amax(-1, keepdim=True)
-        row_max = row_max.masked_fill(torch.isinf(row_max), 0.0)
+        if logits.shape[-1] == 0:  # no key: amax has nothing to reduce; the output is 0 and the weights empty
+            row_max = logits.new_zeros((*logits.shape[:-1], 1))
+        else:
+            row_max = logits.detach().amax(-1, keepdim=True)
+            row_max = row_max.masked_fill(torch.isinf(row_max), 0.0)
         weights = torch.exp(logits - row_max)
         denominator = weights.sum(-1, keepdim=True)
         probs = weights / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
