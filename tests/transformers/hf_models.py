@@ -182,6 +182,10 @@ def packed_sequence_parallel_logits(rank: int, world_size: int, layouts: tuple[s
     errors = {}
     rows = {key: batch[key].expand(2, -1) for key in positions_only}
     errors["rows"] = error_of(lambda: ring_transformers.shard_batch(rows, None, "contiguous"))
+    varlen = ("cu_seq_lens_q", "cu_seq_lens_k")
+    cu = ring_transformers.cu_seqlens_from_position_ids(rows["position_ids"], flatten_rows=True)  # both rows end to end
+    rows_cu = {**rows, **dict.fromkeys(varlen, cu)}
+    errors["varlen_rows"] = error_of(lambda: logits_of(rows_cu, "contiguous", (*positions_only, *varlen)))
     local = {"cu_seq_lens_q": torch.tensor([0, 12], dtype=torch.int32)}  # this rank's 12 tokens, not the 24
     local["cu_seq_lens_k"] = local["cu_seq_lens_q"]
     errors["local"] = error_of(lambda: logits_of({**aligned, **local}, "contiguous", (*positions_only, *local)))

@@ -111,6 +111,9 @@ def test_packed_batch_over_two_ranks_equals_the_documents_alone():
     # several packed rows cannot be sharded: the same error naming position_ids on every rank
     messages = [result["errors"]["rows"] for result in results]
     assert messages[0] == messages[1] and "must have batch size 1" in messages[0] and "position_ids" in messages[0]
+    # so can they not with flash-attn's varlen keywords (rows end to end would not be the shards' order)
+    messages = [result["errors"]["varlen_rows"] for result in results]
+    assert messages[0] == messages[1] and "must have batch size 1" in messages[0] and "cu_seq_lens_q" in messages[0]
     # a rank's own documents as cu_seq_lens: the whole sequence's are needed
     messages = [result["errors"]["local"] for result in results]
     assert messages[0] == messages[1] and "cu_seqlens" in messages[0], messages[0]

@@ -130,22 +130,22 @@ def safe_flags(full: torch.Tensor, partial: torch.Tensor, diagonal_only: bool = 
     return {"ROWS_GUARANTEED_SAFE": rows_safe, "BLOCKS_ARE_CONTIGUOUS": contiguous}
 
 
-def check_kernel_options(options: Any, name: str = "flex_kernel_options") -> dict[str, Any]:
-    """Validate the user's FlexAttention ``kernel_options`` (a dict; ``fwd_``/``bwd_`` prefixes allowed), named ``name``."""
+def check_kernel_options(options: Any) -> dict[str, Any]:
+    """Validate the user's ``flex_kernel_options`` (a dict of FlexAttention options; ``fwd_``/``bwd_`` prefixes)."""
     if options is None:
         return {}
     if not isinstance(options, dict) or not all(isinstance(key, str) for key in options):
-        raise TypeError(f"{name} must be a dict of FlexAttention option names to values, got {options!r}")
+        raise TypeError(f"flex_kernel_options must be a dict of FlexAttention option names to values, got {options!r}")
     for key, value in options.items():
         base = key.removeprefix("fwd_").removeprefix("bwd_")
         if base in _BOOL_OPTIONS and not isinstance(value, bool):
-            raise ValueError(f"{name}[{key!r}] must be a bool, got {value!r}")
+            raise ValueError(f"flex_kernel_options[{key!r}] must be a bool, got {value!r}")
         if (base.startswith("BLOCK_") or base in ("num_warps", "num_stages")) and (
             isinstance(value, bool) or not isinstance(value, int) or value < 1
         ):
-            raise ValueError(f"{name}[{key!r}] must be a positive int, got {value!r}")
+            raise ValueError(f"flex_kernel_options[{key!r}] must be a positive int, got {value!r}")
         if base.startswith("BLOCK_") and (value & (value - 1) or FLEX_TILE % value):
-            raise ValueError(f"{name}[{key!r}] must be a power of two dividing {FLEX_TILE}, got {value}")
+            raise ValueError(f"flex_kernel_options[{key!r}] must be a power of two dividing {FLEX_TILE}, got {value}")
     return dict(options)
 
 

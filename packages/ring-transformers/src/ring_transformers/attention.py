@@ -251,6 +251,11 @@ def ring_attention_forward(
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
     padding = _key_padding_mask(attention_mask)
     cu_seqlens = _given_cu_seqlens(kwargs)
+    if cu_seqlens is not None and world_size > 1 and q.shape[0] != 1:
+        raise RingTransformersError(
+            f"a packed batch sharded over {world_size} ranks must have batch size 1 (flash-attn's convention), got "
+            f"{q.shape[0]} rows with cu_seq_lens_q: pack all documents into one row"
+        )
     if cu_seqlens is None:
         cu_seqlens = _cu_seqlens(kwargs.get("position_ids"), choice, world_size, q.shape[0])
     if cu_seqlens is None:
