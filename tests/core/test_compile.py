@@ -131,6 +131,17 @@ def test_multihead_compiles(name):
     assert_same(compiled(x, x, x, **kwargs)[0], module(x, x, x, **kwargs)[0], (x, *module.parameters()))
 
 
+def test_multihead_dense_path_with_documents_compiles():
+    """need_weights=True (the dense path) with packed documents: the documents' mask is built from the cu_seqlens
+    tensor, not its values on the host (compiling once failed on ``torch.tensor(None)``)."""
+    pytest.importorskip("ring_multihead")
+    module = multihead("multihead")
+    x = torch.randn(1, N, E, dtype=torch.float64, requires_grad=True)
+    kwargs = {"cu_seqlens": torch.tensor([0, 5, 5, N]), "need_weights": True}
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    assert_same(compiled(x, x, x, **kwargs), module(x, x, x, **kwargs), (x, *module.parameters()))
+
+
 def encoder_layer():
     from ring_multihead import MultiheadDilatedAttention
 

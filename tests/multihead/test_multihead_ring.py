@@ -29,6 +29,14 @@ CASES = {
         {"pad": True, "need_weights": True},
         "contiguous",
     ),
+    # a float mask of general values on rank 0's shard only (rank 1's holds 0 / -inf): the ranks once took different
+    # paths (a gloo abort or a hang) or gathered masks of two kinds (wrong numbers)
+    "float-mask-one-rank": ({}, {"pad": "float"}, "contiguous"),
+    "float-mask-one-rank-weights": (
+        {"segment_lengths": [4, 8], "dilation_rates": [1, 2]},
+        {"pad": "float", "need_weights": True},
+        "contiguous",
+    ),
     "packed-window": (  # documents [0, 5), [5, 11), [11, 16) cross the shards of both layouts
         {"segment_lengths": [4, 8], "dilation_rates": [1, 2], "window_size": (3, 0)},
         {"is_causal": True, "batch": 1, "cu_seqlens": torch.tensor([0, 5, 11, 16])},
@@ -73,7 +81,10 @@ def ring_worker(rank: int, world_size: int) -> dict[str, str]:
         shape = (batch, N, E) if batch_first else (N, batch, E)
         inputs = [randn(*shape, seed=i) for i in range(3)]
         mask = None
-        if pad:
+        if pad == "float":
+            mask = torch.zeros(batch, N, dtype=F64)
+            mask[:, 1], mask[:, N - 2] = 0.5, float("-inf")
+        elif pad:
             mask = torch.rand(batch, N, generator=torch.Generator().manual_seed(9)) < 0.3
             mask[:, 0] = False
         grad_out = randn(*shape, seed=5)

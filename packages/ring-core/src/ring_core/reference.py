@@ -17,7 +17,8 @@ def _document_positions(
     t = torch.arange(seq_len, device=device)
     if cu_seqlens is None:
         return torch.zeros_like(t), t
-    bounds = torch.tensor(check_cu_seqlens(cu_seqlens, seq_len, 1), device=device)
+    check_cu_seqlens(cu_seqlens, seq_len, 1)  # (its values are read on the host only outside torch.compile)
+    bounds = cu_seqlens.to(device=device, dtype=torch.int64)
     document = torch.searchsorted(bounds, t, right=True) - 1
     return document, t - bounds[document]
 

@@ -98,6 +98,9 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         self.process_group = process_group
         self.layout = check_layout(layout)
         self.timeout = check_timeout(timeout)
+        # during a call: whether some rank's key_padding_mask holds other values than 0 / -inf (then every rank
+        # keeps its shard a float mask: the ranks take one path, and the gathered mask is of one kind)
+        self._float_padding = False
         # ring_core RingDilatedAttention per configuration
         self._rings: dict[tuple[object, ...], RingDilatedAttention] = {}
 
@@ -197,13 +200,25 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         """
         _, world = self._world()
         if world > 1:
-            self._check_across_ranks(
+            self._float_padding = self._check_across_ranks(
                 world, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal, cu_seqlens
             )
-        return super().forward(
-            query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal,
-            cu_seqlens=cu_seqlens,
-        )  # fmt: skip
+        try:
+            return super().forward(
+                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal,
+                cu_seqlens=cu_seqlens,
+            )  # fmt: skip
+        finally:
+            self._float_padding = False
+
+    def _key_padding_mask(self, mask: torch.Tensor | None, b: int, s: int, batched: bool) -> torch.Tensor | None:
+        """As the single-device module's, but a float mask on every rank when some rank's holds other values."""
+        mask = super()._key_padding_mask(mask, b, s, batched)
+        if mask is not None and mask.dtype == torch.bool and self._float_padding:
+            return torch.zeros(mask.shape, dtype=self.out_proj.weight.dtype, device=mask.device).masked_fill(
+                mask, float("-inf")
+            )
+        return mask
 
     def _check_local(
         self,
@@ -215,8 +230,9 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         need_weights: bool,
         attn_mask: torch.Tensor | None,
         cu_seqlens: torch.Tensor | None = None,
-    ) -> tuple[int, int]:
-        """This rank's checks; returns ``(batch, local length)``."""
+    ) -> tuple[int, int, bool]:
+        """This rank's checks; returns ``(batch, local length, whether key_padding_mask holds other values than
+        0 / -inf)``."""
         batched = self._check_inputs(query, key, value)
         if attn_mask is not None:
             raise ValueError(
@@ -239,10 +255,10 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
                 f"layout='zigzag' needs N divisible by 2*P: each rank's shard must have an even length, got {local_q}"
             )
         batch = query.shape[1 - seq_dim] if batched else 1
-        self._key_padding_mask(key_padding_mask, batch, local_k, batched)
+        padding = self._key_padding_mask(key_padding_mask, batch, local_k, batched)
         if cu_seqlens is not None:
             check_cu_seqlens(cu_seqlens, local_q * world, batch)
-        return batch, local_q
+        return batch, local_q, padding is not None and padding.dtype != torch.bool
 
     def _check_across_ranks(
         self,
@@ -255,22 +271,26 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         attn_mask: torch.Tensor | None,
         is_causal: bool,
         cu_seqlens: torch.Tensor | None = None,
-    ) -> None:
+    ) -> bool:
+        """Every rank raises when any rank's inputs are bad or the calls differ; returns whether some rank's
+        ``key_padding_mask`` is a float mask of other values than 0 / -inf (each rank sees only its shard)."""
+
         def check() -> list[int]:
-            batch, length = self._check_local(
+            batch, length, general = self._check_local(
                 world, query, key, value, key_padding_mask, need_weights, attn_mask, cu_seqlens
             )
             documents = None if cu_seqlens is None else tuple(cu_seqlens.tolist())
             crc = zlib.crc32(repr(documents).encode())
-            return [1, batch, length, int(bool(need_weights)), int(bool(is_causal)), crc]
+            return [1, batch, length, int(bool(need_weights)), int(bool(is_causal)), crc, int(general)]
 
         fields = ("ok", "batch size", "local length", "need_weights", "is_causal", "cu_seqlens")
         comm = RingComm.for_group(self.process_group, RingCommStats())
         comm.timeout = self.timeout
-        table = agree_across_ranks(check, fields, comm, name=type(self).__name__)
+        table = agree_across_ranks(check, (*fields, "float key_padding_mask"), comm, name=type(self).__name__)
         differing, details = differing_fields(table, fields)
         if differing:
             raise RingConfigError(f"{type(self).__name__}: the ranks' calls differ: {details}; nothing was computed")
+        return any(row[len(fields)] for row in table)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, layout={self.layout!r}"
