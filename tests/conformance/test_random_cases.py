@@ -8,6 +8,8 @@ both merges), so a new implementation meets shapes nobody chose. The seeds are f
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -25,6 +27,26 @@ def test_random_case_matches_reference(impl, seed):
     attn = ring_core.create_attention(impl.name, **case.config, **impl.options)
     result = check_attention(attn, case, torch.float64, seed=seed)
     assert result.passed, f"{impl.name} {case.__dict__}: errors {result.errors} > {result.tolerance}"
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=lambda i: i.name)
+def test_one_module_on_calls_of_changing_shapes(impl, seed):
+    """What a training loop of variable-length batches does: one module, calls whose ``N``, batch, heads, causality,
+    padding and documents change (each drawn case's shapes under the first one's configuration); every call
+    matches the reference, whatever the module cached for the calls before."""
+    first = draw_case(seed)
+    attn = ring_core.create_attention(impl.name, **first.config, **impl.options)
+    for call in range(6):
+        shapes = draw_case(1000 * (seed + 1) + call)
+        case = dataclasses.replace(
+            shapes, segment_lengths=first.segment_lengths, dilation_rates=first.dilation_rates, merge=first.merge,
+            window_size=first.window_size,
+        )  # fmt: skip
+        if first.merge == "head_groups":  # the heads must split into the groups: the first case's heads
+            case = dataclasses.replace(case, heads=first.heads, kv_heads=first.kv_heads)
+        result = check_attention(attn, case, torch.float64, seed=call)
+        assert result.passed, f"{impl.name} call {call} {case.__dict__}: errors {result.errors} > {result.tolerance}"
 
 
 def test_the_fuzz_tool_reports_a_wrong_result(monkeypatch, capsys):
