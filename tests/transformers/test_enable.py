@@ -200,3 +200,45 @@ def test_a_copied_model_stays_enabled_and_keeps_nothing_in_its_state():
     assert set(copied.state_dict()) == set(build("llama").state_dict())
     ring_transformers.disable(copied)
     assert copied.config._attn_implementation == "sdpa" and model.config._attn_implementation == "ring_attention"
+
+
+def encoder(family: str) -> torch.nn.Module:
+    """A small float64 encoder (bidirectional attention) built from its config."""
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.for_model(family)
+    small = {"hidden_size": 24, "intermediate_size": 40, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "dim": 24, "hidden_dim": 40, "n_layers": 2, "n_heads": 4, "vocab_size": 53, "pad_token_id": 0}  # fmt: skip
+    for key, value in small.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    torch.manual_seed(0)
+    return AutoModel.from_config(config, attn_implementation="sdpa").to(torch.float64).eval()
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_encoders_attend_both_ways_as_sdpa(family):
+    """Bidirectional encoders (transformers' plain bidirectional mask): every key but padding, as sdpa, hidden states
+    and every parameter's gradient (they were refused as a mask pattern of their own)."""
+    model = encoder(family)
+    ids, mask = tokens(2, 21).clamp(min=1), padding_mask(2, 21)
+    keep = mask.bool()
+    results = []
+    for enabled in (False, True):
+        if enabled:
+            ring_transformers.enable(model, "dilated", **DENSE)
+        model.zero_grad(set_to_none=True)
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state[keep]
+        hidden.square().sum().backward()
+        results.append((hidden.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}))
+    (expected, expected_grads), (hidden, grads) = results
+    assert relative_error(hidden, expected) <= 1e-10
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        assert relative_error(grad, expected_grads[name]) <= 1e-9, name
+
+
+def test_an_encoders_sliding_window_mask_is_refused():
+    model = ring_transformers.enable(encoder("modernbert"), "dilated", **DENSE)  # local layers: a sliding window
+    with pytest.raises(RingTransformersError, match="an encoder's sliding window"):
+        model(input_ids=tokens(2, 21).clamp(min=1))

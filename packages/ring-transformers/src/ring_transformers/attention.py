@@ -291,6 +291,10 @@ def ring_attention_mask(
             "the model combines its causal mask with its own mask function (e.g. image tokens attending to each "
             "other), which ring attention cannot express"
         )
+    from transformers.masking_utils import bidirectional_mask_function
+
+    if mask_function is bidirectional_mask_function:  # an encoder's (BERT, RoBERTa, ...): every key, padding aside
+        return None if attention_mask is None else attention_mask[:, -kv_length:]
     if (
         mask_function is not None
         and q_length > 1
@@ -301,8 +305,8 @@ def ring_attention_mask(
         batch_idx = torch.arange(batch_size, device=q_idx.device)[:, None]
         sees_later = mask_function(batch_idx, 0, q_idx[None], q_idx[None] + 1).any()
         message = (
-            "the model's causal mask lets some queries see later keys (a bidirectional block, e.g. of image "
-            "tokens), which ring attention cannot express"
+            "the model's mask lets some queries see later keys in a pattern of its own (a bidirectional block of "
+            "image tokens, an encoder's sliding window or packed documents), which ring attention cannot express"
         )
         if torch.compiler.is_compiling():  # checked inside the graph (a RuntimeError), not on the host
             torch._assert_async(~sees_later, message)
