@@ -343,7 +343,8 @@ def _given_cu_seqlens(kwargs: dict[str, Any]) -> torch.Tensor | None:
     return_flash_attn_kwargs=True)``, :func:`~ring_transformers.shard_batch` of a packed batch); they index the
     rows laid end to end, as in flash-attn's varlen path. They win over ``position_ids``, as there.
     """
-    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    cu_q: torch.Tensor | None = kwargs.get("cu_seq_lens_q")
+    cu_k: torch.Tensor | None = kwargs.get("cu_seq_lens_k")
     if cu_q is None and cu_k is None:
         return None
     if cu_q is None or cu_k is None or cu_q.shape != cu_k.shape:
