@@ -43,6 +43,20 @@ def build(family: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
     return model_cls(config_cls(**settings)).to(torch.float64).eval()
 
 
+def encoder(family: str) -> torch.nn.Module:
+    """A small float64 encoder (bidirectional attention) built from its config."""
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.for_model(family)
+    small = {"hidden_size": 24, "intermediate_size": 40, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "dim": 24, "hidden_dim": 40, "n_layers": 2, "n_heads": 4, "vocab_size": 53, "pad_token_id": 0}  # fmt: skip
+    for key, value in small.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    torch.manual_seed(0)
+    return AutoModel.from_config(config, attn_implementation="sdpa").to(torch.float64).eval()
+
+
 def tokens(batch: int, seq_len: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
 
@@ -107,7 +121,19 @@ def sequence_parallel_step(rank: int, world_size: int, cases: list[dict]) -> dic
                 "grads": grads,
             }
         )
-    return {"cases": results, "default_positions_error": default_positions_error(rank)}
+    return {
+        "cases": results,
+        "default_positions_error": default_positions_error(rank),
+        "encoder_error": error_of(lambda: encoder_on_ranks(rank)),
+    }
+
+
+def encoder_on_ranks(rank: int) -> None:
+    """An encoder (BERT) sharded over the group: refused (its positions could not be checked across ranks)."""
+    import ring_transformers
+
+    model = ring_transformers.enable(encoder("bert"), "ring_dilated", **DENSE)
+    model(input_ids=tokens(1, 8, seed=rank).clamp(min=1))
 
 
 def shard_and_checkpoint(model: torch.nn.Module) -> None:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from hf_models import DENSE, FAMILIES, build, loss_and_grads, relative_error, tokens
+from hf_models import DENSE, FAMILIES, build, encoder, loss_and_grads, relative_error, tokens
 from transformers import AttentionInterface, BloomConfig, BloomForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
@@ -200,20 +200,6 @@ def test_a_copied_model_stays_enabled_and_keeps_nothing_in_its_state():
     assert set(copied.state_dict()) == set(build("llama").state_dict())
     ring_transformers.disable(copied)
     assert copied.config._attn_implementation == "sdpa" and model.config._attn_implementation == "ring_attention"
-
-
-def encoder(family: str) -> torch.nn.Module:
-    """A small float64 encoder (bidirectional attention) built from its config."""
-    from transformers import AutoConfig, AutoModel
-
-    config = AutoConfig.for_model(family)
-    small = {"hidden_size": 24, "intermediate_size": 40, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "dim": 24, "hidden_dim": 40, "n_layers": 2, "n_heads": 4, "vocab_size": 53, "pad_token_id": 0}  # fmt: skip
-    for key, value in small.items():
-        if hasattr(config, key):
-            setattr(config, key, value)
-    torch.manual_seed(0)
-    return AutoModel.from_config(config, attn_implementation="sdpa").to(torch.float64).eval()
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])

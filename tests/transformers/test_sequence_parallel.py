@@ -94,6 +94,13 @@ def alone(model: torch.nn.Module, docs: list[list[int]]) -> torch.Tensor:
     return torch.cat([model(torch.tensor([doc])).logits for doc in docs], dim=1)
 
 
+def test_encoders_are_not_sharded(two_ranks):
+    """Encoders run on one process: sharded, their positions go unchecked (a forgotten position_ids, RoBERTa's
+    positions counted from its padding index), so every rank refuses them alike."""
+    messages = [result["encoder_error"] for result in two_ranks]
+    assert messages[0] == messages[1] and "attends both ways (an encoder)" in messages[0], messages[0]
+
+
 def test_packed_batch_over_two_ranks_equals_the_documents_alone():
     docs, _ = packed_batch()
     model = build("llama")

@@ -246,6 +246,12 @@ def ring_attention_forward(
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True) and getattr(getattr(module, "config", None), "is_causal", True)
     world_size = choice.group_size()
+    if world_size > 1 and not is_causal:
+        raise RingTransformersError(
+            f"{type(module).__name__} attends both ways (an encoder): sequence parallelism runs causal language "
+            "models, whose positions are checked across the ranks; an encoder's are not (RoBERTa's count from its "
+            "padding index, for one), so run it on one process"
+        )
     window = _window(sliding_window, query.shape[2] * world_size)
     attn = choice.attention(scaling, float(dropout), window)
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
