@@ -129,6 +129,14 @@ def draw(seed: int, names: list[str], world_size: int = 1, max_len: int = 96) ->
         case = dataclasses.replace(case, seq_len=n, documents=documents)
         if name in ("ring_distributed_dilated", "ring_dilated_production"):
             options["strategy"] = r.choice(["auto", "ring", "ulysses", "hybrid", "allgather"])
+            if options["strategy"] in ("auto", "hybrid"):  # Ulysses groups of some ranks, nodes of some ranks
+                options["ulysses_degree"] = r.choice(
+                    [None, *(d for d in range(1, world_size + 1) if world_size % d == 0)]
+                )
+                options["node_size"] = r.choice([None, world_size, max(1, world_size // 2)])
+            if options["strategy"] != "ring" and r.random() < 0.7:  # heads that every Ulysses degree can split
+                kv_heads = r.choice([world_size, 2 * world_size])
+                case = dataclasses.replace(case, heads=2 * world_size, kv_heads=kv_heads)
     if name == "ring_dilated_production":
         options.update(checkpoint=r.random() < 0.5, deterministic=r.random() < 0.3, reuse_buffers=r.random() < 0.7)
     return name, case, options
