@@ -206,24 +206,26 @@ def test_no_query_or_no_key_matches(q_len, k_len, need_weights, extras):
     bias_kv, zero_attn = extras in ("bias_kv", "both"), extras in ("zero_attn", "both")
     reference, ours = pair(batch_first=True, add_bias_kv=bias_kv, add_zero_attn=zero_attn)
     inputs = [randn(2, q_len, 12, seed=1), randn(2, k_len, 12, seed=2), randn(2, k_len, 12, seed=3)]
-    results = []
-    for module in (reference, ours):
-        leaves = [x.clone().requires_grad_() for x in inputs]
-        module.zero_grad(set_to_none=True)
-        out, weights = module(*leaves, need_weights=need_weights)
-        (out * randn(*out.shape, seed=4)).sum().backward()
-        grads = [x.grad for x in leaves] + [p.grad for p in module.parameters()]
-        results.append((out, weights, grads))
-    (out, weights, grads), (expected, expected_weights, expected_grads) = results[1], results[0]
+    grad_out = randn(2, q_len, 12, seed=4)
+
+    def grad_weights(shape):
+        return randn(*shape, seed=5)
+
+    expected, expected_weights, expected_grads = run(
+        reference, inputs, grad_out, grad_weights, need_weights=need_weights
+    )
+    out, weights, grads = run(ours, inputs, grad_out, grad_weights, need_weights=need_weights)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
     assert (weights is None) == (expected_weights is None)
     if weights is not None:
         torch.testing.assert_close(weights, expected_weights, rtol=1e-10, atol=1e-12)
-    for grad, expected_grad in zip(grads, expected_grads, strict=True):
-        if expected_grad is None or grad is None:  # a parameter that no output reads (torch leaves None, we 0)
-            assert grad is None or not grad.any()
+    assert grads.keys() == expected_grads.keys()
+    for name, expected_grad in expected_grads.items():
+        grad = grads[name]
+        if expected_grad is None or grad is None:  # a parameter no output reads: torch leaves None, we may give 0
+            assert not any(g is not None and g.any() for g in (grad, expected_grad)), name
             continue
-        torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12, msg=name)
 
 
 def test_a_3d_mask_of_no_query_rows():

@@ -14,6 +14,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from distributed_helpers import raised
+
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
@@ -124,7 +126,7 @@ def sequence_parallel_step(rank: int, world_size: int, cases: list[dict]) -> dic
     return {
         "cases": results,
         "default_positions_error": default_positions_error(rank),
-        "encoder_error": error_of(lambda: encoder_on_ranks(rank)),
+        "encoder_error": raised(lambda: encoder_on_ranks(rank)),
     }
 
 
@@ -207,21 +209,12 @@ def packed_sequence_parallel_logits(rank: int, world_size: int, layouts: tuple[s
     aligned_logits = logits_of(aligned, "contiguous", (*positions_only, "cu_seq_lens_q", "cu_seq_lens_k"))
     errors = {}
     rows = {key: batch[key].expand(2, -1) for key in positions_only}
-    errors["rows"] = error_of(lambda: ring_transformers.shard_batch(rows, None, "contiguous"))
+    errors["rows"] = raised(lambda: ring_transformers.shard_batch(rows, None, "contiguous"))
     varlen = ("cu_seq_lens_q", "cu_seq_lens_k")
     cu = ring_transformers.cu_seqlens_from_position_ids(rows["position_ids"], flatten_rows=True)  # both rows end to end
     rows_cu = {**rows, **dict.fromkeys(varlen, cu)}
-    errors["varlen_rows"] = error_of(lambda: logits_of(rows_cu, "contiguous", (*positions_only, *varlen)))
+    errors["varlen_rows"] = raised(lambda: logits_of(rows_cu, "contiguous", (*positions_only, *varlen)))
     local = {"cu_seq_lens_q": torch.tensor([0, 12], dtype=torch.int32)}  # this rank's 12 tokens, not the 24
     local["cu_seq_lens_k"] = local["cu_seq_lens_q"]
-    errors["local"] = error_of(lambda: logits_of({**aligned, **local}, "contiguous", (*positions_only, *local)))
+    errors["local"] = raised(lambda: logits_of({**aligned, **local}, "contiguous", (*positions_only, *local)))
     return {"logits": results, "aligned": aligned_logits, "errors": errors}
-
-
-def error_of(fn: Any) -> str:
-    """The message of the ``ValueError`` that ``fn()`` raises, or ``"no error"``."""
-    try:
-        fn()
-    except ValueError as exc:
-        return str(exc)
-    return "no error"

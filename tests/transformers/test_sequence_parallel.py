@@ -97,8 +97,9 @@ def alone(model: torch.nn.Module, docs: list[list[int]]) -> torch.Tensor:
 def test_encoders_are_not_sharded(two_ranks):
     """Encoders run on one process: sharded, their positions go unchecked (a forgotten position_ids, RoBERTa's
     positions counted from its padding index), so every rank refuses them alike."""
-    messages = [result["encoder_error"] for result in two_ranks]
-    assert messages[0] == messages[1] and "attends both ways (an encoder)" in messages[0], messages[0]
+    errors = [result["encoder_error"] for result in two_ranks]
+    assert errors[0] == errors[1] and errors[0][0] == "RingTransformersError", errors
+    assert "attends both ways (an encoder)" in errors[0][1]
 
 
 def test_packed_batch_over_two_ranks_equals_the_documents_alone():
@@ -116,14 +117,16 @@ def test_packed_batch_over_two_ranks_equals_the_documents_alone():
     for rank, result in enumerate(results):
         assert relative_error(torch.from_numpy(result["aligned"]), alone(model, [docs[rank]])) <= 1e-10, rank
     # several packed rows cannot be sharded: the same error naming position_ids on every rank
-    messages = [result["errors"]["rows"] for result in results]
-    assert messages[0] == messages[1] and "must have batch size 1" in messages[0] and "position_ids" in messages[0]
+    errors = [result["errors"]["rows"] for result in results]
+    assert errors[0] == errors[1] and errors[0][0] == "ValueError", errors
+    assert "must have batch size 1" in errors[0][1] and "position_ids" in errors[0][1]
     # so can they not with flash-attn's varlen keywords (rows end to end would not be the shards' order)
-    messages = [result["errors"]["varlen_rows"] for result in results]
-    assert messages[0] == messages[1] and "must have batch size 1" in messages[0] and "cu_seq_lens_q" in messages[0]
+    errors = [result["errors"]["varlen_rows"] for result in results]
+    assert errors[0] == errors[1] and errors[0][0] == "RingTransformersError", errors
+    assert "must have batch size 1" in errors[0][1] and "cu_seq_lens_q" in errors[0][1]
     # a rank's own documents as cu_seq_lens: the whole sequence's are needed
-    messages = [result["errors"]["local"] for result in results]
-    assert messages[0] == messages[1] and "cu_seqlens" in messages[0], messages[0]
+    errors = [result["errors"]["local"] for result in results]
+    assert errors[0] == errors[1] and errors[0][0] == "ValueError" and "cu_seqlens" in errors[0][1], errors
 
 
 def test_shard_batch_shifts_labels_over_the_whole_sequence():

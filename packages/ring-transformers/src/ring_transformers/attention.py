@@ -256,12 +256,7 @@ def ring_attention_forward(
     attn = choice.attention(scaling, float(dropout), window)
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
     padding = _key_padding_mask(attention_mask)
-    cu_seqlens = _given_cu_seqlens(kwargs)
-    if cu_seqlens is not None and world_size > 1 and q.shape[0] != 1:
-        raise RingTransformersError(
-            f"a packed batch sharded over {world_size} ranks must have batch size 1 (flash-attn's convention), got "
-            f"{q.shape[0]} rows with cu_seq_lens_q: pack all documents into one row"
-        )
+    cu_seqlens = _given_cu_seqlens(kwargs, world_size, q.shape[0])
     if cu_seqlens is None:
         cu_seqlens = _cu_seqlens(kwargs.get("position_ids"), choice, world_size, q.shape[0])
     if cu_seqlens is None:
@@ -342,12 +337,13 @@ def _key_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | Non
     return attention_mask == 0 if attention_mask.dtype != torch.bool else ~attention_mask
 
 
-def _given_cu_seqlens(kwargs: dict[str, Any]) -> torch.Tensor | None:
+def _given_cu_seqlens(kwargs: dict[str, Any], world_size: int, batch: int) -> torch.Tensor | None:
     """flash-attn's varlen keywords ``cu_seq_lens_q`` / ``cu_seq_lens_k`` as ``cu_seqlens``, or None.
 
     transformers passes them through to attention when the batch has them (``DataCollatorWithFlattening(
     return_flash_attn_kwargs=True)``, :func:`~ring_transformers.shard_batch` of a packed batch); they index the
-    rows laid end to end, as in flash-attn's varlen path. They win over ``position_ids``, as there.
+    rows laid end to end, as in flash-attn's varlen path. They win over ``position_ids``, as there. Sharded over
+    ranks, they need one row (as :func:`_cu_seqlens`'s positions do): rows end to end are not the shards' order.
     """
     cu_q: torch.Tensor | None = kwargs.get("cu_seq_lens_q")
     cu_k: torch.Tensor | None = kwargs.get("cu_seq_lens_k")
@@ -365,6 +361,11 @@ def _given_cu_seqlens(kwargs: dict[str, Any]) -> torch.Tensor | None:
             torch._assert_async((cu_q == cu_k).all(), message)
         elif not torch.equal(cu_q, cu_k):
             raise RingTransformersError(message)
+    if world_size > 1 and batch != 1:
+        raise RingTransformersError(
+            f"a packed batch sharded over {world_size} ranks must have batch size 1 (flash-attn's convention), got "
+            f"{batch} rows with cu_seq_lens_q: pack all documents into one row"
+        )
     return cu_q
 
 
