@@ -66,15 +66,19 @@ def test_flex_band_with_kernel_options_on_gpu():
     assert result.passed, f"{case}: {result.errors} > {result.tolerance}"
 
 
+@pytest.mark.parametrize("options", [None, {"bwd_BLOCK_M1": 64}], ids=["block-tiles", "128-row-tiles"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_strips_with_dilation_on_gpu(compiled):
-    """Dilated branches (rates 1, 2, 4) on strips: FlexAttention per branch offset, partial tiles where a
-    kernel tile covers several layout blocks of the strip, GQA, causal; SPEC.md's bf16 bounds. Compiled
-    (``fullgraph``) the strips are one op whose backward recomputes each FlexAttention call."""
+def test_strips_with_dilation_on_gpu(compiled, options):
+    """Dilated branches (rates 1, 2, 4) on strips: FlexAttention per branch offset, GQA, causal; SPEC.md's bf16
+    bounds. Calls of rates 2 and 4 whose 128-row tiles (several layout blocks of the strip a side, partial where
+    the rule reads the layout) would visit at least twice the pairs take tiles of one layout block (64 and 32 rows);
+    with the caller's kernel tiles every call keeps 128 rows. Compiled (``fullgraph``) the strips are one op whose
+    backward recomputes each FlexAttention call."""
     case = Case("strips", 1024, 4, (256, 512, 1024), (1, 2, 4), kv_heads=2, head_dim=64, causal=True)
     attn = BlockSparseRingDilatedAttention(
-        **case.config, block_size=128, pattern="random", density=0.3, seed=3, per_head=True, method="flex"
-    )
+        **case.config, block_size=128, pattern="random", density=0.3, seed=3, per_head=True, method="flex",
+        flex_kernel_options=options,
+    )  # fmt: skip
     layout = attn.layout_for(case.seq_len, case.heads)
     result = check_attention(
         torch.compile(attn, fullgraph=True) if compiled else attn, case, torch.bfloat16, device="cuda",
@@ -82,6 +86,7 @@ def test_strips_with_dilation_on_gpu(compiled):
     )  # fmt: skip
     calls = attn.last_plan.calls[0]
     assert attn.last_method == "flex" and any(c.tiles.partial.any() and c.tiles.needs_layout for c in calls)
+    assert {c.tiles.tile for c in calls} == ({128} if options else {32, 64, 128})
     assert result.passed, f"{case}: {result.errors} > {result.tolerance}"
 
 

@@ -223,6 +223,25 @@ def test_tuned_tiles_only_where_the_rule_reads_no_layout(monkeypatch):
     assert plain == {"ROWS_GUARANTEED_SAFE": True, "fwd_num_stages": 2}
 
 
+def test_block_tiles_set_every_kernel_tile(monkeypatch):
+    """A call of block tiles (a block mask of 32 or 64 rows) gets those tiles for the forward and all four backward
+    tiles (inductor's default Hopper backward tiles cannot take them), not the tuned 128-row ones; user options
+    still go on top; only on CUDA."""
+    from ring_blocksparse import flex
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    q = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, shape=(1, 8, 2, 128))
+    options = flex.kernel_options_for(q, {"ROWS_GUARANTEED_SAFE": True}, {"bwd_num_stages": 2}, tile=32)
+    tiles = {key: value for key, value in options.items() if "BLOCK_" in key}
+    assert tiles == {f"{side}BLOCK_{name}": 32 for side, names in (("fwd_", "MN"), ("bwd_", ("M1", "N1", "M2", "N2")))
+                     for name in names}  # fmt: skip
+    assert options["ROWS_GUARANTEED_SAFE"] and options["bwd_num_stages"] == 2
+    assert flex.block_tile(torch.device("cuda"), 128, 2, None) == 64
+    assert flex.block_tile(torch.device("cuda"), 128, 1, None) is None  # (128 rows: the tile already)
+    assert flex.block_tile(torch.device("cpu"), 128, 2, None) is None  # (off CUDA every tile is a block already)
+    assert flex.block_tile(torch.device("cuda"), 128, 8, None) is None  # (16 rows: not measured)
+
+
 @pytest.mark.parametrize(
     ("layout", "causal", "window"),
     [("band", False, (-1, -1)), ("band", True, (-1, -1)), ("band", True, (40, 0)), ("band", False, (30, 50)),

@@ -410,3 +410,41 @@ def test_checkpointed_strips_keep_no_graph(monkeypatch):
     torch.testing.assert_close(checked_out, out, rtol=1e-12, atol=1e-12)
     for a, b in zip(checked_grads, grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "options", "expected"),
+    [
+        ("random", {"density": 0.1, "seed": 0}, {1: 128, 2: 64, 4: 32}),
+        ("dilated_sparse", {"dilation": 10}, {1: 128, 2: 64, 4: 32}),
+        ("local_window", {"window": 1664, "sliding": True}, {1: 128, 2: 128, 4: 128}),
+        ("global_local", {"global_tokens": 1024, "window": 2304}, {1: 128, 2: 128, 4: 128}),
+    ],
+    ids=["random", "dilated-sparse", "band", "global-local"],
+)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_cuda_strips_take_block_tiles_where_they_visit_much_less(monkeypatch, pattern, options, expected, causal):
+    """On CUDA a strip of rate r is tiled at 128 rows (r layout blocks a side: kept when any of r x r blocks is) or,
+    where that visits at least twice the pairs, at one layout block (128 / r rows): a scattered layout's rates 2 and 4
+    take block tiles, all full or empty; a band or windows keep 128 rows (and flash-attn 4). The caller's
+    ``flex_kernel_options`` tiles keep 128 rows. (The CUDA device is simulated: only the tile choice reads it.)"""
+    from ring_blocksparse import flex, strided
+
+    monkeypatch.setattr(strided, "tile_for", lambda device, block_size, rate: flex.FLEX_TILE)
+    monkeypatch.setattr(strided, "block_tile", lambda _, *args: flex.block_tile(torch.device("cuda"), *args))
+    n, h, block = 16384, 2, 128
+    layout = build_pattern(pattern, **options).layout(n, block)
+
+    def calls(**extra):
+        return strip_calls(
+            torch.arange(n), torch.arange(n), num_heads=h, num_kv_heads=h, block_size=block, layout=layout,
+            branch_list=branches([2048, 4096, 8192], [1, 2, 4], "lse", h), causal=causal, q=torch.zeros(1, n, h, 8),
+            masks=False, **extra,
+        )  # fmt: skip
+
+    chosen = calls()
+    assert {c.q.rate: c.tiles.tile for c in chosen} == expected
+    for call in chosen:
+        if call.tiles.tile < flex.FLEX_TILE:  # every tile one layout block: no rule reads the layout
+            assert not call.tiles.needs_layout
+    assert {c.tiles.tile for c in calls(kernel_options={"bwd_BLOCK_M1": 64})} == {flex.FLEX_TILE}

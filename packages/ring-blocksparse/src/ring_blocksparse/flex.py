@@ -15,6 +15,13 @@ are safe (:func:`safe_flags`: ``ROWS_GUARANTEED_SAFE`` when every query row has 
 key in the first tile the kernel visits for it, ``BLOCKS_ARE_CONTIGUOUS`` when every row's
 and column's blocks are one run, e.g. a band), :data:`TUNED_OPTIONS` holds tile shapes
 measured on Hopper, and the caller's ``kernel_options`` override both.
+
+Block tiles (:func:`block_tile`, :func:`finer`). A strip of rate ``r`` holds ``block_size / r`` rows of each
+layout block, so a 128-row tile spans ``r`` layout blocks per side and is visited when any of its ``r x r``
+blocks is kept: under a scattered layout (10% ``random``) that is 34% of the tiles at rate 2 and 81% at rate 4.
+On CUDA a call of such a strip takes tiles of one layout block (32 or 64 rows) when they visit at most
+:data:`FINE_SHARE` of the pairs the 128-row tiles do, with :func:`tile_options` for the kernels; a band keeps
+its 128-row tiles (and flash-attn 4), which visit about as much.
 """
 
 from __future__ import annotations
@@ -49,6 +56,11 @@ MIN_RECOMPILE_LIMIT = 64
 TUNED_OPTIONS: dict[tuple[int, torch.dtype, int], dict[str, Any]] = {
     (9, torch.bfloat16, 128): {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_warps": 8, "fwd_num_stages": 3},
 }
+# Block tiles (module docstring): the strip rows of one layout block that a kernel tile may be, and the share of the
+# 128-row tiles' visited pairs below which a call takes them (FlexAttention at 32/64 rows computes each pair
+# at a higher cost than at 128; docs/benchmarks/blocksparse-strips-block-tiles-h200.json).
+BLOCK_TILES = (32, 64)
+FINE_SHARE = 0.5
 # Options whose value is a bool / a positive int (anything else is passed through unchecked).
 _BOOL_OPTIONS = ("PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS", "WRITE_DQ", "USE_TMA")
 
@@ -102,6 +114,32 @@ def tile_for(device: torch.device, block_size: int, rate: int) -> int:
     return FLEX_TILE if device.type == "cuda" else max(1, block_size // rate)
 
 
+def block_tile(device: torch.device, block_size: int, rate: int, user: dict[str, Any] | None) -> int | None:
+    """The block tile a CUDA call of this rate may take instead of :data:`FLEX_TILE` (None: none; also when the
+    caller's ``flex_kernel_options`` set the kernels' tiles)."""
+    unit = block_size // rate
+    user_tiles = any(key.removeprefix("fwd_").removeprefix("bwd_").startswith("BLOCK_") for key in user or {})
+    return unit if device.type == "cuda" and unit in BLOCK_TILES and not user_tiles else None
+
+
+def finer(coarse: Tiles, fine: Tiles) -> Tiles:
+    """``fine`` when its tiles visit at most :data:`FINE_SHARE` of the pairs ``coarse``'s do, else ``coarse``."""
+
+    def visited(tiles: Tiles) -> int:
+        return int((tiles.full | tiles.partial).sum()) * tiles.tile**2
+
+    return fine if visited(fine) <= FINE_SHARE * visited(coarse) else coarse
+
+
+def tile_options(tile: int) -> dict[str, Any]:
+    """The kernels' tiles for a block mask of ``tile``-row blocks below :data:`FLEX_TILE` (every kernel tile one block)."""
+    sides = {"fwd_": ("BLOCK_M", "BLOCK_N"), "bwd_": ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")}
+    options: dict[str, Any] = {prefix + name: tile for prefix, names in sides.items() for name in names}
+    for prefix in sides:
+        options.update({prefix + "num_warps": 4, prefix + "num_stages": 3})
+    return options
+
+
 def _one_run(mask: torch.Tensor) -> bool:
     """Whether the True entries of every row of ``mask`` (..., n, m) form at most one run."""
     starts = mask.clone()
@@ -150,9 +188,10 @@ def check_kernel_options(options: Any) -> dict[str, Any]:
 
 
 def kernel_options_for(
-    q: torch.Tensor, flags: dict[str, bool], user: dict[str, Any] | None, tuned: bool = True
+    q: torch.Tensor, flags: dict[str, bool], user: dict[str, Any] | None, tuned: bool = True, tile: int = FLEX_TILE
 ) -> dict[str, Any] | None:
-    """What to pass as ``kernel_options``: safe flags, then (``tuned``) tuned tiles for this GPU, then ``user``.
+    """What to pass as ``kernel_options``: safe flags, then the tiles (``tile``: the block mask's; below
+    :data:`FLEX_TILE`, :func:`tile_options`; else, with ``tuned``, tuned tiles for this GPU), then ``user``.
 
     The tuned forward tiles were measured with rules that read no layout; with the layout read inside
     partial tiles they need more shared memory than a Hopper SM has (H200, D=128), so such calls keep
@@ -162,7 +201,9 @@ def kernel_options_for(
         return None  # the eager (CPU) path takes none
     major = torch.cuda.get_device_capability(q.device)[0]
     options = {key: True for key, on in flags.items() if on}
-    if tuned:
+    if tile < FLEX_TILE:
+        options.update(tile_options(tile))
+    elif tuned:
         options.update(TUNED_OPTIONS.get((major, q.dtype, q.shape[-1]), {}))
     options.update(user or {})
     return options or None
@@ -462,12 +503,17 @@ def flex_strip_attention(
     ``lse`` ``(B, h, n)`` (float32; ``-inf`` and a zero output for rows with no allowed key)."""
     flex = _flex_attention()
     if q.device.type == "cuda":
-        if "cuda" not in _COMPILED:
+        # Block tiles compile with max_autotune: inductor's backward drops the configs whose default tiles do not
+        # divide the block mask's before it applies kernel_options (pytorch/pytorch#176025), and only
+        # max_autotune's list holds small ones (each then runs the options' tiles).
+        fine = block_mask.BLOCK_SIZE[0] < FLEX_TILE
+        name = "cuda-block-tiles" if fine else "cuda"
+        if name not in _COMPILED:
             limits = torch._dynamo.config
             limits.recompile_limit = max(limits.recompile_limit, MIN_RECOMPILE_LIMIT)
             limits.accumulated_recompile_limit = max(limits.accumulated_recompile_limit, 8 * MIN_RECOMPILE_LIMIT)
-            _COMPILED["cuda"] = torch.compile(flex, dynamic=False)
-        flex = _COMPILED["cuda"]
+            _COMPILED[name] = torch.compile(flex, dynamic=False, options={"max_autotune": True} if fine else None)
+        flex = _COMPILED[name]
     try:
         from torch.nn.attention.flex_attention import AuxRequest
     except ImportError:  # torch < 2.9

@@ -47,7 +47,9 @@ from .fa4 import Fa4Blocks, available, blocks_for, fa4_backward, fa4_forward, ru
 from .flex import (
     Cut,
     StripRule,
+    block_tile,
     call_cuts,
+    finer,
     kernel_options_for,
     sparse_backward,
     strip_block_mask,
@@ -162,7 +164,7 @@ def strip_calls(
                 call = _strip_call(
                     q_positions, k_positions, branch, strip_offset, heads, num_heads=num_heads,
                     num_kv_heads=num_kv_heads, block_size=block_size, layout=layout, causal=causal, q=q,
-                    tile=tile, window=window, padded=padded, documents=documents,
+                    tile=tile, window=window, padded=padded, documents=documents, user=kernel_options,
                 )  # fmt: skip
                 if call is None:
                     continue
@@ -176,8 +178,9 @@ def strip_calls(
                             call.tiles, call.rule, len(call.q), len(call.k), q.device
                         )
                     call.kernel_options = kernel_options_for(
-                        q, safe if flags else {}, kernel_options, tuned=not (call.tiles.needs_layout or padded)
-                    )
+                        q, safe if flags else {}, kernel_options, tuned=not (call.tiles.needs_layout or padded),
+                        tile=call.tiles.tile,
+                    )  # fmt: skip
                 calls.append(call)
     calls.sort(key=lambda call: not call.covering)
     return calls
@@ -200,8 +203,11 @@ def _strip_call(
     window: tuple[int, int],
     padded: bool,
     documents: bool,
+    user: dict[str, Any] | None = None,
 ) -> StripCall | None:
-    """The call of ``heads`` of ``branch`` on the strips of ``strip_offset`` (None: nothing to compute)."""
+    """The call of ``heads`` of ``branch`` on the strips of ``strip_offset`` (None: nothing to compute); on CUDA with
+    block tiles where they visit much less (:func:`~ring_blocksparse.flex.finer`; ``user``: the caller's kernel
+    options)."""
     rate = branch.rate
     qs, ks = strip_of(q_positions, strip_offset, rate), strip_of(k_positions, strip_offset, rate)
     if qs is None or ks is None:
@@ -212,12 +218,19 @@ def _strip_call(
     if layout is not None and layout.shape[0] > 1:
         call_layout = layout[heads]
     segment = UNBOUNDED if documents else branch.segment
-    tiles = classify(
-        qs, ks, call_layout, block_size=block_size, segment=segment, causal=causal,
-        tile=tile or tile_for(q.device, block_size, rate), window=window, padded=padded,
-    )  # fmt: skip
+
+    def tiles_of(size: int) -> Tiles:
+        return classify(
+            qs, ks, call_layout, block_size=block_size, segment=segment, causal=causal, tile=size, window=window,
+            padded=padded,
+        )  # fmt: skip
+
+    tiles = tiles_of(tile or tile_for(q.device, block_size, rate))
     if tiles.empty:
         return None
+    fine = None if tile else block_tile(q.device, block_size, rate, user)
+    if fine is not None:
+        tiles = finer(tiles, tiles_of(fine))
     kv, gqa = _kv_heads(heads, num_heads, num_kv_heads, q.device)
     covering = (
         rate == 1 and heads == slice(0, num_heads, 1) and len(qs) == len(q_positions) and len(ks) == len(k_positions)
