@@ -207,6 +207,10 @@ def test_forced_kernel(monkeypatch, registry):
     assert ring_core.select_kernel(request).name == "math"
     with pytest.raises(ring_core.KernelNotAvailableError, match="known kernels"):
         ring_core.select_kernel(request, "nope")
+    with pytest.raises(ring_core.KernelNotAvailableError, match="kernel '' is not registered"):
+        ring_core.select_kernel(request, "")  # (not "automatic": that is None)
+    monkeypatch.setenv("RING_ATTENTION_KERNEL", "")  # an empty variable is unset
+    assert ring_core.select_kernel(request).name == "cpu_flash"
     with pytest.raises(ring_core.KernelNotAvailableError, match="cpu_flash.*dropout is not supported"):
         ring_core.select_kernel(KernelRequest("cpu", torch.float32, 8, 2, 2, dropout_p=0.1), "cpu_flash")
 

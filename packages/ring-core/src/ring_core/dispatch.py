@@ -51,7 +51,8 @@ def select_kernel(request: KernelRequest, name: str | None = None) -> KernelBack
 
 def _select_kernel(request: KernelRequest, name: str | None) -> KernelBackend:
     registry = get_registry()
-    name = name or os.environ.get("RING_ATTENTION_KERNEL") or None
+    if name is None:  # (an empty name is no kernel's, not "automatic": only the variable's empty value is unset)
+        name = os.environ.get("RING_ATTENTION_KERNEL") or None
     if name is not None:
         backend = registry.kernels.get(name)
         if backend is None:
