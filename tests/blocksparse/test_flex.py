@@ -188,6 +188,12 @@ def test_rows_are_safe_only_with_a_key_in_the_first_tile_visited():
         ({"num_warps": 0}, ValueError, r"kernel_options\['num_warps'\] must be a positive int, got 0"),
         ({"bwd_num_stages": 2.0}, ValueError, r"kernel_options\['bwd_num_stages'\] must be a positive int"),
         ({"USE_TMA": 1}, ValueError, r"kernel_options\['USE_TMA'\] must be a bool, got 1"),
+        # a misspelt option would go to the kernel unread
+        (
+            {"fwd_BLOCKM": 64},
+            ValueError,
+            r"kernel_options\['fwd_BLOCKM'\] is not a FlexAttention kernel option.*BLOCK_M",
+        ),
     ],
 )
 def test_flex_kernel_options_are_validated(options, error, match):

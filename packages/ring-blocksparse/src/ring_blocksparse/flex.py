@@ -174,8 +174,14 @@ def check_kernel_options(options: Any) -> dict[str, Any]:
         return {}
     if not isinstance(options, dict) or not all(isinstance(key, str) for key in options):
         raise TypeError(f"flex_kernel_options must be a dict of FlexAttention option names to values, got {options!r}")
+    known = _documented_options()
     for key, value in options.items():
         base = key.removeprefix("fwd_").removeprefix("bwd_")
+        if known and base not in known:
+            raise ValueError(
+                f"flex_kernel_options[{key!r}] is not a FlexAttention kernel option of this torch ({torch.__version__});"
+                f" known: {sorted(known)} (each also with a fwd_ or bwd_ prefix)"
+            )
         if base in _BOOL_OPTIONS and not isinstance(value, bool):
             raise ValueError(f"flex_kernel_options[{key!r}] must be a bool, got {value!r}")
         if (base.startswith("BLOCK_") or base in ("num_warps", "num_stages")) and (
@@ -185,6 +191,15 @@ def check_kernel_options(options: Any) -> dict[str, Any]:
         if base.startswith("BLOCK_") and (value & (value - 1) or FLEX_TILE % value):
             raise ValueError(f"flex_kernel_options[{key!r}] must be a power of two dividing {FLEX_TILE}, got {value}")
     return dict(options)
+
+
+def _documented_options() -> frozenset[str]:
+    """The option names of this torch's ``FlexKernelOptions`` (empty where it has none: nothing is checked)."""
+    try:
+        from torch.nn.attention.flex_attention import FlexKernelOptions
+    except ImportError:
+        return frozenset()
+    return frozenset(FlexKernelOptions.__annotations__)
 
 
 def kernel_options_for(
