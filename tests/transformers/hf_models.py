@@ -45,18 +45,27 @@ def build(family: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
     return model_cls(config_cls(**settings)).to(torch.float64).eval()
 
 
-def encoder(family: str) -> torch.nn.Module:
-    """A small float64 encoder (bidirectional attention) built from its config."""
+def encoder(family: str, **overrides: Any) -> torch.nn.Module:
+    """A small float64 encoder (bidirectional attention) built from its config (``overrides``: more settings)."""
     from transformers import AutoConfig, AutoModel
 
     config = AutoConfig.for_model(family)
     small = {"hidden_size": 24, "intermediate_size": 40, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "dim": 24, "hidden_dim": 40, "n_layers": 2, "n_heads": 4, "vocab_size": 53, "pad_token_id": 0}  # fmt: skip
+             "dim": 24, "hidden_dim": 40, "n_layers": 2, "n_heads": 4, "vocab_size": 53, "pad_token_id": 0,
+             **overrides}  # fmt: skip
     for key, value in small.items():
         if hasattr(config, key):
             setattr(config, key, value)
     torch.manual_seed(0)
     return AutoModel.from_config(config, attn_implementation="sdpa").to(torch.float64).eval()
+
+
+def padding_mask(batch: int, seq_len: int) -> torch.Tensor:
+    """Row 0 right-padded, row 1 left-padded, the others whole."""
+    mask = torch.ones(batch, seq_len, dtype=torch.long)
+    mask[0, seq_len - 5 :] = 0
+    mask[1, :4] = 0
+    return mask
 
 
 def tokens(batch: int, seq_len: int, seed: int = 1) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_models import DENSE, build, relative_error, tokens
+from hf_models import DENSE, build, encoder, padding_mask, relative_error, tokens
 from transformers import DataCollatorWithFlattening
 
 import ring_transformers
@@ -74,3 +74,23 @@ def test_compiled_packed_rows_equal_the_documents_alone():
     batch["cu_seq_lens_k"][2] += 1
     with pytest.raises(RuntimeError, match="cu_seq_lens_q and cu_seq_lens_k differ"):
         compiled(**batch, use_cache=False)
+
+
+def test_compiled_encoder_with_local_layers_is_one_graph_with_sdpas_numbers():
+    """ModernBERT (a global and a local layer, keys within 4 positions either side), padded: one graph (its band is
+    checked in the graph, its modules built at ``enable``), the hidden states and gradients of its own sdpa."""
+    torch._dynamo.reset()
+    model = encoder("modernbert", local_attention=8)
+    ids, mask = tokens(2, 21).clamp(min=1), padding_mask(2, 21)
+    keep = mask.bool()
+    expected = model(input_ids=ids, attention_mask=mask).last_hidden_state[keep]
+    params = list(model.parameters())
+    expected_grads = torch.autograd.grad(expected.square().sum(), params)
+    ring_transformers.enable(model, "dilated", **DENSE)
+    explanation = torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    hidden = torch.compile(model, fullgraph=True, backend="aot_eager")(input_ids=ids, attention_mask=mask)
+    hidden = hidden.last_hidden_state[keep]
+    assert relative_error(hidden, expected) <= 1e-10
+    for grad, ref in zip(torch.autograd.grad(hidden.square().sum(), params), expected_grads):
+        assert relative_error(grad, ref) <= 1e-9

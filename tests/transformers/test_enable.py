@@ -6,21 +6,13 @@ import json
 
 import pytest
 import torch
-from hf_models import DENSE, FAMILIES, build, encoder, loss_and_grads, relative_error, tokens
+from hf_models import DENSE, FAMILIES, build, encoder, loss_and_grads, padding_mask, relative_error, tokens
 from transformers import AttentionInterface, BloomConfig, BloomForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 import ring_transformers
 from ring_core import reference_attention
 from ring_transformers import RingTransformersError
-
-
-def padding_mask(batch: int, seq_len: int) -> torch.Tensor:
-    """Row 0 right-padded, row 1 left-padded, the others whole."""
-    mask = torch.ones(batch, seq_len, dtype=torch.long)
-    mask[0, seq_len - 5 :] = 0
-    mask[1, :4] = 0
-    return mask
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -202,11 +194,14 @@ def test_a_copied_model_stays_enabled_and_keeps_nothing_in_its_state():
     assert copied.config._attn_implementation == "sdpa" and model.config._attn_implementation == "ring_attention"
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "modernbert"])
 def test_encoders_attend_both_ways_as_sdpa(family):
     """Bidirectional encoders (transformers' plain bidirectional mask): every key but padding, as sdpa, hidden states
-    and every parameter's gradient (they were refused as a mask pattern of their own)."""
-    model = encoder(family)
+    and every parameter's gradient (they were refused as a mask pattern of their own). ModernBERT's second layer is
+    local: keys within 4 positions either side (``local_attention=8``), shorter than the sequence."""
+    model = encoder(family, local_attention=8)
+    if family == "modernbert":
+        assert model.config.layer_types[:2] == ["full_attention", "sliding_attention"]
     ids, mask = tokens(2, 21).clamp(min=1), padding_mask(2, 21)
     keep = mask.bool()
     results = []
@@ -224,7 +219,27 @@ def test_encoders_attend_both_ways_as_sdpa(family):
         assert relative_error(grad, expected_grads[name]) <= 1e-9, name
 
 
-def test_an_encoders_sliding_window_mask_is_refused():
-    model = ring_transformers.enable(encoder("modernbert"), "dilated", **DENSE)  # local layers: a sliding window
-    with pytest.raises(RingTransformersError, match="an encoder's sliding window"):
-        model(input_ids=tokens(2, 21).clamp(min=1))
+def test_an_encoders_band_mask_must_be_the_band():
+    """An encoder's sliding-window mask passes as the band that the layer's ``sliding_window`` brings only when the
+    mask function is that band near the diagonal for every row: cut by packed documents, wider or narrower, it is
+    refused (with padding, as without)."""
+    from transformers.masking_utils import and_masks, sliding_window_bidirectional_mask_function
+
+    from ring_transformers.attention import ring_attention_mask
+
+    bidirectional = {"allow_is_bidirectional_skip": True, "local_size": 4}
+    band = sliding_window_bidirectional_mask_function(4)
+    padding = torch.ones(2, 21, dtype=torch.bool)
+    assert ring_attention_mask(2, 21, 21, mask_function=band, **bidirectional) is None
+    assert torch.equal(
+        ring_attention_mask(2, 21, 21, mask_function=band, attention_mask=padding, **bidirectional), padding
+    )
+    documents = torch.tensor([[0] * 9 + [1] * 12, [0] * 21])  # the first row packs two documents
+
+    def same_document(b, h, q, kv):
+        return documents[b, q] == documents[b, kv]
+
+    for other in (and_masks(band, same_document), sliding_window_bidirectional_mask_function(3),
+                  sliding_window_bidirectional_mask_function(5)):  # fmt: skip
+        with pytest.raises(RingTransformersError, match="not the band of 4 keys either side"):
+            ring_attention_mask(2, 21, 21, mask_function=other, **bidirectional)

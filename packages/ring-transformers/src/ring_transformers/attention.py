@@ -189,6 +189,8 @@ def _build_ahead(model: PreTrainedModel, choice: Enabled) -> None:
     config_window = getattr(model.config, "sliding_window", None)
     for layer in model.modules():
         scaling = getattr(layer, "scaling", None)
+        if scaling is None and isinstance(getattr(layer, "head_dim", None), int):  # (ModernBERT: passed, not kept)
+            scaling = layer.head_dim**-0.5
         if not isinstance(scaling, float) or not hasattr(layer, "is_causal"):
             continue
         dropouts = {0.0, float(getattr(layer, "attention_dropout", 0.0) or 0.0)}
@@ -285,7 +287,9 @@ def ring_attention_mask(
 
     Refuses masks that the attention's arguments cannot express: extra mask functions
     (``use_vmap``: transformers' sign of an ``or``/``and`` overlay) and causal masks that
-    let a query see the next key (bidirectional blocks of image tokens and the like).
+    let a query see the next key (bidirectional blocks of image tokens and the like). An encoder's
+    bidirectional mask, with or without its sliding window (ModernBERT's local layers), is every key
+    but padding: the window comes with the layer's ``sliding_window``, as transformers' flash-attn path takes it.
     """
     if use_vmap:
         raise RingTransformersError(
@@ -295,6 +299,12 @@ def ring_attention_mask(
     from transformers.masking_utils import bidirectional_mask_function
 
     if mask_function is bidirectional_mask_function:  # an encoder's (BERT, RoBERTa, ...): every key, padding aside
+        return None if attention_mask is None else attention_mask[:, -kv_length:]
+    # an encoder's local layers (transformers' bidirectional masks pass allow_is_bidirectional_skip, sliding ones
+    # local_size): every key of the band, padding aside
+    band = kwargs.get("local_size") if "allow_is_bidirectional_skip" in kwargs else None
+    if isinstance(band, int) and mask_function is not None and kv_length == q_length:
+        _check_band(mask_function, band, batch_size, q_length, q_offset, kwargs.get("device"))
         return None if attention_mask is None else attention_mask[:, -kv_length:]
     if (
         mask_function is not None
@@ -307,7 +317,7 @@ def ring_attention_mask(
         sees_later = mask_function(batch_idx, 0, q_idx[None], q_idx[None] + 1).any()
         message = (
             "the model's mask lets some queries see later keys in a pattern of its own (a bidirectional block of "
-            "image tokens, an encoder's sliding window or packed documents), which ring attention cannot express"
+            "image tokens, or an encoder's packed documents), which ring attention cannot express"
         )
         if torch.compiler.is_compiling():  # checked inside the graph (a RuntimeError), not on the host
             torch._assert_async(~sees_later, message)
@@ -316,6 +326,27 @@ def ring_attention_mask(
     if attention_mask is None:
         return None
     return attention_mask[:, -kv_length:]
+
+
+def _check_band(mask_function: Any, width: int, batch_size: int, length: int, offset: int, device: Any) -> None:
+    """That a bidirectional mask function is the band ``|q - kv| <= width`` on every pair within ``width + 1`` of the
+    diagonal, for every row of the batch (outside it the overlay that makes the band allows nothing; ``or`` overlays
+    are refused before): an encoder's packed documents, which cut the band, raise. Compiled, checked in the graph."""
+    q = torch.arange(offset, offset + length, device=device)[:, None]
+    distance = torch.arange(-width - 1, width + 2, device=device)[None, :]
+    kv = q + distance
+    inside = (kv >= offset) & (kv < offset + length)
+    batch = torch.arange(batch_size, device=device)[:, None, None]
+    allowed = mask_function(batch, 0, q[None], kv.clamp(offset, offset + length - 1)[None])
+    differs = (allowed != (distance.abs() <= width)[None]) & inside[None]
+    message = (
+        f"the model's bidirectional sliding-window mask is not the band of {width} keys either side that its layers' "
+        "sliding_window brings (packed documents, or a pattern of its own), which ring attention cannot express"
+    )
+    if torch.compiler.is_compiling():
+        torch._assert_async(~differs.any(), message)
+    elif bool(differs.any()):
+        raise RingTransformersError(message)
 
 
 def _window(sliding_window: int | None, seq_len: int) -> tuple[int, int] | None:
