@@ -188,9 +188,9 @@ def _build_ahead(model: PreTrainedModel, choice: Enabled) -> None:
     first call; one that fails here fails again there, with its error."""
     config_window = getattr(model.config, "sliding_window", None)
     for layer in model.modules():
-        scaling = getattr(layer, "scaling", None)
-        if scaling is None and isinstance(getattr(layer, "head_dim", None), int):  # (ModernBERT: passed, not kept)
-            scaling = layer.head_dim**-0.5
+        scaling, head_dim = getattr(layer, "scaling", None), getattr(layer, "head_dim", None)
+        if scaling is None and isinstance(head_dim, int):  # (ModernBERT passes its scaling without keeping it)
+            scaling = head_dim**-0.5
         if not isinstance(scaling, float) or not hasattr(layer, "is_causal"):
             continue
         dropouts = {0.0, float(getattr(layer, "attention_dropout", 0.0) or 0.0)}
