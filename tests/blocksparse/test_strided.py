@@ -448,3 +448,5 @@ def test_cuda_strips_take_block_tiles_where_they_visit_much_less(monkeypatch, pa
         if call.tiles.tile < flex.FLEX_TILE:  # every tile one layout block: no rule reads the layout
             assert not call.tiles.needs_layout
     assert {c.tiles.tile for c in calls(kernel_options={"bwd_BLOCK_M1": 64})} == {flex.FLEX_TILE}
+    monkeypatch.setenv(flex.BLOCK_TILES_ENV, "0")  # (A/B timing)
+    assert {c.tiles.tile for c in calls()} == {flex.FLEX_TILE}

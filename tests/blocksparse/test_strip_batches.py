@@ -190,3 +190,27 @@ def test_benchmark_times_the_unbatched_rows_with_batching_off():
     assert seen == [("dilated band", False, None, "0"), ("dilated band", True, None, "0")]  # (no eager packed row)
     assert ratios == [("vs_batched", 1.5, None), ("vs_batched", 3.0, None)]
     assert batches.BATCH_ENV not in os.environ
+
+
+def test_benchmark_times_random_dilated_rows_at_128_row_tiles():
+    """The strips benchmark's ``coarse`` section: each random + dilated row again with
+    ``RING_BLOCKSPARSE_BLOCK_TILES=0`` set only while it runs, against that row."""
+    from ring_blocksparse.flex import BLOCK_TILES_ENV
+    from tools.bench.blocksparse_strips import coarse_rows
+
+    assert BLOCK_TILES_ENV not in os.environ
+    base = {"section": "dilated", "name": "random"}
+    record = {"results": [{**base, "causal": False, "fwd_bwd_ms": 2.0}, {**base, "causal": True, "error": "x"}]}
+    seen, ratios = [], []
+
+    def row(section, name, causal, segs, rts, layout):
+        seen.append((section, name, causal, os.environ.get(BLOCK_TILES_ENV)))
+        return {"fwd_bwd_ms": 3.0}
+
+    def finish(entry, ratio, baseline, target):
+        ratios.append((ratio, entry["fwd_bwd_ms"] / baseline, target))
+
+    coarse_rows(row, finish, record, None, [32], [1])
+    assert seen == [("128-row tiles", "dilated random", False, "0")]  # (no row where the measured one failed)
+    assert ratios == [("vs_block_tiles", 1.5, None)]
+    assert BLOCK_TILES_ENV not in os.environ

@@ -17,7 +17,9 @@ measured in the same run:
   compiled, and the strips on the same tokens unpacked;
 - ``eager``: for the ``compiled`` rows (``torch.compile(fullgraph=True)``), the eager strips on the same work;
 - ``batched``: for the ``unbatched`` rows (``RING_BLOCKSPARSE_BATCH=0``: every strip call alone), the same band
-  + dilated rows (full, causal, packed) with a branch's calls batched (no target: what batching saves).
+  + dilated rows (full, causal, packed) with a branch's calls batched (no target: what batching saves);
+- ``block tiles``: for the ``128-row tiles`` rows (``RING_BLOCKSPARSE_BLOCK_TILES=0``), the same random + dilated
+  rows (full, causal), whose strips of rates 2 and 4 take tiles of one layout block (no target: what they save).
 
 Targets (each row says which applies): dilated + layout at most ``dilated x kept x 1.15`` where ``kept``
 is the fraction of the branches' (query, key) pairs the layout keeps (counted from the plan); a pattern
@@ -52,7 +54,7 @@ from ring_blocksparse import BlockSparseRingDilatedAttention, Random, build_patt
 from ring_blocksparse.attention import dense_strip_kernel
 from ring_blocksparse.batches import BATCH_ENV
 from ring_blocksparse.fa4 import Fa4Blocks, fa4_backward, fa4_forward
-from ring_blocksparse.flex import sparse_backward
+from ring_blocksparse.flex import BLOCK_TILES_ENV, sparse_backward
 from ring_blocksparse.strided import fa4_blocks, sparse_forward, strip_units
 from ring_blocksparse.strip_ring import StripRingSchedule, build_strip_plan
 from ring_core import create_attention
@@ -64,7 +66,7 @@ from tools import command_line
 from tools.bench.timing import median_ms
 
 # each row's ratio, against the baseline its section names
-RATIOS = ("vs_plain_dilated", "vs_dense", "vs_flex", "vs_unpacked", "vs_eager", "vs_batched")
+RATIOS = ("vs_plain_dilated", "vs_dense", "vs_flex", "vs_unpacked", "vs_eager", "vs_batched", "vs_block_tiles")
 
 
 def band(density: float, seq_len: int, block: int) -> torch.Tensor:
@@ -138,7 +140,7 @@ def main(argv=None) -> int:
         "--skip",
         nargs="*",
         default=[],
-        help="sections to skip: dilated patterns gather compiled packed packed-gather unbatched ring",
+        help="sections to skip: dilated patterns gather compiled packed packed-gather unbatched coarse ring",
     )
     parser.add_argument("--time-budget", type=float, default=1e9, help="stop starting new rows after this (s)")
     parser.add_argument("--packed-multiple", type=int, default=0,
@@ -334,6 +336,8 @@ def main(argv=None) -> int:
         packed_rows(args, row, finish, record, save, layouts["band"])
     if "unbatched" not in args.skip:
         unbatched_rows(row, finish, record, layouts["band"], segments, rates)
+    if "coarse" not in args.skip:
+        coarse_rows(row, finish, record, layouts["random"], segments, rates)
     if args.ring and "ring" not in args.skip and time.perf_counter() - started < args.time_budget:
         record["ring"] = simulate_ring(args, q, k, v, dout, layouts["random"], save, record)
         save()
@@ -392,6 +396,17 @@ def packed_rows(args, row, finish, record, save, layout) -> None:
         finish(gather, "vs_flex", strips["fwd_bwd_ms"], 1.2)
         finish(compiled, "vs_eager", strips["fwd_bwd_ms"], 1.2)
     save()
+
+
+def coarse_rows(row, finish, record, layout, segments, rates) -> None:
+    """The random + dilated rows measured above (full, causal) again with every CUDA call at 128-row tiles."""
+    with mock.patch.dict(os.environ, {BLOCK_TILES_ENV: "0"}):  # (the caller's setting, if any, comes back after)
+        for causal in (False, True):
+            fine = next((r for r in record["results"] if (r["section"], r["name"], r["causal"]) == ("dilated", "random",
+                         causal) and "error" not in r), None)  # fmt: skip
+            if fine is not None:
+                entry = row("128-row tiles", "dilated random", causal, segments, rates, layout)
+                finish(entry, "vs_block_tiles", fine["fwd_bwd_ms"], None)
 
 
 def unbatched_rows(row, finish, record, layout, segments, rates) -> None:

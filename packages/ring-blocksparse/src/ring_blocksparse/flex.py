@@ -26,6 +26,7 @@ its 128-row tiles (and flash-attn 4), which visit about as much.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -61,6 +62,7 @@ TUNED_OPTIONS: dict[tuple[int, torch.dtype, int], dict[str, Any]] = {
 # at a higher cost than at 128; docs/benchmarks/blocksparse-strips-block-tiles-h200.json).
 BLOCK_TILES = (32, 64)
 FINE_SHARE = 0.5
+BLOCK_TILES_ENV = "RING_BLOCKSPARSE_BLOCK_TILES"  # "0": every CUDA call keeps 128-row tiles (for A/B timing)
 # Options whose value is a bool / a positive int (anything else is passed through unchecked).
 _BOOL_OPTIONS = ("PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS", "WRITE_DQ", "USE_TMA")
 
@@ -116,10 +118,11 @@ def tile_for(device: torch.device, block_size: int, rate: int) -> int:
 
 def block_tile(device: torch.device, block_size: int, rate: int, user: dict[str, Any] | None) -> int | None:
     """The block tile a CUDA call of this rate may take instead of :data:`FLEX_TILE` (None: none; also when the
-    caller's ``flex_kernel_options`` set the kernels' tiles)."""
+    caller's ``flex_kernel_options`` set the kernels' tiles, or with ``RING_BLOCKSPARSE_BLOCK_TILES=0``)."""
     unit = block_size // rate
     user_tiles = any(key.removeprefix("fwd_").removeprefix("bwd_").startswith("BLOCK_") for key in user or {})
-    return unit if device.type == "cuda" and unit in BLOCK_TILES and not user_tiles else None
+    off = user_tiles or os.environ.get(BLOCK_TILES_ENV, "1") == "0"
+    return unit if device.type == "cuda" and unit in BLOCK_TILES and not off else None
 
 
 def finer(coarse: Tiles, fine: Tiles) -> Tiles:
