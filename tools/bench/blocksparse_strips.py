@@ -143,6 +143,8 @@ def main(argv=None) -> int:
         help="sections to skip: dilated patterns gather compiled packed packed-gather unbatched coarse ring",
     )
     parser.add_argument("--time-budget", type=float, default=1e9, help="stop starting new rows after this (s)")
+    parser.add_argument("--dilated-layouts", nargs="+", default=["band", "random"], choices=("band", "random"),
+                        help="the layouts of the dilated section")  # fmt: skip
     parser.add_argument("--packed-multiple", type=int, default=0,
                         help="packed documents' lengths are multiples of this (0: of every rate; 1: any length)")  # fmt: skip
     parser.add_argument("--json", default="bench-results/blocksparse-strips.json")
@@ -296,6 +298,8 @@ def main(argv=None) -> int:
     plain_rows: dict = {}
     for section, name, causal in tasks:
         if (section == "pattern" and "patterns" in args.skip) or section in args.skip:
+            continue
+        if section == "dilated" and name not in args.dilated_layouts:
             continue
         base = record["baselines"]["causal" if causal else "full"]
         if section == "pattern":
