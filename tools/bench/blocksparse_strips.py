@@ -145,6 +145,8 @@ def main(argv=None) -> int:
     parser.add_argument("--time-budget", type=float, default=1e9, help="stop starting new rows after this (s)")
     parser.add_argument("--dilated-layouts", nargs="+", default=["band", "random"], choices=("band", "random"),
                         help="the layouts of the dilated section")  # fmt: skip
+    parser.add_argument("--masks", nargs="+", default=["full", "causal"], choices=("full", "causal"),
+                        help="the masks of the dilated, pattern and coarse rows")  # fmt: skip
     parser.add_argument("--packed-multiple", type=int, default=0,
                         help="packed documents' lengths are multiples of this (0: of every rate; 1: any length)")  # fmt: skip
     parser.add_argument("--json", default="bench-results/blocksparse-strips.json")
@@ -299,7 +301,7 @@ def main(argv=None) -> int:
     for section, name, causal in tasks:
         if (section == "pattern" and "patterns" in args.skip) or section in args.skip:
             continue
-        if section == "dilated" and name not in args.dilated_layouts:
+        if (section == "dilated" and name not in args.dilated_layouts) or mask_name(causal) not in args.masks:
             continue
         base = record["baselines"]["causal" if causal else "full"]
         if section == "pattern":
@@ -341,7 +343,7 @@ def main(argv=None) -> int:
     if "unbatched" not in args.skip:
         unbatched_rows(row, finish, record, layouts["band"], segments, rates)
     if "coarse" not in args.skip:
-        coarse_rows(row, finish, record, layouts["random"], segments, rates)
+        coarse_rows(row, finish, record, layouts["random"], segments, rates)  # (the masks measured above)
     if args.ring and "ring" not in args.skip and time.perf_counter() - started < args.time_budget:
         record["ring"] = simulate_ring(args, q, k, v, dout, layouts["random"], save, record)
         save()
@@ -400,6 +402,10 @@ def packed_rows(args, row, finish, record, save, layout) -> None:
         finish(gather, "vs_flex", strips["fwd_bwd_ms"], 1.2)
         finish(compiled, "vs_eager", strips["fwd_bwd_ms"], 1.2)
     save()
+
+
+def mask_name(causal: bool) -> str:
+    return "causal" if causal else "full"
 
 
 def coarse_rows(row, finish, record, layout, segments, rates) -> None:
