@@ -329,11 +329,13 @@ def ring_attention_mask(
 
 
 def _check_band(mask_function: Any, width: int, batch_size: int, length: int, offset: int, device: Any) -> None:
-    """That a bidirectional mask function is the band ``|q - kv| <= width`` on every pair within ``width + 1`` of the
-    diagonal, for every row of the batch (outside it the overlay that makes the band allows nothing; ``or`` overlays
-    are refused before): an encoder's packed documents, which cut the band, raise. Compiled, checked in the graph."""
+    """That a bidirectional mask function is the band ``|q - kv| <= width``, for every row of the batch, on the
+    diagonals that tell it from what transformers composes (``or`` overlays are refused before): 0 and +-1 (packed
+    documents cut the band between neighbours), +-width and +-(width + 1) (its edges). O(N), not O(N * width).
+    Compiled, checked in the graph."""
     q = torch.arange(offset, offset + length, device=device)[:, None]
-    distance = torch.arange(-width - 1, width + 2, device=device)[None, :]
+    distance = torch.tensor(sorted({d * sign for d in (0, 1, width, width + 1) for sign in (1, -1)}), device=device)
+    distance = distance[None, :]
     kv = q + distance
     inside = (kv >= offset) & (kv < offset + length)
     batch = torch.arange(batch_size, device=device)[:, None, None]
