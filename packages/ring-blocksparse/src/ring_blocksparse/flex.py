@@ -59,7 +59,7 @@ TUNED_OPTIONS: dict[tuple[int, torch.dtype, int], dict[str, Any]] = {
 }
 # Block tiles (module docstring): the strip rows of one layout block that a kernel tile may be, and the share of the
 # 128-row tiles' visited pairs below which a call takes them (FlexAttention at 32/64 rows computes each pair
-# at a higher cost than at 128; docs/benchmarks/blocksparse-strips-block-tiles-h200.json).
+# at a higher cost than at 128; the changelog has the measurement).
 BLOCK_TILES = (32, 64)
 FINE_SHARE = 0.5
 BLOCK_TILES_ENV = "RING_BLOCKSPARSE_BLOCK_TILES"  # "0": every CUDA call keeps 128-row tiles (for A/B timing)
