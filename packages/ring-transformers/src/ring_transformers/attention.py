@@ -298,34 +298,35 @@ def ring_attention_mask(
         )
     from transformers.masking_utils import bidirectional_mask_function
 
-    if mask_function is bidirectional_mask_function:  # an encoder's (BERT, RoBERTa, ...): every key, padding aside
-        return None if attention_mask is None else attention_mask[:, -kv_length:]
     # an encoder's local layers (transformers' bidirectional masks pass allow_is_bidirectional_skip, sliding ones
     # local_size): every key of the band, padding aside
     band = kwargs.get("local_size") if "allow_is_bidirectional_skip" in kwargs else None
     if isinstance(band, int) and mask_function is not None and kv_length == q_length:
         _check_band(mask_function, band, batch_size, q_length, q_offset, kwargs.get("device"))
-        return None if attention_mask is None else attention_mask[:, -kv_length:]
-    if (
+    elif (
         mask_function is not None
+        and mask_function is not bidirectional_mask_function  # (an encoder's, BERT's, ...: every key, padding aside)
         and q_length > 1
         and kv_length == q_length
         and getattr(kwargs.get("config"), "is_causal", True)
     ):
         q_idx = torch.arange(q_offset, q_offset + q_length - 1, device=kwargs.get("device"))
         batch_idx = torch.arange(batch_size, device=q_idx.device)[:, None]
-        sees_later = mask_function(batch_idx, 0, q_idx[None], q_idx[None] + 1).any()
-        message = (
+        _refuse(
+            mask_function(batch_idx, 0, q_idx[None], q_idx[None] + 1),
             "the model's mask lets some queries see later keys in a pattern of its own (a bidirectional block of "
-            "image tokens, or an encoder's packed documents), which ring attention cannot express"
+            "image tokens, or an encoder's packed documents), which ring attention cannot express",
         )
-        if torch.compiler.is_compiling():  # checked inside the graph (a RuntimeError), not on the host
-            torch._assert_async(~sees_later, message)
-        elif bool(sees_later):
-            raise RingTransformersError(message)
-    if attention_mask is None:
-        return None
-    return attention_mask[:, -kv_length:]
+    return None if attention_mask is None else attention_mask[:, -kv_length:]
+
+
+def _refuse(bad: torch.Tensor, message: str) -> None:
+    """Raise ``message`` if any of the bool tensor ``bad`` holds; compiled, the check runs inside the graph (a
+    RuntimeError), not on the host."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), message)
+    elif bool(bad.any()):
+        raise RingTransformersError(message)
 
 
 def _check_band(mask_function: Any, width: int, batch_size: int, length: int, offset: int, device: Any) -> None:
@@ -340,15 +341,11 @@ def _check_band(mask_function: Any, width: int, batch_size: int, length: int, of
     inside = (kv >= offset) & (kv < offset + length)
     batch = torch.arange(batch_size, device=device)[:, None, None]
     allowed = mask_function(batch, 0, q[None], kv.clamp(offset, offset + length - 1)[None])
-    differs = (allowed != (distance.abs() <= width)[None]) & inside[None]
-    message = (
+    _refuse(
+        (allowed != (distance.abs() <= width)[None]) & inside[None],
         f"the model's bidirectional sliding-window mask is not the band of {width} keys either side that its layers' "
-        "sliding_window brings (packed documents, or a pattern of its own), which ring attention cannot express"
+        "sliding_window brings (packed documents, or a pattern of its own), which ring attention cannot express",
     )
-    if torch.compiler.is_compiling():
-        torch._assert_async(~differs.any(), message)
-    elif bool(differs.any()):
-        raise RingTransformersError(message)
 
 
 def _window(sliding_window: int | None, seq_len: int) -> tuple[int, int] | None:
@@ -389,11 +386,9 @@ def _given_cu_seqlens(kwargs: dict[str, Any], world_size: int, batch: int) -> to
             "document's queries on the same document's keys, so pass both, equal"
         )
     if cu_q is not cu_k:
-        message = "cu_seq_lens_q and cu_seq_lens_k differ: ring attention runs self-attention, pass equal ones"
-        if torch.compiler.is_compiling():  # checked inside the graph (a RuntimeError), not on the host
-            torch._assert_async((cu_q == cu_k).all(), message)
-        elif not torch.equal(cu_q, cu_k):
-            raise RingTransformersError(message)
+        _refuse(
+            cu_q != cu_k, "cu_seq_lens_q and cu_seq_lens_k differ: ring attention runs self-attention, pass equal ones"
+        )
     if world_size > 1 and batch != 1:
         raise RingTransformersError(
             f"a packed batch sharded over {world_size} ranks must have batch size 1 (flash-attn's convention), got "
