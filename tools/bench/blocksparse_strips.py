@@ -198,7 +198,7 @@ def main(argv=None) -> int:
             dense = median_ms(fwd_bwd(sdpa, causal), repeats=args.repeats)
         plain = create_attention("ring_dilated_flash", segment_lengths=segments, dilation_rates=rates)
         dilated = median_ms(fwd_bwd(plain, causal), repeats=args.repeats)
-        label = "causal" if causal else "full"
+        label = mask_name(causal)
         record["baselines"][label] = {"dense_sdpa_cudnn_ms": dense, "plain_dilated_ms": dilated}
         print(f"baselines ({label}): dense SDPA cuDNN {dense:.2f} ms, plain dilated {dilated:.2f} ms", flush=True)
     save()
@@ -303,7 +303,7 @@ def main(argv=None) -> int:
             continue
         if (section == "dilated" and name not in args.dilated_layouts) or mask_name(causal) not in args.masks:
             continue
-        base = record["baselines"]["causal" if causal else "full"]
+        base = record["baselines"][mask_name(causal)]
         if section == "pattern":
             entry = row("pattern", name, causal, [n], [1], layouts[name])
             if entry is not None and "density" in entry:

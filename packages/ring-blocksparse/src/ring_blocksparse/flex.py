@@ -120,7 +120,7 @@ def block_tile(device: torch.device, block_size: int, rate: int, user: dict[str,
     """The block tile a CUDA call of this rate may take instead of :data:`FLEX_TILE` (None: none; also when the
     caller's ``flex_kernel_options`` set the kernels' tiles, or with ``RING_BLOCKSPARSE_BLOCK_TILES=0``)."""
     unit = block_size // rate
-    user_tiles = any(key.removeprefix("fwd_").removeprefix("bwd_").startswith("BLOCK_") for key in user or {})
+    user_tiles = any(_option_base(key).startswith("BLOCK_") for key in user or {})
     off = user_tiles or os.environ.get(BLOCK_TILES_ENV, "1") == "0"
     return unit if device.type == "cuda" and unit in BLOCK_TILES and not off else None
 
@@ -179,7 +179,7 @@ def check_kernel_options(options: Any) -> dict[str, Any]:
         raise TypeError(f"flex_kernel_options must be a dict of FlexAttention option names to values, got {options!r}")
     known = _documented_options()
     for key, value in options.items():
-        base = key.removeprefix("fwd_").removeprefix("bwd_")
+        base = _option_base(key)
         if known and base not in known:
             raise ValueError(
                 f"flex_kernel_options[{key!r}] is not a FlexAttention kernel option of this torch ({torch.__version__});"
@@ -194,6 +194,11 @@ def check_kernel_options(options: Any) -> dict[str, Any]:
         if base.startswith("BLOCK_") and (value & (value - 1) or FLEX_TILE % value):
             raise ValueError(f"flex_kernel_options[{key!r}] must be a power of two dividing {FLEX_TILE}, got {value}")
     return dict(options)
+
+
+def _option_base(key: str) -> str:
+    """A kernel option's name without its ``fwd_``/``bwd_`` prefix."""
+    return key.removeprefix("fwd_").removeprefix("bwd_")
 
 
 def _documented_options() -> frozenset[str]:
