@@ -94,3 +94,24 @@ def test_compiled_encoder_with_local_layers_is_one_graph_with_sdpas_numbers():
     assert relative_error(hidden, expected) <= 1e-10
     for grad, ref in zip(torch.autograd.grad(hidden.square().sum(), params), expected_grads):
         assert relative_error(grad, ref) <= 1e-9
+
+
+def test_compiled_packed_encoder_is_one_graph_with_sdpas_numbers():
+    """BERT given packed ``position_ids``: its documents are read off its mask and checked in the graph; one graph,
+    the hidden states and gradients of its own sdpa on the packed batch."""
+    torch._dynamo.reset()
+    model = encoder("bert")
+    ids = tokens(2, 13).clamp(min=3)
+    positions = torch.tensor([[*range(5), *range(8)], [*range(2, 15)]])  # a row of two documents, one of one
+    expected = model(input_ids=ids, position_ids=positions).last_hidden_state
+    params = [p for name, p in model.named_parameters() if not name.startswith("pooler")]
+    expected_grads = torch.autograd.grad(expected.square().sum(), params)
+    ring_transformers.enable(model, "dilated", **DENSE)
+    explanation = torch._dynamo.explain(model)(input_ids=ids, position_ids=positions)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    hidden = compiled(input_ids=ids, position_ids=positions).last_hidden_state
+    assert relative_error(hidden, expected) <= 1e-10
+    scale = torch.stack([ref.norm() for ref in expected_grads]).norm()  # (a key bias's gradient is ~0)
+    for grad, ref in zip(torch.autograd.grad(hidden.square().sum(), params), expected_grads):
+        assert (grad - ref).norm() <= 1e-10 * scale

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_models import DENSE, build, relative_error
+from hf_models import DENSE, build, encoder, relative_error
 from transformers import DataCollatorWithFlattening
 
 import ring_transformers
@@ -115,3 +115,75 @@ def test_flash_attn_varlen_keywords_separate_the_documents():
     del batch["cu_seq_lens_k"]
     with pytest.raises(ring_transformers.RingTransformersError, match=r"shapes \(5,\) and None"):
         model(**batch)
+
+
+def encoder_and_sdpa(family: str, **inputs: torch.Tensor) -> tuple[torch.nn.Module, torch.Tensor, list[torch.Tensor]]:
+    """The encoder enabled (dense), and its sdpa's hidden states and parameter gradients on ``inputs``."""
+    model = encoder(family)
+    hidden = model(**inputs).last_hidden_state
+    grads = torch.autograd.grad(hidden.square().sum(), list(model.parameters()), allow_unused=True)
+    return ring_transformers.enable(model, "dilated", **DENSE), hidden, grads
+
+
+def assert_hidden_and_grads(model, inputs, hidden, grads) -> torch.Tensor:
+    got = model(**inputs).last_hidden_state
+    assert relative_error(got, hidden) <= 1e-10
+    params = list(model.parameters())
+    scale = torch.stack([ref.norm() for ref in grads if ref is not None]).norm()  # (a key bias's gradient is ~0)
+    for (name, _), grad, ref in zip(
+        model.named_parameters(), torch.autograd.grad(got.square().sum(), params, allow_unused=True), grads
+    ):
+        assert (grad is None) == (ref is None), name
+        assert grad is None or (grad - ref).norm() <= 1e-10 * scale, name
+    return got
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "electra", "xlm-roberta"])
+def test_packed_encoders_equal_their_sdpa_and_the_documents_alone(family):
+    """An encoder given packed ``position_ids`` and no ``attention_mask`` (BERT's family) cuts its bidirectional mask
+    into documents (transformers: where the positions do not step by 1); they are the documents here too, hidden
+    states and every gradient, two rows packed differently, one document starting from position 3."""
+    docs = [d for d in documents(7, (5, 9, 4, 3, 11)) for d in [[max(t, 3) for t in d]]]
+    ids = torch.tensor([docs[0] + docs[1], docs[2] + docs[3] + docs[4][:7]])
+    positions = torch.tensor([[*range(5), *range(9)], [*range(4), *range(3, 6), *range(7)]])
+    inputs = {"input_ids": ids, "position_ids": positions}
+    model, hidden, grads = encoder_and_sdpa(family, **inputs)
+    got = assert_hidden_and_grads(model, inputs, hidden, grads)
+    pieces = [(0, 0, 5), (0, 5, 14), (1, 0, 4), (1, 4, 7), (1, 7, 14)]
+    for row, start, end in pieces:
+        one = model(input_ids=ids[row : row + 1, start:end], position_ids=positions[row : row + 1, start:end])
+        assert relative_error(got[row, start:end], one.last_hidden_state[0]) <= 1e-10
+
+
+@pytest.mark.parametrize(("family", "padded"), [("bert", True), ("distilbert", False), ("modernbert", False)])
+def test_encoders_not_packed_by_their_sdpa_are_not_packed_here(family, padded):
+    """With an ``attention_mask``, BERT attends across the documents its ``position_ids`` restart (its sdpa packs only
+    without one); DistilBERT's and ModernBERT's masks take no positions: ring attention does the same."""
+    ids = torch.tensor([documents(8, (16,))[0]]).clamp(min=3)
+    inputs = {"input_ids": ids, "position_ids": torch.tensor([[*range(7), *range(9)]])}
+    if padded:
+        inputs["attention_mask"] = torch.ones_like(ids)
+    model, hidden, grads = encoder_and_sdpa(family, **inputs)
+    assert_hidden_and_grads(model, inputs, hidden, grads)
+
+
+def test_an_encoders_packed_mask_must_be_whole_documents():
+    """The mask interface reads an encoder's packed documents off its mask function and checks them whole: a
+    document cut further (a band within it) is refused."""
+    from ring_transformers.attention import PackedMask, ring_attention_mask
+
+    document = torch.tensor([[0] * 6 + [1] * 9 + [2] * 2, [0] * 17])
+    bidirectional = {"allow_is_bidirectional_skip": False}
+
+    def same(b, h, q, kv):
+        return document[b, q] == document[b, kv]
+
+    packed = ring_attention_mask(2, 17, 17, mask_function=same, **bidirectional)
+    assert isinstance(packed, PackedMask) and packed.padding is None
+    assert packed.cu_seqlens.tolist() == [0, 6, 15, 17, 34]
+    padding = torch.ones(2, 17, dtype=torch.bool)
+    with_padding = ring_attention_mask(2, 17, 17, mask_function=same, attention_mask=padding, **bidirectional)
+    assert torch.equal(with_padding.padding, padding)
+    for cut in (lambda b, h, q, kv: same(b, h, q, kv) & ((q - kv).abs() <= 3), lambda b, h, q, kv: kv >= q):
+        with pytest.raises(ring_transformers.RingTransformersError, match="not whole documents"):
+            ring_attention_mask(2, 17, 17, mask_function=cut, **bidirectional)

@@ -38,7 +38,7 @@ from torch import nn
 
 from ring_core import Implementation, create_attention, resolve_implementation, shard_sequence, unshard_sequence
 
-from .packing import cu_seqlens_from_position_ids, traced_cu_seqlens
+from .packing import cu_seqlens_from_position_ids, cu_seqlens_of_starts, traced_cu_seqlens
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -54,6 +54,16 @@ MODEL_OPTIONS = {
 
 class RingTransformersError(ValueError):
     """A model, option or input that ring-transformers cannot run exactly."""
+
+
+@dataclass(frozen=True)
+class PackedMask:
+    """What :func:`ring_attention_mask` hands the layers for an encoder's packed documents (transformers' bidirectional
+    mask cut where ``position_ids`` do not step by 1): the documents as ``cu_seqlens`` of the rows laid end to end, built
+    once per forward, and the 2-D padding mask, if any."""
+
+    cu_seqlens: torch.Tensor
+    padding: torch.Tensor | None = None
 
 
 @dataclass
@@ -257,9 +267,12 @@ def ring_attention_forward(
     window = _window(sliding_window, query.shape[2] * world_size)
     attn = choice.attention(scaling, float(dropout), window)
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
-    padding = _key_padding_mask(attention_mask)
+    packed = attention_mask if isinstance(attention_mask, PackedMask) else None
+    padding = _key_padding_mask(attention_mask if packed is None else packed.padding)
     cu_seqlens = _given_cu_seqlens(kwargs, world_size, q.shape[0])
-    if cu_seqlens is None:
+    if cu_seqlens is None and packed is not None:
+        cu_seqlens = packed.cu_seqlens
+    elif cu_seqlens is None and is_causal:  # (an encoder's documents are its mask's, as in its sdpa)
         cu_seqlens = _cu_seqlens(kwargs.get("position_ids"), choice, world_size, q.shape[0])
     if cu_seqlens is None:
         return attn(q, k, v, is_causal=bool(is_causal), key_padding_mask=padding), None
@@ -282,7 +295,7 @@ def ring_attention_mask(
     attention_mask: torch.Tensor | None = None,
     use_vmap: bool = False,
     **kwargs: Any,
-) -> torch.Tensor | None:
+) -> torch.Tensor | PackedMask | None:
     """transformers' mask-interface signature: the 2-D padding mask as it is (or None); no 4-D mask is built.
 
     Refuses masks that the attention's arguments cannot express: extra mask functions
@@ -290,6 +303,8 @@ def ring_attention_mask(
     let a query see the next key (bidirectional blocks of image tokens and the like). An encoder's
     bidirectional mask, with or without its sliding window (ModernBERT's local layers), is every key
     but padding: the window comes with the layer's ``sliding_window``, as transformers' flash-attn path takes it.
+    An encoder's bidirectional mask cut into packed documents (BERT's, given ``position_ids`` and no
+    ``attention_mask``) becomes a :class:`PackedMask`, its documents checked to be that mask's.
     """
     if use_vmap:
         raise RingTransformersError(
@@ -300,9 +315,17 @@ def ring_attention_mask(
 
     # an encoder's local layers (transformers' bidirectional masks pass allow_is_bidirectional_skip, sliding ones
     # local_size): every key of the band, padding aside
-    band = kwargs.get("local_size") if "allow_is_bidirectional_skip" in kwargs else None
+    encoder = "allow_is_bidirectional_skip" in kwargs
+    band = kwargs.get("local_size") if encoder else None
     if isinstance(band, int) and mask_function is not None and kv_length == q_length:
         _check_band(mask_function, band, batch_size, q_length, q_offset, kwargs.get("device"))
+    elif (
+        encoder and band is None and mask_function not in (None, bidirectional_mask_function) and q_length == kv_length
+    ):
+        # the one composition transformers makes without use_vmap: packed documents
+        starts = _documents(mask_function, batch_size, q_length, q_offset, kwargs.get("device"))
+        padding = None if attention_mask is None else attention_mask[:, -kv_length:]
+        return PackedMask(cu_seqlens_of_starts(starts, traced=torch.compiler.is_compiling()), padding)
     elif (
         mask_function is not None
         and mask_function is not bidirectional_mask_function  # (an encoder's, BERT's, ...: every key, padding aside)
@@ -315,7 +338,7 @@ def ring_attention_mask(
         _refuse(
             mask_function(batch_idx, 0, q_idx[None], q_idx[None] + 1),
             "the model's mask lets some queries see later keys in a pattern of its own (a bidirectional block of "
-            "image tokens, or an encoder's packed documents), which ring attention cannot express",
+            "image tokens, for one), which ring attention cannot express",
         )
     return None if attention_mask is None else attention_mask[:, -kv_length:]
 
@@ -346,6 +369,33 @@ def _check_band(mask_function: Any, width: int, batch_size: int, length: int, of
         f"the model's bidirectional sliding-window mask is not the band of {width} keys either side that its layers' "
         "sliding_window brings (packed documents, or a pattern of its own), which ring attention cannot express",
     )
+
+
+def _documents(mask_function: Any, batch_size: int, length: int, offset: int, device: Any) -> torch.Tensor:
+    """Where the documents of a bidirectional mask function start (``(B, N)`` bool), checked to be whole documents:
+    a query sees its neighbours in its document, its document's first and last key, and not the keys just outside
+    it. O(N); compiled, checked in the graph."""
+    q = torch.arange(length, device=device)[None, :, None]
+    batch = torch.arange(batch_size, device=device)[:, None, None]
+
+    def allowed(kv: torch.Tensor) -> torch.Tensor:
+        seen: torch.Tensor = mask_function(batch, 0, q + offset, kv.clamp(0, length - 1) + offset)
+        return seen.expand(batch_size, length, -1)
+
+    cut = ~allowed(q - 1)[..., 0]  # a token that does not see the one before it starts a document
+    starts = torch.cat([torch.ones_like(cut[:, :1]), cut[:, 1:]], dim=1)
+    ends = torch.cat([starts[:, 1:], torch.ones_like(starts[:, :1])], dim=1)
+    index = q[..., 0].expand_as(starts)
+    first = torch.cummax(torch.where(starts, index, 0), dim=1).values[..., None]
+    last = length - 1 - torch.cummax(torch.where(ends, length - 1 - index, 0).flip(1), dim=1).values.flip(1)[..., None]
+    near = q.expand(batch_size, -1, -1)
+    kv = torch.cat([near - 1, near, near + 1, first - 1, first, last, last + 1], dim=2)
+    _refuse(
+        (allowed(kv) != ((kv >= first) & (kv <= last))) & (kv >= 0) & (kv < length),
+        "the model's bidirectional mask is not whole documents each seeing itself (packed documents), nor every key: "
+        "a pattern of its own, which ring attention cannot express",
+    )
+    return starts
 
 
 def _window(sliding_window: int | None, seq_len: int) -> tuple[int, int] | None:

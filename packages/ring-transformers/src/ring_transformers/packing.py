@@ -48,8 +48,13 @@ def traced_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor:
     document), for ``torch.compile``: where no document starts, the last start repeats (empty documents,
     which attend nothing and which ring-core's op drops; one document of the whole sequence is no packing).
     """
-    starts = position_ids == 0
+    return cu_seqlens_of_starts(position_ids == 0, traced=True)
+
+
+def cu_seqlens_of_starts(starts: torch.Tensor, *, traced: bool) -> torch.Tensor:
+    """``cu_seqlens`` of the ``(B, N)`` rows laid end to end, a document starting wherever the bool ``starts``
+    holds and at each row's first token; ``traced``: of the fixed length ``B * N + 1``, as :func:`traced_cu_seqlens`."""
     starts = torch.cat([torch.ones_like(starts[:, :1]), starts[:, 1:]], dim=1).flatten()
     index = torch.arange(starts.numel(), device=starts.device)
-    last_start = torch.cummax(torch.where(starts, index, 0), dim=0).values
-    return torch.cat([last_start, index.new_full((1,), starts.numel())]).to(torch.int32)
+    edges = torch.cummax(torch.where(starts, index, 0), dim=0).values if traced else index[starts]
+    return torch.cat([edges, index.new_full((1,), starts.numel())]).to(torch.int32)
