@@ -42,7 +42,7 @@ import torch
 from ring_core.plugin import lse_for_backward
 
 from .fa4_rule import INDEX_LIMIT, VARIANTS, Fa4Rule, cute_ready, rule_tensors
-from .flex import sparse_backward, strip_call_forward
+from .flex import Cut, sparse_backward, strip_call_forward
 from .strips import block_lists
 
 TILE = 128  # flash-attn 4's sparse block on Hopper: 128 query rows x 128 key rows
@@ -96,7 +96,7 @@ class Fa4Blocks:
     backward: Any
     causal: bool
     rule: Fa4Rule | None = None
-    cut: Any = None  # the call's per-call Cut (packed documents) its lists come from: the fallback's mask too
+    cut: Cut | None = None  # the call's per-call Cut (packed documents) its lists come from: the fallback's mask too
 
 
 def tile_grids(call: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -123,7 +123,7 @@ def takes_documents(call: Any) -> bool:
     return tiles.tile == TILE and not tiles.padded and fits and VARIANTS[tiles.needs_layout] not in _REJECTED
 
 
-def blocks_for(call: Any, device: torch.device, rule: bool = False, cut: Any = None) -> Fa4Blocks | None:
+def blocks_for(call: Any, device: torch.device, rule: bool = False, cut: Cut | None = None) -> Fa4Blocks | None:
     """flash-attn 4's block lists of a strip call: without a rule where :func:`tile_grids` allows, else (when
     ``rule``: :func:`rule_ready`) with the call's token rule in its partial tiles; None: FlexAttention. ``cut``:
     the call's :class:`~ring_blocksparse.flex.Cut` of packed documents (no padding): its tiles, and the rule with
