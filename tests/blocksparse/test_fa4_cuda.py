@@ -15,7 +15,7 @@ import dataclasses
 import pytest
 import torch
 
-from ring_blocksparse import BlockSparseRingDilatedAttention, fa4, strided
+from ring_blocksparse import BlockSparseRingDilatedAttention, fa4
 from ring_blocksparse.fa4 import Fa4Blocks, Fa4FallbackWarning, available, rule_ready
 from ring_core.testing import Case, check_attention
 
@@ -144,27 +144,3 @@ def test_a_rejected_mask_mod_falls_back_to_flex_exactly(monkeypatch, direction):
         _, calls = _run(case, pattern)
     assert fa4._REJECTED == {"strip_rule_layout"}
     assert any(c.fa4 is False for c in calls if c.run is None)
-
-
-DOCUMENT_CASES = (
-    (Case("documents-dilated-gqa", 2048, 4, (512, 1024, 2048), (1, 2, 4), kv_heads=2, batch=1, head_dim=128,
-          documents=(0, 300, 301, 1500, 2048)), "random"),
-    (Case("documents-band-causal", 2048, 4, (1024, 2048), (1, 2), batch=1, head_dim=128, causal=True,
-          documents=(0, 640, 2048)), "band"),
-)  # fmt: skip
-
-
-@pytest.mark.parametrize(("case", "pattern"), DOCUMENT_CASES, ids=[c.name for c, _ in DOCUMENT_CASES])
-def test_packed_documents_run_on_flash_attn4(case, pattern, monkeypatch):
-    """Calls of packed documents run on flash-attn 4 with their per-call cut (tiles and segment ids), exactly."""
-    _needs_fa4(case.head_dim)
-    if not rule_ready(torch.zeros(1, 1, 1, case.head_dim, device="cuda")):
-        pytest.skip("flash-attn 4 takes no mask_mod calls on this GPU (fa4.MASK_MAJORS) or RING_BLOCKSPARSE_FA4_MASK=0")
-    ran = []
-    forward = strided.fa4_forward
-    monkeypatch.setattr(
-        strided, "fa4_forward", lambda call, blocks, *a, **kw: ran.append(blocks) or forward(call, blocks, *a, **kw)
-    )
-    _run(case, pattern)
-    assert ran and all(blocks.cut is not None and blocks.rule is not None for blocks in ran)
-    assert not fa4._REJECTED

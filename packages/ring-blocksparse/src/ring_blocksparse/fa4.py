@@ -13,10 +13,7 @@ and partial ("mask") tiles where a CuTe DSL ``mask_mod`` decides each score. A s
   then stay on FlexAttention).
 
 Every call with a key padding mask stays on FlexAttention (its full tiles become partial where a key
-is padded, per call). A call of packed documents runs with the rule in every partial tile of its
-per-call cut (:func:`~ring_blocksparse.flex.call_cuts`: the tiles and the rows' segment ids of its
-documents, built per forward on the device; :func:`blocks_for` with ``cut``). ``RING_BLOCKSPARSE_FA4=0``
-turns flash-attn 4 off entirely.
+is padded, per call). ``RING_BLOCKSPARSE_FA4=0`` turns flash-attn 4 off entirely.
 
 If flash-attn 4 rejects a ``mask_mod`` call (it fails to compile, or raises), the call is computed
 on FlexAttention instead (forward, or backward recomputing its forward there), a
@@ -41,8 +38,8 @@ import torch
 
 from ring_core.plugin import lse_for_backward
 
-from .fa4_rule import INDEX_LIMIT, VARIANTS, Fa4Rule, cute_ready, rule_tensors
-from .flex import Cut, sparse_backward, strip_call_forward
+from .fa4_rule import Fa4Rule, cute_ready, rule_tensors
+from .flex import sparse_backward, strip_call_forward
 from .strips import block_lists
 
 TILE = 128  # flash-attn 4's sparse block on Hopper: 128 query rows x 128 key rows
@@ -96,7 +93,6 @@ class Fa4Blocks:
     backward: Any
     causal: bool
     rule: Fa4Rule | None = None
-    cut: Cut | None = None  # the call's per-call Cut (packed documents) its lists come from: the fallback's mask too
 
 
 def tile_grids(call: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -115,28 +111,12 @@ def tile_grids(call: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
     return tiles.full, tiles.partial
 
 
-def takes_documents(call: Any) -> bool:
-    """Whether a call of packed documents can run on flash-attn 4 (given :func:`available` and :func:`rule_ready`):
-    its cut's lists and rule (:func:`blocks_for` with ``cut``) are known only per forward, this before them."""
-    tiles, layout = call.tiles, call.rule.layout
-    fits = not tiles.needs_layout or layout is None or layout.numel() < INDEX_LIMIT
-    return tiles.tile == TILE and not tiles.padded and fits and VARIANTS[tiles.needs_layout] not in _REJECTED
-
-
-def blocks_for(call: Any, device: torch.device, rule: bool = False, cut: Cut | None = None) -> Fa4Blocks | None:
+def blocks_for(call: Any, device: torch.device, rule: bool = False) -> Fa4Blocks | None:
     """flash-attn 4's block lists of a strip call: without a rule where :func:`tile_grids` allows, else (when
-    ``rule``: :func:`rule_ready`) with the call's token rule in its partial tiles; None: FlexAttention. ``cut``:
-    the call's :class:`~ring_blocksparse.flex.Cut` of packed documents (no padding): its tiles, and the rule with
-    its segment ids in every partial tile (read on no host)."""
+    ``rule``: :func:`rule_ready`) with the call's token rule in its partial tiles; None: FlexAttention."""
     tiles = call.tiles
-    grids: tuple[torch.Tensor, torch.Tensor] | None = None
+    grids = tile_grids(call)
     token_rule = None
-    if cut is not None:
-        if not (rule and takes_documents(call)) or cut.pad is not None:
-            return None
-        grids, token_rule = (cut.full, cut.partial), rule_tensors(call.rule, tiles.needs_layout, cut.segments)
-    else:
-        grids = tile_grids(call)
     if grids is None:
         if not rule or tiles.tile != TILE or tiles.padded:
             return None
@@ -155,7 +135,7 @@ def blocks_for(call: Any, device: torch.device, rule: bool = False, cut: Cut | N
     forward = tensors(full, partial)
     backward = tensors(full.transpose(-2, -1), partial.transpose(-2, -1))
     causal = token_rule is None and bool(partial.any())
-    return Fa4Blocks(forward, backward, causal=causal, rule=token_rule, cut=cut)
+    return Fa4Blocks(forward, backward, causal=causal, rule=token_rule)
 
 
 def _rule_options(blocks: Fa4Blocks) -> dict[str, Any]:
@@ -179,11 +159,11 @@ def _rejected(call: Any, blocks: Fa4Blocks, exc: Exception) -> None:
     call.fa4 = False
 
 
-def _flex_call(call: Any, blocks: Fa4Blocks, q, k, v, *, scale: float, grad: bool) -> Any:
-    """The call on FlexAttention (its block mask, or its cut's): ``(o (B, h, n, D), lse (B, h, n), leaves)``."""
-    if call.block_mask is None and blocks.cut is None:
+def _flex_call(call: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, grad: bool) -> Any:
+    """The call on FlexAttention (its block mask): ``(o (B, h, n, D), lse (B, h, n), leaves)``."""
+    if call.block_mask is None:
         raise RuntimeError("a strip call rejected by flash-attn 4 has no FlexAttention block mask to fall back on")
-    return strip_call_forward(call, q, k, v, scale=scale, grad=grad, cut=blocks.cut)
+    return strip_call_forward(call, q, k, v, scale=scale, grad=grad)
 
 
 def kernel_view(x: torch.Tensor) -> torch.Tensor:
@@ -209,7 +189,7 @@ def fa4_forward(call: Any, blocks: Fa4Blocks, q: torch.Tensor, k: torch.Tensor, 
             if blocks.rule is None or isinstance(exc, torch.OutOfMemoryError):
                 raise
             _rejected(call, blocks, exc)
-    o, lse, _ = _flex_call(call, blocks, q, k, v, scale=scale, grad=False)
+    o, lse, _ = _flex_call(call, q, k, v, scale=scale, grad=False)
     return o.transpose(1, 2), lse
 
 
@@ -219,7 +199,7 @@ def fa4_backward(call: Any, blocks: Fa4Blocks, q, k, v, out, lse, dout, *, scale
     of key/value heads) that flash-attn 4 writes ``dk`` and ``dv`` into; they are returned then (and are
     written, by a copy, also when the call falls back to FlexAttention)."""
     if blocks.rule is not None and blocks.rule.variant in _REJECTED:
-        return _written(_flex_backward(call, blocks, q, k, v, out, lse, dout, scale=scale), outputs)
+        return _written(_flex_backward(call, q, k, v, out, lse, dout, scale=scale), outputs)
     interface = _interface()[0]
     qs = call.q_view(q)
     ks, vs = (call.kv_input(call.kv_leaf(x)) for x in (k, v))
@@ -235,7 +215,7 @@ def fa4_backward(call: Any, blocks: Fa4Blocks, q, k, v, out, lse, dout, *, scale
         if blocks.rule is None or isinstance(exc, torch.OutOfMemoryError):
             raise
         _rejected(call, blocks, exc)
-        return _written(_flex_backward(call, blocks, q, k, v, out, lse, dout, scale=scale), outputs)
+        return _written(_flex_backward(call, q, k, v, out, lse, dout, scale=scale), outputs)
     if outputs is not None:
         return dq, *outputs
     if not isinstance(call.kv, slice):  # one key/value head per query head: sum back onto the leaves' heads
@@ -254,8 +234,8 @@ def _written(grads: tuple[torch.Tensor, ...], outputs: tuple[torch.Tensor, torch
     return grads[0], *outputs
 
 
-def _flex_backward(call: Any, blocks: Fa4Blocks, q, k, v, out, lse, dout, *, scale: float):
+def _flex_backward(call: Any, q, k, v, out, lse, dout, *, scale: float):
     """A rejected call's gradients: its forward recomputed on FlexAttention, differentiated under the final
     ``out``/``lse``."""
-    o, lse_call, leaves = _flex_call(call, blocks, q, k, v, scale=scale, grad=True)
+    o, lse_call, leaves = _flex_call(call, q, k, v, scale=scale, grad=True)
     return sparse_backward(call, o, lse_call, leaves, dout, out, lse)

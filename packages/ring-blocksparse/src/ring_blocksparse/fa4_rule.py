@@ -57,13 +57,10 @@ class Fa4Rule:
         return getattr(_cute_module(), self.variant)
 
 
-def rule_tensors(
-    rule: StripRule | BatchRule, layout: bool, segments: tuple[torch.Tensor, torch.Tensor] | None = None
-) -> Fa4Rule | None:
+def rule_tensors(rule: StripRule | BatchRule, layout: bool) -> Fa4Rule | None:
     """The aux tensors of ``rule`` (on the rule's device), reading the layout when ``layout`` (and the rule has
     one: ``(1 or the call's heads, nb, nb)``, indexed by the call's query head; a batch's: ``(m, ...)``); None when
-    the layout cannot be indexed in int32. ``segments``: the query and key rows' segment ids of this call instead
-    of the rule's (packed documents, :func:`~ring_blocksparse.flex.document_segments`; a batch's ``(m, rows)``)."""
+    the layout cannot be indexed in int32."""
 
     def rows(*xs: torch.Tensor) -> list[torch.Tensor]:
         return [x.to(torch.int32).reshape(-1).contiguous() for x in xs]
@@ -82,8 +79,7 @@ def rule_tensors(
     params = torch.tensor(
         [int(rule.lo), int(rule.hi), *strides, *row_batch, layout_batch], dtype=torch.int32, device=rule.qpos.device
     )
-    qseg, kseg = (rule.qseg, rule.kseg) if segments is None else segments
-    aux = [*rows(rule.qpos, rule.kpos, qseg, kseg), params]
+    aux = [*rows(rule.qpos, rule.kpos, rule.qseg, rule.kseg), params]
     if lay is not None:
         aux += [*rows(rule.qblk, rule.kblk), lay.to(torch.bool).contiguous().view(torch.uint8).reshape(-1)]
     return Fa4Rule(lay is not None, tuple(aux))

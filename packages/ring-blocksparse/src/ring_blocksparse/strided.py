@@ -43,8 +43,7 @@ import torch
 from ring_core.plugin import BlockKernel, Branch, branch_offsets, lse_probe, no_double_backward
 
 from .batches import strip_batches
-from .fa4 import Fa4Blocks, available, blocks_for, fa4_backward, fa4_forward, rule_ready, takes_documents
-from .fa4_rule import VARIANTS
+from .fa4 import Fa4Blocks, available, blocks_for, fa4_backward, fa4_forward, rule_ready
 from .flex import (
     Cut,
     StripRule,
@@ -278,9 +277,6 @@ def _kernel_of(run: StripRun, call: StripCall, q: torch.Tensor) -> str | None:
     """What computes a call: None (dense), ``"flex"``, or flash-attn 4 with its ``mask_mod`` variant and causal flag."""
     if call.run is not None:
         return None
-    if run.documents is not None:  # (its lists and rule are built per forward: :func:`fa4_blocks`)
-        on_fa4 = _may_use_fa4(run, call, q) and call.fa4 is not False and rule_ready(q) and takes_documents(call)
-        return f"flash_attn4 {VARIANTS[call.tiles.needs_layout]} causal=False" if on_fa4 else "flex"
     blocks = fa4_blocks(run, call, q)
     if blocks is None:
         return "flex"
@@ -293,18 +289,11 @@ def run_units(run: StripRun, q: torch.Tensor) -> list[Any]:
     return run.units
 
 
-def _may_use_fa4(run: StripRun, call: Any, q: torch.Tensor) -> bool:
-    return run.sparse == "auto" and call.run is None and available(q)
-
-
-def fa4_blocks(run: StripRun, call: Any, q: torch.Tensor, cut: Cut | None = None) -> Fa4Blocks | None:
+def fa4_blocks(run: StripRun, call: Any, q: torch.Tensor) -> Fa4Blocks | None:
     """The call's flash-attn 4 block lists when the run may use them and the call qualifies (kept on the call, or on
-    the batch: a batch of FlexAttention calls is made with ``fa4=False``). Packed documents: built from the call's
-    ``cut`` (:func:`~ring_blocksparse.flex.call_cuts`), for this forward only."""
-    if not _may_use_fa4(run, call, q):
-        return None
-    if run.documents is not None:
-        return None if cut is None or call.fa4 is False else blocks_for(call, q.device, rule=rule_ready(q), cut=cut)
+    the batch: a batch of FlexAttention calls is made with ``fa4=False``)."""
+    if run.sparse != "auto" or call.run is not None or run.documents is not None or not available(q):
+        return None  # (a call of packed documents reads its segment ids per call: FlexAttention)
     if call.fa4 is None:
         call.fa4 = blocks_for(call, q.device, rule=rule_ready(q)) or False
     return call.fa4 if isinstance(call.fa4, Fa4Blocks) else None
@@ -365,7 +354,7 @@ def strip_forward(
     for index, call in enumerate(units):
         write = index == 0 and covered
         pieces: list[tuple[slice, torch.Tensor, torch.Tensor]]
-        blocks = fa4_blocks(run, call, q, cuts[index])
+        blocks = fa4_blocks(run, call, q)
         if call.run is not None:
             pieces = _dense_pieces(run, call, q, k, v)
             run.saved.append(None)

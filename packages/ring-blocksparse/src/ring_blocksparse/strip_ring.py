@@ -227,7 +227,7 @@ class StripRingSchedule(BlockSparseSchedule):
         units = strip_units(self.run, calls, q)
         cuts = call_cuts(units, pad, self.run.documents)
         for call, cut in zip(units, cuts):
-            blocks = fa4_blocks(self.run, call, q, cut)
+            blocks = fa4_blocks(self.run, call, q)
             if blocks is not None:
                 o, lse = fa4_forward(call, blocks, q, kb, vb, scale=self.kernel.scale)
             else:
@@ -258,7 +258,7 @@ class StripRingSchedule(BlockSparseSchedule):
         units = strip_units(self.run, calls, q)
         cuts = call_cuts(units, pad, self.run.documents)
         for call, cut in zip(units, cuts):
-            blocks = fa4_blocks(self.run, call, q, cut)
+            blocks = fa4_blocks(self.run, call, q)
             dk_view, dv_view = call.kv_leaf(dkb), call.kv_leaf(dvb)
             if blocks is not None:
                 # written in place where it can be: flash-attn 4 takes output views of its own dtype and heads (a
