@@ -172,6 +172,8 @@ STRIPS_COMPILED = "blocksparse-strips-compiled-h200.json"
 STRIPS_BATCHED = "blocksparse-strips-batched-h200.json"
 # the simulated ring again, with the same steps' kernels alone beside it (saved under its own name)
 STRIPS_RING_KERNELS = "blocksparse-strips-ring-kernels-h200.json"
+# random + dilated with block tiles (strips of rates 2 and 4 at one layout block) against 128-row tiles (one H100)
+STRIPS_BLOCK_TILES = "blocksparse-strips-block-tiles-h100.json"
 WINDOWS = "packed-windows-h200.json"
 SPARSE_RING = "blocksparse-ring-2xh200.json"
 CPU = "cli-bench-cpu.json"

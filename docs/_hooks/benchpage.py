@@ -25,6 +25,7 @@ from benchdata import (
     SPARSE_RING,
     STRIPS,
     STRIPS_BATCHED,
+    STRIPS_BLOCK_TILES,
     STRIPS_COMPILED,
     STRIPS_GATHER,
     STRIPS_RING,
@@ -282,6 +283,11 @@ def blocksparse() -> Answer:
     )
     compiled = [r["vs_eager"] for r in later_runs if r["section"] == "compiled"]
     ring = load(STRIPS_RING_KERNELS)["ring"]
+    tiles_run = load(STRIPS_BLOCK_TILES)
+    fine = [r for r in tiles_run["results"] if r["section"] == "dilated" and r["name"] == "random"]
+    coarse = [r for r in tiles_run["results"] if r["section"] == "128-row tiles"]
+    fine_ratios = " and ".join(f"{r['vs_plain_dilated']:.2f}" for r in fine)
+    coarse_ratios = " and ".join(f"{r['vs_block_tiles']:.2f}" for r in coarse)
     dense, later_dense = strips["baselines"], later["baselines"]
     conclusion = (
         f"At 10% density (N=65,536, one {meta(strips)['card']}, flash-attn 4 installed) every registered "
@@ -300,7 +306,11 @@ def blocksparse() -> Answer:
         f"calls batched) against {packed_gather['fwd_bwd_ms']:,.0f} ms on the gather path (a fourth run); and the "
         f"sparse ring's steps simulated at {ring['world_size']} ranks cost {ring['vs_one_gpu']:.2f}x the one-GPU "
         f"run, of which the split into steps itself is {ring['kernels_vs_one_gpu']:.2f}x (the same steps' kernels "
-        f"alone) and the steps' merges and accumulation {ring['vs_kernels']:.2f}x their kernels (a sixth run)."
+        f"alone) and the steps' merges and accumulation {ring['vs_kernels']:.2f}x their kernels (a sixth run). "
+        f"A scattered (random) layout with those branches takes kernel tiles of one layout block at rates 2 and 4 "
+        f"(64 and 32 rows) where they visit at most half the pairs of 128-row tiles: on one {meta(tiles_run)['card']} "
+        f"it then costs {fine_ratios} of plain dilated attention's time (full and causal), where 128-row tiles "
+        f"take {coarse_ratios}x as long (a seventh run)."
     )
     pattern_rows = [
         [r["name"], _strip_kernel(r), mask(r["causal"]), f"{r['density']:.3f}", f"{r['fwd_bwd_ms']:.1f}",
@@ -323,6 +333,14 @@ def blocksparse() -> Answer:
         "*vs plain dilated* is this time / plain dilated attention's (`ring_dilated_flash`, no layout, same run):\n\n"
         + table(["layout", "kernel", "mask", "time (ms)", "plain dilated (ms)", "vs plain dilated"], dilated_rows)
         + "\n\n" + source(STRIPS_RING),
+        "Random 10% + dilated branches with block tiles (strips of rates 2 and 4 at 64 and 32 rows, the default on "
+        "CUDA where they visit at most half the pairs) and with every call at 128-row tiles "
+        "(`RING_BLOCKSPARSE_BLOCK_TILES=0`), one run on one H100; *ratio* is against plain dilated attention (same "
+        "run), or for the 128-row rows against the block tiles' time:\n\n"
+        + table(["section", "layout", "mask", "time (ms)", "ratio"],
+                [[r["section"], r["name"], mask(r["causal"]), f"{r['fwd_bwd_ms']:.2f}",
+                  f"{r.get('vs_plain_dilated', r.get('vs_block_tiles')):.3f}"] for r in tiles_run["results"]])
+        + "\n\n" + source(STRIPS_BLOCK_TILES),
     ]  # fmt: skip
     ring_rows_2 = load(SPARSE_RING)["results"]
     ring_table = table(
