@@ -42,7 +42,7 @@ from ring_core.plugin import (
 )
 
 from .checks import _agree, _prepare, _remember, layout_digest, layout_identity
-from .flex import check_kernel_options, flex_reasons
+from .flex import check_kernel_options, flex_reasons, int32_on
 
 # the functional form used to live here: still importable from this module
 from .functional import block_sparse_dilated_attention as block_sparse_dilated_attention
@@ -432,7 +432,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
         plan = self._strip_plans[key]
         kernel = dense_strip_kernel(q, causal, default_scale(q.shape[-1], self.softmax_scale), self.kernel)
         self.last_plan, self.last_method = plan, "flex"
-        bounds = None if documents is None else torch.tensor(documents, dtype=torch.int32, device=q.device)
+        bounds = None if documents is None else int32_on(documents, q.device)
         if world == 1:
             return StripRun(
                 document_calls(plan.calls[0], documents), kernel, self.sparse_kernel,

@@ -375,6 +375,12 @@ def _rule(
     return mask_mod
 
 
+def int32_on(values: Any, device: torch.device) -> torch.Tensor:
+    """``values`` as an int32 tensor on ``device``, copied without waiting for the device's queued work (a blocking
+    copy to a GPU synchronizes its stream; pageable memory is staged at once, so the source may go)."""
+    return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
+
+
 def document_segments(
     positions: torch.Tensor,
     bounds: torch.Tensor,
@@ -460,7 +466,7 @@ def call_cuts(units: Sequence[Any], pad: torch.Tensor | None, documents: torch.T
         group = [calls[i] for i in members]
         segments = None
         if documents is not None:
-            params = torch.tensor([(c.segment, c.q.rate, c.phase) for c in group], dtype=torch.int32, device=device)
+            params = int32_on([(c.segment, c.q.rate, c.phase) for c in group], device)
             segment, rate, phase = params.T[..., None]
             segments = (
                 document_segments(torch.stack([c.rule.qpos for c in group]), documents, segment, rate, phase, -1),
