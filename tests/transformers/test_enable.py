@@ -194,7 +194,7 @@ def test_a_copied_model_stays_enabled_and_keeps_nothing_in_its_state():
     assert copied.config._attn_implementation == "sdpa" and model.config._attn_implementation == "ring_attention"
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "modernbert"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "modernbert", "albert"])
 def test_encoders_attend_both_ways_as_sdpa(family):
     """Bidirectional encoders (transformers' plain bidirectional mask): every key but padding, as sdpa, hidden states
     and every parameter's gradient (they were refused as a mask pattern of their own). ModernBERT's second layer is

@@ -203,7 +203,9 @@ def _build_ahead(model: PreTrainedModel, choice: Enabled) -> None:
             scaling = head_dim**-0.5
         if not isinstance(scaling, float) or not hasattr(layer, "is_causal"):
             continue
-        dropouts = {0.0, float(getattr(layer, "attention_dropout", 0.0) or 0.0)}
+        dropout = getattr(layer, "attention_dropout", 0.0) or 0.0
+        dropout = dropout.p if isinstance(dropout, nn.Dropout) else dropout  # (ALBERT keeps the module)
+        dropouts = {0.0, *([float(dropout)] if isinstance(dropout, (int, float)) else [])}
         sliding = getattr(layer, "sliding_window", None) or config_window
         windows = {None, *([(sliding - 1, sliding - 1)] if isinstance(sliding, int) and sliding > 0 else [])}
         for dropout in dropouts:
