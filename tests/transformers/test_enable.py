@@ -99,6 +99,9 @@ def test_unsupported_models():
     chunked.config.attention_chunk_size = 8
     with pytest.raises(RingTransformersError, match="chunked attention"):
         ring_transformers.enable(chunked, "dilated", **DENSE)
+    doge = encoder("doge")  # its layers mask their keys by a mask computed from the hidden states
+    with pytest.raises(RingTransformersError, match="DogeModel's attention uses a dynamic mask"):
+        ring_transformers.enable(doge, "dilated", **DENSE)
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,10 @@ MODEL_OPTIONS = {
 }
 
 
+# attention layers that build their own mask from the hidden states, by the method that builds it
+OWN_MASKS = {"prepare_dynamic_mask": "a dynamic mask computed from the hidden states (Doge's)"}
+
+
 class RingTransformersError(ValueError):
     """A model, option or input that ring-transformers cannot run exactly."""
 
@@ -183,6 +187,12 @@ def _check_model(model: nn.Module) -> PreTrainedModel:
             "(its _supports_attention_backend is False), so its attention cannot be switched; supported are "
             "models that do, e.g. Llama, Mistral, Qwen2"
         )
+    for module in model.modules():
+        for method, what in OWN_MASKS.items():
+            if callable(getattr(module, method, None)):
+                raise RingTransformersError(
+                    f"{type(model).__name__}'s attention uses {what}, which ring attention cannot express"
+                )
     chunk = getattr(model.config, "attention_chunk_size", None)
     if chunk is not None:
         raise RingTransformersError(
