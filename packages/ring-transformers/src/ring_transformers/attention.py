@@ -325,6 +325,7 @@ def ring_attention_mask(
         )
     from transformers.masking_utils import bidirectional_mask_function
 
+    padding = None if attention_mask is None else attention_mask[:, -kv_length:]
     # an encoder's local layers (transformers' bidirectional masks pass allow_is_bidirectional_skip, sliding ones
     # local_size): every key of the band, padding aside
     encoder = "allow_is_bidirectional_skip" in kwargs
@@ -336,7 +337,6 @@ def ring_attention_mask(
     ):
         # the one composition transformers makes without use_vmap: packed documents
         starts = _documents(mask_function, batch_size, q_length, q_offset, kwargs.get("device"))
-        padding = None if attention_mask is None else attention_mask[:, -kv_length:]
         return PackedMask(cu_seqlens_of_starts(starts, traced=torch.compiler.is_compiling()), padding)
     elif (
         mask_function is not None
@@ -352,7 +352,7 @@ def ring_attention_mask(
             "the model's mask lets some queries see later keys in a pattern of its own (a bidirectional block of "
             "image tokens, for one), which ring attention cannot express",
         )
-    return None if attention_mask is None else attention_mask[:, -kv_length:]
+    return padding
 
 
 def _refuse(bad: torch.Tensor, message: str) -> None:
@@ -369,41 +369,39 @@ def _check_band(mask_function: Any, width: int, batch_size: int, length: int, of
     diagonals that tell it from what transformers composes (``or`` overlays are refused before): 0 and +-1 (packed
     documents cut the band between neighbours), +-width and +-(width + 1) (its edges). O(N), not O(N * width).
     Compiled, checked in the graph."""
-    q = torch.arange(offset, offset + length, device=device)[:, None]
     distance = torch.tensor(sorted({d * sign for d in (0, 1, width, width + 1) for sign in (1, -1)}), device=device)
-    distance = distance[None, :]
-    kv = q + distance
-    inside = (kv >= offset) & (kv < offset + length)
-    batch = torch.arange(batch_size, device=device)[:, None, None]
-    allowed = mask_function(batch, 0, q[None], kv.clamp(offset, offset + length - 1)[None])
+    kv = torch.arange(length, device=device)[None, :, None] + distance
     _refuse(
-        (allowed != (distance.abs() <= width)[None]) & inside[None],
+        (_mask_at(mask_function, batch_size, offset, kv) != (distance.abs() <= width)) & (kv >= 0) & (kv < length),
         f"the model's bidirectional sliding-window mask is not the band of {width} keys either side that its layers' "
         "sliding_window brings (packed documents, or a pattern of its own), which ring attention cannot express",
     )
+
+
+def _mask_at(mask_function: Any, batch_size: int, offset: int, kv: torch.Tensor) -> torch.Tensor:
+    """A mask function at the keys ``kv`` of every query row (``(1 or B, N, K)``, positions from 0, clamped into the
+    sequence): bool ``(B, N, K)``."""
+    length = kv.shape[1]
+    q = torch.arange(length, device=kv.device)[None, :, None]
+    batch = torch.arange(batch_size, device=kv.device)[:, None, None]
+    seen: torch.Tensor = mask_function(batch, 0, q + offset, kv.clamp(0, length - 1) + offset)
+    return seen.expand(batch_size, length, kv.shape[-1])
 
 
 def _documents(mask_function: Any, batch_size: int, length: int, offset: int, device: Any) -> torch.Tensor:
     """Where the documents of a bidirectional mask function start (``(B, N)`` bool), checked to be whole documents:
     a query sees its neighbours in its document, its document's first and last key, and not the keys just outside
     it. O(N); compiled, checked in the graph."""
-    q = torch.arange(length, device=device)[None, :, None]
-    batch = torch.arange(batch_size, device=device)[:, None, None]
-
-    def allowed(kv: torch.Tensor) -> torch.Tensor:
-        seen: torch.Tensor = mask_function(batch, 0, q + offset, kv.clamp(0, length - 1) + offset)
-        return seen.expand(batch_size, length, -1)
-
-    cut = ~allowed(q - 1)[..., 0]  # a token that does not see the one before it starts a document
+    q = torch.arange(length, device=device)[None, :, None].expand(batch_size, -1, -1)
+    cut = ~_mask_at(mask_function, batch_size, offset, q - 1)[..., 0]  # a token not seeing the one before it starts one
     starts = torch.cat([torch.ones_like(cut[:, :1]), cut[:, 1:]], dim=1)
     ends = torch.cat([starts[:, 1:], torch.ones_like(starts[:, :1])], dim=1)
-    index = q[..., 0].expand_as(starts)
+    index = q[..., 0]
     first = torch.cummax(torch.where(starts, index, 0), dim=1).values[..., None]
-    last = length - 1 - torch.cummax(torch.where(ends, length - 1 - index, 0).flip(1), dim=1).values.flip(1)[..., None]
-    near = q.expand(batch_size, -1, -1)
-    kv = torch.cat([near - 1, near, near + 1, first - 1, first, last, last + 1], dim=2)
+    last = torch.cummin(torch.where(ends, index, length - 1).flip(1), dim=1).values.flip(1)[..., None]
+    kv = torch.cat([q - 1, q, q + 1, first - 1, first, last, last + 1], dim=2)
     _refuse(
-        (allowed(kv) != ((kv >= first) & (kv <= last))) & (kv >= 0) & (kv < length),
+        (_mask_at(mask_function, batch_size, offset, kv) != ((kv >= first) & (kv <= last))) & (kv >= 0) & (kv < length),
         "the model's bidirectional mask is not whole documents each seeing itself (packed documents), nor every key: "
         "a pattern of its own, which ring attention cannot express",
     )
