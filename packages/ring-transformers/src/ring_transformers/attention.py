@@ -369,7 +369,9 @@ def _check_band(mask_function: Any, width: int, batch_size: int, length: int, of
     diagonals that tell it from what transformers composes (``or`` overlays are refused before): 0 and +-1 (packed
     documents cut the band between neighbours), +-width and +-(width + 1) (its edges). O(N), not O(N * width).
     Compiled, checked in the graph."""
-    distance = torch.tensor(sorted({d * sign for d in (0, 1, width, width + 1) for sign in (1, -1)}), device=device)
+    # built on the host and copied without waiting for the stream (torch.tensor(..., device=) would synchronize it)
+    diagonals = sorted({d * sign for d in (0, 1, width, width + 1) for sign in (1, -1)})
+    distance = torch.tensor(diagonals).to(device, non_blocking=True)
     kv = torch.arange(length, device=device)[None, :, None] + distance
     _refuse(
         (_mask_at(mask_function, batch_size, offset, kv) != (distance.abs() <= width)) & (kv >= 0) & (kv < length),
