@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hf_models import DENSE, build, encoder, relative_error
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DataCollatorWithFlattening
 
 import ring_transformers
@@ -187,3 +188,63 @@ def test_an_encoders_packed_mask_must_be_whole_documents():
     for cut in (lambda b, h, q, kv: same(b, h, q, kv) & ((q - kv).abs() <= 3), lambda b, h, q, kv: kv >= q):
         with pytest.raises(ring_transformers.RingTransformersError, match="not whole documents"):
             ring_attention_mask(2, 17, 17, mask_function=cut, **bidirectional)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that read a tensor's values on the host (on a GPU, each waits for the device): scalar reads,
+    ``nonzero`` and boolean indexing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        bool_index = func is torch.ops.aten.index.Tensor and any(
+            i is not None and i.dtype == torch.bool for i in args[1]
+        )
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default) or bool_index:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def host_reads(model: torch.nn.Module, **inputs) -> int:
+    with torch.no_grad(), HostReads() as reads:
+        model(**inputs)
+    return reads.count
+
+
+@pytest.mark.parametrize("batch", ["positions", "packed positions", "varlen keywords", "packed encoder"])
+def test_the_documents_are_read_once_per_forward_not_per_layer(batch):
+    """Every layer of a forward gets the same ``position_ids`` / ``cu_seq_lens_*`` (or, for an encoder, the same packed
+    mask): their documents are read on the host once, and the implementation is handed them on the host (a read
+    that would wait for the device in every layer): a model of 4 layers reads no more often than one of 2."""
+    docs = documents()
+    if batch == "packed encoder":
+        positions = torch.tensor([[*range(5), *range(9)]])
+        inputs = {"input_ids": torch.tensor([documents(7, (14,))[0]]).clamp(min=3), "position_ids": positions}
+        models = [encoder("bert", num_hidden_layers=layers) for layers in (2, 4)]
+    else:
+        collate = DataCollatorWithFlattening(return_flash_attn_kwargs=batch == "varlen keywords")
+        inputs = {
+            k: v
+            for k, v in collate([{"input_ids": d} for d in docs]).items()
+            if k in ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k")
+        }
+        if batch == "positions":
+            inputs["position_ids"] = torch.arange(inputs["input_ids"].shape[1])[None]
+        models = [build("llama", num_hidden_layers=layers) for layers in (2, 4)]
+    reads = [host_reads(ring_transformers.enable(model, "dilated", **DILATED), **inputs) for model in models]
+    assert reads[0] == reads[1], reads
+
+
+def test_documents_read_once_follow_their_tensor_edited_in_place():
+    """A ``position_ids`` tensor edited in place between forwards is read again (its documents are not the old ones)."""
+    docs = documents()
+    model = ring_transformers.enable(build("llama"), "dilated", **DILATED)
+    packed = pack(docs)
+    positions = packed["position_ids"].clone()
+    model(input_ids=packed["input_ids"], position_ids=positions)
+    positions.copy_(torch.arange(positions.shape[1])[None])  # one sequence now
+    whole = model(input_ids=packed["input_ids"], position_ids=positions).logits
+    expected = model(input_ids=packed["input_ids"], position_ids=torch.arange(positions.shape[1])[None]).logits
+    assert relative_error(whole, expected) <= 1e-12

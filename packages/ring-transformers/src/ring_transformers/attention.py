@@ -29,6 +29,8 @@ cannot express. Causality comes from the layer's ``is_causal``.
 from __future__ import annotations
 
 import copy
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +81,8 @@ class Enabled:
     previous: str | None
     distributed: bool
     modules: dict[tuple[float | None, float, tuple[int, int] | None], nn.Module] = field(default_factory=dict)
+    # the documents last read on the host (:meth:`on_host`): key, (source, version) pairs, cu_seqlens
+    _host: tuple[Any, tuple[tuple[Any, int], ...], torch.Tensor | None] | None = field(default=None, repr=False)
 
     def attention(self, scaling: float | None, dropout: float, window: tuple[int, int] | None) -> nn.Module:
         key = (scaling, dropout, window)
@@ -97,6 +101,26 @@ class Enabled:
                 raise
             self.modules[key] = module
         return module
+
+    def on_host(
+        self, sources: tuple[torch.Tensor, ...], key: Any, read: Callable[[], torch.Tensor | None]
+    ) -> torch.Tensor | None:
+        """``read()`` (documents as ``cu_seqlens``, or None) as a host tensor, read once for these very ``sources``
+        (the same tensor objects, unmodified: their versions) and ``key``. Every layer of a forward is given the
+        same tensors, and reading a device tensor's values waits for the device: the layers after the first then
+        neither wait nor read (an implementation reads a host ``cu_seqlens`` without a sync)."""
+        last = self._host
+        if (
+            last is not None
+            and last[0] == key
+            and len(last[1]) == len(sources)
+            and all(ref() is x and version == x._version for (ref, version), x in zip(last[1], sources))
+        ):
+            return last[2]
+        value = read()
+        value = None if value is None else value.cpu()
+        self._host = (key, tuple((weakref.ref(x), x._version) for x in sources), value)
+        return value
 
     def group_size(self) -> int:
         """Ranks sharing the sequence: the process group's size for a distributed implementation, else 1."""
@@ -281,11 +305,21 @@ def ring_attention_forward(
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
     packed = attention_mask if isinstance(attention_mask, PackedMask) else None
     padding = _key_padding_mask(attention_mask if packed is None else packed.padding)
-    cu_seqlens = _given_cu_seqlens(kwargs, world_size, q.shape[0])
+    given = tuple(x for x in (kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")) if isinstance(x, torch.Tensor))
+    cu_seqlens = _once(
+        choice, given, ("given", world_size, q.shape[0]), lambda: _given_cu_seqlens(kwargs, world_size, q.shape[0])
+    )
     if cu_seqlens is None and packed is not None:
         cu_seqlens = packed.cu_seqlens
     elif cu_seqlens is None and is_causal:  # (an encoder's documents are its mask's, as in its sdpa)
-        cu_seqlens = _cu_seqlens(kwargs.get("position_ids"), choice, world_size, q.shape[0])
+        position_ids = kwargs.get("position_ids")
+        sources = (position_ids,) if isinstance(position_ids, torch.Tensor) and world_size == 1 else ()
+        cu_seqlens = _once(
+            choice,
+            sources,
+            ("positions", q.shape[0]),
+            lambda: _cu_seqlens(position_ids, choice, world_size, q.shape[0]),
+        )
     if cu_seqlens is None:
         return attn(q, k, v, is_causal=bool(is_causal), key_padding_mask=padding), None
     # packed rows (one process): the rows end to end in one, each row starting a document, which
@@ -337,7 +371,10 @@ def ring_attention_mask(
     ):
         # the one composition transformers makes without use_vmap: packed documents
         starts = _documents(mask_function, batch_size, q_length, q_offset, kwargs.get("device"))
-        return PackedMask(cu_seqlens_of_starts(starts, traced=torch.compiler.is_compiling()), padding)
+        if torch.compiler.is_compiling():
+            return PackedMask(cu_seqlens_of_starts(starts, traced=True), padding)
+        # on the host: the layers read the documents without waiting for the device (once here)
+        return PackedMask(cu_seqlens_of_starts(starts, traced=False).cpu(), padding)
     elif (
         mask_function is not None
         and mask_function is not bidirectional_mask_function  # (an encoder's, BERT's, ...: every key, padding aside)
@@ -427,6 +464,16 @@ def _key_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | Non
             "takes a 2-D padding mask (B, N), causality from the model; a custom 4-D mask cannot be expressed"
         )
     return attention_mask == 0 if attention_mask.dtype != torch.bool else ~attention_mask
+
+
+def _once(
+    choice: Enabled, sources: tuple[torch.Tensor, ...], key: Any, read: Callable[[], torch.Tensor | None]
+) -> torch.Tensor | None:
+    """``read()``, on the host once per forward (:meth:`Enabled.on_host`) where its ``sources`` are tensors it reads
+    without a collective; compiled (nothing read on the host) or without sources, as it is."""
+    if not sources or torch.compiler.is_compiling():
+        return read()
+    return choice.on_host(sources, key, read)
 
 
 def _given_cu_seqlens(kwargs: dict[str, Any], world_size: int, batch: int) -> torch.Tensor | None:
