@@ -93,3 +93,19 @@ def test_a_swapped_in_pattern_is_checked():
         module(*_inputs())
     with pytest.raises(TypeError, match="block_layout must be a bool tensor"):
         BlockSparseRingDilatedAttention(**CONFIG, block_size=BLOCK).block_layout = torch.ones(1, 6, 6)
+
+
+@METHODS
+def test_under_inference_mode_a_pattern_and_a_layout_edited_in_place_are_used(method):
+    """Under ``torch.inference_mode`` tensors count no versions: a pattern's layout, made in the call, and an explicit
+    layout made there and edited in place between calls (its contents are compared instead) are used."""
+    module = _module(method, pattern="random", density=0.4, seed=1)
+    with torch.inference_mode():
+        assert _error(module, _random_layout(1)) < 1e-12
+        assert _error(module, _random_layout(1)) < 1e-12
+        layout = _random_layout(2)
+        module.pattern = None
+        module.block_layout = layout
+        assert _error(module, layout) < 1e-12
+        layout.copy_(_random_layout(3))
+        assert _error(module, _random_layout(3)) < 1e-12

@@ -167,6 +167,41 @@ def test_multihead_double_backward_is_refused_clearly(impl):
     _double_backward(lambda x: attn(x, x, x, need_weights=False), x)
 
 
+INFERENCE_CASES = [c for c in PACKED_CASES if c.documents] + [c for c in CASES if c.padding][:1]
+
+
+@pytest.mark.parametrize("case", INFERENCE_CASES, ids=str)
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=lambda i: i.name)
+def test_inference_mode_equals_no_grad(impl, case):
+    """Under ``torch.inference_mode`` (inputs, padding and ``cu_seqlens`` made there too: tensors that count no
+    versions), twice, the same result as under ``no_grad``."""
+    q, k, v, mask = make_inputs(case, torch.float64, seed=5)
+    attn = build(impl, case)
+    with torch.no_grad():
+        expected = attn(q, k, v, is_causal=case.causal, key_padding_mask=mask, **case.forward_options())
+    for _ in range(2):
+        with torch.inference_mode():
+            inputs = [None if x is None else x.clone() for x in (q, k, v, mask)]
+            got = attn(*inputs[:3], is_causal=case.causal, key_padding_mask=inputs[3], **case.forward_options())
+        assert relative_error(got, expected) <= 1e-12, f"{impl.name} {case}"
+
+
+@pytest.mark.parametrize("impl", ring_core.list_implementations("multihead"), ids=lambda i: i.name)
+def test_multihead_inference_mode_equals_no_grad(impl):
+    """The drop-ins under ``torch.inference_mode`` with packed documents, as under ``no_grad``."""
+    torch.manual_seed(0)
+    attn = ring_core.create_multihead_attention(
+        impl.name, embed_dim=8, num_heads=2, segment_lengths=[4, 8], dilation_rates=[1, 2], batch_first=True,
+        dtype=torch.float64,
+    ).eval()  # fmt: skip
+    x = torch.randn(1, 19, 8, dtype=torch.float64)
+    with torch.no_grad():
+        expected, _ = attn(x, x, x, need_weights=False, cu_seqlens=torch.tensor([0, 6, 19]))
+    with torch.inference_mode():
+        got, _ = attn(x.clone(), x.clone(), x.clone(), need_weights=False, cu_seqlens=torch.tensor([0, 6, 19]))
+    assert relative_error(got, expected) <= 1e-12
+
+
 def _strided_last_dim(x: torch.Tensor) -> torch.Tensor:
     """``x`` as a view whose head dim has stride 2 (every other element of a wider tensor)."""
     return torch.stack([x, torch.full_like(x, float("nan"))], -1).flatten(-2)[..., ::2]

@@ -248,3 +248,21 @@ def test_documents_read_once_follow_their_tensor_edited_in_place():
     whole = model(input_ids=packed["input_ids"], position_ids=positions).logits
     expected = model(input_ids=packed["input_ids"], position_ids=torch.arange(positions.shape[1])[None]).logits
     assert relative_error(whole, expected) <= 1e-12
+
+
+def test_packed_under_inference_mode_equals_no_grad():
+    """Under ``torch.inference_mode`` (a packed batch made there: tensors that count no versions), twice, each forward
+    reads its documents and equals the one under ``no_grad``."""
+    model = ring_transformers.enable(build("llama"), "dilated", **DILATED)
+    packed = pack(documents())
+    with torch.no_grad():
+        expected = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits
+    with torch.inference_mode():
+        for positions in (packed["position_ids"].clone(), packed["position_ids"].clone()):
+            got = model(input_ids=packed["input_ids"].clone(), position_ids=positions).logits
+            assert relative_error(got, expected) <= 1e-12
+        positions.copy_(torch.arange(positions.shape[1])[None])  # edited in place: one sequence now
+        whole = model(input_ids=packed["input_ids"].clone(), position_ids=positions).logits
+    with torch.no_grad():
+        one = model(input_ids=packed["input_ids"], position_ids=torch.arange(positions.shape[1])[None]).logits
+    assert relative_error(whole, one) <= 1e-12

@@ -271,7 +271,8 @@ class BlockSparseRingDilatedAttention(nn.Module):
             return self.block_layout
         key = (seq_len, num_heads, self.block_size)
         if key not in self._layouts:
-            self._layouts[key] = self.pattern.layout(seq_len, self.block_size, num_heads)
+            with torch.inference_mode(False):  # (kept across calls: a tensor that counts its versions)
+                self._layouts[key] = self.pattern.layout(seq_len, self.block_size, num_heads)
         return self._layouts[key]
 
     def _digest(self, block_layout: torch.Tensor | None) -> int:

@@ -10,7 +10,7 @@ version is dropped.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -24,6 +24,7 @@ from ring_core.plugin import (
     check_layout,
     check_qkv,
     group_rank_and_size,
+    tensor_version,
     validate_inputs,
 )
 
@@ -96,9 +97,15 @@ def _prepare(
     return plan, {"group": process_group if world > 1 else None, "timeout": timeout, "context": context}
 
 
-def layout_identity(block_layout: torch.Tensor | None) -> tuple[int, int] | None:
-    """A layout tensor by identity and version: an in-place edit changes the version, so cached plans miss."""
-    return None if block_layout is None else (id(block_layout), block_layout._version)
+def layout_identity(block_layout: torch.Tensor | None) -> tuple[int, Hashable] | None:
+    """A layout tensor by identity and version: an in-place edit changes the version, so cached plans miss. An
+    inference tensor counts no versions: its contents stand in (read on every call)."""
+    if block_layout is None:
+        return None
+    version = tensor_version(block_layout)
+    if version is None:
+        return id(block_layout), (tuple(block_layout.shape), block_layout.cpu().numpy().tobytes())
+    return id(block_layout), version
 
 
 def _remember(cache: dict[tuple[Any, ...], _V], key: tuple[Any, ...], value: _V) -> None:

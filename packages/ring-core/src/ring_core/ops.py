@@ -44,7 +44,7 @@ import torch
 from .engine import BlockSchedule, schedule_backward, schedule_forward
 from .kernels import accumulation_dtype
 from .lse import lse_probe
-from .validation import check_documents
+from .validation import check_documents, tensor_version
 
 __all__ = ["AttentionOp", "CallOp", "OpCall", "eager_dispatch", "run_attention"]
 
@@ -222,7 +222,7 @@ _known = threading.local()
 @contextlib.contextmanager
 def _known_documents(cu_seqlens: torch.Tensor, documents: tuple[int, ...] | None) -> Iterator[None]:
     outer = getattr(_known, "value", None)
-    _known.value = None if documents is None else (cu_seqlens, cu_seqlens._version, documents)
+    _known.value = None if documents is None else (cu_seqlens, tensor_version(cu_seqlens), documents)
     try:
         yield
     finally:
@@ -232,7 +232,8 @@ def _known_documents(cu_seqlens: torch.Tensor, documents: tuple[int, ...] | None
 def _read_documents(cu_seqlens: torch.Tensor) -> tuple[int, ...]:
     """``cu_seqlens``' checked values: those its caller gave for this very tensor, else read (a host-device sync)."""
     known = getattr(_known, "value", None)
-    if known is not None and known[0] is cu_seqlens and known[1] == cu_seqlens._version:
+    # (an inference tensor has no version: within one call, from the caller to its op, nothing can edit it)
+    if known is not None and known[0] is cu_seqlens and known[1] == tensor_version(cu_seqlens):
         return known[2]  # type: ignore[no-any-return]
     return check_documents([int(x) for x in cu_seqlens.tolist()], None)
 

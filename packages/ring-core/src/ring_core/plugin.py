@@ -111,6 +111,7 @@ from .validation import (
     check_scale,
     check_timeout,
     check_window,
+    tensor_version,
 )
 from .windows import NO_WINDOW, document_spans, index_window, kernel_window, window_kwargs, window_mask
 
@@ -210,6 +211,7 @@ __all__ = [
     "shard_positions",
     "shard_ranges",
     "shard_sequence",
+    "tensor_version",
     "timed_wait",
     "unit_last_stride",
     "unshard_sequence",

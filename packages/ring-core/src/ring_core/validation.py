@@ -133,6 +133,13 @@ def varlen_layout(cu_seqlens: object, *tensors: Any) -> tuple[tuple[Any, ...], b
     return tuple(t.unsqueeze(0) if isinstance(t, torch.Tensor) else t for t in tensors), True
 
 
+def tensor_version(tensor: torch.Tensor) -> int | None:
+    """``tensor``'s version (torch counts its in-place changes there), or None for an inference tensor (made under
+    ``torch.inference_mode``), which counts none: whatever is cached by a tensor's identity and version must
+    not trust an unchanged None (the tensor may have changed unseen)."""
+    return None if tensor.is_inference() else tensor._version
+
+
 def check_scale(softmax_scale: float | None) -> float | None:
     """``None`` (``1/sqrt(D)``) or a finite real number; returned as a float."""
     if softmax_scale is None:
