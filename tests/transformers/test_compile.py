@@ -115,3 +115,18 @@ def test_compiled_packed_encoder_is_one_graph_with_sdpas_numbers():
     scale = torch.stack([ref.norm() for ref in expected_grads]).norm()  # (a key bias's gradient is ~0)
     for grad, ref in zip(torch.autograd.grad(hidden.square().sum(), params), expected_grads):
         assert (grad - ref).norm() <= 1e-10 * scale
+
+
+def test_compiled_under_autocast_is_one_graph_with_eagers_numbers():
+    """A float32 Llama under ``torch.autocast`` (bf16, its query and key float32 after the rotary embedding, its value
+    bf16): attention casts them as sdpa would, in the graph; compiled as eager, within bf16 rounding."""
+    torch._dynamo.reset()
+    model = ring_transformers.enable(build("llama").float(), "dilated", **DENSE)
+    ids = tokens(2, 13)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explanation = torch._dynamo.explain(model)(ids, use_cache=False)
+        assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+        expected = model(ids, use_cache=False).logits
+        logits = torch.compile(model, fullgraph=True, backend="aot_eager")(ids, use_cache=False).logits
+    assert logits.dtype == expected.dtype == torch.bfloat16
+    assert relative_error(logits.float(), expected.float()) <= 1e-2

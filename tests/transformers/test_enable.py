@@ -246,3 +246,31 @@ def test_an_encoders_band_mask_must_be_the_band():
                   sliding_window_bidirectional_mask_function(5)):  # fmt: skip
         with pytest.raises(RingTransformersError, match="not the band of 4 keys either side"):
             ring_attention_mask(2, 21, 21, mask_function=other, **bidirectional)
+
+
+def autocast_loss_and_grads(model, **inputs):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return loss_and_grads(model, **inputs)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_mixed_precision_under_autocast_as_sdpa(family):
+    """A float32 model under ``torch.autocast`` (bf16; how a float32 model trains in mixed precision): its rotary
+    embedding leaves the query and key in float32 and the value in bf16; attention takes them in bf16, as its sdpa does
+    (autocast casts sdpa's inputs): logits, loss and gradients within twice sdpa's own distance from float32."""
+    model = build(family).float()
+    ids, mask = tokens(3, 29), padding_mask(3, 29)
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    exact = loss_and_grads(model, **dict(inputs))
+    sdpa = autocast_loss_and_grads(model, **dict(inputs))
+    ring_transformers.enable(model, "dilated", **DENSE)
+    ours = autocast_loss_and_grads(model, **dict(inputs))
+    keep = mask.bool()
+    assert ours[0].dtype == sdpa[0].dtype
+    for got, ref, full in zip(ours[:2], sdpa[:2], exact[:2]):
+        if got.dim():
+            got, ref, full = got[keep], ref[keep], full[keep]
+        assert relative_error(got.float(), full) <= 2 * relative_error(ref.float(), full) + 1e-6
+    for name, grad in ours[2].items():
+        limit = 2 * relative_error(sdpa[2][name], exact[2][name]) + 1e-6
+        assert relative_error(grad, exact[2][name]) <= limit, name

@@ -305,7 +305,7 @@ def ring_attention_forward(
         )
     window = _window(sliding_window, query.shape[2] * world_size)
     attn = choice.attention(scaling, float(dropout), window)
-    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    q, k, v = (x.transpose(1, 2) for x in _autocast(query, key, value))
     packed = attention_mask if isinstance(attention_mask, PackedMask) else None
     padding = _key_padding_mask(attention_mask if packed is None else packed.padding)
     given = tuple(x for x in (kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")) if isinstance(x, torch.Tensor))
@@ -448,6 +448,17 @@ def _documents(mask_function: Any, batch_size: int, length: int, offset: int, de
         "a pattern of its own, which ring attention cannot express",
     )
     return starts
+
+
+def _autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under ``torch.autocast``, the tensors in its dtype, as transformers' sdpa takes them there (autocast casts
+    ``scaled_dot_product_attention``'s inputs): a float32 model's rotary embedding leaves the query and key in float32
+    and the value in the autocast dtype. float64 stays, as autocast leaves it."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(x.to(dtype) if x.is_floating_point() and x.dtype != torch.float64 else x for x in tensors)
 
 
 def _window(sliding_window: int | None, seq_len: int) -> tuple[int, int] | None:
