@@ -227,3 +227,19 @@ def test_dropout_backward_is_the_gradient_of_the_forward():
     assert not torch.equal(run(q, k, v), attn.eval()(q, k, v, is_causal=True))  # dropout is on in training
     attn.train()
     assert torch.autograd.gradcheck(run, (q, k, v))
+
+
+@pytest.mark.parametrize("method", ["gather", "flex"])
+def test_a_module_that_has_run_pickles_and_computes_the_same(method):
+    """``torch.save`` of a model, or a process spawned with it, pickles the module after calls: its plans (the strips'
+    block masks hold closures) are not pickled but rebuilt; the copy computes the same."""
+    import pickle
+
+    attn = BlockSparseRingDilatedAttention([16, 32], [1, 2], block_size=8, pattern="random", density=0.5, method=method)
+    attn.sparse_kernel = "math"  # (the strips' CPU twin: the plan and block masks of the fused kernel's path)
+    q, k, v = (torch.randn(1, 64, 4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    with torch.no_grad():
+        out = attn(q, k, v, is_causal=True)
+        copy = pickle.loads(pickle.dumps(attn))
+        assert copy.last_plan is None and torch.equal(copy(q, k, v, is_causal=True), out)
+    assert attn.last_method == copy.last_method == method

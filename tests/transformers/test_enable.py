@@ -197,6 +197,18 @@ def test_a_copied_model_stays_enabled_and_keeps_nothing_in_its_state():
     assert copied.config._attn_implementation == "sdpa" and model.config._attn_implementation == "ring_attention"
 
 
+def test_a_saved_model_loads_enabled_and_computes_the_same(tmp_path):
+    """``torch.save`` of a whole model after a packed forward (the documents it read are not saved) and loaded back:
+    enabled, the same logits."""
+    model = ring_transformers.enable(build("llama"), "dilated", segment_lengths=[4, 8], dilation_rates=[1, 2])
+    ids, positions = tokens(1, 20), torch.tensor([[*range(8), *range(12)]])
+    logits = model(input_ids=ids, position_ids=positions).logits
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert loaded.config._attn_implementation == "ring_attention"
+    assert relative_error(loaded(input_ids=ids, position_ids=positions).logits, logits) == 0.0
+
+
 @pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "modernbert", "albert"])
 def test_encoders_attend_both_ways_as_sdpa(family):
     """Bidirectional encoders (transformers' plain bidirectional mask): every key but padding, as sdpa, hidden states

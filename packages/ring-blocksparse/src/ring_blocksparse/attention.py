@@ -226,6 +226,15 @@ class BlockSparseRingDilatedAttention(nn.Module):
         self._op = _GatherOp(self)
         self._strip_op = _StripOp(self)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (``torch.save`` of a model, a process spawned with it) without what calls built: plans and layouts
+        are rebuilt on the next call (a plan's block masks hold rules that are closures, which pickle refuses)."""
+        state = self.__dict__.copy()
+        for name in ("_plans", "_strip_plans", "_layouts", "_digests"):
+            state[name] = {}
+        state["last_plan"] = None
+        return state
+
     # A new pattern or layout (assigned, or a layout tensor edited in place: its version changes) must never meet
     # a plan or layout built for the old one: assigning clears them, and cached plans are keyed by the layout
     # tensor's identity and version.

@@ -131,6 +131,10 @@ class Enabled:
             return 1
         return dist.get_world_size(self.options.get("process_group"))
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (``torch.save`` of the model) without the documents last read (weak references)."""
+        return {**self.__dict__, "_host": None}
+
     def __deepcopy__(self, memo: dict[int, Any]) -> Enabled:
         """A copied model keeps the choice (the options as they are: a process group is not copied)."""
         return Enabled(self.name, copy.copy(self.options), self.previous, self.distributed)
