@@ -13,7 +13,7 @@ tile of the receiver needs (nothing at all when no tile needs them).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import torch
@@ -201,7 +201,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
         self._plans: dict[tuple[Any, ...], Plan] = {}
         self._strip_plans: dict[tuple[Any, ...], StripPlan] = {}
         self._layouts: dict[tuple[int, int, int], torch.Tensor] = {}
-        self._digests: dict[tuple[int, int] | None, int] = {}
+        self._digests: dict[tuple[int, Hashable] | None, int] = {}
         self._pattern: Pattern | None = None
         self._block_layout: torch.Tensor | None = None
         self.pattern = build_pattern(pattern, **pattern_options) if isinstance(pattern, str) else pattern

@@ -83,7 +83,7 @@ class Enabled:
     distributed: bool
     modules: dict[tuple[float | None, float, tuple[int, int] | None], nn.Module] = field(default_factory=dict)
     # the documents last read on the host (:meth:`on_host`): key, (source, version) pairs, cu_seqlens
-    _host: tuple[Any, tuple[tuple[Any, int], ...], torch.Tensor | None] | None = field(default=None, repr=False)
+    _host: tuple[Any, tuple[tuple[Any, int | None], ...], torch.Tensor | None] | None = field(default=None, repr=False)
 
     def attention(self, scaling: float | None, dropout: float, window: tuple[int, int] | None) -> nn.Module:
         key = (scaling, dropout, window)
