@@ -53,6 +53,20 @@ def test_random_is_reproducible_and_seeded():
     assert per_head.shape == (3, 8, 8) and not torch.equal(per_head[0], per_head[1])
 
 
+def test_random_does_not_depend_on_the_default_dtype():
+    """The same seed gives the same layout in a program that sets ``torch.set_default_dtype(torch.float64)`` (a model
+    evaluated in such a program keeps the sparsity it was trained with)."""
+    layouts = []
+    for dtype in (torch.float32, torch.float64):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            layouts.append(build_pattern("random", density=0.3, seed=1, per_head=True).layout(256, 8, 2))
+        finally:
+            torch.set_default_dtype(previous)
+    assert torch.equal(*layouts)
+
+
 @pytest.mark.parametrize(("n", "block", "density"), [(65536, 128, 0.1), (1000, 10, 0.25), (64, 8, 0.3), (40, 3, 0.2)])
 @pytest.mark.parametrize("per_head", [False, True])
 def test_random_exact_density(n, block, density, per_head):

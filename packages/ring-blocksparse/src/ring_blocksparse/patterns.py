@@ -197,7 +197,7 @@ class Random(Pattern):
         nb = num_blocks(seq_len, block_size)
         generator = torch.Generator().manual_seed(self.seed)
         heads = num_heads if self.per_head else 1
-        scores = torch.rand(heads, nb, nb, generator=generator)
+        scores = torch.rand(heads, nb, nb, generator=generator, dtype=torch.float32)  # (not the default dtype's draw)
         eye = torch.eye(nb, dtype=torch.bool)
         if not self.exact:
             allowed = scores < self.target

@@ -276,7 +276,8 @@ class MathKernel(KernelBackend):
     ) -> torch.Tensor:
         generator = torch.Generator(device=device)
         generator.manual_seed((seed * 1_000_003 + chunk_index) % (2**63))
-        return torch.rand(shape, generator=generator, device=device) >= p
+        # float32 whatever the default dtype: the backward draws the forward's mask again
+        return torch.rand(shape, generator=generator, device=device, dtype=torch.float32) >= p
 
     def _scores(
         self, qc: torch.Tensor, k: torch.Tensor, scale: float, row0: int, causal: bool, mask: torch.Tensor | None
