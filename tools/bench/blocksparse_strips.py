@@ -124,14 +124,19 @@ def visited_pairs(plan) -> tuple[int, int]:
     return visited, partial
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """The shape of the measured attention: sequence, heads, head dim, block, the dilated branches."""
     parser.add_argument("--seq-len", type=int, default=65536)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--segments", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--rates", type=int, nargs="+", default=[1, 2, 4])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_shape_arguments(parser)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--sparse-kernel", default="auto", choices=("auto", "flex"),
                         help="the strips' kernel: auto (flash-attn 4 where it can, when installed) or flex")  # fmt: skip
