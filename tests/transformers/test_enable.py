@@ -197,6 +197,34 @@ def test_a_copied_model_stays_enabled_and_keeps_nothing_in_its_state():
     assert copied.config._attn_implementation == "sdpa" and model.config._attn_implementation == "ring_attention"
 
 
+class Wrapped(torch.nn.Module):
+    """A wrapper with PEFT's protocol (LoRA models): the transformers model it wraps from ``get_base_model()``."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.base_model = model
+
+    def get_base_model(self) -> torch.nn.Module:
+        return self.base_model
+
+    def forward(self, **inputs):
+        return self.base_model(**inputs)
+
+
+def test_a_wrapped_model_is_enabled_through_its_base_model():
+    """``enable`` on a PEFT-style wrapper (``get_base_model()``) enables the model inside; ``disable`` undoes it."""
+    ids = tokens(2, 17)
+    expected = ring_transformers.enable(build("llama"), "dilated", segment_lengths=[4, 8], dilation_rates=[1, 2])
+    wrapped = Wrapped(build("llama"))
+    assert ring_transformers.enable(wrapped, "dilated", segment_lengths=[4, 8], dilation_rates=[1, 2]) is wrapped
+    assert wrapped.base_model.config._attn_implementation == "ring_attention"
+    assert relative_error(wrapped(input_ids=ids).logits, expected(input_ids=ids).logits) == 0.0
+    ring_transformers.disable(wrapped)
+    assert wrapped.base_model.config._attn_implementation == "sdpa"
+    with pytest.raises(RingTransformersError, match="must be a transformers PreTrainedModel, got Wrapped"):
+        ring_transformers.enable(Wrapped(torch.nn.Linear(2, 2)), "dilated", **DENSE)
+
+
 def test_a_saved_model_loads_enabled_and_computes_the_same(tmp_path):
     """``torch.save`` of a whole model after a packed forward (the documents it read are not saved) and loaded back:
     enabled, the same logits."""

@@ -154,7 +154,8 @@ def enable(model: nn.Module, name: str, **options: Any) -> nn.Module:
 
     ``model`` is a transformers ``PreTrainedModel`` whose attention goes through
     transformers' ``AttentionInterface`` (Llama, Mistral, Qwen2 and most decoder
-    models: ``type(model)._supports_attention_backend``). ``options`` are
+    models: ``type(model)._supports_attention_backend``), or a wrapper of one with
+    ``get_base_model()`` (a PEFT model: LoRA and the like). ``options`` are
     ``create_attention``'s (``segment_lengths``, ``dilation_rates``, ``process_group``,
     ``layout``, ...); the softmax scale and the attention dropout come from the
     model. Options are checked here, by building the module once: a rejected one
@@ -204,9 +205,13 @@ def disable(model: nn.Module) -> nn.Module:
 
 
 def _check_model(model: nn.Module) -> PreTrainedModel:
-    """``model`` as a transformers model whose attention can be switched, else a clear error."""
+    """``model`` (or the model a wrapper's ``get_base_model()`` returns: PEFT's) as a transformers model whose attention
+    can be switched, else a clear error."""
     from transformers import PreTrainedModel
 
+    base = getattr(model, "get_base_model", None)
+    if not isinstance(model, PreTrainedModel) and callable(base) and isinstance(base(), PreTrainedModel):
+        model = base()  # (the wrapper's modules hold the base model's: enable marks them all)
     if not isinstance(model, PreTrainedModel):
         raise RingTransformersError(
             f"model must be a transformers PreTrainedModel, got {type(model).__name__}; for plain PyTorch "
