@@ -440,7 +440,7 @@ def unbatched_rows(row, finish, record, layout, segments, rates) -> None:
 
 def simulate_ring(args, q, k, v, dout, layout, save, record) -> dict:
     """Each rank's steps of the sparse ring on one GPU, fed the rows its plan receives; vs the one-GPU run."""
-    n, h, block, world = args.seq_len, args.heads, args.block_size, args.ring
+    n, block, world = args.seq_len, args.block_size, args.ring
     segs, rts = [n], [1]
     causal = False
     kernel = dense_strip_kernel(q, causal, q.shape[-1] ** -0.5, None)
@@ -451,24 +451,14 @@ def simulate_ring(args, q, k, v, dout, layout, save, record) -> dict:
     grads1 = torch.autograd.grad(out1, (q, k, v), dout)
     result = {"world_size": world, "layout": "contiguous", "pattern": "random", "density": layout.float().mean().item(),
               "causal": causal, "one_gpu_ms": one_ms, "ranks": []}  # fmt: skip
-    options = dict(num_heads=h, num_kv_heads=h, branch_list=branches(segs, rts, "lse", h), block_size=block,
-                   layout=layout, causal=causal)  # fmt: skip
-    shards = [shard_positions(n, r, world, "contiguous").to(q.device) for r in range(world)]
-    local = [[x.detach()[:, rows] for x in (q, k, v, dout)] for rows in shards]
+    shards, local = ring_shards((q, k, v, dout), world)
     outs, grads = [], [torch.zeros_like(x, dtype=torch.float32) for x in (q, k, v)]
     total = kernels = 0.0
     for rank in range(world):
         t0 = time.perf_counter()
-        plan = build_strip_plan(seq_len=n, rank=rank, world_size=world, layout_kind="contiguous", q=local[rank][0],
-                                **options)  # fmt: skip
+        run = ring_rank(local, rank, layout, kernel, block=block, sparse=args.sparse_kernel)
+        _, plan, _, _, received, state = run
         build_s = time.perf_counter() - t0
-        schedule = StripRingSchedule(plan, kernel, sparse=args.sparse_kernel)
-        # the rows as the ring receives them: K and V views of one K|V buffer
-        received = {s: torch.cat([local[s][1], local[s][2]], -1).index_select(1, plan.recv_rows[s]).split(
-                    [k.shape[-1], v.shape[-1]], -1) for s in range(world) if s != rank}  # fmt: skip
-
-        state: dict = {}
-        run = (schedule, plan, rank, local[rank], received, state)
         fwd_ms = median_ms(lambda run=run: rank_steps(*run, backward=False), repeats=args.repeats)
         both_ms = median_ms(lambda run=run: rank_steps(*run, backward=True), repeats=args.repeats)
         total += both_ms
@@ -508,6 +498,29 @@ def simulate_ring(args, q, k, v, dout, layout, save, record) -> dict:
         flush=True,
     )
     return result
+
+
+def ring_shards(tensors: tuple[torch.Tensor, ...], world: int) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    """Each rank's rows of ``(1, N, ...)`` tensors (contiguous layout) and the tensors' shards, per rank."""
+    n = tensors[0].shape[1]
+    shards = [shard_positions(n, r, world, "contiguous").to(tensors[0].device) for r in range(world)]
+    return shards, [[x.detach()[:, rows] for x in tensors] for rows in shards]
+
+
+def ring_rank(local: list[list[torch.Tensor]], rank: int, layout, kernel, *, block: int, sparse: str) -> tuple:
+    """Rank ``rank`` of a sparse ring over the shards ``local`` (:func:`ring_shards` of q, k, v, dout; one rate-1
+    branch over the whole sequence, not causal) on one GPU: ``(schedule, plan, rank, its shards, the rows it receives,
+    state)`` as :func:`rank_steps` and :func:`kernels_alone` take them (the plan built here, ``state`` empty)."""
+    world, q, k = len(local), local[rank][0], local[rank][1]
+    n, h = q.shape[1] * world, q.shape[2]
+    plan = build_strip_plan(
+        seq_len=n, rank=rank, world_size=world, layout_kind="contiguous", q=q, num_heads=h, num_kv_heads=k.shape[2],
+        branch_list=branches([n], [1], "lse", h), block_size=block, layout=layout, causal=False,
+    )  # fmt: skip
+    # the rows as the ring receives them: K and V views of one K|V buffer
+    received = {s: torch.cat([local[s][1], local[s][2]], -1).index_select(1, plan.recv_rows[s]).split(
+                [local[s][1].shape[-1], local[s][2].shape[-1]], -1) for s in range(world) if s != rank}  # fmt: skip
+    return StripRingSchedule(plan, kernel, sparse=sparse), plan, rank, local[rank], received, {}
 
 
 def kernels_alone(schedule, plan, rank: int, local, received: dict, state: dict):

@@ -30,11 +30,16 @@ import torch
 
 from ring_blocksparse import BlockSparseRingDilatedAttention, Random
 from ring_blocksparse.attention import dense_strip_kernel
-from ring_blocksparse.strip_ring import StripRingSchedule, build_strip_plan
-from ring_core.dilated import branches
-from ring_core.sharding import shard_positions
 from tools import command_line
-from tools.bench.blocksparse_strips import add_shape_arguments, band, kernels_alone, packed_documents, rank_steps
+from tools.bench.blocksparse_strips import (
+    add_shape_arguments,
+    band,
+    kernels_alone,
+    packed_documents,
+    rank_steps,
+    ring_rank,
+    ring_shards,
+)
 
 SPARSE = {"cuda": "auto", "cpu": "math"}  # the strips' kernels: the CPU runs their math twin (--quick)
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaEventSynchronize")
@@ -111,24 +116,10 @@ def main(argv: list[str] | None = None) -> int:
 def ring_steps(args, q, k, v, dout) -> list:
     """Rank 1's steps of the sparse ring of ``--ring`` ranks (random 10%, one rate-1 branch, as in ``blocksparse_strips
     --ring``) simulated on one GPU, and the same tiles' kernels alone."""
-    n, h, world, rank = args.seq_len, args.heads, args.ring, 1
-    layout = Random(density=0.1, seed=0).layout(n, args.block_size)
+    layout = Random(density=0.1, seed=0).layout(args.seq_len, args.block_size)
     kernel = dense_strip_kernel(q, False, q.shape[-1] ** -0.5, None)
-    shards = [shard_positions(n, r, world, "contiguous").to(q.device) for r in range(world)]
-    local = [[x.detach()[:, rows] for x in (q, k, v, dout)] for rows in shards]
-    plan = build_strip_plan(
-        seq_len=n, rank=rank, world_size=world, layout_kind="contiguous", q=local[rank][0], num_heads=h,
-        num_kv_heads=h, branch_list=branches([n], [1], "lse", h), block_size=args.block_size, layout=layout,
-        causal=False,
-    )  # fmt: skip
-    schedule = StripRingSchedule(plan, kernel, sparse=SPARSE[q.device.type])
-    received = {
-        s: torch.cat([local[s][1], local[s][2]], -1).index_select(1, plan.recv_rows[s]).split([k.shape[-1]] * 2, -1)
-        for s in range(world)
-        if s != rank
-    }
-    state: dict = {}
-    run = (schedule, plan, rank, local[rank], received, state)
+    _, local = ring_shards((q, k, v, dout), args.ring)
+    run = ring_rank(local, 1, layout, kernel, block=args.block_size, sparse=SPARSE[q.device.type])
     rank_steps(*run, backward=True)
     return [("ring steps", lambda: rank_steps(*run, backward=True)), ("ring kernels", kernels_alone(*run))]
 
