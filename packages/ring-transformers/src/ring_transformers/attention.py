@@ -109,7 +109,10 @@ class Enabled:
         """``read()`` (documents as ``cu_seqlens``, or None) as a host tensor, read once for these very ``sources``
         (the same tensor objects, unmodified: their versions) and ``key``. Every layer of a forward is given the
         same tensors, and reading a device tensor's values waits for the device: the layers after the first then
-        neither wait nor read (an implementation reads a host ``cu_seqlens`` without a sync)."""
+        neither wait nor read (an implementation reads a host ``cu_seqlens`` without a sync). Without sources (none
+        given, or read through a collective) or compiled (nothing is read on the host), ``read()`` as it is."""
+        if not sources or torch.compiler.is_compiling():
+            return read()
         versions = [tensor_version(x) for x in sources]
         last = self._host
         if (
@@ -210,8 +213,9 @@ def _check_model(model: nn.Module) -> PreTrainedModel:
     from transformers import PreTrainedModel
 
     base = getattr(model, "get_base_model", None)
-    if not isinstance(model, PreTrainedModel) and callable(base) and isinstance(base(), PreTrainedModel):
-        model = base()  # (the wrapper's modules hold the base model's: enable marks them all)
+    inner = base() if not isinstance(model, PreTrainedModel) and callable(base) else None
+    if isinstance(inner, PreTrainedModel):
+        model = inner  # (the wrapper's modules hold the base model's: enable marks them all)
     if not isinstance(model, PreTrainedModel):
         raise RingTransformersError(
             f"model must be a transformers PreTrainedModel, got {type(model).__name__}; for plain PyTorch "
@@ -318,19 +322,16 @@ def ring_attention_forward(
     packed = attention_mask if isinstance(attention_mask, PackedMask) else None
     padding = _key_padding_mask(attention_mask if packed is None else packed.padding)
     given = tuple(x for x in (kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")) if isinstance(x, torch.Tensor))
-    cu_seqlens = _once(
-        choice, given, ("given", world_size, q.shape[0]), lambda: _given_cu_seqlens(kwargs, world_size, q.shape[0])
+    cu_seqlens = choice.on_host(
+        given, ("given", world_size, q.shape[0]), lambda: _given_cu_seqlens(kwargs, world_size, q.shape[0])
     )
     if cu_seqlens is None and packed is not None:
         cu_seqlens = packed.cu_seqlens
     elif cu_seqlens is None and is_causal:  # (an encoder's documents are its mask's, as in its sdpa)
         position_ids = kwargs.get("position_ids")
         sources = (position_ids,) if isinstance(position_ids, torch.Tensor) and world_size == 1 else ()
-        cu_seqlens = _once(
-            choice,
-            sources,
-            ("positions", q.shape[0]),
-            lambda: _cu_seqlens(position_ids, choice, world_size, q.shape[0]),
+        cu_seqlens = choice.on_host(
+            sources, ("positions", q.shape[0]), lambda: _cu_seqlens(position_ids, choice, world_size, q.shape[0])
         )
     if cu_seqlens is None:
         return attn(q, k, v, is_causal=bool(is_causal), key_padding_mask=padding), None
@@ -487,16 +488,6 @@ def _key_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | Non
             "takes a 2-D padding mask (B, N), causality from the model; a custom 4-D mask cannot be expressed"
         )
     return attention_mask == 0 if attention_mask.dtype != torch.bool else ~attention_mask
-
-
-def _once(
-    choice: Enabled, sources: tuple[torch.Tensor, ...], key: Any, read: Callable[[], torch.Tensor | None]
-) -> torch.Tensor | None:
-    """``read()``, on the host once per forward (:meth:`Enabled.on_host`) where its ``sources`` are tensors it reads
-    without a collective; compiled (nothing read on the host) or without sources, as it is."""
-    if not sources or torch.compiler.is_compiling():
-        return read()
-    return choice.on_host(sources, key, read)
 
 
 def _given_cu_seqlens(kwargs: dict[str, Any], world_size: int, batch: int) -> torch.Tensor | None:
