@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 _MaskMod = Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # per-call segment ids of a call's query and key strip rows (packed documents)
 _Segments = tuple[torch.Tensor, torch.Tensor]
+# a rule's tensors, as its ``mask_mod`` reads them (:meth:`StripRule.mask_parts`): None where a term is not read
+_Parts = tuple[torch.Tensor | None, ...]
 
 _COMPILED: dict[str, Any] = {}
 # Each strip shape and rule variant is one more compiled graph of flex_attention (a dilated
@@ -271,9 +273,16 @@ class StripRule:
         """A ``mask_mod``: segment, window and causality, (if asked and there is one) the layout, and (when given)
         the key padding ``pad`` (bool ``(B, nk)`` over the key strip's rows, ``True``: padded); ``segments``: the
         rows' segment ids of this call instead of the plan's (packed documents, :func:`document_segments`)."""
-        lay = self.layout if layout else None
+        return _rule_of(*self.mask_parts(layout, pad, segments))
+
+    def mask_parts(
+        self, layout: bool = True, pad: torch.Tensor | None = None, segments: _Segments | None = None
+    ) -> tuple[Callable[..., torch.Tensor], _Parts]:
+        """:meth:`mask_mod` as a function of ``(b, h, q_idx, kv_idx, *parts)`` and its ``parts`` (tensors, None
+        where a term is not read)."""
         qseg, kseg = (self.qseg, self.kseg) if segments is None else segments
-        return _rule(lay, pad, self.qblk, self.kblk, qseg, kseg, self.qpos, self.kpos, self.lo, self.hi)
+        lay = self.layout if layout else None
+        return _token_rule, (self.qblk, self.kblk, qseg, kseg, self.qpos, self.kpos, self.lo, self.hi, lay, pad)
 
     def dense(
         self, heads: int, layout: bool = True, pad: torch.Tensor | None = None, segments: _Segments | None = None
@@ -302,9 +311,15 @@ class BatchRule:
         self, layout: bool = True, pad: torch.Tensor | None = None, segments: _Segments | None = None
     ) -> _MaskMod:
         """:meth:`StripRule.mask_mod` of each call, on its batch (``pad``: ``(m, nk)``; ``segments``: ``(m, n)`` each)."""
-        lay = self.layout if layout else None
+        return _rule_of(*self.mask_parts(layout, pad, segments))
+
+    def mask_parts(
+        self, layout: bool = True, pad: torch.Tensor | None = None, segments: _Segments | None = None
+    ) -> tuple[Callable[..., torch.Tensor], _Parts]:
+        """:meth:`StripRule.mask_parts` of the batch."""
         qseg, kseg = (self.qseg, self.kseg) if segments is None else segments
-        return _batched_rule(lay, pad, self.qblk, self.kblk, qseg, kseg, self.qpos, self.kpos, self.lo, self.hi)
+        lay = self.layout if layout else None
+        return _batched_token_rule, (self.qblk, self.kblk, qseg, kseg, self.qpos, self.kpos, self.lo, self.hi, lay, pad)
 
     def dense(
         self, heads: int, layout: bool = True, pad: torch.Tensor | None = None, segments: _Segments | None = None
@@ -323,56 +338,66 @@ def _every_pair(rule: _MaskMod, batch: int, heads: int, qpos: torch.Tensor, kpos
     return rule(b[:, None, None, None], h[:, None, None], q_idx[:, None], kv_idx).expand(batch, heads, n, m)
 
 
-def _batched_rule(
-    lay: torch.Tensor | None,
-    pad: torch.Tensor | None,
-    qblk: torch.Tensor,
-    kblk: torch.Tensor,
-    qseg: torch.Tensor,
-    kseg: torch.Tensor,
-    qpos: torch.Tensor,
-    kpos: torch.Tensor,
-    lo: torch.Tensor,
-    hi: torch.Tensor,
-) -> _MaskMod:
-    # :func:`_rule` with every per-row tensor and the layout read at the batch index (one code object, as there): a
-    # single call's tensors serve every batch element instead, so the two cannot share one closure
-    def mask_mod(b: Any, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        offset = kpos[b, kv_idx] - qpos[b, q_idx]
-        ok = (qseg[b, q_idx] == kseg[b, kv_idx]) & (offset >= lo) & (offset <= hi)
-        if lay is not None:
-            ok = ok & lay[b, h % lay.shape[1], qblk[b, q_idx], kblk[b, kv_idx]]
-        if pad is not None:
-            ok = ok & ~pad[b, kv_idx]
-        return ok
-
-    return mask_mod
-
-
-def _rule(
-    lay: torch.Tensor | None,
-    pad: torch.Tensor | None,
-    qblk: torch.Tensor,
-    kblk: torch.Tensor,
-    qseg: torch.Tensor,
-    kseg: torch.Tensor,
-    qpos: torch.Tensor,
-    kpos: torch.Tensor,
-    lo: torch.Tensor,
-    hi: torch.Tensor,
-) -> _MaskMod:
+def _rule_of(rule: Callable[..., torch.Tensor], parts: _Parts) -> _MaskMod:
     # One code object for every call (dynamo matches closures by code; the tensors are graph inputs),
     # so only the shapes and whether the layout and the padding are read make separate compiled kernels.
     def mask_mod(b: Any, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        offset = kpos[kv_idx] - qpos[q_idx]
-        ok = (qseg[q_idx] == kseg[kv_idx]) & (offset >= lo) & (offset <= hi)
-        if lay is not None:
-            ok = ok & lay[h % lay.shape[0], qblk[q_idx], kblk[kv_idx]]
-        if pad is not None:
-            ok = ok & ~pad[b, kv_idx]
-        return ok
+        return rule(b, h, q_idx, kv_idx, *parts)
 
     return mask_mod
+
+
+def _token_rule(
+    b: Any,
+    h: torch.Tensor,
+    q_idx: torch.Tensor,
+    kv_idx: torch.Tensor,
+    qblk: torch.Tensor,
+    kblk: torch.Tensor,
+    qseg: torch.Tensor,
+    kseg: torch.Tensor,
+    qpos: torch.Tensor,
+    kpos: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    lay: torch.Tensor | None,
+    pad: torch.Tensor | None,
+) -> torch.Tensor:
+    """:meth:`StripRule.mask_mod`'s rule, its tensors as arguments (:meth:`StripRule.mask_parts`)."""
+    offset = kpos[kv_idx] - qpos[q_idx]
+    ok = (qseg[q_idx] == kseg[kv_idx]) & (offset >= lo) & (offset <= hi)
+    if lay is not None:
+        ok = ok & lay[h % lay.shape[0], qblk[q_idx], kblk[kv_idx]]
+    if pad is not None:
+        ok = ok & ~pad[b, kv_idx]
+    return ok
+
+
+def _batched_token_rule(
+    b: Any,
+    h: torch.Tensor,
+    q_idx: torch.Tensor,
+    kv_idx: torch.Tensor,
+    qblk: torch.Tensor,
+    kblk: torch.Tensor,
+    qseg: torch.Tensor,
+    kseg: torch.Tensor,
+    qpos: torch.Tensor,
+    kpos: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    lay: torch.Tensor | None,
+    pad: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`_token_rule` with every per-row tensor and the layout read at the batch index (a single call's
+    tensors serve every batch element instead, so the two cannot share one function)."""
+    offset = kpos[b, kv_idx] - qpos[b, q_idx]
+    ok = (qseg[b, q_idx] == kseg[b, kv_idx]) & (offset >= lo) & (offset <= hi)
+    if lay is not None:
+        ok = ok & lay[b, h % lay.shape[1], qblk[b, q_idx], kblk[b, kv_idx]]
+    if pad is not None:
+        ok = ok & ~pad[b, kv_idx]
+    return ok
 
 
 def int32_on(values: Any, device: torch.device) -> torch.Tensor:
@@ -484,6 +509,15 @@ def call_cuts(units: Sequence[Any], pad: torch.Tensor | None, documents: torch.T
     return cuts
 
 
+def call_mask_parts(
+    tiles: Tiles, rule: StripRule | BatchRule, device: torch.device, cut: Cut | None = None
+) -> tuple[Callable[..., torch.Tensor], _Parts]:
+    """The rule a call's block mask evaluates (:meth:`StripRule.mask_parts`), under its :class:`Cut` if any."""
+    # the fused kernel asks the rule only inside partial tiles; the eager one ignores the tiles
+    layout = tiles.needs_layout or device.type != "cuda"
+    return rule.mask_parts(layout) if cut is None else rule.mask_parts(layout, cut.pad, cut.segments)
+
+
 def strip_block_mask(
     tiles: Tiles,
     rule: StripRule | BatchRule,
@@ -500,9 +534,7 @@ def strip_block_mask(
     lists: tuple[torch.Tensor, ...] = (
         (*block_lists(tiles.partial, device), *block_lists(tiles.full, device)) if cut is None else cut.lists
     )
-    # the fused kernel asks the rule only inside partial tiles; the eager one ignores the tiles
-    layout = tiles.needs_layout or device.type != "cuda"
-    mask_mod = rule.mask_mod(layout) if cut is None else rule.mask_mod(layout, cut.pad, cut.segments)
+    mask_mod = _rule_of(*call_mask_parts(tiles, rule, device, cut))
     kv_num, kv_index, full_num, full_index = lists[:4]
     block_mask = BlockMask.from_kv_blocks(
         kv_num, kv_index, full_num, full_index, BLOCK_SIZE=tiles.tile, mask_mod=mask_mod, seq_lengths=(q_len, k_len),
@@ -516,6 +548,23 @@ def strip_block_mask(
     # a query sees itself in its diagonal tile (every window holds offset 0) unless the layout or segment cut it
     diagonal_only = rule.same_strip and rule.causal and not (tiles.needs_layout or tiles.needs_segment)
     return block_mask, safe_flags(tiles.full, tiles.partial, diagonal_only)
+
+
+def compiled_flex(name: str, function: Callable[..., Any], tile: int, *, fullgraph: bool = False) -> Any:
+    """``function`` (a FlexAttention call) compiled for CUDA, once per ``name`` and kind of tile (``tile``: the
+    block mask's rows); ``fullgraph``: raise where dynamo cannot trace it whole (instead of running it eagerly)."""
+    # Block tiles compile with max_autotune: inductor's backward drops the configs whose default tiles do not
+    # divide the block mask's before it applies kernel_options (pytorch/pytorch#176025), and only
+    # max_autotune's list holds small ones (each then runs the options' tiles).
+    fine = tile < FLEX_TILE
+    key = f"{name} block tiles" if fine else name
+    if key not in _COMPILED:
+        limits = torch._dynamo.config
+        limits.recompile_limit = max(limits.recompile_limit, MIN_RECOMPILE_LIMIT)
+        limits.accumulated_recompile_limit = max(limits.accumulated_recompile_limit, 8 * MIN_RECOMPILE_LIMIT)
+        options: dict[str, Any] | None = {"max_autotune": True} if fine else None
+        _COMPILED[key] = torch.compile(function, fullgraph=fullgraph, dynamic=False, options=options)
+    return _COMPILED[key]
 
 
 def flex_strip_attention(
@@ -532,17 +581,7 @@ def flex_strip_attention(
     ``lse`` ``(B, h, n)`` (float32; ``-inf`` and a zero output for rows with no allowed key)."""
     flex = _flex_attention()
     if q.device.type == "cuda":
-        # Block tiles compile with max_autotune: inductor's backward drops the configs whose default tiles do not
-        # divide the block mask's before it applies kernel_options (pytorch/pytorch#176025), and only
-        # max_autotune's list holds small ones (each then runs the options' tiles).
-        fine = block_mask.BLOCK_SIZE[0] < FLEX_TILE
-        name = "cuda-block-tiles" if fine else "cuda"
-        if name not in _COMPILED:
-            limits = torch._dynamo.config
-            limits.recompile_limit = max(limits.recompile_limit, MIN_RECOMPILE_LIMIT)
-            limits.accumulated_recompile_limit = max(limits.accumulated_recompile_limit, 8 * MIN_RECOMPILE_LIMIT)
-            _COMPILED[name] = torch.compile(flex, dynamic=False, options={"max_autotune": True} if fine else None)
-        flex = _COMPILED[name]
+        flex = compiled_flex("forward", flex, block_mask.BLOCK_SIZE[0])
     try:
         from torch.nn.attention.flex_attention import AuxRequest
     except ImportError:  # torch < 2.9

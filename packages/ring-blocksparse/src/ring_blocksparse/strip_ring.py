@@ -32,6 +32,8 @@ from ring_core.plugin import Accumulator, BlockKernel, shard_positions
 
 from .fa4 import fa4_backward, fa4_forward
 from .flex import call_cuts, sparse_backward
+from .flex_backward import available as flex_backward_available
+from .flex_backward import call_backward
 from .gather import BlockSparseSchedule, CommStats, _Posted
 from .rows import gather_rows, scatter_rows
 from .strided import StripCall, StripRun, fa4_blocks, sparse_forward, strip_calls, strip_units
@@ -257,6 +259,8 @@ class StripRingSchedule(BlockSparseSchedule):
         put_keys = _write if write_keys else accumulate
         units = strip_units(self.run, calls, q)
         cuts = call_cuts(units, pad, self.run.documents)
+        # FlexAttention's backward kernel alone on the final out and lse; the dense twin ("math") through autograd
+        direct = self.run.sparse != "math" and flex_backward_available(q)
         for call, cut in zip(units, cuts):
             blocks = fa4_blocks(self.run, call, q)
             dk_view, dv_view = call.kv_leaf(dkb), call.kv_leaf(dvb)
@@ -270,7 +274,9 @@ class StripRingSchedule(BlockSparseSchedule):
                 bq, bk, bv = fa4_backward(
                     call, blocks, q, kb, vb, out, lse, dout, scale=self.kernel.scale, outputs=outputs
                 )
-            else:
+            elif direct:
+                bq, bk, bv = call_backward(call, q, kb, vb, out, lse, dout, scale=self.kernel.scale, cut=cut)
+            else:  # the call's forward again, for autograd's graph
                 o, lse_call, leaves = sparse_forward(self.run, call, q, kb, vb, grad=True, cut=cut)
                 bq, bk, bv = sparse_backward(call, o, lse_call, leaves, dout, out, lse)
             accumulate(call.q_view(dq), bq)
