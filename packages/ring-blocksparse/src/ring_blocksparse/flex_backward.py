@@ -48,11 +48,12 @@ def call_backward(
     *,
     scale: float,
     cut: Cut | None = None,
+    dlse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ``(dq, dk, dv)`` of one FlexAttention strip call (or batch of calls) under the final ``out``, ``lse``
-    (``(B, N, H, D)``, ``(B, N, H)`` natural log, float32) and ``dout``, shaped as the call's views
-    ``call.q_view(q)``, ``call.kv_leaf(k)``, ``call.kv_leaf(v)``; ``cut``: the call's
-    :class:`~ring_blocksparse.flex.Cut` when it was built padded or for packed documents."""
+    (``(B, N, H, D)``, ``(B, N, H)`` natural log) and ``dout``, shaped as the call's views ``call.q_view(q)``,
+    ``call.kv_leaf(k)``, ``call.kv_leaf(v)``; ``cut``: the call's :class:`~ring_blocksparse.flex.Cut` when it was
+    built padded or for packed documents; ``dlse``: the final lse's gradient ``(B, N, H)``, or None."""
     from torch.nn.attention.flex_attention import _apply_kernel_options
 
     k_leaf, v_leaf = call.kv_leaf(k), call.kv_leaf(v)
@@ -62,12 +63,17 @@ def call_backward(
         block_mask, _ = strip_block_mask(call.tiles, call.rule, len(call.q), len(call.k), q.device, cut)
     options = _apply_kernel_options(qt, kt, vt, True, call.kernel_options)
     final_lse = call.q_view(lse).transpose(1, 2)
+    grad_lse = None if dlse is None else call.q_view(dlse).transpose(1, 2)
+    if q.is_cuda:  # (the kernels' lse is float32; the CPU's dense form keeps a float64 call's)
+        final_lse = final_lse.float()
+        grad_lse = None if grad_lse is None else grad_lse.float()
     if options.get("BACKEND") != "FLASH":  # the Triton kernels keep lse in base 2
         final_lse = final_lse / math.log(2)
+        grad_lse = None if grad_lse is None else grad_lse * math.log(2)
     rule, parts = call_mask_parts(call.tiles, call.rule, q.device, cut)
     buffers = tuple(x for x in parts if x is not None)
     dq, dk, dv = _backward(q.device, block_mask.BLOCK_SIZE[0])(
-        qt, kt, vt, call.q_view(out).transpose(1, 2), final_lse, call.q_view(dout).transpose(1, 2),
+        qt, kt, vt, call.q_view(out).transpose(1, 2), final_lse, call.q_view(dout).transpose(1, 2), grad_lse,
         block_mask.as_tuple()[:-1], scale, options, buffers, _graphs(rule, parts, qt),
     )  # fmt: skip
     return dq.transpose(1, 2), _to_leaf(call, k_leaf, dk.transpose(1, 2)), _to_leaf(call, v_leaf, dv.transpose(1, 2))
@@ -91,6 +97,7 @@ def _operator_call(
     out: torch.Tensor,
     lse: torch.Tensor,
     dout: torch.Tensor,
+    dlse: torch.Tensor | None,
     lists: tuple[Any, ...],
     scale: float,
     options: dict[str, Any],
@@ -102,7 +109,7 @@ def _operator_call(
     # the graphs come from a dict of dicts: dynamo installs a graph module passed to the operator under the name
     # of the dict item holding it (the source it checks is such an item of such an item)
     dq, dk, dv, _ = flex_attention_backward(
-        q, k, v, out, lse, dout, None, graphs["score"]["graph"], graphs["joint"]["graph"],
+        q, k, v, out, lse, dout, dlse, graphs["score"]["graph"], graphs["joint"]["graph"],
         (*lists, graphs["mask"]["graph"]), scale, options, (), buffers,
     )  # fmt: skip
     return dq, dk, dv

@@ -56,6 +56,8 @@ from .flex import (
     strip_call_forward,
     tile_for,
 )
+from .flex_backward import available as flex_backward_available
+from .flex_backward import call_backward
 from .strips import UNBOUNDED, Strip, Tiles, classify, runs, strip_of
 
 SPARSE_KERNELS = ("auto", "flex", "math")
@@ -398,6 +400,8 @@ def strip_backward(
     grads: list[torch.Tensor | None] = [None, None, None]
     backend = run.kernel.backend
     recompute = any(saved is None and call.run is None for call, saved in zip(run.units, run.saved))
+    # a call whose graph was not kept: FlexAttention's backward kernel alone on the final out and lse
+    direct = recompute and run.sparse != "math" and flex_backward_available(q)
     cuts = call_cuts(run.units, run.key_padding_mask, run.documents) if recompute else []
     for index, (call, saved) in enumerate(zip(run.units, run.saved)):
         if call.run is not None:
@@ -412,8 +416,13 @@ def strip_backward(
                 probe, zero_v, shifted = probes
                 lse_grads = fa4_backward(call, saved, q, k, zero_v, shifted, lse, probe, scale=scale)
                 blocks = _with_lse(blocks, [(slice(None), *lse_grads)])
+        elif saved is None and direct:
+            grads_of_call = call_backward(
+                call, q, k, v, out, lse, dout, scale=run.kernel.scale, cut=cuts[index], dlse=dlse
+            )
+            blocks = [(slice(None), *grads_of_call)]
         else:
-            if saved is None:
+            if saved is None:  # the call's forward again, for autograd's graph
                 saved = sparse_forward(run, call, q, k, v, grad=True, cut=cuts[index])
             o, lse_call, leaves = saved
             blocks = [(slice(None), *sparse_backward(call, o, lse_call, leaves, dout, out, lse, dlse))]

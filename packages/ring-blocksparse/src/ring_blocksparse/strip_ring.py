@@ -3,7 +3,9 @@
 Every rank computes the same plan for every pair of ranks (which key/value rows one sends the other),
 so sends and receives match without talking. Each ring step runs the calls of
 :mod:`ring_blocksparse.strided` against the source's shard, the received rows put back at their rows;
-the backward recomputes each step's calls instead of keeping their graphs, so memory stays one shard.
+the backward runs each step's calls' backward kernels again on the final out and lse instead of keeping their
+graphs, so memory stays one shard (FlexAttention's backward operator alone, :mod:`ring_blocksparse.flex_backward`;
+where it is not available, the calls' forward again for autograd).
 
 Note (the steps' own passes over shard-sized tensors). When a rank receives every row of a source's
 shard (most sparse layouts need every key tile somewhere), the received K|V buffer *is* that shard in
