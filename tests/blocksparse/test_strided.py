@@ -376,6 +376,45 @@ def test_return_lse_runs_on_the_strips_with_its_gradient(name, segments, rates, 
     assert not torch.allclose(without_lse, ref_grads[0])  # the lse's gradient is part of what is checked
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_strips_without_graphs_run_flex_backward_kernel(batch):
+    """A run that keeps no FlexAttention graph (saved-tensor hooks; the compiled op) calls FlexAttention's backward
+    operator on the final out and lse (here its dense form: the CPU's FlexAttention has no autograd backward), the
+    lse's gradient included: float64 vs the reference, per-head layout, causal, GQA, batched calls at batch 1."""
+    from ring_blocksparse import flex_backward
+
+    if not flex_backward.available(torch.empty(0)):
+        pytest.skip(f"torch {torch.__version__} predates the FlexAttention backward operator this calls")
+    n, h, block, segments, rates = 64, 4, 8, [16, 32, 64], [1, 2, 4]
+    layout = build_pattern("random", density=0.4, seed=9, per_head=True).layout(n, block, h)
+    generator = torch.Generator().manual_seed(batch)
+    q, dout = (torch.randn(batch, n, h, 8, generator=generator, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(batch, n, 2, 8, generator=generator, dtype=torch.float64) for _ in range(2))
+    dlse = torch.randn(batch, n, h, generator=generator, dtype=torch.float64)
+    calls = strip_calls(
+        torch.arange(n), torch.arange(n), num_heads=h, num_kv_heads=2, branch_list=branches(segments, rates, "lse", h),
+        block_size=block, layout=layout, causal=True, q=q,
+    )  # fmt: skip
+    run = StripRun(calls, dense_strip_kernel(q, True, 8**-0.5, None), "flex", lse_grad=True)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x):
+        out, lse = strip_attention(*leaves, run)
+    assert not run.grad and (batch > 1 or len(run.units) < len(calls))
+    grads = torch.autograd.grad((out, lse), leaves, (dout, torch.where(torch.isfinite(lse), dlse, 0)))
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref_out, ref_lse = reference_attention(
+        *ref_leaves, segment_lengths=segments, dilation_rates=rates, is_causal=True, block_layout=layout,
+        block_size=block, return_lse=True,
+    )  # fmt: skip
+    ref_lse = ref_lse.transpose(1, 2)
+    ref_grads = torch.autograd.grad(
+        (ref_out, ref_lse), ref_leaves, (dout, torch.where(torch.isfinite(ref_lse), dlse, 0))
+    )
+    torch.testing.assert_close(out, ref_out)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)
+
+
 def test_checkpointed_strips_keep_no_graph(monkeypatch):
     """Under activation checkpointing (saved-tensor hooks) the forward keeps no FlexAttention graph, which would hold
     what the checkpoint frees; the backward recomputes each call: the same gradients as without."""
