@@ -378,9 +378,9 @@ def test_return_lse_runs_on_the_strips_with_its_gradient(name, segments, rates, 
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_strips_without_graphs_run_flex_backward_kernel(batch):
-    """A run that keeps no FlexAttention graph (saved-tensor hooks; the compiled op) calls FlexAttention's backward
-    operator on the final out and lse (here its dense form: the CPU's FlexAttention has no autograd backward), the
-    lse's gradient included: float64 vs the reference, per-head layout, causal, GQA, batched calls at batch 1."""
+    """A run on FlexAttention keeps no graph: its backward calls FlexAttention's backward operator on the final out
+    and lse (here its dense form: the CPU's FlexAttention has no autograd backward), the lse's gradient included:
+    float64 vs the reference, per-head layout, causal, GQA, batched calls at batch 1."""
     from ring_blocksparse import flex_backward
 
     if not flex_backward.available(torch.empty(0)):
@@ -397,8 +397,7 @@ def test_strips_without_graphs_run_flex_backward_kernel(batch):
     )  # fmt: skip
     run = StripRun(calls, dense_strip_kernel(q, True, 8**-0.5, None), "flex", lse_grad=True)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    with torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x):
-        out, lse = strip_attention(*leaves, run)
+    out, lse = strip_attention(*leaves, run)
     assert not run.grad and (batch > 1 or len(run.units) < len(calls))
     grads = torch.autograd.grad((out, lse), leaves, (dout, torch.where(torch.isfinite(lse), dlse, 0)))
     ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]

@@ -261,7 +261,7 @@ class StripRun:
     # "auto": flash-attn 4 for the calls it can take when installed (:mod:`ring_blocksparse.fa4`),
     # FlexAttention for the rest; "flex": FlexAttention only; "math": its dense twin (tests, CPU backward)
     sparse: str = "auto"
-    grad: bool = True  # keep each FlexAttention call's graph for the backward
+    grad: bool = True  # keep each FlexAttention call's graph for the backward (else it runs the backward operator)
     saved: list[_Saved | Fa4Blocks | None] = field(default_factory=list)
     key_padding_mask: torch.Tensor | None = None  # (B, N) bool, True: padded key (the calls were built padded)
     lse_grad: bool = False  # the caller returns ``lse`` with its gradient (``return_lse``)
@@ -516,10 +516,13 @@ def _dense_backward(
 def strip_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, run: StripRun
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``out`` (B, N, H, D) and ``lse`` (B, N, H) of the calls in ``run`` (one process). The forward keeps each
-    FlexAttention call's graph for the backward, except under saved-tensor hooks (activation checkpointing,
-    offloading: the graphs would hold what the hooks manage), where the backward recomputes each such call."""
+    """``out`` (B, N, H, D) and ``lse`` (B, N, H) of the calls in ``run`` (one process). The forward keeps no
+    FlexAttention graph where the backward can run FlexAttention's backward operator on the final out and lse
+    (:mod:`ring_blocksparse.flex_backward`); elsewhere it keeps each call's graph for the backward, except under
+    saved-tensor hooks (activation checkpointing, offloading: the graphs would hold what the hooks manage), where
+    the backward recomputes each such call."""
     hooked = torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
-    run.grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)) and not hooked
+    direct = run.sparse != "math" and flex_backward_available(q)
+    run.grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)) and not hooked and not direct
     out, lse = _StripAttention.apply(run, q, k, v)  # type: ignore[no-untyped-call]
     return out.to(q.dtype), lse
