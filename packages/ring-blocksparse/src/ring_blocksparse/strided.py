@@ -10,12 +10,13 @@ the strip", every such pair allowed: plain dilated segments, non-overlapping win
 kernel of the registry (cuDNN on Hopper) over runs of the strip. Outputs merge by their
 log-sum-exps into one accumulator.
 
-Backward: a dense call takes the final ``out``/``lse`` (the engine's rule). A FlexAttention call
-is differentiated through its own ``(o, lse)``: with ``w = exp(lse_call - lse)`` the incoming
-gradients ``w * dout`` for ``o`` and ``w * rowsum(dout * (o - out))`` for ``lse_call`` make its
-backward exactly the block's contribution under the final softmax (FlexAttention supports
-gradients through its LSE). On one process the forward's graphs are kept (no recomputation); the
-ring (:mod:`ring_blocksparse.strip_ring`) recomputes each step's calls instead.
+Backward: a dense call takes the final ``out``/``lse`` (the engine's rule), and so does a FlexAttention call
+where FlexAttention's backward operator can be called alone (:mod:`ring_blocksparse.flex_backward`): the forward
+keeps nothing. Elsewhere a FlexAttention call is differentiated through its own ``(o, lse)``: with
+``w = exp(lse_call - lse)`` the incoming gradients ``w * dout`` for ``o`` and ``w * rowsum(dout * (o - out))`` for
+``lse_call`` make its backward exactly the block's contribution under the final softmax (FlexAttention supports
+gradients through its LSE); on one process the forward's graphs are kept, and the ring
+(:mod:`ring_blocksparse.strip_ring`) recomputes each step's calls instead.
 
 With flash-attn 4 installed, a call runs on its block-sparse kernels instead of FlexAttention,
 the token rule of its partial tiles as a ``mask_mod`` where it needs one (:mod:`ring_blocksparse.fa4`;
@@ -389,7 +390,8 @@ def strip_backward(
     dlse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``dq, dk, dv`` of :func:`strip_forward`'s ``run`` (``dlse``: the gradient of its ``lse``, or None); a
-    FlexAttention call whose graph the forward did not keep is recomputed (as a ring step's is)."""
+    FlexAttention call whose graph the forward did not keep runs the backward operator alone, or where that
+    cannot run is recomputed (as a ring step's is)."""
     dout = dout.contiguous()
     # the lse's gradient: a FlexAttention call takes it through its own lse; a dense or flash-attn 4 call (its
     # backward starts from the final out/lse) by one more backward pass with ring_core's lse_probe

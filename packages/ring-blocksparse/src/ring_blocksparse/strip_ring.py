@@ -167,7 +167,8 @@ def disjoint_and_covering(
 class StripRingSchedule(BlockSparseSchedule):
     """The sparse ring with every step on the strip kernels: the rows received from a rank are put back at
     their rows of that rank's shard (a buffer read only where the block masks allow), so each step is
-    the same calls as on one GPU; the backward recomputes each step's calls (memory stays one shard)."""
+    the same calls as on one GPU; the backward runs each step's calls' backward kernels again on the final out
+    and lse, keeping nothing from the forward (memory stays one shard)."""
 
     # The base class's exchanges read only what both plans have: rank, world_size, send_rows, recv_positions.
     plan: StripPlan  # type: ignore[assignment]
