@@ -75,6 +75,24 @@ def test_packed_documents_on_the_strips_match_reference(case, name):
     assert result.passed, f"{case}: {result.errors} > {result.tolerance}"
 
 
+@pytest.mark.parametrize(
+    ("case", "name"), CASES[2:4] + CASES[6:], ids=[case.name for case, _ in CASES[2:4] + CASES[6:]]
+)
+def test_packed_documents_on_flex_backward_kernel_match_reference(case, name):
+    """Eager FlexAttention forward, FlexAttention's backward operator on the final out and lse (its dense form on
+    the CPU), each call's per-document cut and padding in both: float64 vs the reference, forward and backward."""
+    from ring_blocksparse import flex_backward
+
+    if not flex_backward.available(torch.empty(0)):
+        pytest.skip(f"torch {torch.__version__} predates the FlexAttention backward operator this calls")
+    attn = _module(case, name)
+    attn.sparse_kernel = "flex"
+    layout = attn.layout_for(case.seq_len, case.heads)
+    result = check_attention(attn, case, torch.float64, reference_options={"block_layout": layout, "block_size": 8})
+    assert attn.last_method == "flex"
+    assert result.passed, f"{case}: {result.errors} > {result.tolerance}"
+
+
 def test_packed_documents_on_flex_forward_match_reference():
     """The eager FlexAttention forward (the per-call block masks, not the dense twin)."""
     case, name = CASES[2]

@@ -43,6 +43,7 @@ from ring_core.plugin import (
 
 from .checks import _agree, _prepare, _remember, layout_digest, layout_identity
 from .flex import check_kernel_options, flex_reasons, int32_on
+from .flex_backward import available as flex_backward_available
 
 # the functional form used to live here: still importable from this module
 from .functional import block_sparse_dilated_attention as block_sparse_dilated_attention
@@ -487,7 +488,8 @@ class BlockSparseRingDilatedAttention(nn.Module):
             dilation_rates=self.dilation_rates,
             block_size=self.block_size,
             dropout_p=dropout_p,
-            needs_grad=needs_grad and self.sparse_kernel != "math",
+            # (FlexAttention's autograd; its backward operator alone runs anywhere: flex_backward)
+            needs_grad=needs_grad and self.sparse_kernel != "math" and not flex_backward_available(q),
         )
         if self.method == "flex" and reasons:
             raise ValueError("method='flex' cannot run this call: " + "; ".join(reasons))

@@ -264,6 +264,7 @@ class StripRun:
     sparse: str = "auto"
     grad: bool = True  # keep each FlexAttention call's graph for the backward (else it runs the backward operator)
     saved: list[_Saved | Fa4Blocks | None] = field(default_factory=list)
+    cuts: list[Cut | None] = field(default_factory=list)  # the forward's per-call cuts, for the backward
     key_padding_mask: torch.Tensor | None = None  # (B, N) bool, True: padded key (the calls were built padded)
     lse_grad: bool = False  # the caller returns ``lse`` with its gradient (``return_lse``)
     documents: torch.Tensor | None = None  # int32 cu_seqlens on the device (the calls were built for documents)
@@ -353,7 +354,7 @@ def strip_forward(
     covered = bool(units) and units[0].covering
     out = (torch.empty if covered else torch.zeros)(b, n, h, v.shape[-1], dtype=out_dtype, device=q.device)
     run.saved = []
-    cuts = call_cuts(units, run.key_padding_mask, run.documents)
+    cuts = run.cuts = call_cuts(units, run.key_padding_mask, run.documents)
     for index, call in enumerate(units):
         write = index == 0 and covered
         pieces: list[tuple[slice, torch.Tensor, torch.Tensor]]
@@ -404,7 +405,8 @@ def strip_backward(
     recompute = any(saved is None and call.run is None for call, saved in zip(run.units, run.saved))
     # a call whose graph was not kept: FlexAttention's backward kernel alone on the final out and lse
     direct = recompute and run.sparse != "math" and flex_backward_available(q)
-    cuts = call_cuts(run.units, run.key_padding_mask, run.documents) if recompute else []
+    # the forward's cuts (a compiled op's backward builds its run afresh, without them)
+    cuts = run.cuts or (call_cuts(run.units, run.key_padding_mask, run.documents) if recompute else [])
     for index, (call, saved) in enumerate(zip(run.units, run.saved)):
         if call.run is not None:
             blocks = _dense_backward(run, call, q, k, v, out, lse, dout)
@@ -440,7 +442,7 @@ def strip_backward(
                     grad = grads[i] = torch.zeros(x.shape, dtype=grad_dtype, device=x.device)
                 target = view(grad)[:, rows]
                 backend.accumulate(target, part.reshape(target.shape))
-    run.saved = []
+    run.saved, run.cuts = [], []
     dq, dk, dv = (torch.zeros_like(x) if g is None else g.to(x.dtype) for x, g in zip((q, k, v), grads))
     return dq, dk, dv
 
