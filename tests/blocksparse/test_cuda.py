@@ -68,12 +68,12 @@ def test_flex_band_with_kernel_options_on_gpu():
 
 @pytest.mark.parametrize("options", [None, {"bwd_BLOCK_M1": 64}], ids=["block-tiles", "128-row-tiles"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_strips_with_dilation_on_gpu(compiled, options):
+def test_strips_with_dilation_on_gpu(compiled, options, backward_path):
     """Dilated branches (rates 1, 2, 4) on strips: FlexAttention per branch offset, GQA, causal; SPEC.md's bf16
     bounds. Calls of rates 2 and 4 whose 128-row tiles (several layout blocks of the strip a side, partial where
     the rule reads the layout) would visit at least twice the pairs take tiles of one layout block (64 and 32 rows);
     with the caller's kernel tiles every call keeps 128 rows. Compiled (``fullgraph``) the strips are one op whose
-    backward recomputes each FlexAttention call."""
+    backward runs each FlexAttention call's backward (recomputing its forward on the autograd path)."""
     case = Case("strips", 1024, 4, (256, 512, 1024), (1, 2, 4), kv_heads=2, head_dim=64, causal=True)
     attn = BlockSparseRingDilatedAttention(
         **case.config, block_size=128, pattern="random", density=0.3, seed=3, per_head=True, method="flex",
@@ -143,7 +143,7 @@ def test_flex_window_without_layout_on_gpu():
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_return_lse_on_the_strips_on_gpu(causal):
+def test_return_lse_on_the_strips_on_gpu(causal, backward_path):
     """``return_lse=True`` takes the strips (flash-attn 4 where installed, else FlexAttention; dense calls for
     rate-1 runs), the lse's gradient included: bf16 vs float64 within SPEC's bounds."""
     from ring_core import reference_attention
@@ -187,7 +187,7 @@ def test_return_lse_on_the_strips_on_gpu(causal):
     ids=str,
 )  # fmt: skip
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_packed_documents_on_the_strips_on_gpu(case, compiled):
+def test_packed_documents_on_the_strips_on_gpu(case, compiled, backward_path):
     """Packed documents on the fused FlexAttention strips (per-call segment ids and tiles), bf16 vs float64 within
     SPEC's bounds, forward and backward; documents cross layout blocks and kernel tiles; eager and compiled."""
     attn = BlockSparseRingDilatedAttention(

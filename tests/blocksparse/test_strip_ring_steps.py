@@ -309,7 +309,7 @@ def test_bf16_ring_returns_disjoint_gradients_in_bf16():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("segments, rates, kv_heads", [((4096,), (1,), 2), ((2048, 4096), (1, 2), 4)], ids=str)
-def test_simulated_rank_steps_on_gpu(segments, rates, kv_heads):
+def test_simulated_rank_steps_on_gpu(segments, rates, kv_heads, backward_path):
     """The ring's steps on the GPU's sparse kernels (flash-attn 4 where installed: the key/value gradients of
     disjoint calls written into the bf16 send buffer by the kernel itself), bf16 vs float64 within SPEC's
     bounds; the gradients of another rank's rows travel in bf16 exactly where the calls' key views are

@@ -82,8 +82,8 @@ class _GatherOp(AttentionOp):
 
 class _StripOp(AttentionOp):
     """The custom ops' side of the strips on one process (under ``torch.compile``): the forward keeps no FlexAttention
-    graph, the backward runs FlexAttention's backward operator on the final out and lse (or, where a torch lacks
-    it, recomputes each such call), as a ring step does; flash-attn 4 and dense calls need nothing kept."""
+    graph, the backward runs FlexAttention's backward operator on the final out and lse (where it is off,
+    recomputes each such call), as a ring step does; flash-attn 4 and dense calls need nothing kept."""
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: OpCall
@@ -148,7 +148,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
       CUDA; raises otherwise), ``"gather"`` (tiles gathered into dense blocks, the blockwise
       engine; everything) or ``"auto"`` (flex on CUDA when it applies, else gather). Under
       ``torch.compile`` either is one custom op; there the strips keep no FlexAttention graph from
-      forward to backward (as eager, where the backward operator runs: ``flex_backward``).
+      forward to backward (as eager where the backward operator is on: ``flex_backward``).
     - ``flex_kernel_options``: FlexAttention ``kernel_options`` (e.g. ``{"fwd_num_stages": 2}``)
       over the safe flags and tuned tiles the strip path picks itself
       (:func:`ring_blocksparse.flex.kernel_options_for`).

@@ -10,8 +10,9 @@ which cannot keep that graph (it would hold every received shard until the backw
 :func:`call_backward` calls FlexAttention's backward operator (``torch.ops.higher_order.flex_attention_backward``,
 what FlexAttention's autograd function and compiled autograd call) directly, compiled on CUDA, with the final
 ``out`` and ``lse``. The operator, the score and joint graphs it takes and its compiled form are torch internals:
-:func:`available` admits the torch versions it was checked on; elsewhere, or with
-``RING_BLOCKSPARSE_FLEX_BACKWARD=0``, ring steps recompute their forward as before.
+:func:`available` admits the torch versions it was read against; elsewhere, or with
+``RING_BLOCKSPARSE_FLEX_BACKWARD=0``, the forward keeps each call's graph and ring steps recompute their forward
+as before. On CUDA it is opt-in (``RING_BLOCKSPARSE_FLEX_BACKWARD=1``) until its compiled form has run on a GPU.
 """
 
 from __future__ import annotations
@@ -24,17 +25,22 @@ import torch
 
 from .flex import Cut, call_mask_parts, compiled_flex, strip_block_mask
 
-# torch versions whose operator, graphs and dynamo path this module was checked on (2.11 on CUDA, 2.13 traced)
+# The first torch whose operator, graphs and dynamo path this module was read against (2.11, the GPU machines'; it
+# runs traced by dynamo on the CPU's 2.13). Its compiled CUDA form has not run yet: on CUDA it is opt-in
+# (RING_BLOCKSPARSE_FLEX_BACKWARD=1) until tests/blocksparse/test_cuda.py's opted-in checks have passed on a GPU.
 _FIRST_CHECKED = (2, 11)
+_ON_CUDA_BY_DEFAULT = False
 _GRAPHS: dict[Any, dict[str, dict[str, Any]]] = {}
 
 
 def available(q: torch.Tensor) -> bool:
-    """Whether :func:`call_backward` can run for ``q`` (this torch has what it calls; not switched off)."""
-    if os.environ.get("RING_BLOCKSPARSE_FLEX_BACKWARD", "1") == "0":
-        return False
+    """Whether :func:`call_backward` runs for ``q``: this torch has what it calls, and ``RING_BLOCKSPARSE_FLEX_BACKWARD``
+    is not ``0`` (on CUDA: is ``1``, while its compiled form is unchecked there)."""
+    switch = os.environ.get("RING_BLOCKSPARSE_FLEX_BACKWARD")
     major, minor = (int(x) for x in torch.__version__.split(".")[:2])
-    return (major, minor) >= _FIRST_CHECKED
+    if switch == "0" or (major, minor) < _FIRST_CHECKED:
+        return False
+    return switch == "1" or not q.is_cuda or _ON_CUDA_BY_DEFAULT
 
 
 def call_backward(

@@ -3,9 +3,9 @@
 Every rank computes the same plan for every pair of ranks (which key/value rows one sends the other),
 so sends and receives match without talking. Each ring step runs the calls of
 :mod:`ring_blocksparse.strided` against the source's shard, the received rows put back at their rows;
-the backward runs each step's calls' backward kernels again on the final out and lse instead of keeping their
-graphs, so memory stays one shard (FlexAttention's backward operator alone, :mod:`ring_blocksparse.flex_backward`;
-where it is not available, the calls' forward again for autograd).
+the backward runs each step's calls again instead of keeping their graphs, so memory stays one shard (their forward
+again for autograd, or, where FlexAttention's backward operator is on, only their backward kernels on the final out
+and lse: :mod:`ring_blocksparse.flex_backward`).
 
 Note (the steps' own passes over shard-sized tensors). When a rank receives every row of a source's
 shard (most sparse layouts need every key tile somewhere), the received K|V buffer *is* that shard in
@@ -167,8 +167,9 @@ def disjoint_and_covering(
 class StripRingSchedule(BlockSparseSchedule):
     """The sparse ring with every step on the strip kernels: the rows received from a rank are put back at
     their rows of that rank's shard (a buffer read only where the block masks allow), so each step is
-    the same calls as on one GPU; the backward runs each step's calls' backward kernels again on the final out
-    and lse, keeping nothing from the forward (memory stays one shard)."""
+    the same calls as on one GPU; the backward runs each step's calls again (only their backward kernels, on
+    the final out and lse, where the backward operator is on), keeping nothing from the forward (memory stays
+    one shard)."""
 
     # The base class's exchanges read only what both plans have: rank, world_size, send_rows, recv_positions.
     plan: StripPlan  # type: ignore[assignment]
