@@ -13,7 +13,7 @@ def backward_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
     opt-in until these tests have passed there)."""
     from ring_blocksparse import flex_backward
 
-    monkeypatch.setenv("RING_BLOCKSPARSE_FLEX_BACKWARD", "1" if request.param == "operator" else "0")
+    monkeypatch.setenv(flex_backward.FLEX_BACKWARD_ENV, "1" if request.param == "operator" else "0")
     if request.param == "operator" and not flex_backward.available(torch.empty(0)):
         pytest.skip(f"torch {torch.__version__} predates the FlexAttention backward operator")
     return str(request.param)

@@ -71,7 +71,9 @@ def test_flex_rows_with_no_allowed_key_give_zero():
 )
 def test_flex_says_why_it_cannot_run(monkeypatch, config, call, match):
     # (the CPU's FlexAttention has no autograd backward; the backward operator alone, which runs there, switched off)
-    monkeypatch.setenv("RING_BLOCKSPARSE_FLEX_BACKWARD", "0")
+    from ring_blocksparse.flex_backward import FLEX_BACKWARD_ENV
+
+    monkeypatch.setenv(FLEX_BACKWARD_ENV, "0")
     attn = BlockSparseRingDilatedAttention(**config, block_size=8, method="flex")
     n = call.get("n", 32)
     q = torch.randn(1, n, 2, 4, requires_grad=call.get("grad", False))

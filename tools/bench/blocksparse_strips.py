@@ -50,7 +50,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from ring_blocksparse import BlockSparseRingDilatedAttention, Random, build_pattern
+from ring_blocksparse import BlockSparseRingDilatedAttention, Random, build_pattern, flex_backward
 from ring_blocksparse.attention import dense_strip_kernel
 from ring_blocksparse.batches import BATCH_ENV
 from ring_blocksparse.fa4 import Fa4Blocks, fa4_backward, fa4_forward
@@ -174,6 +174,8 @@ def main(argv=None) -> int:
         "command": command_line(),
         "args": vars(args),
         "timing": "CUDA events, median of --repeats after a warm-up; fwd+bwd = autograd.grad(out, (q, k, v), dout)",
+        # which backward the FlexAttention calls take (RING_BLOCKSPARSE_FLEX_BACKWARD: the operator alone, or autograd)
+        "flex_backward_operator": flex_backward.available(torch.empty(0, device=device)),
         "baselines": {},
         "results": [],
     }
