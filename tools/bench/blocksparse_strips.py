@@ -19,7 +19,9 @@ measured in the same run:
 - ``batched``: for the ``unbatched`` rows (``RING_BLOCKSPARSE_BATCH=0``: every strip call alone), the same band
   + dilated rows (full, causal, packed) with a branch's calls batched (no target: what batching saves);
 - ``block tiles``: for the ``128-row tiles`` rows (``RING_BLOCKSPARSE_BLOCK_TILES=0``), the same random + dilated
-  rows (full, causal), whose strips of rates 2 and 4 take tiles of one layout block (no target: what they save).
+  rows (full, causal), whose strips of rates 2 and 4 take tiles of one layout block (no target: what they save);
+- ``autograd backward``: with FlexAttention's backward operator on (``RING_BLOCKSPARSE_FLEX_BACKWARD=1``, opt-in on
+  CUDA), the ring again with it off (each step's calls run forward again for autograd): ``ring_autograd``.
 
 Targets (each row says which applies): dilated + layout at most ``dilated x kept x 1.15`` where ``kept``
 is the fraction of the branches' (query, key) pairs the layout keeps (counted from the plan); a pattern
@@ -145,7 +147,8 @@ def main(argv=None) -> int:
         "--skip",
         nargs="*",
         default=[],
-        help="sections to skip: dilated patterns gather compiled packed packed-gather unbatched coarse ring",
+        help="sections to skip: dilated patterns gather compiled packed packed-gather unbatched coarse ring "
+        "ring-autograd (the ring again with the FlexAttention backward through autograd, when the operator is on)",
     )
     parser.add_argument("--time-budget", type=float, default=1e9, help="stop starting new rows after this (s)")
     parser.add_argument("--dilated-layouts", nargs="+", default=["band", "random"], choices=("band", "random"),
@@ -353,6 +356,13 @@ def main(argv=None) -> int:
         coarse_rows(row, finish, record, layouts["random"], segments, rates)  # (the masks measured above)
     if args.ring and "ring" not in args.skip and time.perf_counter() - started < args.time_budget:
         record["ring"] = simulate_ring(args, q, k, v, dout, layouts["random"], save, record)
+        if record["flex_backward_operator"] and "ring-autograd" not in args.skip:
+            # the same ring with the steps' FlexAttention backward through autograd (each call's forward again)
+            with mock.patch.dict(os.environ, {flex_backward.FLEX_BACKWARD_ENV: "0"}):
+                record["ring_autograd"] = simulate_ring(args, q, k, v, dout, layouts["random"], save, record)
+            ratio = record["ring"]["steps_total_ms"] / record["ring_autograd"]["steps_total_ms"]
+            record["ring"]["vs_autograd_backward"] = ratio
+            print(f"ring steps with the backward operator: {ratio:.3f} of the autograd backward's", flush=True)
         save()
     if args.plot:
         try:
