@@ -29,6 +29,7 @@ from .flex import Cut, call_mask_parts, compiled_flex, strip_block_mask
 # runs traced by dynamo on the CPU's 2.13). Its compiled CUDA form has not run yet: on CUDA it is opt-in
 # (RING_BLOCKSPARSE_FLEX_BACKWARD=1) until tests/blocksparse/test_cuda.py's opted-in checks have passed on a GPU.
 _FIRST_CHECKED = (2, 11)
+_TORCH = tuple(int(x) for x in torch.__version__.split(".")[:2])
 _ON_CUDA_BY_DEFAULT = False
 FLEX_BACKWARD_ENV = "RING_BLOCKSPARSE_FLEX_BACKWARD"
 _GRAPHS: dict[Any, dict[str, dict[str, Any]]] = {}
@@ -38,8 +39,7 @@ def available(q: torch.Tensor) -> bool:
     """Whether :func:`call_backward` runs for ``q``: this torch has what it calls, and ``RING_BLOCKSPARSE_FLEX_BACKWARD``
     is not ``0`` (on CUDA: is ``1``, while its compiled form is unchecked there)."""
     switch = os.environ.get(FLEX_BACKWARD_ENV)
-    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
-    if switch == "0" or (major, minor) < _FIRST_CHECKED:
+    if switch == "0" or _TORCH < _FIRST_CHECKED:
         return False
     return switch == "1" or not q.is_cuda or _ON_CUDA_BY_DEFAULT
 

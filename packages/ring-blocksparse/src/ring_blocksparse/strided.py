@@ -271,6 +271,12 @@ class StripRun:
     units: list[Any] = field(default_factory=list)  # what runs: calls and batches of calls (:func:`run_units`)
 
 
+def backward_operator(run: StripRun, q: torch.Tensor) -> bool:
+    """Whether the run's FlexAttention calls take FlexAttention's backward operator alone on the final out and lse
+    (:mod:`ring_blocksparse.flex_backward`) instead of autograd (always autograd: the dense twin, ``"math"``)."""
+    return run.sparse != "math" and flex_backward_available(q)
+
+
 def strip_units(run: StripRun, calls: list[StripCall], q: torch.Tensor) -> list[Any]:
     """``calls`` as the run executes them: calls of one shape on one kernel (FlexAttention, or flash-attn 4 with one
     ``mask_mod`` variant) batched into one call each (:mod:`ring_blocksparse.batches`), dense calls alone."""
@@ -404,7 +410,7 @@ def strip_backward(
     backend = run.kernel.backend
     recompute = any(saved is None and call.run is None for call, saved in zip(run.units, run.saved))
     # a call whose graph was not kept: FlexAttention's backward kernel alone on the final out and lse
-    direct = recompute and run.sparse != "math" and flex_backward_available(q)
+    direct = recompute and backward_operator(run, q)
     # the forward's cuts (a compiled op's backward builds its run afresh, without them)
     cuts = run.cuts or (call_cuts(run.units, run.key_padding_mask, run.documents) if recompute else [])
     for index, (call, saved) in enumerate(zip(run.units, run.saved)):
@@ -526,7 +532,7 @@ def strip_attention(
     saved-tensor hooks (activation checkpointing, offloading: the graphs would hold what the hooks manage), where
     the backward recomputes each such call."""
     hooked = torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
-    direct = run.sparse != "math" and flex_backward_available(q)
+    direct = backward_operator(run, q)
     run.grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)) and not hooked and not direct
     out, lse = _StripAttention.apply(run, q, k, v)  # type: ignore[no-untyped-call]
     return out.to(q.dtype), lse

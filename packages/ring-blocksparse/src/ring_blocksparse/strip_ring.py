@@ -34,11 +34,10 @@ from ring_core.plugin import Accumulator, BlockKernel, shard_positions
 
 from .fa4 import fa4_backward, fa4_forward
 from .flex import call_cuts, sparse_backward
-from .flex_backward import available as flex_backward_available
 from .flex_backward import call_backward
 from .gather import BlockSparseSchedule, CommStats, _Posted
 from .rows import gather_rows, scatter_rows
-from .strided import StripCall, StripRun, fa4_blocks, sparse_forward, strip_calls, strip_units
+from .strided import StripCall, StripRun, backward_operator, fa4_blocks, sparse_forward, strip_calls, strip_units
 from .strips import needed_rows
 
 # A source rank's shard as a ring step sees it: K, V and (with a key padding mask) the padding.
@@ -263,8 +262,7 @@ class StripRingSchedule(BlockSparseSchedule):
         put_keys = _write if write_keys else accumulate
         units = strip_units(self.run, calls, q)
         cuts = call_cuts(units, pad, self.run.documents)
-        # FlexAttention's backward kernel alone on the final out and lse; the dense twin ("math") through autograd
-        direct = self.run.sparse != "math" and flex_backward_available(q)
+        direct = backward_operator(self.run, q)
         for call, cut in zip(units, cuts):
             blocks = fa4_blocks(self.run, call, q)
             dk_view, dv_view = call.kv_leaf(dkb), call.kv_leaf(dvb)
