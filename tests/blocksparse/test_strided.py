@@ -377,14 +377,10 @@ def test_return_lse_runs_on_the_strips_with_its_gradient(name, segments, rates, 
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-def test_strips_without_graphs_run_flex_backward_kernel(batch):
+def test_strips_without_graphs_run_flex_backward_kernel(batch, backward_operator):
     """A run on FlexAttention keeps no graph: its backward calls FlexAttention's backward operator on the final out
     and lse (here its dense form: the CPU's FlexAttention has no autograd backward), the lse's gradient included:
     float64 vs the reference, per-head layout, causal, GQA, batched calls at batch 1."""
-    from ring_blocksparse import flex_backward
-
-    if not flex_backward.available(torch.empty(0)):
-        pytest.skip(f"torch {torch.__version__} predates the FlexAttention backward operator this calls")
     n, h, block, segments, rates = 64, 4, 8, [16, 32, 64], [1, 2, 4]
     layout = build_pattern("random", density=0.4, seed=9, per_head=True).layout(n, block, h)
     generator = torch.Generator().manual_seed(batch)

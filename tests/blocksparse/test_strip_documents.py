@@ -78,13 +78,9 @@ def test_packed_documents_on_the_strips_match_reference(case, name):
 @pytest.mark.parametrize(
     ("case", "name"), CASES[2:4] + CASES[6:], ids=[case.name for case, _ in CASES[2:4] + CASES[6:]]
 )
-def test_packed_documents_on_flex_backward_kernel_match_reference(case, name):
+def test_packed_documents_on_flex_backward_kernel_match_reference(case, name, backward_operator):
     """Eager FlexAttention forward, FlexAttention's backward operator on the final out and lse (its dense form on
     the CPU), each call's per-document cut and padding in both: float64 vs the reference, forward and backward."""
-    from ring_blocksparse import flex_backward
-
-    if not flex_backward.available(torch.empty(0)):
-        pytest.skip(f"torch {torch.__version__} predates the FlexAttention backward operator this calls")
     attn = _module(case, name)
     attn.sparse_kernel = "flex"
     layout = attn.layout_for(case.seq_len, case.heads)

@@ -157,14 +157,10 @@ def test_simulated_rank_steps_match_reference(name):
 
 
 @pytest.mark.parametrize("name", [name for name in CASES if not CASES[name][6]])
-def test_simulated_rank_steps_on_flex_backward_kernel(name):
+def test_simulated_rank_steps_on_flex_backward_kernel(name, backward_operator):
     """The steps on FlexAttention (its eager form on the CPU): each step's backward is FlexAttention's backward
     operator on the final out and lse (no forward again; autograd's FlexAttention has no CPU backward at all), and
     the result is the reference's, batched calls, GQA, head selections and causal included."""
-    from ring_blocksparse import flex_backward
-
-    if not flex_backward.available(torch.empty(0)):
-        pytest.skip(f"torch {torch.__version__} predates the FlexAttention backward operator this calls")
     q, k, v, dout, _ = _inputs(name)
     expected, expected_grads = _reference(name)
     out, grads, _ = _simulate((q, k, v, dout), lambda rank: _plan(name, rank), sparse="flex")
@@ -173,13 +169,11 @@ def test_simulated_rank_steps_on_flex_backward_kernel(name):
         torch.testing.assert_close(grad, ref, rtol=1e-9, atol=1e-11)
 
 
-def test_flex_backward_kernel_compiles_whole(monkeypatch):
+def test_flex_backward_kernel_compiles_whole(monkeypatch, backward_operator):
     """What CUDA runs: the operator call traced by dynamo in one graph (``fullgraph``), its graphs passed as it
     expects them; here through AOTAutograd on the CPU (Inductor lowers it only for GPUs), equal to the reference."""
     from ring_blocksparse import flex_backward
 
-    if not flex_backward.available(torch.empty(0)):
-        pytest.skip(f"torch {torch.__version__} predates the FlexAttention backward operator this calls")
     torch._dynamo.reset()
     traced = torch.compile(flex_backward._operator_call, fullgraph=True, dynamic=False, backend="aot_eager")
     monkeypatch.setattr(flex_backward, "_backward", lambda device, tile: traced)
@@ -191,14 +185,10 @@ def test_flex_backward_kernel_compiles_whole(monkeypatch):
         torch.testing.assert_close(grad, ref, rtol=1e-9, atol=1e-11)
 
 
-def test_flex_backward_kernel_carries_head_selections_back():
+def test_flex_backward_kernel_carries_head_selections_back(backward_operator):
     """Three head groups of 4 query heads over 4 key/value heads (groups of 3): a branch's heads read key/value
     heads unevenly, so its calls select them by index; the backward operator's key gradients go back through
     that selection (summed where a head is read twice)."""
-    from ring_blocksparse import flex_backward
-
-    if not flex_backward.available(torch.empty(0)):
-        pytest.skip(f"torch {torch.__version__} predates the FlexAttention backward operator this calls")
     segments, rates = (24, 48, N), (1, 2, 4)
     generator = torch.Generator().manual_seed(12)
     q, dout = (torch.randn(1, N, 12, 4, generator=generator, dtype=torch.float64) for _ in range(2))
