@@ -269,6 +269,32 @@ def test_a_rejected_call_falls_back_to_flex_loudly_and_exactly(fake_fa4):
         fa4_forward(plain, blocks_for(plain, torch.device("cpu")), q, k, v, scale=0.125)
 
 
+def test_a_rejected_call_backward_falls_back_to_flex_exactly(fake_fa4, backward_operator):
+    """flash-attn 4 failing on a mask_mod call's backward: the gradients are FlexAttention's backward operator's
+    under the final out/lse, without the call's forward again (on the GPU both paths,
+    tests/blocksparse/test_fa4_cuda.py)."""
+    calls, _ = _calls("random-per-head", masks=True)
+    call = next(c for c in calls if tile_grids(c) is None)
+    n, h = 1536, 6
+    generator = torch.Generator().manual_seed(1)
+    q, k, v, dout = (torch.randn(1, n, h, 64, generator=generator, dtype=torch.float64) for _ in range(4))
+    k, v = k[:, :, :3], v[:, :, :3]
+    blocks = blocks_for(call, torch.device("cpu"), rule=True)
+    leaves = tuple(x.detach().requires_grad_() for x in (call.q_view(q), call.kv_leaf(k), call.kv_leaf(v)))
+    views = [x.transpose(1, 2) for x in (leaves[0], call.kv_input(leaves[1]), call.kv_input(leaves[2]))]
+    o_ref, lse_ref = math_strip_attention(*views, call.tiles, call.rule, scale=0.125, enable_gqa=call.gqa)
+    # the call alone makes its rows' final out and lse (the other rows are never read)
+    out, lse = torch.zeros_like(q), torch.zeros(q.shape[:3], dtype=q.dtype)
+    call.q_view(out).copy_(o_ref.transpose(1, 2))
+    call.q_view(lse).copy_(lse_ref.transpose(1, 2))
+    expected = torch.autograd.grad(o_ref, leaves, call.q_view(dout).transpose(1, 2))
+    with pytest.warns(Fa4FallbackWarning, match="rejected"):
+        grads = fa4.fa4_backward(call, blocks, q, k, v, out, lse, dout, scale=0.125)
+    assert call.fa4 is False and len(fake_fa4.calls) == 1
+    for grad, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(grad, want, atol=1e-10, rtol=1e-10)
+
+
 def test_the_backward_passes_strided_views_in_place_and_copies_broadcast_ones():
     """``out``/``dout`` go to flash-attn 4's backward as the call's strided views (no copy per call); a
     view the kernel cannot take (broadcast, or a last stride other than 1) is copied."""

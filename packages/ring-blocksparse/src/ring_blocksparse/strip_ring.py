@@ -269,10 +269,10 @@ class StripRingSchedule(BlockSparseSchedule):
             if blocks is not None:
                 # written in place where it can be: flash-attn 4 takes output views of its own dtype and heads (a
                 # single call's; a batch's gradients come in flash-attn 4's own buffers and are copied)
-                direct = (
+                in_place = (
                     write_keys and isinstance(call, StripCall) and isinstance(call.kv, slice) and dkb.dtype == q.dtype
                 )
-                outputs = (dk_view, dv_view) if direct else None
+                outputs = (dk_view, dv_view) if in_place else None
                 bq, bk, bv = fa4_backward(
                     call, blocks, q, kb, vb, out, lse, dout, scale=self.kernel.scale, outputs=outputs
                 )
