@@ -210,6 +210,16 @@ def test_flex_backward_kernel_carries_head_selections_back(backward_operator):
 
 
 def _ring_rank(rank: int, world_size: int) -> dict:
+    from ring_blocksparse import strip_ring
+
+    built = []  # the per-call cuts (padding) each call_cuts made: the forward's steps', reused by the backward's
+    call_cuts = strip_ring.call_cuts
+    strip_ring.call_cuts = lambda units, pad, documents: (
+        built.append(pad is not None)
+        or call_cuts(  # type: ignore[func-returns-value]
+            units, pad, documents
+        )
+    )
     results = {}
     for name, (segments, rates, _, _, (pattern, options), causal, _, _) in CASES.items():
         q, k, v, dout, mask = _inputs(name)
@@ -219,11 +229,16 @@ def _ring_rank(rank: int, world_size: int) -> dict:
         )
         attn.sparse_kernel = "math"
         local_mask = None if mask is None else shard_sequence(mask, "contiguous", rank=rank, world_size=world_size)
+        built.clear()
         out = attn(*local, is_causal=causal, key_padding_mask=local_mask)
+        forward_cuts = list(built)
         out.backward(shard_sequence(dout, "contiguous", rank=rank, world_size=world_size))
         plan = attn.last_plan
         flags = {s: (plan.whole[s], *plan.key_views[s]) for s in plan.recv_rows}
-        results[name] = {"out": out.detach().numpy(), "grads": [x.grad.numpy() for x in local], "flags": flags}
+        results[name] = {
+            "out": out.detach().numpy(), "grads": [x.grad.numpy() for x in local], "flags": flags,
+            "cuts": (forward_cuts, built[len(forward_cuts):]),
+        }  # fmt: skip
     return results
 
 
@@ -236,6 +251,9 @@ def test_ring_steps_match_reference():
         for rank, result in enumerate(by_rank):
             got = result[name]
             assert set(got["flags"].values()) == {CASES[name][-1]}
+            # each step's cuts (padded cases: built) made once, in the forward
+            forward_cuts, backward_cuts = got["cuts"]
+            assert forward_cuts and set(forward_cuts) == {CASES[name][6]} and backward_cuts == []
             rows = shard_positions(N, rank, WORLD, "contiguous")
             torch.testing.assert_close(torch.from_numpy(got["out"]), expected[:, rows], rtol=1e-10, atol=1e-12)
             for grad, ref in zip(got["grads"], expected_grads):

@@ -5,7 +5,8 @@ so sends and receives match without talking. Each ring step runs the calls of
 :mod:`ring_blocksparse.strided` against the source's shard, the received rows put back at their rows;
 the backward runs each step's calls again instead of keeping their graphs, so memory stays one shard (their forward
 again for autograd, or, where FlexAttention's backward operator is on, only their backward kernels on the final out
-and lse: :mod:`ring_blocksparse.flex_backward`).
+and lse: :mod:`ring_blocksparse.flex_backward`); it keeps only each forward step's per-call cuts (key padding, packed
+documents: a few int32/bool values per row) so that the backward does not build them again.
 
 Note (the steps' own passes over shard-sized tensors). When a rank receives every row of a source's
 shard (most sparse layouts need every key tile somewhere), the received K|V buffer *is* that shard in
@@ -33,7 +34,7 @@ import torch
 from ring_core.plugin import Accumulator, BlockKernel, shard_positions
 
 from .fa4 import fa4_backward, fa4_forward
-from .flex import call_cuts, sparse_backward
+from .flex import Cut, call_cuts, sparse_backward
 from .flex_backward import call_backward
 from .gather import BlockSparseSchedule, CommStats, _Posted
 from .rows import gather_rows, scatter_rows
@@ -193,6 +194,8 @@ class StripRingSchedule(BlockSparseSchedule):
         super().__init__(plan, kernel, kernel, key_padding_mask=key_padding_mask, stats=stats, **comm_options)  # type: ignore[arg-type]
         self.run = StripRun([], kernel, sparse, documents=documents)
         self.calls = plan.calls if calls is None else calls
+        # source -> the forward step's units and their cuts (padding, packed documents), for its backward step
+        self.steps: dict[int, tuple[list[Any], list[Cut | None]]] = {}
 
     def shard_buffers(self, k: torch.Tensor, v: torch.Tensor) -> _Shard:
         b, _, h, _ = k.shape
@@ -228,7 +231,8 @@ class StripRingSchedule(BlockSparseSchedule):
         vb: torch.Tensor,
         acc: Accumulator,
         pad: torch.Tensor | None = None,
-    ) -> None:
+    ) -> tuple[list[Any], list[Cut | None]]:
+        """Merge the calls' parts into ``acc``; returns the units run and their cuts (for the backward step)."""
         units = strip_units(self.run, calls, q)
         cuts = call_cuts(units, pad, self.run.documents)
         for call, cut in zip(units, cuts):
@@ -239,6 +243,7 @@ class StripRingSchedule(BlockSparseSchedule):
                 o, lse, _ = sparse_forward(self.run, call, q, kb, vb, grad=False, cut=cut)
                 o = o.transpose(1, 2)
             self.kernel.backend.merge(call.q_view(acc.out), call.q_view(acc.lse), o, lse.transpose(1, 2))
+        return units, cuts
 
     def backward_step(
         self,
@@ -255,13 +260,17 @@ class StripRingSchedule(BlockSparseSchedule):
         pad: torch.Tensor | None = None,
         *,
         write_keys: bool = False,
+        step: tuple[list[Any], list[Cut | None]] | None = None,
     ) -> None:
         """Add the calls' gradients to ``dq``, ``dkb``, ``dvb``; ``write_keys``: the calls' key/value views are
-        disjoint and ``dkb``/``dvb`` hold nothing yet, so each call's key/value gradient is written there."""
+        disjoint and ``dkb``/``dvb`` hold nothing yet, so each call's key/value gradient is written there; ``step``:
+        the forward step's units and cuts (:meth:`forward_step`), else made again."""
         accumulate = self.kernel.backend.accumulate
         put_keys = _write if write_keys else accumulate
-        units = strip_units(self.run, calls, q)
-        cuts = call_cuts(units, pad, self.run.documents)
+        if step is None:
+            units = strip_units(self.run, calls, q)
+            step = units, call_cuts(units, pad, self.run.documents)
+        units, cuts = step
         direct = backward_operator(self.run, q)
         for call, cut in zip(units, cuts):
             blocks = fa4_blocks(self.run, call, q)
@@ -292,7 +301,7 @@ class StripRingSchedule(BlockSparseSchedule):
         for source, k_buf, v_buf, pad in self._sources(k, v, "forward"):
             if k_buf is not None and v_buf is not None and self.calls[source]:
                 kb, vb, pb = self.place(source, k_buf, v_buf, pad, shard)
-                self.forward_step(q, self.calls[source], kb, vb, acc, pb)
+                self.steps[source] = self.forward_step(q, self.calls[source], kb, vb, acc, pb)
 
     def backward(
         self,
@@ -312,7 +321,8 @@ class StripRingSchedule(BlockSparseSchedule):
         for source, k_buf, v_buf, pad in self._sources(k, v, "backward"):
             dkv = None
             if source == plan.rank:
-                self.backward_step(q, self.calls[source], k, v, out, lse, dout, dq, dk, dv, pad)
+                step = self.steps.pop(source, None)
+                self.backward_step(q, self.calls[source], k, v, out, lse, dout, dq, dk, dv, pad, step=step)
             elif k_buf is not None and v_buf is not None:
                 dkv = self.grad_buffer(source, k_buf, v_buf, dk)
                 self.remote_backward_step(source, q, k_buf, v_buf, pad, shard, out, lse, dout, dq, dkv)
@@ -366,7 +376,10 @@ class StripRingSchedule(BlockSparseSchedule):
         else:
             new = torch.empty_like if covering else torch.zeros_like
             dkb, dvb = new(kb, dtype=dkv.dtype), new(vb, dtype=dkv.dtype)
-        self.backward_step(q, self.calls[source], kb, vb, out, lse, dout, dq, dkb, dvb, pb, write_keys=disjoint)
+        step = self.steps.pop(source, None)
+        self.backward_step(
+            q, self.calls[source], kb, vb, out, lse, dout, dq, dkb, dvb, pb, write_keys=disjoint, step=step
+        )
         if not plan.whole[source]:
             rows = plan.recv_rows[source]
             gather_rows(dkv[..., :d], dkb, rows)
