@@ -90,6 +90,24 @@ def test_strips_with_dilation_on_gpu(compiled, options, backward_path):
     assert result.passed, f"{case}: {result.errors} > {result.tolerance}"
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_any_length_on_the_strips_on_gpu(packed, backward_path):
+    """N = 1000 (no multiple of 512, what rate 4's 128-row tiles need): the strips run at 1024 rows, the rows after
+    N padded keys (or one more packed document); the caller's layout of 8 blocks applies; bf16 vs float64."""
+    documents = (0, 300, 301, 777, 1000) if packed else None
+    case = Case("odd-length", 1000, 4, (256, 512, 1024), (1, 2, 4), kv_heads=2, head_dim=64, causal=True,
+                padding=not packed, batch=1 if packed else 2, documents=documents)  # fmt: skip
+    attn = BlockSparseRingDilatedAttention(
+        **case.config, block_size=128, pattern="random", density=0.4, seed=5, method="flex"
+    )
+    layout = attn.layout_for(case.seq_len, case.heads)
+    result = check_attention(
+        attn, case, torch.bfloat16, device="cuda", reference_options={"block_layout": layout, "block_size": 128}
+    )
+    assert attn.last_method == "flex"
+    assert result.passed, f"{case}: {result.errors} > {result.tolerance}"
+
+
 def test_dense_strips_on_gpu():
     """Windows that are whole runs of every strip go to the registry's dense kernel (no FlexAttention)."""
     case = Case("dense-strips", 1024, 4, (256, 1024), (1, 2), kv_heads=2, head_dim=64, causal=True)

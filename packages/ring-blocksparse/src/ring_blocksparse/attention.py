@@ -42,7 +42,7 @@ from ring_core.plugin import (
 )
 
 from .checks import _agree, _prepare, _remember, layout_digest, layout_identity
-from .flex import check_kernel_options, flex_reasons, int32_on
+from .flex import check_kernel_options, flex_reasons, int32_on, strip_length
 from .flex_backward import available as flex_backward_available
 
 # the functional form used to live here: still importable from this module
@@ -349,8 +349,12 @@ class BlockSparseRingDilatedAttention(nn.Module):
             cu_seqlens=cu_seqlens, return_lse=return_lse,
         )  # fmt: skip
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        if self._use_flex(q, world, dropout_p, needs_grad):
-            if torch.compiler.is_compiling():  # one op for the graph (the strips' Python is no graph)
+        compiling = torch.compiler.is_compiling()
+        # on one process (eager) the strips take any N: they run at the length their tiles need (_padded)
+        n = q.shape[1]
+        length = n if world > 1 or compiling else strip_length(n, q.device, self.block_size, self.dilation_rates)
+        if self._use_flex(q, world, dropout_p, needs_grad, length):
+            if compiling:  # one op for the graph (the strips' Python is no graph)
                 out, lse = run_attention(
                     self._strip_op, q, k, v, key_padding_mask=key_padding_mask, causal=bool(is_causal),
                     lse_grad=return_lse, cu_seqlens=cu_seqlens,
@@ -358,11 +362,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
                 return (out, lse.transpose(1, 2)) if return_lse else out
             self.comm_stats = CommStats()  # this call's bytes (its backward adds to them)
             try:
-                work = self._strips(q, k, v, bool(is_causal), key_padding_mask, documents, lse_grad=return_lse)
-                if isinstance(work, StripRun):
-                    out, lse = strip_attention(q, k, v, work)
-                else:
-                    out, lse = blockwise_attention(work, q, k, v, lse_grad=return_lse)
+                out, lse = self._run_strips(q, k, v, bool(is_causal), key_padding_mask, documents, return_lse, length)
                 return (out, lse.transpose(1, 2)) if return_lse else out
             except Exception as exc:
                 if world > 1:  # a ring cannot change course on one rank alone
@@ -373,6 +373,28 @@ class BlockSparseRingDilatedAttention(nn.Module):
             lse_grad=return_lse, cu_seqlens=cu_seqlens, documents=documents,
         )  # fmt: skip
         return (out, lse.transpose(1, 2)) if return_lse else out
+
+    def _run_strips(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool,
+        key_padding_mask: torch.Tensor | None,
+        documents: tuple[int, ...] | None,
+        lse_grad: bool,
+        length: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``out`` ``(B, n, H, D)`` and ``lse`` ``(B, n, H)`` of an eager call on the strips, run at ``length`` rows."""
+        n = q.shape[1]
+        if length != n:
+            q, k, v, key_padding_mask, documents = _padded(q, k, v, key_padding_mask, documents, length)
+        work = self._strips(q, k, v, causal, key_padding_mask, documents, lse_grad=lse_grad, seq_len=n)
+        if isinstance(work, StripRun):
+            out, lse = strip_attention(q, k, v, work)
+        else:
+            out, lse = blockwise_attention(work, q, k, v, lse_grad=lse_grad)
+        return out[:, :n], lse[:, :n]
 
     def _prepare(
         self,
@@ -416,26 +438,31 @@ class BlockSparseRingDilatedAttention(nn.Module):
         key_padding_mask: torch.Tensor | None,
         documents: tuple[int, ...] | None,
         lse_grad: bool = False,
+        seq_len: int | None = None,
     ) -> StripRun | StripRingSchedule:
         """This call's strips: a :class:`StripRun` on one process, else the sparse ring's schedule (the plan built
         once per shape: no host work or sync on later calls). ``documents``: the checked ``cu_seqlens`` values;
-        ``lse_grad``: the caller returns ``lse`` with its gradient."""
+        ``lse_grad``: the caller returns ``lse`` with its gradient; ``seq_len``: the caller's ``N`` of inputs
+        :func:`_padded` to more rows (one process; the layout is ``N``'s), None: ``q``'s."""
         if self.sparse_kernel not in SPARSE_KERNELS:
             raise ValueError(f"sparse_kernel must be one of {list(SPARSE_KERNELS)}, got {self.sparse_kernel!r}")
         rank, world = group_rank_and_size(self.process_group)
-        block_layout = self.layout_for(q.shape[1] * world, q.shape[2])
-        _, schedule_args = self._prepare(q, k, v, block_layout, causal, key_padding_mask, build=False)
+        n = q.shape[1] * world
+        block_layout = self.layout_for(seq_len or n, q.shape[2])
+        schedule_args: dict[str, Any] = {}
+        if (seq_len or n) == n:  # (padded inputs: one process, checked before padding)
+            _, schedule_args = self._prepare(q, k, v, block_layout, causal, key_padding_mask, build=False)
         key = (
             layout_identity(block_layout), q.shape[1], q.shape[2], k.shape[2], q.dtype, causal, str(q.device), rank,
             world, self.segment_lengths, self.dilation_rates, self.merge, self.block_size, self.window_size,
-            key_padding_mask is not None, documents is not None,
+            key_padding_mask is not None, documents is not None, seq_len or n,
         )  # fmt: skip
         if key not in self._strip_plans:
             plan = build_strip_plan(
-                seq_len=q.shape[1] * world, rank=rank, world_size=world, layout_kind=self.layout, q=q,
+                seq_len=n, rank=rank, world_size=world, layout_kind=self.layout, q=q,
                 num_heads=q.shape[2], num_kv_heads=k.shape[2],
                 branch_list=branches(self.segment_lengths, self.dilation_rates, self.merge, q.shape[2]),
-                block_size=self.block_size, layout=block_layout, causal=causal,
+                block_size=self.block_size, layout=_layout_to(block_layout, n, self.block_size), causal=causal,
                 kernel_options=self.flex_kernel_options, window=self.window_size, padded=key_padding_mask is not None,
                 documents=documents is not None,
             )  # fmt: skip
@@ -476,11 +503,13 @@ class BlockSparseRingDilatedAttention(nn.Module):
         world: int,
         dropout_p: float,
         needs_grad: bool,
+        length: int,
     ) -> bool:
-        """Whether the call takes the strips (else the gather path)."""
+        """Whether the call takes the strips (else the gather path); ``length``: the rows they would run at on one
+        process."""
         if self.method == "gather" or (self.method == "auto" and (self._flex_failed or q.device.type != "cuda")):
             return False
-        chunk = q.shape[1] if world == 1 or self.layout == "contiguous" else q.shape[1] // 2
+        chunk = length if world == 1 else q.shape[1] if self.layout == "contiguous" else q.shape[1] // 2
         reasons = flex_reasons(
             q,
             world_size=world,
@@ -510,3 +539,34 @@ def dense_strip_kernel(q: torch.Tensor, causal: bool, scale: float, name: str | 
     (None: dispatch on ``q``'s device and dtype)."""
     request = KernelRequest.for_tensors(q, q, causal=causal, has_mask=False, dropout_p=0.0)
     return block_kernel(q, q, request=request, softmax_scale=scale, kernel=name)
+
+
+def _padded(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    documents: tuple[int, ...] | None,
+    length: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[int, ...] | None]:
+    """The inputs at ``length >= N`` rows for the strips: zeros after ``N``, which no query of the caller's sees (one
+    more packed document, or padded keys); the outputs of those rows are dropped. Exact: every definition of
+    SPEC.md depends on positions, not on ``N`` (segments are ``floor(t / w)``)."""
+    n = q.shape[1]
+    q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, length - n)) for x in (q, k, v))
+    if documents is not None:
+        documents = (*documents, length)
+    elif key_padding_mask is None:
+        key_padding_mask = torch.zeros(q.shape[0], n, dtype=torch.bool, device=q.device)
+    if key_padding_mask is not None:
+        key_padding_mask = torch.nn.functional.pad(key_padding_mask, (0, length - n), value=True)
+    return q, k, v, key_padding_mask, documents
+
+
+def _layout_to(block_layout: torch.Tensor | None, seq_len: int, block_size: int) -> torch.Tensor | None:
+    """``block_layout`` over ``seq_len`` rows: blocks past its own (rows :func:`_padded` added) allow nothing."""
+    blocks = -(-seq_len // block_size)
+    if block_layout is None or block_layout.shape[-1] == blocks:
+        return block_layout
+    extra = blocks - block_layout.shape[-1]
+    return torch.nn.functional.pad(block_layout, (0, extra, 0, extra), value=False)

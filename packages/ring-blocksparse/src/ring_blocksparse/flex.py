@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from math import lcm
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -110,6 +111,13 @@ def flex_reasons(
     if q.device.type != "cuda" and needs_grad:
         reasons.append(f"FlexAttention has no backward on {q.device.type}")
     return reasons
+
+
+def strip_length(n: int, device: torch.device, block_size: int, dilation_rates: Sequence[int]) -> int:
+    """The least length ``>= n`` that every rate's strips split into whole kernel tiles (``rate x tile``; rates that
+    do not divide ``block_size`` are left out: the strips cannot take them at any length)."""
+    multiple = lcm(1, *(rate * tile_for(device, block_size, rate) for rate in dilation_rates if block_size % rate == 0))
+    return -(-n // multiple) * multiple
 
 
 def tile_for(device: torch.device, block_size: int, rate: int) -> int:
