@@ -79,9 +79,14 @@ def call_backward(
         grad_lse = None if grad_lse is None else grad_lse * math.log(2)
     rule, parts = call_mask_parts(call.tiles, call.rule, q.device, cut)
     buffers = tuple(x for x in parts if x is not None)
+    graphs = _graphs(rule, parts, qt)
+    for entry in graphs.values():
+        # dynamo marks a graph it installs as static (torchdynamo_force_dynamic = False), and a static module is
+        # no operator argument: these graphs are passed again by every later compile (other shapes)
+        entry["graph"].torchdynamo_force_dynamic = True
     dq, dk, dv = _backward(q.device, block_mask.BLOCK_SIZE[0])(
         qt, kt, vt, call.q_view(out).transpose(1, 2), final_lse, call.q_view(dout).transpose(1, 2), grad_lse,
-        block_mask.as_tuple()[:-1], scale, options, buffers, _graphs(rule, parts, qt),
+        block_mask.as_tuple()[:-1], scale, options, buffers, graphs,
     )  # fmt: skip
     return dq.transpose(1, 2), _to_leaf(call, k_leaf, dk.transpose(1, 2)), _to_leaf(call, v_leaf, dv.transpose(1, 2))
 
