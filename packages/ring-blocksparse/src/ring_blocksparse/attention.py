@@ -389,7 +389,8 @@ class BlockSparseRingDilatedAttention(nn.Module):
         n = q.shape[1]
         if length != n:
             q, k, v, key_padding_mask, documents = _padded(q, k, v, key_padding_mask, documents, length)
-        work = self._strips(q, k, v, causal, key_padding_mask, documents, lse_grad=lse_grad, seq_len=n)
+        seq_len = None if length == n else n  # (one process when padded)
+        work = self._strips(q, k, v, causal, key_padding_mask, documents, lse_grad=lse_grad, seq_len=seq_len)
         if isinstance(work, StripRun):
             out, lse = strip_attention(q, k, v, work)
         else:

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from .flex import Cut, call_mask_parts, compiled_flex, strip_block_mask
+from .flex import Cut, call_mask_parts, compiled_flex, sparse_backward, strip_block_mask, strip_call_forward
+from .strips import FLEX_TILE
 
 # The first torch whose operator, graphs and dynamo path this module was read against (2.11, the GPU machines'; it
 # runs traced by dynamo on the CPU's 2.13). Its compiled CUDA form has not run yet: on CUDA it is opt-in
@@ -63,6 +64,11 @@ def call_backward(
     built padded or for packed documents; ``dlse``: the final lse's gradient ``(B, N, H)``, or None."""
     from torch.nn.attention.flex_attention import _apply_kernel_options
 
+    if q.is_cuda and call.tiles.tile < FLEX_TILE:
+        # block tiles compile only with max_autotune (flex.compiled_flex), whose benchmarking of this operator fails
+        # in torch 2.11 (TypeError: launcher() got multiple values for argument 'stream'): autograd's path
+        o, lse_call, leaves = strip_call_forward(call, q, k, v, scale=scale, grad=True, cut=cut)
+        return sparse_backward(call, o, lse_call, leaves, dout, out, lse, dlse)
     k_leaf, v_leaf = call.kv_leaf(k), call.kv_leaf(v)
     qt, kt, vt = (x.transpose(1, 2) for x in (call.q_view(q), call.kv_input(k_leaf), call.kv_input(v_leaf)))
     block_mask = call.block_mask
@@ -77,6 +83,8 @@ def call_backward(
     if options.get("BACKEND") != "FLASH":  # the Triton kernels keep lse in base 2
         final_lse = final_lse / math.log(2)
         grad_lse = None if grad_lse is None else grad_lse * math.log(2)
+    # (the backward kernel reads lse as a contiguous (B, h, n): a call's view of the final lse is strided)
+    final_lse = final_lse.contiguous()
     rule, parts = call_mask_parts(call.tiles, call.rule, q.device, cut)
     buffers = tuple(x for x in parts if x is not None)
     graphs = _graphs(rule, parts, qt)
