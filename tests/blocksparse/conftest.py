@@ -25,7 +25,7 @@ def backward_operator(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(params=["autograd", "operator"])
 def backward_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each backward path of the FlexAttention strips: autograd's (each call's forward kept, or run again) and
-    FlexAttention's backward operator alone on the final out and lse (:mod:`ring_blocksparse.flex_backward`; on CUDA
-    opt-in until these tests have passed there)."""
+    FlexAttention's backward operator alone on the final out and lse (:mod:`ring_blocksparse.flex_backward`, the
+    default)."""
     _switch_backward_operator(monkeypatch, request.param == "operator")
     return str(request.param)

@@ -65,7 +65,6 @@ def test_flex_rows_with_no_allowed_key_give_zero():
     ("config", "call", "match"),
     [
         ({"segment_lengths": [8, 24], "dilation_rates": [1, 3]}, {}, "dilation rate 3 does not divide block_size 8"),
-        ({"segment_lengths": [12], "dilation_rates": [1]}, {"n": 36}, "N=36 is not a multiple of rate 1 x tile 8"),
         ({"segment_lengths": [32], "dilation_rates": [1]}, {"grad": True}, "FlexAttention has no backward on cpu"),
     ],
 )
@@ -79,6 +78,38 @@ def test_flex_says_why_it_cannot_run(monkeypatch, config, call, match):
     q = torch.randn(1, n, 2, 4, requires_grad=call.get("grad", False))
     with pytest.raises(ValueError, match=f"method='flex' cannot run this call: .*{match}"):
         attn(q, q, q)
+
+
+def test_a_ring_chunk_of_partial_tiles_is_a_reason():
+    """One process pads N to whole tiles (tests/blocksparse/test_strip_lengths.py); a ring's shards cannot be."""
+    from ring_blocksparse.flex import flex_reasons
+
+    q = torch.zeros(1, 36, 2, 4)
+    options = {"dilation_rates": [1, 2], "block_size": 8, "dropout_p": 0.0}
+    assert flex_reasons(q, world_size=2, chunk=36, **options) == [
+        "each shard's chunk (36 rows) is not a multiple of rate 1 x tile 8",
+        "each shard's chunk (36 rows) is not a multiple of rate 2 x tile 4",
+    ]
+    assert flex_reasons(q, world_size=2, chunk=32, **options) == []
+
+
+def test_block_tiles_keep_autograds_backward_on_cuda(monkeypatch):
+    """The backward operator takes every FlexAttention call, except on CUDA one of block tiles (under 128 rows)."""
+    from types import SimpleNamespace
+
+    from ring_blocksparse import flex_backward
+
+    monkeypatch.delenv(flex_backward.FLEX_BACKWARD_ENV, raising=False)
+    monkeypatch.setattr(flex_backward, "_TORCH", (2, 11))
+    cpu, cuda = SimpleNamespace(is_cuda=False), SimpleNamespace(is_cuda=True)
+    fine, coarse = (SimpleNamespace(tiles=SimpleNamespace(tile=tile)) for tile in (32, 128))
+    assert flex_backward.takes(fine, cpu) and flex_backward.takes(coarse, cuda)
+    assert not flex_backward.takes(fine, cuda)
+    monkeypatch.setenv(flex_backward.FLEX_BACKWARD_ENV, "0")
+    assert not flex_backward.takes(coarse, cuda) and not flex_backward.takes(coarse, cpu)
+    monkeypatch.delenv(flex_backward.FLEX_BACKWARD_ENV)
+    monkeypatch.setattr(flex_backward, "_TORCH", (2, 10))
+    assert not flex_backward.takes(coarse, cpu)
 
 
 def test_auto_uses_gather_on_cpu():

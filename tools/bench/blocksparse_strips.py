@@ -20,8 +20,8 @@ measured in the same run:
   + dilated rows (full, causal, packed) with a branch's calls batched (no target: what batching saves);
 - ``block tiles``: for the ``128-row tiles`` rows (``RING_BLOCKSPARSE_BLOCK_TILES=0``), the same random + dilated
   rows (full, causal), whose strips of rates 2 and 4 take tiles of one layout block (no target: what they save);
-- ``autograd backward``: with FlexAttention's backward operator on (``RING_BLOCKSPARSE_FLEX_BACKWARD=1``, opt-in on
-  CUDA), the ring again with it off (each step's calls run forward again for autograd): ``ring_autograd``.
+- ``autograd backward``: with FlexAttention's backward operator on (the default; ``RING_BLOCKSPARSE_FLEX_BACKWARD=0``
+  switches it off), the ring again with it off (each step's calls run forward again for autograd): ``ring_autograd``.
 
 Targets (each row says which applies): dilated + layout at most ``dilated x kept x 1.15`` where ``kept``
 is the fraction of the branches' (query, key) pairs the layout keeps (counted from the plan); a pattern

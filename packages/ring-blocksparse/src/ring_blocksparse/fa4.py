@@ -40,8 +40,8 @@ from ring_core.plugin import lse_for_backward
 
 from .fa4_rule import Fa4Rule, cute_ready, rule_tensors
 from .flex import sparse_backward, strip_call_forward
-from .flex_backward import available as flex_backward_available
 from .flex_backward import call_backward
+from .flex_backward import takes as flex_backward_takes
 from .strips import block_lists
 
 TILE = 128  # flash-attn 4's sparse block on Hopper: 128 query rows x 128 key rows
@@ -239,7 +239,7 @@ def _written(grads: tuple[torch.Tensor, ...], outputs: tuple[torch.Tensor, torch
 def _flex_backward(call: Any, q, k, v, out, lse, dout, *, scale: float):
     """A rejected call's gradients on FlexAttention under the final ``out``/``lse``: its backward operator alone
     where it runs (:mod:`ring_blocksparse.flex_backward`), else its forward recomputed and differentiated."""
-    if call.block_mask is not None and flex_backward_available(q):
+    if call.block_mask is not None and flex_backward_takes(call, q):
         return call_backward(call, q, k, v, out, lse, dout, scale=scale)
     o, lse_call, leaves = _flex_call(call, q, k, v, scale=scale, grad=True)
     return sparse_backward(call, o, lse_call, leaves, dout, out, lse)

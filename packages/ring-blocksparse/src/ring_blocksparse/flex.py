@@ -104,8 +104,8 @@ def flex_reasons(
         if tile % unit and unit % tile:
             reasons.append(f"block_size {block_size} / rate {rate} = {unit} rows and the kernel's tile {tile} nest")
         elif chunk % (rate * tile):
-            where = "N" if world_size == 1 else f"each shard's chunk ({chunk} rows)"
-            reasons.append(f"{where}={chunk} is not a multiple of rate {rate} x tile {tile}")
+            where = f"N={chunk}" if world_size == 1 else f"each shard's chunk ({chunk} rows)"
+            reasons.append(f"{where} is not a multiple of rate {rate} x tile {tile}")
     if q.device.type == "cuda" and q.dtype == torch.float64:
         reasons.append("float64 on CUDA")
     if q.device.type != "cuda" and needs_grad:

@@ -12,7 +12,8 @@ what FlexAttention's autograd function and compiled autograd call) directly, com
 ``out`` and ``lse``. The operator, the score and joint graphs it takes and its compiled form are torch internals:
 :func:`available` admits the torch versions it was read against; elsewhere, or with
 ``RING_BLOCKSPARSE_FLEX_BACKWARD=0``, the forward keeps each call's graph and ring steps recompute their forward
-as before. On CUDA it is opt-in (``RING_BLOCKSPARSE_FLEX_BACKWARD=1``) until its compiled form has run on a GPU.
+as before. On CUDA a call of block tiles (64 or 32 rows, :func:`~ring_blocksparse.flex.block_tile`) keeps autograd's
+path (:func:`takes`).
 """
 
 from __future__ import annotations
@@ -23,26 +24,29 @@ from typing import Any
 
 import torch
 
-from .flex import Cut, call_mask_parts, compiled_flex, sparse_backward, strip_block_mask, strip_call_forward
+from .flex import Cut, call_mask_parts, compiled_flex, strip_block_mask
 from .strips import FLEX_TILE
 
-# The first torch whose operator, graphs and dynamo path this module was read against (2.11, the GPU machines'; it
-# runs traced by dynamo on the CPU's 2.13). Its compiled CUDA form has not run yet: on CUDA it is opt-in
-# (RING_BLOCKSPARSE_FLEX_BACKWARD=1) until tests/blocksparse/test_cuda.py's opted-in checks have passed on a GPU.
+# The first torch whose operator, graphs and dynamo path this module was read against (2.11, the GPU machines', where
+# tests/blocksparse/test_cuda.py ran it; it runs traced by dynamo on the CPU's 2.13).
 _FIRST_CHECKED = (2, 11)
 _TORCH = tuple(int(x) for x in torch.__version__.split(".")[:2])
-_ON_CUDA_BY_DEFAULT = False
 FLEX_BACKWARD_ENV = "RING_BLOCKSPARSE_FLEX_BACKWARD"
 _GRAPHS: dict[Any, dict[str, dict[str, Any]]] = {}
 
 
 def available(q: torch.Tensor) -> bool:
-    """Whether :func:`call_backward` runs for ``q``: this torch has what it calls, and ``RING_BLOCKSPARSE_FLEX_BACKWARD``
-    is not ``0`` (on CUDA: is ``1``, while its compiled form is unchecked there)."""
-    switch = os.environ.get(FLEX_BACKWARD_ENV)
-    if switch == "0" or _TORCH < _FIRST_CHECKED:
-        return False
-    return switch == "1" or not q.is_cuda or _ON_CUDA_BY_DEFAULT
+    """Whether :func:`call_backward` can run for ``q``: this torch has what it calls, and
+    ``RING_BLOCKSPARSE_FLEX_BACKWARD`` is not ``0``."""
+    return os.environ.get(FLEX_BACKWARD_ENV) != "0" and _TORCH >= _FIRST_CHECKED
+
+
+def takes(call: Any, q: torch.Tensor) -> bool:
+    """Whether the FlexAttention ``call``'s backward is :func:`call_backward` (else autograd's, on the call's own
+    graph): where :func:`available`, except on CUDA for block tiles (rows < 128), which compile only under
+    max_autotune (:func:`~ring_blocksparse.flex.compiled_flex`), whose benchmarking of this operator fails in torch
+    2.11 (``TypeError: launcher() got multiple values for argument 'stream'``)."""
+    return available(q) and not (q.is_cuda and call.tiles.tile < FLEX_TILE)
 
 
 def call_backward(
@@ -64,11 +68,6 @@ def call_backward(
     built padded or for packed documents; ``dlse``: the final lse's gradient ``(B, N, H)``, or None."""
     from torch.nn.attention.flex_attention import _apply_kernel_options
 
-    if q.is_cuda and call.tiles.tile < FLEX_TILE:
-        # block tiles compile only with max_autotune (flex.compiled_flex), whose benchmarking of this operator fails
-        # in torch 2.11 (TypeError: launcher() got multiple values for argument 'stream'): autograd's path
-        o, lse_call, leaves = strip_call_forward(call, q, k, v, scale=scale, grad=True, cut=cut)
-        return sparse_backward(call, o, lse_call, leaves, dout, out, lse, dlse)
     k_leaf, v_leaf = call.kv_leaf(k), call.kv_leaf(v)
     qt, kt, vt = (x.transpose(1, 2) for x in (call.q_view(q), call.kv_input(k_leaf), call.kv_input(v_leaf)))
     block_mask = call.block_mask

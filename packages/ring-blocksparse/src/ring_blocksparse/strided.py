@@ -57,8 +57,8 @@ from .flex import (
     strip_call_forward,
     tile_for,
 )
-from .flex_backward import available as flex_backward_available
 from .flex_backward import call_backward
+from .flex_backward import takes as flex_backward_takes
 from .strips import UNBOUNDED, Strip, Tiles, classify, runs, strip_of
 
 SPARSE_KERNELS = ("auto", "flex", "math")
@@ -262,7 +262,7 @@ class StripRun:
     # "auto": flash-attn 4 for the calls it can take when installed (:mod:`ring_blocksparse.fa4`),
     # FlexAttention for the rest; "flex": FlexAttention only; "math": its dense twin (tests, CPU backward)
     sparse: str = "auto"
-    grad: bool = True  # keep each FlexAttention call's graph for the backward (else it runs the backward operator)
+    grad: bool = True  # keep the graphs of the FlexAttention calls autograd differentiates (:func:`backward_operator`)
     saved: list[_Saved | Fa4Blocks | None] = field(default_factory=list)
     cuts: list[Cut | None] = field(default_factory=list)  # the forward's per-call cuts, for the backward
     key_padding_mask: torch.Tensor | None = None  # (B, N) bool, True: padded key (the calls were built padded)
@@ -271,10 +271,10 @@ class StripRun:
     units: list[Any] = field(default_factory=list)  # what runs: calls and batches of calls (:func:`run_units`)
 
 
-def backward_operator(run: StripRun, q: torch.Tensor) -> bool:
-    """Whether the run's FlexAttention calls take FlexAttention's backward operator alone on the final out and lse
-    (:mod:`ring_blocksparse.flex_backward`) instead of autograd (always autograd: the dense twin, ``"math"``)."""
-    return run.sparse != "math" and flex_backward_available(q)
+def backward_operator(run: StripRun, call: Any, q: torch.Tensor) -> bool:
+    """Whether the run's FlexAttention ``call`` takes FlexAttention's backward operator alone on the final out and lse
+    (:func:`ring_blocksparse.flex_backward.takes`) instead of autograd (always autograd: the dense twin, ``"math"``)."""
+    return run.sparse != "math" and flex_backward_takes(call, q)
 
 
 def strip_units(run: StripRun, calls: list[StripCall], q: torch.Tensor) -> list[Any]:
@@ -373,9 +373,10 @@ def strip_forward(
             pieces = [(slice(None), o, lse_call.transpose(1, 2))]
             run.saved.append(blocks)
         else:
-            o, lse_call, leaves = sparse_forward(run, call, q, k, v, grad=run.grad, cut=cuts[index])
+            keep = run.grad and not backward_operator(run, call, q)  # (its graph, for autograd's backward)
+            o, lse_call, leaves = sparse_forward(run, call, q, k, v, grad=keep, cut=cuts[index])
             pieces = [(slice(None), o.transpose(1, 2), lse_call.transpose(1, 2))]
-            run.saved.append((o, lse_call, leaves) if run.grad else None)
+            run.saved.append((o, lse_call, leaves) if keep else None)
         for rows, o_rows, lse_rows in pieces:
             out_view, lse_view = call.q_view(out)[:, rows], call.q_view(lse)[:, rows]
             if write:
@@ -409,8 +410,6 @@ def strip_backward(
     grads: list[torch.Tensor | None] = [None, None, None]
     backend = run.kernel.backend
     recompute = any(saved is None and call.run is None for call, saved in zip(run.units, run.saved))
-    # a call whose graph was not kept: FlexAttention's backward kernel alone on the final out and lse
-    direct = recompute and backward_operator(run, q)
     # the forward's cuts (a compiled op's backward builds its run afresh, without them)
     cuts = run.cuts or (call_cuts(run.units, run.key_padding_mask, run.documents) if recompute else [])
     for index, (call, saved) in enumerate(zip(run.units, run.saved)):
@@ -426,7 +425,7 @@ def strip_backward(
                 probe, zero_v, shifted = probes
                 lse_grads = fa4_backward(call, saved, q, k, zero_v, shifted, lse, probe, scale=scale)
                 blocks = _with_lse(blocks, [(slice(None), *lse_grads)])
-        elif saved is None and direct:
+        elif saved is None and backward_operator(run, call, q):  # FlexAttention's backward kernel alone
             grads_of_call = call_backward(
                 call, q, k, v, out, lse, dout, scale=run.kernel.scale, cut=cuts[index], dlse=dlse
             )
@@ -526,13 +525,12 @@ def _dense_backward(
 def strip_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, run: StripRun
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``out`` (B, N, H, D) and ``lse`` (B, N, H) of the calls in ``run`` (one process). The forward keeps no
-    FlexAttention graph where the backward can run FlexAttention's backward operator on the final out and lse
-    (:mod:`ring_blocksparse.flex_backward`); elsewhere it keeps each call's graph for the backward, except under
-    saved-tensor hooks (activation checkpointing, offloading: the graphs would hold what the hooks manage), where
-    the backward recomputes each such call."""
+    """``out`` (B, N, H, D) and ``lse`` (B, N, H) of the calls in ``run`` (one process). The forward keeps no graph of
+    a FlexAttention call whose backward runs FlexAttention's backward operator on the final out and lse
+    (:func:`backward_operator`); it keeps the other calls' graphs for the backward, except under saved-tensor hooks
+    (activation checkpointing, offloading: the graphs would hold what the hooks manage), where the backward
+    recomputes each such call."""
     hooked = torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
-    direct = backward_operator(run, q)
-    run.grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)) and not hooked and not direct
+    run.grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)) and not hooked
     out, lse = _StripAttention.apply(run, q, k, v)  # type: ignore[no-untyped-call]
     return out.to(q.dtype), lse

@@ -271,7 +271,6 @@ class StripRingSchedule(BlockSparseSchedule):
             units = strip_units(self.run, calls, q)
             step = units, call_cuts(units, pad, self.run.documents)
         units, cuts = step
-        direct = backward_operator(self.run, q)
         for call, cut in zip(units, cuts):
             blocks = fa4_blocks(self.run, call, q)
             dk_view, dv_view = call.kv_leaf(dkb), call.kv_leaf(dvb)
@@ -285,7 +284,7 @@ class StripRingSchedule(BlockSparseSchedule):
                 bq, bk, bv = fa4_backward(
                     call, blocks, q, kb, vb, out, lse, dout, scale=self.kernel.scale, outputs=outputs
                 )
-            elif direct:
+            elif backward_operator(self.run, call, q):
                 bq, bk, bv = call_backward(call, q, kb, vb, out, lse, dout, scale=self.kernel.scale, cut=cut)
             else:  # the call's forward again, for autograd's graph
                 o, lse_call, leaves = sparse_forward(self.run, call, q, kb, vb, grad=True, cut=cut)
