@@ -26,6 +26,10 @@ CASES = [
              documents=(0, 7, 30, 64)),
         "random-per-head",
     ),
+    # lengths of partial tiles: inside the op the strips run at the next length of whole tiles
+    (Case("odd-dilated-gqa-padded", 61, 4, (16, 32, 64), (1, 2, 4), kv_heads=2, head_dim=5, causal=True, padding=True),
+     "random-per-head"),
+    (Case("odd-packed", 59, 4, (8, 32, 64), (1, 2, 4), batch=1, head_dim=3, documents=(0, 7, 30, 59)), "band"),
 ]  # fmt: skip
 
 

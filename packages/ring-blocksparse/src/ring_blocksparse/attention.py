@@ -93,10 +93,10 @@ class _StripOp(AttentionOp):
             owner.comm_stats = CommStats()  # this call's bytes (its backward adds to them)
             try:
                 with eager_dispatch(), torch.no_grad():
-                    run = self._run(q, k, v, call)
+                    run, inputs = self._run(q, k, v, call)
                     run.grad = False
-                    out, lse = strip_forward(run, q, k, v)
-                return out.to(q.dtype), lse
+                    out, lse = strip_forward(run, *inputs)
+                return _first_rows(out.to(q.dtype), q.shape[1]), _first_rows(lse, q.shape[1])
             except Exception as exc:
                 owner._flex_failure(exc)  # (raises for method="flex")
         # the same attention, and either path's backward is exact from the other's out and lse
@@ -115,15 +115,23 @@ class _StripOp(AttentionOp):
         if self.owner._flex_failed:
             return self.owner._op.backward(dout, q, k, v, out, lse, call)  # type: ignore[no-any-return]
         with eager_dispatch(), torch.no_grad():
-            run = self._run(q, k, v, call)
+            run, inputs = self._run(q, k, v, call)
+            extra = inputs[0].shape[1] - q.shape[1]  # (rows the strips added: their dout 0, a finite lse)
+            out, dout = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, extra)) for x in (out, dout))
+            lse = torch.nn.functional.pad(lse, (0, 0, 0, extra))
             run.saved = [fa4_blocks(run, c, q) or None for c in run_units(run, q)]  # nothing kept but block lists
-            return strip_backward(run, q, k, v, out, lse, dout)
+            grads = strip_backward(run, *inputs, out, lse, dout)
+            return tuple(_first_rows(grad, q.shape[1]) for grad in grads)  # type: ignore[return-value]
 
-    def _run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: OpCall) -> StripRun:
+    def _run(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: OpCall
+    ) -> tuple[StripRun, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The call's run and the inputs it runs on (at the strips' length)."""
         owner: BlockSparseRingDilatedAttention = self.owner
-        run = owner._strips(q, k, v, call.causal, call.key_padding_mask, call.documents)
+        q, k, v, mask, documents, seq_len = owner._at_strip_length(q, k, v, call.key_padding_mask, call.documents)
+        run = owner._strips(q, k, v, call.causal, mask, documents, seq_len=seq_len)
         assert isinstance(run, StripRun)  # (a compiled call runs on one process: docs/compile.md)
-        return run
+        return run, (q, k, v)
 
 
 class BlockSparseRingDilatedAttention(nn.Module):
@@ -349,12 +357,8 @@ class BlockSparseRingDilatedAttention(nn.Module):
             cu_seqlens=cu_seqlens, return_lse=return_lse,
         )  # fmt: skip
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        compiling = torch.compiler.is_compiling()
-        # on one process (eager) the strips take any N: they run at the length their tiles need (_padded)
-        n = q.shape[1]
-        length = n if world > 1 or compiling else strip_length(n, q.device, self.block_size, self.dilation_rates)
-        if self._use_flex(q, world, dropout_p, needs_grad, length):
-            if compiling:  # one op for the graph (the strips' Python is no graph)
+        if self._use_flex(q, world, dropout_p, needs_grad, self._strip_length(q, world)):
+            if torch.compiler.is_compiling():  # one op for the graph (the strips' Python is no graph)
                 out, lse = run_attention(
                     self._strip_op, q, k, v, key_padding_mask=key_padding_mask, causal=bool(is_causal),
                     lse_grad=return_lse, cu_seqlens=cu_seqlens,
@@ -362,7 +366,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
                 return (out, lse.transpose(1, 2)) if return_lse else out
             self.comm_stats = CommStats()  # this call's bytes (its backward adds to them)
             try:
-                out, lse = self._run_strips(q, k, v, bool(is_causal), key_padding_mask, documents, return_lse, length)
+                out, lse = self._run_strips(q, k, v, bool(is_causal), key_padding_mask, documents, return_lse)
                 return (out, lse.transpose(1, 2)) if return_lse else out
             except Exception as exc:
                 if world > 1:  # a ring cannot change course on one rank alone
@@ -383,19 +387,38 @@ class BlockSparseRingDilatedAttention(nn.Module):
         key_padding_mask: torch.Tensor | None,
         documents: tuple[int, ...] | None,
         lse_grad: bool,
-        length: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``out`` ``(B, n, H, D)`` and ``lse`` ``(B, n, H)`` of an eager call on the strips, run at ``length`` rows."""
+        """``out`` ``(B, n, H, D)`` and ``lse`` ``(B, n, H)`` of an eager call on the strips."""
         n = q.shape[1]
-        if length != n:
-            q, k, v, key_padding_mask, documents = _padded(q, k, v, key_padding_mask, documents, length)
-        seq_len = None if length == n else n  # (one process when padded)
+        q, k, v, key_padding_mask, documents, seq_len = self._at_strip_length(q, k, v, key_padding_mask, documents)
         work = self._strips(q, k, v, causal, key_padding_mask, documents, lse_grad=lse_grad, seq_len=seq_len)
         if isinstance(work, StripRun):
             out, lse = strip_attention(q, k, v, work)
         else:
             out, lse = blockwise_attention(work, q, k, v, lse_grad=lse_grad)
         return out[:, :n], lse[:, :n]
+
+    def _strip_length(self, q: torch.Tensor, world: int) -> int:
+        """The rows the strips run this call at: on one process the next length of whole tiles
+        (:func:`~ring_blocksparse.flex.strip_length`), in a ring the shard's (which must split into whole tiles)."""
+        n = q.shape[1]
+        return n if world > 1 else strip_length(n, q.device, self.block_size, self.dilation_rates)
+
+    def _at_strip_length(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        documents: tuple[int, ...] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[int, ...] | None, int | None]:
+        """``(q, k, v, key_padding_mask, documents)`` at :meth:`_strip_length` rows (:func:`_padded`), and the caller's
+        ``N`` where rows were added (else None), as :meth:`_strips` takes them."""
+        n = q.shape[1]
+        length = self._strip_length(q, group_rank_and_size(self.process_group)[1])
+        if length == n:
+            return q, k, v, key_padding_mask, documents, None
+        return (*_padded(q, k, v, key_padding_mask, documents, length), n)
 
     def _prepare(
         self,
@@ -571,3 +594,8 @@ def _layout_to(block_layout: torch.Tensor | None, seq_len: int, block_size: int)
         return block_layout
     extra = blocks - block_layout.shape[-1]
     return torch.nn.functional.pad(block_layout, (0, extra, 0, extra), value=False)
+
+
+def _first_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``x``'s first ``n`` rows (dim 1), contiguous (as a custom op's outputs are described) when rows were added."""
+    return x if x.shape[1] == n else x[:, :n].contiguous()
