@@ -119,7 +119,8 @@ class _StripOp(AttentionOp):
             extra = inputs[0].shape[1] - q.shape[1]  # (rows the strips added: their dout 0, a finite lse)
             out, dout = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, extra)) for x in (out, dout))
             lse = torch.nn.functional.pad(lse, (0, 0, 0, extra))
-            run.saved = [fa4_blocks(run, c, q) or None for c in run_units(run, q)]  # nothing kept but block lists
+            qs = inputs[0]
+            run.saved = [fa4_blocks(run, c, qs) or None for c in run_units(run, qs)]  # nothing kept but block lists
             grads = strip_backward(run, *inputs, out, lse, dout)
             return tuple(_first_rows(grad, q.shape[1]) for grad in grads)  # type: ignore[return-value]
 

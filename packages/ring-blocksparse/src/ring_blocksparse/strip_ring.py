@@ -6,7 +6,7 @@ so sends and receives match without talking. Each ring step runs the calls of
 the backward runs each step's calls again instead of keeping their graphs, so memory stays one shard (their forward
 again for autograd, or, where FlexAttention's backward operator is on, only their backward kernels on the final out
 and lse: :mod:`ring_blocksparse.flex_backward`); it keeps only each forward step's per-call cuts (key padding, packed
-documents: a few int32/bool values per row) so that the backward does not build them again.
+documents: a few int32/bool values per row) and units so that the backward does not build them again.
 
 Note (the steps' own passes over shard-sized tensors). When a rank receives every row of a source's
 shard (most sparse layouts need every key tile somewhere), the received K|V buffer *is* that shard in
