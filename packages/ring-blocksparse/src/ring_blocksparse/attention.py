@@ -419,7 +419,10 @@ class BlockSparseRingDilatedAttention(nn.Module):
         length = self._strip_length(q, group_rank_and_size(self.process_group)[1])
         if length == n:
             return q, k, v, key_padding_mask, documents, None
-        return (*_padded(q, k, v, key_padding_mask, documents, length), n)
+        # whole blocks added to a layout allow nothing (_layout_to): nothing to mask, no per-call cuts
+        layout = self.pattern is not None or self.block_layout is not None
+        masked = bool(n % self.block_size) or not layout or key_padding_mask is not None or documents is not None
+        return (*_padded(q, k, v, key_padding_mask, documents, length, masked=masked), n)
 
     def _prepare(
         self,
@@ -573,12 +576,17 @@ def _padded(
     key_padding_mask: torch.Tensor | None,
     documents: tuple[int, ...] | None,
     length: int,
+    *,
+    masked: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[int, ...] | None]:
     """The inputs at ``length >= N`` rows for the strips: zeros after ``N``, which no query of the caller's sees (one
-    more packed document, or padded keys); the outputs of those rows are dropped. Exact: every definition of
-    SPEC.md depends on positions, not on ``N`` (segments are ``floor(t / w)``)."""
+    more packed document, or padded keys; ``masked=False``: neither, where the layout allows none of them); the
+    outputs of those rows are dropped. Exact: every definition of SPEC.md depends on positions, not on ``N``
+    (segments are ``floor(t / w)``)."""
     n = q.shape[1]
     q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, length - n)) for x in (q, k, v))
+    if not masked:
+        return q, k, v, key_padding_mask, documents
     if documents is not None:
         documents = (*documents, length)
     elif key_padding_mask is None:
