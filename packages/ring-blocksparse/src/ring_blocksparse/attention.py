@@ -116,10 +116,9 @@ class _StripOp(AttentionOp):
             return self.owner._op.backward(dout, q, k, v, out, lse, call)  # type: ignore[no-any-return]
         with eager_dispatch(), torch.no_grad():
             run, inputs = self._run(q, k, v, call)
-            extra = inputs[0].shape[1] - q.shape[1]  # (rows the strips added: their dout 0, a finite lse)
-            out, dout = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, extra)) for x in (out, dout))
-            lse = torch.nn.functional.pad(lse, (0, 0, 0, extra))
             qs = inputs[0]
+            # (rows the strips added: their dout 0, a finite lse)
+            out, lse, dout = (_pad_rows(x, qs.shape[1]) for x in (out, lse, dout))
             run.saved = [fa4_blocks(run, c, qs) or None for c in run_units(run, qs)]  # nothing kept but block lists
             grads = strip_backward(run, *inputs, out, lse, dout)
             return tuple(_first_rows(grad, q.shape[1]) for grad in grads)  # type: ignore[return-value]
@@ -397,7 +396,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
             out, lse = strip_attention(q, k, v, work)
         else:
             out, lse = blockwise_attention(work, q, k, v, lse_grad=lse_grad)
-        return out[:, :n], lse[:, :n]
+        return _first_rows(out, n), _first_rows(lse, n)
 
     def _strip_length(self, q: torch.Tensor, world: int) -> int:
         """The rows the strips run this call at: on one process the next length of whole tiles
@@ -476,14 +475,15 @@ class BlockSparseRingDilatedAttention(nn.Module):
             raise ValueError(f"sparse_kernel must be one of {list(SPARSE_KERNELS)}, got {self.sparse_kernel!r}")
         rank, world = group_rank_and_size(self.process_group)
         n = q.shape[1] * world
-        block_layout = self.layout_for(seq_len or n, q.shape[2])
+        seq_len = seq_len or n
+        block_layout = self.layout_for(seq_len, q.shape[2])
         schedule_args: dict[str, Any] = {}
-        if (seq_len or n) == n:  # (padded inputs: one process, checked before padding)
+        if seq_len == n:  # (padded inputs: one process, checked before padding)
             _, schedule_args = self._prepare(q, k, v, block_layout, causal, key_padding_mask, build=False)
         key = (
             layout_identity(block_layout), q.shape[1], q.shape[2], k.shape[2], q.dtype, causal, str(q.device), rank,
             world, self.segment_lengths, self.dilation_rates, self.merge, self.block_size, self.window_size,
-            key_padding_mask is not None, documents is not None, seq_len or n,
+            key_padding_mask is not None, documents is not None, seq_len,
         )  # fmt: skip
         if key not in self._strip_plans:
             plan = build_strip_plan(
@@ -584,7 +584,7 @@ def _padded(
     outputs of those rows are dropped. Exact: every definition of SPEC.md depends on positions, not on ``N``
     (segments are ``floor(t / w)``)."""
     n = q.shape[1]
-    q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, length - n)) for x in (q, k, v))
+    q, k, v = (_pad_rows(x, length) for x in (q, k, v))
     if not masked:
         return q, k, v, key_padding_mask, documents
     if documents is not None:
@@ -592,8 +592,14 @@ def _padded(
     elif key_padding_mask is None:
         key_padding_mask = torch.zeros(q.shape[0], n, dtype=torch.bool, device=q.device)
     if key_padding_mask is not None:
-        key_padding_mask = torch.nn.functional.pad(key_padding_mask, (0, length - n), value=True)
+        key_padding_mask = _pad_rows(key_padding_mask, length, value=True)
     return q, k, v, key_padding_mask, documents
+
+
+def _pad_rows(x: torch.Tensor, length: int, value: float = 0.0) -> torch.Tensor:
+    """``x`` (rows on dim 1) with rows of ``value`` added up to ``length``; ``x`` itself when it has them."""
+    extra = length - x.shape[1]
+    return x if extra == 0 else torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, extra), value=value)
 
 
 def _layout_to(block_layout: torch.Tensor | None, seq_len: int, block_size: int) -> torch.Tensor | None:
