@@ -1,5 +1,5 @@
 """Where one strip step's host time goes: the band + dilated rows of ``blocksparse_strips`` (causal), unpacked and
-with packed documents, one forward+backward each.
+with packed documents, one forward+backward each (``--layout random``, ``--mask full``: the random + dilated rows).
 
     python -m tools.bench.strips_host --ring 4 --json /tmp/strips-host.json
     python -m tools.bench.strips_host --quick          # tiny sizes on the CPU: checks the script
@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=25, help="functions listed by cumulative host time")
     parser.add_argument("--rows", nargs="+", default=["unpacked", "packed"], choices=["unpacked", "packed"])
     parser.add_argument("--ring", type=int, default=0, help="also one rank's sparse ring steps of this many ranks")
+    parser.add_argument("--layout", choices=["band", "random"], default="band", help="the rows' layout at density 0.1")
+    parser.add_argument("--mask", choices=["causal", "full"], default="causal", help="the rows' causality")
     parser.add_argument("--json", default="strips-host.json")
     parser.add_argument(
         "--quick", action="store_true", help="tiny sizes on the CPU (the strips' math twin): checks the script"
@@ -68,7 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     for x in (q, k, v):
         x.requires_grad_()
-    layout = band(0.1, n, args.block_size)
+    layout = {"band": band, "random": lambda d, n, b: Random(density=d, seed=0).layout(n, b)}[args.layout](
+        0.1, n, args.block_size
+    )
+    causal = args.mask == "causal"
     documents = packed_documents(n, max(args.rates))
     record = {"card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__, "command": command_line(),
               "documents": len(documents) - 1, "rows": []}  # fmt: skip
@@ -83,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         options = {} if cu is None else {"cu_seqlens": cu}
 
         def step(attn=attn, options=options) -> None:
-            out = attn(q, k, v, is_causal=True, **options)
+            out = attn(q, k, v, is_causal=causal, **options)
             torch.autograd.grad(out, (q, k, v), dout)
 
         rows.append((name, step))
