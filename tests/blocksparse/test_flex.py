@@ -7,6 +7,8 @@ twin, and tests/blocksparse/test_cuda.py forward and backward of the fused kerne
 
 from __future__ import annotations
 
+import contextlib
+import re
 import warnings
 from types import SimpleNamespace
 
@@ -91,6 +93,75 @@ def test_a_ring_chunk_of_partial_tiles_is_a_reason():
         "each shard's chunk (36 rows) is not a multiple of rate 2 x tile 4",
     ]
     assert flex_reasons(q, world_size=2, chunk=32, **options) == []
+
+
+def _twice(x):
+    return x * 2
+
+
+@pytest.mark.parametrize("limit", [1, 8])
+def test_compiled_kernels_keep_compiling_past_dynamos_recompile_limit(monkeypatch, limit):
+    """Each strip shape and rule variant is one more graph of the same compiled FlexAttention call; past dynamo's
+    recompile limit dynamo would raise (the calls compile whole), so the calls lift the limit, and leave the
+    caller's as it was."""
+    from ring_blocksparse import flex
+
+    compiled = []
+
+    def backend(graph, inputs):
+        compiled.append(tuple(inputs[0].shape))
+        return graph.forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(
+        torch, "compile", lambda fn, **options: compile_(fn, **dict(options, backend=backend, options=None))
+    )
+    monkeypatch.setattr(flex, "_COMPILED", {})
+    torch._dynamo.reset()
+    twice = flex.compiled_flex("test", _twice, 128)
+    with torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=limit):
+        for n in range(1, 11):
+            assert torch.equal(twice(torch.ones(n)), torch.full((n,), 2.0))
+        assert (torch._dynamo.config.recompile_limit, torch._dynamo.config.accumulated_recompile_limit) == (
+            limit,
+            limit,
+        )
+    assert compiled == [(n,) for n in range(1, 11)]
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    ("switch", "match"),
+    [
+        ("TORCHDYNAMO_DISABLE", r"torch.compile is disabled"),
+        ("TORCH_COMPILE_DISABLE", r"torch.compile is disabled"),
+        ("force_eager", r"set_stance\('force_eager'\)"),
+        ("eager_on_recompile", r"set_stance\('eager_on_recompile'\)"),
+    ],
+)
+def test_no_strips_on_cuda_where_torch_compile_would_not_compile(monkeypatch, switch, match):
+    """FlexAttention unfused obeys only the mask_mod, and on CUDA the strips' rules leave the layout to the block
+    mask: where dynamo would not compile (disabled, or an eager stance), the strips are not a CUDA call's path (a
+    reason of ``flex_reasons``: ``"auto"`` takes the gather path, ``method="flex"`` raises before any work), and a
+    compiled call made anyway raises instead of running unfused."""
+    from ring_blocksparse import flex
+
+    cuda = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16)
+    options = {"world_size": 1, "chunk": 256, "dilation_rates": [1], "block_size": 128, "dropout_p": 0.0}
+    with contextlib.ExitStack() as switched:
+        if switch == "TORCHDYNAMO_DISABLE":
+            monkeypatch.setenv(switch, "1")
+        elif switch == "TORCH_COMPILE_DISABLE":  # (read by torch._dynamo.config at import)
+            switched.enter_context(torch._dynamo.config.patch(disable=True))
+        else:
+            switched.enter_context(torch.compiler.set_stance(switch))
+        reasons = flex.flex_reasons(cuda, **options)
+        assert len(reasons) == 1 and re.search(match, reasons[0]), reasons
+        assert flex.flex_reasons(torch.zeros(1, 256, 2, 4), **options) == []  # (the CPU's rules read the layout)
+        with pytest.raises(RuntimeError, match=f"need its compiled kernels on CUDA: .*{match}"):
+            flex.compiled_flex("test", _twice, 128)
+        monkeypatch.undo()
+    assert flex.flex_reasons(cuda, **options) == []
 
 
 def test_block_tiles_keep_autograds_backward_on_cuda(monkeypatch):

@@ -187,28 +187,6 @@ def test_flex_backward_kernel_compiles_whole(monkeypatch, backward_operator):
             torch.testing.assert_close(grad, ref[batch], rtol=1e-9, atol=1e-11)
 
 
-def test_flex_backward_kernel_past_the_recompile_limit(monkeypatch, backward_operator):
-    """A process that meets more shapes than dynamo's recompile limit: past it, dynamo raises for the compiled
-    operator (``fullgraph``) instead of compiling; those calls run the operator's eager form (warned once), exact."""
-    from ring_blocksparse import flex_backward
-
-    torch._dynamo.reset()
-    traced = torch.compile(flex_backward._operator_call, fullgraph=True, dynamic=False, backend="aot_eager")
-    monkeypatch.setattr(flex_backward, "_backward", lambda device, tile: flex_backward._eager_past_the_limit(traced))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    monkeypatch.setattr(flex_backward, "_PAST_THE_LIMIT", [])
-    name = "partial-written"
-    q, k, v, dout, _ = _inputs(name)
-    _, expected_grads = _reference(name)
-    with pytest.warns(RuntimeWarning, match="recompile_limit"):
-        for batch in (slice(None), slice(0, 1)):  # (the second's shapes: past the limit of one compile)
-            inputs = tuple(x[batch] for x in (q, k, v, dout))
-            _, grads, _ = _simulate(inputs, lambda rank: _plan(name, rank), sparse="flex")
-            for grad, ref in zip(grads, expected_grads):
-                torch.testing.assert_close(grad, ref[batch], rtol=1e-9, atol=1e-11)
-    torch._dynamo.reset()
-
-
 def test_flex_backward_kernel_carries_head_selections_back(backward_operator):
     """Three head groups of 4 query heads over 4 key/value heads (groups of 3): a branch's heads read key/value
     heads unevenly, so its calls select them by index; the backward operator's key gradients go back through

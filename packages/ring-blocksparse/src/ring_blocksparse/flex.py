@@ -26,7 +26,9 @@ its 128-row tiles (and flash-attn 4), which visit about as much.
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from math import lcm
@@ -47,10 +49,6 @@ _Segments = tuple[torch.Tensor, torch.Tensor]
 _Parts = tuple[torch.Tensor | None, ...]
 
 _COMPILED: dict[str, Any] = {}
-# Each strip shape and rule variant is one more compiled graph of flex_attention (a dilated
-# configuration has a few, times causal or not); past dynamo's default limit it would silently
-# fall back to the unfused eager kernel, which materialises every score.
-MIN_RECOMPILE_LIMIT = 64
 
 # Tile shapes and pipelining for the fused kernels, by (compute capability major, dtype, head dim);
 # missing entries keep FlexAttention's own defaults. Only the forward is tuned: no backward tiling
@@ -108,8 +106,23 @@ def flex_reasons(
             reasons.append(f"{where} is not a multiple of rate {rate} x tile {tile}")
     if q.device.type == "cuda" and q.dtype == torch.float64:
         reasons.append("float64 on CUDA")
+    if q.device.type == "cuda":
+        reasons += unfused_reasons()
     if q.device.type != "cuda" and needs_grad:
         reasons.append(f"FlexAttention has no backward on {q.device.type}")
+    return reasons
+
+
+def unfused_reasons() -> list[str]:
+    """Why ``torch.compile`` would run FlexAttention unfused here (empty: it compiles). The unfused form obeys only a
+    call's ``mask_mod``, and on CUDA a strip rule leaves the layout to the block mask (:func:`call_mask_parts`), so
+    the strips must not run it there."""
+    reasons = []
+    if torch._dynamo.config.disable or os.environ.get("TORCHDYNAMO_DISABLE") == "1":
+        reasons.append("torch.compile is disabled (TORCHDYNAMO_DISABLE=1 or TORCH_COMPILE_DISABLE=1)")
+    stance = getattr(getattr(torch._dynamo.eval_frame, "_stance", None), "stance", "default")
+    if stance not in ("default", "fail_on_recompile"):
+        reasons.append(f"torch.compiler.set_stance({stance!r}) runs compiled functions eagerly")
     return reasons
 
 
@@ -558,21 +571,47 @@ def strip_block_mask(
     return block_mask, safe_flags(tiles.full, tiles.partial, diagonal_only)
 
 
-def compiled_flex(name: str, function: Callable[..., Any], tile: int, *, fullgraph: bool = False) -> Any:
+def compiled_flex(name: str, function: Callable[..., Any], tile: int) -> Any:
     """``function`` (a FlexAttention call) compiled for CUDA, once per ``name`` and kind of tile (``tile``: the
-    block mask's rows); ``fullgraph``: raise where dynamo cannot trace it whole (instead of running it eagerly)."""
+    block mask's rows), whole: where dynamo cannot trace it or a compile fails, it raises instead of running the call
+    unfused (:func:`unfused_reasons`); so does a call where dynamo would not compile (:func:`flex_reasons` keeps such
+    calls off the strips: only a switch between the two gets here). Each strip shape and rule variant is one more
+    graph of the same function: a call past dynamo's recompile limits (where it raises) runs again with them lifted, as
+    torch lifts them for the compiles inside its own ``flex_attention``."""
+    _require_compiled()
     # Block tiles compile with max_autotune: inductor's backward drops the configs whose default tiles do not
     # divide the block mask's before it applies kernel_options (pytorch/pytorch#176025), and only
     # max_autotune's list holds small ones (each then runs the options' tiles).
     fine = tile < FLEX_TILE
     key = f"{name} block tiles" if fine else name
     if key not in _COMPILED:
-        limits = torch._dynamo.config
-        limits.recompile_limit = max(limits.recompile_limit, MIN_RECOMPILE_LIMIT)
-        limits.accumulated_recompile_limit = max(limits.accumulated_recompile_limit, 8 * MIN_RECOMPILE_LIMIT)
         options: dict[str, Any] | None = {"max_autotune": True} if fine else None
-        _COMPILED[key] = torch.compile(function, fullgraph=fullgraph, dynamic=False, options=options)
+        _COMPILED[key] = functools.partial(
+            _past_recompile_limits, torch.compile(function, fullgraph=True, dynamic=False, options=options)
+        )
     return _COMPILED[key]
+
+
+def _require_compiled() -> None:
+    reasons = unfused_reasons()
+    if reasons:
+        raise RuntimeError(f"FlexAttention's strips need its compiled kernels on CUDA: {'; '.join(reasons)}")
+
+
+def _past_recompile_limits(compiled: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    _require_compiled()
+    try:
+        return compiled(*args, **kwargs)
+    except FailOnRecompileLimitHit:  # (raised before the call ran; lifting the limits for every call costs host time)
+        config = torch._dynamo.config
+        limits = config.recompile_limit, config.accumulated_recompile_limit
+        config.recompile_limit = config.accumulated_recompile_limit = sys.maxsize
+        try:
+            return compiled(*args, **kwargs)
+        finally:
+            config.recompile_limit, config.accumulated_recompile_limit = limits
 
 
 def flex_strip_attention(

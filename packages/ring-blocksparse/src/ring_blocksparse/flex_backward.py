@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from typing import Any
 
 import torch
@@ -34,7 +33,6 @@ _FIRST_CHECKED = (2, 11)
 _TORCH = tuple(int(x) for x in torch.__version__.split(".")[:2])
 FLEX_BACKWARD_ENV = "RING_BLOCKSPARSE_FLEX_BACKWARD"
 _GRAPHS: dict[Any, dict[str, dict[str, Any]]] = {}
-_PAST_THE_LIMIT: list[bool] = []  # (warned once)
 
 
 def available(q: torch.Tensor) -> bool:
@@ -141,35 +139,7 @@ def _backward(device: torch.device, tile: int) -> Any:
     forward); elsewhere eager (the operator's dense form, exact, for the CPU tests)."""
     if device.type != "cuda":
         return _operator_call
-    # whole or not at all: the operator run eagerly would materialise every score of the call
-    return _eager_past_the_limit(compiled_flex("backward", _operator_call, tile, fullgraph=True))
-
-
-def _eager_past_the_limit(compiled: Any) -> Any:
-    """``compiled`` (:func:`_operator_call` under ``fullgraph``), or past dynamo's recompile limit for it (one compile
-    per shape and rule variant: a process that meets many), where dynamo raises instead of compiling, the operator's
-    eager form: exact, every score of the call materialised, as dynamo runs a forward past its limit. Warns once."""
-
-    def run(*args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from torch._dynamo.exc import FailOnRecompileLimitHit
-
-        try:
-            result: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = compiled(*args)
-            return result
-        except FailOnRecompileLimitHit:
-            if not _PAST_THE_LIMIT:
-                _PAST_THE_LIMIT.append(True)
-                warnings.warn(
-                    "FlexAttention's backward operator was compiled for as many shapes and rules as "
-                    f"torch._dynamo.config.recompile_limit ({torch._dynamo.config.recompile_limit}) allows: calls of "
-                    "new ones run its eager form in this process (exact; every score of a call materialised). Raise "
-                    "the limit for more compiled shapes",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-            return _operator_call(*args)
-
-    return run
+    return compiled_flex("backward", _operator_call, tile)
 
 
 def _graphs(rule: Any, parts: tuple[torch.Tensor | None, ...], q: torch.Tensor) -> dict[str, Any]:
