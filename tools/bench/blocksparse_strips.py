@@ -33,7 +33,8 @@ same tiles split into the same steps with the kernels alone (no merge, accumulat
 split itself costs against one GPU, and what the steps add to their kernels. Each unpacked strips row
 counts its work: the pairs the layout keeps, the pairs in the tiles the kernels visit and of those the pairs
 in partial tiles (rule per pair), at the kernel's tile and at tiles of one layout block of each strip
-(``b / r`` rows). The plan build time (block masks) is reported for every case; so is whether the output and gradients are finite
+(``b / r`` rows), and the useful rate of the kept pairs (``useful_tflops``: GPU.md's FLOP count), beside plain
+dilated's on all of its pairs and the rate a dilated + layout row's target asks. The plan build time (block masks) is reported for every case; so is whether the output and gradients are finite
 (a row that is not never meets its target). JSON is rewritten after every row.
 """
 
@@ -273,6 +274,8 @@ def main(argv=None) -> int:
                 fwd_bwd(call, causal, **options), repeats=args.repeats if method == "flex" else 3
             )
             entry["method_used"] = attn.last_method
+            if "kept_pairs" in entry:  # (GPU.md's count: forward 4 flops per pair and head dim, fwd+bwd 3.5x that)
+                entry["useful_tflops"] = 14 * entry["kept_pairs"] * d / entry["fwd_bwd_ms"] / 1e9
             if attn.last_method == "flex":
                 entry["flash_attn4_calls"] = sum(isinstance(c.fa4, Fa4Blocks) for c in attn.last_plan.calls[0])
             modules[section, name, causal] = attn
@@ -331,6 +334,10 @@ def main(argv=None) -> int:
         if entry is not None and "kept_pairs" in entry and none is not None and "kept_pairs" in none:
             entry["kept"] = entry["kept_pairs"] / none["kept_pairs"]
             finish(entry, "vs_plain_dilated", base["plain_dilated_ms"], entry["kept"] * 1.15)
+            # the useful rate the target asks of the layout's pairs, against plain dilated's on all of them
+            target_ms = base["plain_dilated_ms"] * entry["kept"] * 1.15
+            entry["useful_tflops_target"] = 14 * entry["kept_pairs"] * d / target_ms / 1e9
+            entry["plain_dilated_useful_tflops"] = 14 * none["kept_pairs"] * d / base["plain_dilated_ms"] / 1e9
     if "gather" not in args.skip:
         flex = next((r for r in record["results"] if r["section"] == "dilated" and r["name"] == "band"
                      and not r["causal"] and "error" not in r), None)  # fmt: skip
