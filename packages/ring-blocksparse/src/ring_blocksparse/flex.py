@@ -8,7 +8,10 @@ the padding only where they can matter), and empty tiles are never visited. The 
 per-row tensors captured by a closure of one code object, so a new layout, window, padding or
 sequence never recompiles; each strip shape does, once per variant (layout read or not, padding
 read or not).
-Outputs come with their log-sum-exp, so branches (and ring steps) merge exactly.
+Outputs come with their log-sum-exp, so branches (and ring steps) merge exactly. On CUDA a rule leaves the layout
+to the block mask where a tile lies in one layout block, so the calls must run fused (FlexAttention unfused obeys
+only the rule): :func:`compiled_flex` compiles them whole and past dynamo's recompile limits, and :func:`flex_reasons`
+keeps the strips off CUDA calls where dynamo would not compile (:func:`unfused_reasons`).
 
 Kernel options (``flex_attention(kernel_options=...)``): the block mask says which flags
 are safe (:func:`safe_flags`: ``ROWS_GUARANTEED_SAFE`` when every query row has an allowed
