@@ -439,12 +439,11 @@ def dilated_attention(
     softmax_scale = check_scale(softmax_scale)
     check_qkv(q, k, v, key_padding_mask)
     window = check_window(window_size)
-    if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
+    documents = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
     op = _dilated_op(segments, rates, merge, softmax_scale, kernel, window)
     out, lse = run_attention(
         op, q, k, v, key_padding_mask=key_padding_mask, causal=bool(is_causal), dropout_p=dropout_p,
-        lse_grad=return_lse, cu_seqlens=cu_seqlens,
+        lse_grad=return_lse, cu_seqlens=cu_seqlens, documents=documents,
     )  # fmt: skip
     if unbatched:
         out, lse = out[0], lse[0]

@@ -44,7 +44,7 @@ import torch
 from .engine import BlockSchedule, schedule_backward, schedule_forward
 from .kernels import accumulation_dtype
 from .lse import lse_probe
-from .validation import check_documents, tensor_version
+from .validation import check_documents, read_cu_seqlens, tensor_version
 
 __all__ = ["AttentionOp", "CallOp", "OpCall", "eager_dispatch", "run_attention"]
 
@@ -235,7 +235,7 @@ def _read_documents(cu_seqlens: torch.Tensor) -> tuple[int, ...]:
     # (an inference tensor has no version: within one call, from the caller to its op, nothing can edit it)
     if known is not None and known[0] is cu_seqlens and known[1] == tensor_version(cu_seqlens):
         return known[2]  # type: ignore[no-any-return]
-    return check_documents([int(x) for x in cu_seqlens.tolist()], None)
+    return check_documents(read_cu_seqlens(cu_seqlens), None)
 
 
 def _call(

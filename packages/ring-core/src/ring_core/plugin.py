@@ -111,6 +111,7 @@ from .validation import (
     check_scale,
     check_timeout,
     check_window,
+    read_cu_seqlens,
     tensor_version,
 )
 from .windows import NO_WINDOW, document_spans, index_window, kernel_window, window_kwargs, window_mask
@@ -200,6 +201,7 @@ __all__ = [
     "offset_heads",
     "part_blocks",
     "positive_int",
+    "read_cu_seqlens",
     "reference_attention",
     "ring_comm",
     "run_attention",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -107,7 +108,31 @@ def check_cu_seqlens(cu_seqlens: object, seq_len: int | None, batch: int) -> tup
         raise ValueError(f"cu_seqlens needs a batch of one (documents packed along N, B=1), got B={batch}")
     if torch.compiler.is_compiling():
         return None
-    return check_documents([int(x) for x in cu_seqlens.tolist()], seq_len)
+    return check_documents(read_cu_seqlens(cu_seqlens), seq_len)
+
+
+# The last cu_seqlens tensor read to the host, and its values, while that tensor lives unchanged: a model hands one
+# tensor to every layer's attention, which then reads it once (each read of a CUDA tensor waits for the GPU).
+_LAST_READ: tuple[weakref.ref[torch.Tensor], int, int, tuple[int, ...]] | None = None
+
+
+def read_cu_seqlens(cu_seqlens: torch.Tensor) -> tuple[int, ...]:
+    """``cu_seqlens``' values on the host, unchecked: read (a host-device sync for a CUDA tensor), or the values read
+    last time for this very tensor when it has not changed since (its version and storage). An inference tensor
+    (made under ``torch.inference_mode``) counts no versions: it is read every time."""
+    global _LAST_READ
+    version, last = tensor_version(cu_seqlens), _LAST_READ
+    if (
+        last is not None
+        and version is not None
+        and last[0]() is cu_seqlens
+        and last[1:3] == (version, cu_seqlens.data_ptr())
+    ):
+        return last[3]
+    values = tuple(int(x) for x in cu_seqlens.tolist())
+    if version is not None:
+        _LAST_READ = (weakref.ref(cu_seqlens), version, cu_seqlens.data_ptr(), values)
+    return values
 
 
 def check_documents(values: Sequence[int], seq_len: int | None) -> tuple[int, ...]:

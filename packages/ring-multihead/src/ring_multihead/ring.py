@@ -30,6 +30,7 @@ from ring_core.plugin import (
     check_timeout,
     differing_fields,
     group_rank_and_size,
+    read_cu_seqlens,
     shard_positions,
     unshard_sequence,
 )
@@ -279,7 +280,7 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
             batch, length, general = self._check_local(
                 world, query, key, value, key_padding_mask, need_weights, attn_mask, cu_seqlens
             )
-            documents = None if cu_seqlens is None else tuple(cu_seqlens.tolist())
+            documents = None if cu_seqlens is None else read_cu_seqlens(cu_seqlens)
             crc = zlib.crc32(repr(documents).encode())
             return [1, batch, length, int(bool(need_weights)), int(bool(is_causal)), crc, int(general)]
 
