@@ -12,6 +12,16 @@ from ring_core.testing import Case, check_attention
 pytestmark = pytest.mark.cuda
 
 
+def _on_gpu(case: Case, *, block_size: int = 128, compiled: bool = False, **options):
+    """``case`` through ``BlockSparseRingDilatedAttention(**case.config, block_size=..., **options)`` (compiled whole
+    with ``compiled``) in bf16 on the GPU, against the float64 reference of the module's own layout: the module (its
+    last plan) and the :class:`~ring_core.testing.CaseResult`."""
+    attn = BlockSparseRingDilatedAttention(**case.config, block_size=block_size, **options)
+    reference = {"block_layout": attn.layout_for(case.seq_len, case.heads), "block_size": block_size}
+    module = torch.compile(attn, fullgraph=True) if compiled else attn
+    return attn, check_attention(module, case, torch.bfloat16, device="cuda", reference_options=reference)
+
+
 @pytest.mark.parametrize("transposed", [True, False], ids=["bwd-by-key-tile", "bwd-by-query-tile"])
 @pytest.mark.parametrize(
     "case",
@@ -23,14 +33,10 @@ pytestmark = pytest.mark.cuda
 )
 def test_bf16_on_gpu(case, transposed):
     """Full tiles go to the fast kernel, masked tiles to a masking one; SPEC.md's bf16 bounds."""
-    attn = BlockSparseRingDilatedAttention(
-        **case.config, block_size=64, pattern="random", density=0.3, seed=1, per_head=True,
-        transposed_backward=transposed, method="gather",
+    _, result = _on_gpu(
+        case, block_size=64, pattern="random", density=0.3, seed=1, per_head=True, transposed_backward=transposed,
+        method="gather",
     )  # fmt: skip
-    layout = attn.layout_for(case.seq_len, case.heads)
-    result = check_attention(
-        attn, case, torch.bfloat16, device="cuda", reference_options={"block_layout": layout, "block_size": 64}
-    )
     assert result.passed, f"{case}: {result.errors} > {result.tolerance}"
 
 
@@ -38,13 +44,7 @@ def test_bf16_on_gpu(case, transposed):
 def test_flex_bf16_on_gpu(causal):
     """The fused FlexAttention path, forward and backward, per-head layout and GQA (causal or not: one kernel)."""
     case = Case("flex", 1024, 4, (1024,), (1,), kv_heads=2, head_dim=64, causal=causal)
-    attn = BlockSparseRingDilatedAttention(
-        **case.config, block_size=128, pattern="random", density=0.3, seed=2, per_head=True, method="flex"
-    )
-    layout = attn.layout_for(case.seq_len, case.heads)
-    result = check_attention(
-        attn, case, torch.bfloat16, device="cuda", reference_options={"block_layout": layout, "block_size": 128}
-    )
+    attn, result = _on_gpu(case, pattern="random", density=0.3, seed=2, per_head=True, method="flex")
     assert attn.last_method == "flex"
     assert result.passed, f"{case}: {result.errors} > {result.tolerance}"
 
@@ -52,13 +52,8 @@ def test_flex_bf16_on_gpu(causal):
 def test_flex_band_with_kernel_options_on_gpu():
     """A band layout turns on BLOCKS_ARE_CONTIGUOUS and ROWS_GUARANTEED_SAFE by itself; user options go on top."""
     case = Case("flex-band", 1024, 4, (1024,), (1,), head_dim=64, causal=True)
-    attn = BlockSparseRingDilatedAttention(
-        **case.config, block_size=128, pattern="local_window", window=257, sliding=True, method="flex",
-        flex_kernel_options={"fwd_num_stages": 2},
-    )  # fmt: skip
-    layout = attn.layout_for(case.seq_len, case.heads)
-    result = check_attention(
-        attn, case, torch.bfloat16, device="cuda", reference_options={"block_layout": layout, "block_size": 128}
+    attn, result = _on_gpu(
+        case, pattern="local_window", window=257, sliding=True, method="flex", flex_kernel_options={"fwd_num_stages": 2}
     )
     assert attn.last_method == "flex"
     options = attn.last_plan.calls[0][0].kernel_options
@@ -75,14 +70,9 @@ def test_strips_with_dilation_on_gpu(compiled, options, backward_path):
     with the caller's kernel tiles every call keeps 128 rows. Compiled (``fullgraph``) the strips are one op whose
     backward runs each FlexAttention call's backward (recomputing its forward on the autograd path)."""
     case = Case("strips", 1024, 4, (256, 512, 1024), (1, 2, 4), kv_heads=2, head_dim=64, causal=True)
-    attn = BlockSparseRingDilatedAttention(
-        **case.config, block_size=128, pattern="random", density=0.3, seed=3, per_head=True, method="flex",
+    attn, result = _on_gpu(
+        case, compiled=compiled, pattern="random", density=0.3, seed=3, per_head=True, method="flex",
         flex_kernel_options=options,
-    )  # fmt: skip
-    layout = attn.layout_for(case.seq_len, case.heads)
-    result = check_attention(
-        torch.compile(attn, fullgraph=True) if compiled else attn, case, torch.bfloat16, device="cuda",
-        reference_options={"block_layout": layout, "block_size": 128},
     )  # fmt: skip
     calls = attn.last_plan.calls[0]
     assert attn.last_method == "flex" and any(c.tiles.partial.any() and c.tiles.needs_layout for c in calls)
@@ -97,13 +87,7 @@ def test_any_length_on_the_strips_on_gpu(packed, backward_path):
     documents = (0, 300, 301, 777, 1000) if packed else None
     case = Case("odd-length", 1000, 4, (256, 512, 1024), (1, 2, 4), kv_heads=2, head_dim=64, causal=True,
                 padding=not packed, batch=1 if packed else 2, documents=documents)  # fmt: skip
-    attn = BlockSparseRingDilatedAttention(
-        **case.config, block_size=128, pattern="random", density=0.4, seed=5, method="flex"
-    )
-    layout = attn.layout_for(case.seq_len, case.heads)
-    result = check_attention(
-        attn, case, torch.bfloat16, device="cuda", reference_options={"block_layout": layout, "block_size": 128}
-    )
+    attn, result = _on_gpu(case, pattern="random", density=0.4, seed=5, method="flex")
     assert attn.last_method == "flex"
     assert result.passed, f"{case}: {result.errors} > {result.tolerance}"
 
@@ -111,11 +95,7 @@ def test_any_length_on_the_strips_on_gpu(packed, backward_path):
 def test_dense_strips_on_gpu():
     """Windows that are whole runs of every strip go to the registry's dense kernel (no FlexAttention)."""
     case = Case("dense-strips", 1024, 4, (256, 1024), (1, 2), kv_heads=2, head_dim=64, causal=True)
-    attn = BlockSparseRingDilatedAttention(**case.config, block_size=128, pattern="local_window", window=256)
-    layout = attn.layout_for(case.seq_len, case.heads)
-    result = check_attention(
-        attn, case, torch.bfloat16, device="cuda", reference_options={"block_layout": layout, "block_size": 128}
-    )
+    attn, result = _on_gpu(case, pattern="local_window", window=256)
     assert attn.last_method == "flex" and all(c.run is not None for c in attn.last_plan.calls[0])
     assert result.passed, f"{case}: {result.errors} > {result.tolerance}"
 
@@ -133,13 +113,7 @@ def test_flex_windows_and_padding_on_gpu(window, padding, batch):
         "strips-window-pad", 1024, 4, (256, 1024), (1, 2), kv_heads=2, head_dim=64, causal=window[1] == 0,
         padding=padding, window_size=window, batch=batch,
     )  # fmt: skip
-    attn = BlockSparseRingDilatedAttention(
-        **case.config, block_size=128, pattern="random", density=0.5, seed=4, per_head=True, method="flex"
-    )
-    layout = attn.layout_for(case.seq_len, case.heads)
-    result = check_attention(
-        attn, case, torch.bfloat16, device="cuda", reference_options={"block_layout": layout, "block_size": 128}
-    )
+    attn, result = _on_gpu(case, pattern="random", density=0.5, seed=4, per_head=True, method="flex")
     calls = attn.last_plan.calls[0]
     assert attn.last_method == "flex" and all(c.tiles.padded == padding for c in calls)
     assert window == (-1, -1) or any(c.tiles.needs_window for c in calls)
@@ -208,14 +182,7 @@ def test_return_lse_on_the_strips_on_gpu(causal, backward_path):
 def test_packed_documents_on_the_strips_on_gpu(case, compiled, backward_path):
     """Packed documents on the fused FlexAttention strips (per-call segment ids and tiles), bf16 vs float64 within
     SPEC's bounds, forward and backward; documents cross layout blocks and kernel tiles; eager and compiled."""
-    attn = BlockSparseRingDilatedAttention(
-        **case.config, block_size=128, pattern="local_window", window=512, sliding=True, method="flex"
-    )
-    layout = attn.layout_for(case.seq_len, case.heads)
-    result = check_attention(
-        torch.compile(attn, fullgraph=True) if compiled else attn, case, torch.bfloat16, device="cuda",
-        reference_options={"block_layout": layout, "block_size": 128},
-    )  # fmt: skip
+    attn, result = _on_gpu(case, compiled=compiled, pattern="local_window", window=512, sliding=True, method="flex")
     assert attn.last_method == "flex"
     assert result.passed, f"{case}: {result.errors} > {result.tolerance}"
 
@@ -230,12 +197,6 @@ def test_past_dynamos_recompile_limit_on_gpu():
     ]
     with torch._dynamo.config.patch(recompile_limit=1, accumulated_recompile_limit=1):
         for case in cases:
-            attn = BlockSparseRingDilatedAttention(
-                **case.config, block_size=128, pattern="random", density=0.4, seed=1, method="flex"
-            )
-            layout = attn.layout_for(case.seq_len, case.heads)
-            result = check_attention(
-                attn, case, torch.bfloat16, device="cuda", reference_options={"block_layout": layout, "block_size": 128}
-            )
+            attn, result = _on_gpu(case, pattern="random", density=0.4, seed=1, method="flex")
             assert any(call.run is None for call in attn.last_plan.calls[0])  # (FlexAttention calls)
             assert result.passed, f"{case}: {result.errors} > {result.tolerance}"
