@@ -194,6 +194,11 @@ def main(argv=None) -> int:
     for x in (q, k, v):
         x.requires_grad_()
 
+    def useful_tflops(pairs: int, ms: float) -> float:
+        """The rate of ``pairs`` (query, key) pairs in ``ms`` by GPU.md's count (forward 4 flops per pair and head
+        dim, fwd+bwd 3.5x that)."""
+        return 14 * pairs * d / ms / 1e9
+
     def fwd_bwd(module, causal, **options):
         return lambda: torch.autograd.grad(module(q, k, v, is_causal=causal, **options), (q, k, v), dout)
 
@@ -274,8 +279,8 @@ def main(argv=None) -> int:
                 fwd_bwd(call, causal, **options), repeats=args.repeats if method == "flex" else 3
             )
             entry["method_used"] = attn.last_method
-            if "kept_pairs" in entry:  # (GPU.md's count: forward 4 flops per pair and head dim, fwd+bwd 3.5x that)
-                entry["useful_tflops"] = 14 * entry["kept_pairs"] * d / entry["fwd_bwd_ms"] / 1e9
+            if "kept_pairs" in entry:
+                entry["useful_tflops"] = useful_tflops(entry["kept_pairs"], entry["fwd_bwd_ms"])
             if attn.last_method == "flex":
                 entry["flash_attn4_calls"] = sum(isinstance(c.fa4, Fa4Blocks) for c in attn.last_plan.calls[0])
             modules[section, name, causal] = attn
@@ -336,8 +341,8 @@ def main(argv=None) -> int:
             finish(entry, "vs_plain_dilated", base["plain_dilated_ms"], entry["kept"] * 1.15)
             # the useful rate the target asks of the layout's pairs, against plain dilated's on all of them
             target_ms = base["plain_dilated_ms"] * entry["kept"] * 1.15
-            entry["useful_tflops_target"] = 14 * entry["kept_pairs"] * d / target_ms / 1e9
-            entry["plain_dilated_useful_tflops"] = 14 * none["kept_pairs"] * d / base["plain_dilated_ms"] / 1e9
+            entry["useful_tflops_target"] = useful_tflops(entry["kept_pairs"], target_ms)
+            entry["plain_dilated_useful_tflops"] = useful_tflops(none["kept_pairs"], base["plain_dilated_ms"])
     if "gather" not in args.skip:
         flex = next((r for r in record["results"] if r["section"] == "dilated" and r["name"] == "band"
                      and not r["causal"] and "error" not in r), None)  # fmt: skip

@@ -577,8 +577,9 @@ def strip_block_mask(
 def compiled_flex(name: str, function: Callable[..., Any], tile: int) -> Any:
     """``function`` (a FlexAttention call) compiled for CUDA, once per ``name`` and kind of tile (``tile``: the
     block mask's rows), whole: where dynamo cannot trace it or a compile fails, it raises instead of running the call
-    unfused (:func:`unfused_reasons`); so does a call where dynamo would not compile (:func:`flex_reasons` keeps such
-    calls off the strips: only a switch between the two gets here). Each strip shape and rule variant is one more
+    unfused (:func:`unfused_reasons`); so does this function where dynamo would not compile (every call asks for its
+    compiled function here, just before it runs; :func:`flex_reasons` keeps such calls off the strips: only a switch
+    between the two gets here). Each strip shape and rule variant is one more
     graph of the same function: a call past dynamo's recompile limits (where it raises) runs again with them lifted, as
     torch lifts them for the compiles inside its own ``flex_attention``."""
     _require_compiled()
@@ -604,7 +605,6 @@ def _require_compiled() -> None:
 def _past_recompile_limits(compiled: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     from torch._dynamo.exc import FailOnRecompileLimitHit
 
-    _require_compiled()
     try:
         return compiled(*args, **kwargs)
     except FailOnRecompileLimitHit:  # (raised before the call ran; lifting the limits for every call costs host time)
